@@ -1,0 +1,208 @@
+"""The validated generation request: the contract between the service and the engine.
+
+This module is deliberately free of torch/diffusers so the API (and the Lambda package) can
+validate requests at submit time without loading the engine. Every range here is enforced at
+submit time, so a request that reaches a worker is known to be well-formed.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
+AUDIO_FORMATS = ("mp3", "wav", "flac")
+TRACK_NAMES = (
+    "woodwinds", "brass", "fx", "synth", "strings", "percussion",
+    "keyboard", "guitar", "bass", "drums", "backing_vocals", "vocals",
+)
+TIME_SIGNATURES = ("", "2", "3", "4", "6")
+MAX_AUDIO_CODE = 63999
+MAX_BATCH = 8
+
+_AUDIO_CODE_RE = re.compile(r"<\|audio_code_(\d+)\|>")
+
+
+def parse_audio_codes(text: str) -> list[int]:
+    """Parse 5 Hz audio codes given as `<|audio_code_N|>` tokens or as plain integers.
+
+    Raises ValueError with a message fit for a client when the text is neither.
+    """
+    text = text.strip()
+    if not text:
+        return []
+    tokens = _AUDIO_CODE_RE.findall(text)
+    if tokens:
+        leftover = _AUDIO_CODE_RE.sub("", text).strip()
+        if leftover:
+            raise ValueError("mixes <|audio_code_N|> tokens with other text")
+        codes = [int(t) for t in tokens]
+    else:
+        parts = [p for p in re.split(r"[\s,]+", text) if p]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError("must be <|audio_code_N|> tokens or integers separated by commas/spaces")
+        codes = [int(p) for p in parts]
+    bad = [c for c in codes if c > MAX_AUDIO_CODE]
+    if bad:
+        raise ValueError(f"codes must be 0-{MAX_AUDIO_CODE}, got {bad[0]}")
+    return codes
+
+
+def format_audio_codes(codes: list[int]) -> str:
+    return "".join(f"<|audio_code_{c}|>" for c in codes)
+
+
+class GenerationRequest(BaseModel):
+    """One music generation task, after alias resolution and type coercion."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # What to make
+    task_type: Literal["text2music", "cover", "repaint", "lego", "extract", "complete"] = "text2music"
+    prompt: str = Field("", max_length=4096)
+    lyrics: str = Field("", max_length=16384)
+    instruction: Optional[str] = Field(None, max_length=1024)
+    track_name: Optional[str] = None  # lego / extract
+    complete_track_classes: Optional[list[str]] = None  # complete
+    model: Optional[str] = None
+
+    # Musical metadata
+    bpm: Optional[int] = Field(None, ge=30, le=300)
+    key_scale: str = Field("", max_length=64)
+    time_signature: str = ""
+    audio_duration: Optional[float] = Field(None, ge=10, le=600)
+    vocal_language: str = Field("en", max_length=16)
+
+    # Diffusion
+    inference_steps: int = Field(8, ge=1, le=200)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    shift: float = Field(3.0, ge=1.0, le=5.0)
+    infer_method: Literal["ode", "sde"] = "ode"
+    timesteps: Optional[list[float]] = None
+    cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0)
+    cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0)
+    use_adg: bool = False
+    use_tiled_decode: bool = True
+
+    # Batch and seeds
+    batch_size: int = Field(2, ge=1, le=MAX_BATCH)
+    use_random_seed: bool = True
+    seeds: Optional[list[int]] = None  # explicit seeds; always honoured when given
+
+    # Source / reference audio: opaque blob keys resolved by the worker, never client paths
+    src_audio_key: Optional[str] = None
+    reference_audio_key: Optional[str] = None
+    audio_cover_strength: float = Field(1.0, ge=0.0, le=1.0)
+    repainting_start: float = Field(0.0, ge=-600.0, le=600.0)
+    repainting_end: Optional[float] = Field(None, le=1200.0)
+
+    # 5 Hz conditioning codes supplied by the client (or the LM planner)
+    audio_code_string: str = ""
+
+    # Output
+    audio_format: Literal["mp3", "wav", "flac"] = "mp3"
+
+    # 5 Hz LM planner (the LM issue consumes these; the DiT engine ignores them)
+    thinking: bool = False
+    sample_mode: bool = False
+    sample_query: str = Field("", max_length=4096)
+    use_format: bool = False
+    analysis_only: bool = False
+    full_analysis_only: bool = False
+    lm_model_path: Optional[str] = None
+    lm_backend: Literal["vllm", "pt", "mlx"] = "vllm"
+    lm_temperature: float = Field(0.85, ge=0.0, le=2.0)
+    lm_cfg_scale: float = Field(2.5, ge=0.0, le=10.0)
+    lm_top_k: Optional[int] = Field(None, ge=0, le=1000)
+    lm_top_p: float = Field(0.9, ge=0.0, le=1.0)
+    lm_repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
+    lm_negative_prompt: str = "NO USER INPUT"
+    constrained_decoding: bool = True
+    constrained_decoding_debug: bool = False
+    use_cot_caption: bool = True
+    use_cot_language: bool = True
+    is_format_caption: bool = False
+    allow_lm_batch: bool = True
+
+    @field_validator("time_signature")
+    @classmethod
+    def _time_signature(cls, v: str) -> str:
+        v = v.strip()
+        if v.endswith("/4"):  # accept "3/4" as "3"
+            v = v[:-2]
+        if v not in TIME_SIGNATURES:
+            raise ValueError("must be one of 2, 3, 4, 6")
+        return v
+
+    @field_validator("track_name")
+    @classmethod
+    def _track_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v == "":
+            return None
+        name = v.strip().lower()
+        if name not in TRACK_NAMES:
+            raise ValueError(f"must be one of {', '.join(TRACK_NAMES)}")
+        return name
+
+    @field_validator("complete_track_classes")
+    @classmethod
+    def _track_classes(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if not v:
+            return None
+        names = [s.strip().lower() for s in v if s.strip()]
+        bad = [n for n in names if n not in TRACK_NAMES]
+        if bad:
+            raise ValueError(f"unknown track {bad[0]!r}; must be among {', '.join(TRACK_NAMES)}")
+        return names
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is None:
+            return None
+        v = [s for s in v if s >= 0]  # -1 means "random" for that slot, as upstream
+        if any(s > 2**32 - 1 for s in v):
+            raise ValueError("seeds must be 0-4294967295")
+        return v or None
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if not v:
+            return None
+        if len(v) > 200:
+            raise ValueError("at most 200 timesteps")
+        if any(not (0.0 < t <= 1.0) for t in v):
+            raise ValueError("each timestep must be in (0, 1]")
+        if any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError("timesteps must be strictly decreasing")
+        return v
+
+    @field_validator("audio_code_string")
+    @classmethod
+    def _codes(cls, v: str) -> str:
+        codes = parse_audio_codes(v)
+        return format_audio_codes(codes)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "GenerationRequest":
+        if self.cfg_interval_start > self.cfg_interval_end:
+            raise ValueError("cfg_interval_start must be <= cfg_interval_end")
+        end = self.repainting_end
+        if end is not None and end > 0 and end <= self.repainting_start:
+            raise ValueError("repainting_end must be greater than repainting_start (or <= 0 for the end of the source)")
+        if self.task_type in ("cover", "repaint", "lego", "extract", "complete") and not self.src_audio_key \
+                and not (self.task_type == "cover" and self.audio_code_string):
+            raise ValueError(f"task_type {self.task_type!r} needs source audio (src_audio)")
+        if self.task_type in ("lego", "extract") and not self.track_name and not self.instruction:
+            raise ValueError(f"task_type {self.task_type!r} needs track_name (one of {', '.join(TRACK_NAMES)})")
+        if self.task_type == "complete" and not self.complete_track_classes and not self.instruction:
+            raise ValueError("task_type 'complete' needs complete_track_classes")
+        return self
+
+    @property
+    def needs_lm(self) -> bool:
+        """Features that cannot run without the 5 Hz LM (thinking alone degrades to DiT-only)."""
+        return self.sample_mode or bool(self.sample_query) or self.use_format \
+            or self.analysis_only or self.full_analysis_only

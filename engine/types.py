@@ -1,0 +1,55 @@
+"""Engine-side result types (torch-free, so the service can type against them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+class GenerationError(Exception):
+    """A task cannot be run as asked; the message is shown to the client as the task's error."""
+
+
+class GenerationCancelled(Exception):
+    """Raised from the progress callback to stop a running generation (e.g. worker shutdown)."""
+
+
+# progress(fraction 0..1, stage description). May raise GenerationCancelled.
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class EncodedAudio:
+    data: bytes
+    format: str  # mp3 | wav | flac
+    sample_rate: int
+    channels: int
+    duration_seconds: float
+    seed: int
+
+    @property
+    def content_type(self) -> str:
+        return {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}[self.format]
+
+
+@dataclass
+class GenerationResult:
+    audios: list[EncodedAudio]
+    # metas as the API reports them: bpm, duration, genres, keyscale, timesignature ("N/A" when unknown)
+    metas: dict
+    dit_model: str
+    lm_model: str
+    # what ran and how long each stage took; includes random_weights when the model is a demo
+    generation_info: dict = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [a.seed for a in self.audios]
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    is_default: bool
+    random_weights: bool  # a demo checkpoint: its audio is noise
+    task_types: tuple[str, ...] = ()
+    path: Optional[str] = None

@@ -1,0 +1,141 @@
+"""Ports: the task store, the task queue and the blob store.
+
+Two adapters implement each port: embedded (SQLite + local files, `service/embedded/`) and AWS
+(DynamoDB + SQS + S3, `service/aws/`). The contract tests in tests/test_ports_contract.py run
+against both, so anything stated here must hold for both.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+TERMINAL = (SUCCEEDED, FAILED)
+
+
+class QueueFull(Exception):
+    """The backlog is at ACESTEP_QUEUE_MAXSIZE; the API answers 429 and creates nothing."""
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    request: dict  # GenerationRequest.model_dump()
+    status: str = QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    progress: float = 0.0
+    stage: str = "queued"
+    attempt: int = 0  # incremented by every claim; fences out stale workers
+    worker_id: Optional[str] = None
+    # On success: one dict per audio file (key, format, seed, ...) plus shared result fields
+    result: Optional[dict] = None
+    error: Optional[str] = None
+    # Blob keys this task owns (inputs and outputs); /v1/audio serves only these
+    blob_keys: list[str] = field(default_factory=list)
+
+
+class TaskStore(Protocol):
+    def create(self, record: TaskRecord) -> None:
+        """Insert a new queued task. Raises if the id exists."""
+
+    def get(self, task_id: str) -> Optional[TaskRecord]: ...
+
+    def get_many(self, task_ids: list[str]) -> dict[str, TaskRecord]: ...
+
+    def delete(self, task_id: str) -> None:
+        """Remove a task (used to undo a create when the enqueue fails)."""
+
+    def claim(self, task_id: str, worker_id: str) -> Optional[int]:
+        """queued -> running, or re-claim a running task whose lease was redelivered.
+
+        Returns the new attempt number, or None if the task is finished/unknown.
+        """
+
+    def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
+        """Only the holder of `attempt` may update; returns False when fenced out."""
+
+    def finish(self, task_id: str, attempt: int, *, result: Optional[dict] = None,
+               error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
+        """running -> succeeded (result) or failed (error), only for the current attempt.
+
+        A task finishes once: a late or duplicate worker gets False and must discard its output.
+        """
+
+    def fail_unfinished(self, task_id: str, error: str) -> bool:
+        """Mark a task failed whatever attempt holds it, unless already finished (poison / dead-letter)."""
+
+    def add_blob_keys(self, task_id: str, keys: list[str]) -> None: ...
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status: {queued, running, succeeded, failed, total}."""
+
+    def recent_durations(self, limit: int) -> list[float]:
+        """Run time (finished - started) of the last `limit` finished tasks, newest first."""
+
+    def queue_position(self, task_id: str) -> Optional[int]:
+        """1-based position among queued tasks, oldest first; None if not queued."""
+
+    def put_meta(self, key: str, value: dict) -> None:
+        """Small service-wide facts, e.g. the models a worker loaded."""
+
+    def get_meta(self, key: str) -> Optional[dict]: ...
+
+
+@dataclass
+class Lease:
+    task_id: str
+    receipt: str  # opaque handle for extend/ack/release
+    receive_count: int
+
+
+class TaskQueue(Protocol):
+    def enqueue(self, task_id: str, max_size: int) -> None:
+        """Add a task id; raises QueueFull when `max_size` tasks are already waiting."""
+
+    def receive(self, wait_seconds: float, visibility_timeout: float) -> Optional[Lease]:
+        """Take the next visible task id, hidden from others for `visibility_timeout` s.
+
+        Blocks up to `wait_seconds` for one to arrive. An un-acked lease becomes visible again
+        when its timeout passes (redelivery after a worker died).
+        """
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> None:
+        """Keep a long-running lease hidden for another `visibility_timeout` s from now."""
+
+    def ack(self, lease: Lease) -> None:
+        """The task is done (either way): remove it from the queue."""
+
+    def release(self, lease: Lease) -> None:
+        """Give the task back at once for another worker (shutdown without finishing)."""
+
+    def size(self) -> int:
+        """Tasks waiting or in flight (approximate on SQS)."""
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes:
+        """Raises KeyError when missing."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def local_path(self, key: str) -> Optional[str]:
+        """A filesystem path for direct serving, or None (S3)."""
+
+    def presigned_get_url(self, key: str, expires_seconds: int) -> Optional[str]:
+        """A URL a client can fetch without credentials, or None (local files)."""
+
+
+@dataclass
+class Backend:
+    store: TaskStore
+    queue: TaskQueue
+    blobs: BlobStore
+    name: str = "embedded"
