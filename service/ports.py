@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
@@ -132,6 +132,9 @@ class BlobStore(Protocol):
     def presigned_get_url(self, key: str, expires_seconds: int) -> Optional[str]:
         """A URL a client can fetch without credentials, or None (local files)."""
 
+    def presigned_put_url(self, key: str, content_type: str, expires_seconds: int) -> Optional[str]:
+        """A URL a client can upload to without credentials, or None (local files)."""
+
 
 @dataclass
 class Backend:
@@ -139,3 +142,6 @@ class Backend:
     queue: TaskQueue
     blobs: BlobStore
     name: str = "embedded"
+    # Moves dead-lettered tasks to `failed` with their reason; returns how many. The embedded
+    # queue does this itself as it receives; on AWS the worker calls it now and then (SQS DLQ).
+    drain_dead_letters: Optional[Callable[[], int]] = None

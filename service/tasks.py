@@ -25,8 +25,10 @@ def upload_key(task_id: str, role: str, filename: str) -> str:
     return f"uploads/{task_id}/{role}{ext}"
 
 
-def output_key(task_id: str, index: int, fmt: str) -> str:
-    return f"outputs/{task_id}/{index}.{fmt}"
+def output_key(task_id: str, attempt: int, index: int, fmt: str) -> str:
+    # The attempt is part of the key so a fenced-out duplicate worker never overwrites the
+    # files of the attempt that won.
+    return f"outputs/{task_id}/{attempt}-{index}.{fmt}"
 
 
 def submit_task(backend: Backend, request: dict, max_queue: int,

@@ -1,0 +1,409 @@
+"""TaskStore on DynamoDB.
+
+Every status transition is a conditional write on (status, attempt), so a task finishes once and a
+late or duplicate worker is fenced out. Transitions that change a status also update the counter
+item in the same TransactWriteItems, which keeps counts() to one GetItem. See schema.py for the
+table layout and the two sparse indexes behind queue_position() and recent_durations().
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Optional
+
+from botocore.exceptions import ClientError
+
+from ..ports import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord
+from . import schema as S
+from .clients import error_code
+
+log = logging.getLogger(__name__)
+
+_RETRIES = 8  # optimistic-concurrency retries when another writer moved the task between read and write
+_QUEUED_MARK = "q"
+_FINISHED_MARK = "f"
+
+
+class TaskExists(ValueError):
+    """create() was given an id that is already in the table."""
+
+
+class _ConditionFailed(Exception):
+    pass
+
+
+def _n(value: float | int) -> dict:
+    return {"N": repr(value) if isinstance(value, float) else str(value)}
+
+
+def _s(value: str) -> dict:
+    return {"S": value}
+
+
+def _num(item: dict, name: str) -> Optional[float]:
+    attr = item.get(name)
+    return float(attr["N"]) if attr and "N" in attr else None
+
+
+def _str(item: dict, name: str) -> Optional[str]:
+    attr = item.get(name)
+    return attr["S"] if attr and "S" in attr else None
+
+
+def _task_key(task_id: str) -> dict:
+    return {S.PK: _s(S.TASK_PREFIX + task_id)}
+
+
+class DynamoTaskStore:
+    def __init__(self, client, table_name: str, ttl_days: int = 7):
+        self._db = client
+        self._table = table_name
+        self._ttl_seconds = max(1, int(ttl_days)) * 86400
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Optional[TaskRecord]:
+        item = self._get_item(task_id)
+        return _to_record(item) if item else None
+
+    def get_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
+        out: dict[str, TaskRecord] = {}
+        unique = list(dict.fromkeys(task_ids))
+        for start in range(0, len(unique), 100):  # BatchGetItem takes at most 100 keys
+            keys = [_task_key(t) for t in unique[start:start + 100]]
+            request = {self._table: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                resp = self._db.batch_get_item(RequestItems=request)
+                for item in resp.get("Responses", {}).get(self._table, []):
+                    rec = _to_record(item)
+                    out[rec.task_id] = rec
+                request = resp.get("UnprocessedKeys") or None
+                if request:
+                    time.sleep(0.05)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.COUNTER_KEY)}, ConsistentRead=True)
+        item = resp.get("Item", {})
+        counts = {status: max(0, int(_num(item, status) or 0)) for status in STATUSES}
+        counts["total"] = max(0, int(_num(item, "total") or 0))
+        return counts
+
+    def recent_durations(self, limit: int) -> list[float]:
+        if limit <= 0:
+            return []
+        resp = self._db.query(
+            TableName=self._table,
+            IndexName=S.FINISHED_INDEX,
+            KeyConditionExpression="#p = :p",
+            ExpressionAttributeNames={"#p": S.FINISHED_PART},
+            ExpressionAttributeValues={":p": _s(_FINISHED_MARK)},
+            ScanIndexForward=False,  # newest first
+            Limit=int(limit),
+        )
+        return [d for d in (_num(i, S.DURATION_ATTR) for i in resp.get("Items", [])) if d is not None]
+
+    def queue_position(self, task_id: str) -> Optional[int]:
+        item = self._get_item(task_id)
+        if not item or _str(item, "status") != QUEUED:
+            return None
+        seq = _num(item, S.QUEUED_SORT)
+        ahead = 0
+        kwargs: dict[str, Any] = dict(
+            TableName=self._table,
+            IndexName=S.QUEUED_INDEX,
+            KeyConditionExpression="#p = :p AND #s < :s",
+            ExpressionAttributeNames={"#p": S.QUEUED_PART, "#s": S.QUEUED_SORT},
+            ExpressionAttributeValues={":p": _s(_QUEUED_MARK), ":s": _n(int(seq or 0))},
+            Select="COUNT",
+        )
+        while True:
+            resp = self._db.query(**kwargs)
+            ahead += int(resp.get("Count", 0))
+            if not resp.get("LastEvaluatedKey"):
+                return ahead + 1
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
+    def get_meta(self, key: str) -> Optional[dict]:
+        resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)}, ConsistentRead=True)
+        value = _str(resp.get("Item", {}), "value")
+        return json.loads(value) if value is not None else None
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def put_meta(self, key: str, value: dict) -> None:
+        self._db.put_item(
+            TableName=self._table,
+            Item={S.PK: _s(S.META_PREFIX + key), "value": _s(json.dumps(value))},
+        )
+
+    def create(self, record: TaskRecord) -> None:
+        # The sequence number orders the queue; a gap left by a failed create is harmless.
+        seq = int(self._db.update_item(
+            TableName=self._table,
+            Key={S.PK: _s(S.COUNTER_KEY)},
+            UpdateExpression="ADD #seq :one",
+            ExpressionAttributeNames={"#seq": "seq"},
+            ExpressionAttributeValues={":one": _n(1)},
+            ReturnValues="UPDATED_NEW",
+        )["Attributes"]["seq"]["N"])
+        item = _to_item(record, seq, self._ttl_seconds)
+        put = {
+            "TableName": self._table,
+            "Item": item,
+            "ConditionExpression": "attribute_not_exists(#pk)",
+            "ExpressionAttributeNames": {"#pk": S.PK},
+        }
+        try:
+            self._transact([{"Put": put}, self._count_move(None, record.status)])
+        except _ConditionFailed:
+            raise TaskExists(f"task {record.task_id} already exists") from None
+
+    def delete(self, task_id: str) -> None:
+        for _ in range(_RETRIES):
+            item = self._get_item(task_id)
+            if not item:
+                return
+            delete = {"Delete": {"TableName": self._table, "Key": _task_key(task_id), **self._fence(item)}}
+            try:
+                self._transact([delete, self._count_move(_str(item, "status"), None)])
+                return
+            except _ConditionFailed:
+                continue
+        raise RuntimeError(f"delete({task_id}): the task kept changing")
+
+    def claim(self, task_id: str, worker_id: str) -> Optional[int]:
+        for _ in range(_RETRIES):
+            item = self._get_item(task_id)
+            status = _str(item, "status") if item else None
+            if status not in (QUEUED, RUNNING):
+                return None
+            attempt = int(_num(item, "attempt") or 0) + 1
+            update = self._update(
+                task_id, item,
+                "SET #st = :running, attempt = :attempt, worker_id = :w, started_at = :now, "
+                "progress = :zero, stage = :stage REMOVE #qp",
+                {"#st": "status", "#qp": S.QUEUED_PART},
+                {":running": _s(RUNNING), ":attempt": _n(attempt), ":w": _s(worker_id),
+                 ":now": _n(time.time()), ":zero": _n(0), ":stage": _s("running")},
+            )
+            try:
+                # A redelivered running task keeps its status, so only queued -> running moves a count.
+                self._transact([update] + ([self._count_move(QUEUED, RUNNING)] if status == QUEUED else []))
+                return attempt
+            except _ConditionFailed:
+                continue  # someone else claimed or finished it first: look again
+        return None
+
+    def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=_task_key(task_id),
+                UpdateExpression="SET progress = :p, stage = :stage",
+                ConditionExpression="#st = :running AND attempt = :a",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues={":p": _n(float(progress)), ":stage": _s(stage),
+                                           ":running": _s(RUNNING), ":a": _n(int(attempt))},
+            )
+            return True
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def finish(self, task_id: str, attempt: int, *, result: Optional[dict] = None,
+               error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
+        item = self._get_item(task_id)
+        if not item or _str(item, "status") != RUNNING or int(_num(item, "attempt") or 0) != attempt:
+            return False
+        final = FAILED if error is not None else SUCCEEDED
+        now = time.time()
+        started = _num(item, "started_at")
+        names = {"#st": "status", "#fp": S.FINISHED_PART, "#fa": S.FINISHED_SORT,
+                 "#d": S.DURATION_ATTR, "#ttl": S.TTL_ATTR}
+        values = {":final": _s(final), ":now": _n(now), ":stage": _s(final),
+                  ":f": _s(_FINISHED_MARK), ":exp": _n(int(now) + self._ttl_seconds),
+                  ":d": _n(max(0.0, now - started) if started is not None else 0.0)}
+        sets = ["#st = :final", "#fa = :now", "stage = :stage", "#fp = :f", "#d = :d", "#ttl = :exp"]
+        if final == SUCCEEDED:
+            sets.append("progress = :one")
+            values[":one"] = _n(1.0)
+        if result is not None:
+            sets.append("#res = :res")
+            names["#res"] = "result"
+            values[":res"] = _s(json.dumps(result))
+        if error is not None:
+            sets.append("#err = :err")
+            names["#err"] = "error"
+            values[":err"] = _s(error)
+        new_keys = _new_keys(item, blob_keys)
+        if new_keys:
+            sets.append("blob_keys = list_append(if_not_exists(blob_keys, :empty), :keys)")
+            values[":empty"] = {"L": []}
+            values[":keys"] = {"L": [_s(k) for k in new_keys]}
+        update = self._update(task_id, item, "SET " + ", ".join(sets), names, values)
+        try:
+            self._transact([update, self._count_move(RUNNING, final)])
+            return True
+        except _ConditionFailed:
+            return False  # another attempt claimed or finished it in between
+
+    def fail_unfinished(self, task_id: str, error: str) -> bool:
+        for _ in range(_RETRIES):
+            item = self._get_item(task_id)
+            status = _str(item, "status") if item else None
+            if status is None or status in TERMINAL:
+                return False
+            now = time.time()
+            # No duration is recorded: a dead-lettered run says nothing about normal run time.
+            update = self._update(
+                task_id, item,
+                "SET #st = :failed, #err = :err, #fa = :now, stage = :failed, #ttl = :exp REMOVE #qp",
+                {"#st": "status", "#err": "error", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
+                 "#qp": S.QUEUED_PART},
+                {":failed": _s(FAILED), ":err": _s(error), ":now": _n(now),
+                 ":exp": _n(int(now) + self._ttl_seconds)},
+            )
+            try:
+                self._transact([update, self._count_move(status, FAILED)])
+                return True
+            except _ConditionFailed:
+                continue
+        return False
+
+    def add_blob_keys(self, task_id: str, keys: list[str]) -> None:
+        item = self._get_item(task_id)
+        new_keys = _new_keys(item, keys) if item else []
+        if not new_keys:
+            return
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=_task_key(task_id),
+                UpdateExpression="SET blob_keys = list_append(if_not_exists(blob_keys, :empty), :keys)",
+                ConditionExpression="attribute_exists(#pk)",
+                ExpressionAttributeNames={"#pk": S.PK},
+                ExpressionAttributeValues={":empty": {"L": []}, ":keys": {"L": [_s(k) for k in new_keys]}},
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _get_item(self, task_id: str) -> Optional[dict]:
+        resp = self._db.get_item(TableName=self._table, Key=_task_key(task_id), ConsistentRead=True)
+        return resp.get("Item")
+
+    def _fence(self, item: dict) -> dict:
+        """Condition: the task is still in the (status, attempt) state we read."""
+        return {
+            "ConditionExpression": "#fst = :fst AND attempt = :fatt",
+            "ExpressionAttributeNames": {"#fst": "status"},
+            "ExpressionAttributeValues": {":fst": item["status"], ":fatt": _n(int(_num(item, "attempt") or 0))},
+        }
+
+    def _update(self, task_id: str, item: dict, expression: str, names: dict, values: dict) -> dict:
+        fence = self._fence(item)
+        return {"Update": {
+            "TableName": self._table,
+            "Key": _task_key(task_id),
+            "UpdateExpression": expression,
+            "ConditionExpression": fence["ConditionExpression"],
+            "ExpressionAttributeNames": {**names, **fence["ExpressionAttributeNames"]},
+            "ExpressionAttributeValues": {**values, **fence["ExpressionAttributeValues"]},
+        }}
+
+    def _count_move(self, src: Optional[str], dst: Optional[str]) -> dict:
+        """Counter update for a task leaving `src` and entering `dst` (None = not in the table)."""
+        deltas: dict[str, int] = {}
+        if src:
+            deltas[src] = deltas.get(src, 0) - 1
+        if dst:
+            deltas[dst] = deltas.get(dst, 0) + 1
+        if src is None:
+            deltas["total"] = 1
+        if dst is None:
+            deltas["total"] = -1
+        names = {f"#c{i}": k for i, k in enumerate(deltas)}
+        values = {f":c{i}": _n(v) for i, v in enumerate(deltas.values())}
+        expression = "ADD " + ", ".join(f"#c{i} :c{i}" for i in range(len(deltas)))
+        return {"Update": {"TableName": self._table, "Key": {S.PK: _s(S.COUNTER_KEY)},
+                           "UpdateExpression": expression,
+                           "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}}
+
+    def _transact(self, items: list[dict]) -> None:
+        for attempt in range(_RETRIES):
+            try:
+                if len(items) == 1 and "Update" in items[0]:
+                    self._db.update_item(**items[0]["Update"])
+                else:
+                    self._db.transact_write_items(TransactItems=items)
+                return
+            except ClientError as exc:
+                code = error_code(exc)
+                if code == "ConditionalCheckFailedException":
+                    raise _ConditionFailed() from None
+                if code != "TransactionCanceledException":
+                    raise
+                reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+                if "ConditionalCheckFailed" in reasons:
+                    raise _ConditionFailed() from None
+                # TransactionConflict: another transaction touched the counter item; back off and retry.
+                time.sleep(0.02 * (attempt + 1))
+        raise RuntimeError("DynamoDB transaction kept conflicting")
+
+
+def _new_keys(item: Optional[dict], keys: Optional[list[str]]) -> list[str]:
+    have = {k["S"] for k in (item or {}).get("blob_keys", {}).get("L", [])}
+    return [k for k in dict.fromkeys(keys or []) if k not in have]
+
+
+def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
+    item: dict[str, dict] = {
+        S.PK: _s(S.TASK_PREFIX + record.task_id),
+        "task_id": _s(record.task_id),
+        "request": _s(json.dumps(record.request)),
+        "status": _s(record.status),
+        "created_at": _n(float(record.created_at)),
+        "progress": _n(float(record.progress)),
+        "stage": _s(record.stage),
+        "attempt": _n(int(record.attempt)),
+        "blob_keys": {"L": [_s(k) for k in dict.fromkeys(record.blob_keys)]},
+        S.QUEUED_SORT: _n(seq),
+        S.TTL_ATTR: _n(int(record.created_at) + ttl_seconds),
+    }
+    if record.status == QUEUED:
+        item[S.QUEUED_PART] = _s(_QUEUED_MARK)
+    optional = {"started_at": record.started_at, "finished_at": record.finished_at}
+    for name, value in optional.items():
+        if value is not None:
+            item[name] = _n(float(value))
+    if record.worker_id is not None:
+        item["worker_id"] = _s(record.worker_id)
+    if record.result is not None:
+        item["result"] = _s(json.dumps(record.result))
+    if record.error is not None:
+        item["error"] = _s(record.error)
+    return item
+
+
+def _to_record(item: dict) -> TaskRecord:
+    result = _str(item, "result")
+    return TaskRecord(
+        task_id=item["task_id"]["S"],
+        request=json.loads(item["request"]["S"]),
+        status=item["status"]["S"],
+        created_at=_num(item, "created_at") or 0.0,
+        started_at=_num(item, "started_at"),
+        finished_at=_num(item, S.FINISHED_SORT),
+        progress=_num(item, "progress") or 0.0,
+        stage=_str(item, "stage") or "",
+        attempt=int(_num(item, "attempt") or 0),
+        worker_id=_str(item, "worker_id"),
+        result=json.loads(result) if result is not None else None,
+        error=_str(item, "error"),
+        blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
+    )

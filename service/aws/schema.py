@@ -1,0 +1,29 @@
+"""Names of the DynamoDB key schema and indexes, shared by the adapter, provision.py and the CDK stack.
+
+One table holds everything, keyed by a string `pk`:
+  task#<id>        one item per task
+  counter#tasks    per-status counters and the submit sequence (updated in the same transaction as
+                   every status transition, so counts are read with one GetItem)
+  meta#<key>       put_meta / get_meta
+
+Two sparse GSIs keep per-request reads bounded without a Scan:
+  queued_by_seq     only queued tasks carry `qpart`; Query qpart="q" AND seq < mine, Select=COUNT
+                    gives the queue position (bounded by ACESTEP_QUEUE_MAXSIZE items)
+  finished_by_time  only finished tasks that ran carry `fpart`; Query newest-first with Limit gives
+                    recent_durations (reads `limit` items)
+"""
+PK = "pk"
+TTL_ATTR = "expires_at"
+
+QUEUED_INDEX = "queued_by_seq"
+QUEUED_PART = "qpart"
+QUEUED_SORT = "seq"
+
+FINISHED_INDEX = "finished_by_time"
+FINISHED_PART = "fpart"
+FINISHED_SORT = "finished_at"
+DURATION_ATTR = "duration"
+
+TASK_PREFIX = "task#"
+META_PREFIX = "meta#"
+COUNTER_KEY = "counter#tasks"

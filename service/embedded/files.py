@@ -1,0 +1,71 @@
+"""BlobStore on the local filesystem: opaque keys map to files under one root."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+
+class InvalidKey(KeyError):
+    pass
+
+
+class FileBlobStore:
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        # Keys are relative, slash-separated, with no empty/dot segments; the realpath check
+        # below is the second fence against escaping the root.
+        parts = key.split("/")
+        if not key or key.startswith("/") or "\\" in key or "\x00" in key \
+                or any(p in ("", ".", "..") for p in parts):
+            raise InvalidKey(key)
+        path = os.path.realpath(os.path.join(self.root, *parts))
+        if not path.startswith(self.root + os.sep):
+            raise InvalidKey(key)
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Write then rename, so a reader never sees a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            return os.path.isfile(self._path(key))
+        except InvalidKey:
+            return False
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except (FileNotFoundError, InvalidKey):
+            pass
+
+    def local_path(self, key: str) -> Optional[str]:
+        path = self._path(key)
+        return path if os.path.isfile(path) else None
+
+    def presigned_get_url(self, key: str, expires_seconds: int) -> Optional[str]:
+        return None
+
+    def presigned_put_url(self, key: str, content_type: str, expires_seconds: int) -> Optional[str]:
+        return None

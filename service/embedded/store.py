@@ -1,0 +1,150 @@
+"""TaskStore on SQLite."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from ..ports import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord
+from .db import Database
+
+
+def _row_to_record(row) -> TaskRecord:
+    return TaskRecord(
+        task_id=row["task_id"],
+        request=json.loads(row["request"]),
+        status=row["status"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        progress=row["progress"],
+        stage=row["stage"],
+        attempt=row["attempt"],
+        worker_id=row["worker_id"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+        blob_keys=json.loads(row["blob_keys"]),
+    )
+
+
+class SqliteTaskStore:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def create(self, record: TaskRecord) -> None:
+        with self.db.write() as c:
+            c.execute(
+                "INSERT INTO tasks (task_id, status, request, created_at, stage, blob_keys)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (record.task_id, record.status, json.dumps(record.request), record.created_at,
+                 record.stage, json.dumps(record.blob_keys)),
+            )
+
+    def get(self, task_id: str) -> Optional[TaskRecord]:
+        row = self.db.read().execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def get_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
+        ids = list(dict.fromkeys(task_ids))
+        out: dict[str, TaskRecord] = {}
+        for i in range(0, len(ids), 500):  # stay under SQLite's variable limit
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.read().execute(f"SELECT * FROM tasks WHERE task_id IN ({marks})", chunk):
+                out[row["task_id"]] = _row_to_record(row)
+        return out
+
+    def delete(self, task_id: str) -> None:
+        with self.db.write() as c:
+            c.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+
+    def claim(self, task_id: str, worker_id: str) -> Optional[int]:
+        with self.db.write() as c:
+            row = c.execute("SELECT status, attempt FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None or row["status"] not in (QUEUED, RUNNING):
+                return None
+            attempt = row["attempt"] + 1
+            c.execute(
+                "UPDATE tasks SET status = ?, attempt = ?, worker_id = ?, started_at = ?,"
+                " progress = 0, stage = 'running' WHERE task_id = ?",
+                (RUNNING, attempt, worker_id, time.time(), task_id),
+            )
+            return attempt
+
+    def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
+        with self.db.write() as c:
+            cur = c.execute(
+                "UPDATE tasks SET progress = ?, stage = ? WHERE task_id = ? AND status = ? AND attempt = ?",
+                (progress, stage, task_id, RUNNING, attempt),
+            )
+            return cur.rowcount == 1
+
+    def finish(self, task_id: str, attempt: int, *, result: Optional[dict] = None,
+               error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
+        status = FAILED if error is not None else SUCCEEDED
+        with self.db.write() as c:
+            row = c.execute(
+                "SELECT blob_keys FROM tasks WHERE task_id = ? AND status = ? AND attempt = ?",
+                (task_id, RUNNING, attempt),
+            ).fetchone()
+            if row is None:
+                return False
+            keys = json.loads(row["blob_keys"]) + [k for k in (blob_keys or [])]
+            c.execute(
+                "UPDATE tasks SET status = ?, finished_at = ?, progress = ?, stage = ?, result = ?,"
+                " error = ?, blob_keys = ? WHERE task_id = ?",
+                (status, time.time(), 1.0 if status == SUCCEEDED else 0.0, status,
+                 json.dumps(result) if result is not None else None, error,
+                 json.dumps(list(dict.fromkeys(keys))), task_id),
+            )
+            return True
+
+    def fail_unfinished(self, task_id: str, error: str) -> bool:
+        with self.db.write() as c:
+            cur = c.execute(
+                "UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?"
+                " WHERE task_id = ? AND status IN (?, ?)",
+                (FAILED, time.time(), FAILED, error, task_id, QUEUED, RUNNING),
+            )
+            return cur.rowcount == 1
+
+    def add_blob_keys(self, task_id: str, keys: list[str]) -> None:
+        with self.db.write() as c:
+            row = c.execute("SELECT blob_keys FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise KeyError(task_id)
+            merged = list(dict.fromkeys(json.loads(row["blob_keys"]) + keys))
+            c.execute("UPDATE tasks SET blob_keys = ? WHERE task_id = ?", (json.dumps(merged), task_id))
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in STATUSES}
+        for row in self.db.read().execute("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status"):
+            out[row["status"]] = row["n"]
+        out["total"] = sum(out[s] for s in STATUSES)
+        return out
+
+    def recent_durations(self, limit: int) -> list[float]:
+        rows = self.db.read().execute(
+            "SELECT finished_at - started_at AS d FROM tasks WHERE finished_at IS NOT NULL"
+            " AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [r["d"] for r in rows]
+
+    def queue_position(self, task_id: str) -> Optional[int]:
+        row = self.db.read().execute(
+            "SELECT seq, status FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None or row["status"] != QUEUED:
+            return None
+        n = self.db.read().execute(
+            "SELECT COUNT(*) FROM tasks WHERE status = ? AND seq <= ?", (QUEUED, row["seq"])).fetchone()[0]
+        return int(n)
+
+    def put_meta(self, key: str, value: dict) -> None:
+        with self.db.write() as c:
+            c.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                      " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+
+    def get_meta(self, key: str) -> Optional[dict]:
+        row = self.db.read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else None
