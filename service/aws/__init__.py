@@ -1,0 +1,35 @@
+"""AWS backend: DynamoDB task store, SQS queue (+ dead-letter queue), S3 blobs."""
+from __future__ import annotations
+
+from botocore.config import Config
+
+from ..config import Settings
+from ..ports import Backend
+from .clients import aws_client
+from .dynamo_store import DynamoTaskStore
+from .s3_blobs import S3BlobStore
+from .sqs_queue import SqsTaskQueue
+
+
+class AwsConfigError(ValueError):
+    pass
+
+
+def make_aws_backend(settings: Settings) -> Backend:
+    missing = [env for env, value in (("ACESTEP_TABLE_NAME", settings.table_name),
+                                      ("ACESTEP_QUEUE_URL", settings.queue_url),
+                                      ("ACESTEP_BUCKET", settings.bucket)) if not value]
+    if missing:
+        raise AwsConfigError("ACESTEP_BACKEND=aws needs " + ", ".join(missing))
+    # Path-style addressing when an endpoint is given: moto/localstack on 127.0.0.1 have no bucket subdomains.
+    s3_config = Config(signature_version="s3v4",
+                       s3={"addressing_style": "path" if settings.aws_endpoint_url else "virtual"})
+    return Backend(
+        store=DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days),
+        queue=SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url),
+        blobs=S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket),
+        name="aws",
+    )
+
+
+__all__ = ["make_aws_backend", "AwsConfigError", "DynamoTaskStore", "SqsTaskQueue", "S3BlobStore"]

@@ -1,0 +1,49 @@
+"""Dead letters: tasks whose message SQS moved to the DLQ after max_receives deliveries.
+
+The redrive policy only moves the message; this marks the task failed with the reason, so a client
+polling it sees `failed` instead of `queued`/`running` forever. Call it periodically from the worker
+loop (every ~30 s is plenty); it is safe to run from several workers at once.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..ports import Backend
+from .sqs_queue import SqsTaskQueue
+
+log = logging.getLogger(__name__)
+
+
+def drain_dead_letters(backend: Backend, max_batches: int = 10) -> list[str]:
+    """Mark every dead-lettered task failed and delete its message; returns the ids marked failed.
+
+    A no-op (returns []) for backends without a dead-letter queue, e.g. embedded, whose SQLite
+    queue applies max_receives itself.
+    """
+    queue = backend.queue
+    if not isinstance(queue, SqsTaskQueue) or not queue.dlq_url:
+        return []
+    failed: list[str] = []
+    for _ in range(max_batches):
+        letters = queue.receive_dead_letters(max_messages=10)
+        if not letters:
+            break
+        for letter in letters:
+            record = backend.store.get(letter.task_id)
+            if record is not None and backend.store.fail_unfinished(letter.task_id, dead_letter_reason(record, letter.receive_count)):
+                failed.append(letter.task_id)
+                log.warning("task %s dead-lettered after %d claims", letter.task_id, record.attempt)
+            # Finished, expired or unknown tasks need nothing more: drop the message either way.
+            queue.delete_dead_letter(letter)
+    return failed
+
+
+def dead_letter_reason(record, dlq_receive_count: int) -> str:
+    # attempt counts the deliveries that reached a worker's claim; fall back to SQS's own count.
+    deliveries = record.attempt or max(1, dlq_receive_count - 1)
+    reason = f"dead-lettered after {deliveries} deliveries"
+    if record.error:
+        return f"{reason}: {record.error}"
+    if record.attempt:
+        return f"{reason}: the worker stopped each time; last seen at stage '{record.stage}' ({record.progress:.0%})"
+    return f"{reason}: no worker could claim it"

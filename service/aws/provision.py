@@ -1,0 +1,109 @@
+"""Create the table, queues and bucket the AWS backend needs — for local dev (moto, localstack) and tests.
+
+Production resources come from the CDK stack in infra/; this module mirrors its schema (both read
+schema.py). Every step is idempotent, so it can run on each start of a dev environment.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from botocore.exceptions import ClientError
+
+from ..config import Settings
+from . import schema as S
+from .clients import aws_client, error_code
+
+DEFAULT_TABLE = "acestep-tasks"
+DEFAULT_QUEUE = "acestep-tasks"
+DEFAULT_BUCKET = "acestep-audio"
+DLQ_RETENTION_SECONDS = 14 * 86400
+
+
+def provision(settings: Settings) -> Settings:
+    """Create what is missing and return the settings with table/queue/DLQ/bucket names filled in."""
+    table = settings.table_name or DEFAULT_TABLE
+    bucket = settings.bucket or DEFAULT_BUCKET
+    ensure_table(aws_client("dynamodb", settings), table)
+    queue_url, dlq_url = ensure_queues(
+        aws_client("sqs", settings), _queue_name(settings.queue_url) or DEFAULT_QUEUE,
+        max_receives=settings.max_receives, visibility_timeout=settings.visibility_timeout,
+    )
+    ensure_bucket(aws_client("s3", settings), bucket, settings.aws_region)
+    return replace(settings, table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket)
+
+
+def ensure_table(ddb, name: str) -> None:
+    try:
+        ddb.create_table(
+            TableName=name,
+            BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[
+                {"AttributeName": S.PK, "AttributeType": "S"},
+                {"AttributeName": S.QUEUED_PART, "AttributeType": "S"},
+                {"AttributeName": S.QUEUED_SORT, "AttributeType": "N"},
+                {"AttributeName": S.FINISHED_PART, "AttributeType": "S"},
+                {"AttributeName": S.FINISHED_SORT, "AttributeType": "N"},
+            ],
+            KeySchema=[{"AttributeName": S.PK, "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": S.QUEUED_INDEX,
+                    "KeySchema": [{"AttributeName": S.QUEUED_PART, "KeyType": "HASH"},
+                                  {"AttributeName": S.QUEUED_SORT, "KeyType": "RANGE"}],
+                    "Projection": {"ProjectionType": "KEYS_ONLY"},
+                },
+                {
+                    "IndexName": S.FINISHED_INDEX,
+                    "KeySchema": [{"AttributeName": S.FINISHED_PART, "KeyType": "HASH"},
+                                  {"AttributeName": S.FINISHED_SORT, "KeyType": "RANGE"}],
+                    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": [S.DURATION_ATTR]},
+                },
+            ],
+        )
+        ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    except ClientError as exc:
+        if error_code(exc) != "ResourceInUseException":
+            raise
+    ttl = ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+    if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+        ddb.update_time_to_live(
+            TableName=name, TimeToLiveSpecification={"Enabled": True, "AttributeName": S.TTL_ATTR}
+        )
+
+
+def ensure_queues(sqs, name: str, *, max_receives: int, visibility_timeout: float) -> tuple[str, str]:
+    """The work queue and its dead-letter queue; returns (queue_url, dlq_url)."""
+    dlq_url = _create_or_update(sqs, name + "-dlq", {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)})
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = _create_or_update(sqs, name, {
+        "VisibilityTimeout": str(max(1, int(visibility_timeout))),
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
+    })
+    return queue_url, dlq_url
+
+
+def ensure_bucket(s3, name: str, region: str) -> None:
+    kwargs = {"Bucket": name}
+    if region and region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        s3.create_bucket(**kwargs)
+    except ClientError as exc:
+        if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+
+
+def _create_or_update(sqs, name: str, attributes: dict) -> str:
+    try:
+        return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    except ClientError as exc:
+        if error_code(exc) not in ("QueueAlreadyExists", "QueueNameExists"):
+            raise
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+    return url
+
+
+def _queue_name(queue_url: str) -> str:
+    return queue_url.rstrip("/").rsplit("/", 1)[-1] if queue_url else ""

@@ -1,0 +1,59 @@
+"""BlobStore on S3: the worker uploads results, clients fetch them through presigned URLs."""
+from __future__ import annotations
+
+from typing import Optional
+
+from botocore.exceptions import ClientError
+
+from .clients import error_code
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3BlobStore:
+    def __init__(self, client, bucket: str):
+        self._s3 = client
+        self.bucket = bucket
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in _MISSING:
+                raise KeyError(key) from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if error_code(exc) in _MISSING:
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self._s3.delete_object(Bucket=self.bucket, Key=key)  # S3 deletes are idempotent
+
+    def local_path(self, key: str) -> Optional[str]:
+        return None
+
+    def presigned_get_url(self, key: str, expires_seconds: int) -> Optional[str]:
+        return self._s3.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_seconds)
+        )
+
+    def presigned_put_url(self, key: str, content_type: str, expires_seconds: int) -> Optional[str]:
+        """A URL the client PUTs the file body to, sending the same `Content-Type` header.
+
+        This is the upload path for Lambda, whose request bodies are capped (6 MB): the API hands
+        out the URL and the key, the client uploads straight to S3, then submits the key.
+        """
+        return self._s3.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key, "ContentType": content_type},
+            ExpiresIn=int(expires_seconds),
+        )

@@ -1,0 +1,144 @@
+"""TaskQueue on SQS (standard queue).
+
+Leases are SQS receipts: extend/release change the message's visibility, ack deletes it. After
+settings.max_receives deliveries the queue's redrive policy moves a message to the dead-letter
+queue; service/aws/dlq.py then marks its task failed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from typing import Optional
+
+from botocore.exceptions import ClientError
+
+from ..ports import Lease, QueueFull
+from .clients import error_code
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_SECONDS = 20  # SQS long-poll ceiling
+MAX_VISIBILITY_SECONDS = 12 * 3600
+# The receipt no longer names an in-flight message (already deleted, or redelivered to someone else).
+_STALE_RECEIPT = {"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight",
+                  "AWS.SimpleQueueService.MessageNotInflight"}
+
+
+def _visibility(seconds: float) -> int:
+    # SQS counts whole seconds; round up so a lease never ends earlier than asked.
+    return max(0, min(MAX_VISIBILITY_SECONDS, int(math.ceil(seconds))))
+
+
+def encode_body(task_id: str) -> str:
+    return json.dumps({"task_id": task_id})
+
+
+def decode_body(body: str) -> str:
+    try:
+        return str(json.loads(body)["task_id"])
+    except (ValueError, KeyError, TypeError):
+        return body  # a bare id, e.g. sent by hand from the console
+
+
+class SqsTaskQueue:
+    def __init__(self, client, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0):
+        self._sqs = client
+        self.queue_url = queue_url
+        self.dlq_url = dlq_url
+        self._cache_seconds = size_cache_seconds
+        self._lock = threading.Lock()
+        self._cached_size: Optional[int] = None
+        self._cached_at = 0.0
+
+    def enqueue(self, task_id: str, max_size: int) -> None:
+        if self.size() >= max_size:
+            raise QueueFull(f"{max_size} tasks are already waiting")
+        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(task_id))
+        self._adjust_cached_size(+1)
+
+    def receive(self, wait_seconds: float, visibility_timeout: float) -> Optional[Lease]:
+        deadline = time.monotonic() + max(0.0, wait_seconds)
+        while True:
+            remaining = deadline - time.monotonic()
+            resp = self._sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=max(0, min(MAX_WAIT_SECONDS, int(math.ceil(remaining)))),
+                VisibilityTimeout=max(1, _visibility(visibility_timeout)),
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            )
+            messages = resp.get("Messages", [])
+            if messages:
+                msg = messages[0]
+                count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+                return Lease(task_id=decode_body(msg["Body"]), receipt=msg["ReceiptHandle"], receive_count=count)
+            if deadline - time.monotonic() <= 0:
+                return None
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> None:
+        self._change_visibility(lease, _visibility(visibility_timeout))
+
+    def release(self, lease: Lease) -> None:
+        self._change_visibility(lease, 0)
+
+    def ack(self, lease: Lease) -> None:
+        try:
+            self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=lease.receipt)
+            self._adjust_cached_size(-1)
+        except ClientError as exc:
+            if error_code(exc) not in _STALE_RECEIPT:
+                raise
+            log.warning("ack of %s ignored: receipt no longer valid", lease.task_id)
+
+    def receive_dead_letters(self, max_messages: int = 10, wait_seconds: int = 0) -> list[Lease]:
+        """Messages the redrive policy moved to the DLQ (hidden for a minute while being handled)."""
+        if not self.dlq_url:
+            return []
+        resp = self._sqs.receive_message(
+            QueueUrl=self.dlq_url,
+            MaxNumberOfMessages=max(1, min(10, max_messages)),
+            WaitTimeSeconds=max(0, min(MAX_WAIT_SECONDS, wait_seconds)),
+            VisibilityTimeout=60,
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        )
+        return [Lease(task_id=decode_body(m["Body"]), receipt=m["ReceiptHandle"],
+                      receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")))
+                for m in resp.get("Messages", [])]
+
+    def delete_dead_letter(self, lease: Lease) -> None:
+        self._sqs.delete_message(QueueUrl=self.dlq_url, ReceiptHandle=lease.receipt)
+
+    def size(self) -> int:
+        with self._lock:
+            fresh = self._cached_size is not None and time.monotonic() - self._cached_at < self._cache_seconds
+            if fresh:
+                return self._cached_size  # type: ignore[return-value]
+        attrs = self._sqs.get_queue_attributes(
+            QueueUrl=self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        size = int(attrs.get("ApproximateNumberOfMessages", 0)) + int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
+        with self._lock:
+            self._cached_size, self._cached_at = size, time.monotonic()
+        return size
+
+    def _adjust_cached_size(self, delta: int) -> None:
+        # Keep this process's own sends/deletes in the cached count, so a burst of submits from one
+        # API instance cannot overshoot the limit while the cache is fresh.
+        with self._lock:
+            if self._cached_size is not None:
+                self._cached_size = max(0, self._cached_size + delta)
+
+    def _change_visibility(self, lease: Lease, seconds: int) -> None:
+        try:
+            self._sqs.change_message_visibility(
+                QueueUrl=self.queue_url, ReceiptHandle=lease.receipt, VisibilityTimeout=seconds
+            )
+        except ClientError as exc:
+            if error_code(exc) not in _STALE_RECEIPT:
+                raise
+            # The message was deleted or redelivered elsewhere; the store's attempt fence protects the result.
+            log.warning("visibility change for %s ignored: receipt no longer valid", lease.task_id)

@@ -1,0 +1,76 @@
+"""Test support for the AWS backend: moto in-process (mock_aws) or moto's HTTP server.
+
+    with aws_backend(tmp_path, max_receives=2) as backend:
+        backend.store.create(...)
+
+Fake credentials and a fixed region are set first, so nothing here can reach real AWS.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import replace
+from typing import Iterator
+
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def use_fake_aws_credentials() -> None:
+    os.environ.update(FAKE_AWS_ENV)
+    # A developer's profile or config file must not leak in.
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        os.environ.pop(name, None)
+
+
+def aws_settings(tmp_path, **overrides):
+    from service.config import Settings
+
+    base = Settings(backend="aws", data_dir=str(tmp_path), aws_region="us-east-1",
+                    table_name="acestep-test-tasks", queue_url="acestep-test-tasks",
+                    bucket="acestep-test-audio", visibility_timeout=30.0)
+    return replace(base, **overrides)
+
+
+@contextlib.contextmanager
+def aws_backend(tmp_path, **setting_overrides) -> Iterator:
+    """moto in-process: provision the resources and yield a Backend (backend.settings holds the names)."""
+    use_fake_aws_credentials()
+    from moto import mock_aws
+
+    from service.aws import make_aws_backend
+    from service.aws.provision import provision
+
+    with mock_aws():
+        settings = provision(aws_settings(tmp_path, **setting_overrides))
+        backend = make_aws_backend(settings)
+        backend.settings = settings  # handy for tests that need the queue/DLQ urls
+        yield backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's HTTP server on 127.0.0.1 (for presigned URLs and multi-process tests); yields its URL."""
+    use_fake_aws_credentials()
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
