@@ -1,0 +1,298 @@
+"""The worker loop: lease a task, run the engine, store the audio, record the outcome.
+
+It talks only to the ports and to an engine object with the `engine.service.Engine` interface
+(`models()`, `describe()`, `generate()`, `generate_many()`), so the same loop runs on SQLite or
+SQS/DynamoDB and with the real engine or a test one.
+
+Delivery is at least once: a lease that is not acked (the worker died) comes back after its
+visibility timeout. `store.claim` bumps the task's attempt number and `store.finish` only
+accepts the current attempt, so a task finishes exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from engine.request import GenerationRequest
+from engine.types import GenerationCancelled, GenerationError, GenerationResult
+
+from .config import Settings
+from .ports import Backend, Lease
+from .tasks import output_key
+
+log = logging.getLogger("acestep.worker")
+
+# Progress writes are throttled: a store write per diffusion step would dominate small tasks.
+PROGRESS_MIN_DELTA = 0.05
+PROGRESS_MIN_SECONDS = 0.5
+
+
+@dataclass
+class _Claimed:
+    lease: Lease
+    attempt: int
+    request: GenerationRequest
+    inputs: dict  # src_audio / reference_audio bytes
+
+
+MAX_BATCH_ITEMS = 8
+_BATCH_FIELDS = ("model", "task_type", "audio_duration", "inference_steps", "guidance_scale", "shift",
+                 "infer_method", "timesteps", "cfg_interval_start", "cfg_interval_end", "use_adg",
+                 "audio_format")
+
+
+def batch_key(request: dict) -> Optional[tuple]:
+    """Tasks with equal keys can run in one pipeline call; None means "run alone"."""
+    if request.get("task_type", "text2music") != "text2music" or request.get("src_audio_key") \
+            or request.get("reference_audio_key") or request.get("audio_duration") is None:
+        return None
+    return tuple(str(request.get(f)) for f in _BATCH_FIELDS)
+
+
+class _ProgressReporter:
+    """Throttled progress writes for the tasks of one engine call; also the cancellation point."""
+
+    def __init__(self, worker: "Worker", claimed: list[_Claimed]):
+        self.worker, self.claimed = worker, claimed
+        self.last_value, self.last_stage, self.last_time = -1.0, "", 0.0
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if self.worker.cancel_event.is_set():
+            raise GenerationCancelled("worker is shutting down")
+        now = time.monotonic()
+        if stage == self.last_stage and fraction - self.last_value < PROGRESS_MIN_DELTA \
+                and now - self.last_time < PROGRESS_MIN_SECONDS:
+            return
+        self.last_value, self.last_stage, self.last_time = fraction, stage, now
+        for c in self.claimed:
+            self.worker.backend.store.update_progress(c.lease.task_id, c.attempt, round(fraction, 3), stage)
+
+
+class _LeaseKeeper:
+    """Extends the leases of running tasks so long generations are not redelivered."""
+
+    def __init__(self, worker: "Worker", leases: list[Lease]):
+        self.worker, self.leases = worker, leases
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        timeout = self.worker.settings.visibility_timeout
+        while not self._stop.wait(timeout / 3):
+            for lease in self.leases:
+                try:
+                    self.worker.backend.queue.extend(lease, timeout)
+                except Exception:  # a missed extension only risks a redelivery, which is fenced
+                    log.exception("could not extend lease of %s", lease.task_id)
+
+
+class Worker:
+    def __init__(self, settings: Settings, backend: Backend, engine: Any,
+                 worker_id: Optional[str] = None, lm_available: bool = False):
+        self.settings = settings
+        self.backend = backend
+        self.engine = engine
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.lm_available = lm_available
+        self.stop_event = threading.Event()  # stop taking new work
+        self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
+        self._last_dlq_drain = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def publish_models(self) -> None:
+        """Tell the API what this worker serves (for /v1/models and /health)."""
+        info = self.engine.describe() if hasattr(self.engine, "describe") else {}
+        models = [
+            {"name": m.name, "is_default": m.is_default, "random_weights": m.random_weights,
+             "task_types": list(m.task_types)}
+            for m in self.engine.models()
+        ]
+        self.backend.store.put_meta("models", {
+            "models": models, "device": info.get("device"), "dtype": info.get("dtype"),
+            "lm_model": info.get("lm_model", "none"), "worker_id": self.worker_id,
+            "updated_at": time.time(),
+        })
+
+    def run_forever(self, poll_seconds: float = 5.0) -> None:
+        self.publish_models()
+        log.info("worker %s ready", self.worker_id)
+        while not self.stop_event.is_set():
+            try:
+                self.run_once(poll_seconds)
+            except Exception:  # the loop must survive a backend hiccup
+                log.exception("worker loop error")
+                self.stop_event.wait(1.0)
+        log.info("worker %s stopped", self.worker_id)
+
+    def request_stop(self, cancel_running: bool = False) -> None:
+        self.stop_event.set()
+        if cancel_running:
+            self.cancel_event.set()
+
+    # -- one round -------------------------------------------------------------------------
+
+    def run_once(self, wait_seconds: float) -> bool:
+        """Process the next task (and compatible ones waiting behind it). False if none came."""
+        self._maybe_drain_dead_letters()
+        lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
+        if lease is None:
+            return False
+        leases = [lease]
+        if self.settings.batch_compatible_tasks and hasattr(self.engine, "generate_many"):
+            leases += self._receive_more(lease)
+        claimed = [c for c in (self._claim(l) for l in leases) if c is not None]
+        if claimed:
+            self._run(claimed)
+        return True
+
+    def _receive_more(self, first: Lease) -> list[Lease]:
+        """Grab waiting tasks that can share one pipeline call with `first` (never waits).
+
+        A task that cannot join the batch is released at once for this or another worker.
+        """
+        first_record = self.backend.store.get(first.task_id)
+        key = batch_key(first_record.request) if first_record else None
+        if key is None:
+            return []
+        items = int(first_record.request.get("batch_size", 1))
+        more: list[Lease] = []
+        while items < MAX_BATCH_ITEMS and not self.stop_event.is_set():
+            lease = self.backend.queue.receive(0, self.settings.visibility_timeout)
+            if lease is None:
+                break
+            record = self.backend.store.get(lease.task_id)
+            size = int(record.request.get("batch_size", 1)) if record else 0
+            if record is None or batch_key(record.request) != key or items + size > MAX_BATCH_ITEMS:
+                self.backend.queue.release(lease)
+                break
+            more.append(lease)
+            items += size
+        return more
+
+    def _claim(self, lease: Lease) -> Optional[_Claimed]:
+        store, task_id = self.backend.store, lease.task_id
+        attempt = store.claim(task_id, self.worker_id)
+        if attempt is None:  # finished already (duplicate delivery) or unknown
+            self.backend.queue.ack(lease)
+            return None
+        record = store.get(task_id)
+        try:
+            request = GenerationRequest(**record.request)
+            if request.needs_lm and not self.lm_available:
+                raise GenerationError(
+                    "this request needs the 5Hz LM (sample_mode / sample_query / use_format / "
+                    "analysis), which is not loaded on this server")
+            inputs = {}
+            for role in ("src_audio", "reference_audio"):
+                key = getattr(request, f"{role}_key")
+                if key:
+                    try:
+                        inputs[role] = self.backend.blobs.get(key)
+                    except KeyError:
+                        raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
+        except (GenerationError, ValueError) as exc:
+            self._fail(lease, attempt, str(exc))
+            return None
+        return _Claimed(lease, attempt, request, inputs)
+
+    def _run(self, claimed: list[_Claimed]) -> None:
+        started = time.monotonic()
+        reporter = _ProgressReporter(self, claimed)
+        with _LeaseKeeper(self, [c.lease for c in claimed]):
+            try:
+                if len(claimed) == 1:
+                    c = claimed[0]
+                    outcomes: list = [self._generate_one(c, reporter)]
+                else:
+                    outcomes = self.engine.generate_many(
+                        [(c.request, c.inputs) for c in claimed], progress=reporter)
+            except GenerationCancelled:
+                for c in claimed:
+                    log.info("released %s for another worker (shutting down)", c.lease.task_id)
+                    self.backend.queue.release(c.lease)
+                return
+            except Exception as exc:  # an engine crash fails these tasks, with the reason
+                log.exception("engine failed")
+                outcomes = [exc] * len(claimed)
+        for c, outcome in zip(claimed, outcomes):
+            if isinstance(outcome, GenerationCancelled):
+                self.backend.queue.release(c.lease)
+            elif isinstance(outcome, BaseException):
+                self._fail(c.lease, c.attempt, _describe_error(outcome))
+            else:
+                self._succeed(c, outcome)
+        log.info("ran %d task(s) in %.2fs", len(claimed), time.monotonic() - started)
+
+    def _generate_one(self, c: _Claimed, reporter: _ProgressReporter):
+        try:
+            return self.engine.generate(c.request, src_audio=c.inputs.get("src_audio"),
+                                        reference_audio=c.inputs.get("reference_audio"), progress=reporter)
+        except GenerationCancelled:
+            raise
+        except Exception as exc:
+            return exc
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _succeed(self, c: _Claimed, result: GenerationResult) -> None:
+        task_id = c.lease.task_id
+        keys, audios = [], []
+        for i, audio in enumerate(result.audios):
+            key = output_key(task_id, c.attempt, i, audio.format)
+            self.backend.blobs.put(key, audio.data, audio.content_type)
+            keys.append(key)
+            audios.append({"key": key, "format": audio.format, "seed": audio.seed,
+                           "duration": round(audio.duration_seconds, 3),
+                           "sample_rate": audio.sample_rate, "channels": audio.channels})
+        info = dict(result.generation_info)
+        if c.request.thinking and not self.lm_available:
+            info.setdefault("notes", []).append(
+                "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
+        stored = {"audios": audios, "metas": result.metas, "generation_info": info,
+                  "dit_model": result.dit_model, "lm_model": result.lm_model}
+        if self.backend.store.finish(task_id, c.attempt, result=stored, blob_keys=keys):
+            log.info("task %s succeeded (%d file(s))", task_id, len(keys))
+        else:  # another attempt finished it first; drop our copy
+            for key in keys:
+                self.backend.blobs.delete(key)
+            log.warning("task %s was finished by another attempt; discarded attempt %d", task_id, c.attempt)
+        self.backend.queue.ack(c.lease)
+
+    def _fail(self, lease: Lease, attempt: int, message: str) -> None:
+        log.warning("task %s failed: %s", lease.task_id, message)
+        self.backend.store.finish(lease.task_id, attempt, error=message)
+        self.backend.queue.ack(lease)
+
+    def _maybe_drain_dead_letters(self) -> None:
+        drain = self.backend.drain_dead_letters
+        if drain is None or time.monotonic() - self._last_dlq_drain < 30:
+            return
+        self._last_dlq_drain = time.monotonic()
+        try:
+            n = drain()
+            if n:
+                log.warning("marked %d dead-lettered task(s) failed", n)
+        except Exception:
+            log.exception("could not drain dead letters")
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, GenerationError):
+        return str(exc)
+    # An unexpected crash: say what kind, without a traceback (that goes to the worker log).
+    return f"internal error while generating: {type(exc).__name__}: {exc}"

@@ -1,0 +1,45 @@
+"""Shared fixtures. Every test is offline: no model hub, no real AWS."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never reach real AWS from a test, whatever the developer's shell has.
+for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_k, None)
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+
+import pytest  # noqa: E402
+
+from service.config import Settings  # noqa: E402
+
+BACKENDS = ["embedded", "aws"]
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "checkpoints"),
+                    visibility_timeout=30.0)
+
+
+def open_backend(kind: str, settings: Settings, tmp_path):
+    """Context manager yielding a Backend of the given kind (AWS through moto)."""
+    if kind == "embedded":
+        from contextlib import nullcontext
+
+        from service.embedded import make_embedded_backend
+
+        return nullcontext(make_embedded_backend(settings))
+    from tests.aws_support import aws_backend
+
+    overrides = {f: getattr(settings, f) for f in ("visibility_timeout", "max_receives", "queue_maxsize")}
+    return aws_backend(tmp_path, **overrides)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, settings, tmp_path):
+    with open_backend(request.param, settings, tmp_path) as b:
+        yield b

@@ -1,0 +1,177 @@
+"""The port contract, run against every backend (embedded SQLite/files and AWS through moto)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, QueueFull, TaskRecord
+from service.tasks import Upload, submit_task
+
+
+def _new(backend, task_id, **request):
+    backend.store.create(TaskRecord(task_id=task_id, request=request or {"prompt": task_id}))
+
+
+# -- task store ---------------------------------------------------------------------------
+
+def test_create_get_roundtrip(backend):
+    _new(backend, "t1", prompt="jazz", batch_size=2)
+    rec = backend.store.get("t1")
+    assert rec.task_id == "t1" and rec.status == QUEUED and rec.request == {"prompt": "jazz", "batch_size": 2}
+    assert backend.store.get("missing") is None
+    assert set(backend.store.get_many(["t1", "missing", "t1"])) == {"t1"}
+
+
+def test_claim_bumps_attempt_and_finish_happens_once(backend):
+    _new(backend, "t1")
+    a1 = backend.store.claim("t1", "w1")
+    assert a1 == 1 and backend.store.get("t1").status == RUNNING
+    a2 = backend.store.claim("t1", "w2")  # redelivery to another worker
+    assert a2 == 2
+    # the first (stale) attempt is fenced out of progress and finish
+    assert backend.store.update_progress("t1", a1, 0.5, "dit") is False
+    assert backend.store.finish("t1", a1, result={"audios": []}) is False
+    assert backend.store.update_progress("t1", a2, 0.5, "dit") is True
+    assert backend.store.get("t1").progress == pytest.approx(0.5)
+    assert backend.store.finish("t1", a2, result={"audios": [1]}, blob_keys=["outputs/t1/2-0.mp3"]) is True
+    # a duplicate finish (even by the winning attempt) cannot overwrite
+    assert backend.store.finish("t1", a2, error="late failure") is False
+    rec = backend.store.get("t1")
+    assert rec.status == SUCCEEDED and rec.result == {"audios": [1]} and rec.error is None
+    assert "outputs/t1/2-0.mp3" in rec.blob_keys
+    assert backend.store.claim("t1", "w3") is None  # finished tasks are not claimed again
+
+
+def test_failed_task_keeps_reason(backend):
+    _new(backend, "t1")
+    a = backend.store.claim("t1", "w")
+    assert backend.store.finish("t1", a, error="could not decode src_audio: not audio")
+    rec = backend.store.get("t1")
+    assert rec.status == FAILED and rec.error == "could not decode src_audio: not audio"
+
+
+def test_fail_unfinished_only_touches_unfinished(backend):
+    _new(backend, "q")
+    _new(backend, "done")
+    a = backend.store.claim("done", "w")
+    backend.store.finish("done", a, result={})
+    assert backend.store.fail_unfinished("q", "dead-lettered") is True
+    assert backend.store.fail_unfinished("done", "dead-lettered") is False
+    assert backend.store.get("q").error == "dead-lettered"
+    assert backend.store.get("done").status == SUCCEEDED
+
+
+def test_counts_positions_and_durations(backend):
+    for i in range(4):
+        _new(backend, f"t{i}")
+    assert [backend.store.queue_position(f"t{i}") for i in range(4)] == [1, 2, 3, 4]
+    a = backend.store.claim("t0", "w")
+    assert backend.store.queue_position("t0") is None
+    assert [backend.store.queue_position(f"t{i}") for i in (1, 2, 3)] == [1, 2, 3]
+    time.sleep(0.01)
+    backend.store.finish("t0", a, result={})
+    b = backend.store.claim("t1", "w")
+    backend.store.finish("t1", b, error="x")
+    counts = backend.store.counts()
+    assert counts == {"queued": 2, "running": 0, "succeeded": 1, "failed": 1, "total": 4}
+    durations = backend.store.recent_durations(10)
+    assert len(durations) == 2 and all(d >= 0 for d in durations)
+    assert len(backend.store.recent_durations(1)) == 1
+
+
+def test_meta_roundtrip(backend):
+    assert backend.store.get_meta("models") is None
+    backend.store.put_meta("models", {"models": [{"name": "m", "random_weights": True}]})
+    backend.store.put_meta("models", {"models": [{"name": "n", "random_weights": False}]})
+    assert backend.store.get_meta("models") == {"models": [{"name": "n", "random_weights": False}]}
+
+
+def test_delete_and_blob_keys(backend):
+    _new(backend, "t1")
+    backend.store.add_blob_keys("t1", ["uploads/t1/src_audio.wav"])
+    assert backend.store.get("t1").blob_keys == ["uploads/t1/src_audio.wav"]
+    backend.store.delete("t1")
+    assert backend.store.get("t1") is None
+
+
+# -- queue --------------------------------------------------------------------------------
+
+def test_queue_fifo_lease_ack(backend):
+    for t in ("a", "b"):
+        backend.queue.enqueue(t, 10)
+    first = backend.queue.receive(1, 30)
+    second = backend.queue.receive(1, 30)
+    assert [first.task_id, second.task_id] == ["a", "b"]
+    assert first.receive_count == 1
+    assert backend.queue.receive(0, 30) is None  # both leased
+    backend.queue.ack(first)
+    backend.queue.ack(second)
+    assert backend.queue.receive(0, 30) is None
+    assert backend.queue.size() == 0
+
+
+def test_queue_redelivers_after_visibility_timeout(backend):
+    backend.queue.enqueue("a", 10)
+    lease = backend.queue.receive(1, 1)
+    assert lease is not None
+    assert backend.queue.receive(0, 1) is None
+    again = backend.queue.receive(3, 30)  # the un-acked lease expires and comes back
+    assert again is not None and again.task_id == "a" and again.receive_count == 2
+
+
+def test_queue_extend_keeps_lease_hidden(backend):
+    backend.queue.enqueue("a", 10)
+    lease = backend.queue.receive(1, 1)
+    backend.queue.extend(lease, 30)
+    assert backend.queue.receive(1.5, 30) is None
+
+
+def test_queue_release_makes_task_visible_now(backend):
+    backend.queue.enqueue("a", 10)
+    lease = backend.queue.receive(1, 60)
+    backend.queue.release(lease)
+    again = backend.queue.receive(1, 60)
+    assert again is not None and again.task_id == "a"
+
+
+def test_queue_full_raises(backend):
+    backend.queue.enqueue("a", 2)
+    backend.queue.enqueue("b", 2)
+    with pytest.raises(QueueFull):
+        backend.queue.enqueue("c", 2)
+    assert backend.queue.size() == 2
+
+
+# -- blobs --------------------------------------------------------------------------------
+
+def test_blobs_roundtrip(backend):
+    backend.blobs.put("outputs/t/1-0.wav", b"RIFF....", "audio/wav")
+    assert backend.blobs.exists("outputs/t/1-0.wav")
+    assert backend.blobs.get("outputs/t/1-0.wav") == b"RIFF...."
+    backend.blobs.delete("outputs/t/1-0.wav")
+    assert not backend.blobs.exists("outputs/t/1-0.wav")
+    with pytest.raises(KeyError):
+        backend.blobs.get("outputs/t/1-0.wav")
+
+
+# -- submission ---------------------------------------------------------------------------
+
+def test_submit_is_all_or_nothing_when_queue_full(backend):
+    submit_task(backend, {"prompt": "a"}, max_queue=1)
+    with pytest.raises(QueueFull):
+        submit_task(backend, {"prompt": "b"}, max_queue=1,
+                    uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")}, task_id="t-full")
+    assert backend.store.get("t-full") is None
+    assert not backend.blobs.exists("uploads/t-full/src_audio.wav")
+    assert backend.store.counts()["total"] == 1
+
+
+def test_submit_stores_uploads_as_task_blobs(backend):
+    task_id, pos = submit_task(backend, {"prompt": "a"}, max_queue=5,
+                               uploads={"src_audio": Upload(b"abc", "in.WAV", "audio/wav")})
+    rec = backend.store.get(task_id)
+    assert pos == 1
+    assert rec.request["src_audio_key"] == f"uploads/{task_id}/src_audio.wav"
+    assert rec.blob_keys == [f"uploads/{task_id}/src_audio.wav"]
+    assert backend.blobs.get(rec.request["src_audio_key"]) == b"abc"
