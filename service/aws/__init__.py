@@ -6,6 +6,7 @@ from botocore.config import Config
 from ..config import Settings
 from ..ports import Backend
 from .clients import aws_client
+from .dlq import drain_dead_letters
 from .dynamo_store import DynamoTaskStore
 from .s3_blobs import S3BlobStore
 from .sqs_queue import SqsTaskQueue
@@ -24,12 +25,15 @@ def make_aws_backend(settings: Settings) -> Backend:
     # Path-style addressing when an endpoint is given: moto/localstack on 127.0.0.1 have no bucket subdomains.
     s3_config = Config(signature_version="s3v4",
                        s3={"addressing_style": "path" if settings.aws_endpoint_url else "virtual"})
-    return Backend(
+    backend = Backend(
         store=DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days),
         queue=SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url),
         blobs=S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket),
         name="aws",
     )
+    # The worker loop calls backend.drain_dead_letters() now and then (None on backends without a DLQ).
+    backend.drain_dead_letters = lambda: len(drain_dead_letters(backend))
+    return backend
 
 
 __all__ = ["make_aws_backend", "AwsConfigError", "DynamoTaskStore", "SqsTaskQueue", "S3BlobStore"]

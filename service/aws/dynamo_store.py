@@ -227,9 +227,8 @@ class DynamoTaskStore:
                   ":f": _s(_FINISHED_MARK), ":exp": _n(int(now) + self._ttl_seconds),
                   ":d": _n(max(0.0, now - started) if started is not None else 0.0)}
         sets = ["#st = :final", "#fa = :now", "stage = :stage", "#fp = :f", "#d = :d", "#ttl = :exp"]
-        if final == SUCCEEDED:
-            sets.append("progress = :one")
-            values[":one"] = _n(1.0)
+        sets.append("progress = :prog")
+        values[":prog"] = _n(1.0 if final == SUCCEEDED else 0.0)
         if result is not None:
             sets.append("#res = :res")
             names["#res"] = "result"
@@ -257,15 +256,17 @@ class DynamoTaskStore:
             if status is None or status in TERMINAL:
                 return False
             now = time.time()
-            # No duration is recorded: a dead-lettered run says nothing about normal run time.
-            update = self._update(
-                task_id, item,
-                "SET #st = :failed, #err = :err, #fa = :now, stage = :failed, #ttl = :exp REMOVE #qp",
-                {"#st": "status", "#err": "error", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
-                 "#qp": S.QUEUED_PART},
-                {":failed": _s(FAILED), ":err": _s(error), ":now": _n(now),
-                 ":exp": _n(int(now) + self._ttl_seconds)},
-            )
+            names = {"#st": "status", "#err": "error", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
+                     "#qp": S.QUEUED_PART}
+            values = {":failed": _s(FAILED), ":err": _s(error), ":now": _n(now),
+                      ":exp": _n(int(now) + self._ttl_seconds)}
+            sets = "SET #st = :failed, #err = :err, #fa = :now, stage = :failed, #ttl = :exp"
+            started = _num(item, "started_at")
+            if started is not None:  # it ran: count its run time like any finished task's
+                sets += ", #fp = :f, #d = :d"
+                names.update({"#fp": S.FINISHED_PART, "#d": S.DURATION_ATTR})
+                values.update({":f": _s(_FINISHED_MARK), ":d": _n(max(0.0, now - started))})
+            update = self._update(task_id, item, sets + " REMOVE #qp", names, values)
             try:
                 self._transact([update, self._count_move(status, FAILED)])
                 return True
@@ -275,7 +276,9 @@ class DynamoTaskStore:
 
     def add_blob_keys(self, task_id: str, keys: list[str]) -> None:
         item = self._get_item(task_id)
-        new_keys = _new_keys(item, keys) if item else []
+        if item is None:
+            raise KeyError(task_id)
+        new_keys = _new_keys(item, keys)
         if not new_keys:
             return
         try:
@@ -288,8 +291,9 @@ class DynamoTaskStore:
                 ExpressionAttributeValues={":empty": {"L": []}, ":keys": {"L": [_s(k) for k in new_keys]}},
             )
         except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+            if error_code(exc) == "ConditionalCheckFailedException":
+                raise KeyError(task_id) from None  # deleted between the read and the write
+            raise
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class SqsTaskQueue:
             if messages:
                 msg = messages[0]
                 count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+                self._adjust_cached_size(-1)
                 return Lease(task_id=decode_body(msg["Body"]), receipt=msg["ReceiptHandle"], receive_count=count)
             if deadline - time.monotonic() <= 0:
                 return None
@@ -87,7 +88,6 @@ class SqsTaskQueue:
     def ack(self, lease: Lease) -> None:
         try:
             self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=lease.receipt)
-            self._adjust_cached_size(-1)
         except ClientError as exc:
             if error_code(exc) not in _STALE_RECEIPT:
                 raise
@@ -112,15 +112,16 @@ class SqsTaskQueue:
         self._sqs.delete_message(QueueUrl=self.dlq_url, ReceiptHandle=lease.receipt)
 
     def size(self) -> int:
+        """Messages waiting to be received (in-flight ones are running, not backlog), cached briefly."""
         with self._lock:
             fresh = self._cached_size is not None and time.monotonic() - self._cached_at < self._cache_seconds
             if fresh:
                 return self._cached_size  # type: ignore[return-value]
         attrs = self._sqs.get_queue_attributes(
             QueueUrl=self.queue_url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            AttributeNames=["ApproximateNumberOfMessages"],
         )["Attributes"]
-        size = int(attrs.get("ApproximateNumberOfMessages", 0)) + int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
+        size = int(attrs.get("ApproximateNumberOfMessages", 0))
         with self._lock:
             self._cached_size, self._cached_at = size, time.monotonic()
         return size
@@ -133,6 +134,8 @@ class SqsTaskQueue:
                 self._cached_size = max(0, self._cached_size + delta)
 
     def _change_visibility(self, lease: Lease, seconds: int) -> None:
+        if seconds == 0:
+            self._adjust_cached_size(+1)  # a released message is waiting again
         try:
             self._sqs.change_message_visibility(
                 QueueUrl=self.queue_url, ReceiptHandle=lease.receipt, VisibilityTimeout=seconds

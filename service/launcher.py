@@ -1,0 +1,124 @@
+"""`acestep-api` (and `make run`): the API plus its workers on one machine.
+
+The API serves in this process; each worker (ACESTEP_QUEUE_WORKERS, default 1) is a child
+process running `acestep-worker` against the same backend, so a generation never blocks the
+event loop and a crashed worker does not take the API down (it is restarted; its task is
+redelivered).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from .config import ENV_NAMES, Settings, load_settings
+
+log = logging.getLogger("acestep.launcher")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="acestep-api", description="ACE-Step REST API server with workers")
+    p.add_argument("--host", "--api-host", dest="host", help="bind address (ACESTEP_API_HOST, 127.0.0.1)")
+    p.add_argument("--port", "--api-port", dest="port", type=int, help="port (ACESTEP_API_PORT, 8001)")
+    p.add_argument("--api-key", help="require this key (ACESTEP_API_KEY)")
+    p.add_argument("--config-path", help="primary DiT model (ACESTEP_CONFIG_PATH)")
+    p.add_argument("--checkpoint-dir", help="where models live (ACESTEP_CHECKPOINT_DIR)")
+    p.add_argument("--data-dir", help="task database and audio files (ACESTEP_DATA_DIR)")
+    p.add_argument("--workers", type=int, help="worker processes (ACESTEP_QUEUE_WORKERS); 0 = API only")
+    p.add_argument("--init-llm", nargs="?", const="true", help="load the 5Hz LM (ACESTEP_INIT_LLM)")
+    p.add_argument("--lm-model-path", help="5Hz LM model (ACESTEP_LM_MODEL_PATH)")
+    p.add_argument("--download-source", choices=["auto", "huggingface", "modelscope"],
+                   help="accepted for compatibility; models download from the Hugging Face hub")
+    p.add_argument("--log-level", default=os.environ.get("ACESTEP_API_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return load_settings({
+        "host": args.host, "port": args.port, "api_key": args.api_key,
+        "config_path": args.config_path, "checkpoint_dir": args.checkpoint_dir,
+        "data_dir": args.data_dir, "queue_workers": args.workers,
+        "init_llm": args.init_llm, "lm_model_path": args.lm_model_path,
+    })
+
+
+def child_env(settings: Settings) -> dict:
+    """The environment a worker process needs to see the same settings as the API."""
+    env = dict(os.environ)
+    for name, attr in ENV_NAMES.items():
+        value = getattr(settings, attr)
+        if isinstance(value, list):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[name] = str(value)
+    return env
+
+
+class WorkerSupervisor:
+    """Keeps N worker processes alive; restarts one that dies (its task is redelivered)."""
+
+    def __init__(self, settings: Settings, count: int, log_level: str):
+        self.settings, self.count, self.log_level = settings, count, log_level
+        self.procs: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="worker-supervisor")
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "service.worker_cli", "--log-level", self.log_level],
+                                env=child_env(self.settings))
+
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.count)]
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self._stopping.is_set():
+                    log.error("worker %d exited with %s; restarting it", proc.pid, proc.returncode)
+                    time.sleep(1.0)
+                    self.procs[i] = self._spawn()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+
+    import uvicorn
+
+    from handlers.app import create_app
+
+    app = create_app(settings)
+    supervisor = WorkerSupervisor(settings, settings.queue_workers, args.log_level)
+    if settings.queue_workers > 0:
+        supervisor.start()
+    log.info("ACE-Step API on http://%s:%d (backend %s, data %s, %d worker process(es))",
+             settings.host, settings.port, settings.backend, os.path.abspath(settings.data_dir),
+             settings.queue_workers)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
+    finally:
+        supervisor.stop()
+
+
+if __name__ == "__main__":
+    main()

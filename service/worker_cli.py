@@ -1,0 +1,93 @@
+"""`acestep-worker`: run worker(s) against the configured backend.
+
+Several workers can run against the same store and queue: on one machine they share the SQLite
+file; on AWS each ECS task runs one. SIGTERM (scale-in, spot interruption) stops intake and lets
+the running task finish; a second SIGTERM (or the grace period passing) abandons it and releases
+its lease so another worker picks it up at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from .backend import make_backend
+from .config import Settings, load_settings
+
+log = logging.getLogger("acestep.worker")
+
+
+def engine_config(settings: Settings):
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        checkpoint_dir=settings.checkpoint_dir,
+        model_names=settings.model_names,
+        device=settings.device,
+        dtype=settings.dtype,
+        allow_download=settings.allow_download,
+        lm_model=settings.lm_model_path or None,
+    )
+
+
+def load_engine(settings: Settings):
+    """Load the DiT models once (building demo random-weight models if so configured)."""
+    from engine.checkpoints import ensure_demo_models
+    from engine.service import Engine
+
+    config = engine_config(settings)
+    if settings.demo_if_missing:
+        built = ensure_demo_models(config)
+        for name in built:
+            log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
+                        "under %s to generate music.", name, settings.checkpoint_dir)
+    return Engine.load(config)
+
+
+def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
+    from .worker import Worker
+
+    if settings.backend == "aws":
+        from .aws.secrets import resolve_secret_env
+
+        resolve_secret_env(settings)
+    backend = make_backend(settings)
+    engine = load_engine(settings)
+    worker = Worker(settings, backend, engine)
+
+    def on_term(signum, frame):
+        if worker.stop_event.is_set():
+            log.warning("second signal: abandoning the running task (it will be redelivered)")
+            worker.request_stop(cancel_running=True)
+            return
+        log.info("signal %s: finishing the running task, taking no new work", signum)
+        worker.request_stop()
+        # If the task outlives the grace period, give it back rather than be killed mid-way.
+        timer = threading.Timer(grace_seconds, lambda: worker.request_stop(cancel_running=True))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    worker.run_forever(poll_seconds=5.0 if settings.backend == "embedded" else 20.0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="acestep-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="embedded backend data dir (ACESTEP_DATA_DIR)")
+    parser.add_argument("--backend", choices=["embedded", "aws"], help="ACESTEP_BACKEND")
+    parser.add_argument("--checkpoint-dir", help="ACESTEP_CHECKPOINT_DIR")
+    parser.add_argument("--grace-seconds", type=float, default=600.0,
+                        help="after SIGTERM, how long the running task may take before it is released")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings({"data_dir": args.data_dir, "backend": args.backend,
+                              "checkpoint_dir": args.checkpoint_dir})
+    run_worker(settings, grace_seconds=args.grace_seconds)
+
+
+if __name__ == "__main__":
+    main()
