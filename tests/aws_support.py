@@ -30,18 +30,22 @@ def use_fake_aws_credentials() -> None:
         os.environ.pop(name, None)
 
 
-def aws_settings(tmp_path, **overrides):
+def aws_settings(tmp_path, settings=None, **overrides):
+    """AWS settings for tests; `settings` (optional) supplies everything but the AWS names."""
     from service.config import Settings
 
-    base = Settings(backend="aws", data_dir=str(tmp_path), aws_region="us-east-1",
-                    table_name="acestep-test-tasks", queue_url="acestep-test-tasks",
-                    bucket="acestep-test-audio", visibility_timeout=30.0)
+    base = settings or Settings(data_dir=str(tmp_path), visibility_timeout=30.0)
+    base = replace(base, backend="aws", aws_region="us-east-1", table_name="acestep-test-tasks",
+                   queue_url="acestep-test-tasks", bucket="acestep-test-audio")
     return replace(base, **overrides)
 
 
 @contextlib.contextmanager
-def aws_backend(tmp_path, **setting_overrides) -> Iterator:
-    """moto in-process: provision the resources and yield a Backend (backend.settings holds the names)."""
+def aws_backend(tmp_path, settings=None, **setting_overrides) -> Iterator:
+    """moto in-process: provision the resources and yield a Backend (backend.settings holds the names).
+
+    `settings` is an optional base Settings (e.g. the test's fixture); overrides apply on top.
+    """
     use_fake_aws_credentials()
     from moto import mock_aws
 
@@ -49,7 +53,7 @@ def aws_backend(tmp_path, **setting_overrides) -> Iterator:
     from service.aws.provision import provision
 
     with mock_aws():
-        settings = provision(aws_settings(tmp_path, **setting_overrides))
+        settings = provision(aws_settings(tmp_path, settings, **setting_overrides))
         backend = make_aws_backend(settings)
         backend.settings = settings  # handy for tests that need the queue/DLQ urls
         yield backend
