@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine:
+#   make run   - install what the service needs, then serve the API + a worker on 127.0.0.1:8001
+#   make test  - install what the tests need, then run them
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch 2.13.0 is what this project is tested with; on a GPU machine install
+# your CUDA build of torch into the venv first and this step leaves it alone.
+TORCH_SPEC ?= torch==2.13.0
+
+RUN_STAMP := $(VENV)/.stamp-run
+TEST_STAMP := $(VENV)/.stamp-test
+
+.PHONY: run test bench clean-data tiny-model
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[engine]'
+	touch $@
+
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[engine,dev,infra]'
+	touch $@
+
+run: $(RUN_STAMP)
+	$(BIN)/acestep-api
+
+test: $(TEST_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench: $(RUN_STAMP)
+	$(BIN)/python bench/engine.py
+
+tiny-model: $(RUN_STAMP)
+	$(BIN)/acestep-models make-tiny checkpoints/acestep-v15-turbo
+
+clean-data:
+	rm -rf data
