@@ -1,0 +1,107 @@
+"""SQS queue specifics (moto in-process): long polling, redrive to the DLQ and the drain, size cache."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from service.aws.dlq import drain_dead_letters
+from service.aws.provision import provision
+from service.aws.sqs_queue import SqsTaskQueue
+from service.ports import FAILED, QueueFull, TaskRecord
+from tests.aws_support import aws_backend
+
+
+def test_receive_without_wait_returns_at_once(tmp_path):
+    with aws_backend(tmp_path) as aws:
+        started = time.monotonic()
+        assert aws.queue.receive(0, 30) is None
+        assert time.monotonic() - started < 0.5
+
+
+def test_long_poll_picks_up_a_message_that_becomes_visible(tmp_path):
+    with aws_backend(tmp_path) as aws:
+        aws.queue.enqueue("a", 10)
+        lease = aws.queue.receive(1, 1)
+        started = time.monotonic()
+        again = aws.queue.receive(5, 30)  # waits for the 1 s lease to lapse, not the full 5 s
+        assert again.task_id == "a" and again.receipt != lease.receipt
+        assert time.monotonic() - started < 4
+
+
+def test_stale_receipts_are_ignored(tmp_path):
+    with aws_backend(tmp_path) as aws:
+        aws.queue.enqueue("a", 10)
+        lease = aws.queue.receive(1, 30)
+        aws.queue.ack(lease)
+        aws.queue.extend(lease, 30)  # the heartbeat of a worker whose task was acked must not crash
+        aws.queue.release(lease)
+        aws.queue.ack(lease)
+        assert aws.queue.receive(0, 30) is None
+
+
+def test_redrive_then_drain_marks_the_task_failed_with_its_reason(tmp_path):
+    with aws_backend(tmp_path, max_receives=2) as aws:
+        aws.store.create(TaskRecord(task_id="poison", request={}))
+        aws.queue.enqueue("poison", 10)
+        for _ in range(2):  # each delivery is claimed, makes progress, then the worker "dies"
+            lease = aws.queue.receive(1, 30)
+            attempt = aws.store.claim("poison", "w")
+            aws.store.update_progress("poison", attempt, 0.4, "dit")
+            aws.queue.release(lease)
+        assert aws.queue.receive(0, 30) is None  # the third receive moved it to the DLQ
+        assert drain_dead_letters(aws) == ["poison"]
+        rec = aws.store.get("poison")
+        assert rec.status == FAILED
+        assert rec.error == ("dead-lettered after 2 deliveries: the worker stopped each time; "
+                             "last seen at stage 'dit' (40%)")
+        assert aws.store.counts()["failed"] == 1
+        assert drain_dead_letters(aws) == []  # the message was deleted from the DLQ
+
+
+def test_drain_drops_letters_of_finished_tasks(tmp_path):
+    with aws_backend(tmp_path) as aws:
+        aws.store.create(TaskRecord(task_id="done", request={}))
+        a = aws.store.claim("done", "w")
+        aws.store.finish("done", a, result={"ok": 1})
+        sqs = aws.queue._sqs
+        sqs.send_message(QueueUrl=aws.settings.dlq_url, MessageBody=json.dumps({"task_id": "done"}))
+        assert aws.drain_dead_letters() == 0  # the hook the worker loop calls
+        assert aws.store.get("done").status == "succeeded"
+        attrs = sqs.get_queue_attributes(QueueUrl=aws.settings.dlq_url, AttributeNames=["All"])["Attributes"]
+        assert attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+def test_drain_is_a_no_op_without_a_dlq(settings):
+    from service.embedded import make_embedded_backend
+
+    assert drain_dead_letters(make_embedded_backend(settings)) == []
+
+
+def test_queue_full_reads_the_backlog_once_per_second(tmp_path):
+    with aws_backend(tmp_path) as aws:
+        sqs = aws.queue._sqs
+        reads = []
+        sqs.meta.events.register("before-call.sqs.GetQueueAttributes", lambda **kw: reads.append(1))
+        api = SqsTaskQueue(sqs, aws.settings.queue_url)  # a fresh API instance
+        for i in range(3):
+            api.enqueue(f"t{i}", 3)
+        with pytest.raises(QueueFull):
+            api.enqueue("t3", 3)
+        assert len(reads) == 1  # the cached backlog counted this instance's own sends
+        lease = aws.queue.receive(1, 30)  # a worker takes one: backlog 2
+        assert lease is not None
+        time.sleep(1.1)
+        api.enqueue("t4", 3)
+        assert len(reads) == 2
+
+
+def test_provision_is_idempotent_and_sets_the_redrive(tmp_path):
+    with aws_backend(tmp_path, max_receives=4, visibility_timeout=90) as aws:
+        again = provision(aws.settings)
+        assert (again.queue_url, again.dlq_url) == (aws.settings.queue_url, aws.settings.dlq_url)
+        attrs = aws.queue._sqs.get_queue_attributes(QueueUrl=again.queue_url, AttributeNames=["All"])["Attributes"]
+        redrive = json.loads(attrs["RedrivePolicy"])
+        assert int(redrive["maxReceiveCount"]) == 4 and redrive["deadLetterTargetArn"].endswith("-dlq")
+        assert attrs["VisibilityTimeout"] == "90"

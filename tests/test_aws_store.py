@@ -1,0 +1,154 @@
+"""DynamoDB task store specifics (moto in-process): fencing under races, counters, TTL, no Scans."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.aws import schema
+from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, TaskRecord
+from tests.aws_support import aws_backend
+
+
+@pytest.fixture
+def aws(tmp_path):
+    with aws_backend(tmp_path, task_ttl_days=3) as backend:
+        yield backend
+
+
+def _new(backend, task_id):
+    backend.store.create(TaskRecord(task_id=task_id, request={"prompt": task_id}))
+
+
+def _raw_item(backend, task_id):
+    return backend.store._db.get_item(TableName=backend.settings.table_name,
+                                      Key={schema.PK: {"S": schema.TASK_PREFIX + task_id}})["Item"]
+
+
+def _run_together(n, fn):
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def go(i):
+        barrier.wait()
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_create_refuses_an_existing_id(aws):
+    _new(aws, "t1")
+    with pytest.raises(ValueError):
+        _new(aws, "t1")
+    assert aws.store.counts()["total"] == 1  # the refused create moved no counter
+
+
+def test_concurrent_claims_get_distinct_attempts_and_one_running_count(aws):
+    _new(aws, "t1")
+    attempts = _run_together(4, lambda i: aws.store.claim("t1", f"w{i}"))
+    assert sorted(attempts) == [1, 2, 3, 4]
+    assert aws.store.get("t1").attempt == 4
+    counts = aws.store.counts()
+    assert counts["queued"] == 0 and counts["running"] == 1
+
+
+def test_concurrent_duplicate_finishes_succeed_once(aws):
+    _new(aws, "t1")
+    stale = aws.store.claim("t1", "w1")
+    current = aws.store.claim("t1", "w2")
+    outcomes = _run_together(
+        6, lambda i: aws.store.finish("t1", current if i % 2 else stale, result={"by": i}))
+    assert outcomes.count(True) == 1
+    winner = outcomes.index(True)
+    assert winner % 2 == 1  # only the current attempt can win
+    rec = aws.store.get("t1")
+    assert rec.status == SUCCEEDED and rec.result == {"by": winner}
+    assert aws.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "total": 1}
+
+
+def test_late_duplicate_cannot_overwrite_a_failure(aws):
+    _new(aws, "t1")
+    a = aws.store.claim("t1", "w1")
+    assert aws.store.fail_unfinished("t1", "dead-lettered after 3 deliveries")
+    assert aws.store.finish("t1", a, result={"late": True}) is False
+    assert aws.store.update_progress("t1", a, 0.9, "late") is False
+    rec = aws.store.get("t1")
+    assert rec.status == FAILED and rec.result is None and rec.error.startswith("dead-lettered")
+    assert aws.store.counts()["failed"] == 1 and aws.store.counts()["running"] == 0
+
+
+def test_ttl_is_enabled_and_set_on_create_and_finish(aws):
+    ttl = aws.store._db.describe_time_to_live(TableName=aws.settings.table_name)["TimeToLiveDescription"]
+    assert ttl["TimeToLiveStatus"] == "ENABLED" and ttl["AttributeName"] == schema.TTL_ATTR
+    _new(aws, "t1")
+    created = aws.store.get("t1").created_at
+    assert int(_raw_item(aws, "t1")[schema.TTL_ATTR]["N"]) == pytest.approx(created + 3 * 86400, abs=2)
+    a = aws.store.claim("t1", "w")
+    aws.store.finish("t1", a, result={})
+    finished = aws.store.get("t1").finished_at
+    assert int(_raw_item(aws, "t1")[schema.TTL_ATTR]["N"]) == pytest.approx(finished + 3 * 86400, abs=2)
+
+
+def test_counters_match_the_table_after_mixed_transitions(aws):
+    for i in range(8):
+        _new(aws, f"t{i}")
+    a = [aws.store.claim(f"t{i}", "w") for i in range(5)]
+    aws.store.finish("t0", a[0], result={})
+    aws.store.finish("t1", a[1], error="bad")
+    aws.store.fail_unfinished("t2", "dead")
+    aws.store.fail_unfinished("t5", "dead")  # still queued
+    aws.store.delete("t6")
+    aws.store.claim("t3", "w2")  # redelivery: no count moves
+    items = aws.store._db.scan(TableName=aws.settings.table_name)["Items"]  # the test may scan; the store may not
+    actual = {s: 0 for s in (QUEUED, RUNNING, SUCCEEDED, FAILED)}
+    for item in items:
+        if item[schema.PK]["S"].startswith(schema.TASK_PREFIX):
+            actual[item["status"]["S"]] += 1
+    assert aws.store.counts() == {**actual, "total": 7}
+    assert actual == {QUEUED: 1, RUNNING: 2, SUCCEEDED: 1, FAILED: 3}
+
+
+def test_position_counts_and_durations_never_scan(aws):
+    calls: list[str] = []
+    aws.store._db.meta.events.register("before-call.dynamodb", lambda model, **kw: calls.append(model.name))
+    for i in range(30):
+        _new(aws, f"t{i}")
+    for i in range(5):
+        aws.store.finish(f"t{i}", aws.store.claim(f"t{i}", "w"), result={})
+    calls.clear()
+    assert aws.store.queue_position("t29") == 25
+    assert calls == ["GetItem", "Query"]  # one read of the task, one COUNT query on the sparse index
+    calls.clear()
+    assert aws.store.counts()["queued"] == 25
+    assert calls == ["GetItem"]
+    calls.clear()
+    durations = aws.store.recent_durations(3)
+    assert len(durations) == 3 and calls == ["Query"]
+    assert "Scan" not in calls
+
+
+def test_recent_durations_are_newest_first(aws):
+    for task_id, run_for in (("slow", 0.3), ("fast", 0.0)):
+        _new(aws, task_id)
+        a = aws.store.claim(task_id, "w")
+        time.sleep(run_for)
+        aws.store.finish(task_id, a, result={})
+    newest, older = aws.store.recent_durations(2)
+    assert newest < 0.2 <= older
+
+
+def test_blob_keys_merge_without_duplicates(aws):
+    _new(aws, "t1")
+    aws.store.add_blob_keys("t1", ["uploads/t1/src.wav"])
+    aws.store.add_blob_keys("t1", ["uploads/t1/src.wav"])
+    a = aws.store.claim("t1", "w")
+    aws.store.finish("t1", a, result={}, blob_keys=["outputs/t1/1-0.mp3", "uploads/t1/src.wav"])
+    assert aws.store.get("t1").blob_keys == ["uploads/t1/src.wav", "outputs/t1/1-0.mp3"]
+    with pytest.raises(KeyError):
+        aws.store.add_blob_keys("missing", ["x"])
