@@ -77,12 +77,22 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _watch(self) -> None:
-        while not self._stopping.wait(1.0):
+        # A worker that keeps dying at start-up (say, a model that cannot load) is restarted
+        # with a growing pause instead of in a tight loop.
+        backoff = [1.0] * len(self.procs)
+        started = [time.monotonic()] * len(self.procs)
+        while not self._stopping.wait(0.5):
             for i, proc in enumerate(self.procs):
-                if proc.poll() is not None and not self._stopping.is_set():
-                    log.error("worker %d exited with %s; restarting it", proc.pid, proc.returncode)
-                    time.sleep(1.0)
-                    self.procs[i] = self._spawn()
+                if proc.poll() is None or self._stopping.is_set():
+                    continue
+                lived = time.monotonic() - started[i]
+                backoff[i] = 1.0 if lived > 60 else min(backoff[i] * 2, 60.0)
+                log.error("worker %d exited with %s after %.0fs; restarting in %.0fs",
+                          proc.pid, proc.returncode, lived, backoff[i])
+                if self._stopping.wait(backoff[i]):
+                    return
+                self.procs[i] = self._spawn()
+                started[i] = time.monotonic()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
