@@ -1,0 +1,212 @@
+"""Finding, downloading, fingerprinting and faking checkpoints in the published diffusers layout.
+
+Layout of one model (what `AceStepPipeline.save_pretrained` writes and the published diffusers-format repos hold):
+    <checkpoint_dir>/<model-name>/model_index.json
+    <checkpoint_dir>/<model-name>/{transformer,condition_encoder,vae,text_encoder,tokenizer,scheduler,...}/
+
+Import is torch-free; building a tiny checkpoint imports torch lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+from engine.config import EngineConfig
+from engine.request import TASK_TYPES
+from engine.types import GenerationError
+
+log = logging.getLogger("engine.checkpoints")
+
+DEMO_MARKER = "acestep_demo.json"
+DEMO_NOTICE = "random weights: the audio is noise"
+# Upstream's constants: turbo (guidance-distilled) DiTs officially support only these; base/sft support all.
+TURBO_TASK_TYPES = ("text2music", "cover", "repaint")
+ALL_TASK_TYPES = tuple(TASK_TYPES)
+# Components that are identical across DiT variants in practice; the engine checks file contents before sharing.
+SHAREABLE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "condition_encoder", "audio_tokenizer",
+                        "audio_token_detokenizer")
+
+
+class ModelNotFound(GenerationError):
+    """A configured model is not on disk and cannot be downloaded; the message says how to fix it."""
+
+
+def model_dir(checkpoint_dir: str | os.PathLike, name: str) -> Path:
+    return Path(checkpoint_dir) / name
+
+
+def is_complete(path: Path) -> bool:
+    """model_index.json is present and every component it lists has its folder."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    for key, value in entries.items():
+        if key.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        if not (path / key).is_dir():
+            return False
+    return True
+
+
+def read_marker(path: Path) -> Optional[dict]:
+    marker = path / DEMO_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"random_weights": True}  # a damaged marker still means "not real weights"
+
+
+def supported_task_types(name: str, marker: Optional[dict] = None, is_turbo: Optional[bool] = None) -> tuple:
+    """The rule: a `task_types` list in the checkpoint's marker wins; otherwise a turbo DiT (transformer config
+    `is_turbo`, or "turbo" in the model name) supports text2music/cover/repaint and any other (base, sft) all six."""
+    if marker and marker.get("task_types"):
+        return tuple(t for t in ALL_TASK_TYPES if t in marker["task_types"])
+    turbo = is_turbo if is_turbo is not None else "turbo" in name.lower()
+    return TURBO_TASK_TYPES if turbo else ALL_TASK_TYPES
+
+
+def hf_repo_for(name: str, env: Mapping[str, str] | None = None) -> str:
+    """Hub repo holding the diffusers-format weights of `name`.
+
+    Configurable per model with ACESTEP_HF_REPO_<NAME> (NAME upper-cased, non-alphanumerics as `_`, e.g.
+    ACESTEP_HF_REPO_ACESTEP_V15_TURBO); default `ACE-Step/<name>-diffusers`, the naming of the diffusers-format repos
+    referenced by diffusers' own AceStepPipeline docs. Check the actual repo name before relying on the default.
+    """
+    env = os.environ if env is None else env
+    key = "ACESTEP_HF_REPO_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+    return env.get(key) or f"ACE-Step/{name}-diffusers"
+
+
+def missing_model_message(name: str, path: Path, config: EngineConfig, reason: str) -> str:
+    repo = hf_repo_for(name)
+    env_key = "ACESTEP_HF_REPO_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+    return (
+        f"model {name!r} is not available: no complete diffusers-format checkpoint at {path} "
+        f"(looked for {path / 'model_index.json'} and its component folders) and {reason}. "
+        f"Fix one of: download it with `acestep-models download {name} --checkpoint-dir {config.checkpoint_dir}` "
+        f"(Hub repo {repo}; set {env_key} to use another repo) with network access and HF_HUB_OFFLINE unset; "
+        f"point ACESTEP_CHECKPOINT_DIR at the folder that holds {name}/; "
+        f"or serve a random-weight demo with `acestep-models make-tiny {config.checkpoint_dir} --name {name}`."
+    )
+
+
+def download_model(name: str, dest: Path, repo: Optional[str] = None) -> Path:
+    """snapshot_download into <dest>; huggingface_hub shows per-file tqdm progress bars on stderr."""
+    from huggingface_hub import snapshot_download
+
+    repo = repo or hf_repo_for(name)
+    log.warning("downloading model %s from the Hugging Face Hub repo %s into %s", name, repo, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    snapshot_download(repo_id=repo, local_dir=str(dest))
+    if not is_complete(dest):
+        raise ModelNotFound(f"downloaded {repo} into {dest} but it is not a diffusers-format AceStepPipeline "
+                            f"(model_index.json or component folders missing); set "
+                            f"ACESTEP_HF_REPO_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()} to the right repo")
+    return dest
+
+
+def resolve_model(config: EngineConfig, name: str) -> Path:
+    """Path of a complete local checkpoint for `name`, downloading it when allowed; ModelNotFound otherwise."""
+    path = model_dir(config.checkpoint_dir, name)
+    if is_complete(path):
+        return path
+    if not config.downloads_possible():
+        reason = ("downloads are disabled (HF_HUB_OFFLINE is set)" if config.allow_download
+                  else "downloads are disabled (ACESTEP_ALLOW_DOWNLOAD=false)")
+        raise ModelNotFound(missing_model_message(name, path, config, reason))
+    try:
+        return download_model(name, path)
+    except ModelNotFound:
+        raise
+    except Exception as exc:
+        raise ModelNotFound(missing_model_message(name, path, config, f"the download failed ({exc})")) from exc
+
+
+def component_fingerprint(path: Path) -> Optional[str]:
+    """Content hash of one component folder (configs + weights), or None when the folder is absent.
+
+    Two variants whose VAE (say) hashes the same get one VAE object in memory.
+    """
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(_file_hash(file).encode())
+    return digest.hexdigest()
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def _file_hash(file: Path) -> str:
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Optional[str] = None,
+                          size: str = "tiny") -> Path:
+    """Save a randomly initialised AceStepPipeline to `path` in the published layout, plus the demo marker.
+
+    `model_name` (default: the folder name) decides turbo vs base behaviour. Shared components depend only on
+    `seed`, so variants built with the same seed share their VAE/text encoder/... byte for byte.
+    """
+    from engine.random_pipeline import build_random_pipeline, is_turbo_name
+
+    path = Path(path)
+    name = model_name or path.name
+    pipe = build_random_pipeline(name, size=size, seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(path))
+    marker = {
+        "random_weights": True,
+        "notice": DEMO_NOTICE,
+        "size": size,
+        "seed": seed,
+        "model_name": name,
+        "task_types": list(TURBO_TASK_TYPES if is_turbo_name(name) else ALL_TASK_TYPES),
+        "built_by": "acestep-models make-tiny",
+    }
+    (path / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return path
+
+
+def ensure_demo_models(config: EngineConfig) -> list[str]:
+    """For the launcher: make every configured model loadable on a machine without real weights.
+
+    A model missing locally while downloads are impossible gets a tiny random-weight checkpoint (logged loudly).
+    Returns the names that will be served with random weights (built now or earlier).
+    """
+    demo = []
+    for name in config.model_names:
+        path = model_dir(config.checkpoint_dir, name)
+        if not is_complete(path):
+            if config.downloads_possible():
+                continue  # Engine.load downloads the real weights
+            log.warning("=" * 72)
+            log.warning("NO WEIGHTS for model %s and downloads are impossible: building a TINY RANDOM-WEIGHT "
+                        "DEMO model at %s. Its audio is noise.", name, path)
+            log.warning("=" * 72)
+            build_tiny_checkpoint(path, model_name=name)
+        marker = read_marker(path)
+        if marker and marker.get("random_weights"):
+            demo.append(name)
+    return demo

@@ -1,0 +1,55 @@
+"""Engine settings (torch-free): which DiT models to load, from where, on what device."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+DEFAULT_MODEL = "acestep-v15-turbo"
+_TRUE = {"1", "true", "yes", "y", "on"}
+
+
+def model_name_from_path(path: str) -> str:
+    """Upstream names a model by the basename of its config path (`.../acestep-v15-base/` -> `acestep-v15-base`)."""
+    return os.path.basename(path.strip().rstrip("/\\"))
+
+
+@dataclass
+class EngineConfig:
+    checkpoint_dir: str = "checkpoints"
+    # First is the default model (request.model unset).
+    model_names: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    allow_download: bool = True
+    lm_model: Optional[str] = None  # the 5 Hz LM is a later issue; the engine only reports it
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":
+        """Read ACESTEP_CHECKPOINT_DIR, ACESTEP_CONFIG_PATH/2/3, ACESTEP_DEVICE, ACESTEP_DTYPE,
+        ACESTEP_ALLOW_DOWNLOAD (default true; HF_HUB_OFFLINE=1 forces false) and ACESTEP_LM_MODEL_PATH."""
+        env = os.environ if env is None else env
+        names: list[str] = []
+        for key in ("ACESTEP_CONFIG_PATH", "ACESTEP_CONFIG_PATH2", "ACESTEP_CONFIG_PATH3"):
+            raw = env.get(key, DEFAULT_MODEL if key == "ACESTEP_CONFIG_PATH" else "")
+            name = model_name_from_path(raw) if raw.strip() else ""
+            if name and name not in names:
+                names.append(name)
+        lm = env.get("ACESTEP_LM_MODEL_PATH", "").strip()
+        return cls(
+            checkpoint_dir=env.get("ACESTEP_CHECKPOINT_DIR", "checkpoints"),
+            model_names=names or [DEFAULT_MODEL],
+            device=env.get("ACESTEP_DEVICE", "auto") or "auto",
+            dtype=env.get("ACESTEP_DTYPE", "auto") or "auto",
+            allow_download=env.get("ACESTEP_ALLOW_DOWNLOAD", "true").strip().lower() in _TRUE,
+            lm_model=model_name_from_path(lm) if lm else None,
+        )
+
+    @property
+    def default_model(self) -> str:
+        return self.model_names[0]
+
+    def downloads_possible(self, env: Mapping[str, str] | None = None) -> bool:
+        env = os.environ if env is None else env
+        offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+        return self.allow_download and not offline

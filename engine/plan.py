@@ -1,0 +1,89 @@
+"""Pure decisions about one request (torch-free): seeds, task, instruction, duration, metas, batching key."""
+from __future__ import annotations
+
+import secrets
+from typing import Optional
+
+from engine.request import GenerationRequest
+
+# text2music with no duration and no audio codes: a fixed, documented length (upstream picks a random one).
+DEFAULT_TEXT2MUSIC_SECONDS = 30.0
+SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
+
+# Instruction templates of ACE-Step 1.5 (same text as diffusers' TASK_INSTRUCTIONS), with the placeholders filled.
+_INSTRUCTIONS = {
+    "text2music": "Fill the audio semantic mask based on the given conditions:",
+    "repaint": "Repaint the mask area based on the given conditions:",
+    "cover": "Generate audio semantic tokens based on the given conditions:",
+}
+
+
+def resolve_seeds(request: GenerationRequest) -> list[int]:
+    """One seed per batch item: explicit seeds are honoured in order; missing items get first_seed + i;
+    no seeds at all -> fresh random seeds (also when use_random_seed is false: there is nothing to repeat)."""
+    n = request.batch_size
+    given = list(request.seeds or [])[:n]
+    if not given:
+        return [secrets.randbelow(2**32) for _ in range(n)]
+    return given + [(given[0] + i) % 2**32 for i in range(len(given), n)]
+
+
+def effective_task(request: GenerationRequest) -> str:
+    """Audio codes turn text2music into cover (as upstream's handler and the diffusers pipeline do)."""
+    if request.task_type == "text2music" and request.audio_code_string:
+        return "cover"
+    return request.task_type
+
+
+def instruction_for(request: GenerationRequest, task: str) -> str:
+    if request.instruction:
+        return request.instruction
+    if task == "extract":
+        track = request.track_name
+        return f"Extract the {track.upper()} track from the audio:" if track else "Extract the track from the audio:"
+    if task == "lego":
+        track = request.track_name
+        return (f"Generate the {track.upper()} track based on the audio context:" if track
+                else "Generate the track based on the audio context:")
+    if task == "complete":
+        classes = request.complete_track_classes or []
+        if classes:
+            return "Complete the input track with " + " | ".join(c.upper() for c in classes) + ":"
+        return "Complete the input track:"
+    return _INSTRUCTIONS[task]
+
+
+def repaint_window(start: float, end: Optional[float], source_seconds: float) -> tuple[float, float, float, float]:
+    """(pad_before_s, pad_after_s, start_s, end_s) in the padded source's time.
+
+    end <= 0 or None means the end of the source; a negative start or an end past the source pads with silence
+    (outpainting)."""
+    if end is None or end <= 0:
+        end = source_seconds
+    pad_before = max(0.0, -start)
+    pad_after = max(0.0, end - source_seconds)
+    return pad_before, pad_after, start + pad_before, end + pad_before
+
+
+def metas(request: GenerationRequest, duration_seconds: float) -> dict:
+    return {
+        "bpm": request.bpm if request.bpm is not None else "N/A",
+        "duration": round(duration_seconds, 2),
+        "genres": "N/A",  # only the 5 Hz LM produces genres; no LM runs in the engine
+        "keyscale": request.key_scale or "N/A",
+        "timesignature": request.time_signature or "N/A",
+    }
+
+
+def batch_key(request: GenerationRequest, model: str) -> Optional[tuple]:
+    """Requests with equal keys can share one pipeline call; None means "run alone".
+
+    Only plain text2music batches: one pipeline call takes per-item prompt, lyrics and language but a single
+    duration, metadata, instruction and sampler setting for the whole batch.
+    """
+    r = request
+    if r.task_type != "text2music" or r.audio_code_string or r.src_audio_key or r.reference_audio_key:
+        return None
+    return (model, r.audio_duration or DEFAULT_TEXT2MUSIC_SECONDS, r.inference_steps, r.guidance_scale, r.shift,
+            r.infer_method, tuple(r.timesteps or ()), r.cfg_interval_start, r.cfg_interval_end, r.bpm, r.key_scale,
+            r.time_signature, r.instruction, r.use_tiled_decode)

@@ -1,0 +1,478 @@
+"""The Engine: loads every configured DiT once and turns GenerationRequests into encoded audio.
+
+    engine = Engine.load(EngineConfig.from_env())
+    result = engine.generate(request, src_audio=bytes_or_none, reference_audio=bytes_or_none, progress=cb)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
+
+from engine import audio_io, plan, timing
+from engine.checkpoints import (
+    DEMO_NOTICE,
+    SHAREABLE_COMPONENTS,
+    component_fingerprint,
+    read_marker,
+    resolve_model,
+    supported_task_types,
+)
+from engine.config import EngineConfig
+from engine.request import MAX_BATCH, GenerationRequest
+from engine.types import (
+    EncodedAudio,
+    GenerationCancelled,
+    GenerationError,
+    GenerationResult,
+    ModelInfo,
+    ProgressCallback,
+)
+
+log = logging.getLogger("engine")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# Progress fractions: diffusion steps span 5%..90%, then VAE decode and audio encoding.
+_STEPS_FROM, _STEPS_TO = 0.05, 0.90
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    pipe: AceStepPipeline
+    marker: Optional[dict]
+
+    @property
+    def random_weights(self) -> bool:
+        return self.info.random_weights
+
+
+@dataclass
+class _Job:
+    """One request, decoded and planned, ready to join a pipeline call."""
+    request: GenerationRequest
+    model: LoadedModel
+    task: str
+    instruction: str
+    seeds: list[int]
+    src: Optional[torch.Tensor] = None
+    reference: Optional[torch.Tensor] = None
+    audio_duration: Optional[float] = None
+    repaint: Optional[tuple[float, float]] = None
+    notes: list[str] = field(default_factory=list)
+    decode_s: float = 0.0
+
+
+class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
+    """Euler flow matching with stochastic re-noising (x0 re-noised to the next sigma, diffusers'
+    `stochastic_sampling`), drawing each batch item's noise from that item's own generator so its audio depends
+    only on its seed."""
+
+    generators = None
+
+    def step(self, model_output, timestep, sample, *args, generator=None, **kwargs):
+        return super().step(model_output, timestep, sample, *args, generator=generator or self.generators, **kwargs)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, models: dict[str, LoadedModel], device: torch.device,
+                 dtype: torch.dtype, shared: dict[str, list[str]]):
+        self.config = config
+        self._models = models
+        self.device = device
+        self.dtype = dtype
+        self.shared_components = shared  # component -> model names using one shared object
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, config: EngineConfig) -> "Engine":
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        by_fingerprint: dict[str, object] = {}
+        users: dict[str, list[str]] = {}
+        models: dict[str, LoadedModel] = {}
+        for i, name in enumerate(config.model_names):
+            path = resolve_model(config, name)
+            reuse = {}
+            prints = {}
+            for comp in SHAREABLE_COMPONENTS:
+                fp = component_fingerprint(path / comp)
+                if fp is None:
+                    continue
+                prints[comp] = fp
+                if (comp, fp) in by_fingerprint:
+                    reuse[comp] = by_fingerprint[(comp, fp)]
+            t0 = time.perf_counter()
+            with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
+                pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
+            pipe.to(device)
+            pipe.set_progress_bar_config(disable=True)
+            timing.install_hooks(pipe)
+            for comp, fp in prints.items():
+                by_fingerprint.setdefault((comp, fp), getattr(pipe, comp))
+                if comp in reuse:
+                    users.setdefault(comp, [n for n in models if getattr(models[n].pipe, comp) is reuse[comp]])
+                    users[comp].append(name)
+            marker = read_marker(path)
+            info = ModelInfo(
+                name=name,
+                is_default=(i == 0),
+                random_weights=bool(marker and marker.get("random_weights")),
+                task_types=supported_task_types(name, marker, is_turbo=bool(pipe.is_turbo)),
+                path=str(path),
+            )
+            models[name] = LoadedModel(info=info, pipe=pipe, marker=marker)
+            log.info("loaded model %s from %s in %.1fs (shared: %s)%s", name, path, time.perf_counter() - t0,
+                     ", ".join(sorted(reuse)) or "none",
+                     f" -- {DEMO_NOTICE.upper()}" if info.random_weights else "")
+            if info.random_weights:
+                log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
+        return cls(config, models, device, dtype, users)
+
+    # ---------------------------------------------------------------- introspection
+    def models(self) -> list[ModelInfo]:
+        return [m.info for m in self._models.values()]
+
+    def model(self, name: Optional[str]) -> LoadedModel:
+        key = name or self.config.default_model
+        if key not in self._models:
+            raise GenerationError(f"unknown model {key!r}; loaded models: {', '.join(self._models)}")
+        return self._models[key]
+
+    def describe(self) -> dict:
+        random = any(m.random_weights for m in self._models.values())
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "default_model": self.config.default_model,
+            "models": [asdict(m.info) | {"task_types": list(m.info.task_types)} for m in self._models.values()],
+            "random_weights": random,
+            "notice": DEMO_NOTICE if random else None,
+            "shared_components": self.shared_components,
+            "lm_model": "none",
+        }
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
+                 reference_audio: Optional[bytes] = None,
+                 progress: Optional[ProgressCallback] = None) -> GenerationResult:
+        job = self._prepare(request, src_audio, reference_audio)
+        return self._run([job], progress)[0]
+
+    def generate_many(self, items: list[tuple[GenerationRequest, dict]],
+                      progress: Optional[ProgressCallback] = None) -> list:
+        """Run several requests; compatible text2music requests share pipeline calls (up to MAX_BATCH items).
+
+        Each item is (request, {"src_audio": bytes|None, "reference_audio": bytes|None}). Returns, in order, a
+        GenerationResult or the Exception that request failed with. GenerationCancelled stops everything.
+        """
+        results: list = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        jobs: dict[int, _Job] = {}
+        for i, (request, audio) in enumerate(items):
+            try:
+                jobs[i] = self._prepare(request, (audio or {}).get("src_audio"), (audio or {}).get("reference_audio"))
+            except GenerationCancelled:
+                raise
+            except Exception as exc:
+                results[i] = exc
+                continue
+            key = plan.batch_key(request, jobs[i].model.info.name)
+            groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+        for indices in groups.values():
+            for chunk in _chunks(indices, jobs):
+                try:
+                    outs = self._run([jobs[i] for i in chunk], progress)
+                except GenerationCancelled:
+                    raise
+                except Exception as exc:
+                    if len(chunk) == 1:
+                        results[chunk[0]] = exc
+                        continue
+                    # isolate the failing request instead of failing the whole batch
+                    outs = []
+                    for i in chunk:
+                        try:
+                            outs.append(self._run([jobs[i]], progress)[0])
+                        except GenerationCancelled:
+                            raise
+                        except Exception as single_exc:
+                            outs.append(single_exc)
+                for i, out in zip(chunk, outs):
+                    results[i] = out
+        return results
+
+    # ---------------------------------------------------------------- internals
+    def _prepare(self, request: GenerationRequest, src_bytes: Optional[bytes],
+                 ref_bytes: Optional[bytes]) -> _Job:
+        model = self.model(request.model)
+        task = plan.effective_task(request)
+        if request.task_type not in model.info.task_types:
+            raise GenerationError(
+                f"task_type {request.task_type!r} is not supported by model {model.info.name!r} "
+                f"(supports: {', '.join(model.info.task_types)}); use a base/sft model for lego/extract/complete")
+        job = _Job(request=request, model=model, task=task, instruction=plan.instruction_for(request, task),
+                   seeds=plan.resolve_seeds(request))
+        if task != request.task_type:
+            job.notes.append(f"audio_code_string given: ran as {task} (as upstream does)")
+        t0 = time.perf_counter()
+        if src_bytes is not None:
+            job.src = audio_io.decode_audio(src_bytes, "src_audio")
+        if ref_bytes is not None:
+            job.reference = audio_io.decode_audio(ref_bytes, "reference_audio")
+        job.decode_s = time.perf_counter() - t0
+        if request.task_type in plan.SOURCE_TASKS and job.src is None and not request.audio_code_string:
+            raise GenerationError(f"task_type {request.task_type!r} needs src_audio, but none was given")
+        if job.src is None and request.task_type in plan.SOURCE_TASKS:
+            pass  # cover from audio codes only
+        elif job.src is not None:
+            self._plan_source(job)
+        if job.src is None:
+            if request.audio_duration is not None:
+                job.audio_duration = request.audio_duration
+            elif not request.audio_code_string:
+                job.audio_duration = plan.DEFAULT_TEXT2MUSIC_SECONDS
+                job.notes.append(f"audio_duration not given: used the default {plan.DEFAULT_TEXT2MUSIC_SECONDS:g} s")
+            # else: the pipeline takes the length of the audio codes
+        if request.task_type == "text2music" and job.src is not None:
+            job.notes.append("src_audio ignored for text2music")
+            job.src = None
+        return job
+
+    def _plan_source(self, job: _Job) -> None:
+        r = job.request
+        sr = audio_io.SAMPLE_RATE
+        seconds = job.src.shape[-1] / sr
+        if job.task == "repaint":
+            before, after, start, end = plan.repaint_window(r.repainting_start, r.repainting_end, seconds)
+            job.src = audio_io.pad_or_trim(job.src, round(before * sr), round(after * sr))
+            job.repaint = (start, end)
+            if before or after:
+                job.notes.append(f"outpainting: padded the source with {before:g} s before and {after:g} s after")
+            if r.audio_duration is not None:
+                job.notes.append("audio_duration ignored for repaint: the output spans the (padded) source")
+            return
+        if r.audio_duration is not None and r.audio_duration < seconds:
+            job.src = job.src[:, : round(r.audio_duration * sr)]
+            job.notes.append(f"source trimmed to audio_duration {r.audio_duration:g} s")
+        if job.task == "lego":
+            job.repaint = (r.repainting_start, r.repainting_end if r.repainting_end and r.repainting_end > 0 else -1)
+
+    def _run(self, jobs: list[_Job], progress: Optional[ProgressCallback]) -> list[GenerationResult]:
+        head = jobs[0]
+        r = head.request
+        pipe = head.model.pipe
+        _report(progress, 0.0, "preparing")
+        seeds = [s for j in jobs for s in j.seeds]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # CPU: same noise on any device
+        prompts = [j.request.prompt for j in jobs for _ in j.seeds]
+        lyrics = [j.request.lyrics for j in jobs for _ in j.seeds]
+        languages = [j.request.vocal_language for j in jobs for _ in j.seeds]
+        n_steps = len(r.timesteps) if r.timesteps else r.inference_steps
+
+        def on_step_end(_pipe, step, _t, tensors):
+            _report(progress, _STEPS_FROM + (_STEPS_TO - _STEPS_FROM) * (step + 1) / n_steps,
+                    f"diffusion step {step + 1}/{n_steps}")
+            return tensors
+
+        kwargs = dict(
+            prompt=prompts, lyrics=lyrics, vocal_language=languages, audio_duration=head.audio_duration,
+            num_inference_steps=r.inference_steps, guidance_scale=_guidance(pipe, r), shift=r.shift,
+            generator=generators, instruction=head.instruction, bpm=r.bpm, keyscale=r.key_scale or None,
+            timesignature=r.time_signature or None, task_type=head.task, track_name=r.track_name,
+            complete_track_classes=r.complete_track_classes, src_audio=_to(head.src, self.device),
+            reference_audio=_to(head.reference, self.device), audio_codes=r.audio_code_string or None,
+            audio_cover_strength=r.audio_cover_strength, cfg_interval_start=r.cfg_interval_start,
+            cfg_interval_end=r.cfg_interval_end, timesteps=r.timesteps, callback_on_step_end=on_step_end,
+            output_type="pt",
+        )
+        if head.repaint is not None:
+            kwargs.update(repainting_start=head.repaint[0], repainting_end=head.repaint[1])
+
+        clock = timing.StageClock(sync_cuda=self.device.type == "cuda")
+        t0 = time.perf_counter()
+        with timing.recording(clock), self._sampler(pipe, r.infer_method, generators), \
+                _fixed_global_rng(self.device), _tiled_decode(pipe, r.use_tiled_decode):
+            audio = pipe(**kwargs).audios
+        pipeline_s = time.perf_counter() - t0
+        _report(progress, 0.95, "encoding audio")
+
+        results, offset = [], 0
+        for job in jobs:
+            part = audio[offset: offset + len(job.seeds)]
+            offset += len(job.seeds)
+            results.append(self._finish(job, part, clock, pipeline_s, len(jobs), len(seeds)))
+        _report(progress, 1.0, "done")
+        return results
+
+    def _finish(self, job: _Job, audio: torch.Tensor, clock: timing.StageClock, pipeline_s: float,
+                n_requests: int, n_items: int) -> GenerationResult:
+        r = job.request
+        target = audio.shape[-1]
+        if job.audio_duration is not None and job.src is None:
+            # the pipeline rounds up to whole 25 Hz latent frames; cut to the asked length
+            target = min(target, round(job.audio_duration * audio_io.SAMPLE_RATE))
+        audio = audio[..., :target].float().cpu().numpy()
+        seconds = target / audio_io.SAMPLE_RATE
+        t0 = time.perf_counter()
+        encoded = [EncodedAudio(data=audio_io.encode_audio(a, r.audio_format), format=r.audio_format,
+                                sample_rate=audio_io.SAMPLE_RATE, channels=a.shape[0], duration_seconds=seconds,
+                                seed=seed) for a, seed in zip(audio, job.seeds)]
+        encode_s = time.perf_counter() - t0
+        info = self._generation_info(job, clock, pipeline_s, encode_s, n_requests, n_items)
+        return GenerationResult(audios=encoded, metas=plan.metas(r, seconds), dit_model=job.model.info.name,
+                                lm_model="none", generation_info=info)
+
+    def _generation_info(self, job: _Job, clock: timing.StageClock, pipeline_s: float, encode_s: float,
+                         n_requests: int, n_items: int) -> dict:
+        r, model = job.request, job.model
+        notes = list(job.notes)
+        guidance = _guidance(model.pipe, r)
+        if guidance != r.guidance_scale:
+            notes.append("guidance_scale ignored: turbo models are guidance-distilled (ran at 1.0)")
+        if r.use_adg:
+            notes.append("use_adg ignored: the diffusers pipeline implements APG guidance only")
+        if r.thinking or r.lm_model_path:
+            notes.append("thinking/LM fields ignored: no 5 Hz LM runs in this engine (DiT only)")
+        stages = clock.rounded()
+        hooked = sum(clock.seconds.values())
+        timings = {
+            "decode_input_s": round(job.decode_s, 4),
+            **stages,
+            "pipeline_other_s": round(max(0.0, pipeline_s - hooked), 4),
+            "pipeline_s": round(pipeline_s, 4),
+            "audio_encoding_s": round(encode_s, 4),
+        }
+        if n_requests > 1:
+            notes.append(f"batched with {n_requests - 1} other request(s): pipeline timings cover all "
+                         f"{n_items} items")
+        info = {
+            "model": model.info.name,
+            "random_weights": model.random_weights,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "task_type": r.task_type,
+            "pipeline_task_type": job.task,
+            "instruction": job.instruction,
+            "steps": len(r.timesteps) if r.timesteps else r.inference_steps,
+            "shift": r.shift,
+            "guidance_scale": guidance,
+            "infer_method": r.infer_method,
+            "seeds": list(job.seeds),
+            "batch_size": len(job.seeds),
+            "batched_requests": n_requests,
+            "lm": "none",
+            "lm_model": "none",
+            "timings": timings,
+            "notes": notes,
+        }
+        if model.random_weights:
+            info["notice"] = DEMO_NOTICE
+        return info
+
+    @contextlib.contextmanager
+    def _sampler(self, pipe: AceStepPipeline, method: str, generators: list):
+        """ode: the pipeline's own Euler sampler. sde: swap in a stochastic scheduler for this call."""
+        if method != "sde":
+            yield
+            return
+        original = pipe.scheduler
+        sde = _PerItemNoiseSDEScheduler.from_config(original.config, stochastic_sampling=True)
+        sde.generators = generators
+        pipe.scheduler = sde
+        try:
+            yield
+        finally:
+            pipe.scheduler = original
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in ("", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name.lower() not in _DTYPES:
+        raise GenerationError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[name.lower()]
+
+
+def _guidance(pipe: AceStepPipeline, request: GenerationRequest) -> float:
+    # Turbo DiTs are guidance-distilled; the pipeline would coerce to 1.0 with a warning per call.
+    return 1.0 if pipe.is_turbo and request.guidance_scale > 1.0 else request.guidance_scale
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _report(progress: Optional[ProgressCallback], fraction: float, stage: str) -> None:
+    if progress is not None:
+        progress(fraction, stage)  # may raise GenerationCancelled, which stops the pipeline mid-loop
+
+
+def _to(audio: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return None if audio is None else audio.to(device)
+
+
+def _chunks(indices: list[int], jobs: dict[int, _Job]) -> list[list[int]]:
+    """Split a compatible group so no pipeline call exceeds MAX_BATCH items."""
+    out, current, size = [], [], 0
+    for i in indices:
+        n = len(jobs[i].seeds)
+        if current and size + n > MAX_BATCH:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        out.append(current)
+    return out
+
+
+@contextlib.contextmanager
+def _fixed_global_rng(device: torch.device):
+    """The VAE samples its posterior when encoding source/reference audio with the global RNG; fix it so results
+    depend only on the inputs and seeds (the per-item noise uses explicit generators)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
+@contextlib.contextmanager
+def _tiled_decode(pipe: AceStepPipeline, tiled: bool):
+    vae = pipe.vae
+    previous = getattr(vae, "use_tiling", False)
+    vae.use_tiling = bool(tiled)
+    try:
+        yield
+    finally:
+        vae.use_tiling = previous
+
+
+__all__ = ["Engine", "LoadedModel", "resolve_device", "resolve_dtype"]
