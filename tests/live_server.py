@@ -1,0 +1,86 @@
+"""Run the real service (`python -m service.launcher`, as `make run` does) in a subprocess."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Optional
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, base_url: str, proc: subprocess.Popen, log_path: str):
+        self.base_url, self.proc, self.log_path = base_url, proc, log_path
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "service.worker_cli"],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def wait_for_worker(self, timeout: float = 120.0) -> None:
+        """Until a worker has loaded its models and published them (/v1/models shows them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = httpx.get(self.base_url + "/health", timeout=5)
+            models = r.json()["data"].get("models") or []
+            if models and all(m.get("random_weights") is not None for m in models):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError("worker did not come up:\n" + self.log()[-4000:])
+
+
+@contextlib.contextmanager
+def live_server(data_dir: str, checkpoint_dir: str, workers: int = 1, env: Optional[dict] = None,
+                log_path: Optional[str] = None) -> Iterator[LiveServer]:
+    port = free_port()
+    log_path = log_path or os.path.join(data_dir, f"server-{port}.log")
+    os.makedirs(data_dir, exist_ok=True)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACESTEP_ALLOW_DOWNLOAD": "false",
+                "PYTHONPATH": REPO, **(env or {})}
+    cmd = [sys.executable, "-m", "service.launcher", "--port", str(port), "--data-dir", data_dir,
+           "--checkpoint-dir", checkpoint_dir, "--workers", str(workers), "--log-level", "info"]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=data_dir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("server did not start:\n" + server.log()[-4000:])
+            time.sleep(0.1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind

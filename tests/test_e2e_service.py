@@ -1,0 +1,151 @@
+"""The service as `make run` starts it: API + worker processes + the real engine on a tiny
+random-weight demo checkpoint, driven over real HTTP — including the ACE-Step guide's own Python
+client and curl/jq script, run unchanged but for the base URL."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import soundfile as sf
+
+from tests.live_server import REPO, live_server
+
+SEED_DOC = Path(REPO).parent / "shared" / "seed" / "ace-step-rest-api-guide.ko.md"
+pytestmark = pytest.mark.slow
+
+
+def seed_block(section: str, subsection: str, lang: str) -> str:
+    """The first ```lang block under `## section` then `### subsection` of the guide."""
+    if not SEED_DOC.is_file():
+        pytest.skip(f"the ACE-Step guide is not at {SEED_DOC} (it lives in the shared/ folder beside the repo)")
+    text = SEED_DOC.read_text(encoding="utf-8")
+    part = text.split(f"## {section}", 1)[1].split(f"### {subsection}", 1)[1]
+    return re.search(rf"```{lang}\n(.*?)```", part, re.S).group(1)
+
+
+def decode(data: bytes):
+    audio, sr = sf.read(io.BytesIO(data))
+    return audio, sr
+
+
+def wait_done(base: str, task_id: str, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        item = httpx.post(base + "/query_result", json={"task_id_list": [task_id]}, timeout=10).json()["data"][0]
+        if item["status"] in (1, 2):
+            return item
+        time.sleep(0.2)
+    raise AssertionError(f"task {task_id} did not finish")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    with live_server(str(root / "data"), str(root / "checkpoints")) as srv:
+        srv.wait_for_worker()
+        yield srv
+
+
+def test_health_and_models_say_the_demo_model_has_random_weights(server):
+    health = httpx.get(server.base_url + "/health").json()
+    assert health["code"] == 200 and health["data"]["status"] == "ok"
+    assert health["data"]["demo"] is True
+    models = httpx.get(server.base_url + "/v1/models").json()["data"]
+    assert models["default_model"] == "acestep-v15-turbo"
+    assert models["models"][0]["name"] == "acestep-v15-turbo" and models["models"][0]["random_weights"] is True
+    assert "RANDOM-WEIGHT demo model" in server.log()
+
+
+def test_seed_python_client_runs_unchanged(server, tmp_path):
+    code = seed_block("Python 클라이언트 예제", "기본 생성", "python")
+    assert 'API_BASE = "http://localhost:8001"' in code
+    code = code.replace('API_BASE = "http://localhost:8001"', f'API_BASE = "{server.base_url}"')
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Seed:" in run.stdout
+    for name in ("output_1.mp3", "output_2.mp3"):  # the client asks for batch_size 2
+        audio, sr = decode((tmp_path / name).read_bytes())
+        assert sr == 48000 and audio.ndim == 2 and audio.shape[1] == 2 and len(audio) > 10 * sr
+
+
+@pytest.mark.skipif(shutil.which("jq") is None or shutil.which("curl") is None, reason="needs curl and jq")
+def test_seed_curl_jq_script_runs_unchanged(server, tmp_path):
+    script = seed_block("cURL 예제", "기본 생성", "bash").replace("http://localhost:8001", server.base_url)
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Task completed!" in run.stdout
+    audio, sr = decode((tmp_path / "output.mp3").read_bytes())
+    assert sr == 48000 and audio.shape[1] == 2
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "wav", "flac"])
+def test_files_have_requested_length_format_and_seed(server, fmt):
+    body = {"prompt": "lo-fi piano", "audio_duration": 12, "batch_size": 1, "audio_format": fmt, "seed": 1234}
+    task_id = httpx.post(server.base_url + "/release_task", json=body).json()["data"]["task_id"]
+    item = wait_done(server.base_url, task_id)
+    assert item["status"] == 1, item
+    result = __import__("json").loads(item["result"])
+    assert result[0]["seed_value"] == "1234"
+    assert "random weights" in result[0]["generation_info"].lower()
+    r = httpx.get(server.base_url + result[0]["file"])
+    assert r.status_code == 200 and r.headers["content-type"].startswith(
+        {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}[fmt])
+    audio, sr = decode(r.content)
+    assert sr == 48000 and audio.shape[1] == 2
+    assert abs(len(audio) / sr - 12) < 0.1
+
+
+def test_tasks_survive_restarts(tmp_path):
+    data, ckpt = str(tmp_path / "data"), str(tmp_path / "checkpoints")
+    body = {"prompt": "ambient", "audio_duration": 10, "batch_size": 1, "inference_steps": 2}
+    with live_server(data, ckpt, workers=0) as api_only:  # nothing consumes: tasks stay queued
+        ids = [httpx.post(api_only.base_url + "/release_task", json=body).json()["data"]["task_id"]
+               for _ in range(2)]
+        queued = httpx.post(api_only.base_url + "/query_result", json={"task_id_list": ids}).json()["data"]
+        assert [q["status"] for q in queued] == [0, 0]
+    with live_server(data, ckpt, workers=1) as srv:  # restarted with a worker: they run
+        items = [wait_done(srv.base_url, t) for t in ids]
+        assert [i["status"] for i in items] == [1, 1]
+    with live_server(data, ckpt, workers=0) as srv:  # and stay queryable and downloadable after
+        items = httpx.post(srv.base_url + "/query_result", json={"task_id_list": ids}).json()["data"]
+        assert [i["status"] for i in items] == [1, 1]
+        file_url = __import__("json").loads(items[0]["result"])[0]["file"]
+        assert httpx.get(srv.base_url + file_url).status_code == 200
+
+
+def test_killed_worker_task_is_redelivered_and_completes_once(tmp_path):
+    from service.config import Settings
+    from service.embedded import make_embedded_backend
+
+    data, ckpt = str(tmp_path / "data"), str(tmp_path / "checkpoints")
+    env = {"ACESTEP_VISIBILITY_TIMEOUT": "3"}
+    with live_server(data, ckpt, workers=1, env=env) as srv:
+        srv.wait_for_worker()
+        # Killed as soon as it is running: the redelivered attempt must do the whole task.
+        body = {"prompt": "drone", "audio_duration": 60, "batch_size": 1, "inference_steps": 8}
+        task_id = httpx.post(srv.base_url + "/release_task", json=body).json()["data"]["task_id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            item = httpx.post(srv.base_url + "/query_result", json={"task_id_list": [task_id]}).json()["data"][0]
+            if __import__("json").loads(item["result"])[0].get("stage") not in ("queued", None):
+                break
+            time.sleep(0.1)
+        pids = srv.worker_pids()
+        assert pids, srv.log()[-3000:]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        item = wait_done(srv.base_url, task_id, timeout=400)
+        assert item["status"] == 1, item
+    record = make_embedded_backend(Settings(data_dir=data)).store.get(task_id)
+    assert record.attempt == 2
+    outputs = [k for k in record.blob_keys if k.startswith("outputs/")]
+    assert outputs == [f"outputs/{task_id}/2-0.mp3"]
