@@ -1,0 +1,85 @@
+"""The FastAPI application factory.
+
+    uvicorn --factory handlers.app:create_app      # settings from the environment / .env
+
+No module-level `app` is created at import: the factory reads settings and builds the backend.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse
+
+from service.config import Settings, load_settings
+from service.ports import Backend
+
+from . import routes_audio, routes_info, routes_lm, routes_tasks
+from .auth import header_is_valid, require_header
+from .envelope import install_error_handlers
+from .signing import openapi_url, verify
+
+DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream
+`acestep-api`). Submit with POST /release_task, poll POST /query_result, download the `file` URL.
+When an API key is set, send `Authorization: Bearer <key>` (or `ai_token` in the body)."""
+
+
+def cors_origins(settings: Settings) -> list[str]:
+    """ACESTEP_CORS_ORIGINS: comma-separated origins ("*" for any); default none."""
+    value = getattr(settings, "cors_origins", None)
+    if value is None:
+        value = os.environ.get("ACESTEP_CORS_ORIGINS", "")
+    if isinstance(value, str):
+        value = value.split(",")
+    return [o.strip() for o in value if o and o.strip()]
+
+
+def _install_docs(app: FastAPI, settings: Settings) -> None:
+    """/docs and /openapi.json, behind the API key like every other route but /health.
+
+    The Swagger page loads the schema through a short-lived signed URL, so a browser that
+    opened /docs with the key does not need to send it again."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request, expires: Optional[str] = None, sig: Optional[str] = None):
+        if not verify(settings, "openapi", "", expires, sig):
+            require_header(settings, request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        require_header(settings, request)
+        url = openapi_url(settings) if settings.api_key else "/openapi.json"
+        return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - docs")
+
+
+def create_app(settings: Optional[Settings] = None, backend: Optional[Backend] = None) -> FastAPI:
+    """Build the API. Settings default to load_settings(); the backend to make_backend(settings)."""
+    if settings is None:
+        settings = load_settings()
+    if backend is None:
+        from service.backend import make_backend
+
+        backend = make_backend(settings)
+    app = FastAPI(title="ACE-Step API", version="1.0", description=DESCRIPTION,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.lm_gateway = None  # tests / the LM issue may set one; else handlers.lm_gateway decides
+    install_error_handlers(app)
+    for module in (routes_tasks, routes_audio, routes_info, routes_lm):
+        app.include_router(module.router)
+    _install_docs(app, settings)
+    origins = cors_origins(settings)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "Range"],
+                           expose_headers=["Content-Length", "Content-Range", "Accept-Ranges"],
+                           allow_credentials="*" not in origins)
+    return app
+
+
+__all__ = ["create_app", "header_is_valid"]

@@ -1,0 +1,68 @@
+"""API-key authentication (upstream §4): `Authorization: Bearer <key>` (or the raw key), or a
+body `ai_token` on routes that take a body. Disabled when settings.api_key is empty.
+"""
+from __future__ import annotations
+
+import hmac
+from typing import Any, Optional
+
+from fastapi import Request
+
+from service.config import Settings
+
+from .envelope import ApiError
+
+MISSING_BODY_AUTH = "Missing ai_token or Authorization header"
+MISSING_HEADER = "Missing Authorization header"
+INVALID_KEY = "Invalid API key"
+INVALID_TOKEN = "Invalid ai_token"
+
+
+def _equal(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+def _key_from_header(value: str) -> str:
+    # "Bearer <key>" (case-sensitive prefix, as upstream) or the raw key.
+    return value[7:] if value.startswith("Bearer ") else value
+
+
+def header_is_valid(settings: Settings, request: Request) -> bool:
+    """True when auth is off or the Authorization header carries the key."""
+    if not settings.api_key:
+        return True
+    value = request.headers.get("authorization")
+    return bool(value) and _equal(_key_from_header(value.strip()), settings.api_key)
+
+
+def require_header(settings: Settings, request: Request) -> None:
+    """Header-only routes (/v1/stats, /v1/models, /v1/audio, /docs ...)."""
+    if not settings.api_key:
+        return
+    value = request.headers.get("authorization")
+    if not value:
+        raise ApiError(401, MISSING_HEADER, headers={"WWW-Authenticate": "Bearer"})
+    if not _equal(_key_from_header(value.strip()), settings.api_key):
+        raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_body_or_header(settings: Settings, request: Request, ai_token: Any) -> None:
+    """Body routes (/release_task, /query_result, ...): a truthy body `ai_token` must match even
+    when a valid header is also sent; otherwise the header decides."""
+    if not settings.api_key:
+        return
+    if ai_token:
+        if not isinstance(ai_token, str) or not _equal(ai_token, settings.api_key):
+            raise ApiError(401, INVALID_TOKEN)
+        return
+    value = request.headers.get("authorization")
+    if not value:
+        raise ApiError(401, MISSING_BODY_AUTH, headers={"WWW-Authenticate": "Bearer"})
+    if not _equal(_key_from_header(value.strip()), settings.api_key):
+        raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
+
+
+def token_from_fields(fields: Optional[dict]) -> Any:
+    if not isinstance(fields, dict):
+        return None
+    return fields.get("ai_token")

@@ -1,0 +1,153 @@
+"""Read a POST body into a flat dict of fields (+ uploaded files), by content type.
+
+Dispatch follows upstream §2.1.1: JSON (`application/json` or `+json`), multipart/form-data,
+x-www-form-urlencoded, and otherwise the raw body sniffed as JSON (`{`/`[`) or a query string
+(`a=1&b=2`); anything else is 415. Every client mistake is a 4xx, never a 500.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import parse_qs
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from service.config import Settings
+
+from .envelope import ApiError, bad_request, too_large
+
+MB = 1024 * 1024
+# Non-multipart bodies carry only text fields; 2 MB is far above any valid request.
+TEXT_BODY_LIMIT = 2 * MB
+UNSUPPORTED = ("Unsupported Content-Type: {ct}; use application/json, "
+               "application/x-www-form-urlencoded, or multipart/form-data")
+NOT_AN_OBJECT = "JSON payload must be an object"
+RAW_JSON_INVALID = "Invalid JSON body (hint: set 'Content-Type: application/json')"
+
+
+@dataclass
+class FilePart:
+    data: bytes
+    filename: str = ""
+    content_type: str = "application/octet-stream"
+
+
+@dataclass
+class ParsedBody:
+    kind: str  # json | multipart | form | raw-json | raw-form | empty
+    fields: dict = field(default_factory=dict)
+    files: dict[str, FilePart] = field(default_factory=dict)
+
+
+def upload_limit(settings: Settings) -> int:
+    return max(1, int(settings.max_upload_mb)) * MB
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_limited(request: Request, limit: int, what: str = "Request body") -> bytes:
+    """The whole body, or 413 as soon as it passes `limit` (Content-Length is checked first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large(limit, what)
+        except ValueError:
+            raise bad_request("Invalid Content-Length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit, what)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # let Starlette's form parser re-read it
+    return body
+
+
+def _json_object(body: bytes, invalid_message: Optional[str] = None) -> dict:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(invalid_message or f"Invalid JSON body: {_short(exc)}") from None
+    if not isinstance(value, dict):
+        raise bad_request(NOT_AN_OBJECT)
+    return value
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _query_string(body: bytes) -> dict:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("Invalid form body: not UTF-8") from None
+    try:
+        parsed = parse_qs(text, keep_blank_values=True, max_num_fields=2000)
+    except ValueError as exc:
+        raise bad_request(f"Invalid form body: {_short(exc)}") from None
+    return {k: v[0] for k, v in parsed.items() if v}
+
+
+async def _multipart(request: Request, settings: Settings, files_allowed: bool) -> ParsedBody:
+    limit = upload_limit(settings)
+    try:
+        form = await request.form(max_files=8, max_fields=2000, max_part_size=TEXT_BODY_LIMIT)
+    except ApiError:
+        raise
+    except Exception as exc:  # MultiPartException / HTTPException(400) / a malformed boundary
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or _short(exc)
+        raise bad_request(f"Invalid multipart body: {detail}") from None
+    out = ParsedBody(kind="multipart")
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if not files_allowed:
+                    continue
+                data = await value.read(limit + 1)
+                if len(data) > limit:
+                    raise too_large(limit, f"Upload {name!r}")
+                if not data and not value.filename:
+                    continue  # an empty <input type=file> sends an empty part
+                if name not in out.files:
+                    out.files[name] = FilePart(data=data, filename=value.filename or "",
+                                               content_type=value.content_type or "application/octet-stream")
+            elif name not in out.fields:
+                out.fields[name] = value
+    finally:
+        await form.close()
+    return out
+
+
+async def read_body(request: Request, settings: Settings, *, files_allowed: bool = False,
+                    empty_ok: bool = False) -> ParsedBody:
+    """Parse the request body into fields; `empty_ok` lets a missing/empty body mean `{}`."""
+    mt = media_type(request)
+    if mt == "multipart/form-data":
+        await read_limited(request, 2 * upload_limit(settings) + TEXT_BODY_LIMIT)
+        return await _multipart(request, settings, files_allowed)
+    body = await read_limited(request, TEXT_BODY_LIMIT)
+    if mt == "application/json" or mt.endswith("+json"):
+        if not body.strip():
+            if empty_ok:
+                return ParsedBody(kind="empty")
+            raise bad_request("Invalid JSON body: the body is empty")
+        return ParsedBody(kind="json", fields=_json_object(body))
+    if mt == "application/x-www-form-urlencoded":
+        return ParsedBody(kind="form", fields=_query_string(body))
+    stripped = body.strip()
+    if stripped[:1] in (b"{", b"["):
+        return ParsedBody(kind="raw-json", fields=_json_object(stripped, RAW_JSON_INVALID))
+    if b"=" in stripped:
+        return ParsedBody(kind="raw-form", fields=_query_string(stripped))
+    if not stripped and empty_ok:
+        return ParsedBody(kind="empty")
+    raise ApiError(415, UNSUPPORTED.format(ct=request.headers.get("content-type") or "(missing)"))

@@ -1,0 +1,15 @@
+"""Access to the per-app settings and backend (set by create_app on app.state)."""
+from __future__ import annotations
+
+from fastapi import Request
+
+from service.config import Settings
+from service.ports import Backend
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def backend_of(request: Request) -> Backend:
+    return request.app.state.backend

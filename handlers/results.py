@@ -1,0 +1,132 @@
+"""Build /query_result entries from task records (upstream §2.2, without its bugs).
+
+Each entry is `{task_id, status 0|1|2, result: <JSON string>, progress_text}`. `result` parses to
+one item per audio file when succeeded, or one status item otherwise (queued: queue_position;
+running: progress and stage; failed: the error message). Unknown ids are failed with
+"task not found" rather than upstream's forever-in-progress.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from service.config import Settings
+from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, Backend, TaskRecord
+
+from .signing import audio_url
+
+STATUS_CODE = {QUEUED: 0, RUNNING: 0, SUCCEEDED: 1, FAILED: 2}
+ENV = "development"  # upstream's constant; clients print it
+NOT_FOUND = "task not found"
+META_KEYS = ("bpm", "duration", "genres", "keyscale", "timesignature")
+MAX_IDS = 200
+MAX_ID_LEN = 128
+
+
+def generation_info_text(info: dict, dit_model: str, lm_model: str) -> str:
+    """A readable one-paragraph summary; says "random weights" loudly for demo models."""
+    parts = []
+    if info.get("random_weights"):
+        parts.append("WARNING: random weights (demo model) - the audio is noise, not music")
+    if info.get("test_engine"):
+        parts.append("test engine")
+    parts.append(f"DiT: {dit_model or 'unknown'}")
+    parts.append(f"LM: {lm_model or 'none'}")
+    for key, value in info.items():
+        if key in ("random_weights", "test_engine") or isinstance(value, (dict, list)) or value is None:
+            continue
+        if isinstance(value, float):
+            value = round(value, 3)
+        parts.append(f"{key}: {value}")
+    return ", ".join(parts)
+
+
+def _base_item(record: TaskRecord, status: int) -> dict:
+    req = record.request or {}
+    return {
+        "file": "", "wave": "", "status": status, "create_time": int(record.created_at), "env": ENV,
+        "prompt": req.get("prompt", ""), "lyrics": req.get("lyrics", ""), "metas": {},
+    }
+
+
+def _metas(result: dict, req: dict, audio: Optional[dict]) -> dict:
+    stored = result.get("metas") or {}
+    metas = {k: stored.get(k, "N/A") for k in META_KEYS}
+    if metas["duration"] in (None, "N/A") and audio and audio.get("duration") is not None:
+        metas["duration"] = audio["duration"]
+    for k in META_KEYS:
+        if metas[k] is None:
+            metas[k] = "N/A"
+    metas["prompt"] = req.get("prompt", "")
+    metas["lyrics"] = req.get("lyrics", "")
+    return metas
+
+
+def succeeded_items(record: TaskRecord, settings: Settings) -> list[dict]:
+    result = record.result or {}
+    req = record.request or {}
+    audios = [a for a in (result.get("audios") or []) if isinstance(a, dict)]
+    info = dict(result.get("generation_info") or {})
+    dit_model = result.get("dit_model") or req.get("model") or ""
+    lm_model = result.get("lm_model") or ""
+    info.setdefault("random_weights", bool(info.get("random_weights", False)))
+    shared = {
+        "generation_info": generation_info_text(info, dit_model, lm_model),
+        "generation_info_detail": info,
+        "seed_value": ",".join(str(a.get("seed")) for a in audios if a.get("seed") is not None),
+        "lm_model": lm_model, "dit_model": dit_model, "progress": 1.0, "stage": "succeeded",
+        "error": None,
+    }
+    items = []
+    for audio in audios or [None]:
+        item = _base_item(record, 1)
+        item["metas"] = _metas(result, req, audio)
+        item.update(shared)
+        if audio is not None:
+            key = audio.get("key")
+            item["file"] = audio_url(settings, key) if key else ""
+            item["seed"] = audio.get("seed")
+            item["format"] = audio.get("format")
+            item["sample_rate"] = audio.get("sample_rate")
+            item["channels"] = audio.get("channels")
+            item["audio_duration"] = audio.get("duration")
+        items.append(item)
+    return items
+
+
+def _entry(task_id: str, status: int, items: list[dict], progress_text: str, error: Optional[str] = None) -> dict:
+    entry: dict[str, Any] = {"task_id": task_id, "status": status,
+                             "result": json.dumps(items, ensure_ascii=False), "progress_text": progress_text}
+    if error is not None:
+        entry["error"] = error
+    return entry
+
+
+def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, backend: Backend) -> dict:
+    if record is None:
+        item = {"file": "", "wave": "", "status": 2, "create_time": 0, "env": ENV, "prompt": "", "lyrics": "",
+                "metas": {}, "progress": 0.0, "stage": "failed", "error": NOT_FOUND}
+        return _entry(task_id, 2, [item], NOT_FOUND, NOT_FOUND)
+    if record.status == SUCCEEDED:
+        items = succeeded_items(record, settings)
+        return _entry(task_id, 1, items, f"succeeded: {len(items)} audio file(s)")
+    if record.status == FAILED:
+        item = _base_item(record, 2)
+        error = record.error or "generation failed"
+        item.update({"progress": float(record.progress or 0.0), "stage": "failed", "error": error})
+        return _entry(task_id, 2, [item], f"failed: {error}", error)
+    item = _base_item(record, 0)
+    if record.status == QUEUED:
+        position = backend.store.queue_position(task_id)
+        item.update({"progress": 0.0, "stage": "queued", "queue_position": position, "error": None})
+        text = f"queued (position {position})" if position else "queued"
+        return _entry(task_id, 0, [item], text)
+    item.update({"progress": float(record.progress or 0.0), "stage": record.stage or "running", "error": None})
+    return _entry(task_id, 0, [item], f"{record.stage or 'running'} ({round(100 * (record.progress or 0))}%)")
+
+
+def query_entries(task_ids: list[str], settings: Settings, backend: Backend) -> list[dict]:
+    """One entry per requested id, in order, duplicates kept."""
+    lookup = sorted({t for t in task_ids if t and len(t) <= MAX_ID_LEN})
+    records = backend.store.get_many(lookup) if lookup else {}
+    return [entry_for(t, records.get(t), settings, backend) for t in task_ids]

@@ -1,0 +1,151 @@
+"""GET /v1/audio (result files) and the direct-upload flow (POST /v1/uploads, PUT /v1/uploads/<key>).
+
+/v1/audio serves only outputs of SUCCEEDED tasks, by opaque key (`outputs/<task_id>/<i>.<fmt>`),
+to callers with the API key or a valid signed URL. Embedded: the file (Range supported);
+AWS: a 307 to a presigned S3 URL.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.ports import SUCCEEDED
+
+from .auth import header_is_valid, require_body_or_header, require_header, token_from_fields
+from .body import read_body, read_limited, upload_limit
+from .deps import backend_of, settings_of
+from .envelope import ApiError, bad_request, forbidden, not_found, wrap
+from .request_parsing import PENDING_KEY_RE, PENDING_PREFIX
+from .signing import upload_url, verify
+
+router = APIRouter(tags=["audio"])
+
+MEDIA_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+OUTPUT_KEY_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac|ogg)$")
+ACCESS_DENIED = "Access denied: path outside allowed directory"
+AUDIO_NOT_FOUND = "Audio file not found"
+UPLOAD_TTL = 900
+UPLOAD_ROLES = ("src_audio", "reference_audio")
+
+
+def _missing_path() -> ApiError:
+    return ApiError(422, [{"loc": ["query", "path"], "msg": "Field required", "type": "missing"}])  # type: ignore[arg-type]
+
+
+@router.get("/v1/audio", summary="Download a generated audio file",
+            responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}, "audio/flac": {}}}})
+async def get_audio(request: Request, path: Optional[str] = None, expires: Optional[str] = None,
+                    sig: Optional[str] = None):
+    """Use the `file` URL from /query_result as is: it is signed, so it works without headers
+    until it expires; with the API key in the Authorization header, any result key works."""
+    settings, backend = settings_of(request), backend_of(request)
+    if settings.api_key and not header_is_valid(settings, request):
+        if not (path and verify(settings, "audio", path, expires, sig)):
+            if not request.headers.get("authorization") and (sig or expires):
+                raise ApiError(401, "Invalid or expired audio URL signature")
+            require_header(settings, request)
+    if not path:
+        raise _missing_path()
+    match = OUTPUT_KEY_RE.match(path)
+    if not match:
+        if path.startswith(("outputs/", "uploads/")) and ".." not in path and not path.startswith("/"):
+            raise not_found(AUDIO_NOT_FOUND)
+        raise forbidden(ACCESS_DENIED)
+    task_id, _, fmt = match.groups()
+
+    def lookup():
+        record = backend.store.get(task_id)
+        if record is None or record.status != SUCCEEDED or path not in (record.blob_keys or []):
+            raise not_found(AUDIO_NOT_FOUND)
+        local = backend.blobs.local_path(path)
+        if local:
+            return ("file", local)
+        url = backend.blobs.presigned_get_url(path, int(settings.audio_url_ttl))
+        if url:
+            return ("url", url)
+        try:
+            return ("bytes", backend.blobs.get(path))
+        except KeyError:
+            raise not_found(AUDIO_NOT_FOUND) from None
+
+    kind, value = await run_in_threadpool(lookup)
+    media = MEDIA_TYPES[fmt]
+    if kind == "url":
+        return RedirectResponse(value, status_code=307)
+    filename = f"{task_id}_{path.rsplit('/', 1)[1]}"
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if kind == "file":
+        return FileResponse(value, media_type=media, filename=filename, content_disposition_type="inline",
+                            headers=headers)
+    return Response(value, media_type=media, headers={**headers, "Accept-Ranges": "none",
+                                                      "Content-Disposition": f'inline; filename="{filename}"'})
+
+
+# --- direct uploads --------------------------------------------------------------------------------
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_filename(name: str) -> str:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _SAFE.sub("_", base).lstrip("._-")[:100]
+    return base or "audio"
+
+
+@router.post("/v1/uploads", summary="Get a URL to upload source/reference audio",
+             openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+                 "type": "object", "required": ["filename"], "properties": {
+                     "filename": {"type": "string"}, "content_type": {"type": "string"},
+                     "role": {"type": "string", "enum": list(UPLOAD_ROLES)}}}}}}})
+async def create_upload(request: Request):
+    """Returns `{key, upload_url, method: "PUT", expires_in, headers, max_bytes}`. PUT the file
+    to `upload_url` (relative URLs are on this API), then send `src_audio_key` (or
+    `reference_audio_key`) = `key` to /release_task. For bodies too big for a request (Lambda)."""
+    settings, backend = settings_of(request), backend_of(request)
+    body = await read_body(request, settings)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+    fields = body.fields
+    filename = fields.get("filename")
+    if not isinstance(filename, str) or not filename.strip():
+        raise bad_request("filename: required (the name of the audio file, e.g. song.mp3)")
+    content_type = fields.get("content_type") or fields.get("contentType") or "application/octet-stream"
+    if not isinstance(content_type, str) or len(content_type) > 100 or not (
+            content_type.startswith("audio/") or content_type in ("application/octet-stream", "video/mp4",
+                                                                   "application/ogg")):
+        raise ApiError(415, f"content_type: must be an audio type such as audio/mpeg or audio/wav "
+                            f"(got {str(content_type)[:100]!r})")
+    role = fields.get("role")
+    if role is not None and role not in UPLOAD_ROLES:
+        raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {role!r})")
+    key = f"{PENDING_PREFIX}{uuid.uuid4().hex}/{safe_filename(filename)}"
+    presign = getattr(backend.blobs, "presigned_put_url", None)
+    url = None
+    if callable(presign):
+        url = await run_in_threadpool(presign, key, content_type, UPLOAD_TTL)
+    if not url:
+        url = upload_url(settings, key, UPLOAD_TTL)
+    return wrap({"key": key, "upload_url": url, "method": "PUT", "expires_in": UPLOAD_TTL,
+                 "headers": {"Content-Type": content_type}, "max_bytes": upload_limit(settings),
+                 "role": role, "field": f"{role or 'src_audio'}_key"})
+
+
+@router.put("/v1/uploads/{key:path}", summary="Upload a file to a signed upload URL (embedded backend)")
+async def put_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None):
+    settings, backend = settings_of(request), backend_of(request)
+    if not verify(settings, "upload", key, expires, sig):
+        if not (settings.api_key and header_is_valid(settings, request)):
+            raise forbidden("Invalid or expired upload URL")
+    if not PENDING_KEY_RE.match(key):
+        raise forbidden("Not an upload key")
+    limit = upload_limit(settings)
+    data = await read_limited(request, limit, "Upload")
+    if not data:
+        raise bad_request("The upload is empty")
+    content_type = request.headers.get("content-type", "application/octet-stream")[:100]
+    await run_in_threadpool(backend.blobs.put, key, data, content_type)
+    return wrap({"key": key, "size": len(data)})

@@ -1,0 +1,122 @@
+"""POST /format_input (needs the 5 Hz LM) and POST /create_random_sample (example prompts)."""
+from __future__ import annotations
+
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from engine.request import TIME_SIGNATURES
+from engine.types import GenerationError
+
+from . import lm_gateway
+from .auth import require_body_or_header, token_from_fields
+from .body import read_body
+from .deps import backend_of, settings_of
+from .envelope import ApiError, bad_request, wrap
+from .fields import parse_object, to_float, to_int, to_str
+
+router = APIRouter(tags=["lm"])
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+
+def _in_range(value, lo, hi, label):
+    if value is not None and not (lo <= value <= hi):
+        shown = int(value) if isinstance(value, float) and value.is_integer() else value
+        raise bad_request(f"{label}: must be between {lo} and {hi} (got {shown})")
+    return value
+
+
+def parse_format_input(fields: dict) -> dict:
+    """Validate /format_input's body: prompt, lyrics, temperature and param_obj metadata."""
+    prompt = to_str(fields.get("prompt", fields.get("caption")) or "", "prompt")
+    lyrics = to_str(fields.get("lyrics") or "", "lyrics")
+    if len(prompt) > 4096:
+        raise bad_request(f"prompt: must be at most 4096 characters (got {len(prompt)})")
+    if len(lyrics) > 16384:
+        raise bad_request(f"lyrics: must be at most 16384 characters (got {len(lyrics)})")
+    temperature = to_float(fields.get("temperature"), "temperature") if fields.get("temperature") is not None else None
+    temperature = _in_range(0.85 if temperature is None else temperature, 0.0, 2.0, "temperature")
+    obj = parse_object(fields.get("param_obj"), "param_obj") or {}
+    meta: dict[str, Any] = {}
+    if obj.get("duration") is not None:
+        meta["duration"] = _in_range(to_float(obj["duration"], "param_obj.duration"), 10, 600, "param_obj.duration")
+    if obj.get("bpm") is not None:
+        meta["bpm"] = _in_range(to_int(obj["bpm"], "param_obj.bpm"), 30, 300, "param_obj.bpm")
+    key = obj.get("key", obj.get("key_scale"))
+    if key is not None:
+        meta["key_scale"] = to_str(key, "param_obj.key_scale")[:64]
+    ts = obj.get("time_signature", fields.get("time_signature"))
+    if ts is not None:
+        ts = to_str(ts, "time_signature").strip()
+        ts = ts[:-2] if ts.endswith("/4") else ts
+        if ts not in TIME_SIGNATURES:
+            raise bad_request(f"time_signature: must be one of 2, 3, 4, 6 (got {ts!r})")
+        meta["time_signature"] = ts
+    lang = obj.get("language", obj.get("vocal_language"))
+    if lang is not None and to_str(lang, "param_obj.language") not in ("", "unknown"):
+        meta["language"] = to_str(lang, "param_obj.language")[:16]
+    return {"caption": prompt, "lyrics": lyrics, "metadata": {k: v for k, v in meta.items() if v is not None},
+            "temperature": temperature}
+
+
+@router.post("/format_input", summary="Rewrite caption and lyrics with the 5Hz LM",
+             openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+                 "type": "object", "properties": {
+                     "prompt": {"type": "string"}, "lyrics": {"type": "string"},
+                     "temperature": {"type": "number"},
+                     "param_obj": {"description": "object or JSON string: duration, bpm, key, "
+                                                  "time_signature, language"}}}}}}})
+async def format_input(request: Request):
+    """Returns `{caption, lyrics, bpm, key_scale, time_signature, duration, vocal_language}`, or
+    503 when this server has no LM."""
+    settings, backend = settings_of(request), backend_of(request)
+    body = await read_body(request, settings, empty_ok=True)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+    args = parse_format_input(body.fields)
+    gateway = getattr(request.app.state, "lm_gateway", None) or lm_gateway.get_gateway(settings, backend)
+    if gateway is None:
+        raise ApiError(503, lm_gateway.LM_UNAVAILABLE)
+    try:
+        out = await run_in_threadpool(lambda: gateway.format_sample(**args))
+    except GenerationError as exc:
+        return wrap(None, code=500, error=f"format_sample failed: {exc}")
+    meta = args["metadata"]
+    out = out or {}
+    return wrap({
+        "caption": out.get("caption") or args["caption"],
+        "lyrics": out.get("lyrics") or args["lyrics"],
+        "bpm": out.get("bpm", meta.get("bpm")),
+        "key_scale": out.get("key_scale", meta.get("key_scale", "")),
+        "time_signature": out.get("time_signature", meta.get("time_signature", "")),
+        "duration": out.get("duration", meta.get("duration")),
+        "vocal_language": out.get("vocal_language") or meta.get("language") or "unknown",
+    })
+
+
+@lru_cache(maxsize=None)
+def examples(kind: str) -> tuple[dict, ...]:
+    path = EXAMPLES_DIR / f"{kind}.json"
+    with open(path, encoding="utf-8") as f:
+        return tuple(json.load(f))
+
+
+@router.post("/create_random_sample", summary="A random example request (no LM)",
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {
+                 "type": "object", "properties": {"sample_type": {"type": "string", "default": "simple_mode"}}}}}}})
+async def create_random_sample(request: Request):
+    """`simple_mode` (default): `{description, instrumental, vocal_language}`; any other
+    sample_type: `{think, caption, lyrics, bpm, duration, keyscale, language, timesignature}`.
+    Either can be sent straight to /release_task."""
+    settings = settings_of(request)
+    body = await read_body(request, settings, empty_ok=True)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+    sample_type = body.fields.get("sample_type") or "simple_mode"
+    if not isinstance(sample_type, str):
+        raise bad_request("sample_type: must be a string such as 'simple_mode' or 'custom_mode'")
+    kind = "simple_mode" if sample_type.strip() == "simple_mode" else "text2music"
+    return wrap(dict(random.choice(examples(kind))))

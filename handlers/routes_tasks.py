@@ -1,0 +1,106 @@
+"""POST /release_task (submit a generation) and POST /query_result (poll tasks)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from engine.request import GenerationRequest
+from service.ports import QueueFull
+from service.tasks import submit_task
+
+from .auth import require_body_or_header, token_from_fields
+from .body import read_body
+from .deps import backend_of, settings_of
+from .envelope import ApiError, bad_request, wrap
+from .request_parsing import parse_generation_request
+from .results import MAX_IDS, query_entries
+
+router = APIRouter(tags=["tasks"])
+
+_RELEASE_DOC = """Create a music generation task.
+
+Accepts JSON, multipart/form-data (files `src_audio`/`ctx_audio`, `reference_audio`/`ref_audio`),
+x-www-form-urlencoded or a raw JSON / `key=value` body. Every upstream field and alias is
+accepted, also inside `param_obj` and `metas`/`metadata`. Invalid values are a 400 naming the
+field and its allowed range. Returns `{task_id, status: "queued", queue_position}`.
+"""
+
+_release_schema = GenerationRequest.model_json_schema()
+_release_schema["properties"].pop("src_audio_key", None)
+_release_schema["properties"].pop("reference_audio_key", None)
+_release_schema["properties"].update({
+    "seed": {"description": "int, or comma-separated ints \"1,2\" (one per batch item); -1 = random",
+             "anyOf": [{"type": "integer"}, {"type": "string"}]},
+    "src_audio_key": {"type": "string", "description": "a key from POST /v1/uploads"},
+    "reference_audio_key": {"type": "string", "description": "a key from POST /v1/uploads"},
+    "param_obj": {"description": "extra fields (object or JSON string)"},
+    "metas": {"description": "extra fields (object or JSON string)"},
+    "ai_token": {"type": "string", "description": "API key (alternative to the Authorization header)"},
+})
+_release_schema["properties"].pop("seeds", None)
+_release_schema.pop("required", None)
+_release_schema["additionalProperties"] = True
+
+
+@router.post("/release_task", summary="Create a generation task", description=_RELEASE_DOC,
+             openapi_extra={"requestBody": {"content": {
+                 "application/json": {"schema": _release_schema},
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "src_audio": {"type": "string", "format": "binary"},
+                     "reference_audio": {"type": "string", "format": "binary"},
+                     "prompt": {"type": "string"}, "task_type": {"type": "string"}}}}}}})
+async def release_task(request: Request):
+    settings, backend = settings_of(request), backend_of(request)
+    body = await read_body(request, settings, files_allowed=True)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+
+    def submit():
+        parsed = parse_generation_request(body.fields, body.files, settings, backend)
+        try:
+            return submit_task(backend, parsed.request_dump(), settings.queue_maxsize, uploads=parsed.uploads)
+        except QueueFull:
+            raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
+
+    task_id, position = await run_in_threadpool(submit)
+    return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
+
+
+def parse_task_ids(value: Any) -> list[str]:
+    """A list, a JSON string of one (what a form sends), or a comma-separated string."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError):
+                raise bad_request("task_id_list: must be a list of task ids or a JSON string of one") from None
+        else:
+            value = [p.strip() for p in text.split(",") if p.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_request("task_id_list: must be a list of task ids (strings)")
+    if len(value) > MAX_IDS:
+        raise bad_request(f"task_id_list: at most {MAX_IDS} ids per query (got {len(value)})")
+    return [v.strip() for v in value]
+
+
+@router.post("/query_result", summary="Poll tasks", openapi_extra={"requestBody": {"content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "task_id_list": {"type": "array", "items": {"type": "string"}}}}}}}})
+async def query_result(request: Request):
+    """One entry per id, in order: `{task_id, status: 0 running/queued | 1 succeeded | 2 failed,
+    result: JSON string, progress_text}`."""
+    settings, backend = settings_of(request), backend_of(request)
+    body = await read_body(request, settings, empty_ok=True)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+    fields = body.fields
+    raw = fields.get("task_id_list")
+    if raw is None:
+        raw = fields.get("task_ids", fields.get("task_id"))
+    ids = parse_task_ids(raw)
+    data = await run_in_threadpool(query_entries, ids, settings, backend)
+    return wrap(data)

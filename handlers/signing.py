@@ -1,0 +1,59 @@
+"""Signed, expiring URLs on this API: result audio (`GET /v1/audio`), direct uploads
+(`PUT /v1/uploads/<key>`) and the OpenAPI document behind /docs.
+
+A signature is HMAC-SHA256 over `purpose \\n key \\n expires` with settings.signing_secret, so a
+plain `<audio src>` can play a result without sending the API key, and nothing else can be
+fetched with it. URLs carry opaque blob keys, never server paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from typing import Optional
+from urllib.parse import quote
+
+from service.config import Settings
+
+# Expiry is rounded up to this many seconds so a URL stays the same across polls (cacheable).
+_ROUND = 300
+
+
+def signature(settings: Settings, purpose: str, key: str, expires: int) -> str:
+    msg = f"{purpose}\n{key}\n{expires}".encode("utf-8", "surrogatepass")
+    return hmac.new(settings.signing_secret, msg, hashlib.sha256).hexdigest()
+
+
+def expiry(ttl: int, now: Optional[float] = None) -> int:
+    now = time.time() if now is None else now
+    return int(math.ceil((now + max(1, int(ttl))) / _ROUND) * _ROUND)
+
+
+def verify(settings: Settings, purpose: str, key: str, expires: Optional[str], sig: Optional[str],
+           now: Optional[float] = None) -> bool:
+    if not expires or not sig or len(expires) > 20 or len(sig) > 128:
+        return False
+    try:
+        exp = int(expires)
+    except ValueError:
+        return False
+    if exp < (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(signature(settings, purpose, key, exp), sig.lower())
+
+
+def audio_url(settings: Settings, key: str) -> str:
+    """`/v1/audio?path=<url-encoded key>&expires=<unix>&sig=<hmac>` (relative, as upstream)."""
+    exp = expiry(settings.audio_url_ttl)
+    return f"/v1/audio?path={quote(key, safe='')}&expires={exp}&sig={signature(settings, 'audio', key, exp)}"
+
+
+def upload_url(settings: Settings, key: str, ttl: int) -> str:
+    exp = int(time.time()) + ttl
+    return f"/v1/uploads/{quote(key, safe='/')}?expires={exp}&sig={signature(settings, 'upload', key, exp)}"
+
+
+def openapi_url(settings: Settings, ttl: int = 600) -> str:
+    exp = expiry(ttl)
+    return f"/openapi.json?expires={exp}&sig={signature(settings, 'openapi', '', exp)}"
