@@ -1,0 +1,172 @@
+"""Engine loading: the real from_pretrained path, model info, component sharing, missing models, demo mode."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoints import (
+    DEMO_MARKER,
+    ModelNotFound,
+    ensure_demo_models,
+    hf_repo_for,
+    is_complete,
+    resolve_model,
+    supported_task_types,
+)
+from engine.config import EngineConfig
+from tests.engine_fixtures import *  # noqa: F401,F403
+from tests.engine_fixtures import BASE, TURBO
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_checkpoint_has_the_published_layout(tiny_checkpoint_dir):
+    model = tiny_checkpoint_dir / TURBO
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "AceStepPipeline"
+    for comp in ("transformer", "condition_encoder", "vae", "text_encoder", "tokenizer", "scheduler",
+                 "audio_tokenizer", "audio_token_detokenizer"):
+        assert comp in index, comp
+        assert (model / comp).is_dir(), comp
+    marker = json.loads((model / DEMO_MARKER).read_text())
+    assert marker["random_weights"] is True
+    assert "noise" in marker["notice"]
+
+
+def test_engine_loads_models_through_from_pretrained(engine):
+    from diffusers import AceStepPipeline
+
+    infos = {m.name: m for m in engine.models()}
+    assert list(infos) == [TURBO, BASE]
+    assert infos[TURBO].is_default and not infos[BASE].is_default
+    assert all(m.random_weights for m in infos.values())
+    assert isinstance(engine.model(TURBO).pipe, AceStepPipeline)
+    assert engine.model(TURBO).pipe.is_turbo and not engine.model(BASE).pipe.is_turbo
+    assert infos[TURBO].task_types == ("text2music", "cover", "repaint")
+    assert set(infos[BASE].task_types) == {"text2music", "cover", "repaint", "lego", "extract", "complete"}
+
+
+def test_variants_share_identical_components_and_keep_their_own_dit(engine):
+    turbo, base = engine.model(TURBO).pipe, engine.model(BASE).pipe
+    for comp in ("vae", "text_encoder", "tokenizer", "condition_encoder", "audio_tokenizer",
+                 "audio_token_detokenizer"):
+        assert getattr(turbo, comp) is getattr(base, comp), comp
+    assert turbo.transformer is not base.transformer
+    assert engine.describe()["shared_components"]["vae"] == [TURBO, BASE]
+
+
+def test_different_component_files_are_not_shared(tmp_path):
+    from engine.checkpoints import build_tiny_checkpoint
+    from engine.service import Engine
+
+    build_tiny_checkpoint(tmp_path / TURBO, seed=0)
+    build_tiny_checkpoint(tmp_path / BASE, seed=1)  # other seed: every component differs
+    eng = Engine.load(EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO, BASE], allow_download=False))
+    assert eng.model(TURBO).pipe.vae is not eng.model(BASE).pipe.vae
+    # the char tokenizer has no weights, so its files are identical whatever the seed: that one is shared
+    assert eng.describe()["shared_components"] == {"tokenizer": [TURBO, BASE]}
+
+
+def test_describe_labels_random_weights(engine):
+    d = engine.describe()
+    assert d["device"] == "cpu" and d["dtype"] == "float32"
+    assert d["random_weights"] is True
+    assert "noise" in d["notice"]
+    assert [m["name"] for m in d["models"]] == [TURBO, BASE]
+    json.dumps(d)  # /health serialises it
+
+
+def test_missing_model_offline_says_what_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=["acestep-v15-sft"], allow_download=True)
+    with pytest.raises(ModelNotFound) as err:
+        resolve_model(config, "acestep-v15-sft")
+    msg = str(err.value)
+    assert "acestep-v15-sft" in msg
+    assert str(tmp_path / "acestep-v15-sft" / "model_index.json") in msg
+    assert "HF_HUB_OFFLINE" in msg
+    assert "acestep-models download acestep-v15-sft" in msg
+    assert "acestep-models make-tiny" in msg
+    assert "ACESTEP_HF_REPO_ACESTEP_V15_SFT" in msg
+
+
+def test_engine_load_fails_clearly_when_a_model_is_missing(tmp_path):
+    from engine.service import Engine
+
+    with pytest.raises(ModelNotFound, match="ACESTEP_ALLOW_DOWNLOAD=false"):
+        Engine.load(EngineConfig(checkpoint_dir=str(tmp_path), model_names=["nope"], allow_download=False))
+
+
+def test_hf_repo_mapping_is_configurable(monkeypatch):
+    assert hf_repo_for("acestep-v15-turbo", env={}) == "ACE-Step/acestep-v15-turbo-diffusers"
+    env = {"ACESTEP_HF_REPO_ACESTEP_V15_TURBO": "me/my-turbo"}
+    assert hf_repo_for("acestep-v15-turbo", env=env) == "me/my-turbo"
+
+
+def test_ensure_demo_models_builds_missing_models_when_offline(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO])
+    with caplog.at_level("WARNING"):
+        assert ensure_demo_models(config) == [TURBO]
+    assert is_complete(tmp_path / TURBO)
+    assert "RANDOM-WEIGHT" in caplog.text
+    # real weights present (no marker): not a demo, nothing built
+    (tmp_path / TURBO / DEMO_MARKER).unlink()
+    assert ensure_demo_models(config) == []
+
+
+def test_ensure_demo_models_leaves_downloadable_models_to_the_loader(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO], allow_download=True)
+    assert ensure_demo_models(config) == []
+    assert not (tmp_path / TURBO).exists()
+
+
+def test_task_type_rule():
+    assert supported_task_types("acestep-v15-turbo") == ("text2music", "cover", "repaint")
+    assert "lego" in supported_task_types("acestep-v15-sft")
+    assert supported_task_types("x", is_turbo=True) == ("text2music", "cover", "repaint")
+    assert supported_task_types("x-turbo", {"task_types": ["text2music"]}) == ("text2music",)
+
+
+def test_config_from_env():
+    env = {"ACESTEP_CONFIG_PATH": "/models/acestep-v15-turbo/", "ACESTEP_CONFIG_PATH2": "acestep-v15-base",
+           "ACESTEP_CONFIG_PATH3": "", "ACESTEP_CHECKPOINT_DIR": "/ck", "ACESTEP_DEVICE": "cpu",
+           "ACESTEP_ALLOW_DOWNLOAD": "false", "ACESTEP_LM_MODEL_PATH": "acestep-5Hz-lm-0.6B"}
+    c = EngineConfig.from_env(env)
+    assert c.model_names == ["acestep-v15-turbo", "acestep-v15-base"]
+    assert c.default_model == "acestep-v15-turbo"
+    assert (c.checkpoint_dir, c.device, c.allow_download, c.lm_model) == ("/ck", "cpu", False, "acestep-5Hz-lm-0.6B")
+    assert EngineConfig.from_env({}).model_names == ["acestep-v15-turbo"]
+    assert not EngineConfig(allow_download=True).downloads_possible({"HF_HUB_OFFLINE": "1"})
+
+
+def test_importing_engine_contracts_does_not_import_torch():
+    code = ("import sys, engine, engine.request, engine.types, engine.config, engine.checkpoints, engine.plan; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_engine_never_imports_the_service_layers():
+    forbidden = ("fastapi", "boto3", "mangum", "handlers", "service")
+    for path in (REPO / "engine").glob("*.py"):
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import ", "from ")):
+                module = stripped.split()[1].split(".")[0]
+                assert module not in forbidden, f"{path.name}: {stripped}"
+
+
+def test_models_cli_make_tiny_and_list(tmp_path, capsys, monkeypatch):
+    from engine.models_cli import main
+
+    monkeypatch.setenv("ACESTEP_CONFIG_PATH", "acestep-v15-base")
+    assert main(["make-tiny", str(tmp_path), "--name", "acestep-v15-base"]) == 0
+    assert is_complete(tmp_path / "acestep-v15-base")
+    assert main(["list", "--checkpoint-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "acestep-v15-base" in out and "DEMO" in out
