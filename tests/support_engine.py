@@ -1,0 +1,85 @@
+"""A minimal engine for API tests: a deterministic sine tone per seed, clearly labelled.
+
+It implements the Engine interface the worker uses (`models()`, `describe()`, `generate()`,
+`generate_many()`) without torch: each audio file is a sine whose pitch depends on the seed,
+of the requested duration, encoded with soundfile in the requested format. Every result says
+`random_weights: True, test_engine: True`. It stands in for the real engine in API tests (the
+real engine's tiny model is tested end to end elsewhere).
+
+A prompt containing "PLEASE FAIL" makes generate() raise GenerationError (a failed task).
+"""
+from __future__ import annotations
+
+import io
+import random
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+
+from engine.request import GenerationRequest
+from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo
+
+SAMPLE_RATE = 16000
+DEFAULT_DURATION = 10.0
+FAIL_MARKER = "PLEASE FAIL"
+_SF_FORMAT = {"mp3": "MP3", "wav": "WAV", "flac": "FLAC"}
+
+
+def tone(seed: int, duration: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The same seed always gives the same samples: 200-999 Hz, quiet, mono."""
+    freq = 200 + seed % 800
+    t = np.arange(int(round(sample_rate * duration))) / sample_rate
+    return (0.2 * np.sin(2 * np.pi * freq * t)).astype("float32")
+
+
+def encode(samples: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format=_SF_FORMAT[fmt])
+    return buf.getvalue()
+
+
+class SineEngine:
+    def __init__(self, model_names: Optional[list[str]] = None):
+        self.model_names = list(model_names or ["acestep-v15-turbo"])
+        self.calls: list[dict] = []  # what each generate() got (request + input audio sizes)
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name, i == 0, random_weights=True, task_types=("text2music", "cover", "repaint"))
+                for i, name in enumerate(self.model_names)]
+
+    def describe(self) -> dict:
+        return {"device": "cpu", "dtype": "float32", "lm_model": "none", "random_weights": True,
+                "test_engine": True}
+
+    def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
+                 reference_audio: Optional[bytes] = None, progress=None) -> GenerationResult:
+        self.calls.append({"request": request, "src_audio": src_audio, "reference_audio": reference_audio})
+        if FAIL_MARKER in request.prompt:
+            raise GenerationError("the test engine was asked to fail")
+        progress = progress or (lambda fraction, stage: None)
+        progress(0.5, "Generating music (test engine)...")
+        duration = float(request.audio_duration or DEFAULT_DURATION)
+        given = list(request.seeds or [])
+        seeds = [given[i] if i < len(given) else random.randrange(2**31) for i in range(request.batch_size)]
+        audios = [EncodedAudio(encode(tone(seed, duration), request.audio_format), request.audio_format,
+                               SAMPLE_RATE, 1, duration, seed) for seed in seeds]
+        progress(1.0, "Decoding audio...")
+        model = request.model or self.model_names[0]
+        metas = {"bpm": request.bpm or "N/A", "duration": duration, "genres": "N/A",
+                 "keyscale": request.key_scale or "N/A", "timesignature": request.time_signature or "N/A"}
+        info = {"random_weights": True, "test_engine": True, "inference_steps": request.inference_steps,
+                "task_type": request.task_type}
+        return GenerationResult(audios=audios, metas=metas, dit_model=model, lm_model="none",
+                                generation_info=info)
+
+    def generate_many(self, items, progress=None) -> list:
+        out = []
+        for request, audio in items:
+            try:
+                out.append(self.generate(request, src_audio=(audio or {}).get("src_audio"),
+                                         reference_audio=(audio or {}).get("reference_audio"),
+                                         progress=progress))
+            except Exception as exc:  # the worker expects per-item exceptions
+                out.append(exc)
+        return out
