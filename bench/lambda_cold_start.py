@@ -86,7 +86,9 @@ def main() -> None:
     base, entry = rows["import fastapi (baseline)"], rows["handlers.lambda_handler"]
     print(f"\nThe entry adds {entry['import_ms'] - base['import_ms']:.0f} ms and "
           f"{entry['peak_rss_mb'] - base['peak_rss_mb']:.1f} MB over a bare `import fastapi`.")
-    print(f"Reproduce: {Path(sys.executable).name} bench/lambda_cold_start.py --runs {args.runs}")
+    exe = Path(sys.executable)
+    shown = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe.name
+    print(f"Reproduce: {shown} bench/lambda_cold_start.py --runs {args.runs}")
     if entry["torch"]:
         raise SystemExit("torch was imported by the Lambda entry")
 

@@ -298,6 +298,8 @@ class AceStepStack(Stack):
                 volume=autoscaling.BlockDeviceVolume.ebs(120, volume_type=autoscaling.EbsDeviceVolumeType.GP3,
                                                          encrypted=True))],
         )
+        # The worker runs as uid 1000 (Dockerfile): give it the host's weights cache directory.
+        asg.add_user_data("mkdir -p /opt/acestep/checkpoints", "chown 1000:1000 /opt/acestep/checkpoints")
         capacity = ecs.AsgCapacityProvider(
             self, "GpuCapacity",
             auto_scaling_group=asg,
