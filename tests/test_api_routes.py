@@ -1,0 +1,208 @@
+"""/health, /v1/models, /v1/stats, /create_random_sample, /format_input, the upload flow, docs."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import handlers.lm_gateway as lm_gateway
+from tests.api_support import make_api
+
+TS = {"3", "4", "6"}
+
+
+@pytest.fixture
+def api(settings):
+    return make_api(settings, config_path2="acestep-v15-base")
+
+
+def test_envelope(api):
+    body = api.client.get("/health").json()
+    assert set(body) == {"data", "code", "error", "timestamp", "extra"}
+    assert body["code"] == 200 and body["error"] is None and body["extra"] is None
+    assert isinstance(body["timestamp"], int) and len(str(body["timestamp"])) == 13
+    assert abs(body["timestamp"] / 1000 - time.time()) < 60
+
+
+def test_health_before_and_after_worker(api):
+    data = api.client.get("/health").json()["data"]
+    assert {k: data[k] for k in ("status", "service", "version")} == \
+        {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
+    assert data["backend"] == "embedded" and data["demo"] is False
+    assert [m["random_weights"] for m in data["models"]] == [None, None]
+    api.worker.publish_models()
+    data = api.client.get("/health").json()["data"]
+    assert data["demo"] is True and all(m["random_weights"] is True for m in data["models"])
+
+
+def test_models(api):
+    data = api.client.get("/v1/models").json()["data"]
+    assert data["default_model"] == "acestep-v15-turbo"
+    assert data["models"] == [
+        {"name": "acestep-v15-turbo", "is_default": True, "random_weights": None},
+        {"name": "acestep-v15-base", "is_default": False, "random_weights": None},
+    ]
+    api.worker.publish_models()
+    data = api.client.get("/v1/models").json()["data"]
+    assert data["models"][0]["random_weights"] is True and "text2music" in data["models"][0]["task_types"]
+    assert data["lm_model"] == "none"
+    # model selection by any alias reaches the engine
+    task_id = api.submit(ditModel="acestep-v15-base", batch_size=1, duration=10)
+    api.run_worker()
+    assert api.items(task_id)[0]["dit_model"] == "acestep-v15-base"
+
+
+def test_stats(api):
+    stats = api.client.get("/v1/stats").json()["data"]
+    assert stats == {"jobs": {"total": 0, "queued": 0, "running": 0, "succeeded": 0, "failed": 0},
+                     "queue_size": 0, "queue_maxsize": 200, "avg_job_seconds": 5.0}
+    api.submit(prompt="a", batch_size=1, duration=10)
+    api.submit(prompt="PLEASE FAIL", batch_size=1, duration=10)
+    api.run_worker()
+    api.submit(prompt="c")
+    stats = api.client.get("/v1/stats").json()["data"]
+    assert stats["jobs"] == {"total": 3, "queued": 1, "running": 0, "succeeded": 1, "failed": 1}
+    assert stats["queue_size"] == 1 and isinstance(stats["avg_job_seconds"], float)
+    assert stats["avg_job_seconds"] != 5.0
+
+
+def test_random_sample_shapes(api):
+    for body in (None, {}, {"sample_type": "simple_mode"}):
+        kwargs = {} if body is None else {"json": body}
+        data = api.client.post("/create_random_sample", **kwargs).json()["data"]
+        assert set(data) == {"description", "instrumental", "vocal_language"}
+    for sample_type in ("custom_mode", "text2music", "typo"):
+        data = api.client.post("/create_random_sample", json={"sample_type": sample_type}).json()["data"]
+        assert set(data) == {"think", "caption", "lyrics", "bpm", "duration", "keyscale", "language",
+                             "timesignature"}
+    form = api.client.post("/create_random_sample", data={"sample_type": "custom_mode"}).json()["data"]
+    assert "caption" in form
+    assert api.client.post("/create_random_sample", json={"sample_type": 3}).status_code == 400
+
+
+def test_example_files_are_varied_and_valid():
+    from handlers.routes_lm import examples
+
+    simple, full = examples("simple_mode"), examples("text2music")
+    assert len(simple) >= 16 and len(full) >= 16
+    assert len({e["vocal_language"] for e in simple}) >= 5 and any(e["instrumental"] for e in simple)
+    assert len({e["language"] for e in full}) >= 5
+    assert all(40 <= e["bpm"] <= 200 and 30 <= e["duration"] <= 240 for e in full)
+    assert {e["timesignature"] for e in full} == TS and all(isinstance(e["timesignature"], str) for e in full)
+
+
+def test_format_input_without_lm_is_503(api):
+    r = api.client.post("/format_input", json={"prompt": "pop rock", "lyrics": "Walking down the street",
+                                               "param_obj": "{\"duration\": 180, \"language\": \"en\"}"})
+    assert r.status_code == 503 and "5Hz LM is not loaded" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"param_obj": "{bad"}, "param_obj"),
+    ({"param_obj": {"duration": 5}}, "param_obj.duration"),
+    ({"param_obj": {"bpm": 999}}, "param_obj.bpm"),
+    ({"param_obj": {"bpm": "fast"}}, "param_obj.bpm"),
+    ({"temperature": 9}, "temperature"),
+    ({"time_signature": "7"}, "time_signature"),
+    ({"prompt": {"a": 1}}, "prompt"),
+])
+def test_format_input_validates_before_the_lm(api, body, field):
+    r = api.client.post("/format_input", json=body)
+    assert r.status_code == 400 and r.json()["detail"].startswith(field), r.text
+
+
+class FakeLM:
+    def __init__(self):
+        self.calls = []
+
+    def format_sample(self, *, caption, lyrics, metadata, temperature):
+        self.calls.append((caption, lyrics, metadata, temperature))
+        return {"caption": caption.upper(), "bpm": 120, "key_scale": "C major"}
+
+
+def test_format_input_through_a_registered_gateway(api):
+    fake = FakeLM()
+    lm_gateway.register(lambda settings, backend: fake)
+    try:
+        r = api.client.post("/format_input", json={"prompt": "pop rock", "lyrics": "la",
+                                                   "param_obj": "{\"duration\": 60, \"language\": \"en\"}"})
+    finally:
+        lm_gateway.register(None)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert set(data) == {"caption", "lyrics", "bpm", "key_scale", "time_signature", "duration", "vocal_language"}
+    assert data["caption"] == "POP ROCK" and data["duration"] == 60 and data["vocal_language"] == "en"
+    assert fake.calls[0][2] == {"duration": 60.0, "language": "en"}
+
+
+def test_upload_flow(api):
+    r = api.client.post("/v1/uploads", json={"filename": "../../My Song (1).wav", "content_type": "audio/wav",
+                                             "role": "src_audio"})
+    assert r.status_code == 200, r.text
+    up = r.json()["data"]
+    assert up["method"] == "PUT" and up["key"].startswith("uploads/pending/") and up["key"].endswith("/My_Song_1_.wav")
+    assert up["upload_url"].startswith("/v1/uploads/uploads/pending/") and up["expires_in"] > 0
+    put = api.client.put(up["upload_url"], content=b"RIFFsource", headers={"Content-Type": "audio/wav"})
+    assert put.status_code == 200 and put.json()["data"]["size"] == 10
+    task_id = api.submit(task_type="cover", src_audio_key=up["key"], batch_size=1, duration=10)
+    assert up["key"] in api.backend.store.get(task_id).blob_keys
+    api.run_worker()
+    assert api.query(task_id)[0]["status"] == 1
+    assert api.engine.calls[-1]["src_audio"] == b"RIFFsource"
+
+
+def test_upload_flow_uses_the_blob_stores_presigned_put(api, monkeypatch):
+    monkeypatch.setattr(api.backend.blobs, "presigned_put_url",
+                        lambda key, ct, exp: f"https://s3.example/{key}?sig", raising=False)
+    up = api.client.post("/v1/uploads", json={"filename": "a.mp3", "content_type": "audio/mpeg"}).json()["data"]
+    assert up["upload_url"] == f"https://s3.example/{up['key']}?sig"
+
+
+@pytest.mark.parametrize("body,status", [
+    ({}, 400), ({"filename": ""}, 400), ({"filename": "a.wav", "content_type": "text/html"}, 415),
+    ({"filename": "a.wav", "role": "boss"}, 400),
+])
+def test_upload_request_errors(api, body, status):
+    assert api.client.post("/v1/uploads", json=body).status_code == status
+
+
+def test_upload_put_limits(api):
+    api.settings.max_upload_mb = 1
+    up = api.client.post("/v1/uploads", json={"filename": "a.wav"}).json()["data"]
+    assert api.client.put(up["upload_url"], content=b"x" * (1024 * 1024 + 1)).status_code == 413
+    assert api.client.put(up["upload_url"], content=b"").status_code == 400
+    assert not api.backend.blobs.exists(up["key"])
+
+
+def test_docs_and_openapi_without_key(api):
+    assert api.client.get("/docs").status_code == 200
+    schema = api.client.get("/openapi.json").json()
+    assert {"/release_task", "/query_result", "/v1/audio", "/v1/models", "/v1/stats", "/health",
+            "/format_input", "/create_random_sample", "/v1/uploads"} <= set(schema["paths"])
+    body = schema["paths"]["/release_task"]["post"]["requestBody"]["content"]
+    assert "application/json" in body and "multipart/form-data" in body
+
+
+def test_unknown_route_and_method(api):
+    assert api.client.get("/nope").status_code == 404
+    assert api.client.get("/release_task").status_code == 405
+
+
+def test_handlers_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, handlers.app, handlers.routes_tasks, handlers.routes_audio, handlers.routes_lm, "
+            "handlers.routes_info\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'soundfile') if m in sys.modules]\n"
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_result_json_has_unicode(api):
+    task_id = api.submit(prompt="한국어 발라드", batch_size=1, duration=10)
+    api.run_worker()
+    entry = api.query(task_id)[0]
+    assert "한국어" in entry["result"] and json.loads(entry["result"])[0]["prompt"] == "한국어 발라드"
