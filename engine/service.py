@@ -231,20 +231,18 @@ class Engine:
         job.decode_s = time.perf_counter() - t0
         if request.task_type in plan.SOURCE_TASKS and job.src is None and not request.audio_code_string:
             raise GenerationError(f"task_type {request.task_type!r} needs src_audio, but none was given")
-        if job.src is None and request.task_type in plan.SOURCE_TASKS:
-            pass  # cover from audio codes only
-        elif job.src is not None:
+        if request.task_type == "text2music" and job.src is not None:
+            job.notes.append("src_audio ignored for text2music")
+            job.src = None
+        if job.src is not None:
             self._plan_source(job)
-        if job.src is None:
+        else:  # text2music, or cover from audio codes only
             if request.audio_duration is not None:
                 job.audio_duration = request.audio_duration
             elif not request.audio_code_string:
                 job.audio_duration = plan.DEFAULT_TEXT2MUSIC_SECONDS
                 job.notes.append(f"audio_duration not given: used the default {plan.DEFAULT_TEXT2MUSIC_SECONDS:g} s")
             # else: the pipeline takes the length of the audio codes
-        if request.task_type == "text2music" and job.src is not None:
-            job.notes.append("src_audio ignored for text2music")
-            job.src = None
         return job
 
     def _plan_source(self, job: _Job) -> None:
