@@ -174,6 +174,10 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
     path = Path(path)
     name = model_name or path.name
     pipe = build_random_pipeline(name, size=size, seed=seed)
+    if size == "full":
+        import torch
+
+        pipe.to(torch.bfloat16)  # ~4.5 GB instead of 9 on disk, as the published weights are stored
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(path))
     marker = {
