@@ -24,7 +24,7 @@ STAGES = {
 _VAE_DECODE = ("vae", "decoder", "vae_decode")
 
 _active: Optional["StageClock"] = None
-_hooked: set[int] = set()
+_HOOKED_FLAG = "_acestep_stage_hooked"  # on the module itself: ids get reused after garbage collection
 
 
 class StageClock:
@@ -74,9 +74,9 @@ def install_hooks(pipe) -> None:
             continue
         if sub:
             module = getattr(module, sub)
-        if id(module) in _hooked:
+        if getattr(module, _HOOKED_FLAG, False):
             continue
-        _hooked.add(id(module))
+        setattr(module, _HOOKED_FLAG, True)
         module.register_forward_pre_hook(_pre_hook(stage))
         module.register_forward_hook(_post_hook(stage))
 
