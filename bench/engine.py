@@ -7,7 +7,9 @@ For each song length (default 30 s and 240 s) and batch size (1 and 4), at 8 ste
   * many     -- (batch > 1) that many batch-1 tasks handed to Engine.generate_many, which batches them.
 Engine overhead = (engine wall time - its audio-encoding stage) / bare pipeline call - 1: what the engine adds around
 the pipeline (input planning, generators, hooks, RNG fork, trimming, result assembly). Audio encoding is compared on
-its own (the engine encodes batch items in parallel threads). Medians of --repeats runs, engine and bare alternating.
+its own (the engine encodes batch items in parallel threads). Each number is the best (minimum) of --repeats runs,
+engine and bare alternating: on a shared machine, interference only ever adds time, so the minimum is the most
+repeatable estimate of the cost itself.
 
 Default: a tiny random-weight model on CPU (the numbers say how much the engine adds, not how fast ACE-Step is).
 `--full-size --device cuda` builds random-weight models with the published ACE-Step 1.5 shapes
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     print(f"device {d['device']} ({_device_name(engine.device)}), dtype {d['dtype']}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU threads, {platform.machine()}")
     print(f"checkpoint build {built_s:.1f} s, Engine.load {load_s:.2f} s; {args.steps} steps, "
-          f"format {args.format}, median of {args.repeats} runs\n")
+          f"format {args.format}, best of {args.repeats} runs\n")
     print(f"load average before: {_loadavg()} (other processes on the machine skew CPU numbers)\n")
     run_engine(engine, request(args, min(args.durations), 1, 0))  # warm-up (kernels, allocator)
     run_bare(engine, request(args, min(args.durations), 1, 0))
@@ -141,19 +142,19 @@ def main(argv=None) -> int:
                 p, enc = run_bare(engine, req)
                 bare_s.append(p)
                 bare_enc.append(enc)
-            e, b = statistics.median(engine_s), statistics.median(bare_s)
-            core = statistics.median(t - r["audio_encoding_s"] for t, r in zip(engine_s, stage_rows))
-            stages = [statistics.median(sum(t.get(k, 0.0) for k in keys) for t in stage_rows) for _, keys in STAGES]
+            e, b = min(engine_s), min(bare_s)
+            core = min(t - r["audio_encoding_s"] for t, r in zip(engine_s, stage_rows))
+            stages = [min(sum(t.get(k, 0.0) for k in keys) for t in stage_rows) for _, keys in STAGES]
             print(f"| {duration:g} s | {batch} | engine | {e:.3f} | {e / batch:.3f} | {e / (batch * duration):.4f} | "
                   + " | ".join(f"{s:.3f}" for s in stages)
-                  + f" | {core:.3f} | {b:.3f} | {100 * (core / b - 1):+.1f}% | {statistics.median(bare_enc):.3f} |")
+                  + f" | {core:.3f} | {b:.3f} | {100 * (core / b - 1):+.1f}% | {min(bare_enc):.3f} |")
             if batch > 1:
                 reqs = [request(args, duration, 1, 2000 + i) for i in range(batch)]
-                many = statistics.median(run_many(engine, reqs) for _ in range(args.repeats))
+                many = min(run_many(engine, reqs) for _ in range(args.repeats))
                 print(f"| {duration:g} s | {batch}x1 | generate_many | {many / batch:.3f} | {many / batch:.3f} | "
                       f"{many / (batch * duration):.4f} | | | | | | | | |")
     print("\nColumns: s/task = wall time of one request (all its batch items); s/item = s/task / batch; stage "
-          "columns = the engine's own per-stage timings (median); engine overhead = (engine - its audio encoding) / "
+          "columns = the engine's own per-stage timings; engine overhead = (engine - its audio encoding) / "
           "bare pipeline call - 1; generate_many rows: N batch-1 tasks batched into one call, time per task.")
     shown = sys.argv[1:] if argv is None else argv
     print("\nReproduce: `.venv/bin/python bench/engine.py" + "".join(" " + a for a in shown) + "`")
