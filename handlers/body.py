@@ -77,7 +77,24 @@ def _json_object(body: bytes, invalid_message: Optional[str] = None) -> dict:
         raise bad_request(invalid_message or f"Invalid JSON body: {_short(exc)}") from None
     if not isinstance(value, dict):
         raise bad_request(NOT_AN_OBJECT)
+    try:
+        _check_text(value)
+    except (UnicodeEncodeError, RecursionError):
+        raise bad_request("Invalid JSON body: strings must be valid Unicode (no unpaired surrogates)") from None
     return value
+
+
+def _check_text(value) -> None:
+    """Raise UnicodeEncodeError for a lone surrogate anywhere (it cannot be stored or echoed)."""
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k.encode("utf-8")
+            _check_text(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v)
 
 
 def _short(exc: Exception) -> str:

@@ -186,7 +186,10 @@ def to_float(v: Any, label: str) -> Optional[float]:
     if isinstance(v, bool):
         raise bad_request(f"{label}: must be a number (got {_show(v)})")
     if isinstance(v, (int, float)):
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:
+            raise bad_request(f"{label}: must be a finite number (got a number that is too large)") from None
     elif isinstance(v, str):
         s = v.strip()
         if s == "":

@@ -116,6 +116,8 @@ def _within(path: str, roots: list[str]) -> bool:
 
 
 def _read_server_file(path: str, label: str, role: str, settings: Settings) -> Upload:
+    if "\x00" in path or len(path) > 4096:
+        raise bad_request(f"{label}: not a valid file path")
     real = os.path.realpath(path)
     if not _within(real, list(settings.allowed_audio_dirs or [])):
         raise bad_request(

@@ -345,3 +345,17 @@ def test_declared_content_length_too_big_is_413_before_reading(api):
     r = api.client.post("/release_task", content=b"{}", headers={"Content-Type": "application/json",
                                                                  "Content-Length": str(10**10)})
     assert r.status_code == 413
+
+
+@pytest.mark.parametrize("route", ["/release_task", "/query_result", "/v1/uploads", "/format_input"])
+def test_unpaired_surrogates_are_400(api, route):
+    for body in (b'{"prompt": "\\ud800"}', b'{"task_id_list": ["\\udfff"]}', b'{"\\ud800": 1}'):
+        r = api.client.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (route, body, r.text)
+
+
+def test_huge_numbers_and_nul_paths_are_400(api):
+    for payload in ({"duration": int("9" * 4000)}, {"bpm": 10**30}, {"src_audio_path": "a\x00b", "task_type": "cover"},
+                    {"guidance_scale": "1e999"}, {"seed": "NaN"}):
+        r = api.client.post("/release_task", json=payload)
+        assert r.status_code == 400, (payload, r.text)
