@@ -86,6 +86,9 @@ async def get_audio(request: Request, path: Optional[str] = None, expires: Optio
                                                       "Content-Disposition": f'inline; filename="{filename}"'})
 
 
+router.add_api_route("/v1/audio", get_audio, methods=["HEAD"], include_in_schema=False)
+
+
 # --- direct uploads --------------------------------------------------------------------------------
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

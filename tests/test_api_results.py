@@ -68,6 +68,8 @@ def test_audio_media_types_and_range(api, fmt, media):
     part = api.client.get(url, headers={"Range": "bytes=0-99"})
     assert part.status_code == 206 and part.content == full.content[:100]
     assert part.headers["content-range"].startswith("bytes 0-99/")
+    head = api.client.head(url)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == len(full.content)
 
 
 def test_queued_running_failed_and_unknown(api):
