@@ -33,11 +33,17 @@ def generation_info_text(info: dict, dit_model: str, lm_model: str) -> str:
     parts.append(f"DiT: {dit_model or 'unknown'}")
     parts.append(f"LM: {lm_model or 'none'}")
     for key, value in info.items():
-        if key in ("random_weights", "test_engine") or isinstance(value, (dict, list)) or value is None:
+        if key in ("random_weights", "test_engine", "notes") or isinstance(value, (dict, list)) or value is None:
             continue
         if isinstance(value, float):
             value = round(value, 3)
         parts.append(f"{key}: {value}")
+    timings = info.get("timings")
+    if isinstance(timings, dict) and timings:
+        parts.append("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    notes = info.get("notes")
+    if isinstance(notes, list) and notes:
+        parts.append("notes: " + "; ".join(str(n) for n in notes))
     return ", ".join(parts)
 
 
