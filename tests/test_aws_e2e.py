@@ -128,6 +128,11 @@ class Cluster:
             return rec and rec.status == RUNNING and rec.attempt == attempt
         self.wait_until(f"{task_id} to run attempt {attempt}", running)
 
+    def worker_running(self, task_id: str) -> subprocess.Popen:
+        """The worker process holding the task (worker ids are host-pid-suffix)."""
+        pid = int(self.backend.store.get(task_id).worker_id.rsplit("-", 2)[1])
+        return next(p for p in self.procs if p.pid == pid)
+
     def output_objects(self, task_id: str) -> list[str]:
         s3 = self.backend.blobs._s3
         listing = s3.list_objects_v2(Bucket=self.settings.bucket, Prefix=f"outputs/{task_id}/")
@@ -183,7 +188,8 @@ def test_aws_deployment_over_http(cluster):
     t2 = cluster.submit(LONG)
     cluster.wait_running(t2, attempt=1)
     cluster.kill(w1)
-    w2 = cluster.start_worker("worker2")
+    cluster.start_worker("worker2")
+    cluster.start_worker("worker3")  # started now so phase 3 does not wait for another model load
     entry = cluster.wait_done(t2)
     assert entry["status"] == 1, entry
     rec = cluster.backend.store.get(t2)
@@ -194,10 +200,12 @@ def test_aws_deployment_over_http(cluster):
     #    to the DLQ; the drain (which each worker runs every 30 s) marks it failed with the reason.
     t3 = cluster.submit(LONG)
     cluster.wait_running(t3, attempt=1)
-    cluster.kill(w2)
-    w3 = cluster.start_worker("worker3")
-    cluster.wait_running(t3, attempt=2)
-    cluster.kill(w3)
+    first = cluster.worker_running(t3)
+    cluster.kill(first)
+    cluster.wait_running(t3, attempt=2)  # the other worker, once the dead one's lease lapsed
+    second = cluster.worker_running(t3)
+    assert second is not first
+    cluster.kill(second)
     # Once the dead worker's lease lapses, the next receive finds the receives spent: SQS redrives it.
     time.sleep(LEASE_SECONDS + 0.5)
     assert cluster.backend.queue.receive(1, 30) is None
