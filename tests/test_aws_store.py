@@ -1,7 +1,6 @@
 """DynamoDB task store specifics (moto in-process): fencing under races, counters, TTL, no Scans."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -26,20 +25,26 @@ def _raw_item(backend, task_id):
                                       Key={schema.PK: {"S": schema.TASK_PREFIX + task_id}})["Item"]
 
 
-def _run_together(n, fn):
-    barrier = threading.Barrier(n)
-    results = [None] * n
+def _rival(backend):
+    """A second store on its own client: another API/worker process writing the same table."""
+    from service.aws.clients import aws_client
+    from service.aws.dynamo_store import DynamoTaskStore
 
-    def go(i):
-        barrier.wait()
-        results[i] = fn(i)
+    return DynamoTaskStore(aws_client("dynamodb", backend.settings), backend.settings.table_name)
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+
+def _race(backend, operation, rival_write):
+    """Run `rival_write` once, right before the store's next `operation` call goes out: the window
+    between the store's read and its conditional write. (moto's in-process DynamoDB is not
+    thread-safe, so real threads would test moto rather than the conditions.)"""
+    fired = []
+
+    def hook(**kwargs):
+        if not fired:
+            fired.append(rival_write())
+
+    backend.store._db.meta.events.register(f"before-call.dynamodb.{operation}", hook)
+    return fired
 
 
 def test_create_refuses_an_existing_id(aws):
@@ -49,27 +54,47 @@ def test_create_refuses_an_existing_id(aws):
     assert aws.store.counts()["total"] == 1  # the refused create moved no counter
 
 
-def test_concurrent_claims_get_distinct_attempts_and_one_running_count(aws):
+def test_a_claim_that_loses_the_race_rereads_and_takes_the_next_attempt(aws):
     _new(aws, "t1")
-    attempts = _run_together(4, lambda i: aws.store.claim("t1", f"w{i}"))
-    assert sorted(attempts) == [1, 2, 3, 4]
-    assert aws.store.get("t1").attempt == 4
+    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "rival"))
+    assert aws.store.claim("t1", "me") == 2  # its queued->running write failed; it re-claimed as a redelivery
+    assert rival == [1]
+    rec = aws.store.get("t1")
+    assert rec.attempt == 2 and rec.worker_id == "me"
     counts = aws.store.counts()
-    assert counts["queued"] == 0 and counts["running"] == 1
+    assert counts["queued"] == 0 and counts["running"] == 1  # the lost transaction moved no counter
 
 
-def test_concurrent_duplicate_finishes_succeed_once(aws):
+def test_duplicate_finish_in_the_race_window_succeeds_once(aws):
+    _new(aws, "t1")
+    attempt = aws.store.claim("t1", "w1")
+    rival = _race(aws, "TransactWriteItems",
+                  lambda: _rival(aws).finish("t1", attempt, result={"by": "rival"}))
+    # Both saw status=running with this attempt; only the first conditional write may land.
+    assert aws.store.finish("t1", attempt, result={"by": "me"}) is False
+    assert rival == [True]
+    rec = aws.store.get("t1")
+    assert rec.status == SUCCEEDED and rec.result == {"by": "rival"}
+    assert aws.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "total": 1}
+
+
+def test_stale_attempt_cannot_finish_after_a_redelivery(aws):
     _new(aws, "t1")
     stale = aws.store.claim("t1", "w1")
-    current = aws.store.claim("t1", "w2")
-    outcomes = _run_together(
-        6, lambda i: aws.store.finish("t1", current if i % 2 else stale, result={"by": i}))
-    assert outcomes.count(True) == 1
-    winner = outcomes.index(True)
-    assert winner % 2 == 1  # only the current attempt can win
+    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "w2"))
+    assert aws.store.finish("t1", stale, result={"late": True}) is False  # redelivered mid-finish
+    assert rival == [2]
     rec = aws.store.get("t1")
-    assert rec.status == SUCCEEDED and rec.result == {"by": winner}
-    assert aws.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "total": 1}
+    assert rec.status == RUNNING and rec.attempt == 2 and rec.result is None
+
+
+def test_fail_unfinished_racing_a_finish_leaves_the_finish(aws):
+    _new(aws, "t1")
+    attempt = aws.store.claim("t1", "w1")
+    _race(aws, "TransactWriteItems", lambda: _rival(aws).finish("t1", attempt, result={"ok": 1}))
+    assert aws.store.fail_unfinished("t1", "dead-lettered") is False  # re-read: already finished
+    assert aws.store.get("t1").status == SUCCEEDED
+    assert aws.store.counts()["failed"] == 0
 
 
 def test_late_duplicate_cannot_overwrite_a_failure(aws):
