@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -18,7 +17,6 @@ OPTIONS = dict(max_workers=5, backlog_per_worker=3, max_receives=4, lease_second
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Template:
-    os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
     asset = tmp_path_factory.mktemp("lambda_pkg")
     (asset / "placeholder.txt").write_text("built by infra/README.md's package step\n")
     app = cdk.App()
