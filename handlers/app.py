@@ -6,7 +6,6 @@ No module-level `app` is created at import: the factory reads settings and build
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -29,12 +28,7 @@ When an API key is set, send `Authorization: Bearer <key>` (or `ai_token` in the
 
 def cors_origins(settings: Settings) -> list[str]:
     """ACESTEP_CORS_ORIGINS: comma-separated origins ("*" for any); default none."""
-    value = getattr(settings, "cors_origins", None)
-    if value is None:
-        value = os.environ.get("ACESTEP_CORS_ORIGINS", "")
-    if isinstance(value, str):
-        value = value.split(",")
-    return [o.strip() for o in value if o and o.strip()]
+    return [o.strip() for o in settings.cors_origins if o and o.strip()]
 
 
 def _install_docs(app: FastAPI, settings: Settings) -> None:

@@ -76,6 +76,7 @@ class Settings:
     max_upload_mb: int = 50
     audio_url_ttl: int = 3600  # lifetime of the signature in result file URLs
     allowed_audio_dirs: list[str] = field(default_factory=list)  # server dirs src_audio_path may read
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
 
     @property
     def model_names(self) -> list[str]:
@@ -137,6 +138,7 @@ ENV_NAMES = {
     "ACESTEP_MAX_UPLOAD_MB": "max_upload_mb",
     "ACESTEP_AUDIO_URL_TTL": "audio_url_ttl",
     "ACESTEP_ALLOWED_AUDIO_DIRS": "allowed_audio_dirs",
+    "ACESTEP_CORS_ORIGINS": "cors_origins",
 }
 
 
@@ -155,7 +157,7 @@ def _coerce(attr: str, raw: str):
         if kind == "bool":
             return _truthy(raw)
         if kind.startswith("list"):
-            return [p for p in (s.strip() for s in raw.split(os.pathsep if os.pathsep in raw else ",")) if p]
+            return [p for p in (s.strip() for s in raw.split(",")) if p]
         return raw
     except ValueError:
         raise ConfigError(f"{attr}: cannot read {raw!r} as {kind}") from None

@@ -140,9 +140,8 @@ def test_signed_upload_url_needs_its_signature(api):
     assert api.client.put(r.json()["data"]["upload_url"], content=b"RIFF").status_code == 200
 
 
-def test_cors_preflight_is_not_blocked_by_auth(settings, monkeypatch):
-    monkeypatch.setenv("ACESTEP_CORS_ORIGINS", "http://studio.example")
-    api = make_api(settings, api_key=KEY)
+def test_cors_preflight_is_not_blocked_by_auth(settings):
+    api = make_api(settings, api_key=KEY, cors_origins=["http://studio.example"])
     r = api.client.options("/release_task", headers={
         "Origin": "http://studio.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type"})
@@ -156,3 +155,10 @@ def test_cors_preflight_is_not_blocked_by_auth(settings, monkeypatch):
 def test_no_cors_by_default(api):
     r = api.client.get("/health", headers={"Origin": "http://studio.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_origins_from_environment_keep_their_ports():
+    from service.config import load_settings
+
+    s = load_settings(env={"ACESTEP_CORS_ORIGINS": "http://localhost:5173, https://studio.example"}, dotenv_path=None)
+    assert s.cors_origins == ["http://localhost:5173", "https://studio.example"]
