@@ -33,16 +33,29 @@ def engine_config(settings: Settings):
 
 def load_engine(settings: Settings):
     """Load the DiT models once (building demo random-weight models if so configured)."""
-    from engine.checkpoints import ensure_demo_models
+    from engine.checkpoints import ModelNotFound, ensure_demo_models
     from engine.service import Engine
 
     config = engine_config(settings)
     if settings.demo_if_missing:
-        built = ensure_demo_models(config)
-        for name in built:
-            log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
-                        "under %s to generate music.", name, settings.checkpoint_dir)
-    return Engine.load(config)
+        _warn_demo(ensure_demo_models(config), settings)
+    try:
+        return Engine.load(config)
+    except ModelNotFound as exc:
+        if not settings.demo_if_missing:
+            raise
+        # The download was possible in principle but failed (no network): fall back to demos.
+        log.error("%s", exc)
+        config.allow_download = False
+        _warn_demo(ensure_demo_models(config), settings)
+        return Engine.load(config)
+
+
+def _warn_demo(names: list[str], settings: Settings) -> None:
+    for name in names:
+        log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
+                    "under %s/%s (or run `acestep-models download %s`) to generate music.",
+                    name, settings.checkpoint_dir, name, name)
 
 
 def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
