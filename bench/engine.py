@@ -96,6 +96,7 @@ def run_bare(engine, req):
 
     pipe = engine.model(req.model).pipe
     n = req.batch_size
+    pipe.vae.use_tiling = req.use_tiled_decode  # same VAE decode mode as the engine run
     t0 = time.perf_counter()
     audio = pipe(prompt=[req.prompt] * n, lyrics=[req.lyrics] * n, vocal_language=[req.vocal_language] * n,
                  audio_duration=req.audio_duration, num_inference_steps=req.inference_steps,
