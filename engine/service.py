@@ -157,7 +157,8 @@ class Engine:
             "random_weights": random,
             "notice": DEMO_NOTICE if random else None,
             "shared_components": self.shared_components,
-            "lm_model": "none",
+            "lm_model": "none",  # no 5 Hz LM runs in the engine yet
+            "lm_configured": self.config.lm_model,
         }
 
     # ---------------------------------------------------------------- generation
