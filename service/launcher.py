@@ -112,6 +112,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
+    if settings.backend == "aws":  # API on EC2/ECS: the key may live in Secrets Manager / SSM
+        from .aws.secrets import resolve_secret_env
+
+        resolve_secret_env(settings)
 
     import uvicorn
 
