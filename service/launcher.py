@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -59,6 +60,15 @@ def child_env(settings: Settings) -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class WorkerSupervisor:
     """Keeps N worker processes alive; restarts one that dies (its task is redelivered)."""
 
@@ -70,7 +80,7 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "service.worker_cli", "--log-level", self.log_level],
-                                env=child_env(self.settings))
+                                env=child_env(self.settings), preexec_fn=_die_with_parent)
 
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
@@ -128,10 +138,18 @@ def main(argv=None) -> None:
     log.info("ACE-Step API on http://%s:%d (backend %s, data %s, %d worker process(es))",
              settings.host, settings.port, settings.backend, os.path.abspath(settings.data_dir),
              settings.queue_workers)
+    # uvicorn re-raises the signal that stopped it once it has shut down, after restoring the
+    # handlers it found. Installing a handler of our own first makes that re-raise land here
+    # instead of killing the process before the workers are stopped.
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
     finally:
         supervisor.stop()
+    if received:
+        log.info("stopped by signal %d", received[-1])
 
 
 if __name__ == "__main__":
