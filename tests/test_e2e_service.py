@@ -149,3 +149,25 @@ def test_killed_worker_task_is_redelivered_and_completes_once(tmp_path):
     assert record.attempt == 2
     outputs = [k for k in record.blob_keys if k.startswith("outputs/")]
     assert outputs == [f"outputs/{task_id}/2-0.mp3"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_service_stops_its_workers(tmp_path, sig):
+    with live_server(str(tmp_path / "data"), str(tmp_path / "checkpoints")) as srv:
+        srv.wait_for_worker()
+        pids = srv.worker_pids()
+        assert pids
+        srv.proc.send_signal(sig)
+        srv.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "worker outlived the launcher"
