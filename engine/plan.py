@@ -19,13 +19,15 @@ _INSTRUCTIONS = {
 
 
 def resolve_seeds(request: GenerationRequest) -> list[int]:
-    """One seed per batch item: explicit seeds are honoured in order; missing items get first_seed + i;
+    """One seed per batch item: explicit seeds are honoured in order (-1 = random for that item); missing
+    items get first_seed + i;
     no seeds at all -> fresh random seeds (also when use_random_seed is false: there is nothing to repeat)."""
     n = request.batch_size
     given = list(request.seeds or [])[:n]
     if not given:
         return [secrets.randbelow(2**32) for _ in range(n)]
-    return given + [(given[0] + i) % 2**32 for i in range(len(given), n)]
+    filled = given + [(given[0] + i) % 2**32 if given[0] >= 0 else -1 for i in range(len(given), n)]
+    return [s if s >= 0 else secrets.randbelow(2**32) for s in filled]  # -1: random for that item
 
 
 def effective_task(request: GenerationRequest) -> str:

@@ -161,10 +161,10 @@ class GenerationRequest(BaseModel):
     def _seeds(cls, v: Optional[list[int]]) -> Optional[list[int]]:
         if v is None:
             return None
-        v = [s for s in v if s >= 0]  # -1 means "random" for that slot, as upstream
-        if any(s > 2**32 - 1 for s in v):
-            raise ValueError("seeds must be 0-4294967295")
-        return v or None
+        # -1 means "random" for that item, as upstream; its position is kept.
+        if any(s < -1 or s > 2**32 - 1 for s in v):
+            raise ValueError("seeds must be 0-4294967295, or -1 for a random seed")
+        return v if any(s >= 0 for s in v) else None
 
     @field_validator("timesteps")
     @classmethod

@@ -71,7 +71,7 @@ ALIASES = [
     ("instruction", "Do it", "instruction", "Do it"),
     ("timesteps", "0.9,0.5,0.1", "timesteps", [0.9, 0.5, 0.1]), ("timesteps", [1.0, 0.5], "timesteps", [1.0, 0.5]),
     ("seed", 42, "seeds", [42]), ("seed", "1,2,3", "seeds", [1, 2, 3]), ("seed", -1, "seeds", None),
-    ("seed", "7, -1", "seeds", [7]), ("seed", [5, 6], "seeds", [5, 6]),
+    ("seed", "7, -1", "seeds", [7, -1]), ("seed", [5, 6], "seeds", [5, 6]),
     ("repainting_start", 1.5, "repainting_start", 1.5),
 ]
 
