@@ -19,6 +19,7 @@ TRACK_NAMES = (
 )
 TIME_SIGNATURES = ("", "2", "3", "4", "6")
 MAX_AUDIO_CODE = 63999
+MAX_AUDIO_CODES = 600 * 5  # 5 Hz codes for the longest song (600 s)
 MAX_BATCH = 8
 
 _AUDIO_CODE_RE = re.compile(r"<\|audio_code_(\d+)\|>")
@@ -43,6 +44,8 @@ def parse_audio_codes(text: str) -> list[int]:
         if not all(p.isdigit() for p in parts):
             raise ValueError("must be <|audio_code_N|> tokens or integers separated by commas/spaces")
         codes = [int(p) for p in parts]
+    if len(codes) > MAX_AUDIO_CODES:
+        raise ValueError(f"at most {MAX_AUDIO_CODES} codes (600 s at 5 Hz), got {len(codes)}")
     bad = [c for c in codes if c > MAX_AUDIO_CODE]
     if bad:
         raise ValueError(f"codes must be 0-{MAX_AUDIO_CODE}, got {bad[0]}")
@@ -110,14 +113,14 @@ class GenerationRequest(BaseModel):
     use_format: bool = False
     analysis_only: bool = False
     full_analysis_only: bool = False
-    lm_model_path: Optional[str] = None
+    lm_model_path: Optional[str] = Field(None, max_length=512)
     lm_backend: Literal["vllm", "pt", "mlx"] = "vllm"
     lm_temperature: float = Field(0.85, ge=0.0, le=2.0)
     lm_cfg_scale: float = Field(2.5, ge=0.0, le=10.0)
     lm_top_k: Optional[int] = Field(None, ge=0, le=1000)
     lm_top_p: float = Field(0.9, ge=0.0, le=1.0)
     lm_repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
-    lm_negative_prompt: str = "NO USER INPUT"
+    lm_negative_prompt: str = Field("NO USER INPUT", max_length=4096)
     constrained_decoding: bool = True
     constrained_decoding_debug: bool = False
     use_cot_caption: bool = True

@@ -252,6 +252,10 @@ class Engine:
         seconds = job.src.shape[-1] / sr
         if job.task == "repaint":
             before, after, start, end = plan.repaint_window(r.repainting_start, r.repainting_end, seconds)
+            if seconds + before + after > audio_io.MAX_SOURCE_SECONDS:
+                raise GenerationError(
+                    f"repaint window {r.repainting_start:g}..{r.repainting_end} s on a {seconds:.1f} s source makes "
+                    f"{seconds + before + after:.1f} s of audio; the limit is {audio_io.MAX_SOURCE_SECONDS:g} s")
             job.src = audio_io.pad_or_trim(job.src, round(before * sr), round(after * sr))
             job.repaint = (start, end)
             if before or after:

@@ -137,12 +137,15 @@ def _read_server_file(path: str, label: str, role: str, settings: Settings) -> U
                   content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
 
 
-def _check_pending_key(key: str, label: str, backend: Backend) -> str:
+def _check_pending_key(key: str, label: str, backend: Backend, settings: Settings) -> str:
     if not PENDING_KEY_RE.match(key) or ".." in key:
         raise bad_request(f"{label}: not an upload key; create one with POST /v1/uploads "
                           f"(keys look like '{PENDING_PREFIX}<id>/<name>')")
-    if not backend.blobs.exists(key):
+    size = backend.blobs.size(key)
+    if size is None:
         raise bad_request(f"{label}: nothing was uploaded under this key (PUT the file to its upload_url first)")
+    if size > settings.max_upload_mb * 1024 * 1024:  # a presigned PUT cannot cap the size itself
+        raise too_large(settings.max_upload_mb * 1024 * 1024, f"Upload {label!r}")
     return key
 
 
@@ -159,7 +162,7 @@ def _resolve_audio(srcs, files: dict[str, FilePart], settings: Settings, backend
         key_found = find(srcs, f"{role}_key", AUDIO_FIELDS[f"{role}_key"])
         key = coerce("optstr", key_found.value, key_found.label) if key_found else None
         if key:
-            values[f"{role}_key"] = _check_pending_key(key, key_found.label, backend)
+            values[f"{role}_key"] = _check_pending_key(key, key_found.label, backend, settings)
             labels[f"{role}_key"] = key_found.label
             continue
         path_found = find(srcs, f"{role}_path", AUDIO_FIELDS[f"{role}_path"])

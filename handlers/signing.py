@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import math
 import time
 from typing import Optional
@@ -30,9 +31,12 @@ def expiry(ttl: int, now: Optional[float] = None) -> int:
     return int(math.ceil((now + max(1, int(ttl))) / _ROUND) * _ROUND)
 
 
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def verify(settings: Settings, purpose: str, key: str, expires: Optional[str], sig: Optional[str],
            now: Optional[float] = None) -> bool:
-    if not expires or not sig or len(expires) > 20 or len(sig) > 128:
+    if not expires or not sig or len(expires) > 20 or not _HEX_DIGEST.fullmatch(sig):
         return False
     try:
         exp = int(expires)

@@ -20,6 +20,8 @@ from .config import ENV_NAMES, Settings, load_settings
 
 log = logging.getLogger("acestep.launcher")
 
+STOP_GRACE_SECONDS = 20.0  # a stopping worker may finish its task this long, then gives it back
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="acestep-api", description="ACE-Step REST API server with workers")
@@ -79,7 +81,9 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, daemon=True, name="worker-supervisor")
 
     def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "service.worker_cli", "--log-level", self.log_level],
+        # Grace below stop()'s timeout: a running task is released, not killed mid-way.
+        return subprocess.Popen([sys.executable, "-m", "service.worker_cli", "--log-level", self.log_level,
+                                 "--grace-seconds", str(STOP_GRACE_SECONDS)],
                                 env=child_env(self.settings), preexec_fn=_die_with_parent)
 
     def start(self) -> None:
@@ -104,7 +108,7 @@ class WorkerSupervisor:
                 self.procs[i] = self._spawn()
                 started[i] = time.monotonic()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = STOP_GRACE_SECONDS + 10) -> None:
         self._stopping.set()
         for proc in self.procs:
             if proc.poll() is None:

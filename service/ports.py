@@ -124,6 +124,9 @@ class BlobStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def size(self, key: str) -> Optional[int]:
+        """Bytes stored under `key`, or None when there is nothing (readable) there."""
+
     def delete(self, key: str) -> None: ...
 
     def local_path(self, key: str) -> Optional[str]:

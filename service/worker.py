@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.request import GenerationRequest
+from engine import plan
+from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
 from .config import Settings
@@ -41,18 +42,13 @@ class _Claimed:
     inputs: dict  # src_audio / reference_audio bytes
 
 
-MAX_BATCH_ITEMS = 8
-_BATCH_FIELDS = ("model", "task_type", "audio_duration", "inference_steps", "guidance_scale", "shift",
-                 "infer_method", "timesteps", "cfg_interval_start", "cfg_interval_end", "use_adg",
-                 "audio_format")
-
-
-def batch_key(request: dict) -> Optional[tuple]:
-    """Tasks with equal keys can run in one pipeline call; None means "run alone"."""
-    if request.get("task_type", "text2music") != "text2music" or request.get("src_audio_key") \
-            or request.get("reference_audio_key") or request.get("audio_duration") is None:
+def batch_key(request: dict, default_model: Optional[str]) -> Optional[tuple]:
+    """The engine's own rule for which tasks can share one pipeline call (None: run alone)."""
+    try:
+        req = GenerationRequest(**request)
+    except ValueError:
         return None
-    return tuple(str(request.get(f)) for f in _BATCH_FIELDS)
+    return plan.batch_key(req, req.model or default_model or "")
 
 
 class _ProgressReporter:
@@ -111,6 +107,9 @@ class Worker:
         self.stop_event = threading.Event()  # stop taking new work
         self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
         self._last_dlq_drain = 0.0
+        # A lease taken while filling a batch that did not fit it: run first next round rather
+        # than hand it back (a give-back would count as a failed delivery on SQS).
+        self._carried: Optional[Lease] = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -137,6 +136,9 @@ class Worker:
             except Exception:  # the loop must survive a backend hiccup
                 log.exception("worker loop error")
                 self.stop_event.wait(1.0)
+        if self._carried is not None:
+            self.backend.queue.release(self._carried)
+            self._carried = None
         log.info("worker %s stopped", self.worker_id)
 
     def request_stop(self, cancel_running: bool = False) -> None:
@@ -149,8 +151,15 @@ class Worker:
     def run_once(self, wait_seconds: float) -> bool:
         """Process the next task (and compatible ones waiting behind it). False if none came."""
         self._maybe_drain_dead_letters()
-        lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
+        lease, self._carried = self._carried, None
+        if lease is not None:
+            self.backend.queue.extend(lease, self.settings.visibility_timeout)
+        else:
+            lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
         if lease is None:
+            return False
+        if self.stop_event.is_set():  # arrived during a long poll after shutdown began
+            self.backend.queue.release(lease)
             return False
         leases = [lease]
         if self.settings.batch_compatible_tasks and hasattr(self.engine, "generate_many"):
@@ -163,22 +172,23 @@ class Worker:
     def _receive_more(self, first: Lease) -> list[Lease]:
         """Grab waiting tasks that can share one pipeline call with `first` (never waits).
 
-        A task that cannot join the batch is released at once for this or another worker.
+        The first task that cannot join is carried over to the next round.
         """
+        default_model = self.settings.default_model
         first_record = self.backend.store.get(first.task_id)
-        key = batch_key(first_record.request) if first_record else None
+        key = batch_key(first_record.request, default_model) if first_record else None
         if key is None:
             return []
         items = int(first_record.request.get("batch_size", 1))
         more: list[Lease] = []
-        while items < MAX_BATCH_ITEMS and not self.stop_event.is_set():
+        while items < MAX_BATCH and not self.stop_event.is_set():
             lease = self.backend.queue.receive(0, self.settings.visibility_timeout)
             if lease is None:
                 break
             record = self.backend.store.get(lease.task_id)
             size = int(record.request.get("batch_size", 1)) if record else 0
-            if record is None or batch_key(record.request) != key or items + size > MAX_BATCH_ITEMS:
-                self.backend.queue.release(lease)
+            if record is None or batch_key(record.request, default_model) != key or items + size > MAX_BATCH:
+                self._carried = lease
                 break
             more.append(lease)
             items += size
@@ -201,14 +211,22 @@ class Worker:
             for role in ("src_audio", "reference_audio"):
                 key = getattr(request, f"{role}_key")
                 if key:
-                    try:
-                        inputs[role] = self.backend.blobs.get(key)
-                    except KeyError:
-                        raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
+                    inputs[role] = self._read_input(role, key)
         except (GenerationError, ValueError) as exc:
             self._fail(lease, attempt, str(exc))
             return None
         return _Claimed(lease, attempt, request, inputs)
+
+    def _read_input(self, role: str, key: str) -> bytes:
+        # Checked again here: a presigned upload URL can replace the file after submission.
+        limit = self.settings.max_upload_mb * 1024 * 1024
+        size = self.backend.blobs.size(key)
+        if size is not None and size > limit:
+            raise GenerationError(f"{role} upload is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb} MB")
+        try:
+            return self.backend.blobs.get(key)
+        except KeyError:
+            raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
 
     def _run(self, claimed: list[_Claimed]) -> None:
         started = time.monotonic()

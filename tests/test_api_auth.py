@@ -162,3 +162,12 @@ def test_cors_origins_from_environment_keep_their_ports():
 
     s = load_settings(env={"ACESTEP_CORS_ORIGINS": "http://localhost:5173, https://studio.example"}, dotenv_path=None)
     assert s.cors_origins == ["http://localhost:5173", "https://studio.example"]
+
+
+@pytest.mark.parametrize("key", ["", KEY])
+@pytest.mark.parametrize("sig", ["%C3%A9" * 32, "zz" * 32, "0" * 63, "0" * 200])
+def test_malformed_signatures_are_refused_not_crashing(settings, key, sig):
+    client = make_api(settings, api_key=key).client
+    query = f"expires=99999999999&sig={sig}"
+    assert client.get(f"/v1/audio?path=outputs%2Fx%2F1-0.mp3&{query}").status_code in (401, 403, 404)
+    assert client.put(f"/v1/uploads/uploads/pending/x/a.wav?{query}", content=b"RIFF").status_code in (401, 403)

@@ -255,6 +255,8 @@ RANGE_ERRORS = [
     ({"repainting_start": 700}, "repainting_start", "between -600 and 600", "700"),
     ({"repainting_start": 20, "repainting_end": 10}, "repainting_end", "greater than repainting_start", ""),
     ({"seed": "abc"}, "seed", "0-4294967295", "abc"),
+    ({"audio_code_string": "1 " * 3001}, "audio_code_string", "at most 3000 codes", ""),
+    ({"lm_negative_prompt": "x" * 5000}, "lm_negative_prompt", "4096", ""),
     ({"seed": -5}, "seed", "-1 for random", "-5"),
     ({"seed": 2**32}, "seed", "0-4294967295", ""),
     ({"timesteps": "0.5,0.9"}, "timesteps", "decreasing", ""),

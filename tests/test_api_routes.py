@@ -152,11 +152,14 @@ def test_upload_flow(api):
     assert api.engine.calls[-1]["src_audio"] == b"RIFFsource"
 
 
-def test_upload_flow_uses_the_blob_stores_presigned_put(api, monkeypatch):
-    monkeypatch.setattr(api.backend.blobs, "presigned_put_url",
-                        lambda key, ct, exp: f"https://s3.example/{key}?sig", raising=False)
-    up = api.client.post("/v1/uploads", json={"filename": "a.mp3", "content_type": "audio/mpeg"}).json()["data"]
-    assert up["upload_url"] == f"https://s3.example/{up['key']}?sig"
+def test_oversized_pre_uploaded_file_is_refused_at_submit(api):
+    # A presigned PUT cannot cap the size, so the submit checks what arrived.
+    api.settings.max_upload_mb = 1
+    up = api.client.post("/v1/uploads", json={"filename": "a.wav"}).json()["data"]
+    api.backend.blobs.put(up["key"], b"x" * (1024 * 1024 + 1), "audio/wav")
+    r = api.client.post("/release_task", json={"task_type": "cover", "src_audio_key": up["key"]})
+    assert r.status_code == 413 and "1 MB" in r.json()["detail"]
+    assert api.backend.store.counts()["total"] == 0
 
 
 @pytest.mark.parametrize("body,status", [

@@ -175,3 +175,9 @@ def test_submit_stores_uploads_as_task_blobs(backend):
     assert rec.request["src_audio_key"] == f"uploads/{task_id}/src_audio.wav"
     assert rec.blob_keys == [f"uploads/{task_id}/src_audio.wav"]
     assert backend.blobs.get(rec.request["src_audio_key"]) == b"abc"
+
+
+def test_blob_size(backend):
+    assert backend.blobs.size("uploads/pending/x/a.wav") is None
+    backend.blobs.put("uploads/pending/x/a.wav", b"12345", "audio/wav")
+    assert backend.blobs.size("uploads/pending/x/a.wav") == 5

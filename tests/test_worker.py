@@ -207,16 +207,19 @@ def test_compatible_waiting_tasks_share_one_engine_call(settings, backend, engin
     assert [len(c) for c in engine.calls] == [3]
     assert all(backend.store.get(t).status == SUCCEEDED for t in ids)
     assert backend.store.get(other).status == QUEUED  # released, not held hostage
-    worker.run_once(1.0)
+    worker.run_once(0)  # the task that did not fit was carried over, not handed back
     assert backend.store.get(other).status == SUCCEEDED
 
 
-def test_batch_key_only_groups_plain_text2music():
+def test_batch_key_is_the_engines_rule():
     base = GenerationRequest(audio_duration=30).model_dump()
-    assert batch_key(base) == batch_key({**base, "prompt": "other", "seeds": [3]})
-    assert batch_key({**base, "inference_steps": 20}) != batch_key(base)
-    assert batch_key({**base, "task_type": "cover", "src_audio_key": "k"}) is None
-    assert batch_key({**base, "audio_duration": None}) is None
+    key = batch_key(base, "turbo")
+    assert key == batch_key({**base, "prompt": "other", "seeds": [3]}, "turbo")
+    assert key == batch_key({**base, "model": "turbo"}, "turbo")  # the default named explicitly
+    assert batch_key({**base, "inference_steps": 20}, "turbo") != key
+    assert batch_key({**base, "bpm": 90}, "turbo") != key  # one pipeline call takes one bpm
+    assert batch_key({**base, "task_type": "cover", "src_audio_key": "k"}, "turbo") is None
+    assert batch_key({**base, "audio_code_string": "<|audio_code_5|>"}, "turbo") is None
 
 
 def test_idle_worker_starts_new_task_promptly(settings, engine):
@@ -235,3 +238,33 @@ def test_idle_worker_starts_new_task_promptly(settings, engine):
     thread.join(10)
     # Generous bound (the 50 ms target is measured in bench/wake_latency.py); a 5 s poll would fail it.
     assert started["t"] - submitted < 1.0
+
+
+def test_stop_during_poll_hands_the_new_task_back(settings, backend, engine):
+    task_id = _submit(backend)
+    worker = Worker(settings, backend, engine)
+    worker.request_stop()
+    assert worker.run_once(1.0) is False
+    assert engine.calls == [] and backend.store.get(task_id).status == QUEUED
+    assert Worker(settings, backend, engine).run_once(1.0) is True
+
+
+def test_giving_a_task_back_does_not_count_toward_dead_lettering(settings):
+    from service.embedded import make_embedded_backend
+
+    backend = make_embedded_backend(settings)  # SQS counts every receive; its redrive cannot tell
+    task_id = _submit(backend)
+    for _ in range(settings.max_receives + 2):
+        backend.queue.release(backend.queue.receive(1.0, 30))
+    lease = backend.queue.receive(1.0, 30)
+    assert lease is not None and lease.task_id == task_id
+    assert backend.store.get(task_id).status == QUEUED
+
+
+def test_oversized_upload_fails_the_task_before_reading_it(settings, backend, engine):
+    settings.max_upload_mb = 1
+    task_id = _submit(backend, task_type="cover", src_audio_key="placeholder",
+                      uploads={"src_audio": Upload(b"x" * (2 * 1024 * 1024), "in.wav", "audio/wav")})
+    Worker(settings, backend, engine).run_once(1.0)
+    rec = backend.store.get(task_id)
+    assert rec.status == FAILED and "the limit is 1 MB" in rec.error and engine.calls == []

@@ -8,6 +8,8 @@ from botocore.exceptions import ClientError
 from .clients import error_code
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# Without s3:ListBucket (which the roles deliberately lack) S3 answers a missing key with 403.
+_MISSING_OR_HIDDEN = _MISSING | {"403", "AccessDenied", "Forbidden"}
 
 
 class S3BlobStore:
@@ -27,12 +29,14 @@ class S3BlobStore:
             raise
 
     def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> Optional[int]:
         try:
-            self._s3.head_object(Bucket=self.bucket, Key=key)
-            return True
+            return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except ClientError as exc:
-            if error_code(exc) in _MISSING:
-                return False
+            if error_code(exc) in _MISSING_OR_HIDDEN:
+                return None
             raise
 
     def delete(self, key: str) -> None:

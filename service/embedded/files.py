@@ -54,6 +54,12 @@ class FileBlobStore:
         except InvalidKey:
             return False
 
+    def size(self, key: str) -> Optional[int]:
+        try:
+            return os.path.getsize(self._path(key))
+        except (FileNotFoundError, InvalidKey):
+            return None
+
     def delete(self, key: str) -> None:
         try:
             os.unlink(self._path(key))

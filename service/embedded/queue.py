@@ -99,8 +99,9 @@ class SqliteTaskQueue:
 
     def release(self, lease: Lease) -> None:
         with self.db.write() as c:
-            c.execute("UPDATE queue SET visible_at = ?, receipt = NULL WHERE task_id = ? AND receipt = ?",
-                      (time.time(), lease.task_id, lease.receipt))
+            # A deliberate give-back is not a failed delivery: it does not count toward dead-lettering.
+            c.execute("UPDATE queue SET visible_at = ?, receipt = NULL, receive_count = MAX(receive_count - 1, 0)"
+                      " WHERE task_id = ? AND receipt = ?", (time.time(), lease.task_id, lease.receipt))
         self._notify()
 
     def size(self) -> int:
