@@ -249,3 +249,9 @@ def test_generate_many_propagates_cancellation(engine):
 
     with pytest.raises(GenerationCancelled):
         engine.generate_many([(req(), {}), (req(), {})], progress=cancel)
+
+
+def test_outpainting_cannot_grow_past_the_600_s_limit(engine, source_wav):
+    with pytest.raises(GenerationError, match="the limit is 600"):
+        engine.generate(req(task_type="repaint", src_audio_key="k", audio_duration=None,
+                            repainting_start=-595, repainting_end=5), src_audio=source_wav)
