@@ -78,8 +78,8 @@ def main() -> None:
     rows = {name: measure(module, args.runs) for name, module in TARGETS.items()}
     print(f"Lambda entry cold import, median of {args.runs} fresh interpreters "
           f"(Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs)\n")
-    print(f"| target | import ms (median) | import ms (max) | peak RSS MB | modules | torch loaded |")
-    print(f"|---|---:|---:|---:|---:|---|")
+    print("| target | import ms (median) | import ms (max) | peak RSS MB | modules | torch loaded |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['import_ms']:.0f} | {r['import_ms_max']:.0f} | {r['peak_rss_mb']:.1f} "
               f"| {r['modules']} | {'yes' if r['torch'] else 'no'} |")

@@ -17,6 +17,9 @@ class GenerationCancelled(Exception):
 ProgressCallback = Callable[[float, str], None]
 
 
+CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
+
+
 @dataclass
 class EncodedAudio:
     data: bytes
@@ -28,7 +31,7 @@ class EncodedAudio:
 
     @property
     def content_type(self) -> str:
-        return {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}[self.format]
+        return CONTENT_TYPES[self.format]
 
 
 @dataclass

@@ -11,11 +11,10 @@ import json
 from typing import Any, Optional
 
 from service.config import Settings
-from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, Backend, TaskRecord
+from service.ports import FAILED, QUEUED, SUCCEEDED, Backend, TaskRecord
 
 from .signing import audio_url
 
-STATUS_CODE = {QUEUED: 0, RUNNING: 0, SUCCEEDED: 1, FAILED: 2}
 ENV = "development"  # upstream's constant; clients print it
 NOT_FOUND = "task not found"
 META_KEYS = ("bpm", "duration", "genres", "keyscale", "timesignature")

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from engine.types import CONTENT_TYPES
 from service.ports import SUCCEEDED
 
 from .auth import header_is_valid, require_body_or_header, require_header, token_from_fields
@@ -25,8 +26,7 @@ from .signing import upload_url, verify
 
 router = APIRouter(tags=["audio"])
 
-MEDIA_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
-OUTPUT_KEY_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac|ogg)$")
+OUTPUT_KEY_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac)$")
 ACCESS_DENIED = "Access denied: path outside allowed directory"
 AUDIO_NOT_FOUND = "Audio file not found"
 UPLOAD_TTL = 900
@@ -74,7 +74,7 @@ async def get_audio(request: Request, path: Optional[str] = None, expires: Optio
             raise not_found(AUDIO_NOT_FOUND) from None
 
     kind, value = await run_in_threadpool(lookup)
-    media = MEDIA_TYPES[fmt]
+    media = CONTENT_TYPES[fmt]
     if kind == "url":
         return RedirectResponse(value, status_code=307)
     filename = f"{task_id}_{path.rsplit('/', 1)[1]}"
