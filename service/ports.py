@@ -148,3 +148,6 @@ class Backend:
     # Moves dead-lettered tasks to `failed` with their reason; returns how many. The embedded
     # queue does this itself as it receives; on AWS the worker calls it now and then (SQS DLQ).
     drain_dead_letters: Optional[Callable[[], int]] = None
+    # Deletes finished tasks past their retention, with their audio, and abandoned uploads;
+    # returns how many. On AWS, DynamoDB TTL and S3 lifecycle rules do this instead.
+    sweep_expired: Optional[Callable[[], int]] = None

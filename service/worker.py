@@ -32,6 +32,7 @@ log = logging.getLogger("acestep.worker")
 # Progress writes are throttled: a store write per diffusion step would dominate small tasks.
 PROGRESS_MIN_DELTA = 0.05
 PROGRESS_MIN_SECONDS = 0.5
+SWEEP_INTERVAL_SECONDS = 600
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Worker:
         self.stop_event = threading.Event()  # stop taking new work
         self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
         self._last_dlq_drain = 0.0
+        self._last_sweep = -SWEEP_INTERVAL_SECONDS  # sweep on the first round
         # A lease taken while filling a batch that did not fit it: run first next round rather
         # than hand it back (a give-back would count as a failed delivery on SQS).
         self._carried: Optional[Lease] = None
@@ -151,6 +153,7 @@ class Worker:
     def run_once(self, wait_seconds: float) -> bool:
         """Process the next task (and compatible ones waiting behind it). False if none came."""
         self._maybe_drain_dead_letters()
+        self._maybe_sweep()
         lease, self._carried = self._carried, None
         if lease is not None:
             self.backend.queue.extend(lease, self.settings.visibility_timeout)
@@ -295,6 +298,18 @@ class Worker:
         log.warning("task %s failed: %s", lease.task_id, message)
         self.backend.store.finish(lease.task_id, attempt, error=message)
         self.backend.queue.ack(lease)
+
+    def _maybe_sweep(self) -> None:
+        sweep = self.backend.sweep_expired
+        if sweep is None or time.monotonic() - self._last_sweep < SWEEP_INTERVAL_SECONDS:
+            return
+        self._last_sweep = time.monotonic()
+        try:
+            n = sweep()
+            if n:
+                log.info("removed %d expired task(s)/upload(s)", n)
+        except Exception:
+            log.exception("could not sweep expired tasks")
 
     def _maybe_drain_dead_letters(self) -> None:
         drain = self.backend.drain_dead_letters

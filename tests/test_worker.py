@@ -268,3 +268,28 @@ def test_oversized_upload_fails_the_task_before_reading_it(settings, backend, en
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == FAILED and "the limit is 1 MB" in rec.error and engine.calls == []
+
+
+def test_embedded_sweep_removes_expired_results_and_abandoned_uploads(settings, engine):
+    import os
+
+    from service.embedded import make_embedded_backend
+
+    backend = make_embedded_backend(settings)
+    old, fresh = _submit(backend), _submit(backend)
+    Worker(settings, backend, engine).run_once(1.0)
+    Worker(settings, backend, engine).run_once(1.0)
+    old_keys = backend.store.get(old).blob_keys
+    backend.blobs.put("uploads/pending/abc/song.wav", b"RIFF", "audio/wav")
+    backend.blobs.put("uploads/pending/new/song.wav", b"RIFF", "audio/wav")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(backend.blobs.local_path("uploads/pending/abc/song.wav"), (two_days_ago, two_days_ago))
+    backend.store.db.read().execute(  # age the first result past the retention
+        "UPDATE tasks SET finished_at = ? WHERE task_id = ?", (time.time() - 8 * 86400, old))
+
+    assert backend.sweep_expired() == 2
+    assert backend.store.get(old) is None and not any(backend.blobs.exists(k) for k in old_keys)
+    assert backend.store.get(fresh).status == SUCCEEDED
+    assert all(backend.blobs.exists(k) for k in backend.store.get(fresh).blob_keys)
+    assert not backend.blobs.exists("uploads/pending/abc/song.wav")
+    assert backend.blobs.exists("uploads/pending/new/song.wav")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from ..config import Settings
 from ..ports import Backend
@@ -9,6 +10,8 @@ from .db import Database
 from .files import FileBlobStore
 from .queue import SqliteTaskQueue
 from .store import SqliteTaskStore
+
+PENDING_UPLOADS = "uploads/pending/"  # the upload flow's keys before a task claims them
 
 
 def make_embedded_backend(settings: Settings) -> Backend:
@@ -24,5 +27,16 @@ def make_embedded_backend(settings: Settings) -> Backend:
         )
 
     queue = SqliteTaskQueue(db, max_receives=settings.max_receives, on_dead_letter=dead_letter)
-    return Backend(store=store, queue=queue, blobs=FileBlobStore(os.path.join(data_dir, "blobs")),
-                   name="embedded")
+    blobs = FileBlobStore(os.path.join(data_dir, "blobs"))
+
+    def sweep_expired() -> int:
+        """Results are kept ACESTEP_TASK_TTL_DAYS; uploads never submitted, one day."""
+        now = time.time()
+        removed = 0
+        for record in store.delete_finished_before(now - settings.task_ttl_days * 86400):
+            for key in record.blob_keys:
+                blobs.delete(key)
+            removed += 1
+        return removed + blobs.delete_older_than(PENDING_UPLOADS, now - 86400)
+
+    return Backend(store=store, queue=queue, blobs=blobs, name="embedded", sweep_expired=sweep_expired)

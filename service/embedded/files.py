@@ -66,6 +66,20 @@ class FileBlobStore:
         except (FileNotFoundError, InvalidKey):
             pass
 
+    def delete_older_than(self, prefix: str, cutoff: float) -> int:
+        """Delete files under `prefix` last written before `cutoff` (epoch seconds)."""
+        root = self._path(prefix.rstrip("/"))
+        removed = 0
+        for folder, _, files in os.walk(root, topdown=False):
+            for name in files:
+                path = os.path.join(folder, name)
+                if os.path.getmtime(path) < cutoff:
+                    os.unlink(path)
+                    removed += 1
+            if folder != root and not os.listdir(folder):
+                os.rmdir(folder)
+        return removed
+
     def local_path(self, key: str) -> Optional[str]:
         path = self._path(key)
         return path if os.path.isfile(path) else None

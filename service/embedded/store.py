@@ -116,6 +116,14 @@ class SqliteTaskStore:
             merged = list(dict.fromkeys(json.loads(row["blob_keys"]) + keys))
             c.execute("UPDATE tasks SET blob_keys = ? WHERE task_id = ?", (json.dumps(merged), task_id))
 
+    def delete_finished_before(self, cutoff: float, limit: int = 500) -> list[TaskRecord]:
+        """Remove up to `limit` tasks that finished before `cutoff`; returns them (for their blobs)."""
+        with self.db.write() as c:
+            rows = c.execute("SELECT * FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?"
+                             " ORDER BY finished_at LIMIT ?", (cutoff, limit)).fetchall()
+            c.executemany("DELETE FROM tasks WHERE seq = ?", [(r["seq"],) for r in rows])
+        return [_row_to_record(r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}
         for row in self.db.read().execute("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status"):
