@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from engine.request import TIME_SIGNATURES
+from engine.request import GenerationRequest
 from engine.types import GenerationError
 
 from . import lm_gateway
@@ -19,6 +20,7 @@ from .body import read_body
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, wrap
 from .fields import parse_object, to_float, to_int, to_str
+from .request_parsing import validation_message
 
 router = APIRouter(tags=["lm"])
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -35,32 +37,38 @@ def parse_format_input(fields: dict) -> dict:
     """Validate /format_input's body: prompt, lyrics, temperature and param_obj metadata."""
     prompt = to_str(fields.get("prompt", fields.get("caption")) or "", "prompt")
     lyrics = to_str(fields.get("lyrics") or "", "lyrics")
-    if len(prompt) > 4096:
-        raise bad_request(f"prompt: must be at most 4096 characters (got {len(prompt)})")
-    if len(lyrics) > 16384:
-        raise bad_request(f"lyrics: must be at most 16384 characters (got {len(lyrics)})")
     temperature = to_float(fields.get("temperature"), "temperature") if fields.get("temperature") is not None else None
     temperature = _in_range(0.85 if temperature is None else temperature, 0.0, 2.0, "temperature")
     obj = parse_object(fields.get("param_obj"), "param_obj") or {}
-    meta: dict[str, Any] = {}
+    values: dict[str, Any] = {"prompt": prompt, "lyrics": lyrics}
+    labels = {"prompt": "prompt", "lyrics": "lyrics"}
     if obj.get("duration") is not None:
-        meta["duration"] = _in_range(to_float(obj["duration"], "param_obj.duration"), 10, 600, "param_obj.duration")
+        values["audio_duration"] = to_float(obj["duration"], "param_obj.duration")
+        labels["audio_duration"] = "param_obj.duration"
     if obj.get("bpm") is not None:
-        meta["bpm"] = _in_range(to_int(obj["bpm"], "param_obj.bpm"), 30, 300, "param_obj.bpm")
+        values["bpm"] = to_int(obj["bpm"], "param_obj.bpm")
+        labels["bpm"] = "param_obj.bpm"
     key = obj.get("key", obj.get("key_scale"))
     if key is not None:
-        meta["key_scale"] = to_str(key, "param_obj.key_scale")[:64]
+        values["key_scale"] = to_str(key, "param_obj.key_scale")
+        labels["key_scale"] = "param_obj.key_scale"
     ts = obj.get("time_signature", fields.get("time_signature"))
     if ts is not None:
-        ts = to_str(ts, "time_signature").strip()
-        ts = ts[:-2] if ts.endswith("/4") else ts
-        if ts not in TIME_SIGNATURES:
-            raise bad_request(f"time_signature: must be one of 2, 3, 4, 6 (got {ts!r})")
-        meta["time_signature"] = ts
+        values["time_signature"] = to_str(ts, "time_signature")
+        labels["time_signature"] = "time_signature"
     lang = obj.get("language", obj.get("vocal_language"))
     if lang is not None and to_str(lang, "param_obj.language") not in ("", "unknown"):
-        meta["language"] = to_str(lang, "param_obj.language")[:16]
-    return {"caption": prompt, "lyrics": lyrics, "metadata": {k: v for k, v in meta.items() if v is not None},
+        values["vocal_language"] = to_str(lang, "param_obj.language")
+        labels["vocal_language"] = "param_obj.language"
+    # The same limits as /release_task: GenerationRequest is the one place they are written.
+    try:
+        req = GenerationRequest(**values)
+    except ValidationError as exc:
+        raise bad_request(validation_message(exc, labels)) from None
+    meta = {"duration": req.audio_duration, "bpm": req.bpm, "key_scale": req.key_scale or None,
+            "time_signature": req.time_signature or None,
+            "language": req.vocal_language if "vocal_language" in values else None}
+    return {"caption": req.prompt, "lyrics": req.lyrics, "metadata": {k: v for k, v in meta.items() if v is not None},
             "temperature": temperature}
 
 

@@ -106,6 +106,8 @@ def test_format_input_without_lm_is_503(api):
     ({"temperature": 9}, "temperature"),
     ({"time_signature": "7"}, "time_signature"),
     ({"prompt": {"a": 1}}, "prompt"),
+    ({"prompt": "x" * 5000}, "prompt"),
+    ({"param_obj": {"key": "k" * 100}}, "param_obj.key_scale"),
 ])
 def test_format_input_validates_before_the_lm(api, body, field):
     r = api.client.post("/format_input", json=body)
