@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
@@ -33,6 +33,31 @@ log = logging.getLogger("acestep.worker")
 PROGRESS_MIN_DELTA = 0.05
 PROGRESS_MIN_SECONDS = 0.5
 SWEEP_INTERVAL_SECONDS = 600
+DEAD_LETTER_INTERVAL_SECONDS = 30
+
+
+class _Chore:
+    """A backend housekeeping call (returns a count), run at most once per interval.
+
+    A failure is logged and retried next interval: housekeeping must not stop the worker.
+    """
+
+    def __init__(self, fn: Optional[Callable[[], int]], interval: float, done_message: str,
+                 level: int = logging.INFO):
+        self.fn, self.interval, self.done_message, self.level = fn, interval, done_message, level
+        self.last_run: Optional[float] = None  # None: due now
+
+    def run_if_due(self) -> None:
+        now = time.monotonic()
+        if self.fn is None or (self.last_run is not None and now - self.last_run < self.interval):
+            return
+        self.last_run = now
+        try:
+            n = self.fn()
+            if n:
+                log.log(self.level, self.done_message, n)
+        except Exception:
+            log.exception("housekeeping failed: %s", self.done_message)
 
 
 @dataclass
@@ -107,8 +132,11 @@ class Worker:
         self.lm_available = lm_available
         self.stop_event = threading.Event()  # stop taking new work
         self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
-        self._last_dlq_drain = 0.0
-        self._last_sweep = -SWEEP_INTERVAL_SECONDS  # sweep on the first round
+        # Backend housekeeping, each due on the first round and then every interval.
+        self.dead_letter_chore = _Chore(backend.drain_dead_letters, DEAD_LETTER_INTERVAL_SECONDS,
+                                        "marked %d dead-lettered task(s) failed", logging.WARNING)
+        self.sweep_chore = _Chore(backend.sweep_expired, SWEEP_INTERVAL_SECONDS,
+                                  "removed %d expired task(s)/upload(s)")
         # A lease taken while filling a batch that did not fit it: run first next round rather
         # than hand it back (a give-back would count as a failed delivery on SQS).
         self._carried: Optional[Lease] = None
@@ -152,8 +180,8 @@ class Worker:
 
     def run_once(self, wait_seconds: float) -> bool:
         """Process the next task (and compatible ones waiting behind it). False if none came."""
-        self._maybe_drain_dead_letters()
-        self._maybe_sweep()
+        self.dead_letter_chore.run_if_due()
+        self.sweep_chore.run_if_due()
         lease, self._carried = self._carried, None
         if lease is not None:
             self.backend.queue.extend(lease, self.settings.visibility_timeout)
@@ -299,29 +327,6 @@ class Worker:
         self.backend.store.finish(lease.task_id, attempt, error=message)
         self.backend.queue.ack(lease)
 
-    def _maybe_sweep(self) -> None:
-        sweep = self.backend.sweep_expired
-        if sweep is None or time.monotonic() - self._last_sweep < SWEEP_INTERVAL_SECONDS:
-            return
-        self._last_sweep = time.monotonic()
-        try:
-            n = sweep()
-            if n:
-                log.info("removed %d expired task(s)/upload(s)", n)
-        except Exception:
-            log.exception("could not sweep expired tasks")
-
-    def _maybe_drain_dead_letters(self) -> None:
-        drain = self.backend.drain_dead_letters
-        if drain is None or time.monotonic() - self._last_dlq_drain < 30:
-            return
-        self._last_dlq_drain = time.monotonic()
-        try:
-            n = drain()
-            if n:
-                log.warning("marked %d dead-lettered task(s) failed", n)
-        except Exception:
-            log.exception("could not drain dead letters")
 
 
 def _describe_error(exc: BaseException) -> str:

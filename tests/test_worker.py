@@ -192,7 +192,7 @@ def test_poison_task_is_dead_lettered_with_reason(settings, backend, engine):
     worker = Worker(settings, backend, engine)
     deadline = time.monotonic() + 10
     while backend.store.get(task_id).status != FAILED and time.monotonic() < deadline:
-        worker._last_dlq_drain = 0.0
+        worker.dead_letter_chore.last_run = None  # due on every round here
         worker.run_once(0.5)
     rec = backend.store.get(task_id)
     assert rec.status == FAILED and str(settings.max_receives) in rec.error
