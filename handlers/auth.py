@@ -37,13 +37,8 @@ def header_is_valid(settings: Settings, request: Request) -> bool:
 
 def require_header(settings: Settings, request: Request) -> None:
     """Header-only routes (/v1/stats, /v1/models, /v1/audio, /docs ...)."""
-    if not settings.api_key:
-        return
-    value = request.headers.get("authorization")
-    if not value:
-        raise ApiError(401, MISSING_HEADER, headers={"WWW-Authenticate": "Bearer"})
-    if not _equal(_key_from_header(value.strip()), settings.api_key):
-        raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
+    if settings.api_key:
+        _check_header(settings, request, MISSING_HEADER)
 
 
 def require_body_or_header(settings: Settings, request: Request, ai_token: Any) -> None:
@@ -55,9 +50,14 @@ def require_body_or_header(settings: Settings, request: Request, ai_token: Any) 
         if not isinstance(ai_token, str) or not _equal(ai_token, settings.api_key):
             raise ApiError(401, INVALID_TOKEN)
         return
+    _check_header(settings, request, MISSING_BODY_AUTH)
+
+
+def _check_header(settings: Settings, request: Request, missing_message: str) -> None:
+    """The Authorization header must carry the key; upstream words a missing one per route kind."""
     value = request.headers.get("authorization")
     if not value:
-        raise ApiError(401, MISSING_BODY_AUTH, headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, missing_message, headers={"WWW-Authenticate": "Bearer"})
     if not _equal(_key_from_header(value.strip()), settings.api_key):
         raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
 
