@@ -15,6 +15,7 @@ COPY pyproject.toml README.m[d] /src/
 COPY engine /src/engine
 COPY service /src/service
 COPY handlers /src/handlers
+COPY entrypoints /src/entrypoints
 
 # ---- worker: acestep-worker on a CUDA build of torch ------------------------------------------
 FROM ${TORCH_CUDA_IMAGE} AS worker
@@ -37,7 +38,7 @@ RUN useradd --uid 1000 --create-home acestep \
     && mkdir -p /checkpoints && chown acestep:acestep /checkpoints
 USER acestep
 VOLUME ["/checkpoints"]
-# SIGTERM stops intake and finishes or releases the running task (see service/worker_cli.py).
+# SIGTERM stops intake and finishes or releases the running task (see entrypoints/worker.py).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["acestep-worker"]
 CMD ["--backend", "aws"]
@@ -49,4 +50,4 @@ COPY --from=source /src /tmp/src
 RUN pip install --no-cache-dir --target "${LAMBDA_TASK_ROOT}" /tmp/src \
     && rm -rf /tmp/src \
     && python -c "import importlib.util, sys; sys.path.insert(0, '${LAMBDA_TASK_ROOT}'); assert importlib.util.find_spec('torch') is None, 'torch leaked into the Lambda image'"
-CMD ["handlers.lambda_handler.handler"]
+CMD ["entrypoints.lambda_api.handler"]

@@ -1,7 +1,7 @@
 """Cold start of the Lambda entry point: import time and memory in a fresh interpreter.
 
 Each measurement runs a new `python -c` (as a Lambda cold start does), imports one target and
-reports the import wall time and the peak RSS. The Lambda entry (handlers.lambda_handler, which
+reports the import wall time and the peak RSS. The Lambda entry (entrypoints.lambda_api, which
 builds the whole app with the AWS backend) is compared with a bare `import fastapi`, so the
 difference is what our code adds. Nothing reaches AWS: fake credentials and an unroutable
 endpoint are set, and building the app makes no AWS calls.
@@ -37,7 +37,7 @@ print(json.dumps({{
 TARGETS = {
     "python (no import)": "sys",
     "import fastapi (baseline)": "fastapi",
-    "handlers.lambda_handler": "handlers.lambda_handler",
+    "entrypoints.lambda_api": "entrypoints.lambda_api",
 }
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['import_ms']:.0f} | {r['import_ms_max']:.0f} | {r['peak_rss_mb']:.1f} "
               f"| {r['modules']} | {'yes' if r['torch'] else 'no'} |")
-    base, entry = rows["import fastapi (baseline)"], rows["handlers.lambda_handler"]
+    base, entry = rows["import fastapi (baseline)"], rows["entrypoints.lambda_api"]
     print(f"\nThe entry adds {entry['import_ms'] - base['import_ms']:.0f} ms and "
           f"{entry['peak_rss_mb'] - base['peak_rss_mb']:.1f} MB over a bare `import fastapi`.")
     exe = Path(sys.executable)

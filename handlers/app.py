@@ -1,8 +1,7 @@
-"""The FastAPI application factory.
+"""The FastAPI application factory: `create_app(settings, backend)`.
 
-    uvicorn --factory handlers.app:create_app      # settings from the environment / .env
-
-No module-level `app` is created at import: the factory reads settings and builds the backend.
+The entry points (entrypoints.bootstrap) build the backend and pass it in; this package never
+chooses or constructs adapters itself.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 
-from service.config import Settings, load_settings
+from service.config import Settings
 from service.ports import Backend
 
 from . import routes_audio, routes_info, routes_lm, routes_tasks
@@ -50,14 +49,8 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
         return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - docs")
 
 
-def create_app(settings: Optional[Settings] = None, backend: Optional[Backend] = None) -> FastAPI:
-    """Build the API. Settings default to load_settings(); the backend to make_backend(settings)."""
-    if settings is None:
-        settings = load_settings()
-    if backend is None:
-        from service.backend import make_backend
-
-        backend = make_backend(settings)
+def create_app(settings: Settings, backend: Backend) -> FastAPI:
+    """Build the API on the given backend."""
     app = FastAPI(title="ACE-Step API", version="1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings

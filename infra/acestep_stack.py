@@ -211,7 +211,7 @@ class AceStepStack(Stack):
             fn = lambda_.Function(
                 self, "ApiFunction",
                 runtime=lambda_.Runtime.PYTHON_3_11,
-                handler="handlers.lambda_handler.handler",
+                handler="entrypoints.lambda_api.handler",
                 code=lambda_.Code.from_asset(opts.lambda_asset_dir),
                 **common,
             )

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("handlers", "service", "engine")  # engine: only the torch-free request model is imported
+PACKAGES = ("entrypoints", "handlers", "service", "engine")  # engine: only the torch-free request model is imported
 
 
 def base_dependencies() -> list[str]:

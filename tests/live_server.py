@@ -1,4 +1,4 @@
-"""Run the real service (`python -m service.launcher`, as `make run` does) in a subprocess."""
+"""Run the real service (`python -m entrypoints.api_server`, as `make run` does) in a subprocess."""
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +30,7 @@ class LiveServer:
             return f.read()
 
     def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "service.worker_cli"],
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "entrypoints.worker"],
                              capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
@@ -56,7 +56,7 @@ def live_server(data_dir: str, checkpoint_dir: str, workers: int = 1, env: Optio
     os.makedirs(data_dir, exist_ok=True)
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACESTEP_ALLOW_DOWNLOAD": "false",
                 "PYTHONPATH": REPO, **(env or {})}
-    cmd = [sys.executable, "-m", "service.launcher", "--port", str(port), "--data-dir", data_dir,
+    cmd = [sys.executable, "-m", "entrypoints.api_server", "--port", str(port), "--data-dir", data_dir,
            "--checkpoint-dir", checkpoint_dir, "--workers", str(workers), "--log-level", "info"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=data_dir, env=full_env, stdout=log, stderr=subprocess.STDOUT,

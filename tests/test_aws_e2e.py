@@ -71,7 +71,7 @@ class Cluster:
         return proc
 
     def start_api(self) -> None:
-        proc = self._spawn("api", ["-m", "uvicorn", "--factory", "handlers.app:create_app",
+        proc = self._spawn("api", ["-m", "uvicorn", "--factory", "entrypoints.bootstrap:app_from_env",
                                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -82,7 +82,7 @@ class Cluster:
         raise AssertionError("API did not start:\n" + self.logs())
 
     def start_worker(self, name: str) -> subprocess.Popen:
-        return self._spawn(name, ["-m", "service.worker_cli", "--backend", "aws", "--grace-seconds", "5"])
+        return self._spawn(name, ["-m", "entrypoints.worker", "--backend", "aws", "--grace-seconds", "5"])
 
     def kill(self, proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # no SIGTERM courtesy: a crash, OOM kill or lost instance

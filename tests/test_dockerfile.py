@@ -16,7 +16,7 @@ def test_worker_and_lambda_targets_exist():
     stages, text = _stages()
     assert {"worker", "lambda"} <= set(stages)
     lambda_stage = text.split("AS lambda", 1)[1]
-    assert 'CMD ["handlers.lambda_handler.handler"]' in lambda_stage
+    assert 'CMD ["entrypoints.lambda_api.handler"]' in lambda_stage
     installs = re.findall(r"pip install[^\n]*", lambda_stage)
     assert installs and not any("[" in line for line in installs)  # no extras: no engine, no torch
     worker_stage = text.split("AS worker", 1)[1].split("AS lambda", 1)[0]

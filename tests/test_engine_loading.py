@@ -162,7 +162,7 @@ def test_engine_never_imports_the_service_layers():
 
 
 def test_models_cli_make_tiny_and_list(tmp_path, capsys, monkeypatch):
-    from engine.models_cli import main
+    from entrypoints.models import main
 
     monkeypatch.setenv("ACESTEP_CONFIG_PATH", "acestep-v15-base")
     assert main(["make-tiny", str(tmp_path), "--name", "acestep-v15-base"]) == 0

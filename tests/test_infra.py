@@ -176,7 +176,7 @@ def test_gpu_capacity_provider_and_task(template):
 def test_http_api_routes_to_the_lambda_entry(template):
     template.resource_count_is("AWS::ApiGatewayV2::Api", 1)
     fn = _resources(template, "AWS::Lambda::Function")[
-        _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "handlers.lambda_handler.handler")]
+        _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")]
     env = fn["Properties"]["Environment"]["Variables"]
     assert env["ACESTEP_BACKEND"] == "aws" and "ACESTEP_API_KEY_SECRET_ARN" in env and "ACESTEP_API_KEY" not in env
     assert fn["Properties"]["Runtime"] == "python3.11"

@@ -22,7 +22,7 @@ with mock_aws():
     import os
     os.environ.update(ACESTEP_BACKEND="aws", ACESTEP_TABLE_NAME=s.table_name, ACESTEP_QUEUE_URL=s.queue_url,
                       ACESTEP_DLQ_URL=s.dlq_url, ACESTEP_BUCKET=s.bucket)
-    import handlers.lambda_handler as lh
+    import entrypoints.lambda_api as lh
     event = {
         "version": "2.0", "routeKey": "$default", "rawPath": "/health", "rawQueryString": "",
         "headers": {"host": "example.execute-api.us-east-1.amazonaws.com"},

@@ -12,62 +12,16 @@ import logging
 import signal
 import threading
 
-from .backend import make_backend
-from .config import Settings, load_settings
+from service.config import Settings, load_settings
+
+from . import bootstrap
 
 log = logging.getLogger("acestep.worker")
 
 
-def engine_config(settings: Settings):
-    from engine.config import EngineConfig
-
-    return EngineConfig(
-        checkpoint_dir=settings.checkpoint_dir,
-        model_names=settings.model_names,
-        device=settings.device,
-        dtype=settings.dtype,
-        allow_download=settings.allow_download,
-        lm_model=settings.lm_model_path or None,
-    )
-
-
-def load_engine(settings: Settings):
-    """Load the DiT models once (building demo random-weight models if so configured)."""
-    from engine.checkpoints import ModelNotFound, ensure_demo_models
-    from engine.service import Engine
-
-    config = engine_config(settings)
-    if settings.demo_if_missing:
-        _warn_demo(ensure_demo_models(config), settings)
-    try:
-        return Engine.load(config)
-    except ModelNotFound as exc:
-        if not settings.demo_if_missing:
-            raise
-        # The download was possible in principle but failed (no network): fall back to demos.
-        log.error("%s", exc)
-        config.allow_download = False
-        _warn_demo(ensure_demo_models(config), settings)
-        return Engine.load(config)
-
-
-def _warn_demo(names: list[str], settings: Settings) -> None:
-    for name in names:
-        log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
-                    "under %s/%s (or run `acestep-models download %s`) to generate music.",
-                    name, settings.checkpoint_dir, name, name)
-
-
 def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
-    from .worker import Worker
-
-    if settings.backend == "aws":
-        from .aws.secrets import resolve_secret_env
-
-        resolve_secret_env(settings)
-    backend = make_backend(settings)
-    engine = load_engine(settings)
-    worker = Worker(settings, backend, engine)
+    bootstrap.resolve_secrets(settings)
+    worker = bootstrap.build_worker(settings)
 
     def on_term(signum, frame):
         if worker.stop_event.is_set():

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from mangum import Mangum
 
-from handlers.app import create_app
+from entrypoints import bootstrap
 from service.config import load_settings
 
 settings = load_settings(dotenv_path=None)  # no .env in a Lambda package: the environment is the config
-if settings.backend == "aws":
-    from service.aws.secrets import resolve_secret_env
-
-    resolve_secret_env(settings)  # the API key from Secrets Manager / SSM, once per cold start
-
-app = create_app(settings)
+bootstrap.resolve_secrets(settings)  # the API key from Secrets Manager / SSM, once per cold start
+app = bootstrap.build_app(settings)
 # lifespan "off": a Lambda container has no long-lived startup/shutdown to run per invocation.
 handler = Mangum(app, lifespan="off")

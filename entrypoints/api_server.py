@@ -1,7 +1,7 @@
 """`acestep-api` (and `make run`): the API plus its workers on one machine.
 
 The API serves in this process; each worker (ACESTEP_QUEUE_WORKERS, default 1) is a child
-process running `acestep-worker` against the same backend, so a generation never blocks the
+process running `acestep-worker` (entrypoints.worker) against the same backend, so a generation never blocks the
 event loop and a crashed worker does not take the API down (it is restarted; its task is
 redelivered).
 """
@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 
-from .config import ENV_NAMES, Settings, load_settings
+from service.config import ENV_NAMES, Settings, load_settings
+
+from . import bootstrap
 
 log = logging.getLogger("acestep.launcher")
 
@@ -82,7 +84,7 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         # Grace below stop()'s timeout: a running task is released, not killed mid-way.
-        return subprocess.Popen([sys.executable, "-m", "service.worker_cli", "--log-level", self.log_level,
+        return subprocess.Popen([sys.executable, "-m", "entrypoints.worker", "--log-level", self.log_level,
                                  "--grace-seconds", str(STOP_GRACE_SECONDS)],
                                 env=child_env(self.settings), preexec_fn=_die_with_parent)
 
@@ -126,16 +128,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    if settings.backend == "aws":  # API on EC2/ECS: the key may live in Secrets Manager / SSM
-        from .aws.secrets import resolve_secret_env
-
-        resolve_secret_env(settings)
+    bootstrap.resolve_secrets(settings)
 
     import uvicorn
 
-    from handlers.app import create_app
-
-    app = create_app(settings)
+    app = bootstrap.build_app(settings)
     supervisor = WorkerSupervisor(settings, settings.queue_workers, args.log_level)
     if settings.queue_workers > 0:
         supervisor.start()

@@ -1,0 +1,96 @@
+"""Wiring: settings -> backend -> API app, engine, worker.
+
+The one module that knows every layer. The API and the worker receive their backend (and the
+worker its engine) from here, so nothing below the entry points reaches back up.
+"""
+from __future__ import annotations
+
+import logging
+
+from service.config import Settings
+from service.ports import Backend
+
+log = logging.getLogger("acestep.bootstrap")
+
+
+def resolve_secrets(settings: Settings) -> None:
+    """On AWS the API key may live in Secrets Manager / SSM; read it once at start-up."""
+    if settings.backend == "aws":
+        from service.aws.secrets import resolve_secret_env
+
+        resolve_secret_env(settings)
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The storage/queue adapters named by the settings."""
+    if settings.backend == "aws":
+        from service.aws import make_aws_backend  # boto3 only when asked for
+
+        return make_aws_backend(settings)
+    from service.embedded import make_embedded_backend
+
+    return make_embedded_backend(settings)
+
+
+def build_app(settings: Settings, backend: Backend | None = None):
+    """The FastAPI app on `backend` (built from the settings when not given)."""
+    from handlers.app import create_app
+
+    return create_app(settings, backend if backend is not None else build_backend(settings))
+
+
+def engine_config(settings: Settings):
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        checkpoint_dir=settings.checkpoint_dir,
+        model_names=settings.model_names,
+        device=settings.device,
+        dtype=settings.dtype,
+        allow_download=settings.allow_download,
+        lm_model=settings.lm_model_path or None,
+    )
+
+
+def load_engine(settings: Settings):
+    """Load the DiT models once (building demo random-weight models if so configured)."""
+    from engine.checkpoints import ModelNotFound, ensure_demo_models
+    from engine.service import Engine
+
+    config = engine_config(settings)
+    if settings.demo_if_missing:
+        _warn_demo(ensure_demo_models(config), settings)
+    try:
+        return Engine.load(config)
+    except ModelNotFound as exc:
+        if not settings.demo_if_missing:
+            raise
+        # The download was possible in principle but failed (no network): fall back to demos.
+        log.error("%s", exc)
+        config.allow_download = False
+        _warn_demo(ensure_demo_models(config), settings)
+        return Engine.load(config)
+
+
+def _warn_demo(names: list[str], settings: Settings) -> None:
+    for name in names:
+        log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
+                    "under %s/%s (or run `acestep-models download %s`) to generate music.",
+                    name, settings.checkpoint_dir, name, name)
+
+
+def build_worker(settings: Settings, engine=None, backend: Backend | None = None):
+    """A worker on the configured backend with a loaded engine."""
+    from service.worker import Worker
+
+    backend = backend if backend is not None else build_backend(settings)
+    return Worker(settings, backend, engine if engine is not None else load_engine(settings))
+
+
+def app_from_env():
+    """`uvicorn --factory entrypoints.bootstrap:app_from_env`: settings from the environment / .env."""
+    from service.config import load_settings
+
+    settings = load_settings()
+    resolve_secrets(settings)
+    return build_app(settings)
