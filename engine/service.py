@@ -48,7 +48,6 @@ _STEPS_FROM, _STEPS_TO = 0.05, 0.90
 class LoadedModel:
     info: ModelInfo
     pipe: AceStepPipeline
-    marker: Optional[dict]
 
     @property
     def random_weights(self) -> bool:
@@ -129,7 +128,7 @@ class Engine:
                 task_types=supported_task_types(name, marker, is_turbo=bool(pipe.is_turbo)),
                 path=str(path),
             )
-            models[name] = LoadedModel(info=info, pipe=pipe, marker=marker)
+            models[name] = LoadedModel(info=info, pipe=pipe)
             log.info("loaded model %s from %s in %.1fs (shared: %s)%s", name, path, time.perf_counter() - t0,
                      ", ".join(sorted(reuse)) or "none",
                      f" -- {DEMO_NOTICE.upper()}" if info.random_weights else "")

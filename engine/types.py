@@ -44,10 +44,6 @@ class GenerationResult:
     # what ran and how long each stage took; includes random_weights when the model is a demo
     generation_info: dict = field(default_factory=dict)
 
-    @property
-    def seeds(self) -> list[int]:
-        return [a.seed for a in self.audios]
-
 
 @dataclass
 class ModelInfo:

@@ -15,9 +15,10 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from engine.request import AUDIO_FORMATS, GenerationRequest
+from service import blob_keys
 from service.config import Settings
 from service.ports import Backend
-from service.tasks import Upload
+from service.submission import Upload
 
 from .body import FilePart, upload_limit
 from .envelope import bad_request, too_large
@@ -28,9 +29,7 @@ FILE_FIELDS = {
     "src_audio": ("src_audio", "ctx_audio"),
     "reference_audio": ("reference_audio", "ref_audio"),
 }
-PENDING_PREFIX = "uploads/pending/"
-PENDING_KEY_RE = re.compile(r"^uploads/pending/[0-9a-f]{32}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PLACEHOLDER = "uploads/pending/placeholder"  # replaced by submit_task with the real upload key
+_PLACEHOLDER = blob_keys.PENDING_UPLOADS_PREFIX + "placeholder"  # replaced by submit_task with the real upload key
 
 
 @dataclass
@@ -138,9 +137,9 @@ def _read_server_file(path: str, label: str, role: str, settings: Settings) -> U
 
 
 def _check_pending_key(key: str, label: str, backend: Backend, settings: Settings) -> str:
-    if not PENDING_KEY_RE.match(key) or ".." in key:
+    if not blob_keys.is_pending_upload_key(key):
         raise bad_request(f"{label}: not an upload key; create one with POST /v1/uploads "
-                          f"(keys look like '{PENDING_PREFIX}<id>/<name>')")
+                          f"(keys look like '{blob_keys.PENDING_UPLOADS_PREFIX}<id>/<name>')")
     size = backend.blobs.size(key)
     if size is None:
         raise bad_request(f"{label}: nothing was uploaded under this key (PUT the file to its upload_url first)")

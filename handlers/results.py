@@ -11,7 +11,8 @@ import json
 from typing import Any, Optional
 
 from service.config import Settings
-from service.ports import FAILED, QUEUED, SUCCEEDED, Backend, TaskRecord
+from service.ports import Backend
+from service.records import FAILED, QUEUED, SUCCEEDED, AudioFile, TaskRecord, TaskResult
 
 from .signing import audio_url
 
@@ -54,11 +55,10 @@ def _base_item(record: TaskRecord, status: int) -> dict:
     }
 
 
-def _metas(result: dict, req: dict, audio: Optional[dict]) -> dict:
-    stored = result.get("metas") or {}
-    metas = {k: stored.get(k, "N/A") for k in META_KEYS}
-    if metas["duration"] in (None, "N/A") and audio and audio.get("duration") is not None:
-        metas["duration"] = audio["duration"]
+def _metas(result: TaskResult, req: dict, audio: Optional[AudioFile]) -> dict:
+    metas = {k: result.metas.get(k, "N/A") for k in META_KEYS}
+    if metas["duration"] in (None, "N/A") and audio and audio.duration is not None:
+        metas["duration"] = audio.duration
     for k in META_KEYS:
         if metas[k] is None:
             metas[k] = "N/A"
@@ -68,33 +68,31 @@ def _metas(result: dict, req: dict, audio: Optional[dict]) -> dict:
 
 
 def succeeded_items(record: TaskRecord, settings: Settings) -> list[dict]:
-    result = record.result or {}
+    result = record.result or TaskResult()
     req = record.request or {}
-    audios = [a for a in (result.get("audios") or []) if isinstance(a, dict)]
-    info = dict(result.get("generation_info") or {})
-    dit_model = result.get("dit_model") or req.get("model") or ""
-    lm_model = result.get("lm_model") or ""
-    info.setdefault("random_weights", bool(info.get("random_weights", False)))
+    info = dict(result.generation_info)
+    dit_model = result.dit_model or req.get("model") or ""
+    lm_model = result.lm_model
+    info["random_weights"] = result.random_weights
     shared = {
         "generation_info": generation_info_text(info, dit_model, lm_model),
         "generation_info_detail": info,
-        "seed_value": ",".join(str(a.get("seed")) for a in audios if a.get("seed") is not None),
+        "seed_value": ",".join(str(a.seed) for a in result.audios if a.seed is not None),
         "lm_model": lm_model, "dit_model": dit_model, "progress": 1.0, "stage": "succeeded",
         "error": None,
     }
     items = []
-    for audio in audios or [None]:
+    for audio in result.audios or [None]:
         item = _base_item(record, 1)
         item["metas"] = _metas(result, req, audio)
         item.update(shared)
         if audio is not None:
-            key = audio.get("key")
-            item["file"] = audio_url(settings, key) if key else ""
-            item["seed"] = audio.get("seed")
-            item["format"] = audio.get("format")
-            item["sample_rate"] = audio.get("sample_rate")
-            item["channels"] = audio.get("channels")
-            item["audio_duration"] = audio.get("duration")
+            item["file"] = audio_url(settings, audio.key)
+            item["seed"] = audio.seed
+            item["format"] = audio.format
+            item["sample_rate"] = audio.sample_rate
+            item["channels"] = audio.channels
+            item["audio_duration"] = audio.duration
         items.append(item)
     return items
 

@@ -6,8 +6,6 @@ AWS: a 307 to a presigned S3 URL.
 """
 from __future__ import annotations
 
-import re
-import uuid
 from typing import Optional
 
 from fastapi import APIRouter, Request
@@ -15,18 +13,17 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from engine.types import CONTENT_TYPES
-from service.ports import SUCCEEDED
+from service import blob_keys
+from service.records import SUCCEEDED
 
 from .auth import header_is_valid, require_body_or_header, require_header, token_from_fields
 from .body import read_body, read_limited, upload_limit
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, forbidden, not_found, wrap
-from .request_parsing import PENDING_KEY_RE, PENDING_PREFIX
 from .signing import upload_url, verify
 
 router = APIRouter(tags=["audio"])
 
-OUTPUT_KEY_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac)$")
 ACCESS_DENIED = "Access denied: path outside allowed directory"
 AUDIO_NOT_FOUND = "Audio file not found"
 UPLOAD_TTL = 900
@@ -51,12 +48,12 @@ async def get_audio(request: Request, path: Optional[str] = None, expires: Optio
             require_header(settings, request)
     if not path:
         raise _missing_path()
-    match = OUTPUT_KEY_RE.match(path)
-    if not match:
-        if path.startswith(("outputs/", "uploads/")) and ".." not in path and not path.startswith("/"):
+    output = blob_keys.parse_output_key(path)
+    if output is None:
+        if blob_keys.is_within_storage(path):
             raise not_found(AUDIO_NOT_FOUND)
         raise forbidden(ACCESS_DENIED)
-    task_id, _, fmt = match.groups()
+    task_id, fmt = output.task_id, output.format
 
     def lookup():
         record = backend.store.get(task_id)
@@ -77,7 +74,7 @@ async def get_audio(request: Request, path: Optional[str] = None, expires: Optio
     media = CONTENT_TYPES[fmt]
     if kind == "url":
         return RedirectResponse(value, status_code=307)
-    filename = f"{task_id}_{path.rsplit('/', 1)[1]}"
+    filename = f"{task_id}_{output.filename}"
     headers = {"Cache-Control": "private, max-age=3600"}
     if kind == "file":
         return FileResponse(value, media_type=media, filename=filename, content_disposition_type="inline",
@@ -90,15 +87,6 @@ router.add_api_route("/v1/audio", get_audio, methods=["HEAD"], include_in_schema
 
 
 # --- direct uploads --------------------------------------------------------------------------------
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_filename(name: str) -> str:
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = _SAFE.sub("_", base).lstrip("._-")[:100]
-    return base or "audio"
-
 
 @router.post("/v1/uploads", summary="Get a URL to upload source/reference audio",
              openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
@@ -125,7 +113,7 @@ async def create_upload(request: Request):
     role = fields.get("role")
     if role is not None and role not in UPLOAD_ROLES:
         raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {role!r})")
-    key = f"{PENDING_PREFIX}{uuid.uuid4().hex}/{safe_filename(filename)}"
+    key = blob_keys.new_pending_upload_key(filename)
     presign = getattr(backend.blobs, "presigned_put_url", None)
     url = None
     if callable(presign):
@@ -143,7 +131,7 @@ async def put_upload(request: Request, key: str, expires: Optional[str] = None, 
     if not verify(settings, "upload", key, expires, sig):
         if not (settings.api_key and header_is_valid(settings, request)):
             raise forbidden("Invalid or expired upload URL")
-    if not PENDING_KEY_RE.match(key):
+    if not blob_keys.is_pending_upload_key(key):
         raise forbidden("Not an upload key")
     limit = upload_limit(settings)
     data = await read_limited(request, limit, "Upload")

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.ports import Backend
+from service.records import MODELS_META_KEY, ModelsMeta
 
 from .auth import require_header
 from .deps import backend_of, settings_of
@@ -18,13 +19,12 @@ log = logging.getLogger("acestep.api")
 router = APIRouter(tags=["info"])
 
 
-def _models_meta(backend: Backend) -> Optional[dict]:
+def _models_meta(backend: Backend) -> Optional[ModelsMeta]:
     try:
-        meta = backend.store.get_meta("models")
+        return ModelsMeta.parse(backend.store.get_meta(MODELS_META_KEY))
     except Exception:  # the API keeps answering when the store is briefly unavailable
         log.warning("could not read the models meta", exc_info=True)
         return None
-    return meta if isinstance(meta, dict) else None
 
 
 def model_list(settings: Settings, backend: Backend) -> dict:
@@ -33,22 +33,21 @@ def model_list(settings: Settings, backend: Backend) -> dict:
     Names come from the settings; random_weights/task_types from what the worker recorded at
     startup (null before any worker has started).
     """
-    meta = _models_meta(backend) or {}
-    known = {m.get("name"): m for m in meta.get("models") or [] if isinstance(m, dict)}
+    meta = _models_meta(backend)
     default = settings.default_model
     models = []
     for name in settings.model_names:
-        info = known.get(name) or {}
+        info = meta.find(name) if meta else None
         entry = {"name": name, "is_default": name == default,
-                 "random_weights": info.get("random_weights") if info else None}
-        if info.get("task_types"):
-            entry["task_types"] = list(info["task_types"])
+                 "random_weights": info.random_weights if info else None}
+        if info and info.task_types:
+            entry["task_types"] = list(info.task_types)
         models.append(entry)
     out = {"models": models, "default_model": default}
     if meta:
-        out["lm_model"] = meta.get("lm_model")
-        out["device"] = meta.get("device")
-        out["updated_at"] = meta.get("updated_at")
+        out["lm_model"] = meta.lm_model
+        out["device"] = meta.device
+        out["updated_at"] = meta.updated_at
     return out
 
 

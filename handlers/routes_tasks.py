@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
 from service.ports import QueueFull
-from service.tasks import submit_task
+from service.submission import submit_task
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body

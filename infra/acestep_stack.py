@@ -36,10 +36,10 @@ from aws_cdk import (
 from constructs import Construct
 
 from service.aws import schema
+from service.blob_keys import OUTPUTS_PREFIX as OUTPUT_PREFIX
+from service.blob_keys import UPLOADS_PREFIX as UPLOAD_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_PREFIX = "outputs/"
-UPLOAD_PREFIX = "uploads/"
 
 
 @dataclass

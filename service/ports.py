@@ -6,36 +6,15 @@ against both, so anything stated here must hold for both.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
-TERMINAL = (SUCCEEDED, FAILED)
+from .records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult
+
 
 
 class QueueFull(Exception):
     """The backlog is at ACESTEP_QUEUE_MAXSIZE; the API answers 429 and creates nothing."""
-
-
-@dataclass
-class TaskRecord:
-    task_id: str
-    request: dict  # GenerationRequest.model_dump()
-    status: str = QUEUED
-    created_at: float = field(default_factory=time.time)
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
-    progress: float = 0.0
-    stage: str = "queued"
-    attempt: int = 0  # incremented by every claim; fences out stale workers
-    worker_id: Optional[str] = None
-    # On success: one dict per audio file (key, format, seed, ...) plus shared result fields
-    result: Optional[dict] = None
-    error: Optional[str] = None
-    # Blob keys this task owns (inputs and outputs); /v1/audio serves only these
-    blob_keys: list[str] = field(default_factory=list)
 
 
 class TaskStore(Protocol):
@@ -58,7 +37,7 @@ class TaskStore(Protocol):
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
         """Only the holder of `attempt` may update; returns False when fenced out."""
 
-    def finish(self, task_id: str, attempt: int, *, result: Optional[dict] = None,
+    def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
                error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
         """running -> succeeded (result) or failed (error), only for the current attempt.
 
@@ -67,8 +46,6 @@ class TaskStore(Protocol):
 
     def fail_unfinished(self, task_id: str, error: str) -> bool:
         """Mark a task failed whatever attempt holds it, unless already finished (poison / dead-letter)."""
-
-    def add_blob_keys(self, task_id: str, keys: list[str]) -> None: ...
 
     def counts(self) -> dict[str, int]:
         """Jobs by status: {queued, running, succeeded, failed, total}."""
@@ -80,7 +57,7 @@ class TaskStore(Protocol):
         """1-based position among queued tasks, oldest first; None if not queued."""
 
     def put_meta(self, key: str, value: dict) -> None:
-        """Small service-wide facts, e.g. the models a worker loaded."""
+        """Small service-wide facts as JSON objects (records.ModelsMeta under "models")."""
 
     def get_meta(self, key: str) -> Optional[dict]: ...
 
@@ -113,7 +90,7 @@ class TaskQueue(Protocol):
         """Give the task back at once for another worker (shutdown without finishing)."""
 
     def size(self) -> int:
-        """Tasks waiting or in flight (approximate on SQS)."""
+        """Tasks waiting to be received (approximate on SQS)."""
 
 
 class BlobStore(Protocol):
@@ -121,8 +98,6 @@ class BlobStore(Protocol):
 
     def get(self, key: str) -> bytes:
         """Raises KeyError when missing."""
-
-    def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> Optional[int]:
         """Bytes stored under `key`, or None when there is nothing (readable) there."""
@@ -151,3 +126,7 @@ class Backend:
     # Deletes finished tasks past their retention, with their audio, and abandoned uploads;
     # returns how many. On AWS, DynamoDB TTL and S3 lifecycle rules do this instead.
     sweep_expired: Optional[Callable[[], int]] = None
+
+
+__all__ = ["Backend", "BlobStore", "Lease", "QueueFull", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
+           "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STATUSES", "TERMINAL"]

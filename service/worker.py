@@ -24,8 +24,9 @@ from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
 from .config import Settings
+from .blob_keys import output_key
 from .ports import Backend, Lease
-from .tasks import output_key
+from .records import MODELS_META_KEY, AudioFile, ModelEntry, ModelsMeta, TaskResult
 
 log = logging.getLogger("acestep.worker")
 
@@ -146,16 +147,12 @@ class Worker:
     def publish_models(self) -> None:
         """Tell the API what this worker serves (for /v1/models and /health)."""
         info = self.engine.describe() if hasattr(self.engine, "describe") else {}
-        models = [
-            {"name": m.name, "is_default": m.is_default, "random_weights": m.random_weights,
-             "task_types": list(m.task_types)}
-            for m in self.engine.models()
-        ]
-        self.backend.store.put_meta("models", {
-            "models": models, "device": info.get("device"), "dtype": info.get("dtype"),
-            "lm_model": info.get("lm_model", "none"), "worker_id": self.worker_id,
-            "updated_at": time.time(),
-        })
+        meta = ModelsMeta(
+            models=[ModelEntry(name=m.name, is_default=m.is_default, random_weights=m.random_weights,
+                               task_types=list(m.task_types)) for m in self.engine.models()],
+            device=info.get("device"), dtype=info.get("dtype"), lm_model=info.get("lm_model", "none"),
+            worker_id=self.worker_id, updated_at=time.time())
+        self.backend.store.put_meta(MODELS_META_KEY, meta.model_dump())
 
     def run_forever(self, poll_seconds: float = 5.0) -> None:
         self.publish_models()
@@ -305,15 +302,15 @@ class Worker:
             key = output_key(task_id, c.attempt, i, audio.format)
             self.backend.blobs.put(key, audio.data, audio.content_type)
             keys.append(key)
-            audios.append({"key": key, "format": audio.format, "seed": audio.seed,
-                           "duration": round(audio.duration_seconds, 3),
-                           "sample_rate": audio.sample_rate, "channels": audio.channels})
+            audios.append(AudioFile(key=key, format=audio.format, seed=audio.seed,
+                                    duration=round(audio.duration_seconds, 3),
+                                    sample_rate=audio.sample_rate, channels=audio.channels))
         info = dict(result.generation_info)
         if c.request.thinking and not self.lm_available:
             info.setdefault("notes", []).append(
                 "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
-        stored = {"audios": audios, "metas": result.metas, "generation_info": info,
-                  "dit_model": result.dit_model, "lm_model": result.lm_model}
+        stored = TaskResult(audios=audios, metas=result.metas, generation_info=info,
+                            dit_model=result.dit_model, lm_model=result.lm_model)
         if self.backend.store.finish(task_id, c.attempt, result=stored, blob_keys=keys):
             log.info("task %s succeeded (%d file(s))", task_id, len(keys))
         else:  # another attempt finished it first; drop our copy

@@ -10,6 +10,7 @@ from service.aws.dlq import drain_dead_letters
 from service.aws.provision import provision
 from service.aws.sqs_queue import SqsTaskQueue
 from service.ports import FAILED, QueueFull, TaskRecord
+from service.records import TaskResult
 from tests.aws_support import aws_backend
 
 
@@ -64,7 +65,7 @@ def test_drain_drops_letters_of_finished_tasks(tmp_path):
     with aws_backend(tmp_path) as aws:
         aws.store.create(TaskRecord(task_id="done", request={}))
         a = aws.store.claim("done", "w")
-        aws.store.finish("done", a, result={"ok": 1})
+        aws.store.finish("done", a, result=TaskResult())
         sqs = aws.queue._sqs
         sqs.send_message(QueueUrl=aws.settings.dlq_url, MessageBody=json.dumps({"task_id": "done"}))
         assert aws.drain_dead_letters() == 0  # the hook the worker loop calls

@@ -7,6 +7,7 @@ import pytest
 
 from service.aws import schema
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, TaskRecord
+from service.records import TaskResult
 from tests.aws_support import aws_backend
 
 
@@ -69,12 +70,12 @@ def test_duplicate_finish_in_the_race_window_succeeds_once(aws):
     _new(aws, "t1")
     attempt = aws.store.claim("t1", "w1")
     rival = _race(aws, "TransactWriteItems",
-                  lambda: _rival(aws).finish("t1", attempt, result={"by": "rival"}))
+                  lambda: _rival(aws).finish("t1", attempt, result=TaskResult(dit_model="rival")))
     # Both saw status=running with this attempt; only the first conditional write may land.
-    assert aws.store.finish("t1", attempt, result={"by": "me"}) is False
+    assert aws.store.finish("t1", attempt, result=TaskResult(dit_model="me")) is False
     assert rival == [True]
     rec = aws.store.get("t1")
-    assert rec.status == SUCCEEDED and rec.result == {"by": "rival"}
+    assert rec.status == SUCCEEDED and rec.result.dit_model == "rival"
     assert aws.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "total": 1}
 
 
@@ -82,7 +83,7 @@ def test_stale_attempt_cannot_finish_after_a_redelivery(aws):
     _new(aws, "t1")
     stale = aws.store.claim("t1", "w1")
     rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "w2"))
-    assert aws.store.finish("t1", stale, result={"late": True}) is False  # redelivered mid-finish
+    assert aws.store.finish("t1", stale, result=TaskResult(dit_model="late")) is False  # redelivered mid-finish
     assert rival == [2]
     rec = aws.store.get("t1")
     assert rec.status == RUNNING and rec.attempt == 2 and rec.result is None
@@ -91,7 +92,7 @@ def test_stale_attempt_cannot_finish_after_a_redelivery(aws):
 def test_fail_unfinished_racing_a_finish_leaves_the_finish(aws):
     _new(aws, "t1")
     attempt = aws.store.claim("t1", "w1")
-    _race(aws, "TransactWriteItems", lambda: _rival(aws).finish("t1", attempt, result={"ok": 1}))
+    _race(aws, "TransactWriteItems", lambda: _rival(aws).finish("t1", attempt, result=TaskResult()))
     assert aws.store.fail_unfinished("t1", "dead-lettered") is False  # re-read: already finished
     assert aws.store.get("t1").status == SUCCEEDED
     assert aws.store.counts()["failed"] == 0
@@ -101,7 +102,7 @@ def test_late_duplicate_cannot_overwrite_a_failure(aws):
     _new(aws, "t1")
     a = aws.store.claim("t1", "w1")
     assert aws.store.fail_unfinished("t1", "dead-lettered after 3 deliveries")
-    assert aws.store.finish("t1", a, result={"late": True}) is False
+    assert aws.store.finish("t1", a, result=TaskResult(dit_model="late")) is False
     assert aws.store.update_progress("t1", a, 0.9, "late") is False
     rec = aws.store.get("t1")
     assert rec.status == FAILED and rec.result is None and rec.error.startswith("dead-lettered")
@@ -115,7 +116,7 @@ def test_ttl_is_enabled_and_set_on_create_and_finish(aws):
     created = aws.store.get("t1").created_at
     assert int(_raw_item(aws, "t1")[schema.TTL_ATTR]["N"]) == pytest.approx(created + 3 * 86400, abs=2)
     a = aws.store.claim("t1", "w")
-    aws.store.finish("t1", a, result={})
+    aws.store.finish("t1", a, result=TaskResult())
     finished = aws.store.get("t1").finished_at
     assert int(_raw_item(aws, "t1")[schema.TTL_ATTR]["N"]) == pytest.approx(finished + 3 * 86400, abs=2)
 
@@ -124,7 +125,7 @@ def test_counters_match_the_table_after_mixed_transitions(aws):
     for i in range(8):
         _new(aws, f"t{i}")
     a = [aws.store.claim(f"t{i}", "w") for i in range(5)]
-    aws.store.finish("t0", a[0], result={})
+    aws.store.finish("t0", a[0], result=TaskResult())
     aws.store.finish("t1", a[1], error="bad")
     aws.store.fail_unfinished("t2", "dead")
     aws.store.fail_unfinished("t5", "dead")  # still queued
@@ -145,7 +146,7 @@ def test_position_counts_and_durations_never_scan(aws):
     for i in range(30):
         _new(aws, f"t{i}")
     for i in range(5):
-        aws.store.finish(f"t{i}", aws.store.claim(f"t{i}", "w"), result={})
+        aws.store.finish(f"t{i}", aws.store.claim(f"t{i}", "w"), result=TaskResult())
     calls.clear()
     assert aws.store.queue_position("t29") == 25
     assert calls == ["GetItem", "Query"]  # one read of the task, one COUNT query on the sparse index
@@ -163,17 +164,13 @@ def test_recent_durations_are_newest_first(aws):
         _new(aws, task_id)
         a = aws.store.claim(task_id, "w")
         time.sleep(run_for)
-        aws.store.finish(task_id, a, result={})
+        aws.store.finish(task_id, a, result=TaskResult())
     newest, older = aws.store.recent_durations(2)
     assert newest < 0.2 <= older
 
 
 def test_blob_keys_merge_without_duplicates(aws):
-    _new(aws, "t1")
-    aws.store.add_blob_keys("t1", ["uploads/t1/src.wav"])
-    aws.store.add_blob_keys("t1", ["uploads/t1/src.wav"])
+    aws.store.create(TaskRecord(task_id="t1", request={}, blob_keys=["uploads/t1/src.wav"]))
     a = aws.store.claim("t1", "w")
-    aws.store.finish("t1", a, result={}, blob_keys=["outputs/t1/1-0.mp3", "uploads/t1/src.wav"])
+    aws.store.finish("t1", a, result=TaskResult(), blob_keys=["outputs/t1/1-0.mp3", "uploads/t1/src.wav"])
     assert aws.store.get("t1").blob_keys == ["uploads/t1/src.wav", "outputs/t1/1-0.mp3"]
-    with pytest.raises(KeyError):
-        aws.store.add_blob_keys("missing", ["x"])

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, QueueFull, TaskRecord
-from service.tasks import Upload, submit_task
+from service.records import AudioFile, TaskResult
+from service.submission import Upload, submit_task
 
 
 def _new(backend, task_id, **request):
@@ -31,14 +32,16 @@ def test_claim_bumps_attempt_and_finish_happens_once(backend):
     assert a2 == 2
     # the first (stale) attempt is fenced out of progress and finish
     assert backend.store.update_progress("t1", a1, 0.5, "dit") is False
-    assert backend.store.finish("t1", a1, result={"audios": []}) is False
+    assert backend.store.finish("t1", a1, result=TaskResult()) is False
     assert backend.store.update_progress("t1", a2, 0.5, "dit") is True
     assert backend.store.get("t1").progress == pytest.approx(0.5)
-    assert backend.store.finish("t1", a2, result={"audios": [1]}, blob_keys=["outputs/t1/2-0.mp3"]) is True
+    won = TaskResult(audios=[AudioFile(key="outputs/t1/2-0.mp3", format="mp3", seed=3)], metas={"bpm": 90},
+                     generation_info={"random_weights": True}, dit_model="m")
+    assert backend.store.finish("t1", a2, result=won, blob_keys=["outputs/t1/2-0.mp3"]) is True
     # a duplicate finish (even by the winning attempt) cannot overwrite
     assert backend.store.finish("t1", a2, error="late failure") is False
     rec = backend.store.get("t1")
-    assert rec.status == SUCCEEDED and rec.result == {"audios": [1]} and rec.error is None
+    assert rec.status == SUCCEEDED and rec.result == won and rec.error is None
     assert "outputs/t1/2-0.mp3" in rec.blob_keys
     assert backend.store.claim("t1", "w3") is None  # finished tasks are not claimed again
 
@@ -55,7 +58,7 @@ def test_fail_unfinished_only_touches_unfinished(backend):
     _new(backend, "q")
     _new(backend, "done")
     a = backend.store.claim("done", "w")
-    backend.store.finish("done", a, result={})
+    backend.store.finish("done", a, result=TaskResult())
     assert backend.store.fail_unfinished("q", "dead-lettered") is True
     assert backend.store.fail_unfinished("done", "dead-lettered") is False
     assert backend.store.get("q").error == "dead-lettered"
@@ -70,7 +73,7 @@ def test_counts_positions_and_durations(backend):
     assert backend.store.queue_position("t0") is None
     assert [backend.store.queue_position(f"t{i}") for i in (1, 2, 3)] == [1, 2, 3]
     time.sleep(0.01)
-    backend.store.finish("t0", a, result={})
+    backend.store.finish("t0", a, result=TaskResult())
     b = backend.store.claim("t1", "w")
     backend.store.finish("t1", b, error="x")
     counts = backend.store.counts()
@@ -88,8 +91,7 @@ def test_meta_roundtrip(backend):
 
 
 def test_delete_and_blob_keys(backend):
-    _new(backend, "t1")
-    backend.store.add_blob_keys("t1", ["uploads/t1/src_audio.wav"])
+    backend.store.create(TaskRecord(task_id="t1", request={}, blob_keys=["uploads/t1/src_audio.wav"]))
     assert backend.store.get("t1").blob_keys == ["uploads/t1/src_audio.wav"]
     backend.store.delete("t1")
     assert backend.store.get("t1") is None
@@ -147,10 +149,10 @@ def test_queue_full_raises(backend):
 
 def test_blobs_roundtrip(backend):
     backend.blobs.put("outputs/t/1-0.wav", b"RIFF....", "audio/wav")
-    assert backend.blobs.exists("outputs/t/1-0.wav")
+    assert backend.blobs.size("outputs/t/1-0.wav") is not None
     assert backend.blobs.get("outputs/t/1-0.wav") == b"RIFF...."
     backend.blobs.delete("outputs/t/1-0.wav")
-    assert not backend.blobs.exists("outputs/t/1-0.wav")
+    assert backend.blobs.size("outputs/t/1-0.wav") is None
     with pytest.raises(KeyError):
         backend.blobs.get("outputs/t/1-0.wav")
 
@@ -163,7 +165,7 @@ def test_submit_is_all_or_nothing_when_queue_full(backend):
         submit_task(backend, {"prompt": "b"}, max_queue=1,
                     uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")}, task_id="t-full")
     assert backend.store.get("t-full") is None
-    assert not backend.blobs.exists("uploads/t-full/src_audio.wav")
+    assert backend.blobs.size("uploads/t-full/src_audio.wav") is None
     assert backend.store.counts()["total"] == 1
 
 

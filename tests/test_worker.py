@@ -16,7 +16,7 @@ import soundfile as sf
 from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED
-from service.tasks import Upload, submit_task
+from service.submission import Upload, submit_task
 from service.worker import Worker, batch_key
 
 
@@ -78,12 +78,12 @@ def test_task_runs_to_success_with_audio_and_progress(settings, backend, engine)
     assert worker.run_once(1.0) is True
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED and rec.progress == 1.0
-    audios = rec.result["audios"]
-    assert [a["seed"] for a in audios] == [11, 12]
-    assert rec.result["metas"] == {"bpm": 90} and rec.result["generation_info"]["random_weights"] is True
+    audios = rec.result.audios
+    assert [a.seed for a in audios] == [11, 12]
+    assert rec.result.metas == {"bpm": 90} and rec.result.random_weights is True
     for a in audios:
-        assert a["key"] in rec.blob_keys
-        data, sr = sf.read(io.BytesIO(backend.blobs.get(a["key"])))
+        assert a.key in rec.blob_keys
+        data, sr = sf.read(io.BytesIO(backend.blobs.get(a.key)))
         assert sr == 8000 and data.shape == (80000, 2)
     assert backend.queue.size() == 0 and backend.queue.receive(0, 5) is None
 
@@ -124,7 +124,7 @@ def test_thinking_without_lm_runs_dit_and_says_so(settings, backend, engine):
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED
-    assert any("no 5Hz LM" in n for n in rec.result["generation_info"]["notes"])
+    assert any("no 5Hz LM" in n for n in rec.result.generation_info["notes"])
 
 
 def test_uploaded_source_audio_reaches_engine(settings, backend, engine):
@@ -288,8 +288,8 @@ def test_embedded_sweep_removes_expired_results_and_abandoned_uploads(settings, 
         "UPDATE tasks SET finished_at = ? WHERE task_id = ?", (time.time() - 8 * 86400, old))
 
     assert backend.sweep_expired() == 2
-    assert backend.store.get(old) is None and not any(backend.blobs.exists(k) for k in old_keys)
+    assert backend.store.get(old) is None and all(backend.blobs.size(k) is None for k in old_keys)
     assert backend.store.get(fresh).status == SUCCEEDED
-    assert all(backend.blobs.exists(k) for k in backend.store.get(fresh).blob_keys)
-    assert not backend.blobs.exists("uploads/pending/abc/song.wav")
-    assert backend.blobs.exists("uploads/pending/new/song.wav")
+    assert all(backend.blobs.size(k) is not None for k in backend.store.get(fresh).blob_keys)
+    assert backend.blobs.size("uploads/pending/abc/song.wav") is None
+    assert backend.blobs.size("uploads/pending/new/song.wav") is not None

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from botocore.exceptions import ClientError
 
-from ..ports import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord
+from ..records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult
 from . import schema as S
 from .clients import error_code
 
@@ -213,7 +213,7 @@ class DynamoTaskStore:
                 return False
             raise
 
-    def finish(self, task_id: str, attempt: int, *, result: Optional[dict] = None,
+    def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
                error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
         item = self._get_item(task_id)
         if not item or _str(item, "status") != RUNNING or int(_num(item, "attempt") or 0) != attempt:
@@ -232,7 +232,7 @@ class DynamoTaskStore:
         if result is not None:
             sets.append("#res = :res")
             names["#res"] = "result"
-            values[":res"] = _s(json.dumps(result))
+            values[":res"] = _s(result.model_dump_json())
         if error is not None:
             sets.append("#err = :err")
             names["#err"] = "error"
@@ -273,27 +273,6 @@ class DynamoTaskStore:
             except _ConditionFailed:
                 continue
         return False
-
-    def add_blob_keys(self, task_id: str, keys: list[str]) -> None:
-        item = self._get_item(task_id)
-        if item is None:
-            raise KeyError(task_id)
-        new_keys = _new_keys(item, keys)
-        if not new_keys:
-            return
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key=_task_key(task_id),
-                UpdateExpression="SET blob_keys = list_append(if_not_exists(blob_keys, :empty), :keys)",
-                ConditionExpression="attribute_exists(#pk)",
-                ExpressionAttributeNames={"#pk": S.PK},
-                ExpressionAttributeValues={":empty": {"L": []}, ":keys": {"L": [_s(k) for k in new_keys]}},
-            )
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                raise KeyError(task_id) from None  # deleted between the read and the write
-            raise
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -388,7 +367,7 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
     if record.worker_id is not None:
         item["worker_id"] = _s(record.worker_id)
     if record.result is not None:
-        item["result"] = _s(json.dumps(record.result))
+        item["result"] = _s(record.result.model_dump_json())
     if record.error is not None:
         item["error"] = _s(record.error)
     return item
@@ -407,7 +386,7 @@ def _to_record(item: dict) -> TaskRecord:
         stage=_str(item, "stage") or "",
         attempt=int(_num(item, "attempt") or 0),
         worker_id=_str(item, "worker_id"),
-        result=json.loads(result) if result is not None else None,
+        result=TaskResult.model_validate_json(result) if result is not None else None,
         error=_str(item, "error"),
         blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
     )

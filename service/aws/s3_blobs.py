@@ -28,9 +28,6 @@ class S3BlobStore:
                 raise KeyError(key) from None
             raise
 
-    def exists(self, key: str) -> bool:
-        return self.size(key) is not None
-
     def size(self, key: str) -> Optional[int]:
         try:
             return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])

@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import time
 
+from ..blob_keys import PENDING_UPLOADS_PREFIX
 from ..config import Settings
 from ..ports import Backend
 from .db import Database
 from .files import FileBlobStore
 from .queue import SqliteTaskQueue
 from .store import SqliteTaskStore
-
-PENDING_UPLOADS = "uploads/pending/"  # the upload flow's keys before a task claims them
 
 
 def make_embedded_backend(settings: Settings) -> Backend:
@@ -37,6 +36,6 @@ def make_embedded_backend(settings: Settings) -> Backend:
             for key in record.blob_keys:
                 blobs.delete(key)
             removed += 1
-        return removed + blobs.delete_older_than(PENDING_UPLOADS, now - 86400)
+        return removed + blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400)
 
     return Backend(store=store, queue=queue, blobs=blobs, name="embedded", sweep_expired=sweep_expired)

@@ -48,12 +48,6 @@ class FileBlobStore:
         except FileNotFoundError:
             raise KeyError(key) from None
 
-    def exists(self, key: str) -> bool:
-        try:
-            return os.path.isfile(self._path(key))
-        except InvalidKey:
-            return False
-
     def size(self, key: str) -> Optional[int]:
         try:
             return os.path.getsize(self._path(key))

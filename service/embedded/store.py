@@ -5,7 +5,7 @@ import json
 import time
 from typing import Optional
 
-from ..ports import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord
+from ..records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, TaskResult
 from .db import Database
 
 
@@ -21,7 +21,7 @@ def _row_to_record(row) -> TaskRecord:
         stage=row["stage"],
         attempt=row["attempt"],
         worker_id=row["worker_id"],
-        result=json.loads(row["result"]) if row["result"] else None,
+        result=TaskResult.model_validate_json(row["result"]) if row["result"] else None,
         error=row["error"],
         blob_keys=json.loads(row["blob_keys"]),
     )
@@ -79,7 +79,7 @@ class SqliteTaskStore:
             )
             return cur.rowcount == 1
 
-    def finish(self, task_id: str, attempt: int, *, result: Optional[dict] = None,
+    def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
                error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
         status = FAILED if error is not None else SUCCEEDED
         with self.db.write() as c:
@@ -94,7 +94,7 @@ class SqliteTaskStore:
                 "UPDATE tasks SET status = ?, finished_at = ?, progress = ?, stage = ?, result = ?,"
                 " error = ?, blob_keys = ? WHERE task_id = ?",
                 (status, time.time(), 1.0 if status == SUCCEEDED else 0.0, status,
-                 json.dumps(result) if result is not None else None, error,
+                 result.model_dump_json() if result is not None else None, error,
                  json.dumps(list(dict.fromkeys(keys))), task_id),
             )
             return True
@@ -107,14 +107,6 @@ class SqliteTaskStore:
                 (FAILED, time.time(), FAILED, error, task_id, QUEUED, RUNNING),
             )
             return cur.rowcount == 1
-
-    def add_blob_keys(self, task_id: str, keys: list[str]) -> None:
-        with self.db.write() as c:
-            row = c.execute("SELECT blob_keys FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-            if row is None:
-                raise KeyError(task_id)
-            merged = list(dict.fromkeys(json.loads(row["blob_keys"]) + keys))
-            c.execute("UPDATE tasks SET blob_keys = ? WHERE task_id = ?", (json.dumps(merged), task_id))
 
     def delete_finished_before(self, cutoff: float, limit: int = 500) -> list[TaskRecord]:
         """Remove up to `limit` tasks that finished before `cutoff`; returns them (for their blobs)."""

@@ -1,0 +1,78 @@
+"""Every blob key format, its builder and its parser: the one place that knows key layouts.
+
+    uploads/pending/<32 hex>/<name>      a direct upload (POST /v1/uploads) not yet used by a task
+    uploads/<task_id>/<role>[.<ext>]     source/reference audio a task owns (multipart, server file)
+    outputs/<task_id>/<attempt>-<i>.<fmt>  a generated file; the attempt keeps a fenced-out
+                                         duplicate worker from overwriting the winner's files
+
+Adapters, the API and the CDK stack (S3 lifecycle rules, IAM prefixes) take prefixes from here.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+UPLOADS_PREFIX = "uploads/"
+PENDING_UPLOADS_PREFIX = "uploads/pending/"
+OUTPUTS_PREFIX = "outputs/"
+OUTPUT_FORMATS = ("mp3", "wav", "flac")
+
+_PENDING_RE = re.compile(r"^uploads/pending/[0-9a-f]{32}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_OUTPUT_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class OutputKey:
+    task_id: str
+    name: str  # "<attempt>-<index>"
+    format: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.{self.format}"
+
+
+def safe_filename(name: str) -> str:
+    """A client's file name reduced to `[A-Za-z0-9._-]`, no leading dot, at most 100 characters."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).lstrip("._-")[:100]
+    return base or "audio"
+
+
+def new_pending_upload_key(filename: str) -> str:
+    return f"{PENDING_UPLOADS_PREFIX}{uuid.uuid4().hex}/{safe_filename(filename)}"
+
+
+def is_pending_upload_key(key: str) -> bool:
+    return bool(_PENDING_RE.match(key)) and ".." not in key
+
+
+def task_upload_key(task_id: str, role: str, filename: str) -> str:
+    ext = ""
+    if "." in filename:
+        ext = "." + filename.rsplit(".", 1)[1].lower()[:8]
+        if not ext[1:].isalnum():
+            ext = ""
+    return f"{UPLOADS_PREFIX}{task_id}/{role}{ext}"
+
+
+def is_task_upload(task_id: str, key: str) -> bool:
+    """True for the uploads a task stored itself (deleted with the task if its submission fails)."""
+    return key.startswith(f"{UPLOADS_PREFIX}{task_id}/")
+
+
+def output_key(task_id: str, attempt: int, index: int, fmt: str) -> str:
+    return f"{OUTPUTS_PREFIX}{task_id}/{attempt}-{index}.{fmt}"
+
+
+def parse_output_key(key: str) -> Optional[OutputKey]:
+    match = _OUTPUT_RE.match(key)
+    return OutputKey(*match.groups()) if match else None
+
+
+def is_within_storage(key: str) -> bool:
+    """A relative key under one of our prefixes (not a server path or a traversal attempt)."""
+    return key.startswith((OUTPUTS_PREFIX, UPLOADS_PREFIX)) and ".." not in key and not key.startswith("/")

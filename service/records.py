@@ -1,0 +1,97 @@
+"""Typed task data shared by the API and the worker: the task record, its result, the models meta.
+
+The stores persist these as JSON; both sides read them through these types, never as loose dicts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+TERMINAL = (SUCCEEDED, FAILED)
+
+
+class AudioFile(BaseModel):
+    """One generated file, stored under `key` (see blob_keys.output_key)."""
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    format: str
+    seed: Optional[int] = None
+    duration: Optional[float] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
+
+
+class TaskResult(BaseModel):
+    """What a succeeded task produced."""
+
+    audios: list[AudioFile] = []
+    # bpm, duration, genres, keyscale, timesignature as the engine determined them
+    metas: dict[str, Any] = {}
+    # what ran, timings, notes; `random_weights` is true for a demo model
+    generation_info: dict[str, Any] = {}
+    dit_model: str = ""
+    lm_model: str = ""
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.generation_info.get("random_weights"))
+
+
+MODELS_META_KEY = "models"
+
+
+class ModelEntry(BaseModel):
+    name: str
+    is_default: bool = False
+    random_weights: Optional[bool] = None
+    task_types: list[str] = []
+
+
+class ModelsMeta(BaseModel):
+    """What the last worker to start loaded (for /v1/models and /health); stored as meta `models`."""
+
+    models: list[ModelEntry] = []
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    lm_model: Optional[str] = None
+    worker_id: Optional[str] = None
+    updated_at: Optional[float] = None
+
+    def find(self, name: str) -> Optional[ModelEntry]:
+        return next((m for m in self.models if m.name == name), None)
+
+    @classmethod
+    def parse(cls, stored: Optional[dict]) -> Optional["ModelsMeta"]:
+        """The stored meta, or None when absent or unreadable (an older or foreign writer)."""
+        if not isinstance(stored, dict):
+            return None
+        try:
+            return cls.model_validate(stored)
+        except ValueError:
+            return None
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    request: dict  # GenerationRequest.model_dump(): validated at submission
+    status: str = QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    progress: float = 0.0
+    stage: str = "queued"
+    attempt: int = 0  # incremented by every claim; fences out stale workers
+    worker_id: Optional[str] = None
+    result: Optional[TaskResult] = None
+    error: Optional[str] = None
+    # Blob keys this task owns (inputs and outputs); /v1/audio serves only these
+    blob_keys: list[str] = field(default_factory=list)
+    # The client's Idempotency-Key, when it sent one: a retried submit returns this task
+    idempotency_key: Optional[str] = None
