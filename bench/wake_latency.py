@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service.config import Settings  # noqa: E402
 from service.embedded import make_embedded_backend  # noqa: E402
-from service.tasks import submit_task  # noqa: E402
+from service.submission import submit_task  # noqa: E402
 
 
 def _receiver(data_dir: str, rounds: int, out: "mp.Queue") -> None:
