@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.ports import IdempotencyConflict
+
 log = logging.getLogger("acestep.api")
 
 
@@ -62,6 +64,11 @@ def install_error_handlers(app: FastAPI) -> None:
             errors.append({"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")),
                            "type": str(err.get("type", ""))})
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(IdempotencyConflict)
+    async def _idempotency_conflict(request: Request, exc: IdempotencyConflict):
+        # 422 as the IETF Idempotency-Key draft: the key is known but the request is not the same
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - server bugs only

@@ -17,6 +17,10 @@ class QueueFull(Exception):
     """The backlog is at ACESTEP_QUEUE_MAXSIZE; the API answers 429 and creates nothing."""
 
 
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused with a different request."""
+
+
 class TaskStore(Protocol):
     def create(self, record: TaskRecord) -> None:
         """Insert a new queued task. Raises if the id exists."""
@@ -24,6 +28,9 @@ class TaskStore(Protocol):
     def get(self, task_id: str) -> Optional[TaskRecord]: ...
 
     def get_many(self, task_ids: list[str]) -> dict[str, TaskRecord]: ...
+
+    def find_by_idempotency_key(self, key: str) -> Optional[TaskRecord]:
+        """The task submitted with this Idempotency-Key, if it still exists."""
 
     def delete(self, task_id: str) -> None:
         """Remove a task (used to undo a create when the enqueue fails)."""
@@ -114,11 +121,22 @@ class BlobStore(Protocol):
         """A URL a client can upload to without credentials, or None (local files)."""
 
 
+class TaskIntake(Protocol):
+    def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
+        """Create the queued task and enqueue it as one step; returns (task, created).
+
+        When `record.idempotency_key` names an earlier submission, nothing is created and that
+        task is returned with created=False (IdempotencyConflict if its request_digest differs).
+        Raises QueueFull, having created nothing.
+        """
+
+
 @dataclass
 class Backend:
     store: TaskStore
     queue: TaskQueue
     blobs: BlobStore
+    intake: TaskIntake
     name: str = "embedded"
     # Moves dead-lettered tasks to `failed` with their reason; returns how many. The embedded
     # queue does this itself as it receives; on AWS the worker calls it now and then (SQS DLQ).
@@ -128,5 +146,5 @@ class Backend:
     sweep_expired: Optional[Callable[[], int]] = None
 
 
-__all__ = ["Backend", "BlobStore", "Lease", "QueueFull", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
+__all__ = ["Backend", "BlobStore", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
            "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STATUSES", "TERMINAL"]

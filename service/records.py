@@ -93,5 +93,7 @@ class TaskRecord:
     error: Optional[str] = None
     # Blob keys this task owns (inputs and outputs); /v1/audio serves only these
     blob_keys: list[str] = field(default_factory=list)
-    # The client's Idempotency-Key, when it sent one: a retried submit returns this task
+    # The client's Idempotency-Key, when it sent one: a retried submit returns this task.
+    # request_digest tells a true retry from a different request reusing the key.
     idempotency_key: Optional[str] = None
+    request_digest: Optional[str] = None

@@ -1,11 +1,13 @@
 """Task submission: store the task's uploads, create its record and enqueue it, all or nothing."""
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 from . import blob_keys
+from .idempotency import replayed, request_digest
 from .ports import Backend, QueueFull, TaskRecord
 
 SOURCE_ROLES = ("src_audio", "reference_audio")
@@ -21,38 +23,44 @@ class Upload:
 
 def submit_task(backend: Backend, request: dict, max_queue: int,
                 uploads: Optional[dict[str, Upload]] = None,
-                task_id: Optional[str] = None) -> tuple[str, Optional[int]]:
+                task_id: Optional[str] = None,
+                idempotency_key: Optional[str] = None) -> tuple[str, Optional[int]]:
     """Returns (task_id, queue_position). Raises QueueFull (the API's 429) after undoing everything.
 
     `request` is a GenerationRequest dump; `uploads` maps a role in SOURCE_ROLES to its file, whose
     blob key this writes into the request as `<role>_key`. A `<role>_key` already in the request
-    (a direct upload) becomes the task's.
+    (a direct upload) becomes the task's. With `idempotency_key`, a retry of an earlier submit
+    returns that task and stores nothing (IdempotencyConflict if the request differs).
     """
-    task_id = task_id or str(uuid.uuid4())
-    request = dict(request)
-    keys: list[str] = []
+    uploads = uploads or {}
+    record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=dict(request),
+                        idempotency_key=idempotency_key or None)
+    if record.idempotency_key:
+        record.request_digest = request_digest(
+            request, {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})
+        first = backend.store.find_by_idempotency_key(record.idempotency_key)
+        if first is not None:  # the common retry: answer without writing the uploads again
+            return replayed(record, first).task_id, backend.store.queue_position(first.task_id)
+    written: list[str] = []
     try:
-        for role, up in (uploads or {}).items():
-            key = blob_keys.task_upload_key(task_id, role, up.filename)
+        for role, up in uploads.items():
+            key = blob_keys.task_upload_key(record.task_id, role, up.filename)
             backend.blobs.put(key, up.data, up.content_type)
-            keys.append(key)
-            request[f"{role}_key"] = key
-        for role in SOURCE_ROLES:
-            k = request.get(f"{role}_key")
-            if k and k not in keys:
-                keys.append(k)
-        backend.store.create(TaskRecord(task_id=task_id, request=request, blob_keys=keys))
-        try:
-            backend.queue.enqueue(task_id, max_queue)
-        except BaseException:
-            backend.store.delete(task_id)
-            raise
+            written.append(key)
+            record.request[f"{role}_key"] = key
+        record.blob_keys = [record.request[f"{role}_key"] for role in SOURCE_ROLES if record.request.get(f"{role}_key")]
+        task, created = backend.intake.submit(record, max_queue)
     except BaseException:
-        for key in keys:
-            if blob_keys.is_task_upload(task_id, key):
-                backend.blobs.delete(key)
+        _delete(backend, written)
         raise
-    return task_id, backend.store.queue_position(task_id)
+    if not created:  # a concurrent retry won the race: ours is not needed
+        _delete(backend, written)
+    return task.task_id, backend.store.queue_position(task.task_id)
+
+
+def _delete(backend: Backend, keys: list[str]) -> None:
+    for key in keys:
+        backend.blobs.delete(key)
 
 
 __all__ = ["Upload", "submit_task", "QueueFull", "SOURCE_ROLES"]

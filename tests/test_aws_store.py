@@ -174,3 +174,18 @@ def test_blob_keys_merge_without_duplicates(aws):
     a = aws.store.claim("t1", "w")
     aws.store.finish("t1", a, result=TaskResult(), blob_keys=["outputs/t1/1-0.mp3", "uploads/t1/src.wav"])
     assert aws.store.get("t1").blob_keys == ["uploads/t1/src.wav", "outputs/t1/1-0.mp3"]
+
+
+def test_idempotency_key_is_claimed_in_the_create_transaction(aws):
+    """Two creates that both passed the intake's pre-check: the key's conditional put lets one through."""
+    from service.aws.dynamo_store import IdempotencyKeyTaken
+
+    aws.store.create(TaskRecord(task_id="a", request={}, idempotency_key="k", request_digest="d"))
+    with pytest.raises(IdempotencyKeyTaken):
+        aws.store.create(TaskRecord(task_id="b", request={}, idempotency_key="k", request_digest="d"))
+    assert aws.store.get("b") is None and aws.store.counts()["total"] == 1
+    assert aws.store.find_by_idempotency_key("k").task_id == "a"
+    aws.store.delete("a")  # the mapping goes with its task
+    assert aws.store.find_by_idempotency_key("k") is None
+    aws.store.create(TaskRecord(task_id="c", request={}, idempotency_key="k", request_digest="d"))
+    assert aws.store.find_by_idempotency_key("k").task_id == "c"

@@ -183,3 +183,53 @@ def test_blob_size(backend):
     assert backend.blobs.size("uploads/pending/x/a.wav") is None
     backend.blobs.put("uploads/pending/x/a.wav", b"12345", "audio/wav")
     assert backend.blobs.size("uploads/pending/x/a.wav") == 5
+
+
+def test_submit_is_atomic_and_leaves_nothing_when_queue_full(backend):
+    """Task row and queue entry go together: a full queue leaves neither (and no orphan upload)."""
+    submit_task(backend, {"prompt": "a"}, max_queue=1)
+    with pytest.raises(QueueFull):
+        submit_task(backend, {"prompt": "b"}, max_queue=1, idempotency_key="k-full",
+                    uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")}, task_id="t-full2")
+    assert backend.store.get("t-full2") is None
+    assert backend.store.find_by_idempotency_key("k-full") is None
+    assert backend.queue.size() == 1
+    # the key is free again: the retry after the 429 goes through once there is room
+    lease = backend.queue.receive(0, 30)
+    backend.queue.ack(lease)
+    task_id, _ = submit_task(backend, {"prompt": "b"}, max_queue=1, idempotency_key="k-full",
+                             uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")})
+    assert backend.store.get(task_id) is not None
+
+
+def test_retried_submit_with_same_idempotency_key_returns_first_task(backend):
+    up = {"src_audio": Upload(b"abc", "in.wav", "audio/wav")}
+    first, pos = submit_task(backend, {"prompt": "a"}, max_queue=5, uploads=up, idempotency_key="retry-1")
+    again, pos2 = submit_task(backend, {"prompt": "a"}, max_queue=5, uploads=up, idempotency_key="retry-1")
+    assert again == first and pos2 == pos == 1
+    assert backend.store.counts()["total"] == 1 and backend.queue.size() == 1
+    other, _ = submit_task(backend, {"prompt": "a"}, max_queue=5, uploads=up, idempotency_key="retry-2")
+    assert other != first and backend.queue.size() == 2
+
+
+def test_idempotency_key_reused_for_a_different_request_is_refused(backend):
+    from service.ports import IdempotencyConflict
+
+    first, _ = submit_task(backend, {"prompt": "a"}, max_queue=5, idempotency_key="k")
+    with pytest.raises(IdempotencyConflict, match=first):
+        submit_task(backend, {"prompt": "something else"}, max_queue=5, idempotency_key="k")
+    with pytest.raises(IdempotencyConflict):  # same fields, different uploaded audio
+        submit_task(backend, {"prompt": "a"}, max_queue=5, idempotency_key="k",
+                    uploads={"src_audio": Upload(b"xyz", "in.wav", "audio/wav")})
+    assert backend.store.counts()["total"] == 1
+
+
+def test_concurrent_retries_create_one_task(backend):
+    """The intake itself holds the key: two submits that both missed the pre-check still make one task."""
+    from service.idempotency import request_digest
+
+    records = [TaskRecord(task_id=f"race-{i}", request={"prompt": "a"}, idempotency_key="race",
+                          request_digest=request_digest({"prompt": "a"})) for i in range(2)]
+    (t1, created1), (t2, created2) = [backend.intake.submit(r, 5) for r in records]
+    assert (created1, created2) == (True, False) and t1.task_id == t2.task_id == "race-0"
+    assert backend.store.get("race-1") is None and backend.queue.size() == 1

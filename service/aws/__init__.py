@@ -8,6 +8,7 @@ from ..ports import Backend
 from .clients import aws_client
 from .dlq import drain_dead_letters
 from .dynamo_store import DynamoTaskStore
+from .intake import AwsTaskIntake
 from .s3_blobs import S3BlobStore
 from .sqs_queue import SqsTaskQueue
 
@@ -25,10 +26,13 @@ def make_aws_backend(settings: Settings) -> Backend:
     # Path-style addressing when an endpoint is given: moto/localstack on 127.0.0.1 have no bucket subdomains.
     s3_config = Config(signature_version="s3v4",
                        s3={"addressing_style": "path" if settings.aws_endpoint_url else "virtual"})
+    store = DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days)
+    queue = SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url)
     backend = Backend(
-        store=DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days),
-        queue=SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url),
+        store=store,
+        queue=queue,
         blobs=S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket),
+        intake=AwsTaskIntake(store, queue),
         name="aws",
     )
     # The worker loop calls backend.drain_dead_letters() now and then (None on backends without a DLQ).

@@ -29,6 +29,10 @@ class TaskExists(ValueError):
     """create() was given an id that is already in the table."""
 
 
+class IdempotencyKeyTaken(ValueError):
+    """create() was given an Idempotency-Key that another task already holds."""
+
+
 class _ConditionFailed(Exception):
     pass
 
@@ -53,6 +57,10 @@ def _str(item: dict, name: str) -> Optional[str]:
 
 def _task_key(task_id: str) -> dict:
     return {S.PK: _s(S.TASK_PREFIX + task_id)}
+
+
+def _idempotency_key(key: str) -> dict:
+    return {S.PK: _s(S.IDEMPOTENCY_PREFIX + key)}
 
 
 class DynamoTaskStore:
@@ -155,10 +163,40 @@ class DynamoTaskStore:
             "ConditionExpression": "attribute_not_exists(#pk)",
             "ExpressionAttributeNames": {"#pk": S.PK},
         }
+        writes = [{"Put": put}, self._count_move(None, record.status)]
+        if record.idempotency_key:
+            writes.append({"Put": {
+                "TableName": self._table,
+                "Item": {**_idempotency_key(record.idempotency_key), "task_id": _s(record.task_id),
+                         S.TTL_ATTR: item[S.TTL_ATTR]},
+                "ConditionExpression": "attribute_not_exists(#pk)",
+                "ExpressionAttributeNames": {"#pk": S.PK},
+            }})
         try:
-            self._transact([{"Put": put}, self._count_move(None, record.status)])
+            self._transact(writes)
         except _ConditionFailed:
+            if record.idempotency_key and self._idempotency_owner(record.idempotency_key) not in (None, record.task_id):
+                raise IdempotencyKeyTaken(record.idempotency_key) from None
             raise TaskExists(f"task {record.task_id} already exists") from None
+
+    def find_by_idempotency_key(self, key: str) -> Optional[TaskRecord]:
+        """The task submitted under `key`; a mapping whose task has expired is dropped."""
+        owner = self._idempotency_owner(key)
+        if owner is None:
+            return None
+        record = self.get(owner)
+        if record is None:
+            try:
+                self._db.delete_item(TableName=self._table, Key=_idempotency_key(key), ConditionExpression="task_id = :t",
+                                     ExpressionAttributeValues={":t": _s(owner)})
+            except ClientError as exc:
+                if error_code(exc) != "ConditionalCheckFailedException":  # re-used meanwhile: keep it
+                    raise
+        return record
+
+    def _idempotency_owner(self, key: str) -> Optional[str]:
+        resp = self._db.get_item(TableName=self._table, Key=_idempotency_key(key), ConsistentRead=True)
+        return _str(resp.get("Item", {}), "task_id")
 
     def delete(self, task_id: str) -> None:
         for _ in range(_RETRIES):
@@ -166,8 +204,12 @@ class DynamoTaskStore:
             if not item:
                 return
             delete = {"Delete": {"TableName": self._table, "Key": _task_key(task_id), **self._fence(item)}}
+            writes = [delete, self._count_move(_str(item, "status"), None)]
+            key = _str(item, "idempotency_key")
+            if key:
+                writes.append({"Delete": {"TableName": self._table, "Key": _idempotency_key(key)}})
             try:
-                self._transact([delete, self._count_move(_str(item, "status"), None)])
+                self._transact(writes)
                 return
             except _ConditionFailed:
                 continue
@@ -370,6 +412,9 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
         item["result"] = _s(record.result.model_dump_json())
     if record.error is not None:
         item["error"] = _s(record.error)
+    if record.idempotency_key is not None:
+        item["idempotency_key"] = _s(record.idempotency_key)
+        item["request_digest"] = _s(record.request_digest or "")
     return item
 
 
@@ -389,4 +434,6 @@ def _to_record(item: dict) -> TaskRecord:
         result=TaskResult.model_validate_json(result) if result is not None else None,
         error=_str(item, "error"),
         blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
+        idempotency_key=_str(item, "idempotency_key"),
+        request_digest=_str(item, "request_digest") or None,
     )

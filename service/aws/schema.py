@@ -5,6 +5,8 @@ One table holds everything, keyed by a string `pk`:
   counter#tasks    per-status counters and the submit sequence (updated in the same transaction as
                    every status transition, so counts are read with one GetItem)
   meta#<key>       put_meta / get_meta
+  idem#<key>       the task submitted under an Idempotency-Key (written in the task's create
+                   transaction, so a key maps to one task; expires with it)
 
 Two sparse GSIs keep per-request reads bounded without a Scan:
   queued_by_seq     only queued tasks carry `qpart`; Query qpart="q" AND seq < mine, Select=COUNT
@@ -26,4 +28,5 @@ DURATION_ATTR = "duration"
 
 TASK_PREFIX = "task#"
 META_PREFIX = "meta#"
+IDEMPOTENCY_PREFIX = "idem#"
 COUNTER_KEY = "counter#tasks"

@@ -9,6 +9,7 @@ from ..config import Settings
 from ..ports import Backend
 from .db import Database
 from .files import FileBlobStore
+from .intake import SqliteTaskIntake
 from .queue import SqliteTaskQueue
 from .store import SqliteTaskStore
 
@@ -38,4 +39,5 @@ def make_embedded_backend(settings: Settings) -> Backend:
             removed += 1
         return removed + blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400)
 
-    return Backend(store=store, queue=queue, blobs=blobs, name="embedded", sweep_expired=sweep_expired)
+    return Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
+                   sweep_expired=sweep_expired)

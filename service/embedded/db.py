@@ -27,10 +27,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     worker_id TEXT,
     result TEXT,
     error TEXT,
-    blob_keys TEXT NOT NULL DEFAULT '[]'
+    blob_keys TEXT NOT NULL DEFAULT '[]',
+    idempotency_key TEXT,
+    request_digest TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT NOT NULL UNIQUE,
@@ -51,6 +54,7 @@ class Database:
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._local = threading.local()
+        self._add_missing_columns()
         self._conn().executescript(SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
@@ -63,6 +67,16 @@ class Database:
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
         return conn
+
+    def _add_missing_columns(self) -> None:
+        """Databases written by an older version lack the newer task columns; add them in place."""
+        conn = self._conn()
+        have = {row["name"] for row in conn.execute("PRAGMA table_info(tasks)")}
+        if not have:
+            return  # a new database: SCHEMA creates everything
+        for column in ("idempotency_key", "request_digest"):
+            if column not in have:
+                conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
 
     def read(self) -> sqlite3.Connection:
         return self._conn()

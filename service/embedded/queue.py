@@ -35,18 +35,24 @@ class SqliteTaskQueue:
         self.on_dead_letter = on_dead_letter
         self._cond = _condition_for(db.path)
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Wake receivers in this process (others poll)."""
         with self._cond:
             self._cond.notify_all()
 
     def enqueue(self, task_id: str, max_size: int) -> None:
-        now = time.time()
         with self.db.write() as c:
-            waiting = c.execute("SELECT COUNT(*) FROM queue WHERE visible_at <= ?", (now,)).fetchone()[0]
-            if waiting >= max_size:
-                raise QueueFull(f"{waiting} tasks waiting (max {max_size})")
-            c.execute("INSERT INTO queue (task_id, visible_at) VALUES (?, ?)", (task_id, now))
-        self._notify()
+            self.insert(c, task_id, max_size)
+        self.notify()
+
+    @staticmethod
+    def insert(c, task_id: str, max_size: int) -> None:
+        """Enqueue inside the caller's write transaction (the intake adds the task row in the same one)."""
+        now = time.time()
+        waiting = c.execute("SELECT COUNT(*) FROM queue WHERE visible_at <= ?", (now,)).fetchone()[0]
+        if waiting >= max_size:
+            raise QueueFull(f"{waiting} tasks waiting (max {max_size})")
+        c.execute("INSERT INTO queue (task_id, visible_at) VALUES (?, ?)", (task_id, now))
 
     def _take(self, visibility_timeout: float) -> Optional[Lease]:
         dead: list[tuple[str, int]] = []
@@ -102,7 +108,7 @@ class SqliteTaskQueue:
             # A deliberate give-back is not a failed delivery: it does not count toward dead-lettering.
             c.execute("UPDATE queue SET visible_at = ?, receipt = NULL, receive_count = MAX(receive_count - 1, 0)"
                       " WHERE task_id = ? AND receipt = ?", (time.time(), lease.task_id, lease.receipt))
-        self._notify()
+        self.notify()
 
     def size(self) -> int:
         return int(self.db.read().execute(

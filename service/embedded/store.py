@@ -9,7 +9,7 @@ from ..records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, 
 from .db import Database
 
 
-def _row_to_record(row) -> TaskRecord:
+def record_from_row(row) -> TaskRecord:
     return TaskRecord(
         task_id=row["task_id"],
         request=json.loads(row["request"]),
@@ -24,6 +24,17 @@ def _row_to_record(row) -> TaskRecord:
         result=TaskResult.model_validate_json(row["result"]) if row["result"] else None,
         error=row["error"],
         blob_keys=json.loads(row["blob_keys"]),
+        idempotency_key=row["idempotency_key"],
+        request_digest=row["request_digest"],
+    )
+
+
+def insert_task(c, record: TaskRecord) -> None:
+    c.execute(
+        "INSERT INTO tasks (task_id, status, request, created_at, stage, blob_keys, idempotency_key,"
+        " request_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (record.task_id, record.status, json.dumps(record.request), record.created_at, record.stage,
+         json.dumps(record.blob_keys), record.idempotency_key, record.request_digest),
     )
 
 
@@ -33,16 +44,15 @@ class SqliteTaskStore:
 
     def create(self, record: TaskRecord) -> None:
         with self.db.write() as c:
-            c.execute(
-                "INSERT INTO tasks (task_id, status, request, created_at, stage, blob_keys)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (record.task_id, record.status, json.dumps(record.request), record.created_at,
-                 record.stage, json.dumps(record.blob_keys)),
-            )
+            insert_task(c, record)
+
+    def find_by_idempotency_key(self, key: str) -> Optional[TaskRecord]:
+        row = self.db.read().execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+        return record_from_row(row) if row else None
 
     def get(self, task_id: str) -> Optional[TaskRecord]:
         row = self.db.read().execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return _row_to_record(row) if row else None
+        return record_from_row(row) if row else None
 
     def get_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
         ids = list(dict.fromkeys(task_ids))
@@ -51,7 +61,7 @@ class SqliteTaskStore:
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.db.read().execute(f"SELECT * FROM tasks WHERE task_id IN ({marks})", chunk):
-                out[row["task_id"]] = _row_to_record(row)
+                out[row["task_id"]] = record_from_row(row)
         return out
 
     def delete(self, task_id: str) -> None:
@@ -114,7 +124,7 @@ class SqliteTaskStore:
             rows = c.execute("SELECT * FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?"
                              " ORDER BY finished_at LIMIT ?", (cutoff, limit)).fetchall()
             c.executemany("DELETE FROM tasks WHERE seq = ?", [(r["seq"],) for r in rows])
-        return [_row_to_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}

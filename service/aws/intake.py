@@ -1,0 +1,36 @@
+"""TaskIntake on DynamoDB + SQS: create the task, then send its message; undo the task if the send fails.
+
+The two services cannot share a transaction. A submit that dies between the two writes leaves a
+queued task without a message; the retention TTL removes it (and its Idempotency-Key mapping).
+"""
+from __future__ import annotations
+
+from ..idempotency import replayed
+from ..ports import TaskRecord
+from .dynamo_store import DynamoTaskStore, IdempotencyKeyTaken
+from .sqs_queue import SqsTaskQueue
+
+
+class AwsTaskIntake:
+    def __init__(self, store: DynamoTaskStore, queue: SqsTaskQueue):
+        self.store, self.queue = store, queue
+
+    def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
+        key = record.idempotency_key
+        if key:
+            first = self.store.find_by_idempotency_key(key)
+            if first is not None:
+                return replayed(record, first), False
+        try:
+            self.store.create(record)  # the key's mapping is written in the same transaction
+        except IdempotencyKeyTaken:  # a concurrent submit with the same key won the race
+            first = self.store.find_by_idempotency_key(key or "")
+            if first is None:
+                raise
+            return replayed(record, first), False
+        try:
+            self.queue.enqueue(record.task_id, max_queue)
+        except BaseException:
+            self.store.delete(record.task_id)
+            raise
+        return record, True

@@ -1,0 +1,26 @@
+"""TaskIntake on SQLite: the task row and its queue entry are written in one transaction."""
+from __future__ import annotations
+
+from ..idempotency import replayed
+from ..ports import TaskRecord
+from .db import Database
+from .queue import SqliteTaskQueue
+from .store import insert_task, record_from_row
+
+
+class SqliteTaskIntake:
+    def __init__(self, db: Database, queue: SqliteTaskQueue):
+        self.db, self.queue = db, queue
+
+    def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
+        with self.db.write() as c:
+            if record.idempotency_key:
+                row = c.execute("SELECT * FROM tasks WHERE idempotency_key = ?",
+                                (record.idempotency_key,)).fetchone()
+                if row is not None:
+                    return replayed(record, record_from_row(row)), False
+            insert_task(c, record)
+            self.queue.insert(c, record.task_id, max_queue)  # QueueFull rolls back the insert too
+        self.queue.notify()
+        return record, True
+
