@@ -293,3 +293,20 @@ def test_embedded_sweep_removes_expired_results_and_abandoned_uploads(settings, 
     assert all(backend.blobs.size(k) is not None for k in backend.store.get(fresh).blob_keys)
     assert backend.blobs.size("uploads/pending/abc/song.wav") is None
     assert backend.blobs.size("uploads/pending/new/song.wav") is not None
+
+
+def test_embedded_sweep_keeps_old_uploads_that_queued_tasks_still_need(settings, engine):
+    import os
+
+    from service.embedded import make_embedded_backend
+
+    backend = make_embedded_backend(settings)
+    key = "uploads/pending/0123456789abcdef0123456789abcdef/song.wav"
+    backend.blobs.put(key, b"RIFF", "audio/wav")
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(backend.blobs.local_path(key), (three_days_ago, three_days_ago))
+    task_id = _submit(backend, task_type="cover", src_audio_key=key)  # waited in the queue for days
+
+    assert backend.sweep_expired() == 0
+    assert backend.blobs.get(key) == b"RIFF"
+    assert backend.store.get(task_id).status == QUEUED

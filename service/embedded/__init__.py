@@ -37,7 +37,9 @@ def make_embedded_backend(settings: Settings) -> Backend:
             for key in record.blob_keys:
                 blobs.delete(key)
             removed += 1
-        return removed + blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400)
+        # A direct upload that a waiting task refers to is not abandoned, however old it is.
+        in_use = frozenset(store.unfinished_blob_keys())
+        return removed + blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
 
     return Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
                    sweep_expired=sweep_expired)

@@ -60,14 +60,15 @@ class FileBlobStore:
         except (FileNotFoundError, InvalidKey):
             pass
 
-    def delete_older_than(self, prefix: str, cutoff: float) -> int:
-        """Delete files under `prefix` last written before `cutoff` (epoch seconds)."""
+    def delete_older_than(self, prefix: str, cutoff: float, keep: frozenset[str] = frozenset()) -> int:
+        """Delete files under `prefix` last written before `cutoff` (epoch seconds), except `keep` keys."""
         root = self._path(prefix.rstrip("/"))
+        kept = {self._path(k) for k in keep if k.startswith(prefix)}
         removed = 0
         for folder, _, files in os.walk(root, topdown=False):
             for name in files:
                 path = os.path.join(folder, name)
-                if os.path.getmtime(path) < cutoff:
+                if path not in kept and os.path.getmtime(path) < cutoff:
                     os.unlink(path)
                     removed += 1
             if folder != root and not os.listdir(folder):

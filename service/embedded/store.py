@@ -126,6 +126,11 @@ class SqliteTaskStore:
             c.executemany("DELETE FROM tasks WHERE seq = ?", [(r["seq"],) for r in rows])
         return [record_from_row(r) for r in rows]
 
+    def unfinished_blob_keys(self) -> set[str]:
+        """Blob keys that queued and running tasks still need (bounded by the queue size)."""
+        rows = self.db.read().execute("SELECT blob_keys FROM tasks WHERE status IN (?, ?)", (QUEUED, RUNNING))
+        return {key for row in rows for key in json.loads(row["blob_keys"])}
+
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}
         for row in self.db.read().execute("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status"):
