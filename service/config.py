@@ -45,6 +45,8 @@ class Settings:
     avg_window: int = 50
     visibility_timeout: float = 120.0  # lease length; the worker extends it while it runs
     max_receives: int = 3  # deliveries before a task is dead-lettered and marked failed
+    # A task still generating this long after it started fails with a timeout; the worker goes on.
+    generation_timeout: float = 1800.0
 
     # storage backend: "embedded" (SQLite + files) or "aws" (DynamoDB + SQS + S3)
     backend: str = "embedded"
@@ -113,6 +115,7 @@ ENV_NAMES = {
     "ACESTEP_AVG_WINDOW": "avg_window",
     "ACESTEP_VISIBILITY_TIMEOUT": "visibility_timeout",
     "ACESTEP_MAX_RECEIVES": "max_receives",
+    "ACESTEP_GENERATION_TIMEOUT": "generation_timeout",
     "ACESTEP_BACKEND": "backend",
     "ACESTEP_DATA_DIR": "data_dir",
     "ACESTEP_AWS_REGION": "aws_region",
