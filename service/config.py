@@ -47,6 +47,9 @@ class Settings:
     max_receives: int = 3  # deliveries before a task is dead-lettered and marked failed
     # A task still generating this long after it started fails with a timeout; the worker goes on.
     generation_timeout: float = 1800.0
+    # No progress from the engine for this long: the call is hung. Its lease lapses (another worker
+    # takes the task) and the worker process exits to be restarted.
+    stall_timeout: float = 600.0
 
     # storage backend: "embedded" (SQLite + files) or "aws" (DynamoDB + SQS + S3)
     backend: str = "embedded"
@@ -116,6 +119,7 @@ ENV_NAMES = {
     "ACESTEP_VISIBILITY_TIMEOUT": "visibility_timeout",
     "ACESTEP_MAX_RECEIVES": "max_receives",
     "ACESTEP_GENERATION_TIMEOUT": "generation_timeout",
+    "ACESTEP_STALL_TIMEOUT": "stall_timeout",
     "ACESTEP_BACKEND": "backend",
     "ACESTEP_DATA_DIR": "data_dir",
     "ACESTEP_AWS_REGION": "aws_region",
