@@ -4,7 +4,7 @@ For each song length (default 30 s and 240 s) and batch size (1 and 4), at 8 ste
   * engine   -- Engine.generate(request) end to end (text encoding, DiT, VAE decode, audio encoding);
   * bare     -- the same AceStepPipeline object called directly with the same inputs and seeds (then moved to
                 CPU); separately, the plain sequential soundfile encoding of each item;
-  * many     -- (batch > 1) that many batch-1 tasks handed to Engine.generate_many, which batches them.
+  * many     -- (batch > 1) that many batch-1 tasks handed to Engine.generate_batch as one batch.
 Engine overhead, two ways: the A/B ratio (engine wall time - its audio-encoding stage) / bare pipeline call - 1, and
 the engine's own time (engine wall time - its pipeline call - its audio encoding, measured inside one run, so
 immune to run-to-run noise) relative to the pipeline call. Both cover what the engine adds around
@@ -85,7 +85,7 @@ def run_engine(engine, req):
 
 def run_many(engine, reqs):
     t0 = time.perf_counter()
-    results = engine.generate_many([(r, {}) for r in reqs])
+    results = engine.generate_batch([(r, {}) for r in reqs])
     assert all(not isinstance(r, Exception) for r in results), results
     return time.perf_counter() - t0
 
@@ -161,13 +161,13 @@ def main(argv=None) -> int:
             if batch > 1:
                 reqs = [request(args, duration, 1, 2000 + i) for i in range(batch)]
                 many = min(run_many(engine, reqs) for _ in range(args.repeats))
-                print(f"| {duration:g} s | {batch}x1 | generate_many | {many / batch:.3f} | {many / batch:.3f} | "
+                print(f"| {duration:g} s | {batch}x1 | generate_batch | {many / batch:.3f} | {many / batch:.3f} | "
                       f"{many / (batch * duration):.4f} | | | | | | | | | | |")
     print("\nColumns: s/task = wall time of one request (all its batch items); s/item = s/task / batch; stage "
           "columns = the engine's own per-stage timings; A/B overhead = (engine - its audio encoding) / "
           "bare pipeline call - 1 (two separate runs: noisy on a shared CPU); engine's own time = engine wall time "
           "- its pipeline call - its audio encoding, in the same run, and its ratio to the pipeline call; "
-          "generate_many rows: N batch-1 tasks batched into one call, time per task.")
+          "generate_batch rows: N batch-1 tasks batched into one call, time per task.")
     shown = sys.argv[1:] if argv is None else argv
     print("\nReproduce: `.venv/bin/python bench/engine.py" + "".join(" " + a for a in shown) + "`")
     print(f"load average during the run: {_loadavg()}")

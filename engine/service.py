@@ -82,6 +82,9 @@ class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
 
 
 class Engine:
+    # The 5 Hz LM planner is not part of this engine yet: requests that need it are refused by the worker.
+    lm_loaded = False
+
     def __init__(self, config: EngineConfig, models: dict[str, LoadedModel], device: torch.device,
                  dtype: torch.dtype, shared: dict[str, list[str]]):
         self.config = config
@@ -167,47 +170,54 @@ class Engine:
         job = self._prepare(request, src_audio, reference_audio)
         return self._run([job], progress)[0]
 
-    def generate_many(self, items: list[tuple[GenerationRequest, dict]],
-                      progress: Optional[ProgressCallback] = None) -> list:
-        """Run several requests; compatible text2music requests share pipeline calls (up to MAX_BATCH items).
+    def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
+                       progress: Optional[ProgressCallback] = None) -> list:
+        """Run requests that share one plan.batch_key (the caller groups them) in one pipeline call.
 
-        Each item is (request, {"src_audio": bytes|None, "reference_audio": bytes|None}). Returns, in order, a
-        GenerationResult or the Exception that request failed with. GenerationCancelled stops everything.
+        Each item is (request, {"src_audio": bytes|None, "reference_audio": bytes|None}). Returns, in
+        order, a GenerationResult or the Exception that request failed with; a failing pipeline call
+        is retried per request so one bad request does not fail the others. GenerationCancelled
+        stops everything. Raises ValueError for items that cannot share a call.
         """
-        results: list = [None] * len(items)
-        groups: dict[tuple, list[int]] = {}
-        jobs: dict[int, _Job] = {}
-        for i, (request, audio) in enumerate(items):
+        if len(items) == 1:
+            request, audio = items[0]
             try:
-                jobs[i] = self._prepare(request, (audio or {}).get("src_audio"), (audio or {}).get("reference_audio"))
+                return [self.generate(request, src_audio=(audio or {}).get("src_audio"),
+                                      reference_audio=(audio or {}).get("reference_audio"), progress=progress)]
             except GenerationCancelled:
                 raise
             except Exception as exc:
+                return [exc]
+        keys = {plan.batch_key(r, r.model or self.config.default_model) for r, _ in items}
+        if len(keys) != 1 or None in keys:
+            raise ValueError("generate_batch: these requests cannot share one pipeline call")
+        if sum(r.batch_size for r, _ in items) > MAX_BATCH:
+            raise ValueError(f"generate_batch: more than {MAX_BATCH} items in one call")
+        results: list = [None] * len(items)
+        jobs: dict[int, _Job] = {}
+        for i, (request, _) in enumerate(items):
+            try:
+                jobs[i] = self._prepare(request, None, None)  # batchable requests have no source audio
+            except Exception as exc:
                 results[i] = exc
-                continue
-            key = plan.batch_key(request, jobs[i].model.info.name)
-            groups.setdefault(key if key is not None else ("alone", i), []).append(i)
-        for indices in groups.values():
-            for chunk in _chunks(indices, jobs):
+        ready = sorted(jobs)
+        if not ready:
+            return results
+        try:
+            outs = self._run([jobs[i] for i in ready], progress)
+        except GenerationCancelled:
+            raise
+        except Exception:
+            outs = []
+            for i in ready:  # isolate the failing request instead of failing the whole batch
                 try:
-                    outs = self._run([jobs[i] for i in chunk], progress)
+                    outs.append(self._run([jobs[i]], progress)[0])
                 except GenerationCancelled:
                     raise
-                except Exception as exc:
-                    if len(chunk) == 1:
-                        results[chunk[0]] = exc
-                        continue
-                    # isolate the failing request instead of failing the whole batch
-                    outs = []
-                    for i in chunk:
-                        try:
-                            outs.append(self._run([jobs[i]], progress)[0])
-                        except GenerationCancelled:
-                            raise
-                        except Exception as single_exc:
-                            outs.append(single_exc)
-                for i, out in zip(chunk, outs):
-                    results[i] = out
+                except Exception as single_exc:
+                    outs.append(single_exc)
+        for i, out in zip(ready, outs):
+            results[i] = out
         return results
 
     # ---------------------------------------------------------------- internals
@@ -444,21 +454,6 @@ def _report(progress: Optional[ProgressCallback], fraction: float, stage: str) -
 
 def _to(audio: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     return None if audio is None else audio.to(device)
-
-
-def _chunks(indices: list[int], jobs: dict[int, _Job]) -> list[list[int]]:
-    """Split a compatible group so no pipeline call exceeds MAX_BATCH items."""
-    out, current, size = [], [], 0
-    for i in indices:
-        n = len(jobs[i].seeds)
-        if current and size + n > MAX_BATCH:
-            out.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    if current:
-        out.append(current)
-    return out
 
 
 @contextlib.contextmanager

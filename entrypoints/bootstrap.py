@@ -79,12 +79,13 @@ def _warn_demo(names: list[str], settings: Settings) -> None:
                     name, settings.checkpoint_dir, name, name)
 
 
-def build_worker(settings: Settings, engine=None, backend: Backend | None = None):
+def build_worker(settings: Settings, engine=None, backend: Backend | None = None, on_stalled=None):
     """A worker on the configured backend with a loaded engine."""
     from service.worker import Worker
 
     backend = backend if backend is not None else build_backend(settings)
-    return Worker(settings, backend, engine if engine is not None else load_engine(settings))
+    return Worker(settings, backend, engine if engine is not None else load_engine(settings),
+                  on_stalled=on_stalled)
 
 
 def app_from_env():

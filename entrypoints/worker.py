@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -19,9 +20,20 @@ from . import bootstrap
 log = logging.getLogger("acestep.worker")
 
 
+# Exit status of a worker whose generation hung: the launcher (or ECS) starts a fresh one.
+EXIT_HUNG = 75
+
+
+def _exit_hung() -> None:
+    """A hung engine call cannot be interrupted from Python; a new process is the way out."""
+    log.critical("the engine is hung; exiting so a fresh worker process takes over")
+    logging.shutdown()
+    os._exit(EXIT_HUNG)
+
+
 def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
     bootstrap.resolve_secrets(settings)
-    worker = bootstrap.build_worker(settings)
+    worker = bootstrap.build_worker(settings, on_stalled=_exit_hung)
 
     def on_term(signum, frame):
         if worker.stop_event.is_set():

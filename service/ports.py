@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
+from engine.request import GenerationRequest
+from engine.types import GenerationResult, ModelInfo, ProgressCallback
+
 from .records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult
 
 
@@ -35,10 +38,10 @@ class TaskStore(Protocol):
     def delete(self, task_id: str) -> None:
         """Remove a task (used to undo a create when the enqueue fails)."""
 
-    def claim(self, task_id: str, worker_id: str) -> Optional[int]:
+    def claim(self, task_id: str, worker_id: str) -> Optional[TaskRecord]:
         """queued -> running, or re-claim a running task whose lease was redelivered.
 
-        Returns the new attempt number, or None if the task is finished/unknown.
+        Returns the task as claimed (with its new attempt number), or None if finished/unknown.
         """
 
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
@@ -131,6 +134,25 @@ class TaskIntake(Protocol):
         """
 
 
+class GenerationEngine(Protocol):
+    """What the worker needs from an engine (engine.service.Engine; tests use small stand-ins)."""
+
+    lm_loaded: bool  # False: requests that need the 5 Hz LM are refused before they run
+
+    def models(self) -> list[ModelInfo]: ...
+
+    def describe(self) -> dict:
+        """device, dtype, lm_model, ... for /v1/models."""
+
+    def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
+                 reference_audio: Optional[bytes] = None,
+                 progress: Optional[ProgressCallback] = None) -> GenerationResult: ...
+
+    def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
+                       progress: Optional[ProgressCallback] = None) -> list:
+        """Requests with one plan.batch_key in one call; a GenerationResult or Exception per item."""
+
+
 @dataclass
 class Backend:
     store: TaskStore
@@ -146,5 +168,5 @@ class Backend:
     sweep_expired: Optional[Callable[[], int]] = None
 
 
-__all__ = ["Backend", "BlobStore", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
+__all__ = ["Backend", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
            "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STATUSES", "TERMINAL"]

@@ -1,8 +1,7 @@
 """The worker loop: lease a task, run the engine, store the audio, record the outcome.
 
-It talks only to the ports and to an engine object with the `engine.service.Engine` interface
-(`models()`, `describe()`, `generate()`, `generate_many()`), so the same loop runs on SQLite or
-SQS/DynamoDB and with the real engine or a test one.
+It talks only to the ports and to a GenerationEngine (service/ports.py), so the same loop runs on
+SQLite or SQS/DynamoDB and with the real engine or a test one.
 
 Delivery is at least once: a lease that is not acked (the worker died) comes back after its
 visibility timeout. `store.claim` bumps the task's attempt number and `store.finish` only
@@ -17,24 +16,26 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
-from .config import Settings
 from .blob_keys import output_key
-from .ports import Backend, Lease
+from .config import Settings
+from .ports import Backend, GenerationEngine, Lease
 from .records import MODELS_META_KEY, AudioFile, ModelEntry, ModelsMeta, TaskResult
+from .run_watch import GenerationTimedOut, RunWatch
+from .submission import SOURCE_ROLES
 
 log = logging.getLogger("acestep.worker")
 
-# Progress writes are throttled: a store write per diffusion step would dominate small tasks.
-PROGRESS_MIN_DELTA = 0.05
-PROGRESS_MIN_SECONDS = 0.5
 SWEEP_INTERVAL_SECONDS = 600
 DEAD_LETTER_INTERVAL_SECONDS = 30
+CARRIED_STAGE = "waiting: runs next on this worker"
+LM_REQUIRED = ("this request needs the 5Hz LM (sample_mode / sample_query / use_format / analysis), "
+               "which is not loaded on this server")
 
 
 class _Chore:
@@ -63,74 +64,26 @@ class _Chore:
 
 @dataclass
 class _Claimed:
+    """A task this worker holds: its lease, its attempt, and its request validated once."""
     lease: Lease
     attempt: int
     request: GenerationRequest
     inputs: dict  # src_audio / reference_audio bytes
+    batch_key: Optional[tuple]  # engine.plan.batch_key: None means it runs alone
 
-
-def batch_key(request: dict, default_model: Optional[str]) -> Optional[tuple]:
-    """The engine's own rule for which tasks can share one pipeline call (None: run alone)."""
-    try:
-        req = GenerationRequest(**request)
-    except ValueError:
-        return None
-    return plan.batch_key(req, req.model or default_model or "")
-
-
-class _ProgressReporter:
-    """Throttled progress writes for the tasks of one engine call; also the cancellation point."""
-
-    def __init__(self, worker: "Worker", claimed: list[_Claimed]):
-        self.worker, self.claimed = worker, claimed
-        self.last_value, self.last_stage, self.last_time = -1.0, "", 0.0
-
-    def __call__(self, fraction: float, stage: str) -> None:
-        if self.worker.cancel_event.is_set():
-            raise GenerationCancelled("worker is shutting down")
-        now = time.monotonic()
-        if stage == self.last_stage and fraction - self.last_value < PROGRESS_MIN_DELTA \
-                and now - self.last_time < PROGRESS_MIN_SECONDS:
-            return
-        self.last_value, self.last_stage, self.last_time = fraction, stage, now
-        for c in self.claimed:
-            self.worker.backend.store.update_progress(c.lease.task_id, c.attempt, round(fraction, 3), stage)
-
-
-class _LeaseKeeper:
-    """Extends the leases of running tasks so long generations are not redelivered."""
-
-    def __init__(self, worker: "Worker", leases: list[Lease]):
-        self.worker, self.leases = worker, leases
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        timeout = self.worker.settings.visibility_timeout
-        while not self._stop.wait(timeout / 3):
-            for lease in self.leases:
-                try:
-                    self.worker.backend.queue.extend(lease, timeout)
-                except Exception:  # a missed extension only risks a redelivery, which is fenced
-                    log.exception("could not extend lease of %s", lease.task_id)
+    @property
+    def task_id(self) -> str:
+        return self.lease.task_id
 
 
 class Worker:
-    def __init__(self, settings: Settings, backend: Backend, engine: Any,
-                 worker_id: Optional[str] = None, lm_available: bool = False):
+    def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
+                 worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.lm_available = lm_available
+        self.on_stalled = on_stalled  # a generation is hung (see run_watch); the CLI exits here
         self.stop_event = threading.Event()  # stop taking new work
         self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
         # Backend housekeeping, each due on the first round and then every interval.
@@ -138,15 +91,15 @@ class Worker:
                                         "marked %d dead-lettered task(s) failed", logging.WARNING)
         self.sweep_chore = _Chore(backend.sweep_expired, SWEEP_INTERVAL_SECONDS,
                                   "removed %d expired task(s)/upload(s)")
-        # A lease taken while filling a batch that did not fit it: run first next round rather
-        # than hand it back (a give-back would count as a failed delivery on SQS).
-        self._carried: Optional[Lease] = None
+        # A task claimed while filling a batch that it did not fit: it runs first next round
+        # rather than being handed back (a give-back would count as a failed delivery on SQS).
+        self._carried: Optional[_Claimed] = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def publish_models(self) -> None:
         """Tell the API what this worker serves (for /v1/models and /health)."""
-        info = self.engine.describe() if hasattr(self.engine, "describe") else {}
+        info = self.engine.describe()
         meta = ModelsMeta(
             models=[ModelEntry(name=m.name, is_default=m.is_default, random_weights=m.random_weights,
                                task_types=list(m.task_types)) for m in self.engine.models()],
@@ -164,7 +117,7 @@ class Worker:
                 log.exception("worker loop error")
                 self.stop_event.wait(1.0)
         if self._carried is not None:
-            self.backend.queue.release(self._carried)
+            self.backend.queue.release(self._carried.lease)
             self._carried = None
         log.info("worker %s stopped", self.worker_id)
 
@@ -179,71 +132,64 @@ class Worker:
         """Process the next task (and compatible ones waiting behind it). False if none came."""
         self.dead_letter_chore.run_if_due()
         self.sweep_chore.run_if_due()
-        lease, self._carried = self._carried, None
-        if lease is not None:
-            self.backend.queue.extend(lease, self.settings.visibility_timeout)
+        first, self._carried = self._carried, None
+        if first is not None:
+            self.backend.queue.extend(first.lease, self.settings.visibility_timeout)
         else:
             lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
-        if lease is None:
-            return False
-        if self.stop_event.is_set():  # arrived during a long poll after shutdown began
-            self.backend.queue.release(lease)
-            return False
-        leases = [lease]
-        if self.settings.batch_compatible_tasks and hasattr(self.engine, "generate_many"):
-            leases += self._receive_more(lease)
-        claimed = [c for c in (self._claim(l) for l in leases) if c is not None]
-        if claimed:
-            self._run(claimed)
+            if lease is None:
+                return False
+            if self.stop_event.is_set():  # arrived during a long poll after shutdown began
+                self.backend.queue.release(lease)
+                return False
+            first = self._claim(lease)
+            if first is None:
+                return True
+        batch = [first]
+        if self.settings.batch_compatible_tasks and first.batch_key is not None:
+            batch += self._claim_compatible(first)
+        self._run(batch)
         return True
 
-    def _receive_more(self, first: Lease) -> list[Lease]:
-        """Grab waiting tasks that can share one pipeline call with `first` (never waits).
+    def _claim_compatible(self, first: _Claimed) -> list[_Claimed]:
+        """Claim waiting tasks that can share one engine call with `first` (never waits).
 
         The first task that cannot join is carried over to the next round.
         """
-        default_model = self.settings.default_model
-        first_record = self.backend.store.get(first.task_id)
-        key = batch_key(first_record.request, default_model) if first_record else None
-        if key is None:
-            return []
-        items = int(first_record.request.get("batch_size", 1))
-        more: list[Lease] = []
+        more: list[_Claimed] = []
+        items = first.request.batch_size
         while items < MAX_BATCH and not self.stop_event.is_set():
             lease = self.backend.queue.receive(0, self.settings.visibility_timeout)
             if lease is None:
                 break
-            record = self.backend.store.get(lease.task_id)
-            size = int(record.request.get("batch_size", 1)) if record else 0
-            if record is None or batch_key(record.request, default_model) != key or items + size > MAX_BATCH:
-                self._carried = lease
+            claimed = self._claim(lease)
+            if claimed is None:
+                continue
+            if claimed.batch_key != first.batch_key or items + claimed.request.batch_size > MAX_BATCH:
+                self._carried = claimed
+                self.backend.store.update_progress(claimed.task_id, claimed.attempt, 0.0, CARRIED_STAGE)
                 break
-            more.append(lease)
-            items += size
+            more.append(claimed)
+            items += claimed.request.batch_size
         return more
 
     def _claim(self, lease: Lease) -> Optional[_Claimed]:
-        store, task_id = self.backend.store, lease.task_id
-        attempt = store.claim(task_id, self.worker_id)
-        if attempt is None:  # finished already (duplicate delivery) or unknown
+        """Claim the task (one store write, which also returns it) and validate its request once."""
+        record = self.backend.store.claim(lease.task_id, self.worker_id)
+        if record is None:  # finished already (duplicate delivery) or unknown
             self.backend.queue.ack(lease)
             return None
-        record = store.get(task_id)
         try:
             request = GenerationRequest(**record.request)
-            if request.needs_lm and not self.lm_available:
-                raise GenerationError(
-                    "this request needs the 5Hz LM (sample_mode / sample_query / use_format / "
-                    "analysis), which is not loaded on this server")
-            inputs = {}
-            for role in ("src_audio", "reference_audio"):
-                key = getattr(request, f"{role}_key")
-                if key:
-                    inputs[role] = self._read_input(role, key)
+            if request.needs_lm and not self.engine.lm_loaded:
+                raise GenerationError(LM_REQUIRED)
+            inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES
+                      if (key := getattr(request, f"{role}_key"))}
         except (GenerationError, ValueError) as exc:
-            self._fail(lease, attempt, str(exc))
+            self._fail(lease, record.attempt, str(exc))
             return None
-        return _Claimed(lease, attempt, request, inputs)
+        key = plan.batch_key(request, request.model or self.settings.default_model or "")
+        return _Claimed(lease, record.attempt, request, inputs, key)
 
     def _read_input(self, role: str, key: str) -> bytes:
         # Checked again here: a presigned upload URL can replace the file after submission.
@@ -256,74 +202,76 @@ class Worker:
         except KeyError:
             raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
 
-    def _run(self, claimed: list[_Claimed]) -> None:
+    def _run(self, batch: list[_Claimed]) -> None:
         started = time.monotonic()
-        reporter = _ProgressReporter(self, claimed)
-        with _LeaseKeeper(self, [c.lease for c in claimed]):
+        watch = RunWatch(self.backend, [(c.lease, c.attempt) for c in batch],
+                         visibility_timeout=self.settings.visibility_timeout,
+                         generation_timeout=self.settings.generation_timeout,
+                         stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
+                         on_stalled=self.on_stalled)
+        with watch:
             try:
-                if len(claimed) == 1:
-                    c = claimed[0]
-                    outcomes: list = [self._generate_one(c, reporter)]
+                if len(batch) == 1:
+                    c = batch[0]
+                    outcomes: list = [self.engine.generate(
+                        c.request, src_audio=c.inputs.get("src_audio"),
+                        reference_audio=c.inputs.get("reference_audio"), progress=watch)]
                 else:
-                    outcomes = self.engine.generate_many(
-                        [(c.request, c.inputs) for c in claimed], progress=reporter)
+                    outcomes = self.engine.generate_batch([(c.request, c.inputs) for c in batch], progress=watch)
+            except GenerationTimedOut as exc:
+                outcomes = [GenerationError(str(exc))] * len(batch)
             except GenerationCancelled:
-                for c in claimed:
-                    log.info("released %s for another worker (shutting down)", c.lease.task_id)
+                for c in batch:
+                    log.info("released %s for another worker (shutting down)", c.task_id)
                     self.backend.queue.release(c.lease)
                 return
             except Exception as exc:  # an engine crash fails these tasks, with the reason
                 log.exception("engine failed")
-                outcomes = [exc] * len(claimed)
-        for c, outcome in zip(claimed, outcomes):
-            if isinstance(outcome, GenerationCancelled):
+                outcomes = [exc] * len(batch)
+        if watch.stalled:  # the leases lapsed and the tasks may run elsewhere now: keep nothing
+            log.warning("a hung generation returned after %.0f s; its tasks were left to other workers",
+                        time.monotonic() - started)
+            return
+        for c, outcome in zip(batch, outcomes):
+            if isinstance(outcome, GenerationTimedOut):
+                self._fail(c.lease, c.attempt, str(outcome))
+            elif isinstance(outcome, GenerationCancelled):
                 self.backend.queue.release(c.lease)
             elif isinstance(outcome, BaseException):
                 self._fail(c.lease, c.attempt, _describe_error(outcome))
             else:
                 self._succeed(c, outcome)
-        log.info("ran %d task(s) in %.2fs", len(claimed), time.monotonic() - started)
-
-    def _generate_one(self, c: _Claimed, reporter: _ProgressReporter):
-        try:
-            return self.engine.generate(c.request, src_audio=c.inputs.get("src_audio"),
-                                        reference_audio=c.inputs.get("reference_audio"), progress=reporter)
-        except GenerationCancelled:
-            raise
-        except Exception as exc:
-            return exc
+        log.info("ran %d task(s) in %.2fs", len(batch), time.monotonic() - started)
 
     # -- outcomes --------------------------------------------------------------------------
 
     def _succeed(self, c: _Claimed, result: GenerationResult) -> None:
-        task_id = c.lease.task_id
         keys, audios = [], []
         for i, audio in enumerate(result.audios):
-            key = output_key(task_id, c.attempt, i, audio.format)
+            key = output_key(c.task_id, c.attempt, i, audio.format)
             self.backend.blobs.put(key, audio.data, audio.content_type)
             keys.append(key)
             audios.append(AudioFile(key=key, format=audio.format, seed=audio.seed,
                                     duration=round(audio.duration_seconds, 3),
                                     sample_rate=audio.sample_rate, channels=audio.channels))
         info = dict(result.generation_info)
-        if c.request.thinking and not self.lm_available:
+        if c.request.thinking and not self.engine.lm_loaded:
             info.setdefault("notes", []).append(
                 "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
         stored = TaskResult(audios=audios, metas=result.metas, generation_info=info,
                             dit_model=result.dit_model, lm_model=result.lm_model)
-        if self.backend.store.finish(task_id, c.attempt, result=stored, blob_keys=keys):
-            log.info("task %s succeeded (%d file(s))", task_id, len(keys))
+        if self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys):
+            log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
         else:  # another attempt finished it first; drop our copy
             for key in keys:
                 self.backend.blobs.delete(key)
-            log.warning("task %s was finished by another attempt; discarded attempt %d", task_id, c.attempt)
+            log.warning("task %s was finished by another attempt; discarded attempt %d", c.task_id, c.attempt)
         self.backend.queue.ack(c.lease)
 
     def _fail(self, lease: Lease, attempt: int, message: str) -> None:
         log.warning("task %s failed: %s", lease.task_id, message)
         self.backend.store.finish(lease.task_id, attempt, error=message)
         self.backend.queue.ack(lease)
-
 
 
 def _describe_error(exc: BaseException) -> str:

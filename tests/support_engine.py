@@ -1,7 +1,6 @@
 """A minimal engine for API tests: a deterministic sine tone per seed, clearly labelled.
 
-It implements the Engine interface the worker uses (`models()`, `describe()`, `generate()`,
-`generate_many()`) without torch: each audio file is a sine whose pitch depends on the seed,
+It implements the GenerationEngine port the worker uses (service/ports.py) without torch: each audio file is a sine whose pitch depends on the seed,
 of the requested duration, encoded with soundfile in the requested format. Every result says
 `random_weights: True, test_engine: True`. It stands in for the real engine in API tests (the
 real engine's tiny model is tested end to end elsewhere).
@@ -40,6 +39,8 @@ def encode(samples: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> byt
 
 
 class SineEngine:
+    lm_loaded = False
+
     def __init__(self, model_names: Optional[list[str]] = None):
         self.model_names = list(model_names or ["acestep-v15-turbo"])
         self.calls: list[dict] = []  # what each generate() got (request + input audio sizes)
@@ -73,7 +74,7 @@ class SineEngine:
         return GenerationResult(audios=audios, metas=metas, dit_model=model, lm_model="none",
                                 generation_info=info)
 
-    def generate_many(self, items, progress=None) -> list:
+    def generate_batch(self, items, progress=None) -> list:
         out = []
         for request, audio in items:
             try:

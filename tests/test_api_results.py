@@ -79,7 +79,7 @@ def test_queued_running_failed_and_unknown(api):
     assert items[0]["stage"] == "queued" and items[0]["queue_position"] == 2 and items[0]["status"] == 0
     assert api.query(first)[0]["status"] == 0 and api.items(first)[0]["queue_position"] == 1
     # running: claimed with progress
-    attempt = api.backend.store.claim(first, "w")
+    attempt = api.backend.store.claim(first, "w").attempt
     api.backend.store.update_progress(first, attempt, 0.4, "Generating music...")
     entry = api.query(first)[0]
     item = json.loads(entry["result"])[0]
@@ -314,9 +314,9 @@ def test_seed_python_client_flow_verbatim(api, tmp_path, monkeypatch, capsys):
 
 
 def test_429_via_queue_full_exception_from_the_queue(api, monkeypatch):
-    def full(task_id, max_size):
+    def full(connection, task_id, max_size):
         raise QueueFull()
 
-    monkeypatch.setattr(api.backend.queue, "enqueue", full)
+    monkeypatch.setattr(api.backend.queue, "insert", full)  # the intake enqueues in its transaction
     r = api.client.post("/release_task", json={"prompt": "x"})
     assert r.status_code == 429 and api.backend.store.counts()["total"] == 0

@@ -48,7 +48,7 @@ def test_redrive_then_drain_marks_the_task_failed_with_its_reason(tmp_path):
         aws.queue.enqueue("poison", 10)
         for _ in range(2):  # each delivery is claimed, makes progress, then the worker "dies"
             lease = aws.queue.receive(1, 30)
-            attempt = aws.store.claim("poison", "w")
+            attempt = aws.store.claim("poison", "w").attempt
             aws.store.update_progress("poison", attempt, 0.4, "dit")
             aws.queue.release(lease)
         assert aws.queue.receive(0, 30) is None  # the third receive moved it to the DLQ
@@ -64,7 +64,7 @@ def test_redrive_then_drain_marks_the_task_failed_with_its_reason(tmp_path):
 def test_drain_drops_letters_of_finished_tasks(tmp_path):
     with aws_backend(tmp_path) as aws:
         aws.store.create(TaskRecord(task_id="done", request={}))
-        a = aws.store.claim("done", "w")
+        a = aws.store.claim("done", "w").attempt
         aws.store.finish("done", a, result=TaskResult())
         sqs = aws.queue._sqs
         sqs.send_message(QueueUrl=aws.settings.dlq_url, MessageBody=json.dumps({"task_id": "done"}))

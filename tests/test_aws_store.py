@@ -57,8 +57,8 @@ def test_create_refuses_an_existing_id(aws):
 
 def test_a_claim_that_loses_the_race_rereads_and_takes_the_next_attempt(aws):
     _new(aws, "t1")
-    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "rival"))
-    assert aws.store.claim("t1", "me") == 2  # its queued->running write failed; it re-claimed as a redelivery
+    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "rival").attempt)
+    assert aws.store.claim("t1", "me").attempt == 2  # its queued->running write failed; it re-claimed as a redelivery
     assert rival == [1]
     rec = aws.store.get("t1")
     assert rec.attempt == 2 and rec.worker_id == "me"
@@ -68,7 +68,7 @@ def test_a_claim_that_loses_the_race_rereads_and_takes_the_next_attempt(aws):
 
 def test_duplicate_finish_in_the_race_window_succeeds_once(aws):
     _new(aws, "t1")
-    attempt = aws.store.claim("t1", "w1")
+    attempt = aws.store.claim("t1", "w1").attempt
     rival = _race(aws, "TransactWriteItems",
                   lambda: _rival(aws).finish("t1", attempt, result=TaskResult(dit_model="rival")))
     # Both saw status=running with this attempt; only the first conditional write may land.
@@ -81,8 +81,8 @@ def test_duplicate_finish_in_the_race_window_succeeds_once(aws):
 
 def test_stale_attempt_cannot_finish_after_a_redelivery(aws):
     _new(aws, "t1")
-    stale = aws.store.claim("t1", "w1")
-    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "w2"))
+    stale = aws.store.claim("t1", "w1").attempt
+    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "w2").attempt)
     assert aws.store.finish("t1", stale, result=TaskResult(dit_model="late")) is False  # redelivered mid-finish
     assert rival == [2]
     rec = aws.store.get("t1")
@@ -91,7 +91,7 @@ def test_stale_attempt_cannot_finish_after_a_redelivery(aws):
 
 def test_fail_unfinished_racing_a_finish_leaves_the_finish(aws):
     _new(aws, "t1")
-    attempt = aws.store.claim("t1", "w1")
+    attempt = aws.store.claim("t1", "w1").attempt
     _race(aws, "TransactWriteItems", lambda: _rival(aws).finish("t1", attempt, result=TaskResult()))
     assert aws.store.fail_unfinished("t1", "dead-lettered") is False  # re-read: already finished
     assert aws.store.get("t1").status == SUCCEEDED
@@ -100,7 +100,7 @@ def test_fail_unfinished_racing_a_finish_leaves_the_finish(aws):
 
 def test_late_duplicate_cannot_overwrite_a_failure(aws):
     _new(aws, "t1")
-    a = aws.store.claim("t1", "w1")
+    a = aws.store.claim("t1", "w1").attempt
     assert aws.store.fail_unfinished("t1", "dead-lettered after 3 deliveries")
     assert aws.store.finish("t1", a, result=TaskResult(dit_model="late")) is False
     assert aws.store.update_progress("t1", a, 0.9, "late") is False
@@ -115,7 +115,7 @@ def test_ttl_is_enabled_and_set_on_create_and_finish(aws):
     _new(aws, "t1")
     created = aws.store.get("t1").created_at
     assert int(_raw_item(aws, "t1")[schema.TTL_ATTR]["N"]) == pytest.approx(created + 3 * 86400, abs=2)
-    a = aws.store.claim("t1", "w")
+    a = aws.store.claim("t1", "w").attempt
     aws.store.finish("t1", a, result=TaskResult())
     finished = aws.store.get("t1").finished_at
     assert int(_raw_item(aws, "t1")[schema.TTL_ATTR]["N"]) == pytest.approx(finished + 3 * 86400, abs=2)
@@ -124,13 +124,13 @@ def test_ttl_is_enabled_and_set_on_create_and_finish(aws):
 def test_counters_match_the_table_after_mixed_transitions(aws):
     for i in range(8):
         _new(aws, f"t{i}")
-    a = [aws.store.claim(f"t{i}", "w") for i in range(5)]
+    a = [aws.store.claim(f"t{i}", "w").attempt for i in range(5)]
     aws.store.finish("t0", a[0], result=TaskResult())
     aws.store.finish("t1", a[1], error="bad")
     aws.store.fail_unfinished("t2", "dead")
     aws.store.fail_unfinished("t5", "dead")  # still queued
     aws.store.delete("t6")
-    aws.store.claim("t3", "w2")  # redelivery: no count moves
+    aws.store.claim("t3", "w2").attempt  # redelivery: no count moves
     items = aws.store._db.scan(TableName=aws.settings.table_name)["Items"]  # the test may scan; the store may not
     actual = {s: 0 for s in (QUEUED, RUNNING, SUCCEEDED, FAILED)}
     for item in items:
@@ -146,7 +146,7 @@ def test_position_counts_and_durations_never_scan(aws):
     for i in range(30):
         _new(aws, f"t{i}")
     for i in range(5):
-        aws.store.finish(f"t{i}", aws.store.claim(f"t{i}", "w"), result=TaskResult())
+        aws.store.finish(f"t{i}", aws.store.claim(f"t{i}", "w").attempt, result=TaskResult())
     calls.clear()
     assert aws.store.queue_position("t29") == 25
     assert calls == ["GetItem", "Query"]  # one read of the task, one COUNT query on the sparse index
@@ -162,7 +162,7 @@ def test_position_counts_and_durations_never_scan(aws):
 def test_recent_durations_are_newest_first(aws):
     for task_id, run_for in (("slow", 0.3), ("fast", 0.0)):
         _new(aws, task_id)
-        a = aws.store.claim(task_id, "w")
+        a = aws.store.claim(task_id, "w").attempt
         time.sleep(run_for)
         aws.store.finish(task_id, a, result=TaskResult())
     newest, older = aws.store.recent_durations(2)
@@ -171,7 +171,7 @@ def test_recent_durations_are_newest_first(aws):
 
 def test_blob_keys_merge_without_duplicates(aws):
     aws.store.create(TaskRecord(task_id="t1", request={}, blob_keys=["uploads/t1/src.wav"]))
-    a = aws.store.claim("t1", "w")
+    a = aws.store.claim("t1", "w").attempt
     aws.store.finish("t1", a, result=TaskResult(), blob_keys=["outputs/t1/1-0.mp3", "uploads/t1/src.wav"])
     assert aws.store.get("t1").blob_keys == ["uploads/t1/src.wav", "outputs/t1/1-0.mp3"]
 

@@ -224,18 +224,12 @@ def test_cancellation_from_the_progress_callback_stops_generation(engine):
     engine.generate(req(inference_steps=2))  # the engine is still usable
 
 
-def test_generate_many_batches_compatible_requests(engine, source_wav):
-    items = [
-        (req(prompt="a", seeds=[1], batch_size=2), {}),
-        (req(prompt="b", seeds=[2], batch_size=1, audio_format="flac"), {}),
-        (req(task_type="cover", src_audio_key="k", audio_duration=None, seeds=[3]), {"src_audio": source_wav}),
-        (req(task_type="cover", src_audio_key="k"), {"src_audio": b"junk"}),
-        (req(prompt="c", seeds=[4], audio_duration=11), {}),
-    ]
-    out = engine.generate_many(items)
-    assert [type(o).__name__ for o in out] == ["GenerationResult"] * 3 + ["GenerationError", "GenerationResult"]
+def test_generate_batch_runs_compatible_requests_in_one_call(engine):
+    items = [(req(prompt="a", seeds=[1], batch_size=2), {}), (req(prompt="b", seeds=[2], batch_size=1,
+                                                                  audio_format="flac"), {})]
+    out = engine.generate_batch(items)
+    assert [type(o).__name__ for o in out] == ["GenerationResult"] * 2
     assert out[0].generation_info["batched_requests"] == 2 and out[1].generation_info["batched_requests"] == 2
-    assert out[2].generation_info["batched_requests"] == 1 and out[4].generation_info["batched_requests"] == 1
     assert [a.seed for a in out[0].audios] == [1, 2] and [a.seed for a in out[1].audios] == [2]
     assert out[1].audios[0].format == "flac"
     # batching does not change what a seed makes
@@ -243,12 +237,23 @@ def test_generate_many_batches_compatible_requests(engine, source_wav):
     np.testing.assert_allclose(decode(out[1].audios[0].data)[0], samples(alone), atol=2e-3)
 
 
-def test_generate_many_propagates_cancellation(engine):
+def test_generate_batch_refuses_requests_that_cannot_share_a_call(engine, source_wav):
+    with pytest.raises(ValueError, match="cannot share"):
+        engine.generate_batch([(req(prompt="a"), {}), (req(prompt="c", audio_duration=11), {})])
+    with pytest.raises(ValueError, match="cannot share"):
+        engine.generate_batch([(req(task_type="cover", src_audio_key="k"), {"src_audio": source_wav}),
+                               (req(task_type="cover", src_audio_key="k"), {"src_audio": source_wav})])
+    # a single request is its own batch, and its failure is returned, not raised
+    out = engine.generate_batch([(req(task_type="cover", src_audio_key="k"), {"src_audio": b"junk"})])
+    assert isinstance(out[0], GenerationError)
+
+
+def test_generate_batch_propagates_cancellation(engine):
     def cancel(fraction, stage):
         raise GenerationCancelled("stop")
 
     with pytest.raises(GenerationCancelled):
-        engine.generate_many([(req(), {}), (req(), {})], progress=cancel)
+        engine.generate_batch([(req(), {}), (req(), {})], progress=cancel)
 
 
 def test_outpainting_cannot_grow_past_the_600_s_limit(engine, source_wav):

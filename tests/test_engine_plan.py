@@ -1,4 +1,5 @@
 """Seed resolution: explicit seeds honoured in order, -1 random per item, gaps filled from the first."""
+from engine import plan
 from engine.plan import resolve_seeds
 from engine.request import GenerationRequest
 
@@ -21,3 +22,16 @@ def test_all_random_when_no_seed_is_fixed():
 def test_random_first_seed_leaves_the_rest_random():
     seeds = resolve_seeds(GenerationRequest(batch_size=3, seeds=[-1, 5]))
     assert seeds[1] == 5 and len(seeds) == 3
+
+
+def test_batch_key_groups_what_one_pipeline_call_can_take():
+    def key(**fields):
+        r = GenerationRequest(audio_duration=30, **fields)
+        return plan.batch_key(r, r.model or "turbo")  # as the worker calls it: the default model filled in
+
+    base = key()
+    assert base == key(prompt="other", seeds=[3]) == key(model="turbo")
+    assert key(inference_steps=20) != base
+    assert key(bpm=90) != base  # one pipeline call takes one bpm
+    assert key(task_type="cover", src_audio_key="k") is None
+    assert key(audio_code_string="<|audio_code_5|>") is None

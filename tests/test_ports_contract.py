@@ -26,9 +26,9 @@ def test_create_get_roundtrip(backend):
 
 def test_claim_bumps_attempt_and_finish_happens_once(backend):
     _new(backend, "t1")
-    a1 = backend.store.claim("t1", "w1")
+    a1 = backend.store.claim("t1", "w1").attempt
     assert a1 == 1 and backend.store.get("t1").status == RUNNING
-    a2 = backend.store.claim("t1", "w2")  # redelivery to another worker
+    a2 = backend.store.claim("t1", "w2").attempt  # redelivery to another worker
     assert a2 == 2
     # the first (stale) attempt is fenced out of progress and finish
     assert backend.store.update_progress("t1", a1, 0.5, "dit") is False
@@ -48,7 +48,7 @@ def test_claim_bumps_attempt_and_finish_happens_once(backend):
 
 def test_failed_task_keeps_reason(backend):
     _new(backend, "t1")
-    a = backend.store.claim("t1", "w")
+    a = backend.store.claim("t1", "w").attempt
     assert backend.store.finish("t1", a, error="could not decode src_audio: not audio")
     rec = backend.store.get("t1")
     assert rec.status == FAILED and rec.error == "could not decode src_audio: not audio"
@@ -57,7 +57,7 @@ def test_failed_task_keeps_reason(backend):
 def test_fail_unfinished_only_touches_unfinished(backend):
     _new(backend, "q")
     _new(backend, "done")
-    a = backend.store.claim("done", "w")
+    a = backend.store.claim("done", "w").attempt
     backend.store.finish("done", a, result=TaskResult())
     assert backend.store.fail_unfinished("q", "dead-lettered") is True
     assert backend.store.fail_unfinished("done", "dead-lettered") is False
@@ -69,12 +69,12 @@ def test_counts_positions_and_durations(backend):
     for i in range(4):
         _new(backend, f"t{i}")
     assert [backend.store.queue_position(f"t{i}") for i in range(4)] == [1, 2, 3, 4]
-    a = backend.store.claim("t0", "w")
+    a = backend.store.claim("t0", "w").attempt
     assert backend.store.queue_position("t0") is None
     assert [backend.store.queue_position(f"t{i}") for i in (1, 2, 3)] == [1, 2, 3]
     time.sleep(0.01)
     backend.store.finish("t0", a, result=TaskResult())
-    b = backend.store.claim("t1", "w")
+    b = backend.store.claim("t1", "w").attempt
     backend.store.finish("t1", b, error="x")
     counts = backend.store.counts()
     assert counts == {"queued": 2, "running": 0, "succeeded": 1, "failed": 1, "total": 4}

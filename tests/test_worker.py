@@ -17,10 +17,12 @@ from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED
 from service.submission import Upload, submit_task
-from service.worker import Worker, batch_key
+from service.worker import CARRIED_STAGE, Worker
 
 
 class ScriptedEngine:
+    lm_loaded = False
+
     def __init__(self):
         self.calls: list[list[GenerationRequest]] = []
         self.before_generate = None  # callable(progress) run inside generate
@@ -56,7 +58,7 @@ class ScriptedEngine:
         self.calls.append([request])
         return self._result(request, progress or (lambda f, s: None))
 
-    def generate_many(self, items, progress=None):
+    def generate_batch(self, items, progress=None):
         self.calls.append([r for r, _ in items])
         return [self._result(r, progress or (lambda f, s: None)) for r, _ in items]
 
@@ -148,7 +150,7 @@ def test_dead_worker_task_is_redelivered_and_finishes_once(settings, backend, en
     task_id = _submit(backend)
     # Worker A leases and claims the task, then dies before finishing (never acks).
     lease = backend.queue.receive(1.0, settings.visibility_timeout)
-    stale_attempt = backend.store.claim(lease.task_id, "dead-worker")
+    stale_attempt = backend.store.claim(lease.task_id, "dead-worker").attempt
     assert backend.store.get(task_id).status == RUNNING
     # Worker B gets it after the lease lapses and completes it.
     assert Worker(settings, backend, engine).run_once(5.0) is True
@@ -188,7 +190,7 @@ def test_poison_task_is_dead_lettered_with_reason(settings, backend, engine):
     for _ in range(settings.max_receives):  # every delivery's worker dies
         lease = backend.queue.receive(5.0, settings.visibility_timeout)
         assert lease is not None and lease.task_id == task_id
-        backend.store.claim(task_id, "doomed")
+        backend.store.claim(task_id, "doomed").attempt
     worker = Worker(settings, backend, engine)
     deadline = time.monotonic() + 10
     while backend.store.get(task_id).status != FAILED and time.monotonic() < deadline:
@@ -206,20 +208,10 @@ def test_compatible_waiting_tasks_share_one_engine_call(settings, backend, engin
     worker.run_once(1.0)
     assert [len(c) for c in engine.calls] == [3]
     assert all(backend.store.get(t).status == SUCCEEDED for t in ids)
-    assert backend.store.get(other).status == QUEUED  # released, not held hostage
-    worker.run_once(0)  # the task that did not fit was carried over, not handed back
+    held = backend.store.get(other)  # claimed while filling the batch, it did not fit: runs next here
+    assert held.status == RUNNING and held.stage == CARRIED_STAGE and held.progress == 0
+    worker.run_once(0)  # carried over, not handed back (a give-back counts as a failed delivery on SQS)
     assert backend.store.get(other).status == SUCCEEDED
-
-
-def test_batch_key_is_the_engines_rule():
-    base = GenerationRequest(audio_duration=30).model_dump()
-    key = batch_key(base, "turbo")
-    assert key == batch_key({**base, "prompt": "other", "seeds": [3]}, "turbo")
-    assert key == batch_key({**base, "model": "turbo"}, "turbo")  # the default named explicitly
-    assert batch_key({**base, "inference_steps": 20}, "turbo") != key
-    assert batch_key({**base, "bpm": 90}, "turbo") != key  # one pipeline call takes one bpm
-    assert batch_key({**base, "task_type": "cover", "src_audio_key": "k"}, "turbo") is None
-    assert batch_key({**base, "audio_code_string": "<|audio_code_5|>"}, "turbo") is None
 
 
 def test_idle_worker_starts_new_task_promptly(settings, engine):
@@ -310,3 +302,45 @@ def test_embedded_sweep_keeps_old_uploads_that_queued_tasks_still_need(settings,
     assert backend.sweep_expired() == 0
     assert backend.blobs.get(key) == b"RIFF"
     assert backend.store.get(task_id).status == QUEUED
+
+
+def test_generation_past_its_deadline_fails_and_the_worker_goes_on(settings, backend, engine):
+    settings.generation_timeout = 0.2
+    slow = _submit(backend, prompt="slow")
+    engine.before_generate = lambda progress: (time.sleep(0.3), progress(0.5, "dit"))
+    worker = Worker(settings, backend, engine)
+    worker.run_once(1.0)
+    rec = backend.store.get(slow)
+    assert rec.status == FAILED and "timed out" in rec.error and "ACESTEP_GENERATION_TIMEOUT" in rec.error
+
+    engine.before_generate = None
+    settings.generation_timeout = 60
+    fine = _submit(backend, prompt="fine")
+    worker.run_once(1.0)
+    assert backend.store.get(fine).status == SUCCEEDED
+
+
+def test_hung_generation_lets_its_lease_lapse_for_another_worker(settings, engine):
+    """No progress for ACESTEP_STALL_TIMEOUT: leases stop being extended, the task is redelivered and
+    finished elsewhere, and the hung call's late output is discarded."""
+    from service.embedded import make_embedded_backend
+
+    settings.visibility_timeout, settings.stall_timeout = 0.6, 0.3
+    backend = make_embedded_backend(settings)
+    task_id = _submit(backend)
+    unblock, stalled = threading.Event(), threading.Event()
+    engine.before_generate = lambda progress: unblock.wait(30)  # hangs without reporting progress
+    hung = Worker(settings, backend, engine, worker_id="hung", on_stalled=stalled.set)
+    runner = threading.Thread(target=hung.run_once, args=(1.0,))
+    runner.start()
+    try:
+        assert stalled.wait(10), "the stall was not detected"
+        healthy_engine = ScriptedEngine()
+        assert Worker(settings, backend, healthy_engine, worker_id="healthy").run_once(10.0) is True
+        rec = backend.store.get(task_id)
+        assert rec.status == SUCCEEDED and rec.worker_id == "healthy" and rec.attempt == 2
+    finally:
+        unblock.set()
+        runner.join(10)
+    assert backend.store.get(task_id).result == rec.result  # the hung attempt's late result was dropped
+    assert all(k.startswith(f"outputs/{task_id}/2-") for k in rec.blob_keys if k.startswith("outputs/"))

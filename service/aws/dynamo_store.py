@@ -215,27 +215,31 @@ class DynamoTaskStore:
                 continue
         raise RuntimeError(f"delete({task_id}): the task kept changing")
 
-    def claim(self, task_id: str, worker_id: str) -> Optional[int]:
+    def claim(self, task_id: str, worker_id: str) -> Optional[TaskRecord]:
         for _ in range(_RETRIES):
             item = self._get_item(task_id)
             status = _str(item, "status") if item else None
             if status not in (QUEUED, RUNNING):
                 return None
             attempt = int(_num(item, "attempt") or 0) + 1
+            now = time.time()
             update = self._update(
                 task_id, item,
                 "SET #st = :running, attempt = :attempt, worker_id = :w, started_at = :now, "
                 "progress = :zero, stage = :stage REMOVE #qp",
                 {"#st": "status", "#qp": S.QUEUED_PART},
                 {":running": _s(RUNNING), ":attempt": _n(attempt), ":w": _s(worker_id),
-                 ":now": _n(time.time()), ":zero": _n(0), ":stage": _s("running")},
+                 ":now": _n(now), ":zero": _n(0), ":stage": _s("running")},
             )
             try:
                 # A redelivered running task keeps its status, so only queued -> running moves a count.
                 self._transact([update] + ([self._count_move(QUEUED, RUNNING)] if status == QUEUED else []))
-                return attempt
             except _ConditionFailed:
                 continue  # someone else claimed or finished it first: look again
+            record = _to_record(item)
+            record.status, record.attempt, record.worker_id = RUNNING, attempt, worker_id
+            record.started_at, record.progress, record.stage = now, 0.0, "running"
+            return record
         return None
 
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:

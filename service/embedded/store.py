@@ -68,18 +68,20 @@ class SqliteTaskStore:
         with self.db.write() as c:
             c.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
 
-    def claim(self, task_id: str, worker_id: str) -> Optional[int]:
+    def claim(self, task_id: str, worker_id: str) -> Optional[TaskRecord]:
         with self.db.write() as c:
-            row = c.execute("SELECT status, attempt FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = c.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row is None or row["status"] not in (QUEUED, RUNNING):
                 return None
-            attempt = row["attempt"] + 1
+            record = record_from_row(row)
+            record.status, record.attempt, record.worker_id = RUNNING, record.attempt + 1, worker_id
+            record.started_at, record.progress, record.stage = time.time(), 0.0, "running"
             c.execute(
                 "UPDATE tasks SET status = ?, attempt = ?, worker_id = ?, started_at = ?,"
                 " progress = 0, stage = 'running' WHERE task_id = ?",
-                (RUNNING, attempt, worker_id, time.time(), task_id),
+                (RUNNING, record.attempt, worker_id, record.started_at, task_id),
             )
-            return attempt
+            return record
 
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
         with self.db.write() as c:
