@@ -105,7 +105,7 @@ def _entry(task_id: str, status: int, items: list[dict], progress_text: str, err
     return entry
 
 
-def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, backend: Backend) -> dict:
+def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, position: Optional[int]) -> dict:
     if record is None:
         item = {"file": "", "wave": "", "status": 2, "create_time": 0, "env": ENV, "prompt": "", "lyrics": "",
                 "metas": {}, "progress": 0.0, "stage": "failed", "error": NOT_FOUND}
@@ -120,7 +120,6 @@ def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, ba
         return _entry(task_id, 2, [item], f"failed: {error}", error)
     item = _base_item(record, 0)
     if record.status == QUEUED:
-        position = backend.store.queue_position(task_id)
         item.update({"progress": 0.0, "stage": "queued", "queue_position": position, "error": None})
         text = f"queued (position {position})" if position else "queued"
         return _entry(task_id, 0, [item], text)
@@ -132,4 +131,6 @@ def query_entries(task_ids: list[str], settings: Settings, backend: Backend) -> 
     """One entry per requested id, in order, duplicates kept."""
     lookup = sorted({t for t in task_ids if t and len(t) <= MAX_ID_LEN})
     records = backend.store.get_many(lookup) if lookup else {}
-    return [entry_for(t, records.get(t), settings, backend) for t in task_ids]
+    queued = [t for t, r in records.items() if r.status == QUEUED]
+    positions = backend.store.queue_positions(queued) if queued else {}
+    return [entry_for(t, records.get(t), settings, positions.get(t)) for t in task_ids]

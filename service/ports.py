@@ -63,8 +63,10 @@ class TaskStore(Protocol):
     def recent_durations(self, limit: int) -> list[float]:
         """Run time (finished - started) of the last `limit` finished tasks, newest first."""
 
-    def queue_position(self, task_id: str) -> Optional[int]:
-        """1-based position among queued tasks, oldest first; None if not queued."""
+    def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
+        """1-based positions among queued tasks, oldest first, for those of `task_ids` still queued.
+
+        One round trip whatever the number of ids (a poll may ask about 200)."""
 
     def put_meta(self, key: str, value: dict) -> None:
         """Small service-wide facts as JSON objects (records.ModelsMeta under "models")."""

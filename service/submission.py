@@ -40,7 +40,7 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
             request, {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})
         first = backend.store.find_by_idempotency_key(record.idempotency_key)
         if first is not None:  # the common retry: answer without writing the uploads again
-            return replayed(record, first).task_id, backend.store.queue_position(first.task_id)
+            return replayed(record, first).task_id, _position(backend, first.task_id)
     written: list[str] = []
     try:
         for role, up in uploads.items():
@@ -55,7 +55,11 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
         raise
     if not created:  # a concurrent retry won the race: ours is not needed
         _delete(backend, written)
-    return task.task_id, backend.store.queue_position(task.task_id)
+    return task.task_id, _position(backend, task.task_id)
+
+
+def _position(backend: Backend, task_id: str) -> Optional[int]:
+    return backend.store.queue_positions([task_id]).get(task_id)
 
 
 def _delete(backend: Backend, keys: list[str]) -> None:

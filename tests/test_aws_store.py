@@ -148,8 +148,8 @@ def test_position_counts_and_durations_never_scan(aws):
     for i in range(5):
         aws.store.finish(f"t{i}", aws.store.claim(f"t{i}", "w").attempt, result=TaskResult())
     calls.clear()
-    assert aws.store.queue_position("t29") == 25
-    assert calls == ["GetItem", "Query"]  # one read of the task, one COUNT query on the sparse index
+    assert aws.store.queue_positions([f"t{i}" for i in range(30)]) == {f"t{i}": i - 4 for i in range(5, 30)}
+    assert calls == ["Query"]  # thirty ids, one query on the sparse index
     calls.clear()
     assert aws.store.counts()["queued"] == 25
     assert calls == ["GetItem"]

@@ -68,10 +68,10 @@ def test_fail_unfinished_only_touches_unfinished(backend):
 def test_counts_positions_and_durations(backend):
     for i in range(4):
         _new(backend, f"t{i}")
-    assert [backend.store.queue_position(f"t{i}") for i in range(4)] == [1, 2, 3, 4]
+    assert backend.store.queue_positions([f"t{i}" for i in range(4)] + ["missing"]) == {"t0": 1, "t1": 2, "t2": 3, "t3": 4}
     a = backend.store.claim("t0", "w").attempt
-    assert backend.store.queue_position("t0") is None
-    assert [backend.store.queue_position(f"t{i}") for i in (1, 2, 3)] == [1, 2, 3]
+    assert backend.store.queue_positions(["t0", "t3", "t2", "t1"]) == {"t1": 1, "t2": 2, "t3": 3}
+    assert backend.store.queue_positions([]) == {}
     time.sleep(0.01)
     backend.store.finish("t0", a, result=TaskResult())
     b = backend.store.claim("t1", "w").attempt

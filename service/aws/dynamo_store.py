@@ -3,7 +3,7 @@
 Every status transition is a conditional write on (status, attempt), so a task finishes once and a
 late or duplicate worker is fenced out. Transitions that change a status also update the counter
 item in the same TransactWriteItems, which keeps counts() to one GetItem. See schema.py for the
-table layout and the two sparse indexes behind queue_position() and recent_durations().
+table layout and the two sparse indexes behind queue_positions() and recent_durations().
 """
 from __future__ import annotations
 
@@ -112,25 +112,29 @@ class DynamoTaskStore:
         )
         return [d for d in (_num(i, S.DURATION_ATTR) for i in resp.get("Items", [])) if d is not None]
 
-    def queue_position(self, task_id: str) -> Optional[int]:
-        item = self._get_item(task_id)
-        if not item or _str(item, "status") != QUEUED:
-            return None
-        seq = _num(item, S.QUEUED_SORT)
-        ahead = 0
+    def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
+        """One paginated Query of the queued index (it holds at most ACESTEP_QUEUE_MAXSIZE items)."""
+        wanted = set(task_ids)
+        if not wanted:
+            return {}
+        positions: dict[str, int] = {}
+        rank = 0
         kwargs: dict[str, Any] = dict(
             TableName=self._table,
             IndexName=S.QUEUED_INDEX,
-            KeyConditionExpression="#p = :p AND #s < :s",
-            ExpressionAttributeNames={"#p": S.QUEUED_PART, "#s": S.QUEUED_SORT},
-            ExpressionAttributeValues={":p": _s(_QUEUED_MARK), ":s": _n(int(seq or 0))},
-            Select="COUNT",
+            KeyConditionExpression="#p = :p",
+            ExpressionAttributeNames={"#p": S.QUEUED_PART},
+            ExpressionAttributeValues={":p": _s(_QUEUED_MARK)},
         )
         while True:
-            resp = self._db.query(**kwargs)
-            ahead += int(resp.get("Count", 0))
-            if not resp.get("LastEvaluatedKey"):
-                return ahead + 1
+            resp = self._db.query(**kwargs)  # ascending seq: the queue's order
+            for item in resp.get("Items", []):
+                rank += 1
+                task_id = item[S.PK]["S"][len(S.TASK_PREFIX):]
+                if task_id in wanted:
+                    positions[task_id] = rank
+            if not resp.get("LastEvaluatedKey") or len(positions) == len(wanted):
+                return positions
             kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
 
     def get_meta(self, key: str) -> Optional[dict]:

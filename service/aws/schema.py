@@ -9,8 +9,8 @@ One table holds everything, keyed by a string `pk`:
                    transaction, so a key maps to one task; expires with it)
 
 Two sparse GSIs keep per-request reads bounded without a Scan:
-  queued_by_seq     only queued tasks carry `qpart`; Query qpart="q" AND seq < mine, Select=COUNT
-                    gives the queue position (bounded by ACESTEP_QUEUE_MAXSIZE items)
+  queued_by_seq     only queued tasks carry `qpart`; one Query qpart="q" lists them in queue order,
+                    which gives the positions of any number of ids (bounded by ACESTEP_QUEUE_MAXSIZE)
   finished_by_time  only finished tasks that ran carry `fpart`; Query newest-first with Limit gives
                     recent_durations (reads `limit` items)
 """

@@ -148,14 +148,15 @@ class SqliteTaskStore:
         )
         return [r["d"] for r in rows]
 
-    def queue_position(self, task_id: str) -> Optional[int]:
-        row = self.db.read().execute(
-            "SELECT seq, status FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        if row is None or row["status"] != QUEUED:
-            return None
-        n = self.db.read().execute(
-            "SELECT COUNT(*) FROM tasks WHERE status = ? AND seq <= ?", (QUEUED, row["seq"])).fetchone()[0]
-        return int(n)
+    def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(task_ids))[:500]  # SQLite's variable limit; a poll asks for at most 200
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.read().execute(
+            "SELECT task_id, pos FROM (SELECT task_id, ROW_NUMBER() OVER (ORDER BY seq) AS pos FROM tasks"
+            f" WHERE status = ?) WHERE task_id IN ({marks})", (QUEUED, *ids))
+        return {row["task_id"]: int(row["pos"]) for row in rows}
 
     def put_meta(self, key: str, value: dict) -> None:
         with self.db.write() as c:
