@@ -1,4 +1,4 @@
-"""Pure decisions about one request (torch-free): seeds, task, instruction, duration, metas, batching key."""
+"""Pure decisions about one request (torch-free): seeds, task, duration, metas, batching key."""
 from __future__ import annotations
 
 import secrets
@@ -9,13 +9,6 @@ from engine.request import GenerationRequest
 # text2music with no duration and no audio codes: a fixed, documented length (upstream picks a random one).
 DEFAULT_TEXT2MUSIC_SECONDS = 30.0
 SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
-
-# Instruction templates of ACE-Step 1.5 (same text as diffusers' TASK_INSTRUCTIONS), with the placeholders filled.
-_INSTRUCTIONS = {
-    "text2music": "Fill the audio semantic mask based on the given conditions:",
-    "repaint": "Repaint the mask area based on the given conditions:",
-    "cover": "Generate audio semantic tokens based on the given conditions:",
-}
 
 
 def resolve_seeds(request: GenerationRequest) -> list[int]:
@@ -35,24 +28,6 @@ def effective_task(request: GenerationRequest) -> str:
     if request.task_type == "text2music" and request.audio_code_string:
         return "cover"
     return request.task_type
-
-
-def instruction_for(request: GenerationRequest, task: str) -> str:
-    if request.instruction:
-        return request.instruction
-    if task == "extract":
-        track = request.track_name
-        return f"Extract the {track.upper()} track from the audio:" if track else "Extract the track from the audio:"
-    if task == "lego":
-        track = request.track_name
-        return (f"Generate the {track.upper()} track based on the audio context:" if track
-                else "Generate the track based on the audio context:")
-    if task == "complete":
-        classes = request.complete_track_classes or []
-        if classes:
-            return "Complete the input track with " + " | ".join(c.upper() for c in classes) + ":"
-        return "Complete the input track:"
-    return _INSTRUCTIONS[task]
 
 
 def repaint_window(start: float, end: Optional[float], source_seconds: float) -> tuple[float, float, float, float]:

@@ -229,7 +229,10 @@ class Engine:
             raise GenerationError(
                 f"task_type {request.task_type!r} is not supported by model {model.info.name!r} "
                 f"(supports: {', '.join(model.info.task_types)}); use a base/sft model for lego/extract/complete")
-        job = _Job(request=request, model=model, task=task, instruction=plan.instruction_for(request, task),
+        # The pipeline's own table gives each task its instruction (placeholders filled from the track names).
+        instruction = request.instruction or AceStepPipeline._get_task_instruction(
+            task_type=task, track_name=request.track_name, complete_track_classes=request.complete_track_classes)
+        job = _Job(request=request, model=model, task=task, instruction=instruction,
                    seeds=plan.resolve_seeds(request))
         if task != request.task_type:
             job.notes.append(f"audio_code_string given: ran as {task} (as upstream does)")
