@@ -1,30 +1,21 @@
 """Service settings from the environment, `.env` and CLI flags (the upstream ACESTEP_* names).
 
 Precedence: CLI flag > process environment > `.env` file > default. `.env.example` documents
-every variable read here.
+every variable read here. Each field's `validation_alias` is its environment variable.
+
+`Settings(...)` built in code (tests, tools) holds only its keywords and defaults, whatever the
+shell exports; `load_settings()` is where the environment and `.env` come in.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Mapping, Optional
 
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "y", "on"}
-
-
-def load_dotenv_file(path: str | os.PathLike = ".env") -> None:
-    """Load `.env` into os.environ without overriding variables already set."""
-    p = Path(path)
-    if not p.is_file():
-        return
-    try:
-        from dotenv import load_dotenv
-    except ImportError:  # pragma: no cover - python-dotenv is a dependency
-        return
-    load_dotenv(p, override=False)
+MB = 1024 * 1024
 
 
 def model_name_from_path(path: str) -> str:
@@ -32,56 +23,80 @@ def model_name_from_path(path: str) -> str:
     return os.path.basename(path.rstrip("/\\"))
 
 
-@dataclass
-class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8001
-    api_key: str = ""
+def _comma_list(value):
+    """"a, b" (how an environment variable holds a list) -> ["a", "b"]; lists pass through."""
+    if isinstance(value, str):
+        return [p for p in (s.strip() for s in value.split(",")) if p]
+    return value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+
+
+def _env(name: str, default, **constraints):
+    return Field(default, validation_alias=name, **constraints)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        validate_by_name=True, validate_by_alias=True,  # Settings(port=...) in code; ACESTEP_API_PORT in load_settings
+        validate_assignment=True, extra="forbid")
+
+    host: str = _env("ACESTEP_API_HOST", "127.0.0.1")
+    port: int = _env("ACESTEP_API_PORT", 8001, ge=0, le=65535)
+    api_key: str = _env("ACESTEP_API_KEY", "", repr=False)
 
     # queue / workers
-    queue_maxsize: int = 200
-    queue_workers: int = 1
-    avg_job_seconds: float = 5.0
-    avg_window: int = 50
-    visibility_timeout: float = 120.0  # lease length; the worker extends it while it runs
-    max_receives: int = 3  # deliveries before a task is dead-lettered and marked failed
+    queue_maxsize: int = _env("ACESTEP_QUEUE_MAXSIZE", 200, ge=1)
+    queue_workers: int = _env("ACESTEP_QUEUE_WORKERS", 1, ge=0)
+    avg_job_seconds: float = _env("ACESTEP_AVG_JOB_SECONDS", 5.0)
+    avg_window: int = _env("ACESTEP_AVG_WINDOW", 50)
+    visibility_timeout: float = _env("ACESTEP_VISIBILITY_TIMEOUT", 120.0)  # lease; the worker extends it while it runs
+    max_receives: int = _env("ACESTEP_MAX_RECEIVES", 3)  # deliveries before a task is dead-lettered and marked failed
     # A task still generating this long after it started fails with a timeout; the worker goes on.
-    generation_timeout: float = 1800.0
+    generation_timeout: float = _env("ACESTEP_GENERATION_TIMEOUT", 1800.0, gt=0)
     # No progress from the engine for this long: the call is hung. Its lease lapses (another worker
     # takes the task) and the worker process exits to be restarted.
-    stall_timeout: float = 600.0
+    stall_timeout: float = _env("ACESTEP_STALL_TIMEOUT", 600.0, gt=0)
 
     # storage backend: "embedded" (SQLite + files) or "aws" (DynamoDB + SQS + S3)
-    backend: str = "embedded"
-    data_dir: str = "./data"
-    aws_region: str = ""
-    aws_endpoint_url: str = ""  # moto / localstack
-    table_name: str = ""
-    queue_url: str = ""
-    dlq_url: str = ""
-    bucket: str = ""
-    task_ttl_days: int = 7
+    backend: Literal["embedded", "aws"] = _env("ACESTEP_BACKEND", "embedded")
+    data_dir: str = _env("ACESTEP_DATA_DIR", "./data")
+    aws_region: str = _env("ACESTEP_AWS_REGION", "")
+    aws_endpoint_url: str = _env("ACESTEP_AWS_ENDPOINT_URL", "")  # moto / localstack
+    table_name: str = _env("ACESTEP_TABLE_NAME", "")
+    queue_url: str = _env("ACESTEP_QUEUE_URL", "")
+    dlq_url: str = _env("ACESTEP_DLQ_URL", "")
+    bucket: str = _env("ACESTEP_BUCKET", "")
+    task_ttl_days: int = _env("ACESTEP_TASK_TTL_DAYS", 7)
 
     # models
-    checkpoint_dir: str = "./checkpoints"
-    config_path: str = "acestep-v15-turbo"
-    config_path2: str = ""
-    config_path3: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
-    allow_download: bool = True
-    demo_if_missing: bool = True  # serve a random-weight tiny model when real weights are absent
-    init_llm: str = "auto"
-    lm_model_path: str = ""
-    lm_backend: str = "vllm"
-    lm_device: str = "auto"
-    batch_compatible_tasks: bool = True
+    checkpoint_dir: str = _env("ACESTEP_CHECKPOINT_DIR", "./checkpoints")
+    config_path: str = _env("ACESTEP_CONFIG_PATH", "acestep-v15-turbo")
+    config_path2: str = _env("ACESTEP_CONFIG_PATH2", "")
+    config_path3: str = _env("ACESTEP_CONFIG_PATH3", "")
+    device: str = _env("ACESTEP_DEVICE", "auto")
+    dtype: str = _env("ACESTEP_DTYPE", "auto")
+    allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
+    demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
+    init_llm: str = _env("ACESTEP_INIT_LLM", "auto")
+    lm_model_path: str = _env("ACESTEP_LM_MODEL_PATH", "")
+    lm_backend: str = _env("ACESTEP_LM_BACKEND", "vllm")
+    lm_device: str = _env("ACESTEP_LM_DEVICE", "auto")
+    batch_compatible_tasks: bool = _env("ACESTEP_BATCH_TASKS", True)
 
     # uploads / audio
-    max_upload_mb: int = 50
-    audio_url_ttl: int = 3600  # lifetime of the signature in result file URLs
-    allowed_audio_dirs: list[str] = field(default_factory=list)  # server dirs src_audio_path may read
-    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+    max_upload_mb: int = _env("ACESTEP_MAX_UPLOAD_MB", 50)
+    audio_url_ttl: int = _env("ACESTEP_AUDIO_URL_TTL", 3600)  # lifetime of the signature in result file URLs
+    # server dirs src_audio_path may read; browser origins allowed to call the API
+    allowed_audio_dirs: CommaList = Field(default_factory=list, validation_alias="ACESTEP_ALLOWED_AUDIO_DIRS")
+    cors_origins: CommaList = Field(default_factory=list, validation_alias="ACESTEP_CORS_ORIGINS")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Only keywords: load_settings layers the environment and `.env` under them itself.
+        return (init_settings,)
 
     @property
     def model_names(self) -> list[str]:
@@ -100,6 +115,10 @@ class Settings:
         return names[0] if names else None
 
     @property
+    def max_upload_bytes(self) -> int:
+        return max(1, int(self.max_upload_mb)) * MB
+
+    @property
     def signing_secret(self) -> bytes:
         """Key for audio URL signatures: the API key, or a per-data-dir secret when auth is off."""
         if self.api_key:
@@ -107,86 +126,52 @@ class Settings:
         return ("acestep-audio-open:" + os.path.abspath(self.data_dir)).encode()
 
 
-# env var -> Settings attribute
-ENV_NAMES = {
-    "ACESTEP_API_HOST": "host",
-    "ACESTEP_API_PORT": "port",
-    "ACESTEP_API_KEY": "api_key",
-    "ACESTEP_QUEUE_MAXSIZE": "queue_maxsize",
-    "ACESTEP_QUEUE_WORKERS": "queue_workers",
-    "ACESTEP_AVG_JOB_SECONDS": "avg_job_seconds",
-    "ACESTEP_AVG_WINDOW": "avg_window",
-    "ACESTEP_VISIBILITY_TIMEOUT": "visibility_timeout",
-    "ACESTEP_MAX_RECEIVES": "max_receives",
-    "ACESTEP_GENERATION_TIMEOUT": "generation_timeout",
-    "ACESTEP_STALL_TIMEOUT": "stall_timeout",
-    "ACESTEP_BACKEND": "backend",
-    "ACESTEP_DATA_DIR": "data_dir",
-    "ACESTEP_AWS_REGION": "aws_region",
-    "ACESTEP_AWS_ENDPOINT_URL": "aws_endpoint_url",
-    "ACESTEP_TABLE_NAME": "table_name",
-    "ACESTEP_QUEUE_URL": "queue_url",
-    "ACESTEP_DLQ_URL": "dlq_url",
-    "ACESTEP_BUCKET": "bucket",
-    "ACESTEP_TASK_TTL_DAYS": "task_ttl_days",
-    "ACESTEP_CHECKPOINT_DIR": "checkpoint_dir",
-    "ACESTEP_CONFIG_PATH": "config_path",
-    "ACESTEP_CONFIG_PATH2": "config_path2",
-    "ACESTEP_CONFIG_PATH3": "config_path3",
-    "ACESTEP_DEVICE": "device",
-    "ACESTEP_DTYPE": "dtype",
-    "ACESTEP_ALLOW_DOWNLOAD": "allow_download",
-    "ACESTEP_DEMO_IF_MISSING": "demo_if_missing",
-    "ACESTEP_INIT_LLM": "init_llm",
-    "ACESTEP_LM_MODEL_PATH": "lm_model_path",
-    "ACESTEP_LM_BACKEND": "lm_backend",
-    "ACESTEP_LM_DEVICE": "lm_device",
-    "ACESTEP_BATCH_TASKS": "batch_compatible_tasks",
-    "ACESTEP_MAX_UPLOAD_MB": "max_upload_mb",
-    "ACESTEP_AUDIO_URL_TTL": "audio_url_ttl",
-    "ACESTEP_ALLOWED_AUDIO_DIRS": "allowed_audio_dirs",
-    "ACESTEP_CORS_ORIGINS": "cors_origins",
-}
+# env var -> Settings attribute (entrypoints.api_server passes settings to workers by these names)
+ENV_NAMES: dict[str, str] = {info.validation_alias: name for name, info in Settings.model_fields.items()}
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _coerce(attr: str, raw: str):
-    f = {f.name: f for f in fields(Settings)}[attr]
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            return _truthy(raw)
-        if kind.startswith("list"):
-            return [p for p in (s.strip() for s in raw.split(",")) if p]
-        return raw
-    except ValueError:
-        raise ConfigError(f"{attr}: cannot read {raw!r} as {kind}") from None
+def load_dotenv_file(path: str | os.PathLike = ".env") -> None:
+    """Load `.env` into os.environ without overriding variables already set.
+
+    Into os.environ, not only into Settings: the AWS secret lookup, hub tokens and the engine read
+    their variables from the process environment too.
+    """
+    if Path(path).is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(path, override=False)
 
 
-def load_settings(overrides: Optional[dict] = None, env: Optional[dict] = None,
+def _config_message(exc: ValidationError) -> str:
+    env_of = {attr: name for name, attr in ENV_NAMES.items()}
+    parts = []
+    for err in exc.errors():
+        attr = str(err["loc"][0]) if err.get("loc") else ""
+        label = f"{env_of[attr]} ({attr})" if attr in env_of else attr
+        parts.append(f"{label}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def load_settings(overrides: Optional[dict] = None, env: Optional[Mapping[str, str]] = None,
                   dotenv_path: Optional[str] = ".env") -> Settings:
-    """Build Settings from `.env`, the environment and explicit overrides (CLI flags)."""
+    """Build Settings from `.env`, the environment and explicit overrides (CLI flags).
+
+    `.env` goes into os.environ first without overriding it, so the environment wins over the
+    file; `env` stands in for os.environ (tests). An empty variable counts as unset. Raises
+    ConfigError naming the variable when a value cannot be read.
+    """
     if dotenv_path:
         load_dotenv_file(dotenv_path)
     env = os.environ if env is None else env
-    s = Settings()
-    for name, attr in ENV_NAMES.items():
-        if name in env and env[name] != "":
-            setattr(s, attr, _coerce(attr, env[name]))
-    if not s.aws_region:
-        s.aws_region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
-    for attr, value in (overrides or {}).items():
-        if value is not None:
-            setattr(s, attr, value)
-    if s.queue_maxsize < 1:
-        raise ConfigError("ACESTEP_QUEUE_MAXSIZE must be >= 1")
-    if s.backend not in ("embedded", "aws"):
-        raise ConfigError("ACESTEP_BACKEND must be 'embedded' or 'aws'")
-    return s
+    values = {attr: env[name] for name, attr in ENV_NAMES.items() if env.get(name)}
+    if not values.get("aws_region"):
+        values["aws_region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    values.update({attr: v for attr, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_config_message(exc)) from None

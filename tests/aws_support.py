@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import replace
 from typing import Iterator
 
 FAKE_AWS_ENV = {
@@ -35,9 +34,9 @@ def aws_settings(tmp_path, settings=None, **overrides):
     from service.config import Settings
 
     base = settings or Settings(data_dir=str(tmp_path), visibility_timeout=30.0)
-    base = replace(base, backend="aws", aws_region="us-east-1", table_name="acestep-test-tasks",
-                   queue_url="acestep-test-tasks", bucket="acestep-test-audio")
-    return replace(base, **overrides)
+    base = base.model_copy(update=dict(backend="aws", aws_region="us-east-1", table_name="acestep-test-tasks",
+                                       queue_url="acestep-test-tasks", bucket="acestep-test-audio"))
+    return base.model_copy(update=overrides)
 
 
 @contextlib.contextmanager

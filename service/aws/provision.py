@@ -6,7 +6,6 @@ schema.py). Every step is idempotent, so it can run on each start of a dev envir
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from botocore.exceptions import ClientError
 
@@ -30,7 +29,7 @@ def provision(settings: Settings) -> Settings:
         max_receives=settings.max_receives, visibility_timeout=settings.visibility_timeout,
     )
     ensure_bucket(aws_client("s3", settings), bucket, settings.aws_region)
-    return replace(settings, table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket)
+    return settings.model_copy(update=dict(table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket))
 
 
 def ensure_table(ddb, name: str) -> None:
