@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
 AUDIO_FORMATS = ("mp3", "wav", "flac")
@@ -21,6 +21,11 @@ TIME_SIGNATURES = ("", "2", "3", "4", "6")
 MAX_AUDIO_CODE = 63999
 MAX_AUDIO_CODES = 600 * 5  # 5 Hz codes for the longest song (600 s)
 MAX_BATCH = 8
+
+# Validation context key: the audio roles ("src_audio", "reference_audio") a request being
+# submitted has a source for whose blob key is only written at submission (a file to store).
+DECLARED_SOURCES = "declared_sources"
+NEEDS_SOURCE = ("cover", "repaint", "lego", "extract", "complete")
 
 _AUDIO_CODE_RE = re.compile(r"<\|audio_code_(\d+)\|>")
 
@@ -189,13 +194,14 @@ class GenerationRequest(BaseModel):
         return format_audio_codes(codes)
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "GenerationRequest":
+    def _cross_field(self, info: ValidationInfo) -> "GenerationRequest":
         if self.cfg_interval_start > self.cfg_interval_end:
             raise ValueError("cfg_interval_start must be <= cfg_interval_end")
         end = self.repainting_end
         if end is not None and end > 0 and end <= self.repainting_start:
             raise ValueError("repainting_end must be greater than repainting_start (or <= 0 for the end of the source)")
-        if self.task_type in ("cover", "repaint", "lego", "extract", "complete") and not self.src_audio_key \
+        has_source = bool(self.src_audio_key) or "src_audio" in ((info.context or {}).get(DECLARED_SOURCES) or ())
+        if self.task_type in NEEDS_SOURCE and not has_source \
                 and not (self.task_type == "cover" and self.audio_code_string):
             raise ValueError(f"task_type {self.task_type!r} needs source audio (src_audio)")
         if self.task_type in ("lego", "extract") and not self.track_name and not self.instruction:

@@ -42,7 +42,7 @@ class ParsedBody:
 
 
 def upload_limit(settings: Settings) -> int:
-    return max(1, int(settings.max_upload_mb)) * MB
+    return settings.max_upload_bytes
 
 
 def media_type(request: Request) -> str:

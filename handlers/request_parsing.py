@@ -1,51 +1,206 @@
-"""Turn a parsed /release_task body into a validated GenerationRequest plus its audio uploads.
+"""A parsed /release_task body -> a validated GenerationRequest plus where its audio comes from.
 
-Field lookup and coercion live in `fields.py`; this module adds the checks that need the
-settings or the blob store (model names, audio sources) and turns pydantic errors into one
-400 message that names each field and its allowed range.
+Pure: no settings, blob store or file system (service/sources.py reads the audio at submit time).
+`read_sources` shapes the body for `ReleaseTaskInput` (fields.py), and `validation_message` is
+the one place a pydantic ValidationError becomes the 400 text: each field as the client named it
+("param_obj.duration (audio_duration)") and what it allows ("must be between 10 and 600").
 """
 from __future__ import annotations
 
-import mimetypes
-import os
+import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any, Mapping, Optional, Sequence
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
 
-from engine.request import AUDIO_FORMATS, GenerationRequest
-from service import blob_keys
-from service.config import Settings
-from service.ports import Backend
+from engine.request import DECLARED_SOURCES, GenerationRequest
+from service.sources import AudioSource, SentFile, ServerPath, UploadKey
 from service.submission import Upload
 
-from .body import FilePart, upload_limit
-from .envelope import bad_request, too_large
-from .fields import AUDIO_FIELDS, BOOL_FALSE, BOOL_TRUE, FIELDS, Found, coerce, find, sources
+from .body import FilePart
+from .envelope import bad_request
+from .fields import (BOOL_FALSE, BOOL_TRUE, EXTRA_SOURCES, LOCS, MODEL_NAMES, SOURCE_ALIASES, ReleaseTaskInput,
+                     to_bool, to_optstr)
 
 # Multipart file fields per role (upstream names first).
 FILE_FIELDS = {
     "src_audio": ("src_audio", "ctx_audio"),
     "reference_audio": ("reference_audio", "ref_audio"),
 }
-_PLACEHOLDER = blob_keys.PENDING_UPLOADS_PREFIX + "placeholder"  # replaced by submit_task with the real upload key
+
+Loc = tuple  # where a value sits in the body: ("bpm",) or ("param_obj", "duration")
+
+
+@dataclass(frozen=True)
+class ParsedTask:
+    request: GenerationRequest
+    sources: tuple[AudioSource, ...] = ()
 
 
 @dataclass
-class ParsedTask:
-    request: GenerationRequest
-    uploads: dict[str, Upload] = field(default_factory=dict)
-
-    def request_dump(self) -> dict:
-        """What submit_task stores; upload roles get their keys from submit_task itself."""
-        data = self.request.model_dump()
-        for role in self.uploads:
-            data.pop(f"{role}_key", None)
-        return data
+class PreparedBody:
+    data: dict  # what ReleaseTaskInput validates
+    sources: list[AudioSource] = field(default_factory=list)
+    renamed: dict[Loc, Loc] = field(default_factory=dict)  # moved value -> where the client put it
 
 
-# --- pydantic errors -> one readable message ---------------------------------------------------
+def parse_release_task(fields: dict, files: Optional[Mapping[str, FilePart]] = None, *,
+                       model_names: Sequence[str] = ()) -> ParsedTask:
+    """Raises a 400 ApiError naming each bad field; an unknown `model` lists `model_names`."""
+    try:
+        body = read_sources(fields, files or {})
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    context = {MODEL_NAMES: list(model_names), DECLARED_SOURCES: {s.role for s in body.sources}}
+    try:
+        parsed = ReleaseTaskInput.model_validate(body.data, context=context)
+    except ValidationError as exc:
+        raise bad_request(validation_message(exc, ReleaseTaskInput, body.renamed)) from None
+    return ParsedTask(request=parsed, sources=tuple(body.sources))
+
+
+# --- the body's sources -----------------------------------------------------------------------------
+
+def parse_object(value: Any, name: str) -> Optional[dict]:
+    """An extra source given as an object or a JSON string of one; empty means absent."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError(f"{name}: must be a JSON object or a JSON string of one") from None
+        if value is None or value == {}:
+            return None
+    if isinstance(value, dict):
+        return value
+    raise ValueError(f"{name}: must be a JSON object or a JSON string of one")
+
+
+def without_none(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if v is not None}  # None means "not given": the next alias is tried
+
+
+def _first(data: dict, name: str) -> Optional[tuple[Loc, Any]]:
+    """Where the value ReleaseTaskInput reads for `name` sits in `data`, and the value (None: absent)."""
+    for loc in LOCS[name]:
+        if len(loc) == 1:
+            if loc[0] in data:
+                return loc, data[loc[0]]
+        elif loc[1] in data.get(loc[0], ()):
+            return loc, data[loc[0]][loc[1]]
+    return None
+
+
+def _holder(data: dict, loc: Loc) -> dict:
+    return data if len(loc) == 1 else data[loc[0]]
+
+
+def _take(data: dict, name: str) -> Optional[tuple[Loc, Any]]:
+    """What ReleaseTaskInput would read for `name`, with every value for it removed from `data`."""
+    found = _first(data, name)
+    while (hit := _first(data, name)) is not None:
+        del _holder(data, hit[0])[hit[0][-1]]
+    return found
+
+
+def read_sources(fields: dict, files: Mapping[str, FilePart]) -> PreparedBody:
+    """Upstream's sources as ReleaseTaskInput's aliases expect them, audio sources taken out.
+
+    Top-level fields; `param_obj` as an object (also from a JSON string); of the metas-like sources
+    only the first truthy one. Raises ValueError with a client-facing message.
+    """
+    data = without_none({k: v for k, v in fields.items() if k != "param_obj" and k not in EXTRA_SOURCES})
+    param_obj = parse_object(fields.get("param_obj"), "param_obj")
+    if param_obj:
+        data["param_obj"] = without_none(param_obj)
+    for name in EXTRA_SOURCES:
+        if fields.get(name):  # the first truthy one, as upstream
+            extra = parse_object(fields[name], name)
+            if extra:
+                data[name] = without_none(extra)
+            break
+    body = PreparedBody(data)
+    _format_field(body)
+    _instrumental(body)
+    _audio_sources(body, files)
+    return body
+
+
+def _instrumental(body: PreparedBody) -> None:
+    """`instrumental` with no lyrics (simple_mode output fed back) means "[Instrumental]" lyrics."""
+    found = _first(body.data, "instrumental")
+    try:
+        flag = found is not None and to_bool(found[1])
+    except ValueError:
+        return  # ReleaseTaskInput names the bad value
+    lyrics = _first(body.data, "lyrics")
+    if flag and (lyrics is None or (isinstance(lyrics[1], str) and not lyrics[1].strip())):
+        body.data["lyrics"] = "[Instrumental]"  # top level: wins over a blank one anywhere
+
+
+def _format_field(body: PreparedBody) -> None:
+    """`format` is upstream's alias of use_format, but clients also send "format": "mp3"."""
+    found = _first(body.data, "use_format")
+    if found is None or found[0][-1] != "format":
+        return
+    loc, value = found
+    if not isinstance(value, str) or value.strip().lower() in BOOL_TRUE | BOOL_FALSE | {""}:
+        return
+    del _holder(body.data, loc)["format"]
+    if _first(body.data, "audio_format") is None:  # an explicit audio_format wins
+        _holder(body.data, loc)["audio_format"] = value
+        body.renamed[loc[:-1] + ("audio_format",)] = loc
+
+
+def _audio_sources(body: PreparedBody, files: Mapping[str, FilePart]) -> None:
+    """Per role: a multipart file, else an upload key, else a server path. None of them is a
+    request field, so each is taken out of the data whichever wins."""
+    sent = set(body.data).union(*(v for v in body.data.values() if isinstance(v, dict)))
+    for role, file_fields in FILE_FIELDS.items():
+        declared = {kind: None if sent.isdisjoint(SOURCE_ALIASES[f"{role}_{kind}"])  # the common case
+                    else _take(body.data, f"{role}_{kind}") for kind in ("key", "path")}
+        file_field = next((name for name in file_fields if name in files), None)
+        if file_field is not None:
+            part = files[file_field]
+            upload = Upload(part.data, part.filename or role, part.content_type)
+            body.sources.append(SentFile(role, upload, file_field))
+            continue
+        for kind, source_type in (("key", UploadKey), ("path", ServerPath)):
+            if declared[kind] is None:
+                continue
+            loc, value = declared[kind]
+            label = field_label(loc, f"{role}_{kind}")
+            try:
+                text = to_optstr(value)
+            except ValueError as exc:
+                raise ValueError(f"{label}: {exc}") from None
+            if text:  # "" falls through to the next kind, as upstream
+                body.sources.append(source_type(role, text, label))
+                break
+
+
+# --- pydantic errors -> one readable message -------------------------------------------------------
+
+def field_label(path: Loc, canonical: str) -> str:
+    """How an error names a field: as sent, plus the canonical name when that differs."""
+    shown = "seed" if canonical == "seeds" else canonical
+    name = ".".join(str(p) for p in path)
+    return name if path[-1] == shown else f"{name} ({shown})"
+
+
+@lru_cache(maxsize=None)
+def _fields_by_path(model: type[BaseModel]) -> dict[Loc, str]:
+    out: dict[Loc, str] = {}
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias or name]
+        for choice in choices:
+            out.setdefault(tuple(choice.path) if isinstance(choice, AliasPath) else (choice,), name)
+    return out
+
 
 def _num(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
@@ -57,10 +212,9 @@ def field_range(name: str) -> str:
     """'must be between 30 and 300' etc., read from GenerationRequest's own constraints."""
     info = GenerationRequest.model_fields.get(name)
     lo = hi = None
-    if info is not None:
-        for m in info.metadata:
-            lo = getattr(m, "ge", lo) if getattr(m, "ge", None) is not None else lo
-            hi = getattr(m, "le", hi) if getattr(m, "le", None) is not None else hi
+    for m in (info.metadata if info is not None else ()):
+        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
+        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
     if lo is not None and hi is not None:
         return f"must be between {_num(lo)} and {_num(hi)}"
     if hi is not None:
@@ -70,164 +224,38 @@ def field_range(name: str) -> str:
     return "is out of range"
 
 
-def _error_text(err: dict, labels: dict[str, str]) -> str:
-    loc = err.get("loc") or ()
-    name = str(loc[0]) if loc else ""
-    label = labels.get(name, "seed" if name == "seeds" else name)
+def _error_text(err: dict, model: type[BaseModel], renamed: Mapping[Loc, Loc]) -> str:
+    loc = tuple(err.get("loc") or ())
+    by_path = _fields_by_path(model)
+    label, name = "", ""
+    for end in range(len(loc), 0, -1):  # the field's own path; list items add indices after it
+        if loc[:end] in by_path:
+            name = by_path[loc[:end]]
+            label = field_label(renamed.get(loc[:end], loc[:end]), name)
+            break
     etype = err.get("type", "")
     given = err.get("input")
-    msg = str(err.get("msg", ""))
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    ctx = err.get("ctx") or {}
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
     if etype in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         text = f"{field_range(name)} (got {_num(given)})"
     elif etype == "literal_error":
-        expected = (err.get("ctx") or {}).get("expected", "")
-        options = ", ".join(re.findall(r"'([^']*)'", str(expected))) or str(expected)
+        options = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", "")))) or str(ctx.get("expected", ""))
         text = f"must be one of {options} (got {given!r})"
     elif etype == "string_too_long":
-        limit = (err.get("ctx") or {}).get("max_length")
-        text = f"must be at most {limit} characters (got {len(given) if isinstance(given, str) else '?'})"
-    elif etype == "extra_forbidden":
-        text = "is not a known field"
+        text = f"must be at most {ctx.get('max_length')} characters (got {len(given) if isinstance(given, str) else '?'})"
     else:
         text = msg
         if loc and isinstance(given, (str, int, float)) and not isinstance(given, bool) \
-                and len(str(given)) <= 40 and "(got" not in text:
+                and len(str(given)) <= 40 and "(got" not in text and repr(given) not in text:
             text = f"{text} (got {given!r})"
     return f"{label}: {text}" if label else text
 
 
-def validation_message(exc: ValidationError, labels: dict[str, str]) -> str:
-    return "; ".join(_error_text(e, labels) for e in exc.errors())
+def validation_message(exc: ValidationError, model: type[BaseModel] = ReleaseTaskInput,
+                       renamed: Optional[Mapping[Loc, Loc]] = None) -> str:
+    return "; ".join(_error_text(e, model, renamed or {}) for e in exc.errors())
 
 
-# --- audio sources -------------------------------------------------------------------------------
-
-def _within(path: str, roots: list[str]) -> bool:
-    for root in roots:
-        if not root:
-            continue
-        real_root = os.path.realpath(root)
-        if path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
-def _read_server_file(path: str, label: str, role: str, settings: Settings) -> Upload:
-    if "\x00" in path or len(path) > 4096:
-        raise bad_request(f"{label}: not a valid file path")
-    real = os.path.realpath(path)
-    if not _within(real, list(settings.allowed_audio_dirs or [])):
-        raise bad_request(
-            f"{label}: server file paths are not accepted here; upload the file instead "
-            f"(multipart field '{role}', or POST /v1/uploads and send '{role}_key')")
-    if not os.path.isfile(real):
-        raise bad_request(f"{label}: file not found")
-    limit = upload_limit(settings)
-    if os.path.getsize(real) > limit:
-        raise too_large(limit, f"{label} file")
-    with open(real, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise too_large(limit, f"{label} file")
-    name = os.path.basename(real)
-    return Upload(data=data, filename=name,
-                  content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
-
-
-def _check_pending_key(key: str, label: str, backend: Backend, settings: Settings) -> str:
-    if not blob_keys.is_pending_upload_key(key):
-        raise bad_request(f"{label}: not an upload key; create one with POST /v1/uploads "
-                          f"(keys look like '{blob_keys.PENDING_UPLOADS_PREFIX}<id>/<name>')")
-    size = backend.blobs.size(key)
-    if size is None:
-        raise bad_request(f"{label}: nothing was uploaded under this key (PUT the file to its upload_url first)")
-    if size > settings.max_upload_mb * 1024 * 1024:  # a presigned PUT cannot cap the size itself
-        raise too_large(settings.max_upload_mb * 1024 * 1024, f"Upload {label!r}")
-    return key
-
-
-def _resolve_audio(srcs, files: dict[str, FilePart], settings: Settings, backend: Backend,
-                   values: dict, labels: dict[str, str]) -> dict[str, Upload]:
-    uploads: dict[str, Upload] = {}
-    for role, names in FILE_FIELDS.items():
-        part = next((files[n] for n in names if n in files), None)
-        if part is not None:
-            uploads[role] = Upload(data=part.data, filename=part.filename or role,
-                                   content_type=part.content_type)
-            values[f"{role}_key"] = _PLACEHOLDER
-            continue
-        key_found = find(srcs, f"{role}_key", AUDIO_FIELDS[f"{role}_key"])
-        key = coerce("optstr", key_found.value, key_found.label) if key_found else None
-        if key:
-            values[f"{role}_key"] = _check_pending_key(key, key_found.label, backend, settings)
-            labels[f"{role}_key"] = key_found.label
-            continue
-        path_found = find(srcs, f"{role}_path", AUDIO_FIELDS[f"{role}_path"])
-        path = coerce("optstr", path_found.value, path_found.label) if path_found else None
-        if path:
-            uploads[role] = _read_server_file(path, path_found.label, role, settings)
-            values[f"{role}_key"] = _PLACEHOLDER
-            labels[f"{role}_key"] = path_found.label
-    return uploads
-
-
-# --- the whole request ---------------------------------------------------------------------------
-
-def _use_format(found: Found, values: dict, labels: dict[str, str]) -> None:
-    """`format` is an upstream alias of use_format, but clients also send "format": "mp3"."""
-    v = found.value
-    alias = found.label.split(" ")[0].rsplit(".", 1)[-1]
-    if alias == "format" and isinstance(v, str) \
-            and v.strip().lower() not in BOOL_TRUE | BOOL_FALSE | {""}:
-        if "audio_format" not in values:
-            values["audio_format"] = v.strip().lower()
-            labels["audio_format"] = found.label
-        return
-    value = coerce("bool", v, found.label)
-    if value is not None:
-        values["use_format"] = value
-        labels["use_format"] = found.label
-
-
-def parse_generation_request(fields: dict, files: Optional[dict[str, FilePart]], settings: Settings,
-                             backend: Backend) -> ParsedTask:
-    """Resolve aliases and sources, coerce, check model/audio, validate. Raises 400/413 ApiError."""
-    srcs = sources(fields)
-    values: dict[str, Any] = {}
-    labels: dict[str, str] = {}
-    for canonical, spec in FIELDS.items():
-        if canonical == "use_format":
-            continue
-        found = find(srcs, canonical, spec)
-        if found is None:
-            continue
-        value = coerce(spec.kind, found.value, found.label)
-        if value is not None:
-            values[canonical] = value
-            labels[canonical] = found.label
-    found = find(srcs, "use_format", FIELDS["use_format"])
-    if found is not None:
-        _use_format(found, values, labels)
-
-    fmt = values.get("audio_format")
-    if fmt is not None and fmt not in AUDIO_FORMATS:
-        raise bad_request(f"{labels['audio_format']}: must be one of {', '.join(AUDIO_FORMATS)} (got {fmt!r})")
-
-    model = values.get("model")
-    names = settings.model_names
-    if model is not None and names and model not in names:
-        raise bad_request(f"{labels['model']}: unknown model {model!r}; available: {', '.join(names)}")
-
-    inst = find(srcs, "instrumental", AUDIO_FIELDS["instrumental"])
-    if inst is not None and coerce("bool", inst.value, inst.label) and not values.get("lyrics", "").strip():
-        values["lyrics"] = "[Instrumental]"  # /create_random_sample's simple_mode output fed back
-
-    uploads = _resolve_audio(srcs, files or {}, settings, backend, values, labels)
-
-    try:
-        request = GenerationRequest(**values)
-    except ValidationError as exc:
-        raise bad_request(validation_message(exc, labels)) from None
-    return ParsedTask(request=request, uploads=uploads)
+__all__ = ["FILE_FIELDS", "ParsedTask", "field_label", "parse_object", "parse_release_task", "read_sources",
+           "validation_message", "without_none"]

@@ -5,13 +5,11 @@ import json
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from engine.request import GenerationRequest
 from engine.types import GenerationError
 
 from . import lm_gateway
@@ -19,57 +17,46 @@ from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, wrap
-from .fields import parse_object, to_float, to_int, to_str
-from .request_parsing import validation_message
+from .fields import ReleaseTaskInput
+from .request_parsing import parse_object, validation_message, without_none
 
 router = APIRouter(tags=["lm"])
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 
-def _in_range(value, lo, hi, label):
-    if value is not None and not (lo <= value <= hi):
-        shown = int(value) if isinstance(value, float) and value.is_integer() else value
-        raise bad_request(f"{label}: must be between {lo} and {hi} (got {shown})")
-    return value
+_RENAMED = {("lm_temperature",): ("temperature",)}  # errors name the field as this route calls it
 
 
 def parse_format_input(fields: dict) -> dict:
-    """Validate /format_input's body: prompt, lyrics, temperature and param_obj metadata."""
-    prompt = to_str(fields.get("prompt", fields.get("caption")) or "", "prompt")
-    lyrics = to_str(fields.get("lyrics") or "", "lyrics")
-    temperature = to_float(fields.get("temperature"), "temperature") if fields.get("temperature") is not None else None
-    temperature = _in_range(0.85 if temperature is None else temperature, 0.0, 2.0, "temperature")
-    obj = parse_object(fields.get("param_obj"), "param_obj") or {}
-    values: dict[str, Any] = {"prompt": prompt, "lyrics": lyrics}
-    labels = {"prompt": "prompt", "lyrics": "lyrics"}
-    if obj.get("duration") is not None:
-        values["audio_duration"] = to_float(obj["duration"], "param_obj.duration")
-        labels["audio_duration"] = "param_obj.duration"
-    if obj.get("bpm") is not None:
-        values["bpm"] = to_int(obj["bpm"], "param_obj.bpm")
-        labels["bpm"] = "param_obj.bpm"
-    key = obj.get("key", obj.get("key_scale"))
-    if key is not None:
-        values["key_scale"] = to_str(key, "param_obj.key_scale")
-        labels["key_scale"] = "param_obj.key_scale"
-    ts = obj.get("time_signature", fields.get("time_signature"))
-    if ts is not None:
-        values["time_signature"] = to_str(ts, "time_signature")
-        labels["time_signature"] = "time_signature"
-    lang = obj.get("language", obj.get("vocal_language"))
-    if lang is not None and to_str(lang, "param_obj.language") not in ("", "unknown"):
-        values["vocal_language"] = to_str(lang, "param_obj.language")
-        labels["vocal_language"] = "param_obj.language"
-    # The same limits as /release_task: GenerationRequest is the one place they are written.
+    """Validate /format_input's body: prompt, lyrics, temperature and param_obj metadata.
+
+    Through ReleaseTaskInput, so the limits and value forms are /release_task's; only where each
+    value is read from is this route's own.
+    """
     try:
-        req = GenerationRequest(**values)
+        obj = without_none(parse_object(fields.get("param_obj"), "param_obj") or {})
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    meta = {"duration": obj.get("duration"), "bpm": obj.get("bpm"),
+            "key_scale": obj.get("key", obj.get("key_scale")),
+            "language": obj.get("language", obj.get("vocal_language"))}
+    if meta["language"] in ("", "unknown"):
+        meta["language"] = None
+    data = without_none({
+        "prompt": fields.get("prompt", fields.get("caption")), "lyrics": fields.get("lyrics"),
+        "lm_temperature": fields.get("temperature"),
+        "time_signature": obj.get("time_signature", fields.get("time_signature")),
+        "param_obj": without_none(meta)})
+    try:
+        req = ReleaseTaskInput.model_validate(data)
     except ValidationError as exc:
-        raise bad_request(validation_message(exc, labels)) from None
-    meta = {"duration": req.audio_duration, "bpm": req.bpm, "key_scale": req.key_scale or None,
-            "time_signature": req.time_signature or None,
-            "language": req.vocal_language if "vocal_language" in values else None}
-    return {"caption": req.prompt, "lyrics": req.lyrics, "metadata": {k: v for k, v in meta.items() if v is not None},
-            "temperature": temperature}
+        raise bad_request(validation_message(exc, ReleaseTaskInput, _RENAMED)) from None
+    given = req.model_fields_set
+    metadata = {"duration": req.audio_duration, "bpm": req.bpm, "key_scale": req.key_scale or None,
+                "time_signature": req.time_signature or None,
+                "language": req.vocal_language if "vocal_language" in given else None}
+    return {"caption": req.prompt, "lyrics": req.lyrics,
+            "metadata": {k: v for k, v in metadata.items() if v is not None}, "temperature": req.lm_temperature}
 
 
 @router.post("/format_input", summary="Rewrite caption and lyrics with the 5Hz LM",

@@ -2,23 +2,28 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
 from service.ports import QueueFull
+from service.sources import SourceError, resolve_sources
 from service.submission import submit_task
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, wrap
-from .request_parsing import parse_generation_request
+from .request_parsing import parse_release_task
 from .results import MAX_IDS, query_entries
 
 router = APIRouter(tags=["tasks"])
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 128
+
 
 _RELEASE_DOC = """Create a music generation task.
 
@@ -26,6 +31,9 @@ Accepts JSON, multipart/form-data (files `src_audio`/`ctx_audio`, `reference_aud
 x-www-form-urlencoded or a raw JSON / `key=value` body. Every upstream field and alias is
 accepted, also inside `param_obj` and `metas`/`metadata`. Invalid values are a 400 naming the
 field and its allowed range. Returns `{task_id, status: "queued", queue_position}`.
+
+With an `Idempotency-Key` header (or body field `idempotency_key`), a retried submit returns the
+first task instead of creating another; reusing a key for a different request is a 422.
 """
 
 _release_schema = GenerationRequest.model_json_schema()
@@ -39,14 +47,35 @@ _release_schema["properties"].update({
     "param_obj": {"description": "extra fields (object or JSON string)"},
     "metas": {"description": "extra fields (object or JSON string)"},
     "ai_token": {"type": "string", "description": "API key (alternative to the Authorization header)"},
+    "idempotency_key": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY,
+                        "description": "alternative to the Idempotency-Key header"},
 })
 _release_schema["properties"].pop("seeds", None)
 _release_schema.pop("required", None)
 _release_schema["additionalProperties"] = True
 
 
+def read_idempotency_key(header: Optional[str], fields: dict) -> Optional[str]:
+    """The `Idempotency-Key` header, else body field `idempotency_key`; None when neither is sent."""
+    name, value = IDEMPOTENCY_HEADER, header
+    if header is None:
+        name, value = "idempotency_key", fields.get("idempotency_key")
+    if value is None:
+        return None
+    # Printable ASCII only: the key is stored and compared as is, and echoed in error messages.
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY \
+            or not all(" " <= c <= "~" for c in value):
+        raise bad_request(f"{name}: must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters")
+    return value
+
+
+_IDEMPOTENCY_PARAM = {"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                      "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                      "description": "retry-safe submit: a retry with the same key returns the first task"}
+
+
 @router.post("/release_task", summary="Create a generation task", description=_RELEASE_DOC,
-             openapi_extra={"requestBody": {"content": {
+             openapi_extra={"parameters": [_IDEMPOTENCY_PARAM], "requestBody": {"content": {
                  "application/json": {"schema": _release_schema},
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "src_audio": {"type": "string", "format": "binary"},
@@ -56,11 +85,19 @@ async def release_task(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     body = await read_body(request, settings, files_allowed=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
+    idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
+    parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
 
-    def submit():
-        parsed = parse_generation_request(body.fields, body.files, settings, backend)
+    def submit():  # blocking: server files, the blob store, the task store
         try:
-            return submit_task(backend, parsed.request_dump(), settings.queue_maxsize, uploads=parsed.uploads)
+            sources = resolve_sources(parsed.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
+                                      max_bytes=settings.max_upload_bytes)
+        except SourceError as exc:
+            raise ApiError(413 if exc.kind == "too_large" else 400, exc.message) from None
+        request_dump = parsed.request.model_dump() | {f"{role}_key": key for role, key in sources.keys.items()}
+        try:
+            return submit_task(backend, request_dump, settings.queue_maxsize, uploads=sources.uploads,
+                               idempotency_key=idempotency_key)
         except QueueFull:
             raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
 
