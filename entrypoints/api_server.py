@@ -17,10 +17,11 @@ import threading
 import time
 
 from service.config import ENV_NAMES, Settings, load_settings
+from service.observability.logs import configure_logging
 
 from . import bootstrap
 
-log = logging.getLogger("acestep.launcher")
+log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0  # a stopping worker may finish its task this long, then gives it back
 
@@ -38,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lm-model-path", help="5Hz LM model (ACESTEP_LM_MODEL_PATH)")
     p.add_argument("--download-source", choices=["auto", "huggingface", "modelscope"],
                    help="accepted for compatibility; models download from the Hugging Face hub")
-    p.add_argument("--log-level", default=os.environ.get("ACESTEP_API_LOG_LEVEL", "info"))
+    p.add_argument("--log-level", default=os.environ.get("ACESTEP_API_LOG_LEVEL"),
+                   help="debug, info, warning, error (ACESTEP_LOG_LEVEL, info)")
     return p.parse_args(argv)
 
 
@@ -48,6 +50,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "config_path": args.config_path, "checkpoint_dir": args.checkpoint_dir,
         "data_dir": args.data_dir, "queue_workers": args.workers,
         "init_llm": args.init_llm, "lm_model_path": args.lm_model_path,
+        "log_level": args.log_level.upper() if args.log_level else None,
     })
 
 
@@ -125,15 +128,14 @@ class WorkerSupervisor:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
     bootstrap.resolve_secrets(settings)
 
     import uvicorn
 
     app = bootstrap.build_app(settings)
-    supervisor = WorkerSupervisor(settings, settings.queue_workers, args.log_level)
+    supervisor = WorkerSupervisor(settings, settings.queue_workers, settings.log_level)
     if settings.queue_workers > 0:
         supervisor.start()
     log.info("ACE-Step API on http://%s:%d (backend %s, data %s, %d worker process(es))",
@@ -146,7 +148,9 @@ def main(argv=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
+        # log_config=None keeps our handler; the app writes its own access lines, with request ids
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                    log_config=None, access_log=False)
     finally:
         supervisor.stop()
     if received:

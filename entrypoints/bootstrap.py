@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 
 from service.config import Settings
-from service.ports import Backend
+from service.ports import Backend, GenerationEngine
 
-log = logging.getLogger("acestep.bootstrap")
+log = logging.getLogger(__name__)
 
 
 def resolve_secrets(settings: Settings) -> None:
@@ -52,8 +52,13 @@ def engine_config(settings: Settings):
     )
 
 
-def load_engine(settings: Settings):
-    """Load the DiT models once (building demo random-weight models if so configured)."""
+def load_engine(settings: Settings) -> GenerationEngine:
+    """Load the DiT models once (building demo random-weight models if so configured).
+
+    Typed as the port the worker uses: mypy (`make test`) checks engine.service.Engine against
+    GenerationEngine structurally here (engine/ does not import service/, so Engine cannot
+    subclass it).
+    """
     from engine.checkpoints import ModelNotFound, ensure_demo_models
     from engine.service import Engine
 
@@ -79,13 +84,21 @@ def _warn_demo(names: list[str], settings: Settings) -> None:
                     name, settings.checkpoint_dir, name, name)
 
 
-def build_worker(settings: Settings, engine=None, backend: Backend | None = None, on_stalled=None):
+def build_worker(settings: Settings, engine: GenerationEngine | None = None, backend: Backend | None = None,
+                 on_stalled=None):
     """A worker on the configured backend with a loaded engine."""
     from service.worker import Worker
 
     backend = backend if backend is not None else build_backend(settings)
     return Worker(settings, backend, engine if engine is not None else load_engine(settings),
-                  on_stalled=on_stalled)
+                  on_stalled=on_stalled, metrics=build_metrics(settings))
+
+
+def build_metrics(settings: Settings):
+    """CloudWatch EMF on AWS; embedded deployments read the same figures from the store (/v1/stats)."""
+    from service.observability.metrics import EmfMetrics, NoMetrics
+
+    return EmfMetrics() if settings.backend == "aws" else NoMetrics()
 
 
 def app_from_env():

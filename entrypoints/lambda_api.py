@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from mangum import Mangum
 
+import sys
+
 from entrypoints import bootstrap
 from service.config import load_settings
+from service.observability.logs import configure_logging
 
 settings = load_settings(dotenv_path=None)  # no .env in a Lambda package: the environment is the config
+# The runtime's own root handler drops INFO; ours writes JSON lines (request ids included) to stdout.
+configure_logging(settings.log_level, settings.log_format, stream=sys.stdout)
 bootstrap.resolve_secrets(settings)  # the API key from Secrets Manager / SSM, once per cold start
 app = bootstrap.build_app(settings)
 # lifespan "off": a Lambda container has no long-lived startup/shutdown to run per invocation.

@@ -14,10 +14,11 @@ import signal
 import threading
 
 from service.config import Settings, load_settings
+from service.observability.logs import configure_logging
 
 from . import bootstrap
 
-log = logging.getLogger("acestep.worker")
+log = logging.getLogger(__name__)
 
 
 # Exit status of a worker whose generation hung: the launcher (or ECS) starts a fresh one.
@@ -59,12 +60,12 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-dir", help="ACESTEP_CHECKPOINT_DIR")
     parser.add_argument("--grace-seconds", type=float, default=600.0,
                         help="after SIGTERM, how long the running task may take before it is released")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", help="debug, info, warning, error (ACESTEP_LOG_LEVEL, info)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings({"data_dir": args.data_dir, "backend": args.backend,
-                              "checkpoint_dir": args.checkpoint_dir})
+                              "checkpoint_dir": args.checkpoint_dir,
+                              "log_level": args.log_level.upper() if args.log_level else None})
+    configure_logging(settings.log_level, settings.log_format)
     run_worker(settings, grace_seconds=args.grace_seconds)
 
 

@@ -18,6 +18,7 @@ from service.ports import Backend
 from . import routes_audio, routes_info, routes_lm, routes_tasks
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
+from .request_context import RequestContextMiddleware
 from .signing import openapi_url, verify
 
 DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream
@@ -64,8 +65,9 @@ def create_app(settings: Settings, backend: Backend) -> FastAPI:
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Range"],
-                           expose_headers=["Content-Length", "Content-Range", "Accept-Ranges"],
+                           expose_headers=["Content-Length", "Content-Range", "Accept-Ranges", "X-Request-ID"],
                            allow_credentials="*" not in origins)
+    app.add_middleware(RequestContextMiddleware)  # outermost: its id covers everything below
     return app
 
 

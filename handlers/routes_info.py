@@ -1,21 +1,25 @@
-"""GET /health, GET /v1/models, GET /v1/stats."""
+"""GET /health, GET /v1/models, GET /v1/stats, GET /v1/metrics (Prometheus text)."""
 from __future__ import annotations
 
 import logging
 from typing import Optional
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.ports import Backend
+from service.observability import prometheus
+from service.observability.health import check_health
+from service.observability.metrics import summarize
 from service.records import MODELS_META_KEY, ModelsMeta
 
 from .auth import require_header
 from .deps import backend_of, settings_of
 from .envelope import wrap
 
-log = logging.getLogger("acestep.api")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["info"])
 
 
@@ -43,7 +47,7 @@ def model_list(settings: Settings, backend: Backend) -> dict:
         if info and info.task_types:
             entry["task_types"] = list(info.task_types)
         models.append(entry)
-    out = {"models": models, "default_model": default}
+    out: dict[str, object] = {"models": models, "default_model": default}
     if meta:
         out["lm_model"] = meta.lm_model
         out["device"] = meta.device
@@ -51,14 +55,23 @@ def model_list(settings: Settings, backend: Backend) -> dict:
     return out
 
 
-@router.get("/health", summary="Health check (no auth)")
-async def health(request: Request):
-    settings, backend = settings_of(request), backend_of(request)
-    listing = await run_in_threadpool(model_list, settings, backend)
+def health_data(settings: Settings, backend: Backend) -> tuple[dict, bool]:
+    report = check_health(backend, settings.stall_timeout)
+    listing = model_list(settings, backend) if report.store_ok else {"models": []}
     models = [{"name": m["name"], "is_default": m["is_default"], "random_weights": m["random_weights"]}
               for m in listing["models"]]
-    return wrap({"status": "ok", "service": "ACE-Step API", "version": "1.0", "backend": backend.name,
-                 "models": models, "demo": any(m["random_weights"] for m in models)})
+    data = {"status": report.status, "service": "ACE-Step API", "version": "1.0", "backend": backend.name,
+            "models": models, "demo": any(m["random_weights"] for m in models), "reasons": report.reasons,
+            "queue_waiting": report.waiting, "workers_alive": len(report.workers), "workers": report.workers}
+    return data, report.serving
+
+
+@router.get("/health", summary="Health check (no auth)")
+async def health(request: Request):
+    """`status` is "ok", or "degraded" with `reasons` (store or queue unreachable: HTTP 503; tasks
+    waiting with no live worker, or a worker without progress: HTTP 200)."""
+    data, serving = await run_in_threadpool(health_data, settings_of(request), backend_of(request))
+    return JSONResponse(wrap(data), status_code=200 if serving else 503)
 
 
 @router.get("/v1/models", summary="Models this server serves")
@@ -71,14 +84,31 @@ async def list_models(request: Request):
 def stats(settings: Settings, backend: Backend) -> dict:
     counts = backend.store.counts()
     jobs = {k: int(counts.get(k, 0)) for k in ("total", "queued", "running", "succeeded", "failed")}
-    durations = [d for d in backend.store.recent_durations(max(1, settings.avg_window)) if d is not None]
+    recent = backend.store.recent_finished(max(1, settings.avg_window))
+    durations = [r.finished_at - r.started_at for r in recent if r.finished_at and r.started_at]
     avg = sum(durations) / len(durations) if durations else float(settings.avg_job_seconds)
     return {"jobs": jobs, "queue_size": jobs["queued"], "queue_maxsize": settings.queue_maxsize,
-            "avg_job_seconds": round(float(avg), 3)}
+            "avg_job_seconds": round(float(avg), 3), "recent": summarize(recent)}
 
 
 @router.get("/v1/stats", summary="Queue and job statistics")
 async def get_stats(request: Request):
+    """Upstream's fields plus `recent`: queue wait, run time, stage times and failures by reason over
+    the last ACESTEP_AVG_WINDOW finished tasks."""
     settings = settings_of(request)
     require_header(settings, request)
     return wrap(await run_in_threadpool(stats, settings, backend_of(request)))
+
+
+@router.get("/v1/metrics", summary="The same figures as Prometheus text", include_in_schema=True,
+            responses={200: {"content": {prometheus.CONTENT_TYPE: {}}}})
+async def get_metrics(request: Request):
+    settings, backend = settings_of(request), backend_of(request)
+    require_header(settings, request)
+
+    def render() -> bytes:
+        data = stats(settings, backend)
+        report = check_health(backend, settings.stall_timeout)
+        return prometheus.render(data, report)
+
+    return Response(await run_in_threadpool(render), media_type=prometheus.CONTENT_TYPE)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # takes the task) and the worker process exits to be restarted.
     stall_timeout: float = _env("ACESTEP_STALL_TIMEOUT", 600.0, gt=0)
 
+    # logs: JSON lines (one object per line, with request/task ids) or plain text for reading by eye
+    log_format: Literal["json", "text"] = _env("ACESTEP_LOG_FORMAT", "json")
+    log_level: str = _env("ACESTEP_LOG_LEVEL", "INFO")
+
     # storage backend: "embedded" (SQLite + files) or "aws" (DynamoDB + SQS + S3)
     backend: Literal["embedded", "aws"] = _env("ACESTEP_BACKEND", "embedded")
     data_dir: str = _env("ACESTEP_DATA_DIR", "./data")

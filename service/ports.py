@@ -12,7 +12,7 @@ from typing import Callable, Optional, Protocol
 from engine.request import GenerationRequest
 from engine.types import GenerationResult, ModelInfo, ProgressCallback
 
-from .records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult
+from .records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult, WorkerHeartbeat
 
 
 
@@ -60,8 +60,8 @@ class TaskStore(Protocol):
     def counts(self) -> dict[str, int]:
         """Jobs by status: {queued, running, succeeded, failed, total}."""
 
-    def recent_durations(self, limit: int) -> list[float]:
-        """Run time (finished - started) of the last `limit` finished tasks, newest first."""
+    def recent_finished(self, limit: int) -> list[TaskRecord]:
+        """The last `limit` finished tasks that ran (started_at set), newest first."""
 
     def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
         """1-based positions among queued tasks, oldest first, for those of `task_ids` still queued.
@@ -72,6 +72,15 @@ class TaskStore(Protocol):
         """Small service-wide facts as JSON objects (records.ModelsMeta under "models")."""
 
     def get_meta(self, key: str) -> Optional[dict]: ...
+
+    def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
+        """Store this worker's latest beat (one entry per worker_id)."""
+
+    def heartbeats(self) -> list[WorkerHeartbeat]:
+        """The latest beat of every worker seen in the last day."""
+
+    def forget_heartbeat(self, worker_id: str) -> None:
+        """A worker that stops cleanly removes its entry."""
 
 
 @dataclass

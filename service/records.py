@@ -77,6 +77,23 @@ class ModelsMeta(BaseModel):
             return None
 
 
+HEARTBEAT_RETENTION_SECONDS = 86400  # a worker silent this long is forgotten
+
+
+class WorkerHeartbeat(BaseModel):
+    """A worker's periodic sign of life (for /health and operators)."""
+
+    worker_id: str
+    started_at: float
+    beat_at: float  # wall-clock time of this beat
+    state: str = "idle"  # idle | running | stopping
+    task_ids: list[str] = []  # what it is running now
+    last_progress_at: Optional[float] = None  # the engine's last progress report on the running task(s)
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.beat_at)
+
+
 @dataclass
 class TaskRecord:
     task_id: str

@@ -10,6 +10,7 @@ worker, and `on_stalled` runs (the worker CLI exits there, to be restarted).
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from engine.types import GenerationCancelled
 
 from .ports import Backend, Lease
 
-log = logging.getLogger("acestep.worker")
+log = logging.getLogger(__name__)
 
 # A store write per diffusion step would dominate small tasks.
 PROGRESS_MIN_DELTA = 0.05
@@ -46,7 +47,9 @@ class RunWatch:
         self.stalled = False
         self._written = (-1.0, "", 0.0)  # value, stage, time of the last store write
         self._done = threading.Event()
-        self._keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
+        # The keeper logs about these tasks: it runs in a copy of the caller's log context.
+        self._keeper = threading.Thread(target=contextvars.copy_context().run, args=(self._keep_leases,),
+                                        name="lease-keeper", daemon=True)
 
     # -- the engine's progress callback -------------------------------------------------------
 

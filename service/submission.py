@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 from . import blob_keys
 from .idempotency import replayed, request_digest
+from .observability.logs import log_context
 from .ports import Backend, QueueFull, TaskRecord
+
+log = logging.getLogger(__name__)
 
 SOURCE_ROLES = ("src_audio", "reference_audio")
 
@@ -55,7 +59,10 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
         raise
     if not created:  # a concurrent retry won the race: ours is not needed
         _delete(backend, written)
-    return task.task_id, _position(backend, task.task_id)
+    position = _position(backend, task.task_id)
+    with log_context(task_id=task.task_id):
+        log.info("task %s %s (queue position %s)", task.task_id, "queued" if created else "re-submitted", position)
+    return task.task_id, position
 
 
 def _position(backend: Backend, task_id: str) -> Optional[int]:

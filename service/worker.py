@@ -24,12 +24,17 @@ from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
 from .blob_keys import output_key
 from .config import Settings
+from .observability.health import HEARTBEAT_SECONDS
+from .observability.logs import log_context
+from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import Backend, GenerationEngine, Lease
-from .records import MODELS_META_KEY, AudioFile, ModelEntry, ModelsMeta, TaskResult
+from .records import (
+    FAILED, MODELS_META_KEY, SUCCEEDED, AudioFile, ModelEntry, ModelsMeta, TaskRecord, TaskResult, WorkerHeartbeat,
+)
 from .run_watch import GenerationTimedOut, RunWatch
 from .submission import SOURCE_ROLES
 
-log = logging.getLogger("acestep.worker")
+log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 600
 DEAD_LETTER_INTERVAL_SECONDS = 30
@@ -70,6 +75,8 @@ class _Claimed:
     request: GenerationRequest
     inputs: dict  # src_audio / reference_audio bytes
     batch_key: Optional[tuple]  # engine.plan.batch_key: None means it runs alone
+    created_at: float
+    started_at: float
 
     @property
     def task_id(self) -> str:
@@ -78,12 +85,17 @@ class _Claimed:
 
 class Worker:
     def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
-                 worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None):
+                 worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None,
+                 metrics: Optional[MetricsSink] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_stalled = on_stalled  # a generation is hung (see run_watch); the CLI exits here
+        self.metrics: MetricsSink = metrics or NoMetrics()
+        self.started_at = time.time()
+        self.heartbeat_seconds = HEARTBEAT_SECONDS
+        self._watch: Optional[RunWatch] = None  # the engine call in progress, for the heartbeat
         self.stop_event = threading.Event()  # stop taking new work
         self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
         # Backend housekeeping, each due on the first round and then every interval.
@@ -108,18 +120,47 @@ class Worker:
         self.backend.store.put_meta(MODELS_META_KEY, meta.model_dump())
 
     def run_forever(self, poll_seconds: float = 5.0) -> None:
-        self.publish_models()
-        log.info("worker %s ready", self.worker_id)
-        while not self.stop_event.is_set():
+        with log_context(worker_id=self.worker_id):
+            self.publish_models()
+            beating = threading.Thread(target=self._beat_until_stopped, name="heartbeat", daemon=True)
+            beating.start()
+            log.info("worker %s ready", self.worker_id)
+            while not self.stop_event.is_set():
+                try:
+                    self.run_once(poll_seconds)
+                except Exception:  # the loop must survive a backend hiccup
+                    log.exception("worker loop error")
+                    self.stop_event.wait(1.0)
+            if self._carried is not None:
+                self.backend.queue.release(self._carried.lease)
+                self._carried = None
+            beating.join(timeout=self.heartbeat_seconds)
             try:
-                self.run_once(poll_seconds)
-            except Exception:  # the loop must survive a backend hiccup
-                log.exception("worker loop error")
-                self.stop_event.wait(1.0)
-        if self._carried is not None:
-            self.backend.queue.release(self._carried.lease)
-            self._carried = None
-        log.info("worker %s stopped", self.worker_id)
+                self.backend.store.forget_heartbeat(self.worker_id)
+            except Exception:
+                log.warning("could not remove this worker's heartbeat", exc_info=True)
+            log.info("worker %s stopped", self.worker_id)
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        """This worker's state now: idle, or running which tasks and when the engine last progressed."""
+        now, watch = time.time(), self._watch
+        beat = WorkerHeartbeat(worker_id=self.worker_id, started_at=self.started_at, beat_at=now,
+                               state="stopping" if self.stop_event.is_set() else "idle")
+        if watch is not None:
+            beat.state = "running"
+            beat.task_ids = [lease.task_id for lease, _ in watch.tasks]
+            beat.last_progress_at = now - (time.monotonic() - watch.last_progress)
+        return beat
+
+    def _beat_until_stopped(self) -> None:
+        while True:
+            try:
+                self.backend.store.record_heartbeat(self.heartbeat())
+                self.metrics.queue_depth(self.backend.queue.size())
+            except Exception:  # a missed beat only makes /health cautious
+                log.warning("heartbeat failed", exc_info=True)
+            if self.stop_event.wait(self.heartbeat_seconds):
+                return
 
     def request_stop(self, cancel_running: bool = False) -> None:
         self.stop_event.set()
@@ -179,6 +220,10 @@ class Worker:
         if record is None:  # finished already (duplicate delivery) or unknown
             self.backend.queue.ack(lease)
             return None
+        with log_context(task_id=record.task_id, attempt=record.attempt):
+            return self._validate(lease, record)
+
+    def _validate(self, lease: Lease, record: TaskRecord) -> Optional[_Claimed]:
         try:
             request = GenerationRequest(**record.request)
             if request.needs_lm and not self.engine.lm_loaded:
@@ -186,10 +231,11 @@ class Worker:
             inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES
                       if (key := getattr(request, f"{role}_key"))}
         except (GenerationError, ValueError) as exc:
-            self._fail(lease, record.attempt, str(exc))
+            self._fail(lease, record.attempt, str(exc), record.created_at, record.started_at)
             return None
         key = plan.batch_key(request, request.model or self.settings.default_model or "")
-        return _Claimed(lease, record.attempt, request, inputs, key)
+        return _Claimed(lease, record.attempt, request, inputs, key, record.created_at,
+                        record.started_at or time.time())
 
     def _read_input(self, role: str, key: str) -> bytes:
         # Checked again here: a presigned upload URL can replace the file after submission.
@@ -203,12 +249,30 @@ class Worker:
             raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
 
     def _run(self, batch: list[_Claimed]) -> None:
+        # A batch's lines name all its tasks; each outcome line names its own.
+        with log_context(task_id=",".join(c.task_id for c in batch),
+                         attempt=",".join(str(c.attempt) for c in batch)):
+            outcomes = self._generate(batch)
+        if outcomes is None:
+            return
+        for c, outcome in zip(batch, outcomes):
+            with log_context(task_id=c.task_id, attempt=c.attempt):
+                if isinstance(outcome, GenerationCancelled):
+                    self.backend.queue.release(c.lease)
+                elif isinstance(outcome, BaseException):
+                    self._fail(c.lease, c.attempt, _describe_error(outcome), c.created_at, c.started_at)
+                else:
+                    self._succeed(c, outcome)
+
+    def _generate(self, batch: list[_Claimed]) -> Optional[list]:
+        """The engine's outcome per task, or None when there is nothing to record (released, hung)."""
         started = time.monotonic()
         watch = RunWatch(self.backend, [(c.lease, c.attempt) for c in batch],
                          visibility_timeout=self.settings.visibility_timeout,
                          generation_timeout=self.settings.generation_timeout,
                          stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
                          on_stalled=self.on_stalled)
+        self._watch = watch
         with watch:
             try:
                 if len(batch) == 1:
@@ -224,24 +288,19 @@ class Worker:
                 for c in batch:
                     log.info("released %s for another worker (shutting down)", c.task_id)
                     self.backend.queue.release(c.lease)
-                return
+                outcomes = None
             except Exception as exc:  # an engine crash fails these tasks, with the reason
                 log.exception("engine failed")
                 outcomes = [exc] * len(batch)
+            finally:
+                self._watch = None
         if watch.stalled:  # the leases lapsed and the tasks may run elsewhere now: keep nothing
             log.warning("a hung generation returned after %.0f s; its tasks were left to other workers",
                         time.monotonic() - started)
-            return
-        for c, outcome in zip(batch, outcomes):
-            if isinstance(outcome, GenerationTimedOut):
-                self._fail(c.lease, c.attempt, str(outcome))
-            elif isinstance(outcome, GenerationCancelled):
-                self.backend.queue.release(c.lease)
-            elif isinstance(outcome, BaseException):
-                self._fail(c.lease, c.attempt, _describe_error(outcome))
-            else:
-                self._succeed(c, outcome)
-        log.info("ran %d task(s) in %.2fs", len(batch), time.monotonic() - started)
+            return None
+        if outcomes is not None:
+            log.info("ran %d task(s) in %.2fs", len(batch), time.monotonic() - started)
+        return outcomes
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -262,16 +321,32 @@ class Worker:
                             dit_model=result.dit_model, lm_model=result.lm_model)
         if self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys):
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
+            self._report(TaskMetrics.of(_finished(c, stored)))
         else:  # another attempt finished it first; drop our copy
             for key in keys:
                 self.backend.blobs.delete(key)
             log.warning("task %s was finished by another attempt; discarded attempt %d", c.task_id, c.attempt)
         self.backend.queue.ack(c.lease)
 
-    def _fail(self, lease: Lease, attempt: int, message: str) -> None:
+    def _fail(self, lease: Lease, attempt: int, message: str, created_at: float,
+              started_at: Optional[float]) -> None:
         log.warning("task %s failed: %s", lease.task_id, message)
-        self.backend.store.finish(lease.task_id, attempt, error=message)
+        if self.backend.store.finish(lease.task_id, attempt, error=message):
+            self._report(TaskMetrics.of(TaskRecord(task_id=lease.task_id, request={}, status=FAILED, error=message,
+                                                   created_at=created_at, started_at=started_at,
+                                                   finished_at=time.time())))
         self.backend.queue.ack(lease)
+
+    def _report(self, metrics: TaskMetrics) -> None:
+        try:
+            self.metrics.task_finished(metrics)
+        except Exception:  # metrics must never fail a task
+            log.warning("could not report task metrics", exc_info=True)
+
+
+def _finished(c: _Claimed, result: TaskResult) -> TaskRecord:
+    return TaskRecord(task_id=c.task_id, request={}, status=SUCCEEDED, result=result, created_at=c.created_at,
+                      started_at=c.started_at, finished_at=time.time())
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -154,19 +154,20 @@ def test_position_counts_and_durations_never_scan(aws):
     assert aws.store.counts()["queued"] == 25
     assert calls == ["GetItem"]
     calls.clear()
-    durations = aws.store.recent_durations(3)
-    assert len(durations) == 3 and calls == ["Query"]
+    recent = aws.store.recent_finished(3)
+    assert len(recent) == 3 and calls == ["Query", "BatchGetItem"]
     assert "Scan" not in calls
 
 
-def test_recent_durations_are_newest_first(aws):
+def test_recent_finished_are_newest_first(aws):
     for task_id, run_for in (("slow", 0.3), ("fast", 0.0)):
         _new(aws, task_id)
         a = aws.store.claim(task_id, "w").attempt
         time.sleep(run_for)
         aws.store.finish(task_id, a, result=TaskResult())
-    newest, older = aws.store.recent_durations(2)
-    assert newest < 0.2 <= older
+    newest, older = aws.store.recent_finished(2)
+    assert newest.task_id == "fast" and older.task_id == "slow"
+    assert newest.finished_at - newest.started_at < 0.2 <= older.finished_at - older.started_at
 
 
 def test_blob_keys_merge_without_duplicates(aws):

@@ -78,9 +78,27 @@ def test_counts_positions_and_durations(backend):
     backend.store.finish("t1", b, error="x")
     counts = backend.store.counts()
     assert counts == {"queued": 2, "running": 0, "succeeded": 1, "failed": 1, "total": 4}
-    durations = backend.store.recent_durations(10)
-    assert len(durations) == 2 and all(d >= 0 for d in durations)
-    assert len(backend.store.recent_durations(1)) == 1
+    recent = backend.store.recent_finished(10)
+    assert [r.task_id for r in recent] == ["t1", "t0"]  # newest first
+    assert recent[0].status == FAILED and recent[0].finished_at >= recent[0].started_at
+    assert [r.task_id for r in backend.store.recent_finished(1)] == ["t1"]
+
+
+def test_heartbeats_one_entry_per_worker(backend):
+    from service.records import WorkerHeartbeat
+
+    assert backend.store.heartbeats() == []
+    now = time.time()
+    backend.store.record_heartbeat(WorkerHeartbeat(worker_id="w1", started_at=now, beat_at=now))
+    backend.store.record_heartbeat(WorkerHeartbeat(worker_id="w2", started_at=now, beat_at=now))
+    later = WorkerHeartbeat(worker_id="w1", started_at=now, beat_at=now + 1, state="running", task_ids=["t"],
+                            last_progress_at=now + 0.5)
+    backend.store.record_heartbeat(later)
+    assert backend.store.heartbeats() == [later, WorkerHeartbeat(worker_id="w2", started_at=now, beat_at=now)]
+    backend.store.record_heartbeat(WorkerHeartbeat(worker_id="old", started_at=0, beat_at=now - 2 * 86400))
+    backend.store.forget_heartbeat("w2")
+    backend.store.forget_heartbeat("never-seen")
+    assert [b.worker_id for b in backend.store.heartbeats()] == ["w1"]  # "old" is past the retention
 
 
 def test_meta_roundtrip(backend):

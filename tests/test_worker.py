@@ -6,16 +6,18 @@ fail or observe a generation. The real engine runs through this same loop in tes
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo
-from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED
+from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, ProgressCallback
+from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, GenerationEngine
 from service.submission import Upload, submit_task
 from service.worker import CARRIED_STAGE, Worker
 
@@ -23,15 +25,15 @@ from service.worker import CARRIED_STAGE, Worker
 class ScriptedEngine:
     lm_loaded = False
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.calls: list[list[GenerationRequest]] = []
-        self.before_generate = None  # callable(progress) run inside generate
+        self.before_generate: Optional[Callable[[ProgressCallback], object]] = None  # run inside generate
         self.error: Exception | None = None
 
-    def models(self):
+    def models(self) -> list[ModelInfo]:
         return [ModelInfo("test-model", True, random_weights=True, task_types=("text2music", "cover"))]
 
-    def describe(self):
+    def describe(self) -> dict:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
 
     def _audio(self, req: GenerationRequest, seed: int) -> EncodedAudio:
@@ -42,7 +44,7 @@ class ScriptedEngine:
         sf.write(buf, np.stack([wave, wave], 1), sr, format="WAV")
         return EncodedAudio(buf.getvalue(), "wav", sr, 2, dur, seed)
 
-    def _result(self, req: GenerationRequest, progress) -> GenerationResult:
+    def _result(self, req: GenerationRequest, progress: ProgressCallback) -> GenerationResult:
         if self.before_generate:
             self.before_generate(progress)
         if self.error:
@@ -54,13 +56,21 @@ class ScriptedEngine:
         return GenerationResult(audios, metas={"bpm": req.bpm or "N/A"}, dit_model="test-model", lm_model="none",
                                 generation_info={"random_weights": True})
 
-    def generate(self, request, *, src_audio=None, reference_audio=None, progress=None):
+    def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
+                 reference_audio: Optional[bytes] = None,
+                 progress: Optional[ProgressCallback] = None) -> GenerationResult:
         self.calls.append([request])
         return self._result(request, progress or (lambda f, s: None))
 
-    def generate_batch(self, items, progress=None):
+    def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
+                       progress: Optional[ProgressCallback] = None) -> list:
         self.calls.append([r for r, _ in items])
         return [self._result(r, progress or (lambda f, s: None)) for r, _ in items]
+
+
+if TYPE_CHECKING:  # mypy (`make test`) holds the stand-in to the port the worker uses
+    def _is_generation_engine(engine: ScriptedEngine) -> GenerationEngine:
+        return engine
 
 
 def _submit(backend, max_queue=10, uploads=None, **fields):
@@ -344,3 +354,66 @@ def test_hung_generation_lets_its_lease_lapse_for_another_worker(settings, engin
         runner.join(10)
     assert backend.store.get(task_id).result == rec.result  # the hung attempt's late result was dropped
     assert all(k.startswith(f"outputs/{task_id}/2-") for k in rec.blob_keys if k.startswith("outputs/"))
+
+
+class RecordingMetrics:
+    """A MetricsSink that keeps what it is given."""
+
+    def __init__(self):
+        self.tasks, self.depths = [], []
+
+    def task_finished(self, metrics):
+        self.tasks.append(metrics)
+
+    def queue_depth(self, waiting):
+        self.depths.append(waiting)
+
+
+def test_worker_beats_with_its_running_task_and_forgets_itself_on_stop(settings, backend, engine):
+    task_id = _submit(backend)
+    seen = []
+    worker = Worker(settings, backend, engine, worker_id="beating")
+    engine.before_generate = lambda progress: (progress(0.1, "dit"), seen.append(worker.heartbeat()))
+    worker.heartbeat_seconds = 0.05
+    runner = threading.Thread(target=worker.run_forever, kwargs={"poll_seconds": 0.05})
+    runner.start()
+    deadline = time.monotonic() + 10
+    while backend.store.get(task_id).status != SUCCEEDED and time.monotonic() < deadline:
+        time.sleep(0.02)
+    beats = backend.store.heartbeats()
+    worker.request_stop()
+    runner.join(10)
+    assert [b.worker_id for b in beats] == ["beating"] and beats[0].state == "idle"
+    during = seen[0]
+    assert during.state == "running" and during.task_ids == [task_id]
+    assert abs(during.last_progress_at - time.time()) < 5
+    assert backend.store.heartbeats() == []
+
+
+def test_task_log_lines_carry_task_id_and_attempt(settings, backend, engine, caplog):
+    from service.observability.logs import ContextFilter
+
+    caplog.handler.addFilter(ContextFilter())
+    engine_log = logging.getLogger("engine.service")
+    engine.before_generate = lambda progress: engine_log.warning("engine speaking")
+    task_id = _submit(backend)
+    with caplog.at_level(logging.INFO):
+        Worker(settings, backend, engine).run_once(1.0)
+    by_message = {r.getMessage(): r for r in caplog.records}
+    for message in ("engine speaking", f"task {task_id} succeeded (1 file(s))"):
+        assert by_message[message].task_id == task_id and str(by_message[message].attempt) == "1", message
+
+
+def test_worker_reports_task_metrics(settings, backend, engine):
+    metrics = RecordingMetrics()
+    ok = _submit(backend, prompt="fine")
+    worker = Worker(settings, backend, engine, metrics=metrics)
+    worker.run_once(1.0)
+    engine.error = GenerationError("no such thing")
+    bad = _submit(backend, prompt="bad")
+    worker.run_once(1.0)
+    assert [m.status for m in metrics.tasks] == [SUCCEEDED, FAILED]
+    good, failed = metrics.tasks
+    assert good.queue_wait_s is not None and good.queue_wait_s >= 0 and good.run_s >= 0 and good.reason is None
+    assert failed.reason == "rejected"
+    assert backend.store.get(ok).status == SUCCEEDED and backend.store.get(bad).error == "no such thing"

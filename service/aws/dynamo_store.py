@@ -3,7 +3,7 @@
 Every status transition is a conditional write on (status, attempt), so a task finishes once and a
 late or duplicate worker is fenced out. Transitions that change a status also update the counter
 item in the same TransactWriteItems, which keeps counts() to one GetItem. See schema.py for the
-table layout and the two sparse indexes behind queue_positions() and recent_durations().
+table layout and the two sparse indexes behind queue_positions() and recent_finished().
 """
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from typing import Any, Optional
 
 from botocore.exceptions import ClientError
 
-from ..records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult
+from ..records import (
+    FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult,
+    WorkerHeartbeat,
+)
+from ..ports import TaskStore
 from . import schema as S
 from .clients import error_code
 
@@ -63,7 +67,7 @@ def _idempotency_key(key: str) -> dict:
     return {S.PK: _s(S.IDEMPOTENCY_PREFIX + key)}
 
 
-class DynamoTaskStore:
+class DynamoTaskStore(TaskStore):
     def __init__(self, client, table_name: str, ttl_days: int = 7):
         self._db = client
         self._table = table_name
@@ -80,7 +84,7 @@ class DynamoTaskStore:
         unique = list(dict.fromkeys(task_ids))
         for start in range(0, len(unique), 100):  # BatchGetItem takes at most 100 keys
             keys = [_task_key(t) for t in unique[start:start + 100]]
-            request = {self._table: {"Keys": keys, "ConsistentRead": True}}
+            request: Optional[dict] = {self._table: {"Keys": keys, "ConsistentRead": True}}
             while request:
                 resp = self._db.batch_get_item(RequestItems=request)
                 for item in resp.get("Responses", {}).get(self._table, []):
@@ -98,7 +102,8 @@ class DynamoTaskStore:
         counts["total"] = max(0, int(_num(item, "total") or 0))
         return counts
 
-    def recent_durations(self, limit: int) -> list[float]:
+    def recent_finished(self, limit: int) -> list[TaskRecord]:
+        """The finished index gives the newest ids in one Query; one BatchGetItem reads them."""
         if limit <= 0:
             return []
         resp = self._db.query(
@@ -110,7 +115,9 @@ class DynamoTaskStore:
             ScanIndexForward=False,  # newest first
             Limit=int(limit),
         )
-        return [d for d in (_num(i, S.DURATION_ATTR) for i in resp.get("Items", [])) if d is not None]
+        ids = [i[S.PK]["S"][len(S.TASK_PREFIX):] for i in resp.get("Items", [])]
+        records = self.get_many(ids)
+        return [records[t] for t in ids if t in records]
 
     def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
         """One paginated Query of the queued index (it holds at most ACESTEP_QUEUE_MAXSIZE items)."""
@@ -136,6 +143,38 @@ class DynamoTaskStore:
             if not resp.get("LastEvaluatedKey") or len(positions) == len(wanted):
                 return positions
             kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
+    def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
+        """All beats live in one item's map, so a reader gets every worker with one GetItem."""
+        update = dict(TableName=self._table, Key={S.PK: _s(S.WORKERS_KEY)},
+                      UpdateExpression="SET #b.#w = :beat", ExpressionAttributeNames={"#b": "beats", "#w": beat.worker_id},
+                      ExpressionAttributeValues={":beat": _s(beat.model_dump_json())}, ReturnValues="ALL_NEW")
+        try:
+            item = self._db.update_item(**update)["Attributes"]
+        except ClientError as exc:
+            if error_code(exc) != "ValidationException":  # the map does not exist yet
+                raise
+            self._db.update_item(TableName=self._table, Key={S.PK: _s(S.WORKERS_KEY)},
+                                 UpdateExpression="SET beats = if_not_exists(beats, :empty)",
+                                 ExpressionAttributeValues={":empty": {"M": {}}})
+            item = self._db.update_item(**update)["Attributes"]
+        stale = [w for w, b in _beats(item).items() if b.age(time.time()) > HEARTBEAT_RETENTION_SECONDS]
+        for worker_id in stale:
+            self.forget_heartbeat(worker_id)
+
+    def heartbeats(self) -> list[WorkerHeartbeat]:
+        resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.WORKERS_KEY)}, ConsistentRead=True)
+        now = time.time()
+        beats = _beats(resp.get("Item", {})).values()
+        return sorted((b for b in beats if b.age(now) <= HEARTBEAT_RETENTION_SECONDS), key=lambda b: b.worker_id)
+
+    def forget_heartbeat(self, worker_id: str) -> None:
+        try:
+            self._db.update_item(TableName=self._table, Key={S.PK: _s(S.WORKERS_KEY)}, UpdateExpression="REMOVE #b.#w",
+                                 ExpressionAttributeNames={"#b": "beats", "#w": worker_id})
+        except ClientError as exc:
+            if error_code(exc) != "ValidationException":  # no map yet: nothing to forget
+                raise
 
     def get_meta(self, key: str) -> Optional[dict]:
         resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)}, ConsistentRead=True)
@@ -223,7 +262,7 @@ class DynamoTaskStore:
         for _ in range(_RETRIES):
             item = self._get_item(task_id)
             status = _str(item, "status") if item else None
-            if status not in (QUEUED, RUNNING):
+            if not item or status not in (QUEUED, RUNNING):
                 return None
             attempt = int(_num(item, "attempt") or 0) + 1
             now = time.time()
@@ -303,7 +342,7 @@ class DynamoTaskStore:
         for _ in range(_RETRIES):
             item = self._get_item(task_id)
             status = _str(item, "status") if item else None
-            if status is None or status in TERMINAL:
+            if not item or status is None or status in TERMINAL:
                 return False
             now = time.time()
             names = {"#st": "status", "#err": "error", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
@@ -387,6 +426,16 @@ class DynamoTaskStore:
                 # TransactionConflict: another transaction touched the counter item; back off and retry.
                 time.sleep(0.02 * (attempt + 1))
         raise RuntimeError("DynamoDB transaction kept conflicting")
+
+
+def _beats(item: dict) -> dict[str, WorkerHeartbeat]:
+    out = {}
+    for worker_id, value in item.get("beats", {}).get("M", {}).items():
+        try:
+            out[worker_id] = WorkerHeartbeat.model_validate_json(value["S"])
+        except (KeyError, ValueError):
+            continue  # written by another version: ignore it
+    return out
 
 
 def _new_keys(item: Optional[dict], keys: Optional[list[str]]) -> list[str]:

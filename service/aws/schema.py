@@ -5,6 +5,7 @@ One table holds everything, keyed by a string `pk`:
   counter#tasks    per-status counters and the submit sequence (updated in the same transaction as
                    every status transition, so counts are read with one GetItem)
   meta#<key>       put_meta / get_meta
+  workers#beats    every worker's latest heartbeat, in one map attribute `beats`
   idem#<key>       the task submitted under an Idempotency-Key (written in the task's create
                    transaction, so a key maps to one task; expires with it)
 
@@ -12,7 +13,7 @@ Two sparse GSIs keep per-request reads bounded without a Scan:
   queued_by_seq     only queued tasks carry `qpart`; one Query qpart="q" lists them in queue order,
                     which gives the positions of any number of ids (bounded by ACESTEP_QUEUE_MAXSIZE)
   finished_by_time  only finished tasks that ran carry `fpart`; Query newest-first with Limit gives
-                    recent_durations (reads `limit` items)
+                    the ids for recent_finished (reads `limit` items)
 """
 PK = "pk"
 TTL_ATTR = "expires_at"
@@ -30,3 +31,4 @@ TASK_PREFIX = "task#"
 META_PREFIX = "meta#"
 IDEMPOTENCY_PREFIX = "idem#"
 COUNTER_KEY = "counter#tasks"
+WORKERS_KEY = "workers#beats"

@@ -5,7 +5,11 @@ import json
 import time
 from typing import Optional
 
-from ..records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, TaskResult
+from ..records import (
+    FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, TaskResult,
+    WorkerHeartbeat,
+)
+from ..ports import TaskStore
 from .db import Database
 
 
@@ -38,7 +42,7 @@ def insert_task(c, record: TaskRecord) -> None:
     )
 
 
-class SqliteTaskStore:
+class SqliteTaskStore(TaskStore):
     def __init__(self, db: Database):
         self.db = db
 
@@ -140,13 +144,11 @@ class SqliteTaskStore:
         out["total"] = sum(out[s] for s in STATUSES)
         return out
 
-    def recent_durations(self, limit: int) -> list[float]:
+    def recent_finished(self, limit: int) -> list[TaskRecord]:
         rows = self.db.read().execute(
-            "SELECT finished_at - started_at AS d FROM tasks WHERE finished_at IS NOT NULL"
-            " AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
-            (limit,),
-        )
-        return [r["d"] for r in rows]
+            "SELECT * FROM tasks WHERE finished_at IS NOT NULL AND started_at IS NOT NULL"
+            " ORDER BY finished_at DESC LIMIT ?", (max(0, int(limit)),))
+        return [record_from_row(r) for r in rows]
 
     def queue_positions(self, task_ids: list[str]) -> dict[str, int]:
         ids = list(dict.fromkeys(task_ids))[:500]  # SQLite's variable limit; a poll asks for at most 200
@@ -162,6 +164,22 @@ class SqliteTaskStore:
         with self.db.write() as c:
             c.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
                       " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+
+    def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
+        with self.db.write() as c:
+            c.execute("INSERT INTO workers (worker_id, beat_at, beat) VALUES (?, ?, ?) ON CONFLICT(worker_id)"
+                      " DO UPDATE SET beat_at = excluded.beat_at, beat = excluded.beat",
+                      (beat.worker_id, beat.beat_at, beat.model_dump_json()))
+            c.execute("DELETE FROM workers WHERE beat_at < ?", (time.time() - HEARTBEAT_RETENTION_SECONDS,))
+
+    def heartbeats(self) -> list[WorkerHeartbeat]:
+        rows = self.db.read().execute("SELECT beat FROM workers WHERE beat_at >= ? ORDER BY worker_id",
+                                      (time.time() - HEARTBEAT_RETENTION_SECONDS,))
+        return [WorkerHeartbeat.model_validate_json(r["beat"]) for r in rows]
+
+    def forget_heartbeat(self, worker_id: str) -> None:
+        with self.db.write() as c:
+            c.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
 
     def get_meta(self, key: str) -> Optional[dict]:
         row = self.db.read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
