@@ -1,6 +1,6 @@
 """How fast an idle worker starts a newly submitted task on the embedded backend.
 
-Target (issue #2): under 50 ms. Measures both wake paths side by side: a worker thread in the
+Target: under 50 ms. Measures both wake paths side by side: a worker thread in the
 submitting process (woken by a condition variable) and a worker in another process (which sees
 the task on its next indexed poll of the SQLite queue).
 

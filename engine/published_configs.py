@@ -1,6 +1,6 @@
 """Component sizes of the published ACE-Step 1.5 models, for building full-size random-weight stand-ins.
 
-Used only by the benchmark (`bench/engine.py --full-size`) and `acestep-models make-full-size`: a random-weight
+Used only by the benchmark (`bench/engine.py --full-size`) and `acestep-models make-tiny --full-size`: a random-weight
 pipeline with the real shapes has the real compute cost, so GPU timings are meaningful even without weights.
 
 Sources (checked 2026-11): the DiT / condition-encoder / audio-tokenizer values are the `AceStepConfig` defaults of

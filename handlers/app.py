@@ -18,6 +18,7 @@ from service.ports import Backend
 from . import routes_audio, routes_info, routes_lm, routes_tasks
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
+from .lm_gateway import LMGateway
 from .request_context import RequestContextMiddleware
 from .signing import openapi_url, verify
 
@@ -50,13 +51,13 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
         return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - docs")
 
 
-def create_app(settings: Settings, backend: Backend) -> FastAPI:
-    """Build the API on the given backend."""
+def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGateway] = None) -> FastAPI:
+    """Build the API on the given backend (and the LM, when one is reachable from the API)."""
     app = FastAPI(title="ACE-Step API", version="1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.backend = backend
-    app.state.lm_gateway = None  # tests / the LM issue may set one; else handlers.lm_gateway decides
+    app.state.lm_gateway = lm_gateway
     install_error_handlers(app)
     for module in (routes_tasks, routes_audio, routes_info, routes_lm):
         app.include_router(module.router)

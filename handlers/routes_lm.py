@@ -15,7 +15,7 @@ from engine.types import GenerationError
 from . import lm_gateway
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
-from .deps import backend_of, settings_of
+from .deps import settings_of
 from .envelope import ApiError, bad_request, wrap
 from .fields import ReleaseTaskInput
 from .request_parsing import parse_object, validation_message, without_none
@@ -69,11 +69,11 @@ def parse_format_input(fields: dict) -> dict:
 async def format_input(request: Request):
     """Returns `{caption, lyrics, bpm, key_scale, time_signature, duration, vocal_language}`, or
     503 when this server has no LM."""
-    settings, backend = settings_of(request), backend_of(request)
+    settings = settings_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     args = parse_format_input(body.fields)
-    gateway = getattr(request.app.state, "lm_gateway", None) or lm_gateway.get_gateway(settings, backend)
+    gateway = request.app.state.lm_gateway
     if gateway is None:
         raise ApiError(503, lm_gateway.LM_UNAVAILABLE)
     try:

@@ -5,8 +5,9 @@ import json
 import time
 
 import pytest
+from fastapi.testclient import TestClient
 
-import handlers.lm_gateway as lm_gateway
+from handlers.app import create_app
 from tests.api_support import make_api
 
 TS = {"3", "4", "6"}
@@ -125,14 +126,11 @@ class FakeLM:
         return {"caption": caption.upper(), "bpm": 120, "key_scale": "C major"}
 
 
-def test_format_input_through_a_registered_gateway(api):
+def test_format_input_through_the_apps_lm_gateway(api):
     fake = FakeLM()
-    lm_gateway.register(lambda settings, backend: fake)
-    try:
-        r = api.client.post("/format_input", json={"prompt": "pop rock", "lyrics": "la",
-                                                   "param_obj": "{\"duration\": 60, \"language\": \"en\"}"})
-    finally:
-        lm_gateway.register(None)
+    client = TestClient(create_app(api.settings, api.backend, lm_gateway=fake))
+    r = client.post("/format_input", json={"prompt": "pop rock", "lyrics": "la",
+                                           "param_obj": "{\"duration\": 60, \"language\": \"en\"}"})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert set(data) == {"caption", "lyrics", "bpm", "key_scale", "time_signature", "duration", "vocal_language"}
