@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 RUN_STAMP := $(VENV)/.stamp-run
 TEST_STAMP := $(VENV)/.stamp-test
 
-.PHONY: run test bench clean-data tiny-model
+.PHONY: run test typecheck bench clean-data tiny-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ $(TEST_STAMP): $(RUN_STAMP) pyproject.toml
 run: $(RUN_STAMP)
 	$(BIN)/acestep-api
 
-test: $(TEST_STAMP)
+# mypy ([tool.mypy] in pyproject.toml) first: an adapter or engine that drifts from its port in
+# service/ports.py fails the build before any test runs. Cached in .mypy_cache (about 1 s warm).
+typecheck: $(TEST_STAMP)
+	$(BIN)/python -m mypy
+
+test: typecheck
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: $(RUN_STAMP)

@@ -32,7 +32,7 @@ def header_is_valid(settings: Settings, request: Request) -> bool:
     if not settings.api_key:
         return True
     value = request.headers.get("authorization")
-    return bool(value) and _equal(_key_from_header(value.strip()), settings.api_key)
+    return bool(value and _equal(_key_from_header(value.strip()), settings.api_key))
 
 
 def require_header(settings: Settings, request: Request) -> None:

@@ -82,7 +82,8 @@ def succeeded_items(record: TaskRecord, settings: Settings) -> list[dict]:
         "error": None,
     }
     items = []
-    for audio in result.audios or [None]:
+    audios: list[Optional[AudioFile]] = list(result.audios) or [None]  # one item even without audio
+    for audio in audios:
         item = _base_item(record, 1)
         item["metas"] = _metas(result, req, audio)
         item.update(shared)

@@ -6,12 +6,12 @@ queued task without a message; the retention TTL removes it (and its Idempotency
 from __future__ import annotations
 
 from ..idempotency import replayed
-from ..ports import TaskRecord
+from ..ports import TaskIntake, TaskRecord
 from .dynamo_store import DynamoTaskStore, IdempotencyKeyTaken
 from .sqs_queue import SqsTaskQueue
 
 
-class AwsTaskIntake:
+class AwsTaskIntake(TaskIntake):
     def __init__(self, store: DynamoTaskStore, queue: SqsTaskQueue):
         self.store, self.queue = store, queue
 

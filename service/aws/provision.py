@@ -6,6 +6,7 @@ schema.py). Every step is idempotent, so it can run on each start of a dev envir
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from botocore.exceptions import ClientError
 
@@ -83,7 +84,7 @@ def ensure_queues(sqs, name: str, *, max_receives: int, visibility_timeout: floa
 
 
 def ensure_bucket(s3, name: str, region: str) -> None:
-    kwargs = {"Bucket": name}
+    kwargs: dict[str, Any] = {"Bucket": name}
     if region and region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
     try:

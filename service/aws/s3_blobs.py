@@ -5,6 +5,7 @@ from typing import Optional
 
 from botocore.exceptions import ClientError
 
+from ..ports import BlobStore
 from .clients import error_code
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
@@ -12,7 +13,7 @@ _MISSING = {"NoSuchKey", "404", "NotFound"}
 _MISSING_OR_HIDDEN = _MISSING | {"403", "AccessDenied", "Forbidden"}
 
 
-class S3BlobStore:
+class S3BlobStore(BlobStore):
     def __init__(self, client, bucket: str):
         self._s3 = client
         self.bucket = bucket

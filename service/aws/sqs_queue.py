@@ -15,7 +15,7 @@ from typing import Optional
 
 from botocore.exceptions import ClientError
 
-from ..ports import Lease, QueueFull
+from ..ports import Lease, QueueFull, TaskQueue
 from .clients import error_code
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def decode_body(body: str) -> str:
         return body  # a bare id, e.g. sent by hand from the console
 
 
-class SqsTaskQueue:
+class SqsTaskQueue(TaskQueue):
     def __init__(self, client, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0):
         self._sqs = client
         self.queue_url = queue_url

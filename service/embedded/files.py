@@ -5,12 +5,14 @@ import os
 import tempfile
 from typing import Optional
 
+from ..ports import BlobStore
+
 
 class InvalidKey(KeyError):
     pass
 
 
-class FileBlobStore:
+class FileBlobStore(BlobStore):
     def __init__(self, root: str):
         self.root = os.path.realpath(root)
         os.makedirs(self.root, exist_ok=True)

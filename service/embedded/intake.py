@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from ..idempotency import replayed
-from ..ports import TaskRecord
+from ..ports import TaskIntake, TaskRecord
 from .db import Database
 from .queue import SqliteTaskQueue
 from .store import insert_task, record_from_row
 
 
-class SqliteTaskIntake:
+class SqliteTaskIntake(TaskIntake):
     def __init__(self, db: Database, queue: SqliteTaskQueue):
         self.db, self.queue = db, queue
 

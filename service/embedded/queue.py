@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from ..ports import Lease, QueueFull
+from ..ports import Lease, QueueFull, TaskQueue
 from .db import Database
 
 POLL_SECONDS = 0.02
@@ -27,7 +27,7 @@ def _condition_for(path: str) -> threading.Condition:
         return _conditions.setdefault(path, threading.Condition())
 
 
-class SqliteTaskQueue:
+class SqliteTaskQueue(TaskQueue):
     def __init__(self, db: Database, max_receives: int = 3,
                  on_dead_letter: Optional[Callable[[str, int], None]] = None):
         self.db = db
