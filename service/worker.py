@@ -273,11 +273,12 @@ class Worker:
                          stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
                          on_stalled=self.on_stalled)
         self._watch = watch
+        outcomes: Optional[list]
         with watch:
             try:
                 if len(batch) == 1:
                     c = batch[0]
-                    outcomes: list = [self.engine.generate(
+                    outcomes = [self.engine.generate(
                         c.request, src_audio=c.inputs.get("src_audio"),
                         reference_audio=c.inputs.get("reference_audio"), progress=watch)]
                 else:
