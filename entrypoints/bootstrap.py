@@ -94,6 +94,14 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
                   on_stalled=on_stalled, metrics=build_metrics(settings))
 
 
+def build_broken_worker(settings: Settings, backend: Backend, error: BaseException):
+    """The stand-in for a worker whose engine failed to load (see service/broken_worker.py)."""
+    from service.broken_worker import BrokenWorker
+
+    build_metrics(settings).worker_load_failed()
+    return BrokenWorker(settings, backend, f"{type(error).__name__}: {error}")
+
+
 def build_metrics(settings: Settings):
     """CloudWatch EMF on AWS; embedded deployments read the same figures from the store (/v1/stats)."""
     from service.observability.metrics import EmfMetrics, NoMetrics

@@ -16,6 +16,9 @@ import threading
 from service.config import Settings, load_settings
 from service.observability.logs import configure_logging
 
+from service.broken_worker import BrokenWorker
+from service.worker import Worker
+
 from . import bootstrap
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,13 @@ def _exit_hung() -> None:
 
 def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
     bootstrap.resolve_secrets(settings)
-    worker = bootstrap.build_worker(settings, on_stalled=_exit_hung)
+    backend = bootstrap.build_backend(settings)
+    worker: Worker | BrokenWorker
+    try:
+        worker = bootstrap.build_worker(settings, backend=backend, on_stalled=_exit_hung)
+    except Exception as exc:  # stay up and say why, rather than crash-loop with tasks waiting
+        log.exception("could not load the engine")
+        worker = bootstrap.build_broken_worker(settings, backend, exc)
 
     def on_term(signum, frame):
         if worker.stop_event.is_set():

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
+from service.observability.health import unservable_reason
 from service.ports import QueueFull
 from service.sources import SourceError, resolve_sources
 from service.submission import submit_task
@@ -89,6 +90,9 @@ async def release_task(request: Request):
     parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
 
     def submit():  # blocking: server files, the blob store, the task store
+        refusal = unservable_reason(backend)
+        if refusal:  # every live worker failed to load its models: the task would only wait
+            raise ApiError(503, refusal, headers={"Retry-After": "60"})
         try:
             sources = resolve_sources(parsed.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
                                       max_bytes=settings.max_upload_bytes)

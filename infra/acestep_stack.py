@@ -37,6 +37,7 @@ from constructs import Construct
 
 from service.aws import schema
 from service.blob_keys import OUTPUTS_PREFIX as OUTPUT_PREFIX
+from service.observability.metrics import NAMESPACE as METRICS_NAMESPACE
 from service.blob_keys import UPLOADS_PREFIX as UPLOAD_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -431,6 +432,17 @@ class AceStepStack(Stack):
                                                                            statistic="Maximum"),
                 threshold=opts.oldest_message_alarm_seconds, evaluation_periods=3,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self, "WorkerCannotLoadModel",
+                alarm_description="A GPU worker is up but could not load its models; it fails waiting tasks with "
+                                  "the cause, which /health and the worker log (WorkerLoadFailures) name",
+                metric=cloudwatch.Metric(namespace=METRICS_NAMESPACE, metric_name="WorkerLoadFailures",
+                                         dimensions_map={"service": "worker"}, period=Duration.minutes(5),
+                                         statistic="Sum"),
+                threshold=1, evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
             cloudwatch.Alarm(

@@ -86,9 +86,10 @@ class WorkerHeartbeat(BaseModel):
     worker_id: str
     started_at: float
     beat_at: float  # wall-clock time of this beat
-    state: str = "idle"  # idle | running | stopping
+    state: str = "idle"  # idle | running | stopping | failed (its engine could not load: see error)
     task_ids: list[str] = []  # what it is running now
     last_progress_at: Optional[float] = None  # the engine's last progress report on the running task(s)
+    error: Optional[str] = None
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.beat_at)

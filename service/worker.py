@@ -25,6 +25,7 @@ from engine.types import GenerationCancelled, GenerationError, GenerationResult
 from .blob_keys import output_key
 from .config import Settings
 from .observability.health import HEARTBEAT_SECONDS
+from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import Backend, GenerationEngine, Lease
@@ -122,23 +123,18 @@ class Worker:
     def run_forever(self, poll_seconds: float = 5.0) -> None:
         with log_context(worker_id=self.worker_id):
             self.publish_models()
-            beating = threading.Thread(target=self._beat_until_stopped, name="heartbeat", daemon=True)
-            beating.start()
-            log.info("worker %s ready", self.worker_id)
-            while not self.stop_event.is_set():
-                try:
-                    self.run_once(poll_seconds)
-                except Exception:  # the loop must survive a backend hiccup
-                    log.exception("worker loop error")
-                    self.stop_event.wait(1.0)
-            if self._carried is not None:
-                self.backend.queue.release(self._carried.lease)
-                self._carried = None
-            beating.join(timeout=self.heartbeat_seconds)
-            try:
-                self.backend.store.forget_heartbeat(self.worker_id)
-            except Exception:
-                log.warning("could not remove this worker's heartbeat", exc_info=True)
+            with HeartbeatLoop(self.backend.store, self.heartbeat, self.heartbeat_seconds, self.stop_event,
+                               also=lambda: self.metrics.queue_depth(self.backend.queue.size())):
+                log.info("worker %s ready", self.worker_id)
+                while not self.stop_event.is_set():
+                    try:
+                        self.run_once(poll_seconds)
+                    except Exception:  # the loop must survive a backend hiccup
+                        log.exception("worker loop error")
+                        self.stop_event.wait(1.0)
+                if self._carried is not None:
+                    self.backend.queue.release(self._carried.lease)
+                    self._carried = None
             log.info("worker %s stopped", self.worker_id)
 
     def heartbeat(self) -> WorkerHeartbeat:
@@ -151,16 +147,6 @@ class Worker:
             beat.task_ids = [lease.task_id for lease, _ in watch.tasks]
             beat.last_progress_at = now - (time.monotonic() - watch.last_progress)
         return beat
-
-    def _beat_until_stopped(self) -> None:
-        while True:
-            try:
-                self.backend.store.record_heartbeat(self.heartbeat())
-                self.metrics.queue_depth(self.backend.queue.size())
-            except Exception:  # a missed beat only makes /health cautious
-                log.warning("heartbeat failed", exc_info=True)
-            if self.stop_event.wait(self.heartbeat_seconds):
-                return
 
     def request_stop(self, cancel_running: bool = False) -> None:
         self.stop_event.set()

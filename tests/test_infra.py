@@ -190,3 +190,12 @@ def test_alarms_watch_dead_letters_queue_age_and_lambda_errors(template):
         "AlarmActions": Match.any_value()})
     template.has_resource_properties("AWS::CloudWatch::Alarm", {"MetricName": "ApproximateAgeOfOldestMessage"})
     template.has_resource_properties("AWS::CloudWatch::Alarm", {"MetricName": "Errors", "Namespace": "AWS/Lambda"})
+
+
+def test_alarm_names_a_worker_that_cannot_load_its_model(template):
+    """The metric the worker writes (tests/test_observability.py checks its EMF record) raises an alarm."""
+    template.has_resource_properties("AWS::CloudWatch::Alarm", {
+        "MetricName": "WorkerLoadFailures", "Namespace": "ACEStep",
+        "Dimensions": [{"Name": "service", "Value": "worker"}], "Threshold": 1,
+        "AlarmDescription": Match.string_like_regexp("could not load its models"),
+        "AlarmActions": Match.any_value()})

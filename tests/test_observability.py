@@ -74,7 +74,7 @@ def test_health_is_degraded_when_tasks_wait_and_no_worker_is_alive(api):
     r = api.client.get("/health")
     data = r.json()["data"]
     assert r.status_code == 200 and data["status"] == "degraded"
-    assert data["reasons"] == ["1 task(s) waiting and no worker alive (no worker has reported)"]
+    assert data["reasons"] == ["1 task(s) waiting and no working worker alive (no worker has reported)"]
     now = time.time()
     api.backend.store.record_heartbeat(WorkerHeartbeat(worker_id="w", started_at=now, beat_at=now))
     data = api.client.get("/health").json()["data"]
@@ -162,3 +162,24 @@ def test_emf_records_are_cloudwatch_metrics(capsys):
     assert task["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "ACEStep" and task["QueueWaitSeconds"] in (1.5, [1.5])
     assert by_reason["reason"] == "timeout" and by_reason["FailuresByReason"] in (1.0, [1.0])
     assert depth["QueueDepth"] in (4.0, [4.0])
+
+
+def test_submit_is_refused_with_the_reason_when_every_live_worker_is_broken(api):
+    now = time.time()
+    api.backend.store.record_heartbeat(WorkerHeartbeat(
+        worker_id="gpu-1", started_at=now, beat_at=now, state="failed",
+        error="ModelNotFound: model 'acestep-v15-turbo' is not available"))
+    r = api.client.post("/release_task", json={"prompt": "x"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "60"
+    assert "gpu-1: ModelNotFound: model 'acestep-v15-turbo' is not available" in r.json()["detail"]
+    assert api.backend.store.counts()["total"] == 0
+    api.backend.store.record_heartbeat(WorkerHeartbeat(worker_id="gpu-2", started_at=now, beat_at=now))
+    assert api.client.post("/release_task", json={"prompt": "x"}).status_code == 200
+
+
+def test_worker_load_failure_is_a_cloudwatch_metric_the_stack_alarms_on(capsys):
+    EmfMetrics().worker_load_failed()
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    directive = record["_aws"]["CloudWatchMetrics"][0]
+    assert directive["Namespace"] == "ACEStep" and ["service"] in directive["Dimensions"]
+    assert record["service"] == "worker" and record["WorkerLoadFailures"] in (1.0, [1.0])

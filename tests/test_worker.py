@@ -368,6 +368,9 @@ class RecordingMetrics:
     def queue_depth(self, waiting):
         self.depths.append(waiting)
 
+    def worker_load_failed(self):
+        self.depths.append("load failed")
+
 
 def test_worker_beats_with_its_running_task_and_forgets_itself_on_stop(settings, backend, engine):
     task_id = _submit(backend)
@@ -417,3 +420,35 @@ def test_worker_reports_task_metrics(settings, backend, engine):
     assert good.queue_wait_s is not None and good.queue_wait_s >= 0 and good.run_s >= 0 and good.reason is None
     assert failed.reason == "rejected"
     assert backend.store.get(ok).status == SUCCEEDED and backend.store.get(bad).error == "no such thing"
+
+
+def test_broken_worker_fails_waiting_tasks_with_its_load_error(settings, backend, engine):
+    from service.broken_worker import BrokenWorker
+    from service.observability.health import check_health, unservable_reason
+
+    task_id = _submit(backend)
+    broken = BrokenWorker(settings, backend, "ModelNotFound: no weights for acestep-v15-turbo", worker_id="broken")
+    backend.store.record_heartbeat(broken.heartbeat())
+    assert "no weights for acestep-v15-turbo" in unservable_reason(backend)
+    report = check_health(backend, settings.stall_timeout)
+    assert "worker broken cannot serve: ModelNotFound: no weights" in report.reasons[0]
+    assert broken.run_once(1.0) is True
+    rec = backend.store.get(task_id)
+    assert rec.status == FAILED and "could not load its models" in rec.error and "no weights" in rec.error
+    assert backend.queue.size() == 0
+
+
+def test_broken_worker_leaves_tasks_to_a_working_worker(settings, backend, engine):
+    from service.broken_worker import BrokenWorker
+    from service.observability.health import unservable_reason
+
+    working = Worker(settings, backend, engine, worker_id="working")
+    backend.store.record_heartbeat(working.heartbeat())
+    broken = BrokenWorker(settings, backend, "OSError: disk full", worker_id="broken")
+    backend.store.record_heartbeat(broken.heartbeat())
+    assert unservable_reason(backend) is None
+    task_id = _submit(backend)
+    assert broken.run_once(0.1) is False
+    assert backend.store.get(task_id).status == QUEUED
+    working.run_once(1.0)
+    assert backend.store.get(task_id).status == SUCCEEDED

@@ -14,6 +14,7 @@ from ..ports import Backend
 from ..records import WorkerHeartbeat
 
 HEARTBEAT_SECONDS = 15.0
+FAILED_STATE = "failed"
 ALIVE_WITHIN_SECONDS = 3 * HEARTBEAT_SECONDS
 
 
@@ -56,10 +57,13 @@ def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = 
         report.reasons.append(f"queue unreachable ({_error(exc)})")
     alive = [b for b in beats if b.age(now) <= ALIVE_WITHIN_SECONDS]
     report.workers = [_describe(b, now) for b in alive]
-    if report.store_ok and report.waiting and not alive:
+    for b in alive:
+        if b.state == FAILED_STATE:
+            report.reasons.append(f"worker {b.worker_id} cannot serve: {b.error}")
+    if report.store_ok and report.waiting and not healthy(alive):
         last = max((b.beat_at for b in beats), default=None)
         since = f"the last heartbeat was {now - last:.0f} s ago" if last else "no worker has reported"
-        report.reasons.append(f"{report.waiting} task(s) waiting and no worker alive ({since})")
+        report.reasons.append(f"{report.waiting} task(s) waiting and no working worker alive ({since})")
     for b in alive:
         if b.state == "running" and b.last_progress_at is not None and now - b.last_progress_at > stall_timeout:
             report.reasons.append(f"worker {b.worker_id}: no progress for {now - b.last_progress_at:.0f} s on "
@@ -67,9 +71,28 @@ def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = 
     return report
 
 
+def healthy(beats: list[WorkerHeartbeat]) -> list[WorkerHeartbeat]:
+    return [b for b in beats if b.state != FAILED_STATE]
+
+
+def unservable_reason(backend: Backend, now: Optional[float] = None) -> Optional[str]:
+    """Why nothing could run a new task now: every live worker failed to load its engine.
+
+    None when some worker works, or when none is alive at all (workers may be scaled to zero and
+    start on demand, so a quiet fleet is not a reason to refuse work).
+    """
+    now = time.time() if now is None else now
+    alive = [b for b in backend.store.heartbeats() if b.age(now) <= ALIVE_WITHIN_SECONDS]
+    if not alive or healthy(alive):
+        return None
+    return "no worker can run tasks: " + "; ".join(f"{b.worker_id}: {b.error}" for b in alive)
+
+
 def _describe(beat: WorkerHeartbeat, now: float) -> dict:
     out = {"worker_id": beat.worker_id, "state": beat.state, "last_beat_s_ago": round(beat.age(now), 1),
            "task_ids": beat.task_ids}
+    if beat.error:
+        out["error"] = beat.error
     if beat.last_progress_at is not None:
         out["last_progress_s_ago"] = round(max(0.0, now - beat.last_progress_at), 1)
     return out

@@ -28,6 +28,7 @@ _REASONS = (
     ("this request needs the 5hz lm", "lm_unavailable"),
     ("missing from storage", "input_missing"),
     ("upload is", "input_too_large"),
+    ("could not load its models", "worker_broken"),
 )
 
 
@@ -70,6 +71,8 @@ class MetricsSink(Protocol):
 
     def queue_depth(self, waiting: int) -> None: ...
 
+    def worker_load_failed(self) -> None: ...
+
 
 class NoMetrics:
     """Embedded: the API reads the same numbers from the store (summarize)."""
@@ -78,6 +81,9 @@ class NoMetrics:
         pass
 
     def queue_depth(self, waiting: int) -> None:
+        pass
+
+    def worker_load_failed(self) -> None:
         pass
 
 
@@ -110,6 +116,13 @@ class EmfMetrics:
         from aws_lambda_powertools.metrics import MetricUnit
 
         self._metrics.add_metric(name="QueueDepth", unit=MetricUnit.Count, value=waiting)
+        self._flush()
+
+    def worker_load_failed(self) -> None:
+        """The CDK stack alarms on this metric: a worker is up but cannot load its models."""
+        from aws_lambda_powertools.metrics import MetricUnit
+
+        self._metrics.add_metric(name="WorkerLoadFailures", unit=MetricUnit.Count, value=1)
         self._flush()
 
     def _flush(self) -> None:
