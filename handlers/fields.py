@@ -269,7 +269,7 @@ class ReleaseTaskInput(GenerationRequest):
     @field_validator("*", mode="before")
     @classmethod
     def _read(cls, value: Any, info: ValidationInfo) -> Any:
-        read = READ_AS.get(info.field_name)
+        read = READ_AS.get(info.field_name or "")
         if read is None:  # the audio keys: never sent here (read_sources takes them out)
             return value
         out = read(value)

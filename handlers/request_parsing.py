@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any, Mapping, Optional, Sequence
 
 from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from engine.request import DECLARED_SOURCES, GenerationRequest
 from service.sources import AudioSource, SentFile, ServerPath, UploadKey
@@ -169,9 +170,10 @@ def _audio_sources(body: PreparedBody, files: Mapping[str, FilePart]) -> None:
             body.sources.append(SentFile(role, upload, file_field))
             continue
         for kind, source_type in (("key", UploadKey), ("path", ServerPath)):
-            if declared[kind] is None:
+            found = declared[kind]
+            if found is None:
                 continue
-            loc, value = declared[kind]
+            loc, value = found
             label = field_label(loc, f"{role}_{kind}")
             try:
                 text = to_optstr(value)
@@ -224,7 +226,7 @@ def field_range(name: str) -> str:
     return "is out of range"
 
 
-def _error_text(err: dict, model: type[BaseModel], renamed: Mapping[Loc, Loc]) -> str:
+def _error_text(err: ErrorDetails, model: type[BaseModel], renamed: Mapping[Loc, Loc]) -> str:
     loc = tuple(err.get("loc") or ())
     by_path = _fields_by_path(model)
     label, name = "", ""

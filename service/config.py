@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     dtype: str = _env("ACESTEP_DTYPE", "auto")
     allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
     demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
+    # AWS workers: fetch each model from s3://<ACESTEP_BUCKET>/models/<name>/ (acestep-models publish) first
+    models_mirror: bool = _env("ACESTEP_MODELS_MIRROR", False)
     init_llm: str = _env("ACESTEP_INIT_LLM", "auto")
     lm_model_path: str = _env("ACESTEP_LM_MODEL_PATH", "")
     lm_backend: str = _env("ACESTEP_LM_BACKEND", "vllm")
@@ -131,7 +133,7 @@ class Settings(BaseSettings):
 
 
 # env var -> Settings attribute (entrypoints.api_server passes settings to workers by these names)
-ENV_NAMES: dict[str, str] = {info.validation_alias: name for name, info in Settings.model_fields.items()}
+ENV_NAMES: dict[str, str] = {str(info.validation_alias): name for name, info in Settings.model_fields.items()}
 
 
 class ConfigError(ValueError):
@@ -171,7 +173,7 @@ def load_settings(overrides: Optional[dict] = None, env: Optional[Mapping[str, s
     if dotenv_path:
         load_dotenv_file(dotenv_path)
     env = os.environ if env is None else env
-    values = {attr: env[name] for name, attr in ENV_NAMES.items() if env.get(name)}
+    values: dict[str, Any] = {attr: env[name] for name, attr in ENV_NAMES.items() if env.get(name)}
     if not values.get("aws_region"):
         values["aws_region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
     values.update({attr: v for attr, v in (overrides or {}).items() if v is not None})

@@ -9,10 +9,9 @@ from __future__ import annotations
 import mimetypes
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Protocol, Sequence, Union
 
 from . import blob_keys
-from .ports import BlobStore
 from .submission import Upload
 
 MB = 1024 * 1024
@@ -45,6 +44,12 @@ class ServerPath:
 AudioSource = Union[SentFile, UploadKey, ServerPath]
 
 
+class Sizes(Protocol):
+    """All resolve_sources asks of the blob store (ports.BlobStore has it)."""
+
+    def size(self, key: str) -> Optional[int]: ...
+
+
 class SourceError(Exception):
     def __init__(self, kind: Literal["invalid", "too_large"], message: str):
         super().__init__(message)
@@ -58,7 +63,7 @@ class ResolvedSources:
     keys: dict[str, str] = field(default_factory=dict)  # role -> pending upload key, as `<role>_key`
 
 
-def resolve_sources(sources: Sequence[AudioSource], blobs: BlobStore, *, allowed_dirs: Sequence[str],
+def resolve_sources(sources: Sequence[AudioSource], blobs: Sizes, *, allowed_dirs: Sequence[str],
                     max_bytes: int) -> ResolvedSources:
     out = ResolvedSources()
     for source in sources:
@@ -75,7 +80,7 @@ def _too_large(what: str, max_bytes: int) -> SourceError:
     return SourceError("too_large", f"{what} too large: the limit is {max_bytes // MB} MB")
 
 
-def check_upload_key(source: UploadKey, blobs: BlobStore, max_bytes: int) -> str:
+def check_upload_key(source: UploadKey, blobs: Sizes, max_bytes: int) -> str:
     label, key = source.label, source.key
     if not blob_keys.is_pending_upload_key(key):
         raise SourceError("invalid", f"{label}: not an upload key; create one with POST /v1/uploads "
