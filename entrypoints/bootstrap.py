@@ -63,6 +63,8 @@ def load_engine(settings: Settings) -> GenerationEngine:
     from engine.service import Engine
 
     config = engine_config(settings)
+    if settings.models_mirror:
+        fetch_mirrored_models(settings)
     if settings.demo_if_missing:
         _warn_demo(ensure_demo_models(config), settings)
     try:
@@ -75,6 +77,21 @@ def load_engine(settings: Settings) -> GenerationEngine:
         config.allow_download = False
         _warn_demo(ensure_demo_models(config), settings)
         return Engine.load(config)
+
+
+def fetch_mirrored_models(settings: Settings) -> None:
+    """Bring each configured model from the stack's S3 mirror onto local disk (no-op when present)."""
+    from pathlib import Path
+
+    from service.aws import model_mirror
+    from service.aws.clients import aws_client
+
+    s3 = aws_client("s3", settings)
+    for name in settings.model_names:
+        fetched = model_mirror.fetch(s3, settings.bucket, name, Path(settings.checkpoint_dir) / name)
+        if fetched is None:
+            log.warning("model %s is not in the S3 mirror (s3://%s/%s); publish it with "
+                        "`acestep-models publish %s`", name, settings.bucket, model_mirror.model_prefix(name), name)
 
 
 def _warn_demo(names: list[str], settings: Settings) -> None:

@@ -36,6 +36,7 @@ from aws_cdk import (
 from constructs import Construct
 
 from service.aws import schema
+from service.blob_keys import MODELS_PREFIX
 from service.blob_keys import OUTPUTS_PREFIX as OUTPUT_PREFIX
 from service.observability.metrics import NAMESPACE as METRICS_NAMESPACE
 from service.blob_keys import UPLOADS_PREFIX as UPLOAD_PREFIX
@@ -333,6 +334,8 @@ class AceStepStack(Stack):
                 "ACESTEP_CHECKPOINT_DIR": "/checkpoints",
                 "ACESTEP_ALLOW_DOWNLOAD": "true",
                 "ACESTEP_DEMO_IF_MISSING": "false",
+                # from the stack's bucket (fast, in-region) before the public hub (the fallback)
+                "ACESTEP_MODELS_MIRROR": "true",
             },
             logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_retention=logs.RetentionDays.ONE_MONTH),
         )
@@ -406,6 +409,11 @@ class AceStepStack(Stack):
             sid="WriteOutputs",  # delete: a fenced-out duplicate attempt removes its own files
             actions=["s3:PutObject", "s3:DeleteObject"],
             resources=[self.bucket.arn_for_objects(OUTPUT_PREFIX + "*")],
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="ReadModelMirror",  # weights published once with `acestep-models publish`
+            actions=["s3:GetObject"],
+            resources=[self.bucket.arn_for_objects(MODELS_PREFIX + "*")],
         ))
 
     # -- alarms -----------------------------------------------------------------------------------

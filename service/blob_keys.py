@@ -4,6 +4,7 @@
     uploads/<task_id>/<role>[.<ext>]     source/reference audio a task owns (multipart, server file)
     outputs/<task_id>/<attempt>-<i>.<fmt>  a generated file; the attempt keeps a fenced-out
                                          duplicate worker from overwriting the winner's files
+    models/<name>/...                    model weights mirrored for the workers (aws/model_mirror.py)
 
 Adapters, the API and the CDK stack (S3 lifecycle rules, IAM prefixes) take prefixes from here.
 """
@@ -17,6 +18,7 @@ from typing import Optional
 UPLOADS_PREFIX = "uploads/"
 PENDING_UPLOADS_PREFIX = "uploads/pending/"
 OUTPUTS_PREFIX = "outputs/"
+MODELS_PREFIX = "models/"
 OUTPUT_FORMATS = ("mp3", "wav", "flac")
 
 _PENDING_RE = re.compile(r"^uploads/pending/[0-9a-f]{32}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

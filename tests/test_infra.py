@@ -120,6 +120,16 @@ def test_worker_role_is_least_privilege(template):
     assert not actions & {"dynamodb:Scan", "dynamodb:DeleteItem", "sqs:SendMessage", "secretsmanager:GetSecretValue"}
     dlq_id = _logical_id(template, "AWS::SQS::Queue", lambda p: "RedrivePolicy" not in p)
     assert any(st["Resource"] == {"Fn::GetAtt": [dlq_id, "Arn"]} for st in statements)  # drains the DLQ
+    # reads the mirrored weights, writes nothing there
+    reads = [st for st in statements if "/models/*" in json.dumps(st["Resource"])]
+    assert reads and all(_as_list(st["Action"]) == ["s3:GetObject"] for st in reads)
+
+
+def test_workers_fetch_weights_from_the_stacks_mirror(template):
+    task_defs = _resources(template, "AWS::ECS::TaskDefinition").values()
+    env = {e["Name"]: e["Value"] for td in task_defs for c in td["Properties"]["ContainerDefinitions"]
+           for e in c.get("Environment", [])}
+    assert env["ACESTEP_MODELS_MIRROR"] == "true" and env["ACESTEP_DEMO_IF_MISSING"] == "false"
 
 
 def test_worker_service_scales_on_backlog_per_worker_down_to_zero(template):
