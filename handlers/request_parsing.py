@@ -32,6 +32,7 @@ FILE_FIELDS = {
 }
 
 Loc = tuple  # where a value sits in the body: ("bpm",) or ("param_obj", "duration")
+_SOURCE_NAMES = frozenset(name for aliases in SOURCE_ALIASES.values() for name in aliases)
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,13 @@ def read_sources(fields: dict, files: Mapping[str, FilePart]) -> PreparedBody:
                 data[name] = without_none(extra)
             break
     body = PreparedBody(data)
-    _format_field(body)
-    _instrumental(body)
-    _audio_sources(body, files)
+    sent = set(data).union(*(v for v in data.values() if isinstance(v, dict)))  # every name, any source
+    if "format" in sent:
+        _format_field(body)
+    if "instrumental" in sent:
+        _instrumental(body)
+    if files or not sent.isdisjoint(_SOURCE_NAMES):
+        _audio_sources(body, files, sent)
     return body
 
 
@@ -156,10 +161,9 @@ def _format_field(body: PreparedBody) -> None:
         body.renamed[loc[:-1] + ("audio_format",)] = loc
 
 
-def _audio_sources(body: PreparedBody, files: Mapping[str, FilePart]) -> None:
+def _audio_sources(body: PreparedBody, files: Mapping[str, FilePart], sent: set[str]) -> None:
     """Per role: a multipart file, else an upload key, else a server path. None of them is a
     request field, so each is taken out of the data whichever wins."""
-    sent = set(body.data).union(*(v for v in body.data.values() if isinstance(v, dict)))
     for role, file_fields in FILE_FIELDS.items():
         declared = {kind: None if sent.isdisjoint(SOURCE_ALIASES[f"{role}_{kind}"])  # the common case
                     else _take(body.data, f"{role}_{kind}") for kind in ("key", "path")}
