@@ -1,0 +1,175 @@
+"""Where each known model comes from on the Hugging Face hub, and how to fetch it whole.
+
+The official 2B DiTs are published in ACE-Step's original layout: the main repo holds the turbo DiT
+with the VAE and text encoder every DiT needs; each other variant is a repo of its own holding just
+its DiT folder. The XL DiTs are published in the diffusers layout. A download lands in the layout
+the engine loads (engine/checkpoints.py converts an original-layout DiT once):
+
+    <checkpoint_dir>/vae/, <checkpoint_dir>/Qwen3-Embedding-0.6B/    from the main repo
+    <checkpoint_dir>/<name>/                                          the DiT (either layout)
+
+Every source can be overridden per model: ACESTEP_HF_REPO_<NAME> (a repo in the diffusers layout)
+and ACESTEP_HF_REVISION_<NAME> (a branch, tag or commit). The first download records the commit it
+got in <checkpoint_dir>/<name>/acestep-source.json; verification and later downloads use that
+commit, so a model does not change under a running service.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+MAIN_REPO = "ACE-Step/Ace-Step1.5"
+SHARED_FOLDERS = ("vae", "Qwen3-Embedding-0.6B")  # beside every original-layout DiT
+SOURCE_RECORD = "acestep-source.json"
+
+Layout = Literal["original", "diffusers"]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One snapshot download: `repo` at `revision`, files matching `patterns`, into `into`."""
+    repo: str
+    revision: str
+    patterns: Optional[tuple[str, ...]]  # None: the whole repo
+    into: Path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    repo: str
+    layout: Layout
+    revision: str = "main"
+
+    @property
+    def in_main_repo(self) -> bool:
+        return self.repo == MAIN_REPO
+
+    def fetches(self, checkpoint_dir: Path) -> list[Fetch]:
+        if self.layout == "diffusers":
+            return [Fetch(self.repo, self.revision, None, checkpoint_dir / self.name)]
+        shared = tuple(f"{folder}/*" for folder in SHARED_FOLDERS)
+        if self.in_main_repo:  # the DiT is a folder of the main repo: one download brings all
+            return [Fetch(MAIN_REPO, self.revision, (f"{self.name}/*", *shared), checkpoint_dir)]
+        return [Fetch(MAIN_REPO, "main", shared, checkpoint_dir),
+                Fetch(self.repo, self.revision, None, checkpoint_dir / self.name)]
+
+    def describe(self) -> str:
+        where = f"{self.repo}/{self.name}" if self.in_main_repo else self.repo
+        return f"{where} @ {self.revision} ({self.layout} layout)"
+
+
+# name -> (repo, layout); the 2B variants as upstream's own downloader names them
+KNOWN: dict[str, tuple[str, Layout]] = {
+    "acestep-v15-turbo": (MAIN_REPO, "original"),
+    "acestep-v15-turbo-shift1": ("ACE-Step/acestep-v15-turbo-shift1", "original"),
+    "acestep-v15-turbo-shift3": ("ACE-Step/acestep-v15-turbo-shift3", "original"),
+    "acestep-v15-turbo-continuous": ("ACE-Step/acestep-v15-turbo-continuous", "original"),
+    "acestep-v15-base": ("ACE-Step/acestep-v15-base", "original"),
+    "acestep-v15-sft": ("ACE-Step/acestep-v15-sft", "original"),
+    "acestep-v15-xl-turbo": ("ACE-Step/acestep-v15-xl-turbo-diffusers", "diffusers"),
+    "acestep-v15-xl-base": ("ACE-Step/acestep-v15-xl-base-diffusers", "diffusers"),
+    "acestep-v15-xl-sft": ("ACE-Step/acestep-v15-xl-sft-diffusers", "diffusers"),
+}
+
+
+def _env_key(prefix: str, name: str) -> str:
+    return prefix + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def source_for(name: str, env: Mapping[str, str] | None = None) -> ModelSource:
+    """The configured source of `name`: an override, else the known table, else `ACE-Step/<name>-diffusers`."""
+    env = os.environ if env is None else env
+    revision = env.get(_env_key("ACESTEP_HF_REVISION_", name)) or "main"
+    override = env.get(_env_key("ACESTEP_HF_REPO_", name))
+    if override:
+        return ModelSource(name, override, "diffusers", revision)
+    repo, layout = KNOWN.get(name, (f"ACE-Step/{name}-diffusers", "diffusers"))
+    return ModelSource(name, repo, layout, revision)
+
+
+def override_hint(name: str) -> str:
+    return f"{_env_key('ACESTEP_HF_REPO_', name)} / {_env_key('ACESTEP_HF_REVISION_', name)}"
+
+
+# -- downloading --------------------------------------------------------------------------------
+
+Snapshot = Callable[..., str]  # huggingface_hub.snapshot_download
+RepoFiles = Callable[[str, str], tuple[str, dict[str, tuple[int, Optional[str]]]]]  # (commit, {path: (size, sha256)})
+
+
+def hub_repo_files(repo: str, revision: str) -> tuple[str, dict[str, tuple[int, Optional[str]]]]:
+    """The commit a revision names now, and each file's size and (for large files) sha256."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    files = {s.rfilename: (int(s.size or 0), s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
+    return str(info.sha), files
+
+
+def download(source: ModelSource, checkpoint_dir: Path, snapshot: Optional[Snapshot] = None,
+             repo_files: RepoFiles = hub_repo_files) -> Path:
+    """Fetch `source` into `checkpoint_dir` (resuming partial files), verify every file, record the commit.
+
+    Returns the model's folder, `<checkpoint_dir>/<name>`.
+    """
+    if snapshot is None:
+        from huggingface_hub import snapshot_download as snapshot
+    model_dir = checkpoint_dir / source.name
+    recorded = _recorded_commits(model_dir)
+    commits = {}
+    for fetch in source.fetches(checkpoint_dir):
+        pinned = recorded.get(fetch.repo) or fetch.revision
+        commit, files = repo_files(fetch.repo, pinned)
+        log.warning("downloading %s (%s @ %s) into %s", source.name, fetch.repo, commit[:12], fetch.into)
+        fetch.into.mkdir(parents=True, exist_ok=True)
+        snapshot(repo_id=fetch.repo, revision=commit, allow_patterns=list(fetch.patterns) if fetch.patterns else None,
+                 local_dir=str(fetch.into))  # shows progress and resumes partial files itself
+        verify(fetch, files)
+        commits[fetch.repo] = commit
+    record = {"name": source.name, "repo": source.repo, "layout": source.layout, "commits": commits}
+    (model_dir / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return model_dir
+
+
+def verify(fetch: Fetch, files: dict[str, tuple[int, Optional[str]]]) -> None:
+    """Every file the download should have brought is there, with the hub's size (and sha256 for large files)."""
+    import fnmatch
+
+    wanted = {path: meta for path, meta in files.items()
+              if fetch.patterns is None or any(fnmatch.fnmatch(path, p) for p in fetch.patterns)}
+    problems = []
+    for path, (size, sha256) in sorted(wanted.items()):
+        local = fetch.into / path
+        if not local.is_file():
+            problems.append(f"{path}: missing")
+        elif local.stat().st_size != size:
+            problems.append(f"{path}: {local.stat().st_size} bytes, the hub has {size}")
+        elif sha256 and _sha256(local) != sha256:
+            problems.append(f"{path}: sha256 differs from the hub's")
+    if problems:
+        raise OSError(f"download of {fetch.repo} into {fetch.into} is not complete: " + "; ".join(problems[:5])
+                      + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _recorded_commits(model_dir: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads((model_dir / SOURCE_RECORD).read_text()).get("commits") or {})
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,92 @@
+"""Where models come from and how a download is fetched whole. The hub is the boundary: a small
+in-memory stand-in serves its two calls (file listing with sizes/sha256, snapshot download)."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import model_sources
+from engine.model_sources import MAIN_REPO, download, source_for
+
+
+class FakeHub:
+    def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "c0ffee" * 6 + "abcd"):
+        self.repos, self.commit, self.snapshots = repos, commit, []
+
+    def files(self, repo, revision):
+        big = lambda data: hashlib.sha256(data).hexdigest() if len(data) > 100 else None  # noqa: E731
+        return self.commit, {p: (len(d), big(d)) for p, d in self.repos[repo].items()}
+
+    def snapshot(self, repo_id, revision, allow_patterns, local_dir):
+        assert revision == self.commit  # downloads are pinned to the commit just resolved
+        self.snapshots.append((repo_id, tuple(allow_patterns or ()), local_dir))
+        for path, data in self.repos[repo_id].items():
+            if allow_patterns is None or any(fnmatch.fnmatch(path, p) for p in allow_patterns):
+                target = Path(local_dir) / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        return local_dir
+
+
+MAIN = {"acestep-v15-turbo/config.json": b"{}", "acestep-v15-turbo/model.safetensors": b"W" * 500,
+        "vae/config.json": b"{}", "Qwen3-Embedding-0.6B/config.json": b"{}",
+        "acestep-5Hz-lm-1.7B/model.safetensors": b"L" * 900}
+BASE = {"config.json": b"{}", "model.safetensors": b"B" * 300, "silence_latent.pt": b"s"}
+
+
+def test_known_models_map_to_their_published_repos():
+    turbo = source_for("acestep-v15-turbo", env={})
+    assert (turbo.repo, turbo.layout, turbo.revision) == (MAIN_REPO, "original", "main")
+    assert source_for("acestep-v15-base", env={}).repo == "ACE-Step/acestep-v15-base"
+    xl = source_for("acestep-v15-xl-turbo", env={})
+    assert (xl.repo, xl.layout) == ("ACE-Step/acestep-v15-xl-turbo-diffusers", "diffusers")
+    custom = source_for("acestep-v15-turbo", env={"ACESTEP_HF_REPO_ACESTEP_V15_TURBO": "me/turbo-diffusers",
+                                                  "ACESTEP_HF_REVISION_ACESTEP_V15_TURBO": "v2"})
+    assert (custom.repo, custom.layout, custom.revision) == ("me/turbo-diffusers", "diffusers", "v2")
+
+
+def test_the_main_repo_model_comes_with_its_shared_folders_and_not_the_lm(tmp_path):
+    hub = FakeHub({MAIN_REPO: MAIN})
+    folder = download(source_for("acestep-v15-turbo", env={}), tmp_path, hub.snapshot, hub.files)
+    assert folder == tmp_path / "acestep-v15-turbo" and (folder / "model.safetensors").read_bytes() == b"W" * 500
+    assert (tmp_path / "vae" / "config.json").is_file() and (tmp_path / "Qwen3-Embedding-0.6B").is_dir()
+    assert not (tmp_path / "acestep-5Hz-lm-1.7B").exists()  # the LM is not part of a DiT download
+    record = json.loads((folder / "acestep-source.json").read_text())
+    assert record["commits"] == {MAIN_REPO: hub.commit} and record["layout"] == "original"
+
+
+def test_a_variant_repo_lands_in_its_folder_beside_the_shared_ones(tmp_path):
+    hub = FakeHub({MAIN_REPO: MAIN, "ACE-Step/acestep-v15-base": BASE})
+    folder = download(source_for("acestep-v15-base", env={}), tmp_path, hub.snapshot, hub.files)
+    assert (folder / "model.safetensors").read_bytes() == b"B" * 300 and (tmp_path / "vae").is_dir()
+    assert [s[0] for s in hub.snapshots] == [MAIN_REPO, "ACE-Step/acestep-v15-base"]
+    assert not (tmp_path / "acestep-v15-turbo").exists()  # only the shared folders came from the main repo
+
+
+def test_a_damaged_download_is_refused_naming_the_file(tmp_path):
+    hub = FakeHub({MAIN_REPO: MAIN})
+    original = hub.snapshot
+
+    def corrupting(**kw):
+        original(**kw)
+        (Path(kw["local_dir"]) / "acestep-v15-turbo" / "model.safetensors").write_bytes(b"X" * 500)
+
+    with pytest.raises(OSError, match="model.safetensors: sha256 differs"):
+        download(source_for("acestep-v15-turbo", env={}), tmp_path, corrupting, hub.files)
+
+
+def test_later_downloads_keep_the_recorded_commit(tmp_path):
+    hub = FakeHub({MAIN_REPO: MAIN})
+    download(source_for("acestep-v15-turbo", env={}), tmp_path, hub.snapshot, hub.files)
+    asked = []
+
+    def files(repo, revision):
+        asked.append(revision)
+        return hub.files(repo, revision)
+
+    download(source_for("acestep-v15-turbo", env={}), tmp_path, hub.snapshot, files)
+    assert asked == [hub.commit]  # not "main": the model does not move under a running service
