@@ -1,10 +1,15 @@
-"""Finding, downloading, fingerprinting and faking checkpoints in the published diffusers layout.
+"""Finding, downloading, fingerprinting and faking checkpoints.
 
-Layout of one model (what `AceStepPipeline.save_pretrained` writes and the published diffusers-format repos hold):
+Two layouts are found under the checkpoint dir. The diffusers layout (what `AceStepPipeline.save_pretrained`
+writes and the diffusers-format repos hold) is loaded as it is:
     <checkpoint_dir>/<model-name>/model_index.json
     <checkpoint_dir>/<model-name>/{transformer,condition_encoder,vae,text_encoder,tokenizer,scheduler,...}/
+ACE-Step's original layout (how the official 2B models are published; engine/original_layout.py) is converted
+once into <checkpoint_dir>/.diffusers/<model-name>/ (engine/converted_cache.py) and loaded from there:
+    <checkpoint_dir>/<model-name>/{config.json,model.safetensors,silence_latent.pt}
+    <checkpoint_dir>/vae/, <checkpoint_dir>/Qwen3-Embedding-0.6B/
 
-Import is torch-free; building a tiny checkpoint imports torch lazily.
+Import is torch-free; building a tiny checkpoint or converting imports torch lazily.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import re
 from pathlib import Path
 from typing import Mapping, Optional
 
+from engine import original_layout
 from engine.config import EngineConfig
+from engine.converted_cache import ensure_converted
 from engine.request import TASK_TYPES
 from engine.types import GenerationError
 
@@ -57,6 +64,15 @@ def is_complete(path: Path) -> bool:
     return True
 
 
+def local_layout(checkpoint_dir: str | os.PathLike, name: str) -> Optional[str]:
+    """"diffusers" or "original" for a model present under `checkpoint_dir`, None when neither is complete."""
+    if is_complete(model_dir(checkpoint_dir, name)):
+        return "diffusers"
+    if not original_layout.missing_parts(checkpoint_dir, name):
+        return "original"
+    return None
+
+
 def read_marker(path: Path) -> Optional[dict]:
     marker = path / DEMO_MARKER
     if not marker.is_file():
@@ -93,7 +109,10 @@ def missing_model_message(name: str, path: Path, config: EngineConfig, reason: s
     env_key = "ACESTEP_HF_REPO_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
     return (
         f"model {name!r} is not available: no complete diffusers-format checkpoint at {path} "
-        f"(looked for {path / 'model_index.json'} and its component folders) and {reason}. "
+        f"(looked for {path / 'model_index.json'} and its component folders), no original-layout checkpoint "
+        f"({path / original_layout.CONFIG_FILE} + {original_layout.SINGLE_WEIGHTS} + "
+        f"{original_layout.SILENCE_LATENT}, with {original_layout.VAE_DIR}/ and "
+        f"{original_layout.TEXT_ENCODER_DIR}/ beside it) and {reason}. "
         f"Fix one of: download it with `acestep-models download {name} --checkpoint-dir {config.checkpoint_dir}` "
         f"(Hub repo {repo}; set {env_key} to use another repo) with network access and HF_HUB_OFFLINE unset; "
         f"point ACESTEP_CHECKPOINT_DIR at the folder that holds {name}/; "
@@ -117,10 +136,17 @@ def download_model(name: str, dest: Path, repo: Optional[str] = None) -> Path:
 
 
 def resolve_model(config: EngineConfig, name: str) -> Path:
-    """Path of a complete local checkpoint for `name`, downloading it when allowed; ModelNotFound otherwise."""
+    """Path of a complete diffusers-layout checkpoint for `name`: the local one, the conversion of a local
+    original-layout one (converted on first use), or a download when allowed; ModelNotFound otherwise."""
     path = model_dir(config.checkpoint_dir, name)
     if is_complete(path):
         return path
+    if (path / original_layout.CONFIG_FILE).is_file():  # a DiT folder of the original layout
+        missing = original_layout.missing_parts(config.checkpoint_dir, name)
+        if missing:  # an original DiT folder is here: downloading over it would mix two layouts
+            raise ModelNotFound(f"model {name!r} at {path} is in ACE-Step's original layout but incomplete; "
+                                f"missing: {', '.join(missing)}")
+        return ensure_converted(config.checkpoint_dir, name)
     if not config.downloads_possible():
         reason = ("downloads are disabled (HF_HUB_OFFLINE is set)" if config.allow_download
                   else "downloads are disabled (ACESTEP_ALLOW_DOWNLOAD=false)")
@@ -162,15 +188,23 @@ def _file_hash(file: Path) -> str:
     return _HASH_CACHE[key]
 
 
-def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Optional[str] = None,
-                          size: str = "tiny") -> Path:
-    """Save a randomly initialised AceStepPipeline to `path` in the published layout, plus the demo marker.
+LAYOUTS = ("diffusers", "original")
 
+
+def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Optional[str] = None,
+                          size: str = "tiny", layout: str = "diffusers") -> Path:
+    """Save a randomly initialised AceStepPipeline as model folder `path`, plus the demo marker.
+
+    layout "diffusers": `save_pretrained` into `path`. layout "original": ACE-Step's original layout, the DiT in
+    `path` and vae/ + Qwen3-Embedding-0.6B/ beside it (in `path`'s parent), exported from the same random pipeline
+    through the inverse key mapping, so both layouts of one seed hold the same weights.
     `model_name` (default: the folder name) decides turbo vs base behaviour. Shared components depend only on
     `seed`, so variants built with the same seed share their VAE/text encoder/... byte for byte.
     """
     from engine.random_pipeline import build_random_pipeline, is_turbo_name
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
     path = Path(path)
     name = model_name or path.name
     pipe = build_random_pipeline(name, size=size, seed=seed)
@@ -178,8 +212,6 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
         import torch
 
         pipe.to(torch.bfloat16)  # ~6.3 GB instead of 12.6 on disk (3.2 B parameters), as published weights are stored
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(path))
     marker = {
         "random_weights": True,
         "notice": DEMO_NOTICE,
@@ -189,6 +221,12 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
         "task_types": list(TURBO_TASK_TYPES if is_turbo_name(name) else ALL_TASK_TYPES),
         "built_by": "acestep-models make-tiny",
     }
+    if layout == "original":
+        from engine.convert import export_original_layout
+
+        return export_original_layout(pipe, path.parent, path.name, marker=marker)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(path))
     (path / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return path
 
@@ -201,10 +239,12 @@ def ensure_demo_models(config: EngineConfig) -> list[str]:
     """
     demo = []
     for name in config.model_names:
-        path = model_dir(config.checkpoint_dir, name)
-        if not is_complete(path):
+        path = model_dir(config.checkpoint_dir, name)  # the marker sits in the DiT folder in both layouts
+        if local_layout(config.checkpoint_dir, name) is None:
             if config.downloads_possible():
                 continue  # Engine.load downloads the real weights
+            if (path / original_layout.CONFIG_FILE).is_file():
+                continue  # an incomplete original-layout model: Engine.load says what it lacks
             log.warning("=" * 72)
             log.warning("NO WEIGHTS for model %s and downloads are impossible: building a TINY RANDOM-WEIGHT "
                         "DEMO model at %s. Its audio is noise.", name, path)

@@ -56,6 +56,7 @@ def build_shared_components(size: str = "tiny", seed: int = 0) -> dict:
     te_cfg = dict(spec["text_encoder"])
     text_encoder = Qwen3Model(Qwen3Config(**te_cfg))
     condition_encoder = AceStepConditionEncoder(**spec["condition_encoder"])
+    _fill_silence_latent(condition_encoder, seed)
     audio_tokenizer = AceStepAudioTokenizer(**spec["audio_tokenizer"])
     audio_token_detokenizer = AceStepAudioTokenDetokenizer(**spec["audio_token_detokenizer"])
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=char_tokenizer(), condition_encoder=condition_encoder,
@@ -76,6 +77,16 @@ def build_random_pipeline(model_name: str, size: str = "tiny", seed: int = 0,
     # ACE-Step feeds sigmas in [0, 1] itself: the scheduler must pass them through unchanged.
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
     return AceStepPipeline(transformer=build_transformer(model_name, size, seed), scheduler=scheduler, **shared)
+
+
+@torch.no_grad()
+def _fill_silence_latent(condition_encoder: AceStepConditionEncoder, seed: int) -> None:
+    """Real checkpoints ship the VAE latent of silence here (silence_latent.pt); the class starts with zeros. Seeded
+    non-zero values (from their own generator, so no other weight changes) make a lost or untransposed silence
+    latent show up in the converted model's audio."""
+    generator = torch.Generator().manual_seed(seed)
+    buffer = condition_encoder.silence_latent
+    buffer.copy_(torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype))
 
 
 @torch.no_grad()

@@ -88,6 +88,7 @@ def test_missing_model_offline_says_what_and_how(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "acestep-v15-sft" in msg
     assert str(tmp_path / "acestep-v15-sft" / "model_index.json") in msg
+    assert "original-layout" in msg and "Qwen3-Embedding-0.6B/" in msg  # the other layout it would have taken
     assert "HF_HUB_OFFLINE" in msg
     assert "acestep-models download acestep-v15-sft" in msg
     assert "acestep-models make-tiny" in msg
