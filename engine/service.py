@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_io, plan, timing
+from engine import audio_io, memory, plan, timing
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -101,6 +101,8 @@ class Engine:
         by_fingerprint: dict[str, object] = {}
         users: dict[str, list[str]] = {}
         models: dict[str, LoadedModel] = {}
+        free = memory.free_bytes(device)  # before loading anything: refuse at start, not on the first task
+        needed = 0
         for i, name in enumerate(config.model_names):
             path = resolve_model(config, name)
             reuse = {}
@@ -112,6 +114,8 @@ class Engine:
                 prints[comp] = fp
                 if (comp, fp) in by_fingerprint:
                     reuse[comp] = by_fingerprint[(comp, fp)]
+            needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse)
+            memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1]))
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)

@@ -29,3 +29,19 @@ def test_a_model_that_does_not_fit_is_refused_with_numbers():
 
 def test_free_bytes_is_none_off_gpu():
     assert free_bytes(torch.device("cpu")) is None
+
+
+def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch):
+    """The device's free memory is the boundary: pretend a small GPU, and loading stops before any weights."""
+    from engine import memory
+    from engine.checkpoints import build_tiny_checkpoint
+    from engine.config import EngineConfig
+    from engine.service import Engine
+
+    build_tiny_checkpoint(tmp_path / "acestep-v15-turbo")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1 * GB)
+    config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=["acestep-v15-turbo"], allow_download=False)
+    with pytest.raises(GenerationError, match=r"acestep-v15-turbo needs about 0.0 GB for weights plus 4 GB"):
+        Engine.load(config)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * GB)
+    assert [m.name for m in Engine.load(config).models()] == ["acestep-v15-turbo"]
