@@ -23,7 +23,6 @@ from typing import Mapping, Optional
 
 from engine import original_layout
 from engine.config import EngineConfig
-from engine.converted_cache import ensure_converted
 from engine.request import TASK_TYPES
 from engine.types import GenerationError
 
@@ -146,6 +145,8 @@ def resolve_model(config: EngineConfig, name: str) -> Path:
         if missing:  # an original DiT folder is here: downloading over it would mix two layouts
             raise ModelNotFound(f"model {name!r} at {path} is in ACE-Step's original layout but incomplete; "
                                 f"missing: {', '.join(missing)}")
+        from engine.converted_cache import ensure_converted  # it imports this module
+
         return ensure_converted(config.checkpoint_dir, name)
     if not config.downloads_possible():
         reason = ("downloads are disabled (HF_HUB_OFFLINE is set)" if config.allow_download

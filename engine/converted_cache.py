@@ -1,12 +1,14 @@
 """A diffusers-layout copy of each original-layout model, converted once and reused while its sources are unchanged.
 
-    <checkpoint_dir>/<name>/, vae/, Qwen3-Embedding-0.6B/     the original layout (see engine/original_layout.py)
-    <checkpoint_dir>/.diffusers/<name>/                       its conversion: model_index.json + components
-    <checkpoint_dir>/.diffusers/<name>/acestep_source.json    what it was converted from
+    <checkpoint_dir>/<name>/, vae/, Qwen3-Embedding-0.6B/          the original layout (engine/original_layout.py)
+    <checkpoint_dir>/.diffusers/<name>/                            its conversion: model_index.json + components
+    <checkpoint_dir>/.diffusers/<name>/acestep_converted_from.json what it was converted from
 
-acestep_source.json records the conversion format version and the size and mtime of every source file; it is
-written inside the temp folder before the atomic rename, so a cache folder that has it is complete. The cache is
-rebuilt when that record differs from the sources now (a file added, removed, replaced or touched).
+acestep_converted_from.json records the conversion format version and the size and mtime of every file the
+conversion reads (the DiT's config.json, weights, silence_latent.pt and demo marker; all of vae/ and the text
+encoder); it is written inside the temp folder before the atomic rename, so a cache folder that has it is
+complete. The cache is rebuilt when that record differs from the sources now (a file added, removed, replaced or
+touched).
 
 Import is torch-free; converting imports torch lazily.
 """
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from engine import original_layout as layout
 from engine.atomic_dir import build_then_swap, exclusive_lock
+from engine.checkpoints import DEMO_MARKER
 
 log = logging.getLogger("engine.converted_cache")
 
 CACHE_DIR = ".diffusers"
-SOURCE_RECORD = "acestep_source.json"
+SOURCE_RECORD = "acestep_converted_from.json"
 # Bump when the conversion writes something different for the same sources: every cache is then rebuilt.
 CONVERSION_VERSION = 1
 
@@ -36,7 +39,7 @@ def source_record(checkpoint_dir: str | Path, name: str) -> dict:
     """{"conversion_version": N, "files": {relative path: [size, mtime_ns]}} of every file the conversion reads."""
     root = Path(checkpoint_dir)
     files = {}
-    for file in layout.source_files(root, name):
+    for file in layout.source_files(root, name, dit_extras=(DEMO_MARKER,)):  # the marker is copied along
         stat = file.stat()  # follows symlinks (hub snapshots link into a blob store)
         files[str(file.relative_to(root))] = [stat.st_size, stat.st_mtime_ns]
     return {"conversion_version": CONVERSION_VERSION, "files": files}

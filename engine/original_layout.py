@@ -151,11 +151,17 @@ def weight_files(dit: Path) -> list[Path]:
     return shards
 
 
-def source_files(root: str | Path, name: str) -> list[Path]:
-    """Every file a conversion of `name` reads (the DiT folder, vae/, the text encoder), hidden files excluded."""
+def source_files(root: str | Path, name: str, dit_extras: tuple[str, ...] = ()) -> list[Path]:
+    """Every file a conversion of `name` reads: from the DiT folder its config, weights, silence latent and the
+    `dit_extras` present (other files there, e.g. a README or download records, are not read); all of vae/ and
+    the text encoder folder, hidden files excluded."""
     root = Path(root)
-    files: list[Path] = []
-    for folder in (dit_dir(root, name), root / VAE_DIR, root / TEXT_ENCODER_DIR):
+    dit = dit_dir(root, name)
+    files = [dit / CONFIG_FILE, dit / SILENCE_LATENT, *weight_files(dit)]
+    if (dit / SHARD_INDEX).is_file() and not (dit / SINGLE_WEIGHTS).is_file():
+        files.append(dit / SHARD_INDEX)
+    files += [dit / extra for extra in dit_extras if (dit / extra).is_file()]
+    for folder in (root / VAE_DIR, root / TEXT_ENCODER_DIR):
         files += sorted(p for p in folder.rglob("*")
                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return files

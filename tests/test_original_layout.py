@@ -246,6 +246,10 @@ def test_engine_loads_original_layout_converting_once(original_root, engine, tmp
     load_engine(root, [TURBO, BASE])
     assert count_conversions == [TURBO, BASE]  # second load: straight from the cache
 
+    (root / TURBO / "README.md").write_text("not read by the conversion\n")
+    load_engine(root, [TURBO])
+    assert count_conversions == [TURBO, BASE]  # files the conversion does not read do not invalidate it
+
     later = os.stat(root / TURBO / layout.CONFIG_FILE).st_mtime_ns + 10**9
     os.utime(root / TURBO / layout.CONFIG_FILE, ns=(later, later))  # a source file changed
     load_engine(root, [TURBO, BASE])
