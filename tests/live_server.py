@@ -34,6 +34,16 @@ class LiveServer:
                              capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def wait_until(self, what: str, predicate, timeout: float, interval: float = 0.1):
+        """Poll `predicate` until it returns something truthy (returned); past `timeout`, fail with the log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise AssertionError(f"timed out waiting for {what}:\n" + self.log()[-4000:])
+
     def wait_for_worker(self, timeout: float = 120.0) -> None:
         """Until a worker has loaded its models and published them (/v1/models shows them)."""
         deadline = time.monotonic() + timeout

@@ -6,6 +6,12 @@ One test walks through, in order: a submit polled to success and downloaded thro
 presigned S3 URL; a duplicate delivery of that task producing one result; a worker SIGKILLed
 mid-task whose task is redelivered and completes once; a poison task (its worker dies on every
 delivery) landing in the DLQ and reading as failed with its reason.
+
+Most of a worker's start-up is importing torch, diffusers and the engine (~8 s of CPU). The worker
+processes are therefore forked from one parent that has done those imports (a "fork server", as
+multiprocessing's forkserver does), each then running `entrypoints.worker.main` -- the
+`acestep-worker` entry point -- in a process of its own that the test kills with SIGKILL. Each wait is
+on a condition, with a generous deadline; none is a fixed sleep.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -32,72 +39,217 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 LEASE_SECONDS = 4  # short, so a killed worker's task comes back quickly
 MAX_RECEIVES = 2
+WORKERS = 3  # one is killed in phase 2, the other two in phase 3
 SHORT = {"prompt": "lofi", "audio_duration": 10, "inference_steps": 8, "batch_size": 1, "audio_format": "wav"}
-LONG = {**SHORT, "audio_duration": 20, "inference_steps": 30}  # a few seconds on the tiny model: time to kill it
+# Killed as soon as it is claimed, then run whole by the next worker: a few seconds on the tiny model,
+# many times what the test takes to see the claim and kill the worker.
+LONG = {**SHORT, "audio_duration": 20, "inference_steps": 30}
+# Never finishes: every worker that takes it is killed. Minutes on the tiny model, so it cannot end first.
+POISON = {**SHORT, "audio_duration": 300, "inference_steps": 100}
+WAIT = 90.0  # deadline for any one condition: generous, a loaded machine must not fail the test
+
+
+# -- the fork server (runs in its own process) --------------------------------------------------
+
+def fork_server() -> None:
+    """Read one JSON spec per line on stdin; fork a worker for each and answer its pid on stdout.
+
+    Only imports happen here (no torch op, no thread of our own), so forking is safe. Ends at EOF;
+    the workers, each in a session of its own, are SIGKILLed when it ends (PR_SET_PDEATHSIG).
+    """
+    import entrypoints.bootstrap  # noqa: F401
+    import entrypoints.worker
+    import engine.checkpoints  # noqa: F401
+    import engine.random_pipeline  # noqa: F401  (builds the demo checkpoint)
+    import engine.service  # noqa: F401  (torch, diffusers, transformers: the slow part)
+    import service.aws  # noqa: F401  (boto3)
+    import service.worker  # noqa: F401
+
+    server = os.getpid()
+    for line in sys.stdin:
+        spec = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _run_forked_worker(spec, entrypoints.worker.main, server)
+        sys.stdout.write(f"{pid}\n")
+        sys.stdout.flush()
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:  # reap the workers the test has killed
+                pass
+
+
+def _run_forked_worker(spec: dict, worker_main, server: int) -> None:
+    code = 1
+    try:
+        os.setsid()  # its own process group, as the test's kill() expects
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the fork server
+            if os.getppid() != server:  # it died before that took effect
+                os._exit(1)
+        log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(spec["cwd"])
+        os.environ.clear()
+        os.environ.update(spec["env"])
+        sys.argv = ["acestep-worker", *spec["argv"]]
+        worker_main(spec["argv"])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+# -- the test side ------------------------------------------------------------------------------
+
+class Forked:
+    """A worker process forked by the fork server (not our child: no Popen)."""
+
+    def __init__(self, pid: int, log_name: str):
+        self.pid, self.log_name = pid, log_name
+
+    def alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
 
 
 class Cluster:
     """The processes of the deployment plus a test-side view of the same AWS resources."""
 
-    def __init__(self, tmp: Path, endpoint: str):
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.base_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")},
+            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+            # One torch thread per worker: three workers, the API and moto share the machine. With a
+            # thread per core each, a busy 2-core machine spends most of a generation spin-waiting
+            # (3-4x slower, measured).
+            "OMP_NUM_THREADS": "1",
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.workers: list[Forked] = []
+        self._replies = b""
+        # Started first: its imports overlap moto's start-up, provisioning and the API's start-up.
+        # One BLAS thread keeps numpy from starting a thread pool: the fork server stays single-threaded.
+        self.forks = self._popen("fork-server", ["-c", "from tests.test_aws_e2e import fork_server; fork_server()"],
+                                 env={**self.base_env, "OPENBLAS_NUM_THREADS": "1"},
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def provision(self, endpoint: str) -> None:
         from service.aws import make_aws_backend
         from service.aws.provision import provision
 
-        self.tmp = tmp
-        self.settings = provision(aws_settings(tmp, aws_endpoint_url=endpoint, max_receives=MAX_RECEIVES,
+        self.settings = provision(aws_settings(self.tmp, aws_endpoint_url=endpoint, max_receives=MAX_RECEIVES,
                                                visibility_timeout=LEASE_SECONDS))
         self.backend = make_aws_backend(self.settings)
         s = self.settings
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")},
-            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+            **self.base_env,
             "ACESTEP_BACKEND": "aws", "ACESTEP_AWS_ENDPOINT_URL": endpoint, "ACESTEP_AWS_REGION": "us-east-1",
             "ACESTEP_TABLE_NAME": s.table_name, "ACESTEP_QUEUE_URL": s.queue_url,
             "ACESTEP_DLQ_URL": s.dlq_url, "ACESTEP_BUCKET": s.bucket,
             "ACESTEP_VISIBILITY_TIMEOUT": str(LEASE_SECONDS), "ACESTEP_MAX_RECEIVES": str(MAX_RECEIVES),
-            "ACESTEP_CHECKPOINT_DIR": str(tmp / "checkpoints"), "ACESTEP_DEMO_IF_MISSING": "true",
+            "ACESTEP_CHECKPOINT_DIR": str(self.tmp / "checkpoints"), "ACESTEP_DEMO_IF_MISSING": "true",
             "ACESTEP_ALLOW_DOWNLOAD": "false", "ACESTEP_DEVICE": "cpu",
         }
-        self.procs: list[subprocess.Popen] = []
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, *args], cwd=self.tmp, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    def _popen(self, name: str, args: list[str], env: dict, **kw) -> subprocess.Popen:
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            stdout = kw.pop("stdout", log)
+            proc = subprocess.Popen([sys.executable, *args], cwd=self.tmp, env=env, stdout=stdout,
+                                    stderr=log, start_new_session=True, **kw)
         proc.log_name = name
         self.procs.append(proc)
         return proc
 
-    def start_api(self) -> None:
-        proc = self._spawn("api", ["-m", "uvicorn", "--factory", "entrypoints.bootstrap:app_from_env",
-                                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise AssertionError("API did not start:\n" + self.logs())
+    def start(self) -> None:
+        """The API and WORKERS workers, as much in parallel as the demo checkpoint allows."""
+        api = self._popen("api", ["-m", "uvicorn", "--factory", "entrypoints.bootstrap:app_from_env",
+                                  "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+                          env=self.env)
+        self.start_worker("worker1")
+        self.wait_until("the API to answer", lambda: api.poll() is not None or self._healthy())
+        assert api.poll() is None, "API did not start:\n" + self.logs()
+        # The first worker builds the random-weight demo checkpoint; the others load it once it is
+        # there (concurrent builds into one folder would race), while the first runs phase 1.
+        self.wait_until("worker1 to publish its models", self._models_published)
+        for i in range(2, WORKERS + 1):
+            self.start_worker(f"worker{i}")
 
-    def start_worker(self, name: str) -> subprocess.Popen:
-        return self._spawn(name, ["-m", "entrypoints.worker", "--backend", "aws", "--grace-seconds", "5"])
+    def _healthy(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(self.base + "/health", timeout=2).status_code == 200
+        return False
 
-    def kill(self, proc: subprocess.Popen) -> None:
-        os.killpg(proc.pid, signal.SIGKILL)  # no SIGTERM courtesy: a crash, OOM kill or lost instance
-        proc.wait(10)
+    def _models_published(self) -> bool:
+        models = httpx.get(self.base + "/health", timeout=10).json()["data"].get("models") or []
+        return bool(models) and all(m.get("random_weights") is not None for m in models)
+
+    def start_worker(self, name: str) -> Forked:
+        spec = {"log": str(self.tmp / f"{name}.log"), "cwd": str(self.tmp), "env": self.env,
+                "argv": ["--backend", "aws", "--grace-seconds", "5"]}
+        self.forks.stdin.write((json.dumps(spec) + "\n").encode())
+        self.forks.stdin.flush()
+        worker = Forked(int(self._reply()), name)
+        self.workers.append(worker)
+        return worker
+
+    def _reply(self) -> str:
+        """The fork server's next line (it answers once its imports are done)."""
+        deadline = time.monotonic() + WAIT
+        fd = self.forks.stdout.fileno()
+        while b"\n" not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise AssertionError("the fork server did not answer:\n" + self.logs())
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise AssertionError("the fork server exited:\n" + self.logs())
+            self._replies += chunk
+        line, self._replies = self._replies.split(b"\n", 1)
+        return line.decode()
+
+    def kill(self, worker: Forked) -> None:
+        os.killpg(worker.pid, signal.SIGKILL)  # no SIGTERM courtesy: a crash, OOM kill or lost instance
+        self.wait_until(f"{worker.log_name} to die", lambda: not worker.alive())
 
     def stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.forks.stdin.close()  # EOF: the fork server exits
         for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            proc.wait(10)
+        self.forks.stdout.close()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.log_name}\n" + (self.tmp / f"{p.log_name}.log").read_text(errors="replace")[-3000:]
-                         for p in self.procs)
+        names = [p.log_name for p in self.procs] + [w.log_name for w in self.workers]
+        return "\n".join(f"--- {name}\n" + (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
+                         for name in names if (self.tmp / f"{name}.log").exists())
 
     # -- client side ---------------------------------------------------------------------
 
@@ -110,57 +262,78 @@ class Cluster:
         r = httpx.post(self.base + "/query_result", json={"task_id_list": [task_id]}, timeout=10)
         return r.json()["data"][0]
 
-    def wait_until(self, what: str, predicate, timeout: float = 90.0):
+    def wait_until(self, what: str, predicate, timeout: float = WAIT, interval: float = 0.1):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
             if value:
                 return value
-            time.sleep(0.1)
+            time.sleep(interval)
         raise AssertionError(f"timed out waiting for {what}\n" + self.logs())
 
     def wait_done(self, task_id: str) -> dict:
         return self.wait_until(f"{task_id} to finish", lambda: (e := self.query(task_id))["status"] in (1, 2) and e)
 
-    def wait_running(self, task_id: str, attempt: int) -> None:
+    def wait_running(self, task_id: str, attempt: int):
         def running():
             rec = self.backend.store.get(task_id)
-            return rec and rec.status == RUNNING and rec.attempt == attempt
-        self.wait_until(f"{task_id} to run attempt {attempt}", running)
+            return rec if rec and rec.status == RUNNING and rec.attempt == attempt else None
+        # Polled often: the sooner a claim is seen, the less of the task its worker has done when killed.
+        return self.wait_until(f"{task_id} to run attempt {attempt}", running, interval=0.03)
 
-    def worker_running(self, task_id: str) -> subprocess.Popen:
+    def worker_of(self, record) -> Forked:
         """The worker process holding the task (worker ids are host-pid-suffix)."""
-        pid = int(self.backend.store.get(task_id).worker_id.rsplit("-", 2)[1])
-        return next(p for p in self.procs if p.pid == pid)
+        pid = int(record.worker_id.rsplit("-", 2)[1])
+        worker = next((w for w in self.workers if w.pid == pid), None)
+        assert worker is not None, f"{record.worker_id} is none of the test's workers"
+        return worker
+
+    def kill_mid_task(self, task_id: str, attempt: int) -> Forked:
+        """SIGKILL the worker as soon as it has claimed `attempt`, and check that it died mid-task."""
+        worker = self.worker_of(self.wait_running(task_id, attempt))
+        self.kill(worker)
+        rec = self.backend.store.get(task_id)
+        assert rec.status == RUNNING and rec.attempt == attempt, \
+            f"attempt {attempt} of {task_id} ended before its worker could be killed: {rec}"
+        return worker
 
     def output_objects(self, task_id: str) -> list[str]:
         s3 = self.backend.blobs._s3
         listing = s3.list_objects_v2(Bucket=self.settings.bucket, Prefix=f"outputs/{task_id}/")
         return sorted(o["Key"] for o in listing.get("Contents", []))
 
-    def queue_depth(self) -> int:
+    def queue_attributes(self) -> dict[str, int]:
         attrs = self.backend.queue._sqs.get_queue_attributes(
             QueueUrl=self.settings.queue_url,
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+        return {k: int(v) for k, v in attrs.items()}
+
+    def queue_depth(self) -> int:
+        return sum(self.queue_attributes().values())
+
+    def visible_messages(self) -> int:
+        return self.queue_attributes()["ApproximateNumberOfMessages"]
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    with moto_server() as endpoint:
-        c = Cluster(tmp_path, endpoint)
-        try:
-            yield c
-        finally:
-            c.stop_all()
+    c = Cluster(tmp_path)
+    try:
+        with moto_server() as endpoint:
+            try:
+                c.provision(endpoint)
+                yield c
+            finally:
+                c.stop_all()  # before moto goes away
+    finally:
+        c.stop_all()  # the fork server, should moto not have started
 
 
 def test_aws_deployment_over_http(cluster):
     from service.aws.dlq import drain_dead_letters
     from service.aws.sqs_queue import encode_body
 
-    cluster.start_api()
-    w1 = cluster.start_worker("worker1")
+    cluster.start()
 
     # 1. Submit, poll to success, download through the 307 to the presigned S3 URL.
     #    SQS delivers at least once: a second message for the same task must not make a second result.
@@ -186,10 +359,7 @@ def test_aws_deployment_over_http(cluster):
 
     # 2. A worker killed mid-task: the lease lapses, another worker gets the task, it completes once.
     t2 = cluster.submit(LONG)
-    cluster.wait_running(t2, attempt=1)
-    cluster.kill(w1)
-    cluster.start_worker("worker2")
-    cluster.start_worker("worker3")  # started now so phase 3 does not wait for another model load
+    cluster.kill_mid_task(t2, attempt=1)
     entry = cluster.wait_done(t2)
     assert entry["status"] == 1, entry
     rec = cluster.backend.store.get(t2)
@@ -198,17 +368,14 @@ def test_aws_deployment_over_http(cluster):
 
     # 3. A poison task: every worker that takes it dies. After MAX_RECEIVES deliveries SQS moves it
     #    to the DLQ; the drain (which each worker runs every 30 s) marks it failed with the reason.
-    t3 = cluster.submit(LONG)
-    cluster.wait_running(t3, attempt=1)
-    first = cluster.worker_running(t3)
-    cluster.kill(first)
-    cluster.wait_running(t3, attempt=2)  # the other worker, once the dead one's lease lapsed
-    second = cluster.worker_running(t3)
+    t3 = cluster.submit(POISON)
+    first = cluster.kill_mid_task(t3, attempt=1)
+    second = cluster.kill_mid_task(t3, attempt=2)  # the other worker, once the dead one's lease lapsed
     assert second is not first
-    cluster.kill(second)
-    # Once the dead worker's lease lapses, the next receive finds the receives spent: SQS redrives it.
-    time.sleep(LEASE_SECONDS + 0.5)
-    assert cluster.backend.queue.receive(1, 30) is None
+    # Once the dead worker's lease lapses the message is visible again, and the next receive finds
+    # its receives spent: SQS redrives it to the DLQ instead of delivering it.
+    cluster.wait_until("t3's second lease to lapse", lambda: cluster.visible_messages() == 1)
+    assert cluster.backend.queue.receive(0, 30) is None
     assert drain_dead_letters(cluster.backend) == [t3]
     entry = cluster.query(t3)
     assert entry["status"] == 2
