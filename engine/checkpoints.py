@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from engine import original_layout
+from engine import model_sources
 from engine.config import EngineConfig
 from engine.request import TASK_TYPES
 from engine.types import GenerationError
@@ -91,21 +92,8 @@ def supported_task_types(name: str, marker: Optional[dict] = None, is_turbo: Opt
     return TURBO_TASK_TYPES if turbo else ALL_TASK_TYPES
 
 
-def hf_repo_for(name: str, env: Mapping[str, str] | None = None) -> str:
-    """Hub repo holding the diffusers-format weights of `name`.
-
-    Configurable per model with ACESTEP_HF_REPO_<NAME> (NAME upper-cased, non-alphanumerics as `_`, e.g.
-    ACESTEP_HF_REPO_ACESTEP_V15_TURBO); default `ACE-Step/<name>-diffusers`, the naming of the diffusers-format repos
-    referenced by diffusers' own AceStepPipeline docs. Check the actual repo name before relying on the default.
-    """
-    env = os.environ if env is None else env
-    key = "ACESTEP_HF_REPO_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
-    return env.get(key) or f"ACE-Step/{name}-diffusers"
-
-
 def missing_model_message(name: str, path: Path, config: EngineConfig, reason: str) -> str:
-    repo = hf_repo_for(name)
-    env_key = "ACESTEP_HF_REPO_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+    source = model_sources.source_for(name)
     return (
         f"model {name!r} is not available: no complete diffusers-format checkpoint at {path} "
         f"(looked for {path / 'model_index.json'} and its component folders), no original-layout checkpoint "
@@ -113,25 +101,25 @@ def missing_model_message(name: str, path: Path, config: EngineConfig, reason: s
         f"{original_layout.SILENCE_LATENT}, with {original_layout.VAE_DIR}/ and "
         f"{original_layout.TEXT_ENCODER_DIR}/ beside it) and {reason}. "
         f"Fix one of: download it with `acestep-models download {name} --checkpoint-dir {config.checkpoint_dir}` "
-        f"(Hub repo {repo}; set {env_key} to use another repo) with network access and HF_HUB_OFFLINE unset; "
+        f"(from {source.describe()}; set {model_sources.override_hint(name)} to use another) with network access "
+        f"and HF_HUB_OFFLINE unset; "
         f"point ACESTEP_CHECKPOINT_DIR at the folder that holds {name}/; "
         f"or serve a random-weight demo with `acestep-models make-tiny {config.checkpoint_dir} --name {name}`."
     )
 
 
-def download_model(name: str, dest: Path, repo: Optional[str] = None) -> Path:
-    """snapshot_download into <dest>; huggingface_hub shows per-file tqdm progress bars on stderr."""
-    from huggingface_hub import snapshot_download
+def download_model(name: str, checkpoint_dir: str | os.PathLike) -> Path:
+    """Fetch `name` from its published source into `checkpoint_dir` (verified, pinned; see model_sources).
 
-    repo = repo or hf_repo_for(name)
-    log.warning("downloading model %s from the Hugging Face Hub repo %s into %s", name, repo, dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    snapshot_download(repo_id=repo, local_dir=str(dest))
-    if not is_complete(dest):
-        raise ModelNotFound(f"downloaded {repo} into {dest} but it is not a diffusers-format AceStepPipeline "
-                            f"(model_index.json or component folders missing); set "
-                            f"ACESTEP_HF_REPO_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()} to the right repo")
-    return dest
+    huggingface_hub shows per-file progress bars on stderr and resumes partial files.
+    """
+    source = model_sources.source_for(name)
+    folder = model_sources.download(source, Path(checkpoint_dir))
+    if source.layout == "diffusers" and not is_complete(folder):
+        raise ModelNotFound(f"downloaded {source.describe()} into {folder} but it is not a diffusers-format "
+                            f"AceStepPipeline (model_index.json or component folders missing); set "
+                            f"{model_sources.override_hint(name)} to the right repo")
+    return folder
 
 
 def resolve_model(config: EngineConfig, name: str) -> Path:
@@ -153,11 +141,16 @@ def resolve_model(config: EngineConfig, name: str) -> Path:
                   else "downloads are disabled (ACESTEP_ALLOW_DOWNLOAD=false)")
         raise ModelNotFound(missing_model_message(name, path, config, reason))
     try:
-        return download_model(name, path)
+        download_model(name, config.checkpoint_dir)
     except ModelNotFound:
         raise
     except Exception as exc:
         raise ModelNotFound(missing_model_message(name, path, config, f"the download failed ({exc})")) from exc
+    if is_complete(path):
+        return path
+    from engine.converted_cache import ensure_converted  # an original-layout download: convert it once
+
+    return ensure_converted(config.checkpoint_dir, name)
 
 
 def component_fingerprint(path: Path) -> Optional[str]:

@@ -116,13 +116,14 @@ def hub_repo_files(repo: str, revision: str) -> tuple[str, dict[str, tuple[int, 
 
 
 def download(source: ModelSource, checkpoint_dir: Path, snapshot: Optional[Snapshot] = None,
-             repo_files: RepoFiles = hub_repo_files) -> Path:
+             repo_files: Optional[RepoFiles] = None) -> Path:
     """Fetch `source` into `checkpoint_dir` (resuming partial files), verify every file, record the commit.
 
     Returns the model's folder, `<checkpoint_dir>/<name>`.
     """
     if snapshot is None:
         from huggingface_hub import snapshot_download as snapshot
+    repo_files = repo_files or hub_repo_files
     model_dir = checkpoint_dir / source.name
     recorded = _recorded_commits(model_dir)
     commits = {}

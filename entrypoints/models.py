@@ -5,7 +5,9 @@
     acestep-models convert SRC DST [--name NAME] [--overwrite]
         original layout (SRC/NAME, SRC/vae, SRC/Qwen3-Embedding-0.6B) -> diffusers layout at DST
     acestep-models list [--checkpoint-dir DIR]              configured + present models, real or demo
-    acestep-models download NAME [--checkpoint-dir DIR] [--repo REPO]
+    acestep-models download NAME [--checkpoint-dir DIR]     from its published source, verified, pinned
+    acestep-models publish NAME --bucket BUCKET [--checkpoint-dir DIR]
+        copy the (converted) model to s3://BUCKET/models/NAME/ for AWS workers (ACESTEP_MODELS_MIRROR)
 """
 from __future__ import annotations
 
@@ -15,13 +17,12 @@ import os
 import sys
 from pathlib import Path
 
-from engine import original_layout
+from engine import model_sources, original_layout
 from engine.checkpoints import (
     DEMO_NOTICE,
     LAYOUTS,
     build_tiny_checkpoint,
     download_model,
-    hf_repo_for,
     is_complete,
     local_layout,
     model_dir,
@@ -51,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     lst = sub.add_parser("list", help="show configured and present models")
     lst.add_argument("--checkpoint-dir", default=None)
-    dl = sub.add_parser("download", help="download a diffusers-format model from the Hugging Face Hub")
+    dl = sub.add_parser("download", help="download a model from its published source on the Hugging Face Hub")
     dl.add_argument("name")
     dl.add_argument("--checkpoint-dir", default=None)
-    dl.add_argument("--repo", default=None, help="Hub repo id (default: ACESTEP_HF_REPO_<NAME> or "
-                    "ACE-Step/<name>-diffusers)")
+    pub = sub.add_parser("publish", help="copy a model to the stack's S3 bucket for AWS workers")
+    pub.add_argument("name")
+    pub.add_argument("--bucket", required=True, help="the stack's bucket (its BucketName output)")
+    pub.add_argument("--checkpoint-dir", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = EngineConfig.from_env()
@@ -83,10 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             print("HF_HUB_OFFLINE is set: unset it to download", file=sys.stderr)
             return 2
-        path = download_model(args.name, model_dir(root, args.name), args.repo)
-        print(f"downloaded {args.name} to {path}")
+        path = download_model(args.name, root)
+        print(f"downloaded {args.name} to {path} ({model_sources.source_for(args.name).describe()})")
         return 0
+    if args.command == "publish":
+        return publish(Path(args.checkpoint_dir or config.checkpoint_dir), args.name, args.bucket)
     return 1
+
+
+def publish(root: Path, name: str, bucket: str) -> int:
+    """Publish the diffusers layout the engine loads: the model itself, or its conversion."""
+    import boto3
+
+    from engine.checkpoints import resolve_model
+    from service.aws.model_mirror import publish as publish_to_s3
+
+    config = EngineConfig(checkpoint_dir=str(root), model_names=[name], allow_download=False)
+    folder = resolve_model(config, name)  # converts an original-layout model first
+    size = publish_to_s3(boto3.client("s3"), bucket, name, folder)
+    print(f"published {name} from {folder} to s3://{bucket}/models/{name}/ ({size / 1e9:.2f} GB)")
+    return 0
 
 
 def convert(src: Path, dst: Path, name: str | None, overwrite: bool) -> int:
@@ -119,7 +138,7 @@ def convert(src: Path, dst: Path, name: str | None, overwrite: bool) -> int:
 def _state(root: Path, name: str) -> str:
     layout = local_layout(root, name)
     if layout is None:
-        return f"MISSING (download: acestep-models download {name}; repo {hf_repo_for(name)})"
+        return f"MISSING (download: acestep-models download {name}; from {model_sources.source_for(name).describe()})"
     state = "present"
     if layout == "original":
         cache = cache_path(root, name)

@@ -81,3 +81,14 @@ def test_an_aws_worker_loads_the_model_published_to_its_bucket(tmp_path):
     assert [m.name for m in engine.models()] == ["acestep-v15-turbo"]
     assert engine.models()[0].random_weights is True
     assert _files(tmp_path / "worker-disk" / "acestep-v15-turbo") == _files(published)
+
+
+def test_models_cli_publishes_the_converted_layout(s3, tmp_path, capsys):
+    from engine.checkpoints import build_tiny_checkpoint
+    from entrypoints.models import main
+
+    build_tiny_checkpoint(tmp_path / "ckpt" / "acestep-v15-turbo", layout="original")
+    assert main(["publish", "acestep-v15-turbo", "--bucket", BUCKET, "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    assert "published acestep-v15-turbo" in capsys.readouterr().out
+    manifest = model_mirror.read_manifest(s3, BUCKET, "acestep-v15-turbo")
+    assert "model_index.json" in manifest["files"] and "transformer/config.json" in manifest["files"]

@@ -12,7 +12,6 @@ from engine.checkpoints import (
     DEMO_MARKER,
     ModelNotFound,
     ensure_demo_models,
-    hf_repo_for,
     is_complete,
     resolve_model,
     supported_task_types,
@@ -100,12 +99,6 @@ def test_engine_load_fails_clearly_when_a_model_is_missing(tmp_path):
 
     with pytest.raises(ModelNotFound, match="ACESTEP_ALLOW_DOWNLOAD=false"):
         Engine.load(EngineConfig(checkpoint_dir=str(tmp_path), model_names=["nope"], allow_download=False))
-
-
-def test_hf_repo_mapping_is_configurable(monkeypatch):
-    assert hf_repo_for("acestep-v15-turbo", env={}) == "ACE-Step/acestep-v15-turbo-diffusers"
-    env = {"ACESTEP_HF_REPO_ACESTEP_V15_TURBO": "me/my-turbo"}
-    assert hf_repo_for("acestep-v15-turbo", env=env) == "me/my-turbo"
 
 
 def test_ensure_demo_models_builds_missing_models_when_offline(tmp_path, monkeypatch, caplog):

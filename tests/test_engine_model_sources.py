@@ -90,3 +90,26 @@ def test_later_downloads_keep_the_recorded_commit(tmp_path):
 
     download(source_for("acestep-v15-turbo", env={}), tmp_path, hub.snapshot, files)
     assert asked == [hub.commit]  # not "main": the model does not move under a running service
+
+
+def test_a_missing_model_is_downloaded_in_the_original_layout_and_converted_for_loading(tmp_path, monkeypatch):
+    """resolve_model's whole path: the hub (stand-in serving a tiny original-layout repo) -> verified
+    download -> one conversion -> a diffusers-layout folder the engine loads."""
+    import huggingface_hub
+
+    from engine.checkpoints import build_tiny_checkpoint, is_complete, resolve_model
+    from engine.config import EngineConfig
+
+    published = tmp_path / "published"
+    build_tiny_checkpoint(published / "acestep-v15-turbo", layout="original")
+    repo = {p.relative_to(published).as_posix(): p.read_bytes() for p in published.rglob("*") if p.is_file()}
+    hub = FakeHub({MAIN_REPO: repo})
+    monkeypatch.setattr(model_sources, "hub_repo_files", hub.files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    config = EngineConfig(checkpoint_dir=str(tmp_path / "ckpt"), model_names=["acestep-v15-turbo"], allow_download=True)
+    folder = resolve_model(config, "acestep-v15-turbo")
+    assert is_complete(folder) and folder == tmp_path / "ckpt" / ".diffusers" / "acestep-v15-turbo"
+    assert (tmp_path / "ckpt" / "acestep-v15-turbo" / "acestep-source.json").is_file()
+    assert resolve_model(config, "acestep-v15-turbo") == folder and len(hub.snapshots) == 1  # not fetched again
