@@ -219,9 +219,11 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
         from engine.convert import export_original_layout
 
         return export_original_layout(pipe, path.parent, path.name, marker=marker)
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(path))
-    (path / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    from engine.atomic_dir import build_then_swap, exclusive_lock
+
+    with exclusive_lock(path), build_then_swap(path) as tmp:  # never half a model, even with two builders
+        pipe.save_pretrained(str(tmp))
+        (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return path
 
 
@@ -243,7 +245,11 @@ def ensure_demo_models(config: EngineConfig) -> list[str]:
             log.warning("NO WEIGHTS for model %s and downloads are impossible: building a TINY RANDOM-WEIGHT "
                         "DEMO model at %s. Its audio is noise.", name, path)
             log.warning("=" * 72)
-            build_tiny_checkpoint(path, model_name=name)
+            from engine.atomic_dir import exclusive_lock
+
+            with exclusive_lock(path.parent / f"{name}.demo"):  # two workers starting together build it once
+                if local_layout(config.checkpoint_dir, name) is None:
+                    build_tiny_checkpoint(path, model_name=name)
         marker = read_marker(path)
         if marker and marker.get("random_weights"):
             demo.append(name)

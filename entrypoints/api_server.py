@@ -57,6 +57,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def child_env(settings: Settings) -> dict:
     """The environment a worker process needs to see the same settings as the API."""
     env = dict(os.environ)
+    # Each worker's torch would use every core; several of them then spin against each other.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, settings.queue_workers))))
     for name, attr in ENV_NAMES.items():
         value = getattr(settings, attr)
         if isinstance(value, list):

@@ -59,7 +59,8 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    worker.run_forever(poll_seconds=5.0 if settings.backend == "embedded" else 20.0)
+    # Embedded waits wake at once for new work anyway; a short poll lets SIGTERM stop an idle worker quickly.
+    worker.run_forever(poll_seconds=1.0 if settings.backend == "embedded" else 20.0)
 
 
 def main(argv=None) -> None:
