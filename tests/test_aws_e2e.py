@@ -19,7 +19,7 @@ import contextlib
 import io
 import json
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -130,6 +130,12 @@ class Forked:
             return False
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        return bool(selector.select(timeout))
+
+
 class Cluster:
     """The processes of the deployment plus a test-side view of the same AWS resources."""
 
@@ -219,7 +225,8 @@ class Cluster:
         fd = self.forks.stdout.fileno()
         while b"\n" not in self._replies:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            # poll, not select: after the rest of the suite this process may hold fds past select()'s 1024
+            if remaining <= 0 or not _readable(fd, remaining):
                 raise AssertionError("the fork server did not answer:\n" + self.logs())
             chunk = os.read(fd, 4096)
             if not chunk:
