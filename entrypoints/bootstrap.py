@@ -14,11 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_secrets(settings: Settings) -> None:
-    """On AWS the API key may live in Secrets Manager / SSM; read it once at start-up."""
+    """On AWS the API key (and a hub token) may live in Secrets Manager / SSM; read them once at start-up."""
     if settings.backend == "aws":
-        from service.aws.secrets import resolve_secret_env
+        from service.aws.secrets import resolve_hub_token, resolve_secret_env
 
         resolve_secret_env(settings)
+        resolve_hub_token(settings)
 
 
 def build_backend(settings: Settings) -> Backend:

@@ -46,3 +46,23 @@ def test_nothing_set_leaves_the_key_alone(aws_accounts):
 def test_missing_secret_is_an_error_not_an_open_api(aws_accounts):
     with pytest.raises(Exception):
         resolve_secret_env(Settings(aws_region="us-east-1"), {"ACESTEP_API_KEY_SSM_PARAM": "/nope"})
+
+
+def test_hub_token_from_secrets_manager_reaches_huggingface_hub(aws_accounts):
+    from service.aws.secrets import resolve_hub_token
+
+    sm, _ = aws_accounts
+    plain = sm.create_secret(Name="acestep/hf", SecretString="hf_abc\n")["ARN"]
+    env: dict = {"ACESTEP_HF_TOKEN_SECRET_ARN": plain}
+    resolve_hub_token(Settings(aws_region="us-east-1"), env)
+    assert env["HF_TOKEN"] == "hf_abc"
+    wrapped = sm.create_secret(Name="acestep/hf-json", SecretString='{"token": "hf_json"}')["ARN"]
+    env = {"ACESTEP_HF_TOKEN_SECRET_ARN": wrapped}
+    resolve_hub_token(Settings(aws_region="us-east-1"), env)
+    assert env["HF_TOKEN"] == "hf_json"
+    env = {"ACESTEP_HF_TOKEN_SECRET_ARN": wrapped, "HF_TOKEN": "set-by-hand"}  # an explicit token wins
+    resolve_hub_token(Settings(aws_region="us-east-1"), env)
+    assert env["HF_TOKEN"] == "set-by-hand"
+    env = {}
+    resolve_hub_token(Settings(aws_region="us-east-1"), env)
+    assert env == {}

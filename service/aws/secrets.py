@@ -1,15 +1,17 @@
-"""The API key from Secrets Manager or SSM Parameter Store, so it never sits in the image or the task definition."""
+"""Secrets from Secrets Manager or SSM Parameter Store, so they never sit in the image or the task definition:
+the API key, and a Hugging Face token for workers that download gated or private models."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping, MutableMapping, Optional
 
 from ..config import Settings
 from .clients import aws_client
 
 SECRET_ARN_ENV = "ACESTEP_API_KEY_SECRET_ARN"
 SSM_PARAM_ENV = "ACESTEP_API_KEY_SSM_PARAM"
+HF_TOKEN_SECRET_ENV = "ACESTEP_HF_TOKEN_SECRET_ARN"
 
 
 def resolve_secret_env(settings: Settings, env: Optional[Mapping[str, str]] = None) -> Settings:
@@ -29,6 +31,20 @@ def resolve_secret_env(settings: Settings, env: Optional[Mapping[str, str]] = No
         value = aws_client("ssm", settings).get_parameter(Name=param, WithDecryption=True)["Parameter"]["Value"]
         settings.api_key = value.strip()
     return settings
+
+
+def resolve_hub_token(settings: Settings, env: Optional[MutableMapping[str, str]] = None) -> None:
+    """Put the Hugging Face token named by ACESTEP_HF_TOKEN_SECRET_ARN into HF_TOKEN, where huggingface_hub
+    reads it (plain text or JSON {"token": "..."}). The official ACE-Step repos are public: this is only
+    for gated or private ones."""
+    target: MutableMapping[str, str] = os.environ if env is None else env
+    arn = target.get(HF_TOKEN_SECRET_ENV, "").strip()
+    if not arn or target.get("HF_TOKEN"):
+        return
+    value = aws_client("secretsmanager", settings).get_secret_value(SecretId=arn)["SecretString"].strip()
+    if value.startswith("{"):
+        value = str(json.loads(value).get("token", "")).strip()
+    target["HF_TOKEN"] = value
 
 
 def _unwrap(secret_string: str) -> str:
