@@ -1,0 +1,322 @@
+"""The 5 Hz LM planner: a GenerationRequest in, metadata, (rewritten) lyrics and audio codes out (torch-free).
+
+Steps, as upstream runs them (api_server + inference.generate_music + llm_inference):
+
+1. sample   (`sample_mode` / `sample_query`): a whole song from a description: caption, lyrics, bpm, key, time
+             signature, duration replace the request's. No CFG.
+2. format   (`use_format`, with a caption or lyrics): caption and lyrics rewritten, the user's metadata forced; a
+             duration it writes skips phase 1. No CFG.
+3. phase 1  (metadata, "CoT"): runs unless the user (or steps 1-2) gave bpm, key, time signature and duration all
+             four, for every task but cover/repaint. Caption and language are written when use_cot_caption /
+             use_cot_language; genres never. User values are forced verbatim. Ends with EOS where `</think>` would be.
+4. phase 2  (audio codes, `thinking`, no user codes, not cover/repaint): 5 codes per second, exactly duration x 5
+             when a duration is known (the user's, else the one phase 1 wrote), conditioned on the metadata as a
+             prefilled assistant turn. batch_size items share steps 1-3; item i draws its codes from seeds[i].
+
+CFG (`lm_cfg_scale` > 1) runs in phases 1 and 2 with upstream's unconditional prompts; `constrained_decoding`
+switches the constraints of every step. The runtime is an LMBackend (engine.lm.types): the transformers one
+now, a vLLM one later.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence
+
+from engine.lm import prompts
+from engine.lm.constraints import CodesConstraint, MetadataConstraint, TokenConstraint
+from engine.lm.metadata import metadata_problems, parse_lm_output
+from engine.lm.types import DecodeResult, LMBackend, LMPlan, PhaseStats, SamplingParams
+from engine.lm.vocab import CODES_PER_SECOND, DURATION_RANGE, FIELDS
+from engine.plan import resolve_seeds
+from engine.request import GenerationRequest, parse_audio_codes
+
+SKIP_LM_TASKS = ("cover", "repaint")  # upstream runs no LM for these
+GENERATION_FIELDS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")  # phase 1: no genres
+USER_FIELDS = ("bpm", "keyscale", "timesignature", "duration")
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class LMSteps:
+    sample: bool
+    format: bool
+    cot: bool  # phase 1 may run (skipped at run time when all four metas are known by then)
+    codes: bool
+
+    @property
+    def any(self) -> bool:
+        return self.sample or self.format or self.cot or self.codes
+
+
+def is_sample_request(r: GenerationRequest) -> bool:
+    return r.sample_mode or bool(r.sample_query.strip())
+
+
+def lm_steps(r: GenerationRequest) -> LMSteps:
+    """Which LM steps a request asks for (phase 1 also runs with thinking off, to fill missing metadata)."""
+    lm_task = r.task_type not in SKIP_LM_TASKS
+    codes = lm_task and r.thinking and not r.audio_code_string and not r.analysis_only
+    return LMSteps(sample=is_sample_request(r), format=r.use_format, cot=lm_task, codes=codes)
+
+
+def user_metadata(r: GenerationRequest) -> dict[str, Any]:
+    """The metadata the user gave, in the LM's terms (forced verbatim into the metadata block)."""
+    md: dict[str, Any] = {}
+    if r.bpm is not None:
+        md["bpm"] = int(r.bpm)
+    if r.key_scale.strip() and r.key_scale.strip().lower() != "n/a":
+        md["keyscale"] = r.key_scale.strip()
+    if r.time_signature:
+        md["timesignature"] = r.time_signature
+    if r.audio_duration is not None and r.audio_duration > 0:
+        md["duration"] = int(r.audio_duration)
+    return md
+
+
+def has_all_metas(md: dict[str, Any]) -> bool:
+    return all(md.get(k) not in (None, "") for k in USER_FIELDS)
+
+
+def description_is_instrumental(query: str) -> bool:
+    """Upstream's rule for sample mode's `instrumental:` flag."""
+    q = query.lower().strip()
+    return "instrumental" in q or "pure music" in q or "pure instrument" in q or q.endswith(" solo") or q == "solo"
+
+
+def target_codes(duration: Optional[float]) -> Optional[int]:
+    if duration is None or duration <= 0:
+        return None
+    return int(min(max(float(duration), DURATION_RANGE[0]), DURATION_RANGE[1]) * CODES_PER_SECOND)
+
+
+class Planner:
+    def __init__(self, backend: LMBackend, *, max_caption_tokens: int = 512, max_cot_tokens: int = 1024,
+                 max_lyrics_tokens: int = 2048, max_codes: int = DURATION_RANGE[1] * CODES_PER_SECOND,
+                 enforce_lm_duration: bool = True):
+        self.backend = backend
+        self.max_caption_tokens = max_caption_tokens
+        self.max_cot_tokens = max_cot_tokens
+        self.max_lyrics_tokens = max_lyrics_tokens
+        self.max_codes = max_codes
+        self.enforce_lm_duration = enforce_lm_duration
+
+    # --- single steps -------------------------------------------------------------------------------------------
+    def _run(self, phase: str, prompt: str, *, seeds: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
+             uncond: Optional[str] = None, constraints: Optional[Sequence[Optional[TokenConstraint]]] = None,
+             stop_ids: Sequence[int] = (), progress: Optional[ProgressFn] = None,
+             expected_steps: Optional[int] = None) -> tuple[DecodeResult, PhaseStats]:
+        b = self.backend
+        n = len(seeds)
+        ids = b.encode(prompt)
+        uncond_ids = b.encode(uncond) if (uncond is not None and sampling.cfg) else None
+        on_step = None
+        if progress is not None:
+            total = max(1, expected_steps or max_new_tokens)
+
+            def on_step(step: int) -> None:
+                if step % 8 == 0:
+                    progress(min(1.0, step / total), f"5 Hz LM {phase}: {step} tokens")
+
+        start = time.perf_counter()
+        result = b.generate([ids] * n, seeds=seeds, sampling=sampling, max_new_tokens=max_new_tokens,
+                            uncond_prompts=[uncond_ids] * n if uncond_ids is not None else None,
+                            constraints=constraints, stop_ids=stop_ids, on_step=on_step)
+        stats = PhaseStats(phase=phase, items=n, cfg=uncond_ids is not None, constrained=constraints is not None,
+                           prompt_tokens=len(ids), generated_tokens=[len(t) for t in result.tokens],
+                           steps=result.steps, seconds=time.perf_counter() - start, prefill_s=result.prefill_s,
+                           decode_s=result.decode_s, constraint_s=result.constraint_s)
+        return result, stats
+
+    def _stops(self, *extra: int) -> list[int]:
+        v = self.backend.vocab
+        return [v.eos_id, v.pad_id, *extra]
+
+    def metadata_pass(self, prompt: str, *, mode: Literal["cot", "understand"], fields: Sequence[str],
+                      forced: dict[str, Any], seed: int,
+                      sampling: SamplingParams, constrained: bool, uncond: Optional[str] = None,
+                      phase: str = "cot", progress: Optional[ProgressFn] = None) -> tuple[str, PhaseStats]:
+        """One metadata block (mode "cot": phase 1, stops where `</think>` would be; "understand": `</think>` and
+        free text follow). Returns the generated text and its stats."""
+        v = self.backend.vocab
+        constraints = None
+        if constrained:
+            constraints = [MetadataConstraint(self.backend.tables, fields=fields, forced=forced, mode=mode,
+                                              max_caption_tokens=self.max_caption_tokens,
+                                              max_lyrics_tokens=self.max_lyrics_tokens)]
+        max_new = self.max_cot_tokens + (self.max_lyrics_tokens + 2 if mode == "understand" else 0)
+        stops = self._stops(v.think_end_id) if (mode == "cot" and not constrained) else self._stops()
+        result, stats = self._run(phase, prompt, seeds=[seed], sampling=sampling, max_new_tokens=max_new,
+                                  uncond=uncond, constraints=constraints, stop_ids=stops, progress=progress,
+                                  expected_steps=80)
+        return self.backend.decode_text(result.tokens[0]), stats
+
+    def cot(self, caption: str, lyrics: str, *, forced: dict[str, Any], use_cot_caption: bool = True,
+            use_cot_language: bool = True, seed: int, sampling: SamplingParams, constrained: bool = True,
+            negative_prompt: str = prompts.NO_USER_INPUT,
+            progress: Optional[ProgressFn] = None) -> tuple[dict[str, Any], str, PhaseStats]:
+        """Phase 1: (parsed metadata, raw text, stats)."""
+        fields = [f for f in GENERATION_FIELDS
+                  if not (f == "caption" and not use_cot_caption) and not (f == "language" and not use_cot_language)]
+        text, stats = self.metadata_pass(prompts.cot_prompt(caption, lyrics), mode="cot", fields=fields,
+                                         forced=forced, seed=seed, sampling=sampling, constrained=constrained,
+                                         uncond=prompts.cot_unconditional_prompt(lyrics, negative_prompt),
+                                         progress=progress)
+        return parse_lm_output(text).metadata, text, stats
+
+    def codes(self, caption: str, lyrics: str, metadata: dict[str, Any], *, seeds: Sequence[int],
+              sampling: SamplingParams, target: Optional[int], constrained: bool = True,
+              negative_prompt: str = prompts.NO_USER_INPUT,
+              progress: Optional[ProgressFn] = None) -> tuple[list[list[int]], str, PhaseStats]:
+        """Phase 2: (codes per seed, the metadata block used, stats). target: exact code count (constrained)."""
+        cot = prompts.cot_text(metadata)
+        constraints: Optional[list[Optional[TokenConstraint]]] = None
+        if constrained:
+            constraints = [CodesConstraint(self.backend.tables, target=target, max_codes=self.max_codes)
+                           for _ in seeds]
+        max_new = (target if target is not None else self.max_codes) + 1
+        result, stats = self._run("codes", prompts.codes_prompt(caption, lyrics, cot), seeds=seeds,
+                                  sampling=sampling, max_new_tokens=max_new,
+                                  uncond=prompts.codes_unconditional_prompt(caption, lyrics, negative_prompt),
+                                  constraints=constraints, stop_ids=self._stops(), progress=progress,
+                                  expected_steps=target or max_new)
+        codes = [self.backend.vocab.codes_from_ids(t) for t in result.tokens]
+        return codes, cot, stats
+
+    def format_input(self, caption: str, lyrics: str, *, forced: dict[str, Any], seed: int,
+                     sampling: SamplingParams, constrained: bool = True,
+                     progress: Optional[ProgressFn] = None) -> tuple[dict[str, Any], str, str, PhaseStats]:
+        """`use_format` / `/format_input`: (metadata, lyrics or "" when none came out, raw text, stats)."""
+        fields = [f for f in FIELDS if not (f == "language" and forced.get("language"))]
+        text, stats = self.metadata_pass(prompts.format_prompt(caption, lyrics), mode="understand", fields=fields,
+                                         forced=forced, seed=seed, sampling=sampling.without_cfg(),
+                                         constrained=constrained, phase="format", progress=progress)
+        parsed = parse_lm_output(text)
+        return parsed.metadata, parsed.lyrics, text, stats
+
+    def create_sample(self, query: str, *, instrumental: bool, language: Optional[str], seed: int,
+                      sampling: SamplingParams, constrained: bool = True,
+                      progress: Optional[ProgressFn] = None) -> tuple[dict[str, Any], str, str, PhaseStats]:
+        """`sample_mode` / `sample_query`: (metadata, lyrics, raw text, stats); "[Instrumental]" lyrics when
+        instrumental and none came out."""
+        forced = {"language": language} if language else {}
+        text, stats = self.metadata_pass(prompts.sample_prompt(query, instrumental), mode="understand",
+                                         fields=FIELDS, forced=forced, seed=seed, sampling=sampling.without_cfg(),
+                                         constrained=constrained, phase="sample", progress=progress)
+        parsed = parse_lm_output(text)
+        lyrics = parsed.lyrics or (prompts.INSTRUMENTAL_LYRICS if instrumental else "")
+        return parsed.metadata, lyrics, text, stats
+
+    def understand(self, codes: Sequence[int], *, seed: int, temperature: float = 0.3, constrained: bool = True,
+                   progress: Optional[ProgressFn] = None) -> tuple[dict[str, Any], str, str, PhaseStats]:
+        """Audio codes -> (metadata, lyrics, raw text, stats) (upstream's understand mode: temperature 0.3)."""
+        from engine.request import format_audio_codes
+
+        text, stats = self.metadata_pass(prompts.understand_prompt(format_audio_codes(list(codes))),
+                                         mode="understand", fields=FIELDS, forced={}, seed=seed,
+                                         sampling=SamplingParams(temperature=temperature), constrained=constrained,
+                                         phase="understand", progress=progress)
+        parsed = parse_lm_output(text)
+        return parsed.metadata, parsed.lyrics, text, stats
+
+    # --- a whole request ----------------------------------------------------------------------------------------
+    def plan(self, request: GenerationRequest, seeds: Optional[Sequence[int]] = None,
+             progress: Optional[ProgressFn] = None) -> LMPlan:
+        r = request
+        seeds = list(seeds) if seeds is not None else resolve_seeds(r)
+        if len(seeds) != r.batch_size:
+            raise ValueError(f"{len(seeds)} seeds for batch_size {r.batch_size}")
+        steps = lm_steps(r)
+        sampling = SamplingParams.from_request(r)
+        constrained = r.constrained_decoding
+        b = self.backend
+        plan = LMPlan(metadata={}, lm_metadata={}, caption=r.prompt, lyrics=r.lyrics, lyrics_rewritten=False,
+                      codes=[], seeds=seeds, model=b.model_name, backend=b.name, random_weights=b.random_weights)
+        known = user_metadata(r)
+        lm_md: dict[str, Any] = {}
+        caption, lyrics = r.prompt, r.lyrics
+        skip_cot = False
+
+        if steps.sample:
+            query = r.sample_query.strip() or prompts.NO_USER_INPUT
+            instrumental = description_is_instrumental(query)
+            language = r.vocal_language if r.vocal_language not in ("en", "unknown", "") else None
+            md, text_lyrics, text, stats = self.create_sample(query, instrumental=instrumental, language=language,
+                                                              seed=seeds[0], sampling=sampling,
+                                                              constrained=constrained, progress=progress)
+            plan.phases.append(stats)
+            plan.lm_text = text
+            md = self._valid(md, plan)
+            lm_md.update(md)
+            caption = md.get("caption") or caption
+            if text_lyrics:
+                lyrics, plan.lyrics_rewritten = text_lyrics, True
+            known.update({k: md[k] for k in USER_FIELDS if k in md})
+            skip_cot = True  # upstream: use_cot_metas=False after sample mode
+        if steps.format and (caption or lyrics):
+            forced = dict(known)
+            if r.vocal_language and r.vocal_language != "unknown":
+                forced["language"] = r.vocal_language
+            md, text_lyrics, text, stats = self.format_input(caption, lyrics, forced=forced, seed=seeds[0],
+                                                             sampling=sampling, constrained=constrained,
+                                                             progress=progress)
+            plan.phases.append(stats)
+            plan.lm_text = text
+            md = self._valid(md, plan)
+            lm_md.update(md)
+            caption = md.get("caption") or caption
+            if text_lyrics:
+                lyrics, plan.lyrics_rewritten = text_lyrics, True
+            known.update({k: md[k] for k in USER_FIELDS if k in md})
+            skip_cot = skip_cot or "duration" in md
+        cot_md = dict(known)  # what phase 2 is conditioned on
+        cot_caption = None
+        if steps.cot and not skip_cot and not has_all_metas(known):
+            md, text, stats = self.cot(caption, lyrics, forced=known, use_cot_caption=r.use_cot_caption,
+                                       use_cot_language=r.use_cot_language, seed=seeds[0], sampling=sampling,
+                                       constrained=constrained, negative_prompt=r.lm_negative_prompt,
+                                       progress=progress)
+            plan.phases.append(stats)
+            plan.lm_text = text
+            md = self._valid(md, plan)
+            lm_md.update(md)
+            cot_md = {**{k: v for k, v in md.items() if k != "genres"}, **known}
+            cot_caption = md.get("caption") if r.use_cot_caption else None
+        plan.lm_metadata = lm_md
+        metadata = {**lm_md, **known}
+        if r.audio_duration is not None:
+            metadata["duration"] = r.audio_duration
+        plan.caption = metadata["caption"] = cot_caption or caption
+        plan.lyrics = lyrics
+        plan.metadata = metadata
+
+        if steps.codes:
+            duration = r.audio_duration if r.audio_duration else None
+            if duration is None and self.enforce_lm_duration and isinstance(cot_md.get("duration"), int):
+                duration = cot_md["duration"]
+            target = target_codes(duration) if constrained else None
+            codes, cot_text, stats = self.codes(caption, lyrics, cot_md, seeds=seeds, sampling=sampling,
+                                                target=target, constrained=constrained,
+                                                negative_prompt=r.lm_negative_prompt, progress=progress)
+            plan.phases.append(stats)
+            plan.codes = codes
+            plan.cot_text = cot_text
+            if target is not None and any(len(c) != target for c in codes):
+                plan.notes.append(f"code counts {[len(c) for c in codes]} differ from the target {target}")
+        if plan.random_weights:
+            plan.notes.append("the 5 Hz LM has random weights: its metadata and codes are noise")
+        return plan
+
+    @staticmethod
+    def _valid(md: dict[str, Any], plan: LMPlan) -> dict[str, Any]:
+        """Drop LM values out of range (only possible without constraints), with a note."""
+        out = dict(md)
+        for field in ("bpm", "duration", "keyscale", "language", "timesignature"):
+            if field in out and metadata_problems({field: out[field]}):
+                plan.notes.append(f"ignored the LM's {field} {out.pop(field)!r}: out of range")
+        return out
+
+
+def codes_from_request(r: GenerationRequest) -> list[int]:
+    """The user's own codes (when present, phase 2 does not run)."""
+    return parse_audio_codes(r.audio_code_string)

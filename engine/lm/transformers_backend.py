@@ -1,0 +1,214 @@
+"""The 5 Hz LM on transformers (CPU or GPU): loading, and a batched decode loop with CFG and constraints.
+
+One forward per step serves every item and, with CFG, its unconditional twin: rows [0, n) are the conditional
+sequences, rows [n, 2n) the unconditional ones, left-padded to one length, with a KV cache. The chosen token of
+item i is appended to both of its rows. `ConstraintLogitsProcessor` offers the same constraints to
+`model.generate()` (it replays the tokens generate appended).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from engine.lm.constraints import ConstraintTables, TokenConstraint
+from engine.lm.masking import MaskApplier
+from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
+from engine.lm.tiny import is_random_lm
+from engine.lm.types import DecodeResult, SamplingParams, StepCallback
+from engine.lm.vocab import LMVocab
+
+log = logging.getLogger("engine.lm")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU (upstream: fp32 on cpu/mps)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class TransformersLM:
+    """A loaded 5 Hz LM: model, tokenizer, vocabulary tables and the decode loop (an engine.lm.types.LMBackend)."""
+
+    name = "pt"
+
+    def __init__(self, model, tokenizer, *, model_name: str = "", random_weights: bool = False,
+                 max_duration: int = 600):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.random_weights = random_weights
+        self.device = next(model.parameters()).device
+        logits_size = int(model.get_output_embeddings().weight.shape[0])
+        start = time.perf_counter()
+        self.vocab = LMVocab.from_tokenizer(tokenizer, logits_size=logits_size)
+        self.tables = ConstraintTables(self.vocab, self.encode, max_duration=max_duration)
+        self.tables_s = time.perf_counter() - start
+        self.applier = MaskApplier(self.tables, self.device)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+             dtype: Optional[torch.dtype] = None, max_duration: int = 600) -> "TransformersLM":
+        """Load a 5 Hz LM folder (published layout) with no hub access."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        lm = cls(model, tokenizer, model_name=path.name, random_weights=is_random_lm(path), max_duration=max_duration)
+        if lm.random_weights:
+            log.warning("5 Hz LM %s has random weights: its metadata and audio codes are noise", path)
+        return lm
+
+    # --- text ---------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # --- decoding -----------------------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep_last: bool):
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_kw: cache,
+                  "use_cache": True}
+        if keep_last and self._keep_kw:
+            kwargs[self._keep_kw] = 1
+        return self.model(**kwargs).logits[:, -1, :]
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers 4.x
+            return DynamicCache()
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], *, seeds: Sequence[int], sampling: SamplingParams,
+                 max_new_tokens: int, uncond_prompts: Optional[Sequence[Sequence[int]]] = None,
+                 constraints: Optional[Sequence[Optional[TokenConstraint]]] = None,
+                 stop_ids: Sequence[int] = (), on_step: Optional[StepCallback] = None,
+                 logits_hook=None) -> DecodeResult:
+        """Decode one continuation per prompt.
+
+        seeds[i] drives item i's draws; uncond_prompts (one per item) are used when sampling.cfg; constraints[i]
+        (or None) shapes item i; an item stops at any of stop_ids (not included in its tokens) or after
+        max_new_tokens. logits_hook(step, logits) sees each step's guided logits before the constraint (tests).
+        """
+        n = len(prompts)
+        if len(seeds) != n:
+            raise ValueError("one seed per prompt")
+        cfg = sampling.cfg and uncond_prompts is not None
+        rows = [list(p) for p in prompts]
+        if cfg and uncond_prompts is not None:
+            rows += [list(p) for p in uncond_prompts]
+        if cfg and len(rows) != 2 * n:
+            raise ValueError("one unconditional prompt per prompt")
+        constraints = list(constraints) if constraints is not None else [None] * n
+        device = self.device
+        pad = self.vocab.pad_id
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, seq in enumerate(rows):
+            ids[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[r, width - len(seq):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        next_pos = mask.sum(-1, keepdim=True)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros((n, self.vocab.size), dtype=torch.bool, device=device)
+            for r in range(n):
+                seen[r, torch.tensor(rows[r], dtype=torch.long, device=device)] = True
+        generators = make_generators(seeds, device)
+        stops = set(int(s) for s in stop_ids)
+        out: list[list[int]] = [[] for _ in range(n)]
+        stopped = [False] * n
+        constraint_s = 0.0
+        self.applier.seconds = 0.0
+
+        start = time.perf_counter()
+        cache = self._new_cache()
+        logits = self._forward(ids, mask, pos, cache, keep_last=True)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        steps = 0
+        for step in range(max_new_tokens):
+            guided = guide(logits[:n], logits[n:], sampling.cfg_scale) if cfg else logits[:n].float()
+            if logits_hook is not None:
+                logits_hook(step, guided.clone())
+            t0 = time.perf_counter()
+            allowed = [c.allowed() if c is not None and not stopped[i] else None for i, c in enumerate(constraints)]
+            constraint_s += time.perf_counter() - t0
+            self.applier.apply(guided, allowed)
+            if seen is not None:
+                guided = repetition_penalty(guided, seen, sampling.repetition_penalty)
+            guided = filter_logits(guided, sampling.temperature, sampling.top_k, sampling.top_p)
+            chosen = choose(guided, sampling.temperature, generators).tolist()
+            t0 = time.perf_counter()
+            for i, tok in enumerate(chosen):
+                if stopped[i]:
+                    chosen[i] = pad
+                    continue
+                c = constraints[i]
+                if c is not None:
+                    c.advance(tok)
+                if tok in stops:
+                    stopped[i] = True
+                else:
+                    out[i].append(tok)
+            constraint_s += time.perf_counter() - t0
+            steps = step + 1
+            if on_step is not None:
+                on_step(steps)
+            if all(stopped) or steps == max_new_tokens:
+                break
+            step_ids = torch.tensor(chosen * (2 if cfg else 1), dtype=torch.long, device=device)[:, None]
+            if seen is not None:
+                seen[torch.arange(n, device=device), step_ids[:n, 0]] = True
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
+            logits = self._forward(step_ids, mask, next_pos, cache, keep_last=False)
+            next_pos = next_pos + 1
+        decode_s = time.perf_counter() - start
+        return DecodeResult(tokens=out, stopped=stopped, prompt_tokens=[len(p) for p in prompts], steps=steps,
+                            prefill_s=prefill_s, decode_s=decode_s, constraint_s=constraint_s + self.applier.seconds,
+                            rows=len(rows))
+
+
+def constraint_logits_processor(constraints: Sequence[TokenConstraint], applier: MaskApplier, prompt_length: int):
+    """The constraints as a transformers LogitsProcessor for `model.generate(logits_processor=[...])`.
+
+    generate() passes the whole sequence each step; the processor feeds each row's new tokens to its constraint,
+    then masks. Rows are generate's batch rows (one constraint per row); left padding is part of prompt_length.
+    """
+    from transformers import LogitsProcessor
+
+    class ConstraintLogitsProcessor(LogitsProcessor):
+        def __init__(self):
+            self.constraints = list(constraints)
+            self.fed = [0] * len(self.constraints)
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            allowed = []
+            for r, c in enumerate(self.constraints):
+                new = input_ids[r, prompt_length + self.fed[r]:].tolist()
+                self.fed[r] += len(new)
+                for tok in new:
+                    if not c.done:
+                        c.advance(tok)
+                allowed.append(None if c.done else c.allowed())
+            return applier.apply(scores, allowed)
+
+    return ConstraintLogitsProcessor()

@@ -1,0 +1,290 @@
+"""The 5 Hz LM planner on a tiny random Qwen3 (1,024 code tokens; built offline, loaded like a real LM folder):
+both phases, constraints over many seeds, CFG against a hand computation, seeds, sampling knobs, the
+generate() adapter, format/sample modes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoints import DEMO_MARKER
+from engine.lm import prompts
+from engine.lm.constraints import CodesConstraint, MetadataConstraint
+from engine.lm.metadata import metadata_problems, parse_lm_output
+from engine.lm.planner import Planner
+from engine.lm.tiny import build_tiny_lm
+from engine.lm.transformers_backend import TransformersLM, constraint_logits_processor
+from engine.lm.types import SamplingParams
+from engine.request import GenerationRequest, parse_audio_codes
+from engine.types import GenerationCancelled
+
+CAPTION, LYRICS = "soft piano ballad", "[Verse]\nla la la"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls are slower on two contended threads than on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    return build_tiny_lm(tmp_path_factory.mktemp("lm") / "acestep-5Hz-lm-tiny", audio_codes=1024)
+
+
+@pytest.fixture(scope="module")
+def lm(lm_dir):
+    return TransformersLM.load(lm_dir)
+
+
+@pytest.fixture(scope="module")
+def planner(lm):
+    return Planner(lm, max_caption_tokens=16)
+
+
+def request(**kw):
+    kw.setdefault("prompt", CAPTION)
+    kw.setdefault("lyrics", LYRICS)
+    kw.setdefault("batch_size", 1)
+    return GenerationRequest(**kw)
+
+
+def test_tiny_lm_is_a_published_style_folder_marked_random(lm_dir, lm):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):
+        assert (lm_dir / name).is_file(), name
+    assert json.loads((lm_dir / DEMO_MARKER).read_text())["random_weights"] is True
+    assert json.loads((lm_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+    assert lm.random_weights and lm.model.config.vocab_size == len(lm.tokenizer)
+    assert lm.vocab.eos_id == lm.tokenizer.convert_tokens_to_ids("<|im_end|>") != 151645
+    # its chat template renders the prompts exactly as engine.lm.prompts does
+    tok = lm.tokenizer
+    system = {"role": "system", "content": prompts.system_content(prompts.INSTRUCTION_GENERATE)}
+    user = {"role": "user", "content": prompts.caption_lyrics(CAPTION, LYRICS)}
+    assert tok.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True) == \
+        prompts.cot_prompt(CAPTION, LYRICS)
+    cot = "<think>\nbpm: 90\n</think>"
+    for content in (cot, "<think>\n</think>"):
+        assert tok.apply_chat_template([system, user, {"role": "assistant", "content": content}], tokenize=False,
+                                       add_generation_prompt=False) == prompts.codes_prompt(CAPTION, LYRICS, content)
+
+
+def test_two_phases_end_to_end(planner, lm):
+    plan = planner.plan(request(thinking=True, audio_duration=10.4, batch_size=2, seeds=[11, 12]))
+    assert [p.phase for p in plan.phases] == ["cot", "codes"]
+    assert all(p.cfg and p.constrained for p in plan.phases)  # lm_cfg_scale 2.5 by default
+    assert metadata_problems(plan.lm_metadata) == []
+    assert {"bpm", "caption", "duration", "keyscale", "language", "timesignature"} <= set(plan.lm_metadata)
+    assert plan.metadata["duration"] == 10.4 and plan.lm_metadata["duration"] == 10  # the user's, forced
+    assert plan.caption == plan.lm_metadata["caption"]  # use_cot_caption: the DiT gets the CoT caption
+    assert [len(c) for c in plan.codes] == [52, 52]  # int(10.4 * 5), exactly
+    assert plan.codes[0] != plan.codes[1]  # one sequence per item, each from its own seed
+    assert all(0 <= c < 1024 for c in plan.codes[0] + plan.codes[1])
+    for codes, text in zip(plan.codes, plan.audio_code_strings):
+        assert parse_audio_codes(text) == codes
+        assert GenerationRequest(task_type="cover", audio_code_string=text).audio_code_string == text
+    assert plan.cot_text.startswith("<think>\nbpm: ") and "duration: 10\n" in plan.cot_text
+    info = plan.info()
+    assert info["lm_random_weights"] and info["lm_codes_per_item"] == [52, 52]
+    assert info["lm_phases"][1]["generated_tokens"] == [52, 52] and info["lm_total_s"] > 0
+    assert any("random weights" in n for n in plan.notes)
+
+
+def test_constraints_hold_over_many_seeds(planner, lm):
+    forced_sets = [{}, {"bpm": 77}, {"keyscale": "G♭ minor", "timesignature": "6"}, {"duration": 42}]
+    for seed in range(24):
+        forced = forced_sets[seed % 4]
+        md, text, _ = planner.cot(CAPTION, LYRICS, forced=forced, use_cot_caption=seed % 3 == 0, seed=seed,
+                                  sampling=SamplingParams(temperature=1.0, cfg_scale=2.0))
+        assert metadata_problems(md) == [], text
+        assert set(md) >= {"bpm", "duration", "keyscale", "language", "timesignature"}, text
+        assert ("caption" in md) == (seed % 3 == 0)
+        assert "genres" not in md and "</think>" not in text
+        for k, v in forced.items():
+            assert md[k] == v, text
+    for seed in range(6):
+        codes, _, stats = planner.codes(CAPTION, LYRICS, {"bpm": 90, "duration": 10}, seeds=[seed, seed + 100],
+                                        sampling=SamplingParams(temperature=1.0, cfg_scale=2.0), target=13)
+        assert [len(c) for c in codes] == [13, 13] and stats.generated_tokens == [13, 13]
+
+
+def test_codes_phase_emits_only_code_tokens(lm):
+    """Straight from the decode loop: every generated id is a code token, the target count, then EOS."""
+    prompt = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
+    cons = [CodesConstraint(lm.tables, target=20) for _ in range(3)]
+    out = lm.generate([prompt] * 3, seeds=[1, 2, 3], sampling=SamplingParams(temperature=1.5), max_new_tokens=40,
+                      constraints=cons, stop_ids=[lm.vocab.eos_id])
+    assert all(out.stopped) and [len(t) for t in out.tokens] == [20, 20, 20]
+    assert all(t in lm.vocab.id_to_code for row in out.tokens for t in row)
+    free = lm.generate([prompt], seeds=[1], sampling=SamplingParams(temperature=1.5), max_new_tokens=40,
+                       stop_ids=[lm.vocab.eos_id])
+    assert any(t not in lm.vocab.id_to_code for t in free.tokens[0])  # without the constraint: not so
+
+
+def test_all_four_metas_given_skips_phase1_and_forces_them(planner):
+    plan = planner.plan(request(thinking=True, bpm=128, key_scale="D minor", time_signature="3", audio_duration=10,
+                                seeds=[5]))
+    assert [p.phase for p in plan.phases] == ["codes"]
+    assert plan.cot_text == "<think>\nbpm: 128\nduration: 10\nkeyscale: D minor\ntimesignature: 3\n</think>"
+    assert [len(c) for c in plan.codes] == [50]
+    assert plan.caption == CAPTION and plan.metadata["bpm"] == 128
+
+
+def test_thinking_off_runs_phase1_only_and_lm_duration_sets_code_count(lm):
+    short = TransformersLM(lm.model, lm.tokenizer, max_duration=12)  # durations 10-12: short phase 2
+    planner = Planner(short, max_caption_tokens=8)
+    plan = planner.plan(request(thinking=False, seeds=[3]))
+    assert [p.phase for p in plan.phases] == ["cot"] and plan.codes == []
+    plan = planner.plan(request(thinking=True, seeds=[3], use_cot_caption=False, use_cot_language=False))
+    duration = plan.lm_metadata["duration"]
+    assert 10 <= duration <= 12 and "caption" not in plan.lm_metadata and "language" not in plan.lm_metadata
+    assert [len(c) for c in plan.codes] == [duration * 5]  # the LM's own duration, exactly
+
+
+def _reference_logits(model, prompt, generated, device):
+    ids = torch.tensor([prompt + generated], device=device)
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, -1].float()
+
+
+def test_cfg_equals_uncond_plus_scale_times_difference_of_two_separate_forwards(lm):
+    scale = 2.5
+    cases = [  # (cond prompt, uncond prompt, constraint): phase 1 unconstrained, phase 2 constrained
+        (prompts.cot_prompt(CAPTION, LYRICS), prompts.cot_unconditional_prompt(LYRICS, "NO USER INPUT"), None),
+        (prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"),
+         prompts.codes_unconditional_prompt(CAPTION, LYRICS, "NO USER INPUT"), CodesConstraint(lm.tables, 6)),
+    ]
+    for cond, uncond, constraint in cases:
+        cond_ids, uncond_ids = lm.encode(cond), lm.encode(uncond)
+        assert len(cond_ids) != len(uncond_ids)  # the batch needs left padding
+        seen = []
+        out = lm.generate([cond_ids], seeds=[0], sampling=SamplingParams(temperature=0.0, cfg_scale=scale),
+                          max_new_tokens=6, uncond_prompts=[uncond_ids],
+                          constraints=[constraint] if constraint else None,
+                          logits_hook=lambda step, logits: seen.append(logits[0]))
+        tokens = out.tokens[0]
+        assert len(tokens) == 6 and out.rows == 2
+        allowed = torch.tensor(sorted(lm.tables.mask_ids("codes")))
+        for step, got in enumerate(seen):
+            c = _reference_logits(lm.model, cond_ids, tokens[:step], lm.device)
+            u = _reference_logits(lm.model, uncond_ids, tokens[:step], lm.device)
+            ref = u + scale * (c - u)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            expected = int(allowed[torch.argmax(ref[allowed])]) if constraint else int(torch.argmax(ref))
+            assert tokens[step] == expected
+
+
+def test_cond_and_uncond_run_in_one_forward_per_step(lm):
+    batches = []
+    handle = lm.model.register_forward_hook(lambda m, args, kwargs, out: batches.append(kwargs["input_ids"].shape[0]),
+                                            with_kwargs=True)
+    try:
+        prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
+        uncond = lm.encode(prompts.cot_unconditional_prompt(LYRICS, None))
+        out = lm.generate([prompt] * 2, seeds=[1, 2], sampling=SamplingParams(cfg_scale=2.0), max_new_tokens=5,
+                          uncond_prompts=[uncond] * 2)
+        assert batches == [4] * 5 and out.steps == 5
+        batches.clear()
+        lm.generate([prompt], seeds=[1], sampling=SamplingParams(cfg_scale=1.0), max_new_tokens=3,
+                    uncond_prompts=[uncond])
+        assert batches == [1] * 3  # scale <= 1: no guidance, no unconditional rows
+    finally:
+        handle.remove()
+
+
+def test_seeds_decide_the_tokens(planner):
+    r = dict(thinking=True, audio_duration=10, batch_size=2)
+    a = planner.plan(request(seeds=[21, 22], **r))
+    b = planner.plan(request(seeds=[21, 22], **r))
+    assert a.codes == b.codes and a.lm_metadata == b.lm_metadata and a.lm_text == b.lm_text
+    c = planner.plan(request(seeds=[21, 99], **r))
+    assert c.codes[0] == a.codes[0] and c.codes[1] != a.codes[1]  # item 0 depends only on its own seed
+    d = planner.plan(request(seeds=[22, 21], **r))
+    assert d.lm_metadata != a.lm_metadata or d.codes != a.codes
+
+
+def test_sampling_knobs(lm, planner):
+    prompt = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
+
+    def run(seed, **kw):
+        return lm.generate([prompt], seeds=[seed], sampling=SamplingParams(**kw), max_new_tokens=12,
+                           constraints=[CodesConstraint(lm.tables, 12)]).tokens[0]
+
+    greedy = run(1, temperature=0.0)
+    assert run(2, temperature=0.0) == greedy  # temperature 0: no sampling at all
+    assert run(1, temperature=1.0) != run(2, temperature=1.0)
+    assert run(3, temperature=1.0, top_k=1) == greedy  # top-k 1 = greedy
+    assert run(4, temperature=1.0, top_p=1e-6) == greedy  # a tiny nucleus = greedy
+    assert run(5, temperature=1.0, top_p=1.0) != greedy  # 1.0 switches top-p off
+    # repetition penalty: over the prompt and what was generated, positive logits divided, negative multiplied
+    text_prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
+    hooked = []
+    penalised = lm.generate([text_prompt], seeds=[0], sampling=SamplingParams(temperature=0.0, repetition_penalty=2.0),
+                            max_new_tokens=8, logits_hook=lambda step, logits: hooked.append(logits[0])).tokens[0]
+    plain = lm.generate([text_prompt], seeds=[0], sampling=SamplingParams(temperature=0.0),
+                        max_new_tokens=8).tokens[0]
+    assert penalised != plain
+    for step, logits in enumerate(hooked):
+        index = torch.tensor(sorted(set(text_prompt + penalised[:step])))
+        ref = logits.clone()
+        ref[index] = torch.where(ref[index] < 0, ref[index] * 2.0, ref[index] / 2.0)
+        assert penalised[step] == int(torch.argmax(ref))
+    # the request's fields reach the sampler
+    sp = SamplingParams.from_request(request(lm_temperature=0.3, lm_top_k=0, lm_top_p=1.0, lm_cfg_scale=1.5,
+                                             lm_repetition_penalty=1.2))
+    assert sp == SamplingParams(temperature=0.3, top_k=None, top_p=None, repetition_penalty=1.2, cfg_scale=1.5)
+
+
+def test_constrained_decoding_can_be_switched_off(lm):
+    planner = Planner(lm, max_cot_tokens=48, max_codes=80)
+    plan = planner.plan(request(thinking=True, audio_duration=10, seeds=[4], constrained_decoding=False,
+                                lm_cfg_scale=1.0))
+    assert all(not p.constrained for p in plan.phases)
+    # the unconstrained random model neither keeps the format nor the count
+    assert plan.phases[-1].generated_tokens[0] != 50 or len(plan.codes[0]) != 50
+
+
+def test_generate_adapter_applies_the_same_constraints_inside_model_generate(lm):
+    prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
+    ids = torch.tensor([prompt])
+    c = MetadataConstraint(lm.tables, fields=("bpm", "duration", "keyscale", "language", "timesignature"),
+                           forced={"bpm": 99})
+    torch.manual_seed(0)
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=60,
+                            logits_processor=[constraint_logits_processor([c], lm.applier, len(prompt))],
+                            eos_token_id=lm.vocab.eos_id, pad_token_id=lm.vocab.pad_id)
+    text = lm.decode_text(out[0, len(prompt):].tolist())
+    md = parse_lm_output(text).metadata
+    assert metadata_problems(md) == [] and md["bpm"] == 99 and text.endswith("\n<|im_end|>")
+    assert list(md) == ["bpm", "duration", "keyscale", "language", "timesignature"]
+
+
+def test_format_and_sample_modes_rewrite_lyrics(lm):
+    short = TransformersLM(lm.model, lm.tokenizer, max_duration=12)  # durations 10-12: short phase 2
+    planner = Planner(short, max_caption_tokens=8, max_lyrics_tokens=12)
+    plan = planner.plan(request(use_format=True, vocal_language="fr", bpm=140, seeds=[8]))
+    assert plan.phases[0].phase == "format" and not plan.phases[0].cfg
+    assert "</think>" in plan.lm_text and plan.lm_metadata["language"] == "fr" and plan.lm_metadata["bpm"] == 140
+    assert "genres" in plan.lm_metadata and metadata_problems(plan.lm_metadata) == []
+    assert plan.lyrics_rewritten and plan.lyrics == parse_lm_output(plan.lm_text).lyrics != LYRICS
+    plan = planner.plan(request(sample_query="a piano solo", thinking=True, seeds=[9]))
+    assert [p.phase for p in plan.phases] == ["sample", "codes"]  # the sample's metas skip phase 1
+    assert plan.metadata["caption"] == plan.caption == plan.lm_metadata["caption"]
+    assert plan.lyrics_rewritten and plan.lyrics  # generated, or "[Instrumental]" for "solo"
+    assert [len(c) for c in plan.codes] == [plan.lm_metadata["duration"] * 5]
+
+
+def test_progress_reports_and_can_cancel(planner):
+    seen = []
+    planner.plan(request(thinking=True, audio_duration=10, seeds=[1]), progress=lambda f, s: seen.append((f, s)))
+    assert any("codes" in s for _, s in seen) and all(0 <= f <= 1 for f, _ in seen)
+
+    def cancel(fraction, stage):
+        raise GenerationCancelled("stop")
+
+    with pytest.raises(GenerationCancelled):
+        planner.plan(request(thinking=True, audio_duration=10, seeds=[1]), progress=cancel)
