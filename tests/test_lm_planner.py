@@ -12,6 +12,7 @@ from engine.checkpoints import DEMO_MARKER
 from engine.lm import prompts
 from engine.lm.constraints import CodesConstraint, MetadataConstraint
 from engine.lm.metadata import metadata_problems, parse_lm_output
+from engine.lm.folders import ensure_demo_lm, is_lm_folder, resolve_lm_folder
 from engine.lm.planner import Planner
 from engine.lm.tiny import build_tiny_lm
 from engine.lm.transformers_backend import TransformersLM, constraint_logits_processor
@@ -134,6 +135,13 @@ def test_all_four_metas_given_skips_phase1_and_forces_them(planner):
     assert plan.caption == CAPTION and plan.metadata["bpm"] == 128
 
 
+def test_a_user_value_off_the_list_is_still_forced_verbatim(planner):
+    plan = planner.plan(request(thinking=True, key_scale="c Major", audio_duration=10, seeds=[6]))
+    assert plan.phases[0].phase == "cot"
+    assert plan.lm_metadata["keyscale"] == plan.metadata["keyscale"] == "c Major"
+    assert "keyscale: c Major\n" in plan.cot_text and not any("ignored" in n for n in plan.notes)
+
+
 def test_thinking_off_runs_phase1_only_and_lm_duration_sets_code_count(lm):
     short = TransformersLM(lm.model, lm.tokenizer, max_duration=12)  # durations 10-12: short phase 2
     planner = Planner(short, max_caption_tokens=8)
@@ -244,8 +252,11 @@ def test_constrained_decoding_can_be_switched_off(lm):
     plan = planner.plan(request(thinking=True, audio_duration=10, seeds=[4], constrained_decoding=False,
                                 lm_cfg_scale=1.0))
     assert all(not p.constrained for p in plan.phases)
-    # the unconstrained random model neither keeps the format nor the count
-    assert plan.phases[-1].generated_tokens[0] != 50 or len(plan.codes[0]) != 50
+    assert plan.phases[0].steps <= 48  # the cap, not a well-formed block
+    # the unconstrained random model neither keeps to codes nor to the count; upstream's cap: 5 x 10 s + 500
+    codes = plan.phases[-1]
+    assert codes.generated_tokens[0] != len(plan.codes[0]) or len(plan.codes[0]) != 50
+    assert codes.steps <= 550
 
 
 def test_generate_adapter_applies_the_same_constraints_inside_model_generate(lm):
@@ -278,6 +289,15 @@ def test_format_and_sample_modes_rewrite_lyrics(lm):
     assert [len(c) for c in plan.codes] == [plan.lm_metadata["duration"] * 5]
 
 
+def test_understand_mode_reads_codes_into_metadata_and_lyrics(lm):
+    planner = Planner(lm, max_caption_tokens=8, max_lyrics_tokens=10)
+    md, lyrics, text, stats = planner.understand(list(range(40)), seed=1)
+    assert stats.phase == "understand" and not stats.cfg and stats.prompt_tokens > 40  # one token per code
+    assert metadata_problems(md) == [] and list(md) == ["bpm", "caption", "duration", "genres", "keyscale",
+                                                        "language", "timesignature"]
+    assert "\n</think>" in text and lyrics == parse_lm_output(text).lyrics and "<|audio_code_" not in text
+
+
 def test_progress_reports_and_can_cancel(planner):
     seen = []
     planner.plan(request(thinking=True, audio_duration=10, seeds=[1]), progress=lambda f, s: seen.append((f, s)))
@@ -288,3 +308,26 @@ def test_progress_reports_and_can_cancel(planner):
 
     with pytest.raises(GenerationCancelled):
         planner.plan(request(thinking=True, audio_duration=10, seeds=[1]), progress=cancel)
+
+
+def test_lm_folders(lm_dir, tmp_path):
+    assert is_lm_folder(lm_dir)
+    assert resolve_lm_folder(lm_dir.parent, lm_dir.name) == lm_dir  # a name under the checkpoint dir
+    assert resolve_lm_folder(tmp_path, str(lm_dir)) == lm_dir  # or a path
+    assert resolve_lm_folder(tmp_path, "acestep-5Hz-lm-0.6B") is None
+    assert ensure_demo_lm(lm_dir.parent, lm_dir.name) == lm_dir  # present: left alone
+    built = ensure_demo_lm(tmp_path, "acestep-5Hz-lm-0.6B", audio_codes=16)
+    assert built == tmp_path / "acestep-5Hz-lm-0.6B" and is_lm_folder(built)
+    assert json.loads((built / DEMO_MARKER).read_text())["random_weights"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_in_bf16(lm_dir):
+    gpu = TransformersLM.load(lm_dir, device="cuda")
+    assert gpu.model.dtype in (torch.bfloat16, torch.float16)
+    planner = Planner(gpu, max_caption_tokens=16)
+    r = request(thinking=True, audio_duration=10, batch_size=2, seeds=[1, 2])
+    a, b = planner.plan(r), planner.plan(r)
+    assert [len(c) for c in a.codes] == [50, 50] and a.codes == b.codes and a.lm_metadata == b.lm_metadata
+    assert metadata_problems(a.lm_metadata) == []

@@ -26,8 +26,9 @@ def resolve_lm_folder(checkpoint_dir: str | os.PathLike, model: str) -> Optional
     return None
 
 
-def ensure_demo_lm(checkpoint_dir: str | os.PathLike, model: str, seed: int = 0) -> Path:
-    """The LM folder for `model`, building a tiny random one there (marked as such) when it is missing."""
+def ensure_demo_lm(checkpoint_dir: str | os.PathLike, model: str, seed: int = 0, **build_options) -> Path:
+    """The LM folder for `model`, building a tiny random one there (marked as such) when it is missing
+    (build_options go to engine.lm.tiny.build_tiny_lm)."""
     found = resolve_lm_folder(checkpoint_dir, model)
     if found is not None:
         return found
@@ -36,4 +37,4 @@ def ensure_demo_lm(checkpoint_dir: str | os.PathLike, model: str, seed: int = 0)
     path = Path(checkpoint_dir) / Path(model).name
     log.warning("5 Hz LM %s not found: building a RANDOM-WEIGHT demo LM at %s (its metadata and codes are noise)",
                 model, path)
-    return build_tiny_lm(path, seed=seed)
+    return build_tiny_lm(path, seed=seed, **build_options)

@@ -29,7 +29,7 @@ from engine.lm.metadata import metadata_problems, parse_lm_output
 from engine.lm.types import DecodeResult, LMBackend, LMPlan, PhaseStats, SamplingParams
 from engine.lm.vocab import CODES_PER_SECOND, DURATION_RANGE, FIELDS
 from engine.plan import resolve_seeds
-from engine.request import GenerationRequest, parse_audio_codes
+from engine.request import GenerationRequest, format_audio_codes, parse_audio_codes
 
 SKIP_LM_TASKS = ("cover", "repaint")  # upstream runs no LM for these
 GENERATION_FIELDS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")  # phase 1: no genres
@@ -166,15 +166,17 @@ class Planner:
 
     def codes(self, caption: str, lyrics: str, metadata: dict[str, Any], *, seeds: Sequence[int],
               sampling: SamplingParams, target: Optional[int], constrained: bool = True,
-              negative_prompt: str = prompts.NO_USER_INPUT,
-              progress: Optional[ProgressFn] = None) -> tuple[list[list[int]], str, PhaseStats]:
-        """Phase 2: (codes per seed, the metadata block used, stats). target: exact code count (constrained)."""
+              negative_prompt: str = prompts.NO_USER_INPUT, progress: Optional[ProgressFn] = None,
+              max_new_tokens: Optional[int] = None) -> tuple[list[list[int]], str, PhaseStats]:
+        """Phase 2: (codes per seed, the metadata block used, stats). target: exact code count (constrained);
+        max_new_tokens: the cap (default target + 1, or max_codes + 1); upstream's unconstrained cap with a
+        known duration is duration x 5 + 500."""
         cot = prompts.cot_text(metadata)
         constraints: Optional[list[Optional[TokenConstraint]]] = None
         if constrained:
             constraints = [CodesConstraint(self.backend.tables, target=target, max_codes=self.max_codes)
                            for _ in seeds]
-        max_new = (target if target is not None else self.max_codes) + 1
+        max_new = max_new_tokens or (target if target is not None else self.max_codes) + 1
         result, stats = self._run("codes", prompts.codes_prompt(caption, lyrics, cot), seeds=seeds,
                                   sampling=sampling, max_new_tokens=max_new,
                                   uncond=prompts.codes_unconditional_prompt(caption, lyrics, negative_prompt),
@@ -210,8 +212,6 @@ class Planner:
     def understand(self, codes: Sequence[int], *, seed: int, temperature: float = 0.3, constrained: bool = True,
                    progress: Optional[ProgressFn] = None) -> tuple[dict[str, Any], str, str, PhaseStats]:
         """Audio codes -> (metadata, lyrics, raw text, stats) (upstream's understand mode: temperature 0.3)."""
-        from engine.request import format_audio_codes
-
         text, stats = self.metadata_pass(prompts.understand_prompt(format_audio_codes(list(codes))),
                                          mode="understand", fields=FIELDS, forced={}, seed=seed,
                                          sampling=SamplingParams(temperature=temperature), constrained=constrained,
@@ -233,6 +233,7 @@ class Planner:
         plan = LMPlan(metadata={}, lm_metadata={}, caption=r.prompt, lyrics=r.lyrics, lyrics_rewritten=False,
                       codes=[], seeds=seeds, model=b.model_name, backend=b.name, random_weights=b.random_weights)
         known = user_metadata(r)
+        user_duration = r.audio_duration  # seconds as given (known["duration"] is its int)
         lm_md: dict[str, Any] = {}
         caption, lyrics = r.prompt, r.lyrics
         skip_cot = False
@@ -246,12 +247,14 @@ class Planner:
                                                               constrained=constrained, progress=progress)
             plan.phases.append(stats)
             plan.lm_text = text
-            md = self._valid(md, plan)
+            md = self._valid(md, plan, exempt=known)
             lm_md.update(md)
             caption = md.get("caption") or caption
             if text_lyrics:
                 lyrics, plan.lyrics_rewritten = text_lyrics, True
             known.update({k: md[k] for k in USER_FIELDS if k in md})
+            if "duration" in md:  # the sample's duration replaces the request's
+                user_duration = None
             skip_cot = True  # upstream: use_cot_metas=False after sample mode
         if steps.format and (caption or lyrics):
             forced = dict(known)
@@ -262,7 +265,7 @@ class Planner:
                                                              progress=progress)
             plan.phases.append(stats)
             plan.lm_text = text
-            md = self._valid(md, plan)
+            md = self._valid(md, plan, exempt=known)
             lm_md.update(md)
             caption = md.get("caption") or caption
             if text_lyrics:
@@ -278,26 +281,30 @@ class Planner:
                                        progress=progress)
             plan.phases.append(stats)
             plan.lm_text = text
-            md = self._valid(md, plan)
+            md = self._valid(md, plan, exempt=known)
             lm_md.update(md)
             cot_md = {**{k: v for k, v in md.items() if k != "genres"}, **known}
             cot_caption = md.get("caption") if r.use_cot_caption else None
         plan.lm_metadata = lm_md
         metadata = {**lm_md, **known}
-        if r.audio_duration is not None:
-            metadata["duration"] = r.audio_duration
+        if user_duration is not None:
+            metadata["duration"] = user_duration
         plan.caption = metadata["caption"] = cot_caption or caption
         plan.lyrics = lyrics
         plan.metadata = metadata
 
         if steps.codes:
-            duration = r.audio_duration if r.audio_duration else None
+            duration: Optional[float] = user_duration
+            if duration is None and isinstance(known.get("duration"), int):  # from sample/format
+                duration = known["duration"]
             if duration is None and self.enforce_lm_duration and isinstance(cot_md.get("duration"), int):
                 duration = cot_md["duration"]
-            target = target_codes(duration) if constrained else None
+            target = target_codes(duration)
             codes, cot_text, stats = self.codes(caption, lyrics, cot_md, seeds=seeds, sampling=sampling,
-                                                target=target, constrained=constrained,
-                                                negative_prompt=r.lm_negative_prompt, progress=progress)
+                                                target=target if constrained else None, constrained=constrained,
+                                                negative_prompt=r.lm_negative_prompt, progress=progress,
+                                                max_new_tokens=None if constrained or target is None
+                                                else target + 500)
             plan.phases.append(stats)
             plan.codes = codes
             plan.cot_text = cot_text
@@ -308,11 +315,12 @@ class Planner:
         return plan
 
     @staticmethod
-    def _valid(md: dict[str, Any], plan: LMPlan) -> dict[str, Any]:
-        """Drop LM values out of range (only possible without constraints), with a note."""
+    def _valid(md: dict[str, Any], plan: LMPlan, exempt: dict[str, Any]) -> dict[str, Any]:
+        """Drop the LM's values out of range (only possible without constraints), with a note; values the user
+        gave (exempt) are kept as they are."""
         out = dict(md)
         for field in ("bpm", "duration", "keyscale", "language", "timesignature"):
-            if field in out and metadata_problems({field: out[field]}):
+            if field in out and field not in exempt and metadata_problems({field: out[field]}):
                 plan.notes.append(f"ignored the LM's {field} {out.pop(field)!r}: out of range")
         return out
 

@@ -116,6 +116,8 @@ class TransformersLM:
         if cfg and len(rows) != 2 * n:
             raise ValueError("one unconditional prompt per prompt")
         constraints = list(constraints) if constraints is not None else [None] * n
+        if len(constraints) != n:
+            raise ValueError("one constraint (or None) per prompt")
         device = self.device
         pad = self.vocab.pad_id
         width = max(len(r) for r in rows)
