@@ -3,7 +3,7 @@
 The folder looks like a published `acestep-5Hz-lm-*` folder (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, chat_template.jinja, generation_config.json) and its tokenizer has the real special-token
 layout, in the real order: a byte-level BPE base vocabulary, Qwen3's 26 added tokens (`<|endoftext|>`,
-`<|im_start|>`, `<|im_end|>` ... `<think>`, `</think>`), then `<|audio_code_0|>` ... `<|audio_code_{n-1|>`
+`<|im_start|>`, `<|im_end|>` ... `<think>`, `</think>`), then `<|audio_code_0|>` ... `<|audio_code_{n-1}|>`
 (65,535 by default, as published: codes 64000+ exist but are never valid). Only the base vocabulary is small
 (about 1,000 tokens instead of 151,643), so every special id differs from the real one: code that hard-codes an id
 fails on this model. The weights are random (a `acestep_demo.json` marker says so): its output is noise, but it is
