@@ -22,7 +22,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     allow_download: bool = True
-    lm_model: Optional[str] = None  # reported only: this engine runs no 5 Hz LM yet
+    lm_model: Optional[str] = None  # the 5 Hz LM folder (name under checkpoint_dir, or a path); None: DiT only
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":

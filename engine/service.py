@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_io, memory, plan, timing
+from engine import audio_io, lm_bridge, memory, plan, timing
+from engine.lm.planner import lm_steps
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -68,6 +69,8 @@ class _Job:
     repaint: Optional[tuple[float, float]] = None
     notes: list[str] = field(default_factory=list)
     decode_s: float = 0.0
+    lm_plan: Optional[object] = None  # engine.lm.types.LMPlan when the 5 Hz LM planned this request
+    audio_codes: Optional[list[str]] = None  # per item, from the LM (else the request's own codes)
 
 
 class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
@@ -82,12 +85,12 @@ class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
 
 
 class Engine:
-    # The 5 Hz LM planner is not part of this engine yet: requests that need it are refused by the worker.
-    lm_loaded = False
-
     def __init__(self, config: EngineConfig, models: dict[str, LoadedModel], device: torch.device,
-                 dtype: torch.dtype, shared: dict[str, list[str]]):
+                 dtype: torch.dtype, shared: dict[str, list[str]], planner=None):
         self.config = config
+        self.planner = planner  # engine.lm.planner.Planner, or None: the DiT runs alone
+        # Without it, requests that need the LM are refused by the worker before they run.
+        self.lm_loaded = planner is not None
         self._models = models
         self.device = device
         self.dtype = dtype
@@ -141,7 +144,7 @@ class Engine:
                      f" -- {DEMO_NOTICE.upper()}" if info.random_weights else "")
             if info.random_weights:
                 log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
-        return cls(config, models, device, dtype, users)
+        return cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
 
     # ---------------------------------------------------------------- introspection
     def models(self) -> list[ModelInfo]:
@@ -163,7 +166,8 @@ class Engine:
             "random_weights": random,
             "notice": DEMO_NOTICE if random else None,
             "shared_components": self.shared_components,
-            "lm_model": "none",  # no 5 Hz LM runs in the engine yet
+            "lm_model": self.planner.backend.model_name if self.planner else "none",
+            "lm_random_weights": self.planner.backend.random_weights if self.planner else None,
             "lm_configured": self.config.lm_model,
         }
 
@@ -171,7 +175,17 @@ class Engine:
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,
                  progress: Optional[ProgressCallback] = None) -> GenerationResult:
+        lm_plan = None
+        if self.planner is not None and lm_steps(request).any:
+            lm_plan = self.planner.plan(request, seeds=plan.resolve_seeds(request),
+                                        progress=lambda f, stage: _report(progress, 0.0, f"5 Hz LM: {stage}"))
+            if request.analysis_only:
+                return lm_bridge.analysis_result(request, lm_plan, self.model(request.model).info.name)
+            request = lm_bridge.request_for_dit(request, lm_plan)
         job = self._prepare(request, src_audio, reference_audio)
+        if lm_plan is not None:
+            job.lm_plan = lm_plan
+            job.audio_codes = lm_plan.audio_code_strings or None
         return self._run([job], progress)[0]
 
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
@@ -192,7 +206,7 @@ class Engine:
                 raise
             except Exception as exc:
                 return [exc]
-        keys = {plan.batch_key(r, r.model or self.config.default_model) for r, _ in items}
+        keys = {plan.batch_key(r, r.model or self.config.default_model, self.lm_loaded) for r, _ in items}
         if len(keys) != 1 or None in keys:
             raise ValueError("generate_batch: these requests cannot share one pipeline call")
         if sum(r.batch_size for r, _ in items) > MAX_BATCH:
@@ -308,7 +322,7 @@ class Engine:
             generator=generators, instruction=head.instruction, bpm=r.bpm, keyscale=r.key_scale or None,
             timesignature=r.time_signature or None, task_type=head.task, track_name=r.track_name,
             complete_track_classes=r.complete_track_classes, src_audio=_to(head.src, self.device),
-            reference_audio=_to(head.reference, self.device), audio_codes=r.audio_code_string or None,
+            reference_audio=_to(head.reference, self.device), audio_codes=head.audio_codes or r.audio_code_string or None,
             audio_cover_strength=r.audio_cover_strength, cfg_interval_start=r.cfg_interval_start,
             cfg_interval_end=r.cfg_interval_end, timesteps=r.timesteps, callback_on_step_end=on_step_end,
             output_type="pt",
@@ -350,8 +364,10 @@ class Engine:
                    for blob, a, seed in zip(blobs, audio, job.seeds)]
         encode_s = time.perf_counter() - t0
         info = self._generation_info(job, clock, pipeline_s, encode_s, n_requests, n_items)
-        return GenerationResult(audios=encoded, metas=plan.metas(r, seconds), dit_model=job.model.info.name,
-                                lm_model="none", generation_info=info)
+        lm = job.lm_plan
+        metas = lm_bridge.metas_of(lm, seconds) if lm is not None else plan.metas(r, seconds)
+        return GenerationResult(audios=encoded, metas=metas, dit_model=job.model.info.name,
+                                lm_model=getattr(lm, "model", "none") or "none", generation_info=info)
 
     def _generation_info(self, job: _Job, clock: timing.StageClock, pipeline_s: float, encode_s: float,
                          n_requests: int, n_items: int) -> dict:
@@ -362,7 +378,7 @@ class Engine:
             notes.append("guidance_scale ignored: turbo models are guidance-distilled (ran at 1.0)")
         if r.use_adg:
             notes.append("use_adg ignored: the diffusers pipeline implements APG guidance only")
-        if r.thinking or r.lm_model_path:
+        if job.lm_plan is None and (r.thinking or r.lm_model_path):
             notes.append("thinking/LM fields ignored: no 5 Hz LM runs in this engine (DiT only)")
         stages = clock.rounded()
         hooked = sum(clock.seconds.values())
@@ -398,6 +414,13 @@ class Engine:
         }
         if model.random_weights:
             info["notice"] = DEMO_NOTICE
+        lm = job.lm_plan
+        if lm is not None:  # what the LM chose, on what, how long, how many tokens
+            lm_info = lm.info()  # type: ignore[attr-defined]
+            info.update(lm_info, lm=lm_info["lm_backend"], caption=r.prompt)
+            info["timings"] = {**lm.timings, **timings}  # type: ignore[attr-defined]
+            info["notes"] = notes + list(lm.notes)  # type: ignore[attr-defined]
+            info["random_weights"] = model.random_weights or lm_info["lm_random_weights"]
         return info
 
     @contextlib.contextmanager

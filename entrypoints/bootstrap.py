@@ -49,8 +49,35 @@ def engine_config(settings: Settings):
         device=settings.device,
         dtype=settings.dtype,
         allow_download=settings.allow_download,
-        lm_model=settings.lm_model_path or None,
+        lm_model=None,  # chosen by choose_lm once the DiTs are known to be real or demo
     )
+
+
+DEFAULT_LM = "acestep-5Hz-lm-1.7B"
+_OFF = {"false", "0", "no", "off"}
+_ON = {"true", "1", "yes", "on"}
+
+
+def choose_lm(settings: Settings, demo_dits: list[str]) -> str | None:
+    """Which 5 Hz LM the engine loads (ACESTEP_INIT_LLM: true, false, or auto).
+
+    auto: the LM when its folder is there; with demo DiTs, a demo LM built beside them, so a machine
+    without weights still runs thinking end to end (labelled as random weights everywhere).
+    true: the LM, or a clear error at start when it is missing (a demo one when demos are allowed).
+    """
+    from engine.lm.folders import ensure_demo_lm, resolve_lm_folder
+
+    choice = (settings.init_llm or "auto").strip().lower()
+    if choice in _OFF:
+        return None
+    name = settings.lm_model_path or DEFAULT_LM
+    if resolve_lm_folder(settings.checkpoint_dir, name) is not None:
+        return name
+    if settings.demo_if_missing and (choice in _ON or demo_dits):
+        # 1,024 code tokens instead of 64,000: any code is valid DiT input, and the demo decodes ~5x faster
+        ensure_demo_lm(settings.checkpoint_dir, name, audio_codes=1024)
+        return name
+    return name if choice in _ON else None
 
 
 def load_engine(settings: Settings) -> GenerationEngine:
@@ -66,8 +93,11 @@ def load_engine(settings: Settings) -> GenerationEngine:
     config = engine_config(settings)
     if settings.models_mirror:
         fetch_mirrored_models(settings)
+    demo_dits: list[str] = []
     if settings.demo_if_missing:
-        _warn_demo(ensure_demo_models(config), settings)
+        demo_dits = ensure_demo_models(config)
+        _warn_demo(demo_dits, settings)
+    config.lm_model = choose_lm(settings, demo_dits)
     try:
         return Engine.load(config)
     except ModelNotFound as exc:
@@ -76,7 +106,9 @@ def load_engine(settings: Settings) -> GenerationEngine:
         # The download was possible in principle but failed (no network): fall back to demos.
         log.error("%s", exc)
         config.allow_download = False
-        _warn_demo(ensure_demo_models(config), settings)
+        demo_dits = ensure_demo_models(config)
+        _warn_demo(demo_dits, settings)
+        config.lm_model = choose_lm(settings, demo_dits)
         return Engine.load(config)
 
 

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
 from service.observability.health import unservable_reason
+from service.records import MODELS_META_KEY, ModelsMeta
 from service.ports import QueueFull
 from service.sources import SourceError, resolve_sources
 from service.submission import submit_task
@@ -93,6 +94,8 @@ async def release_task(request: Request):
         refusal = unservable_reason(backend)
         if refusal:  # every live worker failed to load its models: the task would only wait
             raise ApiError(503, refusal, headers={"Retry-After": "60"})
+        if parsed.request.needs_lm and not lm_served(backend):
+            raise ApiError(400, LM_NOT_SERVED)
         try:
             sources = resolve_sources(parsed.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
                                       max_bytes=settings.max_upload_bytes)
@@ -107,6 +110,18 @@ async def release_task(request: Request):
 
     task_id, position = await run_in_threadpool(submit)
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
+
+
+LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / use_format / analysis_only), "
+                 "which the workers of this server do not load; start them with ACESTEP_INIT_LLM=true (and "
+                 "ACESTEP_LM_MODEL_PATH), or send caption, lyrics and metadata yourself")
+
+
+def lm_served(backend) -> bool:
+    """False only when the workers have said they run no LM; before any has reported, accept (they may be
+    scaled to zero) and let the worker decide."""
+    meta = ModelsMeta.parse(backend.store.get_meta(MODELS_META_KEY))
+    return meta is None or meta.lm_model not in (None, "", "none")
 
 
 def parse_task_ids(value: Any) -> list[str]:

@@ -219,7 +219,7 @@ class Worker:
         except (GenerationError, ValueError) as exc:
             self._fail(lease, record.attempt, str(exc), record.created_at, record.started_at)
             return None
-        key = plan.batch_key(request, request.model or self.settings.default_model or "")
+        key = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded)
         return _Claimed(lease, record.attempt, request, inputs, key, record.created_at,
                         record.started_at or time.time())
 

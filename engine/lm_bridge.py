@@ -1,0 +1,69 @@
+"""Between the 5 Hz LM's plan and the DiT: loading the planner, what a plan changes in the request the
+DiT runs, and the result of a request that wants the plan alone (analysis_only)."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from engine.config import EngineConfig
+from engine.request import GenerationRequest
+from engine.types import GenerationError, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+def load_planner(config: EngineConfig, device):
+    """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one."""
+    if not config.lm_model:
+        return None
+    from engine.lm.folders import resolve_lm_folder
+    from engine.lm.planner import Planner
+    from engine.lm.transformers_backend import TransformersLM
+
+    folder = resolve_lm_folder(config.checkpoint_dir, config.lm_model)
+    if folder is None:
+        raise GenerationError(f"5 Hz LM {config.lm_model!r} not found (looked for it as a path and under "
+                              f"{config.checkpoint_dir}); set ACESTEP_LM_MODEL_PATH to an LM folder, or "
+                              f"ACESTEP_INIT_LLM=false to run the DiT alone")
+    lm = TransformersLM.load(folder, device=device)
+    log.info("loaded 5 Hz LM %s from %s (transformers)%s", lm.model_name, folder,
+             " -- RANDOM WEIGHTS" if lm.random_weights else "")
+    return Planner(lm)
+
+
+def request_for_dit(r: GenerationRequest, plan) -> GenerationRequest:
+    """The request with the plan's caption, lyrics, metadata, seeds and first item's codes (user values kept)."""
+    md = plan.metadata
+    update: dict = {"prompt": plan.caption, "lyrics": plan.lyrics, "seeds": list(plan.seeds)}
+    if md.get("bpm") is not None:
+        update["bpm"] = int(md["bpm"])
+    if md.get("keyscale"):
+        update["key_scale"] = str(md["keyscale"])
+    if md.get("timesignature"):
+        update["time_signature"] = str(md["timesignature"])
+    if md.get("duration") is not None:
+        update["audio_duration"] = float(md["duration"])
+    if r.use_cot_language and md.get("language") and md["language"] != "unknown":
+        update["vocal_language"] = str(md["language"])
+    if plan.codes:
+        update["audio_code_string"] = plan.audio_code_strings[0]  # each item's own codes go to the pipeline
+    return GenerationRequest.model_validate({**r.model_dump(), **update})
+
+
+def metas_of(plan, duration_seconds: Optional[float]) -> dict:
+    md = plan.metadata
+    return {
+        "bpm": md.get("bpm", "N/A"),
+        "duration": round(duration_seconds, 2) if duration_seconds is not None else md.get("duration", "N/A"),
+        "genres": md.get("genres", "N/A"),
+        "keyscale": md.get("keyscale", "N/A"),
+        "timesignature": md.get("timesignature", "N/A"),
+    }
+
+
+def analysis_result(r: GenerationRequest, plan, dit_model: str) -> GenerationResult:
+    """analysis_only: the LM's metadata (and caption/lyrics), no audio."""
+    info = {"task_type": r.task_type, "analysis_only": True, "caption": plan.caption, "lyrics": plan.lyrics,
+            "random_weights": plan.random_weights, "notes": list(plan.notes), **plan.info()}
+    return GenerationResult(audios=[], metas=metas_of(plan, None), dit_model=dit_model, lm_model=plan.model,
+                            generation_info=info)

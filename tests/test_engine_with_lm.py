@@ -1,0 +1,71 @@
+"""The engine with the 5 Hz LM: the planner's metadata, caption and per-item codes reach the DiT, results
+report what the LM chose, analysis_only returns the plan without audio. Tiny random models, labelled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.request import GenerationRequest, parse_audio_codes
+
+LM = "tiny-5Hz-lm"
+
+
+@pytest.fixture(scope="module")
+def lm_engine(tmp_path_factory):
+    from engine.checkpoints import build_tiny_checkpoint
+    from engine.config import EngineConfig
+    from engine.lm.tiny import build_tiny_lm
+    from engine.service import Engine
+
+    root = tmp_path_factory.mktemp("ckpt")
+    build_tiny_checkpoint(root / "acestep-v15-turbo", seed=0)
+    build_tiny_lm(root / LM, seed=0, audio_codes=1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny LM decodes faster on one thread on this small machine
+    try:
+        yield Engine.load(EngineConfig(checkpoint_dir=str(root), model_names=["acestep-v15-turbo"],
+                                       allow_download=False, lm_model=LM))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt="lofi piano", lyrics="[verse] la la", audio_duration=10, batch_size=2, seeds=[5, 6],
+                audio_format="wav", inference_steps=2, thinking=True)
+    return GenerationRequest(**{**base, **kw})
+
+
+def test_thinking_plans_metadata_and_one_code_sequence_per_item(lm_engine):
+    assert lm_engine.lm_loaded and lm_engine.describe()["lm_model"] == LM
+    result = lm_engine.generate(req())
+    info = result.generation_info
+    assert result.lm_model == LM and info["lm_random_weights"] is True and info["random_weights"] is True
+    assert info["lm_codes_per_item"] == [50, 50]  # exactly duration x 5 for each item
+    assert [a.seed for a in result.audios] == [5, 6] and len(result.audios) == 2
+    assert info["pipeline_task_type"] == "cover"  # codes condition the DiT as upstream's handler does
+    md = info["lm_metadata"]
+    assert 30 <= result.metas["bpm"] <= 300 and result.metas["keyscale"] == md["keyscale"]
+    assert {"lm_total_s", "dit_s"} <= set(info["timings"]) and info["lm_phases"]
+    assert all(a.duration_seconds == pytest.approx(10.0) for a in result.audios)
+
+
+def test_user_metadata_is_kept_and_phase_1_skipped_when_complete(lm_engine):
+    result = lm_engine.generate(req(bpm=97, key_scale="D minor", time_signature="3", batch_size=1, seeds=[1]))
+    assert result.metas["bpm"] == 97 and result.metas["keyscale"] == "D minor"
+    assert result.metas["timesignature"] in (3, "3")
+    assert [p["phase"] for p in result.generation_info["lm_phases"]] == ["codes"]
+
+
+def test_analysis_only_returns_the_plan_without_audio(lm_engine):
+    result = lm_engine.generate(req(analysis_only=True, thinking=False, batch_size=1, seeds=[3]))
+    assert result.audios == [] and result.lm_model == LM
+    assert result.generation_info["analysis_only"] is True and 30 <= result.metas["bpm"] <= 300
+
+
+def test_the_same_seed_plans_the_same_codes(lm_engine):
+    from engine.lm_bridge import request_for_dit
+
+    plans = [lm_engine.planner.plan(req(batch_size=1, seeds=[42]), seeds=[42]) for _ in range(2)]
+    assert plans[0].codes == plans[1].codes
+    dit_request = request_for_dit(req(batch_size=1, seeds=[42]), plans[0])
+    assert parse_audio_codes(dit_request.audio_code_string) == plans[0].codes[0]
