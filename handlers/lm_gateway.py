@@ -1,13 +1,13 @@
 """The seam for the 5 Hz LM (used by POST /format_input).
 
-The API process does not load the LM itself (Lambda must stay light). The entry point that builds
-the app passes an implementation to `create_app(..., lm_gateway=...)` (e.g. a round trip through
-a worker); without one, /format_input answers 503 with LM_UNAVAILABLE.
+The API process does not load the LM itself (Lambda must stay light). By default /format_input goes
+through a worker (service/format_via_worker.py); `create_app(..., lm_gateway=...)` can pass another
+implementation. When the workers have said they run no LM, /format_input answers 503 with
+LM_UNAVAILABLE.
 """
 from __future__ import annotations
 
 from typing import Protocol
-
 
 
 class LMGateway(Protocol):

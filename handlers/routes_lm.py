@@ -12,10 +12,13 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.types import GenerationError
 
+from service.format_via_worker import FormatTimeout, WorkerLMGateway, lm_reported
+from service.ports import QueueFull
+
 from . import lm_gateway
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
-from .deps import settings_of
+from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, wrap
 from .fields import ReleaseTaskInput
 from .request_parsing import parse_object, validation_message, without_none
@@ -73,13 +76,19 @@ async def format_input(request: Request):
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     args = parse_format_input(body.fields)
-    gateway = request.app.state.lm_gateway
-    if gateway is None:
+    backend = backend_of(request)
+    gateway = request.app.state.lm_gateway or WorkerLMGateway(backend, settings.queue_maxsize,
+                                                              settings.format_timeout)
+    if request.app.state.lm_gateway is None and not await run_in_threadpool(lm_reported, backend):
         raise ApiError(503, lm_gateway.LM_UNAVAILABLE)
     try:
         out = await run_in_threadpool(lambda: gateway.format_sample(**args))
     except GenerationError as exc:
         return wrap(None, code=500, error=f"format_sample failed: {exc}")
+    except FormatTimeout as exc:
+        raise ApiError(504, f"format_sample timed out: {exc}") from None
+    except QueueFull:
+        raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
     meta = args["metadata"]
     out = out or {}
     return wrap({

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
 from service.observability.health import unservable_reason
-from service.records import MODELS_META_KEY, ModelsMeta
+from service.format_via_worker import lm_served
 from service.ports import QueueFull
 from service.sources import SourceError, resolve_sources
 from service.submission import submit_task
@@ -115,13 +115,6 @@ async def release_task(request: Request):
 LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / use_format / analysis_only), "
                  "which the workers of this server do not load; start them with ACESTEP_INIT_LLM=true (and "
                  "ACESTEP_LM_MODEL_PATH), or send caption, lyrics and metadata yourself")
-
-
-def lm_served(backend) -> bool:
-    """False only when the workers have said they run no LM; before any has reported, accept (they may be
-    scaled to zero) and let the worker decide."""
-    meta = ModelsMeta.parse(backend.store.get_meta(MODELS_META_KEY))
-    return meta is None or meta.lm_model not in (None, "", "none")
 
 
 def parse_task_ids(value: Any) -> list[str]:

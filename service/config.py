@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     dtype: str = _env("ACESTEP_DTYPE", "auto")
     allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
     demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
+    # /format_input waits this long for a worker's LM (keep it under the Lambda/API Gateway 29 s limit)
+    format_timeout: float = _env("ACESTEP_FORMAT_TIMEOUT", 25.0, gt=0)
     # AWS workers: fetch each model from s3://<ACESTEP_BUCKET>/models/<name>/ (acestep-models publish) first
     models_mirror: bool = _env("ACESTEP_MODELS_MIRROR", False)
     init_llm: str = _env("ACESTEP_INIT_LLM", "auto")

@@ -62,3 +62,22 @@ def test_sample_mode_writes_the_song_from_a_description(server):
     assert entry["status"] == 1, entry
     item = json.loads(entry["result"])[0]
     assert item["lm_model"] == "acestep-5Hz-lm-1.7B" and item["file"]
+
+
+def test_format_input_goes_through_a_worker_with_the_lm(server):
+    r = httpx.post(server.base_url + "/format_input", timeout=60, json={
+        "prompt": "pop rock", "lyrics": "[verse] walking down the street",
+        "param_obj": json.dumps({"duration": 30, "language": "en"})})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert set(data) == {"caption", "lyrics", "bpm", "key_scale", "time_signature", "duration", "vocal_language"}
+    assert data["duration"] == 30 and 30 <= data["bpm"] <= 300 and data["caption"]
+
+
+def test_format_input_times_out_with_a_clear_504(settings):
+    from service.records import MODELS_META_KEY, ModelsMeta
+
+    api = make_api(settings, format_timeout=0.5)
+    api.backend.store.put_meta(MODELS_META_KEY, ModelsMeta(lm_model="acestep-5Hz-lm-1.7B").model_dump())
+    r = api.client.post("/format_input", json={"prompt": "x"})  # a worker said it has the LM, none runs now
+    assert r.status_code == 504 and "ACESTEP_FORMAT_TIMEOUT" in r.json()["detail"]
