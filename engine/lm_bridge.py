@@ -3,6 +3,7 @@ DiT runs, and the result of a request that wants the plan alone (analysis_only).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional
 
 from engine.config import EngineConfig
@@ -12,15 +13,20 @@ from engine.types import GenerationError, GenerationResult
 log = logging.getLogger(__name__)
 
 
+def lm_folder(config: EngineConfig) -> Optional[Path]:
+    from engine.lm.folders import resolve_lm_folder
+
+    return resolve_lm_folder(config.checkpoint_dir, config.lm_model) if config.lm_model else None
+
+
 def load_planner(config: EngineConfig, device):
     """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one."""
     if not config.lm_model:
         return None
-    from engine.lm.folders import resolve_lm_folder
     from engine.lm.planner import Planner
     from engine.lm.transformers_backend import TransformersLM
 
-    folder = resolve_lm_folder(config.checkpoint_dir, config.lm_model)
+    folder = lm_folder(config)
     if folder is None:
         raise GenerationError(f"5 Hz LM {config.lm_model!r} not found (looked for it as a path and under "
                               f"{config.checkpoint_dir}); set ACESTEP_LM_MODEL_PATH to an LM folder, or "

@@ -144,6 +144,10 @@ class Engine:
                      f" -- {DEMO_NOTICE.upper()}" if info.random_weights else "")
             if info.random_weights:
                 log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
+        lm_folder = lm_bridge.lm_folder(config)
+        if lm_folder is not None:  # the LM shares the GPU with the DiTs
+            needed += memory.weight_bytes(lm_folder, str(dtype).replace("torch.", ""))
+            memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]))
         return cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
 
     # ---------------------------------------------------------------- introspection
