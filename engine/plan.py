@@ -57,14 +57,13 @@ def batch_key(request: GenerationRequest, model: str, lm_loaded: bool = False) -
 
     Only plain text2music batches: one pipeline call takes per-item prompt, lyrics and language but a single
     duration, metadata, instruction and sampler setting for the whole batch. With the 5 Hz LM loaded, a
-    request the LM would plan (thinking, sample/format, or metadata left to the LM) runs alone: its
-    metadata is only known once the LM has run.
+    request the LM plans (thinking, sample/format/analysis) runs alone: its metadata is only known once
+    the LM has run.
     """
     r = request
     if r.task_type != "text2music" or r.audio_code_string or r.src_audio_key or r.reference_audio_key:
         return None
-    metas_given = r.bpm is not None and r.key_scale and r.time_signature and r.audio_duration is not None
-    if lm_loaded and (r.thinking or r.needs_lm or not metas_given):
+    if lm_loaded and (r.thinking or r.needs_lm):
         return None
     return (model, r.audio_duration or DEFAULT_TEXT2MUSIC_SECONDS, r.inference_steps, r.guidance_scale, r.shift,
             r.infer_method, tuple(r.timesteps or ()), r.cfg_interval_start, r.cfg_interval_end, r.bpm, r.key_scale,

@@ -180,7 +180,8 @@ class Engine:
                  reference_audio: Optional[bytes] = None,
                  progress: Optional[ProgressCallback] = None) -> GenerationResult:
         lm_plan = None
-        if self.planner is not None and lm_steps(request).any:
+        # The LM runs for what asks for it; a plain request keeps the DiT-only path (and its batching).
+        if self.planner is not None and (request.thinking or request.needs_lm) and lm_steps(request).any:
             lm_plan = self.planner.plan(request, seeds=plan.resolve_seeds(request),
                                         progress=lambda f, stage: _report(progress, 0.0, f"5 Hz LM: {stage}"))
             if request.analysis_only:
