@@ -30,7 +30,7 @@ MAIN_REPO = "ACE-Step/Ace-Step1.5"
 SHARED_FOLDERS = ("vae", "Qwen3-Embedding-0.6B")  # beside every original-layout DiT
 SOURCE_RECORD = "acestep-source.json"
 
-Layout = Literal["original", "diffusers"]
+Layout = Literal["original", "diffusers", "lm"]  # lm: a 5 Hz LM folder (transformers format), as published
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class ModelSource:
     def fetches(self, checkpoint_dir: Path) -> list[Fetch]:
         if self.layout == "diffusers":
             return [Fetch(self.repo, self.revision, None, checkpoint_dir / self.name)]
+        if self.layout == "lm":  # a folder of the main repo, or a repo of its own; no VAE or text encoder
+            if self.in_main_repo:
+                return [Fetch(MAIN_REPO, self.revision, (f"{self.name}/*",), checkpoint_dir)]
+            return [Fetch(self.repo, self.revision, None, checkpoint_dir / self.name)]
         shared = tuple(f"{folder}/*" for folder in SHARED_FOLDERS)
         if self.in_main_repo:  # the DiT is a folder of the main repo: one download brings all
             return [Fetch(MAIN_REPO, self.revision, (f"{self.name}/*", *shared), checkpoint_dir)]
@@ -78,6 +82,9 @@ KNOWN: dict[str, tuple[str, Layout]] = {
     "acestep-v15-xl-turbo": ("ACE-Step/acestep-v15-xl-turbo-diffusers", "diffusers"),
     "acestep-v15-xl-base": ("ACE-Step/acestep-v15-xl-base-diffusers", "diffusers"),
     "acestep-v15-xl-sft": ("ACE-Step/acestep-v15-xl-sft-diffusers", "diffusers"),
+    "acestep-5Hz-lm-0.6B": ("ACE-Step/acestep-5Hz-lm-0.6B", "lm"),
+    "acestep-5Hz-lm-1.7B": (MAIN_REPO, "lm"),
+    "acestep-5Hz-lm-4B": ("ACE-Step/acestep-5Hz-lm-4B", "lm"),
 }
 
 

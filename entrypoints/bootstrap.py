@@ -73,6 +73,8 @@ def choose_lm(settings: Settings, demo_dits: list[str]) -> str | None:
     name = settings.lm_model_path or DEFAULT_LM
     if resolve_lm_folder(settings.checkpoint_dir, name) is not None:
         return name
+    if choice in _ON and _download_lm(settings, name):
+        return name
     if settings.demo_if_missing and (choice in _ON or demo_dits):
         # 1,024 code tokens instead of 64,000: any code is valid DiT input, and the demo decodes ~5x faster
         ensure_demo_lm(settings.checkpoint_dir, name, audio_codes=1024)
@@ -132,6 +134,23 @@ def _warn_demo(names: list[str], settings: Settings) -> None:
         log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
                     "under %s/%s (or run `acestep-models download %s`) to generate music.",
                     name, settings.checkpoint_dir, name, name)
+
+
+def _download_lm(settings: Settings, name: str) -> bool:
+    """Fetch a known LM from its published source when downloads are possible; False otherwise."""
+    from pathlib import Path
+
+    from engine import model_sources
+
+    config = engine_config(settings)
+    if name not in model_sources.KNOWN or not config.downloads_possible():
+        return False
+    try:
+        model_sources.download(model_sources.source_for(name), Path(settings.checkpoint_dir))
+    except Exception:
+        log.exception("could not download the 5 Hz LM %s", name)
+        return False
+    return True
 
 
 def build_worker(settings: Settings, engine: GenerationEngine | None = None, backend: Backend | None = None,

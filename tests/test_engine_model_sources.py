@@ -113,3 +113,30 @@ def test_a_missing_model_is_downloaded_in_the_original_layout_and_converted_for_
     assert is_complete(folder) and folder == tmp_path / "ckpt" / ".diffusers" / "acestep-v15-turbo"
     assert (tmp_path / "ckpt" / "acestep-v15-turbo" / "acestep-source.json").is_file()
     assert resolve_model(config, "acestep-v15-turbo") == folder and len(hub.snapshots) == 1  # not fetched again
+
+
+def test_lm_folders_download_without_the_dit_parts(tmp_path):
+    main = {**MAIN, "acestep-5Hz-lm-1.7B/config.json": b"{}"}
+    hub = FakeHub({MAIN_REPO: main, "ACE-Step/acestep-5Hz-lm-0.6B": {"config.json": b"{}", "model.safetensors": b"m"}})
+    one_seven = download(source_for("acestep-5Hz-lm-1.7B", env={}), tmp_path, hub.snapshot, hub.files)
+    assert (one_seven / "model.safetensors").read_bytes() == b"L" * 900
+    assert not (tmp_path / "vae").exists() and not (tmp_path / "acestep-v15-turbo").exists()
+    small = download(source_for("acestep-5Hz-lm-0.6B", env={}), tmp_path, hub.snapshot, hub.files)
+    assert small == tmp_path / "acestep-5Hz-lm-0.6B" and (small / "model.safetensors").read_bytes() == b"m"
+
+
+def test_a_required_lm_is_downloaded_at_start(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from entrypoints.bootstrap import choose_lm
+    from service.config import Settings
+
+    hub = FakeHub({MAIN_REPO: {**MAIN, "acestep-5Hz-lm-1.7B/config.json": b"{}"}})
+    monkeypatch.setattr(model_sources, "hub_repo_files", hub.files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    settings = Settings(checkpoint_dir=str(tmp_path), init_llm="true", demo_if_missing=False)
+    assert choose_lm(settings, demo_dits=[]) == "acestep-5Hz-lm-1.7B"
+    assert (tmp_path / "acestep-5Hz-lm-1.7B" / "model.safetensors").is_file()
+    off = Settings(checkpoint_dir=str(tmp_path / "none"), init_llm="auto", demo_if_missing=False)
+    assert choose_lm(off, demo_dits=[]) is None  # auto with real DiTs and no LM folder: the DiT runs alone
