@@ -381,9 +381,13 @@ def test_worker_beats_with_its_running_task_and_forgets_itself_on_stop(settings,
     runner = threading.Thread(target=worker.run_forever, kwargs={"poll_seconds": 0.05})
     runner.start()
     deadline = time.monotonic() + 10
-    while backend.store.get(task_id).status != SUCCEEDED and time.monotonic() < deadline:
+    beats: list = []
+    # the task finishes, then a later beat reports the worker idle (beats come every 0.05 s)
+    while time.monotonic() < deadline:
+        beats = backend.store.heartbeats()
+        if backend.store.get(task_id).status == SUCCEEDED and beats and beats[0].state == "idle":
+            break
         time.sleep(0.02)
-    beats = backend.store.heartbeats()
     worker.request_stop()
     runner.join(10)
     assert [b.worker_id for b in beats] == ["beating"] and beats[0].state == "idle"
