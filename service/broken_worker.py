@@ -16,7 +16,7 @@ import uuid
 from typing import Optional
 
 from .config import Settings
-from .observability.health import ALIVE_WITHIN_SECONDS, FAILED_STATE, HEARTBEAT_SECONDS, healthy
+from .observability.health import FAILED_STATE, HEARTBEAT_SECONDS, alive_only, healthy
 from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
 from .ports import Backend
@@ -71,6 +71,5 @@ class BrokenWorker:
         return True
 
     def _working_worker_alive(self) -> bool:
-        now = time.time()
-        alive = [b for b in self.backend.store.heartbeats() if b.age(now) <= ALIVE_WITHIN_SECONDS]
+        alive = alive_only(self.backend.store.heartbeats(), time.time())
         return bool(healthy([b for b in alive if b.worker_id != self.worker_id]))

@@ -245,14 +245,7 @@ class Planner:
             md, text_lyrics, text, stats = self.create_sample(query, instrumental=instrumental, language=language,
                                                               seed=seeds[0], sampling=sampling,
                                                               constrained=constrained, progress=progress)
-            plan.phases.append(stats)
-            plan.lm_text = text
-            md = self._valid(md, plan, exempt=known)
-            lm_md.update(md)
-            caption = md.get("caption") or caption
-            if text_lyrics:
-                lyrics, plan.lyrics_rewritten = text_lyrics, True
-            known.update({k: md[k] for k in USER_FIELDS if k in md})
+            md, caption, lyrics = self._take_rewrite(plan, md, text_lyrics, text, stats, known, lm_md, caption, lyrics)
             if "duration" in md:  # the sample's duration replaces the request's
                 user_duration = None
             skip_cot = True  # upstream: use_cot_metas=False after sample mode
@@ -263,14 +256,7 @@ class Planner:
             md, text_lyrics, text, stats = self.format_input(caption, lyrics, forced=forced, seed=seeds[0],
                                                              sampling=sampling, constrained=constrained,
                                                              progress=progress)
-            plan.phases.append(stats)
-            plan.lm_text = text
-            md = self._valid(md, plan, exempt=known)
-            lm_md.update(md)
-            caption = md.get("caption") or caption
-            if text_lyrics:
-                lyrics, plan.lyrics_rewritten = text_lyrics, True
-            known.update({k: md[k] for k in USER_FIELDS if k in md})
+            md, caption, lyrics = self._take_rewrite(plan, md, text_lyrics, text, stats, known, lm_md, caption, lyrics)
             skip_cot = skip_cot or "duration" in md
         cot_md = dict(known)  # what phase 2 is conditioned on
         cot_caption = None
@@ -313,6 +299,19 @@ class Planner:
         if plan.random_weights:
             plan.notes.append("the 5 Hz LM has random weights: its metadata and codes are noise")
         return plan
+
+    def _take_rewrite(self, plan: LMPlan, md: dict[str, Any], text_lyrics: str, text: str, stats: PhaseStats,
+                      known: dict[str, Any], lm_md: dict[str, Any], caption: str,
+                      lyrics: str) -> tuple[dict[str, Any], str, str]:
+        """Record a sample/format step in the plan; returns its valid metadata and the caption and lyrics now."""
+        plan.phases.append(stats)
+        plan.lm_text = text
+        md = self._valid(md, plan, exempt=known)
+        lm_md.update(md)
+        if text_lyrics:
+            lyrics, plan.lyrics_rewritten = text_lyrics, True
+        known.update({k: md[k] for k in USER_FIELDS if k in md})
+        return md, md.get("caption") or caption, lyrics
 
     @staticmethod
     def _valid(md: dict[str, Any], plan: LMPlan, exempt: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = 
     except Exception as exc:
         report.queue_ok = False
         report.reasons.append(f"queue unreachable ({_error(exc)})")
-    alive = [b for b in beats if b.age(now) <= ALIVE_WITHIN_SECONDS]
+    alive = alive_only(beats, now)
     report.workers = [_describe(b, now) for b in alive]
     for b in alive:
         if b.state == FAILED_STATE:
@@ -71,6 +71,11 @@ def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = 
     return report
 
 
+def alive_only(beats: list[WorkerHeartbeat], now: float) -> list[WorkerHeartbeat]:
+    """The workers that beat within ALIVE_WITHIN_SECONDS."""
+    return [b for b in beats if b.age(now) <= ALIVE_WITHIN_SECONDS]
+
+
 def healthy(beats: list[WorkerHeartbeat]) -> list[WorkerHeartbeat]:
     return [b for b in beats if b.state != FAILED_STATE]
 
@@ -82,7 +87,7 @@ def unservable_reason(backend: Backend, now: Optional[float] = None) -> Optional
     start on demand, so a quiet fleet is not a reason to refuse work).
     """
     now = time.time() if now is None else now
-    alive = [b for b in backend.store.heartbeats() if b.age(now) <= ALIVE_WITHIN_SECONDS]
+    alive = alive_only(backend.store.heartbeats(), now)
     if not alive or healthy(alive):
         return None
     return "no worker can run tasks: " + "; ".join(f"{b.worker_id}: {b.error}" for b in alive)
