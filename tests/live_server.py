@@ -15,6 +15,18 @@ import httpx
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def poll_until(what: str, predicate, timeout: float, interval: float = 0.1, describe=lambda: ""):
+    """Call `predicate` until it returns something truthy (returned); past `timeout`, fail naming `what`
+    (plus `describe()`, e.g. the logs of the processes involved)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}" + describe())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,13 +48,17 @@ class LiveServer:
 
     def wait_until(self, what: str, predicate, timeout: float, interval: float = 0.1):
         """Poll `predicate` until it returns something truthy (returned); past `timeout`, fail with the log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}:\n" + self.log()[-4000:])
+        return poll_until(what, predicate, timeout, interval, lambda: ":\n" + self.log()[-4000:])
+
+    def query(self, task_id: str) -> dict:
+        """The /query_result entry of one task."""
+        return httpx.post(self.base_url + "/query_result", json={"task_id_list": [task_id]},
+                          timeout=10).json()["data"][0]
+
+    def wait_done(self, task_id: str, timeout: float = 240.0) -> dict:
+        """The task's entry once it succeeded or failed."""
+        return self.wait_until(f"task {task_id} to finish",
+                               lambda: (e := self.query(task_id))["status"] in (1, 2) and e, timeout, interval=0.2)
 
     def wait_for_worker(self, timeout: float = 120.0) -> None:
         """Until a worker has loaded its models and published them (/v1/models shows them)."""

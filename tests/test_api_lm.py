@@ -3,7 +3,6 @@ DiT + demo LM, thinking and sample mode work end to end (labelled as random weig
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -21,16 +20,6 @@ def test_lm_requests_are_refused_at_submit_when_no_worker_has_the_lm(settings):
     assert api.client.post("/release_task", json={"prompt": "plain", "thinking": True}).status_code == 200
 
 
-def _wait(base: str, task_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        entry = httpx.post(base + "/query_result", json={"task_id_list": [task_id]}, timeout=10).json()["data"][0]
-        if entry["status"] != 0:
-            return entry
-        time.sleep(0.3)
-    raise AssertionError(f"task {task_id} did not finish")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-service")
@@ -45,7 +34,7 @@ def test_thinking_runs_the_lm_then_the_dit(server):
     r = httpx.post(server.base_url + "/release_task", timeout=10, json={
         "prompt": "upbeat pop", "lyrics": "[verse] hello", "thinking": True, "audio_duration": 10,
         "batch_size": 1, "inference_steps": 2, "audio_format": "wav"})
-    entry = _wait(server.base_url, r.json()["data"]["task_id"])
+    entry = server.wait_done(r.json()["data"]["task_id"], timeout=180)
     assert entry["status"] == 1, entry
     item = json.loads(entry["result"])[0]
     assert item["lm_model"] == "acestep-5Hz-lm-1.7B" and item["metas"]["bpm"] != "N/A"
@@ -58,7 +47,7 @@ def test_sample_mode_writes_the_song_from_a_description(server):
     r = httpx.post(server.base_url + "/release_task", timeout=10, json={
         "sample_mode": True, "sample_query": "a calm piano ballad", "batch_size": 1, "inference_steps": 2,
         "audio_format": "wav", "audio_duration": 10})
-    entry = _wait(server.base_url, r.json()["data"]["task_id"])
+    entry = server.wait_done(r.json()["data"]["task_id"], timeout=180)
     assert entry["status"] == 1, entry
     item = json.loads(entry["result"])[0]
     assert item["lm_model"] == "acestep-5Hz-lm-1.7B" and item["file"]

@@ -31,6 +31,7 @@ import pytest
 
 from service.ports import FAILED, RUNNING, SUCCEEDED
 from tests.aws_support import aws_settings, free_port, moto_server
+from tests.live_server import poll_until
 
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("torch")
@@ -270,13 +271,7 @@ class Cluster:
         return r.json()["data"][0]
 
     def wait_until(self, what: str, predicate, timeout: float = WAIT, interval: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}\n" + self.logs())
+        return poll_until(what, predicate, timeout, interval, lambda: "\n" + self.logs())
 
     def wait_done(self, task_id: str) -> dict:
         return self.wait_until(f"{task_id} to finish", lambda: (e := self.query(task_id))["status"] in (1, 2) and e)

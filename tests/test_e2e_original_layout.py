@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import httpx
 import soundfile as sf
@@ -21,14 +20,7 @@ def test_service_serves_an_original_layout_checkpoint(tmp_path):
         server.wait_for_worker()
         r = httpx.post(server.base_url + "/release_task", timeout=10, json={
             "prompt": "piano", "audio_duration": 10, "batch_size": 1, "audio_format": "wav", "inference_steps": 2})
-        task_id = r.json()["data"]["task_id"]
-        deadline, entry = time.monotonic() + 120, {}
-        while time.monotonic() < deadline:
-            entry = httpx.post(server.base_url + "/query_result", json={"task_id_list": [task_id]},
-                               timeout=10).json()["data"][0]
-            if entry["status"] != 0:
-                break
-            time.sleep(0.3)
+        entry = server.wait_done(r.json()["data"]["task_id"], timeout=120)
         assert entry["status"] == 1, entry
         item = json.loads(entry["result"])[0]
         assert "random weights" in item["generation_info"].lower()

@@ -37,20 +37,6 @@ def decode(data: bytes):
     return audio, sr
 
 
-def query(base: str, task_id: str) -> dict:
-    return httpx.post(base + "/query_result", json={"task_id_list": [task_id]}, timeout=10).json()["data"][0]
-
-
-def wait_done(base: str, task_id: str, timeout: float = 240.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        item = query(base, task_id)
-        if item["status"] in (1, 2):
-            return item
-        time.sleep(0.2)
-    raise AssertionError(f"task {task_id} did not finish")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
@@ -95,7 +81,7 @@ def test_seed_curl_jq_script_runs_unchanged(server, tmp_path):
 def test_files_have_requested_length_format_and_seed(server, fmt):
     body = {"prompt": "lo-fi piano", "audio_duration": 12, "batch_size": 1, "audio_format": fmt, "seed": 1234}
     task_id = httpx.post(server.base_url + "/release_task", json=body).json()["data"]["task_id"]
-    item = wait_done(server.base_url, task_id)
+    item = server.wait_done(task_id)
     assert item["status"] == 1, item
     result = __import__("json").loads(item["result"])
     assert result[0]["seed_value"] == "1234"
@@ -117,7 +103,7 @@ def test_tasks_survive_restarts(tmp_path):
         queued = httpx.post(api_only.base_url + "/query_result", json={"task_id_list": ids}).json()["data"]
         assert [q["status"] for q in queued] == [0, 0]
     with live_server(data, ckpt, workers=1) as srv:  # restarted with a worker: they run
-        items = [wait_done(srv.base_url, t) for t in ids]
+        items = [srv.wait_done(t) for t in ids]
         assert [i["status"] for i in items] == [1, 1]
     with live_server(data, ckpt, workers=0) as srv:  # and stay queryable and downloadable after
         items = httpx.post(srv.base_url + "/query_result", json={"task_id_list": ids}).json()["data"]
@@ -156,8 +142,7 @@ def test_killed_worker_task_is_redelivered_and_completes_once(tmp_path):
         assert record.status == RUNNING and record.attempt == 1, \
             f"attempt 1 ended before its worker was killed (make the task longer): {record}"
         # The launcher restarts the worker; once the dead one's lease lapses, the new one runs attempt 2.
-        item = srv.wait_until("the redelivered task to finish",
-                              lambda: (i := query(srv.base_url, task_id))["status"] in (1, 2) and i, timeout=100)
+        item = srv.wait_done(task_id, timeout=100)  # the redelivered attempt
         assert item["status"] == 1, item
     record = make_embedded_backend(Settings(data_dir=data)).store.get(task_id)
     assert record.attempt == 2
