@@ -43,3 +43,29 @@ def open_backend(kind: str, settings: Settings, tmp_path):
 def backend(request, settings, tmp_path):
     with open_backend(request.param, settings, tmp_path) as b:
         yield b
+
+
+
+# Live demo servers for the client, CLI and Studio tests (tests/demo_servers.py), started once per
+# session and only when a test asks; both use one checkpoint folder, so the demo model is built once.
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-servers")
+
+
+@pytest.fixture(scope="session")
+def keyed_server(demo_root):
+    """The service with ACESTEP_API_KEY = tests.demo_servers.API_KEY."""
+    from tests.demo_servers import start_demo_server
+
+    with start_demo_server(demo_root, keyed=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def open_server(demo_root):
+    """The service without an API key."""
+    from tests.demo_servers import start_demo_server
+
+    with start_demo_server(demo_root, keyed=False) as server:
+        yield server

@@ -1,0 +1,124 @@
+"""AsyncACEStepClient: the same API as ACEStepClient on httpx.AsyncClient.
+
+Cancelling the coroutine (asyncio task cancellation, asyncio.timeout) stops a wait; nothing else
+is needed for cancellation here."""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Callable, Optional
+
+import httpx
+
+from . import protocol
+from .errors import ACEStepError, TaskFailed, WaitTimeout
+from .types import AudioResult, ModelList, Submitted, TaskState, TaskStatus
+
+OnUpdate = Callable[[TaskStatus], None]
+
+
+class AsyncACEStepClient:
+    def __init__(self, api_url: Optional[str] = None, api_key: Optional[str] = None, *,
+                 timeout: float = 60.0, http: Optional[httpx.AsyncClient] = None):
+        self.base_url, self.api_key = protocol.resolve(api_url, api_key)
+        self._http = http or httpx.AsyncClient(timeout=timeout, follow_redirects=True)
+        self._http.headers.update(protocol.auth_headers(self.api_key))
+
+    async def __aenter__(self) -> "AsyncACEStepClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: protocol.Call) -> Any:
+        try:
+            response = await self._http.request(call.method, self.base_url + call.path, **call.kwargs())
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        finally:
+            protocol.close_files(call)
+        return protocol.read(response, call)
+
+    async def submit(self, prompt: str = "", lyrics: str = "", *, src_audio: Optional[str] = None,
+                     reference_audio: Optional[str] = None, idempotency_key: Optional[str] = None,
+                     **fields: Any) -> Submitted:
+        call = protocol.submit_call({"prompt": prompt, "lyrics": lyrics, **fields}, src_audio, reference_audio,
+                                    idempotency_key)
+        data = await self._send(call)
+        return Submitted(str(data["task_id"]), data.get("queue_position"))
+
+    async def status(self, task_id: str) -> TaskStatus:
+        return (await self.statuses([task_id]))[0]
+
+    async def statuses(self, task_ids: list[str]) -> list[TaskStatus]:
+        data = await self._send(protocol.query_call(task_ids))
+        return [TaskStatus.parse(entry) for entry in data or []]
+
+    async def models(self) -> ModelList:
+        call = protocol.Call("GET", "/v1/models")
+        try:
+            response = await self._http.get(self.base_url + call.path)
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        protocol.read(response, call)
+        return ModelList.parse(response.json())
+
+    async def cancel(self, task_id: str) -> Any:
+        return await self._send(protocol.cancel_call(task_id))
+
+    async def wait(self, task_id: str, *, timeout: Optional[float] = 600.0, on_update: Optional[OnUpdate] = None,
+                   poll_interval: float = 0.5, max_interval: float = 5.0,
+                   raise_on_failure: bool = True) -> TaskStatus:
+        backoff = protocol.Backoff(timeout, poll_interval, max_interval)
+        while True:
+            seen: Any = "error"
+            try:
+                status = await self.status(task_id)
+            except ACEStepError as exc:
+                if not protocol.retryable(exc):
+                    raise
+            else:
+                if on_update:
+                    on_update(status)
+                if status.finished:
+                    if raise_on_failure and status.state is TaskState.FAILED:
+                        raise TaskFailed(task_id, status.error or "")
+                    return status
+                seen = (status.state, status.queue_position, status.stage, status.progress)
+            delay = backoff.next_delay(seen)
+            if delay is None:
+                raise WaitTimeout(task_id, timeout or 0.0)
+            await asyncio.sleep(delay)
+
+    async def download(self, audio: AudioResult, dest: str, task_id: str = "audio") -> str:
+        path = protocol.output_path(dest, task_id, audio.index, audio.extension)
+        call = protocol.Call("GET", audio.file)
+        tmp = path + ".part"
+        try:
+            async with self._http.stream("GET", protocol.absolute(self.base_url, audio.file)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    protocol.read(response, call)
+                with open(tmp, "wb") as out:
+                    async for chunk in response.aiter_bytes():
+                        out.write(chunk)
+            os.replace(tmp, path)
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    async def download_all(self, status: TaskStatus, dest: str) -> list[str]:
+        return [await self.download(audio, dest, status.task_id) for audio in status.audios]
+
+    async def generate_and_download(self, prompt: str, dest: str, *, lyrics: str = "",
+                                    timeout: Optional[float] = 600.0, on_update: Optional[OnUpdate] = None,
+                                    **fields: Any) -> list[str]:
+        task = await self.submit(prompt, lyrics, **fields)
+        status = await self.wait(task.task_id, timeout=timeout, on_update=on_update)
+        return await self.download_all(status, dest)

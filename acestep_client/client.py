@@ -1,0 +1,144 @@
+"""ACEStepClient: the synchronous client (httpx.Client)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import httpx
+
+from . import protocol
+from .errors import ACEStepError, TaskFailed, WaitCancelled, WaitTimeout
+from .types import AudioResult, ModelList, Submitted, TaskState, TaskStatus
+
+OnUpdate = Callable[[TaskStatus], None]
+
+
+class ACEStepClient:
+    """Talks to this server or an upstream ACE-Step API server (`/release_task`, `/query_result`).
+
+    >>> with ACEStepClient("http://127.0.0.1:8001") as client:
+    ...     paths = client.generate_and_download("lofi piano", "out/", audio_duration=30)
+    """
+
+    def __init__(self, api_url: Optional[str] = None, api_key: Optional[str] = None, *,
+                 timeout: float = 60.0, http: Optional[httpx.Client] = None):
+        self.base_url, self.api_key = protocol.resolve(api_url, api_key)
+        self._http = http or httpx.Client(timeout=timeout, follow_redirects=True)
+        self._http.headers.update(protocol.auth_headers(self.api_key))
+
+    def __enter__(self) -> "ACEStepClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: protocol.Call) -> Any:
+        try:
+            response = self._http.request(call.method, self.base_url + call.path, **call.kwargs())
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        finally:
+            protocol.close_files(call)
+        return protocol.read(response, call)
+
+    # --- the API -------------------------------------------------------------------------------
+
+    def submit(self, prompt: str = "", lyrics: str = "", *, src_audio: Optional[str] = None,
+               reference_audio: Optional[str] = None, idempotency_key: Optional[str] = None,
+               **fields: Any) -> Submitted:
+        """POST /release_task with upstream's field names (`audio_duration`, `bpm`, `task_type`, ...).
+        `src_audio`/`reference_audio` are local files, sent as multipart."""
+        call = protocol.submit_call({"prompt": prompt, "lyrics": lyrics, **fields}, src_audio, reference_audio,
+                                    idempotency_key)
+        data = self._send(call)
+        return Submitted(str(data["task_id"]), data.get("queue_position"))
+
+    def status(self, task_id: str) -> TaskStatus:
+        return self.statuses([task_id])[0]
+
+    def statuses(self, task_ids: list[str]) -> list[TaskStatus]:
+        data = self._send(protocol.query_call(task_ids))
+        return [TaskStatus.parse(entry) for entry in data or []]
+
+    def models(self) -> ModelList:
+        call = protocol.Call("GET", "/v1/models")
+        try:
+            response = self._http.get(self.base_url + call.path)
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        protocol.read(response, call)  # raises on errors
+        return ModelList.parse(response.json())
+
+    def cancel(self, task_id: str) -> Any:
+        """POST /v1/tasks/{id}/cancel; NotSupported when the server has no cancel route (upstream)."""
+        return self._send(protocol.cancel_call(task_id))
+
+    def wait(self, task_id: str, *, timeout: Optional[float] = 600.0, on_update: Optional[OnUpdate] = None,
+             cancel: Optional[threading.Event] = None, poll_interval: float = 0.5,
+             max_interval: float = 5.0, raise_on_failure: bool = True) -> TaskStatus:
+        """Poll until the task finished. Backs off while nothing changes; transient errors (network,
+        429, 502-504) are retried until `timeout`. Raises TaskFailed (unless `raise_on_failure` is
+        False), WaitTimeout, or WaitCancelled once `cancel` is set."""
+        backoff = protocol.Backoff(timeout, poll_interval, max_interval)
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise WaitCancelled(task_id)
+            seen: Any = "error"
+            try:
+                status = self.status(task_id)
+            except ACEStepError as exc:
+                if not protocol.retryable(exc):
+                    raise
+            else:
+                if on_update:
+                    on_update(status)
+                if status.finished:
+                    if raise_on_failure and status.state is TaskState.FAILED:
+                        raise TaskFailed(task_id, status.error or "")
+                    return status
+                seen = (status.state, status.queue_position, status.stage, status.progress)
+            delay = backoff.next_delay(seen)
+            if delay is None:
+                raise WaitTimeout(task_id, timeout or 0.0)
+            if cancel is not None:
+                if cancel.wait(delay):
+                    raise WaitCancelled(task_id)
+            else:
+                time.sleep(delay)
+
+    def download(self, audio: AudioResult, dest: str, task_id: str = "audio") -> str:
+        """Stream one result file to `dest` (a directory, or a file name); returns the path written."""
+        path = protocol.output_path(dest, task_id, audio.index, audio.extension)
+        call = protocol.Call("GET", audio.file)
+        tmp = path + ".part"
+        try:
+            with self._http.stream("GET", protocol.absolute(self.base_url, audio.file)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    protocol.read(response, call)
+                with open(tmp, "wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+            os.replace(tmp, path)
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        finally:
+            if os.path.exists(tmp):  # a failed download leaves nothing behind
+                os.remove(tmp)
+        return path
+
+    def download_all(self, status: TaskStatus, dest: str) -> list[str]:
+        return [self.download(audio, dest, status.task_id) for audio in status.audios]
+
+    def generate_and_download(self, prompt: str, dest: str, *, lyrics: str = "", timeout: Optional[float] = 600.0,
+                              on_update: Optional[OnUpdate] = None, cancel: Optional[threading.Event] = None,
+                              **fields: Any) -> list[str]:
+        """Submit, wait, download every file; returns the paths written."""
+        task = self.submit(prompt, lyrics, **fields)
+        status = self.wait(task.task_id, timeout=timeout, on_update=on_update, cancel=cancel)
+        return self.download_all(status, dest)

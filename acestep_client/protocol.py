@@ -1,0 +1,152 @@
+"""What the sync and async clients share: building requests, reading answers, the polling schedule.
+
+The clients only move bytes (httpx.Client / httpx.AsyncClient); everything that decides what to
+send and what an answer means lives here, once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from urllib.parse import quote
+
+import httpx
+
+from .errors import APIError, AuthError, NotSupported, ServerUnreachable
+
+DEFAULT_URL = "http://127.0.0.1:8001"
+URL_ENV, KEY_ENV = "ACESTEP_API_URL", "ACESTEP_API_KEY"
+ROUTE_MISSING = "Not Found"  # FastAPI's detail for a path it has no route for (404) - not "task not found"
+
+
+def resolve(api_url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
+    """Arguments first, then ACESTEP_API_URL / ACESTEP_API_KEY, then the local default server."""
+    url = (api_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get(KEY_ENV) or None
+    return url, key
+
+
+def auth_headers(api_key: Optional[str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+@dataclass
+class Call:
+    """One HTTP request, described; `send` kwargs for httpx."""
+    method: str
+    path: str
+    json: Any = None
+    data: Optional[dict] = None
+    files: Optional[dict] = None
+    headers: dict = field(default_factory=dict)
+
+    def kwargs(self) -> dict:
+        out: dict[str, Any] = {"headers": self.headers}
+        if self.json is not None:
+            out["json"] = self.json
+        if self.data is not None:
+            out["data"] = self.data
+        if self.files is not None:
+            out["files"] = self.files
+        return out
+
+
+def submit_call(fields: dict, src_audio: Optional[str] = None, reference_audio: Optional[str] = None,
+                idempotency_key: Optional[str] = None) -> Call:
+    """POST /release_task: JSON, or multipart when audio files are sent (upstream's file fields).
+
+    An Idempotency-Key (a fresh one unless given) makes a retried submit return the first task on
+    this server; upstream ignores the header."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+    files = {role: path for role, path in (("src_audio", src_audio), ("reference_audio", reference_audio)) if path}
+    if not files:
+        return Call("POST", "/release_task", json=fields, headers=headers)
+    form = {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in fields.items()}
+    opened = {role: (os.path.basename(path), open(path, "rb")) for role, path in files.items()}
+    return Call("POST", "/release_task", data=form, files=opened, headers=headers)
+
+
+def close_files(call: Call) -> None:
+    for value in (call.files or {}).values():
+        value[1].close()
+
+
+def query_call(task_ids: list[str]) -> Call:
+    return Call("POST", "/query_result", json={"task_id_list": task_ids})
+
+
+def cancel_call(task_id: str) -> Call:
+    return Call("POST", f"/v1/tasks/{quote(task_id, safe='')}/cancel")
+
+
+def read(response: httpx.Response, call: Call) -> Any:
+    """The `data` of a successful envelope; an APIError (AuthError, NotSupported) for anything else."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 400:
+        detail = body.get("detail", body) if isinstance(body, dict) else (response.text[:500] or response.reason_phrase)
+        kind = AuthError if response.status_code in (401, 403) else APIError
+        if response.status_code in (404, 405) and detail in (ROUTE_MISSING, "Method Not Allowed"):
+            kind = NotSupported
+        raise kind(response.status_code, detail, method=call.method, path=call.path)
+    if not isinstance(body, dict):
+        raise APIError(response.status_code, f"expected a JSON object, got {response.text[:200]!r}",
+                       method=call.method, path=call.path)
+    code = body.get("code", 200)
+    if isinstance(code, int) and code >= 400:  # upstream's soft failure: HTTP 200, code 500
+        raise APIError(code, body.get("error") or "request failed", method=call.method, path=call.path)
+    return body.get("data", body)
+
+
+def unreachable(exc: httpx.TransportError, base_url: str) -> ServerUnreachable:
+    return ServerUnreachable(f"cannot reach {base_url}: {exc.__class__.__name__}: {exc}")
+
+
+def absolute(base_url: str, file: str) -> str:
+    """Result URLs are relative on upstream and here (`/v1/audio?...`); a presigned one is absolute."""
+    return file if file.startswith(("http://", "https://")) else base_url + "/" + file.lstrip("/")
+
+
+def retryable(exc: BaseException) -> bool:
+    """Worth polling again: the network blinked, the server was busy or restarting."""
+    if isinstance(exc, ServerUnreachable):
+        return True
+    return isinstance(exc, APIError) and not isinstance(exc, AuthError) and exc.status_code in (429, 502, 503, 504)
+
+
+class Backoff:
+    """The polling schedule: start at `initial`, grow by `factor` up to `maximum`; back to `initial` when
+    the task moves, so a running task is followed closely and a long queue is polled gently."""
+
+    def __init__(self, timeout: Optional[float], initial: float = 0.5, maximum: float = 5.0, factor: float = 1.5):
+        self.initial, self.maximum, self.factor = initial, maximum, factor
+        self.delay = initial
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._last: Any = None
+
+    def next_delay(self, seen: Any) -> Optional[float]:
+        """Seconds to sleep before the next poll, or None when the deadline has passed."""
+        if seen != self._last:
+            self._last, self.delay = seen, self.initial
+        else:
+            self.delay = min(self.maximum, self.delay * self.factor)
+        if self.deadline is None:
+            return self.delay
+        left = self.deadline - time.monotonic()
+        return None if left <= 0 else min(self.delay, left)
+
+
+def output_path(dest: str, task_id: str, index: int, extension: str) -> str:
+    """`dest` itself when it names a file, else `<dest>/<task_id>_<index>.<ext>`."""
+    if os.path.isdir(dest) or dest.endswith(os.sep) or not os.path.splitext(dest)[1]:
+        os.makedirs(dest, exist_ok=True)
+        return os.path.join(dest, f"{task_id}_{index}.{extension}")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    return dest
