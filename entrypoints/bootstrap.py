@@ -160,7 +160,17 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
 
     backend = backend if backend is not None else build_backend(settings)
     return Worker(settings, backend, engine if engine is not None else load_engine(settings),
-                  on_stalled=on_stalled, metrics=build_metrics(settings))
+                  on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings))
+
+
+def scale_in_protection(settings: Settings):
+    """On ECS (the agent sets ECS_AGENT_URI): protect the task from scale-in while it runs a task."""
+    if settings.backend != "aws":
+        return None
+    from service.aws.task_protection import EcsTaskProtection
+
+    protection = EcsTaskProtection.from_environment(settings.generation_timeout)
+    return protection.set_busy if protection is not None else None
 
 
 def build_broken_worker(settings: Settings, backend: Backend, error: BaseException):

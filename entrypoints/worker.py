@@ -13,7 +13,10 @@ import os
 import signal
 import threading
 
+from typing import Optional
+
 from service.config import Settings, load_settings
+from service.observability.heartbeat_file import starting_beat, unhealthy_reason, write_beat
 from service.observability.logs import configure_logging
 
 from service.broken_worker import BrokenWorker
@@ -35,7 +38,9 @@ def _exit_hung() -> None:
     os._exit(EXIT_HUNG)
 
 
-def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
+def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file: Optional[str] = None) -> None:
+    if heartbeat_file:  # the health check allows model loading this long (heartbeat_file.STARTUP_LIMIT_SECONDS)
+        write_beat(heartbeat_file, starting_beat(f"pid-{os.getpid()}"))
     bootstrap.resolve_secrets(settings)
     backend = bootstrap.build_backend(settings)
     worker: Worker | BrokenWorker
@@ -44,6 +49,7 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
     except Exception as exc:  # stay up and say why, rather than crash-loop with tasks waiting
         log.exception("could not load the engine")
         worker = bootstrap.build_broken_worker(settings, backend, exc)
+    worker.heartbeat_file = heartbeat_file
 
     def on_term(signum, frame):
         if worker.stop_event.is_set():
@@ -63,6 +69,13 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0) -> None:
     worker.run_forever(poll_seconds=1.0 if settings.backend == "embedded" else 20.0)
 
 
+def healthcheck(heartbeat_file: str, settings: Settings) -> int:
+    """The container health check: 0 while the worker beats and its engine progresses, else 1."""
+    reason = unhealthy_reason(heartbeat_file, settings.stall_timeout)
+    print(reason or "healthy")
+    return 0 if reason is None else 1
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="acestep-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="embedded backend data dir (ACESTEP_DATA_DIR)")
@@ -71,12 +84,19 @@ def main(argv=None) -> None:
     parser.add_argument("--grace-seconds", type=float, default=600.0,
                         help="after SIGTERM, how long the running task may take before it is released")
     parser.add_argument("--log-level", help="debug, info, warning, error (ACESTEP_LOG_LEVEL, info)")
+    parser.add_argument("--heartbeat-file", help="also write each heartbeat to this local file (for --healthcheck)")
+    parser.add_argument("--healthcheck", action="store_true",
+                        help="exit 0 if the worker writing --heartbeat-file is alive and progressing, else 1")
     args = parser.parse_args(argv)
     settings = load_settings({"data_dir": args.data_dir, "backend": args.backend,
                               "checkpoint_dir": args.checkpoint_dir,
                               "log_level": args.log_level.upper() if args.log_level else None})
+    if args.healthcheck:
+        if not args.heartbeat_file:
+            parser.error("--healthcheck needs --heartbeat-file")
+        raise SystemExit(healthcheck(args.heartbeat_file, settings))
     configure_logging(settings.log_level, settings.log_format)
-    run_worker(settings, grace_seconds=args.grace_seconds)
+    run_worker(settings, grace_seconds=args.grace_seconds, heartbeat_file=args.heartbeat_file)
 
 
 if __name__ == "__main__":

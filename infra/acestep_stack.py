@@ -5,6 +5,7 @@ defaults, and infra/README.md for what they cost.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,12 +14,17 @@ from typing import Optional
 from aws_cdk import (
     CfnOutput,
     Duration,
+    Fn,
     RemovalPolicy,
     Stack,
+    Token,
+    aws_apigateway as apigw_v1,
     aws_apigatewayv2 as apigw,
     aws_apigatewayv2_integrations as integrations,
     aws_applicationautoscaling as appscaling,
     aws_autoscaling as autoscaling,
+    aws_cloudfront as cloudfront,
+    aws_cloudfront_origins as origins,
     aws_cloudwatch as cloudwatch,
     aws_cloudwatch_actions as cw_actions,
     aws_dynamodb as dynamodb,
@@ -32,8 +38,12 @@ from aws_cdk import (
     aws_sns as sns,
     aws_sns_subscriptions as subscriptions,
     aws_sqs as sqs,
+    aws_wafv2 as wafv2,
 )
+import jsii
 from constructs import Construct
+
+from infra.nag import suppress
 
 from service.aws import schema
 from service.blob_keys import MODELS_PREFIX
@@ -42,6 +52,16 @@ from service.observability.metrics import NAMESPACE as METRICS_NAMESPACE
 from service.blob_keys import UPLOADS_PREFIX as UPLOAD_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The worker writes its heartbeat here; the container health check reads it (acestep-worker --healthcheck).
+HEARTBEAT_FILE = "/tmp/acestep-heartbeat.json"
+# The fields of one access-log line of the HTTP API (JSON, one object per request).
+ACCESS_LOG_FORMAT = json.dumps({
+    "requestId": "$context.requestId", "ip": "$context.identity.sourceIp", "time": "$context.requestTime",
+    "method": "$context.httpMethod", "path": "$context.path", "status": "$context.status",
+    "bytes": "$context.responseLength", "latencyMs": "$context.responseLatency",
+    "integrationLatencyMs": "$context.integrationLatency", "error": "$context.integrationErrorMessage",
+    "userAgent": "$context.identity.userAgent",
+})
 
 
 @dataclass
@@ -67,6 +87,22 @@ class StackOptions:
     alarm_email: str = ""
     config_path: str = "acestep-v15-turbo"
     destroy_data_on_delete: bool = False  # tear-down removes the table and bucket too
+    # Browser origins allowed to call the API and to PUT/GET presigned S3 URLs (comma-separated). The
+    # app's ACESTEP_CORS_ORIGINS and the bucket's CORS rule both come from this one value; the HTTP API
+    # has no CORS configuration of its own. Empty: no browser origins.
+    cors_origins: str = ""
+    api_rate_limit: int = 50  # stage throttling: steady requests per second across all clients
+    api_burst_limit: int = 100
+    # Reserved concurrency of the API Lambda (caps its cost under a flood); 0 = none reserved. An account
+    # must keep 100 executions unreserved, so low-limit accounts cannot reserve any.
+    api_reserved_concurrency: int = 0
+    # Run the GPU instances on spot at this maximum hourly price (e.g. the on-demand price); empty = on-demand.
+    spot_max_price: str = ""
+    # CloudFront in front of the HTTP API with a WAF web ACL (HTTP APIs cannot take WAF directly). The
+    # ACL is created here (needs the stack in us-east-1, CloudFront's WAF region) unless one is given.
+    cloudfront: bool = False
+    waf_web_acl_arn: str = ""
+    waf_rate_limit: int = 1000  # requests per 5 minutes from one IP before WAF blocks it
 
     @classmethod
     def from_context(cls, scope: Construct) -> "StackOptions":
@@ -129,8 +165,25 @@ class AceStepStack(Stack):
             non_key_attributes=[schema.DURATION_ATTR],
         )
 
+        cors_origins = [o.strip() for o in opts.cors_origins.split(",") if o.strip()]
+        # Access logs of the audio bucket (and of CloudFront, when it is on): kept 90 days.
+        self.log_bucket = s3.Bucket(
+            self, "AccessLogs",
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            enforce_ssl=True,
+            # CloudFront's standard logs are delivered with an ACL grant, which needs ACLs enabled.
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_PREFERRED,
+            removal_policy=removal,
+            auto_delete_objects=opts.destroy_data_on_delete,
+            lifecycle_rules=[s3.LifecycleRule(id="expire-logs", expiration=Duration.days(90))],
+        )
+        suppress(self.log_bucket, ("AwsSolutions-S1", "This is the access-log bucket: logging its own accesses "
+                                                      "would log the log deliveries."))
         self.bucket = s3.Bucket(
             self, "Audio",
+            server_access_logs_bucket=self.log_bucket,
+            server_access_logs_prefix="audio/",
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
             encryption=s3.BucketEncryption.S3_MANAGED,
             enforce_ssl=True,
@@ -144,9 +197,11 @@ class AceStepStack(Stack):
                                  expiration=Duration.days(opts.task_ttl_days)),
                 s3.LifecycleRule(id="abort-multipart", abort_incomplete_multipart_upload_after=Duration.days(1)),
             ],
-            # Browsers upload straight to S3 with the presigned PUT URL and play audio from it.
+            # Browsers upload straight to S3 with the presigned PUT URL and play audio from it: the same
+            # origins as the API's (cors_origins), none when it is empty.
             cors=[s3.CorsRule(allowed_methods=[s3.HttpMethods.PUT, s3.HttpMethods.GET],
-                              allowed_origins=["*"], allowed_headers=["Content-Type"], max_age=3600)],
+                              allowed_origins=cors_origins, allowed_headers=["Content-Type"], max_age=3600)]
+            if cors_origins else None,
         )
 
         # -- queue -------------------------------------------------------------------------------
@@ -156,6 +211,8 @@ class AceStepStack(Stack):
             encryption=sqs.QueueEncryption.SQS_MANAGED,
             enforce_ssl=True,
         )
+        suppress(self.dlq, *[(rule, "This is the dead-letter queue; the worker drains it into failed tasks "
+                                    "(service/aws/dlq.py).") for rule in ("AwsSolutions-SQS3", "Serverless-SQSRedrivePolicy")])
         self.queue = sqs.Queue(
             self, "TasksQueue",
             # Longer than the worker's lease, which the worker sets per receive and keeps extending.
@@ -177,6 +234,8 @@ class AceStepStack(Stack):
                 generate_secret_string=secretsmanager.SecretStringGenerator(
                     exclude_punctuation=True, password_length=40),
             )
+            suppress(self.api_key, ("AwsSolutions-SMG4", "The API key is handed to clients: an automatic rotation "
+                                                         "would lock them out. Rotate it by hand (infra/README.md)."))
 
         common_env = {
             "ACESTEP_BACKEND": "aws",
@@ -188,26 +247,40 @@ class AceStepStack(Stack):
             "ACESTEP_CONFIG_PATH": opts.config_path,
         }
 
-        self.api_function = self._api(opts, common_env)
+        self.api_function, self.http_api = self._api(opts, common_env)
         self.worker_service = self._workers(opts, common_env)
+        self._wake_workers_on_submit(self.api_function, self.worker_service)
+        if opts.cloudfront:
+            self._edge(opts, self.http_api)
         self._alarms(opts)
 
     # -- API: HTTP API -> Lambda ------------------------------------------------------------------
 
-    def _api(self, opts: StackOptions, env: dict) -> lambda_.Function:
+    def _api(self, opts: StackOptions, env: dict) -> tuple[lambda_.Function, apigw.HttpApi]:
         api_env = {
             **env,
             "ACESTEP_QUEUE_MAXSIZE": str(opts.queue_maxsize),
             "ACESTEP_AUDIO_URL_TTL": str(opts.audio_url_ttl),
             "ACESTEP_API_KEY_SECRET_ARN": self.api_key.secret_arn,
+            # The app answers CORS (preflights included): the one place the allowed origins live.
+            "ACESTEP_CORS_ORIGINS": opts.cors_origins,
         }
+        log_group = logs.LogGroup(self, "ApiLogs", retention=logs.RetentionDays.ONE_MONTH,
+                                  removal_policy=RemovalPolicy.DESTROY)
+        # Its own role with only its own log group, rather than the AWS-managed basic execution policy.
+        role = iam.Role(self, "ApiFunctionRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                        description="ACE-Step API Lambda")
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="WriteLogs", actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+            resources=[log_group.log_group_arn]))
         common = dict(
+            role=role,
             memory_size=1024,  # CPU scales with memory: 1 GB keeps the cold start short
             timeout=Duration.seconds(29),  # HTTP API integrations time out at 30 s
             environment=api_env,
-            log_group=logs.LogGroup(self, "ApiLogs", retention=logs.RetentionDays.ONE_MONTH,
-                                    removal_policy=RemovalPolicy.DESTROY),
+            log_group=log_group,
             architecture=lambda_.Architecture.X86_64,
+            reserved_concurrent_executions=opts.api_reserved_concurrency or None,
         )
         if opts.lambda_asset_dir:
             fn = lambda_.Function(
@@ -223,18 +296,60 @@ class AceStepStack(Stack):
                 code=lambda_.DockerImageCode.from_image_asset(str(REPO_ROOT), target="lambda"),
                 **common,
             )
-        self._grant_api(fn.role)
+        self._grant_api(role)
+        if opts.lambda_asset_dir:
+            suppress(fn, *[(rule, "Python 3.11 on purpose: the version the project is tested with and that "
+                                  "infra/package_lambda.py builds wheels for; move both together.")
+                           for rule in ("AwsSolutions-L1", "Serverless-LambdaLatestVersion")])
+        suppress(fn,
+                 ("Serverless-LambdaDLQ", "API Gateway invokes it synchronously: a failed request is answered "
+                                          "to its client, and there is no event to dead-letter."),
+                 ("Serverless-LambdaTracing", "Every log line carries the request id and the worker publishes EMF "
+                                              "metrics; X-Ray would cost per request with nobody reading it."))
+        self._suppress_prefix_grants(role)
 
+        # No cors_preflight: the gateway would answer preflights itself with its own origin list and
+        # override the app's ACESTEP_CORS_ORIGINS. No default stage: the stage below throttles and logs.
         http_api = apigw.HttpApi(
             self, "HttpApi",
             default_integration=integrations.HttpLambdaIntegration("ApiIntegration", fn),
-            cors_preflight=apigw.CorsPreflightOptions(
-                allow_origins=["*"], allow_headers=["Authorization", "Content-Type"],
-                allow_methods=[apigw.CorsHttpMethod.ANY]),
+            create_default_stage=False,
         )
+        access_logs = logs.LogGroup(self, "ApiAccessLogs", retention=logs.RetentionDays.ONE_MONTH,
+                                    removal_policy=RemovalPolicy.DESTROY)
+        apigw.HttpStage(
+            self, "DefaultStage",
+            http_api=http_api,
+            stage_name="$default",
+            auto_deploy=True,
+            throttle=apigw.ThrottleSettings(rate_limit=opts.api_rate_limit, burst_limit=opts.api_burst_limit),
+            access_log_settings=_AccessLogs(apigw.LogGroupLogDestination(access_logs),
+                                            apigw_v1.AccessLogFormat.custom(ACCESS_LOG_FORMAT)),
+        )
+        # The app checks the API key (header or the upstream body field `ai_token`, and signed audio
+        # URLs without either): a gateway authorizer on the header would refuse valid requests.
+        for route in http_api.node.find_all():
+            if isinstance(route, apigw.CfnRoute):
+                suppress(route,
+                         ("AwsSolutions-APIG4", "Authorization is in the app: the API key may come in the header or "
+                                                "the upstream-compatible body field `ai_token`, and /v1/audio URLs "
+                                                "carry a signature instead; infra/README.md (Edge) explains why."),
+                         ("AwsSolutions-APIG1", "Access logs are on the $default stage (ApiAccessLogs)."))
         CfnOutput(self, "ApiUrl", value=http_api.api_endpoint)
         CfnOutput(self, "ApiKeySecretArn", value=self.api_key.secret_arn)
-        return fn
+        return fn, http_api
+
+    def _suppress_prefix_grants(self, role: iam.IConstruct) -> None:
+        """The wildcards in the roles' grants are object prefixes and the table's indexes, never whole services."""
+        bucket = f"<{self.get_logical_id(self.bucket.node.default_child)}.Arn>"
+        table = f"<{self.get_logical_id(self.table.node.default_child)}.Arn>"
+        reasons = {
+            f"{bucket}/{OUTPUT_PREFIX}*": "Result files: keys are made per task and attempt at run time.",
+            f"{bucket}/{UPLOAD_PREFIX}*": "Uploaded sources: keys are made per upload at run time.",
+            f"{bucket}/{MODELS_PREFIX}*": "Published model weights (acestep-models publish), read only.",
+            f"{table}/index/*": "The task table's own two indexes (queued_by_seq, finished_by_time).",
+        }
+        suppress(role, *[(f"AwsSolutions-IAM5[Resource::{resource}]", reason) for resource, reason in reasons.items()])
 
     def _grant_api(self, role: iam.IRole) -> None:
         """Submit/poll/serve only: no Scan, no queue receive, S3 writes only under uploads/."""
@@ -280,6 +395,8 @@ class AceStepStack(Stack):
                 "DynamoDB": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.DYNAMODB),
             },
         )
+        # Flow logs to the access-log bucket (S3 delivery: no log-group ingestion charge).
+        vpc.add_flow_log("FlowLogs", destination=ec2.FlowLogDestination.to_s3(self.log_bucket, "vpc-flow-logs/"))
         cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
         security_group = ec2.SecurityGroup(self, "WorkerSg", vpc=vpc, allow_all_outbound=True,
                                            description="ACE-Step GPU workers: no inbound traffic")
@@ -290,7 +407,9 @@ class AceStepStack(Stack):
             associate_public_ip_address=True,
             security_group=security_group,
             instance_type=ec2.InstanceType(opts.instance_type),
-            machine_image=ecs.EcsOptimizedImage.amazon_linux2(ecs.AmiHardwareType.GPU),
+            # Amazon Linux 2023 ECS GPU AMI (NVIDIA driver + container toolkit), newest on each deploy.
+            machine_image=ecs.EcsOptimizedImage.amazon_linux2023(ecs.AmiHardwareType.GPU),
+            spot_price=opts.spot_max_price or None,
             min_capacity=0,
             max_capacity=opts.max_workers,
             require_imdsv2=True,
@@ -300,6 +419,13 @@ class AceStepStack(Stack):
                 volume=autoscaling.BlockDeviceVolume.ebs(120, volume_type=autoscaling.EbsDeviceVolumeType.GP3,
                                                          encrypted=True))],
         )
+        suppress(asg,
+                 ("AwsSolutions-AS3", "Scaling is routine here (to zero after every burst): a notice per event "
+                                      "would be noise. The alarms (OldestTask, DeadLetters) report what needs a person."),
+                 ("AwsSolutions-IAM5[Action::ecs:Submit*]", "The ECS agent's instance policy as CDK writes it."),
+                 ("AwsSolutions-IAM5[Resource::*]", "The ECS agent's instance policy as CDK writes it: "
+                                                    "ecs:DiscoverPollEndpoint and ecr:GetAuthorizationToken "
+                                                    "take no resource."))
         # The worker runs as uid 1000 (Dockerfile): give it the host's weights cache directory.
         asg.add_user_data("mkdir -p /opt/acestep/checkpoints", "chown 1000:1000 /opt/acestep/checkpoints")
         capacity = ecs.AsgCapacityProvider(
@@ -307,10 +433,14 @@ class AceStepStack(Stack):
             auto_scaling_group=asg,
             enable_managed_scaling=True,
             target_capacity_percent=100,
-            # Workers release their task on SIGTERM, so instances need no scale-in protection.
-            enable_managed_termination_protection=False,
+            # ECS terminates an instance only once its tasks are gone, and drains it first, so a
+            # protected task (below) is never cut off by the instance group shrinking.
+            enable_managed_termination_protection=True,
+            enable_managed_draining=True,
         )
-        cluster.add_asg_capacity_provider(capacity)
+        # Spot: the two-minute interruption notice drains the instance (ECS_ENABLE_SPOT_INSTANCE_DRAINING),
+        # so the worker gets SIGTERM and releases its task in time (--grace-seconds below).
+        cluster.add_asg_capacity_provider(capacity, spot_instance_draining=bool(opts.spot_max_price))
 
         task_def = ecs.Ec2TaskDefinition(self, "WorkerTask")
         # Weights are cached on the instance, not baked into the image: a restarted task on the same
@@ -326,7 +456,13 @@ class AceStepStack(Stack):
             # ECS waits stop_timeout after SIGTERM before SIGKILL; the worker releases an unfinished
             # task before that (grace period below) so another worker picks it up at once.
             stop_timeout=Duration.seconds(120),
-            command=["--backend", "aws", "--grace-seconds", "100"],
+            command=["--backend", "aws", "--grace-seconds", "100", "--heartbeat-file", HEARTBEAT_FILE],
+            # Unhealthy when the heartbeats stop or a running task reports no progress for
+            # ACESTEP_STALL_TIMEOUT: ECS replaces the task even if the process cannot exit by itself.
+            health_check=ecs.HealthCheck(
+                command=["CMD", "acestep-worker", "--healthcheck", "--heartbeat-file", HEARTBEAT_FILE],
+                interval=Duration.seconds(30), timeout=Duration.seconds(10), retries=3,
+                start_period=Duration.seconds(300)),
             environment={
                 **env,
                 "ACESTEP_DLQ_URL": self.dlq.queue_url,
@@ -341,8 +477,15 @@ class AceStepStack(Stack):
         )
         container.add_mount_points(ecs.MountPoint(container_path="/checkpoints", source_volume="checkpoints",
                                                   read_only=False))
-        self._grant_worker(task_def.task_role)
-
+        self._grant_worker(task_def.task_role, cluster)
+        self._suppress_prefix_grants(task_def.task_role)
+        suppress(task_def.task_role, (
+            f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ecs:{self.region}:{self.account}:task/"
+            f"<{self.get_logical_id(cluster.node.default_child)}>/*]",
+            "Scale-in protection of the worker's own task, whose id is only known at run time; limited to "
+            "this cluster's tasks."))
+        suppress(task_def, ("AwsSolutions-ECS2", "Plain settings (names, limits, flags), no secrets: the worker "
+                                                 "needs no API key, and a hub token would come from Secrets Manager."))
         service = ecs.Ec2Service(
             self, "Workers",
             cluster=cluster,
@@ -380,7 +523,7 @@ class AceStepStack(Stack):
             label="Backlog (waiting + running tasks)",
         )
 
-    def _grant_worker(self, role: iam.IRole) -> None:
+    def _grant_worker(self, role: iam.IRole, cluster: ecs.ICluster) -> None:
         """Lease/finish tasks, read inputs, write outputs, drain the DLQ. No API key: workers do not need it."""
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="LeaseTasks",
@@ -415,11 +558,103 @@ class AceStepStack(Stack):
             actions=["s3:GetObject"],
             resources=[self.bucket.arn_for_objects(MODELS_PREFIX + "*")],
         ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="ScaleInProtection",  # through the ECS agent (service/aws/task_protection.py)
+            actions=["ecs:UpdateTaskProtection", "ecs:GetTaskProtection"],
+            resources=[self.format_arn(service="ecs", resource="task", resource_name=f"{cluster.cluster_name}/*")],
+        ))
+
+    def _wake_workers_on_submit(self, fn: lambda_.Function, service: ecs.Ec2Service) -> None:
+        """Scale from zero: the API starts the worker service when a task arrives and it runs none."""
+        fn.add_environment("ACESTEP_ECS_CLUSTER", service.cluster.cluster_name)
+        fn.add_environment("ACESTEP_ECS_SERVICE", service.service_name)
+        fn.role.add_to_principal_policy(iam.PolicyStatement(
+            sid="WakeWorkers",
+            actions=["ecs:DescribeServices", "ecs:UpdateService"],
+            resources=[service.service_arn],
+        ))
+
+    # -- edge: CloudFront + WAF in front of the HTTP API (optional) --------------------------------
+
+    def _edge(self, opts: StackOptions, http_api: apigw.HttpApi) -> cloudfront.Distribution:
+        web_acl_arn = opts.waf_web_acl_arn or self._web_acl(opts).attr_arn
+        # Authorization is part of the cache key only so that CloudFront forwards it on GET; with a
+        # 0 s default TTL and the origin sending no Cache-Control, nothing is served from cache.
+        no_cache = cloudfront.CachePolicy(
+            self, "ApiPassThrough",
+            default_ttl=Duration.seconds(0), min_ttl=Duration.seconds(0), max_ttl=Duration.seconds(1),
+            header_behavior=cloudfront.CacheHeaderBehavior.allow_list("Authorization"),
+            query_string_behavior=cloudfront.CacheQueryStringBehavior.all(),
+            cookie_behavior=cloudfront.CacheCookieBehavior.none(),
+        )
+        distribution = cloudfront.Distribution(
+            self, "Edge",
+            default_behavior=cloudfront.BehaviorOptions(
+                origin=origins.HttpOrigin(Fn.select(2, Fn.split("/", http_api.api_endpoint)),
+                                          protocol_policy=cloudfront.OriginProtocolPolicy.HTTPS_ONLY),
+                allowed_methods=cloudfront.AllowedMethods.ALLOW_ALL,
+                viewer_protocol_policy=cloudfront.ViewerProtocolPolicy.HTTPS_ONLY,
+                cache_policy=no_cache,
+                origin_request_policy=cloudfront.OriginRequestPolicy.ALL_VIEWER_EXCEPT_HOST_HEADER,
+            ),
+            web_acl_id=web_acl_arn,
+            minimum_protocol_version=cloudfront.SecurityPolicyProtocol.TLS_V1_2_2021,
+            enable_logging=True,
+            log_bucket=self.log_bucket,
+            log_file_prefix="cloudfront/",
+        )
+        suppress(distribution,
+                 ("AwsSolutions-CFR1", "No geo restriction: the service has no regional licensing limits."),
+                 ("AwsSolutions-CFR4", "Viewers get TLS 1.2+ on the default *.cloudfront.net certificate; "
+                                       "this rule flags that certificate whatever the minimum version."))
+        CfnOutput(self, "EdgeUrl", value=f"https://{distribution.distribution_domain_name}")
+        return distribution
+
+    def _web_acl(self, opts: StackOptions) -> wafv2.CfnWebACL:
+        if Token.is_unresolved(self.region) or self.region != "us-east-1":
+            raise ValueError("cloudfront=true creates its WAF web ACL in us-east-1 (CloudFront's WAF region): "
+                             "deploy the stack there, or pass waf_web_acl_arn=<an existing CLOUDFRONT-scope ACL>")
+
+        def visibility(name: str) -> wafv2.CfnWebACL.VisibilityConfigProperty:
+            return wafv2.CfnWebACL.VisibilityConfigProperty(
+                cloud_watch_metrics_enabled=True, metric_name=name, sampled_requests_enabled=True)
+
+        def managed(priority: int, name: str, overrides: tuple[str, ...] = ()) -> wafv2.CfnWebACL.RuleProperty:
+            return wafv2.CfnWebACL.RuleProperty(
+                name=name, priority=priority, override_action=wafv2.CfnWebACL.OverrideActionProperty(none={}),
+                statement=wafv2.CfnWebACL.StatementProperty(
+                    managed_rule_group_statement=wafv2.CfnWebACL.ManagedRuleGroupStatementProperty(
+                        vendor_name="AWS", name=name,
+                        rule_action_overrides=[wafv2.CfnWebACL.RuleActionOverrideProperty(
+                            name=rule, action_to_use=wafv2.CfnWebACL.RuleActionProperty(count={}))
+                            for rule in overrides] or None)),
+                visibility_config=visibility(name))
+
+        return wafv2.CfnWebACL(
+            self, "EdgeAcl",
+            scope="CLOUDFRONT",
+            default_action=wafv2.CfnWebACL.DefaultActionProperty(allow={}),
+            visibility_config=visibility("acestep-edge"),
+            rules=[
+                wafv2.CfnWebACL.RuleProperty(
+                    name="RatePerIp", priority=0, action=wafv2.CfnWebACL.RuleActionProperty(block={}),
+                    statement=wafv2.CfnWebACL.StatementProperty(
+                        rate_based_statement=wafv2.CfnWebACL.RateBasedStatementProperty(
+                            limit=opts.waf_rate_limit, aggregate_key_type="IP")),
+                    visibility_config=visibility("RatePerIp")),
+                # Upload bodies (multipart audio, up to Lambda's 6 MB) exceed the set's 8 KB body rule.
+                managed(1, "AWSManagedRulesCommonRuleSet", overrides=("SizeRestrictions_BODY",)),
+                managed(2, "AWSManagedRulesKnownBadInputsRuleSet"),
+            ],
+        )
 
     # -- alarms -----------------------------------------------------------------------------------
 
     def _alarms(self, opts: StackOptions) -> None:
-        topic = sns.Topic(self, "Alarms", display_name="ACE-Step alarms")
+        topic = sns.Topic(self, "Alarms", display_name="ACE-Step alarms", enforce_ssl=True)
+        suppress(topic, ("AwsSolutions-SNS2", "Alarm notifications carry no task data; CloudWatch cannot publish "
+                                              "to a topic under the AWS-managed SNS key, and a customer key costs "
+                                              "$1/month for no gain here."))
         if opts.alarm_email:
             topic.add_subscription(subscriptions.EmailSubscription(opts.alarm_email))
         action = cw_actions.SnsAction(topic)
@@ -470,3 +705,19 @@ class AceStepStack(Stack):
 def workers_for_backlog(backlog: int, backlog_per_worker: int, max_workers: int) -> int:
     """What the scaling steps compute, as plain arithmetic (documented in infra/README.md)."""
     return min(max_workers, math.ceil(max(0, backlog) / backlog_per_worker))
+
+
+@jsii.implements(apigw.IAccessLogSettings)
+class _AccessLogs:
+    """Where and how the HTTP API stage writes access logs (IAccessLogSettings has no struct form)."""
+
+    def __init__(self, destination: apigw.IAccessLogDestination, log_format: apigw_v1.AccessLogFormat):
+        self._destination, self._format = destination, log_format
+
+    @property
+    def destination(self) -> apigw.IAccessLogDestination:
+        return self._destination
+
+    @property
+    def format(self) -> apigw_v1.AccessLogFormat:
+        return self._format

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aws_cdk as cdk  # noqa: E402
 
 from infra.acestep_stack import AceStepStack  # noqa: E402
+from infra.nag import add_checks  # noqa: E402
 
 
 def main() -> None:
@@ -21,6 +22,7 @@ def main() -> None:
         env=cdk.Environment(account=os.environ.get("CDK_DEFAULT_ACCOUNT"),
                             region=os.environ.get("CDK_DEFAULT_REGION")),
     )
+    add_checks(app)  # cdk-nag: synth stops on a finding that is neither fixed nor acknowledged with a reason
     app.synth()
 
 

@@ -33,6 +33,7 @@ class BrokenWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
         self.heartbeat_seconds = HEARTBEAT_SECONDS
+        self.heartbeat_file: Optional[str] = None  # healthy while it beats: it stays up to say why
         self.stop_event = threading.Event()
 
     def heartbeat(self) -> WorkerHeartbeat:
@@ -44,7 +45,8 @@ class BrokenWorker:
 
     def run_forever(self, poll_seconds: float = 5.0) -> None:
         with log_context(worker_id=self.worker_id), \
-                HeartbeatLoop(self.backend.store, self.heartbeat, self.heartbeat_seconds, self.stop_event):
+                HeartbeatLoop(self.backend.store, self.heartbeat, self.heartbeat_seconds, self.stop_event,
+                              file=self.heartbeat_file):
             log.error("worker %s cannot load its models and serves none: %s", self.worker_id, self.error)
             while not self.stop_event.is_set():
                 try:

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     dlq_url: str = _env("ACESTEP_DLQ_URL", "")
     bucket: str = _env("ACESTEP_BUCKET", "")
     task_ttl_days: int = _env("ACESTEP_TASK_TTL_DAYS", 7)
+    # the ECS worker service the API starts when a task arrives and it runs none (scale from zero)
+    ecs_cluster: str = _env("ACESTEP_ECS_CLUSTER", "")
+    ecs_service: str = _env("ACESTEP_ECS_SERVICE", "")
 
     # models
     checkpoint_dir: str = _env("ACESTEP_CHECKPOINT_DIR", "./checkpoints")

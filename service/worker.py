@@ -87,15 +87,18 @@ class _Claimed:
 class Worker:
     def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
                  worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None,
-                 metrics: Optional[MetricsSink] = None):
+                 metrics: Optional[MetricsSink] = None, on_busy: Optional[Callable[[bool], None]] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_stalled = on_stalled  # a generation is hung (see run_watch); the CLI exits here
         self.metrics: MetricsSink = metrics or NoMetrics()
+        # True as a task starts, False once idle: ECS task scale-in protection (service/aws/task_protection.py)
+        self.on_busy = on_busy
         self.started_at = time.time()
         self.heartbeat_seconds = HEARTBEAT_SECONDS
+        self.heartbeat_file: Optional[str] = None  # for the container health check (acestep-worker --healthcheck)
         self._watch: Optional[RunWatch] = None  # the engine call in progress, for the heartbeat
         self.stop_event = threading.Event()  # stop taking new work
         self.cancel_event = threading.Event()  # abandon the running task too (release its lease)
@@ -124,7 +127,8 @@ class Worker:
         with log_context(worker_id=self.worker_id):
             self.publish_models()
             with HeartbeatLoop(self.backend.store, self.heartbeat, self.heartbeat_seconds, self.stop_event,
-                               also=lambda: self.metrics.queue_depth(self.backend.queue.size())):
+                               also=lambda: self.metrics.queue_depth(self.backend.queue.size()),
+                               file=self.heartbeat_file):
                 log.info("worker %s ready", self.worker_id)
                 while not self.stop_event.is_set():
                     try:
@@ -135,6 +139,7 @@ class Worker:
                 if self._carried is not None:
                     self.backend.queue.release(self._carried.lease)
                     self._carried = None
+                self._signal_busy(False)
             log.info("worker %s stopped", self.worker_id)
 
     def heartbeat(self) -> WorkerHeartbeat:
@@ -165,6 +170,7 @@ class Worker:
         else:
             lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
             if lease is None:
+                self._signal_busy(False)
                 return False
             if self.stop_event.is_set():  # arrived during a long poll after shutdown began
                 self.backend.queue.release(lease)
@@ -175,8 +181,17 @@ class Worker:
         batch = [first]
         if self.settings.batch_compatible_tasks and first.batch_key is not None:
             batch += self._claim_compatible(first)
+        self._signal_busy(True)
         self._run(batch)
         return True
+
+    def _signal_busy(self, busy: bool) -> None:
+        if self.on_busy is None:
+            return
+        try:
+            self.on_busy(busy)
+        except Exception as exc:  # protection is an optimisation: the task runs either way
+            log.warning("could not %s scale-in protection: %s", "set" if busy else "clear", exc)
 
     def _claim_compatible(self, first: _Claimed) -> list[_Claimed]:
         """Claim waiting tasks that can share one engine call with `first` (never waits).

@@ -1,4 +1,8 @@
-"""The CDK app synthesises offline, and the template has the resources, IAM scoping and scaling we rely on."""
+"""The CDK app synthesises offline, passes cdk-nag, and the template has the resources, IAM scoping and scaling we rely on.
+
+The stack is synthesized once for the module (about 10 s on a quiet machine, cdk-nag included), with
+every option on, so the checks and cdk-nag see the CloudFront/WAF, spot and concurrency resources too.
+"""
 from __future__ import annotations
 
 import json
@@ -8,21 +12,53 @@ import pytest
 cdk = pytest.importorskip("aws_cdk", reason="aws-cdk-lib is not installed (pip install '.[infra]')")
 from aws_cdk.assertions import Match, Template  # noqa: E402
 
-from infra.acestep_stack import AceStepStack, StackOptions, workers_for_backlog  # noqa: E402
+from infra.acestep_stack import HEARTBEAT_FILE, AceStepStack, StackOptions, workers_for_backlog  # noqa: E402
+from infra.nag import add_checks  # noqa: E402
 from service.aws import schema  # noqa: E402
 
+STACK = "AceStepTest"
+ORIGINS = "https://studio.example.com,https://app.example.com"
 OPTIONS = dict(max_workers=5, backlog_per_worker=3, max_receives=4, lease_seconds=240, task_ttl_days=9,
-               worker_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/acestep-worker:test")
+               worker_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/acestep-worker:test",
+               cors_origins=ORIGINS, api_rate_limit=40, api_burst_limit=80, api_reserved_concurrency=25,
+               spot_max_price="1.006", cloudfront=True, waf_rate_limit=600)
+
+
+def synth_with_nag(app: "cdk.App", out) -> dict:
+    """Synthesize `app` under both cdk-nag packs; their report (a finding also stops the synth)."""
+    add_checks(app)
+    try:
+        app.synth()
+    except Exception as exc:
+        if "ValidationFailed" not in str(exc) and "Validation failed" not in str(exc):
+            raise
+    return json.loads((out / "policy-validation-report.json").read_text())
+
+
+def _findings(report: dict) -> list[str]:
+    return [f"{v['ruleName']} at {r['constructPath']}: {v['description']}"
+            for plugin in report["pluginReports"] for v in plugin["violations"] for r in v["violatingResources"]]
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Template:
+def synthesized(tmp_path_factory) -> tuple[Template, dict, dict]:
+    """(template, cdk-nag report, acknowledged rules by construct path) from one synth."""
     asset = tmp_path_factory.mktemp("lambda_pkg")
     (asset / "placeholder.txt").write_text("built by infra/README.md's package step\n")
-    app = cdk.App()
-    stack = AceStepStack(app, "AceStepTest", StackOptions(lambda_asset_dir=str(asset), **OPTIONS),
+    out = tmp_path_factory.mktemp("cdk_out")
+    app = cdk.App(outdir=str(out), context={"@aws-cdk/core:validationReportJson": True})
+    stack = AceStepStack(app, STACK, StackOptions(lambda_asset_dir=str(asset), **OPTIONS),
                          env=cdk.Environment(account="123456789012", region="us-east-1"))
-    return Template.from_stack(stack)
+    report = synth_with_nag(app, out)
+    acknowledged = {c.node.path: [m.data for m in c.node.metadata if m.type == cdk.Validations.ACKNOWLEDGED_RULES_METADATA_KEY]
+                    for c in stack.node.find_all()}
+    template = Template.from_json(json.loads((out / f"{STACK}.template.json").read_text()))
+    return template, report, {path: acks for path, acks in acknowledged.items() if acks}
+
+
+@pytest.fixture(scope="module")
+def template(synthesized) -> Template:
+    return synthesized[0]
 
 
 def _resources(template, kind):
@@ -62,12 +98,14 @@ def test_queue_redrives_to_the_dlq_and_outlives_the_lease(template):
     assert queue["ReceiveMessageWaitTimeSeconds"] == 20
 
 
-def test_bucket_is_private_encrypted_and_expires_task_files(template):
-    bucket = _one(template, "AWS::S3::Bucket")
-    assert bucket["PublicAccessBlockConfiguration"] == {
-        "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
-    assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"][
-        "SSEAlgorithm"] == "AES256"
+def test_buckets_are_private_encrypted_and_expire_task_files(template):
+    for bucket in (b["Properties"] for b in _resources(template, "AWS::S3::Bucket").values()):  # audio, access logs
+        assert bucket["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+        assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"][
+            "SSEAlgorithm"] == "AES256"
+    bucket = _resources(template, "AWS::S3::Bucket")[
+        _logical_id(template, "AWS::S3::Bucket", lambda p: "LoggingConfiguration" in p)]["Properties"]
     expiring = {r.get("Prefix"): r.get("ExpirationInDays") for r in bucket["LifecycleConfiguration"]["Rules"]}
     assert expiring["outputs/"] == 9 and expiring["uploads/"] == 9
 
@@ -209,3 +247,130 @@ def test_alarm_names_a_worker_that_cannot_load_its_model(template):
         "Dimensions": [{"Name": "service", "Value": "worker"}], "Threshold": 1,
         "AlarmDescription": Match.string_like_regexp("could not load its models"),
         "AlarmActions": Match.any_value()})
+
+
+# -- cdk-nag -------------------------------------------------------------------------------------
+
+def test_cdk_nag_reports_no_unacknowledged_finding(synthesized):
+    _, report, _ = synthesized
+    findings = _findings(report)
+    assert findings == [], "fix these, or acknowledge them with a reason (infra/nag.py: suppress):\n" + "\n".join(findings)
+
+
+def test_cdk_nag_harness_sees_a_finding(tmp_path):
+    """The check above can fail: a queue without a dead-letter queue is reported by both packs."""
+    from aws_cdk import aws_sqs as sqs
+
+    app = cdk.App(outdir=str(tmp_path), context={"@aws-cdk/core:validationReportJson": True})
+    sqs.Queue(cdk.Stack(app, "Canary"), "NoDlq", enforce_ssl=True)
+    rules = {line.split(" at ")[0] for line in _findings(synth_with_nag(app, tmp_path))}
+    assert {"AwsSolutions-SQS3", "Serverless-SQSRedrivePolicy"} <= rules
+
+
+def test_every_acknowledged_rule_says_why(synthesized):
+    _, _, acknowledged = synthesized
+    rules = {rule: reason for acks in acknowledged.values() for ack in acks for rule, reason in ack.items()
+             if rule.startswith(("AwsSolutions::", "Serverless::"))}
+    assert len(rules) >= 10
+    short = {rule: reason for rule, reason in rules.items() if len(reason.split()) < 6}
+    assert not short, short
+    # Acknowledged where the resource is defined, never for the whole stack.
+    assert not [rule for ack in acknowledged.get(STACK, []) for rule in ack if rule.startswith(("AwsSolutions", "Serverless"))]
+
+
+# -- issue #12: what each fix put in the template ------------------------------------------------
+
+def test_gpu_hosts_run_the_amazon_linux_2023_gpu_ami(template):
+    defaults = [str(p.get("Default", "")) for p in template.to_json()["Parameters"].values()]
+    assert any("/ecs/optimized-ami/amazon-linux-2023/gpu/" in d for d in defaults), defaults
+    assert not any("amazon-linux-2/" in d for d in defaults)
+
+
+def test_running_tasks_are_protected_from_scale_in(template):
+    provider = _one(template, "AWS::ECS::CapacityProvider")["AutoScalingGroupProvider"]
+    assert provider["ManagedTerminationProtection"] == "ENABLED" and provider["ManagedDraining"] == "ENABLED"
+    assert _one(template, "AWS::AutoScaling::AutoScalingGroup")["NewInstancesProtectedFromScaleIn"] is True
+    statements = _role_statements(template, lambda k, p: k.startswith("WorkerTaskTaskRole"))
+    protect = [st for st in statements if "ecs:UpdateTaskProtection" in _as_list(st["Action"])]
+    assert len(protect) == 1 and ":task/" in json.dumps(protect[0]["Resource"])  # the cluster's tasks only
+
+
+def test_spot_instances_drain_on_interruption(template):
+    launch = _one(template, "AWS::EC2::LaunchTemplate")["LaunchTemplateData"]
+    assert launch["InstanceMarketOptions"] == {"MarketType": "spot", "SpotOptions": {"MaxPrice": "1.006"}}
+    assert "ECS_ENABLE_SPOT_INSTANCE_DRAINING=true" in json.dumps(launch["UserData"])
+
+
+def test_worker_container_health_check_reads_the_heartbeat_file(template):
+    container = _one(template, "AWS::ECS::TaskDefinition")["ContainerDefinitions"][0]
+    check = container["HealthCheck"]
+    assert check["Command"] == ["CMD", "acestep-worker", "--healthcheck", "--heartbeat-file", HEARTBEAT_FILE]
+    assert container["Command"][-2:] == ["--heartbeat-file", HEARTBEAT_FILE]  # the worker writes what it reads
+    assert check["Retries"] >= 2 and check["StartPeriod"] >= 60
+
+
+def test_stage_throttles_and_writes_access_logs(template):
+    stage = _one(template, "AWS::ApiGatewayV2::Stage")
+    assert stage["StageName"] == "$default" and stage["AutoDeploy"] is True
+    assert stage["DefaultRouteSettings"] == {"ThrottlingRateLimit": 40, "ThrottlingBurstLimit": 80}
+    destination = stage["AccessLogSettings"]["DestinationArn"]["Fn::GetAtt"][0]
+    assert template.to_json()["Resources"][destination]["Type"] == "AWS::Logs::LogGroup"
+    assert "$context.requestId" in stage["AccessLogSettings"]["Format"]
+
+
+def test_api_lambda_concurrency_is_reserved(template):
+    fn = _resources(template, "AWS::Lambda::Function")[
+        _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")]
+    assert fn["Properties"]["ReservedConcurrentExecutions"] == 25
+
+
+def test_cors_has_one_source_the_apps_setting(template):
+    api = _one(template, "AWS::ApiGatewayV2::Api")
+    assert "CorsConfiguration" not in api  # the gateway would answer preflights with its own list
+    fn = _resources(template, "AWS::Lambda::Function")[
+        _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")]
+    assert fn["Properties"]["Environment"]["Variables"]["ACESTEP_CORS_ORIGINS"] == ORIGINS
+    audio = _resources(template, "AWS::S3::Bucket")[
+        _logical_id(template, "AWS::S3::Bucket", lambda p: "CorsConfiguration" in p)]["Properties"]
+    assert audio["CorsConfiguration"]["CorsRules"][0]["AllowedOrigins"] == ORIGINS.split(",")
+
+
+def test_audio_bucket_and_vpc_log_to_the_access_log_bucket(template):
+    buckets = _resources(template, "AWS::S3::Bucket")
+    audio = buckets[_logical_id(template, "AWS::S3::Bucket", lambda p: "LoggingConfiguration" in p)]["Properties"]
+    log_bucket = audio["LoggingConfiguration"]["DestinationBucketName"]["Ref"]
+    assert buckets[log_bucket]["Properties"]["LifecycleConfiguration"]["Rules"][0]["ExpirationInDays"] == 90
+    flow = _one(template, "AWS::EC2::FlowLog")
+    assert flow["LogDestinationType"] == "s3" and log_bucket in json.dumps(flow["LogDestination"])
+
+
+def test_api_may_start_only_the_worker_service(template):
+    fn = _resources(template, "AWS::Lambda::Function")[
+        _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")]
+    env = fn["Properties"]["Environment"]["Variables"]
+    service_id = _logical_id(template, "AWS::ECS::Service")
+    assert env["ACESTEP_ECS_SERVICE"] == {"Fn::GetAtt": [service_id, "Name"]} and "ACESTEP_ECS_CLUSTER" in env
+    statements = _role_statements(template, lambda k, p: k.startswith("ApiFunction"))
+    wake = [st for st in statements if "ecs:UpdateService" in _as_list(st["Action"])]
+    assert wake == [{"Sid": "WakeWorkers", "Effect": "Allow", "Action": ["ecs:DescribeServices", "ecs:UpdateService"],
+                     "Resource": {"Ref": service_id}}]
+
+
+def test_cloudfront_with_waf_fronts_the_api(template):
+    dist = _one(template, "AWS::CloudFront::Distribution")["DistributionConfig"]
+    acl_id = _logical_id(template, "AWS::WAFv2::WebACL")
+    assert dist["WebACLId"] == {"Fn::GetAtt": [acl_id, "Arn"]}
+    assert {"GET", "POST", "OPTIONS"} <= set(dist["DefaultCacheBehavior"]["AllowedMethods"])
+    assert "Logging" in dist
+    acl = _one(template, "AWS::WAFv2::WebACL")
+    assert acl["Scope"] == "CLOUDFRONT"
+    rate = [r for r in acl["Rules"] if "RateBasedStatement" in r["Statement"]]
+    assert rate[0]["Statement"]["RateBasedStatement"] == {"Limit": 600, "AggregateKeyType": "IP"}
+
+
+def test_cloudfront_waf_outside_us_east_1_needs_an_existing_acl(tmp_path):
+    app = cdk.App()
+    with pytest.raises(ValueError, match="waf_web_acl_arn"):
+        AceStepStack(app, "Elsewhere", StackOptions(worker_image="x:y", lambda_asset_dir=str(tmp_path),
+                                                    cloudfront=True),
+                     env=cdk.Environment(account="123456789012", region="eu-west-1"))

@@ -1,6 +1,8 @@
 """AWS backend: DynamoDB task store, SQS queue (+ dead-letter queue), S3 blobs."""
 from __future__ import annotations
 
+from typing import Optional
+
 from botocore.config import Config
 
 from ..config import Settings
@@ -11,6 +13,7 @@ from .dynamo_store import DynamoTaskStore
 from .intake import AwsTaskIntake
 from .s3_blobs import S3BlobStore
 from .sqs_queue import SqsTaskQueue
+from .wake_workers import EcsWorkerWaker
 
 
 class AwsConfigError(ValueError):
@@ -32,12 +35,19 @@ def make_aws_backend(settings: Settings) -> Backend:
         store=store,
         queue=queue,
         blobs=S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket),
-        intake=AwsTaskIntake(store, queue),
+        intake=AwsTaskIntake(store, queue, on_queued=_worker_waker(settings)),
         name="aws",
     )
     # The worker loop calls backend.drain_dead_letters() now and then (None on backends without a DLQ).
     backend.drain_dead_letters = lambda: len(drain_dead_letters(backend))
     return backend
+
+
+def _worker_waker(settings: Settings) -> Optional[EcsWorkerWaker]:
+    """Scale from zero on submit, where the stack names the worker service (ACESTEP_ECS_*)."""
+    if not (settings.ecs_cluster and settings.ecs_service):
+        return None
+    return EcsWorkerWaker(lambda: aws_client("ecs", settings), settings.ecs_cluster, settings.ecs_service)
 
 
 __all__ = ["make_aws_backend", "AwsConfigError", "DynamoTaskStore", "SqsTaskQueue", "S3BlobStore"]

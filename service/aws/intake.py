@@ -2,8 +2,11 @@
 
 The two services cannot share a transaction. A submit that dies between the two writes leaves a
 queued task without a message; the retention TTL removes it (and its Idempotency-Key mapping).
+After a new task is queued, `on_queued` runs (the worker-service waker, see wake_workers.py).
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 from ..idempotency import replayed
 from ..ports import TaskIntake, TaskRecord
@@ -12,8 +15,9 @@ from .sqs_queue import SqsTaskQueue
 
 
 class AwsTaskIntake(TaskIntake):
-    def __init__(self, store: DynamoTaskStore, queue: SqsTaskQueue):
-        self.store, self.queue = store, queue
+    def __init__(self, store: DynamoTaskStore, queue: SqsTaskQueue,
+                 on_queued: Optional[Callable[[], object]] = None):
+        self.store, self.queue, self.on_queued = store, queue, on_queued
 
     def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
         key = record.idempotency_key
@@ -33,4 +37,6 @@ class AwsTaskIntake(TaskIntake):
         except BaseException:
             self.store.delete(record.task_id)
             raise
+        if self.on_queued is not None:
+            self.on_queued()
         return record, True

@@ -7,14 +7,17 @@ from typing import Callable, Optional
 
 from ..ports import TaskStore
 from ..records import WorkerHeartbeat
+from .heartbeat_file import write_beat
 
 log = logging.getLogger(__name__)
 
 
 class HeartbeatLoop:
     def __init__(self, store: TaskStore, beat: Callable[[], WorkerHeartbeat], interval: float,
-                 stop_event: threading.Event, also: Optional[Callable[[], None]] = None):
+                 stop_event: threading.Event, also: Optional[Callable[[], None]] = None,
+                 file: Optional[str] = None):
         self.store, self.beat, self.interval, self.stop_event, self.also = store, beat, interval, stop_event, also
+        self.file = file  # also written locally for the container health check (heartbeat_file.py)
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def __enter__(self) -> "HeartbeatLoop":
@@ -31,8 +34,14 @@ class HeartbeatLoop:
 
     def _run(self) -> None:
         while True:
+            beat = self.beat()
+            if self.file:  # first: the process is alive even when the store is not reachable
+                try:
+                    write_beat(self.file, beat)
+                except OSError:
+                    log.warning("could not write the heartbeat file %s", self.file, exc_info=True)
             try:
-                self.store.record_heartbeat(self.beat())
+                self.store.record_heartbeat(beat)
                 if self.also is not None:
                     self.also()
             except Exception:  # a missed beat only makes /health cautious
