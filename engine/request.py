@@ -137,10 +137,13 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _time_signature(cls, v: str) -> str:
         v = v.strip()
-        if v.endswith("/4"):  # accept "3/4" as "3"
-            v = v[:-2]
+        if v.lower() in ("auto", "n/a"):  # upstream's "let the model decide"
+            return ""
+        beats, slash, unit = v.partition("/")
+        if slash and unit.strip() in ("2", "4", "8"):  # "3/4" -> "3", "6/8" -> "6" (beats per bar)
+            v = beats.strip()
         if v not in TIME_SIGNATURES:
-            raise ValueError("must be one of 2, 3, 4, 6")
+            raise ValueError("must be one of 2, 3, 4, 6 (or written as 2/4, 3/4, 4/4, 6/8)")
         return v
 
     @field_validator("track_name")
@@ -177,6 +180,8 @@ class GenerationRequest(BaseModel):
     @field_validator("timesteps")
     @classmethod
     def _timesteps(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v and len(v) > 1 and v[-1] == 0.0:  # upstream's schedules end with the final 0: implied here
+            v = v[:-1]
         if not v:
             return None
         if len(v) > 200:

@@ -8,6 +8,8 @@ redelivered).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +19,7 @@ import threading
 import time
 
 from service.config import ENV_NAMES, Settings, load_settings
+from service.upstream_env import warn_unused_upstream_env
 from service.observability.logs import configure_logging
 
 from . import bootstrap
@@ -24,6 +27,7 @@ from . import bootstrap
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0  # a stopping worker may finish its task this long, then gives it back
+SHUTDOWN_STREAMS_SECONDS = 5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", "--api-host", dest="host", help="bind address (ACESTEP_API_HOST, 127.0.0.1)")
     p.add_argument("--port", "--api-port", dest="port", type=int, help="port (ACESTEP_API_PORT, 8001)")
     p.add_argument("--api-key", help="require this key (ACESTEP_API_KEY)")
+    p.add_argument("--openrouter-port", type=int,
+                   help="port of the OpenAI-compatible API (OPENROUTER_PORT, 8002); 0 = off")
     p.add_argument("--config-path", help="primary DiT model (ACESTEP_CONFIG_PATH)")
     p.add_argument("--checkpoint-dir", help="where models live (ACESTEP_CHECKPOINT_DIR)")
     p.add_argument("--data-dir", help="task database and audio files (ACESTEP_DATA_DIR)")
@@ -46,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings({
-        "host": args.host, "port": args.port, "api_key": args.api_key,
+        "host": args.host, "port": args.port, "api_key": args.api_key, "openrouter_port": args.openrouter_port,
         "config_path": args.config_path, "checkpoint_dir": args.checkpoint_dir,
         "data_dir": args.data_dir, "queue_workers": args.workers,
         "init_llm": args.init_llm, "lm_model_path": args.lm_model_path,
@@ -89,8 +95,10 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen:
         # Grace below stop()'s timeout: a running task is released, not killed mid-way.
+        # --supervised: the worker ignores the terminal's Ctrl+C (SIGINT reaches the whole process
+        # group); it acts on the SIGTERMs this supervisor forwards, so one Ctrl+C is one signal.
         return subprocess.Popen([sys.executable, "-m", "entrypoints.worker", "--log-level", self.log_level,
-                                 "--grace-seconds", str(STOP_GRACE_SECONDS)],
+                                 "--grace-seconds", str(STOP_GRACE_SECONDS), "--supervised"],
                                 env=child_env(self.settings), preexec_fn=_die_with_parent)
 
     def start(self) -> None:
@@ -115,11 +123,25 @@ class WorkerSupervisor:
                 self.procs[i] = self._spawn()
                 started[i] = time.monotonic()
 
-    def stop(self, timeout: float = STOP_GRACE_SECONDS + 10) -> None:
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def abort(self) -> None:
+        """A second SIGTERM: the workers give their running tasks back instead of finishing them."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+
+    def stop(self, timeout: float = STOP_GRACE_SECONDS + 10, abort: bool = False) -> None:
+        """Workers finish their running task (drain), up to their grace period; `abort` gives it back."""
         self._stopping.set()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
+        if abort:
+            time.sleep(0.1)  # let each worker install its drain state before the second signal
+            self.abort()
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             try:
@@ -128,13 +150,44 @@ class WorkerSupervisor:
                 proc.kill()
 
 
+class _Listener:
+    """Builds a uvicorn server that leaves signals to main(), which stops every listener together."""
+
+    @staticmethod
+    def server(app, host: str, port: int, log_level: str):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        # log_config=None keeps our handler; the app writes its own access lines, with request ids.
+        # Open streams (SSE) get a few seconds to end once shutdown starts.
+        return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
+                                     access_log=False, timeout_graceful_shutdown=SHUTDOWN_STREAMS_SECONDS))
+
+
+def listeners(settings: Settings, app) -> list:
+    """The ACE-Step API on ACESTEP_API_HOST:PORT and the OpenAI-compatible one on OPENROUTER_HOST:PORT."""
+    level = settings.log_level.lower()
+    servers = [_Listener.server(app, settings.host, settings.port, level)]
+    if settings.openrouter_port:
+        servers.append(_Listener.server(bootstrap.build_openrouter_app(settings, app.state.backend),
+                                        settings.openrouter_host, settings.openrouter_port, level))
+        log.info("OpenAI-compatible API on http://%s:%d", settings.openrouter_host, settings.openrouter_port)
+    return servers
+
+
+async def _serve_all(servers: list) -> None:
+    await asyncio.gather(*(server.serve() for server in servers))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
     bootstrap.resolve_secrets(settings)
-
-    import uvicorn
 
     app = bootstrap.build_app(settings)
     supervisor = WorkerSupervisor(settings, settings.queue_workers, settings.log_level)
@@ -143,18 +196,28 @@ def main(argv=None) -> None:
     log.info("ACE-Step API on http://%s:%d (backend %s, data %s, %d worker process(es))",
              settings.host, settings.port, settings.backend, os.path.abspath(settings.data_dir),
              settings.queue_workers)
-    # uvicorn re-raises the signal that stopped it once it has shut down, after restoring the
-    # handlers it found. Installing a handler of our own first makes that re-raise land here
-    # instead of killing the process before the workers are stopped.
+    warn_unused_upstream_env(os.environ)
+    servers = listeners(settings, app)
+    # Signals are ours, not uvicorn's: the first Ctrl+C / SIGTERM stops every listener and lets
+    # the workers finish their running task (drain); another one while they drain makes them give
+    # it back at once (abort).
     received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        for server in servers:
+            server.force_exit = server.should_exit  # a second signal drops open connections
+            server.should_exit = True
+        if supervisor.stopping:
+            log.warning("second signal: workers give their running tasks back now")
+            supervisor.abort()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
+        signal.signal(sig, on_signal)
     try:
-        # log_config=None keeps our handler; the app writes its own access lines, with request ids
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                    log_config=None, access_log=False)
+        asyncio.run(_serve_all(servers))
     finally:
-        supervisor.stop()
+        supervisor.stop(abort=len(received) > 1)
     if received:
         log.info("stopped by signal %d", received[-1])
 

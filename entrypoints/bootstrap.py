@@ -40,6 +40,13 @@ def build_app(settings: Settings, backend: Backend | None = None):
     return create_app(settings, backend if backend is not None else build_backend(settings))
 
 
+def build_openrouter_app(settings: Settings, backend: Backend):
+    """The OpenAI-compatible API (POST /v1/chat/completions) on the same backend as the ACE-Step API."""
+    from handlers.openrouter import create_openrouter_app
+
+    return create_openrouter_app(settings, backend)
+
+
 def engine_config(settings: Settings):
     from engine.config import EngineConfig
 

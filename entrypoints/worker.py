@@ -20,6 +20,7 @@ from service.observability.heartbeat_file import starting_beat, unhealthy_reason
 from service.observability.logs import configure_logging
 
 from service.broken_worker import BrokenWorker
+from service.upstream_env import warn_unused_upstream_env
 from service.worker import Worker
 
 from . import bootstrap
@@ -38,7 +39,8 @@ def _exit_hung() -> None:
     os._exit(EXIT_HUNG)
 
 
-def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file: Optional[str] = None) -> None:
+def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file: Optional[str] = None,
+               supervised: bool = False) -> None:
     if heartbeat_file:  # the health check allows model loading this long (heartbeat_file.STARTUP_LIMIT_SECONDS)
         write_beat(heartbeat_file, starting_beat(f"pid-{os.getpid()}"))
     bootstrap.resolve_secrets(settings)
@@ -64,7 +66,9 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
         timer.start()
 
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    # Under `acestep-api` the terminal's Ctrl+C reaches this process too, and the supervisor
+    # forwards it as SIGTERM: acting on both would turn one Ctrl+C into "abandon the task".
+    signal.signal(signal.SIGINT, signal.SIG_IGN if supervised else on_term)
     # Embedded waits wake at once for new work anyway; a short poll lets SIGTERM stop an idle worker quickly.
     worker.run_forever(poll_seconds=1.0 if settings.backend == "embedded" else 20.0)
 
@@ -87,6 +91,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heartbeat-file", help="also write each heartbeat to this local file (for --healthcheck)")
     parser.add_argument("--healthcheck", action="store_true",
                         help="exit 0 if the worker writing --heartbeat-file is alive and progressing, else 1")
+    parser.add_argument("--supervised", action="store_true",
+                        help="started by acestep-api: stop on its SIGTERMs only, ignore SIGINT")
     args = parser.parse_args(argv)
     settings = load_settings({"data_dir": args.data_dir, "backend": args.backend,
                               "checkpoint_dir": args.checkpoint_dir,
@@ -96,7 +102,10 @@ def main(argv=None) -> None:
             parser.error("--healthcheck needs --heartbeat-file")
         raise SystemExit(healthcheck(args.heartbeat_file, settings))
     configure_logging(settings.log_level, settings.log_format)
-    run_worker(settings, grace_seconds=args.grace_seconds, heartbeat_file=args.heartbeat_file)
+    if not args.supervised:  # acestep-api has warned already
+        warn_unused_upstream_env(os.environ)
+    run_worker(settings, grace_seconds=args.grace_seconds, heartbeat_file=args.heartbeat_file,
+               supervised=args.supervised)
 
 
 if __name__ == "__main__":

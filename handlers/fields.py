@@ -135,6 +135,18 @@ def to_float(v: Any) -> Optional[float]:
     return f
 
 
+def to_duration(v: Any) -> Optional[float]:
+    """audio_duration: 0 or a negative value is upstream's "auto" (the LM or the source decides)."""
+    f = to_float(v)
+    return None if f is not None and f <= 0 else f
+
+
+def to_bpm(v: Any) -> Optional[int]:
+    """bpm: 0 (or -1) is upstream's "auto"."""
+    n = to_int(v)
+    return None if n in (0, -1) else n
+
+
 def to_bool(v: Any) -> Optional[bool]:
     if isinstance(v, bool):
         return v
@@ -243,8 +255,10 @@ _READERS: dict[Callable[[Any], Any], tuple[str, ...]] = {
              "lm_negative_prompt"),
     to_optstr: ("instruction", "track_name", "model", "lm_model_path"),
     to_lower: ("task_type", "infer_method", "audio_format", "lm_backend"),
-    to_int: ("bpm", "inference_steps", "batch_size", "lm_top_k"),
-    to_float: ("audio_duration", "guidance_scale", "shift", "cfg_interval_start", "cfg_interval_end",
+    to_int: ("inference_steps", "batch_size", "lm_top_k"),
+    to_bpm: ("bpm",),
+    to_duration: ("audio_duration",),
+    to_float: ("guidance_scale", "shift", "cfg_interval_start", "cfg_interval_end",
                "audio_cover_strength", "repainting_start", "repainting_end", "lm_temperature", "lm_cfg_scale",
                "lm_top_p", "lm_repetition_penalty"),
     to_bool: ("use_adg", "use_tiled_decode", "use_random_seed", "thinking", "sample_mode", "use_format",

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from service.config import Settings
 from service.ports import Backend
-from service.records import FAILED, QUEUED, SUCCEEDED, AudioFile, TaskRecord, TaskResult
+from service.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, AudioFile, TaskRecord, TaskResult
 
 from .signing import audio_url
 
@@ -114,11 +114,11 @@ def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, po
     if record.status == SUCCEEDED:
         items = succeeded_items(record, settings)
         return _entry(task_id, 1, items, f"succeeded: {len(items)} audio file(s)")
-    if record.status == FAILED:
+    if record.status in (FAILED, CANCELLED):  # upstream has no "cancelled": a failed task that says so
         item = _base_item(record, 2)
-        error = record.error or "generation failed"
-        item.update({"progress": float(record.progress or 0.0), "stage": "failed", "error": error})
-        return _entry(task_id, 2, [item], f"failed: {error}", error)
+        error = record.error or ("cancelled" if record.status == CANCELLED else "generation failed")
+        item.update({"progress": float(record.progress or 0.0), "stage": record.status, "error": error})
+        return _entry(task_id, 2, [item], f"{record.status}: {error}", error)
     item = _base_item(record, 0)
     if record.status == QUEUED:
         item.update({"progress": 0.0, "stage": "queued", "queue_position": position, "error": None})

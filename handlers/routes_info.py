@@ -55,13 +55,21 @@ def model_list(settings: Settings, backend: Backend) -> dict:
     return out
 
 
+def demo_state(models: list[dict]) -> bool | str:
+    """True when a demo (random-weight) model serves; "unknown" until a worker has said what it loaded."""
+    flags = [m["random_weights"] for m in models]
+    if any(flags):
+        return True
+    return False if flags and all(f is not None for f in flags) else "unknown"
+
+
 def health_data(settings: Settings, backend: Backend) -> tuple[dict, bool]:
     report = check_health(backend, settings.stall_timeout)
     listing = model_list(settings, backend) if report.store_ok else {"models": []}
     models = [{"name": m["name"], "is_default": m["is_default"], "random_weights": m["random_weights"]}
               for m in listing["models"]]
     data = {"status": report.status, "service": "ACE-Step API", "version": "1.0", "backend": backend.name,
-            "models": models, "demo": any(m["random_weights"] for m in models), "reasons": report.reasons,
+            "models": models, "demo": demo_state(models), "reasons": report.reasons,
             "queue_waiting": report.waiting, "workers_alive": len(report.workers), "workers": report.workers}
     return data, report.serving
 
@@ -83,7 +91,7 @@ async def list_models(request: Request):
 
 def stats(settings: Settings, backend: Backend) -> dict:
     counts = backend.store.counts()
-    jobs = {k: int(counts.get(k, 0)) for k in ("total", "queued", "running", "succeeded", "failed")}
+    jobs = {k: int(counts.get(k, 0)) for k in ("total", "queued", "running", "succeeded", "failed", "cancelled")}
     recent = backend.store.recent_finished(max(1, settings.avg_window))
     durations = [r.finished_at - r.started_at for r in recent if r.finished_at and r.started_at]
     avg = sum(durations) / len(durations) if durations else float(settings.avg_job_seconds)

@@ -8,18 +8,14 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
-from service.observability.health import unservable_reason
-from service.format_via_worker import lm_served
-from service.ports import QueueFull
-from service.sources import SourceError, resolve_sources
-from service.submission import submit_task
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .deps import backend_of, settings_of
-from .envelope import ApiError, bad_request, wrap
+from .envelope import bad_request, wrap
 from .request_parsing import parse_release_task
 from .results import MAX_IDS, query_entries
+from .submit import submit_parsed
 
 router = APIRouter(tags=["tasks"])
 
@@ -90,31 +86,8 @@ async def release_task(request: Request):
     idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
     parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
 
-    def submit():  # blocking: server files, the blob store, the task store
-        refusal = unservable_reason(backend)
-        if refusal:  # every live worker failed to load its models: the task would only wait
-            raise ApiError(503, refusal, headers={"Retry-After": "60"})
-        if parsed.request.needs_lm and not lm_served(backend):
-            raise ApiError(400, LM_NOT_SERVED)
-        try:
-            sources = resolve_sources(parsed.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
-                                      max_bytes=settings.max_upload_bytes)
-        except SourceError as exc:
-            raise ApiError(413 if exc.kind == "too_large" else 400, exc.message) from None
-        request_dump = parsed.request.model_dump() | {f"{role}_key": key for role, key in sources.keys.items()}
-        try:
-            return submit_task(backend, request_dump, settings.queue_maxsize, uploads=sources.uploads,
-                               idempotency_key=idempotency_key)
-        except QueueFull:
-            raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
-
-    task_id, position = await run_in_threadpool(submit)
+    task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key)
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
-
-
-LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / use_format / analysis_only), "
-                 "which the workers of this server do not load; start them with ACESTEP_INIT_LLM=true (and "
-                 "ACESTEP_LM_MODEL_PATH), or send caption, lyrics and metadata yourself")
 
 
 def parse_task_ids(value: Any) -> list[str]:

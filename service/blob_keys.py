@@ -14,6 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Optional
+from urllib.parse import parse_qs, urlsplit
 
 UPLOADS_PREFIX = "uploads/"
 PENDING_UPLOADS_PREFIX = "uploads/pending/"
@@ -73,6 +74,19 @@ def output_key(task_id: str, attempt: int, index: int, fmt: str) -> str:
 def parse_output_key(key: str) -> Optional[OutputKey]:
     match = _OUTPUT_RE.match(key)
     return OutputKey(*match.groups()) if match else None
+
+
+def output_key_in(reference: str) -> Optional[str]:
+    """The output key a client refers to: the key itself, or a `/v1/audio?path=<key>...` URL (as
+    /query_result returns it, relative or absolute). None when it is neither (a server path)."""
+    text = reference.strip()
+    if parse_output_key(text):
+        return text
+    parts = urlsplit(text)
+    if not parts.path.endswith("/v1/audio"):
+        return None
+    key = next(iter(parse_qs(parts.query).get("path", [])), "")
+    return key if parse_output_key(key) else None
 
 
 def is_within_storage(key: str) -> bool:

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     host: str = _env("ACESTEP_API_HOST", "127.0.0.1")
     port: int = _env("ACESTEP_API_PORT", 8001, ge=0, le=65535)
     api_key: str = _env("ACESTEP_API_KEY", "", repr=False)
+    # The OpenAI/OpenRouter-compatible API (POST /v1/chat/completions): its own listener and key.
+    openrouter_host: str = _env("OPENROUTER_HOST", "127.0.0.1")
+    openrouter_port: int = _env("OPENROUTER_PORT", 8002, ge=0, le=65535)  # 0: not served
+    openrouter_api_key: str = _env("OPENROUTER_API_KEY", "", repr=False)  # empty: ACESTEP_API_KEY applies
+    # How long a chat completion waits for its task (0: ACESTEP_GENERATION_TIMEOUT); past it the
+    # task goes on and the answer names it. The Lambda entry sets 25 (API Gateway's 30 s limit).
+    openrouter_max_wait: float = _env("OPENROUTER_MAX_WAIT", 0.0, ge=0)
 
     # queue / workers
     queue_maxsize: int = _env("ACESTEP_QUEUE_MAXSIZE", 200, ge=1)

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Protocol
 from engine.request import GenerationRequest
 from engine.types import GenerationResult, ModelInfo, ProgressCallback
 
-from .records import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult, WorkerHeartbeat
+from .records import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult, WorkerHeartbeat
 
 
 
@@ -56,6 +56,13 @@ class TaskStore(Protocol):
 
     def fail_unfinished(self, task_id: str, error: str) -> bool:
         """Mark a task failed whatever attempt holds it, unless already finished (poison / dead-letter)."""
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        """queued/running -> cancelled (with `reason` as its error), whatever attempt holds it.
+
+        False when the task is unknown or already finished. A worker running it is fenced out:
+        its next update_progress returns False, and it stops.
+        """
 
     def counts(self) -> dict[str, int]:
         """Jobs by status: {queued, running, succeeded, failed, total}."""
@@ -180,4 +187,4 @@ class Backend:
 
 
 __all__ = ["Backend", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
-           "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STATUSES", "TERMINAL"]
+           "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "STATUSES", "TERMINAL"]

@@ -11,8 +11,9 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
-TERMINAL = (SUCCEEDED, FAILED)
+CANCELLED = "cancelled"  # by the client (POST /v1/tasks/{id}/cancel)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 class AudioFile(BaseModel):

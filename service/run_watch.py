@@ -2,7 +2,9 @@
 
 The engine reports progress through a callback; the watch turns that into store writes (a few per
 task, not one per diffusion step) and is also the point where a call is stopped: at shutdown
-(GenerationCancelled) or past ACESTEP_GENERATION_TIMEOUT (GenerationTimedOut).
+(GenerationCancelled), past ACESTEP_GENERATION_TIMEOUT (GenerationTimedOut), or once the store
+refuses every task's progress because the client cancelled it (TasksGone), at most
+PROGRESS_MIN_SECONDS after the cancel.
 
 Leases are extended only while the engine makes progress. A call that has reported nothing for
 ACESTEP_STALL_TIMEOUT is hung: its leases lapse so the queue redelivers the tasks to another
@@ -31,6 +33,11 @@ class GenerationTimedOut(GenerationCancelled):
     """Raised from the progress callback once the task is past its deadline."""
 
 
+class TasksGone(GenerationCancelled):
+    """Raised from the progress callback once no task of the call is this worker's any more:
+    cancelled by the client, or fenced out by a newer attempt (the store refused the progress)."""
+
+
 class RunWatch:
     def __init__(self, backend: Backend, tasks: list[tuple[Lease, int]], *, visibility_timeout: float,
                  generation_timeout: float, stall_timeout: float, cancel_event: threading.Event,
@@ -45,6 +52,7 @@ class RunWatch:
         self.started = time.monotonic()
         self.last_progress = self.started
         self.stalled = False
+        self.gone: set[str] = set()  # tasks whose progress the store refused (cancelled / fenced out)
         self._written = (-1.0, "", 0.0)  # value, stage, time of the last store write
         self._done = threading.Event()
         # The keeper logs about these tasks: it runs in a copy of the caller's log context.
@@ -67,7 +75,11 @@ class RunWatch:
             return
         self._written = (fraction, stage, now)
         for lease, attempt in self.tasks:
-            self.backend.store.update_progress(lease.task_id, attempt, round(fraction, 3), stage)
+            if lease.task_id not in self.gone and \
+                    not self.backend.store.update_progress(lease.task_id, attempt, round(fraction, 3), stage):
+                self.gone.add(lease.task_id)
+        if len(self.gone) == len(self.tasks):  # nobody wants this output: free the GPU now
+            raise TasksGone(f"task(s) {', '.join(sorted(self.gone))} cancelled or taken over")
 
     def timeout_message(self) -> str:
         return (f"generation timed out after {time.monotonic() - self.started:.0f} s "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mimetypes
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol, Sequence, Union
+from typing import Callable, Literal, Optional, Protocol, Sequence, Union
 
 from . import blob_keys
 from .submission import Upload
@@ -64,13 +64,17 @@ class ResolvedSources:
 
 
 def resolve_sources(sources: Sequence[AudioSource], blobs: Sizes, *, allowed_dirs: Sequence[str],
-                    max_bytes: int) -> ResolvedSources:
+                    max_bytes: int,
+                    outputs: Optional[Callable[[ServerPath, str], Upload]] = None) -> ResolvedSources:
+    """`outputs` reads a finished task's file named as a path (service/task_outputs.py)."""
     out = ResolvedSources()
     for source in sources:
         if isinstance(source, SentFile):
             out.uploads[source.role] = source.upload
         elif isinstance(source, UploadKey):
             out.keys[source.role] = check_upload_key(source, blobs, max_bytes)
+        elif outputs is not None and (key := blob_keys.output_key_in(source.path)):
+            out.uploads[source.role] = outputs(source, key)
         else:
             out.uploads[source.role] = read_server_file(source, allowed_dirs, max_bytes)
     return out

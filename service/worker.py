@@ -30,9 +30,9 @@ from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import Backend, GenerationEngine, Lease
 from .records import (
-    FAILED, MODELS_META_KEY, SUCCEEDED, AudioFile, ModelEntry, ModelsMeta, TaskRecord, TaskResult, WorkerHeartbeat,
+    CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, AudioFile, ModelEntry, ModelsMeta, TaskRecord, TaskResult, WorkerHeartbeat,
 )
-from .run_watch import GenerationTimedOut, RunWatch
+from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,9 @@ class Worker:
                     outcomes = self.engine.generate_batch([(c.request, c.inputs) for c in batch], progress=watch)
             except GenerationTimedOut as exc:
                 outcomes = [GenerationError(str(exc))] * len(batch)
+            except TasksGone:
+                self._drop_gone(batch)
+                outcomes = None
             except GenerationCancelled:
                 for c in batch:
                     log.info("released %s for another worker (shutting down)", c.task_id)
@@ -303,6 +306,19 @@ class Worker:
         if outcomes is not None:
             log.info("ran %d task(s) in %.2fs", len(batch), time.monotonic() - started)
         return outcomes
+
+    def _drop_gone(self, batch: list[_Claimed]) -> None:
+        """The engine stopped because no task of the batch is ours: ack the cancelled ones; a task
+        another attempt holds now is left to that attempt's lease."""
+        records = self.backend.store.get_many([c.task_id for c in batch])
+        for c in batch:
+            record = records.get(c.task_id)
+            if record is None or record.status == CANCELLED:
+                log.info("task %s was cancelled: stopped its generation", c.task_id)
+                self.backend.queue.ack(c.lease)
+            else:
+                log.warning("task %s is held by attempt %d now: stopped ours (%d)", c.task_id, record.attempt,
+                            c.attempt)
 
     # -- outcomes --------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ def test_health_before_and_after_worker(api):
     data = api.client.get("/health").json()["data"]
     assert {k: data[k] for k in ("status", "service", "version")} == \
         {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
-    assert data["backend"] == "embedded" and data["demo"] is False
+    assert data["backend"] == "embedded" and data["demo"] == "unknown"  # no worker has said yet
     assert [m["random_weights"] for m in data["models"]] == [None, None]
     api.worker.publish_models()
     data = api.client.get("/health").json()["data"]
@@ -56,7 +56,7 @@ def test_models(api):
 
 def test_stats(api):
     stats = api.client.get("/v1/stats").json()["data"]
-    assert stats == {"jobs": {"total": 0, "queued": 0, "running": 0, "succeeded": 0, "failed": 0},
+    assert stats == {"jobs": {"total": 0, "queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
                      "queue_size": 0, "queue_maxsize": 200, "avg_job_seconds": 5.0,
                      "recent": {"window_tasks": 0, "queue_wait_seconds": {}, "run_seconds": {},
                                 "stage_seconds_mean": {}, "failures_by_reason": {}}}
@@ -65,7 +65,7 @@ def test_stats(api):
     api.run_worker()
     api.submit(prompt="c")
     stats = api.client.get("/v1/stats").json()["data"]
-    assert stats["jobs"] == {"total": 3, "queued": 1, "running": 0, "succeeded": 1, "failed": 1}
+    assert stats["jobs"] == {"total": 3, "queued": 1, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
     assert stats["queue_size"] == 1 and isinstance(stats["avg_job_seconds"], float)
     assert stats["avg_job_seconds"] != 5.0
 
@@ -211,3 +211,28 @@ def test_result_json_has_unicode(api):
     api.run_worker()
     entry = api.query(task_id)[0]
     assert "한국어" in entry["result"] and json.loads(entry["result"])[0]["prompt"] == "한국어 발라드"
+
+
+def test_cancel_route_and_its_upstream_style_alias(settings):
+    from tests.api_support import make_api
+
+    api = make_api(settings, api_key="sk-test")
+    first, second = api.submit(prompt="a"), api.submit(prompt="b")
+    assert api.client.post(f"/v1/tasks/{first}/cancel").status_code == 401  # auth as every route
+    r = api.client.post(f"/v1/tasks/{first}/cancel", headers=api.headers())
+    assert r.status_code == 200 and r.json()["data"] == {"task_id": first, "status": "cancelled",
+                                                         "cancelled_now": True}
+    again = api.client.post(f"/v1/tasks/{first}/cancel", headers=api.headers()).json()["data"]
+    assert again["cancelled_now"] is False  # idempotent
+    r = api.client.post("/cancel_task", json={"task_id": second, "ai_token": "sk-test"})
+    assert r.status_code == 200 and r.json()["data"]["status"] == "cancelled"
+    entry = api.query(first)[0]
+    assert entry["status"] == 2 and entry["error"] == "cancelled by the client"
+    assert json.loads(entry["result"])[0]["stage"] == "cancelled"
+    assert api.client.post("/v1/tasks/nope/cancel", headers=api.headers()).status_code == 404
+    assert api.client.post("/cancel_task", json={}, headers=api.headers()).status_code == 400
+    done = api.submit(prompt="c", batch_size=1)
+    api.run_worker()
+    r = api.client.post(f"/v1/tasks/{done}/cancel", headers=api.headers())
+    assert r.status_code == 409 and "already succeeded" in r.json()["detail"]
+    assert api.client.get("/v1/stats", headers=api.headers()).json()["data"]["jobs"]["cancelled"] == 2

@@ -76,7 +76,7 @@ def test_duplicate_finish_in_the_race_window_succeeds_once(aws):
     assert rival == [True]
     rec = aws.store.get("t1")
     assert rec.status == SUCCEEDED and rec.result.dit_model == "rival"
-    assert aws.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "total": 1}
+    assert aws.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0, "total": 1}
 
 
 def test_stale_attempt_cannot_finish_after_a_redelivery(aws):
@@ -131,13 +131,14 @@ def test_counters_match_the_table_after_mixed_transitions(aws):
     aws.store.fail_unfinished("t5", "dead")  # still queued
     aws.store.delete("t6")
     aws.store.claim("t3", "w2").attempt  # redelivery: no count moves
+    aws.store.cancel("t4", "cancelled")  # running -> cancelled
     items = aws.store._db.scan(TableName=aws.settings.table_name)["Items"]  # the test may scan; the store may not
-    actual = {s: 0 for s in (QUEUED, RUNNING, SUCCEEDED, FAILED)}
+    actual = {s: 0 for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, "cancelled")}
     for item in items:
         if item[schema.PK]["S"].startswith(schema.TASK_PREFIX):
             actual[item["status"]["S"]] += 1
     assert aws.store.counts() == {**actual, "total": 7}
-    assert actual == {QUEUED: 1, RUNNING: 2, SUCCEEDED: 1, FAILED: 3}
+    assert actual == {QUEUED: 1, RUNNING: 1, SUCCEEDED: 1, FAILED: 3, "cancelled": 1}
 
 
 def test_position_counts_and_durations_never_scan(aws):

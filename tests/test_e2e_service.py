@@ -17,7 +17,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from tests.live_server import REPO, live_server
+from tests.live_server import REPO, free_port, live_server
 
 SEED_DOC = Path(REPO).parent / "shared" / "seed" / "ace-step-rest-api-guide.ko.md"
 pytestmark = pytest.mark.slow
@@ -37,11 +37,17 @@ def decode(data: bytes):
     return audio, sr
 
 
+CHAT_KEY = "sk-chat"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
-    with live_server(str(root / "data"), str(root / "checkpoints")) as srv:
+    chat_port = free_port()
+    env = {"OPENROUTER_PORT": str(chat_port), "OPENROUTER_API_KEY": CHAT_KEY}
+    with live_server(str(root / "data"), str(root / "checkpoints"), env=env) as srv:
         srv.wait_for_worker()
+        srv.chat_url = f"http://127.0.0.1:{chat_port}"  # type: ignore[attr-defined]
         yield srv
 
 
@@ -92,6 +98,35 @@ def test_files_have_requested_length_format_and_seed(server, fmt):
     audio, sr = decode(r.content)
     assert sr == 48000 and audio.shape[1] == 2
     assert abs(len(audio) / sr - 12) < 0.1
+
+
+def test_the_openai_compatible_listener_shares_the_workers(server):
+    import openai
+
+    assert httpx.get(server.chat_url + "/health").json()["service"] == "ACE-Step OpenRouter API"
+    assert httpx.get(server.chat_url + "/v1/models").status_code == 401  # its own key
+    client = openai.OpenAI(base_url=server.chat_url + "/v1", api_key=CHAT_KEY)
+    done = client.chat.completions.with_raw_response.create(
+        model="acestep/acestep-v15-turbo", messages=[{"role": "user", "content": "<prompt>ambient pad</prompt>"}],
+        extra_body={"audio_config": {"duration": 10, "instrumental": True}, "inference_steps": 2})
+    task_id = done.headers["x-task-id"]
+    message = done.parse().model_dump(warnings=False)["choices"][0]["message"]
+    audio, sr = decode(__import__("base64").b64decode(message["audio"][0]["audio_url"]["url"].split(",", 1)[1]))
+    assert sr == 48000 and abs(len(audio) / sr - 10) < 0.1
+    assert "random-weight demo" in message["content"]
+    # the same task, seen through the ACE-Step API
+    assert server.query(task_id)["status"] == 1
+
+
+def test_a_chat_stream_whose_client_leaves_cancels_its_task(server):
+    body = {"messages": [{"role": "user", "content": "<prompt>long drone</prompt>"}], "stream": True,
+            "audio_config": {"duration": 60}, "inference_steps": 50}
+    with httpx.stream("POST", server.chat_url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {CHAT_KEY}"}) as r:
+        task_id = r.headers["x-task-id"]
+        next(r.iter_lines())  # the first chunk, then the client goes away
+    item = server.wait_done(task_id, timeout=60)
+    assert item["status"] == 2 and "client of the chat completion disconnected" in item["error"], item
 
 
 def test_tasks_survive_restarts(tmp_path):
@@ -156,6 +191,26 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_one_ctrl_c_lets_the_running_task_finish(tmp_path):
+    """A terminal's Ctrl+C reaches the whole process group: the worker must still drain, not abort."""
+    from service.config import Settings
+    from service.embedded import make_embedded_backend
+    from service.ports import RUNNING
+
+    data, ckpt = str(tmp_path / "data"), str(tmp_path / "checkpoints")
+    with live_server(data, ckpt, env={"OMP_NUM_THREADS": "1"}) as srv:
+        srv.wait_for_worker()
+        store = make_embedded_backend(Settings(data_dir=data)).store
+        body = {"prompt": "drone", "audio_duration": 20, "batch_size": 1, "inference_steps": 8}
+        task_id = httpx.post(srv.base_url + "/release_task", json=body).json()["data"]["task_id"]
+        srv.wait_until("the worker to start the task",
+                       lambda: (r := store.get(task_id)) is not None and r.status == RUNNING, timeout=60, interval=0.02)
+        os.killpg(srv.proc.pid, signal.SIGINT)  # what the terminal does
+        srv.proc.wait(60)
+        record = store.get(task_id)
+        assert record.status == "succeeded" and record.attempt == 1, (record, srv.log()[-3000:])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

@@ -34,8 +34,13 @@ with mock_aws():
         "isBase64Encoded": False,
     }
     resp = lh.handler(event, None)
+    chat = dict(event, rawPath="/openrouter/health",
+                requestContext=dict(event["requestContext"], http=dict(event["requestContext"]["http"],
+                                                                      path="/openrouter/health")))
+    chat_resp = lh.handler(chat, None)
 heavy = sorted(m for m in ("torch", "diffusers", "transformers", "numpy", "soundfile") if m in sys.modules)
-print(json.dumps({"heavy": heavy, "status": resp["statusCode"], "body": resp["body"]}))
+print(json.dumps({"heavy": heavy, "status": resp["statusCode"], "body": resp["body"],
+                  "chat_status": chat_resp["statusCode"], "chat_body": chat_resp["body"]}))
 """
 
 
@@ -49,3 +54,5 @@ def test_lambda_entry_imports_without_torch_and_serves_health():
     # None of these is in the Lambda package (base dependencies only), so importing one would crash there.
     assert report["heavy"] == [], report
     assert report["status"] == 200, report
+    # the OpenAI-compatible API is mounted under /openrouter on the same function
+    assert report["chat_status"] == 200 and json.loads(report["chat_body"])["service"] == "ACE-Step OpenRouter API"

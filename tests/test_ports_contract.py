@@ -77,7 +77,7 @@ def test_counts_positions_and_durations(backend):
     b = backend.store.claim("t1", "w").attempt
     backend.store.finish("t1", b, error="x")
     counts = backend.store.counts()
-    assert counts == {"queued": 2, "running": 0, "succeeded": 1, "failed": 1, "total": 4}
+    assert counts == {"queued": 2, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0, "total": 4}
     recent = backend.store.recent_finished(10)
     assert [r.task_id for r in recent] == ["t1", "t0"]  # newest first
     assert recent[0].status == FAILED and recent[0].finished_at >= recent[0].started_at
@@ -251,3 +251,28 @@ def test_concurrent_retries_create_one_task(backend):
     (t1, created1), (t2, created2) = [backend.intake.submit(r, 5) for r in records]
     assert (created1, created2) == (True, False) and t1.task_id == t2.task_id == "race-0"
     assert backend.store.get("race-1") is None and backend.queue.size() == 1
+
+
+def test_cancel_ends_queued_and_running_tasks_only(backend):
+    from service.records import CANCELLED
+
+    _new(backend, "q")
+    backend.queue.enqueue("q", 10)
+    _new(backend, "r")
+    a = backend.store.claim("r", "w").attempt
+    _new(backend, "done")
+    d = backend.store.claim("done", "w").attempt
+    backend.store.finish("done", d, result=TaskResult())
+    assert backend.store.cancel("q", "cancelled by the client") is True
+    assert backend.store.cancel("r", "cancelled by the client") is True
+    assert backend.store.cancel("done", "x") is False and backend.store.cancel("missing", "x") is False
+    assert backend.store.cancel("q", "again") is False  # once
+    for task_id in ("q", "r"):
+        rec = backend.store.get(task_id)
+        assert rec.status == CANCELLED and rec.error == "cancelled by the client" and rec.finished_at
+    # the running attempt is fenced out: its progress and its result are refused
+    assert backend.store.update_progress("r", a, 0.5, "dit") is False
+    assert backend.store.finish("r", a, result=TaskResult()) is False
+    assert backend.store.claim("q", "w2") is None  # a cancelled task never runs
+    assert backend.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 2,
+                                      "total": 3}

@@ -456,3 +456,41 @@ def test_broken_worker_leaves_tasks_to_a_working_worker(settings, backend, engin
     assert backend.store.get(task_id).status == QUEUED
     working.run_once(1.0)
     assert backend.store.get(task_id).status == SUCCEEDED
+
+
+def test_cancelled_queued_task_never_reaches_the_engine(settings, backend, engine):
+    from service.cancellation import cancel_task
+
+    task_id = _submit(backend)
+    assert cancel_task(backend, task_id).cancelled_now is True
+    Worker(settings, backend, engine).run_once(0.5)
+    assert engine.calls == [] and backend.store.get(task_id).status == "cancelled"
+    assert backend.queue.receive(0, 5) is None  # acked (embedded: removed at once)
+
+
+def test_cancel_stops_a_running_generation_at_its_next_step(settings, backend, engine):
+    from service.cancellation import cancel_task
+
+    task_id = _submit(backend)
+    steps: list[float] = []
+
+    def cancel_midway(progress):
+        progress(0.1, "dit")
+        assert cancel_task(backend, task_id).cancelled_now is True
+        for i in range(2, 100):  # the engine's per-step callback: the watch raises within 0.5 s
+            steps.append(i / 100)
+            progress(i / 100, "dit")
+            time.sleep(0.02)
+
+    engine.before_generate = cancel_midway
+    worker = Worker(settings, backend, engine)
+    worker.run_once(1.0)
+    assert len(steps) < 40  # stopped early, not after all 98 steps
+    rec = backend.store.get(task_id)
+    assert rec.status == "cancelled" and rec.result is None and rec.error == "cancelled by the client"
+    assert backend.queue.receive(0, 0.1) is None  # acked, not released for another worker
+    # the worker goes on with the next task
+    engine.before_generate = None
+    nxt = _submit(backend)
+    worker.run_once(1.0)
+    assert backend.store.get(nxt).status == SUCCEEDED

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from botocore.exceptions import ClientError
 
 from ..records import (
-    FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult,
+    CANCELLED, FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult,
     WorkerHeartbeat,
 )
 from ..ports import TaskStore
@@ -339,6 +339,13 @@ class DynamoTaskStore(TaskStore):
             return False  # another attempt claimed or finished it in between
 
     def fail_unfinished(self, task_id: str, error: str) -> bool:
+        return self._end_unfinished(task_id, FAILED, error)
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        return self._end_unfinished(task_id, CANCELLED, reason)
+
+    def _end_unfinished(self, task_id: str, final: str, error: str) -> bool:
+        """queued/running -> `final` whatever attempt holds it; False when unknown or finished."""
         for _ in range(_RETRIES):
             item = self._get_item(task_id)
             status = _str(item, "status") if item else None
@@ -347,9 +354,9 @@ class DynamoTaskStore(TaskStore):
             now = time.time()
             names = {"#st": "status", "#err": "error", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
                      "#qp": S.QUEUED_PART}
-            values = {":failed": _s(FAILED), ":err": _s(error), ":now": _n(now),
+            values = {":final": _s(final), ":err": _s(error), ":now": _n(now),
                       ":exp": _n(int(now) + self._ttl_seconds)}
-            sets = "SET #st = :failed, #err = :err, #fa = :now, stage = :failed, #ttl = :exp"
+            sets = "SET #st = :final, #err = :err, #fa = :now, stage = :final, #ttl = :exp"
             started = _num(item, "started_at")
             if started is not None:  # it ran: count its run time like any finished task's
                 sets += ", #fp = :f, #d = :d"
@@ -357,7 +364,7 @@ class DynamoTaskStore(TaskStore):
                 values.update({":f": _s(_FINISHED_MARK), ":d": _n(max(0.0, now - started))})
             update = self._update(task_id, item, sets + " REMOVE #qp", names, values)
             try:
-                self._transact([update, self._count_move(status, FAILED)])
+                self._transact([update, self._count_move(status, final)])
                 return True
             except _ConditionFailed:
                 continue

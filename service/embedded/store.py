@@ -6,7 +6,7 @@ import time
 from typing import Optional
 
 from ..records import (
-    FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, TaskResult,
+    CANCELLED, FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, TaskResult,
     WorkerHeartbeat,
 )
 from ..ports import TaskStore
@@ -123,6 +123,17 @@ class SqliteTaskStore(TaskStore):
                 (FAILED, time.time(), FAILED, error, task_id, QUEUED, RUNNING),
             )
             return cur.rowcount == 1
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        with self.db.write() as c:
+            row = c.execute("SELECT status FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None or row["status"] not in (QUEUED, RUNNING):
+                return False
+            c.execute("UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ? WHERE task_id = ?",
+                      (CANCELLED, time.time(), CANCELLED, reason, task_id))
+            if row["status"] == QUEUED:  # not waiting any more: out of the queue now
+                c.execute("DELETE FROM queue WHERE task_id = ?", (task_id,))
+            return True
 
     def delete_finished_before(self, cutoff: float, limit: int = 500) -> list[TaskRecord]:
         """Remove up to `limit` tasks that finished before `cutoff`; returns them (for their blobs)."""

@@ -19,7 +19,7 @@ def render(stats: dict, health: HealthReport) -> bytes:
     class _Snapshot:
         def collect(self):
             tasks = GaugeMetricFamily("acestep_tasks", "Tasks in the store by status", labels=["status"])
-            for status in ("queued", "running", "succeeded", "failed"):
+            for status in ("queued", "running", "succeeded", "failed", "cancelled"):
                 tasks.add_metric([status], stats["jobs"].get(status, 0))
             yield tasks
             yield GaugeMetricFamily("acestep_queue_depth", "Tasks waiting to be taken by a worker",

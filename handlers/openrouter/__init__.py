@@ -1,0 +1,41 @@
+"""The OpenAI/OpenRouter-compatible music API (upstream's `openrouter` server), on its own listener.
+
+`create_openrouter_app(settings, backend)` builds it on the backend the ACE-Step API uses, so both
+share one task store, queue and set of workers.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.config import Settings
+from service.ports import Backend
+
+from ..app import cors_origins
+from ..envelope import install_error_handlers
+from ..request_context import RequestContextMiddleware
+from . import routes
+
+DESCRIPTION = """OpenAI Chat Completions-compatible music generation (upstream's OpenRouter API).
+POST /v1/chat/completions with `messages`; the audio comes back as base64 data URLs in
+`choices[0].message.audio`. `stream: true` sends Server-Sent Events."""
+
+
+def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: float | None = None) -> FastAPI:
+    app = FastAPI(title="ACE-Step OpenAI-compatible API", version="1.0", description=DESCRIPTION,
+                  docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.poll_seconds = poll_seconds  # None: per backend (waiting.POLL_SECONDS)
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    origins = cors_origins(settings)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Task-ID", "X-Request-ID"],
+                           allow_credentials="*" not in origins)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+__all__ = ["create_openrouter_app"]

@@ -1,0 +1,170 @@
+"""POST /v1/chat/completions, GET /v1/models, GET /health of the OpenAI-compatible API.
+
+A completion is an ordinary task: submitted through the same path as /release_task (same queue,
+workers, limits and validation), then waited for while the request is open. If the client
+disconnects first, the task is cancelled (nobody could collect it). If the wait reaches its limit
+(OPENROUTER_MAX_WAIT, else ACESTEP_GENERATION_TIMEOUT) the task goes on: the 504 (or the stream's
+last chunk) names it, and the ACE-Step API's /query_result returns it when done.
+"""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.format_via_worker import lm_served
+from service.observability.health import check_health
+from service.records import CANCELLED, SUCCEEDED, TaskRecord
+
+from ..body import _json_object, read_limited
+from ..deps import backend_of, settings_of
+from ..envelope import ApiError, bad_request
+from ..request_parsing import validation_message
+from ..routes_info import model_list
+from ..submit import submit_parsed
+from . import responses
+from .auth import require_key
+from .convert import MODEL_PREFIX, MessageError, to_task
+from .schema import ChatCompletionRequest
+from .waiting import Tick, cancel_in_background, ticks
+
+router = APIRouter(tags=["openai-compatible"])
+
+HEARTBEAT_SECONDS = 2.0
+TASK_HEADER = "X-Task-ID"
+MODELS_CREATED = 1767225600  # 2026-01-01: a fixed date, as OpenAI lists show one per model
+
+
+def max_wait(request: Request) -> float:
+    settings = settings_of(request)
+    return settings.openrouter_max_wait or settings.generation_timeout
+
+
+def _still_running(task_id: str, waited: float) -> str:
+    return (f"still generating after {waited:.0f} s; the task goes on as {task_id}: fetch it with "
+            f"POST /query_result {{\"task_id_list\": [\"{task_id}\"]}} on the ACE-Step API")
+
+
+def _failure(record: TaskRecord | None) -> tuple[int, str]:
+    if record is None:
+        return 500, "the task is gone (expired)"
+    if record.status == CANCELLED:
+        return 409, record.error or "cancelled"
+    return 500, record.error or "generation failed"
+
+
+async def _read_request(request: Request) -> ChatCompletionRequest:
+    limit = settings_of(request).max_upload_bytes * 2 + 1024 * 1024  # base64 audio grows by 4/3
+    body = _json_object(await read_limited(request, limit))
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise bad_request(validation_message(exc, ChatCompletionRequest)) from None
+
+
+@router.post("/v1/chat/completions", summary="Generate music from chat messages")
+async def chat_completions(request: Request):
+    settings, backend = settings_of(request), backend_of(request)
+    require_key(settings, request)
+    req = await _read_request(request)
+    lm_available = await run_in_threadpool(lm_served, backend)
+    try:
+        task = to_task(req, model_names=settings.model_names, default_model=settings.default_model,
+                       lm_available=lm_available, max_audio_bytes=settings.max_upload_bytes)
+    except MessageError as exc:
+        raise bad_request(str(exc)) from None
+    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed)
+    headers = {TASK_HEADER: task_id}
+    if req.stream:
+        return StreamingResponse(_stream(request, task_id, task.model_id, task.lm_fallback),
+                                 media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    started = time.monotonic()
+    async for tick in ticks(backend, task_id, max_wait(request), request.app.state.poll_seconds):
+        if tick.timed_out:
+            raise ApiError(504, _still_running(task_id, time.monotonic() - started), headers=headers)
+        if tick.finished:
+            return await _completion(request, tick, task.model_id, task.lm_fallback, headers)
+        if await request.is_disconnected():
+            cancel_in_background(backend, task_id)
+            return Response(status_code=499)  # nobody reads it
+    raise AssertionError("ticks() ends with a finished or timed-out tick")  # pragma: no cover
+
+
+async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: bool, headers: dict):
+    record = tick.record
+    if record is None or record.status != SUCCEEDED:
+        status, detail = _failure(record)
+        raise ApiError(status, detail, headers=headers)
+    audio = await run_in_threadpool(responses.audio_items, record, backend_of(request).blobs)
+    body = responses.completion(responses.completion_id(), model_id, responses.content_text(record, lm_fallback),
+                                audio or None)
+    return JSONResponse(body, headers=headers)
+
+
+async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bool) -> AsyncIterator[str]:
+    """Upstream's event sequence: role, "." heartbeats, the text, the audio, finish, [DONE]."""
+    backend = backend_of(request)
+    out = responses.Chunks(responses.completion_id(), model_id)
+    ended = False  # the task finished, or the wait limit was reached: nothing to cancel
+    started = last_beat = time.monotonic()
+    try:
+        yield out.chunk(role="assistant", content="Generating music")
+        async for tick in ticks(backend, task_id, max_wait(request), request.app.state.poll_seconds):
+            if tick.timed_out:
+                ended = True
+                yield out.chunk(content="\n\n" + _still_running(task_id, time.monotonic() - started))
+                yield out.chunk(finish_reason="error")
+                break
+            if not tick.finished:
+                if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                    last_beat = time.monotonic()
+                    yield out.chunk(content=".")
+                continue
+            ended = True
+            record = tick.record
+            if record is None or record.status != SUCCEEDED:
+                yield out.chunk(content=f"\n\nError: {_failure(record)[1]}")
+                yield out.chunk(finish_reason="error")
+                break
+            yield out.chunk(content="\n\n" + responses.content_text(record, lm_fallback))
+            audio = await run_in_threadpool(responses.audio_items, record, backend.blobs)
+            if audio:
+                yield out.chunk(audio=audio)
+            yield out.chunk(finish_reason="stop")
+        yield out.DONE
+    finally:
+        if not ended:  # the client went away while the task waited or ran
+            cancel_in_background(backend, task_id)
+
+
+@router.get("/v1/models", summary="Models (OpenAI list shape with OpenRouter's fields)")
+async def list_models(request: Request):
+    settings = settings_of(request)
+    require_key(settings, request)
+    listing = await run_in_threadpool(model_list, settings, backend_of(request))
+    data = []
+    for m in listing["models"]:
+        demo = m.get("random_weights")
+        data.append({
+            "id": MODEL_PREFIX + m["name"], "object": "model", "created": MODELS_CREATED, "owned_by": "acestep",
+            "name": f"ACE-Step {m['name']}", "input_modalities": ["text", "audio"],
+            "output_modalities": ["audio", "text"], "context_length": 4096, "max_output_length": 600,
+            "pricing": {"prompt": "0", "completion": "0", "request": "0", "image": "0"},
+            "supported_sampling_parameters": ["temperature", "top_p", "top_k", "seed"],
+            "description": "AI music generation model" + (" (random-weight demo: noise)" if demo else ""),
+            "is_default": m["is_default"], "random_weights": demo,
+        })
+    return {"object": "list", "data": data}
+
+
+@router.get("/health", summary="Health check (no auth)")
+async def health(request: Request):
+    report = await run_in_threadpool(check_health, backend_of(request), settings_of(request).stall_timeout)
+    body = {"status": report.status, "service": "ACE-Step OpenRouter API", "version": "1.0",
+            "reasons": report.reasons, "workers_alive": len(report.workers)}
+    return JSONResponse(body, status_code=200 if report.serving else 503)

@@ -1,0 +1,47 @@
+"""POST /v1/tasks/{task_id}/cancel and its upstream-style twin POST /cancel_task {task_id}."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.cancellation import cancel_task
+from service.records import CANCELLED
+
+from .auth import require_body_or_header, token_from_fields
+from .body import read_body
+from .deps import backend_of, settings_of
+from .envelope import ApiError, bad_request, not_found, wrap
+from .results import MAX_ID_LEN
+
+router = APIRouter(tags=["tasks"])
+
+
+async def _cancel(request: Request, task_id: object) -> dict:
+    if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > MAX_ID_LEN:
+        raise bad_request(f"task_id: a task id of 1-{MAX_ID_LEN} characters is required")
+    outcome = await run_in_threadpool(cancel_task, backend_of(request), task_id.strip())
+    record = outcome.record
+    if record is None:
+        raise not_found("task not found")
+    if record.status != CANCELLED:
+        raise ApiError(409, f"task already {record.status}: nothing to cancel")
+    return wrap({"task_id": record.task_id, "status": CANCELLED, "cancelled_now": outcome.cancelled_now})
+
+
+_DOC = """Stop a task: a queued one never runs; a running one stops at its next diffusion step
+and frees the GPU. Its status becomes "cancelled" (/query_result: status 2, error "cancelled by the
+client"). 404 for an unknown task, 409 when it finished first; cancelling twice is a 200."""
+
+
+@router.post("/v1/tasks/{task_id}/cancel", summary="Cancel a task", description=_DOC)
+async def cancel(request: Request, task_id: str):
+    body = await read_body(request, settings_of(request), empty_ok=True)
+    require_body_or_header(settings_of(request), request, token_from_fields(body.fields))
+    return await _cancel(request, task_id)
+
+
+@router.post("/cancel_task", summary="Cancel a task (body: task_id)", description=_DOC)
+async def cancel_by_body(request: Request):
+    body = await read_body(request, settings_of(request), empty_ok=True)
+    require_body_or_header(settings_of(request), request, token_from_fields(body.fields))
+    return await _cancel(request, body.fields.get("task_id"))

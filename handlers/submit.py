@@ -1,0 +1,48 @@
+"""Submitting a parsed generation request: the one path both APIs (ACE-Step and OpenAI-compatible) take.
+
+Blocking (server files, the blob store, the task store): call it in a thread. Service errors
+become the HTTP errors of both APIs here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from service.config import Settings
+from service.format_via_worker import lm_served
+from service.observability.health import unservable_reason
+from service.ports import Backend, QueueFull
+from service.sources import SourceError, resolve_sources
+from service.submission import submit_task
+from service.task_outputs import output_reader
+
+from .envelope import ApiError
+from .request_parsing import ParsedTask
+
+LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / use_format / analysis_only), "
+                 "which the workers of this server do not load; start them with ACESTEP_INIT_LLM=true (and "
+                 "ACESTEP_LM_MODEL_PATH), or send caption, lyrics and metadata yourself")
+
+
+def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
+                  idempotency_key: Optional[str] = None) -> tuple[str, Optional[int]]:
+    """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM), 429 (queue full)."""
+    refusal = unservable_reason(backend)
+    if refusal:  # every live worker failed to load its models: the task would only wait
+        raise ApiError(503, refusal, headers={"Retry-After": "60"})
+    if parsed.request.needs_lm and not lm_served(backend):
+        raise ApiError(400, LM_NOT_SERVED)
+    try:
+        sources = resolve_sources(parsed.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
+                                  max_bytes=settings.max_upload_bytes,
+                                  outputs=output_reader(backend.store, backend.blobs, settings.max_upload_bytes))
+    except SourceError as exc:
+        raise ApiError(413 if exc.kind == "too_large" else 400, exc.message) from None
+    request_dump = parsed.request.model_dump() | {f"{role}_key": key for role, key in sources.keys.items()}
+    try:
+        return submit_task(backend, request_dump, settings.queue_maxsize, uploads=sources.uploads,
+                           idempotency_key=idempotency_key)
+    except QueueFull:
+        raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
+
+
+__all__ = ["LM_NOT_SERVED", "submit_parsed"]
