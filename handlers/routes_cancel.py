@@ -5,12 +5,11 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.cancellation import cancel_task
-from service.records import CANCELLED
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .deps import backend_of, settings_of
-from .envelope import ApiError, bad_request, not_found, wrap
+from .envelope import bad_request, not_found, wrap
 from .results import MAX_ID_LEN
 
 router = APIRouter(tags=["tasks"])
@@ -23,14 +22,15 @@ async def _cancel(request: Request, task_id: object) -> dict:
     record = outcome.record
     if record is None:
         raise not_found("task not found")
-    if record.status != CANCELLED:
-        raise ApiError(409, f"task already {record.status}: nothing to cancel")
-    return wrap({"task_id": record.task_id, "status": CANCELLED, "cancelled_now": outcome.cancelled_now})
+    # A task that finished first keeps its outcome: the answer says which (no error: a client racing
+    # its own task's end needs no special case).
+    return wrap({"task_id": record.task_id, "status": record.status, "cancelled_now": outcome.cancelled_now})
 
 
 _DOC = """Stop a task: a queued one never runs; a running one stops at its next diffusion step
 and frees the GPU. Its status becomes "cancelled" (/query_result: status 2, error "cancelled by the
-client"). 404 for an unknown task, 409 when it finished first; cancelling twice is a 200."""
+client"). 404 for an unknown task. A task that finished first is left as it is: `status` says
+how it ended and `cancelled_now` is false (also when it was cancelled before)."""
 
 
 @router.post("/v1/tasks/{task_id}/cancel", summary="Cancel a task", description=_DOC)
