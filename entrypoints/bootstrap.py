@@ -161,13 +161,21 @@ def _download_lm(settings: Settings, name: str) -> bool:
 
 
 def build_worker(settings: Settings, engine: GenerationEngine | None = None, backend: Backend | None = None,
-                 on_stalled=None):
-    """A worker on the configured backend with a loaded engine."""
+                 on_stalled=None, on_finished=None):
+    """A worker on the configured backend with a loaded engine (`on_finished`: see build_webhooks)."""
     from service.worker import Worker
 
     backend = backend if backend is not None else build_backend(settings)
     return Worker(settings, backend, engine if engine is not None else load_engine(settings),
-                  on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings))
+                  on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings),
+                  on_finished=on_finished)
+
+
+def build_webhooks(settings: Settings, backend: Backend):
+    """Sends each finished task's result to its webhook_url, off the caller's thread (service/webhooks)."""
+    from handlers.webhook_payload import build_notifier
+
+    return build_notifier(settings, backend)
 
 
 def scale_in_protection(settings: Settings):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Exit status of a worker whose generation hung: the launcher (or ECS) starts a fresh one.
 EXIT_HUNG = 75
+WEBHOOK_FLUSH_SECONDS = 5.0
 
 
 def _exit_hung() -> None:
@@ -46,8 +47,10 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
     bootstrap.resolve_secrets(settings)
     backend = bootstrap.build_backend(settings)
     worker: Worker | BrokenWorker
+    webhooks = bootstrap.build_webhooks(settings, backend)
     try:
-        worker = bootstrap.build_worker(settings, backend=backend, on_stalled=_exit_hung)
+        worker = bootstrap.build_worker(settings, backend=backend, on_stalled=_exit_hung,
+                                        on_finished=webhooks.task_finished)
     except Exception as exc:  # stay up and say why, rather than crash-loop with tasks waiting
         log.exception("could not load the engine")
         worker = bootstrap.build_broken_worker(settings, backend, exc)
@@ -71,6 +74,7 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
     signal.signal(signal.SIGINT, signal.SIG_IGN if supervised else on_term)
     # Embedded waits wake at once for new work anyway; a short poll lets SIGTERM stop an idle worker quickly.
     worker.run_forever(poll_seconds=1.0 if settings.backend == "embedded" else 20.0)
+    webhooks.flush(WEBHOOK_FLUSH_SECONDS)  # deliveries still retrying after this are lost (logged)
 
 
 def healthcheck(heartbeat_file: str, settings: Settings) -> int:

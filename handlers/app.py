@@ -21,6 +21,7 @@ from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
 from .request_context import RequestContextMiddleware
 from .signing import openapi_url, verify
+from .webhook_payload import build_notifier
 
 DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream
 `acestep-api`). Submit with POST /release_task, poll POST /query_result, download the `file` URL.
@@ -58,6 +59,7 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.settings = settings
     app.state.backend = backend
     app.state.lm_gateway = lm_gateway
+    app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)
     install_error_handlers(app)
     for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm):
         app.include_router(module.router)

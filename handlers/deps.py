@@ -5,6 +5,7 @@ from fastapi import Request
 
 from service.config import Settings
 from service.ports import Backend
+from service.webhooks import WebhookNotifier
 
 
 def settings_of(request: Request) -> Settings:
@@ -13,3 +14,7 @@ def settings_of(request: Request) -> Settings:
 
 def backend_of(request: Request) -> Backend:
     return request.app.state.backend
+
+
+def webhooks_of(request: Request) -> WebhookNotifier:
+    return request.app.state.webhooks

@@ -8,7 +8,7 @@ from service.cancellation import cancel_task
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
-from .deps import backend_of, settings_of
+from .deps import backend_of, settings_of, webhooks_of
 from .envelope import bad_request, not_found, wrap
 from .results import MAX_ID_LEN
 
@@ -18,7 +18,8 @@ router = APIRouter(tags=["tasks"])
 async def _cancel(request: Request, task_id: object) -> dict:
     if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > MAX_ID_LEN:
         raise bad_request(f"task_id: a task id of 1-{MAX_ID_LEN} characters is required")
-    outcome = await run_in_threadpool(cancel_task, backend_of(request), task_id.strip())
+    outcome = await run_in_threadpool(cancel_task, backend_of(request), task_id.strip(),
+                                      on_cancelled=webhooks_of(request).task_finished)
     record = outcome.record
     if record is None:
         raise not_found("task not found")

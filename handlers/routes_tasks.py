@@ -32,6 +32,10 @@ field and its allowed range. Returns `{task_id, status: "queued", queue_position
 
 With an `Idempotency-Key` header (or body field `idempotency_key`), a retried submit returns the
 first task instead of creating another; reusing a key for a different request is a 422.
+
+With `webhook_url`, the task's final /query_result entry is POSTed there once it succeeds, fails
+or is cancelled (signed with the API key: `X-ACEStep-Signature: t=<unix>,v1=<HMAC-SHA256 of
+"<t>.<body>">`); private and loopback hosts are refused unless ACESTEP_WEBHOOK_ALLOW_PRIVATE.
 """
 
 _release_schema = GenerationRequest.model_json_schema()
@@ -45,6 +49,7 @@ _release_schema["properties"].update({
     "param_obj": {"description": "extra fields (object or JSON string)"},
     "metas": {"description": "extra fields (object or JSON string)"},
     "ai_token": {"type": "string", "description": "API key (alternative to the Authorization header)"},
+    "webhook_url": {"type": "string", "description": "POSTed the final result once the task ends"},
     "idempotency_key": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY,
                         "description": "alternative to the Idempotency-Key header"},
 })
@@ -86,7 +91,11 @@ async def release_task(request: Request):
     idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
     parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
 
-    task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key)
+    webhook_url = body.fields.get("webhook_url")
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        raise bad_request("webhook_url: must be an http(s) URL")
+    task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key,
+                                                webhook_url or None)
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
 
 

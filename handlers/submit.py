@@ -14,6 +14,7 @@ from service.ports import Backend, QueueFull
 from service.sources import SourceError, resolve_sources
 from service.submission import submit_task
 from service.task_outputs import output_reader
+from service.webhooks import WebhookRefused, check_target
 
 from .envelope import ApiError
 from .request_parsing import ParsedTask
@@ -24,8 +25,14 @@ LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / u
 
 
 def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
-                  idempotency_key: Optional[str] = None) -> tuple[str, Optional[int]]:
-    """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM), 429 (queue full)."""
+                  idempotency_key: Optional[str] = None, webhook_url: Optional[str] = None) -> tuple[str, Optional[int]]:
+    """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM, webhook_url),
+    429 (queue full)."""
+    if webhook_url is not None:
+        try:
+            check_target(webhook_url, settings.webhook_allow_private)
+        except WebhookRefused as exc:
+            raise ApiError(400, str(exc)) from None
     refusal = unservable_reason(backend)
     if refusal:  # every live worker failed to load its models: the task would only wait
         raise ApiError(503, refusal, headers={"Retry-After": "60"})
@@ -40,7 +47,7 @@ def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
     request_dump = parsed.request.model_dump() | {f"{role}_key": key for role, key in sources.keys.items()}
     try:
         return submit_task(backend, request_dump, settings.queue_maxsize, uploads=sources.uploads,
-                           idempotency_key=idempotency_key)
+                           idempotency_key=idempotency_key, webhook_url=webhook_url)
     except QueueFull:
         raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
 

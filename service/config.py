@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     lm_device: str = _env("ACESTEP_LM_DEVICE", "auto")
     batch_compatible_tasks: bool = _env("ACESTEP_BATCH_TASKS", True)
 
+    # webhooks (a task's webhook_url): private/loopback targets only when allowed; tries per delivery
+    webhook_allow_private: bool = _env("ACESTEP_WEBHOOK_ALLOW_PRIVATE", False)
+    webhook_attempts: int = _env("ACESTEP_WEBHOOK_ATTEMPTS", 5, ge=1, le=20)
+
     # uploads / audio
     max_upload_mb: int = _env("ACESTEP_MAX_UPLOAD_MB", 50)
     audio_url_ttl: int = _env("ACESTEP_AUDIO_URL_TTL", 3600)  # lifetime of the signature in result file URLs

@@ -116,3 +116,5 @@ class TaskRecord:
     # request_digest tells a true retry from a different request reusing the key.
     idempotency_key: Optional[str] = None
     request_digest: Optional[str] = None
+    # Where the final result is POSTed once the task ends (service/webhooks.py), if the client asked.
+    webhook_url: Optional[str] = None

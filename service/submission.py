@@ -28,17 +28,19 @@ class Upload:
 def submit_task(backend: Backend, request: dict, max_queue: int,
                 uploads: Optional[dict[str, Upload]] = None,
                 task_id: Optional[str] = None,
-                idempotency_key: Optional[str] = None) -> tuple[str, Optional[int]]:
+                idempotency_key: Optional[str] = None,
+                webhook_url: Optional[str] = None) -> tuple[str, Optional[int]]:
     """Returns (task_id, queue_position). Raises QueueFull (the API's 429) after undoing everything.
 
     `request` is a GenerationRequest dump; `uploads` maps a role in SOURCE_ROLES to its file, whose
     blob key this writes into the request as `<role>_key`. A `<role>_key` already in the request
     (a direct upload) becomes the task's. With `idempotency_key`, a retry of an earlier submit
-    returns that task and stores nothing (IdempotencyConflict if the request differs).
+    returns that task and stores nothing (IdempotencyConflict if the request differs). `webhook_url`
+    (checked by the caller, service/webhooks.py) gets the final result.
     """
     uploads = uploads or {}
     record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=dict(request),
-                        idempotency_key=idempotency_key or None)
+                        idempotency_key=idempotency_key or None, webhook_url=webhook_url or None)
     if record.idempotency_key:
         record.request_digest = request_digest(
             request, {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})

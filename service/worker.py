@@ -87,13 +87,15 @@ class _Claimed:
 class Worker:
     def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
                  worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None,
-                 metrics: Optional[MetricsSink] = None, on_busy: Optional[Callable[[bool], None]] = None):
+                 metrics: Optional[MetricsSink] = None, on_busy: Optional[Callable[[bool], None]] = None,
+                 on_finished: Optional[Callable[[str], None]] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_stalled = on_stalled  # a generation is hung (see run_watch); the CLI exits here
         self.metrics: MetricsSink = metrics or NoMetrics()
+        self.on_finished = on_finished  # a task this worker finished (webhooks); must not block
         # True as a task starts, False once idle: ECS task scale-in protection (service/aws/task_protection.py)
         self.on_busy = on_busy
         self.started_at = time.time()
@@ -340,6 +342,7 @@ class Worker:
         if self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys):
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
             self._report(TaskMetrics.of(_finished(c, stored)))
+            self._finished(c.task_id)
         else:  # another attempt finished it first; drop our copy
             for key in keys:
                 self.backend.blobs.delete(key)
@@ -353,7 +356,15 @@ class Worker:
             self._report(TaskMetrics.of(TaskRecord(task_id=lease.task_id, request={}, status=FAILED, error=message,
                                                    created_at=created_at, started_at=started_at,
                                                    finished_at=time.time())))
+            self._finished(lease.task_id)
         self.backend.queue.ack(lease)
+
+    def _finished(self, task_id: str) -> None:
+        if self.on_finished is not None:
+            try:
+                self.on_finished(task_id)
+            except Exception:  # a notification must never fail a task
+                log.warning("could not queue the webhook of %s", task_id, exc_info=True)
 
     def _report(self, metrics: TaskMetrics) -> None:
         try:

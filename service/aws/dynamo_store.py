@@ -476,6 +476,8 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
         item["result"] = _s(record.result.model_dump_json())
     if record.error is not None:
         item["error"] = _s(record.error)
+    if record.webhook_url is not None:
+        item["webhook_url"] = _s(record.webhook_url)
     if record.idempotency_key is not None:
         item["idempotency_key"] = _s(record.idempotency_key)
         item["request_digest"] = _s(record.request_digest or "")
@@ -500,4 +502,5 @@ def _to_record(item: dict) -> TaskRecord:
         blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
         idempotency_key=_str(item, "idempotency_key"),
         request_digest=_str(item, "request_digest") or None,
+        webhook_url=_str(item, "webhook_url"),
     )

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     error TEXT,
     blob_keys TEXT NOT NULL DEFAULT '[]',
     idempotency_key TEXT,
-    request_digest TEXT
+    request_digest TEXT,
+    webhook_url TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at);
@@ -79,7 +80,7 @@ class Database:
         have = {row["name"] for row in conn.execute("PRAGMA table_info(tasks)")}
         if not have:
             return  # a new database: SCHEMA creates everything
-        for column in ("idempotency_key", "request_digest"):
+        for column in ("idempotency_key", "request_digest", "webhook_url"):
             if column not in have:
                 conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
 

@@ -30,15 +30,16 @@ def record_from_row(row) -> TaskRecord:
         blob_keys=json.loads(row["blob_keys"]),
         idempotency_key=row["idempotency_key"],
         request_digest=row["request_digest"],
+        webhook_url=row["webhook_url"],
     )
 
 
 def insert_task(c, record: TaskRecord) -> None:
     c.execute(
         "INSERT INTO tasks (task_id, status, request, created_at, stage, blob_keys, idempotency_key,"
-        " request_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " request_digest, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.task_id, record.status, json.dumps(record.request), record.created_at, record.stage,
-         json.dumps(record.blob_keys), record.idempotency_key, record.request_digest),
+         json.dumps(record.blob_keys), record.idempotency_key, record.request_digest, record.webhook_url),
     )
 
 

@@ -1,0 +1,209 @@
+"""Webhooks: which URLs are called (no SSRF), the signed body, retries, never blocking the worker,
+on both backends (embedded and AWS through moto)."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from engine.request import GenerationRequest
+from handlers.webhook_payload import build_notifier
+from service.cancellation import cancel_task
+from service.submission import submit_task
+from service.webhooks import SIGNATURE_HEADER, WebhookNotifier, WebhookRefused, check_target
+from service.worker import Worker
+from tests.api_support import make_api
+from tests.support_engine import SineEngine
+
+KEY = "sk-hook"
+
+
+def public(host, port):
+    return ["93.184.216.34"]
+
+
+@pytest.mark.parametrize("url, why", [
+    ("ftp://example.com/x", "http:// or https://"), ("http:///nohost", "with a host"),
+    ("https://user:pw@example.com/", "credentials"), ("http://127.0.0.1:9/x", "private, loopback"),
+    ("http://localhost/x", "private, loopback"), ("http://10.0.0.5/x", "private"),
+    ("http://169.254.169.254/latest/meta-data", "private, loopback"), ("http://[::1]/x", "private"),
+    ("http://192.168.1.1/x", "private"), ("http://0.0.0.0/x", "private"), ("https://example.com:99999/", "port"),
+])
+def test_private_and_malformed_targets_are_refused(url, why):
+    with pytest.raises(WebhookRefused) as info:
+        check_target(url, allow_private=False)
+    assert why in str(info.value)
+
+
+def test_names_are_checked_by_every_address_they_resolve_to():
+    target = check_target("https://hooks.example.com/a?b=1", allow_private=False, resolver=public)
+    assert (target.host, target.port, target.path, target.address) == ("hooks.example.com", 443, "/a?b=1",
+                                                                       "93.184.216.34")
+    with pytest.raises(WebhookRefused):  # one private address among public ones is enough to refuse
+        check_target("https://x.example.com/", False, resolver=lambda h, p: ["93.184.216.34", "10.1.2.3"])
+    with pytest.raises(WebhookRefused, match="cannot resolve"):
+        check_target("https://nx.invalid/", False, resolver=lambda h, p: (_ for _ in ()).throw(OSError("nx")))
+    assert check_target("http://127.0.0.1:8080/hook", allow_private=True).address == "127.0.0.1"
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1: records each POST; answers `statuses` in turn, then 200."""
+
+    def __init__(self, statuses=()):
+        self.posts: list[tuple[dict, bytes]] = []
+        self.statuses = list(statuses)
+        self.got = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append((dict(self.headers), body))
+                self.send_response(receiver.statuses.pop(0) if receiver.statuses else 200)
+                self.end_headers()
+                receiver.got.set()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?src=test"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _notifier(settings, backend, **kw) -> WebhookNotifier:
+    settings.api_key, settings.webhook_allow_private = KEY, True
+    notifier = build_notifier(settings, backend)
+    notifier.backoff = kw.pop("backoff", 0.01)
+    for k, v in kw.items():
+        setattr(notifier, k, v)
+    return notifier
+
+
+def _submit(backend, url, **fields) -> str:
+    req = GenerationRequest(**{"prompt": "p", "audio_duration": 10, "batch_size": 1, **fields})
+    return submit_task(backend, req.model_dump(), 10, webhook_url=url)[0]
+
+
+def _verify(headers: dict, body: bytes) -> bool:
+    stamp, mac = (part.split("=", 1)[1] for part in headers[SIGNATURE_HEADER].split(","))
+    expected = hmac.new(KEY.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(mac, expected)
+
+
+def test_a_finished_task_posts_its_signed_result_once(settings, backend, receiver):
+    notifier = _notifier(settings, backend)
+    worker = Worker(settings, backend, SineEngine(), on_finished=notifier.task_finished)
+    task_id = _submit(backend, receiver.url, seeds=[5])
+    failing = _submit(backend, receiver.url, prompt="PLEASE FAIL")
+    quiet = _submit(backend, None)
+    while worker.run_once(0.1):
+        pass
+    assert notifier.flush(10)
+    assert len(receiver.posts) == 2  # the task without a webhook sends nothing
+    bodies = {json.loads(body)["task_id"]: (headers, json.loads(body)) for headers, body in receiver.posts}
+    assert set(bodies) == {task_id, failing} and quiet not in bodies
+    assert all(_verify(headers, raw) for headers, raw in receiver.posts)
+    headers, body = bodies[task_id]
+    assert headers["X-ACEStep-Event"] == "task.finished" and headers["X-ACEStep-Task-ID"] == task_id
+    assert body["event"] == "task.finished" and body["status"] == 1 and body["status_text"] == "succeeded"
+    item = json.loads(body["result"])[0]
+    assert item["seed"] == 5 and item["file"].startswith("/v1/audio?path=")
+    _, failed = bodies[failing]
+    assert failed["status"] == 2 and failed["error"] == "the test engine was asked to fail"
+
+
+def test_failed_deliveries_are_retried_with_backoff_then_given_up(settings, backend):
+    flaky, dead = Receiver(statuses=[500, 503]), Receiver(statuses=[500] * 10)
+    try:
+        notifier = _notifier(settings, backend, attempts=3)
+        ok_id, dead_id = _submit(backend, flaky.url), _submit(backend, dead.url)
+        backend.store.cancel(ok_id, "x")
+        backend.store.cancel(dead_id, "x")
+        notifier.task_finished(ok_id)
+        notifier.task_finished(dead_id)
+        assert notifier.flush(10)
+        assert [h["X-ACEStep-Delivery-Attempt"] for h, _ in flaky.posts] == ["1", "2", "3"]
+        assert len(dead.posts) == 3  # ACESTEP_WEBHOOK_ATTEMPTS, then given up
+        assert len({body for _, body in flaky.posts}) == 1  # the same body every time
+    finally:
+        flaky.close()
+        dead.close()
+
+
+def test_delivery_never_blocks_the_worker(settings, backend):
+    release, called = threading.Event(), threading.Event()
+
+    def stuck_sender(target, body, headers, timeout):
+        called.set()
+        release.wait(10)
+        return 200
+
+    notifier = _notifier(settings, backend, sender=stuck_sender)
+    worker = Worker(settings, backend, SineEngine(), on_finished=notifier.task_finished)
+    first, second = _submit(backend, "http://127.0.0.1:9/a"), _submit(backend, "http://127.0.0.1:9/b")
+    worker.run_once(0.1)
+    assert called.wait(5)  # the first delivery hangs ...
+    worker.run_once(0.1)  # ... and the worker goes on with the next task
+    assert backend.store.get(second).status == "succeeded" and backend.store.get(first).status == "succeeded"
+    release.set()
+    assert notifier.flush(10)
+
+
+def test_a_target_that_turned_private_is_not_called(settings, backend, receiver):
+    notifier = _notifier(settings, backend)
+    task_id = _submit(backend, receiver.url)  # accepted while private targets were allowed
+    backend.store.cancel(task_id, "x")
+    notifier.allow_private = False  # the check runs again before each delivery
+    notifier.task_finished(task_id)
+    assert notifier.flush(10) and receiver.posts == []
+
+
+def test_release_task_checks_the_url_and_cancel_notifies(settings, receiver):
+    api = make_api(settings, api_key=KEY)
+    r = api.client.post("/release_task", json={"prompt": "p", "webhook_url": receiver.url}, headers=api.headers())
+    assert r.status_code == 400 and "private, loopback" in r.json()["detail"]
+    assert api.client.post("/release_task", json={"prompt": "p", "webhook_url": 5},
+                           headers=api.headers()).status_code == 400
+    api.settings.webhook_allow_private = True
+    api.client.app.state.webhooks.allow_private = True
+    task_id = api.submit(prompt="p", webhook_url=receiver.url)
+    assert api.backend.store.get(task_id).webhook_url == receiver.url
+    assert api.client.post(f"/v1/tasks/{task_id}/cancel", headers=api.headers()).status_code == 200
+    assert api.client.app.state.webhooks.flush(10)
+    (headers, body), = receiver.posts
+    payload = json.loads(body)
+    assert payload["status_text"] == "cancelled" and payload["error"] == "cancelled by the client"
+    assert _verify(headers, body)
+
+
+def test_cancelled_running_task_notified_once_by_the_api_not_the_worker(settings, backend, receiver):
+    notifier = _notifier(settings, backend)
+    engine = SineEngine()
+    worker = Worker(settings, backend, engine, on_finished=notifier.task_finished)
+    task_id = _submit(backend, receiver.url)
+    original = engine.generate
+
+    def cancel_then_generate(request, **kw):
+        cancel_task(backend, task_id, on_cancelled=notifier.task_finished)
+        return original(request, **kw)
+
+    engine.generate = cancel_then_generate  # type: ignore[method-assign]
+    worker.run_once(0.1)
+    assert notifier.flush(10)
+    assert backend.store.get(task_id).status == "cancelled" and len(receiver.posts) == 1
