@@ -73,3 +73,23 @@ def analysis_result(r: GenerationRequest, plan, dit_model: str) -> GenerationRes
             "random_weights": plan.random_weights, "notes": list(plan.notes), **plan.info()}
     return GenerationResult(audios=[], metas=metas_of(plan, None), dit_model=dit_model, lm_model=plan.model,
                             generation_info=info)
+
+
+def understanding_result(r: GenerationRequest, backend, *, metadata: dict, lyrics: str, text: str, stats,
+                         codes: list[int], seed: int, source_seconds: float, encode_s: float,
+                         dit_model: str) -> GenerationResult:
+    """full_analysis_only: what the LM read from the source's audio codes (metadata, caption, lyrics), no audio.
+
+    metas carry the source's measured duration; the LM's own guess stays in lm_metadata."""
+    from engine.lm.types import LMPlan
+
+    plan = LMPlan(metadata=dict(metadata), lm_metadata=dict(metadata), caption=str(metadata.get("caption", "")),
+                  lyrics=lyrics, lyrics_rewritten=bool(lyrics), codes=[], seeds=[seed], phases=[stats],
+                  lm_text=text, model=backend.model_name, backend=backend.name,
+                  random_weights=backend.random_weights)
+    result = analysis_result(r, plan, dit_model)
+    result.metas = metas_of(plan, source_seconds)
+    result.generation_info.update(full_analysis_only=True, source_codes=len(codes),
+                                  source_seconds=round(source_seconds, 3), encode_source_s=round(encode_s, 4),
+                                  language=metadata.get("language", "unknown"))
+    return result

@@ -209,6 +209,8 @@ class GenerationRequest(BaseModel):
         if self.task_type in NEEDS_SOURCE and not has_source \
                 and not (self.task_type == "cover" and self.audio_code_string):
             raise ValueError(f"task_type {self.task_type!r} needs source audio (src_audio)")
+        if self.full_analysis_only and not has_source:
+            raise ValueError("full_analysis_only needs source audio (src_audio) to analyse")
         if self.task_type in ("lego", "extract") and not self.track_name and not self.instruction:
             raise ValueError(f"task_type {self.task_type!r} needs track_name (one of {', '.join(TRACK_NAMES)})")
         if self.task_type == "complete" and not self.complete_track_classes and not self.instruction:

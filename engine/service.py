@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_io, lm_bridge, memory, plan, timing
+from engine import audio_io, lm_bridge, memory, plan, source_codes, timing
 from engine.lm.planner import lm_steps
 from engine.checkpoints import (
     DEMO_NOTICE,
@@ -179,6 +179,8 @@ class Engine:
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,
                  progress: Optional[ProgressCallback] = None) -> GenerationResult:
+        if request.full_analysis_only:
+            return self._understand_source(request, src_audio, progress)
         lm_plan = None
         # The LM runs for what asks for it; a plain request keeps the DiT-only path (and its batching).
         if self.planner is not None and (request.thinking or request.needs_lm) and lm_steps(request).any:
@@ -192,6 +194,28 @@ class Engine:
             job.lm_plan = lm_plan
             job.audio_codes = lm_plan.audio_code_strings or None
         return self._run([job], progress)[0]
+
+    def _understand_source(self, request: GenerationRequest, src_audio: Optional[bytes],
+                           progress: Optional[ProgressCallback]) -> GenerationResult:
+        """full_analysis_only: source audio -> the DiT's audio codes -> the LM's reading of them; no audio out."""
+        if self.planner is None:
+            raise GenerationError("full_analysis_only needs the 5 Hz LM, and this worker has none")
+        if src_audio is None:
+            raise GenerationError("full_analysis_only needs source audio (src_audio)")
+        model = self.model(request.model)
+        t0 = time.perf_counter()
+        audio = audio_io.decode_audio(src_audio, "src_audio")
+        _report(progress, 0.05, "encoding the source audio to 5 Hz codes")
+        codes = source_codes.audio_to_codes(model.pipe, audio)
+        encode_s = time.perf_counter() - t0
+        seed = plan.resolve_seeds(request)[0]
+        metadata, lyrics, text, stats = self.planner.understand(
+            codes, seed=seed, constrained=request.constrained_decoding,
+            progress=lambda f, stage: _report(progress, 0.1 + 0.9 * f, f"5 Hz LM: {stage}"))
+        return lm_bridge.understanding_result(
+            request, self.planner.backend, metadata=metadata, lyrics=lyrics, text=text, stats=stats,
+            codes=codes, seed=seed, source_seconds=audio.shape[-1] / audio_io.SAMPLE_RATE, encode_s=encode_s,
+            dit_model=model.info.name)
 
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
                        progress: Optional[ProgressCallback] = None) -> list:

@@ -87,6 +87,10 @@ def succeeded_items(record: TaskRecord, settings: Settings) -> list[dict]:
         item = _base_item(record, 1)
         item["metas"] = _metas(result, req, audio)
         item.update(shared)
+        if info.get("analysis_only"):  # the answer is what the LM read or wrote, as upstream reports it
+            item["prompt"] = item["metas"]["prompt"] = info.get("caption", item["prompt"])
+            item["lyrics"] = item["metas"]["lyrics"] = info.get("lyrics", item["lyrics"])
+            item["language"] = info.get("language") or info.get("lm_metadata", {}).get("language", "unknown")
         if audio is not None:
             item["file"] = audio_url(settings, audio.key)
             item["seed"] = audio.seed

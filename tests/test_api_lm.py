@@ -70,3 +70,53 @@ def test_format_input_times_out_with_a_clear_504(settings):
     api.backend.store.put_meta(MODELS_META_KEY, ModelsMeta(lm_model="acestep-5Hz-lm-1.7B").model_dump())
     r = api.client.post("/format_input", json={"prompt": "x"})  # a worker said it has the LM, none runs now
     assert r.status_code == 504 and "ACESTEP_FORMAT_TIMEOUT" in r.json()["detail"]
+
+
+def test_full_analysis_only_reads_an_uploaded_song(server):
+    from tests.test_engine_with_lm import _wav
+
+    r = httpx.post(server.base_url + "/release_task", timeout=10,
+                   data={"full_analysis_only": "true", "task_type": "text2music"},
+                   files={"src_audio": ("song.wav", _wav(3.0), "audio/wav")})
+    assert r.status_code == 200, r.text
+    entry = server.wait_done(r.json()["data"]["task_id"], timeout=180)
+    assert entry["status"] == 1, entry
+    item = json.loads(entry["result"])[0]
+    assert item["file"] == "" and item["lm_model"] == "acestep-5Hz-lm-1.7B"
+    detail = item["generation_info_detail"]
+    assert detail["full_analysis_only"] is True and detail["source_codes"] == 15
+    assert item["metas"]["duration"] == 3.0 and item["prompt"] == detail["caption"]
+    assert item["language"] == detail["lm_metadata"].get("language", "unknown")
+
+
+def test_full_analysis_only_without_audio_is_a_clear_400(server):
+    r = httpx.post(server.base_url + "/release_task", timeout=10, json={"full_analysis_only": True})
+    assert r.status_code == 400 and "full_analysis_only needs source audio" in r.text
+
+
+def _guide_curl_body(heading: str) -> dict:
+    """The JSON body (`-d '...'`) of the first bash block under `heading` in the ACE-Step guide."""
+    import re
+
+    from tests.test_e2e_service import SEED_DOC
+
+    if not SEED_DOC.is_file():
+        pytest.skip(f"the ACE-Step guide is not at {SEED_DOC}")
+    part = SEED_DOC.read_text(encoding="utf-8").split(heading, 1)[1]
+    block = re.search(r"```bash\n(.*?)```", part, re.S).group(1)
+    return json.loads(re.search(r"-d '(.*?)'", block, re.S).group(1))
+
+
+def test_the_guides_thinking_example_runs_verbatim_with_the_lm(server):
+    # The guide's other thinking example leaves the duration to the LM, and a random-weight LM picks anything
+    # up to 600 s: too long for a test. This one fixes 30 s and a bpm.
+    body = _guide_curl_body("#### Text2Music (기본)")
+    assert body["thinking"] is True and body["duration"] == 30
+    task_id = httpx.post(server.base_url + "/release_task", timeout=10, json=body).json()["data"]["task_id"]
+    entry = server.wait_done(task_id, timeout=110)
+    assert entry["status"] == 1, entry
+    items = json.loads(entry["result"])
+    item = items[0]
+    # the LM planned 30 s of codes for each item of the default batch
+    assert item["generation_info_detail"]["lm_codes_per_item"] == [150] * len(items)
+    assert item["metas"]["bpm"] == 140 and item["audio_duration"] == pytest.approx(30, abs=0.1)  # forced

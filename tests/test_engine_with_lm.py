@@ -69,3 +69,44 @@ def test_the_same_seed_plans_the_same_codes(lm_engine):
     assert plans[0].codes == plans[1].codes
     dit_request = request_for_dit(req(batch_size=1, seeds=[42]), plans[0])
     assert parse_audio_codes(dit_request.audio_code_string) == plans[0].codes[0]
+
+
+def _wav(seconds: float, seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(48000 * seconds)) / 48000
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([tone, tone], axis=1).astype("float32"), 48000, format="WAV")
+    return buf.getvalue()
+
+
+def test_full_analysis_only_reads_the_source_through_codes(lm_engine):
+    from engine import audio_io
+    from engine.source_codes import audio_to_codes
+
+    wav = _wav(4.0)
+    request = req(full_analysis_only=True, thinking=False, batch_size=1, seeds=[9], task_type="text2music",
+                  src_audio_key="uploads/x.wav")
+    result = lm_engine.generate(request, src_audio=wav)
+    info = result.generation_info
+    assert result.audios == [] and result.lm_model == LM and info["full_analysis_only"] is True
+    assert info["source_codes"] == 20  # one code per 0.2 s of source
+    assert [p["phase"] for p in info["lm_phases"]] == ["understand"]
+    assert result.metas["duration"] == pytest.approx(4.0)  # measured, not the LM's guess
+    assert 30 <= info["lm_metadata"]["bpm"] <= 300 and info["lm_random_weights"] is True
+    # The codes are the DiT's own tokenizer's and depend only on the audio.
+    pipe = lm_engine.model(None).pipe
+    audio = audio_io.decode_audio(wav)
+    assert audio_to_codes(pipe, audio) == audio_to_codes(pipe, audio)
+    assert audio_to_codes(pipe, audio) != audio_to_codes(pipe, audio_io.decode_audio(_wav(4.0, seed=3)))
+
+
+def test_full_analysis_only_without_source_is_refused_at_validation():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="full_analysis_only needs source audio"):
+        GenerationRequest(prompt="x", full_analysis_only=True)
