@@ -67,3 +67,23 @@ def test_multipart_and_429_on_aws(aws_api):
     assert backend.store.counts()["total"] == 1
     stats = client.get("/v1/stats").json()["data"]
     assert stats["jobs"]["queued"] == 1 and stats["queue_maxsize"] == 1
+
+
+def test_cancel_and_a_results_file_as_source_on_aws(aws_api):
+    settings, backend, client = aws_api
+    done = client.post("/release_task", json={"prompt": "p", "duration": 10, "batch_size": 1}).json()["data"]["task_id"]
+    waiting = client.post("/release_task", json={"prompt": "q", "duration": 10}).json()["data"]["task_id"]
+    assert client.post(f"/v1/tasks/{waiting}/cancel").json()["data"]["cancelled_now"] is True
+    worker = _run(settings, backend)
+    assert backend.store.get(waiting).status == "cancelled" and backend.store.get(done).status == "succeeded"
+    # the result's S3 object is copied into the cover task's own upload
+    file_url = json.loads(client.post("/query_result", json={"task_id_list": [done]}).json()["data"][0]["result"])[0]["file"]
+    r = client.post("/release_task", json={"task_type": "cover", "src_audio_path": file_url, "duration": 10,
+                                           "batch_size": 1})
+    assert r.status_code == 200, r.text
+    cover = r.json()["data"]["task_id"]
+    key = backend.store.get(cover).request["src_audio_key"]
+    assert backend.blobs.get(key) == backend.blobs.get(backend.store.get(done).result.audios[0].key)
+    while worker.run_once(0.01):
+        pass
+    assert backend.store.get(cover).status == "succeeded"

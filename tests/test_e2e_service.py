@@ -127,6 +127,16 @@ def test_a_chat_stream_whose_client_leaves_cancels_its_task(server):
         next(r.iter_lines())  # the first chunk, then the client goes away
     item = server.wait_done(task_id, timeout=60)
     assert item["status"] == 2 and "client of the chat completion disconnected" in item["error"], item
+    # the same without streaming: a client that gives up waiting
+    body["stream"] = False
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.chat_url + "/v1/chat/completions", json=body, timeout=2,
+                   headers={"Authorization": f"Bearer {CHAT_KEY}"})
+    # (a client that timed out never saw the X-Task-ID header: count the cancelled tasks instead)
+    def jobs():
+        return httpx.get(server.base_url + "/v1/stats").json()["data"]["jobs"]
+    server.wait_until("the abandoned chat task to be cancelled", lambda: jobs()["cancelled"] == 2, timeout=60)
+    assert jobs()["queued"] == 0 and jobs()["running"] == 0
 
 
 def test_tasks_survive_restarts(tmp_path):
