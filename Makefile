@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 RUN_STAMP := $(VENV)/.stamp-run
 TEST_STAMP := $(VENV)/.stamp-test
 
-.PHONY: run test typecheck bench clean-data tiny-model
+.PHONY: run test typecheck browser bench clean-data tiny-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,20 @@ run: $(RUN_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/python -m mypy
 
-test: typecheck
+test: typecheck browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# Debian's chromium for the Studio's browser test (tests/test_studio_browser.py drives it with the
+# python playwright of the dev extras). Needs root or passwordless sudo; when the install fails the
+# test skips and names the reason from $(CHROMIUM_LOG). Installed once: later runs cost nothing.
+CHROMIUM_LOG := $(VENV)/.chromium-install.log
+browser: $(TEST_STAMP)
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  echo "installing chromium (apt) for the Studio browser test..."; \
+	  { $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation \
+	    || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation; }; \
+	  } > $(CHROMIUM_LOG) 2>&1 || echo "chromium not installed (see $(CHROMIUM_LOG)); the browser test will skip"; }
 
 bench: $(RUN_STAMP)
 	$(BIN)/python bench/engine.py

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from service.config import Settings
 from service.ports import Backend
 
-from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_tasks
+from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
@@ -61,7 +61,7 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.lm_gateway = lm_gateway
     app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)
     install_error_handlers(app)
-    for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm):
+    for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio):
         app.include_router(module.router)
     _install_docs(app, settings)
     origins = cors_origins(settings)
