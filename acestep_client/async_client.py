@@ -84,7 +84,7 @@ class AsyncACEStepClient:
                 if on_update:
                     on_update(status)
                 if status.finished:
-                    if raise_on_failure and status.state is TaskState.FAILED:
+                    if raise_on_failure and status.state is not TaskState.SUCCEEDED:
                         raise TaskFailed(task_id, status.error or "")
                     return status
                 seen = (status.state, status.queue_position, status.stage, status.progress)

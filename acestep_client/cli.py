@@ -2,7 +2,7 @@
 
 Exit codes (for scripts):
   0  done (generate: files written; status: the task succeeded)
-  1  the task failed (the server's reason on stderr)
+  1  the task failed or was cancelled (the server's reason on stderr)
   2  bad arguments or an unreadable input file
   3  the API key was refused (401/403)
   4  the server refused the request (another 4xx/5xx, e.g. 400 bad field, 429 queue full)
@@ -178,13 +178,13 @@ def cmd_status(client: ACEStepClient, args: argparse.Namespace) -> int:
         print("queued" + (f" (position {status.queue_position})" if status.queue_position else ""))
     elif status.state is TaskState.RUNNING:
         print(f"running: {status.stage} ({round(100 * status.progress)}%)")
-    elif status.state is TaskState.FAILED:
-        print(f"failed: {status.error}")
+    elif status.state in (TaskState.FAILED, TaskState.CANCELLED):
+        print(f"{status.state.value}: {status.error}")
     else:
         print("succeeded")
         for audio in status.audios:
             print(f"  {protocol.absolute(client.base_url, audio.file)}  seed={audio.seed}")
-    return {TaskState.SUCCEEDED: OK, TaskState.FAILED: FAILED}.get(status.state, PENDING)
+    return OK if status.state is TaskState.SUCCEEDED else FAILED if status.finished else PENDING
 
 
 def cmd_models(client: ACEStepClient, args: argparse.Namespace) -> int:
@@ -207,8 +207,11 @@ def cmd_cancel(client: ACEStepClient, args: argparse.Namespace) -> int:
     except NotSupported:
         print(f"acestep: the server at {client.base_url} does not support cancel", file=sys.stderr)
         return UNSUPPORTED
-    state = data.get("status") if isinstance(data, dict) else None
-    print(f"task {args.task_id}: {state or 'cancel requested'}")
+    data = data if isinstance(data, dict) else {}
+    if data.get("cancelled_now", True):
+        print(f"task {args.task_id}: cancelled")
+    else:  # it finished first (or was cancelled before): the server says how it ended
+        print(f"task {args.task_id}: already {data.get('status', 'finished')}")
     return OK
 
 

@@ -82,8 +82,8 @@ class ACEStepClient:
              cancel: Optional[threading.Event] = None, poll_interval: float = 0.5,
              max_interval: float = 5.0, raise_on_failure: bool = True) -> TaskStatus:
         """Poll until the task finished. Backs off while nothing changes; transient errors (network,
-        429, 502-504) are retried until `timeout`. Raises TaskFailed (unless `raise_on_failure` is
-        False), WaitTimeout, or WaitCancelled once `cancel` is set."""
+        429, 502-504) are retried until `timeout`. Raises TaskFailed for a failed or cancelled task
+        (unless `raise_on_failure` is False), WaitTimeout, or WaitCancelled once `cancel` is set."""
         backoff = protocol.Backoff(timeout, poll_interval, max_interval)
         while True:
             if cancel is not None and cancel.is_set():
@@ -98,7 +98,7 @@ class ACEStepClient:
                 if on_update:
                     on_update(status)
                 if status.finished:
-                    if raise_on_failure and status.state is TaskState.FAILED:
+                    if raise_on_failure and status.state is not TaskState.SUCCEEDED:
                         raise TaskFailed(task_id, status.error or "")
                     return status
                 seen = (status.state, status.queue_position, status.stage, status.progress)

@@ -18,10 +18,11 @@ class TaskState(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # this server's; upstream has no cancel
 
     @property
     def finished(self) -> bool:
-        return self in (TaskState.SUCCEEDED, TaskState.FAILED)
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
 
 
 def _number(value: Any) -> Optional[float]:
@@ -114,7 +115,8 @@ class TaskStatus:
                        audios=tuple(_audios(items)), raw=entry)
         if status == 2:
             error = entry.get("error") or first.get("error") or "the task failed (the server gave no reason)"
-            return cls(task_id, TaskState.FAILED, progress=_number(first.get("progress")) or 0.0, stage="failed",
+            state = TaskState.CANCELLED if first.get("stage") == "cancelled" else TaskState.FAILED
+            return cls(task_id, state, progress=_number(first.get("progress")) or 0.0, stage=state.value,
                        error=str(error), progress_text=progress_text, raw=entry)
         stage = str(first.get("stage") or "")
         position = first.get("queue_position")

@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 
-import httpx
 import pytest
 import soundfile as sf
 
-from acestep_client import (ACEStepClient, APIError, AsyncACEStepClient, AuthError, ServerUnreachable, TaskState,
-                            TaskStatus)
+from acestep_client import (ACEStepClient, APIError, AsyncACEStepClient, AuthError, ServerUnreachable, TaskFailed,
+                            TaskState, TaskStatus)
 from tests.demo_servers import API_KEY, QUICK
 from tests.live_server import REPO, free_port
 
@@ -111,14 +110,19 @@ def test_cli_exit_codes_a_script_can_branch_on(keyed, tmp_path):
     assert acestep(*base, "generate", "x", "--src-audio", str(tmp_path / "none.wav")).returncode == 2
 
 
-def test_cli_cancel(keyed):
-    """Until POST /v1/tasks/{id}/cancel exists here, the CLI says the server does not support it (7)."""
+def test_cli_cancel_stops_a_queued_task_and_status_says_so(keyed):
     with ACEStepClient(keyed.base_url, API_KEY) as client:
-        task = client.submit("x", **(QUICK | {"inference_steps": 1}))
-    run = acestep("--api-url", keyed.base_url, "--api-key", API_KEY, "cancel", task.task_id)
-    has_route = httpx.post(f"{keyed.base_url}/v1/tasks/{task.task_id}/cancel",
-                           headers={"Authorization": "Bearer " + API_KEY}).json() != {"detail": "Not Found"}
-    if has_route:
-        assert run.returncode == 0, run.stderr
-    else:
-        assert run.returncode == 7 and "does not support cancel" in run.stderr
+        busy = client.submit("long", audio_duration=60, batch_size=2, inference_steps=8)  # holds the worker
+        target = client.submit("x", **QUICK)
+        assert client.status(target.task_id).state is TaskState.QUEUED
+        base = ["--api-url", keyed.base_url, "--api-key", API_KEY]
+        run = acestep(*base, "cancel", target.task_id)
+        assert run.returncode == 0 and run.stdout.strip() == f"task {target.task_id}: cancelled", run.stderr
+        status = acestep(*base, "status", target.task_id)
+        assert status.returncode == 1 and status.stdout.strip() == "cancelled: cancelled by the client"
+        with pytest.raises(TaskFailed, match="cancelled by the client"):
+            client.wait(target.task_id, timeout=10)
+        client.cancel(busy.task_id)  # frees the worker for the next test
+        assert client.wait(busy.task_id, timeout=60, raise_on_failure=False).state is TaskState.CANCELLED
+        again = acestep(*base, "cancel", busy.task_id)
+        assert again.returncode == 0 and again.stdout.strip() == f"task {busy.task_id}: already cancelled"

@@ -207,3 +207,10 @@ def test_the_client_package_imports_neither_torch_nor_the_server():
              "if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=str(ROOT), check=True)
     assert run.stdout.strip() == "[]"
+
+
+def test_a_cancelled_task_is_told_apart_from_a_failed_one():
+    entry = _entry("c1", 2, [{"file": "", "status": 2, "progress": 0.3, "stage": "cancelled",
+                              "error": "cancelled by the client"}]) | {"error": "cancelled by the client"}
+    status = TaskStatus.parse(entry)
+    assert status.state is TaskState.CANCELLED and status.finished and status.error == "cancelled by the client"
