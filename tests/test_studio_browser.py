@@ -184,7 +184,7 @@ def test_auth_off_repaint_a_region_selected_on_the_waveform(open_server, open_pa
     with page.expect_request("**/release_task") as sent:
         page.click("#submit")
     body = json.loads(sent.value.post_data)
-    assert body["task_type"] == "repaint" and body["src_audio_key"].startswith("uploads/pending/")
+    assert body["task_type"] == "repaint" and body["src_audio_path"].startswith("/v1/audio?path=")  # copied server-side
     assert (body["repainting_start"], body["repainting_end"]) == (start, end)
     page.locator("#task-list .task").nth(1).wait_for()  # the repaint's card is on top
     wait_state(page, 0, "succeeded")
@@ -192,7 +192,7 @@ def test_auth_off_repaint_a_region_selected_on_the_waveform(open_server, open_pa
     shot(page, "repainted")
 
 
-def test_a_refused_request_shows_the_servers_words(open_server, open_page):
+def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, open_page):
     page = open_page(open_server)
     page.locator("#model-select option").first.wait_for(state="attached")
     fill_form(page, "x", bpm="5")
@@ -205,11 +205,21 @@ def test_a_refused_request_shows_the_servers_words(open_server, open_page):
     page.click("#submit")
     wait_js(page, "document.querySelector('#submit-error').textContent.includes('needs source audio')")
 
+    # a long task, cancelled from its card while it waits or runs
+    page.select_option("#task-type", "text2music")
+    fill_form(page, "long", audio_duration="120", batch_size="4", inference_steps="50")
+    page.click("#submit")
+    page.locator("#task-list .task .cancel:visible").first.click()
+    wait_state(page, 0, "cancelled")
+    assert page.locator("#task-list .task").nth(0).locator(".task-error").text_content() == "cancelled by the client"
+
     # an uploaded file that is not audio: the task fails, and the card says why in the server's words
+    page.select_option("#task-type", "cover")
     page.set_input_files("#source-file", files=[{"name": "notes.wav", "mimeType": "audio/wav",
                                                   "buffer": b"<b>not audio</b>"}])
     page.click("#submit")
+    page.locator("#task-list .task").nth(1).wait_for()
     wait_state(page, 0, "failed")
     card = page.locator("#task-list .task").nth(0)
-    assert card.locator(".task-title").text_content() == "cover: x"
+    assert card.locator(".task-title").text_content() == "cover: long"
     assert card.locator(".task-error").text_content().startswith("could not decode src_audio")

@@ -15,7 +15,7 @@
     apiKey: localStorage.getItem(KEY_STORE) || '',
     history: loadHistory(),      // [{id, caption, taskType, created, state, error}]
     cards: new Map(),            // task id -> {li, rendered}
-    source: null,                // {kind: 'file', file} | {kind: 'result', url, name}
+    source: null,                // {kind: 'file', file, name} | {kind: 'result', file: the result's file URL, name}
     polling: false,
   };
 
@@ -160,15 +160,10 @@
     return req;
   }
 
-  // Source audio goes through the upload flow (POST /v1/uploads, PUT), so large files work on every backend.
+  // A local file goes through the upload flow (POST /v1/uploads, PUT), so large files work on every backend.
   async function uploadSource(source) {
-    let blob = source.file;
-    let name = source.name;
-    if (source.kind === 'result') {
-      const response = await fetch(source.url);
-      if (!response.ok) throw new ApiError(response.status, `could not read the source result (${response.status})`);
-      blob = await response.blob();
-    }
+    const blob = source.file;
+    const name = source.name;
     const type = blob.type && blob.type.startsWith('audio/') ? blob.type : 'application/octet-stream';
     const slot = await api('/v1/uploads', { method: 'POST', json: { filename: name, content_type: type, role: 'src_audio' } });
     const target = slot.upload_url.startsWith('/') ? apiUrl(slot.upload_url) : new URL(slot.upload_url);
@@ -193,7 +188,8 @@
       const req = collectRequest();
       if (req.task_type !== 'text2music') {
         if (!state.source) throw new ApiError(400, `${req.task_type} needs source audio: upload a file or use a result`);
-        req.src_audio_key = await uploadSource(state.source);
+        if (state.source.kind === 'result') req.src_audio_path = state.source.file;  // the server copies its own result
+        else req.src_audio_key = await uploadSource(state.source);
       }
       const data = await api('/release_task', { method: 'POST', json: req });
       addTask({ id: String(data.task_id), caption: req.prompt, taskType: req.task_type, created: Date.now(),
@@ -234,6 +230,7 @@
       $('.task-title', li).textContent = `${task.taskType && task.taskType !== 'text2music' ? task.taskType + ': ' : ''}${task.caption || '(no caption)'}`;
       $('.task-id', li).textContent = task.id;
       $('.remove', li).addEventListener('click', () => removeTask(task.id));
+      $('.cancel', li).addEventListener('click', () => cancelTask(task));
       const list = $('#task-list');
       const after = state.history.indexOf(task);
       list.insertBefore(li, list.children[after] || null);
@@ -248,7 +245,18 @@
     if (task.state === 'queued') stage = task.queuePosition ? `queued, position ${task.queuePosition}` : 'queued';
     else if (task.state === 'running') stage = `${task.stage || 'running'} · ${Math.round(100 * (task.progress || 0))}%`;
     $('.stage', li).textContent = stage;
-    $('.task-error', li).textContent = task.state === 'failed' ? (task.error || 'failed') : '';
+    $('.task-error', li).textContent = (task.state === 'failed' || task.state === 'cancelled') ? (task.error || task.state) : '';
+    $('.cancel', li).hidden = !(task.state === 'queued' || task.state === 'running');
+  }
+
+  async function cancelTask(task) {
+    try {
+      await api(`/v1/tasks/${encodeURIComponent(task.id)}/cancel`, { method: 'POST' });
+      poll();
+    } catch (err) {
+      task.error = err.status === 404 && err.message === 'Not Found' ? 'this server does not support cancel' : err.message;
+      $('.task-error', state.cards.get(task.id).li).textContent = task.error;
+    }
   }
 
   function removeTask(id) {
@@ -276,7 +284,7 @@
       task.state = 'succeeded';
       task.progress = 1;
     } else if (entry.status === 2) {
-      task.state = 'failed';
+      task.state = first.stage === 'cancelled' ? 'cancelled' : 'failed';
       task.error = String(entry.error || first.error || 'the task failed (the server gave no reason)');
     } else {
       const stage = first.stage ? String(first.stage) : '';
@@ -353,13 +361,14 @@
       link.href = url;
       link.setAttribute('download', `${task.id}_${index}.${ext}`);
       const name = `${(task.caption || 'result').slice(0, 40)} #${index + 1}.${ext}`;
-      $('.use-source', node).addEventListener('click', () => useAsSource({ kind: 'result', url, name }, null));
+      const source = { kind: 'result', file: String(item.file), name };
+      $('.use-source', node).addEventListener('click', () => useAsSource(source, null));
       box.append(node);
-      attachWaveform(node, audio, url, name, card);
+      attachWaveform(node, audio, source, card);
     });
   }
 
-  function attachWaveform(node, audio, url, name, card) {
+  function attachWaveform(node, audio, source, card) {
     if (!window.WaveSurfer) return;  // the <audio> element still plays
     const regions = window.WaveSurfer.Regions.create();
     const ws = window.WaveSurfer.create({ container: $('.waveform', node), media: audio, height: 64,
@@ -379,7 +388,7 @@
     regions.on('region-created', select);
     regions.on('region-updated', select);
     button.addEventListener('click', () => {
-      if (selected) useAsSource({ kind: 'result', url, name }, { start: selected.start, end: selected.end });
+      if (selected) useAsSource(source, { start: selected.start, end: selected.end });
     });
   }
 
@@ -415,7 +424,7 @@
       setSource(file ? { kind: 'file', file, name: file.name } : null);
     });
     $('#clear-history').addEventListener('click', () => {
-      for (const t of state.history.slice()) if (t.state === 'succeeded' || t.state === 'failed') removeTask(t.id);
+      for (const t of state.history.slice()) if (!(t.state === 'queued' || t.state === 'running')) removeTask(t.id);
     });
     form.addEventListener('submit', submit);
     updateTaskType();
