@@ -1,15 +1,19 @@
 """Audio in and out: decode uploaded bytes to 48 kHz stereo, encode generated audio to mp3/wav/flac.
 
-Everything goes through soundfile (libsndfile, which reads wav/flac/ogg/mp3 and writes mp3) and a windowed-sinc
-resampler in torch, so no external binary (ffmpeg) is needed.
+Decoding goes through soundfile (libsndfile: wav/flac/ogg/mp3) and soxr (libsoxr, a maintained
+resampler), so no external binary (ffmpeg) is needed. Uploads are hostile input: the header is
+checked (channels, sample rate, length) before anything is decoded, decoding runs block by block
+(memory bounded by the 48 kHz stereo output, whatever the input's rate or channel count), and
+NaN/inf samples are refused. Encoding refuses non-finite audio too: libsndfile's mp3 encoder
+aborts the process on NaN.
 """
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +21,12 @@ from engine.types import GenerationError
 
 SAMPLE_RATE = 48000
 MAX_SOURCE_SECONDS = 600.0
+MAX_CHANNELS = 8
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
+# Input frames x channels the header may announce: 600 s of 96 kHz stereo. Decoding is blockwise, so
+# this bounds decode time, not memory.
+MAX_DECODED_SAMPLES = int(MAX_SOURCE_SECONDS * 96000 * 2)
+_BLOCK_FRAMES = 1 << 16
 
 _WRITE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", None)}
 
@@ -24,27 +34,71 @@ _WRITE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": (
 def decode_audio(data: bytes, what: str = "audio", max_seconds: float = MAX_SOURCE_SECONDS) -> torch.Tensor:
     """Decode wav/flac/mp3/ogg bytes to a float32 tensor [2, samples] at 48 kHz.
 
-    Raises GenerationError naming `what` (e.g. "src_audio") when the bytes are not audio or are too long.
+    Raises GenerationError naming `what` (e.g. "src_audio") when the bytes are not audio, announce
+    too many channels, a sample rate out of range or too many samples, are too long, or contain
+    NaN/inf samples.
     """
     if not data:
         raise GenerationError(f"could not decode {what}: the file is empty")
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            sr = f.samplerate
-            if f.frames > 0 and f.frames / sr > max_seconds:  # checked before reading a huge file into memory
-                raise GenerationError(f"{what} is {f.frames / sr:.0f} s long; the limit is {max_seconds:.0f} s")
-            samples = f.read(dtype="float32", always_2d=True)
-    except GenerationError:
-        raise
+        f = sf.SoundFile(io.BytesIO(data))
     except Exception as exc:  # libsndfile reports every unreadable input as a generic error
         raise GenerationError(f"could not decode {what}: {exc} (supported: wav, flac, mp3, ogg)") from exc
-    if samples.shape[0] == 0:
+    with f:
+        check_header(what, f.samplerate, f.channels, f.frames, max_seconds)
+        blocks = _decode_blocks(f, what, max_seconds)
+    if not blocks:
         raise GenerationError(f"could not decode {what}: it contains no audio samples")
-    if samples.shape[0] / sr > max_seconds:  # mp3 frame counts can be unknown up front
-        raise GenerationError(f"{what} is {samples.shape[0] / sr:.0f} s long; the limit is {max_seconds:.0f} s")
-    audio = torch.from_numpy(np.ascontiguousarray(samples.T))
-    audio = to_stereo(audio)
-    return resample(audio, sr, SAMPLE_RATE)
+    return to_stereo(torch.from_numpy(np.ascontiguousarray(np.concatenate(blocks).T)))
+
+
+def check_header(what: str, sample_rate: int, channels: int, frames: int, max_seconds: float) -> None:
+    """Refuse what the header announces before a sample is decoded."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise GenerationError(f"{what} has a sample rate of {sample_rate} Hz; "
+                              f"accepted: {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise GenerationError(f"{what} has {channels} channels; accepted: 1-{MAX_CHANNELS}")
+    if frames > 0 and frames / sample_rate > max_seconds:
+        raise GenerationError(f"{what} is {frames / sample_rate:.0f} s long; the limit is {max_seconds:.0f} s")
+    if frames * channels > MAX_DECODED_SAMPLES:
+        raise GenerationError(f"{what} holds {frames * channels} samples; the limit is {MAX_DECODED_SAMPLES}")
+
+
+def _decode_blocks(f: sf.SoundFile, what: str, max_seconds: float) -> list[np.ndarray]:
+    """[samples, 2] float32 blocks at 48 kHz; stops as soon as the output passes max_seconds
+    (an mp3's frame count can be unknown or wrong in its header)."""
+    sr = f.samplerate
+    stream = soxr.ResampleStream(sr, SAMPLE_RATE, 2, dtype="float32", quality="HQ") if sr != SAMPLE_RATE else None
+    limit = int(max_seconds * SAMPLE_RATE) + 1
+    out: list[np.ndarray] = []
+    total, frames_read = 0, 0
+    while True:
+        try:
+            block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        except Exception as exc:
+            raise GenerationError(f"could not decode {what}: {exc} (supported: wav, flac, mp3, ogg)") from exc
+        last = len(block) < _BLOCK_FRAMES
+        frames_read += len(block)
+        if frames_read * f.channels > MAX_DECODED_SAMPLES:
+            raise GenerationError(f"{what} holds more than {MAX_DECODED_SAMPLES} samples")
+        if not np.isfinite(block).all():
+            raise GenerationError(f"{what} contains NaN or infinite samples; send finite audio")
+        stereo = _first_two_channels(block)
+        chunk = stream.resample_chunk(stereo, last=last) if stream is not None else stereo
+        if len(chunk):
+            out.append(np.asarray(chunk, dtype=np.float32))
+            total += len(chunk)
+        if total > limit:
+            raise GenerationError(f"{what} is longer than the limit of {max_seconds:.0f} s")
+        if last:
+            return out
+
+
+def _first_two_channels(block: np.ndarray) -> np.ndarray:
+    if block.shape[1] == 1:
+        return np.repeat(block, 2, axis=1)
+    return np.ascontiguousarray(block[:, :2])  # more than two channels: keep front left/right
 
 
 def to_stereo(audio: torch.Tensor) -> torch.Tensor:
@@ -52,29 +106,15 @@ def to_stereo(audio: torch.Tensor) -> torch.Tensor:
         return audio
     if audio.shape[0] == 1:
         return audio.repeat(2, 1)
-    return audio[:2]  # more than two channels: keep front left/right
+    return audio[:2]
 
 
-def resample(audio: torch.Tensor, orig_sr: int, new_sr: int, zero_crossings: int = 16) -> torch.Tensor:
-    """Band-limited resampling of [channels, samples] with a Hann-windowed sinc, polyphase over gcd-reduced rates."""
+def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Resample [channels, samples] with soxr (band-limited, linear-phase, 'HQ')."""
     if orig_sr == new_sr:
         return audio
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    cutoff = min(up, down) / down  # low-pass at the lower Nyquist, as a fraction of the input Nyquist
-    reach = zero_crossings / cutoff  # kernel half-width in input samples
-    width = math.ceil(reach)
-    # Output sample (m*up + p) sits at input position m*down + p*down/up; frame m of the strided conv sees inputs
-    # m*down + j - width, so kernel[p, j] weighs an input at distance d = (j - width) - p*down/up.
-    j = torch.arange(2 * width + down, dtype=torch.float64)[None, :]
-    d = (j - width) - torch.arange(up, dtype=torch.float64)[:, None] * down / up
-    window = torch.where(d.abs() <= reach, torch.cos(math.pi * d / (2 * reach)) ** 2, torch.zeros_like(d))
-    kernel = (cutoff * torch.sinc(cutoff * d) * window).to(torch.float32)[:, None, :]
-    x = F.pad(audio[:, None, :], (width, width + down))
-    y = F.conv1d(x, kernel, stride=down)  # [channels, up, frames]
-    y = y.transpose(1, 2).reshape(audio.shape[0], -1)
-    target = math.ceil(audio.shape[-1] * new_sr / orig_sr)
-    return y[:, :target].contiguous()
+    y = soxr.resample(audio.detach().cpu().numpy().T.astype(np.float32), orig_sr, new_sr, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(y, dtype=np.float32).reshape(len(y), -1).T))
 
 
 def pad_or_trim(audio: torch.Tensor, start_pad: int, end_pad: int) -> torch.Tensor:
@@ -84,12 +124,19 @@ def pad_or_trim(audio: torch.Tensor, start_pad: int, end_pad: int) -> torch.Tens
     return F.pad(audio, (max(start_pad, 0), max(end_pad, 0)))
 
 
+def check_finite(audio: np.ndarray, what: str = "generated audio") -> None:
+    if not np.isfinite(audio).all():
+        raise GenerationError(f"the model produced NaN or infinite samples in the {what} (numerical overflow, "
+                              "e.g. fp16 on this GPU); try ACESTEP_DTYPE=bfloat16 or float32, or another seed")
+
+
 def encode_audio(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
     """Encode float audio [channels, samples] in [-1, 1] to mp3 / wav / flac bytes."""
     if fmt not in _WRITE_FORMATS:
         raise GenerationError(f"unsupported audio_format {fmt!r}; use mp3, wav or flac")
     container, subtype = _WRITE_FORMATS[fmt]
+    data = np.asarray(audio, dtype=np.float32)
+    check_finite(data)  # never hand NaN to the encoder: the mp3 encoder aborts the process
     buf = io.BytesIO()
-    data = np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)
-    sf.write(buf, data, sample_rate, format=container, subtype=subtype)
+    sf.write(buf, np.clip(data.T, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
     return buf.getvalue()

@@ -193,7 +193,10 @@ class Engine:
         if lm_plan is not None:
             job.lm_plan = lm_plan
             job.audio_codes = lm_plan.audio_code_strings or None
-        return self._run([job], progress)[0]
+        out = self._run([job], progress)[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def _understand_source(self, request: GenerationRequest, src_audio: Optional[bytes],
                            progress: Optional[ProgressCallback]) -> GenerationResult:
@@ -284,16 +287,15 @@ class Engine:
         if task != request.task_type:
             job.notes.append(f"audio_code_string given: ran as {task} (as upstream does)")
         t0 = time.perf_counter()
-        if src_bytes is not None:
+        if src_bytes is not None and request.task_type == "text2music":
+            job.notes.append("src_audio ignored for text2music")  # not even decoded: only what runs is read
+        elif src_bytes is not None:
             job.src = audio_io.decode_audio(src_bytes, "src_audio")
         if ref_bytes is not None:
             job.reference = audio_io.decode_audio(ref_bytes, "reference_audio")
         job.decode_s = time.perf_counter() - t0
         if request.task_type in plan.SOURCE_TASKS and job.src is None and not request.audio_code_string:
             raise GenerationError(f"task_type {request.task_type!r} needs src_audio, but none was given")
-        if request.task_type == "text2music" and job.src is not None:
-            job.notes.append("src_audio ignored for text2music")
-            job.src = None
         if job.src is not None:
             self._plan_source(job)
         else:  # text2music, or cover from audio codes only
@@ -328,7 +330,7 @@ class Engine:
         if job.task == "lego":
             job.repaint = (r.repainting_start, r.repainting_end if r.repainting_end and r.repainting_end > 0 else -1)
 
-    def _run(self, jobs: list[_Job], progress: Optional[ProgressCallback]) -> list[GenerationResult]:
+    def _run(self, jobs: list[_Job], progress: Optional[ProgressCallback]) -> list[GenerationResult | GenerationError]:
         head = jobs[0]
         r = head.request
         pipe = head.model.pipe
@@ -371,7 +373,10 @@ class Engine:
         for job in jobs:
             part = audio[offset: offset + len(job.seeds)]
             offset += len(job.seeds)
-            results.append(self._finish(job, part, clock, pipeline_s, len(jobs), len(seeds)))
+            try:  # one request's bad output (NaN) fails that request only
+                results.append(self._finish(job, part, clock, pipeline_s, len(jobs), len(seeds)))
+            except GenerationError as exc:
+                results.append(exc)
         _report(progress, 1.0, "done")
         return results
 
@@ -383,6 +388,7 @@ class Engine:
             # the pipeline rounds up to whole 25 Hz latent frames; cut to the asked length
             target = min(target, round(job.audio_duration * audio_io.SAMPLE_RATE))
         audio = audio[..., :target].float().cpu().numpy()
+        audio_io.check_finite(audio)  # fails this task with the reason; the encoder never sees NaN
         seconds = target / audio_io.SAMPLE_RATE
         t0 = time.perf_counter()
         # libsndfile releases the GIL while encoding, so batch items encode in parallel (mp3 is the slow one)

@@ -57,6 +57,8 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app = FastAPI(title="ACE-Step API", version="1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    if backend.signing_keys is not None:  # signed URLs are keyed with the secret the backend stores
+        settings.use_signing_keys(backend.signing_keys)
     app.state.backend = backend
     app.state.lm_gateway = lm_gateway
     app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)

@@ -1,9 +1,11 @@
 """Signed, expiring URLs on this API: result audio (`GET /v1/audio`), direct uploads
 (`PUT /v1/uploads/<key>`) and the OpenAPI document behind /docs.
 
-A signature is HMAC-SHA256 over `purpose \\n key \\n expires` with settings.signing_secret, so a
-plain `<audio src>` can play a result without sending the API key, and nothing else can be
-fetched with it. URLs carry opaque blob keys, never server paths.
+A signature is HMAC-SHA256 over `purpose \\n key \\n expires` keyed with the service's random
+signing secret (service/signing_keys.py; never the API key, so a shared URL reveals nothing about
+it), so a plain `<audio src>` can play a result without sending the API key, and nothing else can
+be fetched with it. After a rotation, URLs signed with the previous secret stay valid for the
+grace window. URLs carry opaque blob keys, never server paths.
 """
 from __future__ import annotations
 
@@ -22,8 +24,12 @@ _ROUND = 300
 
 
 def signature(settings: Settings, purpose: str, key: str, expires: int) -> str:
+    return _hmac(settings.signing_keys().current, purpose, key, expires)
+
+
+def _hmac(secret: bytes, purpose: str, key: str, expires: int) -> str:
     msg = f"{purpose}\n{key}\n{expires}".encode("utf-8", "surrogatepass")
-    return hmac.new(settings.signing_secret, msg, hashlib.sha256).hexdigest()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
 def expiry(ttl: int, now: Optional[float] = None) -> int:
@@ -44,7 +50,9 @@ def verify(settings: Settings, purpose: str, key: str, expires: Optional[str], s
         return False
     if exp < (time.time() if now is None else now):
         return False
-    return hmac.compare_digest(signature(settings, purpose, key, exp), sig.lower())
+    given = sig.lower()
+    return any(hmac.compare_digest(_hmac(secret, purpose, key, exp), given)
+               for secret in settings.signing_keys().accepted)
 
 
 def audio_url(settings: Settings, key: str) -> str:

@@ -237,6 +237,18 @@ class AceStepStack(Stack):
             suppress(self.api_key, ("AwsSolutions-SMG4", "The API key is handed to clients: an automatic rotation "
                                                          "would lock them out. Rotate it by hand (infra/README.md)."))
 
+        # Signed audio/upload URLs are keyed with their own random secret, never the API key (a
+        # shared URL must not let anyone test key guesses). Rotate with put-secret-value: the
+        # previous value (AWSPREVIOUS) stays valid until the next rotation.
+        self.signing_secret = secretsmanager.Secret(
+            self, "UrlSigningSecret",
+            description="ACE-Step: secret for signed audio/upload URLs (not the API key)",
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                exclude_punctuation=True, password_length=64),
+        )
+        suppress(self.signing_secret, ("AwsSolutions-SMG4", "Rotated by hand with put-secret-value: the API "
+                                       "accepts AWSPREVIOUS, so URLs already handed out keep working."))
+
         common_env = {
             "ACESTEP_BACKEND": "aws",
             "ACESTEP_TABLE_NAME": self.table.table_name,
@@ -264,6 +276,7 @@ class AceStepStack(Stack):
             "ACESTEP_API_KEY_SECRET_ARN": self.api_key.secret_arn,
             # The app answers CORS (preflights included): the one place the allowed origins live.
             "ACESTEP_CORS_ORIGINS": opts.cors_origins,
+            "ACESTEP_SIGNING_SECRET_ARN": self.signing_secret.secret_arn,
         }
         log_group = logs.LogGroup(self, "ApiLogs", retention=logs.RetentionDays.ONE_MONTH,
                                   removal_policy=RemovalPolicy.DESTROY)
@@ -379,7 +392,7 @@ class AceStepStack(Stack):
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="ApiKey",
             actions=["secretsmanager:GetSecretValue"],
-            resources=[self.api_key.secret_arn],
+            resources=[self.api_key.secret_arn, self.signing_secret.secret_arn],
         ))
 
     # -- workers: ECS on GPU instances --------------------------------------------------------------

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .signing_keys import SigningKeys, ephemeral_keys
 
 MB = 1024 * 1024
 
@@ -110,6 +112,8 @@ class Settings(BaseSettings):
     # uploads / audio
     max_upload_mb: int = _env("ACESTEP_MAX_UPLOAD_MB", 50)
     audio_url_ttl: int = _env("ACESTEP_AUDIO_URL_TTL", 3600)  # lifetime of the signature in result file URLs
+    # AWS: the Secrets Manager secret signed URLs are keyed with (the stack creates it)
+    signing_secret_arn: str = _env("ACESTEP_SIGNING_SECRET_ARN", "")
     # server dirs src_audio_path may read; browser origins allowed to call the API
     allowed_audio_dirs: CommaList = Field(default_factory=list, validation_alias="ACESTEP_ALLOWED_AUDIO_DIRS")
     cors_origins: CommaList = Field(default_factory=list, validation_alias="ACESTEP_CORS_ORIGINS")
@@ -140,12 +144,17 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         return max(1, int(self.max_upload_mb)) * MB
 
-    @property
-    def signing_secret(self) -> bytes:
-        """Key for audio URL signatures: the API key, or a per-data-dir secret when auth is off."""
-        if self.api_key:
-            return ("acestep-audio:" + self.api_key).encode()
-        return ("acestep-audio-open:" + os.path.abspath(self.data_dir)).encode()
+    # The random secret signed URLs are keyed with (service/signing_keys.py), never the API key.
+    # Attached by handlers.app.create_app from the backend, which stores it.
+    _signing_keys: Optional[Callable[[], SigningKeys]] = PrivateAttr(default=None)
+
+    def use_signing_keys(self, source: Callable[[], SigningKeys]) -> None:
+        self._signing_keys = source
+
+    def signing_keys(self) -> SigningKeys:
+        if self._signing_keys is None:
+            self._signing_keys = ephemeral_keys()
+        return self._signing_keys()
 
 
 # env var -> Settings attribute (entrypoints.api_server passes settings to workers by these names)

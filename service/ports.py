@@ -12,6 +12,7 @@ from typing import Callable, Optional, Protocol
 from engine.request import GenerationRequest
 from engine.types import GenerationResult, ModelInfo, ProgressCallback
 
+from .signing_keys import SigningKeys
 from .records import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult, WorkerHeartbeat
 
 
@@ -184,6 +185,8 @@ class Backend:
     # Deletes finished tasks past their retention, with their audio, and abandoned uploads;
     # returns how many. On AWS, DynamoDB TTL and S3 lifecycle rules do this instead.
     sweep_expired: Optional[Callable[[], int]] = None
+    # The secret(s) signed URLs are keyed with, as the backend stores them (service/signing_keys.py).
+    signing_keys: Optional[Callable[[], SigningKeys]] = None
 
 
 __all__ = ["Backend", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",

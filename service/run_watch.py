@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from engine.types import GenerationCancelled
 
 from .ports import Backend, Lease
+from .records import RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,10 @@ class RunWatch:
     def __init__(self, backend: Backend, tasks: list[tuple[Lease, int]], *, visibility_timeout: float,
                  generation_timeout: float, stall_timeout: float, cancel_event: threading.Event,
                  on_progress: Optional[Callable[[], None]] = None,
-                 on_stalled: Optional[Callable[[], None]] = None):
+                 on_stalled: Optional[Callable[[], None]] = None, keep_alive: Optional[list[Lease]] = None):
         self.backend, self.tasks = backend, tasks
+        # Leases this worker holds for a later round (unclaimed): kept hidden while this call runs.
+        self.keep_alive = list(keep_alive or [])
         self.visibility_timeout = visibility_timeout
         self.generation_timeout = generation_timeout
         self.stall_timeout = stall_timeout
@@ -101,11 +104,28 @@ class RunWatch:
             if time.monotonic() - self.last_progress > self.stall_timeout:
                 self._stall()
                 return
-            for lease, _ in self.tasks:
+            for lease in self._still_held() + self.keep_alive:
                 try:
                     self.backend.queue.extend(lease, self.visibility_timeout)
                 except Exception:  # a missed extension only risks a redelivery, which is fenced
                     log.exception("could not extend lease of %s", lease.task_id)
+
+    def _still_held(self) -> list[Lease]:
+        """The leases whose attempt is still the task's current one (one store read for the batch).
+
+        A lease lost to a newer attempt is not extended: on SQS its old receipt could otherwise keep
+        the new holder's message hidden after that holder died."""
+        try:
+            records = self.backend.store.get_many([lease.task_id for lease, _ in self.tasks])
+        except Exception:
+            log.exception("could not read the running tasks; extending their leases anyway")
+            return [lease for lease, _ in self.tasks]
+        held = []
+        for lease, attempt in self.tasks:
+            record = records.get(lease.task_id)
+            if record is not None and record.status == RUNNING and record.attempt == attempt:
+                held.append(lease)
+        return held
 
     def _stall(self) -> None:
         self.stalled = True

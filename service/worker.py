@@ -5,7 +5,9 @@ SQLite or SQS/DynamoDB and with the real engine or a test one.
 
 Delivery is at least once: a lease that is not acked (the worker died) comes back after its
 visibility timeout. `store.claim` bumps the task's attempt number and `store.finish` only
-accepts the current attempt, so a task finishes exactly once.
+accepts the current attempt, so a task finishes exactly once. The same attempt fences the queue:
+a worker whose attempt is no longer the task's current one never acks, extends or gives back its
+lease (on SQS an old receipt can still delete the message the new holder owns).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import Backend, GenerationEngine, Lease
 from .records import (
-    CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, AudioFile, ModelEntry, ModelsMeta, TaskRecord, TaskResult, WorkerHeartbeat,
+    CANCELLED, FAILED, MODELS_META_KEY, RUNNING, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
+    TaskResult, WorkerHeartbeat,
 )
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
@@ -39,7 +42,6 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 600
 DEAD_LETTER_INTERVAL_SECONDS = 30
-CARRIED_STAGE = "waiting: runs next on this worker"
 LM_REQUIRED = ("this request needs the 5Hz LM (sample_mode / sample_query / use_format / analysis), "
                "which is not loaded on this server")
 
@@ -109,9 +111,11 @@ class Worker:
                                         "marked %d dead-lettered task(s) failed", logging.WARNING)
         self.sweep_chore = _Chore(backend.sweep_expired, SWEEP_INTERVAL_SECONDS,
                                   "removed %d expired task(s)/upload(s)")
-        # A task claimed while filling a batch that it did not fit: it runs first next round
+        # A task received while filling a batch that it did not fit: it runs first next round
         # rather than being handed back (a give-back would count as a failed delivery on SQS).
-        self._carried: Optional[_Claimed] = None
+        # It is not claimed until it runs (so its attempt is not spent), and its lease is kept
+        # alive while the current batch runs.
+        self._carried: Optional[Lease] = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -139,7 +143,7 @@ class Worker:
                         log.exception("worker loop error")
                         self.stop_event.wait(1.0)
                 if self._carried is not None:
-                    self.backend.queue.release(self._carried.lease)
+                    self.backend.queue.release(self._carried)  # never claimed: a plain give-back
                     self._carried = None
                 self._signal_busy(False)
             log.info("worker %s stopped", self.worker_id)
@@ -166,9 +170,9 @@ class Worker:
         """Process the next task (and compatible ones waiting behind it). False if none came."""
         self.dead_letter_chore.run_if_due()
         self.sweep_chore.run_if_due()
-        first, self._carried = self._carried, None
-        if first is not None:
-            self.backend.queue.extend(first.lease, self.settings.visibility_timeout)
+        lease, self._carried = self._carried, None
+        if lease is not None:
+            self.backend.queue.extend(lease, self.settings.visibility_timeout)
         else:
             lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
             if lease is None:
@@ -177,9 +181,9 @@ class Worker:
             if self.stop_event.is_set():  # arrived during a long poll after shutdown began
                 self.backend.queue.release(lease)
                 return False
-            first = self._claim(lease)
-            if first is None:
-                return True
+        first = self._claim(lease)
+        if first is None:
+            return True
         batch = [first]
         if self.settings.batch_compatible_tasks and first.batch_key is not None:
             batch += self._claim_compatible(first)
@@ -198,7 +202,7 @@ class Worker:
     def _claim_compatible(self, first: _Claimed) -> list[_Claimed]:
         """Claim waiting tasks that can share one engine call with `first` (never waits).
 
-        The first task that cannot join is carried over to the next round.
+        The first task that cannot join is carried over to the next round, unclaimed.
         """
         more: list[_Claimed] = []
         items = first.request.batch_size
@@ -206,16 +210,33 @@ class Worker:
             lease = self.backend.queue.receive(0, self.settings.visibility_timeout)
             if lease is None:
                 break
+            fits = self._fits(lease, first.batch_key, MAX_BATCH - items)
+            if fits is False:
+                self._carried = lease
+                break
+            # A request never changes after submit, so what fitted on the look fits now; an
+            # unreadable or finished one is failed or dropped by the claim.
             claimed = self._claim(lease)
             if claimed is None:
                 continue
-            if claimed.batch_key != first.batch_key or items + claimed.request.batch_size > MAX_BATCH:
-                self._carried = claimed
-                self.backend.store.update_progress(claimed.task_id, claimed.attempt, 0.0, CARRIED_STAGE)
-                break
             more.append(claimed)
             items += claimed.request.batch_size
         return more
+
+    def _fits(self, lease: Lease, key: Optional[tuple], room: int) -> Optional[bool]:
+        """Whether the leased task can join a batch of `key` with `room` items left, from a look at
+        its record (no claim). None: unknown (finished, missing or invalid), left to the claim."""
+        record = self.backend.store.get(lease.task_id)
+        if record is None or record.status in TERMINAL:
+            return None
+        try:
+            request = GenerationRequest(**record.request)
+        except ValueError:
+            return None
+        if request.needs_lm and not self.engine.lm_loaded:
+            return None
+        mine = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded)
+        return mine is not None and mine == key and request.batch_size <= room
 
     def _claim(self, lease: Lease) -> Optional[_Claimed]:
         """Claim the task (one store write, which also returns it) and validate its request once."""
@@ -231,8 +252,10 @@ class Worker:
             request = GenerationRequest(**record.request)
             if request.needs_lm and not self.engine.lm_loaded:
                 raise GenerationError(LM_REQUIRED)
+            # Only what the task uses is read (and later decoded): text2music ignores src_audio.
             inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES
-                      if (key := getattr(request, f"{role}_key"))}
+                      if (key := getattr(request, f"{role}_key"))
+                      and not (role == "src_audio" and request.task_type == "text2music")}
         except (GenerationError, ValueError) as exc:
             self._fail(lease, record.attempt, str(exc), record.created_at, record.started_at)
             return None
@@ -261,7 +284,7 @@ class Worker:
         for c, outcome in zip(batch, outcomes):
             with log_context(task_id=c.task_id, attempt=c.attempt):
                 if isinstance(outcome, GenerationCancelled):
-                    self.backend.queue.release(c.lease)
+                    self._give_back(c)
                 elif isinstance(outcome, BaseException):
                     self._fail(c.lease, c.attempt, _describe_error(outcome), c.created_at, c.started_at)
                 else:
@@ -271,6 +294,7 @@ class Worker:
         """The engine's outcome per task, or None when there is nothing to record (released, hung)."""
         started = time.monotonic()
         watch = RunWatch(self.backend, [(c.lease, c.attempt) for c in batch],
+                         keep_alive=[self._carried] if self._carried is not None else [],
                          visibility_timeout=self.settings.visibility_timeout,
                          generation_timeout=self.settings.generation_timeout,
                          stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
@@ -294,7 +318,7 @@ class Worker:
             except GenerationCancelled:
                 for c in batch:
                     log.info("released %s for another worker (shutting down)", c.task_id)
-                    self.backend.queue.release(c.lease)
+                    self._give_back(c)
                 outcomes = None
             except Exception as exc:  # an engine crash fails these tasks, with the reason
                 log.exception("engine failed")
@@ -339,7 +363,8 @@ class Worker:
                 "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
         stored = TaskResult(audios=audios, metas=result.metas, generation_info=info,
                             dit_model=result.dit_model, lm_model=result.lm_model)
-        if self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys):
+        finished = self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys)
+        if finished:
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
             self._report(TaskMetrics.of(_finished(c, stored)))
             self._finished(c.task_id)
@@ -347,17 +372,18 @@ class Worker:
             for key in keys:
                 self.backend.blobs.delete(key)
             log.warning("task %s was finished by another attempt; discarded attempt %d", c.task_id, c.attempt)
-        self.backend.queue.ack(c.lease)
+        self._ack(c.lease, c.attempt, finished)
 
     def _fail(self, lease: Lease, attempt: int, message: str, created_at: float,
               started_at: Optional[float]) -> None:
         log.warning("task %s failed: %s", lease.task_id, message)
-        if self.backend.store.finish(lease.task_id, attempt, error=message):
+        finished = self.backend.store.finish(lease.task_id, attempt, error=message)
+        if finished:
             self._report(TaskMetrics.of(TaskRecord(task_id=lease.task_id, request={}, status=FAILED, error=message,
                                                    created_at=created_at, started_at=started_at,
                                                    finished_at=time.time())))
             self._finished(lease.task_id)
-        self.backend.queue.ack(lease)
+        self._ack(lease, attempt, finished)
 
     def _finished(self, task_id: str) -> None:
         if self.on_finished is not None:
@@ -365,6 +391,30 @@ class Worker:
                 self.on_finished(task_id)
             except Exception:  # a notification must never fail a task
                 log.warning("could not queue the webhook of %s", task_id, exc_info=True)
+
+    # -- the queue, fenced by the attempt ----------------------------------------------------
+
+    def _ack(self, lease: Lease, attempt: int, finished: bool) -> None:
+        """Remove the message once the task is finished. A worker fenced out of `finish` acks only when
+        the task is finished (by anyone) or gone: while a newer attempt runs, the message is its
+        lease, and an old receipt may still delete it on SQS."""
+        if not finished:
+            record = self.backend.store.get(lease.task_id)
+            if record is not None and record.status not in TERMINAL:
+                log.warning("lease of %s lost to attempt %d; leaving its message alone (attempt %d)",
+                            lease.task_id, record.attempt, attempt)
+                return
+        self.backend.queue.ack(lease)
+
+    def _give_back(self, c: _Claimed) -> None:
+        """Hand a claimed task back at once, unless a newer attempt holds it already."""
+        record = self.backend.store.get(c.task_id)
+        if record is not None and record.status == RUNNING and record.attempt == c.attempt:
+            self.backend.queue.release(c.lease)
+        elif record is None or record.status in TERMINAL:  # cancelled or finished meanwhile
+            self.backend.queue.ack(c.lease)
+        else:
+            log.warning("not giving back %s: attempt %d no longer holds it", c.task_id, c.attempt)
 
     def _report(self, metrics: TaskMetrics) -> None:
         try:

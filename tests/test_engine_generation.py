@@ -260,3 +260,33 @@ def test_outpainting_cannot_grow_past_the_600_s_limit(engine, source_wav):
     with pytest.raises(GenerationError, match="the limit is 600"):
         engine.generate(req(task_type="repaint", src_audio_key="k", audio_duration=None,
                             repainting_start=-595, repainting_end=5), src_audio=source_wav)
+
+
+class _NaNPipe:
+    """The real pipeline, but its first item comes back with a NaN (as fp16 overflow on a GPU does)."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, **kwargs):
+        out = self._pipe(**kwargs)
+        out.audios[0, 0, 5] = float("nan")
+        return out
+
+
+def test_nan_from_the_model_fails_that_request_only_and_never_reaches_the_encoder(engine, monkeypatch):
+    model = engine.model(TURBO)
+    monkeypatch.setattr(model, "pipe", _NaNPipe(model.pipe))
+    with pytest.raises(GenerationError, match="NaN or infinite"):
+        engine.generate(req(seeds=[1], audio_format="mp3"))  # libsndfile's mp3 encoder would abort on NaN
+    first, second = engine.generate_batch([(req(seeds=[1], prompt="a"), {}), (req(seeds=[2], prompt="b"), {})])
+    assert isinstance(first, GenerationError) and "NaN" in str(first)
+    assert len(second.audios) == 1 and np.isfinite(samples(second)).all()
+
+
+def test_text2music_does_not_even_decode_a_source_it_ignores(engine):
+    result = engine.generate(req(seeds=[3]), src_audio=b"not audio at all")
+    assert any("src_audio ignored" in n for n in result.generation_info["notes"])

@@ -19,7 +19,7 @@ from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, ProgressCallback
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, GenerationEngine
 from service.submission import Upload, submit_task
-from service.worker import CARRIED_STAGE, Worker
+from service.worker import Worker
 
 
 class ScriptedEngine:
@@ -218,8 +218,9 @@ def test_compatible_waiting_tasks_share_one_engine_call(settings, backend, engin
     worker.run_once(1.0)
     assert [len(c) for c in engine.calls] == [3]
     assert all(backend.store.get(t).status == SUCCEEDED for t in ids)
-    held = backend.store.get(other)  # claimed while filling the batch, it did not fit: runs next here
-    assert held.status == RUNNING and held.stage == CARRIED_STAGE and held.progress == 0
+    held = backend.store.get(other)  # received while filling the batch, it did not fit: runs next here
+    assert held.status == QUEUED and held.attempt == 0  # not claimed yet: no attempt spent on it
+    assert backend.queue.receive(0, 5) is None  # still this worker's lease
     worker.run_once(0)  # carried over, not handed back (a give-back counts as a failed delivery on SQS)
     assert backend.store.get(other).status == SUCCEEDED
 

@@ -1,19 +1,24 @@
 """AWS backend: DynamoDB task store, SQS queue (+ dead-letter queue), S3 blobs."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from botocore.config import Config
 
 from ..config import Settings
 from ..ports import Backend
+from ..signing_keys import CachedKeys
 from .clients import aws_client
 from .dlq import drain_dead_letters
 from .dynamo_store import DynamoTaskStore
 from .intake import AwsTaskIntake
 from .s3_blobs import S3BlobStore
+from .signing_secret import SecretsManagerSigningSecret
 from .sqs_queue import SqsTaskQueue
 from .wake_workers import EcsWorkerWaker
+
+log = logging.getLogger(__name__)
 
 
 class AwsConfigError(ValueError):
@@ -38,6 +43,11 @@ def make_aws_backend(settings: Settings) -> Backend:
         intake=AwsTaskIntake(store, queue, on_queued=_worker_waker(settings)),
         name="aws",
     )
+    if settings.signing_secret_arn:
+        secret = SecretsManagerSigningSecret(aws_client("secretsmanager", settings), settings.signing_secret_arn)
+        backend.signing_keys = CachedKeys(secret.load)
+    else:
+        log.warning("ACESTEP_SIGNING_SECRET_ARN is not set: signed URLs use a secret of this process only")
     # The worker loop calls backend.drain_dead_letters() now and then (None on backends without a DLQ).
     backend.drain_dead_letters = lambda: len(drain_dead_letters(backend))
     return backend

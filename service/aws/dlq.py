@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 
-from ..ports import Backend
-from .sqs_queue import SqsTaskQueue
+from ..ports import QUEUED, Backend
+from .sqs_queue import DeadLetter, SqsTaskQueue
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEUES = 3  # a task never claimed goes back to the queue this often before it is failed
 
 
 def drain_dead_letters(backend: Backend, max_batches: int = 10) -> list[str]:
@@ -29,12 +31,28 @@ def drain_dead_letters(backend: Backend, max_batches: int = 10) -> list[str]:
         if not letters:
             break
         for letter in letters:
-            record = backend.store.get(letter.task_id)
-            if record is not None and backend.store.fail_unfinished(letter.task_id, dead_letter_reason(record, letter.receive_count)):
-                failed.append(letter.task_id)
-                log.warning("task %s dead-lettered after %d claims", letter.task_id, record.attempt)
-            # Finished, expired or unknown tasks need nothing more: drop the message either way.
-            queue.delete_dead_letter(letter)
+            try:
+                if _handle(backend, queue, letter):
+                    failed.append(letter.task_id)
+            except Exception:  # one bad letter must not block the others; it is retried next drain
+                log.exception("could not handle the dead letter of %s", letter.task_id)
+    return failed
+
+
+def _handle(backend: Backend, queue: SqsTaskQueue, letter: DeadLetter) -> bool:
+    record = backend.store.get(letter.task_id)
+    failed = False
+    if record is not None and record.status == QUEUED and letter.requeues < MAX_REQUEUES:
+        # Never claimed: every delivery ended before it ran (held for a worker's next batch when
+        # that worker died, ...). SQS counted those receives; nothing ran, so it goes back.
+        queue.requeue(letter.task_id, letter.requeues + 1)
+        log.warning("task %s dead-lettered before it ever ran: queued again", letter.task_id)
+    elif record is not None and backend.store.fail_unfinished(
+            letter.task_id, dead_letter_reason(record, letter.receive_count)):
+        failed = True
+        log.warning("task %s dead-lettered after %d claims", letter.task_id, record.attempt)
+    # Finished, expired or unknown tasks need nothing more: drop the message either way.
+    queue.delete_dead_letter(letter)
     return failed
 
 

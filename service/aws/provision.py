@@ -6,6 +6,7 @@ schema.py). Every step is idempotent, so it can run on each start of a dev envir
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -30,7 +31,20 @@ def provision(settings: Settings) -> Settings:
         max_receives=settings.max_receives, visibility_timeout=settings.visibility_timeout,
     )
     ensure_bucket(aws_client("s3", settings), bucket, settings.aws_region)
-    return settings.model_copy(update=dict(table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket))
+    signing = settings.signing_secret_arn or ensure_signing_secret(aws_client("secretsmanager", settings),
+                                                                   f"{table}-url-signing")
+    return settings.model_copy(update=dict(table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket,
+                                           signing_secret_arn=signing))
+
+
+def ensure_signing_secret(sm, name: str) -> str:
+    """The secret signed URLs are keyed with (the stack's UrlSigningSecret); returns its ARN."""
+    try:
+        return sm.describe_secret(SecretId=name)["ARN"]
+    except ClientError as exc:
+        if error_code(exc) != "ResourceNotFoundException":
+            raise
+    return sm.create_secret(Name=name, SecretString=secrets.token_urlsafe(48))["ARN"]
 
 
 def ensure_table(ddb, name: str) -> None:

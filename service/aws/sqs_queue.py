@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from botocore.exceptions import ClientError
@@ -32,8 +33,8 @@ def _visibility(seconds: float) -> int:
     return max(0, min(MAX_VISIBILITY_SECONDS, int(math.ceil(seconds))))
 
 
-def encode_body(task_id: str) -> str:
-    return json.dumps({"task_id": task_id})
+def encode_body(task_id: str, requeues: int = 0) -> str:
+    return json.dumps({"task_id": task_id, **({"requeues": requeues} if requeues else {})})
 
 
 def decode_body(body: str) -> str:
@@ -41,6 +42,19 @@ def decode_body(body: str) -> str:
         return str(json.loads(body)["task_id"])
     except (ValueError, KeyError, TypeError):
         return body  # a bare id, e.g. sent by hand from the console
+
+
+def requeues_of(body: str) -> int:
+    """How often the dead-letter drain sent this never-claimed task back (service/aws/dlq.py)."""
+    try:
+        return max(0, int(json.loads(body).get("requeues", 0)))
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
+@dataclass
+class DeadLetter(Lease):
+    requeues: int = 0
 
 
 class SqsTaskQueue(TaskQueue):
@@ -93,7 +107,7 @@ class SqsTaskQueue(TaskQueue):
                 raise
             log.warning("ack of %s ignored: receipt no longer valid", lease.task_id)
 
-    def receive_dead_letters(self, max_messages: int = 10, wait_seconds: int = 0) -> list[Lease]:
+    def receive_dead_letters(self, max_messages: int = 10, wait_seconds: int = 0) -> list[DeadLetter]:
         """Messages the redrive policy moved to the DLQ (hidden for a minute while being handled)."""
         if not self.dlq_url:
             return []
@@ -104,9 +118,14 @@ class SqsTaskQueue(TaskQueue):
             VisibilityTimeout=60,
             MessageSystemAttributeNames=["ApproximateReceiveCount"],
         )
-        return [Lease(task_id=decode_body(m["Body"]), receipt=m["ReceiptHandle"],
-                      receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")))
+        return [DeadLetter(task_id=decode_body(m["Body"]), receipt=m["ReceiptHandle"],
+                           receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+                           requeues=requeues_of(m["Body"]))
                 for m in resp.get("Messages", [])]
+
+    def requeue(self, task_id: str, requeues: int) -> None:
+        """Send a dead-lettered task that never ran back to the main queue."""
+        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(task_id, requeues))
 
     def delete_dead_letter(self, lease: Lease) -> None:
         self._sqs.delete_message(QueueUrl=self.dlq_url, ReceiptHandle=lease.receipt)

@@ -7,7 +7,9 @@ import time
 from ..blob_keys import PENDING_UPLOADS_PREFIX
 from ..config import Settings
 from ..ports import Backend
+from ..signing_keys import CachedKeys
 from .db import Database
+from .signing_secret import FileSigningSecret
 from .files import FileBlobStore
 from .intake import SqliteTaskIntake
 from .queue import SqliteTaskQueue
@@ -42,4 +44,4 @@ def make_embedded_backend(settings: Settings) -> Backend:
         return removed + blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
 
     return Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
-                   sweep_expired=sweep_expired)
+                   sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load))

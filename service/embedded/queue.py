@@ -16,6 +16,7 @@ from ..ports import Lease, QueueFull, TaskQueue
 from .db import Database
 
 POLL_SECONDS = 0.02
+RECEIVE_BACKSTOP = 10
 
 # One condition per database file, so enqueues wake receivers of the same process.
 _conditions: dict[str, threading.Condition] = {}
@@ -61,14 +62,17 @@ class SqliteTaskQueue(TaskQueue):
             while True:
                 now = time.time()
                 row = c.execute(
-                    "SELECT seq, task_id, receive_count FROM queue WHERE visible_at <= ?"
-                    " ORDER BY seq LIMIT 1", (now,)).fetchone()
+                    "SELECT q.seq, q.task_id, q.receive_count, COALESCE(t.attempt, 0) AS runs FROM queue q"
+                    " LEFT JOIN tasks t ON t.task_id = q.task_id WHERE q.visible_at <= ?"
+                    " ORDER BY q.seq LIMIT 1", (now,)).fetchone()
                 if row is None:
                     break
-                if row["receive_count"] >= self.max_receives:
-                    # Delivered max_receives times and never acked: its workers keep dying.
+                # Only deliveries that ran count (the task's attempt: one per claim): a task a worker
+                # held for its next batch, or received just before dying, has not hurt anyone.
+                # The receive count is a backstop against a message no worker ever manages to claim.
+                if row["runs"] >= self.max_receives or row["receive_count"] >= RECEIVE_BACKSTOP * self.max_receives:
                     c.execute("DELETE FROM queue WHERE seq = ?", (row["seq"],))
-                    dead.append((row["task_id"], row["receive_count"]))
+                    dead.append((row["task_id"], row["runs"] or row["receive_count"]))
                     continue
                 receipt = uuid.uuid4().hex
                 c.execute(
