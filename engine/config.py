@@ -23,11 +23,13 @@ class EngineConfig:
     dtype: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     allow_download: bool = True
     lm_model: Optional[str] = None  # the 5 Hz LM folder (name under checkpoint_dir, or a path); None: DiT only
+    lm_backend: str = "auto"  # pt | vllm | auto (engine.lm.backend_choice)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":
         """Read ACESTEP_CHECKPOINT_DIR, ACESTEP_CONFIG_PATH/2/3, ACESTEP_DEVICE, ACESTEP_DTYPE,
-        ACESTEP_ALLOW_DOWNLOAD (default true; HF_HUB_OFFLINE=1 forces false) and ACESTEP_LM_MODEL_PATH."""
+        ACESTEP_ALLOW_DOWNLOAD (default true; HF_HUB_OFFLINE=1 forces false), ACESTEP_LM_MODEL_PATH and
+        ACESTEP_LM_BACKEND."""
         env = os.environ if env is None else env
         names: list[str] = []
         for key in ("ACESTEP_CONFIG_PATH", "ACESTEP_CONFIG_PATH2", "ACESTEP_CONFIG_PATH3"):
@@ -43,6 +45,7 @@ class EngineConfig:
             dtype=env.get("ACESTEP_DTYPE", "auto") or "auto",
             allow_download=env.get("ACESTEP_ALLOW_DOWNLOAD", "true").strip().lower() in _TRUE,
             lm_model=model_name_from_path(lm) if lm else None,
+            lm_backend=env.get("ACESTEP_LM_BACKEND", "auto").strip().lower() or "auto",
         )
 
     @property

@@ -3,6 +3,7 @@ DiT runs, and the result of a request that wants the plan alone (analysis_only).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -23,16 +24,29 @@ def load_planner(config: EngineConfig, device):
     """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one."""
     if not config.lm_model:
         return None
+    from engine.lm.backend_choice import LMBackendUnavailable, resolve_backend
     from engine.lm.planner import Planner
-    from engine.lm.transformers_backend import TransformersLM
 
     folder = lm_folder(config)
     if folder is None:
         raise GenerationError(f"5 Hz LM {config.lm_model!r} not found (looked for it as a path and under "
                               f"{config.checkpoint_dir}); set ACESTEP_LM_MODEL_PATH to an LM folder, or "
                               f"ACESTEP_INIT_LLM=false to run the DiT alone")
-    lm = TransformersLM.load(folder, device=device)
-    log.info("loaded 5 Hz LM %s from %s (transformers)%s", lm.model_name, folder,
+    try:
+        backend = resolve_backend(config.lm_backend)
+    except LMBackendUnavailable as exc:
+        raise GenerationError(str(exc)) from exc
+    if backend == "vllm":
+        from engine.lm.vllm_backend import VllmLM  # imports vLLM: only here, only when asked for
+
+        # GPU: a KV cache of fixed size beside the DiT instead of vLLM's default 90% of the card
+        kv = os.environ.get("ACESTEP_VLLM_KV_CACHE_GB", "").strip()
+        lm = VllmLM.load(folder, kv_cache_gib=float(kv) if kv else (4.0 if str(device).startswith("cuda") else None))
+    else:
+        from engine.lm.transformers_backend import TransformersLM
+
+        lm = TransformersLM.load(folder, device=device)
+    log.info("loaded 5 Hz LM %s from %s (%s)%s", lm.model_name, folder, lm.name,
              " -- RANDOM WEIGHTS" if lm.random_weights else "")
     return Planner(lm)
 

@@ -57,6 +57,7 @@ def engine_config(settings: Settings):
         dtype=settings.dtype,
         allow_download=settings.allow_download,
         lm_model=None,  # chosen by choose_lm once the DiTs are known to be real or demo
+        lm_backend=settings.lm_backend,
     )
 
 

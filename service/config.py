@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     models_mirror: bool = _env("ACESTEP_MODELS_MIRROR", False)
     init_llm: str = _env("ACESTEP_INIT_LLM", "auto")
     lm_model_path: str = _env("ACESTEP_LM_MODEL_PATH", "")
-    lm_backend: str = _env("ACESTEP_LM_BACKEND", "vllm")
+    # pt | vllm (required: the worker fails to start without it) | auto (vLLM when installed, else pt)
+    lm_backend: Literal["pt", "vllm", "auto"] = _env("ACESTEP_LM_BACKEND", "auto")
     lm_device: str = _env("ACESTEP_LM_DEVICE", "auto")
     batch_compatible_tasks: bool = _env("ACESTEP_BATCH_TASKS", True)
 

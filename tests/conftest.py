@@ -1,6 +1,7 @@
 """Shared fixtures. Every test is offline: no model hub, no real AWS."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -13,6 +14,9 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 import pytest  # noqa: E402
+
+# tests/vllm run in the vLLM venv (`make test-vllm`); in a venv without vLLM they are not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["vllm"]
 
 from service.config import Settings  # noqa: E402
 

@@ -11,6 +11,9 @@ Modules (one job each; the torch-free ones are usable by any runtime, a future v
     sampling.py     CFG, repetition penalty, temperature, top-k, top-p, seeded draws
     transformers_backend.py  TransformersLM: load a LM folder, batched cond+uncond decode with a KV cache;
                     constraint_logits_processor() for model.generate()
+    vllm_backend.py VllmLM: the same on stock vLLM (constraints and CFG pairs in a vLLM logits processor);
+                    imports vLLM, so only engine.lm_bridge loads it, when ACESTEP_LM_BACKEND asks
+    backend_choice.py  ACESTEP_LM_BACKEND (pt | vllm | auto) -> the runtime to load              torch-free
     planner.py      Planner: a GenerationRequest -> LMPlan (sample/format, phase 1, phase 2)      torch-free
     types.py        SamplingParams, DecodeResult, LMBackend (the runtime protocol), PhaseStats, LMPlan
     tiny.py         build_tiny_lm(): a random Qwen3 with the real token layout, offline, in seconds

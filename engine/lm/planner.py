@@ -14,8 +14,7 @@ Steps, as upstream runs them (api_server + inference.generate_music + llm_infere
              prefilled assistant turn. batch_size items share steps 1-3; item i draws its codes from seeds[i].
 
 CFG (`lm_cfg_scale` > 1) runs in phases 1 and 2 with upstream's unconditional prompts; `constrained_decoding`
-switches the constraints of every step. The runtime is an LMBackend (engine.lm.types): the transformers one
-now, a vLLM one later.
+switches the constraints of every step. The runtime is an LMBackend (engine.lm.types): transformers or vLLM.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ StepCallback = Callable[[int], None]  # called after each decode step with the s
 
 
 class LMBackend(Protocol):
-    """A runtime that can decode for the planner (transformers now; vLLM later)."""
+    """A runtime that can decode for the planner: TransformersLM (pt) or VllmLM (vllm)."""
 
     name: str
     model_name: str
