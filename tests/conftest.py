@@ -51,7 +51,7 @@ def backend(request, settings, tmp_path):
 
 
 # Live demo servers for the client, CLI and Studio tests (tests/demo_servers.py), started once per
-# session and only when a test asks; both use one checkpoint folder, so the demo model is built once.
+# session and only when a test asks.
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     return tmp_path_factory.mktemp("demo-servers")
@@ -67,8 +67,8 @@ def keyed_server(demo_root):
 
 
 @pytest.fixture(scope="session")
-def open_server(demo_root):
-    """The service without an API key."""
+def open_server(demo_root, keyed_server):
+    """The service without an API key (its tasks run on keyed_server's worker)."""
     from tests.demo_servers import start_demo_server
 
     with start_demo_server(demo_root, keyed=False) as server:

@@ -107,6 +107,8 @@ def test_cli_exit_codes_a_script_can_branch_on(keyed, tmp_path):
     slow = acestep(*base, "--api-key", API_KEY, "generate", "x", "--duration", "10", "--steps", "1",
                    "--timeout", "0.01", "-o", str(tmp_path))
     assert slow.returncode == 6 and "acestep status" in slow.stderr
+    left = slow.stderr.split("acestep status ", 1)[1].split("`", 1)[0]
+    assert acestep(*base, "--api-key", API_KEY, "cancel", left).returncode == 0  # the server need not finish it
     assert acestep(*base, "generate", "x", "--src-audio", str(tmp_path / "none.wav")).returncode == 2
 
 
