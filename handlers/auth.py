@@ -23,8 +23,8 @@ def _equal(given: str, expected: str) -> bool:
 
 
 def _key_from_header(value: str) -> str:
-    # "Bearer <key>" (case-sensitive prefix, as upstream) or the raw key.
-    return value[7:] if value.startswith("Bearer ") else value
+    # "Bearer <key>" (the scheme is case-insensitive, RFC 9110 11.1) or the raw key.
+    return value[7:].strip() if value[:7].lower() == "bearer " else value
 
 
 def header_is_valid(settings: Settings, request: Request) -> bool:

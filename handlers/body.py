@@ -6,19 +6,25 @@ x-www-form-urlencoded, and otherwise the raw body sniffed as JSON (`{`/`[`) or a
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import parse_qs
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service.config import Settings
 
 from .envelope import ApiError, bad_request, too_large
 
 MB = 1024 * 1024
+# The whole body must arrive within this many seconds (uvicorn has no body timeout of its own).
+BODY_READ_TIMEOUT = 60.0
+_BOUNDARY = re.compile(r'boundary="?([^";,]+)"?', re.I)
 # Non-multipart bodies carry only text fields; 2 MB is far above any valid request.
 TEXT_BODY_LIMIT = 2 * MB
 UNSUPPORTED = ("Unsupported Content-Type: {ct}; use application/json, "
@@ -49,22 +55,40 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_limited(request: Request, limit: int, what: str = "Request body") -> bytes:
-    """The whole body, or 413 as soon as it passes `limit` (Content-Length is checked first)."""
+async def read_limited(request: Request, limit: int, what: str = "Request body",
+                       timeout: float = BODY_READ_TIMEOUT) -> bytes:
+    """The whole body, or 413 as soon as it passes `limit` (Content-Length is checked first), 408 when
+    it takes longer than `timeout` to arrive (a slow client must not hold a server slot), 400 when it
+    is shorter than its Content-Length."""
     declared = request.headers.get("content-length")
+    expected: Optional[int] = None
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise too_large(limit, what)
+            expected = int(declared)
         except ValueError:
             raise bad_request("Invalid Content-Length header") from None
+        if expected > limit:
+            raise too_large(limit, what)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"{what} not received within {timeout:g} s") from None
+        except ClientDisconnect:
+            raise bad_request(f"{what} truncated: the client closed the connection") from None
         size += len(chunk)
         if size > limit:
             raise too_large(limit, what)
         chunks.append(chunk)
+    if expected is not None and size != expected:
+        raise bad_request(f"{what} truncated: {size} of {expected} bytes (Content-Length) arrived")
     body = b"".join(chunks)
     request._body = body  # let Starlette's form parser re-read it
     return body
@@ -114,6 +138,16 @@ def _query_string(body: bytes) -> dict:
     return {k: v[0] for k, v in parsed.items() if v}
 
 
+def _check_multipart_complete(request: Request, body: bytes) -> None:
+    """A multipart body ends with its closing delimiter `--<boundary>--`; one cut short is refused
+    (the form parser would otherwise keep whatever parts arrived)."""
+    match = _BOUNDARY.search(request.headers.get("content-type", ""))
+    if match is None:
+        raise bad_request("Invalid multipart body: the Content-Type has no boundary")
+    if b"--" + match.group(1).encode("latin-1") + b"--" not in body:
+        raise bad_request("Invalid multipart body: truncated (the closing boundary is missing)")
+
+
 async def _multipart(request: Request, settings: Settings, files_allowed: bool) -> ParsedBody:
     limit = upload_limit(settings)
     try:
@@ -149,7 +183,8 @@ async def read_body(request: Request, settings: Settings, *, files_allowed: bool
     """Parse the request body into fields; `empty_ok` lets a missing/empty body mean `{}`."""
     mt = media_type(request)
     if mt == "multipart/form-data":
-        await read_limited(request, 2 * upload_limit(settings) + TEXT_BODY_LIMIT)
+        raw = await read_limited(request, 2 * upload_limit(settings) + TEXT_BODY_LIMIT)
+        _check_multipart_complete(request, raw)
         return await _multipart(request, settings, files_allowed)
     body = await read_limited(request, TEXT_BODY_LIMIT)
     if mt == "application/json" or mt.endswith("+json"):

@@ -37,6 +37,7 @@ from .records import (
 )
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
+from .task_errors import sanitize_error
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +431,6 @@ def _finished(c: _Claimed, result: TaskResult) -> TaskRecord:
 
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, GenerationError):
-        return str(exc)
+        return sanitize_error(str(exc))
     # An unexpected crash: say what kind, without a traceback (that goes to the worker log).
-    return f"internal error while generating: {type(exc).__name__}: {exc}"
+    return sanitize_error(f"internal error while generating: {type(exc).__name__}: {exc}")

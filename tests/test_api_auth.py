@@ -48,7 +48,7 @@ def test_missing_auth_is_401(api, method, path, body):
 
 
 @pytest.mark.parametrize("method,path,body", ROUTES, ids=[r[1] for r in ROUTES])
-@pytest.mark.parametrize("header", ["Bearer wrong", "wrong", "bearer " + KEY])
+@pytest.mark.parametrize("header", ["Bearer wrong", "wrong", "bearer wrong"])
 def test_wrong_key_is_401(api, method, path, body, header):
     r = call(api, method, path, body, {"Authorization": header})
     assert r.status_code == 401 and r.json() == {"detail": "Invalid API key"}

@@ -213,7 +213,8 @@ def test_submit_is_atomic_and_leaves_nothing_when_queue_full(backend):
     assert backend.store.find_by_idempotency_key("k-full") is None
     assert backend.queue.size() == 1
     # the key is free again: the retry after the 429 goes through once there is room
-    lease = backend.queue.receive(0, 30)
+    lease = backend.queue.receive(0, 30)  # a worker takes the waiting task
+    backend.store.claim(lease.task_id, "worker")
     backend.queue.ack(lease)
     task_id, _ = submit_task(backend, {"prompt": "b"}, max_queue=1, idempotency_key="k-full",
                              uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")})

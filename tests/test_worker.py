@@ -116,12 +116,12 @@ def test_engine_error_fails_task_with_its_message(settings, backend, engine):
 
 
 def test_unexpected_crash_is_reported_without_traceback(settings, backend, engine):
-    engine.error = RuntimeError("CUDA out of memory")
+    engine.error = RuntimeError("CUDA error: device-side assert triggered")
     task_id = _submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == FAILED
-    assert rec.error == "internal error while generating: RuntimeError: CUDA out of memory"
+    assert rec.error == "internal error while generating: RuntimeError: CUDA error: device-side assert triggered"
 
 
 def test_lm_only_features_fail_clearly_without_lm(settings, backend, engine):

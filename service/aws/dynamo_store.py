@@ -18,7 +18,7 @@ from ..records import (
     CANCELLED, FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult,
     WorkerHeartbeat,
 )
-from ..ports import TaskStore
+from ..ports import QueueFull, TaskStore
 from . import schema as S
 from .clients import error_code
 
@@ -189,7 +189,10 @@ class DynamoTaskStore(TaskStore):
             Item={S.PK: _s(S.META_PREFIX + key), "value": _s(json.dumps(value))},
         )
 
-    def create(self, record: TaskRecord) -> None:
+    def create(self, record: TaskRecord, max_queued: Optional[int] = None) -> None:
+        """Insert a new task. With `max_queued`, the counter update in the same transaction is
+        conditional on fewer queued tasks than that (QueueFull otherwise): the limit holds exactly
+        under concurrent submits, with no count read outside the write."""
         # The sequence number orders the queue; a gap left by a failed create is harmless.
         seq = int(self._db.update_item(
             TableName=self._table,
@@ -206,7 +209,12 @@ class DynamoTaskStore(TaskStore):
             "ConditionExpression": "attribute_not_exists(#pk)",
             "ExpressionAttributeNames": {"#pk": S.PK},
         }
-        writes = [{"Put": put}, self._count_move(None, record.status)]
+        count = self._count_move(None, record.status)
+        if max_queued is not None:
+            count["Update"]["ConditionExpression"] = "attribute_not_exists(#mq) OR #mq < :mq"
+            count["Update"]["ExpressionAttributeNames"]["#mq"] = QUEUED
+            count["Update"]["ExpressionAttributeValues"][":mq"] = _n(int(max_queued))
+        writes = [{"Put": put}, count]
         if record.idempotency_key:
             writes.append({"Put": {
                 "TableName": self._table,
@@ -220,6 +228,10 @@ class DynamoTaskStore(TaskStore):
         except _ConditionFailed:
             if record.idempotency_key and self._idempotency_owner(record.idempotency_key) not in (None, record.task_id):
                 raise IdempotencyKeyTaken(record.idempotency_key) from None
+            if max_queued is not None and self.get(record.task_id) is None:
+                waiting = self.counts()[QUEUED]
+                if waiting >= max_queued:
+                    raise QueueFull(f"{waiting} tasks waiting (max {max_queued})") from None
             raise TaskExists(f"task {record.task_id} already exists") from None
 
     def find_by_idempotency_key(self, key: str) -> Optional[TaskRecord]:

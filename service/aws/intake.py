@@ -26,14 +26,15 @@ class AwsTaskIntake(TaskIntake):
             if first is not None:
                 return replayed(record, first), False
         try:
-            self.store.create(record)  # the key's mapping is written in the same transaction
+            # The key's mapping and the queue limit are checked in the same transaction.
+            self.store.create(record, max_queued=max_queue)
         except IdempotencyKeyTaken:  # a concurrent submit with the same key won the race
             first = self.store.find_by_idempotency_key(key or "")
             if first is None:
                 raise
             return replayed(record, first), False
         try:
-            self.queue.enqueue(record.task_id, max_queue)
+            self.queue.send(record.task_id)
         except BaseException:
             self.store.delete(record.task_id)
             raise

@@ -70,6 +70,10 @@ class SqsTaskQueue(TaskQueue):
     def enqueue(self, task_id: str, max_size: int) -> None:
         if self.size() >= max_size:
             raise QueueFull(f"{max_size} tasks are already waiting")
+        self.send(task_id)
+
+    def send(self, task_id: str) -> None:
+        """Enqueue without the (approximate) size check: the intake bounds the queue in DynamoDB."""
         self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(task_id))
         self._adjust_cached_size(+1)
 

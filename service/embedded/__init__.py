@@ -9,6 +9,7 @@ from ..config import Settings
 from ..ports import Backend
 from ..signing_keys import CachedKeys
 from .db import Database
+from .orphans import ORPHAN_OUTPUT_SECONDS, collect_orphan_outputs
 from .signing_secret import FileSigningSecret
 from .files import FileBlobStore
 from .intake import SqliteTaskIntake
@@ -41,7 +42,8 @@ def make_embedded_backend(settings: Settings) -> Backend:
             removed += 1
         # A direct upload that a waiting task refers to is not abandoned, however old it is.
         in_use = frozenset(store.unfinished_blob_keys())
-        return removed + blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
+        removed += blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
+        return removed + collect_orphan_outputs(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
 
     return Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
                    sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load))

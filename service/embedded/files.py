@@ -77,6 +77,17 @@ class FileBlobStore(BlobStore):
                 os.rmdir(folder)
         return removed
 
+    def keys_older_than(self, prefix: str, cutoff: float) -> list[str]:
+        """Keys under `prefix` whose files were last written before `cutoff` (epoch seconds)."""
+        root = self._path(prefix.rstrip("/"))
+        out = []
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if not name.endswith(".tmp") and os.path.getmtime(path) < cutoff:
+                    out.append(os.path.relpath(path, self.root).replace(os.sep, "/"))
+        return out
+
     def local_path(self, key: str) -> Optional[str]:
         path = self._path(key)
         return path if os.path.isfile(path) else None

@@ -1,0 +1,35 @@
+"""Output files no task owns: written by an attempt whose worker died (or was fenced out) before
+its result was recorded. The task finished with another attempt's files, or never, and nothing
+refers to these; the embedded sweep deletes them. (On AWS the S3 lifecycle rule on outputs/
+expires every file after the retention period, orphans included.)
+"""
+from __future__ import annotations
+
+from ..blob_keys import OUTPUTS_PREFIX, parse_output_key
+from ..records import TERMINAL
+from .files import FileBlobStore
+from .store import SqliteTaskStore
+
+# Old enough that no live attempt is still between writing its files and recording its result.
+ORPHAN_OUTPUT_SECONDS = 3600
+
+
+def collect_orphan_outputs(store: SqliteTaskStore, blobs: FileBlobStore, cutoff: float) -> int:
+    """Delete output files written before `cutoff` that no finished task lists; returns how many."""
+    by_task: dict[str, list[str]] = {}
+    for key in blobs.keys_older_than(OUTPUTS_PREFIX, cutoff):
+        parsed = parse_output_key(key)
+        if parsed is not None:
+            by_task.setdefault(parsed.task_id, []).append(key)
+    records = store.get_many(list(by_task))
+    removed = 0
+    for task_id, keys in by_task.items():
+        record = records.get(task_id)
+        if record is not None and record.status not in TERMINAL:
+            continue  # its current attempt may still record these
+        owned = set(record.blob_keys) if record is not None else set()
+        for key in keys:
+            if key not in owned:
+                blobs.delete(key)
+                removed += 1
+    return removed
