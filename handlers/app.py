@@ -19,6 +19,7 @@ from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
+from .rate_limit import RateLimitMiddleware
 from .request_context import RequestContextMiddleware
 from .signing import openapi_url, verify
 from .webhook_payload import build_notifier
@@ -72,6 +73,8 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
                            allow_headers=["Authorization", "Content-Type", "Range"],
                            expose_headers=["Content-Length", "Content-Range", "Accept-Ranges", "X-Request-ID"],
                            allow_credentials="*" not in origins)
+    if settings.rate_limit_rps > 0:
+        app.add_middleware(RateLimitMiddleware, rate=settings.rate_limit_rps)
     app.add_middleware(RequestContextMiddleware)  # outermost: its id covers everything below
     return app
 

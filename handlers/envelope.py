@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.ports import IdempotencyConflict
+from service.storage_errors import STORAGE_FULL_MESSAGE, StorageFull
 
 log = logging.getLogger("acestep.api")
 
@@ -64,6 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
             errors.append({"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")),
                            "type": str(err.get("type", ""))})
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StorageFull)
+    async def _storage_full(request: Request, exc: StorageFull):
+        return JSONResponse({"detail": STORAGE_FULL_MESSAGE}, status_code=507, headers={"Retry-After": "60"})
 
     @app.exception_handler(IdempotencyConflict)
     async def _idempotency_conflict(request: Request, exc: IdempotencyConflict):

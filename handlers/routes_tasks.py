@@ -11,6 +11,7 @@ from engine.request import GenerationRequest
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
+from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import bad_request, wrap
 from .request_parsing import parse_release_task
@@ -95,7 +96,7 @@ async def release_task(request: Request):
     if webhook_url is not None and not isinstance(webhook_url, str):
         raise bad_request("webhook_url: must be an http(s) URL")
     task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key,
-                                                webhook_url or None)
+                                                webhook_url or None, caller_of(request, body.fields))
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
 
 

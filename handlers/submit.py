@@ -10,9 +10,11 @@ from typing import Optional
 from service.config import Settings
 from service.format_via_worker import lm_served
 from service.observability.health import unservable_reason
-from service.ports import Backend, QueueFull
+from service.ports import Backend, CallerBusy, CallerLimits, QueueFull
 from service.sources import SourceError, resolve_sources
+from service.storage_errors import STORAGE_FULL_MESSAGE
 from service.submission import submit_task
+from service.task_limits import TaskRefused, check_task
 from service.task_outputs import output_reader
 from service.webhooks import WebhookRefused, check_target
 
@@ -25,7 +27,8 @@ LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / u
 
 
 def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
-                  idempotency_key: Optional[str] = None, webhook_url: Optional[str] = None) -> tuple[str, Optional[int]]:
+                  idempotency_key: Optional[str] = None, webhook_url: Optional[str] = None,
+                  caller: Optional[str] = None) -> tuple[str, Optional[int]]:
     """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM, webhook_url),
     429 (queue full)."""
     if webhook_url is not None:
@@ -38,6 +41,8 @@ def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
         raise ApiError(503, refusal, headers={"Retry-After": "60"})
     if parsed.request.needs_lm and not lm_served(backend):
         raise ApiError(400, LM_NOT_SERVED)
+    if backend.has_room is not None and not backend.has_room():
+        raise ApiError(507, STORAGE_FULL_MESSAGE, headers={"Retry-After": "60"})
     try:
         sources = resolve_sources(parsed.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
                                   max_bytes=settings.max_upload_bytes,
@@ -46,8 +51,16 @@ def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
         raise ApiError(413 if exc.kind == "too_large" else 400, exc.message) from None
     request_dump = parsed.request.model_dump() | {f"{role}_key": key for role, key in sources.keys.items()}
     try:
+        check_task(parsed.request, request_dump, settings.max_task_cost)
+    except TaskRefused as exc:
+        raise ApiError(exc.status, exc.message) from None
+    limits = CallerLimits(settings.caller_max_queued, settings.caller_max_active) if caller else None
+    try:
         return submit_task(backend, request_dump, settings.queue_maxsize, uploads=sources.uploads,
-                           idempotency_key=idempotency_key, webhook_url=webhook_url)
+                           idempotency_key=idempotency_key, webhook_url=webhook_url, owner=caller,
+                           caller_limits=limits)
+    except CallerBusy as exc:
+        raise ApiError(429, str(exc), headers={"Retry-After": "30"}) from None
     except QueueFull:
         raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
 

@@ -113,6 +113,15 @@ class Settings(BaseSettings):
     # uploads / audio
     max_upload_mb: int = _env("ACESTEP_MAX_UPLOAD_MB", 50)
     audio_url_ttl: int = _env("ACESTEP_AUDIO_URL_TTL", 3600)  # lifetime of the signature in result file URLs
+    # Refuse (413) tasks costing more than this many audio-second steps (duration x batch x steps); 0: no limit
+    max_task_cost: float = _env("ACESTEP_MAX_TASK_COST", 61440.0, ge=0)
+    # Per caller (API key, or client address without auth): requests per second (burst: twice that), 0: off
+    rate_limit_rps: float = _env("ACESTEP_RATE_LIMIT_RPS", 20.0, ge=0)
+    # Per caller: tasks waiting, and tasks waiting or running, before /release_task answers 429
+    caller_max_queued: int = _env("ACESTEP_CALLER_MAX_QUEUED", 50, ge=1)
+    caller_max_active: int = _env("ACESTEP_CALLER_MAX_ACTIVE", 60, ge=1)
+    # Embedded: below this much free disk the API answers 507 and workers wait instead of taking tasks
+    min_free_mb: int = _env("ACESTEP_MIN_FREE_MB", 100, ge=0)
     # AWS: the Secrets Manager secret signed URLs are keyed with (the stack creates it)
     signing_secret_arn: str = _env("ACESTEP_SIGNING_SECRET_ARN", "")
     # server dirs src_audio_path may read; browser origins allowed to call the API

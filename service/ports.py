@@ -21,6 +21,17 @@ class QueueFull(Exception):
     """The backlog is at ACESTEP_QUEUE_MAXSIZE; the API answers 429 and creates nothing."""
 
 
+@dataclass(frozen=True)
+class CallerLimits:
+    """Per caller (TaskRecord.owner), checked in the same write that creates the task."""
+    max_queued: int  # waiting tasks
+    max_active: int  # waiting + running tasks
+
+
+class CallerBusy(Exception):
+    """This caller has reached its CallerLimits; the API answers 429 and creates nothing."""
+
+
 class IdempotencyConflict(Exception):
     """An Idempotency-Key was reused with a different request."""
 
@@ -144,7 +155,8 @@ class BlobStore(Protocol):
 
 
 class TaskIntake(Protocol):
-    def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
+    def submit(self, record: TaskRecord, max_queue: int,
+               caller_limits: Optional[CallerLimits] = None) -> tuple[TaskRecord, bool]:
         """Create the queued task and enqueue it as one step; returns (task, created).
 
         When `record.idempotency_key` names an earlier submission, nothing is created and that
@@ -187,7 +199,10 @@ class Backend:
     sweep_expired: Optional[Callable[[], int]] = None
     # The secret(s) signed URLs are keyed with, as the backend stores them (service/signing_keys.py).
     signing_keys: Optional[Callable[[], SigningKeys]] = None
+    # False while the backend's local storage is (nearly) full: submits get 507 and workers take no
+    # task they could not store. None where storage is not local (AWS).
+    has_room: Optional[Callable[[], bool]] = None
 
 
-__all__ = ["Backend", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
+__all__ = ["Backend", "CallerBusy", "CallerLimits", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
            "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "STATUSES", "TERMINAL"]

@@ -118,3 +118,5 @@ class TaskRecord:
     request_digest: Optional[str] = None
     # Where the final result is POSTed once the task ends (service/webhooks.py), if the client asked.
     webhook_url: Optional[str] = None
+    # Who submitted it (a digest of the API key, or the client address): per-caller limits count by it.
+    owner: Optional[str] = None

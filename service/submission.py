@@ -10,7 +10,7 @@ from typing import Optional
 from . import blob_keys
 from .idempotency import replayed, request_digest
 from .observability.logs import log_context
-from .ports import Backend, QueueFull, TaskRecord
+from .ports import Backend, CallerLimits, QueueFull, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
                 uploads: Optional[dict[str, Upload]] = None,
                 task_id: Optional[str] = None,
                 idempotency_key: Optional[str] = None,
-                webhook_url: Optional[str] = None) -> tuple[str, Optional[int]]:
+                webhook_url: Optional[str] = None, owner: Optional[str] = None,
+                caller_limits: Optional[CallerLimits] = None) -> tuple[str, Optional[int]]:
     """Returns (task_id, queue_position). Raises QueueFull (the API's 429) after undoing everything.
 
     `request` is a GenerationRequest dump; `uploads` maps a role in SOURCE_ROLES to its file, whose
@@ -40,7 +41,7 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
     """
     uploads = uploads or {}
     record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=dict(request),
-                        idempotency_key=idempotency_key or None, webhook_url=webhook_url or None)
+                        idempotency_key=idempotency_key or None, webhook_url=webhook_url or None, owner=owner)
     if record.idempotency_key:
         record.request_digest = request_digest(
             request, {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})
@@ -55,7 +56,7 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
             written.append(key)
             record.request[f"{role}_key"] = key
         record.blob_keys = [record.request[f"{role}_key"] for role in SOURCE_ROLES if record.request.get(f"{role}_key")]
-        task, created = backend.intake.submit(record, max_queue)
+        task, created = backend.intake.submit(record, max_queue, caller_limits)
     except BaseException:
         _delete(backend, written)
         raise

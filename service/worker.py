@@ -11,6 +11,7 @@ lease (on SQS an old receipt can still delete the message the new holder owns).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
-from .blob_keys import output_key
+from .blob_keys import OUTPUTS_PREFIX, output_key
 from .config import Settings
 from .observability.health import HEARTBEAT_SECONDS
 from .observability.heartbeat import HeartbeatLoop
@@ -37,11 +38,13 @@ from .records import (
 )
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
+from .storage_errors import StorageFull
 from .task_errors import sanitize_error
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 600
+MAX_RESULT_BYTES = 128 * 1024  # a result larger than this as stored keeps its generation_info in the blob store
 DEAD_LETTER_INTERVAL_SECONDS = 30
 LM_REQUIRED = ("this request needs the 5Hz LM (sample_mode / sample_query / use_format / analysis), "
                "which is not loaded on this server")
@@ -137,9 +140,18 @@ class Worker:
                                also=lambda: self.metrics.queue_depth(self.backend.queue.size()),
                                file=self.heartbeat_file):
                 log.info("worker %s ready", self.worker_id)
+                full_since: Optional[float] = None
                 while not self.stop_event.is_set():
                     try:
                         self.run_once(poll_seconds)
+                        if full_since is not None:
+                            log.warning("storage has room again after %.0f s: taking tasks", time.monotonic() - full_since)
+                            full_since = None
+                    except StorageFull as exc:  # an outage: wait it out, log once, take no task meanwhile
+                        if full_since is None:
+                            full_since = time.monotonic()
+                            log.error("storage is full (%s): not taking tasks until there is room", exc)
+                        self.stop_event.wait(_backoff(time.monotonic() - full_since))
                     except Exception:  # the loop must survive a backend hiccup
                         log.exception("worker loop error")
                         self.stop_event.wait(1.0)
@@ -171,6 +183,8 @@ class Worker:
         """Process the next task (and compatible ones waiting behind it). False if none came."""
         self.dead_letter_chore.run_if_due()
         self.sweep_chore.run_if_due()
+        if self.backend.has_room is not None and not self.backend.has_room():
+            raise StorageFull(f"less than ACESTEP_MIN_FREE_MB ({self.settings.min_free_mb} MB) free")
         lease, self._carried = self._carried, None
         if lease is not None:
             self.backend.queue.extend(lease, self.settings.visibility_timeout)
@@ -282,14 +296,24 @@ class Worker:
             outcomes = self._generate(batch)
         if outcomes is None:
             return
+        full: Optional[StorageFull] = None
         for c, outcome in zip(batch, outcomes):
             with log_context(task_id=c.task_id, attempt=c.attempt):
                 if isinstance(outcome, GenerationCancelled):
                     self._give_back(c)
                 elif isinstance(outcome, BaseException):
                     self._fail(c.lease, c.attempt, _describe_error(outcome), c.created_at, c.started_at)
+                elif full is not None:
+                    self._give_back(c)
                 else:
-                    self._succeed(c, outcome)
+                    try:
+                        self._succeed(c, outcome)
+                    except StorageFull as exc:  # not the task's fault: hand it back, then back off
+                        full = exc
+                        log.error("no room to store the result of %s: handing it back", c.task_id)
+                        self._give_back_quietly(c)
+        if full is not None:
+            raise full
 
     def _generate(self, batch: list[_Claimed]) -> Optional[list]:
         """The engine's outcome per task, or None when there is nothing to record (released, hung)."""
@@ -350,10 +374,16 @@ class Worker:
     # -- outcomes --------------------------------------------------------------------------
 
     def _succeed(self, c: _Claimed, result: GenerationResult) -> None:
-        keys, audios = [], []
+        keys: list[str] = []
+        audios = []
         for i, audio in enumerate(result.audios):
             key = output_key(c.task_id, c.attempt, i, audio.format)
-            self.backend.blobs.put(key, audio.data, audio.content_type)
+            try:
+                self.backend.blobs.put(key, audio.data, audio.content_type)
+            except StorageFull:
+                for written in keys:
+                    self.backend.blobs.delete(written)
+                raise
             keys.append(key)
             audios.append(AudioFile(key=key, format=audio.format, seed=audio.seed,
                                     duration=round(audio.duration_seconds, 3),
@@ -364,6 +394,14 @@ class Worker:
                 "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
         stored = TaskResult(audios=audios, metas=result.metas, generation_info=info,
                             dit_model=result.dit_model, lm_model=result.lm_model)
+        if len(stored.model_dump_json().encode()) > MAX_RESULT_BYTES:
+            # A task record must stay small (DynamoDB items are at most 400 KB): the details go to the blob store.
+            info_key = f"{OUTPUTS_PREFIX}{c.task_id}/{c.attempt}-generation-info.json"
+            self.backend.blobs.put(info_key, json.dumps(info).encode(), "application/json")
+            keys.append(info_key)
+            stored.generation_info = {"stored_as": info_key, "random_weights": info.get("random_weights"),
+                                      "notes": ["generation_info was too large for the task record: it is stored "
+                                                "beside the audio"]}
         finished = self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys)
         if finished:
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
@@ -407,6 +445,12 @@ class Worker:
                 return
         self.backend.queue.ack(lease)
 
+    def _give_back_quietly(self, c: _Claimed) -> None:
+        try:
+            self._give_back(c)
+        except Exception:  # the store may be full too: the lease lapses instead
+            log.warning("could not hand %s back; its lease will lapse", c.task_id, exc_info=True)
+
     def _give_back(self, c: _Claimed) -> None:
         """Hand a claimed task back at once, unless a newer attempt holds it already."""
         record = self.backend.store.get(c.task_id)
@@ -427,6 +471,11 @@ class Worker:
 def _finished(c: _Claimed, result: TaskResult) -> TaskRecord:
     return TaskRecord(task_id=c.task_id, request={}, status=SUCCEEDED, result=result, created_at=c.created_at,
                       started_at=c.started_at, finished_at=time.time())
+
+
+def _backoff(outage_seconds: float) -> float:
+    """1 s, doubling with the outage's length, at most a minute."""
+    return min(60.0, max(1.0, outage_seconds))
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -18,7 +18,8 @@ from ..records import (
     CANCELLED, FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult,
     WorkerHeartbeat,
 )
-from ..ports import QueueFull, TaskStore
+from ..caller_limits import check_caller
+from ..ports import CallerLimits, QueueFull, TaskStore
 from . import schema as S
 from .clients import error_code
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 8  # optimistic-concurrency retries when another writer moved the task between read and write
 _QUEUED_MARK = "q"
+_ACTIVE = "active"  # a caller's queued + running tasks (owner counter item)
 _FINISHED_MARK = "f"
 
 
@@ -189,7 +191,8 @@ class DynamoTaskStore(TaskStore):
             Item={S.PK: _s(S.META_PREFIX + key), "value": _s(json.dumps(value))},
         )
 
-    def create(self, record: TaskRecord, max_queued: Optional[int] = None) -> None:
+    def create(self, record: TaskRecord, max_queued: Optional[int] = None,
+               caller_limits: Optional[CallerLimits] = None) -> None:
         """Insert a new task. With `max_queued`, the counter update in the same transaction is
         conditional on fewer queued tasks than that (QueueFull otherwise): the limit holds exactly
         under concurrent submits, with no count read outside the write."""
@@ -214,7 +217,14 @@ class DynamoTaskStore(TaskStore):
             count["Update"]["ConditionExpression"] = "attribute_not_exists(#mq) OR #mq < :mq"
             count["Update"]["ExpressionAttributeNames"]["#mq"] = QUEUED
             count["Update"]["ExpressionAttributeValues"][":mq"] = _n(int(max_queued))
-        writes = [{"Put": put}, count]
+        writes = [{"Put": put}, count, *self._owner_moves(record.owner, None, record.status)]
+        if record.owner and caller_limits is not None:  # the caller's counter, conditional in the same write
+            owner_count = writes[2]["Update"]
+            owner_count["ConditionExpression"] = ("(attribute_not_exists(#oq) OR #oq < :oq) AND "
+                                                  "(attribute_not_exists(#oa) OR #oa < :oa)")
+            owner_count["ExpressionAttributeNames"].update({"#oq": QUEUED, "#oa": _ACTIVE})
+            owner_count["ExpressionAttributeValues"].update({":oq": _n(caller_limits.max_queued),
+                                                             ":oa": _n(caller_limits.max_active)})
         if record.idempotency_key:
             writes.append({"Put": {
                 "TableName": self._table,
@@ -228,6 +238,10 @@ class DynamoTaskStore(TaskStore):
         except _ConditionFailed:
             if record.idempotency_key and self._idempotency_owner(record.idempotency_key) not in (None, record.task_id):
                 raise IdempotencyKeyTaken(record.idempotency_key) from None
+            if record.owner and caller_limits is not None and self.get(record.task_id) is None:
+                mine = self._owner_counts(record.owner)
+                if mine[QUEUED] >= caller_limits.max_queued or mine[_ACTIVE] >= caller_limits.max_active:
+                    check_caller(mine[QUEUED], mine[_ACTIVE] - mine[QUEUED], caller_limits)
             if max_queued is not None and self.get(record.task_id) is None:
                 waiting = self.counts()[QUEUED]
                 if waiting >= max_queued:
@@ -259,7 +273,8 @@ class DynamoTaskStore(TaskStore):
             if not item:
                 return
             delete = {"Delete": {"TableName": self._table, "Key": _task_key(task_id), **self._fence(item)}}
-            writes = [delete, self._count_move(_str(item, "status"), None)]
+            writes = [delete, self._count_move(_str(item, "status"), None),
+                      *self._owner_moves(_str(item, "owner"), _str(item, "status"), None)]
             key = _str(item, "idempotency_key")
             if key:
                 writes.append({"Delete": {"TableName": self._table, "Key": _idempotency_key(key)}})
@@ -288,7 +303,9 @@ class DynamoTaskStore(TaskStore):
             )
             try:
                 # A redelivered running task keeps its status, so only queued -> running moves a count.
-                self._transact([update] + ([self._count_move(QUEUED, RUNNING)] if status == QUEUED else []))
+                self._transact([update] + ([self._count_move(QUEUED, RUNNING),
+                                            *self._owner_moves(_str(item, "owner"), QUEUED, RUNNING)]
+                                           if status == QUEUED else []))
             except _ConditionFailed:
                 continue  # someone else claimed or finished it first: look again
             record = _to_record(item)
@@ -345,7 +362,8 @@ class DynamoTaskStore(TaskStore):
             values[":keys"] = {"L": [_s(k) for k in new_keys]}
         update = self._update(task_id, item, "SET " + ", ".join(sets), names, values)
         try:
-            self._transact([update, self._count_move(RUNNING, final)])
+            self._transact([update, self._count_move(RUNNING, final),
+                            *self._owner_moves(_str(item, "owner"), RUNNING, final)])
             return True
         except _ConditionFailed:
             return False  # another attempt claimed or finished it in between
@@ -376,7 +394,8 @@ class DynamoTaskStore(TaskStore):
                 values.update({":f": _s(_FINISHED_MARK), ":d": _n(max(0.0, now - started))})
             update = self._update(task_id, item, sets + " REMOVE #qp", names, values)
             try:
-                self._transact([update, self._count_move(status, final)])
+                self._transact([update, self._count_move(status, final),
+                                *self._owner_moves(_str(item, "owner"), status, final)])
                 return True
             except _ConditionFailed:
                 continue
@@ -406,6 +425,29 @@ class DynamoTaskStore(TaskStore):
             "ExpressionAttributeNames": {**names, **fence["ExpressionAttributeNames"]},
             "ExpressionAttributeValues": {**values, **fence["ExpressionAttributeValues"]},
         }}
+
+    def _owner_moves(self, owner: Optional[str], src: Optional[str], dst: Optional[str]) -> list[dict]:
+        """The caller's counter (queued, running, and active = both) for the same move; [] without an owner."""
+        if not owner:
+            return []
+        deltas = {s: d for s, d in ((QUEUED, 0), (RUNNING, 0), (_ACTIVE, 0))}
+        for status, sign in ((src, -1), (dst, +1)):
+            if status in (QUEUED, RUNNING):
+                deltas[status] += sign
+                deltas[_ACTIVE] += sign
+        moved = {k: v for k, v in deltas.items() if v}
+        if not moved:
+            return []
+        names = {f"#o{i}": k for i, k in enumerate(moved)}
+        values = {f":o{i}": _n(v) for i, v in enumerate(moved.values())}
+        return [{"Update": {"TableName": self._table, "Key": {S.PK: _s(S.OWNER_PREFIX + owner)},
+                            "UpdateExpression": "ADD " + ", ".join(f"#o{i} :o{i}" for i in range(len(moved))),
+                            "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}}]
+
+    def _owner_counts(self, owner: str) -> dict[str, int]:
+        resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.OWNER_PREFIX + owner)}, ConsistentRead=True)
+        item = resp.get("Item", {})
+        return {k: max(0, int(_num(item, k) or 0)) for k in (QUEUED, RUNNING, _ACTIVE)}
 
     def _count_move(self, src: Optional[str], dst: Optional[str]) -> dict:
         """Counter update for a task leaving `src` and entering `dst` (None = not in the table)."""
@@ -490,6 +532,8 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
         item["error"] = _s(record.error)
     if record.webhook_url is not None:
         item["webhook_url"] = _s(record.webhook_url)
+    if record.owner is not None:
+        item["owner"] = _s(record.owner)
     if record.idempotency_key is not None:
         item["idempotency_key"] = _s(record.idempotency_key)
         item["request_digest"] = _s(record.request_digest or "")
@@ -515,4 +559,5 @@ def _to_record(item: dict) -> TaskRecord:
         idempotency_key=_str(item, "idempotency_key"),
         request_digest=_str(item, "request_digest") or None,
         webhook_url=_str(item, "webhook_url"),
+        owner=_str(item, "owner"),
     )

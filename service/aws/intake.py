@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from ..idempotency import replayed
-from ..ports import TaskIntake, TaskRecord
+from ..ports import CallerLimits, TaskIntake, TaskRecord
 from .dynamo_store import DynamoTaskStore, IdempotencyKeyTaken
 from .sqs_queue import SqsTaskQueue
 
@@ -19,7 +19,8 @@ class AwsTaskIntake(TaskIntake):
                  on_queued: Optional[Callable[[], object]] = None):
         self.store, self.queue, self.on_queued = store, queue, on_queued
 
-    def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
+    def submit(self, record: TaskRecord, max_queue: int,
+               caller_limits: Optional[CallerLimits] = None) -> tuple[TaskRecord, bool]:
         key = record.idempotency_key
         if key:
             first = self.store.find_by_idempotency_key(key)
@@ -27,7 +28,7 @@ class AwsTaskIntake(TaskIntake):
                 return replayed(record, first), False
         try:
             # The key's mapping and the queue limit are checked in the same transaction.
-            self.store.create(record, max_queued=max_queue)
+            self.store.create(record, max_queued=max_queue, caller_limits=caller_limits)
         except IdempotencyKeyTaken:  # a concurrent submit with the same key won the race
             first = self.store.find_by_idempotency_key(key or "")
             if first is None:

@@ -31,4 +31,5 @@ TASK_PREFIX = "task#"
 META_PREFIX = "meta#"
 IDEMPOTENCY_PREFIX = "idem#"
 COUNTER_KEY = "counter#tasks"
+OWNER_PREFIX = "owner#"  # one counter item per caller: queued, running, active (ACESTEP_CALLER_MAX_*)
 WORKERS_KEY = "workers#beats"

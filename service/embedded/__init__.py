@@ -8,6 +8,7 @@ from ..blob_keys import PENDING_UPLOADS_PREFIX
 from ..config import Settings
 from ..ports import Backend
 from ..signing_keys import CachedKeys
+from ..storage_errors import has_room
 from .db import Database
 from .orphans import ORPHAN_OUTPUT_SECONDS, collect_orphan_outputs
 from .signing_secret import FileSigningSecret
@@ -46,4 +47,5 @@ def make_embedded_backend(settings: Settings) -> Backend:
         return removed + collect_orphan_outputs(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
 
     return Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
-                   sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load))
+                   sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load),
+                   has_room=lambda: has_room(data_dir, settings.min_free_mb * 1024 * 1024))

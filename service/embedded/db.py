@@ -12,6 +12,8 @@ import sqlite3
 import threading
 from typing import Iterator
 
+from ..storage_errors import StorageFull, is_storage_full
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -30,10 +32,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     blob_keys TEXT NOT NULL DEFAULT '[]',
     idempotency_key TEXT,
     request_digest TEXT,
-    webhook_url TEXT
+    webhook_url TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at);
+CREATE INDEX IF NOT EXISTS tasks_owner_status ON tasks(owner, status) WHERE owner IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -80,7 +84,7 @@ class Database:
         have = {row["name"] for row in conn.execute("PRAGMA table_info(tasks)")}
         if not have:
             return  # a new database: SCHEMA creates everything
-        for column in ("idempotency_key", "request_digest", "webhook_url"):
+        for column in ("idempotency_key", "request_digest", "webhook_url", "owner"):
             if column not in have:
                 conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
 
@@ -90,11 +94,17 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if is_storage_full(exc):
+                raise StorageFull(str(exc)) from exc
             raise
-        else:
-            conn.execute("COMMIT")

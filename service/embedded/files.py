@@ -6,6 +6,7 @@ import tempfile
 from typing import Optional
 
 from ..ports import BlobStore
+from ..storage_errors import StorageFull, is_storage_full
 
 
 class InvalidKey(KeyError):
@@ -38,9 +39,11 @@ class FileBlobStore(BlobStore):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if is_storage_full(exc):
+                raise StorageFull(f"no room for {key}: {exc}") from exc
             raise
 
     def get(self, key: str) -> bytes:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from ..idempotency import replayed
-from ..ports import TaskIntake, TaskRecord
+from typing import Optional
+
+from ..ports import QUEUED, RUNNING, CallerLimits, TaskIntake, TaskRecord
+from ..caller_limits import check_caller
 from .db import Database
 from .queue import SqliteTaskQueue
 from .store import insert_task, record_from_row
@@ -12,13 +15,18 @@ class SqliteTaskIntake(TaskIntake):
     def __init__(self, db: Database, queue: SqliteTaskQueue):
         self.db, self.queue = db, queue
 
-    def submit(self, record: TaskRecord, max_queue: int) -> tuple[TaskRecord, bool]:
+    def submit(self, record: TaskRecord, max_queue: int,
+               caller_limits: Optional[CallerLimits] = None) -> tuple[TaskRecord, bool]:
         with self.db.write() as c:
             if record.idempotency_key:
                 row = c.execute("SELECT * FROM tasks WHERE idempotency_key = ?",
                                 (record.idempotency_key,)).fetchone()
                 if row is not None:
                     return replayed(record, record_from_row(row)), False
+            if record.owner and caller_limits is not None:  # counted inside the write lock: exact
+                counts = dict(c.execute("SELECT status, COUNT(*) FROM tasks WHERE owner = ? AND status IN (?, ?)"
+                                        " GROUP BY status", (record.owner, QUEUED, RUNNING)).fetchall())
+                check_caller(counts.get(QUEUED, 0), counts.get(RUNNING, 0), caller_limits)
             insert_task(c, record)
             self.queue.insert(c, record.task_id, max_queue)  # QueueFull rolls back the insert too
         self.queue.notify()

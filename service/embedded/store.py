@@ -31,15 +31,17 @@ def record_from_row(row) -> TaskRecord:
         idempotency_key=row["idempotency_key"],
         request_digest=row["request_digest"],
         webhook_url=row["webhook_url"],
+        owner=row["owner"],
     )
 
 
 def insert_task(c, record: TaskRecord) -> None:
     c.execute(
         "INSERT INTO tasks (task_id, status, request, created_at, stage, blob_keys, idempotency_key,"
-        " request_digest, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " request_digest, webhook_url, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.task_id, record.status, json.dumps(record.request), record.created_at, record.stage,
-         json.dumps(record.blob_keys), record.idempotency_key, record.request_digest, record.webhook_url),
+         json.dumps(record.blob_keys), record.idempotency_key, record.request_digest, record.webhook_url,
+         record.owner),
     )
 
 

@@ -1,0 +1,63 @@
+"""Requests per second per caller (ACESTEP_RATE_LIMIT_RPS): a token bucket per API key or address.
+
+Counts what creates work (POST and PUT: submits, uploads, /format_input); polling
+(/query_result) and downloads are cheap reads and not counted. In-process: on the embedded
+backend that is the whole API; on Lambda each instance counts its own share and the API Gateway
+stage throttle (infra/) bounds the total. Over the limit: 429 with Retry-After.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.caller_limits import caller_id
+
+COUNTED_METHODS = ("POST", "PUT")
+EXEMPT = ("/health", "/query_result")
+MAX_CALLERS = 10000  # buckets kept; the oldest are dropped beyond this
+
+
+class TokenBuckets:
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+
+    def take(self, caller: str, now: float | None = None) -> float:
+        """0 when the request may go ahead, else the seconds until it could."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.pop(caller, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+            self._buckets[caller] = (tokens - 1 if wait == 0 else tokens, now)
+            if len(self._buckets) > MAX_CALLERS:
+                self._buckets.pop(next(iter(self._buckets)))
+            return wait
+
+
+class RateLimitMiddleware:
+    def __init__(self, app: ASGIApp, rate: float):
+        self.app = app
+        self.buckets = TokenBuckets(rate, max(1.0, 2 * rate))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in COUNTED_METHODS or scope.get("path", "") in EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+        if auth[:7].lower() == "bearer ":
+            auth = auth[7:].strip()
+        client = scope.get("client")
+        wait = self.buckets.take(caller_id(auth or None, client[0] if client else None))
+        if wait > 0:
+            response = JSONResponse({"detail": "Too many requests: slow down (ACESTEP_RATE_LIMIT_RPS)"},
+                                    status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,26 @@
+"""Per-caller limits on tasks in flight, and the caller identity they count by.
+
+A caller is its API key (a digest, never the key) or, without a key, its address. Both backends
+count inside the write that creates the task (SQLite's write lock; a conditional DynamoDB
+transaction), so concurrent submits cannot overshoot.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from .ports import CallerBusy, CallerLimits
+
+
+def caller_id(credential: str | None, address: str | None) -> str:
+    if credential:
+        return "key:" + hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return "ip:" + (address or "unknown")
+
+
+def check_caller(queued: int, running: int, limits: CallerLimits) -> None:
+    if queued >= limits.max_queued:
+        raise CallerBusy(f"you have {queued} tasks waiting; the limit per caller is {limits.max_queued} "
+                         "(ACESTEP_CALLER_MAX_QUEUED)")
+    if queued + running >= limits.max_active:
+        raise CallerBusy(f"you have {queued + running} tasks waiting or running; the limit per caller is "
+                         f"{limits.max_active} (ACESTEP_CALLER_MAX_ACTIVE)")

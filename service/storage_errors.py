@@ -1,0 +1,30 @@
+"""A full disk is an outage, not a bug: adapters raise StorageFull, the API answers 507 and the worker
+backs off instead of failing (or dead-lettering) tasks that are fine."""
+from __future__ import annotations
+
+import errno
+import shutil
+import sqlite3
+
+
+class StorageFull(Exception):
+    """The backend's storage has no room left (ENOSPC / EDQUOT / SQLite 'database or disk is full')."""
+
+
+STORAGE_FULL_MESSAGE = "the server's storage is full; try again later"
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    if isinstance(exc, StorageFull):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+
+
+def has_room(path: str, min_free_bytes: int) -> bool:
+    """At least `min_free_bytes` free where `path` lives."""
+    try:
+        return shutil.disk_usage(path).free >= min_free_bytes
+    except OSError:
+        return True  # cannot tell: let the write itself decide

@@ -1,0 +1,155 @@
+"""Full disks, oversized records and costly tasks (issue 11, defects 6, 7 and 8)."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from service.embedded.files import FileBlobStore
+from service.ports import QUEUED, RUNNING, SUCCEEDED
+from service.storage_errors import StorageFull
+from service.worker import MAX_RESULT_BYTES, Worker
+from tests.api_support import make_api
+from tests.test_worker import ScriptedEngine, _submit
+
+
+class _FullDisk(FileBlobStore):
+    """The blob store on a disk with no room left (a true boundary: the filesystem)."""
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        raise StorageFull(f"no room for {key}: {OSError(errno.ENOSPC, 'No space left on device')}")
+
+
+def test_a_request_too_large_to_store_is_refused_at_submit(settings):
+    api = make_api(settings)
+    # Each field within its character limit, but 4 bytes per emoji as stored.
+    r = api.client.post("/release_task", json={"prompt": "🎸" * 4096, "lyrics": "🥁" * 16384})
+    assert r.status_code == 413 and "bytes as stored" in r.json()["detail"]
+    r = api.client.post("/release_task", json={"prompt": "x", "complete_track_classes": ["drums"] * 20000})
+    assert r.status_code == 413 and "complete_track_classes" in r.json()["detail"]
+    assert api.backend.store.counts()["total"] == 0
+
+
+def test_a_task_over_the_cost_ceiling_is_refused_with_the_numbers(settings):
+    api = make_api(settings)
+    r = api.client.post("/release_task", json={"prompt": "x", "audio_duration": 600, "batch_size": 8,
+                                               "inference_steps": 200})
+    assert r.status_code == 413
+    assert "960,000" in r.json()["detail"] and "ACESTEP_MAX_TASK_COST" in r.json()["detail"]
+    assert api.submit(prompt="x", audio_duration=30, batch_size=2, inference_steps=8)
+
+
+def test_a_huge_result_keeps_the_task_record_small(settings, backend):
+    engine = ScriptedEngine()
+    task_id = _submit(backend)
+    original = engine._result
+
+    def bloated(req, progress):
+        result = original(req, progress)
+        result.generation_info["notes"] = ["x" * 1000] * (MAX_RESULT_BYTES // 1000 + 10)
+        return result
+
+    engine._result = bloated
+    Worker(settings, backend, engine).run_once(1.0)
+    rec = backend.store.get(task_id)
+    assert rec.status == SUCCEEDED and len(rec.result.model_dump_json()) < MAX_RESULT_BYTES
+    stored_as = rec.result.generation_info["stored_as"]
+    assert stored_as in rec.blob_keys and len(backend.blobs.get(stored_as)) > MAX_RESULT_BYTES
+
+
+def test_a_full_disk_answers_507_not_500(settings):
+    api = make_api(settings)
+    api.backend.blobs = _FullDisk(api.backend.blobs.root)
+    files = {"src_audio": ("in.wav", b"RIFF....", "audio/wav")}
+    r = api.client.post("/release_task", data={"task_type": "cover", "prompt": "x"}, files=files)
+    assert r.status_code == 507 and "storage is full" in r.json()["detail"] and r.headers["Retry-After"]
+
+
+def test_a_result_that_cannot_be_stored_is_handed_back_not_failed(settings):
+    api = make_api(settings)
+    engine = ScriptedEngine()
+    task_id = _submit(api.backend)
+    good = api.backend.blobs
+    api.backend.blobs = _FullDisk(good.root)
+    with pytest.raises(StorageFull):
+        Worker(settings, api.backend, engine).run_once(1.0)
+    rec = api.backend.store.get(task_id)
+    assert rec.status == RUNNING and rec.error is None  # not failed: the disk was full, not the task bad
+    api.backend.blobs = good
+    assert Worker(settings, api.backend, engine).run_once(1.0) is True  # handed back at once, no lease wait
+    assert api.backend.store.get(task_id).status == SUCCEEDED
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (mounting needs root; elsewhere the test is skipped and says why)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("could not mount a tmpfs here (no CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_pauses_submits_and_workers_without_spending_deliveries(settings, small_disk):
+    settings.data_dir = str(small_disk / "data")
+    settings.min_free_mb = 1
+    api = make_api(settings)
+    engine = ScriptedEngine()
+    task_id = api.submit(prompt="before the disk filled", audio_duration=10)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # fill the disk up to the last few hundred KB
+        while os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize > 300 * 1024:
+            f.write(b"\0" * 65536)
+            f.flush()
+    r = api.client.post("/release_task", json={"prompt": "during the outage"})
+    assert r.status_code == 507 and "storage is full" in r.json()["detail"]
+    worker = Worker(settings, api.backend, engine)
+    for _ in range(3):  # every round of the outage
+        with pytest.raises(StorageFull):
+            worker.run_once(0.1)
+    rec = api.backend.store.get(task_id)
+    assert rec.status == QUEUED and rec.attempt == 0  # not taken, so no delivery spent
+    filler.unlink()
+    assert worker.run_once(1.0) is True
+    rec = api.backend.store.get(task_id)
+    assert rec.status == SUCCEEDED and rec.attempt == 1
+
+
+def test_per_caller_limits_answer_429_with_retry_after(settings, backend):
+    from service.ports import CallerBusy, CallerLimits
+    from service.submission import submit_task
+
+    limits = CallerLimits(max_queued=2, max_active=3)
+    request = {"prompt": "x", "audio_duration": 10}
+    for _ in range(2):
+        submit_task(backend, request, 100, owner="key:a", caller_limits=limits)
+    with pytest.raises(CallerBusy, match="2 tasks waiting"):
+        submit_task(backend, request, 100, owner="key:a", caller_limits=limits)
+    submit_task(backend, request, 100, owner="key:b", caller_limits=limits)  # another caller is not affected
+    lease = backend.queue.receive(1.0, 30)  # one of a's starts running: a may queue one more
+    backend.store.claim(lease.task_id, "w")
+    submit_task(backend, request, 100, owner="key:a", caller_limits=limits)
+    backend.store.finish(lease.task_id, 99, error="stale")  # a stale finish moves nothing
+    lease2 = backend.queue.receive(1.0, 30)
+    backend.store.claim(lease2.task_id, "w")  # now 1 waiting + 2 running
+    with pytest.raises(CallerBusy, match="3 tasks waiting or running"):
+        submit_task(backend, request, 100, owner="key:a", caller_limits=limits)
+    backend.store.finish(lease.task_id, 1, error="done")  # finished tasks no longer count
+    submit_task(backend, request, 100, owner="key:a", caller_limits=limits)
+
+
+def test_the_api_applies_caller_limits_and_a_submit_rate(settings):
+    api = make_api(settings, caller_max_queued=2, caller_max_active=2)
+    api.submit(prompt="a")
+    api.submit(prompt="b")
+    r = api.client.post("/release_task", json={"prompt": "c"})
+    assert r.status_code == 429 and "limit per caller" in r.json()["detail"] and r.headers["Retry-After"] == "30"
+    fast = make_api(settings.model_copy(update={"data_dir": settings.data_dir + "-2"}), rate_limit_rps=1)
+    codes = [fast.client.post("/release_task", json={"prompt": "x"}).status_code for _ in range(4)]
+    assert codes[:2] == [200, 200] and codes[-1] == 429  # a burst of 2, then 1 per second
+    assert all(fast.client.post("/query_result", json={"task_id_list": []}).status_code == 200 for _ in range(10))
