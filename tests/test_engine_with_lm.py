@@ -110,3 +110,13 @@ def test_full_analysis_only_without_source_is_refused_at_validation():
 
     with pytest.raises(ValidationError, match="full_analysis_only needs source audio"):
         GenerationRequest(prompt="x", full_analysis_only=True)
+
+
+def test_allow_lm_batch_false_decodes_item_by_item_with_the_same_codes(lm_engine):
+    batched = lm_engine.planner.plan(req(seeds=[5, 6]), seeds=[5, 6])
+    one_by_one = lm_engine.planner.plan(req(seeds=[5, 6], allow_lm_batch=False), seeds=[5, 6])
+    assert one_by_one.codes == batched.codes  # each item draws from its own seed either way
+    assert [p.items for p in one_by_one.phases if p.phase == "codes"] == [1, 1]
+    assert [p.items for p in batched.phases if p.phase == "codes"] == [2]
+    assert one_by_one.timings["lm_codes_s"] == pytest.approx(
+        sum(p.seconds for p in one_by_one.phases if p.phase == "codes"), abs=1e-3)

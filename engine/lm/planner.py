@@ -285,12 +285,17 @@ class Planner:
             if duration is None and self.enforce_lm_duration and isinstance(cot_md.get("duration"), int):
                 duration = cot_md["duration"]
             target = target_codes(duration)
-            codes, cot_text, stats = self.codes(caption, lyrics, cot_md, seeds=seeds, sampling=sampling,
-                                                target=target if constrained else None, constrained=constrained,
-                                                negative_prompt=r.lm_negative_prompt, progress=progress,
-                                                max_new_tokens=None if constrained or target is None
-                                                else target + 500)
-            plan.phases.append(stats)
+            # allow_lm_batch=false decodes the items one after another: the same codes (each item draws from
+            # its own seed either way), a smaller peak memory, a longer wait.
+            groups = [seeds] if r.allow_lm_batch else [[s] for s in seeds]
+            codes = []
+            for group in groups:
+                group_codes, cot_text, stats = self.codes(
+                    caption, lyrics, cot_md, seeds=group, sampling=sampling, target=target if constrained else None,
+                    constrained=constrained, negative_prompt=r.lm_negative_prompt, progress=progress,
+                    max_new_tokens=None if constrained or target is None else target + 500)
+                plan.phases.append(stats)
+                codes.extend(group_codes)
             plan.codes = codes
             plan.cot_text = cot_text
             if target is not None and any(len(c) != target for c in codes):
