@@ -105,7 +105,8 @@ class DecodeHost:
     def __init__(self):
         self.requests: dict[str, _Request] = {}
         self.errors: list[str] = []
-        self.seconds = 0.0  # time inside apply(), for the constraint's share of decode time
+        self.seconds = 0.0  # time inside apply(): constraint, penalty, and for CFG pairs guidance and the draw
+        self.constraint_seconds = 0.0  # of which the constraint (allowed/advance and masking), as on transformers
         self.lock = threading.Lock()
 
     def register(self, req: _Request) -> None:
@@ -133,6 +134,7 @@ class DecodeHost:
     def _apply(self, logits: torch.Tensor, rows: Sequence[tuple[int, str, int, Optional[int]]]) -> None:
         plain: list[tuple[int, _Request]] = []
         pairs: dict[int, dict[str, tuple[int, _Request]]] = {}
+        t0 = time.perf_counter()
         for row, key, n_out, last in rows:
             req = self.requests.get(key)
             if req is None:
@@ -148,9 +150,9 @@ class DecodeHost:
                 plain.append((row, req))
             else:
                 pairs.setdefault(id(req.pair), {})[req.role] = (row, req)
+        self.constraint_seconds += time.perf_counter() - t0
         self._plain(logits, plain)
-        for members in pairs.values():
-            self._pair(logits, members)
+        self._pairs(logits, list(pairs.values()))
 
     def _plain(self, logits: torch.Tensor, rows: list[tuple[int, _Request]]) -> None:
         if not rows:
@@ -162,42 +164,61 @@ class DecodeHost:
             applier = group[0][1].applier
             index = torch.tensor([row for row, _ in group], device=logits.device)
             sub = logits.index_select(0, index)
+            t0 = time.perf_counter()
             allowed = [r.constraint.allowed() if r.constraint is not None and not r.constraint.done else None
                        for _, r in group]
             applier.apply(sub, allowed)
+            self.constraint_seconds += time.perf_counter() - t0
             for i, (_, req) in enumerate(group):
                 if req.seen is not None:
                     sub[i] = repetition_penalty(sub[i:i + 1], _seen_mask(req, sub.shape[-1]), req.penalty)[0]
             logits.index_copy_(0, index, sub)
 
-    def _pair(self, logits: torch.Tensor, members: dict[str, tuple[int, _Request]]) -> None:
-        if set(members) != {"cond", "uncond"}:
-            req = next(iter(members.values()))[1]
-            self.errors.append(f"CFG pair of request {req.key} lost lockstep: only its {next(iter(members))} "
-                               "row is in this step")
+    def _pairs(self, logits: torch.Tensor, groups: Sequence[dict[str, tuple[int, _Request]]]) -> None:
+        """Every complete CFG pair of this step at once: guide, constrain, penalise, filter, draw, then leave
+        only the drawn token finite in both of each pair's rows."""
+        ready: list[tuple[int, int, _Request, _Request]] = []
+        for members in groups:
+            if set(members) != {"cond", "uncond"}:
+                req = next(iter(members.values()))[1]
+                self.errors.append(f"CFG pair of request {req.key} lost lockstep: only its {next(iter(members))} "
+                                   "row is in this step")
+                continue
+            (c_row, cond), (u_row, uncond) = members["cond"], members["uncond"]
+            if len(cond.output) != len(uncond.output):
+                self.errors.append(f"CFG pair of request {cond.key} lost lockstep ({len(cond.output)} vs "
+                                   f"{len(uncond.output)} tokens)")
+                continue
+            ready.append((c_row, u_row, cond, uncond))
+        if not ready:
             return
-        (c_row, cond), (u_row, uncond) = members["cond"], members["uncond"]
-        if len(cond.output) != len(uncond.output):
-            self.errors.append(f"CFG pair of request {cond.key} lost lockstep ({len(cond.output)} vs "
-                               f"{len(uncond.output)} tokens)")
-            return
-        pair = cond.pair
-        assert pair is not None
-        s = pair.sampling
-        guided = guide(logits[c_row:c_row + 1], logits[u_row:u_row + 1], pair.scale)
-        c = cond.constraint
-        cond.applier.apply(guided, [c.allowed() if c is not None and not c.done else None])
-        if cond.seen is not None:
-            guided = repetition_penalty(guided, _seen_mask(cond, guided.shape[-1]), s.repetition_penalty)
+        device = logits.device
+        c_rows = torch.tensor([r[0] for r in ready], device=device)
+        u_rows = torch.tensor([r[1] for r in ready], device=device)
+        guided = guide(logits.index_select(0, c_rows), logits.index_select(0, u_rows), ready[0][2].pair.scale)
+        conds = [r[2] for r in ready]
+        t0 = time.perf_counter()
+        ready[0][2].applier.apply(guided, [c.constraint.allowed() if c.constraint is not None
+                                           and not c.constraint.done else None for c in conds])
+        self.constraint_seconds += time.perf_counter() - t0
+        s = ready[0][2].pair.sampling  # one generate call: the same sampling for every pair
+        if s.repetition_penalty != 1.0:
+            seen = torch.cat([_seen_mask(c, guided.shape[-1]) for c in conds])
+            guided = repetition_penalty(guided, seen, s.repetition_penalty)
         guided = filter_logits(guided, s.temperature, s.top_k, s.top_p)
-        token = int(choose(guided, s.temperature, [pair.generator])[0])
-        for row in (c_row, u_row):
-            value = logits[row, token].clone()
-            logits[row].fill_(float("-inf"))
-            logits[row, token] = value if torch.isfinite(value) else 0.0
-        pair.chosen.append(token)
-        cond.feed(token)
-        uncond.feed(token)
+        tokens = choose(guided, s.temperature, [c.pair.generator for c in conds])
+        rows = torch.cat([c_rows, u_rows])
+        both = torch.cat([tokens, tokens])
+        values = logits[rows, both]
+        values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
+        logits.index_fill_(0, rows, float("-inf"))
+        logits[rows, both] = values
+        t0 = time.perf_counter()
+        for token, (_, _, cond, uncond) in zip(tokens.tolist(), ready):
+            cond.pair.chosen.append(token)
+            cond.feed(token)
+            uncond.feed(token)
+        self.constraint_seconds += time.perf_counter() - t0
 
 
 def _seen_mask(req: _Request, width: int) -> torch.Tensor:
@@ -451,8 +472,7 @@ class VllmLM:
         prompt_need = [len(prompts[i]) + (len(uncond_prompts[i]) if cfg else 0) for i in range(n)]
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
-        HOST.seconds = 0.0
-        self.applier.seconds = 0.0
+        HOST.seconds = HOST.constraint_seconds = 0.0
         prefill_s = decode_s = 0.0
         steps_total = 0
         for wave in self._waves(rows, kv_need, prompt_need):
@@ -462,7 +482,7 @@ class VllmLM:
             decode_s += d
             steps_total += steps
         return DecodeResult(tokens=out, stopped=stopped, prompt_tokens=[len(p) for p in prompts], steps=steps_total,
-                            prefill_s=prefill_s, decode_s=decode_s, constraint_s=HOST.seconds,
+                            prefill_s=prefill_s, decode_s=decode_s, constraint_s=HOST.constraint_seconds,
                             rows=sum(rows))
 
     def _run_wave(self, wave, prompts, seeds, sampling, max_new_tokens, uncond_prompts, constraints, stops,
