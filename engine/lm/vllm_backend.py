@@ -372,6 +372,10 @@ class VllmLM:
         )
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        if gpu_memory_utilization is None and torch.cuda.is_available():
+            # vLLM refuses to start unless total x utilization is free; the DiT is loaded first and keeps its share
+            free, total = torch.cuda.mem_get_info()
+            gpu_memory_utilization = round(0.95 * free / total, 3)
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         config = EngineArgs(**kwargs).create_engine_config()
