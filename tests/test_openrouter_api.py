@@ -286,3 +286,14 @@ def test_raw_httpx_streaming_client(chat):
             if delta.get("audio"):
                 audio_url = delta["audio"][0]["audio_url"]["url"]
     assert "cheerful guitar" in "".join(content) and audio_url and audio_bytes(audio_url)
+
+
+def test_webhook_url_on_a_chat_request_is_checked_like_release_tasks(chat):
+    r = chat.post(expect=400, messages=user("<prompt>x</prompt>"), webhook_url="http://127.0.0.1:9/hook")
+    assert "private, loopback" in r["detail"]
+    chat.settings.webhook_allow_private = True
+    r = chat.client.post("/v1/chat/completions", headers=chat.headers, json={
+        "messages": user("<prompt>x</prompt>"), "webhook_url": "http://127.0.0.1:9/hook",
+        "audio_config": {"duration": 10}})
+    assert r.status_code == 200
+    assert chat.backend.store.get(r.headers["x-task-id"]).webhook_url == "http://127.0.0.1:9/hook"

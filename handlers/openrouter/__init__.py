@@ -14,6 +14,7 @@ from service.ports import Backend
 from ..app import cors_origins
 from ..envelope import install_error_handlers
 from ..request_context import RequestContextMiddleware
+from ..webhook_payload import build_notifier
 from . import routes
 
 DESCRIPTION = """OpenAI Chat Completions-compatible music generation (upstream's OpenRouter API).
@@ -27,6 +28,7 @@ def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: fl
     app.state.settings = settings
     app.state.backend = backend
     app.state.poll_seconds = poll_seconds  # None: per backend (waiting.POLL_SECONDS)
+    app.state.webhooks = build_notifier(settings, backend)
     install_error_handlers(app)
     app.include_router(routes.router)
     origins = cors_origins(settings)

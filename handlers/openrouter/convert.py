@@ -19,7 +19,7 @@ SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
 # Set by this module from the request's own fields: extras may not override them.
 _OWN = {"prompt", "caption", "lyrics", "sample_mode", "sample_query", "task_type", "model", "src_audio",
         "reference_audio", "src_audio_path", "reference_audio_path", "src_audio_key", "reference_audio_key",
-        "ai_token", "idempotency_key", "param_obj", "metas", "metadata"}
+        "ai_token", "idempotency_key", "param_obj", "metas", "metadata", "webhook_url"}
 
 
 @dataclass
@@ -61,7 +61,7 @@ def to_task(req: ChatCompletionRequest, *, model_names: Sequence[str], default_m
         "thinking": req.thinking, "use_format": req.use_format, "use_cot_caption": req.use_cot_caption,
         "use_cot_language": req.use_cot_language, "lm_temperature": req.temperature, "lm_top_p": req.top_p,
         "lm_top_k": req.top_k, "guidance_scale": req.guidance_scale,
-        "batch_size": req.batch_size if req.batch_size is not None else fields.get("batch_size", 1),
+        "batch_size": req.batch_size if req.batch_size is not None else 1,  # upstream's chat default
         "seed": req.seed, "repainting_start": req.repainting_start, "repainting_end": req.repainting_end,
         "audio_cover_strength": req.audio_cover_strength,
         "audio_duration": config.duration, "bpm": config.bpm, "key_scale": config.key_scale,

@@ -21,7 +21,7 @@ from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
 
 from ..body import _json_object, read_limited
-from ..deps import backend_of, settings_of
+from ..deps import backend_of, settings_of, webhooks_of
 from ..envelope import ApiError, bad_request
 from ..request_parsing import validation_message
 from ..routes_info import model_list
@@ -77,7 +77,10 @@ async def chat_completions(request: Request):
                        lm_available=lm_available, max_audio_bytes=settings.max_upload_bytes)
     except MessageError as exc:
         raise bad_request(str(exc)) from None
-    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed)
+    webhook_url = (req.model_extra or {}).get("webhook_url")
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        raise bad_request("webhook_url: must be an http(s) URL")
+    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed, None, webhook_url or None)
     headers = {TASK_HEADER: task_id}
     if req.stream:
         return StreamingResponse(_stream(request, task_id, task.model_id, task.lm_fallback),
@@ -90,7 +93,7 @@ async def chat_completions(request: Request):
         if tick.finished:
             return await _completion(request, tick, task.model_id, task.lm_fallback, headers)
         if await request.is_disconnected():
-            cancel_in_background(backend, task_id)
+            cancel_in_background(backend, task_id, webhooks_of(request).task_finished)
             return Response(status_code=499)  # nobody reads it
     raise AssertionError("ticks() ends with a finished or timed-out tick")  # pragma: no cover
 
@@ -139,7 +142,7 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
         yield out.DONE
     finally:
         if not ended:  # the client went away while the task waited or ran
-            cancel_in_background(backend, task_id)
+            cancel_in_background(backend, task_id, webhooks_of(request).task_finished)
 
 
 @router.get("/v1/models", summary="Models (OpenAI list shape with OpenRouter's fields)")

@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from starlette.concurrency import run_in_threadpool
 
@@ -48,9 +48,9 @@ async def ticks(backend: Backend, task_id: str, max_wait: float, poll: Optional[
         await asyncio.sleep(interval)
 
 
-def cancel_in_background(backend: Backend, task_id: str) -> None:
+def cancel_in_background(backend: Backend, task_id: str, on_cancelled: Callable[[str], None]) -> None:
     """From a request being torn down (no awaiting there): cancel the orphaned task in a thread."""
-    threading.Thread(target=cancel_task, args=(backend, task_id, DISCONNECT_REASON),
+    threading.Thread(target=cancel_task, args=(backend, task_id, DISCONNECT_REASON, on_cancelled),
                      name="cancel-orphan", daemon=True).start()
 
 
