@@ -19,6 +19,7 @@ import threading
 import time
 
 from service.config import ENV_NAMES, Settings, load_settings
+from handlers.openrouter.waiting import server_stopping as chat_server_stopping
 from service.upstream_env import warn_unused_upstream_env
 from service.observability.logs import configure_logging
 
@@ -205,6 +206,7 @@ def main(argv=None) -> None:
 
     def on_signal(signum, frame):
         received.append(signum)
+        chat_server_stopping.set()
         for server in servers:
             server.force_exit = server.should_exit  # a second signal drops open connections
             server.should_exit = True

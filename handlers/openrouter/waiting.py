@@ -6,6 +6,7 @@ finishes, when the client goes away, or at the API's wait limit (the task itself
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ from service.records import TERMINAL, TaskRecord
 
 POLL_SECONDS = {"embedded": 0.25, "aws": 1.0}
 DISCONNECT_REASON = "cancelled: the client of the chat completion disconnected"
+# Set by acestep-api when it starts to shut down: a stream the server itself closes is no client
+# that left, so its task is left to finish (the workers drain) and to /query_result.
+server_stopping = threading.Event()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +55,9 @@ async def ticks(backend: Backend, task_id: str, max_wait: float, poll: Optional[
 
 def cancel_in_background(backend: Backend, task_id: str, on_cancelled: Callable[[str], None]) -> None:
     """From a request being torn down (no awaiting there): cancel the orphaned task in a thread."""
+    if server_stopping.is_set():
+        log.info("server stopping: chat task %s is left to finish (see /query_result)", task_id)
+        return
     threading.Thread(target=cancel_task, args=(backend, task_id, DISCONNECT_REASON, on_cancelled),
                      name="cancel-orphan", daemon=True).start()
 
