@@ -21,6 +21,8 @@ from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
 from .rate_limit import RateLimitMiddleware
 from .request_context import RequestContextMiddleware
+from .results import QueryResults
+from .submit_gate import SubmitGate
 from .signing import openapi_url, verify
 from .webhook_payload import build_notifier
 
@@ -63,6 +65,8 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.backend = backend
     app.state.lm_gateway = lm_gateway
     app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)
+    app.state.query_results = QueryResults(settings, backend)  # caches finished entries for the app's life
+    app.state.submit_gate = SubmitGate(backend)
     install_error_handlers(app)
     for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio):
         app.include_router(module.router)

@@ -8,13 +8,15 @@ running: progress and stage; failed: the error message). Unknown ids are failed 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+import time
+from typing import Any, Hashable, Optional
 
 from service.config import Settings
 from service.ports import Backend
-from service.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, AudioFile, TaskRecord, TaskResult
+from service.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, TERMINAL, AudioFile, TaskRecord, TaskResult
 
-from .signing import audio_url
+from .result_cache import FinishedEntries
+from .signing import audio_url, expiry, signature
 
 ENV = "development"  # upstream's constant; clients print it
 NOT_FOUND = "task not found"
@@ -132,10 +134,61 @@ def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, po
     return _entry(task_id, 0, [item], f"{record.stage or 'running'} ({round(100 * (record.progress or 0))}%)")
 
 
-def query_entries(task_ids: list[str], settings: Settings, backend: Backend) -> list[dict]:
-    """One entry per requested id, in order, duplicates kept."""
-    lookup = sorted({t for t in task_ids if t and len(t) <= MAX_ID_LEN})
-    records = backend.store.get_many(lookup) if lookup else {}
-    queued = [t for t, r in records.items() if r.status == QUEUED]
-    positions = backend.store.queue_positions(queued) if queued else {}
-    return [entry_for(t, records.get(t), settings, positions.get(t)) for t in task_ids]
+def dumps(value: Any) -> bytes:
+    """JSON as FastAPI's JSONResponse writes it (compact, UTF-8, no NaN)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def signature_window(settings: Settings) -> Hashable:
+    """What a finished entry's signed URLs depend on: the expiry they carry and the signing key
+    (a signature of a fixed message tells keys apart without holding the key)."""
+    return expiry(settings.audio_url_ttl), signature(settings, "audio-window", "", 0)
+
+
+class QueryResults:
+    """/query_result bodies: finished entries from the cache, the rest read from the store."""
+
+    def __init__(self, settings: Settings, backend: Backend, cache: Optional[FinishedEntries] = None):
+        self.settings, self.backend = settings, backend
+        self.cache = cache if cache is not None else FinishedEntries()
+
+    def cached(self, task_ids: list[str]) -> Optional[list[bytes]]:
+        """Every entry from the cache, or None when one must be read (no I/O: fine on the event loop)."""
+        window = signature_window(self.settings)
+        out = []
+        for task_id in task_ids:
+            entry = self.cache.get(task_id, window)
+            if entry is None:
+                return None
+            out.append(entry)
+        return out
+
+    def entries(self, task_ids: list[str]) -> list[bytes]:
+        """One serialised entry per requested id, in order; reads the store for those not cached."""
+        window = signature_window(self.settings)
+        found = {t: e for t in dict.fromkeys(task_ids) if (e := self.cache.get(t, window)) is not None}
+        missing = [t for t in task_ids if t not in found]
+        if missing:
+            for task_id, entry, finished in self._read(missing):
+                found[task_id] = entry
+                if finished:
+                    self.cache.put(task_id, window, entry)
+        return [found[t] for t in task_ids]
+
+    def _read(self, task_ids: list[str]) -> list[tuple[str, bytes, bool]]:
+        lookup = sorted({t for t in task_ids if t and len(t) <= MAX_ID_LEN})
+        records = self.backend.store.get_many(lookup) if lookup else {}
+        queued = [t for t, r in records.items() if r.status == QUEUED]
+        positions = self.backend.store.queue_positions(queued) if queued else {}
+        out = []
+        for task_id in dict.fromkeys(task_ids):
+            record = records.get(task_id)
+            entry = dumps(entry_for(task_id, record, self.settings, positions.get(task_id)))
+            out.append((task_id, entry, record is not None and record.status in TERMINAL))
+        return out
+
+
+def envelope_bytes(entries: list[bytes]) -> bytes:
+    """The success envelope (envelope.wrap) around already serialised entries."""
+    return (b'{"data":[' + b",".join(entries) + b'],"code":200,"error":null,"timestamp":'
+            + str(int(time.time() * 1000)).encode() + b',"extra":null}')

@@ -5,6 +5,7 @@ import json
 from typing import Any, Optional
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from engine.request import GenerationRequest
@@ -15,8 +16,9 @@ from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import bad_request, wrap
 from .request_parsing import parse_release_task
-from .results import MAX_IDS, query_entries
+from .results import MAX_IDS, QueryResults, envelope_bytes
 from .submit import submit_parsed
+from .submit_gate import SubmitGate
 
 router = APIRouter(tags=["tasks"])
 
@@ -91,12 +93,13 @@ async def release_task(request: Request):
     require_body_or_header(settings, request, token_from_fields(body.fields))
     idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
     parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
+    gate: SubmitGate = request.app.state.submit_gate
 
     webhook_url = body.fields.get("webhook_url")
     if webhook_url is not None and not isinstance(webhook_url, str):
         raise bad_request("webhook_url: must be an http(s) URL")
     task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key,
-                                                webhook_url or None, caller_of(request, body.fields))
+                                                webhook_url or None, caller_of(request, body.fields), gate)
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
 
 
@@ -126,7 +129,7 @@ def parse_task_ids(value: Any) -> list[str]:
 async def query_result(request: Request):
     """One entry per id, in order: `{task_id, status: 0 running/queued | 1 succeeded | 2 failed,
     result: JSON string, progress_text}`."""
-    settings, backend = settings_of(request), backend_of(request)
+    settings = settings_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     fields = body.fields
@@ -134,5 +137,11 @@ async def query_result(request: Request):
     if raw is None:
         raw = fields.get("task_ids", fields.get("task_id"))
     ids = parse_task_ids(raw)
-    data = await run_in_threadpool(query_entries, ids, settings, backend)
-    return wrap(data)
+    results: QueryResults = request.app.state.query_results
+    # Finished tasks are served from memory on the event loop; anything else reads the store in a thread.
+    entries = results.cached(ids)
+    if entries is None:
+        entries = await run_in_threadpool(results.entries, ids)
+    # Pre-serialised entries: a plain Response skips FastAPI's encoder.
+    return Response(envelope_bytes(entries), media_type="application/json")
+

@@ -8,8 +8,6 @@ from __future__ import annotations
 from typing import Optional
 
 from service.config import Settings
-from service.format_via_worker import lm_served
-from service.observability.health import unservable_reason
 from service.ports import Backend, CallerBusy, CallerLimits, QueueFull
 from service.sources import SourceError, resolve_sources
 from service.storage_errors import STORAGE_FULL_MESSAGE
@@ -20,6 +18,7 @@ from service.webhooks import WebhookRefused, check_target
 
 from .envelope import ApiError
 from .request_parsing import ParsedTask
+from .submit_gate import SubmitGate
 
 LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / use_format / analysis_only), "
                  "which the workers of this server do not load; start them with ACESTEP_INIT_LLM=true (and "
@@ -28,18 +27,20 @@ LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / u
 
 def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
                   idempotency_key: Optional[str] = None, webhook_url: Optional[str] = None,
-                  caller: Optional[str] = None) -> tuple[str, Optional[int]]:
+                  caller: Optional[str] = None, gate: Optional[SubmitGate] = None) -> tuple[str, Optional[int]]:
     """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM, webhook_url),
-    429 (queue full)."""
+    429 (queue full). `gate`: the app's SubmitGate (remembers a healthy fleet for a moment); without
+    one, the store is read."""
     if webhook_url is not None:
         try:
             check_target(webhook_url, settings.webhook_allow_private)
         except WebhookRefused as exc:
             raise ApiError(400, str(exc)) from None
-    refusal = unservable_reason(backend)
+    gate = gate or SubmitGate(backend, accept_seconds=0)
+    refusal = gate.unservable_reason()
     if refusal:  # every live worker failed to load its models: the task would only wait
         raise ApiError(503, refusal, headers={"Retry-After": "60"})
-    if parsed.request.needs_lm and not lm_served(backend):
+    if parsed.request.needs_lm and not gate.lm_served():
         raise ApiError(400, LM_NOT_SERVED)
     if backend.has_room is not None and not backend.has_room():
         raise ApiError(507, STORAGE_FULL_MESSAGE, headers={"Retry-After": "60"})
