@@ -3,6 +3,11 @@
 Each thread gets its own connection; several processes (API, workers) share the file, and
 SQLite's locking serialises their writes. `BEGIN IMMEDIATE` takes the write lock up front so
 read-modify-write transitions cannot interleave.
+
+Threads of one process queue on an in-process lock before `BEGIN IMMEDIATE`: left to SQLite, a
+thread that finds the file locked sleeps in the busy handler with a growing back-off (tens of ms
+each), so under concurrent submits most of the time went to sleeping while the lock was free.
+Only writers of different processes still meet in SQLite's busy handler.
 """
 from __future__ import annotations
 
@@ -59,11 +64,22 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+# One writer lock per database file and process (several Database objects may open one file).
+_writer_locks: dict[str, threading.RLock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(path: str) -> threading.RLock:
+    with _writer_locks_guard:
+        return _writer_locks.setdefault(os.path.realpath(path), threading.RLock())
+
+
 class Database:
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._local = threading.local()
+        self._write_lock = _writer_lock(path)
         self._add_missing_columns()
         self._conn().executescript(SCHEMA)
 
@@ -91,19 +107,24 @@ class Database:
     def read(self) -> sqlite3.Connection:
         return self._conn()
 
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (PRAGMA data_version): a read, no lock."""
+        return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+            with self._write_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                else:
+                    conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             if is_storage_full(exc):
                 raise StorageFull(str(exc)) from exc

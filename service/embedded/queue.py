@@ -1,9 +1,10 @@
 """TaskQueue on SQLite: leases with a visibility timeout, redelivery and dead-lettering.
 
-Waiting for work: a receiver in the same process is woken at once by a condition variable; a
-receiver in another process (a separate `acestep-worker`) re-checks the table every
-POLL_SECONDS, which is a single indexed read. Either way an idle worker picks up a new task well
-within 50 ms.
+Waiting for work never takes the write lock: an idle receiver watches `PRAGMA data_version`
+(which moves when any other connection commits, in this process or another) every POLL_SECONDS,
+and reads the queue only when it moved, when the next lease falls due, or every
+FALLBACK_SECONDS. A receiver in the submitting process is also woken at once by a condition
+variable. The write lock is taken only when a task is visible.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Callable, Optional
 from ..ports import Lease, QueueFull, TaskQueue
 from .db import Database
 
-POLL_SECONDS = 0.02
+POLL_SECONDS = 0.005  # data_version checks: a read of the WAL index, no lock and no table access
+FALLBACK_SECONDS = 1.0  # re-read the queue at least this often whatever data_version says
 RECEIVE_BACKSTOP = 10
 
 # One condition per database file, so enqueues wake receivers of the same process.
@@ -86,17 +88,38 @@ class SqliteTaskQueue(TaskQueue):
                 self.on_dead_letter(task_id, count)
         return lease
 
+    def _next_visible_in(self) -> Optional[float]:
+        """Seconds until the first queued task is visible (<= 0: now); None when the queue is empty."""
+        row = self.db.read().execute("SELECT MIN(visible_at) FROM queue").fetchone()
+        return None if row[0] is None else float(row[0]) - time.time()
+
     def receive(self, wait_seconds: float, visibility_timeout: float) -> Optional[Lease]:
         deadline = time.monotonic() + max(0.0, wait_seconds)
         while True:
-            lease = self._take(visibility_timeout)
-            if lease is not None:
-                return lease
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            version = self.db.data_version()
+            due_in = self._next_visible_in()
+            if due_in is not None and due_in <= 0:
+                lease = self._take(visibility_timeout)
+                if lease is not None:
+                    return lease
+                continue  # another receiver took it (or it was dead-lettered): look again
+            now = time.monotonic()
+            if now >= deadline:
                 return None
+            wake_at = min(deadline, now + FALLBACK_SECONDS, now + due_in if due_in is not None else deadline)
+            self._wait_for_change(version, wake_at)
+
+    def _wait_for_change(self, version: int, until: float) -> None:
+        """Until a commit by another connection, a notify from this process, or `until` (monotonic)."""
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
             with self._cond:
-                self._cond.wait(min(remaining, POLL_SECONDS))
+                if self._cond.wait(min(remaining, POLL_SECONDS)):
+                    return
+            if self.db.data_version() != version:
+                return
 
     def extend(self, lease: Lease, visibility_timeout: float) -> None:
         with self.db.write() as c:
