@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0  # a stopping worker may finish its task this long, then gives it back
 SHUTDOWN_STREAMS_SECONDS = 5
+# Workers run at a lower CPU priority than the API they share the machine with: a generation
+# keeps every core busy, and at equal priority polls wait behind it (bench/load.py --busy-worker).
+WORKER_NICENESS = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +79,12 @@ def child_env(settings: Settings) -> dict:
     return env
 
 
+def _prepare_worker() -> None:
+    """In the worker child, before it runs: lower its priority, and tie its life to the launcher's."""
+    os.nice(WORKER_NICENESS)
+    _die_with_parent()
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
     if sys.platform.startswith("linux"):
@@ -100,7 +109,7 @@ class WorkerSupervisor:
         # group); it acts on the SIGTERMs this supervisor forwards, so one Ctrl+C is one signal.
         return subprocess.Popen([sys.executable, "-m", "entrypoints.worker", "--log-level", self.log_level,
                                  "--grace-seconds", str(STOP_GRACE_SECONDS), "--supervised"],
-                                env=child_env(self.settings), preexec_fn=_die_with_parent)
+                                env=child_env(self.settings), preexec_fn=_prepare_worker)
 
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
