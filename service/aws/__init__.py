@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from botocore.config import Config
-
 from ..config import Settings
 from ..ports import Backend
 from ..signing_keys import CachedKeys
@@ -32,8 +30,8 @@ def make_aws_backend(settings: Settings) -> Backend:
     if missing:
         raise AwsConfigError("ACESTEP_BACKEND=aws needs " + ", ".join(missing))
     # Path-style addressing when an endpoint is given: moto/localstack on 127.0.0.1 have no bucket subdomains.
-    s3_config = Config(signature_version="s3v4",
-                       s3={"addressing_style": "path" if settings.aws_endpoint_url else "virtual"})
+    s3_config = {"signature_version": "s3v4",
+                 "s3": {"addressing_style": "path" if settings.aws_endpoint_url else "virtual"}}
     store = DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days)
     queue = SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url)
     backend = Backend(
