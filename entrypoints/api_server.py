@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 20.0  # a stopping worker may finish its task this long, then gives it back
 SHUTDOWN_STREAMS_SECONDS = 5
-# Workers run at a lower CPU priority than the API they share the machine with: a generation
-# keeps every core busy, and at equal priority polls wait behind it (bench/load.py --busy-worker).
-WORKER_NICENESS = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,10 +76,14 @@ def child_env(settings: Settings) -> dict:
     return env
 
 
-def _prepare_worker() -> None:
-    """In the worker child, before it runs: lower its priority, and tie its life to the launcher's."""
-    os.nice(WORKER_NICENESS)
-    _die_with_parent()
+def _worker_preexec(niceness: int):
+    """What the worker child runs before it starts: a lower CPU priority than the API's (a
+    generation keeps every core busy; at equal priority polls wait behind it, see bench/load.py
+    --busy-worker), and a life tied to the launcher's."""
+    def prepare() -> None:
+        os.nice(niceness)
+        _die_with_parent()
+    return prepare
 
 
 def _die_with_parent() -> None:
@@ -109,7 +110,7 @@ class WorkerSupervisor:
         # group); it acts on the SIGTERMs this supervisor forwards, so one Ctrl+C is one signal.
         return subprocess.Popen([sys.executable, "-m", "entrypoints.worker", "--log-level", self.log_level,
                                  "--grace-seconds", str(STOP_GRACE_SECONDS), "--supervised"],
-                                env=child_env(self.settings), preexec_fn=_prepare_worker)
+                                env=child_env(self.settings), preexec_fn=_worker_preexec(self.settings.worker_nice))
 
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
