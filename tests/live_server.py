@@ -81,8 +81,10 @@ def live_server(data_dir: str, checkpoint_dir: str, workers: int = 1, env: Optio
     log_path = log_path or os.path.join(data_dir, f"server-{port}.log")
     os.makedirs(data_dir, exist_ok=True)
     # OPENROUTER_PORT=0: no second listener on a fixed port unless a test asks for one
+    # Workers at the test's own CPU priority: on a loaded shared machine a nicer worker starves and
+    # tests time out (test_e2e_service checks the priority with a value of its own).
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACESTEP_ALLOW_DOWNLOAD": "false", "OPENROUTER_PORT": "0",
-                "PYTHONPATH": REPO, **(env or {})}
+                "ACESTEP_WORKER_NICE": "0", "PYTHONPATH": REPO, **(env or {})}
     cmd = [sys.executable, "-m", "entrypoints.api_server", "--port", str(port), "--data-dir", data_dir,
            "--checkpoint-dir", checkpoint_dir, "--workers", str(workers), "--log-level", "info"]
     with open(log_path, "ab") as log:
