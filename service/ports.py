@@ -59,6 +59,13 @@ class TaskStore(Protocol):
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
         """Only the holder of `attempt` may update; returns False when fenced out."""
 
+    def give_back(self, task_id: str, attempt: int) -> bool:
+        """The holder of `attempt` hands the task back unfinished (its worker is stopping).
+
+        Counted in `given_back`, so the delivery is not a failed one: a task whose workers keep being
+        stopped is never dead-lettered for it. False when fenced out (another attempt, or finished).
+        """
+
     def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
                error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
         """running -> succeeded (result) or failed (error), only for the current attempt.

@@ -96,6 +96,9 @@ class WorkerHeartbeat(BaseModel):
         return max(0.0, now - self.beat_at)
 
 
+GIVEN_BACK_STAGE = "waiting: handed back by a stopping worker"
+
+
 @dataclass
 class TaskRecord:
     task_id: str
@@ -107,6 +110,7 @@ class TaskRecord:
     progress: float = 0.0
     stage: str = "queued"
     attempt: int = 0  # incremented by every claim; fences out stale workers
+    given_back: int = 0  # claims that ended in a deliberate give-back (a stopping worker): not failed deliveries
     worker_id: Optional[str] = None
     result: Optional[TaskResult] = None
     error: Optional[str] = None

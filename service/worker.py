@@ -260,6 +260,13 @@ class Worker:
             self.backend.queue.ack(lease)
             return None
         with log_context(task_id=record.task_id, attempt=record.attempt):
+            # Counted in the store, not from the queue's receive count: give-backs are not lost deliveries.
+            lost = record.attempt - 1 - record.given_back
+            if lost >= self.settings.max_receives:
+                self._fail(lease, record.attempt, f"abandoned after {lost} deliveries: the worker running it "
+                           "stopped (crashed, was killed, hung or ran out of memory) each time",
+                           record.created_at, record.started_at)
+                return None
             return self._validate(lease, record)
 
     def _validate(self, lease: Lease, record: TaskRecord) -> Optional[_Claimed]:
@@ -452,11 +459,13 @@ class Worker:
             log.warning("could not hand %s back; its lease will lapse", c.task_id, exc_info=True)
 
     def _give_back(self, c: _Claimed) -> None:
-        """Hand a claimed task back at once, unless a newer attempt holds it already."""
-        record = self.backend.store.get(c.task_id)
-        if record is not None and record.status == RUNNING and record.attempt == c.attempt:
+        """Hand a claimed task back at once, unless a newer attempt holds it already. The store records
+        the give-back (fenced by attempt), so it does not count as a lost delivery."""
+        if self.backend.store.give_back(c.task_id, c.attempt):
             self.backend.queue.release(c.lease)
-        elif record is None or record.status in TERMINAL:  # cancelled or finished meanwhile
+            return
+        record = self.backend.store.get(c.task_id)
+        if record is None or record.status in TERMINAL:  # cancelled or finished meanwhile
             self.backend.queue.ack(c.lease)
         else:
             log.warning("not giving back %s: attempt %d no longer holds it", c.task_id, c.attempt)

@@ -50,7 +50,7 @@ def test_redrive_then_drain_marks_the_task_failed_with_its_reason(tmp_path):
             lease = aws.queue.receive(1, 30)
             attempt = aws.store.claim("poison", "w").attempt
             aws.store.update_progress("poison", attempt, 0.4, "dit")
-            aws.queue.release(lease)
+            aws.queue.extend(lease, 0)  # its lease lapses at once
         assert aws.queue.receive(0, 30) is None  # the third receive moved it to the DLQ
         assert drain_dead_letters(aws) == ["poison"]
         rec = aws.store.get("poison")

@@ -57,8 +57,9 @@ def _handle(backend: Backend, queue: SqsTaskQueue, letter: DeadLetter) -> bool:
 
 
 def dead_letter_reason(record, dlq_receive_count: int) -> str:
-    # attempt counts the deliveries that reached a worker's claim; fall back to SQS's own count.
-    deliveries = record.attempt or max(1, dlq_receive_count - 1)
+    # attempt counts the deliveries that reached a worker's claim, less those handed back on purpose;
+    # fall back to SQS's own count.
+    deliveries = (record.attempt - record.given_back) or max(1, dlq_receive_count - 1)
     reason = f"dead-lettered after {deliveries} deliveries"
     if record.error:
         return f"{reason}: {record.error}"

@@ -15,7 +15,8 @@ from typing import Any, Optional
 from botocore.exceptions import ClientError
 
 from ..records import (
-    CANCELLED, FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult,
+    CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord,
+    TaskResult,
     WorkerHeartbeat,
 )
 from ..caller_limits import check_caller
@@ -331,6 +332,23 @@ class DynamoTaskStore(TaskStore):
                 return False
             raise
 
+    def give_back(self, task_id: str, attempt: int) -> bool:
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=_task_key(task_id),
+                UpdateExpression="ADD given_back :one SET progress = :zero, stage = :stage",
+                ConditionExpression="#st = :running AND attempt = :a",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues={":one": _n(1), ":zero": _n(0.0), ":stage": _s(GIVEN_BACK_STAGE),
+                                           ":running": _s(RUNNING), ":a": _n(int(attempt))},
+            )
+            return True
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+
     def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
                error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
         item = self._get_item(task_id)
@@ -552,6 +570,7 @@ def _to_record(item: dict) -> TaskRecord:
         progress=_num(item, "progress") or 0.0,
         stage=_str(item, "stage") or "",
         attempt=int(_num(item, "attempt") or 0),
+        given_back=int(_num(item, "given_back") or 0),
         worker_id=_str(item, "worker_id"),
         result=TaskResult.model_validate_json(result) if result is not None else None,
         error=_str(item, "error"),

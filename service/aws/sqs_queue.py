@@ -1,8 +1,9 @@
 """TaskQueue on SQS (standard queue).
 
-Leases are SQS receipts: extend/release change the message's visibility, ack deletes it. After
+Leases are SQS receipts: extend changes the message's visibility, ack deletes it. After
 settings.max_receives deliveries the queue's redrive policy moves a message to the dead-letter
-queue; service/aws/dlq.py then marks its task failed.
+queue; service/aws/dlq.py then marks its task failed. A give-back (release) is not a delivery
+spent: SQS counts every receive of a message, so release replaces the message with a fresh one.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 20  # SQS long-poll ceiling
 MAX_VISIBILITY_SECONDS = 12 * 3600
+RELEASE_HOLD_SECONDS = 60  # the old message stays hidden while its replacement is sent
 # The receipt no longer names an in-flight message (already deleted, or redelivered to someone else).
 _STALE_RECEIPT = {"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight",
                   "AWS.SimpleQueueService.MessageNotInflight"}
@@ -101,7 +103,17 @@ class SqsTaskQueue(TaskQueue):
         self._change_visibility(lease, _visibility(visibility_timeout))
 
     def release(self, lease: Lease) -> None:
-        self._change_visibility(lease, 0)
+        """Give the task back for another worker without spending one of its deliveries.
+
+        SQS's receive count (what its redrive policy reads) cannot be lowered, so the message is
+        replaced: a new one is sent, then the old one deleted. The old receipt is checked first, so
+        a stale lease (acked, or redelivered elsewhere) gives back nothing.
+        """
+        if not self._change_visibility(lease, RELEASE_HOLD_SECONDS):
+            return
+        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(lease.task_id))
+        self._adjust_cached_size(+1)
+        self.ack(lease)
 
     def ack(self, lease: Lease) -> None:
         try:
@@ -156,9 +168,8 @@ class SqsTaskQueue(TaskQueue):
             if self._cached_size is not None:
                 self._cached_size = max(0, self._cached_size + delta)
 
-    def _change_visibility(self, lease: Lease, seconds: int) -> None:
-        if seconds == 0:
-            self._adjust_cached_size(+1)  # a released message is waiting again
+    def _change_visibility(self, lease: Lease, seconds: int) -> bool:
+        """False when the receipt is stale."""
         try:
             self._sqs.change_message_visibility(
                 QueueUrl=self.queue_url, ReceiptHandle=lease.receipt, VisibilityTimeout=seconds
@@ -168,3 +179,7 @@ class SqsTaskQueue(TaskQueue):
                 raise
             # The message was deleted or redelivered elsewhere; the store's attempt fence protects the result.
             log.warning("visibility change for %s ignored: receipt no longer valid", lease.task_id)
+            return False
+        if seconds == 0:
+            self._adjust_cached_size(+1)  # a lapsed message is waiting again
+        return True

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress REAL NOT NULL DEFAULT 0,
     stage TEXT NOT NULL DEFAULT 'queued',
     attempt INTEGER NOT NULL DEFAULT 0,
+    given_back INTEGER NOT NULL DEFAULT 0,
     worker_id TEXT,
     result TEXT,
     error TEXT,
@@ -103,6 +104,8 @@ class Database:
         for column in ("idempotency_key", "request_digest", "webhook_url", "owner"):
             if column not in have:
                 conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
+        if "given_back" not in have:
+            conn.execute("ALTER TABLE tasks ADD COLUMN given_back INTEGER NOT NULL DEFAULT 0")
 
     def read(self) -> sqlite3.Connection:
         return self._conn()

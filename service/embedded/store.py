@@ -6,7 +6,8 @@ import time
 from typing import Optional
 
 from ..records import (
-    CANCELLED, FAILED, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord, TaskResult,
+    CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord,
+    TaskResult,
     WorkerHeartbeat,
 )
 from ..ports import TaskStore
@@ -24,6 +25,7 @@ def record_from_row(row) -> TaskRecord:
         progress=row["progress"],
         stage=row["stage"],
         attempt=row["attempt"],
+        given_back=row["given_back"],
         worker_id=row["worker_id"],
         result=TaskResult.model_validate_json(row["result"]) if row["result"] else None,
         error=row["error"],
@@ -95,6 +97,15 @@ class SqliteTaskStore(TaskStore):
             cur = c.execute(
                 "UPDATE tasks SET progress = ?, stage = ? WHERE task_id = ? AND status = ? AND attempt = ?",
                 (progress, stage, task_id, RUNNING, attempt),
+            )
+            return cur.rowcount == 1
+
+    def give_back(self, task_id: str, attempt: int) -> bool:
+        with self.db.write() as c:
+            cur = c.execute(
+                "UPDATE tasks SET given_back = given_back + 1, progress = 0, stage = ?"
+                " WHERE task_id = ? AND status = ? AND attempt = ?",
+                (GIVEN_BACK_STAGE, task_id, RUNNING, attempt),
             )
             return cur.rowcount == 1
 

@@ -1,0 +1,67 @@
+"""A give-back (a worker stopping mid-task) is not a lost delivery: counted in the task store, on both backends.
+
+SQS counts every receive of a message and its redrive policy cannot be told a give-back from a crash,
+so the SQS queue replaces a given-back message with a fresh one, and the worker counts lost
+deliveries from the store (attempt - 1 - given_back) when it claims.
+"""
+from __future__ import annotations
+
+from service.ports import FAILED, RUNNING, SUCCEEDED, TaskRecord
+from service.records import GIVEN_BACK_STAGE
+from service.worker import Worker
+from tests.test_worker import ScriptedEngine, _submit
+
+
+def test_give_back_is_fenced_by_attempt_and_counted(backend):
+    backend.store.create(TaskRecord(task_id="t", request={}))
+    first = backend.store.claim("t", "w1").attempt
+    assert backend.store.give_back("t", first + 1) is False  # not the holder
+    assert backend.store.give_back("t", first) is True
+    rec = backend.store.get("t")
+    assert (rec.status, rec.given_back, rec.stage) == (RUNNING, 1, GIVEN_BACK_STAGE)
+    second = backend.store.claim("t", "w2").attempt
+    assert backend.store.give_back("t", first) is False  # a stale holder gives back nothing
+    assert backend.store.finish("t", second, error="x")
+    assert backend.store.give_back("t", second) is False  # finished
+    assert backend.store.get("t").given_back == 1
+
+
+def _stopping_worker(settings, backend) -> Worker:
+    """A worker told to stop (and give its task back) as soon as its engine starts."""
+    engine = ScriptedEngine()
+    worker = Worker(settings, backend, engine)
+    engine.before_generate = lambda progress: (worker.request_stop(cancel_running=True), progress(0.1, "dit"))
+    return worker
+
+
+def test_interruptions_never_dead_letter_a_healthy_task(settings, backend):
+    task_id = _submit(backend)
+    interruptions = settings.max_receives + 2
+    for _ in range(interruptions):  # e.g. spot interruptions, one after another
+        assert _stopping_worker(settings, backend).run_once(1.0) is True
+        assert backend.store.get(task_id).status == RUNNING
+    assert Worker(settings, backend, ScriptedEngine()).run_once(1.0) is True
+    rec = backend.store.get(task_id)
+    assert rec.status == SUCCEEDED, rec.error
+    assert (rec.attempt, rec.given_back) == (interruptions + 1, interruptions)
+    assert backend.queue.receive(0, 30) is None  # no stray message left behind
+
+
+def test_lost_deliveries_still_add_up_across_a_give_back(settings, backend):
+    assert settings.max_receives == 3
+    task_id = _submit(backend)
+
+    def crash() -> None:  # claimed, then the worker dies: its lease lapses
+        lease = backend.queue.receive(1.0, 30)
+        assert lease is not None and backend.store.claim(lease.task_id, "doomed") is not None
+        backend.queue.extend(lease, 0)
+
+    crash()
+    crash()
+    assert _stopping_worker(settings, backend).run_once(1.0) is True  # handed back: not counted
+    crash()
+    engine = ScriptedEngine()
+    Worker(settings, backend, engine).run_once(1.0)
+    rec = backend.store.get(task_id)
+    assert rec.status == FAILED and rec.error.startswith("abandoned after 3 deliveries"), rec.error
+    assert engine.calls == []
