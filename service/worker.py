@@ -84,6 +84,7 @@ class _Claimed:
     batch_key: Optional[tuple]  # engine.plan.batch_key: None means it runs alone
     created_at: float
     started_at: float
+    given_back: int = 0  # earlier claims handed back on purpose (not lost deliveries)
 
     @property
     def task_id(self) -> str:
@@ -269,6 +270,17 @@ class Worker:
                 return None
             return self._validate(lease, record)
 
+    def _stalled(self, batch: list[_Claimed]) -> None:
+        """The engine call is hung (run_watch). A task on its last delivery fails now with the timeout
+        as its reason; the others' leases lapse so another worker retries them. Then the CLI exits."""
+        for c in batch:
+            lost = c.attempt - c.given_back  # this delivery included
+            if lost >= self.settings.max_receives:
+                self._fail(c.lease, c.attempt, f"generation timed out: no progress for {self.settings.stall_timeout:g} s "
+                           f"(ACESTEP_STALL_TIMEOUT) on {lost} deliveries", c.created_at, c.started_at)
+        if self.on_stalled is not None:
+            self.on_stalled()
+
     def _validate(self, lease: Lease, record: TaskRecord) -> Optional[_Claimed]:
         try:
             request = GenerationRequest(**record.request)
@@ -283,7 +295,7 @@ class Worker:
             return None
         key = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded)
         return _Claimed(lease, record.attempt, request, inputs, key, record.created_at,
-                        record.started_at or time.time())
+                        record.started_at or time.time(), record.given_back)
 
     def _read_input(self, role: str, key: str) -> bytes:
         # Checked again here: a presigned upload URL can replace the file after submission.
@@ -330,7 +342,7 @@ class Worker:
                          visibility_timeout=self.settings.visibility_timeout,
                          generation_timeout=self.settings.generation_timeout,
                          stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
-                         on_stalled=self.on_stalled)
+                         on_stalled=lambda: self._stalled(batch))
         self._watch = watch
         outcomes: Optional[list]
         with watch:

@@ -65,3 +65,33 @@ def test_lost_deliveries_still_add_up_across_a_give_back(settings, backend):
     rec = backend.store.get(task_id)
     assert rec.status == FAILED and rec.error.startswith("abandoned after 3 deliveries"), rec.error
     assert engine.calls == []
+
+
+def test_a_task_that_hangs_on_its_last_delivery_fails_with_the_timeout(settings, tmp_path):
+    """Earlier stalls are retried elsewhere (run_watch); the last one fails the task, saying why."""
+    import threading
+
+    from tests.conftest import open_backend
+
+    settings.visibility_timeout, settings.stall_timeout, settings.max_receives = 0.6, 0.3, 2
+    for kind in ("embedded", "aws"):
+        with open_backend(kind, settings, tmp_path / kind) as backend:
+            task_id = _submit(backend)
+            lease = backend.queue.receive(1.0, 30)  # a first delivery was lost (its worker crashed)
+            backend.store.claim(task_id, "doomed")
+            backend.queue.extend(lease, 0)
+            unblock, stalled = threading.Event(), threading.Event()
+            engine = ScriptedEngine()
+            engine.before_generate = lambda progress: unblock.wait(30)  # hangs without reporting progress
+            hung = Worker(settings, backend, engine, on_stalled=stalled.set)
+            runner = threading.Thread(target=hung.run_once, args=(1.0,))
+            runner.start()
+            try:
+                assert stalled.wait(10), "the stall was not detected"
+                rec = backend.store.get(task_id)
+                assert rec.status == FAILED, kind
+                assert rec.error == "generation timed out: no progress for 0.3 s (ACESTEP_STALL_TIMEOUT) on 2 deliveries"
+            finally:
+                unblock.set()
+                runner.join(10)
+            assert backend.queue.receive(0, 30) is None  # acked: not retried
