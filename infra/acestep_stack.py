@@ -346,8 +346,7 @@ class AceStepStack(Stack):
                 suppress(route,
                          ("AwsSolutions-APIG4", "Authorization is in the app: the API key may come in the header or "
                                                 "the upstream-compatible body field `ai_token`, and /v1/audio URLs "
-                                                "carry a signature instead; infra/README.md (Edge) explains why."),
-                         ("AwsSolutions-APIG1", "Access logs are on the $default stage (ApiAccessLogs)."))
+                                                "carry a signature instead; infra/README.md (Edge) explains why."))
         CfnOutput(self, "ApiUrl", value=http_api.api_endpoint)
         CfnOutput(self, "ApiKeySecretArn", value=self.api_key.secret_arn)
         return fn, http_api
