@@ -64,13 +64,14 @@ class SqliteTaskQueue(TaskQueue):
             while True:
                 now = time.time()
                 row = c.execute(
-                    "SELECT q.seq, q.task_id, q.receive_count, COALESCE(t.attempt, 0) AS runs FROM queue q"
+                    "SELECT q.seq, q.task_id, q.receive_count, COALESCE(t.attempt - t.given_back, 0) AS runs FROM queue q"
                     " LEFT JOIN tasks t ON t.task_id = q.task_id WHERE q.visible_at <= ?"
                     " ORDER BY q.seq LIMIT 1", (now,)).fetchone()
                 if row is None:
                     break
-                # Only deliveries that ran count (the task's attempt: one per claim): a task a worker
-                # held for its next batch, or received just before dying, has not hurt anyone.
+                # Only deliveries that ran count (the task's attempt: one per claim, less the claims a
+                # stopping worker handed back): a task a worker held for its next batch, received just
+                # before dying, or gave back at shutdown, has not hurt anyone.
                 # The receive count is a backstop against a message no worker ever manages to claim.
                 if row["runs"] >= self.max_receives or row["receive_count"] >= RECEIVE_BACKSTOP * self.max_receives:
                     c.execute("DELETE FROM queue WHERE seq = ?", (row["seq"],))
