@@ -261,20 +261,15 @@ class Worker:
             self.backend.queue.ack(lease)
             return None
         with log_context(task_id=record.task_id, attempt=record.attempt):
-            # Counted in the store, not from the queue's receive count: give-backs are not lost deliveries.
-            lost = record.attempt - 1 - record.given_back
-            if lost >= self.settings.max_receives:
-                self._fail(lease, record.attempt, f"abandoned after {lost} deliveries: the worker running it "
-                           "stopped (crashed, was killed, hung or ran out of memory) each time",
-                           record.created_at, record.started_at)
-                return None
             return self._validate(lease, record)
 
     def _stalled(self, batch: list[_Claimed]) -> None:
         """The engine call is hung (run_watch). A task on its last delivery fails now with the timeout
         as its reason; the others' leases lapse so another worker retries them. Then the CLI exits."""
         for c in batch:
-            lost = c.attempt - c.given_back  # this delivery included
+            # This delivery included. Each count can run high on one backend (duplicate SQS messages
+            # add claims; unclaimed receives add to the embedded count), never both: the lower is right.
+            lost = min(c.attempt - c.given_back, c.lease.receive_count)
             if lost >= self.settings.max_receives:
                 self._fail(c.lease, c.attempt, f"generation timed out: no progress for {self.settings.stall_timeout:g} s "
                            f"(ACESTEP_STALL_TIMEOUT) on {lost} deliveries", c.created_at, c.started_at)

@@ -33,7 +33,8 @@ def make_aws_backend(settings: Settings) -> Backend:
     s3_config = {"signature_version": "s3v4",
                  "s3": {"addressing_style": "path" if settings.aws_endpoint_url else "virtual"}}
     store = DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days)
-    queue = SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url)
+    queue = SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url,
+                         max_receives=settings.max_receives)
     backend = Backend(
         store=store,
         queue=queue,

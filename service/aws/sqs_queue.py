@@ -35,8 +35,17 @@ def _visibility(seconds: float) -> int:
     return max(0, min(MAX_VISIBILITY_SECONDS, int(math.ceil(seconds))))
 
 
-def encode_body(task_id: str, requeues: int = 0) -> str:
-    return json.dumps({"task_id": task_id, **({"requeues": requeues} if requeues else {})})
+def encode_body(task_id: str, requeues: int = 0, spent: int = 0) -> str:
+    return json.dumps({"task_id": task_id, **({"requeues": requeues} if requeues else {}),
+                       **({"spent": spent} if spent else {})})
+
+
+def spent_of(body: str) -> int:
+    """Deliveries lost before a give-back replaced the message (see SqsTaskQueue.release)."""
+    try:
+        return max(0, int(json.loads(body).get("spent", 0)))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 def decode_body(body: str) -> str:
@@ -60,10 +69,13 @@ class DeadLetter(Lease):
 
 
 class SqsTaskQueue(TaskQueue):
-    def __init__(self, client, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0):
+    def __init__(self, client, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0,
+                 max_receives: int = 0):
         self._sqs = client
         self.queue_url = queue_url
         self.dlq_url = dlq_url
+        # The redrive policy's limit, applied here too to the deliveries a replaced message carries over.
+        self.max_receives = max_receives
         self._cache_seconds = size_cache_seconds
         self._lock = threading.Lock()
         self._cached_size: Optional[int] = None
@@ -93,9 +105,13 @@ class SqsTaskQueue(TaskQueue):
             messages = resp.get("Messages", [])
             if messages:
                 msg = messages[0]
-                count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+                count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1")) + spent_of(msg["Body"])
                 self._adjust_cached_size(-1)
-                return Lease(task_id=decode_body(msg["Body"]), receipt=msg["ReceiptHandle"], receive_count=count)
+                lease = Lease(task_id=decode_body(msg["Body"]), receipt=msg["ReceiptHandle"], receive_count=count)
+                if self.max_receives and self.dlq_url and count > self.max_receives:
+                    self._dead_letter(lease, count - 1)  # what the redrive policy would do, had it seen them all
+                    continue
+                return lease
             if deadline - time.monotonic() <= 0:
                 return None
 
@@ -111,9 +127,16 @@ class SqsTaskQueue(TaskQueue):
         """
         if not self._change_visibility(lease, RELEASE_HOLD_SECONDS):
             return
-        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(lease.task_id))
+        # The deliveries lost before this one (crashes, kills) carry over; this one does not count.
+        body = encode_body(lease.task_id, spent=lease.receive_count - 1)
+        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=body)
         self._adjust_cached_size(+1)
         self.ack(lease)
+
+    def _dead_letter(self, lease: Lease, lost: int) -> None:
+        self._sqs.send_message(QueueUrl=self.dlq_url, MessageBody=encode_body(lease.task_id, spent=lost))
+        self.ack(lease)
+        log.warning("task %s moved to the dead-letter queue after %d lost deliveries", lease.task_id, lost)
 
     def ack(self, lease: Lease) -> None:
         try:
