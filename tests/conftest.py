@@ -73,3 +73,13 @@ def open_server(demo_root, keyed_server):
 
     with start_demo_server(demo_root, keyed=False) as server:
         yield server
+
+
+def pytest_collection_modifyitems(config, items):
+    """`soak` tests run only when asked for with `-m soak` (never in `make test`)."""
+    if "soak" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
