@@ -41,9 +41,12 @@ run: $(RUN_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/python -m mypy
 
-test: typecheck browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
-	$(MAKE) test-vllm
+# The three installs (main venv + mypy, Chromium, the vLLM venv) run side by side; then the main suite on both
+# cores, a test file per pytest-xdist worker (module fixtures such as a live server stay in one process).
+test:
+	$(MAKE) --no-print-directory -j3 --output-sync=target typecheck browser vllm-venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+	$(MAKE) --no-print-directory test-vllm
 
 # No prerequisite: the editable install follows the sources; the stamp names the vLLM version it holds.
 $(VLLM_STAMP):
