@@ -3,6 +3,7 @@
 A tqdm bar on a terminal; otherwise (a log, a CI job) one plain line per change of stage or of 10%."""
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any, Literal, Optional
 
@@ -34,8 +35,10 @@ class ProgressView:
         if self._bar is None:
             from tqdm import tqdm  # only when drawing: `acestep status` and scripts never pay for it
 
+            # shutil falls back to 80x24 where a pty reports no size; tqdm's own guess draws nothing there
+            size = shutil.get_terminal_size()
             self._bar = tqdm(total=100, unit="%", bar_format="{desc:<32.32} {percentage:3.0f}%|{bar}| {elapsed}",
-                             leave=True)
+                             leave=True, ncols=size.columns, nrows=size.lines)
         self._bar.set_description_str(describe(status), refresh=False)
         self._bar.n = round(100 * status.progress)
         self._bar.refresh()
