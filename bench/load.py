@@ -257,7 +257,9 @@ def main() -> None:
     port = free_port()
     repo = os.path.abspath(args.server_repo)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACESTEP_ALLOW_DOWNLOAD": "false", "PYTHONPATH": repo,
-           "ACESTEP_LOG_LEVEL": "WARNING", "ACESTEP_QUEUE_MAXSIZE": "100000"}
+           "ACESTEP_LOG_LEVEL": "WARNING", "ACESTEP_QUEUE_MAXSIZE": "100000",
+           # one caller submits everything here: lift the per-caller limits (issue 11) so every submit counts
+           "ACESTEP_RATE_LIMIT_RPS": "0", "ACESTEP_CALLER_MAX_QUEUED": "1000000", "ACESTEP_CALLER_MAX_ACTIVE": "1000000"}
     workers = "0"
     if args.busy_worker:
         env.update(busy_worker_env(os.path.join(tempfile.gettempdir(), "acestep-load-ckpt")))
