@@ -235,10 +235,13 @@ def keep_worker_busy(port: int, until: float) -> None:
 
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() < until:
-        body = httpx.get(url + "/v1/stats", timeout=10).json()["data"]
-        if body.get("queued", body.get("jobs", {}).get("queued", 0)) < 2:
-            httpx.post(url + "/release_task", json={"prompt": "busy", "audio_duration": 240, "inference_steps": 8},
-                       timeout=10)
+        try:
+            body = httpx.get(url + "/v1/stats", timeout=10).json()["data"]
+            if body.get("jobs", {}).get("queued", 0) < 2:
+                httpx.post(url + "/release_task", timeout=10,
+                           json={"prompt": "busy", "audio_duration": 240, "inference_steps": 8})
+        except httpx.HTTPError:
+            return  # the server has stopped: the run is over
         time.sleep(1.0)
 
 
