@@ -8,6 +8,7 @@ returns a tiny WAV, so thousands of tasks run in seconds. Used by the soak test 
 from __future__ import annotations
 
 import io
+import os
 import sys
 from typing import Optional
 
@@ -50,7 +51,10 @@ class FastEngine:
 def main() -> None:
     data_dir, visibility = sys.argv[1], float(sys.argv[2])
     settings = Settings(data_dir=data_dir, visibility_timeout=visibility, min_free_mb=0)
-    Worker(settings, make_embedded_backend(settings), FastEngine()).run_forever(poll_seconds=0.2)
+    worker = Worker(settings, make_embedded_backend(settings), FastEngine())
+    with open(os.path.join(data_dir, f"ready-{os.getpid()}"), "w"):
+        pass  # the soak kills only workers that got this far (imports can take long on a busy machine)
+    worker.run_forever(poll_seconds=0.2)
 
 
 if __name__ == "__main__":

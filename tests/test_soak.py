@@ -107,10 +107,15 @@ def test_soak_kills_and_hostile_inputs_lose_and_duplicate_nothing(tmp_path):
     kills, hostile = 0, 0
     done = threading.Event()
 
-    def killer():  # kill -9 one of the two workers every KILL_EVERY s, then start a new one
+    def ready(proc) -> bool:
+        return os.path.exists(os.path.join(data, f"ready-{proc.pid}"))
+
+    def killer():  # kill -9 a worker KILL_EVERY s after it is up (imported, serving), then start a new one
         nonlocal kills
-        while not done.wait(KILL_EVERY):
+        while not done.wait(0.2):
             victim = rng.randrange(len(procs))
+            if not ready(procs[victim]) or done.wait(KILL_EVERY):
+                continue
             procs[victim].send_signal(signal.SIGKILL)
             procs[victim].wait()
             procs[victim] = start()
