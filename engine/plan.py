@@ -23,6 +23,12 @@ def resolve_seeds(request: GenerationRequest) -> list[int]:
     return [s if s >= 0 else secrets.randbelow(2**32) for s in filled]  # -1: random for that item
 
 
+def reads_source_audio(request: GenerationRequest) -> bool:
+    """Whether the source audio (src_audio) is used: by the source tasks and by full_analysis_only, which
+    analyses it; text2music ignores it."""
+    return request.task_type != "text2music" or request.full_analysis_only
+
+
 def effective_task(request: GenerationRequest) -> str:
     """Audio codes turn text2music into cover (as upstream's handler and the diffusers pipeline do)."""
     if request.task_type == "text2music" and request.audio_code_string:

@@ -281,10 +281,11 @@ class Worker:
             request = GenerationRequest(**record.request)
             if request.needs_lm and not self.engine.lm_loaded:
                 raise GenerationError(LM_REQUIRED)
-            # Only what the task uses is read (and later decoded): text2music ignores src_audio.
+            # Only what the task uses is read (and later decoded): text2music ignores src_audio unless it is
+            # analysed (full_analysis_only).
             inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES
                       if (key := getattr(request, f"{role}_key"))
-                      and not (role == "src_audio" and request.task_type == "text2music")}
+                      and not (role == "src_audio" and not plan.reads_source_audio(request))}
         except (GenerationError, ValueError) as exc:
             self._fail(lease, record.attempt, str(exc), record.created_at, record.started_at)
             return None

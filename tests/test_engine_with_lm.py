@@ -120,3 +120,12 @@ def test_allow_lm_batch_false_decodes_item_by_item_with_the_same_codes(lm_engine
     assert [p.items for p in batched.phases if p.phase == "codes"] == [2]
     assert one_by_one.timings["lm_codes_s"] == pytest.approx(
         sum(p.seconds for p in one_by_one.phases if p.phase == "codes"), abs=1e-3)
+
+
+def test_the_random_weight_lm_renders_the_demo_length_when_no_duration_is_given(lm_engine):
+    assert lm_engine.planner.demo_seconds == 30  # set because the tiny LM has random weights
+    plan = lm_engine.planner.plan(req(audio_duration=None, batch_size=1, seeds=[3]), seeds=[3])
+    assert plan.metadata["duration"] == 30 and [len(c) for c in plan.codes] == [150]
+    assert any("demo length 30 s" in note for note in plan.notes)
+    given = lm_engine.planner.plan(req(audio_duration=12, batch_size=1, seeds=[3]), seeds=[3])
+    assert [len(c) for c in given.codes] == [60]  # the user's own duration always wins

@@ -92,8 +92,11 @@ def target_codes(duration: Optional[float]) -> Optional[int]:
 class Planner:
     def __init__(self, backend: LMBackend, *, max_caption_tokens: int = 512, max_cot_tokens: int = 1024,
                  max_lyrics_tokens: int = 2048, max_codes: int = DURATION_RANGE[1] * CODES_PER_SECOND,
-                 enforce_lm_duration: bool = True):
+                 enforce_lm_duration: bool = True, demo_seconds: Optional[float] = None):
         self.backend = backend
+        # A random-weight LM's duration is noise (anything up to 600 s): with demo_seconds set, a request with
+        # no duration of its own is rendered at that length instead, and the result says so.
+        self.demo_seconds = demo_seconds
         self.max_caption_tokens = max_caption_tokens
         self.max_cot_tokens = max_cot_tokens
         self.max_lyrics_tokens = max_lyrics_tokens
@@ -270,6 +273,12 @@ class Planner:
             lm_md.update(md)
             cot_md = {**{k: v for k, v in md.items() if k != "genres"}, **known}
             cot_caption = md.get("caption") if r.use_cot_caption else None
+        if self.demo_seconds is not None and user_duration is None:  # the length would be the LM's choice
+            chosen = cot_md.get("duration", known.get("duration"))
+            user_duration = self.demo_seconds
+            known["duration"] = cot_md["duration"] = int(self.demo_seconds)
+            plan.notes.append(f"random-weight LM: rendered the demo length {self.demo_seconds:g} s instead of the "
+                              f"duration it chose ({chosen if chosen is not None else 'none'})")
         plan.lm_metadata = lm_md
         metadata = {**lm_md, **known}
         if user_duration is not None:
