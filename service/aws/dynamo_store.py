@@ -316,32 +316,24 @@ class DynamoTaskStore(TaskStore):
         return None
 
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key=_task_key(task_id),
-                UpdateExpression="SET progress = :p, stage = :stage",
-                ConditionExpression="#st = :running AND attempt = :a",
-                ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues={":p": _n(float(progress)), ":stage": _s(stage),
-                                           ":running": _s(RUNNING), ":a": _n(int(attempt))},
-            )
-            return True
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
+        return self._update_running_attempt(task_id, attempt, "SET progress = :p, stage = :stage",
+                                            {":p": _n(float(progress)), ":stage": _s(stage)})
 
     def give_back(self, task_id: str, attempt: int) -> bool:
+        return self._update_running_attempt(task_id, attempt,
+                                            "ADD given_back :one SET progress = :zero, stage = :stage",
+                                            {":one": _n(1), ":zero": _n(0.0), ":stage": _s(GIVEN_BACK_STAGE)})
+
+    def _update_running_attempt(self, task_id: str, attempt: int, expression: str, values: dict) -> bool:
+        """Apply `expression` only while `attempt` still runs the task; False when it no longer does."""
         try:
             self._db.update_item(
                 TableName=self._table,
                 Key=_task_key(task_id),
-                UpdateExpression="ADD given_back :one SET progress = :zero, stage = :stage",
+                UpdateExpression=expression,
                 ConditionExpression="#st = :running AND attempt = :a",
                 ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues={":one": _n(1), ":zero": _n(0.0), ":stage": _s(GIVEN_BACK_STAGE),
-                                           ":running": _s(RUNNING), ":a": _n(int(attempt))},
+                ExpressionAttributeValues={**values, ":running": _s(RUNNING), ":a": _n(int(attempt))},
             )
             return True
         except ClientError as exc:
