@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional
 import httpx
 
 from . import protocol
-from .errors import ACEStepError, TaskFailed, WaitTimeout
-from .types import AudioResult, ModelList, Submitted, TaskState, TaskStatus
+from .errors import ACEStepError, WaitTimeout
+from .types import AudioResult, ModelList, Submitted, TaskStatus
 
 OnUpdate = Callable[[TaskStatus], None]
 
@@ -81,13 +81,9 @@ class AsyncACEStepClient:
                 if not protocol.retryable(exc):
                     raise
             else:
-                if on_update:
-                    on_update(status)
-                if status.finished:
-                    if raise_on_failure and status.state is not TaskState.SUCCEEDED:
-                        raise TaskFailed(task_id, status.error or "")
+                seen = protocol.observe(task_id, status, on_update, raise_on_failure)
+                if seen is None:
                     return status
-                seen = (status.state, status.queue_position, status.stage, status.progress)
             delay = backoff.next_delay(seen)
             if delay is None:
                 raise WaitTimeout(task_id, timeout or 0.0)

@@ -15,7 +15,8 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import APIError, AuthError, NotSupported, ServerUnreachable
+from .errors import APIError, AuthError, NotSupported, ServerUnreachable, TaskFailed
+from .types import TaskState, TaskStatus
 
 DEFAULT_URL = "http://127.0.0.1:8001"
 URL_ENV, KEY_ENV = "ACESTEP_API_URL", "ACESTEP_API_KEY"
@@ -119,6 +120,18 @@ def retryable(exc: BaseException) -> bool:
     if isinstance(exc, ServerUnreachable):
         return True
     return isinstance(exc, APIError) and not isinstance(exc, AuthError) and exc.status_code in (429, 502, 503, 504)
+
+
+def observe(task_id: str, status: TaskStatus, on_update: Optional[Any], raise_on_failure: bool) -> Optional[tuple]:
+    """One poll's status seen by a wait: reported to `on_update`; None once the task finished (TaskFailed
+    for a failed or cancelled one when `raise_on_failure`), else what Backoff compares between polls."""
+    if on_update:
+        on_update(status)
+    if status.finished:
+        if raise_on_failure and status.state is not TaskState.SUCCEEDED:
+            raise TaskFailed(task_id, status.error or "")
+        return None
+    return (status.state, status.queue_position, status.stage, status.progress)
 
 
 class Backoff:
