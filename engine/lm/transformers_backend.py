@@ -21,7 +21,7 @@ from engine.lm.masking import MaskApplier
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
 from engine.lm.tiny import is_random_lm
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback
-from engine.lm.vocab import LMVocab
+from engine.lm.vocab import LMVocab, TokenizerText
 
 log = logging.getLogger("engine.lm")
 
@@ -33,7 +33,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class TransformersLM:
+class TransformersLM(TokenizerText):
     """A loaded 5 Hz LM: model, tokenizer, vocabulary tables and the decode loop (an engine.lm.types.LMBackend)."""
 
     name = "pt"
@@ -70,13 +70,6 @@ class TransformersLM:
         if lm.random_weights:
             log.warning("5 Hz LM %s has random weights: its metadata and audio codes are noise", path)
         return lm
-
-    # --- text ---------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode_text(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     # --- decoding -----------------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep_last: bool):

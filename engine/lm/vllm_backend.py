@@ -52,7 +52,7 @@ from engine.lm.masking import MaskApplier
 from engine.lm.sampling import choose, filter_logits, guide, repetition_penalty
 from engine.lm.tiny import is_random_lm
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback
-from engine.lm.vocab import LMVocab
+from engine.lm.vocab import LMVocab, TokenizerText
 
 log = logging.getLogger("engine.lm")
 
@@ -326,7 +326,7 @@ class EngineLimits:
     kv_tokens: int
 
 
-class VllmLM:
+class VllmLM(TokenizerText):
     """A loaded 5 Hz LM on vLLM (an engine.lm.types.LMBackend)."""
 
     name = "vllm"
@@ -403,13 +403,6 @@ class VllmLM:
         if lm.random_weights:
             log.warning("5 Hz LM %s has random weights: its metadata and audio codes are noise", path)
         return lm
-
-    # --- text ---------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode_text(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     # --- decoding -----------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], *, seeds: Sequence[int], sampling: SamplingParams,

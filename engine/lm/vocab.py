@@ -175,3 +175,16 @@ def added_token_ids(tokenizer: Any, vocab: dict[str, int]) -> set[int]:
         return {i for i in vocab.values() if i not in base}
     added = getattr(tokenizer, "get_added_vocab", None)
     return set(added().values()) if callable(added) else set()
+
+
+class TokenizerText:
+    """Text <-> ids as the planner's prompts need them, for every LM backend: the chat template already holds
+    the special tokens (none added on encode), and decoded text keeps them (the parser reads `<think>`)."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
