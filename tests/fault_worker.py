@@ -1,14 +1,24 @@
 """A real Worker (real loop, real embedded backend) over a fast fake engine, as a process to kill -9.
 
     python -m tests.fault_worker <data dir> <visibility timeout>
+    python -m tests.fault_worker --fork-server <data dir> <visibility timeout>
 
 The engine decodes every source it is given through engine.audio_io (the hostile-input path) and
 returns a tiny WAV, so thousands of tasks run in seconds. Used by the soak test (tests/test_soak.py).
+
+With --fork-server the process imports everything once (torch, through audio_io, takes seconds,
+and up to 30 s on a loaded machine) and forks a fresh worker process for each line read from
+stdin, answering its pid. Each child is a separate process that opens its own backend and runs the
+real worker loop, so `kill -9` of a child is a real worker crash; the soak then spends its time on
+tasks and kills instead of on interpreter start-up. Children die with the server (PDEATHSIG) and
+the server ends when stdin closes, so an interrupted test leaves nothing running.
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -48,13 +58,41 @@ class FastEngine:
         return [self.generate(r, src_audio=a.get("src_audio"), progress=progress) for r, a in items]
 
 
-def main() -> None:
-    data_dir, visibility = sys.argv[1], float(sys.argv[2])
+def run_worker(data_dir: str, visibility: float) -> None:
     settings = Settings(data_dir=data_dir, visibility_timeout=visibility, min_free_mb=0)
     worker = Worker(settings, make_embedded_backend(settings), FastEngine())
     with open(os.path.join(data_dir, f"ready-{os.getpid()}"), "w"):
         pass  # the soak kills only workers that got this far (imports can take long on a busy machine)
     worker.run_forever(poll_seconds=0.2)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _fork_worker(data_dir: str, visibility: float) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: die with the fork server, then run an ordinary worker
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sys.stdin.close()
+        run_worker(data_dir, visibility)
+    finally:
+        os._exit(0)
+
+
+def fork_server(data_dir: str, visibility: float) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children killed by the soak are reaped by the kernel
+    for _ in sys.stdin:
+        print(_fork_worker(data_dir, visibility), flush=True)
+
+
+def main() -> None:
+    if sys.argv[1] == "--fork-server":
+        fork_server(sys.argv[2], float(sys.argv[3]))
+    else:
+        run_worker(sys.argv[1], float(sys.argv[2]))
 
 
 if __name__ == "__main__":
