@@ -173,10 +173,16 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
 
 
 def build_webhooks(settings: Settings, backend: Backend):
-    """Sends each finished task's result to its webhook_url, off the caller's thread (service/webhooks)."""
+    """Sends each finished task's result to its webhook_url, off the caller's thread (service/webhooks).
+
+    Hand its `task_finished` to the worker (`on_finished`); the tasks the backend itself ends
+    (dead-lettered) reach it through `backend.on_task_ended`, set here.
+    """
     from handlers.webhook_payload import build_notifier
 
-    return build_notifier(settings, backend)
+    notifier = build_notifier(settings, backend)
+    backend.on_task_ended = notifier.task_finished
+    return notifier
 
 
 def scale_in_protection(settings: Settings):
@@ -189,12 +195,12 @@ def scale_in_protection(settings: Settings):
     return protection.set_busy if protection is not None else None
 
 
-def build_broken_worker(settings: Settings, backend: Backend, error: BaseException):
+def build_broken_worker(settings: Settings, backend: Backend, error: BaseException, on_finished=None):
     """The stand-in for a worker whose engine failed to load (see service/broken_worker.py)."""
     from service.broken_worker import BrokenWorker
 
     build_metrics(settings).worker_load_failed()
-    return BrokenWorker(settings, backend, f"{type(error).__name__}: {error}")
+    return BrokenWorker(settings, backend, f"{type(error).__name__}: {error}", on_finished=on_finished)
 
 
 def build_metrics(settings: Settings):

@@ -53,7 +53,7 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
                                         on_finished=webhooks.task_finished)
     except Exception as exc:  # stay up and say why, rather than crash-loop with tasks waiting
         log.exception("could not load the engine")
-        worker = bootstrap.build_broken_worker(settings, backend, exc)
+        worker = bootstrap.build_broken_worker(settings, backend, exc, on_finished=webhooks.task_finished)
     worker.heartbeat_file = heartbeat_file
 
     def on_term(signum, frame):

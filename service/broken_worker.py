@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import Settings
 from .observability.health import FAILED_STATE, HEARTBEAT_SECONDS, alive_only, healthy
@@ -28,8 +28,10 @@ NOT_LOADED = "no worker can run this task: the worker could not load its models 
 
 
 class BrokenWorker:
-    def __init__(self, settings: Settings, backend: Backend, error: str, worker_id: Optional[str] = None):
+    def __init__(self, settings: Settings, backend: Backend, error: str, worker_id: Optional[str] = None,
+                 on_finished: Optional[Callable[[str], None]] = None):
         self.settings, self.backend, self.error = settings, backend, error
+        self.on_finished = on_finished  # a task this worker failed (webhooks), as for Worker; must not block
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
         self.heartbeat_seconds = HEARTBEAT_SECONDS
@@ -68,9 +70,17 @@ class BrokenWorker:
             with log_context(task_id=record.task_id, attempt=record.attempt):
                 message = NOT_LOADED.format(error=self.error)
                 log.warning("task %s failed: %s", record.task_id, message)
-                self.backend.store.finish(record.task_id, record.attempt, error=message)
+                if self.backend.store.finish(record.task_id, record.attempt, error=message):
+                    self._finished(record.task_id)
         self.backend.queue.ack(lease)
         return True
+
+    def _finished(self, task_id: str) -> None:
+        if self.on_finished is not None:
+            try:
+                self.on_finished(task_id)
+            except Exception:  # a notification must never stop this worker failing the others
+                log.warning("could not queue the webhook of %s", task_id, exc_info=True)
 
     def _working_worker_alive(self) -> bool:
         alive = alive_only(self.backend.store.heartbeats(), time.time())

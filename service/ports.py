@@ -6,6 +6,7 @@ against both, so anything stated here must hold for both.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -209,6 +210,18 @@ class Backend:
     # False while the backend's local storage is (nearly) full: submits get 507 and workers take no
     # task they could not store. None where storage is not local (AWS).
     has_room: Optional[Callable[[], bool]] = None
+    # Told the id of each task the backend itself moved to a terminal state (dead-lettered), once, in
+    # the process that did it; the worker's entry point points it at the webhooks. Must not block.
+    on_task_ended: Optional[Callable[[str], None]] = None
+
+    def task_ended(self, task_id: str) -> None:
+        """Tell on_task_ended; a failing listener is logged, never fails the path that ended the task."""
+        if self.on_task_ended is None:
+            return
+        try:
+            self.on_task_ended(task_id)
+        except Exception:
+            logging.getLogger(__name__).warning("could not report the end of task %s", task_id, exc_info=True)
 
 
 __all__ = ["Backend", "CallerBusy", "CallerLimits", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",

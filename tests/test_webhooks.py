@@ -17,6 +17,7 @@ from service.submission import submit_task
 from service.webhooks import SIGNATURE_HEADER, WebhookNotifier, WebhookRefused, check_target
 from service.worker import Worker
 from tests.api_support import make_api
+from tests.live_server import poll_until
 from tests.support_engine import SineEngine
 
 KEY = "sk-hook"
@@ -207,3 +208,55 @@ def test_cancelled_running_task_notified_once_by_the_api_not_the_worker(settings
     worker.run_once(0.1)
     assert notifier.flush(10)
     assert backend.store.get(task_id).status == "cancelled" and len(receiver.posts) == 1
+
+
+def _worker_webhooks(settings, backend) -> WebhookNotifier:
+    """The worker entry point's wiring: the notifier, also told of the tasks the backend itself ends."""
+    from entrypoints.bootstrap import build_webhooks
+
+    settings.api_key, settings.webhook_allow_private = KEY, True
+    return build_webhooks(settings, backend)
+
+
+def _only_post(receiver, task_id) -> dict:
+    (headers, raw), = receiver.posts
+    assert headers["X-ACEStep-Task-ID"] == task_id and _verify(headers, raw)
+    body = json.loads(raw)
+    assert body["task_id"] == task_id and body["status"] == 2 and body["status_text"] == "failed"
+    return body
+
+
+def test_a_dead_lettered_task_posts_its_failure_once(settings, backend, receiver):
+    notifier = _worker_webhooks(settings, backend)
+    task_id = _submit(backend, receiver.url)
+    for _ in range(settings.max_receives):  # each run is claimed, then its worker "dies" mid-way
+        lease = poll_until("a delivery", lambda: backend.queue.receive(0.2, 30), 10)
+        backend.store.claim(task_id, "doomed")
+        backend.queue.extend(lease, 0)  # its lease lapses at once
+    worker = Worker(settings, backend, SineEngine(), on_finished=notifier.task_finished)
+
+    def failed():
+        worker.dead_letter_chore.last_run = None  # AWS: the DLQ drain, due every round here
+        worker.run_once(0.2)
+        return backend.store.get(task_id).status == "failed"
+
+    poll_until("the task to be dead-lettered", failed, 15)
+    worker.dead_letter_chore.last_run = None
+    worker.run_once(0.2)  # a later drain or receive finds nothing more to report
+    assert notifier.flush(10)
+    body = _only_post(receiver, task_id)
+    reason = backend.store.get(task_id).error
+    assert body["error"] == reason and f"after {settings.max_receives} deliveries" in reason
+
+
+def test_a_task_failed_by_a_broken_worker_posts_its_failure_once(settings, backend, receiver):
+    from service.broken_worker import BrokenWorker
+
+    notifier = _worker_webhooks(settings, backend)
+    task_id = _submit(backend, receiver.url)
+    broken = BrokenWorker(settings, backend, "ModelNotFound: no weights", on_finished=notifier.task_finished)
+    assert broken.run_once(1.0) is True
+    assert broken.run_once(0.1) is False  # nothing left: nothing more is sent
+    assert notifier.flush(10)
+    body = _only_post(receiver, task_id)
+    assert "could not load its models" in body["error"] and "no weights" in body["error"]

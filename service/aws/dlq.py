@@ -51,6 +51,7 @@ def _handle(backend: Backend, queue: SqsTaskQueue, letter: DeadLetter) -> bool:
             letter.task_id, dead_letter_reason(record, letter.receive_count)):
         failed = True
         log.warning("task %s dead-lettered after %d claims", letter.task_id, record.attempt)
+        backend.task_ended(letter.task_id)  # fail_unfinished is true once, whichever worker drains: one webhook
     # Finished, expired or unknown tasks need nothing more: drop the message either way.
     queue.delete_dead_letter(letter)
     return failed

@@ -24,11 +24,11 @@ def make_embedded_backend(settings: Settings) -> Backend:
     store = SqliteTaskStore(db)
 
     def dead_letter(task_id: str, receive_count: int) -> None:
-        store.fail_unfinished(
-            task_id,
-            f"abandoned after {receive_count} deliveries: the worker running it stopped "
-            "(crashed, was killed or ran out of memory) each time",
-        )
+        if store.fail_unfinished(
+                task_id,
+                f"abandoned after {receive_count} deliveries: the worker running it stopped "
+                "(crashed, was killed or ran out of memory) each time"):
+            backend.task_ended(task_id)  # the conditional write above is true once: one webhook
 
     queue = SqliteTaskQueue(db, max_receives=settings.max_receives, on_dead_letter=dead_letter)
     blobs = FileBlobStore(os.path.join(data_dir, "blobs"))
@@ -46,6 +46,7 @@ def make_embedded_backend(settings: Settings) -> Backend:
         removed += blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
         return removed + collect_orphan_outputs(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
 
-    return Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
-                   sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load),
-                   has_room=lambda: has_room(data_dir, settings.min_free_mb * 1024 * 1024))
+    backend = Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
+                      sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load),
+                      has_room=lambda: has_room(data_dir, settings.min_free_mb * 1024 * 1024))
+    return backend
