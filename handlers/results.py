@@ -69,7 +69,8 @@ def _metas(result: TaskResult, req: dict, audio: Optional[AudioFile]) -> dict:
     return metas
 
 
-def succeeded_items(record: TaskRecord, settings: Settings) -> list[dict]:
+def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") -> list[dict]:
+    """One item per audio file; `base_url` prefixes the file URLs (relative without it, as upstream)."""
     result = record.result or TaskResult()
     req = record.request or {}
     info = dict(result.generation_info)
@@ -94,7 +95,7 @@ def succeeded_items(record: TaskRecord, settings: Settings) -> list[dict]:
             item["lyrics"] = item["metas"]["lyrics"] = info.get("lyrics", item["lyrics"])
             item["language"] = info.get("language") or info.get("lm_metadata", {}).get("language", "unknown")
         if audio is not None:
-            item["file"] = audio_url(settings, audio.key)
+            item["file"] = base_url + audio_url(settings, audio.key)
             item["seed"] = audio.seed
             item["format"] = audio.format
             item["sample_rate"] = audio.sample_rate
@@ -112,13 +113,14 @@ def _entry(task_id: str, status: int, items: list[dict], progress_text: str, err
     return entry
 
 
-def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, position: Optional[int]) -> dict:
+def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, position: Optional[int],
+              base_url: str = "") -> dict:
     if record is None:
         item = {"file": "", "wave": "", "status": 2, "create_time": 0, "env": ENV, "prompt": "", "lyrics": "",
                 "metas": {}, "progress": 0.0, "stage": "failed", "error": NOT_FOUND}
         return _entry(task_id, 2, [item], NOT_FOUND, NOT_FOUND)
     if record.status == SUCCEEDED:
-        items = succeeded_items(record, settings)
+        items = succeeded_items(record, settings, base_url)
         return _entry(task_id, 1, items, f"succeeded: {len(items)} audio file(s)")
     if record.status in (FAILED, CANCELLED):  # upstream has no "cancelled": a failed task that says so
         item = _base_item(record, 2)

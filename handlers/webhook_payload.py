@@ -1,4 +1,6 @@
-"""What a webhook carries: the task's /query_result entry (as a poll would return it at that moment)."""
+"""What a webhook carries: the task's /query_result entry (as a poll would return it at that moment),
+with its file URLs absolute under ACESTEP_PUBLIC_BASE_URL when that is set (a receiver has no page
+to resolve a relative URL against)."""
 from __future__ import annotations
 
 from service.config import Settings
@@ -11,7 +13,7 @@ from .results import entry_for
 
 def build_notifier(settings: Settings, backend: Backend) -> WebhookNotifier:
     def payload(record: TaskRecord) -> dict:
-        return entry_for(record.task_id, record, settings, None)
+        return entry_for(record.task_id, record, settings, None, base_url=settings.public_base_url)
 
     return WebhookNotifier(backend.store, payload, key=settings.api_key,
                            allow_private=settings.webhook_allow_private, attempts=settings.webhook_attempts)

@@ -260,10 +260,11 @@ class AceStepStack(Stack):
         }
 
         self.api_function, self.http_api = self._api(opts, common_env)
-        self.worker_service = self._workers(opts, common_env)
+        edge = self._edge(opts, self.http_api) if opts.cloudfront else None
+        # Workers send the webhooks: their file URLs are made absolute under where clients reach the API.
+        public_url = f"https://{edge.distribution_domain_name}" if edge is not None else self.http_api.api_endpoint
+        self.worker_service = self._workers(opts, {**common_env, "ACESTEP_PUBLIC_BASE_URL": public_url})
         self._wake_workers_on_submit(self.api_function, self.worker_service)
-        if opts.cloudfront:
-            self._edge(opts, self.http_api)
         self._alarms(opts)
 
     # -- API: HTTP API -> Lambda ------------------------------------------------------------------

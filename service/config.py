@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Optional
+from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .signing_keys import SigningKeys, ephemeral_keys
@@ -33,6 +34,20 @@ def _comma_list(value):
 
 
 CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+
+
+def _base_url(value: str) -> str:
+    """"" or an http(s) origin with an optional path prefix, kept without its trailing slash."""
+    value = value.strip().rstrip("/")
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be an http(s) URL such as https://api.example.com (no query)")
+    return value
+
+
+BaseUrl = Annotated[str, AfterValidator(_base_url)]
 
 
 def _env(name: str, default, **constraints):
@@ -111,6 +126,9 @@ class Settings(BaseSettings):
     # webhooks (a task's webhook_url): private/loopback targets only when allowed; tries per delivery
     webhook_allow_private: bool = _env("ACESTEP_WEBHOOK_ALLOW_PRIVATE", False)
     webhook_attempts: int = _env("ACESTEP_WEBHOOK_ATTEMPTS", 5, ge=1, le=20)
+    # Where clients reach this API (https://api.example.com): webhook payloads carry absolute file
+    # URLs under it. Empty: relative URLs, as /query_result returns them. The CDK stack sets it.
+    public_base_url: BaseUrl = _env("ACESTEP_PUBLIC_BASE_URL", "")
 
     # uploads / audio
     max_upload_mb: int = _env("ACESTEP_MAX_UPLOAD_MB", 50)

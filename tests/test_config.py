@@ -37,11 +37,15 @@ def test_values_from_strings():
                       dotenv_path=None)
     assert s.allowed_audio_dirs == ["/a", "/b"] and s.batch_compatible_tasks is False
     assert s.avg_job_seconds == 2.5 and s.api_key == "" and s.aws_region == "eu-west-1"
+    assert s.public_base_url == ""
+    base = load_settings(env={"ACESTEP_PUBLIC_BASE_URL": "https://api.example.com/prefix/"}, dotenv_path=None)
+    assert base.public_base_url == "https://api.example.com/prefix"  # joined with "/v1/audio?...": no "//"
 
 
 @pytest.mark.parametrize("name,value", [
     ("ACESTEP_API_PORT", "eighty"), ("ACESTEP_QUEUE_MAXSIZE", "0"), ("ACESTEP_BACKEND", "gcp"),
-    ("ACESTEP_ALLOW_DOWNLOAD", "maybe"),
+    ("ACESTEP_ALLOW_DOWNLOAD", "maybe"), ("ACESTEP_PUBLIC_BASE_URL", "api.example.com"),
+    ("ACESTEP_PUBLIC_BASE_URL", "https://api.example.com/?x=1"),
 ])
 def test_bad_values_are_a_config_error_naming_the_variable(name, value):
     with pytest.raises(ConfigError) as info:

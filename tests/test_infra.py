@@ -170,6 +170,38 @@ def test_workers_fetch_weights_from_the_stacks_mirror(template):
     assert env["ACESTEP_MODELS_MIRROR"] == "true" and env["ACESTEP_DEMO_IF_MISSING"] == "false"
 
 
+def test_workers_write_webhook_file_urls_under_the_edge_url(template):
+    (task_def,) = _resources(template, "AWS::ECS::TaskDefinition").values()
+    env = {e["Name"]: e["Value"] for c in task_def["Properties"]["ContainerDefinitions"]
+           for e in c.get("Environment", [])}
+    edge_id = _logical_id(template, "AWS::CloudFront::Distribution")
+    assert env["ACESTEP_PUBLIC_BASE_URL"] == {"Fn::Join": ["", ["https://", {"Fn::GetAtt": [edge_id, "DomainName"]}]]}
+    # Workers now refer to the edge, and the API (which wakes them) to the workers: no cycle.
+    resources = template.to_json()["Resources"]
+
+    def refs(value) -> set:
+        if isinstance(value, dict):
+            found = {value["Ref"]} if isinstance(value.get("Ref"), str) else set()
+            if "Fn::GetAtt" in value:
+                found.add(value["Fn::GetAtt"][0])
+            return found.union(*(refs(v) for v in value.values()))
+        return set().union(*(refs(v) for v in value)) if isinstance(value, list) else set()
+
+    graph = {rid: (refs(r.get("Properties", {})) | set(_as_list(r.get("DependsOn", [])))) & set(resources)
+             for rid, r in resources.items()}
+    done: set = set()
+
+    def visit(node, path):
+        assert node not in path, f"dependency cycle: {path}"
+        if node not in done:
+            for nxt in graph[node]:
+                visit(nxt, path | {node})
+            done.add(node)
+
+    for rid in graph:
+        visit(rid, frozenset())
+
+
 def test_worker_service_scales_on_backlog_per_worker_down_to_zero(template):
     target = _one(template, "AWS::ApplicationAutoScaling::ScalableTarget")
     assert target["MinCapacity"] == 0 and target["MaxCapacity"] == 5

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from engine.request import GenerationRequest
+from handlers.results import entry_for
 from handlers.webhook_payload import build_notifier
 from service.cancellation import cancel_task
 from service.submission import submit_task
@@ -260,3 +261,19 @@ def test_a_task_failed_by_a_broken_worker_posts_its_failure_once(settings, backe
     assert notifier.flush(10)
     body = _only_post(receiver, task_id)
     assert "could not load its models" in body["error"] and "no weights" in body["error"]
+
+
+def test_public_base_url_makes_the_webhook_file_urls_absolute(settings, receiver):
+    from service.embedded import make_embedded_backend
+
+    backend = make_embedded_backend(settings)
+    settings.public_base_url = "https://api.example.com/acestep/"
+    notifier = _notifier(settings, backend)
+    task_id = _submit(backend, receiver.url)
+    Worker(settings, backend, SineEngine(), on_finished=notifier.task_finished).run_once(1.0)
+    assert notifier.flush(10)
+    (_, raw), = receiver.posts
+    file_url = json.loads(json.loads(raw)["result"])[0]["file"]
+    assert file_url.startswith("https://api.example.com/acestep/v1/audio?path=")
+    polled = json.loads(entry_for(task_id, backend.store.get(task_id), settings, None)["result"])[0]["file"]
+    assert polled.startswith("/v1/audio?path=")  # /query_result stays relative, as upstream
