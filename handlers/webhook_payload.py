@@ -6,6 +6,7 @@ from __future__ import annotations
 from service.config import Settings
 from service.ports import Backend
 from service.records import TaskRecord
+from service.result_parts import with_whole_result
 from service.webhooks import WebhookNotifier
 
 from .results import entry_for
@@ -13,7 +14,8 @@ from .results import entry_for
 
 def build_notifier(settings: Settings, backend: Backend) -> WebhookNotifier:
     def payload(record: TaskRecord) -> dict:
-        return entry_for(record.task_id, record, settings, None, base_url=settings.public_base_url)
+        whole, _ = with_whole_result(record, backend.blobs)
+        return entry_for(record.task_id, whole, settings, None, base_url=settings.public_base_url)
 
     return WebhookNotifier(backend.store, payload, key=settings.api_key,
                            allow_private=settings.webhook_allow_private, attempts=settings.webhook_attempts)

@@ -4,6 +4,8 @@
     uploads/<task_id>/<role>[.<ext>]     source/reference audio a task owns (multipart, server file)
     outputs/<task_id>/<attempt>-<i>.<fmt>  a generated file; the attempt keeps a fenced-out
                                          duplicate worker from overwriting the winner's files
+    outputs/<task_id>/<attempt>-<part>.json  a part of a result too large for the task record
+                                         (service/result_parts.py)
     models/<name>/...                    model weights mirrored for the workers (aws/model_mirror.py)
 
 Adapters, the API and the CDK stack (S3 lifecycle rules, IAM prefixes) take prefixes from here.
@@ -24,6 +26,7 @@ OUTPUT_FORMATS = ("mp3", "wav", "flac")
 
 _PENDING_RE = re.compile(r"^uploads/pending/[0-9a-f]{32}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _OUTPUT_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac)$")
+_RESULT_PART_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([0-9]{1,10}-[a-z_]{1,32})\.json$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -74,6 +77,16 @@ def output_key(task_id: str, attempt: int, index: int, fmt: str) -> str:
 def parse_output_key(key: str) -> Optional[OutputKey]:
     match = _OUTPUT_RE.match(key)
     return OutputKey(*match.groups()) if match else None
+
+
+def result_part_key(task_id: str, attempt: int, part: str) -> str:
+    return f"{OUTPUTS_PREFIX}{task_id}/{attempt}-{part}.json"
+
+
+def parse_result_part_key(key: str) -> Optional[OutputKey]:
+    """A result part's key (never an audio file: not servable as one, not usable as a source)."""
+    match = _RESULT_PART_RE.match(key)
+    return OutputKey(match.group(1), match.group(2), "json") if match else None
 
 
 def output_key_in(reference: str) -> Optional[str]:

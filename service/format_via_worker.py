@@ -14,6 +14,7 @@ from engine.types import GenerationError
 
 from .ports import Backend
 from .records import FAILED, MODELS_META_KEY, SUCCEEDED, ModelsMeta
+from .result_parts import with_whole_result
 from .submission import submit_task
 
 POLL_SECONDS = 0.2
@@ -58,7 +59,9 @@ class WorkerLMGateway:
             if record is not None and record.status == FAILED:
                 raise GenerationError(record.error or "the worker could not format the input")
             if record is not None and record.status == SUCCEEDED and record.result is not None:
-                return _answer(record.result.metas, record.result.generation_info)
+                whole, _ = with_whole_result(record, self.backend.blobs)
+                assert whole.result is not None
+                return _answer(whole.result.metas, whole.result.generation_info)
             time.sleep(POLL_SECONDS)
         raise FormatTimeout(f"no worker answered within {self.timeout:g} s (ACESTEP_FORMAT_TIMEOUT); "
                             f"task {task_id} will still finish")

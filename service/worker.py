@@ -11,7 +11,6 @@ lease (on SQS an old receipt can still delete the message the new holder owns).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
-from .blob_keys import OUTPUTS_PREFIX, output_key
+from .blob_keys import output_key
 from .config import Settings
 from .observability.health import HEARTBEAT_SECONDS
 from .observability.heartbeat import HeartbeatLoop
@@ -36,6 +35,7 @@ from .records import (
     CANCELLED, FAILED, MODELS_META_KEY, RUNNING, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
     TaskResult, WorkerHeartbeat,
 )
+from .result_parts import move_large_parts
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
 from .storage_errors import StorageFull
@@ -44,7 +44,6 @@ from .task_errors import sanitize_error
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 600
-MAX_RESULT_BYTES = 128 * 1024  # a result larger than this as stored keeps its generation_info in the blob store
 DEAD_LETTER_INTERVAL_SECONDS = 30
 LM_REQUIRED = ("this request needs the 5Hz LM (sample_mode / sample_query / use_format / analysis), "
                "which is not loaded on this server")
@@ -407,20 +406,19 @@ class Worker:
         if c.request.thinking and not self.engine.lm_loaded:
             info.setdefault("notes", []).append(
                 "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
-        stored = TaskResult(audios=audios, metas=result.metas, generation_info=info,
-                            dit_model=result.dit_model, lm_model=result.lm_model)
-        if len(stored.model_dump_json().encode()) > MAX_RESULT_BYTES:
-            # A task record must stay small (DynamoDB items are at most 400 KB): the details go to the blob store.
-            info_key = f"{OUTPUTS_PREFIX}{c.task_id}/{c.attempt}-generation-info.json"
-            self.backend.blobs.put(info_key, json.dumps(info).encode(), "application/json")
-            keys.append(info_key)
-            stored.generation_info = {"stored_as": info_key, "random_weights": info.get("random_weights"),
-                                      "notes": ["generation_info was too large for the task record: it is stored "
-                                                "beside the audio"]}
+        whole = TaskResult(audios=audios, metas=result.metas, generation_info=info,
+                           dit_model=result.dit_model, lm_model=result.lm_model)
+        try:
+            stored, part_keys = move_large_parts(whole, c.task_id, c.attempt, self.backend.blobs)
+        except StorageFull:
+            for written in keys:
+                self.backend.blobs.delete(written)
+            raise
+        keys += part_keys
         finished = self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys)
         if finished:
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
-            self._report(TaskMetrics.of(_finished(c, stored)))
+            self._report(TaskMetrics.of(_finished(c, whole)))
             self._finished(c.task_id)
         else:  # another attempt finished it first; drop our copy
             for key in keys:

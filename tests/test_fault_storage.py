@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 
 import pytest
+from fastapi.testclient import TestClient
 
+from handlers.app import create_app
 from service.embedded.files import FileBlobStore
 from service.ports import QUEUED, RUNNING, SUCCEEDED
 from service.storage_errors import StorageFull
-from service.worker import MAX_RESULT_BYTES, Worker
-from tests.api_support import make_api
+from service.aws.dynamo_store import _task_key
+from service.result_parts import MAX_RESULT_BYTES, stored_size
+from service.task_limits import MAX_REQUEST_BYTES
+from service.worker import Worker
+from tests.api_support import Api, make_api
+from tests.conftest import BACKENDS, open_backend
+from tests.support_engine import SineEngine
 from tests.test_worker import ScriptedEngine, _submit
 
 
@@ -41,22 +49,104 @@ def test_a_task_over_the_cost_ceiling_is_refused_with_the_numbers(settings):
     assert api.submit(prompt="x", audio_duration=30, batch_size=2, inference_steps=8)
 
 
-def test_a_huge_result_keeps_the_task_record_small(settings, backend):
-    engine = ScriptedEngine()
-    task_id = _submit(backend)
-    original = engine._result
+class _BloatedEngine(SineEngine):
+    """An engine whose results are far larger than a task record may hold (LM notes, long genres)."""
 
-    def bloated(req, progress):
-        result = original(req, progress)
-        result.generation_info["notes"] = ["x" * 1000] * (MAX_RESULT_BYTES // 1000 + 10)
+    def generate(self, request, **kw):
+        result = super().generate(request, **kw)
+        result.generation_info["notes"] = [f"note {i} " + "🎼" * 250 for i in range(200)]  # ~200 KB
+        result.metas["genres"] = "ambient " * 20000  # ~160 KB
         return result
 
-    engine._result = bloated
-    Worker(settings, backend, engine).run_once(1.0)
-    rec = backend.store.get(task_id)
-    assert rec.status == SUCCEEDED and len(rec.result.model_dump_json()) < MAX_RESULT_BYTES
-    stored_as = rec.result.generation_info["stored_as"]
-    assert stored_as in rec.blob_keys and len(backend.blobs.get(stored_as)) > MAX_RESULT_BYTES
+
+@pytest.fixture(params=BACKENDS)
+def bloated_api(request, settings, tmp_path):
+    """An API and worker over each backend whose engine writes oversized results."""
+    with open_backend(request.param, settings, tmp_path) as backend:
+        s = getattr(backend, "settings", settings)
+        yield Api(s, backend, TestClient(create_app(s, backend)), _BloatedEngine(s.model_names))
+
+
+def _largest_request(api: Api) -> dict:
+    """A batch-8 request exactly as large as submit accepts (4-byte characters, 64 KB as stored)."""
+    base = {"prompt": "x", "batch_size": 8, "audio_duration": 10, "inference_steps": 8, "audio_format": "wav"}
+    probe = api.submit(**base, lyrics="")
+    overhead = len(json.dumps(api.stored_request(probe), ensure_ascii=False).encode())
+    return {**base, "lyrics": "🥁" * ((MAX_REQUEST_BYTES - overhead) // 4)}
+
+
+def _dynamo_item_bytes(item: dict) -> int:
+    """An item's size as DynamoDB counts it (names + values; numbers at their 21-byte maximum)."""
+    def value(v: dict) -> int:
+        if "S" in v:
+            return len(v["S"].encode())
+        if "N" in v:
+            return 21
+        if "L" in v:
+            return 3 + sum(value(e) + 1 for e in v["L"])
+        if "M" in v:
+            return 3 + sum(len(k.encode()) + value(e) + 1 for k, e in v["M"].items())
+        return 1
+    return sum(len(name.encode()) + value(v) for name, v in item.items())
+
+
+def _items(api: Api, task_id: str) -> list[dict]:
+    return json.loads(api.query(task_id)[0]["result"])
+
+
+def test_a_huge_result_is_stored_apart_and_read_back_whole(bloated_api):
+    api = bloated_api
+    request = _largest_request(api)
+    task_id = api.submit(**request)
+    request["lyrics"] += "🥁"
+    api.submit(expect=413, **request)  # one character more is refused: this is the largest request
+    api.run_worker()
+    rec = api.backend.store.get(task_id)
+    assert rec.status == SUCCEEDED and stored_size(rec.result) <= MAX_RESULT_BYTES
+    assert set(rec.result.moved) == {"generation_info", "metas"} and set(rec.result.moved.values()) <= set(rec.blob_keys)
+    if api.settings.backend == "aws":  # the item as DynamoDB holds it, request and result beside each other
+        store = api.backend.store
+        item = store._db.get_item(TableName=store._table, Key=_task_key(task_id))["Item"]
+        assert len(item["request"]["S"].encode()) <= MAX_REQUEST_BYTES
+        assert _dynamo_item_bytes(item) < 400 * 1024
+
+    reads: list[str] = []
+    get = api.backend.blobs.get
+    api.backend.blobs.get = lambda key: reads.append(key) or get(key)  # type: ignore[method-assign]
+    items = _items(api, task_id)
+    assert len(items) == 8
+    detail = items[0]["generation_info_detail"]
+    assert len(detail["notes"]) == 200 and detail["notes"][0].startswith("note 0 🎼")
+    assert "missing_parts" not in detail and items[0]["metas"]["genres"].startswith("ambient ambient")
+    small = api.submit(prompt="small", audio_duration=10)
+    api.engine.generate = super(_BloatedEngine, api.engine).generate  # type: ignore[method-assign]
+    api.run_worker()
+    assert [set(i) for i in items] == [set(_items(api, small)[0])] * 8  # the shape of a small result
+    reads_after_first = len(reads)
+    assert reads_after_first == 2
+    assert _items(api, task_id) == items and len(reads) == reads_after_first  # cached: no second read
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbled"])
+def test_a_lost_result_part_is_named_in_the_entry_not_a_500(bloated_api, damage):
+    api = bloated_api
+    task_id = api.submit(prompt="x", audio_duration=10)
+    api.run_worker()
+    moved = api.backend.store.get(task_id).result.moved
+    if damage == "deleted":
+        api.backend.blobs.delete(moved["generation_info"])
+    else:
+        api.backend.blobs.put(moved["generation_info"], b"\xff not json", "application/json")
+    entry = api.query(task_id)[0]
+    assert entry["status"] == 1  # still a finished task with its audio
+    item = json.loads(entry["result"])[0]
+    assert item["file"] and item["metas"]["genres"].startswith("ambient")
+    assert item["generation_info_detail"]["missing_parts"] == ["generation_info"]
+    assert "generation_info is missing" in item["generation_info"]
+    assert item["generation_info_detail"]["random_weights"] is True  # kept in the record
+    if damage == "garbled":  # not cached: once the part is readable again, the next poll has it
+        api.backend.blobs.put(moved["generation_info"], b'{"notes": ["back"]}', "application/json")
+        assert json.loads(api.query(task_id)[0]["result"])[0]["generation_info_detail"]["notes"] == ["back"]
 
 
 def test_a_full_disk_answers_507_not_500(settings):

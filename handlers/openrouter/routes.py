@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from service.format_via_worker import lm_served
 from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
+from service.result_parts import with_whole_result
 
 from ..body import _json_object, read_limited
 from ..deps import backend_of, settings_of, webhooks_of
@@ -103,8 +104,9 @@ async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: 
     if record is None or record.status != SUCCEEDED:
         status, detail = _failure(record)
         raise ApiError(status, detail, headers=headers)
-    audio = await run_in_threadpool(responses.audio_items, record, backend_of(request).blobs)
-    body = responses.completion(responses.completion_id(), model_id, responses.content_text(record, lm_fallback),
+    whole, _ = await run_in_threadpool(with_whole_result, record, backend_of(request).blobs)
+    audio = await run_in_threadpool(responses.audio_items, whole, backend_of(request).blobs)
+    body = responses.completion(responses.completion_id(), model_id, responses.content_text(whole, lm_fallback),
                                 audio or None)
     return JSONResponse(body, headers=headers)
 
@@ -134,8 +136,9 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
                 yield out.chunk(content=f"\n\nError: {_failure(record)[1]}")
                 yield out.chunk(finish_reason="error")
                 break
-            yield out.chunk(content="\n\n" + responses.content_text(record, lm_fallback))
-            audio = await run_in_threadpool(responses.audio_items, record, backend.blobs)
+            whole, _ = await run_in_threadpool(with_whole_result, record, backend.blobs)
+            yield out.chunk(content="\n\n" + responses.content_text(whole, lm_fallback))
+            audio = await run_in_threadpool(responses.audio_items, whole, backend.blobs)
             if audio:
                 yield out.chunk(audio=audio)
             yield out.chunk(finish_reason="stop")

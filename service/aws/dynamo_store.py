@@ -518,7 +518,7 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
     item: dict[str, dict] = {
         S.PK: _s(S.TASK_PREFIX + record.task_id),
         "task_id": _s(record.task_id),
-        "request": _s(json.dumps(record.request)),
+        "request": _s(json.dumps(record.request, ensure_ascii=False)),  # as bounded at submit (task_limits)
         "status": _s(record.status),
         "created_at": _n(float(record.created_at)),
         "progress": _n(float(record.progress)),

@@ -5,7 +5,7 @@ expires every file after the retention period, orphans included.)
 """
 from __future__ import annotations
 
-from ..blob_keys import OUTPUTS_PREFIX, parse_output_key
+from ..blob_keys import OUTPUTS_PREFIX, parse_output_key, parse_result_part_key
 from ..records import TERMINAL
 from .files import FileBlobStore
 from .store import SqliteTaskStore
@@ -18,7 +18,7 @@ def collect_orphan_outputs(store: SqliteTaskStore, blobs: FileBlobStore, cutoff:
     """Delete output files written before `cutoff` that no finished task lists; returns how many."""
     by_task: dict[str, list[str]] = {}
     for key in blobs.keys_older_than(OUTPUTS_PREFIX, cutoff):
-        parsed = parse_output_key(key)
+        parsed = parse_output_key(key) or parse_result_part_key(key)
         if parsed is not None:
             by_task.setdefault(parsed.task_id, []).append(key)
     records = store.get_many(list(by_task))
