@@ -184,7 +184,7 @@ def listeners(settings: Settings, app) -> list:
     level = settings.log_level.lower()
     servers = [_Listener.server(app, settings.host, settings.port, level)]
     if settings.openrouter_port:
-        servers.append(_Listener.server(bootstrap.build_openrouter_app(settings, app.state.backend),
+        servers.append(_Listener.server(bootstrap.build_openrouter_app(settings, app),
                                         settings.openrouter_host, settings.openrouter_port, level))
         log.info("OpenAI-compatible API on http://%s:%d", settings.openrouter_host, settings.openrouter_port)
     return servers

@@ -40,11 +40,14 @@ def build_app(settings: Settings, backend: Backend | None = None):
     return create_app(settings, backend if backend is not None else build_backend(settings))
 
 
-def build_openrouter_app(settings: Settings, backend: Backend):
-    """The OpenAI-compatible API (POST /v1/chat/completions) on the same backend as the ACE-Step API."""
+def build_openrouter_app(settings: Settings, api_app):
+    """The OpenAI-compatible API (POST /v1/chat/completions) beside the ACE-Step API app `api_app`: the
+    same backend, and the same per-caller rate buckets and submit gate (one count per caller)."""
     from handlers.openrouter import create_openrouter_app
 
-    return create_openrouter_app(settings, backend)
+    state = api_app.state
+    return create_openrouter_app(settings, state.backend, rate_buckets=state.rate_buckets,
+                                 submit_gate=state.submit_gate)
 
 
 def engine_config(settings: Settings):

@@ -30,6 +30,6 @@ app = bootstrap.build_app(settings)
 # the asynchronous ACE-Step API (/release_task + /query_result).
 if not settings.openrouter_max_wait:
     settings.openrouter_max_wait = LAMBDA_CHAT_WAIT_SECONDS
-app.mount(OPENROUTER_PATH, bootstrap.build_openrouter_app(settings, app.state.backend))
+app.mount(OPENROUTER_PATH, bootstrap.build_openrouter_app(settings, app))
 # lifespan "off": a Lambda container has no long-lived startup/shutdown to run per invocation.
 handler = Mangum(app, lifespan="off")

@@ -19,7 +19,7 @@ from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
-from .rate_limit import RateLimitMiddleware
+from .rate_limit import RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
 from .submit_gate import SubmitGate
@@ -77,8 +77,10 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
                            allow_headers=["Authorization", "Content-Type", "Range"],
                            expose_headers=["Content-Length", "Content-Range", "Accept-Ranges", "X-Request-ID"],
                            allow_credentials="*" not in origins)
-    if settings.rate_limit_rps > 0:
-        app.add_middleware(RateLimitMiddleware, rate=settings.rate_limit_rps)
+    # Shared with the OpenAI-compatible app beside it (handlers/openrouter): one count per caller.
+    app.state.rate_buckets = TokenBuckets.per_second(settings.rate_limit_rps) if settings.rate_limit_rps > 0 else None
+    if app.state.rate_buckets is not None:
+        app.add_middleware(RateLimitMiddleware, buckets=app.state.rate_buckets)
     app.add_middleware(RequestContextMiddleware)  # outermost: its id covers everything below
     return app
 

@@ -1,9 +1,12 @@
 """Requests per second per caller (ACESTEP_RATE_LIMIT_RPS): a token bucket per API key or address.
 
-Counts what creates work (POST and PUT: submits, uploads, /format_input); polling
-(/query_result) and downloads are cheap reads and not counted. In-process: on the embedded
+Counts what creates work (POST and PUT: submits, uploads, /format_input, chat completions);
+polling (/query_result) and downloads are cheap reads and not counted. In-process: on the embedded
 backend that is the whole API; on Lambda each instance counts its own share and the API Gateway
 stage throttle (infra/) bounds the total. Over the limit: 429 with Retry-After.
+
+Both APIs of a process share one TokenBuckets (a caller's requests to either count together), and
+a request is counted once even where one app is mounted in the other (Lambda's /openrouter).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from service.caller_limits import caller_id
 COUNTED_METHODS = ("POST", "PUT")
 EXEMPT = ("/health", "/query_result")
 MAX_CALLERS = 10000  # buckets kept; the oldest are dropped beyond this
+COUNTED = "acestep.rate_counted"  # scope key: an outer app's limiter has counted this request
 
 
 class TokenBuckets:
@@ -26,6 +30,11 @@ class TokenBuckets:
         self.rate, self.burst = rate, burst
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+
+    @classmethod
+    def per_second(cls, rate: float) -> "TokenBuckets":
+        """`rate` requests per second per caller, in bursts of up to twice that."""
+        return cls(rate, max(1.0, 2 * rate))
 
     def take(self, caller: str, now: float | None = None) -> float:
         """0 when the request may go ahead, else the seconds until it could."""
@@ -41,14 +50,16 @@ class TokenBuckets:
 
 
 class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, rate: float):
+    def __init__(self, app: ASGIApp, buckets: TokenBuckets):
         self.app = app
-        self.buckets = TokenBuckets(rate, max(1.0, 2 * rate))
+        self.buckets = buckets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") not in COUNTED_METHODS or scope.get("path", "") in EXEMPT:
+        if scope["type"] != "http" or scope.get("method") not in COUNTED_METHODS \
+                or scope.get("path", "") in EXEMPT or scope.get(COUNTED):
             await self.app(scope, receive, send)
             return
+        scope[COUNTED] = True  # a mounted app's limiter passes it on (Mount copies the scope)
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"").decode("latin-1").strip()
         if auth[:7].lower() == "bearer ":

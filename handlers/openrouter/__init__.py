@@ -1,9 +1,14 @@
 """The OpenAI/OpenRouter-compatible music API (upstream's `openrouter` server), on its own listener.
 
 `create_openrouter_app(settings, backend)` builds it on the backend the ACE-Step API uses, so both
-share one task store, queue and set of workers.
+share one task store, queue and set of workers. Its submits take /release_task's path
+(handlers/submit.py): the task cost ceiling, the per-caller task limits and the per-caller request
+rate apply alike; given the ACE-Step app's `rate_buckets` and `submit_gate`, a caller's requests to
+either API count together.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,7 +18,9 @@ from service.ports import Backend
 
 from ..app import cors_origins
 from ..envelope import install_error_handlers
+from ..rate_limit import RateLimitMiddleware, TokenBuckets
 from ..request_context import RequestContextMiddleware
+from ..submit_gate import SubmitGate
 from ..webhook_payload import build_notifier
 from . import routes
 
@@ -22,13 +29,16 @@ POST /v1/chat/completions with `messages`; the audio comes back as base64 data U
 `choices[0].message.audio`. `stream: true` sends Server-Sent Events."""
 
 
-def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: float | None = None) -> FastAPI:
+def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: float | None = None, *,
+                          rate_buckets: Optional[TokenBuckets] = None,
+                          submit_gate: Optional[SubmitGate] = None) -> FastAPI:
     app = FastAPI(title="ACE-Step OpenAI-compatible API", version="1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.backend = backend
     app.state.poll_seconds = poll_seconds  # None: per backend (waiting.POLL_SECONDS)
     app.state.webhooks = build_notifier(settings, backend)
+    app.state.submit_gate = submit_gate or SubmitGate(backend)
     install_error_handlers(app)
     app.include_router(routes.router)
     origins = cors_origins(settings)
@@ -36,6 +46,10 @@ def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: fl
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Task-ID", "X-Request-ID"],
                            allow_credentials="*" not in origins)
+    if rate_buckets is None and settings.rate_limit_rps > 0:
+        rate_buckets = TokenBuckets.per_second(settings.rate_limit_rps)
+    if rate_buckets is not None:
+        app.add_middleware(RateLimitMiddleware, buckets=rate_buckets)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -22,6 +22,7 @@ from service.records import CANCELLED, SUCCEEDED, TaskRecord
 from service.result_parts import with_whole_result
 
 from ..body import _json_object, read_limited
+from ..caller import caller_of
 from ..deps import backend_of, settings_of, webhooks_of
 from ..envelope import ApiError, bad_request
 from ..request_parsing import validation_message
@@ -81,7 +82,10 @@ async def chat_completions(request: Request):
     webhook_url = (req.model_extra or {}).get("webhook_url")
     if webhook_url is not None and not isinstance(webhook_url, str):
         raise bad_request("webhook_url: must be an http(s) URL")
-    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed, None, webhook_url or None)
+    # /release_task's path and limits: cost ceiling (413), per-caller tasks in flight (429), counted
+    # per API key (or address) across both APIs.
+    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed, None, webhook_url or None,
+                                         caller_of(request), request.app.state.submit_gate)
     headers = {TASK_HEADER: task_id}
     if req.stream:
         return StreamingResponse(_stream(request, task_id, task.model_id, task.lm_fallback),

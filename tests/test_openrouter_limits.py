@@ -1,0 +1,73 @@
+"""The chat route applies /release_task's limits: the task cost ceiling (413), the per-caller tasks
+in flight and the per-caller request rate (429 with Retry-After), counted across both APIs of a
+process as the entry points wire them (bootstrap.build_openrouter_app beside the ACE-Step app)."""
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from entrypoints.bootstrap import build_openrouter_app
+from handlers.app import create_app
+from service.embedded import make_embedded_backend
+
+KEY = "sk-limits"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"messages": [{"role": "user", "content": "<prompt>lo-fi piano</prompt>"}],
+        "audio_config": {"duration": 30}, "inference_steps": 8}
+
+
+def _apps(settings, **overrides):
+    """(ACE-Step client, chat client) on one backend, no worker: tasks stay queued."""
+    settings.api_key = KEY
+    for name, value in overrides.items():
+        setattr(settings, name, value)
+    backend = make_embedded_backend(settings)
+    api = create_app(settings, backend)
+    return TestClient(api), TestClient(build_openrouter_app(settings, api)), backend
+
+
+def test_a_chat_task_over_the_cost_ceiling_is_413(settings):
+    _, chat, backend = _apps(settings, max_task_cost=1000)
+    r = chat.post("/v1/chat/completions", json={**CHAT, "audio_config": {"duration": 600}}, headers=AUTH)
+    assert r.status_code == 413 and "ACESTEP_MAX_TASK_COST" in r.json()["detail"], r.text
+    assert backend.queue.size() == 0
+
+
+def test_chat_tasks_count_toward_the_callers_tasks_in_flight_on_both_apis(settings):
+    api, chat, backend = _apps(settings, caller_max_queued=1, openrouter_max_wait=0.2)
+    r = chat.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert r.status_code == 504 and r.headers["X-Task-ID"] in r.json()["detail"]  # queued, goes on
+    r = api.post("/release_task", json={"prompt": "p"}, headers=AUTH)
+    assert r.status_code == 429 and "ACESTEP_CALLER_MAX_QUEUED" in r.json()["detail"], r.text
+    r = chat.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "30", r.text
+    assert "ACESTEP_CALLER_MAX_QUEUED" in r.json()["detail"] and "X-Task-ID" not in r.headers
+    assert backend.queue.size() == 1
+
+
+@pytest.mark.parametrize("first", ["chat", "api"])
+def test_the_request_rate_is_per_caller_and_shared_by_both_apis(settings, first):
+    api, chat, _ = _apps(settings, rate_limit_rps=0.5)  # a burst of one request, then one per 2 s
+    bad = {"messages": "not a list"}  # 400, but a POST counts like any other
+    if first == "chat":
+        assert chat.post("/v1/chat/completions", json=bad, headers=AUTH).status_code == 400
+    else:
+        assert api.post("/release_task", json={"prompt": "p", "audio_duration": 1}, headers=AUTH).status_code == 400
+    for client, path in ((chat, "/v1/chat/completions"), (api, "/release_task")):
+        r = client.post(path, json=bad, headers=AUTH)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+        assert "ACESTEP_RATE_LIMIT_RPS" in r.json()["detail"]
+    assert chat.get("/v1/models", headers=AUTH).status_code == 200  # reads are not counted
+    other = {"Authorization": "Bearer someone-else"}  # another caller has its own bucket (then fails auth)
+    assert chat.post("/v1/chat/completions", json=bad, headers=other).status_code == 401
+
+
+def test_a_chat_app_mounted_in_the_api_counts_each_request_once(settings):
+    settings.api_key, settings.rate_limit_rps = KEY, 0.5
+    backend = make_embedded_backend(settings)
+    api = create_app(settings, backend)
+    api.mount("/openrouter", build_openrouter_app(settings, api))  # as entrypoints/lambda_api.py does
+    client = TestClient(api)
+    bad = {"messages": "not a list"}
+    assert client.post("/openrouter/v1/chat/completions", json=bad, headers=AUTH).status_code == 400
+    assert client.post("/openrouter/v1/chat/completions", json=bad, headers=AUTH).status_code == 429
