@@ -7,7 +7,8 @@
 # with ACESTEP_ALLOW_DOWNLOAD=true, downloads missing weights there on first start.
 
 ARG TORCH_CUDA_IMAGE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
-ARG LAMBDA_IMAGE=public.ecr.aws/lambda/python:3.11
+# The same Python as the zip deployment (LAMBDA_PYTHON in infra/package_lambda.py).
+ARG LAMBDA_IMAGE=public.ecr.aws/lambda/python:3.13
 
 # ---- source: only what the package needs (see .dockerignore) -----------------------------------
 FROM scratch AS source

@@ -11,7 +11,7 @@ from mangum import Mangum
 
 import sys
 
-from entrypoints import bootstrap
+from entrypoints import bootstrap, snapstart
 from service.config import load_settings
 from service.observability.logs import configure_logging
 
@@ -33,3 +33,6 @@ if not settings.openrouter_max_wait:
 app.mount(OPENROUTER_PATH, bootstrap.build_openrouter_app(settings, app))
 # lifespan "off": a Lambda container has no long-lived startup/shutdown to run per invocation.
 handler = Mangum(app, lifespan="off")
+# With SnapStart (the zip deployment) this init runs once per published version: prime it fully
+# before the snapshot, and give each restored copy its own randomness and AWS sessions.
+snapstart.install(handler, settings.api_key)

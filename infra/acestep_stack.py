@@ -44,6 +44,7 @@ import jsii
 from constructs import Construct
 
 from infra.nag import suppress
+from infra.package_lambda import LAMBDA_PYTHON
 
 from service.aws import schema
 from service.blob_keys import MODELS_PREFIX
@@ -52,6 +53,8 @@ from service.observability.metrics import NAMESPACE as METRICS_NAMESPACE
 from service.blob_keys import UPLOADS_PREFIX as UPLOAD_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The API zip's runtime, by the Python version infra/package_lambda.py builds for (3.12+ has SnapStart).
+_LAMBDA_RUNTIMES = {"3.12": lambda_.Runtime.PYTHON_3_12, "3.13": lambda_.Runtime.PYTHON_3_13}
 # The worker writes its heartbeat here; the container health check reads it (acestep-worker --healthcheck).
 HEARTBEAT_FILE = "/tmp/acestep-heartbeat.json"
 # The fields of one access-log line of the HTTP API (JSON, one object per request).
@@ -68,8 +71,9 @@ ACCESS_LOG_FORMAT = json.dumps({
 class StackOptions:
     """Deployment knobs; each is also a CDK context key of the same name."""
 
-    # Lambda code: a directory holding the built package (zip asset, see infra/README.md), or
-    # empty to build the `lambda` target of the Dockerfile as a container image at deploy time.
+    # Lambda code: a directory holding the built zip package (SnapStart; infra/app.py builds it
+    # unless told `lambda_packaging=image`), or empty for the Dockerfile's `lambda` target as a
+    # container image built at deploy time (no SnapStart).
     lambda_asset_dir: str = ""
     # Worker image: a registry URI (e.g. an ECR repo you pushed to), or empty to build the
     # Dockerfile's `worker` target at deploy time.
@@ -296,24 +300,32 @@ class AceStepStack(Stack):
             architecture=lambda_.Architecture.X86_64,
             reserved_concurrent_executions=opts.api_reserved_concurrency or None,
         )
+        target: lambda_.IFunction
         if opts.lambda_asset_dir:
+            # A zip on a managed Python runtime can use SnapStart: init (imports, app, priming in
+            # entrypoints/snapstart.py) runs once per published version, and a cold start restores
+            # that snapshot. The gateway must call the version (through an alias), not $LATEST.
             fn = lambda_.Function(
                 self, "ApiFunction",
-                runtime=lambda_.Runtime.PYTHON_3_11,
+                runtime=_LAMBDA_RUNTIMES[LAMBDA_PYTHON],
                 handler="entrypoints.lambda_api.handler",
                 code=lambda_.Code.from_asset(opts.lambda_asset_dir),
+                snap_start=lambda_.SnapStartConf.ON_PUBLISHED_VERSIONS,
                 **common,
             )
+            target = lambda_.Alias(self, "ApiLive", alias_name="live", version=fn.current_version)
         else:
+            # Container images cannot use SnapStart; their cold start is the whole init.
             fn = lambda_.DockerImageFunction(
                 self, "ApiFunction",
                 code=lambda_.DockerImageCode.from_image_asset(str(REPO_ROOT), target="lambda"),
                 **common,
             )
+            target = fn
         self._grant_api(role)
         if opts.lambda_asset_dir:
-            suppress(fn, *[(rule, "Python 3.11 on purpose: the version the project is tested with and that "
-                                  "infra/package_lambda.py builds wheels for; move both together.")
+            suppress(fn, *[(rule, f"Python {LAMBDA_PYTHON} on purpose: the runtime infra/package_lambda.py builds "
+                                  "wheels for and the package was verified under (infra/README.md); move both together.")
                            for rule in ("AwsSolutions-L1", "Serverless-LambdaLatestVersion")])
         suppress(fn,
                  ("Serverless-LambdaDLQ", "API Gateway invokes it synchronously: a failed request is answered "
@@ -326,7 +338,7 @@ class AceStepStack(Stack):
         # override the app's ACESTEP_CORS_ORIGINS. No default stage: the stage below throttles and logs.
         http_api = apigw.HttpApi(
             self, "HttpApi",
-            default_integration=integrations.HttpLambdaIntegration("ApiIntegration", fn),
+            default_integration=integrations.HttpLambdaIntegration("ApiIntegration", target),
             create_default_stage=False,
         )
         access_logs = logs.LogGroup(self, "ApiAccessLogs", retention=logs.RetentionDays.ONE_MONTH,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 # The stack reads the table schema from the service package, one directory up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -13,10 +14,26 @@ import aws_cdk as cdk  # noqa: E402
 
 from infra.acestep_stack import AceStepStack  # noqa: E402
 from infra.nag import add_checks  # noqa: E402
+from infra import package_lambda  # noqa: E402
+
+LAMBDA_BUILD_DIR = Path(__file__).resolve().parent / "cdk.out.lambda"
+
+
+def choose_lambda_package(app: cdk.App, build: Callable[[str], None] = package_lambda.main) -> str:
+    """The API ships as a zip (SnapStart, the fast cold start) unless `-c lambda_packaging=image`
+    asks for the Dockerfile's `lambda` image; without `-c lambda_asset_dir` the zip is built here.
+    Returns the zip's directory, or '' for the image."""
+    given = app.node.try_get_context("lambda_asset_dir")
+    if given or app.node.try_get_context("lambda_packaging") == "image":
+        return given or ""
+    build(str(LAMBDA_BUILD_DIR))
+    app.node.set_context("lambda_asset_dir", str(LAMBDA_BUILD_DIR))
+    return str(LAMBDA_BUILD_DIR)
 
 
 def main() -> None:
     app = cdk.App()
+    choose_lambda_package(app)
     AceStepStack(
         app, app.node.try_get_context("stack_name") or "AceStep",
         env=cdk.Environment(account=os.environ.get("CDK_DEFAULT_ACCOUNT"),

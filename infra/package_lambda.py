@@ -3,8 +3,9 @@
     python infra/package_lambda.py build/lambda
     cd infra && cdk deploy -c lambda_asset_dir=../build/lambda
 
-Wheels are fetched for Lambda's platform (manylinux x86_64, CPython 3.11), so this works from any
-machine with pip and network access to PyPI.
+Wheels are fetched for Lambda's platform (manylinux x86_64, CPython LAMBDA_PYTHON), so this works
+from any machine with pip and network access to PyPI. The stack deploys the zip on that runtime
+with SnapStart.
 """
 from __future__ import annotations
 
@@ -14,22 +15,24 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The Lambda runtime of the zip. 3.12 and later have SnapStart; 3.13 is the one the package was run under.
+LAMBDA_PYTHON = "3.13"
 PACKAGES = ("entrypoints", "handlers", "service", "engine")  # engine: only the torch-free request model is imported
 
 
 def base_dependencies() -> list[str]:
-    import tomllib  # Python 3.11+, like the Lambda runtime this targets
+    import tomllib
 
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def main(out: str) -> None:
+def main(out: str, python_version: str = LAMBDA_PYTHON) -> None:
     target = Path(out).resolve()
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target),
-                    "--platform", "manylinux2014_x86_64", "--implementation", "cp", "--python-version", "3.11",
+                    "--platform", "manylinux2014_x86_64", "--implementation", "cp", "--python-version", python_version,
                     "--only-binary=:all:", *base_dependencies()], check=True)
     for package in PACKAGES:
         shutil.copytree(ROOT / package, target / package,

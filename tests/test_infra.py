@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from infra.package_lambda import LAMBDA_PYTHON
+
 cdk = pytest.importorskip("aws_cdk", reason="aws-cdk-lib is not installed (pip install '.[infra]')")
 from aws_cdk.assertions import Match, Template  # noqa: E402
 
@@ -259,7 +261,20 @@ def test_http_api_routes_to_the_lambda_entry(template):
         _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")]
     env = fn["Properties"]["Environment"]["Variables"]
     assert env["ACESTEP_BACKEND"] == "aws" and "ACESTEP_API_KEY_SECRET_ARN" in env and "ACESTEP_API_KEY" not in env
-    assert fn["Properties"]["Runtime"] == "python3.11"
+    assert fn["Properties"]["Runtime"] == f"python{LAMBDA_PYTHON}"
+
+
+def test_zip_api_runs_with_snapstart_behind_an_alias_of_its_published_version(template):
+    fn_id = _logical_id(template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")
+    fn = _resources(template, "AWS::Lambda::Function")[fn_id]
+    assert fn["Properties"]["SnapStart"] == {"ApplyOn": "PublishedVersions"}
+    version_id = _logical_id(template, "AWS::Lambda::Version", lambda p: p["FunctionName"] == {"Ref": fn_id})
+    alias = next(iter(_resources(template, "AWS::Lambda::Alias").values()))["Properties"]
+    assert alias["FunctionVersion"] == {"Fn::GetAtt": [version_id, "Version"]}
+    # the gateway invokes the alias (the snapshotted version), never $LATEST, which has no snapshot
+    integration = next(iter(_resources(template, "AWS::ApiGatewayV2::Integration").values()))["Properties"]
+    alias_id = next(iter(_resources(template, "AWS::Lambda::Alias")))
+    assert integration["IntegrationUri"] == {"Ref": alias_id}
 
 
 def test_alarms_watch_dead_letters_queue_age_and_lambda_errors(template):
@@ -406,3 +421,19 @@ def test_cloudfront_waf_outside_us_east_1_needs_an_existing_acl(tmp_path):
         AceStepStack(app, "Elsewhere", StackOptions(worker_image="x:y", lambda_asset_dir=str(tmp_path),
                                                     cloudfront=True),
                      env=cdk.Environment(account="123456789012", region="eu-west-1"))
+
+
+def test_cdk_app_ships_the_api_as_a_snapstart_zip_unless_asked_for_the_image():
+    from infra.app import LAMBDA_BUILD_DIR, choose_lambda_package
+
+    built: list[str] = []
+    app = cdk.App()
+    assert choose_lambda_package(app, build=built.append) == str(LAMBDA_BUILD_DIR)
+    assert built == [str(LAMBDA_BUILD_DIR)]  # package_lambda.main, which needs PyPI, is the builder by default
+    assert StackOptions.from_context(app).lambda_asset_dir == str(LAMBDA_BUILD_DIR)
+
+    def must_not_build(out: str) -> None:
+        raise AssertionError("built a zip although none was wanted")
+
+    assert choose_lambda_package(cdk.App(context={"lambda_packaging": "image"}), build=must_not_build) == ""
+    assert choose_lambda_package(cdk.App(context={"lambda_asset_dir": "/prebuilt"}), build=must_not_build) == "/prebuilt"

@@ -7,12 +7,15 @@ cold start, paid even by requests that never reach AWS (auth errors, /health's f
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Optional
 
 from ..config import Settings
 
 # boto3's default session is not safe to create clients from several threads at once.
 _create_lock = threading.Lock()
+# Every LazyClient made, so a SnapStart restore can drop what the snapshot's environment built.
+_made: "weakref.WeakSet[LazyClient]" = weakref.WeakSet()
 
 
 class LazyClient:
@@ -22,6 +25,16 @@ class LazyClient:
     def __init__(self, service: str, settings: Settings, config: Optional[dict] = None):
         self._service, self._settings, self._config = service, settings, config or {}
         self._client: Any = None
+        _made.add(self)
+
+    def build(self) -> None:
+        """Create the real client now rather than on first use."""
+        self.__getattr__("meta")
+
+    def forget(self) -> None:
+        """Drop the real client (its connection pool and credentials); the next use builds another."""
+        with _create_lock:
+            self._client = None
 
     def __getattr__(self, name: str) -> Any:
         client = self._client
@@ -34,17 +47,57 @@ class LazyClient:
 
 
 def _make_client(service: str, settings: Settings, config: dict):
-    import boto3
     from botocore.config import Config
 
     # Standard retry mode backs off on throttling, which a burst of submits can hit.
     base = Config(retries={"mode": "standard", "max_attempts": 5}, **config)
-    return boto3.client(
+    return _session().client(
         service,
         region_name=settings.aws_region or None,
         endpoint_url=settings.aws_endpoint_url or None,
         config=base,
     )
+
+
+# One boto3 session for every client here (caller holds _create_lock), over a botocore session we
+# keep a hand on, so its loaded service models can outlive it.
+_boto3_session: Any = None
+_botocore_session: Any = None
+
+
+def _session() -> Any:
+    global _boto3_session, _botocore_session
+    if _boto3_session is None:
+        import boto3
+        import botocore.session
+
+        _botocore_session = botocore.session.get_session()
+        _boto3_session = boto3.session.Session(botocore_session=_botocore_session)
+    return _boto3_session
+
+
+def build_all() -> None:
+    """Build every client made so far (loads botocore's service models into the session's cache)."""
+    for client in list(_made):
+        client.build()
+
+
+def forget_sessions() -> None:
+    """Drop every built client and the session's credentials, so both are resolved again, while
+    keeping the service models already parsed: for a restored SnapStart copy."""
+    global _boto3_session, _botocore_session
+    for client in list(_made):
+        client.forget()
+    with _create_lock:
+        if _boto3_session is None:  # nothing was built, nothing to forget
+            return
+        import boto3
+        import botocore.session
+
+        loader = _botocore_session.get_component("data_loader")
+        _botocore_session = botocore.session.get_session()
+        _botocore_session.register_component("data_loader", loader)
+        _boto3_session = boto3.session.Session(botocore_session=_botocore_session)
 
 
 def aws_client(service: str, settings: Settings, config: Optional[dict] = None) -> Any:
