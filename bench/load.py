@@ -9,7 +9,9 @@ its store, then drives it from this process with a small HTTP/1.1 keep-alive cli
   (no coordinated omission).
 - `/release_task` runs N clients back to back (closed loop) and reports throughput and latency.
 - `bare` is a bare FastAPI app (one route returning a constant dict) served by the same uvicorn in
-  the same run: the floor this machine gives a FastAPI route.
+  the same run: the floor this machine gives a FastAPI route. `bare20` is the same app answering
+  the very bytes of the 20-id poll (read from a file once): the floor for a response that size,
+  load generator's reading of it included.
 
 With `--busy-worker` a worker process (tiny demo model) generates 240 s songs during the whole
 run, so the figures show whether the API slows down while the worker generates.
@@ -41,11 +43,20 @@ from service.embedded import make_embedded_backend  # noqa: E402
 from service.records import AudioFile, TaskRecord, TaskResult  # noqa: E402
 
 BARE_APP = """
+import functools, os
 from fastapi import FastAPI
+from fastapi.responses import Response
 app = FastAPI()
 @app.post("/bare")
 async def bare():
     return {"data": [], "code": 200, "error": None, "timestamp": 0, "extra": None}
+@functools.cache
+def sized_body():
+    with open(os.path.join(os.path.dirname(__file__), "bare_body.json"), "rb") as f:
+        return f.read()
+@app.post("/bare_sized")
+async def bare_sized():
+    return Response(sized_body(), media_type="application/json")
 """
 
 
@@ -126,6 +137,17 @@ class Connection:
                 length = int(line[15:])
         body = await self.reader.readexactly(length)
         return status, body
+
+
+async def fetch(port: int, raw: bytes) -> bytes:
+    """One request's response body."""
+    connection = Connection(port)
+    status, body = await connection.request(raw)
+    assert connection.writer is not None
+    connection.writer.close()
+    if status != 200:
+        raise SystemExit(f"HTTP {status}: {body[:300]!r}")
+    return body
 
 
 def post(path: str, body: dict) -> bytes:
@@ -250,7 +272,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=500, help="offered /query_result requests per second")
     p.add_argument("--seconds", type=float, default=10, help="length of each measurement")
     p.add_argument("--busy-worker", action="store_true", help="a worker generates during the run")
-    p.add_argument("--only", default="", help="comma-separated subset: bare,query1,query20,release")
+    p.add_argument("--only", default="", help="comma-separated subset: bare,bare20,query1,query20,release")
     p.add_argument("--server-repo", default=ROOT,
                    help="serve the API from this checkout (e.g. a worktree of the previous commit, for before/after)")
     args = p.parse_args()
@@ -286,8 +308,13 @@ def main() -> None:
             busy = threading.Thread(target=keep_worker_busy, args=(port, time.monotonic() + 3600), daemon=True)
             busy.start()
             time.sleep(5)  # let the worker load and start generating
+        answer20 = asyncio.run(fetch(port, post("/query_result", {"task_id_list": ids})))
+        with open(os.path.join(data_dir, "bare_body.json"), "wb") as f:
+            f.write(answer20)
         rows = [("bare", "bare FastAPI route (same uvicorn)", bare_proc.pid,
                  lambda: open_loop(bare_port, post("/bare", {}), args.rate, args.seconds)),
+                ("bare20", "bare FastAPI route, the 20-id answer's bytes", bare_proc.pid,
+                 lambda: open_loop(bare_port, post("/bare_sized", {}), args.rate, args.seconds)),
                 ("query1", "/query_result, 1 id", proc.pid,
                  lambda: open_loop(port, post("/query_result", {"task_id_list": ids[:1]}), args.rate, args.seconds)),
                 ("query20", "/query_result, 20 ids", proc.pid,
@@ -295,9 +322,9 @@ def main() -> None:
         for key, name, pid, make in rows:
             if only and key not in only:
                 continue
-            asyncio.run(open_loop(port if pid == proc.pid else bare_port,
-                                  post("/query_result", {"task_id_list": ids}) if pid == proc.pid else post("/bare", {}),
-                                  50, 1))  # warm up
+            warm = {"bare": post("/bare", {}), "bare20": post("/bare_sized", {})}.get(
+                key, post("/query_result", {"task_id_list": ids}))
+            asyncio.run(open_loop(port if pid == proc.pid else bare_port, warm, 50, 1))  # warm up
             result, cpu = measured(pid, make())
             print(row(name, result, cpu), flush=True)
         if not only or "release" in only:

@@ -23,7 +23,7 @@ from handlers.openrouter.waiting import server_stopping as chat_server_stopping
 from service.upstream_env import warn_unused_upstream_env
 from service.observability.logs import configure_logging
 
-from . import bootstrap
+from . import bootstrap, heap
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,12 @@ def listeners(settings: Settings, app) -> list:
 
 
 async def _serve_all(servers: list) -> None:
-    await asyncio.gather(*(server.serve() for server in servers))
+    serving = [asyncio.ensure_future(server.serve()) for server in servers]
+    # Once every listener is up, what start-up built is settled out of the collector's way.
+    while not all(server.started for server in servers) and not any(task.done() for task in serving):
+        await asyncio.sleep(0.05)
+    heap.settle()
+    await asyncio.gather(*serving)
 
 
 def main(argv=None) -> None:

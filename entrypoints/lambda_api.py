@@ -11,7 +11,7 @@ from mangum import Mangum
 
 import sys
 
-from entrypoints import bootstrap, snapstart
+from entrypoints import bootstrap, heap, snapstart
 from service.config import load_settings
 from service.observability.logs import configure_logging
 
@@ -35,4 +35,5 @@ app.mount(OPENROUTER_PATH, bootstrap.build_openrouter_app(settings, app))
 handler = Mangum(app, lifespan="off")
 # With SnapStart (the zip deployment) this init runs once per published version: prime it fully
 # before the snapshot, and give each restored copy its own randomness and AWS sessions.
-snapstart.install(handler, settings.api_key)
+if not snapstart.install(handler, settings.api_key):
+    heap.settle()  # without SnapStart: settle what init built before the first request
