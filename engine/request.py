@@ -71,14 +71,16 @@ class GenerationRequest(BaseModel):
     prompt: str = Field("", max_length=4096)
     lyrics: str = Field("", max_length=16384)
     instruction: Optional[str] = Field(None, max_length=1024)
-    track_name: Optional[str] = None  # lego / extract
-    complete_track_classes: Optional[list[str]] = None  # complete
+    # json_schema_extra: what the validators below allow, for the API schema (canonical spellings)
+    track_name: Optional[str] = Field(None, json_schema_extra={"enum": [None, "", *TRACK_NAMES]})  # lego / extract
+    complete_track_classes: Optional[list[str]] = Field(  # complete
+        None, json_schema_extra={"items": {"type": "string", "enum": list(TRACK_NAMES)}})
     model: Optional[str] = None
 
     # Musical metadata
     bpm: Optional[int] = Field(None, ge=30, le=300)
     key_scale: str = Field("", max_length=64)
-    time_signature: str = ""
+    time_signature: str = Field("", json_schema_extra={"enum": [*TIME_SIGNATURES, "2/4", "3/4", "4/4", "6/8"]})
     audio_duration: Optional[float] = Field(None, ge=10, le=600)
     vocal_language: str = Field("en", max_length=16)
 
@@ -87,7 +89,8 @@ class GenerationRequest(BaseModel):
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
     shift: float = Field(3.0, ge=1.0, le=5.0)
     infer_method: Literal["ode", "sde"] = "ode"
-    timesteps: Optional[list[float]] = None
+    timesteps: Optional[list[float]] = Field(None, json_schema_extra={
+        "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "maxItems": 200})
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0)
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0)
     use_adg: bool = False
@@ -96,7 +99,8 @@ class GenerationRequest(BaseModel):
     # Batch and seeds
     batch_size: int = Field(2, ge=1, le=MAX_BATCH)
     use_random_seed: bool = True
-    seeds: Optional[list[int]] = None  # explicit seeds; always honoured when given
+    seeds: Optional[list[int]] = Field(None, json_schema_extra={  # explicit seeds; always honoured when given
+        "items": {"type": "integer", "minimum": -1, "maximum": 2**32 - 1}, "minItems": 1, "maxItems": 64})
 
     # Source / reference audio: opaque blob keys resolved by the worker, never client paths
     src_audio_key: Optional[str] = None
@@ -106,7 +110,8 @@ class GenerationRequest(BaseModel):
     repainting_end: Optional[float] = Field(None, le=1200.0)
 
     # 5 Hz conditioning codes supplied by the client (or the LM planner)
-    audio_code_string: str = ""
+    audio_code_string: str = Field("", json_schema_extra={  # also <|audio_code_N|> tokens
+        "pattern": r"^([0-9]{1,4}(,[0-9]{1,4})*)?$", "maxLength": MAX_AUDIO_CODES * 5})
 
     # Output
     audio_format: Literal["mp3", "wav", "flac"] = "mp3"

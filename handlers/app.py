@@ -19,6 +19,7 @@ from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
+from .openapi_bodies import with_model_names
 from .rate_limit import RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
@@ -41,6 +42,15 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
 
     The Swagger page loads the schema through a short-lived signed URL, so a browser that
     opened /docs with the key does not need to send it again."""
+
+    generate = app.openapi
+
+    def openapi_of_this_server() -> dict:
+        if app.openapi_schema is None:  # built once; `model` lists this server's models
+            with_model_names(generate(), list(settings.model_names))
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi_of_this_server  # type: ignore[method-assign]
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request, expires: Optional[str] = None, sig: Optional[str] = None):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from engine.types import CONTENT_TYPES
@@ -20,6 +21,7 @@ from .auth import header_is_valid, require_body_or_header, require_header, token
 from .body import read_body, read_limited, upload_limit
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, forbidden, not_found, wrap
+from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
 from .signing import upload_url, verify
 
 router = APIRouter(tags=["audio"])
@@ -34,10 +36,17 @@ def _missing_path() -> ApiError:
     return ApiError(422, [{"loc": ["query", "path"], "msg": "Field required", "type": "missing"}])  # type: ignore[arg-type]
 
 
-@router.get("/v1/audio", summary="Download a generated audio file",
-            responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}, "audio/flac": {}}}})
-async def get_audio(request: Request, path: Optional[str] = None, expires: Optional[str] = None,
-                    sig: Optional[str] = None):
+# `path` is required, but checked after the key (a caller without the key learns nothing): the
+# handler reads it as optional and the schema documents it as required.
+_PATH_PARAM = {"name": "path", "in": "query", "required": True, "description": "the `file` value's key",
+               "schema": {"type": "string", "minLength": 1}}
+
+
+@router.get("/v1/audio", summary="Download a generated audio file", openapi_extra={"parameters": [_PATH_PARAM]},
+            responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}, "audio/flac": {}}},
+                       307: {"description": "AWS: a presigned S3 URL"}, **error_responses(401, 403, 404, 422)})
+async def get_audio(request: Request, path: Optional[str] = Query(None, include_in_schema=False),
+                    expires: Optional[str] = None, sig: Optional[str] = None):
     """Use the `file` URL from /query_result as is: it is signed, so it works without headers
     until it expires; with the API key in the Authorization header, any result key works."""
     settings, backend = settings_of(request), backend_of(request)
@@ -89,10 +98,8 @@ router.add_api_route("/v1/audio", get_audio, methods=["HEAD"], include_in_schema
 # --- direct uploads --------------------------------------------------------------------------------
 
 @router.post("/v1/uploads", summary="Get a URL to upload source/reference audio",
-             openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
-                 "type": "object", "required": ["filename"], "properties": {
-                     "filename": {"type": "string"}, "content_type": {"type": "string"},
-                     "role": {"type": "string", "enum": list(UPLOAD_ROLES)}}}}}}})
+             openapi_extra=request_body(model_schema(UploadInput), JSON, FORM),
+             responses=error_responses(400, 401, 415))
 async def create_upload(request: Request):
     """Returns `{key, upload_url, method: "PUT", expires_in, headers, max_bytes}`. PUT the file
     to `upload_url` (relative URLs are on this API), then send `src_audio_key` (or
@@ -100,19 +107,20 @@ async def create_upload(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     body = await read_body(request, settings)
     require_body_or_header(settings, request, token_from_fields(body.fields))
-    fields = body.fields
-    filename = fields.get("filename")
-    if not isinstance(filename, str) or not filename.strip():
-        raise bad_request("filename: required (the name of the audio file, e.g. song.mp3)")
-    content_type = fields.get("content_type") or fields.get("contentType") or "application/octet-stream"
-    if not isinstance(content_type, str) or len(content_type) > 100 or not (
-            content_type.startswith("audio/") or content_type in ("application/octet-stream", "video/mp4",
-                                                                   "application/ogg")):
-        raise ApiError(415, f"content_type: must be an audio type such as audio/mpeg or audio/wav "
-                            f"(got {str(content_type)[:100]!r})")
-    role = fields.get("role")
-    if role is not None and role not in UPLOAD_ROLES:
-        raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {role!r})")
+    fields = {k: v for k, v in body.fields.items() if v not in (None, "")}  # absent, as before
+    try:
+        upload = UploadInput.model_validate(fields)
+    except ValidationError as exc:
+        where = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        if where & {"content_type", "contentType"}:
+            given = fields.get("content_type", fields.get("contentType"))
+            raise ApiError(415, f"content_type: must be an audio type such as audio/mpeg or audio/wav "
+                                f"(got {str(given)[:100]!r})") from None
+        if "role" in where:
+            raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {fields.get('role')!r})") from None
+        raise bad_request("filename: required (the name of the audio file, e.g. song.mp3)") from None
+    filename, role = upload.filename, upload.role
+    content_type = upload.content_type or "application/octet-stream"
     key = blob_keys.new_pending_upload_key(filename)
     presign = getattr(backend.blobs, "presigned_put_url", None)
     url = None
@@ -125,7 +133,10 @@ async def create_upload(request: Request):
                  "role": role, "field": f"{role or 'src_audio'}_key"})
 
 
-@router.put("/v1/uploads/{key:path}", summary="Upload a file to a signed upload URL (embedded backend)")
+@router.put("/v1/uploads/{key:path}", summary="Upload a file to a signed upload URL (embedded backend)",
+            openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}}},
+            responses=error_responses(400, 401, 403, 408, 413, 507))
 async def put_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None):
     settings, backend = settings_of(request), backend_of(request)
     if not verify(settings, "upload", key, expires, sig):

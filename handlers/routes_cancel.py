@@ -1,7 +1,8 @@
 """POST /v1/tasks/{task_id}/cancel and its upstream-style twin POST /cancel_task {task_id}."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.cancellation import cancel_task
@@ -10,15 +11,18 @@ from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .deps import backend_of, settings_of, webhooks_of
 from .envelope import bad_request, not_found, wrap
+from .openapi_bodies import FORM, JSON, CancelTaskInput, error_responses, model_schema, request_body
 from .results import MAX_ID_LEN
 
 router = APIRouter(tags=["tasks"])
 
 
 async def _cancel(request: Request, task_id: object) -> dict:
-    if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > MAX_ID_LEN:
-        raise bad_request(f"task_id: a task id of 1-{MAX_ID_LEN} characters is required")
-    outcome = await run_in_threadpool(cancel_task, backend_of(request), task_id.strip(),
+    try:
+        valid = CancelTaskInput.model_validate({"task_id": task_id}).task_id
+    except ValidationError:
+        raise bad_request(f"task_id: a task id of 1-{MAX_ID_LEN} characters is required") from None
+    outcome = await run_in_threadpool(cancel_task, backend_of(request), valid.strip(),
                                       on_cancelled=webhooks_of(request).task_finished)
     record = outcome.record
     if record is None:
@@ -34,14 +38,20 @@ client"). 404 for an unknown task. A task that finished first is left as it is: 
 how it ended and `cancelled_now` is false (also when it was cancelled before)."""
 
 
-@router.post("/v1/tasks/{task_id}/cancel", summary="Cancel a task", description=_DOC)
-async def cancel(request: Request, task_id: str):
+_TASK_ID = model_schema(CancelTaskInput)["properties"]["task_id"]
+
+
+@router.post("/v1/tasks/{task_id}/cancel", summary="Cancel a task", description=_DOC,
+             responses=error_responses(400, 401, 404))
+async def cancel(request: Request, task_id: str = Path(json_schema_extra=_TASK_ID)):
     body = await read_body(request, settings_of(request), empty_ok=True)
     require_body_or_header(settings_of(request), request, token_from_fields(body.fields))
     return await _cancel(request, task_id)
 
 
-@router.post("/cancel_task", summary="Cancel a task (body: task_id)", description=_DOC)
+@router.post("/cancel_task", summary="Cancel a task (body: task_id)", description=_DOC,
+             openapi_extra=request_body(model_schema(CancelTaskInput), JSON, FORM),
+             responses=error_responses(400, 401, 404))
 async def cancel_by_body(request: Request):
     body = await read_body(request, settings_of(request), empty_ok=True)
     require_body_or_header(settings_of(request), request, token_from_fields(body.fields))

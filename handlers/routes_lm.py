@@ -21,6 +21,8 @@ from .body import read_body
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, wrap
 from .fields import ReleaseTaskInput
+from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
+                             request_body)
 from .request_parsing import parse_object, validation_message, without_none
 
 router = APIRouter(tags=["lm"])
@@ -63,12 +65,8 @@ def parse_format_input(fields: dict) -> dict:
 
 
 @router.post("/format_input", summary="Rewrite caption and lyrics with the 5Hz LM",
-             openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
-                 "type": "object", "properties": {
-                     "prompt": {"type": "string"}, "lyrics": {"type": "string"},
-                     "temperature": {"type": "number"},
-                     "param_obj": {"description": "object or JSON string: duration, bpm, key, "
-                                                  "time_signature, language"}}}}}}})
+             openapi_extra=request_body(format_input_schema(), JSON, FORM, required=False),
+             responses=error_responses(400, 401, 429, 503, 504))
 async def format_input(request: Request):
     """Returns `{caption, lyrics, bpm, key_scale, time_signature, duration, vocal_language}`, or
     503 when this server has no LM."""
@@ -110,8 +108,8 @@ def examples(kind: str) -> tuple[dict, ...]:
 
 
 @router.post("/create_random_sample", summary="A random example request (no LM)",
-             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {
-                 "type": "object", "properties": {"sample_type": {"type": "string", "default": "simple_mode"}}}}}}})
+             openapi_extra=request_body(model_schema(RandomSampleInput), JSON, FORM, required=False),
+             responses=error_responses(400, 401))
 async def create_random_sample(request: Request):
     """`simple_mode` (default): `{description, instrumental, vocal_language}`; any other
     sample_type: `{think, caption, lyrics, bpm, duration, keyscale, language, timesignature}`.
@@ -119,8 +117,9 @@ async def create_random_sample(request: Request):
     settings = settings_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
-    sample_type = body.fields.get("sample_type") or "simple_mode"
-    if not isinstance(sample_type, str):
-        raise bad_request("sample_type: must be a string such as 'simple_mode' or 'custom_mode'")
+    try:
+        sample_type = RandomSampleInput.model_validate(body.fields).sample_type or "simple_mode"
+    except ValidationError:
+        raise bad_request("sample_type: must be a string such as 'simple_mode' or 'custom_mode'") from None
     kind = "simple_mode" if sample_type.strip() == "simple_mode" else "text2music"
     return wrap(dict(random.choice(examples(kind))))

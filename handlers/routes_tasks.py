@@ -6,9 +6,8 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-
-from engine.request import GenerationRequest
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
@@ -16,6 +15,8 @@ from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import bad_request, wrap
 from .request_parsing import parse_release_task
+from .openapi_bodies import (FORM, JSON, MAX_IDEMPOTENCY_KEY, QueryResultInput, error_responses, model_schema,
+                             release_task_body, request_body)
 from .results import MAX_IDS, QueryResults, envelope_bytes
 from .submit import submit_parsed
 from .submit_gate import SubmitGate
@@ -23,7 +24,6 @@ from .submit_gate import SubmitGate
 router = APIRouter(tags=["tasks"])
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-MAX_IDEMPOTENCY_KEY = 128
 
 
 _RELEASE_DOC = """Create a music generation task.
@@ -41,26 +41,6 @@ or is cancelled (signed with the API key: `X-ACEStep-Signature: t=<unix>,v1=<HMA
 "<t>.<body>">`); private and loopback hosts are refused unless ACESTEP_WEBHOOK_ALLOW_PRIVATE.
 """
 
-_release_schema = GenerationRequest.model_json_schema()
-_release_schema["properties"].pop("src_audio_key", None)
-_release_schema["properties"].pop("reference_audio_key", None)
-_release_schema["properties"].update({
-    "seed": {"description": "int, or comma-separated ints \"1,2\" (one per batch item); -1 = random",
-             "anyOf": [{"type": "integer"}, {"type": "string"}]},
-    "src_audio_key": {"type": "string", "description": "a key from POST /v1/uploads"},
-    "reference_audio_key": {"type": "string", "description": "a key from POST /v1/uploads"},
-    "param_obj": {"description": "extra fields (object or JSON string)"},
-    "metas": {"description": "extra fields (object or JSON string)"},
-    "ai_token": {"type": "string", "description": "API key (alternative to the Authorization header)"},
-    "webhook_url": {"type": "string", "description": "POSTed the final result once the task ends"},
-    "idempotency_key": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY,
-                        "description": "alternative to the Idempotency-Key header"},
-})
-_release_schema["properties"].pop("seeds", None)
-_release_schema.pop("required", None)
-_release_schema["additionalProperties"] = True
-
-
 def read_idempotency_key(header: Optional[str], fields: dict) -> Optional[str]:
     """The `Idempotency-Key` header, else body field `idempotency_key`; None when neither is sent."""
     name, value = IDEMPOTENCY_HEADER, header
@@ -76,17 +56,13 @@ def read_idempotency_key(header: Optional[str], fields: dict) -> Optional[str]:
 
 
 _IDEMPOTENCY_PARAM = {"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
-                      "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                      "schema": {"type": "string", "pattern": f"^[ -~]{{1,{MAX_IDEMPOTENCY_KEY}}}$"},
                       "description": "retry-safe submit: a retry with the same key returns the first task"}
 
 
 @router.post("/release_task", summary="Create a generation task", description=_RELEASE_DOC,
-             openapi_extra={"parameters": [_IDEMPOTENCY_PARAM], "requestBody": {"content": {
-                 "application/json": {"schema": _release_schema},
-                 "multipart/form-data": {"schema": {"type": "object", "properties": {
-                     "src_audio": {"type": "string", "format": "binary"},
-                     "reference_audio": {"type": "string", "format": "binary"},
-                     "prompt": {"type": "string"}, "task_type": {"type": "string"}}}}}}})
+             openapi_extra={"parameters": [_IDEMPOTENCY_PARAM], **release_task_body()},
+             responses=error_responses(400, 401, 413, 415, 422, 429, 503, 507))
 async def release_task(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     body = await read_body(request, settings, files_allowed=True)
@@ -123,19 +99,19 @@ def parse_task_ids(value: Any) -> list[str]:
     return [v.strip() for v in value]
 
 
-@router.post("/query_result", summary="Poll tasks", openapi_extra={"requestBody": {"content": {
-    "application/json": {"schema": {"type": "object", "properties": {
-        "task_id_list": {"type": "array", "items": {"type": "string"}}}}}}}})
+@router.post("/query_result", summary="Poll tasks",
+             openapi_extra=request_body(model_schema(QueryResultInput), JSON, FORM, required=False),
+             responses=error_responses(400, 401))
 async def query_result(request: Request):
     """One entry per id, in order: `{task_id, status: 0 running/queued | 1 succeeded | 2 failed,
     result: JSON string, progress_text}`."""
     settings = settings_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
-    fields = body.fields
-    raw = fields.get("task_id_list")
-    if raw is None:
-        raw = fields.get("task_ids", fields.get("task_id"))
+    try:
+        raw = QueryResultInput.model_validate(body.fields).task_id_list
+    except ValidationError:
+        raise bad_request("task_id_list: must be a list of task ids or a JSON string of one") from None
     ids = parse_task_ids(raw)
     results: QueryResults = request.app.state.query_results
     # Finished tasks are served from memory on the event loop; anything else reads the store in a thread.
