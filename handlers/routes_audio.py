@@ -22,6 +22,7 @@ from .body import read_body, read_limited, upload_limit
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, forbidden, not_found, wrap
 from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
+from .openapi_responses import Envelope, UploadTicket, ok
 from .signing import upload_url, verify
 
 router = APIRouter(tags=["audio"])
@@ -99,7 +100,7 @@ router.add_api_route("/v1/audio", get_audio, methods=["HEAD"], include_in_schema
 
 @router.post("/v1/uploads", summary="Get a URL to upload source/reference audio",
              openapi_extra=request_body(model_schema(UploadInput), JSON, FORM),
-             responses=error_responses(400, 401, 415))
+             responses={**ok(Envelope[UploadTicket]), **error_responses(400, 401, 415)})
 async def create_upload(request: Request):
     """Returns `{key, upload_url, method: "PUT", expires_in, headers, max_bytes}`. PUT the file
     to `upload_url` (relative URLs are on this API), then send `src_audio_key` (or

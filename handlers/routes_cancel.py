@@ -12,6 +12,7 @@ from .body import read_body
 from .deps import backend_of, settings_of, webhooks_of
 from .envelope import bad_request, not_found, wrap
 from .openapi_bodies import FORM, JSON, CancelTaskInput, error_responses, model_schema, request_body
+from .openapi_responses import CancelOutcome, Envelope, ok
 from .results import MAX_ID_LEN
 
 router = APIRouter(tags=["tasks"])
@@ -42,7 +43,7 @@ _TASK_ID = model_schema(CancelTaskInput)["properties"]["task_id"]
 
 
 @router.post("/v1/tasks/{task_id}/cancel", summary="Cancel a task", description=_DOC,
-             responses=error_responses(400, 401, 404))
+             responses={**ok(Envelope[CancelOutcome]), **error_responses(400, 401, 404)})
 async def cancel(request: Request, task_id: str = Path(json_schema_extra=_TASK_ID)):
     body = await read_body(request, settings_of(request), empty_ok=True)
     require_body_or_header(settings_of(request), request, token_from_fields(body.fields))
@@ -51,7 +52,7 @@ async def cancel(request: Request, task_id: str = Path(json_schema_extra=_TASK_I
 
 @router.post("/cancel_task", summary="Cancel a task (body: task_id)", description=_DOC,
              openapi_extra=request_body(model_schema(CancelTaskInput), JSON, FORM),
-             responses=error_responses(400, 401, 404))
+             responses={**ok(Envelope[CancelOutcome]), **error_responses(400, 401, 404)})
 async def cancel_by_body(request: Request):
     body = await read_body(request, settings_of(request), empty_ok=True)
     require_body_or_header(settings_of(request), request, token_from_fields(body.fields))

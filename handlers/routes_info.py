@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -18,6 +18,8 @@ from service.records import MODELS_META_KEY, ModelsMeta
 from .auth import require_header
 from .deps import backend_of, settings_of
 from .envelope import wrap
+from .openapi_bodies import error_responses
+from .openapi_responses import Envelope, Health, ok
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["info"])
@@ -74,7 +76,9 @@ def health_data(settings: Settings, backend: Backend) -> tuple[dict, bool]:
     return data, report.serving
 
 
-@router.get("/health", summary="Health check (no auth)")
+@router.get("/health", summary="Health check (no auth)",
+            responses={**ok(Envelope[Health]), 503: {"model": Envelope[Health], "description": "degraded: "
+                                                     "the store or the queue is unreachable"}})
 async def health(request: Request):
     """`status` is "ok", or "degraded" with `reasons` (store or queue unreachable: HTTP 503; tasks
     waiting with no live worker, or a worker without progress: HTTP 200)."""
@@ -82,7 +86,8 @@ async def health(request: Request):
     return JSONResponse(wrap(data), status_code=200 if serving else 503)
 
 
-@router.get("/v1/models", summary="Models this server serves")
+@router.get("/v1/models", summary="Models this server serves",
+            responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
 async def list_models(request: Request):
     settings = settings_of(request)
     require_header(settings, request)
@@ -99,7 +104,8 @@ def stats(settings: Settings, backend: Backend) -> dict:
             "avg_job_seconds": round(float(avg), 3), "recent": summarize(recent)}
 
 
-@router.get("/v1/stats", summary="Queue and job statistics")
+@router.get("/v1/stats", summary="Queue and job statistics",
+            responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
 async def get_stats(request: Request):
     """Upstream's fields plus `recent`: queue wait, run time, stage times and failures by reason over
     the last ACESTEP_AVG_WINDOW finished tasks."""
@@ -109,7 +115,7 @@ async def get_stats(request: Request):
 
 
 @router.get("/v1/metrics", summary="The same figures as Prometheus text", include_in_schema=True,
-            responses={200: {"content": {prometheus.CONTENT_TYPE: {}}}})
+            responses={200: {"content": {prometheus.CONTENT_TYPE: {}}}, **error_responses(401)})
 async def get_metrics(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     require_header(settings, request)

@@ -5,6 +5,7 @@ import json
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -23,6 +24,7 @@ from .envelope import ApiError, bad_request, wrap
 from .fields import ReleaseTaskInput
 from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
                              request_body)
+from .openapi_responses import Envelope, FormattedInput, ok
 from .request_parsing import parse_object, validation_message, without_none
 
 router = APIRouter(tags=["lm"])
@@ -66,7 +68,7 @@ def parse_format_input(fields: dict) -> dict:
 
 @router.post("/format_input", summary="Rewrite caption and lyrics with the 5Hz LM",
              openapi_extra=request_body(format_input_schema(), JSON, FORM, required=False),
-             responses=error_responses(400, 401, 429, 503, 504))
+             responses={**ok(Envelope[FormattedInput]), **error_responses(400, 401, 429, 503, 504)})
 async def format_input(request: Request):
     """Returns `{caption, lyrics, bpm, key_scale, time_signature, duration, vocal_language}`, or
     503 when this server has no LM."""
@@ -109,7 +111,7 @@ def examples(kind: str) -> tuple[dict, ...]:
 
 @router.post("/create_random_sample", summary="A random example request (no LM)",
              openapi_extra=request_body(model_schema(RandomSampleInput), JSON, FORM, required=False),
-             responses=error_responses(400, 401))
+             responses={**ok(Envelope[dict[str, Any]]), **error_responses(400, 401)})
 async def create_random_sample(request: Request):
     """`simple_mode` (default): `{description, instrumental, vocal_language}`; any other
     sample_type: `{think, caption, lyrics, bpm, duration, keyscale, language, timesignature}`.

@@ -17,6 +17,7 @@ from .envelope import bad_request, wrap
 from .request_parsing import parse_release_task
 from .openapi_bodies import (FORM, JSON, MAX_IDEMPOTENCY_KEY, QueryResultInput, error_responses, model_schema,
                              release_task_body, request_body)
+from .openapi_responses import Envelope, QueryEntry, SubmittedTask, ok
 from .results import MAX_IDS, QueryResults, envelope_bytes
 from .submit import submit_parsed
 from .submit_gate import SubmitGate
@@ -62,7 +63,7 @@ _IDEMPOTENCY_PARAM = {"name": IDEMPOTENCY_HEADER, "in": "header", "required": Fa
 
 @router.post("/release_task", summary="Create a generation task", description=_RELEASE_DOC,
              openapi_extra={"parameters": [_IDEMPOTENCY_PARAM], **release_task_body()},
-             responses=error_responses(400, 401, 413, 415, 422, 429, 503, 507))
+             responses={**ok(Envelope[SubmittedTask]), **error_responses(400, 401, 413, 415, 422, 429, 503, 507)})
 async def release_task(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     body = await read_body(request, settings, files_allowed=True)
@@ -101,7 +102,7 @@ def parse_task_ids(value: Any) -> list[str]:
 
 @router.post("/query_result", summary="Poll tasks",
              openapi_extra=request_body(model_schema(QueryResultInput), JSON, FORM, required=False),
-             responses=error_responses(400, 401))
+             responses={**ok(Envelope[list[QueryEntry]]), **error_responses(400, 401)})
 async def query_result(request: Request):
     """One entry per id, in order: `{task_id, status: 0 running/queued | 1 succeeded | 2 failed,
     result: JSON string, progress_text}`."""

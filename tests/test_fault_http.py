@@ -13,7 +13,7 @@ from starlette.requests import Request
 from engine.request import GenerationRequest
 from handlers.body import read_limited
 from handlers.envelope import ApiError
-from service.blob_keys import output_key
+from service.blob_keys import output_key, result_part_key
 from service.embedded import make_embedded_backend
 from service.embedded.orphans import collect_orphan_outputs
 from service.ports import FAILED, QueueFull, SUCCEEDED
@@ -113,6 +113,8 @@ def test_output_files_of_abandoned_attempts_are_collected(settings):
     # Attempt 1 wrote its file, then its worker died before recording the result.
     orphan = output_key(task_id, 1, 0, "wav")
     backend.blobs.put(orphan, b"RIFF...", "audio/wav")
+    orphan_part = result_part_key(task_id, 1, "generation_info")  # a large result's part, same attempt
+    backend.blobs.put(orphan_part, b"{}", "application/json")
     lease = backend.queue.receive(1.0, 30)
     backend.store.claim(task_id, "dead-worker")
     backend.queue.release(lease)
@@ -120,10 +122,11 @@ def test_output_files_of_abandoned_attempts_are_collected(settings):
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED and orphan not in rec.blob_keys
     old = time.time() - 7200
-    for key in [orphan, *rec.blob_keys]:
+    for key in [orphan, orphan_part, *rec.blob_keys]:
         os.utime(backend.blobs.local_path(key), (old, old))
-    assert collect_orphan_outputs(backend.store, backend.blobs, time.time() - 3600) == 1
-    assert backend.blobs.size(orphan) is None and all(backend.blobs.size(k) for k in rec.blob_keys)
+    assert collect_orphan_outputs(backend.store, backend.blobs, time.time() - 3600) == 2
+    assert backend.blobs.size(orphan) is None and backend.blobs.size(orphan_part) is None
+    assert all(backend.blobs.size(k) for k in rec.blob_keys)
 
 
 def test_the_aws_queue_limit_is_checked_in_the_create_transaction(tmp_path):

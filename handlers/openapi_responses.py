@@ -1,0 +1,72 @@
+"""What the routes answer, for /openapi.json (documentation only: the routes build plain dicts or
+pre-serialised bytes; tests/test_openapi_conformance.py checks every answer against these)."""
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, Optional, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class Envelope(BaseModel, Generic[T]):
+    """Upstream's success envelope (envelope.wrap); `timestamp` in milliseconds."""
+    data: T
+    code: int
+    error: Optional[str]
+    timestamp: int
+    extra: Any = None
+
+
+class SubmittedTask(BaseModel):
+    task_id: str
+    status: Literal["queued"]
+    queue_position: Optional[int]
+
+
+class QueryEntry(BaseModel):
+    task_id: str
+    status: Literal[0, 1, 2]  # queued/running, succeeded, failed (also cancelled)
+    result: str  # a JSON list: one item per audio file, or one status item
+    progress_text: str
+    error: Optional[str] = None
+
+
+class CancelOutcome(BaseModel):
+    task_id: str
+    status: str
+    cancelled_now: bool
+
+
+class UploadTicket(BaseModel):
+    key: str
+    upload_url: str
+    method: Literal["PUT"]
+    expires_in: int
+    headers: dict[str, str]
+    max_bytes: int
+    role: Optional[Literal["src_audio", "reference_audio"]]
+    field: str
+
+
+class FormattedInput(BaseModel):
+    caption: str
+    lyrics: str
+    bpm: Optional[int]
+    key_scale: Optional[str]
+    time_signature: Optional[str]
+    duration: Optional[float]
+    vocal_language: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    reasons: list[str]
+
+
+def ok(model: Any, description: str = "Successful Response") -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": description}}
+
+
+__all__ = ["CancelOutcome", "Envelope", "FormattedInput", "Health", "QueryEntry", "SubmittedTask", "UploadTicket",
+           "ok"]
