@@ -25,6 +25,7 @@ from ..body import _json_object, read_limited
 from ..caller import caller_of
 from ..deps import backend_of, settings_of, webhooks_of
 from ..envelope import ApiError, bad_request
+from ..openapi_bodies import JSON, model_schema, request_body
 from ..request_parsing import validation_message
 from ..routes_info import model_list
 from ..submit import submit_parsed
@@ -68,7 +69,8 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
         raise bad_request(validation_message(exc, ChatCompletionRequest)) from None
 
 
-@router.post("/v1/chat/completions", summary="Generate music from chat messages")
+@router.post("/v1/chat/completions", summary="Generate music from chat messages",
+             openapi_extra=request_body(model_schema(ChatCompletionRequest), JSON))
 async def chat_completions(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     require_key(settings, request)
