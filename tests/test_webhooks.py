@@ -251,11 +251,12 @@ def test_a_dead_lettered_task_posts_its_failure_once(settings, backend, receiver
 
 
 def test_a_task_failed_by_a_broken_worker_posts_its_failure_once(settings, backend, receiver):
-    from service.broken_worker import BrokenWorker
+    from entrypoints.bootstrap import build_broken_worker
 
     notifier = _worker_webhooks(settings, backend)
     task_id = _submit(backend, receiver.url)
-    broken = BrokenWorker(settings, backend, "ModelNotFound: no weights", on_finished=notifier.task_finished)
+    broken = build_broken_worker(settings, backend, FileNotFoundError("no weights"),
+                                 on_finished=notifier.task_finished)  # as entrypoints/worker.py wires it
     assert broken.run_once(1.0) is True
     assert broken.run_once(0.1) is False  # nothing left: nothing more is sent
     assert notifier.flush(10)
