@@ -278,3 +278,18 @@ def test_public_base_url_makes_the_webhook_file_urls_absolute(settings, receiver
     assert file_url.startswith("https://api.example.com/acestep/v1/audio?path=")
     polled = json.loads(entry_for(task_id, backend.store.get(task_id), settings, None)["result"])[0]["file"]
     assert polled.startswith("/v1/audio?path=")  # /query_result stays relative, as upstream
+
+
+def test_a_result_too_large_for_its_record_is_posted_whole(settings, backend, receiver):
+    from tests.test_fault_storage import _BloatedEngine
+
+    notifier = _notifier(settings, backend)
+    worker = Worker(settings, backend, _BloatedEngine(), on_finished=notifier.task_finished)
+    task_id = _submit(backend, receiver.url)
+    while worker.run_once(0.1):
+        pass
+    assert backend.store.get(task_id).result.moved  # generation_info and metas were stored apart
+    assert notifier.flush(10)
+    [(_, raw)] = receiver.posts
+    item = json.loads(json.loads(raw)["result"])[0]
+    assert len(item["generation_info_detail"]["notes"]) == 200 and item["metas"]["genres"].startswith("ambient")
