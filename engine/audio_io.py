@@ -17,6 +17,8 @@ import soxr
 import torch
 import torch.nn.functional as F
 
+from engine import audio_encode
+from engine.audio_encode import check_finite  # noqa: F401  (re-exported: engine.audio_io.check_finite)
 from engine.types import GenerationError
 
 SAMPLE_RATE = 48000
@@ -28,7 +30,6 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_DECODED_SAMPLES = int(MAX_SOURCE_SECONDS * 96000 * 2)
 _BLOCK_FRAMES = 1 << 16
 
-_WRITE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", None)}
 
 
 def decode_audio(data: bytes, what: str = "audio", max_seconds: float = MAX_SOURCE_SECONDS) -> torch.Tensor:
@@ -124,19 +125,6 @@ def pad_or_trim(audio: torch.Tensor, start_pad: int, end_pad: int) -> torch.Tens
     return F.pad(audio, (max(start_pad, 0), max(end_pad, 0)))
 
 
-def check_finite(audio: np.ndarray, what: str = "generated audio") -> None:
-    if not np.isfinite(audio).all():
-        raise GenerationError(f"the model produced NaN or infinite samples in the {what} (numerical overflow, "
-                              "e.g. fp16 on this GPU); try ACESTEP_DTYPE=bfloat16 or float32, or another seed")
-
-
 def encode_audio(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
     """Encode float audio [channels, samples] in [-1, 1] to mp3 / wav / flac bytes."""
-    if fmt not in _WRITE_FORMATS:
-        raise GenerationError(f"unsupported audio_format {fmt!r}; use mp3, wav or flac")
-    container, subtype = _WRITE_FORMATS[fmt]
-    data = np.asarray(audio, dtype=np.float32)
-    check_finite(data)  # never hand NaN to the encoder: the mp3 encoder aborts the process
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(data.T, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
-    return buf.getvalue()
+    return audio_encode.encode_audio(audio, fmt, sample_rate)

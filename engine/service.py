@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_io, lm_bridge, memory, plan, source_codes, timing
+from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, timing
 from engine.lm.planner import lm_steps
 from engine.checkpoints import (
     DEMO_NOTICE,
@@ -34,6 +34,7 @@ from engine.types import (
     GenerationError,
     GenerationResult,
     ModelInfo,
+    PendingAudio,
     ProgressCallback,
 )
 
@@ -178,7 +179,8 @@ class Engine:
     # ---------------------------------------------------------------- generation
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,
-                 progress: Optional[ProgressCallback] = None) -> GenerationResult:
+                 progress: Optional[ProgressCallback] = None, encode: bool = True) -> GenerationResult:
+        """encode=False: the audio comes back unencoded in `result.pending`, for the caller to encode."""
         if request.full_analysis_only:
             return self._understand_source(request, src_audio, progress)
         lm_plan = None
@@ -193,7 +195,7 @@ class Engine:
         if lm_plan is not None:
             job.lm_plan = lm_plan
             job.audio_codes = lm_plan.audio_code_strings or None
-        out = self._run([job], progress)[0]
+        out = self._run([job], progress, encode)[0]
         if isinstance(out, Exception):
             raise out
         return out
@@ -221,7 +223,7 @@ class Engine:
             dit_model=model.info.name)
 
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
-                       progress: Optional[ProgressCallback] = None) -> list:
+                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
         """Run requests that share one plan.batch_key (the caller groups them) in one pipeline call.
 
         Each item is (request, {"src_audio": bytes|None, "reference_audio": bytes|None}). Returns, in
@@ -233,7 +235,8 @@ class Engine:
             request, audio = items[0]
             try:
                 return [self.generate(request, src_audio=(audio or {}).get("src_audio"),
-                                      reference_audio=(audio or {}).get("reference_audio"), progress=progress)]
+                                      reference_audio=(audio or {}).get("reference_audio"), progress=progress,
+                                      encode=encode)]
             except GenerationCancelled:
                 raise
             except Exception as exc:
@@ -254,14 +257,14 @@ class Engine:
         if not ready:
             return results
         try:
-            outs = self._run([jobs[i] for i in ready], progress)
+            outs = self._run([jobs[i] for i in ready], progress, encode)
         except GenerationCancelled:
             raise
         except Exception:
             outs = []
             for i in ready:  # isolate the failing request instead of failing the whole batch
                 try:
-                    outs.append(self._run([jobs[i]], progress)[0])
+                    outs.append(self._run([jobs[i]], progress, encode)[0])
                 except GenerationCancelled:
                     raise
                 except Exception as single_exc:
@@ -330,7 +333,8 @@ class Engine:
         if job.task == "lego":
             job.repaint = (r.repainting_start, r.repainting_end if r.repainting_end and r.repainting_end > 0 else -1)
 
-    def _run(self, jobs: list[_Job], progress: Optional[ProgressCallback]) -> list[GenerationResult | GenerationError]:
+    def _run(self, jobs: list[_Job], progress: Optional[ProgressCallback],
+             encode: bool = True) -> list[GenerationResult | GenerationError]:
         head = jobs[0]
         r = head.request
         pipe = head.model.pipe
@@ -374,14 +378,14 @@ class Engine:
             part = audio[offset: offset + len(job.seeds)]
             offset += len(job.seeds)
             try:  # one request's bad output (NaN) fails that request only
-                results.append(self._finish(job, part, clock, pipeline_s, len(jobs), len(seeds)))
+                results.append(self._finish(job, part, clock, pipeline_s, len(jobs), len(seeds), encode))
             except GenerationError as exc:
                 results.append(exc)
         _report(progress, 1.0, "done")
         return results
 
     def _finish(self, job: _Job, audio: torch.Tensor, clock: timing.StageClock, pipeline_s: float,
-                n_requests: int, n_items: int) -> GenerationResult:
+                n_requests: int, n_items: int, encode: bool = True) -> GenerationResult:
         r = job.request
         target = audio.shape[-1]
         if job.audio_duration is not None and job.src is None:
@@ -390,19 +394,24 @@ class Engine:
         audio = audio[..., :target].float().cpu().numpy()
         audio_io.check_finite(audio)  # fails this task with the reason; the encoder never sees NaN
         seconds = target / audio_io.SAMPLE_RATE
-        t0 = time.perf_counter()
-        # libsndfile releases the GIL while encoding, so batch items encode in parallel (mp3 is the slow one)
-        with ThreadPoolExecutor(max_workers=min(len(audio), os.cpu_count() or 1)) as pool:
-            blobs = list(pool.map(lambda a: audio_io.encode_audio(a, r.audio_format), audio))
-        encoded = [EncodedAudio(data=blob, format=r.audio_format, sample_rate=audio_io.SAMPLE_RATE,
+        pending = [PendingAudio(samples=a, format=r.audio_format, sample_rate=audio_io.SAMPLE_RATE,
                                 channels=a.shape[0], duration_seconds=seconds, seed=seed)
-                   for blob, a, seed in zip(blobs, audio, job.seeds)]
-        encode_s = time.perf_counter() - t0
+                   for a, seed in zip(audio, job.seeds)]
+        encoded: list[EncodedAudio] = []
+        encode_s = 0.0
+        if encode:
+            t0 = time.perf_counter()
+            # libsndfile releases the GIL while encoding, so batch items encode in parallel (mp3 is the slow one)
+            with ThreadPoolExecutor(max_workers=min(len(audio), os.cpu_count() or 1)) as pool:
+                encoded = [e for e, _ in pool.map(audio_encode.encode_pending, pending)]
+            encode_s = time.perf_counter() - t0
+            pending = []
         info = self._generation_info(job, clock, pipeline_s, encode_s, n_requests, n_items)
         lm = job.lm_plan
         metas = lm_bridge.metas_of(lm, seconds) if lm is not None else plan.metas(r, seconds)
         return GenerationResult(audios=encoded, metas=metas, dit_model=job.model.info.name,
-                                lm_model=getattr(lm, "model", "none") or "none", generation_info=info)
+                                lm_model=getattr(lm, "model", "none") or "none", generation_info=info,
+                                pending=pending)
 
     def _generation_info(self, job: _Job, clock: timing.StageClock, pipeline_s: float, encode_s: float,
                          n_requests: int, n_items: int) -> dict:

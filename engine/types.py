@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class GenerationError(Exception):
@@ -35,6 +38,18 @@ class EncodedAudio:
 
 
 @dataclass
+class PendingAudio:
+    """Generated audio not encoded yet: the caller encodes it (engine.audio_encode.encode_pending), e.g.
+    in another process while the engine starts the next generation."""
+    samples: "np.ndarray"  # float32 [channels, samples] in [-1, 1], already cut to its length and finite
+    format: str  # mp3 | wav | flac
+    sample_rate: int
+    channels: int
+    duration_seconds: float
+    seed: int
+
+
+@dataclass
 class GenerationResult:
     audios: list[EncodedAudio]
     # metas as the API reports them: bpm, duration, genres, keyscale, timesignature ("N/A" when unknown)
@@ -43,6 +58,8 @@ class GenerationResult:
     lm_model: str
     # what ran and how long each stage took; includes random_weights when the model is a demo
     generation_info: dict = field(default_factory=dict)
+    # Asked for with encode=False: the audio still to encode, in order (then `audios` is empty).
+    pending: list[PendingAudio] = field(default_factory=list)
 
 
 @dataclass

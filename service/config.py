@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     lm_backend: Literal["pt", "vllm", "auto"] = _env("ACESTEP_LM_BACKEND", "auto")
     lm_device: str = _env("ACESTEP_LM_DEVICE", "auto")
     batch_compatible_tasks: bool = _env("ACESTEP_BATCH_TASKS", True)
+    # Worker pipeline: encode/store/record a batch in a second stage while the engine runs the next one
+    # (false: everything in sequence). At most ACESTEP_PIPELINE_DEPTH batches wait in that stage; their
+    # audio is encoded by ACESTEP_ENCODE_PROCESSES processes (0: one per core but one, at least one).
+    pipeline: bool = _env("ACESTEP_PIPELINE", True)
+    pipeline_depth: int = _env("ACESTEP_PIPELINE_DEPTH", 2, ge=1, le=16)
+    encode_processes: int = _env("ACESTEP_ENCODE_PROCESSES", 0, ge=0)
 
     # webhooks (a task's webhook_url): private/loopback targets only when allowed; tries per delivery
     webhook_allow_private: bool = _env("ACESTEP_WEBHOOK_ALLOW_PRIVATE", False)

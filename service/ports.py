@@ -185,10 +185,12 @@ class GenerationEngine(Protocol):
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,
-                 progress: Optional[ProgressCallback] = None) -> GenerationResult: ...
+                 progress: Optional[ProgressCallback] = None, encode: bool = True) -> GenerationResult:
+        """encode=False: the engine may leave the audio unencoded in `result.pending` (the worker's
+        pipeline encodes it in its encoder processes while the engine goes on)."""
 
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
-                       progress: Optional[ProgressCallback] = None) -> list:
+                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
         """Requests with one plan.batch_key in one call; a GenerationResult or Exception per item."""
 
 

@@ -111,21 +111,7 @@ class RunWatch:
                     log.exception("could not extend lease of %s", lease.task_id)
 
     def _still_held(self) -> list[Lease]:
-        """The leases whose attempt is still the task's current one (one store read for the batch).
-
-        A lease lost to a newer attempt is not extended: on SQS its old receipt could otherwise keep
-        the new holder's message hidden after that holder died."""
-        try:
-            records = self.backend.store.get_many([lease.task_id for lease, _ in self.tasks])
-        except Exception:
-            log.exception("could not read the running tasks; extending their leases anyway")
-            return [lease for lease, _ in self.tasks]
-        held = []
-        for lease, attempt in self.tasks:
-            record = records.get(lease.task_id)
-            if record is not None and record.status == RUNNING and record.attempt == attempt:
-                held.append(lease)
-        return held
+        return still_held(self.backend, self.tasks)
 
     def _stall(self) -> None:
         self.stalled = True
@@ -134,3 +120,23 @@ class RunWatch:
                   time.monotonic() - self.last_progress, ", ".join(lease.task_id for lease, _ in self.tasks))
         if self.on_stalled is not None:
             self.on_stalled()
+
+
+def still_held(backend: Backend, tasks: list[tuple[Lease, int]]) -> list[Lease]:
+    """The leases whose attempt is still the task's current one (one store read for them all).
+
+    A lease lost to a newer attempt is not extended: on SQS its old receipt could otherwise keep
+    the new holder's message hidden after that holder died."""
+    if not tasks:
+        return []
+    try:
+        records = backend.store.get_many([lease.task_id for lease, _ in tasks])
+    except Exception:
+        log.exception("could not read the running tasks; extending their leases anyway")
+        return [lease for lease, _ in tasks]
+    held = []
+    for lease, attempt in tasks:
+        record = records.get(lease.task_id)
+        if record is not None and record.status == RUNNING and record.attempt == attempt:
+            held.append(lease)
+    return held

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
@@ -26,6 +26,8 @@ from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
 from .blob_keys import output_key
 from .config import Settings
+from .encoder_pool import EncoderPool
+from .lease_keeper import LeaseKeeper
 from .observability.health import HEARTBEAT_SECONDS
 from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
@@ -35,6 +37,7 @@ from .records import (
     CANCELLED, FAILED, MODELS_META_KEY, RUNNING, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
     TaskResult, WorkerHeartbeat,
 )
+from .post_stage import PostStage
 from .result_parts import move_large_parts
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
@@ -94,7 +97,7 @@ class Worker:
     def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
                  worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None,
                  metrics: Optional[MetricsSink] = None, on_busy: Optional[Callable[[bool], None]] = None,
-                 on_finished: Optional[Callable[[str], None]] = None):
+                 on_finished: Optional[Callable[[str], None]] = None, encoder: Optional[EncoderPool] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
@@ -120,6 +123,16 @@ class Worker:
         # It is not claimed until it runs (so its attempt is not spent), and its lease is kept
         # alive while the current batch runs.
         self._carried: Optional[Lease] = None
+        # The pipeline (ACESTEP_PIPELINE): a generated batch's encoding, storing and recording run in
+        # the post-processing stage while the engine starts the next batch. Off: all in this thread.
+        self._post: Optional[PostStage[_Claimed]] = None
+        self._keeper: Optional[LeaseKeeper] = None
+        self._own_encoder = encoder is None
+        self.encoder = encoder or EncoderPool(settings.encode_processes)  # starts processes on first use only
+        if settings.pipeline:
+            self._keeper = LeaseKeeper(backend, settings.visibility_timeout)
+            self._post = PostStage(self._record, self.encoder, self._keeper, settings.pipeline_depth,
+                                   self.cancel_event)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -136,6 +149,8 @@ class Worker:
     def run_forever(self, poll_seconds: float = 5.0) -> None:
         with log_context(worker_id=self.worker_id):
             self.publish_models()
+            if self._post is not None and self._own_encoder:
+                self.encoder.warm_up()
             with HeartbeatLoop(self.backend.store, self.heartbeat, self.heartbeat_seconds, self.stop_event,
                                also=lambda: self.metrics.queue_depth(self.backend.queue.size()),
                                file=self.heartbeat_file):
@@ -143,7 +158,7 @@ class Worker:
                 full_since: Optional[float] = None
                 while not self.stop_event.is_set():
                     try:
-                        self.run_once(poll_seconds)
+                        self.run_once(poll_seconds, overlap=True)
                         if full_since is not None:
                             log.warning("storage has room again after %.0f s: taking tasks", time.monotonic() - full_since)
                             full_since = None
@@ -158,19 +173,39 @@ class Worker:
                 if self._carried is not None:
                     self.backend.queue.release(self._carried)  # never claimed: a plain give-back
                     self._carried = None
+                self.close()  # drains the post-processing stage (hands it back on a second signal)
                 self._signal_busy(False)
             log.info("worker %s stopped", self.worker_id)
 
     def heartbeat(self) -> WorkerHeartbeat:
-        """This worker's state now: idle, or running which tasks and when the engine last progressed."""
+        """This worker's state now: idle, or running which tasks (generating, then post-processing) and when
+        the engine last progressed."""
         now, watch = time.time(), self._watch
         beat = WorkerHeartbeat(worker_id=self.worker_id, started_at=self.started_at, beat_at=now,
                                state="stopping" if self.stop_event.is_set() else "idle")
-        if watch is not None:
+        posting = self._post.task_ids() if self._post is not None else []
+        if watch is not None or posting:
             beat.state = "running"
-            beat.task_ids = [lease.task_id for lease, _ in watch.tasks]
+            beat.task_ids = posting + ([lease.task_id for lease, _ in watch.tasks] if watch is not None else [])
+        if watch is not None:
             beat.last_progress_at = now - (time.monotonic() - watch.last_progress)
         return beat
+
+    def close(self) -> None:
+        """Finish what the post-processing stage holds (hand it back once cancel_event is set), then stop
+        its threads and the encoder processes this worker started."""
+        if self._post is not None:
+            self._post.close()
+            self._raise_post_error(log_only=True)
+        if self._keeper is not None:
+            self._keeper.close()
+        if self._own_encoder:
+            self.encoder.close()
+
+    def _raise_post_error(self, log_only: bool = False) -> None:
+        error = self._post.take_error() if self._post is not None else None
+        if error is not None and not log_only:
+            raise error
 
     def request_stop(self, cancel_running: bool = False) -> None:
         self.stop_event.set()
@@ -179,8 +214,13 @@ class Worker:
 
     # -- one round -------------------------------------------------------------------------
 
-    def run_once(self, wait_seconds: float) -> bool:
-        """Process the next task (and compatible ones waiting behind it). False if none came."""
+    def run_once(self, wait_seconds: float, overlap: bool = False) -> bool:
+        """Process the next task (and compatible ones waiting behind it). False if none came.
+
+        With the pipeline on, its encoding, storing and recording run in the post-processing stage:
+        `overlap` returns as soon as the engine is done (run_forever; `close` drains), otherwise
+        run_once returns once every task of the round is recorded."""
+        self._raise_post_error()  # a recording in the post-processing stage found storage full
         self.dead_letter_chore.run_if_due()
         self.sweep_chore.run_if_due()
         if self.backend.has_room is not None and not self.backend.has_room():
@@ -191,7 +231,8 @@ class Worker:
         else:
             lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
             if lease is None:
-                self._signal_busy(False)
+                if self._post is None or self._post.idle():
+                    self._signal_busy(False)
                 return False
             if self.stop_event.is_set():  # arrived during a long poll after shutdown began
                 self.backend.queue.release(lease)
@@ -203,7 +244,7 @@ class Worker:
         if self.settings.batch_compatible_tasks and first.batch_key is not None:
             batch += self._claim_compatible(first)
         self._signal_busy(True)
-        self._run(batch)
+        self._run(batch, overlap)
         return True
 
     def _signal_busy(self, busy: bool) -> None:
@@ -303,13 +344,24 @@ class Worker:
         except KeyError:
             raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
 
-    def _run(self, batch: list[_Claimed]) -> None:
+    def _run(self, batch: list[_Claimed], overlap: bool = False) -> None:
         # A batch's lines name all its tasks; each outcome line names its own.
         with log_context(task_id=",".join(c.task_id for c in batch),
                          attempt=",".join(str(c.attempt) for c in batch)):
             outcomes = self._generate(batch)
         if outcomes is None:
             return
+        if self._post is None:
+            self._record(batch, outcomes)
+            return
+        self._post.hand_over(batch, outcomes, hold=[self._carried] if self._carried is not None else [])
+        if not overlap:
+            self._post.wait_idle()
+            self._raise_post_error()
+
+    def _record(self, batch: Sequence[_Claimed], outcomes: list) -> None:
+        """Store and record each task's outcome, then ack it. Raises StorageFull (after handing the
+        rest back) when there is no room for a result."""
         full: Optional[StorageFull] = None
         for c, outcome in zip(batch, outcomes):
             with log_context(task_id=c.task_id, attempt=c.attempt):
@@ -339,6 +391,7 @@ class Worker:
                          stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
                          on_stalled=lambda: self._stalled(batch))
         self._watch = watch
+        encode = self._post is None  # pipelined: the post-processing stage encodes, in other processes
         outcomes: Optional[list]
         with watch:
             try:
@@ -346,9 +399,10 @@ class Worker:
                     c = batch[0]
                     outcomes = [self.engine.generate(
                         c.request, src_audio=c.inputs.get("src_audio"),
-                        reference_audio=c.inputs.get("reference_audio"), progress=watch)]
+                        reference_audio=c.inputs.get("reference_audio"), progress=watch, encode=encode)]
                 else:
-                    outcomes = self.engine.generate_batch([(c.request, c.inputs) for c in batch], progress=watch)
+                    outcomes = self.engine.generate_batch([(c.request, c.inputs) for c in batch], progress=watch,
+                                                          encode=encode)
             except GenerationTimedOut as exc:
                 outcomes = [GenerationError(str(exc))] * len(batch)
             except TasksGone:
@@ -450,6 +504,7 @@ class Worker:
         """Remove the message once the task is finished. A worker fenced out of `finish` acks only when
         the task is finished (by anyone) or gone: while a newer attempt runs, the message is its
         lease, and an old receipt may still delete it on SQS."""
+        self._stop_keeping(lease)
         if not finished:
             record = self.backend.store.get(lease.task_id)
             if record is not None and record.status not in TERMINAL:
@@ -457,6 +512,12 @@ class Worker:
                             lease.task_id, record.attempt, attempt)
                 return
         self.backend.queue.ack(lease)
+
+    def _stop_keeping(self, lease: Lease) -> None:
+        """Before an ack or a release: the post-processing stage's keeper must not extend it afterwards
+        (a late extension would hide a released task again)."""
+        if self._keeper is not None:
+            self._keeper.remove(lease)
 
     def _give_back_quietly(self, c: _Claimed) -> None:
         try:
@@ -467,6 +528,7 @@ class Worker:
     def _give_back(self, c: _Claimed) -> None:
         """Hand a claimed task back at once, unless a newer attempt holds it already. The store records
         the give-back (fenced by attempt), so it does not count as a lost delivery."""
+        self._stop_keeping(c.lease)
         if self.backend.store.give_back(c.task_id, c.attempt):
             self.backend.queue.release(c.lease)
             return

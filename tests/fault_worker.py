@@ -46,7 +46,8 @@ class FastEngine:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
-                 reference_audio: Optional[bytes] = None, progress: Optional[ProgressCallback] = None) -> GenerationResult:
+                 reference_audio: Optional[bytes] = None, progress: Optional[ProgressCallback] = None,
+                 encode: bool = True) -> GenerationResult:
         if src_audio is not None:
             audio_io.decode_audio(src_audio, "src_audio")
         if progress:
@@ -54,7 +55,7 @@ class FastEngine:
         audios = [EncodedAudio(_WAV.getvalue(), "wav", 8000, 2, 0.01, i) for i in range(request.batch_size)]
         return GenerationResult(audios, metas={}, dit_model="fast", lm_model="none", generation_info={})
 
-    def generate_batch(self, items, progress=None) -> list:
+    def generate_batch(self, items, progress=None, encode=True) -> list:
         return [self.generate(r, src_audio=a.get("src_audio"), progress=progress) for r, a in items]
 
 

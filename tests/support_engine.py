@@ -38,6 +38,9 @@ def encode(samples: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> byt
     return buf.getvalue()
 
 
+_encode = encode  # generate's `encode` flag shadows the name
+
+
 class SineEngine:
     lm_loaded = False
 
@@ -55,7 +58,7 @@ class SineEngine:
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,
-                 progress: Optional[ProgressCallback] = None) -> GenerationResult:
+                 progress: Optional[ProgressCallback] = None, encode: bool = True) -> GenerationResult:
         self.calls.append({"request": request, "src_audio": src_audio, "reference_audio": reference_audio})
         if FAIL_MARKER in request.prompt:
             raise GenerationError("the test engine was asked to fail")
@@ -64,7 +67,7 @@ class SineEngine:
         duration = float(request.audio_duration or DEFAULT_DURATION)
         given = list(request.seeds or [])
         seeds = [given[i] if i < len(given) else random.randrange(2**31) for i in range(request.batch_size)]
-        audios = [EncodedAudio(encode(tone(seed, duration), request.audio_format), request.audio_format,
+        audios = [EncodedAudio(_encode(tone(seed, duration), request.audio_format), request.audio_format,
                                SAMPLE_RATE, 1, duration, seed) for seed in seeds]
         progress(1.0, "Decoding audio...")
         model = request.model or self.model_names[0]
@@ -76,7 +79,7 @@ class SineEngine:
                                 generation_info=info)
 
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
-                       progress: Optional[ProgressCallback] = None) -> list:
+                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
         out: list = []
         for request, audio in items:
             try:

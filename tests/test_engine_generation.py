@@ -290,3 +290,14 @@ def test_nan_from_the_model_fails_that_request_only_and_never_reaches_the_encode
 def test_text2music_does_not_even_decode_a_source_it_ignores(engine):
     result = engine.generate(req(seeds=[3]), src_audio=b"not audio at all")
     assert any("src_audio ignored" in n for n in result.generation_info["notes"])
+
+
+def test_unencoded_audio_encodes_to_the_same_file(engine):
+    """encode=False (the worker's pipeline encodes in other processes) gives the same file once encoded."""
+    from engine.audio_encode import encode_pending
+
+    deferred = engine.generate(req(seeds=[7], batch_size=2), encode=False)
+    assert deferred.audios == [] and [p.seed for p in deferred.pending] == [7, 8]
+    assert deferred.pending[0].samples.shape[0] == 2 and deferred.generation_info["timings"]["audio_encoding_s"] == 0
+    direct = engine.generate(req(seeds=[7], batch_size=2))
+    assert [encode_pending(p)[0].data for p in deferred.pending] == [a.data for a in direct.audios]

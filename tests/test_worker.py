@@ -16,10 +16,13 @@ import pytest
 import soundfile as sf
 
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, ProgressCallback
+from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, GenerationEngine
 from service.submission import Upload, submit_task
 from service.worker import Worker
+
+
+BAD_SEED = 666
 
 
 class ScriptedEngine:
@@ -29,6 +32,7 @@ class ScriptedEngine:
         self.calls: list[list[GenerationRequest]] = []
         self.before_generate: Optional[Callable[[ProgressCallback], object]] = None  # run inside generate
         self.error: Exception | None = None
+        self.defer = False  # with encode=False, return unencoded audio for the worker's encoder processes
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("test-model", True, random_weights=True, task_types=("text2music", "cover"))]
@@ -44,7 +48,16 @@ class ScriptedEngine:
         sf.write(buf, np.stack([wave, wave], 1), sr, format="WAV")
         return EncodedAudio(buf.getvalue(), "wav", sr, 2, dur, seed)
 
-    def _result(self, req: GenerationRequest, progress: ProgressCallback) -> GenerationResult:
+    def _pending(self, req: GenerationRequest, seed: int) -> PendingAudio:
+        """Unencoded audio (defer mode): seed 666 makes samples the encoder refuses (NaN)."""
+        sr, dur = 8000, req.audio_duration or 10.0
+        t = np.arange(int(sr * dur)) / sr
+        wave = (0.1 * np.sin(2 * np.pi * (220 + seed % 200) * t)).astype("float32")
+        if seed == BAD_SEED:
+            wave[0] = np.nan
+        return PendingAudio(np.stack([wave, wave]), "wav", sr, 2, dur, seed)
+
+    def _result(self, req: GenerationRequest, progress: ProgressCallback, encode: bool = True) -> GenerationResult:
         if self.before_generate:
             self.before_generate(progress)
         if self.error:
@@ -52,20 +65,24 @@ class ScriptedEngine:
         for step in range(4):
             progress((step + 1) / 4, "dit")
         seeds = req.seeds or [7]
-        audios = [self._audio(req, seeds[i] if i < len(seeds) else seeds[0] + i) for i in range(req.batch_size)]
-        return GenerationResult(audios, metas={"bpm": req.bpm or "N/A"}, dit_model="test-model", lm_model="none",
-                                generation_info={"random_weights": True})
+        seeds = [seeds[i] if i < len(seeds) else seeds[0] + i for i in range(req.batch_size)]
+        info = {"random_weights": True, "timings": {"audio_encoding_s": 0.0}}
+        if self.defer and not encode:
+            return GenerationResult([], metas={"bpm": req.bpm or "N/A"}, dit_model="test-model", lm_model="none",
+                                    generation_info=info, pending=[self._pending(req, s) for s in seeds])
+        return GenerationResult([self._audio(req, s) for s in seeds], metas={"bpm": req.bpm or "N/A"},
+                                dit_model="test-model", lm_model="none", generation_info=info)
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,
-                 progress: Optional[ProgressCallback] = None) -> GenerationResult:
+                 progress: Optional[ProgressCallback] = None, encode: bool = True) -> GenerationResult:
         self.calls.append([request])
-        return self._result(request, progress or (lambda f, s: None))
+        return self._result(request, progress or (lambda f, s: None), encode)
 
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
-                       progress: Optional[ProgressCallback] = None) -> list:
+                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
         self.calls.append([r for r, _ in items])
-        return [self._result(r, progress or (lambda f, s: None)) for r, _ in items]
+        return [self._result(r, progress or (lambda f, s: None), encode) for r, _ in items]
 
 
 if TYPE_CHECKING:  # mypy (`make test`) holds the stand-in to the port the worker uses
@@ -143,9 +160,9 @@ def test_uploaded_source_audio_reaches_engine(settings, backend, engine):
     seen = {}
     original = engine.generate
 
-    def spy(request, *, src_audio=None, reference_audio=None, progress=None):
+    def spy(request, *, src_audio=None, reference_audio=None, progress=None, **kw):
         seen["src"] = src_audio
-        return original(request, src_audio=src_audio, reference_audio=reference_audio, progress=progress)
+        return original(request, src_audio=src_audio, reference_audio=reference_audio, progress=progress, **kw)
 
     engine.generate = spy
     task_id = _submit(backend, task_type="cover", src_audio_key="placeholder",
