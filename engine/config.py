@@ -24,6 +24,14 @@ class EngineConfig:
     allow_download: bool = True
     lm_model: Optional[str] = None  # the 5 Hz LM folder (name under checkpoint_dir, or a path); None: DiT only
     lm_backend: str = "auto"  # pt | vllm | auto (engine.lm.backend_choice)
+    # Throughput (engine/speedups.py, engine/timing.py, engine/memory.py, engine/plan.py)
+    stage_timings: bool = True  # per-stage times in generation_info (never synchronises the GPU)
+    warmup: str = "auto"  # a tiny generation at load: auto (on for CUDA) | true | false
+    length_bucket_seconds: float = 0.0  # batch tasks whose lengths share a bucket this wide (0: equal lengths)
+    compile_dit: bool = False
+    cuda_graphs: bool = False  # torch.compile mode "reduce-overhead" (implies compile_dit)
+    compile_backend: str = "inductor"
+    attention_backend: str = ""  # diffusers attention dispatcher backend for the DiT ("": its default)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":

@@ -8,6 +8,7 @@ a batch of 8 four-minute songs at 2B sizes.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -68,3 +69,43 @@ def free_bytes(device) -> Optional[int]:
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+# ---------------------------------------------------------------- VAE decode: tiled only when needed
+
+SAMPLES_PER_LATENT_FRAME = 1920  # 48 kHz audio per 25 Hz latent frame (the VAE's hop)
+# Tensors of the decoder's full-rate width alive at once at its peak (a residual unit's input, kept for the
+# skip, plus activation and convolution outputs; the block before it runs at half the rate with twice the
+# channels, the same size). An estimate from the layer shapes, not a measurement.
+_LIVE_FULL_RATE_TENSORS = 4
+DECODE_HEADROOM = 0.8  # use at most this share of what is free (fragmentation, the allocator's rounding)
+
+
+def vae_decode_bytes(items: int, seconds: float, full_rate_channels: int, dtype_bytes: int) -> int:
+    """Working memory an untiled VAE decode of `items` songs of `seconds` needs at its peak (estimate)."""
+    frames = math.ceil(seconds * 25)
+    return items * frames * SAMPLES_PER_LATENT_FRAME * full_rate_channels * dtype_bytes * _LIVE_FULL_RATE_TENSORS
+
+
+def tile_vae_decode(allowed: bool, needed: int, free: Optional[int]) -> bool:
+    """Tile the VAE decode (about 1.7x the decoder's compute, for its overlap) only when the request allows
+    it and an untiled decode would not fit in what is free. Unknown free memory: untiled."""
+    return allowed and free is not None and needed > free * DECODE_HEADROOM
+
+
+def available_bytes(device) -> Optional[int]:
+    """Memory a decode could use now: on CUDA the device's free memory plus what torch's allocator holds
+    unused; on CPU the system's available memory (Linux); None when unknown."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -1,6 +1,7 @@
 """Pure decisions about one request (torch-free): seeds, task, duration, metas, batching key."""
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Optional
 
@@ -58,19 +59,29 @@ def metas(request: GenerationRequest, duration_seconds: float) -> dict:
     }
 
 
-def batch_key(request: GenerationRequest, model: str, lm_loaded: bool = False) -> Optional[tuple]:
+def length_bucket(seconds: float, bucket_seconds: float) -> float:
+    """The batching key for a song length: the length itself (bucket 0), else the upper end of its
+    bucket ((0, b], (b, 2b], ...): the length the batch is generated at when its longest song fills it."""
+    if bucket_seconds <= 0:
+        return seconds
+    return math.ceil(seconds / bucket_seconds) * bucket_seconds
+
+
+def batch_key(request: GenerationRequest, model: str, lm_loaded: bool = False,
+              bucket_seconds: float = 0.0) -> Optional[tuple]:
     """Requests with equal keys can share one pipeline call; None means "run alone".
 
     Only plain text2music batches: one pipeline call takes per-item prompt, lyrics and language but a single
     duration, metadata, instruction and sampler setting for the whole batch. With the 5 Hz LM loaded, a
     request the LM plans (thinking, sample/format/analysis) runs alone: its metadata is only known once
-    the LM has run.
+    the LM has run. With `bucket_seconds`, songs whose lengths share a bucket batch together: the call
+    runs at the longest and each is cut to its own length (so its audio differs from a run alone).
     """
     r = request
     if r.task_type != "text2music" or r.audio_code_string or r.src_audio_key or r.reference_audio_key:
         return None
     if lm_loaded and (r.thinking or r.needs_lm):
         return None
-    return (model, r.audio_duration or DEFAULT_TEXT2MUSIC_SECONDS, r.inference_steps, r.guidance_scale, r.shift,
+    return (model, length_bucket(r.audio_duration or DEFAULT_TEXT2MUSIC_SECONDS, bucket_seconds), r.inference_steps, r.guidance_scale, r.shift,
             r.infer_method, tuple(r.timesteps or ()), r.cfg_interval_start, r.cfg_interval_end, r.bpm, r.key_scale,
             r.time_signature, r.instruction, r.use_tiled_decode)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, timing
+from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, speedups, timing
 from engine.lm.planner import lm_steps
 from engine.checkpoints import (
     DEMO_NOTICE,
@@ -44,6 +44,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # Progress fractions: diffusion steps span 5%..90%, then VAE decode and audio encoding.
 _STEPS_FROM, _STEPS_TO = 0.05, 0.90
+WARMUP_SECONDS = 10.0  # the shortest song a request may ask for
 
 
 @dataclass
@@ -70,6 +71,7 @@ class _Job:
     repaint: Optional[tuple[float, float]] = None
     notes: list[str] = field(default_factory=list)
     decode_s: float = 0.0
+    vae_tiled: bool = False
     lm_plan: Optional[object] = None  # engine.lm.types.LMPlan when the 5 Hz LM planned this request
     audio_codes: Optional[list[str]] = None  # per item, from the LM (else the request's own codes)
 
@@ -125,7 +127,12 @@ class Engine:
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
-            timing.install_hooks(pipe)
+            if config.stage_timings:
+                timing.install_hooks(pipe)
+            for applied in speedups.apply(pipe, compile_dit=config.compile_dit, cuda_graphs=config.cuda_graphs,
+                                          compile_backend=config.compile_backend,
+                                          attention_backend=config.attention_backend):
+                log.info("model %s: %s", name, applied)
             for comp, fp in prints.items():
                 by_fingerprint.setdefault((comp, fp), getattr(pipe, comp))
                 if comp in reuse:
@@ -149,7 +156,20 @@ class Engine:
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
             needed += memory.weight_bytes(lm_folder, str(dtype).replace("torch.", ""))
             memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]))
-        return cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
+        engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
+        if speedups.warm_up_enabled(config.warmup, device.type):
+            engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """One tiny generation per model (CUDA context, kernel selection, allocator, compilation), so the
+        first task does not pay for them."""
+        for name in self._models:
+            t0 = time.perf_counter()
+            self.generate(GenerationRequest(prompt="warm-up", lyrics="[instrumental]", audio_duration=WARMUP_SECONDS,
+                                            inference_steps=2, seeds=[0], model=name, audio_format="wav"),
+                          encode=False)
+            log.info("warmed up model %s in %.1fs", name, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- introspection
     def models(self) -> list[ModelInfo]:
@@ -241,7 +261,8 @@ class Engine:
                 raise
             except Exception as exc:
                 return [exc]
-        keys = {plan.batch_key(r, r.model or self.config.default_model, self.lm_loaded) for r, _ in items}
+        keys = {plan.batch_key(r, r.model or self.config.default_model, self.lm_loaded,
+                               self.config.length_bucket_seconds) for r, _ in items}
         if len(keys) != 1 or None in keys:
             raise ValueError("generate_batch: these requests cannot share one pipeline call")
         if sum(r.batch_size for r, _ in items) > MAX_BATCH:
@@ -345,6 +366,8 @@ class Engine:
         lyrics = [j.request.lyrics for j in jobs for _ in j.seeds]
         languages = [j.request.vocal_language for j in jobs for _ in j.seeds]
         n_steps = len(r.timesteps) if r.timesteps else r.inference_steps
+        # A length bucket batches songs of different lengths: the call runs at the longest (each is cut after).
+        duration = max(j.audio_duration or 0.0 for j in jobs) if all(j.audio_duration for j in jobs) else head.audio_duration
 
         def on_step_end(_pipe, step, _t, tensors):
             _report(progress, _STEPS_FROM + (_STEPS_TO - _STEPS_FROM) * (step + 1) / n_steps,
@@ -352,7 +375,7 @@ class Engine:
             return tensors
 
         kwargs = dict(
-            prompt=prompts, lyrics=lyrics, vocal_language=languages, audio_duration=head.audio_duration,
+            prompt=prompts, lyrics=lyrics, vocal_language=languages, audio_duration=duration,
             num_inference_steps=r.inference_steps, guidance_scale=_guidance(pipe, r), shift=r.shift,
             generator=generators, instruction=head.instruction, bpm=r.bpm, keyscale=r.key_scale or None,
             timesignature=r.time_signature or None, task_type=head.task, track_name=r.track_name,
@@ -365,12 +388,19 @@ class Engine:
         if head.repaint is not None:
             kwargs.update(repainting_start=head.repaint[0], repainting_end=head.repaint[1])
 
-        clock = timing.StageClock(sync_cuda=self.device.type == "cuda")
+        clock = timing.StageClock(cuda=self.device.type == "cuda")
+        tiled = self._tile_decode(pipe, r, len(seeds), duration, head)
         t0 = time.perf_counter()
-        with timing.recording(clock), self._sampler(pipe, r.infer_method, generators), \
-                _fixed_global_rng(self.device), _tiled_decode(pipe, r.use_tiled_decode):
+        with timing.recording(clock if self.config.stage_timings else None), \
+                self._sampler(pipe, r.infer_method, generators), _fixed_global_rng(self.device), \
+                _tiled_decode(pipe, tiled):
             audio = pipe(**kwargs).audios
         pipeline_s = time.perf_counter() - t0
+        for job in jobs:
+            job.vae_tiled = tiled
+            if job.audio_duration is not None and duration is not None and job.audio_duration < duration:
+                job.notes.append(f"batched by length bucket: generated at {duration:g} s with longer songs and cut "
+                                 f"to {job.audio_duration:g} s (a run alone with the same seed differs)")
         _report(progress, 0.95, "encoding audio")
 
         results, offset = [], 0
@@ -448,6 +478,7 @@ class Engine:
             "shift": r.shift,
             "guidance_scale": guidance,
             "infer_method": r.infer_method,
+            "vae_decode": "tiled" if job.vae_tiled else "untiled",
             "seeds": list(job.seeds),
             "batch_size": len(job.seeds),
             "batched_requests": n_requests,
@@ -466,6 +497,19 @@ class Engine:
             info["notes"] = notes + list(lm.notes)  # type: ignore[attr-defined]
             info["random_weights"] = model.random_weights or lm_info["lm_random_weights"]
         return info
+
+    def _tile_decode(self, pipe: AceStepPipeline, request: GenerationRequest, items: int,
+                     duration: Optional[float], head: _Job) -> bool:
+        """Tile the VAE decode only when the request allows it and an untiled one would not fit now."""
+        if not request.use_tiled_decode:
+            return False
+        if duration is None:  # the length comes from the source or the audio codes
+            duration = head.src.shape[-1] / audio_io.SAMPLE_RATE if head.src is not None else audio_io.MAX_SOURCE_SECONDS
+        vae = pipe.vae.config
+        channels = int(vae.decoder_channels) * int(vae.channel_multiples[0])
+        dtype_bytes = torch.tensor([], dtype=pipe.vae.dtype).element_size()
+        needed = memory.vae_decode_bytes(items, duration, channels, dtype_bytes)
+        return memory.tile_vae_decode(True, needed, memory.available_bytes(self.device))
 
     @contextlib.contextmanager
     def _sampler(self, pipe: AceStepPipeline, method: str, generators: list):

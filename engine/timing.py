@@ -1,14 +1,18 @@
-"""Per-stage wall-clock timing of pipeline components, measured with forward hooks.
+"""Per-stage timing of pipeline components, measured with forward hooks, without stalling the device.
 
-Hooks are installed once per module (shared modules are hooked once) and only record while a `StageClock` is
-active, so an idle engine pays nothing. On CUDA the hooks synchronise the device so a stage's time is its own.
+Hooks are installed once per module (shared modules are hooked once) and record only while a
+`StageClock` is active. On CPU a stage is timed with the wall clock. On CUDA each stage call records a
+pair of CUDA events instead of synchronising the device around it: the GPU stamps them as it gets
+there, and their times are read once the pipeline's output has been copied to the CPU (which waits
+for the GPU anyway), so timing adds no synchronisation. ACESTEP_STAGE_TIMINGS=false installs no hooks
+at all: generation_info then times only the whole pipeline call.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections import defaultdict
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -28,36 +32,54 @@ _HOOKED_FLAG = "_acestep_stage_hooked"  # on the module itself: ids get reused a
 
 
 class StageClock:
-    def __init__(self, sync_cuda: bool = False):
-        self.seconds: dict[str, float] = defaultdict(float)
+    def __init__(self, cuda: bool = False):
+        self._seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self._sync = sync_cuda
-        self._started: dict[int, float] = {}
+        self._cuda = cuda
+        self._started: dict[int, Any] = {}
+        self._events: list[tuple[str, Any, Any]] = []  # CUDA: (stage, start event, end event), read later
 
-    def sync(self) -> None:
-        if self._sync:
-            torch.cuda.synchronize()
+    def _mark(self) -> Any:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def begin(self, key: int) -> None:
+        self._started[key] = self._mark()
+
+    def end(self, stage: str, key: int) -> None:
+        start = self._started.pop(key, None)
+        if start is None:
+            return
+        stop = self._mark()
+        if self._cuda:
+            self._events.append((stage, start, stop))
+        else:
+            self.add(stage, stop - start)
 
     def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] += seconds
+        self._seconds[stage] += seconds
         self.calls[stage] += 1
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.add(name, time.perf_counter() - t0)
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage (on CUDA this waits for the last recorded stage to finish on the device)."""
+        if self._events:
+            self._events[-1][2].synchronize()
+            for stage, start, stop in self._events:
+                self.add(stage, start.elapsed_time(stop) / 1000.0)
+            self._events = []
+        return self._seconds
 
     def rounded(self) -> dict[str, float]:
         return {f"{k}_s": round(v, 4) for k, v in sorted(self.seconds.items())}
 
 
 @contextlib.contextmanager
-def recording(clock: StageClock) -> Iterator[StageClock]:
+def recording(clock: Optional[StageClock]) -> Iterator[Optional[StageClock]]:
+    """Make `clock` the one the hooks record into (None: record nothing)."""
     global _active
     previous, _active = _active, clock
     try:
@@ -77,23 +99,25 @@ def install_hooks(pipe) -> None:
         if getattr(module, _HOOKED_FLAG, False):
             continue
         setattr(module, _HOOKED_FLAG, True)
-        module.register_forward_pre_hook(_pre_hook(stage))
+        module.register_forward_pre_hook(_pre_hook())
         module.register_forward_hook(_post_hook(stage))
 
 
-def _pre_hook(stage: str):
+def hooked(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, _HOOKED_FLAG, False))
+
+
+def _pre_hook():
     def hook(module, args):
         clock = _active
         if clock is not None:
-            clock.sync()
-            clock._started[id(module)] = time.perf_counter()
+            clock.begin(id(module))
     return hook
 
 
 def _post_hook(stage: str):
     def hook(module, args, output):
         clock = _active
-        if clock is not None and id(module) in clock._started:
-            clock.sync()
-            clock.add(stage, time.perf_counter() - clock._started.pop(id(module)))
+        if clock is not None:
+            clock.end(stage, id(module))
     return hook

@@ -61,6 +61,13 @@ def engine_config(settings: Settings):
         allow_download=settings.allow_download,
         lm_model=None,  # chosen by choose_lm once the DiTs are known to be real or demo
         lm_backend=settings.lm_backend,
+        stage_timings=settings.stage_timings,
+        warmup=settings.warmup,
+        length_bucket_seconds=settings.batch_length_bucket,
+        compile_dit=settings.compile_dit,
+        cuda_graphs=settings.cuda_graphs,
+        compile_backend=settings.compile_backend,
+        attention_backend=settings.attention_backend,
     )
 
 
@@ -166,13 +173,17 @@ def _download_lm(settings: Settings, name: str) -> bool:
 
 def build_worker(settings: Settings, engine: GenerationEngine | None = None, backend: Backend | None = None,
                  on_stalled=None, on_finished=None):
-    """A worker on the configured backend with a loaded engine (`on_finished`: see build_webhooks)."""
+    """A worker on the configured backend with a loaded engine (`on_finished`: see build_webhooks).
+    With the pipeline on it gets encoder processes: close them with `worker.encoder.close()`."""
+    from engine.encoder_pool import EncoderPool
     from service.worker import Worker
 
     backend = backend if backend is not None else build_backend(settings)
-    return Worker(settings, backend, engine if engine is not None else load_engine(settings),
+    engine = engine if engine is not None else load_engine(settings)
+    return Worker(settings, backend, engine,
                   on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings),
-                  on_finished=on_finished)
+                  on_finished=on_finished,
+                  encoder=EncoderPool(settings.encode_processes) if settings.pipeline else None)
 
 
 def build_webhooks(settings: Settings, backend: Backend):

@@ -128,6 +128,18 @@ class Settings(BaseSettings):
     pipeline: bool = _env("ACESTEP_PIPELINE", True)
     pipeline_depth: int = _env("ACESTEP_PIPELINE_DEPTH", 2, ge=1, le=16)
     encode_processes: int = _env("ACESTEP_ENCODE_PROCESSES", 0, ge=0)
+    # Batch tasks whose song lengths fall in one bucket this many seconds wide (0: only equal lengths).
+    # The call runs at the longest and cuts each song, so a batched song differs from one run alone.
+    batch_length_bucket: float = _env("ACESTEP_BATCH_LENGTH_BUCKET", 0.0, ge=0)
+    # Engine (engine/speedups.py): per-stage timings; a tiny generation at start (auto: on for CUDA);
+    # GPU options, off by default and unmeasured so far: torch.compile of the DiT, CUDA graphs
+    # (compile mode reduce-overhead), the compile backend, diffusers' attention backend for the DiT.
+    stage_timings: bool = _env("ACESTEP_STAGE_TIMINGS", True)
+    warmup: Literal["auto", "true", "false"] = _env("ACESTEP_WARMUP", "auto")
+    compile_dit: bool = _env("ACESTEP_COMPILE_DIT", False)
+    cuda_graphs: bool = _env("ACESTEP_CUDA_GRAPHS", False)
+    compile_backend: str = _env("ACESTEP_COMPILE_BACKEND", "inductor")
+    attention_backend: str = _env("ACESTEP_ATTENTION_BACKEND", "")
 
     # webhooks (a task's webhook_url): private/loopback targets only when allowed; tries per delivery
     webhook_allow_private: bool = _env("ACESTEP_WEBHOOK_ALLOW_PRIVATE", False)

@@ -7,11 +7,12 @@ against both, so anything stated here must hold for both.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 from engine.request import GenerationRequest
-from engine.types import GenerationResult, ModelInfo, ProgressCallback
+from engine.types import EncodedAudio, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 
 from .signing_keys import SigningKeys
 from .records import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult, WorkerHeartbeat
@@ -192,6 +193,20 @@ class GenerationEngine(Protocol):
     def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
                        progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
         """Requests with one plan.batch_key in one call; a GenerationResult or Exception per item."""
+
+
+class AudioEncoder(Protocol):
+    """Encodes PendingAudio off the worker's thread (engine.encoder_pool.EncoderPool: processes)."""
+
+    def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
+        """Start encoding; the future gives the file and the seconds encoding took."""
+
+    def retry(self, pending: PendingAudio) -> tuple[EncodedAudio, float]:
+        """Encode again and wait (the first try's encoder died with another item's)."""
+
+    def warm_up(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass

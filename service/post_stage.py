@@ -1,5 +1,5 @@
 """The worker's second stage: a generated batch's audio is encoded, stored and recorded here, in a
-thread of its own with encoding in processes (service/encoder_pool.py), while the engine already
+thread of its own with encoding in processes (engine/encoder_pool.py), while the engine already
 runs the next batch.
 
 Batches are recorded in the order they were handed over, each task acked only after its result is
@@ -21,11 +21,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable, Generic, Optional, Protocol, Sequence, TypeVar
 
-from engine.types import EncodedAudio, GenerationCancelled, GenerationError, GenerationResult
+from engine.types import EncodedAudio, GenerationCancelled, GenerationError, GenerationResult, PendingAudio
 
-from .encoder_pool import EncoderPool
 from .lease_keeper import LeaseKeeper
-from .ports import Lease
+from .ports import AudioEncoder, Lease
 from .storage_errors import StorageFull
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class _Entry(Generic[T]):
 
 
 class PostStage(Generic[T]):
-    def __init__(self, record: Callable[[Sequence[T], list], None], encoder: EncoderPool,
+    def __init__(self, record: Callable[[Sequence[T], list], None], encoder: Optional[AudioEncoder],
                  keeper: LeaseKeeper, depth: int, cancel_event: threading.Event):
         self.record = record  # the worker's: store, finish, ack (raises StorageFull at the end)
         self.encoder, self.keeper, self.cancel_event = encoder, keeper, cancel_event
@@ -73,7 +72,7 @@ class PostStage(Generic[T]):
         for lease in hold:
             self.keeper.add(lease, None)
         try:
-            encodes = [[self.encoder.submit(p) for p in o.pending] if isinstance(o, GenerationResult) else []
+            encodes = [[self._submit(p) for p in o.pending] if isinstance(o, GenerationResult) else []
                        for o in outcomes]
             with self._lock:
                 self._in_stage += [c.lease.task_id for c in batch]
@@ -83,6 +82,11 @@ class PostStage(Generic[T]):
                 self.keeper.remove(lease)
         self._start()
         self._queue.put(_Entry(batch, outcomes, encodes))
+
+    def _submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
+        if self.encoder is None:  # the worker asks for encoded audio when it has no encoder
+            raise RuntimeError("unencoded audio, and no encoder to encode it")
+        return self.encoder.submit(pending)
 
     def wait_idle(self) -> None:
         """Until every batch handed over is recorded."""
@@ -162,6 +166,7 @@ class PostStage(Generic[T]):
                 files.append(future.result())
             except BrokenProcessPool:  # another item's encoder died: this item gets a fresh one
                 try:
+                    assert self.encoder is not None
                     files.append(self.encoder.retry(pending))
                 except Exception as exc:
                     return GenerationError(f"could not encode the audio: the encoder process died ({exc})")

@@ -26,13 +26,12 @@ from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
 from .blob_keys import output_key
 from .config import Settings
-from .encoder_pool import EncoderPool
 from .lease_keeper import LeaseKeeper
 from .observability.health import HEARTBEAT_SECONDS
 from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
-from .ports import Backend, GenerationEngine, Lease
+from .ports import AudioEncoder, Backend, GenerationEngine, Lease
 from .records import (
     CANCELLED, FAILED, MODELS_META_KEY, RUNNING, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
     TaskResult, WorkerHeartbeat,
@@ -97,7 +96,7 @@ class Worker:
     def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
                  worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None,
                  metrics: Optional[MetricsSink] = None, on_busy: Optional[Callable[[bool], None]] = None,
-                 on_finished: Optional[Callable[[str], None]] = None, encoder: Optional[EncoderPool] = None):
+                 on_finished: Optional[Callable[[str], None]] = None, encoder: Optional[AudioEncoder] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
@@ -127,8 +126,9 @@ class Worker:
         # the post-processing stage while the engine starts the next batch. Off: all in this thread.
         self._post: Optional[PostStage[_Claimed]] = None
         self._keeper: Optional[LeaseKeeper] = None
-        self._own_encoder = encoder is None
-        self.encoder = encoder or EncoderPool(settings.encode_processes)  # starts processes on first use only
+        # Encodes in other processes (its creator closes it); without one, the engine encodes and the
+        # post-processing stage stores and records.
+        self.encoder = encoder
         if settings.pipeline:
             self._keeper = LeaseKeeper(backend, settings.visibility_timeout)
             self._post = PostStage(self._record, self.encoder, self._keeper, settings.pipeline_depth,
@@ -149,7 +149,7 @@ class Worker:
     def run_forever(self, poll_seconds: float = 5.0) -> None:
         with log_context(worker_id=self.worker_id):
             self.publish_models()
-            if self._post is not None and self._own_encoder:
+            if self._post is not None and self.encoder is not None:
                 self.encoder.warm_up()
             with HeartbeatLoop(self.backend.store, self.heartbeat, self.heartbeat_seconds, self.stop_event,
                                also=lambda: self.metrics.queue_depth(self.backend.queue.size()),
@@ -193,14 +193,12 @@ class Worker:
 
     def close(self) -> None:
         """Finish what the post-processing stage holds (hand it back once cancel_event is set), then stop
-        its threads and the encoder processes this worker started."""
+        its threads."""
         if self._post is not None:
             self._post.close()
             self._raise_post_error(log_only=True)
         if self._keeper is not None:
             self._keeper.close()
-        if self._own_encoder:
-            self.encoder.close()
 
     def _raise_post_error(self, log_only: bool = False) -> None:
         error = self._post.take_error() if self._post is not None else None
@@ -291,7 +289,8 @@ class Worker:
             return None
         if request.needs_lm and not self.engine.lm_loaded:
             return None
-        mine = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded)
+        mine = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded,
+                              self.settings.batch_length_bucket)
         return mine is not None and mine == key and request.batch_size <= room
 
     def _claim(self, lease: Lease) -> Optional[_Claimed]:
@@ -329,7 +328,8 @@ class Worker:
         except (GenerationError, ValueError) as exc:
             self._fail(lease, record.attempt, str(exc), record.created_at, record.started_at)
             return None
-        key = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded)
+        key = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded,
+                             self.settings.batch_length_bucket)
         return _Claimed(lease, record.attempt, request, inputs, key, record.created_at,
                         record.started_at or time.time(), record.given_back)
 
@@ -391,7 +391,8 @@ class Worker:
                          stall_timeout=self.settings.stall_timeout, cancel_event=self.cancel_event,
                          on_stalled=lambda: self._stalled(batch))
         self._watch = watch
-        encode = self._post is None  # pipelined: the post-processing stage encodes, in other processes
+        # Pipelined with an encoder: the post-processing stage encodes, in other processes.
+        encode = self._post is None or self.encoder is None
         outcomes: Optional[list]
         with watch:
             try:

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from engine.types import EncodedAudio, PendingAudio
-from service.encoder_pool import EncoderPool, default_processes
+from engine.encoder_pool import EncoderPool, default_processes
 from service.ports import FAILED, RUNNING, SUCCEEDED, TERMINAL
 from service.worker import Worker
 from tests.live_server import poll_until
@@ -153,7 +153,10 @@ def test_shutdown_drains_the_post_processing_stage(settings, backend, engine, en
 class _StuckEncoder(EncoderPool):
     """Encodings that never finish (a 240 s mp3 still encoding when the second signal comes)."""
 
+    submitted = 0
+
     def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
+        self.submitted += 1
         return Future()
 
 
@@ -170,14 +173,16 @@ def test_a_second_signal_hands_back_what_is_not_encoded(settings, backend, engin
     assert lease.task_id == task_id
 
 
-def test_pipeline_off_runs_in_sequence_without_encoder_processes(settings, backend, engine):
-    settings.pipeline = False
-    worker = Worker(settings, backend, engine)
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_without_pipeline_or_encoder_the_engine_encodes(settings, backend, engine, pipeline):
+    settings.pipeline = pipeline  # off: all in sequence; on without an encoder: only storing overlaps
+    encoder = _StuckEncoder(1)
+    worker = Worker(settings, backend, engine, encoder=encoder if not pipeline else None)
     task_id = _submit(backend)
     assert worker.run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED and _decodes(backend, rec.result.audios[0].key)
-    assert worker.encoder._pool is None  # the engine encoded it
+    assert encoder.submitted == 0
 
 
 def test_encoder_processes_are_sized_to_the_machine():

@@ -1,5 +1,6 @@
 """Processes that encode generated audio (mp3/wav/flac), so encoding runs on other cores than the
-engine's and never holds the worker's interpreter.
+engine's and never holds the worker's interpreter. The worker's pipeline uses it through its port
+(service.ports.AudioEncoder); entrypoints/bootstrap.py creates it.
 
 Started with `spawn`: the worker holds CUDA and many threads, which a forked child must not inherit.
 The children import only engine.audio_encode (numpy + soundfile, no torch).
