@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
-
-if TYPE_CHECKING:
-    import numpy as np
+from typing import Any, Callable, Optional
 
 
 class GenerationError(Exception):
@@ -41,7 +38,7 @@ class EncodedAudio:
 class PendingAudio:
     """Generated audio not encoded yet: the caller encodes it (engine.audio_encode.encode_pending), e.g.
     in another process while the engine starts the next generation."""
-    samples: "np.ndarray"  # float32 [channels, samples] in [-1, 1], already cut to its length and finite
+    samples: Any  # a numpy float32 array [channels, samples] in [-1, 1], cut to its length, finite (this module is numpy-free)
     format: str  # mp3 | wav | flac
     sample_rate: int
     channels: int
