@@ -176,14 +176,14 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
     """A worker on the configured backend with a loaded engine (`on_finished`: see build_webhooks).
     With the pipeline on it gets encoder processes: close them with `worker.encoder.close()`."""
     from engine.encoder_pool import EncoderPool
-    from service.worker import Worker
+    from service.worker import Worker, pipeline_enabled
 
     backend = backend if backend is not None else build_backend(settings)
     engine = engine if engine is not None else load_engine(settings)
     return Worker(settings, backend, engine,
                   on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings),
                   on_finished=on_finished,
-                  encoder=EncoderPool(settings.encode_processes) if settings.pipeline else None)
+                  encoder=EncoderPool(settings.encode_processes) if pipeline_enabled(settings, engine) else None)
 
 
 def build_webhooks(settings: Settings, backend: Backend):

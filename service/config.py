@@ -36,6 +36,11 @@ def _comma_list(value):
 CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
 
 
+def _auto_is_none(value):
+    """"auto" (a setting decided at run time) -> None ("None": how a child process's environment passes it)."""
+    return None if isinstance(value, str) and value.strip().lower() in ("auto", "none") else value
+
+
 def _base_url(value: str) -> str:
     """"" or an http(s) origin with an optional path prefix, kept without its trailing slash."""
     value = value.strip().rstrip("/")
@@ -123,9 +128,10 @@ class Settings(BaseSettings):
     lm_device: str = _env("ACESTEP_LM_DEVICE", "auto")
     batch_compatible_tasks: bool = _env("ACESTEP_BATCH_TASKS", True)
     # Worker pipeline: encode/store/record a batch in a second stage while the engine runs the next one
-    # (false: everything in sequence). At most ACESTEP_PIPELINE_DEPTH batches wait in that stage; their
+    # (false: everything in sequence; auto/None: on when the engine runs on a GPU, whose diffusion does not
+    # need the cores encoding uses). At most ACESTEP_PIPELINE_DEPTH batches wait in that stage; their
     # audio is encoded by ACESTEP_ENCODE_PROCESSES processes (0: one per core but one, at least one).
-    pipeline: bool = _env("ACESTEP_PIPELINE", True)
+    pipeline: Annotated[Optional[bool], BeforeValidator(_auto_is_none)] = _env("ACESTEP_PIPELINE", None)
     pipeline_depth: int = _env("ACESTEP_PIPELINE_DEPTH", 2, ge=1, le=16)
     encode_processes: int = _env("ACESTEP_ENCODE_PROCESSES", 0, ge=0)
     # Batch tasks whose song lengths fall in one bucket this many seconds wide (0: only equal lengths).

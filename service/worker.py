@@ -129,7 +129,7 @@ class Worker:
         # Encodes in other processes (its creator closes it); without one, the engine encodes and the
         # post-processing stage stores and records.
         self.encoder = encoder
-        if settings.pipeline:
+        if pipeline_enabled(settings, engine):
             self._keeper = LeaseKeeper(backend, settings.visibility_timeout)
             self._post = PostStage(self._record, self.encoder, self._keeper, settings.pipeline_depth,
                                    self.cancel_event)
@@ -549,6 +549,14 @@ class Worker:
 def _finished(c: _Claimed, result: TaskResult) -> TaskRecord:
     return TaskRecord(task_id=c.task_id, request={}, status=SUCCEEDED, result=result, created_at=c.created_at,
                       started_at=c.started_at, finished_at=time.time())
+
+
+def pipeline_enabled(settings: Settings, engine: GenerationEngine) -> bool:
+    """ACESTEP_PIPELINE, or when auto: whether the engine runs on a GPU. On CPU the engine and the encoders
+    compete for the same cores (bench/RESULTS.md: it gains at batch 1 and loses at batch 2-4 on 2 cores)."""
+    if settings.pipeline is not None:
+        return settings.pipeline
+    return str(engine.describe().get("device") or "cpu").startswith("cuda")
 
 
 def _backoff(outage_seconds: float) -> float:

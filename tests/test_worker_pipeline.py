@@ -30,6 +30,12 @@ def encoder():
 
 
 @pytest.fixture
+def settings(settings):
+    settings.pipeline = True  # auto would be off: these engines say they run on the CPU
+    return settings
+
+
+@pytest.fixture
 def engine():
     e = ScriptedEngine()
     e.defer = True  # unencoded audio: the worker's encoder processes encode it
@@ -183,6 +189,18 @@ def test_without_pipeline_or_encoder_the_engine_encodes(settings, backend, engin
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED and _decodes(backend, rec.result.audios[0].key)
     assert encoder.submitted == 0
+
+
+def test_pipeline_auto_is_on_for_a_gpu_engine_only(settings, engine):
+    from service.config import load_settings
+    from service.worker import pipeline_enabled
+
+    auto = load_settings(env={"ACESTEP_PIPELINE": "auto"}, dotenv_path=None)
+    assert auto.pipeline is None and load_settings(env={}, dotenv_path=None).pipeline is None
+    assert pipeline_enabled(auto, engine) is False  # "device": "cpu"
+    engine.describe = lambda: {"device": "cuda:0"}
+    assert pipeline_enabled(auto, engine) is True
+    assert pipeline_enabled(load_settings(env={"ACESTEP_PIPELINE": "false"}, dotenv_path=None), engine) is False
 
 
 def test_encoder_processes_are_sized_to_the_machine():
