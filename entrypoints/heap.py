@@ -2,9 +2,9 @@
 
 After start-up the API process holds ~60k long-lived objects (modules, the app, its routes,
 pydantic validators) that will never be garbage. A full collection walks all of them every time it
-runs (about 35 ms on a small machine, about once every 20,000 polls), and the requests that arrive
+runs (about 50 ms on a small machine, about once every 20,000 polls), and the requests that arrive
 meanwhile wait. Freezing them once start-up is done moves them out of the collector's sight
-(a full collection then takes about 1 ms); later garbage is collected as before.
+(a full collection then takes about 10 ms); later garbage is collected as before.
 """
 from __future__ import annotations
 
