@@ -47,8 +47,8 @@ def load_planner(config: EngineConfig, device):
         from engine.lm.transformers_backend import TransformersLM
 
         lm = TransformersLM.load(folder, device=device)
-    log.info("loaded 5 Hz LM %s from %s (%s)%s", lm.model_name, folder, lm.name,
-             " -- RANDOM WEIGHTS" if lm.random_weights else "")
+    # A random-weight LM was already announced by the backend's load (a warning): not repeated here.
+    log.info("loaded 5 Hz LM %s from %s (%s)", lm.model_name, folder, lm.name)
     # The demo LM would pick random song lengths; it renders the DiT-only path's default length instead.
     return Planner(lm, demo_seconds=DEFAULT_TEXT2MUSIC_SECONDS if lm.random_weights else None)
 
