@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,6 +28,12 @@ def default_processes(cpus: int | None = None) -> int:
     return max(1, cpus - 1)
 
 
+def _ignore_interrupts() -> None:
+    """In each encoder process: a terminal's Ctrl+C reaches the whole process group, and the worker
+    decides what a signal means (drain, then abort); an encoder must not die of it mid-song."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class EncoderPool:
     def __init__(self, processes: int = 0):
         self.processes = processes if processes > 0 else default_processes()
@@ -36,7 +43,8 @@ class EncoderPool:
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_ignore_interrupts)
             return self._pool
 
     def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
@@ -55,10 +63,22 @@ class EncoderPool:
                 self._pool = None
         broken.shutdown(wait=False, cancel_futures=True)
 
-    def retry(self, pending: PendingAudio) -> tuple[EncodedAudio, float]:
-        """Encode once more and wait: for an item whose future failed with BrokenProcessPool because
-        another item's encoder died (submit then starts a fresh pool)."""
-        return self.submit(pending).result()
+    def retry(self, pending: PendingAudio, timeout: float | None = None) -> tuple[EncodedAudio, float]:
+        """Encode once more and wait (at most `timeout` s): for an item whose future failed with
+        BrokenProcessPool because another item's encoder died (submit then starts a fresh pool)."""
+        return self.submit(pending).result(timeout)
+
+    def reset(self) -> None:
+        """Stop every encoder process now, hung ones included; the next submit starts new ones."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        log.warning("stopping the audio encoder processes (an encode did not finish in time)")
+        # The executor has no public way to stop a busy process before Python 3.14's terminate_workers().
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def warm_up(self) -> None:
         """Start the processes now rather than on the first song (spawn takes a second or so each)."""

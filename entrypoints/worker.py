@@ -73,9 +73,11 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
     # forwards it as SIGTERM: acting on both would turn one Ctrl+C into "abandon the task".
     signal.signal(signal.SIGINT, signal.SIG_IGN if supervised else on_term)
     # Embedded waits wake at once for new work anyway; a short poll lets SIGTERM stop an idle worker quickly.
-    worker.run_forever(poll_seconds=1.0 if settings.backend == "embedded" else 20.0)
-    if isinstance(worker, Worker) and worker.encoder is not None:
-        worker.encoder.close()
+    try:
+        worker.run_forever(poll_seconds=1.0 if settings.backend == "embedded" else 20.0)
+    finally:
+        if isinstance(worker, Worker) and worker.encoder is not None:
+            worker.encoder.close()
     webhooks.flush(WEBHOOK_FLUSH_SECONDS)  # deliveries still retrying after this are lost (logged)
 
 

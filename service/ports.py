@@ -201,8 +201,11 @@ class AudioEncoder(Protocol):
     def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
         """Start encoding; the future gives the file and the seconds encoding took."""
 
-    def retry(self, pending: PendingAudio) -> tuple[EncodedAudio, float]:
-        """Encode again and wait (the first try's encoder died with another item's)."""
+    def retry(self, pending: PendingAudio, timeout: Optional[float] = None) -> tuple[EncodedAudio, float]:
+        """Encode again and wait at most `timeout` s (the first try's encoder died with another item's)."""
+
+    def reset(self) -> None:
+        """Stop the encoder processes, hung ones included; later submits start new ones."""
 
     def warm_up(self) -> None: ...
 

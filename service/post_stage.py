@@ -16,6 +16,7 @@ import contextvars
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .storage_errors import StorageFull
 log = logging.getLogger(__name__)
 
 _WAIT_SLICE_SECONDS = 0.2  # how often a wait for encoders looks at the cancel event
+_ROOM_CHECK_SECONDS = 1.0  # how often a hand-over waiting for room checks that the stage still runs
 
 
 class HeldTask(Protocol):
@@ -52,9 +54,12 @@ class _Entry(Generic[T]):
 
 class PostStage(Generic[T]):
     def __init__(self, record: Callable[[Sequence[T], list], None], encoder: Optional[AudioEncoder],
-                 keeper: LeaseKeeper, depth: int, cancel_event: threading.Event):
+                 keeper: LeaseKeeper, depth: int, cancel_event: threading.Event, encode_timeout: float):
         self.record = record  # the worker's: store, finish, ack (raises StorageFull at the end)
         self.encoder, self.keeper, self.cancel_event = encoder, keeper, cancel_event
+        # A batch's encoding that takes longer than this is stuck (a hung encoder process): its tasks
+        # fail with that reason and the encoders are restarted, rather than holding the stage forever.
+        self.encode_timeout = encode_timeout
         self._room = threading.Semaphore(depth)
         self._queue: "queue.Queue[Optional[_Entry[T]]]" = queue.Queue()
         self._in_stage: list[str] = []  # task ids handed over and not recorded yet
@@ -72,21 +77,39 @@ class PostStage(Generic[T]):
         for lease in hold:
             self.keeper.add(lease, None)
         try:
-            encodes = [[self._submit(p) for p in o.pending] if isinstance(o, GenerationResult) else []
-                       for o in outcomes]
+            outcomes, encodes = self._start_encoding(outcomes)
             with self._lock:
                 self._in_stage += [c.lease.task_id for c in batch]
-            self._room.acquire()
+            self._wait_for_room()
         finally:
             for lease in hold:
                 self.keeper.remove(lease)
         self._start()
         self._queue.put(_Entry(batch, outcomes, encodes))
 
-    def _submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
-        if self.encoder is None:  # the worker asks for encoded audio when it has no encoder
-            raise RuntimeError("unencoded audio, and no encoder to encode it")
-        return self.encoder.submit(pending)
+    def _start_encoding(self, outcomes: list) -> tuple[list, list]:
+        """Each outcome's encodes, started; an outcome whose encoding cannot start becomes its error
+        (the stage then records it as failed, so its task does not stay running)."""
+        started, encodes = [], []
+        for outcome in outcomes:
+            futures: list = []
+            if isinstance(outcome, GenerationResult) and outcome.pending:
+                try:
+                    if self.encoder is None:  # the worker asks for encoded audio when it has no encoder
+                        raise RuntimeError("no encoder to encode it")
+                    futures = [self.encoder.submit(p) for p in outcome.pending]
+                except Exception as exc:
+                    for future in futures:
+                        future.cancel()
+                    outcome, futures = GenerationError(f"could not start encoding the audio: {exc}"), []
+            started.append(outcome)
+            encodes.append(futures)
+        return started, encodes
+
+    def _wait_for_room(self) -> None:
+        while not self._room.acquire(timeout=_ROOM_CHECK_SECONDS):
+            if self._thread is not None and not self._thread.is_alive():
+                raise RuntimeError("the post-processing stage has stopped")
 
     def wait_idle(self) -> None:
         """Until every batch handed over is recorded."""
@@ -102,7 +125,8 @@ class PostStage(Generic[T]):
 
     def take_error(self) -> Optional[StorageFull]:
         """The storage outage a recording met (its task was handed back), once."""
-        error, self._error = self._error, None
+        with self._lock:
+            error, self._error = self._error, None
         return error
 
     def close(self) -> None:
@@ -133,11 +157,13 @@ class PostStage(Generic[T]):
                 self._queue.task_done()
 
     def _process(self, entry: _Entry[T]) -> None:
-        outcomes = [self._encoded(o, fs) for o, fs in zip(entry.outcomes, entry.encodes)]
-        try:  # the worker removes each lease from the keeper just before it acks or releases it
+        try:
+            outcomes = [self._encoded_or_error(o, fs) for o, fs in zip(entry.outcomes, entry.encodes)]
+            # the worker removes each lease from the keeper just before it acks or releases it
             self.record(entry.batch, outcomes)
         except StorageFull as exc:
-            self._error = exc
+            with self._lock:
+                self._error = exc
         except Exception:  # a store hiccup: the leases lapse and the tasks are redelivered
             log.exception("could not record a batch; its tasks will be redelivered")
         finally:
@@ -147,19 +173,34 @@ class PostStage(Generic[T]):
                 for c in entry.batch:
                     self._in_stage.remove(c.lease.task_id)
 
+    def _encoded_or_error(self, outcome: object, futures: list) -> object:
+        try:
+            return self._encoded(outcome, futures)
+        except BaseException as exc:  # noqa: BLE001 - the stage thread must outlive any one task
+            log.exception("encoding a task's audio failed unexpectedly")
+            return GenerationError(f"could not encode the audio: {type(exc).__name__}")
+
     def _encoded(self, outcome: object, futures: list["Future[tuple[EncodedAudio, float]]"]) -> object:
         """The outcome with its audio encoded; the encoder's error if that failed; GenerationCancelled when
-        the worker abandons its tasks (second signal) before the encoding is done."""
+        the worker abandons its tasks (second signal) before the encoding is done; a GenerationError
+        when the encoding takes longer than encode_timeout."""
         if not isinstance(outcome, GenerationResult) or not outcome.pending:
             return outcome
-        while not self.cancel_event.is_set():
+        deadline = time.monotonic() + self.encode_timeout
+        while True:
             _, waiting = concurrent.futures.wait(futures, timeout=_WAIT_SLICE_SECONDS)
-            if not waiting:
+            if not waiting:  # done, even if a second signal came meanwhile: record it
                 break
-        else:
-            for f in futures:
-                f.cancel()
-            return GenerationCancelled("worker is shutting down")
+            if self.cancel_event.is_set():
+                for f in futures:
+                    f.cancel()
+                return GenerationCancelled("worker is shutting down")
+            if time.monotonic() > deadline:
+                for f in futures:
+                    f.cancel()
+                assert self.encoder is not None
+                self.encoder.reset()
+                return GenerationError(f"encoding the audio did not finish within {self.encode_timeout:g} s")
         files: list[tuple[EncodedAudio, float]] = []
         for pending, future in zip(outcome.pending, futures):
             try:
@@ -167,7 +208,7 @@ class PostStage(Generic[T]):
             except BrokenProcessPool:  # another item's encoder died: this item gets a fresh one
                 try:
                     assert self.encoder is not None
-                    files.append(self.encoder.retry(pending))
+                    files.append(self.encoder.retry(pending, timeout=max(1.0, deadline - time.monotonic())))
                 except Exception as exc:
                     return GenerationError(f"could not encode the audio: the encoder process died ({exc})")
             except Exception as exc:  # this task's audio only (e.g. non-finite samples)

@@ -132,7 +132,7 @@ class Worker:
         if pipeline_enabled(settings, engine):
             self._keeper = LeaseKeeper(backend, settings.visibility_timeout)
             self._post = PostStage(self._record, self.encoder, self._keeper, settings.pipeline_depth,
-                                   self.cancel_event)
+                                   self.cancel_event, encode_timeout=settings.stall_timeout)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -170,11 +170,13 @@ class Worker:
                     except Exception:  # the loop must survive a backend hiccup
                         log.exception("worker loop error")
                         self.stop_event.wait(1.0)
-                if self._carried is not None:
-                    self.backend.queue.release(self._carried)  # never claimed: a plain give-back
-                    self._carried = None
-                self.close()  # drains the post-processing stage (hands it back on a second signal)
-                self._signal_busy(False)
+                try:
+                    if self._carried is not None:
+                        self.backend.queue.release(self._carried)  # never claimed: a plain give-back
+                        self._carried = None
+                finally:
+                    self.close()  # drains the post-processing stage (hands it back on a second signal)
+                    self._signal_busy(False)
             log.info("worker %s stopped", self.worker_id)
 
     def heartbeat(self) -> WorkerHeartbeat:

@@ -179,6 +179,69 @@ def test_a_second_signal_hands_back_what_is_not_encoded(settings, backend, engin
     assert lease.task_id == task_id
 
 
+class _RefusingEncoder(EncoderPool):
+    """Encoder processes that cannot be started (out of file descriptors, out of memory)."""
+
+    def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
+        raise OSError("cannot start an encoder process")
+
+
+def test_an_encoder_that_cannot_start_fails_the_task_with_its_reason(settings, backend, engine):
+    worker = Worker(settings, backend, engine, encoder=_RefusingEncoder(1))
+    task_id = _submit(backend)
+    worker.run_once(1.0, overlap=True)
+    worker.close()
+    rec = backend.store.get(task_id)
+    assert rec.status == FAILED and "could not start encoding the audio" in rec.error
+    assert worker._post is not None and worker._post.idle()  # nothing left claiming to be in the stage
+    assert backend.queue.receive(0, 5) is None  # acked, not kept alive by the lease keeper
+
+
+class _InterruptedEncoder(EncoderPool):
+    """An encode that ends in KeyboardInterrupt, as a pool process hit by a terminal's Ctrl+C reports it."""
+
+    def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":
+        future: "Future[tuple[EncodedAudio, float]]" = Future()
+        future.set_exception(KeyboardInterrupt())
+        return future
+
+
+def test_an_interrupted_encode_fails_its_task_and_the_stage_keeps_running(settings, backend, engine):
+    settings.pipeline_depth = 1
+    worker = Worker(settings, backend, engine, encoder=_InterruptedEncoder(1))
+    first, second = _submit(backend, prompt="one"), _submit(backend, prompt="two")
+    worker.run_once(1.0, overlap=True)
+    worker.run_once(1.0, overlap=True)  # depth 1: would wait forever for a dead stage
+    worker.close()
+    for task_id in (first, second):
+        rec = backend.store.get(task_id)
+        assert rec.status == FAILED and "KeyboardInterrupt" in rec.error
+
+
+def test_a_hung_encode_fails_after_the_encode_timeout_and_restarts_the_encoders(settings, backend, engine):
+    settings.stall_timeout = 0.5
+    encoder = _StuckEncoder(1)
+    reset = []
+    encoder.reset = lambda: reset.append(True)  # type: ignore[method-assign]
+    worker = Worker(settings, backend, engine, encoder=encoder)
+    task_id = _submit(backend)
+    worker.run_once(1.0, overlap=True)
+    poll_until("the hung encode to time out", lambda: backend.store.get(task_id).status == FAILED, 30)
+    worker.close()
+    assert "did not finish within 0.5 s" in backend.store.get(task_id).error
+    assert reset == [True]
+
+
+def test_encoder_processes_ignore_a_terminals_ctrl_c(encoder):
+    import os
+    import signal
+
+    pool = encoder._executor()
+    handlers = {pool.submit(signal.getsignal, signal.SIGINT).result(30) for _ in range(3)}
+    assert handlers == {signal.SIG_IGN}
+    assert os.getpid() not in {pool.submit(os.getpid).result(30)}
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_without_pipeline_or_encoder_the_engine_encodes(settings, backend, engine, pipeline):
     settings.pipeline = pipeline  # off: all in sequence; on without an encoder: only storing overlaps
