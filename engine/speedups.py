@@ -49,6 +49,21 @@ def compile_options(compile_dit: bool, cuda_graphs: bool, backend: str) -> dict 
     return options
 
 
+def owning_outputs(forward):
+    """`forward` whose results the caller owns. A CUDA-graph replay writes its outputs into the same
+    memory every time, and a cover with audio_cover_strength < 1 calls the DiT twice per step and
+    still reads the first result after the second call: each call starts a new graph step and
+    returns copies."""
+    from torch.utils._pytree import tree_map  # also walks diffusers' output classes, which register with it
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = forward(*args, **kwargs)
+        return tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, out)
+
+    return call
+
+
 def attention_backends() -> list[str]:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
@@ -72,6 +87,7 @@ def apply(pipe, *, compile_dit: bool, cuda_graphs: bool, compile_backend: str, a
     if options is not None:
         transformer = pipe.transformer
         # The forward only: the stage-timing hooks around it stay eager.
-        transformer.forward = torch.compile(transformer.forward, **options)
+        compiled = torch.compile(transformer.forward, **options)
+        transformer.forward = owning_outputs(compiled) if options.get("mode") == "reduce-overhead" else compiled
         applied.append("torch.compile of the DiT (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")")
     return applied

@@ -55,6 +55,22 @@ def test_warm_up_decision():
         speedups.warm_up_enabled("sometimes", "cpu")
 
 
+def test_cuda_graph_outputs_are_copies_the_next_call_cannot_overwrite():
+    import torch
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    buffer = torch.zeros(4)
+
+    def replay(x):  # what a CUDA-graph replay does: the same output memory, rewritten each call
+        buffer.copy_(x)
+        return Transformer2DModelOutput(sample=buffer)
+
+    forward = speedups.owning_outputs(replay)
+    first = forward(torch.ones(4)).sample
+    second = forward(torch.full((4,), 2.0)).sample
+    assert first.tolist() == [1.0] * 4 and second.tolist() == [2.0] * 4
+
+
 def test_compile_options():
     assert speedups.compile_options(False, False, "inductor") is None
     assert speedups.compile_options(True, False, "inductor") == {"backend": "inductor", "mode": "default"}
