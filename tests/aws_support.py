@@ -8,9 +8,14 @@ Fake credentials and a fixed region are set first, so nothing here can reach rea
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
-from typing import Iterator
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator, Optional
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -77,3 +82,32 @@ def moto_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+_LAMBDA_PROBE = """
+import json, os
+from tests.aws_support import use_fake_aws_credentials, aws_settings
+use_fake_aws_credentials()
+from moto import mock_aws
+with mock_aws():
+    from service.aws.provision import provision
+    s = provision(aws_settings("/tmp"))
+    os.environ.update(ACESTEP_BACKEND="aws", ACESTEP_TABLE_NAME=s.table_name, ACESTEP_QUEUE_URL=s.queue_url,
+                      ACESTEP_DLQ_URL=s.dlq_url, ACESTEP_BUCKET=s.bucket, **{extra_env!r})
+    import entrypoints.lambda_api as lh
+    report = {{}}
+{body}
+print(json.dumps(report))
+"""
+
+
+def run_lambda_probe(body: str, extra_env: Optional[dict] = None) -> dict:
+    """Import the Lambda entry in a fresh interpreter over moto, as a cold start does, then run `body`
+    inside mock_aws (with `lh` the entry module, `s` the provisioned settings, `json` and `os` in scope)
+    and return the `report` dict it fills. No ACESTEP_ variable of this process leaks in."""
+    code = _LAMBDA_PROBE.format(extra_env=extra_env or {}, body=textwrap.indent(textwrap.dedent(body), "    "))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,68 +8,50 @@ with new AWS sessions and draw different random numbers than another copy of the
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.aws_support import run_lambda_probe
 
 _PROBE = """
-import json, os, random
-from tests.aws_support import use_fake_aws_credentials, aws_settings
-use_fake_aws_credentials()
-from moto import mock_aws
-with mock_aws():
-    from service.aws.provision import provision
-    s = provision(aws_settings("/tmp"))
-    os.environ.update(ACESTEP_BACKEND="aws", ACESTEP_TABLE_NAME=s.table_name, ACESTEP_QUEUE_URL=s.queue_url,
-                      ACESTEP_DLQ_URL=s.dlq_url, ACESTEP_BUCKET=s.bucket, ACESTEP_API_KEY="snap-key")
-    import entrypoints.lambda_api as lh
-    import snapshot_restore_py as runtime
-    from entrypoints import snapstart
-    from service.aws import clients
+import random
+import snapshot_restore_py as runtime
+from entrypoints import snapstart
+from service.aws import clients
 
-    report = {"before": len(runtime.get_before_snapshot()), "after": len(runtime.get_after_restore())}
-    for func, args, kwargs in reversed(runtime.get_before_snapshot()):
+report.update(before=len(runtime.get_before_snapshot()), after=len(runtime.get_after_restore()))
+for func, args, kwargs in reversed(runtime.get_before_snapshot()):
+    func(*args, **kwargs)
+report["statuses"] = snapstart.prime(lh.handler, "snap-key")
+report["built_before_snapshot"] = sum(c._client is not None for c in clients._made)
+
+import boto3
+ddb = boto3.client("dynamodb", region_name="us-east-1")
+report["items_after_priming"] = ddb.scan(TableName=s.table_name)["Count"]
+
+snapshot = random.getstate()
+draws = []
+for _ in range(2):  # two restored copies of one snapshot
+    random.setstate(snapshot)
+    for func, args, kwargs in runtime.get_after_restore():
         func(*args, **kwargs)
-    report["statuses"] = snapstart.prime(lh.handler, "snap-key")
-    report["built_before_snapshot"] = sum(c._client is not None for c in clients._made)
+    draws.append(random.random())
+report["draws_differ"] = draws[0] != draws[1]
+report["built_after_restore"] = sum(c._client is not None for c in clients._made)
 
-    import boto3
-    ddb = boto3.client("dynamodb", region_name="us-east-1")
-    report["items_after_priming"] = ddb.scan(TableName=s.table_name)["Count"]
-
-    snapshot = random.getstate()
-    draws = []
-    for _ in range(2):  # two restored copies of one snapshot
-        random.setstate(snapshot)
-        for func, args, kwargs in runtime.get_after_restore():
-            func(*args, **kwargs)
-        draws.append(random.random())
-    report["draws_differ"] = draws[0] != draws[1]
-    report["built_after_restore"] = sum(c._client is not None for c in clients._made)
-
-    submit = snapstart.api_gateway_event("POST", "/release_task", {"prompt": "after restore"}, "snap-key")
-    answer = lh.handler(submit, None)
-    report["submit_status"] = answer["statusCode"]
-    report["task_id"] = json.loads(answer["body"])["data"]["task_id"]
-    poll = snapstart.api_gateway_event("POST", "/query_result", {"task_id_list": [report["task_id"]]}, "snap-key")
-    report["queued"] = [entry["status"] for entry in json.loads(lh.handler(poll, None)["body"])["data"]]
-print(json.dumps(report))
+submit = snapstart.api_gateway_event("POST", "/release_task", {"prompt": "after restore"}, "snap-key")
+answer = lh.handler(submit, None)
+report["submit_status"] = answer["statusCode"]
+report["task_id"] = json.loads(answer["body"])["data"]["task_id"]
+poll = snapstart.api_gateway_event("POST", "/query_result", {"task_id_list": [report["task_id"]]}, "snap-key")
+report["queued"] = [entry["status"] for entry in json.loads(lh.handler(poll, None)["body"])["data"]]
 """
 
 
 def test_snapstart_hooks_prime_without_writing_and_restored_copies_are_independent():
     pytest.importorskip("snapshot_restore_py")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")}
-    out = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_lambda_probe(_PROBE, {"ACESTEP_API_KEY": "snap-key"})
     assert report["before"] == 1 and report["after"] == 1, report
     assert report["statuses"] == {"/health": 200, "/v1/models": 200, "/release_task": 400,
                                   "/query_result": 200, "/openrouter/health": 200}, report
