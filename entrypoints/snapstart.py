@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Optional
 
 from entrypoints import heap
+from service.aws.clients import build_all, forget_sessions  # boto3 itself is imported only when used
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +68,9 @@ def prime(handler: Handler, api_key: str) -> dict[str, int]:
     return statuses
 
 
-def warm_aws_clients() -> None:
-    """Build every AWS client the app made (loading botocore's service models into the session's
-    cache), so a restored copy creates its clients from memory rather than from JSON files."""
-    from service.aws.clients import build_all
-
-    build_all()
-
-
 def after_restore() -> None:
     """Make this copy of the snapshot its own: fresh randomness, fresh AWS sessions and sockets."""
     random.seed(os.urandom(32))
-    from service.aws.clients import forget_sessions
-
     forget_sessions()
 
 
@@ -89,11 +80,12 @@ def install(handler: Handler, api_key: str) -> bool:
         from snapshot_restore_py import register_after_restore, register_before_snapshot
     except ImportError:
         return False
-
     def before_snapshot() -> None:
         started = time.perf_counter()
         statuses = prime(handler, api_key)
-        warm_aws_clients()
+        # Every AWS client the app made, built now: botocore's service models are parsed into the
+        # session's cache, so a restored copy creates its clients from memory.
+        build_all()
         heap.settle()  # what init and priming built is long-lived in every restored copy
         log.info("SnapStart priming done in %.0f ms: %s", 1000 * (time.perf_counter() - started), statuses)
 
