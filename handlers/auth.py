@@ -22,8 +22,10 @@ def _equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
-def _key_from_header(value: str) -> str:
-    # "Bearer <key>" (the scheme is case-insensitive, RFC 9110 11.1) or the raw key.
+def bearer_key(value: str) -> str:
+    """The key in an Authorization header: "Bearer <key>" (the scheme is case-insensitive, RFC 9110
+    11.1) or the raw key."""
+    value = value.strip()
     return value[7:].strip() if value[:7].lower() == "bearer " else value
 
 
@@ -32,7 +34,7 @@ def header_is_valid(settings: Settings, request: Request) -> bool:
     if not settings.api_key:
         return True
     value = request.headers.get("authorization")
-    return bool(value and _equal(_key_from_header(value.strip()), settings.api_key))
+    return bool(value and _equal(bearer_key(value), settings.api_key))
 
 
 def require_header(settings: Settings, request: Request) -> None:
@@ -58,7 +60,7 @@ def _check_header(settings: Settings, request: Request, missing_message: str) ->
     value = request.headers.get("authorization")
     if not value:
         raise ApiError(401, missing_message, headers={"WWW-Authenticate": "Bearer"})
-    if not _equal(_key_from_header(value.strip()), settings.api_key):
+    if not _equal(bearer_key(value), settings.api_key):
         raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -7,16 +7,15 @@ from fastapi import Request
 
 from service.caller_limits import caller_id
 
+from .auth import bearer_key, token_from_fields
+
 
 def credential(request: Request, fields: Optional[dict] = None) -> Optional[str]:
     """The API key the request presents (body `ai_token`, else the Authorization header), if any."""
-    token = (fields or {}).get("ai_token")
+    token = token_from_fields(fields)
     if isinstance(token, str) and token:
         return token
-    header = request.headers.get("authorization", "").strip()
-    if header[:7].lower() == "bearer ":
-        header = header[7:].strip()
-    return header or None
+    return bearer_key(request.headers.get("authorization", "")) or None
 
 
 def caller_of(request: Request, fields: Optional[dict] = None) -> str:

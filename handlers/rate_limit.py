@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.caller_limits import caller_id
 
+from .auth import bearer_key
+
 COUNTED_METHODS = ("POST", "PUT")
 EXEMPT = ("/health", "/query_result")
 MAX_CALLERS = 10000  # buckets kept; the oldest are dropped beyond this
@@ -61,9 +63,7 @@ class RateLimitMiddleware:
             return
         scope[COUNTED] = True  # a mounted app's limiter passes it on (Mount copies the scope)
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1").strip()
-        if auth[:7].lower() == "bearer ":
-            auth = auth[7:].strip()
+        auth = bearer_key(headers.get(b"authorization", b"").decode("latin-1"))
         client = scope.get("client")
         wait = self.buckets.take(caller_id(auth or None, client[0] if client else None))
         if wait > 0:
