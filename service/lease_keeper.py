@@ -13,7 +13,7 @@ import threading
 from typing import Optional
 
 from .ports import Backend, Lease
-from .run_watch import still_held
+from .run_watch import extend_held
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,4 @@ class LeaseKeeper:
             entries = list(self._held.values())
             claimed = [(lease, attempt) for lease, attempt in entries if attempt is not None]
             unclaimed = [lease for lease, attempt in entries if attempt is None]
-            for lease in still_held(self.backend, claimed) + unclaimed:
-                try:
-                    self.backend.queue.extend(lease, self.visibility_timeout)
-                except Exception:  # a missed extension only risks a redelivery, which is fenced
-                    log.exception("could not extend lease of %s", lease.task_id)
+            extend_held(self.backend, claimed, unclaimed, self.visibility_timeout)

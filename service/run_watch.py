@@ -104,14 +104,7 @@ class RunWatch:
             if time.monotonic() - self.last_progress > self.stall_timeout:
                 self._stall()
                 return
-            for lease in self._still_held() + self.keep_alive:
-                try:
-                    self.backend.queue.extend(lease, self.visibility_timeout)
-                except Exception:  # a missed extension only risks a redelivery, which is fenced
-                    log.exception("could not extend lease of %s", lease.task_id)
-
-    def _still_held(self) -> list[Lease]:
-        return still_held(self.backend, self.tasks)
+            extend_held(self.backend, self.tasks, self.keep_alive, self.visibility_timeout)
 
     def _stall(self) -> None:
         self.stalled = True
@@ -120,6 +113,17 @@ class RunWatch:
                   time.monotonic() - self.last_progress, ", ".join(lease.task_id for lease, _ in self.tasks))
         if self.on_stalled is not None:
             self.on_stalled()
+
+
+def extend_held(backend: Backend, tasks: list[tuple[Lease, int]], unclaimed: list[Lease],
+                visibility_timeout: float) -> None:
+    """Extend the leases of `tasks` whose attempt is still current (still_held) and the `unclaimed`
+    ones; one that fails is logged and the others still extended."""
+    for lease in still_held(backend, tasks) + unclaimed:
+        try:
+            backend.queue.extend(lease, visibility_timeout)
+        except Exception:  # a missed extension only risks a redelivery, which is fenced
+            log.exception("could not extend lease of %s", lease.task_id)
 
 
 def still_held(backend: Backend, tasks: list[tuple[Lease, int]]) -> list[Lease]:
