@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable, Generic, Optional, Protocol, Sequence, TypeVar
 
-from engine.types import EncodedAudio, GenerationCancelled, GenerationError, GenerationResult, PendingAudio
+from engine.types import EncodedAudio, GenerationCancelled, GenerationError, GenerationResult
 
 from .lease_keeper import LeaseKeeper
 from .ports import AudioEncoder, Lease

@@ -33,7 +33,7 @@ from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import AudioEncoder, Backend, GenerationEngine, Lease
 from .records import (
-    CANCELLED, FAILED, MODELS_META_KEY, RUNNING, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
+    CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
     TaskResult, WorkerHeartbeat,
 )
 from .post_stage import PostStage
@@ -198,13 +198,13 @@ class Worker:
         its threads."""
         if self._post is not None:
             self._post.close()
-            self._raise_post_error(log_only=True)
+            self._post.take_error()  # stopping: a storage outage met at the end changes nothing now
         if self._keeper is not None:
             self._keeper.close()
 
-    def _raise_post_error(self, log_only: bool = False) -> None:
+    def _raise_post_error(self) -> None:
         error = self._post.take_error() if self._post is not None else None
-        if error is not None and not log_only:
+        if error is not None:
             raise error
 
     def request_stop(self, cancel_running: bool = False) -> None:
@@ -447,25 +447,20 @@ class Worker:
     def _succeed(self, c: _Claimed, result: GenerationResult) -> None:
         keys: list[str] = []
         audios = []
-        for i, audio in enumerate(result.audios):
-            key = output_key(c.task_id, c.attempt, i, audio.format)
-            try:
-                self.backend.blobs.put(key, audio.data, audio.content_type)
-            except StorageFull:
-                for written in keys:
-                    self.backend.blobs.delete(written)
-                raise
-            keys.append(key)
-            audios.append(AudioFile(key=key, format=audio.format, seed=audio.seed,
-                                    duration=round(audio.duration_seconds, 3),
-                                    sample_rate=audio.sample_rate, channels=audio.channels))
         info = dict(result.generation_info)
         if c.request.thinking and not self.engine.lm_loaded:
             info.setdefault("notes", []).append(
                 "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
-        whole = TaskResult(audios=audios, metas=result.metas, generation_info=info,
-                           dit_model=result.dit_model, lm_model=result.lm_model)
-        try:
+        try:  # storage full part way: what this attempt wrote goes, and the outage is raised
+            for i, audio in enumerate(result.audios):
+                key = output_key(c.task_id, c.attempt, i, audio.format)
+                self.backend.blobs.put(key, audio.data, audio.content_type)
+                keys.append(key)
+                audios.append(AudioFile(key=key, format=audio.format, seed=audio.seed,
+                                        duration=round(audio.duration_seconds, 3),
+                                        sample_rate=audio.sample_rate, channels=audio.channels))
+            whole = TaskResult(audios=audios, metas=result.metas, generation_info=info,
+                               dit_model=result.dit_model, lm_model=result.lm_model)
             stored, part_keys = move_large_parts(whole, c.task_id, c.attempt, self.backend.blobs)
         except StorageFull:
             for written in keys:
