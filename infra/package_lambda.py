@@ -26,13 +26,13 @@ def base_dependencies() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def main(out: str, python_version: str = LAMBDA_PYTHON) -> None:
+def main(out: str) -> None:
     target = Path(out).resolve()
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target),
-                    "--platform", "manylinux2014_x86_64", "--implementation", "cp", "--python-version", python_version,
+                    "--platform", "manylinux2014_x86_64", "--implementation", "cp", "--python-version", LAMBDA_PYTHON,
                     "--only-binary=:all:", *base_dependencies()], check=True)
     for package in PACKAGES:
         shutil.copytree(ROOT / package, target / package,

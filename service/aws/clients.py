@@ -66,14 +66,22 @@ _botocore_session: Any = None
 
 
 def _session() -> Any:
-    global _boto3_session, _botocore_session
     if _boto3_session is None:
-        import boto3
-        import botocore.session
-
-        _botocore_session = botocore.session.get_session()
-        _boto3_session = boto3.session.Session(botocore_session=_botocore_session)
+        _open_session()
     return _boto3_session
+
+
+def _open_session(loader: Any = None) -> None:
+    """A new session (credentials resolved afresh); `loader`: an earlier session's, whose parsed
+    service models it keeps."""
+    global _boto3_session, _botocore_session
+    import boto3
+    import botocore.session
+
+    _botocore_session = botocore.session.get_session()
+    if loader is not None:
+        _botocore_session.register_component("data_loader", loader)
+    _boto3_session = boto3.session.Session(botocore_session=_botocore_session)
 
 
 def build_all() -> None:
@@ -85,19 +93,12 @@ def build_all() -> None:
 def forget_sessions() -> None:
     """Drop every built client and the session's credentials, so both are resolved again, while
     keeping the service models already parsed: for a restored SnapStart copy."""
-    global _boto3_session, _botocore_session
     for client in list(_made):
         client.forget()
     with _create_lock:
         if _boto3_session is None:  # nothing was built, nothing to forget
             return
-        import boto3
-        import botocore.session
-
-        loader = _botocore_session.get_component("data_loader")
-        _botocore_session = botocore.session.get_session()
-        _botocore_session.register_component("data_loader", loader)
-        _boto3_session = boto3.session.Session(botocore_session=_botocore_session)
+        _open_session(loader=_botocore_session.get_component("data_loader"))
 
 
 def aws_client(service: str, settings: Settings, config: Optional[dict] = None) -> Any:
