@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from service.format_via_worker import lm_reported, lm_served
+from service.format_via_worker import workers_run_lm
 from service.observability.health import alive_only, healthy, unservable_reason
 from service.ports import Backend
 
@@ -43,7 +43,7 @@ class SubmitGate:
         now = time.monotonic()
         if now < self._lm_ok_until:
             return True
-        if lm_reported(self.backend):
+        said = workers_run_lm(self.backend)  # one read for both answers
+        if said is True:
             self._lm_ok_until = now + self.accept_seconds
-            return True
-        return lm_served(self.backend)
+        return said is not False

@@ -24,7 +24,7 @@ class FormatTimeout(Exception):
     """The worker did not answer within the limit (the task itself goes on)."""
 
 
-def _workers_run_lm(backend: Backend) -> Optional[bool]:
+def workers_run_lm(backend: Backend) -> Optional[bool]:
     """What the workers last said about their LM; None before any has reported."""
     meta = ModelsMeta.parse(backend.store.get_meta(MODELS_META_KEY))
     return None if meta is None else meta.lm_model not in (None, "", "none")
@@ -33,13 +33,13 @@ def _workers_run_lm(backend: Backend) -> Optional[bool]:
 def lm_served(backend: Backend) -> bool:
     """False only when the workers have said they run no LM; before any has reported, accept (they may be
     scaled to zero) and let the worker decide."""
-    return _workers_run_lm(backend) is not False
+    return workers_run_lm(backend) is not False
 
 
 def lm_reported(backend: Backend) -> bool:
     """A worker has said it runs an LM: what a caller that waits for the answer needs (a synchronous
     /format_input cannot wait for a worker to be started)."""
-    return _workers_run_lm(backend) is True
+    return workers_run_lm(backend) is True
 
 
 class WorkerLMGateway:
