@@ -42,12 +42,13 @@ def build_app(settings: Settings, backend: Backend | None = None):
 
 def build_openrouter_app(settings: Settings, api_app):
     """The OpenAI-compatible API (POST /v1/chat/completions) beside the ACE-Step API app `api_app`: the
-    same backend, and the same per-caller rate buckets and submit gate (one count per caller)."""
+    same backend, the same per-caller rate buckets and submit gate (one count per caller), and the same
+    webhook sender."""
     from handlers.openrouter import create_openrouter_app
 
     state = api_app.state
     return create_openrouter_app(settings, state.backend, rate_buckets=state.rate_buckets,
-                                 submit_gate=state.submit_gate)
+                                 submit_gate=state.submit_gate, webhooks=state.webhooks)
 
 
 def engine_config(settings: Settings):

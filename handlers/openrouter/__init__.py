@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.config import Settings
 from service.ports import Backend
+from service.webhooks.delivery import WebhookNotifier
 
 from ..app import cors_origins
 from ..envelope import install_error_handlers
@@ -31,13 +32,14 @@ POST /v1/chat/completions with `messages`; the audio comes back as base64 data U
 
 def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: float | None = None, *,
                           rate_buckets: Optional[TokenBuckets] = None,
-                          submit_gate: Optional[SubmitGate] = None) -> FastAPI:
+                          submit_gate: Optional[SubmitGate] = None,
+                          webhooks: Optional[WebhookNotifier] = None) -> FastAPI:
     app = FastAPI(title="ACE-Step OpenAI-compatible API", version="1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.backend = backend
     app.state.poll_seconds = poll_seconds  # None: per backend (waiting.POLL_SECONDS)
-    app.state.webhooks = build_notifier(settings, backend)
+    app.state.webhooks = webhooks if webhooks is not None else build_notifier(settings, backend)
     app.state.submit_gate = submit_gate or SubmitGate(backend)
     install_error_handlers(app)
     app.include_router(routes.router)
