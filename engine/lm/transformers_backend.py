@@ -20,7 +20,7 @@ from engine.lm.constraints import ConstraintTables, TokenConstraint
 from engine.lm.masking import MaskApplier
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
 from engine.lm.tiny import is_random_lm
-from engine.lm.types import DecodeResult, SamplingParams, StepCallback
+from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
 from engine.lm.vocab import LMVocab, TokenizerText
 
 log = logging.getLogger("engine.lm")
@@ -100,17 +100,9 @@ class TransformersLM(TokenizerText):
         max_new_tokens. logits_hook(step, logits) sees each step's guided logits before the constraint (tests).
         """
         n = len(prompts)
-        if len(seeds) != n:
-            raise ValueError("one seed per prompt")
-        cfg = sampling.cfg and uncond_prompts is not None
-        rows = [list(p) for p in prompts]
-        if cfg and uncond_prompts is not None:
-            rows += [list(p) for p in uncond_prompts]
-        if cfg and len(rows) != 2 * n:
-            raise ValueError("one unconditional prompt per prompt")
-        constraints = list(constraints) if constraints is not None else [None] * n
-        if len(constraints) != n:
-            raise ValueError("one constraint (or None) per prompt")
+        uncond, constraints = checked_decode_args(n, seeds, sampling, uncond_prompts, constraints)
+        cfg = uncond is not None
+        rows = [list(p) for p in prompts] + [list(p) for p in uncond or ()]
         device = self.device
         pad = self.vocab.pad_id
         width = max(len(r) for r in rows)

@@ -31,6 +31,23 @@ class SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty, 1.0)
 
 
+def checked_decode_args(n: int, seeds: Sequence[int], sampling: SamplingParams,
+                        uncond_prompts: Optional[Sequence[Sequence[int]]],
+                        constraints: Optional[Sequence[Optional[TokenConstraint]]]
+                        ) -> tuple[Optional[Sequence[Sequence[int]]], list[Optional[TokenConstraint]]]:
+    """LMBackend.generate's arguments for `n` prompts, checked alike by every backend: the unconditional
+    prompts when CFG applies (else None) and one constraint (or None) per prompt."""
+    if len(seeds) != n:
+        raise ValueError("one seed per prompt")
+    uncond = uncond_prompts if sampling.cfg else None
+    if uncond is not None and len(uncond) != n:
+        raise ValueError("one unconditional prompt per prompt")
+    cons = list(constraints) if constraints is not None else [None] * n
+    if len(cons) != n:
+        raise ValueError("one constraint (or None) per prompt")
+    return uncond, cons
+
+
 @dataclass
 class DecodeResult:
     """What one batched decode produced: per item, the generated ids without the stop token."""

@@ -51,7 +51,7 @@ from engine.lm.constraints import ConstraintTables, TokenConstraint
 from engine.lm.masking import MaskApplier
 from engine.lm.sampling import choose, filter_logits, guide, repetition_penalty
 from engine.lm.tiny import is_random_lm
-from engine.lm.types import DecodeResult, SamplingParams, StepCallback
+from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
 from engine.lm.vocab import LMVocab, TokenizerText
 
 log = logging.getLogger("engine.lm")
@@ -410,18 +410,9 @@ class VllmLM(TokenizerText):
                  constraints: Optional[Sequence[Optional[TokenConstraint]]] = None,
                  stop_ids: Sequence[int] = (), on_step: Optional[StepCallback] = None) -> DecodeResult:
         """Decode one continuation per prompt (see TransformersLM.generate); all items in one vLLM batch."""
-        n = len(prompts)
-        if len(seeds) != n:
-            raise ValueError("one seed per prompt")
-        cfg = sampling.cfg and uncond_prompts is not None
-        if cfg and (uncond_prompts is None or len(uncond_prompts) != n):
-            raise ValueError("one unconditional prompt per prompt")
-        cons = list(constraints) if constraints is not None else [None] * n
-        if len(cons) != n:
-            raise ValueError("one constraint (or None) per prompt")
+        uncond, cons = checked_decode_args(len(prompts), seeds, sampling, uncond_prompts, constraints)
         with self._lock:
-            return self._generate(prompts, seeds, sampling, max_new_tokens,
-                                  uncond_prompts if cfg else None, cons, list(stop_ids), on_step)
+            return self._generate(prompts, seeds, sampling, max_new_tokens, uncond, cons, list(stop_ids), on_step)
 
     def _params(self, sampling: SamplingParams, seed: int, max_new_tokens: int, stops: list[int], key: str,
                 greedy: bool):
