@@ -88,7 +88,7 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
                            expose_headers=["Content-Length", "Content-Range", "Accept-Ranges", "X-Request-ID"],
                            allow_credentials="*" not in origins)
     # Shared with the OpenAI-compatible app beside it (handlers/openrouter): one count per caller.
-    app.state.rate_buckets = TokenBuckets.per_second(settings.rate_limit_rps) if settings.rate_limit_rps > 0 else None
+    app.state.rate_buckets = TokenBuckets.configured(settings.rate_limit_rps)
     if app.state.rate_buckets is not None:
         app.add_middleware(RateLimitMiddleware, buckets=app.state.rate_buckets)
     app.add_middleware(RequestContextMiddleware)  # outermost: its id covers everything below

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import Optional
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,6 +38,11 @@ class TokenBuckets:
     def per_second(cls, rate: float) -> "TokenBuckets":
         """`rate` requests per second per caller, in bursts of up to twice that."""
         return cls(rate, max(1.0, 2 * rate))
+
+    @classmethod
+    def configured(cls, rate: float) -> "Optional[TokenBuckets]":
+        """The buckets for ACESTEP_RATE_LIMIT_RPS `rate`, or None when it is 0 (no limit)."""
+        return cls.per_second(rate) if rate > 0 else None
 
     def take(self, caller: str, now: float | None = None) -> float:
         """0 when the request may go ahead, else the seconds until it could."""

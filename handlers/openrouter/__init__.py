@@ -48,8 +48,8 @@ def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: fl
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Task-ID", "X-Request-ID"],
                            allow_credentials="*" not in origins)
-    if rate_buckets is None and settings.rate_limit_rps > 0:
-        rate_buckets = TokenBuckets.per_second(settings.rate_limit_rps)
+    if rate_buckets is None:
+        rate_buckets = TokenBuckets.configured(settings.rate_limit_rps)
     if rate_buckets is not None:
         app.add_middleware(RateLimitMiddleware, buckets=rate_buckets)
     app.add_middleware(RequestContextMiddleware)
