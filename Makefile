@@ -24,9 +24,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
+$(RUN_STAMP): pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[engine]'
+	$(BIN)/pip install --quiet -e ./client -e '.[engine]'  # the client package provides the `acestep` command
 	touch $@
 
 $(TEST_STAMP): $(RUN_STAMP) pyproject.toml
