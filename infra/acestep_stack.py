@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 from aws_cdk import (
+    ArnFormat,
     CfnOutput,
     Duration,
     Fn,
@@ -29,7 +31,9 @@ from aws_cdk import (
     aws_cloudwatch_actions as cw_actions,
     aws_dynamodb as dynamodb,
     aws_ec2 as ec2,
+    aws_ecr as ecr,
     aws_ecs as ecs,
+    aws_events as events,
     aws_iam as iam,
     aws_lambda as lambda_,
     aws_logs as logs,
@@ -66,6 +70,33 @@ ACCESS_LOG_FORMAT = json.dumps({
     "userAgent": "$context.identity.userAgent",
 })
 
+# A private ECR image (`-c worker_image=<account>.dkr.ecr.<region>.amazonaws.com/<repo>[:tag|@digest]`): the
+# task's execution role is granted pull on that repository. Any other registry is pulled anonymously.
+ECR_IMAGE = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
+                       r"(?P<name>[a-z0-9][a-z0-9._/-]*?)(?::(?P<tag>[\w][\w.-]*)|@(?P<digest>sha256:[0-9a-f]{64}))?$")
+# ECS stop codes and reasons of a task that never got to work: image pull, secrets/volumes, the worker
+# exiting or failing its health check. Scale-in and deployments stop tasks with other codes.
+TASK_START_FAILURE_CODES = ["TaskFailedToStart", "EssentialContainerExited"]
+TASK_START_FAILURE_REASONS = ["CannotPullContainerError", "ResourceInitializationError", "CannotStartContainerError",
+                              "Task failed container health checks"]
+# ECS service events that say the scheduler cannot place or start tasks (capacity, configuration).
+SERVICE_START_FAILURE_EVENTS = ["SERVICE_TASK_PLACEMENT_FAILURE", "SERVICE_TASK_CONFIGURATION_FAILURE",
+                                "SERVICE_TASK_START_IMPAIRED"]
+
+
+def parse_ecr_image(uri: str) -> Optional[dict[str, str]]:
+    """account, region, name and tag (or digest) of a private ECR image URI; None for any other registry."""
+    match = ECR_IMAGE.match(uri)
+    if match is None:
+        return None
+    parts = {k: v for k, v in match.groupdict().items() if v}
+    parts.setdefault("tag", parts.pop("digest", "latest"))
+    return parts
+
+
+def _partition_of(region: str) -> str:
+    return "aws-cn" if region.startswith("cn-") else "aws-us-gov" if region.startswith("us-gov-") else "aws"
+
 
 @dataclass
 class StackOptions:
@@ -79,6 +110,9 @@ class StackOptions:
     # Dockerfile's `worker` target at deploy time.
     worker_image: str = ""
     instance_type: str = "g5.xlarge"  # 1x A10G 24 GB; g6.xlarge (1x L4 24 GB) also works
+    # On spot (spot_max_price), the instance group draws from instance_type and these (comma-separated):
+    # several pools, so one type running out of spot capacity does not stop the workers. All have 24 GB GPUs.
+    spot_instance_types: str = "g6.xlarge,g5.2xlarge,g6.2xlarge"
     max_workers: int = 4
     backlog_per_worker: int = 4  # queued + running tasks one worker is expected to carry
     queue_maxsize: int = 200
@@ -263,6 +297,12 @@ class AceStepStack(Stack):
             "ACESTEP_CONFIG_PATH": opts.config_path,
         }
 
+        CfnOutput(self, "BucketName", value=self.bucket.bucket_name,
+                  description="audio and published weights: acestep-models publish --bucket <this>")
+        CfnOutput(self, "TableName", value=self.table.table_name)
+        CfnOutput(self, "QueueUrl", value=self.queue.queue_url)
+        CfnOutput(self, "DlqUrl", value=self.dlq.queue_url)
+
         self.api_function, self.http_api = self._api(opts, common_env)
         edge = self._edge(opts, self.http_api) if opts.cloudfront else None
         # Workers send the webhooks: their file URLs are made absolute under where clients reach the API.
@@ -360,6 +400,8 @@ class AceStepStack(Stack):
                          ("AwsSolutions-APIG4", "Authorization is in the app: the API key may come in the header or "
                                                 "the upstream-compatible body field `ai_token`, and /v1/audio URLs "
                                                 "carry a signature instead; infra/README.md (Edge) explains why."))
+        CfnOutput(self, "ApiLogGroup", value=log_group.log_group_name)
+        CfnOutput(self, "ApiAccessLogGroup", value=access_logs.log_group_name)
         CfnOutput(self, "ApiUrl", value=http_api.api_endpoint)
         CfnOutput(self, "ApiKeySecretArn", value=self.api_key.secret_arn)
         return fn, http_api
@@ -425,32 +467,7 @@ class AceStepStack(Stack):
         cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
         security_group = ec2.SecurityGroup(self, "WorkerSg", vpc=vpc, allow_all_outbound=True,
                                            description="ACE-Step GPU workers: no inbound traffic")
-        asg = autoscaling.AutoScalingGroup(
-            self, "GpuInstances",
-            vpc=vpc,
-            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
-            associate_public_ip_address=True,
-            security_group=security_group,
-            instance_type=ec2.InstanceType(opts.instance_type),
-            # Amazon Linux 2023 ECS GPU AMI (NVIDIA driver + container toolkit), newest on each deploy.
-            machine_image=ecs.EcsOptimizedImage.amazon_linux2023(ecs.AmiHardwareType.GPU),
-            spot_price=opts.spot_max_price or None,
-            min_capacity=0,
-            max_capacity=opts.max_workers,
-            require_imdsv2=True,
-            block_devices=[autoscaling.BlockDevice(
-                device_name="/dev/xvda",
-                # Room for the image (~10 GB) and the model weights cache (~10-20 GB).
-                volume=autoscaling.BlockDeviceVolume.ebs(120, volume_type=autoscaling.EbsDeviceVolumeType.GP3,
-                                                         encrypted=True))],
-        )
-        suppress(asg,
-                 ("AwsSolutions-AS3", "Scaling is routine here (to zero after every burst): a notice per event "
-                                      "would be noise. The alarms (OldestTask, DeadLetters) report what needs a person."),
-                 ("AwsSolutions-IAM5[Action::ecs:Submit*]", "The ECS agent's instance policy as CDK writes it."),
-                 ("AwsSolutions-IAM5[Resource::*]", "The ECS agent's instance policy as CDK writes it: "
-                                                    "ecs:DiscoverPollEndpoint and ecr:GetAuthorizationToken "
-                                                    "take no resource."))
+        asg = self._gpu_instances(opts, vpc, security_group)
         # The worker runs as uid 1000 (Dockerfile): give it the host's weights cache directory.
         asg.add_user_data("mkdir -p /opt/acestep/checkpoints", "chown 1000:1000 /opt/acestep/checkpoints")
         capacity = ecs.AsgCapacityProvider(
@@ -464,18 +481,21 @@ class AceStepStack(Stack):
             enable_managed_draining=True,
         )
         # Spot: the two-minute interruption notice drains the instance (ECS_ENABLE_SPOT_INSTANCE_DRAINING),
-        # so the worker gets SIGTERM and releases its task in time (--grace-seconds below).
-        cluster.add_asg_capacity_provider(capacity, spot_instance_draining=bool(opts.spot_max_price))
+        # so the worker gets SIGTERM and releases its task in time (--grace-seconds below). CDK's own switch
+        # (spot_instance_draining) looks at the group's spot_price, which a mixed-instances group has not.
+        cluster.add_asg_capacity_provider(capacity)
+        if opts.spot_max_price:
+            asg.add_user_data("echo ECS_ENABLE_SPOT_INSTANCE_DRAINING=true >> /etc/ecs/ecs.config")
 
         task_def = ecs.Ec2TaskDefinition(self, "WorkerTask")
         # Weights are cached on the instance, not baked into the image: a restarted task on the same
         # host skips the download.
         task_def.add_volume(name="checkpoints", host=ecs.Host(source_path="/opt/acestep/checkpoints"))
-        image = (ecs.ContainerImage.from_registry(opts.worker_image) if opts.worker_image
-                 else ecs.ContainerImage.from_asset(str(REPO_ROOT), target="worker"))
+        self.worker_logs = logs.LogGroup(self, "WorkerLogs", retention=logs.RetentionDays.ONE_MONTH,
+                                         removal_policy=RemovalPolicy.DESTROY)
         container = task_def.add_container(
             "worker",
-            image=image,
+            image=self._worker_image(opts),
             gpu_count=1,
             memory_reservation_mib=12 * 1024,
             # ECS waits stop_timeout after SIGTERM before SIGKILL; the worker releases an unfinished
@@ -498,17 +518,22 @@ class AceStepStack(Stack):
                 # from the stack's bucket (fast, in-region) before the public hub (the fallback)
                 "ACESTEP_MODELS_MIRROR": "true",
             },
-            logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_retention=logs.RetentionDays.ONE_MONTH),
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_group=self.worker_logs),
         )
         container.add_mount_points(ecs.MountPoint(container_path="/checkpoints", source_volume="checkpoints",
                                                   read_only=False))
         self._grant_worker(task_def.task_role, cluster)
         self._suppress_prefix_grants(task_def.task_role)
         suppress(task_def.task_role, (
-            f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ecs:{self.region}:{self.account}:task/"
-            f"<{self.get_logical_id(cluster.node.default_child)}>/*]",
+            f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ecs:{self._nag_value(self.region, 'AWS::Region')}:"
+            f"{self._nag_value(self.account, 'AWS::AccountId')}:task/<{self.get_logical_id(cluster.node.default_child)}>/*]",
             "Scale-in protection of the worker's own task, whose id is only known at run time; limited to "
             "this cluster's tasks."))
+        if task_def.execution_role is not None:  # made by an ECR image (asset or private repository): pulls it
+            suppress(task_def.execution_role, (
+                "AwsSolutions-IAM5[Resource::*]",
+                "ecr:GetAuthorizationToken only: AWS defines no resource for it (a registry login); the image "
+                "pull itself (ecr:BatchGetImage, ecr:GetDownloadUrlForLayer) is granted on the one repository."))
         suppress(task_def, ("AwsSolutions-ECS2", "Plain settings (names, limits, flags), no secrets: the worker "
                                                  "needs no API key, and a hub token would come from Secrets Manager."))
         service = ecs.Ec2Service(
@@ -531,9 +556,146 @@ class AceStepStack(Stack):
             cooldown=Duration.seconds(60),
             evaluation_periods=1,
         )
+        self._alarm_when_tasks_cannot_start(cluster, service, asg)
+        self.cluster, self.gpu_instances = cluster, asg
         CfnOutput(self, "ClusterName", value=cluster.cluster_name)
         CfnOutput(self, "WorkerServiceName", value=service.service_name)
+        CfnOutput(self, "WorkerLogGroup", value=self.worker_logs.log_group_name)
+        CfnOutput(self, "GpuInstanceGroupName", value=asg.auto_scaling_group_name)
         return service
+
+    @staticmethod
+    def _nag_value(value: str, pseudo: str) -> str:
+        """How cdk-nag writes the stack's account or region in a rule id: the value, or `<AWS::AccountId>`
+        when the stack is environment-agnostic (synth without credentials)."""
+        return f"<{pseudo}>" if Token.is_unresolved(value) else value
+
+    def _worker_image(self, opts: StackOptions) -> ecs.ContainerImage:
+        """The Dockerfile's `worker` target built at deploy time (default), a private ECR image (pull granted on
+        its repository), or any other registry's image (pulled without credentials)."""
+        if not opts.worker_image:
+            return ecs.ContainerImage.from_asset(str(REPO_ROOT), target="worker")
+        ecr_image = parse_ecr_image(opts.worker_image)
+        if ecr_image is None:
+            return ecs.ContainerImage.from_registry(opts.worker_image)
+        repository = ecr.Repository.from_repository_attributes(
+            self, "WorkerRepository", repository_name=ecr_image["name"],
+            repository_arn=f"arn:{_partition_of(ecr_image['region'])}:ecr:{ecr_image['region']}:"
+                           f"{ecr_image['account']}:repository/{ecr_image['name']}")
+        return ecs.ContainerImage.from_ecr_repository(repository, tag=ecr_image["tag"])
+
+    def _gpu_instances(self, opts: StackOptions, vpc: ec2.IVpc,
+                       security_group: ec2.ISecurityGroup) -> autoscaling.AutoScalingGroup:
+        """The GPU instance group: one instance type on demand, or several spot pools (spot_max_price)."""
+        spot_types = list(dict.fromkeys(
+            [opts.instance_type, *(t.strip() for t in opts.spot_instance_types.split(",") if t.strip())]))
+        instance_role = iam.Role(self, "GpuInstanceRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+                                 description="ACE-Step GPU instances: the ECS agent")
+        launch_template = ec2.LaunchTemplate(
+            self, "GpuLaunchTemplate",
+            # Amazon Linux 2023 ECS GPU AMI (NVIDIA driver + container toolkit), newest on each deploy.
+            machine_image=ecs.EcsOptimizedImage.amazon_linux2023(ecs.AmiHardwareType.GPU),
+            # on spot, the types come from the mixed-instances policy below
+            instance_type=None if opts.spot_max_price else ec2.InstanceType(opts.instance_type),
+            user_data=ec2.UserData.for_linux(),
+            role=instance_role,
+            security_group=security_group,
+            associate_public_ip_address=True,
+            require_imdsv2=True,
+            block_devices=[ec2.BlockDevice(
+                device_name="/dev/xvda",
+                # Room for the image (~10 GB) and the model weights cache (~10-20 GB).
+                volume=ec2.BlockDeviceVolume.ebs(120, volume_type=ec2.EbsDeviceVolumeType.GP3, encrypted=True))],
+        )
+        placement = dict(
+            vpc=vpc, vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
+            min_capacity=0, max_capacity=opts.max_workers,
+            # one-minute instance counts for the dashboard (free)
+            group_metrics=[autoscaling.GroupMetrics.all()],
+        )
+        if opts.spot_max_price:
+            asg = autoscaling.AutoScalingGroup(
+                self, "GpuInstances",
+                mixed_instances_policy=autoscaling.MixedInstancesPolicy(
+                    launch_template=launch_template,
+                    launch_template_overrides=[autoscaling.LaunchTemplateOverrides(instance_type=ec2.InstanceType(t))
+                                               for t in spot_types],
+                    instances_distribution=autoscaling.InstancesDistribution(
+                        on_demand_base_capacity=0, on_demand_percentage_above_base_capacity=0,
+                        # the pools least likely to be interrupted, among the cheapest
+                        spot_allocation_strategy=autoscaling.SpotAllocationStrategy.PRICE_CAPACITY_OPTIMIZED,
+                        spot_max_price=opts.spot_max_price)),
+                **placement)
+            suppress(asg, ("AwsSolutions-EC26", "The volume is encrypted in the launch template (encrypted gp3, "
+                                                "checked by tests/test_infra.py); the rule cannot read a launch "
+                                                "template through a mixed-instances policy and errors."))
+        else:
+            asg = autoscaling.AutoScalingGroup(self, "GpuInstances", launch_template=launch_template, **placement)
+        suppress(asg, ("AwsSolutions-AS3", "Scaling is routine here (to zero after every burst): a notice per event "
+                                           "would be noise. The alarms (TasksCannotStart, OldestTask, DeadLetters) "
+                                           "report what needs a person."))
+        suppress(instance_role,
+                 ("AwsSolutions-IAM5[Action::ecs:Submit*]", "The ECS agent's instance policy as CDK writes it."),
+                 ("AwsSolutions-IAM5[Resource::*]", "The ECS agent's instance policy as CDK writes it: "
+                                                    "ecs:DiscoverPollEndpoint and ecr:GetAuthorizationToken "
+                                                    "take no resource."))
+        return asg
+
+    def _alarm_when_tasks_cannot_start(self, cluster: ecs.ICluster, service: ecs.Ec2Service,
+                                       asg: autoscaling.AutoScalingGroup) -> None:
+        """Minutes, not OldestTask's half hour: EventBridge rules on the events that say the workers cannot
+        start (a stopped task's reason, the service scheduler's warnings, the instance group failing to launch)
+        write each event to a log group (what happened, verbatim) and count it; the alarm fires on the count."""
+        # EventBridge writes to log groups under /aws/events/, allowed by a resource policy (the CDK target
+        # would install that policy through a custom-resource Lambda; the native resource does it).
+        self.task_failure_events = logs.LogGroup(
+            self, "TaskStartFailureEvents", log_group_name=f"/aws/events/{self.stack_name}-task-start-failures",
+            retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY)
+        logs.ResourcePolicy(self, "TaskStartFailureEventsPolicy", policy_statements=[iam.PolicyStatement(
+            principals=[iam.ServicePrincipal("events.amazonaws.com"), iam.ServicePrincipal("delivery.logs.amazonaws.com")],
+            actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+            resources=[self.task_failure_events.log_group_arn])])
+        target = _LogGroupTarget(self.format_arn(service="logs", resource="log-group",
+                                                 arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                                                 resource_name=self.task_failure_events.log_group_name))
+        patterns = {
+            "StoppedBeforeWorking": events.EventPattern(
+                source=["aws.ecs"], detail_type=["ECS Task State Change"],
+                detail={"clusterArn": [cluster.cluster_arn], "lastStatus": ["STOPPED"],
+                        "$or": [{"stopCode": TASK_START_FAILURE_CODES},
+                                {"stoppedReason": [{"prefix": reason} for reason in TASK_START_FAILURE_REASONS]}]}),
+            "ServiceCannotPlace": events.EventPattern(
+                source=["aws.ecs"], detail_type=["ECS Service Action"], resources=[service.service_arn],
+                detail={"eventName": SERVICE_START_FAILURE_EVENTS}),
+            "InstanceLaunchFailed": events.EventPattern(  # GPU quota, no spot capacity in any pool
+                source=["aws.autoscaling"], detail_type=["EC2 Instance Launch Unsuccessful"],
+                detail={"AutoScalingGroupName": [asg.auto_scaling_group_name]}),
+        }
+        counts = {}
+        for name, pattern in patterns.items():
+            rule = events.Rule(self, f"TaskStart{name}", event_pattern=pattern,
+                               description=f"ACE-Step workers cannot start: {name}",
+                               targets=[target])
+            suppress(rule, ("Serverless-EventBusDLQ", "The alarm counts the rule's matches (TriggeredRules), not "
+                                                      "deliveries: an event lost on its way to the log group still "
+                                                      "raises TasksCannotStart."))
+            counts[name[0].lower() + name[1:]] = cloudwatch.Metric(
+                namespace="AWS/Events", metric_name="TriggeredRules", dimensions_map={"RuleName": rule.rule_name},
+                statistic="Sum", period=Duration.minutes(1))
+        self.tasks_cannot_start = cloudwatch.Alarm(
+            self, "TasksCannotStart",
+            alarm_description="Workers cannot start: a task stopped before working (image pull, start-up, the "
+                              "worker exiting or failing its health check), ECS cannot place tasks, or no GPU "
+                              "instance can launch (quota, spot capacity). The events are in the "
+                              "TaskStartFailureEvents log group (stack output TaskStartFailureLogGroup).",
+            metric=cloudwatch.MathExpression(expression=" + ".join(f"FILL({k}, 0)" for k in counts),
+                                             using_metrics=counts, period=Duration.minutes(1),
+                                             label="Events saying workers cannot start"),
+            threshold=1, evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        CfnOutput(self, "TaskStartFailureLogGroup", value=self.task_failure_events.log_group_name)
 
     def backlog_metric(self) -> cloudwatch.IMetric:
         """Tasks waiting plus tasks running: scale-in never drops below the work in hand."""
@@ -713,6 +875,7 @@ class AceStepStack(Stack):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
+            self.tasks_cannot_start,
             cloudwatch.Alarm(
                 self, "ApiErrors",
                 alarm_description="The API Lambda raised errors",
@@ -725,11 +888,87 @@ class AceStepStack(Stack):
         for alarm in alarms:
             alarm.add_alarm_action(action)
         CfnOutput(self, "AlarmTopicArn", value=topic.topic_arn)
+        self._dashboard(alarms)
+
+    def _dashboard(self, alarms: list[cloudwatch.Alarm]) -> None:
+        """One page for an operator: the queue, the workers, the API and the alarms."""
+        minute = Duration.minutes(1)
+        cluster, service = self.cluster.cluster_name, self.worker_service.service_name
+
+        def insights(metric: str, label: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(namespace="ECS/ContainerInsights", metric_name=metric, label=label,
+                                     dimensions_map={"ClusterName": cluster, "ServiceName": service},
+                                     statistic="Average", period=minute)
+
+        def worker_metric(name: str, statistic: str, label: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(namespace=METRICS_NAMESPACE, metric_name=name, label=label,
+                                     dimensions_map={"service": "worker"}, statistic=statistic, period=minute)
+
+        def graph(title: str, *metrics: cloudwatch.IMetric, right: tuple = ()) -> cloudwatch.GraphWidget:
+            return cloudwatch.GraphWidget(title=title, left=list(metrics), right=list(right), width=8, height=6)
+
+        queue, dlq, fn, api = self.queue, self.dlq, self.api_function, self.http_api
+        dashboard = cloudwatch.Dashboard(self, "Dashboard", default_interval=Duration.hours(3))
+        dashboard.add_widgets(cloudwatch.AlarmStatusWidget(title="Alarms", alarms=alarms, width=24, height=3))
+        dashboard.add_widgets(
+            graph("Queue: waiting and running tasks",
+                  queue.metric_approximate_number_of_messages_visible(period=minute, statistic="Maximum",
+                                                                      label="waiting"),
+                  queue.metric_approximate_number_of_messages_not_visible(period=minute, statistic="Maximum",
+                                                                          label="running")),
+            graph("Oldest waiting task (s)",
+                  queue.metric_approximate_age_of_oldest_message(period=minute, statistic="Maximum", label="age")),
+            graph("Dead-lettered tasks",
+                  dlq.metric_approximate_number_of_messages_visible(period=minute, statistic="Maximum",
+                                                                    label="in the DLQ")),
+        )
+        dashboard.add_widgets(
+            graph("Worker tasks by status",
+                  insights("DesiredTaskCount", "desired"), insights("PendingTaskCount", "pending"),
+                  insights("RunningTaskCount", "running")),
+            graph("GPU instances",
+                  cloudwatch.Metric(namespace="AWS/AutoScaling", metric_name="GroupInServiceInstances",
+                                    dimensions_map={"AutoScalingGroupName": self.gpu_instances.auto_scaling_group_name},
+                                    statistic="Maximum", period=minute, label="in service"),
+                  cloudwatch.Metric(namespace="AWS/AutoScaling", metric_name="GroupPendingInstances",
+                                    dimensions_map={"AutoScalingGroupName": self.gpu_instances.auto_scaling_group_name},
+                                    statistic="Maximum", period=minute, label="starting")),
+            graph("Finished tasks and run time",
+                  worker_metric("TasksSucceeded", "Sum", "succeeded"), worker_metric("TasksFailed", "Sum", "failed"),
+                  right=(worker_metric("RunSeconds", "p50", "run p50 (s)"),
+                         worker_metric("RunSeconds", "p95", "run p95 (s)"),
+                         worker_metric("QueueWaitSeconds", "p95", "queue wait p95 (s)"))),
+        )
+        dashboard.add_widgets(
+            graph("API requests and errors",
+                  api.metric_count(period=minute, statistic="Sum", label="requests"),
+                  api.metric_client_error(period=minute, statistic="Sum", label="4xx"),
+                  api.metric_server_error(period=minute, statistic="Sum", label="5xx"),
+                  fn.metric_errors(period=minute, statistic="Sum", label="Lambda errors"),
+                  fn.metric_throttles(period=minute, statistic="Sum", label="Lambda throttles")),
+            graph("API latency (ms)",
+                  api.metric_latency(period=minute, statistic="p50", label="p50"),
+                  api.metric_latency(period=minute, statistic="p99", label="p99"),
+                  api.metric_integration_latency(period=minute, statistic="p99", label="Lambda p99")),
+            graph("Events saying workers cannot start", self.tasks_cannot_start.metric),
+        )
+        CfnOutput(self, "DashboardName", value=dashboard.dashboard_name)
 
 
 def workers_for_backlog(backlog: int, backlog_per_worker: int, max_workers: int) -> int:
     """What the scaling steps compute, as plain arithmetic (documented in infra/README.md)."""
     return min(max_workers, math.ceil(max(0, backlog) / backlog_per_worker))
+
+
+@jsii.implements(events.IRuleTarget)
+class _LogGroupTarget:
+    """An EventBridge target that is a log group, by its ARN (the policy allowing it is the stack's own)."""
+
+    def __init__(self, arn: str):
+        self._arn = arn
+
+    def bind(self, rule: events.IRule, id: Optional[str] = None) -> events.RuleTargetConfig:
+        return events.RuleTargetConfig(arn=self._arn)
 
 
 @jsii.implements(apigw.IAccessLogSettings)

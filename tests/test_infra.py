@@ -1,11 +1,17 @@
 """The CDK app synthesises offline, passes cdk-nag, and the template has the resources, IAM scoping and scaling we rely on.
 
-The stack is synthesized once for the module (about 10 s on a quiet machine, cdk-nag included), with
-every option on, so the checks and cdk-nag see the CloudFront/WAF, spot and concurrency resources too.
+One app holds every stack the tests read, synthesized once for the module under cdk-nag (about 10 s on a
+quiet machine, mostly jsii start-up and the nag packs; each extra stack adds 1-2 s):
+- STACK, every option on (a private ECR worker image, spot, CloudFront/WAF, reserved concurrency), in an account;
+- the paths an operator takes: the DEFAULT worker image (the Dockerfile built as an image asset) and a private
+  ECR image, each with an account (what real credentials give) and without one (a synth with no credentials,
+  the stack environment-agnostic), and a public image, which needs no pull permission.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -14,16 +20,29 @@ from infra.package_lambda import LAMBDA_PYTHON
 cdk = pytest.importorskip("aws_cdk", reason="aws-cdk-lib is not installed (pip install '.[infra]')")
 from aws_cdk.assertions import Match, Template  # noqa: E402
 
-from infra.acestep_stack import HEARTBEAT_FILE, AceStepStack, StackOptions, workers_for_backlog  # noqa: E402
+from infra.acestep_stack import (HEARTBEAT_FILE, AceStepStack, StackOptions, parse_ecr_image,  # noqa: E402
+                                 workers_for_backlog)
 from infra.nag import add_checks  # noqa: E402
 from service.aws import schema  # noqa: E402
 
 STACK = "AceStepTest"
 ORIGINS = "https://studio.example.com,https://app.example.com"
+ECR_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/acestep-worker:test"
 OPTIONS = dict(max_workers=5, backlog_per_worker=3, max_receives=4, lease_seconds=240, task_ttl_days=9,
-               worker_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/acestep-worker:test",
+               worker_image=ECR_IMAGE,
                cors_origins=ORIGINS, api_rate_limit=40, api_burst_limit=80, api_reserved_concurrency=25,
                spot_max_price="1.006", cloudfront=True, waf_rate_limit=600)
+ACCOUNT = dict(account="123456789012", region="us-east-1")
+OTHER_ECR_IMAGE = "210987654321.dkr.ecr.eu-west-1.amazonaws.com/team/acestep-worker@sha256:" + "ab" * 32
+# name: (options, environment or None for an environment-agnostic stack)
+VARIANTS = {
+    STACK: (OPTIONS, ACCOUNT),
+    "DefaultImageInAccount": ({}, ACCOUNT),
+    "DefaultImageNoAccount": ({}, None),
+    "EcrImageInAccount": ({"worker_image": OTHER_ECR_IMAGE}, ACCOUNT),
+    "EcrImageNoAccount": ({"worker_image": OTHER_ECR_IMAGE}, None),
+    "PublicImage": ({"worker_image": "public.ecr.aws/acme/acestep-worker:1"}, ACCOUNT),
+}
 
 
 def synth_with_nag(app: "cdk.App", out) -> dict:
@@ -42,20 +61,36 @@ def _findings(report: dict) -> list[str]:
             for plugin in report["pluginReports"] for v in plugin["violations"] for r in v["violatingResources"]]
 
 
+@dataclass
+class Synth:
+    out: Path
+    report: dict
+    templates: dict  # stack name -> Template
+    acknowledged: dict  # stack name -> {construct path: [acknowledged rules]}
+
+
 @pytest.fixture(scope="module")
-def synthesized(tmp_path_factory) -> tuple[Template, dict, dict]:
-    """(template, cdk-nag report, acknowledged rules by construct path) from one synth."""
+def synth(tmp_path_factory) -> Synth:
     asset = tmp_path_factory.mktemp("lambda_pkg")
     (asset / "placeholder.txt").write_text("built by infra/README.md's package step\n")
     out = tmp_path_factory.mktemp("cdk_out")
     app = cdk.App(outdir=str(out), context={"@aws-cdk/core:validationReportJson": True})
-    stack = AceStepStack(app, STACK, StackOptions(lambda_asset_dir=str(asset), **OPTIONS),
-                         env=cdk.Environment(account="123456789012", region="us-east-1"))
+    stacks = {name: AceStepStack(app, name, StackOptions(lambda_asset_dir=str(asset), **options),
+                                 env=cdk.Environment(**env) if env else None)
+              for name, (options, env) in VARIANTS.items()}
     report = synth_with_nag(app, out)
-    acknowledged = {c.node.path: [m.data for m in c.node.metadata if m.type == cdk.Validations.ACKNOWLEDGED_RULES_METADATA_KEY]
-                    for c in stack.node.find_all()}
-    template = Template.from_json(json.loads((out / f"{STACK}.template.json").read_text()))
-    return template, report, {path: acks for path, acks in acknowledged.items() if acks}
+    acknowledged = {name: {c.node.path: acks for c in stack.node.find_all()
+                           if (acks := [m.data for m in c.node.metadata
+                                        if m.type == cdk.Validations.ACKNOWLEDGED_RULES_METADATA_KEY])}
+                    for name, stack in stacks.items()}
+    templates = {name: Template.from_json(json.loads((out / f"{name}.template.json").read_text())) for name in stacks}
+    return Synth(out, report, templates, acknowledged)
+
+
+@pytest.fixture(scope="module")
+def synthesized(synth) -> tuple[Template, dict, dict]:
+    """(template, cdk-nag report, acknowledged rules by construct path) of the all-options stack."""
+    return synth.templates[STACK], synth.report, synth.acknowledged[STACK]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +157,14 @@ def _role_statements(template, role_predicate):
             statements += policy["Properties"]["PolicyDocument"]["Statement"]
     assert statements
     return statements
+
+
+def _resolve_url_suffix(value):
+    """An image URI as the template writes it (Fn::Join around AWS::URLSuffix), as AWS resolves it in a region."""
+    if isinstance(value, dict) and "Fn::Join" in value:
+        sep, parts = value["Fn::Join"]
+        return sep.join("amazonaws.com" if part == {"Ref": "AWS::URLSuffix"} else part for part in parts)
+    return value
 
 
 def _as_list(value):
@@ -242,13 +285,11 @@ def test_gpu_capacity_provider_and_task(template):
     assert provider["AutoScalingGroupProvider"]["ManagedScaling"]["Status"] == "ENABLED"
     asg = _one(template, "AWS::AutoScaling::AutoScalingGroup")
     assert asg["MinSize"] == "0" and asg["MaxSize"] == "5"
-    launch = _one(template, "AWS::EC2::LaunchTemplate")["LaunchTemplateData"]
-    assert launch["InstanceType"] == "g5.xlarge"
     ami_params = [p for p in template.to_json()["Parameters"].values() if "gpu" in str(p.get("Default", ""))]
     assert ami_params, "the ECS GPU-optimized AMI parameter"
     container = _one(template, "AWS::ECS::TaskDefinition")["ContainerDefinitions"][0]
     assert {"Type": "GPU", "Value": "1"} in container["ResourceRequirements"]
-    assert container["Image"] == OPTIONS["worker_image"]
+    assert _resolve_url_suffix(container["Image"]) == ECR_IMAGE
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert env["ACESTEP_BACKEND"] == "aws" and env["ACESTEP_VISIBILITY_TIMEOUT"] == "240"
     assert "ACESTEP_DLQ_URL" in env and "ACESTEP_API_KEY" not in env
@@ -344,8 +385,29 @@ def test_running_tasks_are_protected_from_scale_in(template):
 
 def test_spot_instances_drain_on_interruption(template):
     launch = _one(template, "AWS::EC2::LaunchTemplate")["LaunchTemplateData"]
-    assert launch["InstanceMarketOptions"] == {"MarketType": "spot", "SpotOptions": {"MaxPrice": "1.006"}}
     assert "ECS_ENABLE_SPOT_INSTANCE_DRAINING=true" in json.dumps(launch["UserData"])
+
+
+def test_spot_draws_from_several_instance_types(template):
+    """One spot pool running dry must not stop the workers: several 24 GB-GPU types, all spot, capped price."""
+    policy = _one(template, "AWS::AutoScaling::AutoScalingGroup")["MixedInstancesPolicy"]
+    types = [o["InstanceType"] for o in policy["LaunchTemplate"]["Overrides"]]
+    assert types[0] == "g5.xlarge" and len(set(types)) == len(types) >= 3
+    assert policy["InstancesDistribution"] == {
+        "OnDemandBaseCapacity": 0, "OnDemandPercentageAboveBaseCapacity": 0,
+        "SpotAllocationStrategy": "price-capacity-optimized", "SpotMaxPrice": "1.006"}
+    assert "InstanceType" not in _one(template, "AWS::EC2::LaunchTemplate")["LaunchTemplateData"]
+
+
+def test_on_demand_keeps_one_instance_type(synth):
+    template = synth.templates["DefaultImageInAccount"]
+    asg = _one(template, "AWS::AutoScaling::AutoScalingGroup")
+    assert "MixedInstancesPolicy" not in asg and "LaunchTemplate" in asg
+    launch = _one(template, "AWS::EC2::LaunchTemplate")["LaunchTemplateData"]
+    assert launch["InstanceType"] == "g5.xlarge" and "InstanceMarketOptions" not in launch
+    assert "ECS_ENABLE_SPOT_INSTANCE_DRAINING" not in json.dumps(launch["UserData"])
+    assert launch["MetadataOptions"]["HttpTokens"] == "required"
+    assert launch["BlockDeviceMappings"][0]["Ebs"] == {"Encrypted": True, "VolumeSize": 120, "VolumeType": "gp3"}
 
 
 def test_worker_container_health_check_reads_the_heartbeat_file(template):
@@ -437,3 +499,139 @@ def test_cdk_app_ships_the_api_as_a_snapstart_zip_unless_asked_for_the_image():
 
     assert choose_lambda_package(cdk.App(context={"lambda_packaging": "image"}), build=must_not_build) == ""
     assert choose_lambda_package(cdk.App(context={"lambda_asset_dir": "/prebuilt"}), build=must_not_build) == "/prebuilt"
+
+
+# -- issue #19: the paths an operator deploys, with and without an account -------------------------
+
+def test_every_deployable_path_synthesizes_and_passes_cdk_nag(synth):
+    """The default image asset, a private ECR image and a public one, with an account and without: all synthesized
+    by the module's one app, and none with an unacknowledged finding (the report covers every stack)."""
+    assert set(synth.templates) == set(VARIANTS)
+    findings = _findings(synth.report)
+    assert findings == [], "\n".join(findings)
+    reported = {r["constructPath"].split("/")[0] for plugin in synth.report["pluginReports"]
+                for v in plugin["violations"] for r in v["violatingResources"]}
+    assert not reported
+
+
+def _statements_of(template, role_prefix):
+    return _role_statements(template, lambda k, p: k.startswith(role_prefix))
+
+
+def _pull_statement(template):
+    pulls = [st for st in _statements_of(template, "WorkerTaskExecutionRole")
+             if "ecr:BatchGetImage" in _as_list(st["Action"])]
+    assert len(pulls) == 1, pulls
+    assert {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"} <= set(_as_list(pulls[0]["Action"]))
+    return pulls[0]
+
+
+@pytest.mark.parametrize("name", ["DefaultImageInAccount", "DefaultImageNoAccount"])
+def test_default_worker_image_is_the_dockerfile_staged_at_synth(synth, name):
+    """No daemon at synth: the build context is staged into cdk.out with its Dockerfile and target; the execution
+    role pulls from the bootstrap's asset repository only."""
+    assets = json.loads((synth.out / f"{name}.assets.json").read_text())
+    (image,) = assets["dockerImages"].values()
+    assert image["source"]["dockerBuildTarget"] == "worker"
+    staged = synth.out / image["source"]["directory"]
+    assert (staged / "Dockerfile").is_file() and (staged / "pyproject.toml").is_file()
+    assert not (staged / ".venv").exists() and not (staged / "infra" / "node_modules").exists()
+    template = synth.templates[name]
+    container = _one(template, "AWS::ECS::TaskDefinition")["ContainerDefinitions"][0]
+    assert "container-assets" in json.dumps(container["Image"])
+    assert "container-assets" in json.dumps(_pull_statement(template)["Resource"])
+
+
+def test_the_stack_without_an_account_names_none(synth):
+    for name in ("DefaultImageNoAccount", "EcrImageNoAccount"):
+        text = json.dumps(synth.templates[name].to_json())
+        assert "123456789012" not in text and "us-east-1" not in text
+        assert '{"Ref": "AWS::AccountId"}' in text
+
+
+@pytest.mark.parametrize("name", ["EcrImageInAccount", "EcrImageNoAccount"])
+def test_private_ecr_worker_image_is_pullable_by_the_task(synth, name):
+    """Without ecr:BatchGetImage/GetDownloadUrlForLayer on its repository the task stops with CannotPullContainerError."""
+    template = synth.templates[name]
+    assert _pull_statement(template)["Resource"] == "arn:aws:ecr:eu-west-1:210987654321:repository/team/acestep-worker"
+    login = [st for st in _statements_of(template, "WorkerTaskExecutionRole")
+             if "ecr:GetAuthorizationToken" in _as_list(st["Action"])]
+    assert login == [{"Action": "ecr:GetAuthorizationToken", "Effect": "Allow", "Resource": "*"}]
+    container = _one(template, "AWS::ECS::TaskDefinition")["ContainerDefinitions"][0]
+    assert _resolve_url_suffix(container["Image"]) == OTHER_ECR_IMAGE
+
+
+def test_the_only_wildcard_of_the_execution_role_is_the_registry_login(synth):
+    """The acknowledged IAM5 on the execution role covers GetAuthorizationToken (no resource exists for it), nothing else."""
+    for name in ("DefaultImageInAccount", "EcrImageNoAccount", STACK):
+        wild = [st for st in _statements_of(synth.templates[name], "WorkerTaskExecutionRole")
+                if "*" in _as_list(st["Resource"])]
+        assert [_as_list(st["Action"]) for st in wild] == [["ecr:GetAuthorizationToken"]]
+        acks = {rule for path, acks in synth.acknowledged[name].items() if path.endswith("WorkerTask/ExecutionRole")
+                for ack in acks for rule in ack}
+        assert acks == {"AwsSolutions::AwsSolutions-IAM5[Resource::*]"}
+
+
+def test_a_public_worker_image_needs_no_pull_permission(synth):
+    template = synth.templates["PublicImage"]
+    container = _one(template, "AWS::ECS::TaskDefinition")["ContainerDefinitions"][0]
+    assert container["Image"] == "public.ecr.aws/acme/acestep-worker:1"
+    actions = _actions(_statements_of(template, "WorkerTaskExecutionRole"))
+    assert not {a for a in actions if a.startswith("ecr:")}
+
+
+def test_ecr_image_uris_are_recognised():
+    assert parse_ecr_image(ECR_IMAGE) == {"account": "123456789012", "region": "us-east-1",
+                                          "name": "acestep-worker", "tag": "test"}
+    assert parse_ecr_image("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/a/b")["tag"] == "latest"
+    assert parse_ecr_image(OTHER_ECR_IMAGE)["tag"] == "sha256:" + "ab" * 32
+    for other in ("public.ecr.aws/acme/w:1", "ghcr.io/acme/w:1", "acestep-worker:1", "docker.io/library/python:3"):
+        assert parse_ecr_image(other) is None
+
+
+def test_outputs_name_what_an_operator_needs(synth):
+    for name in ("DefaultImageNoAccount", STACK):
+        outputs = synth.templates[name].to_json()["Outputs"]
+        assert {"ApiUrl", "ApiKeySecretArn", "BucketName", "TableName", "QueueUrl", "DlqUrl", "ClusterName",
+                "WorkerServiceName", "WorkerLogGroup", "ApiLogGroup", "ApiAccessLogGroup", "TaskStartFailureLogGroup",
+                "AlarmTopicArn", "DashboardName"} <= set(outputs)
+        resources = synth.templates[name].to_json()["Resources"]
+        bucket = outputs["BucketName"]["Value"]["Ref"]
+        assert "LoggingConfiguration" in resources[bucket]["Properties"]  # the audio bucket, not the log bucket
+        assert outputs["TableName"]["Value"] == {"Ref": _logical_id(synth.templates[name], "AWS::DynamoDB::Table")}
+
+
+def test_an_alarm_fires_within_minutes_when_workers_cannot_start(template):
+    """Stopped-before-working tasks, the scheduler's placement warnings and failed GPU launches are each caught by a
+    rule that logs the event; one alarm on the rules' match counts (1-minute periods) notifies the topic."""
+    resources = template.to_json()["Resources"]
+    rules = {k: r["Properties"] for k, r in resources.items() if r["Type"] == "AWS::Events::Rule"}
+    patterns = {json.dumps(r["EventPattern"]["detail-type"]): r["EventPattern"] for r in rules.values()}
+    stopped = patterns['["ECS Task State Change"]']["detail"]
+    assert stopped["lastStatus"] == ["STOPPED"]
+    assert {"stopCode": ["TaskFailedToStart", "EssentialContainerExited"]} in stopped["$or"]
+    reasons = [p["prefix"] for alt in stopped["$or"] for p in alt.get("stoppedReason", [])]
+    assert {"CannotPullContainerError", "ResourceInitializationError"} <= set(reasons)
+    assert "SERVICE_TASK_PLACEMENT_FAILURE" in patterns['["ECS Service Action"]']["detail"]["eventName"]
+    assert patterns['["EC2 Instance Launch Unsuccessful"]']["source"] == ["aws.autoscaling"]
+    # every rule writes to the failure log group, which a resource policy opens to EventBridge
+    log_group = _logical_id(template, "AWS::Logs::LogGroup",
+                            lambda p: "task-start-failures" in json.dumps(p.get("LogGroupName", "")))
+    assert all(len(r["Targets"]) == 1 and "log-group" in json.dumps(r["Targets"][0]["Arn"]) for r in rules.values())
+    policy = json.loads(json.dumps(_one(template, "AWS::Logs::ResourcePolicy")))
+    assert "events.amazonaws.com" in json.dumps(policy) and log_group in json.dumps(policy)
+    alarm = next(a["Properties"] for a in _resources(template, "AWS::CloudWatch::Alarm").values()
+                 if "cannot start" in a["Properties"].get("AlarmDescription", ""))
+    counted = {json.dumps(m["MetricStat"]["Metric"]["Dimensions"][0]["Value"]) for m in alarm["Metrics"]
+               if "MetricStat" in m}
+    assert counted == {json.dumps({"Ref": rule}) for rule in rules}
+    assert all(m["MetricStat"]["Period"] == 60 for m in alarm["Metrics"] if "MetricStat" in m)
+    assert alarm["EvaluationPeriods"] == 1 and alarm["Threshold"] == 1 and alarm["AlarmActions"]
+
+
+def test_dashboard_shows_queue_workers_api_and_dead_letters(template):
+    body = json.dumps(_one(template, "AWS::CloudWatch::Dashboard")["DashboardBody"])
+    for metric in ("ApproximateNumberOfMessagesVisible", "ApproximateAgeOfOldestMessage", "RunningTaskCount",
+                   "PendingTaskCount", "GroupInServiceInstances", "5xx", "Latency", "TasksFailed", "RunSeconds"):
+        assert metric in body, metric
+    assert "alarm" in body  # the alarm status row
