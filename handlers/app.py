@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from service.config import Settings
 from service.ports import Backend
 
-from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks
+from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks, routes_webhooks
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
@@ -78,7 +78,7 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.query_results = QueryResults(settings, backend)  # caches finished entries for the app's life
     app.state.submit_gate = SubmitGate(backend)
     install_error_handlers(app)
-    for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio):
+    for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio, routes_webhooks):
         app.include_router(module.router)
     _install_docs(app, settings)
     origins = cors_origins(settings)

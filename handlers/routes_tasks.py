@@ -21,6 +21,7 @@ from .openapi_responses import Envelope, QueryEntry, SubmittedTask, ok
 from .results import MAX_IDS, QueryResults, envelope_bytes
 from .submit import submit_parsed
 from .submit_gate import SubmitGate
+from .webhook_url import read_webhook_url
 
 router = APIRouter(tags=["tasks"])
 
@@ -38,8 +39,9 @@ With an `Idempotency-Key` header (or body field `idempotency_key`), a retried su
 first task instead of creating another; reusing a key for a different request is a 422.
 
 With `webhook_url`, the task's final /query_result entry is POSTed there once it succeeds, fails
-or is cancelled (signed with the API key: `X-ACEStep-Signature: t=<unix>,v1=<HMAC-SHA256 of
-"<t>.<body>">`); private and loopback hosts are refused unless ACESTEP_WEBHOOK_ALLOW_PRIVATE.
+or is cancelled, signed in the Standard Webhooks scheme (`webhook-id`, `webhook-timestamp`,
+`webhook-signature`) with the server's webhook secret (GET /v1/webhook_secret), never the API key;
+private and loopback hosts are refused unless ACESTEP_WEBHOOK_ALLOW_PRIVATE.
 """
 
 def read_idempotency_key(header: Optional[str], fields: dict) -> Optional[str]:
@@ -72,11 +74,9 @@ async def release_task(request: Request):
     parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
     gate: SubmitGate = request.app.state.submit_gate
 
-    webhook_url = body.fields.get("webhook_url")
-    if webhook_url is not None and not isinstance(webhook_url, str):
-        raise bad_request("webhook_url: must be an http(s) URL")
+    webhook_url = await read_webhook_url(settings, body.fields.get("webhook_url"))
     task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key,
-                                                webhook_url or None, caller_of(request, body.fields), gate)
+                                                webhook_url, caller_of(request, body.fields), gate)
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
 
 

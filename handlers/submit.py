@@ -14,7 +14,6 @@ from service.storage_errors import STORAGE_FULL_MESSAGE
 from service.submission import submit_task
 from service.task_limits import TaskRefused, check_task
 from service.task_outputs import output_reader
-from service.webhooks import WebhookRefused, check_target
 
 from .envelope import ApiError
 from .request_parsing import ParsedTask
@@ -28,14 +27,10 @@ LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / u
 def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
                   idempotency_key: Optional[str] = None, webhook_url: Optional[str] = None,
                   caller: Optional[str] = None, gate: Optional[SubmitGate] = None) -> tuple[str, Optional[int]]:
-    """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM, webhook_url),
-    429 (queue full). `gate`: the app's SubmitGate (remembers a healthy fleet for a moment); without
-    one, the store is read."""
-    if webhook_url is not None:
-        try:
-            check_target(webhook_url, settings.webhook_allow_private)
-        except WebhookRefused as exc:
-            raise ApiError(400, str(exc)) from None
+    """(task_id, queue_position); ApiError 503 (no worker can run it), 400/413 (sources, LM), 429 (queue
+    full). `webhook_url` comes checked (handlers/webhook_url.py: on the request path, its lookup off the
+    event loop and bounded). `gate`: the app's SubmitGate (remembers a healthy fleet for a moment);
+    without one, the store is read."""
     gate = gate or SubmitGate(backend, accept_seconds=0)
     refusal = gate.unservable_reason()
     if refusal:  # every live worker failed to load its models: the task would only wait

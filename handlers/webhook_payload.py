@@ -7,6 +7,7 @@ from service.config import Settings
 from service.ports import Backend
 from service.records import TaskRecord
 from service.result_parts import with_whole_result
+from service.signing_keys import ephemeral_keys
 from service.webhooks import WebhookNotifier
 
 from .results import entry_for
@@ -17,8 +18,14 @@ def build_notifier(settings: Settings, backend: Backend) -> WebhookNotifier:
         whole, _ = with_whole_result(record, backend.blobs)
         return entry_for(record.task_id, whole, settings, None, base_url=settings.public_base_url)
 
-    return WebhookNotifier(backend.store, payload, key=settings.api_key,
-                           allow_private=settings.webhook_allow_private, attempts=settings.webhook_attempts)
+    # Signed with the backend's webhook secret, never the API key. A backend that stores none (AWS
+    # without ACESTEP_WEBHOOK_SECRET_ARN, which warns when it is built) gets one for this process,
+    # which GET /v1/webhook_secret then shows.
+    if backend.webhook_keys is None:
+        backend.webhook_keys = ephemeral_keys()
+    return WebhookNotifier(backend.store, payload, keys=backend.webhook_keys,
+                           allow_private=settings.webhook_allow_private, attempts=settings.webhook_attempts,
+                           timeout=settings.webhook_timeout, concurrency=settings.webhook_concurrency)
 
 
 __all__ = ["build_notifier"]

@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     # webhooks (a task's webhook_url): private/loopback targets only when allowed; tries per delivery
     webhook_allow_private: bool = _env("ACESTEP_WEBHOOK_ALLOW_PRIVATE", False)
     webhook_attempts: int = _env("ACESTEP_WEBHOOK_ATTEMPTS", 5, ge=1, le=20)
+    # One attempt's whole time (DNS, connect, send, answer), and how many receivers are called at once
+    webhook_timeout: float = _env("ACESTEP_WEBHOOK_TIMEOUT", 10.0, gt=0, le=120)
+    webhook_concurrency: int = _env("ACESTEP_WEBHOOK_CONCURRENCY", 8, ge=1, le=128)
+    # AWS: the Secrets Manager secret webhooks are signed with (the stack creates it; never an API key)
+    webhook_secret_arn: str = _env("ACESTEP_WEBHOOK_SECRET_ARN", "")
     # Where clients reach this API (https://api.example.com): webhook payloads carry absolute file
     # URLs under it. Empty: relative URLs, as /query_result returns them. The CDK stack sets it.
     public_base_url: BaseUrl = _env("ACESTEP_PUBLIC_BASE_URL", "")

@@ -38,6 +38,15 @@ class IdempotencyConflict(Exception):
     """An Idempotency-Key was reused with a different request."""
 
 
+@dataclass(frozen=True)
+class WebhookDue:
+    """A task's webhook waiting in the outbox (TaskStore.webhooks_due)."""
+    task_id: str
+    url: str
+    attempts: int  # attempts claimed so far (one whose process died counts)
+    due_at: float  # unix time: when it may be (re)tried, or when a claimed attempt's lease runs out
+
+
 class TaskStore(Protocol):
     def create(self, record: TaskRecord) -> None:
         """Insert a new queued task. Raises if the id exists."""
@@ -84,6 +93,20 @@ class TaskStore(Protocol):
         False when the task is unknown or already finished. A worker running it is fenced out:
         its next update_progress returns False, and it stops.
         """
+
+    # The webhook outbox: the write that ends a task with a webhook_url (finish, fail_unfinished,
+    # cancel) also puts its webhook in the outbox, due at once, so no crash between the two can lose it.
+
+    def webhooks_due(self, now: float, limit: int) -> list[WebhookDue]:
+        """Up to `limit` outbox entries due at `now` or earlier, earliest first."""
+
+    def claim_webhook(self, due: WebhookDue, lease_until: float) -> bool:
+        """Take `due` for one attempt: counts it and hides the entry until `lease_until` (a process
+        that dies mid-attempt leaves it to be retried then). False when another process took it first."""
+
+    def settle_webhook(self, task_id: str, claimed_until: float, retry_at: Optional[float]) -> bool:
+        """After an attempt: due again at `retry_at`, or out of the outbox (None: delivered or given up).
+        False (and nothing changed) when the claim had lapsed and another process took the entry."""
 
     def counts(self) -> dict[str, int]:
         """Jobs by status: {queued, running, succeeded, failed, total}."""
@@ -227,6 +250,9 @@ class Backend:
     sweep_expired: Optional[Callable[[], int]] = None
     # The secret(s) signed URLs are keyed with, as the backend stores them (service/signing_keys.py).
     signing_keys: Optional[Callable[[], SigningKeys]] = None
+    # The secret(s) webhooks are signed with (service/webhooks/signature.py), stored like signing_keys
+    # but apart from them: receivers are given this one.
+    webhook_keys: Optional[Callable[[], SigningKeys]] = None
     # False while the backend's local storage is (nearly) full: submits get 507 and workers take no
     # task they could not store. None where storage is not local (AWS).
     has_room: Optional[Callable[[], bool]] = None
@@ -244,5 +270,5 @@ class Backend:
             logging.getLogger(__name__).warning("could not report the end of task %s", task_id, exc_info=True)
 
 
-__all__ = ["Backend", "CallerBusy", "CallerLimits", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult",
+__all__ = ["Backend", "CallerBusy", "CallerLimits", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult", "WebhookDue",
            "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "STATUSES", "TERMINAL"]

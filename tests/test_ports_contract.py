@@ -277,3 +277,46 @@ def test_cancel_ends_queued_and_running_tasks_only(backend):
     assert backend.store.claim("q", "w2") is None  # a cancelled task never runs
     assert backend.store.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 2,
                                       "total": 3}
+
+
+# -- the webhook outbox -------------------------------------------------------------------
+
+def _hooked(backend, task_id, url="https://hooks.example.com/h"):
+    backend.store.create(TaskRecord(task_id=task_id, request={"prompt": task_id}, webhook_url=url))
+
+
+def test_ending_a_task_puts_its_webhook_in_the_outbox_in_the_same_write(backend):
+    _hooked(backend, "ok")
+    _hooked(backend, "dead")
+    _hooked(backend, "gone")
+    _hooked(backend, "waiting")
+    _new(backend, "quiet")  # no webhook_url: never in the outbox
+    backend.store.finish("ok", backend.store.claim("ok", "w").attempt, result=TaskResult())
+    backend.store.fail_unfinished("dead", "dead-lettered")
+    backend.store.cancel("gone", "cancelled by the client")
+    backend.store.finish("quiet", backend.store.claim("quiet", "w").attempt, result=TaskResult())
+    due = backend.store.webhooks_due(time.time() + 1, 10)
+    assert sorted(d.task_id for d in due) == ["dead", "gone", "ok"]  # "waiting" has not ended
+    assert all(d.url == "https://hooks.example.com/h" and d.attempts == 0 for d in due)
+    assert [d.due_at for d in due] == sorted(d.due_at for d in due)  # earliest first
+    assert len(backend.store.webhooks_due(time.time() + 1, 2)) == 2
+    assert backend.store.webhooks_due(min(d.due_at for d in due) - 1, 10) == []  # nothing due yet back then
+
+
+def test_a_webhook_is_claimed_by_one_process_and_retried_or_settled(backend):
+    _hooked(backend, "t")
+    backend.store.cancel("t", "x")
+    (due,) = backend.store.webhooks_due(time.time() + 1, 10)
+    now = time.time()
+    assert backend.store.claim_webhook(due, now + 30) is True
+    assert backend.store.claim_webhook(due, now + 31) is False  # a second process read the same entry: too late
+    assert backend.store.webhooks_due(now + 29, 10) == []  # hidden while the attempt's lease runs
+    (leased,) = backend.store.webhooks_due(now + 30, 10)  # the lease ran out (its process died): due again
+    assert leased.attempts == 1 and leased.due_at == now + 30
+    assert backend.store.settle_webhook("t", now + 999, None) is False  # not the claim that holds it
+    assert backend.store.settle_webhook("t", now + 30, now + 60) is True  # failed: retry later
+    assert backend.store.webhooks_due(now + 59, 10) == []
+    (retry,) = backend.store.webhooks_due(now + 60, 10)
+    assert backend.store.claim_webhook(retry, now + 90) and backend.store.settle_webhook("t", now + 90, None)
+    assert backend.store.webhooks_due(now + 10 ** 6, 10) == []  # delivered: out of the outbox
+    assert backend.store.get("t").status == "cancelled"  # the task itself is untouched

@@ -1,21 +1,33 @@
-"""Webhooks: which URLs are called (no SSRF), the signed body, retries, never blocking the worker,
-on both backends (embedded and AWS through moto)."""
+"""Webhooks: which URLs are called (no SSRF), the Standard Webhooks signature (checked with the
+reference library), retries, the outbox that survives a restart, slow receivers, never blocking
+the worker, on both backends (embedded and AWS through moto)."""
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import hmac
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from engine.request import GenerationRequest
 from handlers.results import entry_for
 from handlers.webhook_payload import build_notifier
 from service.cancellation import cancel_task
 from service.submission import submit_task
-from service.webhooks import SIGNATURE_HEADER, WebhookNotifier, WebhookRefused, check_target
+from service.webhooks import WebhookNotifier, WebhookRefused, check_target, secret_text, vet_target
+from service.webhooks import targets
 from service.worker import Worker
 from tests.api_support import make_api
 from tests.live_server import poll_until
@@ -34,6 +46,12 @@ def public(host, port):
     ("http://localhost/x", "private, loopback"), ("http://10.0.0.5/x", "private"),
     ("http://169.254.169.254/latest/meta-data", "private, loopback"), ("http://[::1]/x", "private"),
     ("http://192.168.1.1/x", "private"), ("http://0.0.0.0/x", "private"), ("https://example.com:99999/", "port"),
+    ("http://[::1", "not a valid URL"), ("http://[nope]/", "not a valid URL"), (5, "http(s) URL"),
+    # IPv6 forms that reach a private IPv4 address: NAT64, 6to4, IPv4-compatible, IPv4-mapped
+    ("http://[64:ff9b::a00:1]/x", "private"), ("http://[64:ff9b::7f00:1]/x", "private"),
+    ("http://[2002:a00:1::1]/x", "private"), ("http://[2002:a9fe:a9fe::]/x", "private"),
+    ("http://[::10.0.0.1]/x", "private"), ("http://[::127.0.0.1]/x", "private"), ("http://[::ffff:10.0.0.1]/x", "private"),
+    ("http://[64:ff9b:1::5db8:d822]/x", "private"),  # NAT64 local-use prefix: never a public host
 ])
 def test_private_and_malformed_targets_are_refused(url, why):
     with pytest.raises(WebhookRefused) as info:
@@ -50,6 +68,43 @@ def test_names_are_checked_by_every_address_they_resolve_to():
     with pytest.raises(WebhookRefused, match="cannot resolve"):
         check_target("https://nx.invalid/", False, resolver=lambda h, p: (_ for _ in ()).throw(OSError("nx")))
     assert check_target("http://127.0.0.1:8080/hook", allow_private=True).address == "127.0.0.1"
+    with pytest.raises(WebhookRefused, match="private"):  # a name may resolve to an IPv6 form of a private IPv4
+        check_target("https://x.example.com/", False, resolver=lambda h, p: ["64:ff9b::c0a8:101"])
+
+
+def test_ipv6_forms_of_public_ipv4_addresses_stay_allowed():
+    for address in ("64:ff9b::5db8:d822", "2002:5db8:d822::1", "2606:4700:4700::1111"):  # NAT64, 6to4, native
+        assert check_target(f"http://[{address}]/h", allow_private=False).address == address
+
+
+def test_a_silent_dns_server_costs_the_submit_a_bounded_wait_off_the_event_loop(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(targets, "resolve", lambda host, port: release.wait(10) and [])
+    monkeypatch.setattr(targets, "RESOLVE_SECONDS", 0.3)
+
+    async def scenario():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        other = asyncio.ensure_future(ticker())
+        started = time.monotonic()
+        with pytest.raises(WebhookRefused, match="timed out"):
+            await vet_target("https://slow.example.com/hook", allow_private=False)
+        waited = time.monotonic() - started
+        other.cancel()
+        return waited, ticks
+
+    try:
+        waited, ticks = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert waited < 3  # the lookup's limit, not the resolver's own (10 s here)
+    assert ticks >= 5  # the event loop went on serving meanwhile
 
 
 class Receiver:
@@ -102,10 +157,25 @@ def _submit(backend, url, **fields) -> str:
     return submit_task(backend, req.model_dump(), 10, webhook_url=url)[0]
 
 
-def _verify(headers: dict, body: bytes) -> bool:
-    stamp, mac = (part.split("=", 1)[1] for part in headers[SIGNATURE_HEADER].split(","))
-    expected = hmac.new(KEY.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(mac, expected)
+def _secret(backend) -> str:
+    return secret_text(backend.webhook_keys().current)
+
+
+def _verify(headers: dict, body: bytes, secret: str) -> bool:
+    """With the reference Standard Webhooks library, as a receiver would."""
+    try:
+        Webhook(secret).verify(body, headers)
+        return True
+    except WebhookVerificationError:
+        return False
+
+
+def _api_key_oracle(headers: dict, body: bytes) -> bool:
+    """Does any signature equal an HMAC keyed with the API key (what a dictionary attack would test)?"""
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    guess = base64.b64encode(hmac.new(KEY.encode(), signed, hashlib.sha256).digest()).decode()
+    legacy = [v for k, v in headers.items() if k.lower() == "x-acestep-signature"]
+    return any(sig == f"v1,{guess}" for sig in headers["webhook-signature"].split()) or bool(legacy)
 
 
 def test_a_finished_task_posts_its_signed_result_once(settings, backend, receiver):
@@ -120,9 +190,12 @@ def test_a_finished_task_posts_its_signed_result_once(settings, backend, receive
     assert len(receiver.posts) == 2  # the task without a webhook sends nothing
     bodies = {json.loads(body)["task_id"]: (headers, json.loads(body)) for headers, body in receiver.posts}
     assert set(bodies) == {task_id, failing} and quiet not in bodies
-    assert all(_verify(headers, raw) for headers, raw in receiver.posts)
+    assert all(_verify(headers, raw, _secret(backend)) for headers, raw in receiver.posts)
+    assert not any(_verify(headers, raw, secret_text(KEY.encode())) for headers, raw in receiver.posts)
+    assert not any(_api_key_oracle(headers, raw) for headers, raw in receiver.posts)
     headers, body = bodies[task_id]
     assert headers["X-ACEStep-Event"] == "task.finished" and headers["X-ACEStep-Task-ID"] == task_id
+    assert headers["webhook-id"] == f"msg_{task_id}_succeeded"
     assert body["event"] == "task.finished" and body["status"] == 1 and body["status_text"] == "succeeded"
     item = json.loads(body["result"])[0]
     assert item["seed"] == 5 and item["file"].startswith("/v1/audio?path=")
@@ -143,6 +216,8 @@ def test_failed_deliveries_are_retried_with_backoff_then_given_up(settings, back
         assert [h["X-ACEStep-Delivery-Attempt"] for h, _ in flaky.posts] == ["1", "2", "3"]
         assert len(dead.posts) == 3  # ACESTEP_WEBHOOK_ATTEMPTS, then given up
         assert len({body for _, body in flaky.posts}) == 1  # the same body every time
+        assert len({h["webhook-id"] for h, _ in flaky.posts}) == 1  # and the same id: a receiver de-duplicates by it
+        assert all(_verify(h, raw, _secret(backend)) for h, raw in flaky.posts)
     finally:
         flaky.close()
         dead.close()
@@ -191,7 +266,9 @@ def test_release_task_checks_the_url_and_cancel_notifies(settings, receiver):
     (headers, body), = receiver.posts
     payload = json.loads(body)
     assert payload["status_text"] == "cancelled" and payload["error"] == "cancelled by the client"
-    assert _verify(headers, body)
+    r = api.client.get("/v1/webhook_secret", headers=api.headers())  # what a receiver is configured with
+    assert r.status_code == 200 and _verify(headers, body, r.json()["data"]["secret"])
+    assert api.client.get("/v1/webhook_secret").status_code == 401  # behind the API key
 
 
 def test_cancelled_running_task_notified_once_by_the_api_not_the_worker(settings, backend, receiver):
@@ -219,9 +296,9 @@ def _worker_webhooks(settings, backend) -> WebhookNotifier:
     return build_webhooks(settings, backend)
 
 
-def _only_post(receiver, task_id) -> dict:
+def _only_post(receiver, task_id, backend) -> dict:
     (headers, raw), = receiver.posts
-    assert headers["X-ACEStep-Task-ID"] == task_id and _verify(headers, raw)
+    assert headers["X-ACEStep-Task-ID"] == task_id and _verify(headers, raw, _secret(backend))
     body = json.loads(raw)
     assert body["task_id"] == task_id and body["status"] == 2 and body["status_text"] == "failed"
     return body
@@ -245,7 +322,7 @@ def test_a_dead_lettered_task_posts_its_failure_once(settings, backend, receiver
     worker.dead_letter_chore.last_run = None
     worker.run_once(0.2)  # a later drain or receive finds nothing more to report
     assert notifier.flush(10)
-    body = _only_post(receiver, task_id)
+    body = _only_post(receiver, task_id, backend)
     reason = backend.store.get(task_id).error
     assert body["error"] == reason and f"after {settings.max_receives} deliveries" in reason
 
@@ -260,7 +337,7 @@ def test_a_task_failed_by_a_broken_worker_posts_its_failure_once(settings, backe
     assert broken.run_once(1.0) is True
     assert broken.run_once(0.1) is False  # nothing left: nothing more is sent
     assert notifier.flush(10)
-    body = _only_post(receiver, task_id)
+    body = _only_post(receiver, task_id, backend)
     assert "could not load its models" in body["error"] and "no weights" in body["error"]
 
 

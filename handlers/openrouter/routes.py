@@ -29,6 +29,7 @@ from ..openapi_bodies import JSON, model_schema, request_body
 from ..request_parsing import validation_message
 from ..routes_info import model_list
 from ..submit import submit_parsed
+from ..webhook_url import read_webhook_url
 from . import responses
 from .auth import require_key
 from .convert import MODEL_PREFIX, MessageError, to_task
@@ -81,12 +82,10 @@ async def chat_completions(request: Request):
                        lm_available=lm_available, max_audio_bytes=settings.max_upload_bytes)
     except MessageError as exc:
         raise bad_request(str(exc)) from None
-    webhook_url = (req.model_extra or {}).get("webhook_url")
-    if webhook_url is not None and not isinstance(webhook_url, str):
-        raise bad_request("webhook_url: must be an http(s) URL")
+    webhook_url = await read_webhook_url(settings, (req.model_extra or {}).get("webhook_url"))
     # /release_task's path and limits: cost ceiling (413), per-caller tasks in flight (429), counted
     # per API key (or address) across both APIs.
-    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed, None, webhook_url or None,
+    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed, None, webhook_url,
                                          caller_of(request), request.app.state.submit_gate)
     headers = {TASK_HEADER: task_id}
     if req.stream:

@@ -7,6 +7,7 @@ from typing import Optional
 from ..config import Settings
 from ..ports import Backend
 from ..signing_keys import CachedKeys
+from ..webhooks.signature import key_from_text
 from .clients import aws_client
 from .dlq import drain_dead_letters
 from .dynamo_store import DynamoTaskStore
@@ -47,6 +48,13 @@ def make_aws_backend(settings: Settings) -> Backend:
         backend.signing_keys = CachedKeys(secret.load)
     else:
         log.warning("ACESTEP_SIGNING_SECRET_ARN is not set: signed URLs use a secret of this process only")
+    if settings.webhook_secret_arn:
+        hook_secret = SecretsManagerSigningSecret(aws_client("secretsmanager", settings), settings.webhook_secret_arn,
+                                                  decode=key_from_text)
+        backend.webhook_keys = CachedKeys(hook_secret.load)
+    else:
+        log.warning("ACESTEP_WEBHOOK_SECRET_ARN is not set: webhooks are signed with a secret of this process only, "
+                    "which no receiver can verify")
     # The worker loop calls backend.drain_dead_letters() now and then (None on backends without a DLQ).
     backend.drain_dead_letters = lambda: len(drain_dead_letters(backend))
     return backend

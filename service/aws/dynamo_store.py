@@ -20,7 +20,7 @@ from ..records import (
     WorkerHeartbeat,
 )
 from ..caller_limits import check_caller
-from ..ports import CallerLimits, QueueFull, TaskStore
+from ..ports import CallerLimits, QueueFull, TaskStore, WebhookDue
 from . import schema as S
 from .clients import error_code
 
@@ -30,6 +30,7 @@ _RETRIES = 8  # optimistic-concurrency retries when another writer moved the tas
 _QUEUED_MARK = "q"
 _ACTIVE = "active"  # a caller's queued + running tasks (owner counter item)
 _FINISHED_MARK = "f"
+_WEBHOOK_MARK = "w"
 
 
 class TaskExists(ValueError):
@@ -356,6 +357,8 @@ class DynamoTaskStore(TaskStore):
                   ":d": _n(max(0.0, now - started) if started is not None else 0.0)}
         sets = ["#st = :final", "#fa = :now", "stage = :stage", "#fp = :f", "#d = :d", "#ttl = :exp"]
         sets.append("progress = :prog")
+        if _str(item, "webhook_url"):
+            sets.append(_outbox(names, values))
         values[":prog"] = _n(1.0 if final == SUCCEEDED else 0.0)
         if result is not None:
             sets.append("#res = :res")
@@ -397,6 +400,8 @@ class DynamoTaskStore(TaskStore):
             values = {":final": _s(final), ":err": _s(error), ":now": _n(now),
                       ":exp": _n(int(now) + self._ttl_seconds)}
             sets = "SET #st = :final, #err = :err, #fa = :now, stage = :final, #ttl = :exp"
+            if _str(item, "webhook_url"):
+                sets += ", " + _outbox(names, values)
             started = _num(item, "started_at")
             if started is not None:  # it ran: count its run time like any finished task's
                 sets += ", #fp = :f, #d = :d"
@@ -410,6 +415,45 @@ class DynamoTaskStore(TaskStore):
             except _ConditionFailed:
                 continue
         return False
+
+    # -- the webhook outbox --------------------------------------------------------------------
+
+    def webhooks_due(self, now: float, limit: int) -> list[WebhookDue]:
+        if limit <= 0:
+            return []
+        resp = self._db.query(
+            TableName=self._table, IndexName=S.WEBHOOK_INDEX,
+            KeyConditionExpression="#p = :p AND #d <= :now",
+            ExpressionAttributeNames={"#p": S.WEBHOOK_PART, "#d": S.WEBHOOK_DUE},
+            ExpressionAttributeValues={":p": _s(_WEBHOOK_MARK), ":now": _n(float(now))},
+            Limit=int(limit),
+        )
+        return [WebhookDue(i[S.PK]["S"][len(S.TASK_PREFIX):], _str(i, "webhook_url") or "",
+                           int(_num(i, S.WEBHOOK_ATTEMPTS) or 0), float(_num(i, S.WEBHOOK_DUE) or 0.0))
+                for i in resp.get("Items", [])]
+
+    def claim_webhook(self, due: WebhookDue, lease_until: float) -> bool:
+        # The index is read eventually consistent: an entry another process just took fails the condition.
+        return self._outbox_write(due.task_id, due.due_at, f"SET #d = :next ADD {S.WEBHOOK_ATTEMPTS} :one",
+                                  {":next": _n(float(lease_until)), ":one": _n(1)})
+
+    def settle_webhook(self, task_id: str, claimed_until: float, retry_at: Optional[float]) -> bool:
+        if retry_at is None:
+            return self._outbox_write(task_id, claimed_until, "REMOVE #d, #wp", {}, {"#wp": S.WEBHOOK_PART})
+        return self._outbox_write(task_id, claimed_until, "SET #d = :next", {":next": _n(float(retry_at))})
+
+    def _outbox_write(self, task_id: str, seen_due: float, expression: str, values: dict,
+                      names: Optional[dict] = None) -> bool:
+        try:
+            self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression=expression,
+                                 ConditionExpression="#d = :seen",
+                                 ExpressionAttributeNames={"#d": S.WEBHOOK_DUE, **(names or {})},
+                                 ExpressionAttributeValues={**values, ":seen": _n(float(seen_due))})
+            return True
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -497,6 +541,13 @@ class DynamoTaskStore(TaskStore):
                 # TransactionConflict: another transaction touched the counter item; back off and retry.
                 time.sleep(0.02 * (attempt + 1))
         raise RuntimeError("DynamoDB transaction kept conflicting")
+
+
+def _outbox(names: dict, values: dict) -> str:
+    """The SET clause that puts a task's webhook in the outbox, due now (`:now`, in the same write that ends it)."""
+    names.update({"#wp": S.WEBHOOK_PART, "#wd": S.WEBHOOK_DUE})
+    values[":wmark"] = _s(_WEBHOOK_MARK)
+    return "#wp = :wmark, #wd = :now"
 
 
 def _beats(item: dict) -> dict[str, WorkerHeartbeat]:

@@ -31,14 +31,15 @@ def provision(settings: Settings) -> Settings:
         max_receives=settings.max_receives, visibility_timeout=settings.visibility_timeout,
     )
     ensure_bucket(aws_client("s3", settings), bucket, settings.aws_region)
-    signing = settings.signing_secret_arn or ensure_signing_secret(aws_client("secretsmanager", settings),
-                                                                   f"{table}-url-signing")
+    sm = aws_client("secretsmanager", settings)
+    signing = settings.signing_secret_arn or ensure_signing_secret(sm, f"{table}-url-signing")
+    webhook = settings.webhook_secret_arn or ensure_signing_secret(sm, f"{table}-webhook-signing")
     return settings.model_copy(update=dict(table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket,
-                                           signing_secret_arn=signing))
+                                           signing_secret_arn=signing, webhook_secret_arn=webhook))
 
 
 def ensure_signing_secret(sm, name: str) -> str:
-    """The secret signed URLs are keyed with (the stack's UrlSigningSecret); returns its ARN."""
+    """A random secret (the stack's UrlSigningSecret, WebhookSigningSecret); returns its ARN."""
     try:
         return sm.describe_secret(SecretId=name)["ARN"]
     except ClientError as exc:
@@ -58,6 +59,7 @@ def ensure_table(ddb, name: str) -> None:
                 {"AttributeName": S.QUEUED_SORT, "AttributeType": "N"},
                 {"AttributeName": S.FINISHED_PART, "AttributeType": "S"},
                 {"AttributeName": S.FINISHED_SORT, "AttributeType": "N"},
+                *WEBHOOK_INDEX_ATTRIBUTES,
             ],
             KeySchema=[{"AttributeName": S.PK, "KeyType": "HASH"}],
             GlobalSecondaryIndexes=[
@@ -73,17 +75,38 @@ def ensure_table(ddb, name: str) -> None:
                                   {"AttributeName": S.FINISHED_SORT, "KeyType": "RANGE"}],
                     "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": [S.DURATION_ATTR]},
                 },
+                WEBHOOK_INDEX,
             ],
         )
         ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     except ClientError as exc:
         if error_code(exc) != "ResourceInUseException":
             raise
+        _add_webhook_index(ddb, name)
     ttl = ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
     if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         ddb.update_time_to_live(
             TableName=name, TimeToLiveSpecification={"Enabled": True, "AttributeName": S.TTL_ATTR}
         )
+
+
+WEBHOOK_INDEX_ATTRIBUTES = [{"AttributeName": S.WEBHOOK_PART, "AttributeType": "S"},
+                            {"AttributeName": S.WEBHOOK_DUE, "AttributeType": "N"}]
+WEBHOOK_INDEX = {
+    "IndexName": S.WEBHOOK_INDEX,
+    "KeySchema": [{"AttributeName": S.WEBHOOK_PART, "KeyType": "HASH"},
+                  {"AttributeName": S.WEBHOOK_DUE, "KeyType": "RANGE"}],
+    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["webhook_url", S.WEBHOOK_ATTEMPTS]},
+}
+
+
+def _add_webhook_index(ddb, name: str) -> None:
+    """A table made by an older version lacks the webhook outbox's index: add it (built in the background)."""
+    indexes = ddb.describe_table(TableName=name)["Table"].get("GlobalSecondaryIndexes", [])
+    if any(i["IndexName"] == S.WEBHOOK_INDEX for i in indexes):
+        return
+    ddb.update_table(TableName=name, AttributeDefinitions=WEBHOOK_INDEX_ATTRIBUTES,
+                     GlobalSecondaryIndexUpdates=[{"Create": WEBHOOK_INDEX}])
 
 
 def ensure_queues(sqs, name: str, *, max_receives: int, visibility_timeout: float) -> tuple[str, str]:

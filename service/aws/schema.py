@@ -14,6 +14,9 @@ Two sparse GSIs keep per-request reads bounded without a Scan:
                     which gives the positions of any number of ids (bounded by ACESTEP_QUEUE_MAXSIZE)
   finished_by_time  only finished tasks that ran carry `fpart`; Query newest-first with Limit gives
                     the ids for recent_finished (reads `limit` items)
+  webhooks_due      the webhook outbox: only a finished task whose webhook is still to be delivered
+                    carries `wpart` (set in the write that ends it, removed once delivered or given
+                    up); Query wpart="w" AND wdue <= now lists what is due, earliest first
 """
 PK = "pk"
 TTL_ATTR = "expires_at"
@@ -26,6 +29,11 @@ FINISHED_INDEX = "finished_by_time"
 FINISHED_PART = "fpart"
 FINISHED_SORT = "finished_at"
 DURATION_ATTR = "duration"
+
+WEBHOOK_INDEX = "webhooks_due"
+WEBHOOK_PART = "wpart"
+WEBHOOK_DUE = "wdue"
+WEBHOOK_ATTEMPTS = "wattempts"
 
 TASK_PREFIX = "task#"
 META_PREFIX = "meta#"

@@ -1,10 +1,13 @@
-"""The URL-signing secret on AWS: a Secrets Manager secret the stack creates (ACESTEP_SIGNING_SECRET_ARN).
+"""The URL-signing secret on AWS: a Secrets Manager secret the stack creates (ACESTEP_SIGNING_SECRET_ARN);
+the webhook-signing secret likewise (ACESTEP_WEBHOOK_SECRET_ARN, its string read by `decode`).
 
 Rotate with `aws secretsmanager put-secret-value` (or a rotation schedule): the old value becomes
 AWSPREVIOUS, which stays accepted until the next rotation. The secret string is used as is (the
 stack generates 64 random characters).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from botocore.exceptions import ClientError
 
@@ -13,8 +16,8 @@ from .clients import error_code
 
 
 class SecretsManagerSigningSecret:
-    def __init__(self, client, secret_id: str):
-        self._sm, self.secret_id = client, secret_id
+    def __init__(self, client, secret_id: str, decode: Callable[[str], bytes] = str.encode):
+        self._sm, self.secret_id, self._decode = client, secret_id, decode
 
     def load(self) -> SigningKeys:
         current = self._value("AWSCURRENT")
@@ -30,4 +33,4 @@ class SecretsManagerSigningSecret:
             if error_code(exc) == "ResourceNotFoundException":
                 return None
             raise
-        return value.encode()
+        return self._decode(value)

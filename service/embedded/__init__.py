@@ -11,7 +11,7 @@ from ..signing_keys import CachedKeys
 from ..storage_errors import has_room
 from .db import Database
 from .orphans import ORPHAN_OUTPUT_SECONDS, collect_orphan_outputs
-from .signing_secret import FileSigningSecret
+from .signing_secret import WEBHOOK_FILE_NAME, FileSigningSecret
 from .files import FileBlobStore
 from .intake import SqliteTaskIntake
 from .queue import SqliteTaskQueue
@@ -48,5 +48,6 @@ def make_embedded_backend(settings: Settings) -> Backend:
 
     backend = Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",
                       sweep_expired=sweep_expired, signing_keys=CachedKeys(FileSigningSecret(data_dir).load),
+                      webhook_keys=CachedKeys(FileSigningSecret(data_dir, file_name=WEBHOOK_FILE_NAME).load),
                       has_room=lambda: has_room(data_dir, settings.min_free_mb * 1024 * 1024))
     return backend

@@ -39,11 +39,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     idempotency_key TEXT,
     request_digest TEXT,
     webhook_url TEXT,
-    owner TEXT
+    owner TEXT,
+    webhook_due REAL,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at);
 CREATE INDEX IF NOT EXISTS tasks_owner_status ON tasks(owner, status) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_webhook_due ON tasks(webhook_due) WHERE webhook_due IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -106,6 +109,9 @@ class Database:
                 conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
         if "given_back" not in have:
             conn.execute("ALTER TABLE tasks ADD COLUMN given_back INTEGER NOT NULL DEFAULT 0")
+        if "webhook_due" not in have:  # the webhook outbox
+            conn.execute("ALTER TABLE tasks ADD COLUMN webhook_due REAL")
+            conn.execute("ALTER TABLE tasks ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0")
 
     def read(self) -> sqlite3.Connection:
         return self._conn()

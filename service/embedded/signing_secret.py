@@ -1,8 +1,10 @@
-"""The URL-signing secret of the embedded backend: a 0600 JSON file in the data dir.
+"""The URL-signing secret of the embedded backend: a 0600 JSON file in the data dir (and, in a file
+of its own, the webhook-signing secret: WEBHOOK_FILE_NAME).
 
 Created on first use (atomically: several processes may start at once); `rotate` makes a new
 current secret and keeps the old one accepted for the grace window.
-    python -m service.embedded.signing_secret rotate ./data
+    python -m service.embedded.signing_secret rotate ./data            # signed URLs
+    python -m service.embedded.signing_secret rotate-webhook ./data    # webhook signatures
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import time
 from ..signing_keys import SigningKeys, new_secret
 
 FILE_NAME = "signing-secret.json"
+WEBHOOK_FILE_NAME = "webhook-secret.json"
 DEFAULT_GRACE_SECONDS = 24 * 3600
 
 
 class FileSigningSecret:
-    def __init__(self, data_dir: str, grace_seconds: float = DEFAULT_GRACE_SECONDS):
-        self.path = os.path.join(os.path.abspath(data_dir), FILE_NAME)
+    def __init__(self, data_dir: str, grace_seconds: float = DEFAULT_GRACE_SECONDS, file_name: str = FILE_NAME):
+        self.path = os.path.join(os.path.abspath(data_dir), file_name)
         self.grace_seconds = grace_seconds
 
     def load(self) -> SigningKeys:
@@ -82,8 +85,10 @@ class FileSigningSecret:
         os.replace(tmp, self.path)
 
 
-if __name__ == "__main__":  # python -m service.embedded.signing_secret rotate <data dir>
-    if len(sys.argv) != 3 or sys.argv[1] != "rotate":
-        sys.exit("usage: python -m service.embedded.signing_secret rotate <data dir>")
-    FileSigningSecret(sys.argv[2]).rotate()
-    print(f"rotated {FileSigningSecret(sys.argv[2]).path}; the previous secret stays valid for 24 h")
+if __name__ == "__main__":  # python -m service.embedded.signing_secret rotate|rotate-webhook <data dir>
+    commands = {"rotate": FILE_NAME, "rotate-webhook": WEBHOOK_FILE_NAME}
+    if len(sys.argv) != 3 or sys.argv[1] not in commands:
+        sys.exit("usage: python -m service.embedded.signing_secret rotate|rotate-webhook <data dir>")
+    secret = FileSigningSecret(sys.argv[2], file_name=commands[sys.argv[1]])
+    secret.rotate()
+    print(f"rotated {secret.path}; the previous secret stays valid for 24 h")

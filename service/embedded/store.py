@@ -10,8 +10,12 @@ from ..records import (
     TaskResult,
     WorkerHeartbeat,
 )
-from ..ports import TaskStore
+from ..ports import TaskStore, WebhookDue
 from .db import Database
+
+# In the write that ends a task: its webhook, if it has one, goes into the outbox due at once (the
+# same ? as finished_at; SET expressions read the row as it was before the update).
+_OUTBOX = "webhook_due = CASE WHEN webhook_url IS NOT NULL THEN ? END"
 
 
 def record_from_row(row) -> TaskRecord:
@@ -120,21 +124,23 @@ class SqliteTaskStore(TaskStore):
             if row is None:
                 return False
             keys = json.loads(row["blob_keys"]) + [k for k in (blob_keys or [])]
+            now = time.time()
             c.execute(
                 "UPDATE tasks SET status = ?, finished_at = ?, progress = ?, stage = ?, result = ?,"
-                " error = ?, blob_keys = ? WHERE task_id = ?",
-                (status, time.time(), 1.0 if status == SUCCEEDED else 0.0, status,
+                " error = ?, blob_keys = ?, " + _OUTBOX + " WHERE task_id = ?",
+                (status, now, 1.0 if status == SUCCEEDED else 0.0, status,
                  result.model_dump_json() if result is not None else None, error,
-                 json.dumps(list(dict.fromkeys(keys))), task_id),
+                 json.dumps(list(dict.fromkeys(keys))), now, task_id),
             )
             return True
 
     def fail_unfinished(self, task_id: str, error: str) -> bool:
+        now = time.time()
         with self.db.write() as c:
             cur = c.execute(
-                "UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?"
+                "UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?, " + _OUTBOX +
                 " WHERE task_id = ? AND status IN (?, ?)",
-                (FAILED, time.time(), FAILED, error, task_id, QUEUED, RUNNING),
+                (FAILED, now, FAILED, error, now, task_id, QUEUED, RUNNING),
             )
             return cur.rowcount == 1
 
@@ -143,11 +149,31 @@ class SqliteTaskStore(TaskStore):
             row = c.execute("SELECT status FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row is None or row["status"] not in (QUEUED, RUNNING):
                 return False
-            c.execute("UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ? WHERE task_id = ?",
-                      (CANCELLED, time.time(), CANCELLED, reason, task_id))
+            now = time.time()
+            c.execute("UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?, " + _OUTBOX +
+                      " WHERE task_id = ?", (CANCELLED, now, CANCELLED, reason, now, task_id))
             if row["status"] == QUEUED:  # not waiting any more: out of the queue now
                 c.execute("DELETE FROM queue WHERE task_id = ?", (task_id,))
             return True
+
+    def webhooks_due(self, now: float, limit: int) -> list[WebhookDue]:
+        rows = self.db.read().execute(
+            "SELECT task_id, webhook_url, webhook_attempts, webhook_due FROM tasks"
+            " WHERE webhook_due IS NOT NULL AND webhook_due <= ? ORDER BY webhook_due LIMIT ?",
+            (now, max(0, int(limit))))
+        return [WebhookDue(r["task_id"], r["webhook_url"], r["webhook_attempts"], r["webhook_due"]) for r in rows]
+
+    def claim_webhook(self, due: WebhookDue, lease_until: float) -> bool:
+        with self.db.write() as c:
+            cur = c.execute("UPDATE tasks SET webhook_due = ?, webhook_attempts = webhook_attempts + 1"
+                            " WHERE task_id = ? AND webhook_due = ?", (lease_until, due.task_id, due.due_at))
+            return cur.rowcount == 1
+
+    def settle_webhook(self, task_id: str, claimed_until: float, retry_at: Optional[float]) -> bool:
+        with self.db.write() as c:
+            cur = c.execute("UPDATE tasks SET webhook_due = ? WHERE task_id = ? AND webhook_due = ?",
+                            (retry_at, task_id, claimed_until))
+            return cur.rowcount == 1
 
     def delete_finished_before(self, cutoff: float, limit: int = 500) -> list[TaskRecord]:
         """Remove up to `limit` tasks that finished before `cutoff`; returns them (for their blobs)."""

@@ -1,7 +1,10 @@
-"""Webhooks: a task's final result POSTed to the URL its client gave (targets: which URLs; delivery: how)."""
+"""Webhooks: a task's final result POSTed to the URL its client gave (targets: which URLs; signature:
+how receivers verify it; sender: one POST; delivery: the outbox, retries and concurrency)."""
 from __future__ import annotations
 
-from .delivery import EVENT, SIGNATURE_HEADER, WebhookNotifier, signature
-from .targets import Target, WebhookRefused, check_target
+from .delivery import EVENT, WebhookNotifier
+from .signature import secret_text, webhook_id
+from .targets import Target, WebhookRefused, check_target, vet_target
 
-__all__ = ["EVENT", "SIGNATURE_HEADER", "Target", "WebhookNotifier", "WebhookRefused", "check_target", "signature"]
+__all__ = ["EVENT", "Target", "WebhookNotifier", "WebhookRefused", "check_target", "secret_text",
+           "vet_target", "webhook_id"]

@@ -1,166 +1,229 @@
-"""Delivering a finished task's result to its webhook_url: signed, retried, off the caller's thread.
+"""Delivering finished tasks' results to their webhook_url from the task store's outbox: signed,
+retried, at least once, several at a time, off the caller's thread.
 
-`WebhookNotifier.task_finished(task_id)` returns at once; a daemon thread reads the task, builds the
-body (the task's /query_result entry, from the `payload` function the entry point wires in) and
-POSTs it with `X-ACEStep-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">` keyed with
-ACESTEP_API_KEY (no signature when the server has no key). A non-2xx answer or a network error is
-retried with exponential backoff (ACESTEP_WEBHOOK_ATTEMPTS tries). Redirects are not followed.
-Each task's webhook is sent once per process; deliveries still pending when a process exits are
-lost (logged), the result itself stays in the store.
+The write that ends a task with a webhook_url puts its webhook in the outbox (TaskStore.webhooks_due),
+so a process that stops (or dies) with deliveries pending loses none: any notifier on the backend,
+this process's next start included, takes them up. Each attempt is claimed in the store first (one
+process per attempt; a claim whose process dies lapses after `lease` s and the entry is retried).
+
+`task_finished(task_id)` only wakes the dispatcher (it never blocks, never raises); without it the
+outbox is read every `poll_seconds` anyway. The dispatcher hands up to `concurrency` attempts to a
+pool of threads, each bounded by `timeout` s in all (sender.post), so a slow receiver holds one slot
+for at most that long and never delays the others. A non-2xx answer or a network error is retried
+with exponential backoff (`attempts` tries in all, ACESTEP_WEBHOOK_ATTEMPTS).
+
+Each POST carries the task's /query_result entry (the `payload` function the entry point wires in),
+the Standard Webhooks headers (signature.py: `webhook-id` is the same for every attempt at one
+task's outcome, so receivers drop repeats by it) and X-ACEStep-Event / -Task-ID / -Delivery-Attempt.
+The body is built once per process and resent as is; after a restart it is built again (its signed
+file URLs carry new expiry times, the id stays the same).
 """
 from __future__ import annotations
 
-import hashlib
-import heapq
-import hmac
+import concurrent.futures
 import http.client
 import json
 import logging
-import socket
-import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Callable, Optional
 
-from ..ports import TaskStore
+from ..ports import TaskStore, WebhookDue
 from ..records import TaskRecord
-from .targets import Target, WebhookRefused, check_target
+from ..signing_keys import SigningKeys, ephemeral_keys
+from .sender import post
+from .signature import signed_headers, webhook_id
+from .targets import Target, WebhookRefused, check_target, resolve_within
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-ACEStep-Signature"
 EVENT = "task.finished"
-
-
-def signature(key: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(key.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    """HTTPS to the vetted address, with the certificate checked for the URL's host name."""
-
-    def __init__(self, target: Target, timeout: float):
-        super().__init__(target.host, target.port, timeout=timeout, context=ssl.create_default_context())
-        self._address = target.address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
-
-
-class _PinnedHTTP(http.client.HTTPConnection):
-    def __init__(self, target: Target, timeout: float):
-        super().__init__(target.host, target.port, timeout=timeout)
-        self._address = target.address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-def post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    """One POST; the HTTP status (redirects are answers, not followed)."""
-    conn: http.client.HTTPConnection = (_PinnedHTTPS if target.scheme == "https" else _PinnedHTTP)(target, timeout)
-    try:
-        conn.request("POST", target.path, body=body, headers=headers)
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
-@dataclass(order=True)
-class _Due:
-    at: float
-    task_id: str = field(compare=False)
-    attempt: int = field(compare=False, default=0)
-    body: Optional[bytes] = field(compare=False, default=None)
-    url: Optional[str] = field(compare=False, default=None)
+Sender = Callable[[Target, bytes, dict[str, str], float], int]
+_FAR = 10 ** 11  # a unix time past any due time: "everything in the outbox"
+_BODIES_KEPT = 256
 
 
 class WebhookNotifier:
-    def __init__(self, store: TaskStore, payload: Callable[[TaskRecord], dict], *, key: str,
-                 allow_private: bool, attempts: int = 5, backoff: float = 2.0, timeout: float = 10.0,
-                 sender: Callable[[Target, bytes, dict[str, str], float], int] = post):
-        self.store, self.payload, self.key = store, payload, key
+    def __init__(self, store: TaskStore, payload: Callable[[TaskRecord], dict], *,
+                 keys: Optional[Callable[[], SigningKeys]] = None, allow_private: bool, attempts: int = 5,
+                 backoff: float = 2.0, timeout: float = 10.0, concurrency: int = 8, poll_seconds: float = 5.0,
+                 sender: Sender = post):
+        self.store, self.payload = store, payload
+        self.keys = keys or ephemeral_keys()
         self.allow_private, self.attempts, self.backoff, self.timeout = allow_private, attempts, backoff, timeout
-        self.sender = sender
-        self._due: list[_Due] = []
-        self._busy = 0
+        self.poll_seconds, self.sender = poll_seconds, sender
+        self.concurrency = concurrency
+        self.lease_seconds: Optional[float] = None  # None: timeout + 30 s
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()  # webhook-id -> body, resent as is on a retry
+        self._in_flight = 0
+        self._wake_at = 0.0  # monotonic: when the dispatcher reads the outbox next
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
+        self._stopping = False
 
-    def task_finished(self, task_id: str) -> None:
-        """Queue the task's webhook, if it has one (never blocks, never raises)."""
+    @property
+    def lease(self) -> float:
+        """How long a claimed attempt stays hidden from other processes: its own time and then some."""
+        return self.lease_seconds if self.lease_seconds is not None else self.timeout + 30.0
+
+    # -- the caller's side -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the dispatcher (a worker does at boot, so deliveries pending from before resume at once)."""
         with self._cond:
-            heapq.heappush(self._due, _Due(time.monotonic(), task_id))
-            if self._thread is None:
+            if self._thread is None and not self._stopping:
                 self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
                 self._thread.start()
+
+    def task_finished(self, task_id: str) -> None:
+        """A task ended here: read the outbox now (never blocks, never raises)."""
+        self.start()
+        with self._cond:
+            self._wake_at = 0.0
             self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
-        """Wait until nothing is pending (tests, shutdown); False if some delivery is still queued."""
+        """Wait until the outbox is empty and nothing is in flight (tests); False if something is still pending."""
+        deadline = time.monotonic() + timeout
+        self.start()
+        while True:
+            with self._cond:
+                idle = self._in_flight == 0
+            if idle and not self.store.webhooks_due(_FAR, 1):
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("webhook deliveries still pending after %.0f s", timeout)
+                return False
+            with self._cond:
+                self._wake_at = 0.0
+                self._cond.notify_all()
+                self._cond.wait(0.05)
+
+    def close(self, timeout: float) -> bool:
+        """Stop taking deliveries and wait up to `timeout` s for those in flight; the rest stay in the outbox."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._due or self._busy:
+            self._stopping = True
+            self._cond.notify_all()
+            while self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.warning("%d webhook delivery(ies) still pending", len(self._due) + self._busy)
+                    log.warning("%d webhook attempt(s) still running at shutdown: retried by the next "
+                                "process once their claim lapses", self._in_flight)
                     return False
                 self._cond.wait(min(left, 0.05))
+        self._pool.shutdown(wait=False)
         return True
+
+    # -- the dispatcher ----------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._due or self._due[0].at > time.monotonic():
-                    self._cond.wait(None if not self._due else max(0.0, self._due[0].at - time.monotonic()))
-                item = heapq.heappop(self._due)
-                self._busy += 1
+                while not self._stopping and (self._in_flight >= self.concurrency
+                                               or time.monotonic() < self._wake_at):
+                    timeout = None if self._in_flight >= self.concurrency else self._wake_at - time.monotonic()
+                    self._cond.wait(timeout)
+                if self._stopping:
+                    return
+                free = self.concurrency - self._in_flight
+                self._wake_at = time.monotonic() + self.poll_seconds
             try:
-                retry = self._attempt(item)
-            except Exception:  # a bug here must not kill the thread that serves every other task
-                log.exception("webhook delivery of %s failed", item.task_id)
-                retry = None
+                started = self._dispatch(free)
+            except Exception:  # the store may be unreachable for a while: try again at the next poll
+                log.warning("could not read the webhook outbox", exc_info=True)
+                continue
+            if started == free:  # there may be more due than there were free slots
+                with self._cond:
+                    self._wake_at = 0.0
+
+    def _dispatch(self, free: int) -> int:
+        started = 0
+        for due in self.store.webhooks_due(time.time(), free):
+            lease_until = round(time.time() + self.lease, 3)
+            if not self.store.claim_webhook(due, lease_until):
+                continue  # another process took it
             with self._cond:
-                self._busy -= 1
-                if retry is not None:
-                    heapq.heappush(self._due, retry)
+                self._in_flight += 1
+            try:
+                self._pool.submit(self._attempt_and_settle, due, lease_until)
+            except RuntimeError:  # the pool is shut down (closing): the claim lapses, the next process retries
+                with self._cond:
+                    self._in_flight -= 1
+                return started
+            started += 1
+        return started
+
+    def _attempt_and_settle(self, due: WebhookDue, lease_until: float) -> None:
+        retry_at: Optional[float] = None
+        try:
+            retry_in = self._attempt(due)
+            retry_at = None if retry_in is None else time.time() + retry_in
+            if not self.store.settle_webhook(due.task_id, lease_until, retry_at):
+                log.warning("webhook of task %s: the claim lapsed during the attempt; another process retries it",
+                            due.task_id)
+        except Exception:  # a bug or a store error here must not take the dispatcher down
+            log.exception("webhook delivery of %s failed; retried when its claim lapses", due.task_id)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                if retry_at is not None:
+                    self._wake_at = min(self._wake_at, time.monotonic() + max(0.0, retry_at - time.time()))
                 self._cond.notify_all()
 
-    def _attempt(self, item: _Due) -> Optional[_Due]:
-        if item.body is None:  # first attempt: what to send, read once
-            record = self.store.get(item.task_id)
-            if record is None or not record.webhook_url:
-                return None
-            item.url = record.webhook_url
-            item.body = json.dumps({"event": EVENT, "status_text": record.status, **self.payload(record)},
-                                   ensure_ascii=False).encode()
-        assert item.url is not None
-        headers = {"Content-Type": "application/json", "User-Agent": "acestep-serve-webhook",
-                   "X-ACEStep-Event": EVENT, "X-ACEStep-Task-ID": item.task_id,
-                   "X-ACEStep-Delivery-Attempt": str(item.attempt + 1)}
-        if self.key:
-            headers[SIGNATURE_HEADER] = signature(self.key, int(time.time()), item.body)
+    def _attempt(self, due: WebhookDue) -> Optional[float]:
+        """One POST; the seconds until the next try, or None when done (delivered, refused or given up)."""
+        attempt = due.attempts + 1  # the claim counted this one
+        record = self.store.get(due.task_id)
+        if record is None or not record.webhook_url:
+            return None  # expired meanwhile: nothing left to tell
+        msg_id = webhook_id(record.task_id, record.status)
+        started = time.monotonic()
         try:
-            target = check_target(item.url, self.allow_private)
-            status = self.sender(target, item.body, headers, self.timeout)
+            body = self._body(msg_id, record)
+            target = check_target(record.webhook_url, self.allow_private,
+                                  resolver=resolve_within(self.timeout))
+            headers = {"Content-Type": "application/json", "User-Agent": "acestep-serve-webhook",
+                       "X-ACEStep-Event": EVENT, "X-ACEStep-Task-ID": record.task_id,
+                       "X-ACEStep-Delivery-Attempt": str(attempt),
+                       **signed_headers(self.keys(), msg_id, int(time.time()), body)}
+            left = max(0.1, self.timeout - (time.monotonic() - started))
+            status = self.sender(target, body, headers, left)
             problem = None if 200 <= status < 300 else f"HTTP {status}"
         except WebhookRefused as exc:
-            log.warning("webhook of task %s not sent: %s", item.task_id, exc)
+            log.warning("webhook of task %s not sent: %s", record.task_id, exc)
             return None
         except (OSError, http.client.HTTPException) as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem is None:
-            log.info("webhook of task %s delivered (attempt %d)", item.task_id, item.attempt + 1)
+            log.info("webhook of task %s delivered (attempt %d)", record.task_id, attempt)
+            self._forget_body(msg_id)
             return None
-        if item.attempt + 1 >= self.attempts:
-            log.warning("webhook of task %s failed %d times, giving up: %s", item.task_id, self.attempts, problem)
+        if attempt >= self.attempts:
+            log.warning("webhook of task %s failed %d times, giving up: %s", record.task_id, attempt, problem)
+            self._forget_body(msg_id)
             return None
-        delay = self.backoff * 2 ** item.attempt
-        log.info("webhook of task %s failed (%s); retrying in %.1f s", item.task_id, problem, delay)
-        return _Due(time.monotonic() + delay, item.task_id, item.attempt + 1, item.body, item.url)
+        delay = self.backoff * 2 ** (attempt - 1)
+        log.info("webhook of task %s failed (%s); retrying in %.1f s", record.task_id, problem, delay)
+        return delay
+
+    def _forget_body(self, msg_id: str) -> None:
+        with self._cond:
+            self._bodies.pop(msg_id, None)
+
+    def _body(self, msg_id: str, record: TaskRecord) -> bytes:
+        with self._cond:
+            body = self._bodies.get(msg_id)
+        if body is None:
+            body = json.dumps({"event": EVENT, "status_text": record.status, **self.payload(record)},
+                              ensure_ascii=False).encode()
+            with self._cond:
+                self._bodies[msg_id] = body
+                while len(self._bodies) > _BODIES_KEPT:
+                    self._bodies.popitem(last=False)
+        return body
 
 
-__all__ = ["EVENT", "SIGNATURE_HEADER", "WebhookNotifier", "post", "signature"]
+__all__ = ["EVENT", "WebhookNotifier"]
