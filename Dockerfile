@@ -61,7 +61,10 @@ RUN uv venv --python "${PYTHON_VERSION}" /opt/venv \
 assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__; \
 assert os.environ['CUDA_VERSION'].startswith(torch.version.cuda + '.'), (torch.version.cuda, os.environ['CUDA_VERSION']); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-RUN useradd --uid 1000 --create-home acestep \
+# uid 1000 in both images, so the worker and the api containers can write the same data volume (compose);
+# Ubuntu 24.04 images hold that uid for their `ubuntu` user.
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+    && useradd --uid 1000 --create-home acestep \
     && mkdir -p /checkpoints /data && chown acestep:acestep /checkpoints /data
 USER acestep
 VOLUME ["/checkpoints"]
