@@ -107,3 +107,21 @@ def test_a_fresh_venv_with_only_httpx_and_tqdm_runs_the_client_and_the_cli(wheel
     cli = subprocess.run([str(venv / "bin" / "acestep"), "--api-url", nowhere, "models"], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert cli.returncode == 5 and "cannot reach" in cli.stderr, (cli.returncode, cli.stderr)  # httpx ran
+
+
+def test_make_run_installs_the_acestep_command_with_its_dependencies():
+    """`make run`'s install: the package that owns the `acestep` script (client/), with its dependencies;
+    the server package no longer declares the script (one owner per console script)."""
+    import re
+    import tomllib
+
+    makefile = (Path(REPO) / "Makefile").read_text()
+    recipe = re.search(r"^\$\(RUN_STAMP\):.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe, "no $(RUN_STAMP) rule in the Makefile"
+    installs = [line.split("#")[0].split() for line in recipe.group(1).splitlines() if "pip install" in line]
+    client_lines = [words for words in installs if "./client" in words]
+    assert client_lines, f"make run does not install ./client: {installs}"
+    assert all("--no-deps" not in words for words in client_lines), client_lines
+    scripts = {path: tomllib.loads((Path(REPO) / path).read_text())["project"].get("scripts", {})
+               for path in ("pyproject.toml", "client/pyproject.toml")}
+    assert "acestep" in scripts["client/pyproject.toml"] and "acestep" not in scripts["pyproject.toml"], scripts
