@@ -165,7 +165,7 @@ class _Listener:
     """Builds a uvicorn server that leaves signals to main(), which stops every listener together."""
 
     @staticmethod
-    def server(app, host: str, port: int, log_level: str):
+    def server(app, host: str, port: int, settings: Settings):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -175,17 +175,21 @@ class _Listener:
 
         # log_config=None keeps our handler; the app writes its own access lines, with request ids.
         # Open streams (SSE) get a few seconds to end once shutdown starts.
-        return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
-                                     access_log=False, timeout_graceful_shutdown=SHUTDOWN_STREAMS_SECONDS))
+        # X-Forwarded-For / -Proto only from ACESTEP_TRUSTED_PROXIES: uvicorn's default believes any
+        # loopback peer, so a client on the host (or behind an untrusted hop) could pick its address.
+        trusted = settings.trusted_proxies
+        return Server(uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
+                                     log_config=None, access_log=False,
+                                     timeout_graceful_shutdown=SHUTDOWN_STREAMS_SECONDS,
+                                     proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None))
 
 
 def listeners(settings: Settings, app) -> list:
     """The ACE-Step API on ACESTEP_API_HOST:PORT and the OpenAI-compatible one on OPENROUTER_HOST:PORT."""
-    level = settings.log_level.lower()
-    servers = [_Listener.server(app, settings.host, settings.port, level)]
+    servers = [_Listener.server(app, settings.host, settings.port, settings)]
     if settings.openrouter_port:
         servers.append(_Listener.server(bootstrap.build_openrouter_app(settings, app),
-                                        settings.openrouter_host, settings.openrouter_port, level))
+                                        settings.openrouter_host, settings.openrouter_port, settings))
         log.info("OpenAI-compatible API on http://%s:%d", settings.openrouter_host, settings.openrouter_port)
     return servers
 

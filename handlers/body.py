@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from service.config import Settings
 
 from .envelope import ApiError, bad_request, too_large
+from .off_loop import parse_off_loop
 
 MB = 1024 * 1024
 # The whole body must arrive within this many seconds (uvicorn has no body timeout of its own).
@@ -45,6 +46,7 @@ class ParsedBody:
     kind: str  # json | multipart | form | raw-json | raw-form | empty
     fields: dict = field(default_factory=dict)
     files: dict[str, FilePart] = field(default_factory=dict)
+    size: int = 0  # bytes of the body: how much work parsing its fields may be (handlers/off_loop.py)
 
 
 def upload_limit(settings: Settings) -> int:
@@ -182,21 +184,26 @@ async def read_body(request: Request, settings: Settings, *, files_allowed: bool
     if mt == "multipart/form-data":
         raw = await read_limited(request, 2 * upload_limit(settings) + TEXT_BODY_LIMIT)
         _check_multipart_complete(request, raw)
-        return await _multipart(request, settings, files_allowed)
+        parsed = await _multipart(request, settings, files_allowed)
+        parsed.size = len(raw)
+        return parsed
     body = await read_limited(request, TEXT_BODY_LIMIT)
+    # A 2 MB body of many small values takes ~0.1 s to decode: big ones off the event loop
+    size = len(body)
     if mt == "application/json" or mt.endswith("+json"):
         if not body.strip():
             if empty_ok:
                 return ParsedBody(kind="empty")
             raise bad_request("Invalid JSON body: the body is empty")
-        return ParsedBody(kind="json", fields=_json_object(body))
+        return ParsedBody(kind="json", size=size, fields=await parse_off_loop(size, _json_object, body))
     if mt == "application/x-www-form-urlencoded":
-        return ParsedBody(kind="form", fields=_query_string(body))
+        return ParsedBody(kind="form", size=size, fields=await parse_off_loop(size, _query_string, body))
     stripped = body.strip()
     if stripped[:1] in (b"{", b"["):
-        return ParsedBody(kind="raw-json", fields=_json_object(stripped, RAW_JSON_INVALID))
+        fields = await parse_off_loop(size, _json_object, stripped, RAW_JSON_INVALID)
+        return ParsedBody(kind="raw-json", size=size, fields=fields)
     if b"=" in stripped:
-        return ParsedBody(kind="raw-form", fields=_query_string(stripped))
+        return ParsedBody(kind="raw-form", size=size, fields=await parse_off_loop(size, _query_string, stripped))
     if not stripped and empty_ok:
         return ParsedBody(kind="empty")
     raise ApiError(415, UNSUPPORTED.format(ct=request.headers.get("content-type") or "(missing)"))

@@ -1,22 +1,54 @@
-"""Who is calling: the identity per-caller limits count by (service/caller_limits.py)."""
+"""Who is calling: the identity that per-caller limits and the request rate count by.
+
+A configured API key in the Authorization header names its holder; every other request is counted
+by its peer address. A token the client picks is not an identity: without a configured key any
+token is accepted, and a fresh one per request would give each request a fresh set of limits.
+The body's `ai_token` authenticates but does not name the caller, because the request rate is
+counted before the body is read: rate and task limits then see the same caller for one request.
+
+The address is the TCP peer: on Lambda, API Gateway's `sourceIp` (Mangum puts it in the scope);
+behind a proxy, the client it forwards for only when the proxy is in ACESTEP_TRUSTED_PROXIES
+(the listener applies X-Forwarded-For from those alone: entrypoints/api_server.py).
+"""
 from __future__ import annotations
 
-from typing import Optional
+import hmac
+from typing import Any, Iterable, Mapping
 
 from fastapi import Request
 
 from service.caller_limits import caller_id
 
-from .auth import bearer_key, token_from_fields
+from .auth import bearer_key
 
 
-def credential(request: Request, fields: Optional[dict] = None) -> Optional[str]:
-    """The API key the request presents (body `ai_token`, else the Authorization header), if any."""
-    token = token_from_fields(fields)
-    if isinstance(token, str) and token:
-        return token
-    return bearer_key(request.headers.get("authorization", "")) or None
+def configured_keys(settings: Any) -> tuple[str, ...]:
+    """The keys that authenticate on either API (ACESTEP_API_KEY, OPENROUTER_API_KEY)."""
+    return tuple(k for k in (getattr(settings, "api_key", ""), getattr(settings, "openrouter_api_key", "")) if k)
 
 
-def caller_of(request: Request, fields: Optional[dict] = None) -> str:
-    return caller_id(credential(request, fields), request.client.host if request.client else None)
+def _is_configured(given: str, keys: Iterable[str]) -> bool:
+    encoded = given.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(encoded, k.encode("utf-8", "surrogatepass")) for k in keys)
+
+
+def caller_from_scope(scope: Mapping[str, Any]) -> str:
+    """The caller of an ASGI request, from its headers and peer only (no body needed)."""
+    app = scope.get("app")
+    keys = configured_keys(getattr(getattr(app, "state", None), "settings", None))
+    if keys:
+        for name, value in scope.get("headers") or ():
+            if name == b"authorization":
+                given = bearer_key(value.decode("latin-1"))
+                if given and _is_configured(given, keys):
+                    return caller_id(given, None)
+                break
+    client = scope.get("client")
+    return caller_id(None, client[0] if client else None)
+
+
+def caller_of(request: Request) -> str:
+    return caller_from_scope(request.scope)
+
+
+__all__ = ["caller_from_scope", "caller_of", "configured_keys"]

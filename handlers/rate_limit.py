@@ -1,4 +1,5 @@
-"""Requests per second per caller (ACESTEP_RATE_LIMIT_RPS): a token bucket per API key or address.
+"""Requests per second per caller (ACESTEP_RATE_LIMIT_RPS): a token bucket per caller (handlers/caller.py:
+a configured API key, else the peer address).
 
 Counts what creates work (POST and PUT: submits, uploads, /format_input, chat completions);
 polling (/query_result) and downloads are cheap reads and not counted. In-process: on the embedded
@@ -18,9 +19,7 @@ from typing import Optional
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.caller_limits import caller_id
-
-from .auth import bearer_key
+from .caller import caller_from_scope
 
 COUNTED_METHODS = ("POST", "PUT")
 EXEMPT = ("/health", "/query_result")
@@ -68,10 +67,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         scope[COUNTED] = True  # a mounted app's limiter passes it on (Mount copies the scope)
-        headers = dict(scope.get("headers") or [])
-        auth = bearer_key(headers.get(b"authorization", b"").decode("latin-1"))
-        client = scope.get("client")
-        wait = self.buckets.take(caller_id(auth or None, client[0] if client else None))
+        wait = self.buckets.take(caller_from_scope(scope))
         if wait > 0:
             response = JSONResponse({"detail": "Too many requests: slow down (ACESTEP_RATE_LIMIT_RPS)"},
                                     status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
+from .off_loop import parse_off_loop
 from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import bad_request, wrap
@@ -71,12 +72,13 @@ async def release_task(request: Request):
     body = await read_body(request, settings, files_allowed=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
-    parsed = parse_release_task(body.fields, body.files, model_names=settings.model_names)
+    parsed = await parse_off_loop(body.size, parse_release_task, body.fields, body.files,
+                                  model_names=settings.model_names)
     gate: SubmitGate = request.app.state.submit_gate
 
     webhook_url = await read_webhook_url(settings, body.fields.get("webhook_url"))
     task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key,
-                                                webhook_url, caller_of(request, body.fields), gate)
+                                                webhook_url, caller_of(request), gate)
     return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
 
 

@@ -8,6 +8,7 @@ shell exports; `load_settings()` is where the environment and `.env` come in.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Optional
@@ -53,6 +54,20 @@ def _base_url(value: str) -> str:
 
 
 BaseUrl = Annotated[str, AfterValidator(_base_url)]
+
+
+def _networks(value: list[str]) -> list[str]:
+    """Each entry an IP address or a CIDR network ("*": any peer), as uvicorn's forwarded_allow_ips takes them."""
+    for item in value:
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network (10.0.0.0/8)") from None
+    return value
+
+
+NetworkList = Annotated[list[str], BeforeValidator(_comma_list), AfterValidator(_networks)]
 
 
 def _env(name: str, default, **constraints):
@@ -166,6 +181,9 @@ class Settings(BaseSettings):
     max_task_cost: float = _env("ACESTEP_MAX_TASK_COST", 61440.0, ge=0)
     # Per caller (API key, or client address without auth): requests per second (burst: twice that), 0: off
     rate_limit_rps: float = _env("ACESTEP_RATE_LIMIT_RPS", 20.0, ge=0)
+    # Proxies whose X-Forwarded-For names the client (addresses or CIDRs); empty: the peer is the
+    # client, whatever a request's headers claim (handlers/caller.py)
+    trusted_proxies: NetworkList = Field(default_factory=list, validation_alias="ACESTEP_TRUSTED_PROXIES")
     # Per caller: tasks waiting, and tasks waiting or running, before /release_task answers 429
     caller_max_queued: int = _env("ACESTEP_CALLER_MAX_QUEUED", 50, ge=1)
     caller_max_active: int = _env("ACESTEP_CALLER_MAX_ACTIVE", 60, ge=1)

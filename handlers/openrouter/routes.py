@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service.config import Settings
 from service.format_via_worker import lm_served
 from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
@@ -25,6 +26,7 @@ from ..body import _json_object, read_limited
 from ..caller import caller_of
 from ..deps import backend_of, settings_of, webhooks_of
 from ..envelope import ApiError, bad_request
+from ..off_loop import parse_off_loop
 from ..openapi_bodies import JSON, model_schema, request_body
 from ..request_parsing import validation_message
 from ..routes_info import model_list
@@ -32,7 +34,7 @@ from ..submit import submit_parsed
 from ..webhook_url import read_webhook_url
 from . import responses
 from .auth import require_key
-from .convert import MODEL_PREFIX, MessageError, to_task
+from .convert import MODEL_PREFIX, ChatTask, MessageError, to_task
 from .schema import ChatCompletionRequest
 from .waiting import Tick, cancel_in_background, ticks
 
@@ -61,13 +63,17 @@ def _failure(record: TaskRecord | None) -> tuple[int, str]:
     return 500, record.error or "generation failed"
 
 
-async def _read_request(request: Request) -> ChatCompletionRequest:
-    limit = settings_of(request).max_upload_bytes * 2 + 1024 * 1024  # base64 audio grows by 4/3
-    body = _json_object(await read_limited(request, limit))
+def _parse(body: bytes, settings: Settings, lm_available: bool) -> tuple[ChatCompletionRequest, ChatTask]:
+    """The body -> the request and its task; every step linear in the body's size."""
     try:
-        return ChatCompletionRequest.model_validate(body)
+        req = ChatCompletionRequest.model_validate(_json_object(body))
     except ValidationError as exc:
         raise bad_request(validation_message(exc, ChatCompletionRequest)) from None
+    try:
+        return req, to_task(req, model_names=settings.model_names, default_model=settings.default_model,
+                            lm_available=lm_available, max_audio_bytes=settings.max_upload_bytes)
+    except MessageError as exc:
+        raise bad_request(str(exc)) from None
 
 
 @router.post("/v1/chat/completions", summary="Generate music from chat messages",
@@ -75,13 +81,10 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
 async def chat_completions(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     require_key(settings, request)
-    req = await _read_request(request)
+    body = await read_limited(request, settings.max_upload_bytes * 2 + 1024 * 1024)  # base64 grows by 4/3
     lm_available = await run_in_threadpool(lm_served, backend)
-    try:
-        task = to_task(req, model_names=settings.model_names, default_model=settings.default_model,
-                       lm_available=lm_available, max_audio_bytes=settings.max_upload_bytes)
-    except MessageError as exc:
-        raise bad_request(str(exc)) from None
+    # JSON, validation and base64 off the event loop the other API shares (handlers/off_loop.py)
+    req, task = await parse_off_loop(len(body), _parse, body, settings, lm_available)
     webhook_url = await read_webhook_url(settings, (req.model_extra or {}).get("webhook_url"))
     # /release_task's path and limits: cost ceiling (413), per-caller tasks in flight (429), counted
     # per API key (or address) across both APIs.
