@@ -191,12 +191,14 @@ def build_webhooks(settings: Settings, backend: Backend):
     """Sends each finished task's result to its webhook_url, off the caller's thread (service/webhooks).
 
     Hand its `task_finished` to the worker (`on_finished`); the tasks the backend itself ends
-    (dead-lettered) reach it through `backend.on_task_ended`, set here.
+    (dead-lettered) reach it through `backend.on_task_ended`, set here. It starts reading the outbox
+    at once: deliveries left pending by a process that stopped are taken up without waiting for a task.
     """
     from handlers.webhook_payload import build_notifier
 
     notifier = build_notifier(settings, backend)
     backend.on_task_ended = notifier.task_finished
+    notifier.start()
     return notifier
 
 

@@ -78,7 +78,7 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
     finally:
         if isinstance(worker, Worker) and worker.encoder is not None:
             worker.encoder.close()
-    webhooks.flush(WEBHOOK_FLUSH_SECONDS)  # deliveries still retrying after this are lost (logged)
+    webhooks.close(WEBHOOK_FLUSH_SECONDS)  # attempts in flight finish; the rest wait in the outbox for the next start
 
 
 def healthcheck(heartbeat_file: str, settings: Settings) -> int:

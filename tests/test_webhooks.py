@@ -370,3 +370,200 @@ def test_a_result_too_large_for_its_record_is_posted_whole(settings, backend, re
     [(_, raw)] = receiver.posts
     item = json.loads(json.loads(raw)["result"])[0]
     assert len(item["generation_info_detail"]["notes"]) == 200 and item["metas"]["genres"].startswith("ambient")
+
+
+# -- issue 21 item 12: a URL that does not parse is a 400 on both APIs, not a 500 ---------------
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[64:ff9b::a00:1]/h", "https://x.example:99999/"])
+def test_bad_webhook_urls_are_a_400_on_both_apis(settings, url):
+    from fastapi.testclient import TestClient
+
+    from handlers.openrouter import create_openrouter_app
+
+    api = make_api(settings, api_key=KEY)
+    r = api.client.post("/release_task", json={"prompt": "p", "webhook_url": url}, headers=api.headers())
+    assert r.status_code == 400 and "webhook_url" in r.json()["detail"]
+    chat = TestClient(create_openrouter_app(api.settings, api.backend), raise_server_exceptions=False)
+    r = chat.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                  json={"messages": [{"role": "user", "content": "a calm song"}], "webhook_url": url})
+    assert r.status_code == 400 and "webhook_url" in r.text
+    assert api.backend.store.counts()["total"] == 0  # refused before anything is stored
+
+
+# -- issue 21 item 5: a rotatable secret of its own; receivers verify through a rotation --------
+
+def test_a_rotation_signs_with_both_secrets_for_the_grace_window(settings, receiver):
+    from service.embedded import make_embedded_backend
+    from service.embedded.signing_secret import WEBHOOK_FILE_NAME, FileSigningSecret
+
+    backend = make_embedded_backend(settings)
+    old_secret = _secret(backend)
+    FileSigningSecret(settings.data_dir, file_name=WEBHOOK_FILE_NAME).rotate()
+    backend = make_embedded_backend(settings)  # a process started after the rotation
+    new_secret = _secret(backend)
+    assert new_secret != old_secret and new_secret.startswith("whsec_")
+    notifier = _notifier(settings, backend)
+    task_id = _submit(backend, receiver.url)
+    backend.store.cancel(task_id, "x")
+    notifier.task_finished(task_id)
+    assert notifier.flush(10)
+    (headers, raw), = receiver.posts
+    assert len(headers["webhook-signature"].split()) == 2  # v1,<new> v1,<previous>
+    assert _verify(headers, raw, new_secret) and _verify(headers, raw, old_secret)  # either receiver accepts it
+    assert not _verify(headers, raw, secret_text(b"another secret"))
+
+
+def test_aws_webhook_secret_comes_from_secrets_manager_and_rotates(tmp_path, receiver):
+    from service.aws.clients import aws_client
+    from tests.aws_support import aws_backend
+
+    with aws_backend(tmp_path) as backend:
+        arn = backend.settings.webhook_secret_arn
+        assert arn and arn != backend.settings.signing_secret_arn  # its own secret, not the URL-signing one
+        sm = aws_client("secretsmanager", backend.settings)
+        first = _secret(backend)
+        sm.put_secret_value(SecretId=arn, SecretString=secret_text(b"r" * 32))
+        backend.webhook_keys._at = -1e9  # type: ignore[attr-defined]  # past CachedKeys' refresh time
+        keys = backend.webhook_keys()
+        assert keys.current == b"r" * 32 and secret_text(keys.previous[0]) == first
+
+
+# -- issue 21 item 6: one slow receiver holds one slot for one deadline, never the others ------
+
+class DripReceiver:
+    """Answers one byte every 0.2 s and never finishes: each read is quick, the answer never comes."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if self.stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_slow_receiver_is_cut_at_the_deadline_and_never_delays_the_others(settings):
+    from service.embedded import make_embedded_backend
+
+    backend = make_embedded_backend(settings)
+    slow, fast = DripReceiver(), Receiver()
+    try:
+        notifier = _notifier(settings, backend, attempts=1, timeout=1.5)
+        slow_id = _submit(backend, slow.url)
+        backend.store.cancel(slow_id, "x")
+        notifier.task_finished(slow_id)
+        time.sleep(0.3)  # the slow delivery is under way
+        started = time.monotonic()
+        fast_ids = [_submit(backend, fast.url) for _ in range(3)]
+        for task_id in fast_ids:
+            backend.store.cancel(task_id, "x")
+            notifier.task_finished(task_id)
+        poll_until("the fast deliveries", lambda: len(fast.posts) == 3, 5)
+        assert time.monotonic() - started < 1.0  # not queued behind the slow one
+        assert notifier.flush(5)  # the slow attempt ended: cut at 1.5 s in all, though each byte came in 0.2 s
+        assert time.monotonic() - started < 3.0
+    finally:
+        slow.close()
+        fast.close()
+
+
+# -- issue 20 item 7: the outbox survives the delivering process ---------------------------------
+
+_DELIVERER = """
+import json, os, sys, time
+from service.config import Settings
+from handlers.webhook_payload import build_notifier
+settings = Settings(**json.loads(os.environ["SETTINGS"]))
+if settings.backend == "aws":
+    from service.aws import make_aws_backend as make
+else:
+    from service.embedded import make_embedded_backend as make
+notifier = build_notifier(settings, make(settings))
+notifier.backoff, notifier.poll_seconds = float(os.environ["BACKOFF"]), 0.1
+notifier.start()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _start_deliverer(settings, backoff: float) -> subprocess.Popen:
+    fields = {k: v for k, v in settings.model_dump(mode="json").items()
+              if k in ("backend", "data_dir", "aws_region", "aws_endpoint_url", "table_name", "queue_url", "dlq_url",
+                       "bucket", "signing_secret_arn", "webhook_secret_arn", "webhook_allow_private",
+                       "webhook_attempts")}
+    env = {**os.environ, "SETTINGS": json.dumps(fields), "BACKOFF": str(backoff)}
+    return subprocess.Popen([sys.executable, "-c", _DELIVERER], env=env, cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(params=["embedded", "aws"])
+def shared_backend(request, settings, tmp_path):
+    """A backend another process can open too (AWS: moto's server, not the in-process mock)."""
+    settings.webhook_allow_private, settings.api_key = True, KEY
+    if request.param == "embedded":
+        from service.embedded import make_embedded_backend
+
+        yield settings, make_embedded_backend(settings)
+        return
+    from service.aws import make_aws_backend
+    from service.aws.provision import provision
+    from tests.aws_support import aws_settings, moto_server
+
+    with moto_server() as endpoint:
+        shared = provision(aws_settings(tmp_path, settings, aws_endpoint_url=endpoint))
+        yield shared, make_aws_backend(shared)
+
+
+def test_a_delivery_pending_when_its_process_is_killed_arrives_after_a_restart(shared_backend):
+    settings, backend = shared_backend
+    receiver = Receiver(statuses=[503])  # the first attempt fails: the delivery is then waiting to be retried
+    process = _start_deliverer(settings, backoff=30.0)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        task_id = _submit(backend, receiver.url)
+        backend.store.cancel(task_id, "by the test")
+        poll_until("the first attempt", lambda: len(receiver.posts) == 1, 30)
+
+        def waiting_to_retry():
+            (due,) = backend.store.webhooks_due(time.time() + 3600, 10)
+            return due.attempts == 1 and due.due_at < time.time() + 31  # settled: the retry in 30 s, not the lease
+
+        poll_until("the retry to be scheduled", waiting_to_retry, 10)
+        os.kill(process.pid, signal.SIGKILL)  # dies mid-retry
+        process.wait(10)
+        (due,) = backend.store.webhooks_due(time.time() + 3600, 10)
+        backend.store.settle_webhook(task_id, due.due_at, time.time())  # as if its 30 s had passed
+        process = _start_deliverer(settings, backoff=30.0)  # the restart
+        assert process.stdout.readline().strip() == "ready"
+        poll_until("the delivery after the restart", lambda: len(receiver.posts) == 2, 30)
+        (h1, b1), (h2, b2) = receiver.posts
+        assert h1["webhook-id"] == h2["webhook-id"] == f"msg_{task_id}_cancelled"  # one id: receivers de-duplicate
+        assert (h1["X-ACEStep-Delivery-Attempt"], h2["X-ACEStep-Delivery-Attempt"]) == ("1", "2")
+        assert _verify(h2, b2, _secret(backend)) and json.loads(b2)["error"] == "by the test"
+        poll_until("the outbox to empty", lambda: backend.store.webhooks_due(time.time() + 3600, 10) == [], 10)
+    finally:
+        process.kill()
+        process.wait(10)
+        receiver.close()
