@@ -202,6 +202,13 @@ class AceStepStack(Stack):
             projection_type=dynamodb.ProjectionType.INCLUDE,
             non_key_attributes=[schema.DURATION_ATTR],
         )
+        self.table.add_global_secondary_index(  # the webhook outbox (service/aws/schema.py)
+            index_name=schema.WEBHOOK_INDEX,
+            partition_key=dynamodb.Attribute(name=schema.WEBHOOK_PART, type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name=schema.WEBHOOK_DUE, type=dynamodb.AttributeType.NUMBER),
+            projection_type=dynamodb.ProjectionType.INCLUDE,
+            non_key_attributes=["webhook_url", schema.WEBHOOK_ATTEMPTS],
+        )
 
         cors_origins = [o.strip() for o in opts.cors_origins.split(",") if o.strip()]
         # Access logs of the audio bucket (and of CloudFront, when it is on): kept 90 days.
@@ -286,6 +293,16 @@ class AceStepStack(Stack):
         )
         suppress(self.signing_secret, ("AwsSolutions-SMG4", "Rotated by hand with put-secret-value: the API "
                                        "accepts AWSPREVIOUS, so URLs already handed out keep working."))
+        # Webhooks are signed with a secret of their own (Standard Webhooks), never the API key; receivers
+        # get it from GET /v1/webhook_secret. After put-secret-value both values sign until the next one.
+        self.webhook_secret = secretsmanager.Secret(
+            self, "WebhookSigningSecret",
+            description="ACE-Step: secret webhook signatures are keyed with (given to receivers; not the API key)",
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                exclude_punctuation=True, password_length=64),
+        )
+        suppress(self.webhook_secret, ("AwsSolutions-SMG4", "Receivers hold it: rotated by hand with "
+                                       "put-secret-value, after which deliveries carry both signatures."))
 
         common_env = {
             "ACESTEP_BACKEND": "aws",
@@ -295,6 +312,7 @@ class AceStepStack(Stack):
             "ACESTEP_TASK_TTL_DAYS": str(opts.task_ttl_days),
             "ACESTEP_MAX_RECEIVES": str(opts.max_receives),
             "ACESTEP_CONFIG_PATH": opts.config_path,
+            "ACESTEP_WEBHOOK_SECRET_ARN": self.webhook_secret.secret_arn,  # both sign: workers, the API on cancel
         }
 
         CfnOutput(self, "BucketName", value=self.bucket.bucket_name,
@@ -446,7 +464,7 @@ class AceStepStack(Stack):
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="ApiKey",
             actions=["secretsmanager:GetSecretValue"],
-            resources=[self.api_key.secret_arn, self.signing_secret.secret_arn],
+            resources=[self.api_key.secret_arn, self.signing_secret.secret_arn, self.webhook_secret.secret_arn],
         ))
 
     # -- workers: ECS on GPU instances --------------------------------------------------------------
@@ -712,6 +730,11 @@ class AceStepStack(Stack):
 
     def _grant_worker(self, role: iam.IRole, cluster: ecs.ICluster) -> None:
         """Lease/finish tasks, read inputs, write outputs, drain the DLQ. No API key: workers do not need it."""
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="SignWebhooks",
+            actions=["secretsmanager:GetSecretValue"],
+            resources=[self.webhook_secret.secret_arn],
+        ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="LeaseTasks",
             actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",

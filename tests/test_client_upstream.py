@@ -215,3 +215,28 @@ def test_a_cancelled_task_is_told_apart_from_a_failed_one():
                               "error": "cancelled by the client"}]) | {"error": "cancelled by the client"}
     status = TaskStatus.parse(entry)
     assert status.state is TaskState.CANCELLED and status.finished and status.error == "cancelled by the client"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_on_update_hears_of_changes_not_of_every_poll(upstream, kind):
+    queued = upstream.script[0]
+    upstream.script = [queued, queued, queued, (0, _running("diffusion step 1/8", 0.1)),
+                       (0, _running("diffusion step 1/8", 0.101)), (0, _running("VAE decode", 0.9)),
+                       (0, _running("VAE decode", 0.9)), (1, SUCCEEDED)]
+    seen: list[TaskStatus] = []
+    if kind == "sync":
+        with ACEStepClient("http://upstream:8001", KEY, http=httpx.Client(transport=httpx.MockTransport(upstream))) as c:
+            done = c.wait("t1", timeout=10, on_update=seen.append, poll_interval=0.001, max_interval=0.001)
+    else:
+        async def run():
+            http = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+            async with AsyncACEStepClient("http://upstream:8001", KEY, http=http) as c:
+                return await c.wait("t1", timeout=10, on_update=seen.append, poll_interval=0.001,
+                                    max_interval=0.001)
+        done = asyncio.run(run())
+    assert upstream.polls == 8
+    assert [(s.state, s.stage) for s in seen] == [(TaskState.QUEUED, "queued"),
+                                                  (TaskState.RUNNING, "diffusion step 1/8"),
+                                                  (TaskState.RUNNING, "VAE decode"),
+                                                  (TaskState.SUCCEEDED, "succeeded")]
+    assert seen[-1] is done

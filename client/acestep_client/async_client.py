@@ -73,6 +73,7 @@ class AsyncACEStepClient:
                    poll_interval: float = 0.5, max_interval: float = 5.0,
                    raise_on_failure: bool = True) -> TaskStatus:
         backoff = protocol.Backoff(timeout, poll_interval, max_interval)
+        reported: Optional[tuple] = None  # what on_update saw last: it hears of changes only
         while True:
             seen: Any = "error"
             try:
@@ -81,7 +82,7 @@ class AsyncACEStepClient:
                 if not protocol.retryable(exc):
                     raise
             else:
-                seen = protocol.observe(task_id, status, on_update, raise_on_failure)
+                seen = reported = protocol.observe(task_id, status, on_update, raise_on_failure, reported)
                 if seen is None:
                     return status
             delay = backoff.next_delay(seen)

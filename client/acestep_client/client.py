@@ -83,8 +83,11 @@ class ACEStepClient:
              max_interval: float = 5.0, raise_on_failure: bool = True) -> TaskStatus:
         """Poll until the task finished. Backs off while nothing changes; transient errors (network,
         429, 502-504) are retried until `timeout`. Raises TaskFailed for a failed or cancelled task
-        (unless `raise_on_failure` is False), WaitTimeout, or WaitCancelled once `cancel` is set."""
+        (unless `raise_on_failure` is False), WaitTimeout, or WaitCancelled once `cancel` is set.
+        `on_update` hears of each visible change (state, queue position, stage, whole percent) and of
+        the final status, not of every poll."""
         backoff = protocol.Backoff(timeout, poll_interval, max_interval)
+        reported: Optional[tuple] = None  # what on_update saw last: it hears of changes only
         while True:
             if cancel is not None and cancel.is_set():
                 raise WaitCancelled(task_id)
@@ -95,7 +98,7 @@ class ACEStepClient:
                 if not protocol.retryable(exc):
                     raise
             else:
-                seen = protocol.observe(task_id, status, on_update, raise_on_failure)
+                seen = reported = protocol.observe(task_id, status, on_update, raise_on_failure, reported)
                 if seen is None:
                     return status
             delay = backoff.next_delay(seen)

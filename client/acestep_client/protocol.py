@@ -122,16 +122,25 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and not isinstance(exc, AuthError) and exc.status_code in (429, 502, 503, 504)
 
 
-def observe(task_id: str, status: TaskStatus, on_update: Optional[Any], raise_on_failure: bool) -> Optional[tuple]:
-    """One poll's status seen by a wait: reported to `on_update`; None once the task finished (TaskFailed
-    for a failed or cancelled one when `raise_on_failure`), else what Backoff compares between polls."""
-    if on_update:
+def visible(status: TaskStatus) -> tuple:
+    """What a person following the task sees: state, queue position, stage, whole percent."""
+    return (status.state, status.queue_position, status.stage, int(100 * status.progress))
+
+
+def observe(task_id: str, status: TaskStatus, on_update: Optional[Any], raise_on_failure: bool,
+            reported: Optional[tuple] = None) -> Optional[tuple]:
+    """One poll's status seen by a wait: reported to `on_update` when it differs from `reported` (the
+    last one reported) and always once finished; None once the task finished (TaskFailed for a failed
+    or cancelled one when `raise_on_failure`), else its `visible` tuple, which Backoff compares between
+    polls and the next call gets as `reported`."""
+    seen = visible(status)
+    if on_update and (status.finished or seen != reported):
         on_update(status)
     if status.finished:
         if raise_on_failure and status.state is not TaskState.SUCCEEDED:
             raise TaskFailed(task_id, status.error or "")
         return None
-    return (status.state, status.queue_position, status.stage, status.progress)
+    return seen
 
 
 class Backoff:
