@@ -14,7 +14,7 @@ Reproducible and cached, so a synth of an unchanged commit publishes nothing new
   directory by its files' paths and contents, so the asset hash is stable;
 - pip runs only when its inputs change: the installed dependencies are kept in build/lambda-cache under a key of
   the lock, the platform, the requirements and the pip options; our sources are copied in afresh (and the whole
-  directory is left as it is when neither changed).
+  directory is left as it is when neither changed). The last three dependency sets are kept.
 """
 from __future__ import annotations
 
@@ -153,6 +153,13 @@ def write_zip(folder: Path, archive: Path) -> None:
             zf.writestr(info, path.read_bytes())
 
 
+def _prune(cache: Path, keep: Path, kept: int = 3) -> None:
+    """Dependency sets of older locks go, but the last few stay (switching branches back needs no pip)."""
+    others = sorted((d for d in cache.glob("deps-*") if d != keep), key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in others[kept - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _read_stamp(stamp: Path) -> dict:
     try:
         return dict(json.loads(stamp.read_text()))
@@ -176,7 +183,8 @@ def build(out: Path, *, root: Path = ROOT, lock: Path = LOCK, requirements: Opti
     requirements = list(requirements if requirements is not None else base_dependencies(root))
     deps_key = dependencies_key(lock_text, requirements, pip_options)
     whole_key = digest([deps_key.encode(), sources_key(root, packages).encode()])
-    stamp = out.parent / f".{out.name}{KEY_FILE}"  # beside the asset, not in it: {"key", "tree"} of the last build
+    # {"key", "tree"} of the last build into `out`, kept in the cache (not in or beside the asset)
+    stamp = cache / "outputs" / f"{digest([str(out.resolve()).encode()])[:32]}.json"
     built = _read_stamp(stamp)
     if out.is_dir() and built.get("key") == whole_key:
         tree = tree_hash(out)
@@ -193,6 +201,7 @@ def build(out: Path, *, root: Path = ROOT, lock: Path = LOCK, requirements: Opti
             raise SystemExit("torch ended up in the Lambda package")
         check_pinned(deps, lock_text)
         (deps / KEY_FILE).write_text(deps_key)
+        _prune(cache, keep=deps)
 
     if out.exists():
         shutil.rmtree(out)
@@ -205,6 +214,7 @@ def build(out: Path, *, root: Path = ROOT, lock: Path = LOCK, requirements: Opti
         raise SystemExit(f"bytecode in the Lambda package (would not match Python {LAMBDA_PYTHON}): {foreign[:5]}")
     normalize(out)
     tree = tree_hash(out)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"key": whole_key, "tree": tree}))
     return {"pip": ran_pip, "rebuilt": True, "hash": tree, "seconds": time.monotonic() - started}
 

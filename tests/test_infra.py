@@ -200,7 +200,11 @@ def test_worker_role_is_least_privilege(template):
     actions = _actions(statements)
     assert {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "dynamodb:UpdateItem",
             "s3:PutObject", "s3:GetObject"} <= actions
-    assert not actions & {"dynamodb:Scan", "dynamodb:DeleteItem", "sqs:SendMessage", "secretsmanager:GetSecretValue"}
+    assert not actions & {"dynamodb:Scan", "dynamodb:DeleteItem", "sqs:SendMessage"}
+    # one secret: the webhook-signing one (never the API key or the URL-signing secret)
+    secrets = [st for st in statements if "secretsmanager:GetSecretValue" in _as_list(st["Action"])]
+    webhook_secret = _logical_id(template, "AWS::SecretsManager::Secret", lambda p: "webhook" in json.dumps(p).lower())
+    assert [st["Resource"] for st in secrets] == [{"Ref": webhook_secret}]
     dlq_id = _logical_id(template, "AWS::SQS::Queue", lambda p: "RedrivePolicy" not in p)
     assert any(st["Resource"] == {"Fn::GetAtt": [dlq_id, "Arn"]} for st in statements)  # drains the DLQ
     # reads the mirrored weights, writes nothing there

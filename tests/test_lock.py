@@ -87,3 +87,20 @@ def test_every_install_goes_through_the_lock():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert len(re.findall(r"--constraint \S*constraints\.txt", dockerfile)) == 3  # worker, api, lambda
     assert "constraints.txt" in (ROOT / "infra" / "package_lambda.py").read_text()
+
+
+def test_the_environment_under_test_is_the_locked_one():
+    """What `make test` installed is what the lock pins: every distribution here, at its pinned version (a
+    package missing from the lock means the lock is not the whole closure: run `make lock`)."""
+    import importlib.metadata
+
+    pins = lock_pins((ROOT / "constraints.txt").read_text())
+    off = []
+    for dist in importlib.metadata.distributions():
+        name, version = canonicalize_name(dist.metadata["Name"]), Version(dist.version)
+        if name in OWN or name in {"pip", "uv"}:
+            continue
+        pinned = {v for v, _ in pins.get(name, [])}
+        if Version(version.public) not in pinned:  # a local label (torch's +cpu) is the build, not the version
+            off.append(f"{name}=={version} (lock: {', '.join(map(str, sorted(pinned))) or 'not pinned'})")
+    assert off == []
