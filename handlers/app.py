@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from service.config import Settings
 from service.ports import Backend
+from service.version import __version__
 
 from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks, routes_webhooks
 from .auth import header_is_valid, require_header
@@ -67,7 +68,7 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
 
 def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGateway] = None) -> FastAPI:
     """Build the API on the given backend (and the LM, when one is reachable from the API)."""
-    app = FastAPI(title="ACE-Step API", version="1.0", description=DESCRIPTION,
+    app = FastAPI(title="ACE-Step API", version=__version__, description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     if backend.signing_keys is not None:  # signed URLs are keyed with the secret the backend stores

@@ -14,6 +14,7 @@ from service.observability import prometheus
 from service.observability.health import check_health
 from service.observability.metrics import summarize
 from service.records import MODELS_META_KEY, ModelsMeta
+from service.version import __version__
 
 from .auth import require_header
 from .deps import backend_of, settings_of
@@ -70,7 +71,7 @@ def health_data(settings: Settings, backend: Backend) -> tuple[dict, bool]:
     listing = model_list(settings, backend) if report.store_ok else {"models": []}
     models = [{"name": m["name"], "is_default": m["is_default"], "random_weights": m["random_weights"]}
               for m in listing["models"]]
-    data = {"status": report.status, "service": "ACE-Step API", "version": "1.0", "backend": backend.name,
+    data = {"status": report.status, "service": "ACE-Step API", "version": __version__, "backend": backend.name,
             "models": models, "demo": demo_state(models), "reasons": report.reasons,
             "queue_waiting": report.waiting, "workers_alive": len(report.workers), "workers": report.workers}
     return data, report.serving
@@ -100,7 +101,7 @@ def stats(settings: Settings, backend: Backend) -> dict:
     recent = backend.store.recent_finished(max(1, settings.avg_window))
     durations = [r.finished_at - r.started_at for r in recent if r.finished_at and r.started_at]
     avg = sum(durations) / len(durations) if durations else float(settings.avg_job_seconds)
-    return {"jobs": jobs, "queue_size": jobs["queued"], "queue_maxsize": settings.queue_maxsize,
+    return {"version": __version__, "jobs": jobs, "queue_size": jobs["queued"], "queue_maxsize": settings.queue_maxsize,
             "avg_job_seconds": round(float(avg), 3), "recent": summarize(recent)}
 
 

@@ -2,12 +2,13 @@
 
 Needs only httpx (tqdm for the CLI's progress bar): no torch, no FastAPI.
 """
+from ._version import __version__
 from .async_client import AsyncACEStepClient
 from .client import ACEStepClient
 from .errors import (ACEStepError, APIError, AuthError, NotSupported, ServerUnreachable, TaskFailed, WaitCancelled,
                      WaitTimeout)
 from .types import AudioResult, Metas, ModelInfo, ModelList, Submitted, TaskState, TaskStatus
 
-__all__ = ["ACEStepClient", "AsyncACEStepClient", "ACEStepError", "APIError", "AuthError", "NotSupported",
+__all__ = ["__version__", "ACEStepClient", "AsyncACEStepClient", "ACEStepError", "APIError", "AuthError", "NotSupported",
            "ServerUnreachable", "TaskFailed", "WaitCancelled", "WaitTimeout", "AudioResult", "Metas", "ModelInfo",
            "ModelList", "Submitted", "TaskState", "TaskStatus"]

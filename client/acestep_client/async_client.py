@@ -22,7 +22,7 @@ class AsyncACEStepClient:
                  timeout: float = 60.0, http: Optional[httpx.AsyncClient] = None):
         self.base_url, self.api_key = protocol.resolve(api_url, api_key)
         self._http = http or httpx.AsyncClient(timeout=timeout, follow_redirects=True)
-        self._http.headers.update(protocol.auth_headers(self.api_key))
+        self._http.headers.update(protocol.client_headers(self.api_key, self._http.headers.get("User-Agent", "")))
 
     async def __aenter__(self) -> "AsyncACEStepClient":
         return self

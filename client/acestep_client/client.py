@@ -26,7 +26,7 @@ class ACEStepClient:
                  timeout: float = 60.0, http: Optional[httpx.Client] = None):
         self.base_url, self.api_key = protocol.resolve(api_url, api_key)
         self._http = http or httpx.Client(timeout=timeout, follow_redirects=True)
-        self._http.headers.update(protocol.auth_headers(self.api_key))
+        self._http.headers.update(protocol.client_headers(self.api_key, self._http.headers.get("User-Agent", "")))
 
     def __enter__(self) -> "ACEStepClient":
         return self

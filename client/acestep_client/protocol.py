@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from ._version import __version__
 from .errors import APIError, AuthError, NotSupported, ServerUnreachable, TaskFailed
 from .types import TaskState, TaskStatus
 
@@ -30,8 +31,19 @@ def resolve(api_url: Optional[str], api_key: Optional[str]) -> tuple[str, Option
     return url, key
 
 
+USER_AGENT = f"acestep-client/{__version__} python-httpx/{httpx.__version__}"
+
+
 def auth_headers(api_key: Optional[str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def client_headers(api_key: Optional[str], user_agent: str) -> dict[str, str]:
+    """Auth, and this client's User-Agent unless the caller's httpx client already has its own."""
+    headers = auth_headers(api_key)
+    if user_agent.startswith("python-httpx/"):
+        headers["User-Agent"] = USER_AGENT
+    return headers
 
 
 @dataclass

@@ -33,10 +33,17 @@ def context_fields() -> dict[str, Any]:
     return dict(_fields.get())
 
 
+# Fields libraries attach for their own console formatting: uvicorn's `color_message` is the message
+# again with ANSI colour codes, noise in a JSON line.
+DROPPED_FIELDS = ("color_message",)
+
+
 class ContextFilter(logging.Filter):
-    """Copies the bound context onto each record (explicit `extra=` fields win)."""
+    """Copies the bound context onto each record (explicit `extra=` fields win) and drops DROPPED_FIELDS."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        for key in DROPPED_FIELDS:
+            record.__dict__.pop(key, None)
         for key, value in _fields.get().items():
             if not hasattr(record, key):
                 setattr(record, key, value)
