@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
@@ -347,9 +347,9 @@ class Worker:
             raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
 
     def _run(self, batch: list[_Claimed], overlap: bool = False) -> None:
-        # A batch's lines name all its tasks; each outcome line names its own.
-        with log_context(task_id=",".join(c.task_id for c in batch),
-                         attempt=",".join(str(c.attempt) for c in batch)):
+        # A batch's lines name all its tasks (`task_ids`, `attempts`; a lone task's `task_id`, `attempt`), each
+        # outcome line its own: a field has one type on every line (an attempt is always an int).
+        with log_context(**_task_fields(batch)):
             outcomes = self._generate(batch)
         if outcomes is None:
             return
@@ -559,6 +559,12 @@ def pipeline_enabled(settings: Settings, engine: GenerationEngine) -> bool:
 def _backoff(outage_seconds: float) -> float:
     """1 s, doubling with the outage's length, at most a minute."""
     return min(60.0, max(1.0, outage_seconds))
+
+
+def _task_fields(batch: Sequence[_Claimed]) -> dict[str, Any]:
+    if len(batch) == 1:
+        return {"task_id": batch[0].task_id, "attempt": int(batch[0].attempt)}
+    return {"task_ids": [c.task_id for c in batch], "attempts": [int(c.attempt) for c in batch]}
 
 
 def _describe_error(exc: BaseException) -> str:
