@@ -42,8 +42,10 @@ log = logging.getLogger("engine")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-# Progress fractions: diffusion steps span 5%..90%, then VAE decode and audio encoding.
-_STEPS_FROM, _STEPS_TO = 0.05, 0.90
+# Progress: preparing, diffusion steps, the VAE decode (one call inside the pipeline: one mark), encoding
+# (per request of the batch). On CPU the decode is often the longest stage: named, not hidden at 90%.
+_STEPS_FROM, _STEPS_TO = 0.05, 0.80
+_DECODE_AT, _ENCODE_FROM = 0.80, 0.95
 WARMUP_SECONDS = 10.0  # the shortest song a request may ask for
 
 
@@ -372,6 +374,8 @@ class Engine:
         def on_step_end(_pipe, step, _t, tensors):
             _report(progress, _STEPS_FROM + (_STEPS_TO - _STEPS_FROM) * (step + 1) / n_steps,
                     f"diffusion step {step + 1}/{n_steps}")
+            if step + 1 == n_steps:  # the pipeline decodes the latents next
+                _report(progress, _DECODE_AT, "VAE decode")
             return tensors
 
         kwargs = dict(
@@ -403,7 +407,7 @@ class Engine:
             if job.audio_duration is not None and duration is not None and job.audio_duration < duration:
                 job.notes.append(f"batched by length bucket: generated at {duration:g} s with longer songs and cut "
                                  f"to {job.audio_duration:g} s (a run alone with the same seed differs)")
-        _report(progress, 0.95, "encoding audio")
+        _report(progress, _ENCODE_FROM, "encoding audio")  # without `encode`, the caller encodes next
 
         results, offset = [], 0
         for job in jobs:
@@ -413,6 +417,8 @@ class Engine:
                 results.append(self._finish(job, part, clock, pipeline_s, len(jobs), len(seeds), encode))
             except GenerationError as exc:
                 results.append(exc)
+            if encode and offset < len(seeds):
+                _report(progress, _ENCODE_FROM + (1.0 - _ENCODE_FROM) * offset / len(seeds), "encoding audio")
         _report(progress, 1.0, "done")
         return results
 
