@@ -207,6 +207,17 @@ def test_progress_is_reported_in_order(engine):
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert sum(1 for _, s in seen if s.startswith("diffusion step")) == 4
+    # after the last step the stages name what runs: the VAE decode (the longest on CPU), then encoding
+    stages = [s for _, s in seen if not s.startswith("diffusion step")]
+    assert stages == ["preparing", "VAE decode", "encoding audio", "done"], stages
+    assert seen[seen.index((0.8, "VAE decode")) - 1][1] == "diffusion step 4/4"
+
+
+def test_encoding_a_batch_reports_its_own_progress(engine):
+    seen = []
+    engine.generate_batch([(req(inference_steps=2), {}), (req(inference_steps=2), {})],
+                          progress=lambda f, s: seen.append((round(f, 3), s)))
+    assert [f for f, s in seen if s == "encoding audio"] == [0.95, 0.975]
 
 
 def test_cancellation_from_the_progress_callback_stops_generation(engine):
