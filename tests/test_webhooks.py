@@ -36,6 +36,23 @@ from tests.support_engine import SineEngine
 KEY = "sk-hook"
 
 
+@pytest.fixture(autouse=True)
+def _close_notifiers(monkeypatch):
+    """Every notifier a test makes (its own, the apps') stops reading the outbox when the test ends:
+    moto's in-process tables share one name, so a leftover reader would take the next test's webhooks."""
+    made = []
+    original = WebhookNotifier.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(WebhookNotifier, "__init__", init)
+    yield
+    for notifier in made:
+        notifier.close(5)
+
+
 def public(host, port):
     return ["93.184.216.34"]
 
@@ -147,6 +164,7 @@ def _notifier(settings, backend, **kw) -> WebhookNotifier:
     settings.api_key, settings.webhook_allow_private = KEY, True
     notifier = build_notifier(settings, backend)
     notifier.backoff = kw.pop("backoff", 0.01)
+    notifier.poll_seconds = kw.pop("poll_seconds", 0.1)
     for k, v in kw.items():
         setattr(notifier, k, v)
     return notifier
@@ -567,3 +585,17 @@ def test_a_delivery_pending_when_its_process_is_killed_arrives_after_a_restart(s
         process.kill()
         process.wait(10)
         receiver.close()
+
+
+def test_an_api_process_stops_reading_the_outbox_once_it_is_empty(settings, backend, receiver):
+    notifier = _notifier(settings, backend)  # as the API builds it: started by task_finished, not start()
+    task_id = _submit(backend, receiver.url)
+    backend.store.cancel(task_id, "x")
+    notifier.task_finished(task_id)
+    poll_until("the dispatcher to stop", lambda: len(receiver.posts) == 1 and notifier._thread is None, 10)
+    worker_side = _notifier(settings, backend)
+    worker_side.start()  # a worker: keeps reading, so a delivery left by a process that stopped is taken up
+    later = _submit(backend, receiver.url)
+    backend.store.cancel(later, "x")  # no task_finished in this process
+    poll_until("the worker's dispatcher to find it", lambda: len(receiver.posts) == 2, 10)
+    assert worker_side._thread is not None

@@ -62,6 +62,8 @@ class WebhookNotifier:
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._persistent = False  # start() was called: never stop reading the outbox
+        self._nudged = False  # task_finished since the dispatcher last read the outbox
 
     @property
     def lease(self) -> float:
@@ -71,23 +73,30 @@ class WebhookNotifier:
     # -- the caller's side -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the dispatcher (a worker does at boot, so deliveries pending from before resume at once)."""
+        """Read the outbox from now on, for good (a worker does at boot, so deliveries pending from
+        before resume at once)."""
+        with self._cond:
+            self._persistent = True
+        self._ensure_thread()
+
+    def task_finished(self, task_id: str) -> None:
+        """A task ended here: read the outbox now (never blocks, never raises). Without start(), the
+        dispatcher this starts stops again once the outbox is empty (an API process: workers keep reading)."""
+        with self._cond:
+            self._wake_at = 0.0
+            self._nudged = True
+            self._cond.notify_all()
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
         with self._cond:
             if self._thread is None and not self._stopping:
                 self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
                 self._thread.start()
 
-    def task_finished(self, task_id: str) -> None:
-        """A task ended here: read the outbox now (never blocks, never raises)."""
-        self.start()
-        with self._cond:
-            self._wake_at = 0.0
-            self._cond.notify_all()
-
     def flush(self, timeout: float) -> bool:
         """Wait until the outbox is empty and nothing is in flight (tests); False if something is still pending."""
         deadline = time.monotonic() + timeout
-        self.start()
         while True:
             with self._cond:
                 idle = self._in_flight == 0
@@ -96,8 +105,9 @@ class WebhookNotifier:
             if time.monotonic() >= deadline:
                 log.warning("webhook deliveries still pending after %.0f s", timeout)
                 return False
+            self._ensure_thread()
             with self._cond:
-                self._wake_at = 0.0
+                self._wake_at, self._nudged = 0.0, True
                 self._cond.notify_all()
                 self._cond.wait(0.05)
 
@@ -130,14 +140,19 @@ class WebhookNotifier:
                     return
                 free = self.concurrency - self._in_flight
                 self._wake_at = time.monotonic() + self.poll_seconds
+                self._nudged = False
             try:
                 started = self._dispatch(free)
+                idle = started == 0 and not self._persistent and not self.store.webhooks_due(_FAR, 1)
             except Exception:  # the store may be unreachable for a while: try again at the next poll
                 log.warning("could not read the webhook outbox", exc_info=True)
                 continue
-            if started == free:  # there may be more due than there were free slots
-                with self._cond:
+            with self._cond:
+                if started == free:  # there may be more due than there were free slots
                     self._wake_at = 0.0
+                if idle and not self._in_flight and not self._nudged and not self._persistent:
+                    self._thread = None  # nothing left to send: a later task_finished starts another
+                    return
 
     def _dispatch(self, free: int) -> int:
         started = 0
