@@ -8,6 +8,10 @@ ACE-Step's original layout (how the official 2B models are published; engine/ori
 once into <checkpoint_dir>/.diffusers/<model-name>/ (engine/converted_cache.py) and loaded from there:
     <checkpoint_dir>/<model-name>/{config.json,model.safetensors,silence_latent.pt}
     <checkpoint_dir>/vae/, <checkpoint_dir>/Qwen3-Embedding-0.6B/
+A random-weight demo built because real weights are missing lives apart, in <checkpoint_dir>/.demo/<model-name>/
+(diffusers layout, with the acestep_demo.json marker), and is served only while the real weights are missing and
+the start-up chose it (EngineConfig.demo_models): real weights always win. A demo found in a real model's folder
+(`acestep-models make-tiny`, or an older version of this service) is moved there before real weights are fetched.
 
 Import is torch-free; building a tiny checkpoint or converting imports torch lazily.
 """
@@ -30,6 +34,7 @@ from engine.types import GenerationError
 log = logging.getLogger("engine.checkpoints")
 
 DEMO_MARKER = "acestep_demo.json"
+DEMO_DIR = ".demo"  # <checkpoint_dir>/.demo/<name>: the demo stand-in of a model whose real weights are missing
 DEMO_NOTICE = "random weights: the audio is noise"
 # Upstream's constants: turbo (guidance-distilled) DiTs officially support only these; base/sft support all.
 TURBO_TASK_TYPES = ("text2music", "cover", "repaint")
@@ -47,9 +52,15 @@ def model_dir(checkpoint_dir: str | os.PathLike, name: str) -> Path:
     return Path(checkpoint_dir) / name
 
 
+def demo_model_dir(checkpoint_dir: str | os.PathLike, name: str) -> Path:
+    return Path(checkpoint_dir) / DEMO_DIR / name
+
+
 def is_complete(path: Path) -> bool:
-    """model_index.json is present and every component it lists has its folder."""
+    """model_index.json is present, every component it lists has its folder, and no download into it is under way."""
     index = path / "model_index.json"
+    if model_sources.is_downloading(path):
+        return False
     if not index.is_file():
         return False
     try:
@@ -65,12 +76,20 @@ def is_complete(path: Path) -> bool:
 
 
 def local_layout(checkpoint_dir: str | os.PathLike, name: str) -> Optional[str]:
-    """"diffusers" or "original" for a model present under `checkpoint_dir`, None when neither is complete."""
+    """"diffusers" or "original" for a model present under `checkpoint_dir`, None when neither is complete (or a
+    download into its folder has not finished)."""
+    if model_sources.is_downloading(model_dir(checkpoint_dir, name)):
+        return None
     if is_complete(model_dir(checkpoint_dir, name)):
         return "diffusers"
     if not original_layout.missing_parts(checkpoint_dir, name):
         return "original"
     return None
+
+
+def is_random(path: Path) -> bool:
+    """The folder's marker says its weights are random (a demo)."""
+    return bool((read_marker(path) or {}).get("random_weights"))
 
 
 def read_marker(path: Path) -> Optional[dict]:
@@ -111,9 +130,12 @@ def missing_model_message(name: str, path: Path, config: EngineConfig, reason: s
 def download_model(name: str, checkpoint_dir: str | os.PathLike) -> Path:
     """Fetch `name` from its published source into `checkpoint_dir` (verified, pinned; see model_sources).
 
-    huggingface_hub shows per-file progress bars on stderr and resumes partial files.
+    A random-weight demo in the model's folder is moved to .demo/ first: real weights take its place.
+    huggingface_hub shows per-file progress bars on stderr and resumes partial files. Raises
+    model_sources.DownloadFailed (one line: model, cause, fix) or ModelNotFound.
     """
     source = model_sources.source_for(name)
+    move_demo_aside(checkpoint_dir, name)
     folder = model_sources.download(source, Path(checkpoint_dir))
     if source.layout == "diffusers" and not is_complete(folder):
         raise ModelNotFound(f"downloaded {source.describe()} into {folder} but it is not a diffusers-format "
@@ -122,30 +144,54 @@ def download_model(name: str, checkpoint_dir: str | os.PathLike) -> Path:
     return folder
 
 
+def move_demo_aside(checkpoint_dir: str | os.PathLike, name: str) -> Optional[Path]:
+    """A random-weight model in `name`'s own folder is moved to .demo/<name> (replacing an older demo there), so
+    real weights can take the folder. Returns where it went, None when the folder held no demo."""
+    path = model_dir(checkpoint_dir, name)
+    if not is_random(path):
+        return None
+    from engine.atomic_dir import exclusive_lock
+
+    demo = demo_model_dir(checkpoint_dir, name)
+    with exclusive_lock(demo):
+        if not is_random(path):  # another process moved it meanwhile
+            return None
+        if demo.exists():
+            import shutil
+
+            shutil.rmtree(demo)
+        demo.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, demo)
+    log.warning("moved the random-weight demo model out of %s into %s: the real weights go in its place", path, demo)
+    return demo
+
+
 def resolve_model(config: EngineConfig, name: str) -> Path:
     """Path of a complete diffusers-layout checkpoint for `name`: the local one, the conversion of a local
-    original-layout one (converted on first use), or a download when allowed; ModelNotFound otherwise."""
+    original-layout one (converted on first use), the demo stand-in when the start-up chose one
+    (config.demo_models), or a download when allowed; ModelNotFound otherwise."""
     path = model_dir(config.checkpoint_dir, name)
-    if is_complete(path):
-        return path
-    if (path / original_layout.CONFIG_FILE).is_file():  # a DiT folder of the original layout
-        missing = original_layout.missing_parts(config.checkpoint_dir, name)
-        if missing:  # an original DiT folder is here: downloading over it would mix two layouts
-            raise ModelNotFound(f"model {name!r} at {path} is in ACE-Step's original layout but incomplete; "
-                                f"missing: {', '.join(missing)}")
-        from engine.converted_cache import ensure_converted  # it imports this module
+    if not model_sources.is_downloading(path):
+        if is_complete(path):
+            return path
+        if (path / original_layout.CONFIG_FILE).is_file():  # a DiT folder of the original layout
+            missing = original_layout.missing_parts(config.checkpoint_dir, name)
+            if missing:  # an original DiT folder is here: downloading over it would mix two layouts
+                raise ModelNotFound(f"model {name!r} at {path} is in ACE-Step's original layout but incomplete; "
+                                    f"missing: {', '.join(missing)}")
+            from engine.converted_cache import ensure_converted  # it imports this module
 
-        return ensure_converted(config.checkpoint_dir, name)
+            return ensure_converted(config.checkpoint_dir, name)
+    if name in config.demo_models and is_complete(demo_model_dir(config.checkpoint_dir, name)):
+        return demo_model_dir(config.checkpoint_dir, name)
     if not config.downloads_possible():
         reason = ("downloads are disabled (HF_HUB_OFFLINE is set)" if config.allow_download
                   else "downloads are disabled (ACESTEP_ALLOW_DOWNLOAD=false)")
         raise ModelNotFound(missing_model_message(name, path, config, reason))
     try:
         download_model(name, config.checkpoint_dir)
-    except ModelNotFound:
-        raise
-    except Exception as exc:
-        raise ModelNotFound(missing_model_message(name, path, config, f"the download failed ({exc})")) from exc
+    except model_sources.DownloadFailed as exc:
+        raise ModelNotFound(f"model {name!r} is not on disk and {exc}") from exc
     if is_complete(path):
         return path
     from engine.converted_cache import ensure_converted  # an original-layout download: convert it once
@@ -227,30 +273,36 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
     return path
 
 
-def ensure_demo_models(config: EngineConfig) -> list[str]:
-    """For the launcher: make every configured model loadable on a machine without real weights.
+def ensure_demo_models(config: EngineConfig, names: Optional[list[str]] = None) -> list[str]:
+    """For the launcher: a demo stand-in for each model (of `names`, default all configured) without real weights,
+    built in .demo/<name> when missing (logged loudly). The real model's folder is never written.
 
-    A model missing locally while downloads are impossible gets a tiny random-weight checkpoint (logged loudly).
-    Returns the names that will be served with random weights (built now or earlier).
+    Returns the names that will be served with random weights; they are also added to config.demo_models.
+    A model being downloaded, or an incomplete original-layout one, gets no demo from here when downloads are
+    possible (Engine.load fetches it, or says what it lacks).
     """
     demo = []
-    for name in config.model_names:
-        path = model_dir(config.checkpoint_dir, name)  # the marker sits in the DiT folder in both layouts
-        if local_layout(config.checkpoint_dir, name) is None:
-            if config.downloads_possible():
-                continue  # Engine.load downloads the real weights
-            if (path / original_layout.CONFIG_FILE).is_file():
-                continue  # an incomplete original-layout model: Engine.load says what it lacks
-            log.warning("=" * 72)
-            log.warning("NO WEIGHTS for model %s and downloads are impossible: building a TINY RANDOM-WEIGHT "
-                        "DEMO model at %s. Its audio is noise.", name, path)
-            log.warning("=" * 72)
+    for name in (config.model_names if names is None else names):
+        path = model_dir(config.checkpoint_dir, name)
+        if local_layout(config.checkpoint_dir, name) is not None:
+            if is_random(path):  # a demo in the real model's place (make-tiny): served as it is, labelled
+                demo.append(name)
+            continue
+        if (path / original_layout.CONFIG_FILE).is_file() and not model_sources.is_downloading(path):
+            continue  # an incomplete original-layout model: Engine.load says what it lacks
+        stand_in = demo_model_dir(config.checkpoint_dir, name)
+        if not is_complete(stand_in):
             from engine.atomic_dir import exclusive_lock
 
-            with exclusive_lock(path.parent / f"{name}.demo"):  # two workers starting together build it once
-                if local_layout(config.checkpoint_dir, name) is None:
-                    build_tiny_checkpoint(path, model_name=name)
-        marker = read_marker(path)
-        if marker and marker.get("random_weights"):
-            demo.append(name)
+            # two workers starting together build it once (build_tiny_checkpoint holds the folder's own lock)
+            with exclusive_lock(stand_in.parent / f"{name}.demo"):
+                if not is_complete(stand_in):
+                    log.warning("=" * 72)
+                    log.warning("NO WEIGHTS for model %s: building a TINY RANDOM-WEIGHT DEMO model at %s (its audio "
+                                "is noise); real weights downloaded to %s replace it", name, stand_in, path)
+                    log.warning("=" * 72)
+                    build_tiny_checkpoint(stand_in, model_name=name)
+        if name not in config.demo_models:
+            config.demo_models.append(name)
+        demo.append(name)
     return demo

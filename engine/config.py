@@ -23,6 +23,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     allow_download: bool = True
     lm_model: Optional[str] = None  # the 5 Hz LM folder (name under checkpoint_dir, or a path); None: DiT only
+    # Models served from their random-weight demo stand-in (<checkpoint_dir>/.demo/<name>) while their real
+    # weights are missing: chosen at start-up (checkpoints.ensure_demo_models); real weights still win.
+    demo_models: list[str] = field(default_factory=list)
     lm_backend: str = "auto"  # pt | vllm | auto (engine.lm.backend_choice)
     # Throughput (engine/speedups.py, engine/timing.py, engine/memory.py, engine/plan.py)
     stage_timings: bool = True  # per-stage times in generation_info (never synchronises the GPU)

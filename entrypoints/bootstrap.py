@@ -78,59 +78,86 @@ _ON = {"true", "1", "yes", "on"}
 
 
 def choose_lm(settings: Settings, demo_dits: list[str]) -> str | None:
-    """Which 5 Hz LM the engine loads (ACESTEP_INIT_LLM: true, false, or auto).
+    """Which 5 Hz LM the engine loads (ACESTEP_INIT_LLM: true, false, or auto): a name under the
+    checkpoint dir, a path, or None.
 
-    auto: the LM when its folder is there; with demo DiTs, a demo LM built beside them, so a machine
-    without weights still runs thinking end to end (labelled as random weights everywhere).
-    true: the LM, or a clear error at start when it is missing (a demo one when demos are allowed).
+    auto: the LM when its folder is there; with demo DiTs, a demo LM (in <checkpoint dir>/.demo/), so a
+    machine without weights still runs thinking end to end (labelled as random weights everywhere).
+    true: the LM (downloaded at the first start), or a clear error at start when it is missing (a demo
+    one when demos are allowed; its real download is then retried in the background at each start).
     """
-    from engine.lm.folders import ensure_demo_lm, resolve_lm_folder
+    return _choose_lm(settings, demo_dits)[0]
+
+
+def _choose_lm(settings: Settings, demo_dits: list[str]) -> tuple[str | None, bool]:
+    """(the LM to load, whether its real download should be retried in the background)."""
+    from pathlib import Path
+
+    from engine import model_sources
+    from engine.checkpoints import DEMO_DIR, move_demo_aside
+    from engine.lm.folders import ensure_demo_lm, is_lm_folder, resolve_lm_folder
+    from engine.lm.tiny import is_random_lm
 
     choice = (settings.init_llm or "auto").strip().lower()
     if choice in _OFF:
-        return None
+        return None, False
     name = settings.lm_model_path or DEFAULT_LM
-    if resolve_lm_folder(settings.checkpoint_dir, name) is not None:
-        return name
-    if choice in _ON and _download_lm(settings, name):
-        return name
-    if settings.demo_if_missing and (choice in _ON or demo_dits):
+    required = choice in _ON
+    can_download = name in model_sources.KNOWN and engine_config(settings).downloads_possible()
+    if can_download and required:  # a demo in the real LM's folder (an older version put it there) steps aside
+        move_demo_aside(settings.checkpoint_dir, name)
+    found = resolve_lm_folder(settings.checkpoint_dir, name)
+    if found is not None and (not is_random_lm(found) or required or demo_dits):
+        return name, False  # real weights; or, offline, a demo in its place (labelled), never beside real DiTs
+    demo = Path(settings.checkpoint_dir) / DEMO_DIR / Path(name).name
+    had_demo = is_lm_folder(demo)
+    if required and not had_demo and _download_lm(settings, name):  # the first start waits for it
+        return name, False
+    if settings.demo_if_missing and (required or demo_dits):
         # 1,024 code tokens instead of 64,000: any code is valid DiT input, and the demo decodes ~5x faster
-        ensure_demo_lm(settings.checkpoint_dir, name, audio_codes=1024)
-        return name
-    return name if choice in _ON else None
+        ensure_demo_lm(demo.parent, demo.name, audio_codes=1024)
+        return str(demo), required and had_demo and can_download
+    return (name if required else None), False
 
 
 def load_engine(settings: Settings) -> GenerationEngine:
-    """Load the DiT models once (building demo random-weight models if so configured).
+    """Load the DiT models once (with random-weight demo stand-ins for missing weights, if so configured).
+
+    A demo never takes a real model's place: it lives in <checkpoint dir>/.demo/<name>, and while one is
+    served the real download is retried in the background at each start (engine/demo_models.py); the
+    real weights are used from the next start.
 
     Typed as the port the worker uses: mypy (`make test`) checks engine.service.Engine against
     GenerationEngine structurally here (engine/ does not import service/, so Engine cannot
     subclass it).
     """
-    from engine.checkpoints import ModelNotFound, ensure_demo_models
+    from engine.checkpoints import ModelNotFound, ensure_demo_models, local_layout
+    from engine.demo_models import BackgroundDownloads, StartPlan, plan_start
     from engine.service import Engine
 
     config = engine_config(settings)
     if settings.models_mirror:
         fetch_mirrored_models(settings)
-    demo_dits: list[str] = []
-    if settings.demo_if_missing:
-        demo_dits = ensure_demo_models(config)
-        _warn_demo(demo_dits, settings)
-    config.lm_model = choose_lm(settings, demo_dits)
+    plan = plan_start(config) if settings.demo_if_missing else StartPlan()
+    _warn_demo(plan.demo, settings)
+    config.lm_model, lm_retry = _choose_lm(settings, plan.demo)
     try:
-        return Engine.load(config)
+        engine = Engine.load(config)
     except ModelNotFound as exc:
         if not settings.demo_if_missing:
             raise
-        # The download was possible in principle but failed (no network): fall back to demos.
+        # The download was possible in principle but failed (no network): demos now, another try next start.
         log.error("%s", exc)
-        config.allow_download = False
-        demo_dits = ensure_demo_models(config)
-        _warn_demo(demo_dits, settings)
-        config.lm_model = choose_lm(settings, demo_dits)
-        return Engine.load(config)
+        missing = [n for n in config.model_names
+                   if local_layout(config.checkpoint_dir, n) is None and n not in config.demo_models]
+        built = ensure_demo_models(config, missing)
+        _warn_demo(built, settings)
+        plan.demo += built
+        config.lm_model, _ = _choose_lm(settings, plan.demo)
+        engine = Engine.load(config)
+    BackgroundDownloads(settings.checkpoint_dir, plan.retry,
+                        [settings.lm_model_path or DEFAULT_LM] if lm_retry else []).start()
+    return engine
 
 
 def fetch_mirrored_models(settings: Settings) -> None:
@@ -150,9 +177,9 @@ def fetch_mirrored_models(settings: Settings) -> None:
 
 def _warn_demo(names: list[str], settings: Settings) -> None:
     for name in names:
-        log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Put real weights "
-                    "under %s/%s (or run `acestep-models download %s`) to generate music.",
-                    name, settings.checkpoint_dir, name, name)
+        log.warning("serving a RANDOM-WEIGHT demo model %r: its audio is noise. Run `acestep-models download "
+                    "%s` (real weights go to %s/%s and take its place) to generate music.",
+                    name, name, settings.checkpoint_dir, name)
 
 
 def _download_lm(settings: Settings, name: str) -> bool:
@@ -166,8 +193,8 @@ def _download_lm(settings: Settings, name: str) -> bool:
         return False
     try:
         model_sources.download(model_sources.source_for(name), Path(settings.checkpoint_dir))
-    except Exception:
-        log.exception("could not download the 5 Hz LM %s", name)
+    except model_sources.DownloadFailed as exc:
+        log.error("5 Hz LM: %s", exc)
         return False
     return True
 

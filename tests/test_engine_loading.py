@@ -11,7 +11,7 @@ import pytest
 from engine.checkpoints import (
     DEMO_MARKER,
     ModelNotFound,
-    ensure_demo_models,
+    build_tiny_checkpoint,
     is_complete,
     resolve_model,
     supported_task_types,
@@ -101,23 +101,31 @@ def test_engine_load_fails_clearly_when_a_model_is_missing(tmp_path):
         Engine.load(EngineConfig(checkpoint_dir=str(tmp_path), model_names=["nope"], allow_download=False))
 
 
-def test_ensure_demo_models_builds_missing_models_when_offline(tmp_path, monkeypatch, caplog):
+def test_offline_start_builds_the_demo_beside_the_real_folder_never_in_it(tmp_path, monkeypatch, caplog):
+    from engine.demo_models import plan_start
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO])
     with caplog.at_level("WARNING"):
-        assert ensure_demo_models(config) == [TURBO]
-    assert is_complete(tmp_path / TURBO)
+        plan = plan_start(config)
+    assert (plan.demo, plan.retry, config.demo_models) == ([TURBO], [], [TURBO])  # offline: nothing to retry
+    assert is_complete(tmp_path / ".demo" / TURBO) and not (tmp_path / TURBO).exists()
     assert "RANDOM-WEIGHT" in caplog.text
-    # real weights present (no marker): not a demo, nothing built
+    assert resolve_model(config, TURBO) == tmp_path / ".demo" / TURBO
+    # real weights put in the model's own folder (no marker) win at once: no demo, nothing built
+    build_tiny_checkpoint(tmp_path / TURBO)
     (tmp_path / TURBO / DEMO_MARKER).unlink()
-    assert ensure_demo_models(config) == []
+    config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO])
+    assert plan_start(config).demo == [] and resolve_model(config, TURBO) == tmp_path / TURBO
 
 
-def test_ensure_demo_models_leaves_downloadable_models_to_the_loader(tmp_path, monkeypatch):
+def test_a_first_start_with_network_waits_for_the_download_instead_of_a_demo(tmp_path, monkeypatch):
+    from engine.demo_models import plan_start
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO], allow_download=True)
-    assert ensure_demo_models(config) == []
-    assert not (tmp_path / TURBO).exists()
+    assert plan_start(config).demo == []
+    assert not (tmp_path / TURBO).exists() and not (tmp_path / ".demo").exists()
 
 
 def test_task_type_rule():

@@ -75,8 +75,11 @@ def test_a_damaged_download_is_refused_naming_the_file(tmp_path):
         original(**kw)
         (Path(kw["local_dir"]) / "acestep-v15-turbo" / "model.safetensors").write_bytes(b"X" * 500)
 
-    with pytest.raises(OSError, match="model.safetensors: sha256 differs"):
+    with pytest.raises(model_sources.DownloadFailed, match="model.safetensors: sha256 differs") as failed:
         download(source_for("acestep-v15-turbo", env={}), tmp_path, corrupting, hub.files)
+    assert "\n" not in str(failed.value) and "acestep-models download acestep-v15-turbo" in str(failed.value)
+    assert not (tmp_path / "acestep-v15-turbo" / "model.safetensors").exists()  # fetched again next time
+    assert (tmp_path / "acestep-v15-turbo" / model_sources.DOWNLOADING).is_file()  # not a model yet
 
 
 def test_later_downloads_keep_the_recorded_commit(tmp_path):
