@@ -118,7 +118,7 @@ class DownloadFailed(Exception):
 
     def __init__(self, name: str, where: str, cause: str, fix: str):
         self.name, self.where, self.cause, self.fix = name, where, cause, fix
-        super().__init__(f"cannot download {name} from {where}: {cause}. {fix}")
+        super().__init__(f"cannot download {name} from {where}: {cause}. {fix[:1].upper()}{fix[1:]}")
 
 
 def hub_endpoint() -> str:

@@ -24,6 +24,7 @@ from service.upstream_env import warn_unused_upstream_env
 from service.observability.logs import configure_logging
 
 from . import bootstrap, heap
+from .cli_errors import user_errors
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="accepted for compatibility; models download from the Hugging Face hub")
     p.add_argument("--log-level", default=os.environ.get("ACESTEP_API_LOG_LEVEL"),
                    help="debug, info, warning, error (ACESTEP_LOG_LEVEL, info)")
+    p.add_argument("--debug", action="store_true",
+                   help="tracebacks for start-up failures (ACESTEP_DEBUG=1); workers inherit it")
     return p.parse_args(argv)
 
 
@@ -205,11 +208,13 @@ async def _serve_all(servers: list) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    settings = settings_from_args(args)
-    configure_logging(settings.log_level, settings.log_format)
-    bootstrap.resolve_secrets(settings)
-
-    app = bootstrap.build_app(settings)
+    if args.debug:
+        os.environ["ACESTEP_DEBUG"] = "1"  # the worker processes' environment too
+    with user_errors("acestep-api"):  # a bad setting: one line naming it, not a traceback
+        settings = settings_from_args(args)
+        configure_logging(settings.log_level, settings.log_format)
+        bootstrap.resolve_secrets(settings)
+        app = bootstrap.build_app(settings)
     supervisor = WorkerSupervisor(settings, settings.queue_workers, settings.log_level)
     if settings.queue_workers > 0:
         supervisor.start()

@@ -1,13 +1,21 @@
-"""`acestep-models`: list, download, convert or fake (random-weight) ACE-Step checkpoints.
+"""`acestep-models`: list, download, convert, publish or fake (random-weight) ACE-Step checkpoints.
 
-    acestep-models make-tiny DIR [--name NAME] [--seed N] [--layout diffusers|original]
-        tiny random-weight demo model at DIR/NAME (original layout: also DIR/vae, DIR/Qwen3-Embedding-0.6B)
+    acestep-models list [--checkpoint-dir DIR]
+        every model (the DiTs and the 5 Hz LM): its state (present / MISSING / DEMO / converted) and where
+        its weights come from (repo @ revision, or local files)
+    acestep-models download NAME [--checkpoint-dir DIR]     from its published source, verified, pinned;
+        a random-weight demo in NAME's folder is moved out of the way first
     acestep-models convert SRC DST [--name NAME] [--overwrite]
         original layout (SRC/NAME, SRC/vae, SRC/Qwen3-Embedding-0.6B) -> diffusers layout at DST
-    acestep-models list [--checkpoint-dir DIR]              configured + present models, real or demo
-    acestep-models download NAME [--checkpoint-dir DIR]     from its published source, verified, pinned
+        (a random-weight demo at DST is replaced without --overwrite)
     acestep-models publish NAME --bucket BUCKET [--checkpoint-dir DIR]
-        copy the (converted) model to s3://BUCKET/models/NAME/ for AWS workers (ACESTEP_MODELS_MIRROR)
+        copy the model (downloaded and converted first if needed) to s3://BUCKET/models/NAME/ for AWS
+        workers (ACESTEP_MODELS_MIRROR); random-weight models are refused
+    acestep-models make-tiny DIR [--name NAME] [--seed N] [--layout diffusers|original]
+        tiny random-weight demo model at DIR/NAME, marked as such (its audio is noise)
+
+Settings come from the environment and .env, as for acestep-api. A failure prints one line (what, why, the
+fix) and exits non-zero; --debug (or ACESTEP_DEBUG=1) adds the traceback.
 """
 from __future__ import annotations
 
@@ -15,26 +23,36 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from engine import model_sources, original_layout
 from engine.checkpoints import (
+    DEMO_DIR,
     DEMO_NOTICE,
     LAYOUTS,
     build_tiny_checkpoint,
+    demo_model_dir,
     download_model,
     is_complete,
+    is_random,
     local_layout,
     model_dir,
     read_marker,
 )
-from engine.config import DEFAULT_MODEL, EngineConfig
+from engine.config import DEFAULT_MODEL
 from engine.converted_cache import cache_path, is_fresh, source_record
+
+from .cli_errors import EXIT_CONFIG, CliError, debug_requested, user_errors
+
+PROG = "acestep-models"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="acestep-models", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight model (its audio is noise)")
     tiny.add_argument("dir", help="checkpoint dir; the model goes to DIR/NAME")
@@ -50,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("dst", help="the diffusers-layout model folder to write (atomically)")
     conv.add_argument("--name", default=None, help="the DiT folder under SRC (default: the only one there)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    lst = sub.add_parser("list", help="show configured and present models")
+    lst = sub.add_parser("list", help="show every model: state and where its weights come from")
     lst.add_argument("--checkpoint-dir", default=None)
     dl = sub.add_parser("download", help="download a model from its published source on the Hugging Face Hub")
     dl.add_argument("name")
@@ -61,53 +79,119 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--checkpoint-dir", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = EngineConfig.from_env()
+    with user_errors(PROG, args.debug or debug_requested([])):
+        return run(args)
 
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "make-tiny":
         path = build_tiny_checkpoint(Path(args.dir) / args.name, seed=args.seed, model_name=args.name,
                                      size="full" if args.full_size else "tiny", layout=args.layout)
         print(f"built {path} ({'full-size' if args.full_size else 'tiny'}, {args.layout} layout, seed {args.seed})"
-              f" -- {DEMO_NOTICE}")
+              f" -- {DEMO_NOTICE}; `acestep-models download {args.name}` replaces it with the real weights")
         return 0
     if args.command == "convert":
         return convert(Path(args.src), Path(args.dst), args.name, args.overwrite)
+    settings = _settings()
+    root = Path(args.checkpoint_dir or settings.checkpoint_dir)
     if args.command == "list":
-        root = Path(args.checkpoint_dir or config.checkpoint_dir)
-        present = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (
-            is_complete(p) or original_layout.looks_like_dit(p))) if root.is_dir() else []
-        names = list(dict.fromkeys(config.model_names + present))
-        print(f"checkpoint dir: {root}")
-        for name in names:
-            configured = "configured" if name in config.model_names else "not configured"
-            print(f"  {name:32s} {configured:15s} {_state(root, name)}")
-        return 0
+        return list_models(root, settings)
     if args.command == "download":
-        root = Path(args.checkpoint_dir or config.checkpoint_dir)
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            print("HF_HUB_OFFLINE is set: unset it to download", file=sys.stderr)
-            return 2
-        path = download_model(args.name, root)
-        print(f"downloaded {args.name} to {path} ({model_sources.source_for(args.name).describe()})")
-        return 0
+        return download(root, args.name)
     if args.command == "publish":
-        return publish(Path(args.checkpoint_dir or config.checkpoint_dir), args.name, args.bucket)
+        return publish(root, args.name, args.bucket, settings)
     return 1
 
 
-def publish(root: Path, name: str, bucket: str) -> int:
-    """Publish the diffusers layout the engine loads: the model itself, or its conversion."""
-    import boto3
+def _settings():
+    from service.config import load_settings
 
-    from engine.checkpoints import resolve_model
-    from service.aws.model_mirror import publish as publish_to_s3
+    return load_settings()
 
+
+# -------------------------------------------------------------------------------- download
+def _offline_reason(settings=None) -> Optional[str]:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if settings is not None and not settings.allow_download:
+        return "ACESTEP_ALLOW_DOWNLOAD is false"
+    return None
+
+
+def download(root: Path, name: str) -> int:
+    if _offline_reason():
+        raise CliError(f"cannot download {name}: HF_HUB_OFFLINE is set; unset it (and make sure the hub, "
+                       f"{model_sources.hub_endpoint()}, is reachable), then run this again", EXIT_CONFIG)
+    was_demo = is_random(model_dir(root, name))
+    path = download_model(name, root)
+    print(f"downloaded {name} to {path} ({model_sources.source_for(name).describe()})"
+          + (f"; the random-weight demo that was there is now in {demo_model_dir(root, name)}" if was_demo else ""))
+    return 0
+
+
+# -------------------------------------------------------------------------------- publish
+def publish(root: Path, name: str, bucket: str, settings) -> int:
+    """Publish the diffusers layout the engine loads: the model itself, or its conversion; a missing model is
+    downloaded first; random weights are refused."""
+    from engine.checkpoints import ModelNotFound, resolve_model
+    from engine.config import EngineConfig
+
+    folder_now = model_dir(root, name)
+    if is_random(folder_now):
+        raise CliError(_refuse_demo(name, folder_now))
+    if local_layout(root, name) is None:
+        reason = _offline_reason(settings)
+        if reason:
+            raise CliError(f"cannot publish {name}: it is not in {root} and downloads are off ({reason}); "
+                           f"put its weights in {folder_now} or allow downloads, then publish again", EXIT_CONFIG)
+        print(f"{name} is not in {root}: downloading it first ({model_sources.source_for(name).describe()})")
+        download_model(name, root)
     config = EngineConfig(checkpoint_dir=str(root), model_names=[name], allow_download=False)
-    folder = resolve_model(config, name)  # converts an original-layout model first
-    size = publish_to_s3(boto3.client("s3"), bucket, name, folder)
+    try:
+        folder = resolve_model(config, name)  # converts an original-layout model first
+    except ModelNotFound as exc:
+        raise CliError(f"cannot publish {name}: {exc}") from exc
+    if is_random(folder):  # a conversion carries the demo marker along
+        raise CliError(_refuse_demo(name, folder))
+    size = _upload(bucket, name, folder)
     print(f"published {name} from {folder} to s3://{bucket}/models/{name}/ ({size / 1e9:.2f} GB)")
     return 0
 
 
+def _refuse_demo(name: str, folder: Path) -> str:
+    return (f"refusing to publish {name}: {folder} holds random weights (a demo, its audio is noise) and every AWS "
+            f"worker would serve it. Run `acestep-models download {name}` (the real weights replace the demo), "
+            f"then publish again")
+
+
+def _upload(bucket: str, name: str, folder: Path) -> int:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    from service.aws.model_mirror import publish as publish_to_s3
+
+    s3 = boto3.client("s3")
+    where = f"s3://{bucket}/models/{name}/"
+    try:
+        s3.head_bucket(Bucket=bucket)  # fail on the bucket, not half-way through the upload
+        return publish_to_s3(s3, bucket, name, folder)
+    except NoCredentialsError as exc:
+        raise CliError(f"cannot publish {name} to {where}: no AWS credentials found; run `aws configure` (or set "
+                       f"AWS_PROFILE / AWS_ACCESS_KEY_ID) for the account that holds the stack") from exc
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket"):
+            raise CliError(f"cannot publish {name}: bucket {bucket!r} does not exist for these credentials; "
+                           f"pass the stack's BucketName output (aws cloudformation describe-stacks)") from exc
+        if code in ("403", "AccessDenied", "AllAccessDisabled"):
+            raise CliError(f"cannot publish {name} to {where}: access denied; use credentials allowed to write "
+                           f"the stack's bucket") from exc
+        raise CliError(f"cannot publish {name} to {where}: S3 answered {code or 'an error'} ({exc})") from exc
+    except BotoCoreError as exc:
+        raise CliError(f"cannot publish {name} to {where}: {type(exc).__name__}: {exc}") from exc
+
+
+# -------------------------------------------------------------------------------- convert
 def convert(src: Path, dst: Path, name: str | None, overwrite: bool) -> int:
     from engine.convert import convert_original
 
@@ -123,7 +207,8 @@ def convert(src: Path, dst: Path, name: str | None, overwrite: bool) -> int:
                   file=sys.stderr)
             return 2
         name = found[0]
-    if dst.exists() and not overwrite:
+    replacing_demo = dst.exists() and is_random(dst) and not is_random(src / name)
+    if dst.exists() and not overwrite and not replacing_demo:
         print(f"{dst} exists: pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
@@ -131,22 +216,121 @@ def convert(src: Path, dst: Path, name: str | None, overwrite: bool) -> int:
     except original_layout.ConversionError as exc:
         print(f"conversion failed: {exc}", file=sys.stderr)
         return 1
-    print(f"converted {name} from {src} (original layout) into {dst} (diffusers layout)")
+    print(f"converted {name} from {src} (original layout) into {dst} (diffusers layout)"
+          + ("; it replaced the random-weight demo that was there" if replacing_demo else ""))
     return 0
 
 
-def _state(root: Path, name: str) -> str:
+# -------------------------------------------------------------------------------- list
+@dataclass
+class Listed:
+    name: str
+    kind: str  # "DiT" or "LM"
+    role: str  # configured / default / not configured / ...
+    state: str
+    source: str
+
+
+def list_models(root: Path, settings) -> int:
+    from entrypoints.bootstrap import DEFAULT_LM
+
+    dits = list(settings.model_names)
+    lm = settings.lm_model_path or DEFAULT_LM
+    init_llm = (settings.init_llm or "auto").strip().lower()
+    on_disk = _names_on_disk(root)
+    rows = []
+    for name in dict.fromkeys(dits + [n for n, kind in on_disk.items() if kind == "DiT"]):
+        role = ("default" if name == dits[0] else "configured") if name in dits else "not configured"
+        rows.append(_dit_row(root, name, role))
+    lm_role = {"false": "off (ACESTEP_INIT_LLM=false)", "true": "required (ACESTEP_INIT_LLM=true)"}.get(
+        init_llm, "auto: loaded when present, a demo beside demo DiTs")
+    for name in dict.fromkeys([lm] + [n for n, kind in on_disk.items() if kind == "LM"]):
+        rows.append(_lm_row(root, name, lm_role if name == lm else "not configured"))
+    print(f"checkpoint dir: {root}")
+    for row in rows:
+        print(f"  {row.name}  ({row.kind}, {row.role})")
+        print(f"      state:  {row.state}")
+        print(f"      source: {row.source}")
+    return 0
+
+
+def _names_on_disk(root: Path) -> dict[str, str]:
+    """Model folders under the checkpoint dir and its .demo/: name -> "DiT" or "LM"."""
+    from engine.lm.folders import is_lm_folder
+
+    found: dict[str, str] = {}
+    for folder in (root, root / DEMO_DIR):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            if is_complete(p) or original_layout.looks_like_dit(p):
+                found.setdefault(p.name, "DiT")
+            elif is_lm_folder(p):
+                found.setdefault(p.name, "LM")
+    return found
+
+
+def _dit_row(root: Path, name: str, role: str) -> Listed:
+    path = model_dir(root, name)
+    source = model_sources.source_for(name)
     layout = local_layout(root, name)
-    if layout is None:
-        return f"MISSING (download: acestep-models download {name}; from {model_sources.source_for(name).describe()})"
-    state = "present"
-    if layout == "original":
-        cache = cache_path(root, name)
-        converted = "converted" if is_fresh(cache, source_record(root, name)) else "converted on first load"
-        state += f", original layout ({converted}: {cache})"
-    if (read_marker(model_dir(root, name)) or {}).get("random_weights"):
-        state += f", DEMO ({DEMO_NOTICE})"
-    return state
+    if model_sources.is_downloading(path):
+        state = f"INCOMPLETE download in {path} (`acestep-models download {name}` resumes it)"
+    elif layout is None:
+        state = f"MISSING (`acestep-models download {name}`)"
+    else:
+        state = f"present at {path}"
+        if layout == "original":
+            cache = cache_path(root, name)
+            converted = "converted" if is_fresh(cache, source_record(root, name)) else "converted on first load"
+            state += f", original layout ({converted}: {cache})"
+    if layout is not None and is_random(path):
+        state = f"DEMO ({_demo_words(path)}), {state}; `acestep-models download {name}` replaces it"
+    elif layout is None and is_complete(demo_model_dir(root, name)):
+        state += f"; DEMO served meanwhile from {demo_model_dir(root, name)} ({_demo_words(demo_model_dir(root, name))})"
+    return Listed(name, "DiT", role, state, _source_words(path, source, layout is not None and not is_random(path)))
+
+
+def _lm_row(root: Path, name: str, role: str) -> Listed:
+    from engine.lm.folders import is_lm_folder, resolve_lm_folder
+    from engine.lm.tiny import is_random_lm
+
+    folder = resolve_lm_folder(root, name)
+    base = Path(name).name
+    demo = root / DEMO_DIR / base
+    path = folder or model_dir(root, base)
+    if model_sources.is_downloading(path):
+        state = f"INCOMPLETE download in {path} (`acestep-models download {base}` resumes it)"
+    elif folder is None:
+        state = f"MISSING (`acestep-models download {base}`)" if base in model_sources.KNOWN else \
+            f"MISSING (no LM folder at {name} or {model_dir(root, name)})"
+    elif is_random_lm(folder):
+        state = f"DEMO at {folder}, {_demo_words(folder)}; `acestep-models download {base}` replaces it"
+    else:
+        state = f"present at {folder}"
+    if (folder is None or model_sources.is_downloading(path)) and is_lm_folder(demo):
+        state += f"; DEMO used meanwhile from {demo} ({_demo_words(demo)})"
+    real = folder is not None and not is_random_lm(folder)
+    source = model_sources.source_for(base) if base in model_sources.KNOWN else None
+    return Listed(base, "LM", role, state, _source_words(path, source, real))
+
+
+def _demo_words(path: Path) -> str:
+    return str((read_marker(path) or {}).get("notice") or DEMO_NOTICE)
+
+
+def _source_words(path: Path, source: Optional[model_sources.ModelSource], present: bool) -> str:
+    recorded = model_sources.recorded_source(path)
+    if present and recorded:
+        commits = ", ".join(f"{repo} @ {commit[:12]}" for repo, commit in (recorded.get("commits") or {}).items())
+        return f"downloaded from {commits or recorded.get('repo')}"
+    if present:
+        return f"local files in {path} (not downloaded by acestep-models)"
+    if source is None:
+        return "no published source known; set ACESTEP_LM_MODEL_PATH to an LM folder"
+    return f"{source.describe()}; another: {model_sources.override_hint(source.name)}"
 
 
 if __name__ == "__main__":

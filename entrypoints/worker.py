@@ -24,6 +24,7 @@ from service.upstream_env import warn_unused_upstream_env
 from service.worker import Worker
 
 from . import bootstrap
+from .cli_errors import debug_requested, explain, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,11 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
         worker = bootstrap.build_worker(settings, backend=backend, on_stalled=_exit_hung,
                                         on_finished=webhooks.task_finished)
     except Exception as exc:  # stay up and say why, rather than crash-loop with tasks waiting
-        log.exception("could not load the engine")
+        explained = explain(exc)  # a missing model or a failed download: one line, the traceback when debugging
+        if explained is None or debug_requested():
+            log.exception("could not load the engine")
+        else:
+            log.error("could not load the engine: %s", explained[0])
         worker = bootstrap.build_broken_worker(settings, backend, exc, on_finished=webhooks.task_finished)
     worker.heartbeat_file = heartbeat_file
 
@@ -101,10 +106,14 @@ def main(argv=None) -> None:
                         help="exit 0 if the worker writing --heartbeat-file is alive and progressing, else 1")
     parser.add_argument("--supervised", action="store_true",
                         help="started by acestep-api: stop on its SIGTERMs only, ignore SIGINT")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for start-up failures (ACESTEP_DEBUG=1)")
     args = parser.parse_args(argv)
-    settings = load_settings({"data_dir": args.data_dir, "backend": args.backend,
-                              "checkpoint_dir": args.checkpoint_dir,
-                              "log_level": args.log_level.upper() if args.log_level else None})
+    if args.debug:
+        os.environ["ACESTEP_DEBUG"] = "1"
+    with user_errors("acestep-worker"):  # a bad setting: one line naming it, not a traceback
+        settings = load_settings({"data_dir": args.data_dir, "backend": args.backend,
+                                  "checkpoint_dir": args.checkpoint_dir,
+                                  "log_level": args.log_level.upper() if args.log_level else None})
     if args.healthcheck:
         if not args.heartbeat_file:
             parser.error("--healthcheck needs --heartbeat-file")

@@ -162,3 +162,23 @@ def fake_hub(repos: dict[str, dict[str, bytes]]) -> Iterator[FakeHub]:
         yield hub
     finally:
         hub.stop()
+
+
+def go_online(monkeypatch, endpoint: str) -> None:
+    """This test process reaches the hub at `endpoint`: HF_HUB_OFFLINE unset (huggingface_hub read it once at
+    import, when tests/conftest.py had set it, so its constant is reset too) and HF_ENDPOINT set, which the
+    code reads at each call."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+
+
+def original_layout_repo(tmp_path: Path, name: str, seed: int = 7) -> dict[str, bytes]:
+    """The main repo's files for one tiny DiT in ACE-Step's original layout, built by the code (the published
+    layout: <name>/, vae/, Qwen3-Embedding-0.6B/), without the demo marker."""
+    from engine.checkpoints import build_tiny_checkpoint
+
+    build_tiny_checkpoint(tmp_path / name, seed=seed, model_name=name, layout="original")
+    return published_repo(tmp_path)

@@ -83,12 +83,73 @@ def test_an_aws_worker_loads_the_model_published_to_its_bucket(tmp_path):
     assert _files(tmp_path / "worker-disk" / "acestep-v15-turbo") == _files(published)
 
 
-def test_models_cli_publishes_the_converted_layout(s3, tmp_path, capsys):
-    from engine.checkpoints import build_tiny_checkpoint
+def test_models_cli_publishes_the_converted_layout(s3, tmp_path, capsys, monkeypatch):
+    from engine.checkpoints import DEMO_MARKER, build_tiny_checkpoint
     from entrypoints.models import main
 
-    build_tiny_checkpoint(tmp_path / "ckpt" / "acestep-v15-turbo", layout="original")
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    dit = build_tiny_checkpoint(tmp_path / "ckpt" / "acestep-v15-turbo", layout="original")
+    (dit / DEMO_MARKER).unlink()  # stands for real weights here
     assert main(["publish", "acestep-v15-turbo", "--bucket", BUCKET, "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
     assert "published acestep-v15-turbo" in capsys.readouterr().out
     manifest = model_mirror.read_manifest(s3, BUCKET, "acestep-v15-turbo")
     assert "model_index.json" in manifest["files"] and "transformer/config.json" in manifest["files"]
+    assert DEMO_MARKER not in manifest["files"]
+
+
+def _publish_fails(argv, capsys) -> str:
+    from entrypoints.models import main
+
+    capsys.readouterr()  # what building the fixtures printed
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_publish_refuses_random_weights(s3, tmp_path, capsys, monkeypatch, layout):
+    from engine.checkpoints import build_tiny_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    build_tiny_checkpoint(tmp_path / "ckpt" / "acestep-v15-turbo", layout=layout)
+    err = _publish_fails(["publish", "acestep-v15-turbo", "--bucket", BUCKET, "--checkpoint-dir",
+                          str(tmp_path / "ckpt")], capsys)
+    assert "refusing to publish acestep-v15-turbo" in err and "random weights" in err
+    assert "acestep-models download acestep-v15-turbo" in err
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0  # nothing uploaded
+
+
+def test_publish_downloads_a_missing_model_first(s3, tmp_path, capsys, monkeypatch):
+    """infra/README: publish 'downloads and converts it if needed'. The hub is a local HTTP stand-in."""
+    from engine.model_sources import MAIN_REPO
+    from entrypoints.models import main
+    from tests.fake_hub import fake_hub, go_online, original_layout_repo
+
+    monkeypatch.chdir(tmp_path)
+    with fake_hub({MAIN_REPO: original_layout_repo(tmp_path / "hub", "acestep-v15-turbo")}) as hub:
+        go_online(monkeypatch, hub.url)
+        assert main(["publish", "acestep-v15-turbo", "--bucket", BUCKET, "--checkpoint-dir",
+                     str(tmp_path / "ckpt")]) == 0
+    assert hub.file_downloads()  # it came from the hub
+    assert "downloading it first" in capsys.readouterr().out
+    manifest = model_mirror.read_manifest(s3, BUCKET, "acestep-v15-turbo")
+    assert "model_index.json" in manifest["files"] and "acestep_demo.json" not in manifest["files"]
+
+
+def test_publish_errors_name_the_real_cause(s3, tmp_path, capsys, monkeypatch):
+    from engine.checkpoints import DEMO_MARKER, build_tiny_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ACESTEP_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _publish_fails(["publish", "acestep-v15-sft", "--bucket", BUCKET, "--checkpoint-dir",
+                          str(tmp_path / "ckpt")], capsys)
+    assert "HF_HUB_OFFLINE is set" in err and "ACESTEP_ALLOW_DOWNLOAD" not in err  # not a setting never set
+    dit = build_tiny_checkpoint(tmp_path / "ckpt" / "acestep-v15-turbo")
+    (dit / DEMO_MARKER).unlink()
+    err = _publish_fails(["publish", "acestep-v15-turbo", "--bucket", "no-such-bucket", "--checkpoint-dir",
+                          str(tmp_path / "ckpt")], capsys)
+    assert "'no-such-bucket' does not exist" in err and "BucketName" in err
