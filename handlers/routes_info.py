@@ -13,7 +13,7 @@ from service.ports import Backend
 from service.observability import prometheus
 from service.observability.health import check_health
 from service.observability.metrics import summarize
-from service.records import MODELS_META_KEY, ModelsMeta
+from service.records import MODELS_META_KEY, ModelsMeta, TaskRecord
 from service.version import __version__
 
 from .auth import require_header
@@ -95,10 +95,11 @@ async def list_models(request: Request):
     return wrap(await run_in_threadpool(model_list, settings, backend_of(request)))
 
 
-def stats(settings: Settings, backend: Backend) -> dict:
+def stats(settings: Settings, backend: Backend, recent: Optional[list[TaskRecord]] = None) -> dict:
     counts = backend.store.counts()
     jobs = {k: int(counts.get(k, 0)) for k in ("total", "queued", "running", "succeeded", "failed", "cancelled")}
-    recent = backend.store.recent_finished(max(1, settings.avg_window))
+    if recent is None:
+        recent = backend.store.recent_finished(max(1, settings.avg_window))
     durations = [r.finished_at - r.started_at for r in recent if r.finished_at and r.started_at]
     avg = sum(durations) / len(durations) if durations else float(settings.avg_job_seconds)
     return {"version": __version__, "jobs": jobs, "queue_size": jobs["queued"], "queue_maxsize": settings.queue_maxsize,
@@ -122,8 +123,9 @@ async def get_metrics(request: Request):
     require_header(settings, request)
 
     def render() -> bytes:
-        data = stats(settings, backend)
+        recent = backend.store.recent_finished(max(1, settings.avg_window))  # one read: stats and histograms
+        data = stats(settings, backend, recent)
         report = check_health(backend, settings.stall_timeout)
-        return prometheus.render(data, report)
+        return prometheus.render(data, report, recent, backend.store)
 
     return Response(await run_in_threadpool(render), media_type=prometheus.CONTENT_TYPE)

@@ -126,6 +126,63 @@ def test_stats_and_prometheus_metrics_describe_recent_tasks(api):
     assert "acestep_queue_depth 0.0" in body and "acestep_healthy 1.0" in body
 
 
+def _families(body: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family for family in text_string_to_metric_families(body)}
+
+
+def _sample(family, name: str, **labels) -> float:
+    (value,) = [s.value for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    return value
+
+
+def test_prometheus_timings_are_cumulative_histograms_counting_each_task_once(api):
+    """Histograms (not percentile gauges) so Prometheus can aggregate them; a second scrape adds nothing, a newly
+    finished task adds one observation."""
+    for prompt in ("one", "two"):
+        api.submit(prompt=prompt, audio_duration=10)
+    api.run_worker()
+    first = _families(api.client.get("/v1/metrics").text)
+    for name in ("acestep_queue_wait_seconds", "acestep_run_seconds", "acestep_stage_seconds"):
+        assert first[name].type == "histogram", name
+    run = first["acestep_run_seconds"]
+    assert _sample(run, "acestep_run_seconds_count") == 2 == _sample(run, "acestep_run_seconds_bucket", le="+Inf")
+    assert _sample(run, "acestep_run_seconds_sum") > 0
+
+    again = _families(api.client.get("/v1/metrics").text)
+    assert _sample(again["acestep_run_seconds"], "acestep_run_seconds_count") == 2
+
+    api.submit(prompt="three", audio_duration=10)
+    api.run_worker()
+    later = _families(api.client.get("/v1/metrics").text)
+    assert _sample(later["acestep_run_seconds"], "acestep_run_seconds_count") == 3
+    assert _sample(later["acestep_queue_wait_seconds"], "acestep_queue_wait_seconds_count") == 3
+
+
+def test_histogram_buckets_hold_what_the_records_say():
+    from service.observability.prometheus import FinishedTaskHistograms
+
+    now = time.time()
+
+    def finished(task_id, wait, run, timings=None):
+        return TaskRecord(task_id=task_id, request={}, status=SUCCEEDED, created_at=now - wait - run,
+                          started_at=now - run, finished_at=now, result=TaskResult(generation_info={"timings": timings or {}}))
+
+    histograms = FinishedTaskHistograms()
+    window = [finished("a", 0.3, 4.0, {"dit_s": 3.0}), finished("b", 40.0, 25.0, {"dit_s": 20.0})]
+    assert histograms.observe_new(window) == 2
+    assert histograms.observe_new(window) == 0  # the same window again
+    # the window slides: "a" leaves, "c" arrives; only "c" is new
+    assert histograms.observe_new([finished("c", 1.5, 8.0), window[1]]) == 1
+    run = {s.labels.get("le"): s.value for s in histograms.run.collect()[0].samples if s.name.endswith("_bucket")}
+    assert (run["5.0"], run["10.0"], run["30.0"], run["+Inf"]) == (1, 2, 3, 3)
+    wait = {s.labels.get("le"): s.value for s in histograms.queue_wait.collect()[0].samples if s.name.endswith("_bucket")}
+    assert (wait["0.5"], wait["2.0"], wait["60.0"]) == (1, 2, 3)
+    dit = [s for s in histograms.stages.collect()[0].samples if s.name.endswith("_count")]
+    assert [(s.labels["stage"], s.value) for s in dit] == [("dit", 2)]
+
+
 def test_metrics_need_the_api_key(settings):
     api = make_api(settings, api_key="sk-test")
     assert api.client.get("/v1/metrics").status_code == 401
