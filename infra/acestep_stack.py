@@ -437,13 +437,20 @@ class AceStepStack(Stack):
         suppress(role, *[(f"AwsSolutions-IAM5[Resource::{resource}]", reason) for resource, reason in reasons.items()])
 
     def _grant_api(self, role: iam.IRole) -> None:
-        """Submit/poll/serve only: no Scan, no queue receive, S3 writes only under uploads/."""
-        table_arns = [self.table.table_arn, f"{self.table.table_arn}/index/*"]
+        """Submit/poll/serve only: no Scan, no queue receive, S3 writes only under uploads/.
+
+        Every grant here is needed by a call the API makes: tests/test_aws_e2e.py runs it with only these
+        statements and checks its calls against them (tests/iam_support.py, which lists the exceptions)."""
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="TaskTable",
-            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query", "dynamodb:PutItem",
-                     "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:ConditionCheckItem"],
-            resources=table_arns,
+            sid="TaskTable",  # items only (transactions are authorized per item); DeleteItem: a stale idempotency key
+            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem",
+                     "dynamodb:DeleteItem"],
+            resources=[self.table.table_arn],
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="TaskIndexes",  # queue positions and listings read the indexes, never the table
+            actions=["dynamodb:Query"],
+            resources=[f"{self.table.table_arn}/index/*"],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="EnqueueTasks",
@@ -729,28 +736,34 @@ class AceStepStack(Stack):
         )
 
     def _grant_worker(self, role: iam.IRole, cluster: ecs.ICluster) -> None:
-        """Lease/finish tasks, read inputs, write outputs, drain the DLQ. No API key: workers do not need it."""
+        """Lease/finish tasks, read inputs, write outputs, drain the DLQ. No API key: workers do not need it.
+
+        Proven as for the API (_grant_api): tests/test_aws_e2e.py runs workers with only these statements."""
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="SignWebhooks",
             actions=["secretsmanager:GetSecretValue"],
             resources=[self.webhook_secret.secret_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="LeaseTasks",
+            sid="LeaseTasks",  # send: a task given back (shutdown) or a dead letter that never ran is sent again
             actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
-                     "sqs:GetQueueAttributes"],
+                     "sqs:GetQueueAttributes", "sqs:SendMessage"],
             resources=[self.queue.queue_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="DrainDeadLetters",
-            actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
+            sid="DrainDeadLetters",  # send: a given-back task past max_receives is dead-lettered by the worker
+            actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:SendMessage"],
             resources=[self.dlq.queue_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="TaskTable",
-            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query", "dynamodb:PutItem",
-                     "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem"],
-            resources=[self.table.table_arn, f"{self.table.table_arn}/index/*"],
+            sid="TaskTable",  # items only: transactions are authorized per item
+            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
+            resources=[self.table.table_arn],
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="TaskIndexes",
+            actions=["dynamodb:Query"],
+            resources=[f"{self.table.table_arn}/index/*"],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="ReadInputs",
@@ -770,7 +783,7 @@ class AceStepStack(Stack):
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="ScaleInProtection",  # through the ECS agent (service/aws/task_protection.py)
-            actions=["ecs:UpdateTaskProtection", "ecs:GetTaskProtection"],
+            actions=["ecs:UpdateTaskProtection"],
             resources=[self.format_arn(service="ecs", resource="task", resource_name=f"{cluster.cluster_name}/*")],
         ))
 

@@ -2,6 +2,15 @@
 API runs under uvicorn in one process, `acestep-worker` (real engine, tiny random-weight model) in
 others, and the test is the client.
 
+Every process runs as its role of the CDK stack: moto enforces IAM, and the API and the workers hold
+the access key of an IAM user with exactly the policy statements the synthesized template gives the
+API Lambda's role and the worker task's role, and the environment the template gives them (the
+stack's secrets, the worker service the API wakes, the S3 model mirror). The test itself acts as an
+operator with full rights. Each process also records the AWS calls it makes (tests/iam_recorder.py);
+at the end a real IAM policy evaluator checks every call against the role's statements as
+synthesized, and every grant against the calls (tests/iam_support.py): a missing permission, or one
+nothing needs, fails the test.
+
 One test walks through, in order: a submit polled to success and downloaded through the 307 to the
 presigned S3 URL; a duplicate delivery of that task producing one result; a worker SIGKILLed
 mid-task whose task is redelivered and completes once; a poison task (its worker dies on every
@@ -30,7 +39,9 @@ import httpx
 import pytest
 
 from service.ports import FAILED, RUNNING, SUCCEEDED
-from tests.aws_support import aws_settings, free_port, moto_server
+from tests import iam_support as iam
+from tests.aws_support import FAKE_AWS_ENV, aws_settings, free_port, moto_server
+from tests.iam_recorder import LOG_ENV as CALL_LOG_ENV
 from tests.live_server import poll_until
 
 sf = pytest.importorskip("soundfile")
@@ -48,6 +59,8 @@ LONG = {**SHORT, "audio_duration": 20, "inference_steps": 30}
 # Never finishes: every worker that takes it is killed. Minutes on the tiny model, so it cannot end first.
 POISON = {**SHORT, "audio_duration": 300, "inference_steps": 100}
 WAIT = 90.0  # deadline for any one condition: generous, a loaded machine must not fail the test
+API_KEY = "e2e-key-from-secrets-manager"
+ECS_CLUSTER, ECS_SERVICE = "acestep-e2e", "workers"
 
 
 # -- the fork server (runs in its own process) --------------------------------------------------
@@ -58,6 +71,9 @@ def fork_server() -> None:
     Only imports happen here (no torch op, no thread of our own), so forking is safe. Ends at EOF;
     the workers, each in a session of its own, are SIGKILLed when it ends (PR_SET_PDEATHSIG).
     """
+    from tests.iam_recorder import install
+
+    install()  # before boto3 builds a session: every worker records its AWS calls
     import entrypoints.bootstrap  # noqa: F401
     import entrypoints.worker
     import engine.checkpoints  # noqa: F401
@@ -117,6 +133,80 @@ def _run_forked_worker(spec: dict, worker_main, server: int) -> None:
 
 # -- the test side ------------------------------------------------------------------------------
 
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def _is_credential(name: str) -> bool:
+    return name in _CREDENTIAL_VARS
+
+
+def _credentials(env: dict) -> dict:
+    return {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
+
+
+@contextlib.contextmanager
+def _acting_as(identity: "iam.Identity"):
+    """This process's AWS clients (service.aws.clients) use `identity`'s key, then the previous ones."""
+    from service.aws.clients import forget_sessions
+
+    saved = {k: os.environ.get(k) for k in _CREDENTIAL_VARS}
+    for k in _CREDENTIAL_VARS:
+        os.environ.pop(k, None)
+    os.environ.update(identity.env())
+    forget_sessions()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+        forget_sessions()
+
+
+class EcsAgent:
+    """Stands in for the ECS container agent's task-protection endpoint ($ECS_AGENT_URI). The agent
+    calls ecs:UpdateTaskProtection for the task with the task role's credentials, which moto does not
+    implement: it is recorded in the workers' call log for the IAM evaluator instead."""
+
+    def __init__(self, call_log: Path):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        self.states: list[bool] = []
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                task = self.path.split("/")[2]
+                agent.states.append(body["ProtectionEnabled"])
+                with open(call_log, "a") as log:
+                    log.write(json.dumps({"service": "ecs", "operation": "UpdateTaskProtection",
+                                          "params": {"cluster": ECS_CLUSTER, "tasks": [task]}}) + "\n")
+                raw = json.dumps({"protection": {"ProtectionEnabled": body["ProtectionEnabled"],
+                                                 "TaskArn": f"{ECS_CLUSTER}/{task}"}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> "EcsAgent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
 class Forked:
     """A worker process forked by the fork server (not our child: no Popen)."""
 
@@ -140,10 +230,12 @@ def _readable(fd: int, timeout: float) -> bool:
 class Cluster:
     """The processes of the deployment plus a test-side view of the same AWS resources."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, basetemp: Path):
         self.tmp = tmp
-        self.base_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_")},
+        self.synth = iam.SynthInBackground(basetemp)  # the stack's template: its roles and environments
+        self.undo = contextlib.ExitStack()
+        self.base_env = {  # no AWS credentials: each process gets its role's
+            **{k: v for k, v in os.environ.items() if not k.startswith("ACESTEP_") and not _is_credential(k)},
             "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
             # One torch thread per worker: three workers, the API and moto share the machine. With a
             # thread per core each, a busy 2-core machine spends most of a generation spin-waiting
@@ -160,24 +252,49 @@ class Cluster:
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def provision(self, endpoint: str) -> None:
+        """What the stack creates, in moto (as an operator, before moto enforces IAM); then the roles'
+        users, and IAM on. The processes get the stack's environment, with the test's overrides below."""
+        import boto3
+
         from service.aws import make_aws_backend
         from service.aws.provision import provision
 
         self.settings = provision(aws_settings(self.tmp, aws_endpoint_url=endpoint, max_receives=MAX_RECEIVES,
                                                visibility_timeout=LEASE_SECONDS))
-        self.backend = make_aws_backend(self.settings)
         s = self.settings
-        self.env = {
-            **self.base_env,
-            "ACESTEP_BACKEND": "aws", "ACESTEP_AWS_ENDPOINT_URL": endpoint, "ACESTEP_AWS_REGION": "us-east-1",
-            "ACESTEP_TABLE_NAME": s.table_name, "ACESTEP_QUEUE_URL": s.queue_url,
-            "ACESTEP_DLQ_URL": s.dlq_url, "ACESTEP_BUCKET": s.bucket,
-            "ACESTEP_VISIBILITY_TIMEOUT": str(LEASE_SECONDS), "ACESTEP_MAX_RECEIVES": str(MAX_RECEIVES),
-            "ACESTEP_CHECKPOINT_DIR": str(self.tmp / "checkpoints"), "ACESTEP_DEMO_IF_MISSING": "true",
-            "ACESTEP_ALLOW_DOWNLOAD": "false", "ACESTEP_DEVICE": "cpu",
-        }
+        setup = dict(endpoint_url=endpoint, region_name="us-east-1", **_credentials(FAKE_AWS_ENV))
+        api_key = boto3.client("secretsmanager", **setup).create_secret(Name="acestep-e2e-api-key",
+                                                                         SecretString=API_KEY)["ARN"]
+        ecs = boto3.client("ecs", **setup)
+        ecs.create_cluster(clusterName=ECS_CLUSTER)
+        ecs.register_task_definition(family="worker", containerDefinitions=[
+            {"name": "worker", "image": iam.WORKER_IMAGE, "memory": 1024}])
+        ecs.create_service(cluster=ECS_CLUSTER, serviceName=ECS_SERVICE, taskDefinition="worker", desiredCount=0)
+        names = iam.MotoNames(table=s.table_name, queue_url=s.queue_url, dlq_url=s.dlq_url, bucket=s.bucket,
+                              api_key_secret_arn=api_key, signing_secret_arn=s.signing_secret_arn,
+                              webhook_secret_arn=s.webhook_secret_arn,
+                              cluster=ECS_CLUSTER, service=ECS_SERVICE)
+        self.access = iam.StackAccess(self.synth.template(), names, boto3.client("iam", **setup))
+        self.undo.enter_context(iam.iam_enforced())
+        self.undo.enter_context(_acting_as(self.access.admin))
+        admin = dict(endpoint_url=endpoint, region_name="us-east-1", **_credentials(self.access.admin.env()))
+        self.ecs = boto3.client("ecs", **admin)
+        self.backend = make_aws_backend(self.settings)  # the test's view, with the operator's rights
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.agent = self.undo.enter_context(EcsAgent(self.tmp / "worker-calls.jsonl"))
+        overrides = {"ACESTEP_AWS_ENDPOINT_URL": endpoint, "ACESTEP_AWS_REGION": "us-east-1",
+                     # short leases and few deliveries, so lost tasks come back and dead-letter quickly
+                     "ACESTEP_VISIBILITY_TIMEOUT": str(LEASE_SECONDS), "ACESTEP_MAX_RECEIVES": str(MAX_RECEIVES)}
+        self.api_env = {**self.base_env, **self.access.api_env(), **overrides,
+                        CALL_LOG_ENV: str(self.tmp / "api-calls.jsonl")}
+        self.env = {**self.base_env, **self.access.worker_env(), **overrides,
+                    "ACESTEP_PUBLIC_BASE_URL": self.base,
+                    # CPU, no hub, nothing in the S3 mirror (the workers look there first): the first
+                    # worker builds the random-weight demo model
+                    "ACESTEP_CHECKPOINT_DIR": str(self.tmp / "checkpoints"), "ACESTEP_DEMO_IF_MISSING": "true",
+                    "ACESTEP_ALLOW_DOWNLOAD": "false", "ACESTEP_DEVICE": "cpu",
+                    CALL_LOG_ENV: str(self.tmp / "worker-calls.jsonl")}
 
     def _popen(self, name: str, args: list[str], env: dict, **kw) -> subprocess.Popen:
         with open(self.tmp / f"{name}.log", "ab") as log:
@@ -190,9 +307,10 @@ class Cluster:
 
     def start(self) -> None:
         """The API and WORKERS workers, as much in parallel as the demo checkpoint allows."""
-        api = self._popen("api", ["-m", "uvicorn", "--factory", "entrypoints.bootstrap:app_from_env",
+        api = self._popen("api", ["-m", "tests.iam_recorder", "uvicorn", "--factory",
+                                  "entrypoints.bootstrap:app_from_env",
                                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-                          env=self.env)
+                          env=self.api_env)
         self.start_worker("worker1")
         self.wait_until("the API to answer", lambda: api.poll() is not None or self._healthy())
         assert api.poll() is None, "API did not start:\n" + self.logs()
@@ -204,15 +322,16 @@ class Cluster:
 
     def _healthy(self) -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(self.base + "/health", timeout=2).status_code == 200
+            return httpx.get(self.base + "/health", headers=AUTH, timeout=2).status_code == 200
         return False
 
     def _models_published(self) -> bool:
-        models = httpx.get(self.base + "/health", timeout=10).json()["data"].get("models") or []
+        models = httpx.get(self.base + "/health", headers=AUTH, timeout=10).json()["data"].get("models") or []
         return bool(models) and all(m.get("random_weights") is not None for m in models)
 
     def start_worker(self, name: str) -> Forked:
-        spec = {"log": str(self.tmp / f"{name}.log"), "cwd": str(self.tmp), "env": self.env,
+        env = {**self.env, "ECS_AGENT_URI": f"{self.agent.uri}/api/{name}-task"}
+        spec = {"log": str(self.tmp / f"{name}.log"), "cwd": str(self.tmp), "env": env,
                 "argv": ["--backend", "aws", "--grace-seconds", "5"]}
         self.forks.stdin.write((json.dumps(spec) + "\n").encode())
         self.forks.stdin.flush()
@@ -262,12 +381,12 @@ class Cluster:
     # -- client side ---------------------------------------------------------------------
 
     def submit(self, request: dict) -> str:
-        r = httpx.post(self.base + "/release_task", json=request, timeout=10)
+        r = httpx.post(self.base + "/release_task", json=request, headers=AUTH, timeout=10)
         assert r.status_code == 200, r.text
         return r.json()["data"]["task_id"]
 
     def query(self, task_id: str) -> dict:
-        r = httpx.post(self.base + "/query_result", json={"task_id_list": [task_id]}, timeout=10)
+        r = httpx.post(self.base + "/query_result", json={"task_id_list": [task_id]}, headers=AUTH, timeout=10)
         return r.json()["data"][0]
 
     def wait_until(self, what: str, predicate, timeout: float = WAIT, interval: float = 0.1):
@@ -316,10 +435,24 @@ class Cluster:
     def visible_messages(self) -> int:
         return self.queue_attributes()["ApproximateNumberOfMessages"]
 
+    def check_permissions(self) -> None:
+        unavailable = iam.ensure_evaluator()
+        if unavailable:
+            pytest.skip(f"the flows passed under the roles' policies, but {unavailable}")
+        problems = []
+        for role, log in ((iam.API_ROLE, "api-calls.jsonl"), (iam.WORKER_ROLE, "worker-calls.jsonl"),
+                          (iam.EXECUTION_ROLE, None)):
+            calls = iam.calls_from_log(self.tmp / log) if log else []
+            assert not iam.check_arns(calls), iam.check_arns(calls)
+            denied, unused = iam.judge(self.access, role, calls)
+            problems += [f"{role}: {c.action} on {c.resource} ({c.source}) is {verdict}" for c, verdict in denied]
+            problems += [f"{role}: granted but not needed: {grant}" for grant in unused]
+        assert not problems, "\n".join(problems)
+
 
 @pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path)
+def cluster(tmp_path, tmp_path_factory):
+    c = Cluster(tmp_path, tmp_path_factory.getbasetemp())
     try:
         with moto_server() as endpoint:
             try:
@@ -329,10 +462,11 @@ def cluster(tmp_path):
                 c.stop_all()  # before moto goes away
     finally:
         c.stop_all()  # the fork server, should moto not have started
+        c.synth.cancel()
+        c.undo.close()  # IAM enforcement off, the test's own credentials back
 
 
 def test_aws_deployment_over_http(cluster):
-    from service.aws.dlq import drain_dead_letters
     from service.aws.sqs_queue import encode_body
 
     cluster.start()
@@ -340,12 +474,15 @@ def test_aws_deployment_over_http(cluster):
     # 1. Submit, poll to success, download through the 307 to the presigned S3 URL.
     #    SQS delivers at least once: a second message for the same task must not make a second result.
     t1 = cluster.submit(SHORT)
+    # The API woke the worker service (desired count 0 -> 1), as it does after a quiet spell.
+    cluster.wait_until("the API to start the worker service", lambda: cluster.ecs.describe_services(
+        cluster=ECS_CLUSTER, services=[ECS_SERVICE])["services"][0]["desiredCount"] == 1)
     cluster.backend.queue._sqs.send_message(QueueUrl=cluster.settings.queue_url, MessageBody=encode_body(t1))
     entry = cluster.wait_done(t1)
     assert entry["status"] == 1, entry
     items = json.loads(entry["result"])
     assert len(items) == 1 and items[0]["file"]
-    r = httpx.get(cluster.base + items[0]["file"], follow_redirects=False, timeout=10)
+    r = httpx.get(cluster.base + items[0]["file"], headers=AUTH, follow_redirects=False, timeout=10)
     assert r.status_code == 307
     presigned = r.headers["location"]
     assert presigned.startswith(cluster.settings.aws_endpoint_url) and "X-Amz-Signature" in presigned
@@ -359,6 +496,20 @@ def test_aws_deployment_over_http(cluster):
     assert cluster.output_objects(t1) == sorted(k for k in rec.blob_keys if k.startswith("outputs/"))
     assert len(cluster.output_objects(t1)) == 1  # one result: a losing duplicate removed its files
 
+    # 1b. A direct upload: the API hands out a presigned PUT, the file goes straight to S3, a cover task
+    #     uses it (the API checks it is there, a worker reads it). Receivers read the webhook secret.
+    ticket = httpx.post(cluster.base + "/v1/uploads", json={"filename": "src.wav", "content_type": "audio/wav"},
+                        headers=AUTH, timeout=10).json()["data"]
+    source = io.BytesIO()
+    sf.write(source, [0.0] * 48000, 48000, format="WAV")
+    put = httpx.put(ticket["upload_url"], content=source.getvalue(), headers=ticket["headers"], timeout=10)
+    assert put.status_code == 200, put.text
+    t_cover = cluster.submit({**SHORT, "task_type": "cover", "src_audio_key": ticket["key"]})
+    entry = cluster.wait_done(t_cover)
+    assert entry["status"] == 1, entry
+    r = httpx.get(cluster.base + "/v1/webhook_secret", headers=AUTH, timeout=10)
+    assert r.status_code == 200 and r.json()["data"]["secret"].startswith("whsec_"), r.text
+
     # 2. A worker killed mid-task: the lease lapses, another worker gets the task, it completes once.
     t2 = cluster.submit(LONG)
     cluster.kill_mid_task(t2, attempt=1)
@@ -369,7 +520,8 @@ def test_aws_deployment_over_http(cluster):
     assert cluster.output_objects(t2) == [f"outputs/{t2}/2-0.wav"]
 
     # 3. A poison task: every worker that takes it dies. After MAX_RECEIVES deliveries SQS moves it
-    #    to the DLQ; the drain (which each worker runs every 30 s) marks it failed with the reason.
+    #    to the DLQ; the drain (which each worker runs as it starts, then every 30 s) marks it failed
+    #    with the reason: a new worker does it here.
     t3 = cluster.submit(POISON)
     first = cluster.kill_mid_task(t3, attempt=1)
     second = cluster.kill_mid_task(t3, attempt=2)  # the other worker, once the dead one's lease lapsed
@@ -378,10 +530,16 @@ def test_aws_deployment_over_http(cluster):
     # its receives spent: SQS redrives it to the DLQ instead of delivering it.
     cluster.wait_until("t3's second lease to lapse", lambda: cluster.visible_messages() == 1)
     assert cluster.backend.queue.receive(0, 30) is None
-    assert drain_dead_letters(cluster.backend) == [t3]
-    entry = cluster.query(t3)
-    assert entry["status"] == 2
+    cluster.start_worker("worker4")
+    entry = cluster.wait_until("a worker to drain t3's dead letter", lambda: (e := cluster.query(t3))["status"] == 2 and e)
     assert entry["error"].startswith(f"dead-lettered after {MAX_RECEIVES} deliveries"), entry
     assert cluster.backend.store.get(t3).status == FAILED
     counts = cluster.backend.store.counts()
-    assert counts["succeeded"] == 2 and counts["failed"] == 1 and counts["running"] == 0
+    assert counts["succeeded"] == 3 and counts["failed"] == 1 and counts["running"] == 0
+
+    # 4. The workers asked the ECS agent for scale-in protection while they ran a task.
+    assert True in cluster.agent.states
+
+    # 5. Least privilege: every call each process made is allowed by its role's statements as
+    #    synthesized, and every statement is needed by one (or by AWS on the role's behalf: iam.EXPECTED).
+    cluster.check_permissions()
