@@ -406,7 +406,10 @@ def calls_from_log(path: Path) -> list[Call]:
 
 @contextlib.contextmanager
 def _npm_lock() -> Iterator[None]:
-    with open(NODE_DIR / ".install.lock", "w") as lock:
+    import tempfile
+
+    # outside the tree (npm ci empties node_modules): xdist workers install one at a time
+    with open(Path(tempfile.gettempdir()) / "acestep-iam-npm.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
