@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Optional
 
 from engine.config import EngineConfig
+from engine.lm.planner import Planner  # torch-free
 from engine.plan import DEFAULT_TEXT2MUSIC_SECONDS
 from engine.request import GenerationRequest
 from engine.types import GenerationError, GenerationResult
 
 log = logging.getLogger(__name__)
+
+# A random-weight LM never writes a stop token, so each phase runs to its cap: with the published caps a sample
+# takes minutes on a CPU (bench/demo_lm.py). The demo LM gets small caps instead (its output is noise either
+# way), so every `make run` path answers in seconds; results say so (DEMO_LM_NOTE). The metadata cap leaves
+# room for every field line (the genres line alone may take 64 tokens), so the block still parses.
+DEMO_LM_BUDGETS = {"max_caption_tokens": 16, "max_cot_tokens": 128, "max_lyrics_tokens": 32}
+DEMO_LM_NOTE = (f"demo: the random-weight 5 Hz LM ran with small token caps (caption "
+                f"{DEMO_LM_BUDGETS['max_caption_tokens']}, metadata {DEMO_LM_BUDGETS['max_cot_tokens']}, lyrics "
+                f"{DEMO_LM_BUDGETS['max_lyrics_tokens']}) so it answers in seconds")
 
 
 def lm_folder(config: EngineConfig) -> Optional[Path]:
@@ -26,7 +36,6 @@ def load_planner(config: EngineConfig, device):
     if not config.lm_model:
         return None
     from engine.lm.backend_choice import LMBackendUnavailable, resolve_backend
-    from engine.lm.planner import Planner
 
     folder = lm_folder(config)
     if folder is None:
@@ -49,8 +58,24 @@ def load_planner(config: EngineConfig, device):
         lm = TransformersLM.load(folder, device=device)
     # A random-weight LM was already announced by the backend's load (a warning): not repeated here.
     log.info("loaded 5 Hz LM %s from %s (%s)", lm.model_name, folder, lm.name)
+    if not lm.random_weights:
+        return Planner(lm)
     # The demo LM would pick random song lengths; it renders the DiT-only path's default length instead.
-    return Planner(lm, demo_seconds=DEFAULT_TEXT2MUSIC_SECONDS if lm.random_weights else None)
+    log.warning("5 Hz LM %s: demo token caps %s (a random-weight LM runs every phase to its cap)",
+                lm.model_name, DEMO_LM_BUDGETS)
+    return DemoPlanner(lm, demo_seconds=DEFAULT_TEXT2MUSIC_SECONDS,
+                       max_caption_tokens=DEMO_LM_BUDGETS["max_caption_tokens"],
+                       max_cot_tokens=DEMO_LM_BUDGETS["max_cot_tokens"],
+                       max_lyrics_tokens=DEMO_LM_BUDGETS["max_lyrics_tokens"])
+
+
+class DemoPlanner(Planner):
+    """The planner of a random-weight LM: small caps (DEMO_LM_BUDGETS), and every plan says so."""
+
+    def plan(self, *args, **kwargs):
+        lm_plan = super().plan(*args, **kwargs)
+        lm_plan.notes.append(DEMO_LM_NOTE)
+        return lm_plan
 
 
 def request_for_dit(r: GenerationRequest, plan) -> GenerationRequest:
@@ -103,6 +128,8 @@ def understanding_result(r: GenerationRequest, backend, *, metadata: dict, lyric
                   lyrics=lyrics, lyrics_rewritten=bool(lyrics), codes=[], seeds=[seed], phases=[stats],
                   lm_text=text, model=backend.model_name, backend=backend.name,
                   random_weights=backend.random_weights)
+    if backend.random_weights:
+        plan.notes.append(DEMO_LM_NOTE)
     result = analysis_result(r, plan, dit_model)
     result.metas = metas_of(plan, source_seconds)
     result.generation_info.update(full_analysis_only=True, source_codes=len(codes),

@@ -141,3 +141,21 @@ def test_the_demo_lm_is_built_beside_the_real_lm_folder(tmp_path, monkeypatch):
     assert chosen == str(tmp_path / ".demo" / "acestep-5Hz-lm-1.7B") and is_random_lm(chosen)
     assert not (tmp_path / "acestep-5Hz-lm-1.7B").exists()  # the real LM's folder stays free
     assert choose_lm(settings, demo_dits=[]) is None  # real DiTs never get the random LM
+
+
+def test_the_demo_lm_answers_with_small_token_caps_and_says_so(tmp_path):
+    """A random-weight LM never writes a stop token: each phase runs to its cap. The demo's caps keep a sample
+    (the longest path) to a couple of hundred tokens instead of ~3,000, and the result says why."""
+    from engine.config import EngineConfig
+    from engine.lm.folders import ensure_demo_lm
+    from engine.lm_bridge import DEMO_LM_BUDGETS, DEMO_LM_NOTE, load_planner
+    from engine.request import GenerationRequest
+
+    folder = ensure_demo_lm(tmp_path, "acestep-5Hz-lm-1.7B", audio_codes=16)
+    planner = load_planner(EngineConfig(checkpoint_dir=str(tmp_path), lm_model=folder.name), "cpu")
+    plan = planner.plan(GenerationRequest(sample_query="a calm lofi track", batch_size=1), seeds=[1])
+    (sample,) = plan.phases
+    cap = DEMO_LM_BUDGETS["max_cot_tokens"] + DEMO_LM_BUDGETS["max_lyrics_tokens"] + 2
+    assert sample.phase == "sample" and sum(sample.generated_tokens) <= cap
+    assert {"bpm", "duration", "keyscale"} <= set(plan.metadata)  # the capped block still parses
+    assert DEMO_LM_NOTE in plan.notes and plan.random_weights
