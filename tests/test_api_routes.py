@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from handlers.app import create_app
+from service.version import __version__
 from tests.api_support import make_api
 
 TS = {"3", "4", "6"}
@@ -29,7 +30,7 @@ def test_envelope(api):
 def test_health_before_and_after_worker(api):
     data = api.client.get("/health").json()["data"]
     assert {k: data[k] for k in ("status", "service", "version")} == \
-        {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
+        {"status": "ok", "service": "ACE-Step API", "version": __version__}  # the package's (service/version.py)
     assert data["backend"] == "embedded" and data["demo"] == "unknown"  # no worker has said yet
     assert [m["random_weights"] for m in data["models"]] == [None, None]
     api.worker.publish_models()
