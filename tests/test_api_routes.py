@@ -57,7 +57,7 @@ def test_models(api):
 
 def test_stats(api):
     stats = api.client.get("/v1/stats").json()["data"]
-    assert stats == {"jobs": {"total": 0, "queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
+    assert stats == {"version": __version__, "jobs": {"total": 0, "queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
                      "queue_size": 0, "queue_maxsize": 200, "avg_job_seconds": 5.0,
                      "recent": {"window_tasks": 0, "queue_wait_seconds": {}, "run_seconds": {},
                                 "stage_seconds_mean": {}, "failures_by_reason": {}}}
