@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""CDK app: `cd infra && cdk deploy -c instance_type=g6.xlarge ...` (see infra/README.md)."""
+"""CDK app: `cd infra && npx cdk deploy -c instance_type=g6.xlarge ...` (see infra/README.md).
+
+cdk.json runs it through launch.py, under the project venv. Without AWS credentials the CLI gives no
+account (CDK_DEFAULT_ACCOUNT unset): the stack's account stays a deploy-time token, and it synthesizes
+and passes cdk-nag all the same."""
 from __future__ import annotations
 
 import os
