@@ -17,7 +17,6 @@ import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
 from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, speedups, timing
-from engine.lm.planner import lm_steps
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -207,7 +206,7 @@ class Engine:
             return self._understand_source(request, src_audio, progress)
         lm_plan = None
         # The LM runs for what asks for it; a plain request keeps the DiT-only path (and its batching).
-        if self.planner is not None and (request.thinking or request.needs_lm) and lm_steps(request).any:
+        if plan.lm_runs(request, self.planner is not None):
             lm_plan = self.planner.plan(request, seeds=plan.resolve_seeds(request),
                                         progress=lambda f, stage: _report(progress, 0.0, f"5 Hz LM: {stage}"))
             if request.analysis_only:
@@ -324,35 +323,33 @@ class Engine:
             raise GenerationError(f"task_type {request.task_type!r} needs src_audio, but none was given")
         if job.src is not None:
             self._plan_source(job)
-        else:  # text2music, or cover from audio codes only
-            if request.audio_duration is not None:
-                job.audio_duration = request.audio_duration
-            elif not request.audio_code_string:
-                job.audio_duration = plan.DEFAULT_TEXT2MUSIC_SECONDS
-                job.notes.append(f"audio_duration not given: used the default {plan.DEFAULT_TEXT2MUSIC_SECONDS:g} s")
-            # else: the pipeline takes the length of the audio codes
+        else:  # text2music, or cover from audio codes only (then the pipeline takes the codes' length)
+            job.audio_duration = plan.text2music_seconds(request)
+            if request.audio_duration is None and job.audio_duration is not None:
+                job.notes.append(f"audio_duration not given: used the default {job.audio_duration:g} s")
         return job
 
     def _plan_source(self, job: _Job) -> None:
         r = job.request
         sr = audio_io.SAMPLE_RATE
         seconds = job.src.shape[-1] / sr
+        fit = plan.fit_source(r, seconds)  # the API's cost ceiling counts the same length
         if job.task == "repaint":
-            before, after, start, end = plan.repaint_window(r.repainting_start, r.repainting_end, seconds)
-            if seconds + before + after > audio_io.MAX_SOURCE_SECONDS:
+            if fit.seconds > plan.MAX_OUTPUT_SECONDS:
                 raise GenerationError(
                     f"repaint window {r.repainting_start:g}..{r.repainting_end} s on a {seconds:.1f} s source makes "
-                    f"{seconds + before + after:.1f} s of audio; the limit is {audio_io.MAX_SOURCE_SECONDS:g} s")
-            job.src = audio_io.pad_or_trim(job.src, round(before * sr), round(after * sr))
-            job.repaint = (start, end)
-            if before or after:
-                job.notes.append(f"outpainting: padded the source with {before:g} s before and {after:g} s after")
+                    f"{fit.seconds:.1f} s of audio; the limit is {plan.MAX_OUTPUT_SECONDS:g} s")
+            job.src = audio_io.pad_or_trim(job.src, round(fit.pad_before * sr), round(fit.pad_after * sr))
+            job.repaint = fit.repaint
+            if fit.pad_before or fit.pad_after:
+                job.notes.append(f"outpainting: padded the source with {fit.pad_before:g} s before and "
+                                 f"{fit.pad_after:g} s after")
             if r.audio_duration is not None:
                 job.notes.append("audio_duration ignored for repaint: the output spans the (padded) source")
             return
-        if r.audio_duration is not None and r.audio_duration < seconds:
-            job.src = job.src[:, : round(r.audio_duration * sr)]
-            job.notes.append(f"source trimmed to audio_duration {r.audio_duration:g} s")
+        if fit.keep_seconds is not None:
+            job.src = job.src[:, : round(fit.keep_seconds * sr)]
+            job.notes.append(f"source trimmed to audio_duration {fit.keep_seconds:g} s")
         if job.task == "lego":
             job.repaint = (r.repainting_start, r.repainting_end if r.repainting_end and r.repainting_end > 0 else -1)
 

@@ -47,7 +47,8 @@ def submit_parsed(settings: Settings, backend: Backend, parsed: ParsedTask,
         raise ApiError(413 if exc.kind == "too_large" else 400, exc.message) from None
     request_dump = parsed.request.model_dump() | {f"{role}_key": key for role, key in sources.keys.items()}
     try:
-        check_task(parsed.request, request_dump, settings.max_task_cost)
+        check_task(parsed.request, request_dump, settings.max_task_cost,
+                   has_source="src_audio" in sources.uploads or "src_audio" in sources.keys)
     except TaskRefused as exc:
         raise ApiError(exc.status, exc.message) from None
     limits = CallerLimits(settings.caller_max_queued, settings.caller_max_active) if caller else None

@@ -42,6 +42,7 @@ from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
 from .storage_errors import StorageFull
 from .task_errors import sanitize_error
+from .task_limits import over_ceiling, task_cost
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,11 @@ class Worker:
             request = GenerationRequest(**record.request)
             if request.needs_lm and not self.engine.lm_loaded:
                 raise GenerationError(LM_REQUIRED)
+            # The API checked the ceiling at submit; a task queued under a higher one, or written past the API,
+            # is refused here before it costs anything (the same count, with what this worker runs).
+            over = over_ceiling(task_cost(request, lm=self.engine.lm_loaded), self.settings.max_task_cost)
+            if over:
+                raise GenerationError(f"refused before running: {over}")
             # Only what the task uses is read (and later decoded): text2music ignores src_audio unless it is
             # analysed (full_analysis_only).
             inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES

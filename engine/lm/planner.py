@@ -27,54 +27,14 @@ from engine.lm.constraints import CodesConstraint, MetadataConstraint, TokenCons
 from engine.lm.metadata import metadata_problems, parse_lm_output
 from engine.lm.types import DecodeResult, LMBackend, LMPlan, PhaseStats, SamplingParams
 from engine.lm.vocab import CODES_PER_SECOND, DURATION_RANGE, FIELDS
-from engine.plan import resolve_seeds
+# Which steps run, and their caps, are decided in the torch-free contract: the API's cost ceiling counts them.
+from engine.plan import (LM_MAX_COT_TOKENS, LM_MAX_LYRICS_TOKENS, LM_UNCONSTRAINED_EXTRA_CODES, SKIP_LM_TASKS,
+                         USER_FIELDS, LMSteps, has_all_metas, is_sample_request, lm_steps, resolve_seeds,
+                         target_codes, user_metadata)
 from engine.request import GenerationRequest, format_audio_codes, parse_audio_codes
 
-SKIP_LM_TASKS = ("cover", "repaint")  # upstream runs no LM for these
 GENERATION_FIELDS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")  # phase 1: no genres
-USER_FIELDS = ("bpm", "keyscale", "timesignature", "duration")
 ProgressFn = Callable[[float, str], None]
-
-
-@dataclass(frozen=True)
-class LMSteps:
-    sample: bool
-    format: bool
-    cot: bool  # phase 1 may run (skipped at run time when all four metas are known by then)
-    codes: bool
-
-    @property
-    def any(self) -> bool:
-        return self.sample or self.format or self.cot or self.codes
-
-
-def is_sample_request(r: GenerationRequest) -> bool:
-    return r.sample_mode or bool(r.sample_query.strip())
-
-
-def lm_steps(r: GenerationRequest) -> LMSteps:
-    """Which LM steps a request asks for (phase 1 also runs with thinking off, to fill missing metadata)."""
-    lm_task = r.task_type not in SKIP_LM_TASKS
-    codes = lm_task and r.thinking and not r.audio_code_string and not r.analysis_only
-    return LMSteps(sample=is_sample_request(r), format=r.use_format, cot=lm_task, codes=codes)
-
-
-def user_metadata(r: GenerationRequest) -> dict[str, Any]:
-    """The metadata the user gave, in the LM's terms (forced verbatim into the metadata block)."""
-    md: dict[str, Any] = {}
-    if r.bpm is not None:
-        md["bpm"] = int(r.bpm)
-    if r.key_scale.strip() and r.key_scale.strip().lower() != "n/a":
-        md["keyscale"] = r.key_scale.strip()
-    if r.time_signature:
-        md["timesignature"] = r.time_signature
-    if r.audio_duration is not None and r.audio_duration > 0:
-        md["duration"] = int(r.audio_duration)
-    return md
-
-
-def has_all_metas(md: dict[str, Any]) -> bool:
-    return all(md.get(k) not in (None, "") for k in USER_FIELDS)
 
 
 def description_is_instrumental(query: str) -> bool:
@@ -83,15 +43,9 @@ def description_is_instrumental(query: str) -> bool:
     return "instrumental" in q or "pure music" in q or "pure instrument" in q or q.endswith(" solo") or q == "solo"
 
 
-def target_codes(duration: Optional[float]) -> Optional[int]:
-    if duration is None or duration <= 0:
-        return None
-    return int(min(max(float(duration), DURATION_RANGE[0]), DURATION_RANGE[1]) * CODES_PER_SECOND)
-
-
 class Planner:
-    def __init__(self, backend: LMBackend, *, max_caption_tokens: int = 512, max_cot_tokens: int = 1024,
-                 max_lyrics_tokens: int = 2048, max_codes: int = DURATION_RANGE[1] * CODES_PER_SECOND,
+    def __init__(self, backend: LMBackend, *, max_caption_tokens: int = 512, max_cot_tokens: int = LM_MAX_COT_TOKENS,
+                 max_lyrics_tokens: int = LM_MAX_LYRICS_TOKENS, max_codes: int = DURATION_RANGE[1] * CODES_PER_SECOND,
                  enforce_lm_duration: bool = True, demo_seconds: Optional[float] = None):
         self.backend = backend
         # A random-weight LM's duration is noise (anything up to 600 s): with demo_seconds set, a request with
@@ -302,7 +256,7 @@ class Planner:
                 group_codes, cot_text, stats = self.codes(
                     caption, lyrics, cot_md, seeds=group, sampling=sampling, target=target if constrained else None,
                     constrained=constrained, negative_prompt=r.lm_negative_prompt, progress=progress,
-                    max_new_tokens=None if constrained or target is None else target + 500)
+                    max_new_tokens=None if constrained or target is None else target + LM_UNCONSTRAINED_EXTRA_CODES)
                 plan.phases.append(stats)
                 codes.extend(group_codes)
             plan.codes = codes
