@@ -13,19 +13,21 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.types import GenerationError
 
-from service.format_via_worker import FormatTimeout, WorkerLMGateway, lm_reported
-from service.ports import QueueFull
+from service.format_via_worker import format_request, give_up, lm_reported, read_answer
 
 from . import lm_gateway
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
+from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, wrap
 from .fields import ReleaseTaskInput
 from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
                              request_body)
 from .openapi_responses import Envelope, FormattedInput, ok
-from .request_parsing import parse_object, validation_message, without_none
+from .request_parsing import ParsedTask, parse_object, validation_message, without_none
+from .submit import submit_parsed
+from .task_wait import finally_in_thread, poll
 
 router = APIRouter(tags=["lm"])
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -68,27 +70,25 @@ def parse_format_input(fields: dict) -> dict:
 
 @router.post("/format_input", summary="Rewrite caption and lyrics with the 5Hz LM",
              openapi_extra=request_body(format_input_schema(), JSON, FORM, required=False),
-             responses={**ok(Envelope[FormattedInput]), **error_responses(400, 401, 429, 503, 504)})
+             responses={**ok(Envelope[FormattedInput]),
+                        **error_responses(400, 401, 413, 429, 503, 504, 507)})
 async def format_input(request: Request):
     """Returns `{caption, lyrics, bpm, key_scale, time_signature, duration, vocal_language}`, or
-    503 when this server has no LM."""
+    503 when this server has no LM. The LM runs on a worker as a task that counts against the caller's
+    limits like any other (429 over them); one that does not answer within ACESTEP_FORMAT_TIMEOUT is
+    cancelled (504)."""
     settings = settings_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     args = parse_format_input(body.fields)
-    backend = backend_of(request)
-    gateway = request.app.state.lm_gateway or WorkerLMGateway(backend, settings.queue_maxsize,
-                                                              settings.format_timeout)
-    if request.app.state.lm_gateway is None and not await run_in_threadpool(lm_reported, backend):
-        raise ApiError(503, lm_gateway.LM_UNAVAILABLE)
+    gateway = request.app.state.lm_gateway
     try:
-        out = await run_in_threadpool(lambda: gateway.format_sample(**args))
+        if gateway is not None:  # an LM in this process (create_app's lm_gateway)
+            out = await run_in_threadpool(lambda: gateway.format_sample(**args))
+        else:
+            out = await _format_on_a_worker(request, args)
     except GenerationError as exc:
         return wrap(None, code=500, error=f"format_sample failed: {exc}")
-    except FormatTimeout as exc:
-        raise ApiError(504, f"format_sample timed out: {exc}") from None
-    except QueueFull:
-        raise ApiError(429, "Server busy: queue is full", headers={"Retry-After": "5"}) from None
     meta = args["metadata"]
     out = out or {}
     return wrap({
@@ -100,6 +100,31 @@ async def format_input(request: Request):
         "duration": out.get("duration", meta.get("duration")),
         "vocal_language": out.get("vocal_language") or meta.get("language") or "unknown",
     })
+
+
+async def _format_on_a_worker(request: Request, args: dict) -> dict:
+    """Submit the format task through /release_task's path (its caller limits, queue bound, cost ceiling:
+    429/413/503/507 alike), then wait for it on the event loop; cancel it when the wait ends unanswered."""
+    settings, backend = settings_of(request), backend_of(request)
+    if not await run_in_threadpool(lm_reported, backend):
+        raise ApiError(503, lm_gateway.LM_UNAVAILABLE)
+    parsed = ParsedTask(format_request(**args))
+    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, parsed, None, None, caller_of(request),
+                                         request.app.state.submit_gate)
+    reason = f"/format_input stopped waiting after at most {settings.format_timeout:g} s (ACESTEP_FORMAT_TIMEOUT)"
+    try:
+        answer = await poll(lambda: read_answer(backend, task_id), settings.format_timeout,
+                            gone=request.is_disconnected)
+    except BaseException:  # the server is stopping (or the store failed): nobody will read the answer
+        await finally_in_thread(lambda: give_up(backend, task_id, reason))
+        raise
+    if answer is None:  # timed out, or the caller hung up: cancel it rather than let it run later
+        if not await run_in_threadpool(give_up, backend, task_id, reason):
+            answer = await run_in_threadpool(read_answer, backend, task_id)  # it finished as we gave up
+    if answer is None:
+        raise ApiError(504, f"format_sample timed out: no worker answered within {settings.format_timeout:g} s "
+                            f"(ACESTEP_FORMAT_TIMEOUT); task {task_id} was cancelled")
+    return answer
 
 
 @lru_cache(maxsize=None)

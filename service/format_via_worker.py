@@ -1,27 +1,25 @@
 """/format_input without an LM in the API process: the request becomes a task that a worker with the
 LM runs (format mode, metadata only, no audio), and the API waits for its result up to a limit.
 
-The task goes through the same queue, store and workers as any other, so it is retried, fenced and
-visible in /v1/stats like them; a caller that gives up leaves it to finish on its own.
+The task is submitted like any other (the same submit path, so it counts against the caller's limits,
+the queue bound and the cost ceiling) and goes through the same queue, store and workers, so it is
+retried, fenced and visible in /v1/stats like them. A caller that gives up (the limit passed, or it
+hung up) cancels it: an answer nobody waits for is not computed later.
+
+Everything here is one short blocking call; the waiting between reads belongs to the caller
+(handlers/routes_lm.py waits on the event loop, not in a thread).
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 from engine.request import GenerationRequest
 from engine.types import GenerationError
 
+from .cancellation import cancel_task
 from .ports import Backend
-from .records import FAILED, MODELS_META_KEY, SUCCEEDED, ModelsMeta
+from .records import CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, ModelsMeta
 from .result_parts import with_whole_result
-from .submission import submit_task
-
-POLL_SECONDS = 0.2
-
-
-class FormatTimeout(Exception):
-    """The worker did not answer within the limit (the task itself goes on)."""
 
 
 def workers_run_lm(backend: Backend) -> Optional[bool]:
@@ -42,29 +40,34 @@ def lm_reported(backend: Backend) -> bool:
     return workers_run_lm(backend) is True
 
 
-class WorkerLMGateway:
-    def __init__(self, backend: Backend, max_queue: int, timeout: float):
-        self.backend, self.max_queue, self.timeout = backend, max_queue, timeout
+def format_request(*, caption: str, lyrics: str, metadata: dict, temperature: float) -> GenerationRequest:
+    """The task that rewrites caption and lyrics: format mode, metadata only, one item, no audio."""
+    return GenerationRequest.model_validate(dict(
+        prompt=caption, lyrics=lyrics, use_format=True, analysis_only=True, batch_size=1,
+        lm_temperature=temperature, bpm=metadata.get("bpm"), key_scale=metadata.get("key_scale") or "",
+        time_signature=str(metadata.get("time_signature") or ""), audio_duration=metadata.get("duration"),
+        vocal_language=metadata.get("language") or "en"))
 
-    def format_sample(self, *, caption: str, lyrics: str, metadata: dict, temperature: float) -> dict:
-        request = GenerationRequest.model_validate(dict(
-            prompt=caption, lyrics=lyrics, use_format=True, analysis_only=True, batch_size=1,
-            lm_temperature=temperature, bpm=metadata.get("bpm"), key_scale=metadata.get("key_scale") or "",
-            time_signature=str(metadata.get("time_signature") or ""), audio_duration=metadata.get("duration"),
-            vocal_language=metadata.get("language") or "en"))
-        task_id, _ = submit_task(self.backend, request.model_dump(), self.max_queue)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            record = self.backend.store.get(task_id)
-            if record is not None and record.status == FAILED:
-                raise GenerationError(record.error or "the worker could not format the input")
-            if record is not None and record.status == SUCCEEDED and record.result is not None:
-                whole, _ = with_whole_result(record, self.backend.blobs)
-                assert whole.result is not None
-                return _answer(whole.result.metas, whole.result.generation_info)
-            time.sleep(POLL_SECONDS)
-        raise FormatTimeout(f"no worker answered within {self.timeout:g} s (ACESTEP_FORMAT_TIMEOUT); "
-                            f"task {task_id} will still finish")
+
+def read_answer(backend: Backend, task_id: str) -> Optional[dict]:
+    """The format task's answer (one store read); None while it waits or runs. GenerationError when it
+    failed or was cancelled."""
+    record = backend.store.get(task_id)
+    if record is None:
+        raise GenerationError(f"format task {task_id} is gone")
+    if record.status in (FAILED, CANCELLED):
+        raise GenerationError(record.error or "the worker could not format the input")
+    if record.status != SUCCEEDED or record.result is None:
+        return None
+    whole, _ = with_whole_result(record, backend.blobs)
+    assert whole.result is not None
+    return _answer(whole.result.metas, whole.result.generation_info)
+
+
+def give_up(backend: Backend, task_id: str, reason: str) -> bool:
+    """Cancel a format task nobody waits for any more (queued: it never runs; running: it stops at its
+    next progress write). False when it had finished already."""
+    return cancel_task(backend, task_id, reason).cancelled_now
 
 
 def _known(value: Any) -> Optional[Any]:
