@@ -126,7 +126,7 @@ bench-lm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/lm.py
 
 tiny-model: $(RUN_STAMP)
-	$(BIN)/acestep-models make-tiny checkpoints/acestep-v15-turbo
+	$(BIN)/acestep-models make-tiny checkpoints --name acestep-v15-turbo
 
 clean-data:
 	rm -rf data
