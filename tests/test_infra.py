@@ -648,9 +648,10 @@ def test_templates_pass_cfn_lint(synth):
     """CloudFormation's resource schemas and rules (cfn-lint), on the all-options stack and the default one as a
     synth without credentials writes it: an error fails (a property CloudFormation would refuse at deploy);
     warnings are CDK's own idioms. About 3 s quiet, mostly cfn-lint loading its schemas."""
-    cfn_lint = Path(sys.executable).with_name("cfn-lint")
     templates = [str(synth.out / f"{name}.template.json") for name in (STACK, "DefaultImageNoAccount")]
-    run = subprocess.run([str(cfn_lint), "--format", "json", *templates], capture_output=True, text=True, timeout=120)
+    cli = "import sys; from cfnlint.runner import main; sys.exit(main())"  # the cfn-lint command, in this venv
+    run = subprocess.run([sys.executable, "-c", cli, "--format", "json", *templates], capture_output=True,
+                         text=True, timeout=120)
     findings = json.loads(run.stdout or "[]")
     assert findings or run.returncode == 0, run.stderr
     errors = [f"{f['Rule']['Id']} {'/'.join(map(str, f['Location']['Path']))}: {f['Message']}"
