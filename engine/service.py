@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, speedups, timing
+from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -41,8 +41,8 @@ log = logging.getLogger("engine")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-# Progress: preparing, diffusion steps, the VAE decode (one call inside the pipeline: one mark), encoding
-# (per request of the batch). On CPU the decode is often the longest stage: named, not hidden at 90%.
+# Progress: preparing, diffusion steps, the VAE decode (reported from inside it, engine/vae_progress.py), encoding
+# (per request of the batch). On CPU the decode is often the longest stage: it must feed the stall timer too.
 _STEPS_FROM, _STEPS_TO = 0.05, 0.80
 _DECODE_AT, _ENCODE_FROM = 0.80, 0.95
 WARMUP_SECONDS = 10.0  # the shortest song a request may ask for
@@ -372,8 +372,12 @@ class Engine:
             _report(progress, _STEPS_FROM + (_STEPS_TO - _STEPS_FROM) * (step + 1) / n_steps,
                     f"diffusion step {step + 1}/{n_steps}")
             if step + 1 == n_steps:  # the pipeline decodes the latents next
+                decode.expect(int(tensors["latents"].shape[1]))  # [batch, frames, channels]
                 _report(progress, _DECODE_AT, "VAE decode")
             return tensors
+
+        def on_decoded(fraction: float) -> None:
+            _report(progress, _DECODE_AT + (_ENCODE_FROM - _DECODE_AT) * fraction, "VAE decode")
 
         kwargs = dict(
             prompt=prompts, lyrics=lyrics, vocal_language=languages, audio_duration=duration,
@@ -394,7 +398,7 @@ class Engine:
         t0 = time.perf_counter()
         with timing.recording(clock if self.config.stage_timings else None), \
                 self._sampler(pipe, r.infer_method, generators), _fixed_global_rng(self.device), \
-                _tiled_decode(pipe, tiled):
+                _tiled_decode(pipe, tiled), vae_progress.reporting(pipe.vae, on_decoded) as decode:
             audio = pipe(**kwargs).audios
             if self.device.type == "cuda":  # one wait per call (the stage timings add none), so pipeline_s is whole
                 torch.cuda.synchronize(self.device)

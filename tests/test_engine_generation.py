@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine import memory
 from engine.request import GenerationRequest
 from engine.types import GenerationCancelled, GenerationError
 from tests.engine_fixtures import *  # noqa: F401,F403
@@ -208,9 +209,41 @@ def test_progress_is_reported_in_order(engine):
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert sum(1 for _, s in seen if s.startswith("diffusion step")) == 4
     # after the last step the stages name what runs: the VAE decode (the longest on CPU), then encoding
-    stages = [s for _, s in seen if not s.startswith("diffusion step")]
+    stages = [s for i, (_, s) in enumerate(seen) if not s.startswith("diffusion step") and s != seen[i - 1][1]]
     assert stages == ["preparing", "VAE decode", "encoding audio", "done"], stages
     assert seen[seen.index((0.8, "VAE decode")) - 1][1] == "diffusion step 4/4"
+
+
+def test_the_vae_decode_reports_progress_from_inside(engine, monkeypatch):
+    """One decode call of a long song on CPU outlasts the stall timeout unless it reports as it goes (issue 25):
+    every decoder block's units report, untiled and through every tile of a tiled decode."""
+    for tiled in (False, True):
+        seen = []
+        if tiled:  # a machine with almost nothing free: the engine tiles the decode (in short tiles here)
+            monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+            vae = engine.model(None).pipe.vae
+            monkeypatch.setattr(vae, "tile_latent_min_length", 128)
+            monkeypatch.setattr(vae, "tile_latent_overlap", 16)
+        result = engine.generate(req(inference_steps=2), progress=lambda f, s: seen.append((f, s)))
+        assert result.generation_info["vae_decode"] == ("tiled" if tiled else "untiled")
+        decode = [f for f, s in seen if s == "VAE decode"]
+        assert decode == sorted(decode) and decode[0] == 0.8 and decode[-1] == pytest.approx(0.95), decode
+        # 5 blocks x 4 units per decoder pass; 250 latent frames in tiles of 128 overlapping by 16: 3 passes
+        assert len(decode) == 1 + 20 * (3 if tiled else 1), (tiled, len(decode))
+        assert len(set(decode)) == len(decode)  # each report moves on
+
+
+def test_a_cancel_during_the_vae_decode_stops_it(engine):
+    seen = []
+
+    def cancel_mid_decode(fraction, stage):
+        seen.append(stage)
+        if stage == "VAE decode" and fraction > 0.85:
+            raise GenerationCancelled("task cancelled")
+
+    with pytest.raises(GenerationCancelled):
+        engine.generate(req(inference_steps=2), progress=cancel_mid_decode)
+    assert seen[-1] == "VAE decode" and "encoding audio" not in seen
 
 
 def test_encoding_a_batch_reports_its_own_progress(engine):
