@@ -14,7 +14,6 @@ from typing import Any, Hashable, Optional
 from service.config import Settings
 from service.ports import Backend
 from service.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, TERMINAL, AudioFile, TaskRecord, TaskResult
-from service.result_parts import with_whole_result
 
 from .result_cache import FinishedEntries
 from .signing import audio_url, expiry, signature
@@ -179,7 +178,7 @@ class QueryResults:
         return [found[t] for t in task_ids]
 
     def _read(self, task_ids: list[str]) -> list[tuple[str, bytes, bool]]:
-        """(id, entry, cacheable) per id; reads the store, and the blob store for moved result parts."""
+        """(id, entry, cacheable) per id; one store read for all of them."""
         lookup = sorted({t for t in task_ids if t and len(t) <= MAX_ID_LEN})
         records = self.backend.store.get_many(lookup) if lookup else {}
         queued = [t for t, r in records.items() if r.status == QUEUED]
@@ -187,12 +186,11 @@ class QueryResults:
         out = []
         for task_id in dict.fromkeys(task_ids):
             record = records.get(task_id)
-            missing: list[str] = []
-            if record is not None and record.status == SUCCEEDED:  # once per window: the entry is cached
-                record, missing = with_whole_result(record, self.backend.blobs)
             entry = dumps(entry_for(task_id, record, self.settings, positions.get(task_id)))
-            # An entry missing a part is not cached: a storage hiccup must not hide the part for a window.
-            out.append((task_id, entry, record is not None and record.status in TERMINAL and not missing))
+            # A result the store could not read whole is not cached: a storage hiccup must not hide a part
+            # for a window.
+            whole = record is None or record.result is None or not record.result.generation_info.get("missing_parts")
+            out.append((task_id, entry, record is not None and record.status in TERMINAL and whole))
         return out
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from service.config import Settings
 from service.ports import Backend
 from service.records import TaskRecord
-from service.result_parts import with_whole_result
 from service.signing_keys import ephemeral_keys
 from service.webhooks import WebhookNotifier
 
@@ -15,8 +14,7 @@ from .results import entry_for
 
 def build_notifier(settings: Settings, backend: Backend) -> WebhookNotifier:
     def payload(record: TaskRecord) -> dict:
-        whole, _ = with_whole_result(record, backend.blobs)
-        return entry_for(record.task_id, whole, settings, None, base_url=settings.public_base_url)
+        return entry_for(record.task_id, record, settings, None, base_url=settings.public_base_url)
 
     # Signed with the backend's webhook secret, never the API key. A backend that stores none (AWS
     # without ACESTEP_WEBHOOK_SECRET_ARN, which warns when it is built) gets one for this process,

@@ -5,7 +5,7 @@
     outputs/<task_id>/<attempt>-<i>.<fmt>  a generated file; the attempt keeps a fenced-out
                                          duplicate worker from overwriting the winner's files
     outputs/<task_id>/<attempt>-<part>.json  a part of a result too large for the task record
-                                         (service/result_parts.py)
+                                         (service/aws/result_spill.py)
     models/<name>/...                    model weights mirrored for the workers (aws/model_mirror.py)
 
 Adapters, the API and the CDK stack (S3 lifecycle rules, IAM prefixes) take prefixes from here.

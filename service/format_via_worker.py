@@ -19,7 +19,6 @@ from engine.types import GenerationError
 from .cancellation import cancel_task
 from .ports import Backend
 from .records import CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, ModelsMeta
-from .result_parts import with_whole_result
 
 
 def workers_run_lm(backend: Backend) -> Optional[bool]:
@@ -59,9 +58,7 @@ def read_answer(backend: Backend, task_id: str) -> Optional[dict]:
         raise GenerationError(record.error or "the worker could not format the input")
     if record.status != SUCCEEDED or record.result is None:
         return None
-    whole, _ = with_whole_result(record, backend.blobs)
-    assert whole.result is not None
-    return _answer(whole.result.metas, whole.result.generation_info)
+    return _answer(record.result.metas, record.result.generation_info)
 
 
 def give_up(backend: Backend, task_id: str, reason: str) -> bool:

@@ -38,8 +38,6 @@ class TaskResult(BaseModel):
     generation_info: dict[str, Any] = {}
     dit_model: str = ""
     lm_model: str = ""
-    # parts too large for the task record (e.g. "generation_info") -> their blob keys (service/result_parts.py)
-    moved: dict[str, str] = {}
 
     @property
     def random_weights(self) -> bool:

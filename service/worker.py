@@ -37,7 +37,6 @@ from .records import (
     TaskResult, WorkerHeartbeat,
 )
 from .post_stage import PostStage
-from .result_parts import move_large_parts
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
 from .storage_errors import StorageFull
@@ -467,13 +466,11 @@ class Worker:
                                         sample_rate=audio.sample_rate, channels=audio.channels))
             whole = TaskResult(audios=audios, metas=result.metas, generation_info=info,
                                dit_model=result.dit_model, lm_model=result.lm_model)
-            stored, part_keys = move_large_parts(whole, c.task_id, c.attempt, self.backend.blobs)
+            finished = self.backend.store.finish(c.task_id, c.attempt, result=whole, blob_keys=keys)
         except StorageFull:
             for written in keys:
                 self.backend.blobs.delete(written)
             raise
-        keys += part_keys
-        finished = self.backend.store.finish(c.task_id, c.attempt, result=stored, blob_keys=keys)
         if finished:
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
             self._report(TaskMetrics.of(_finished(c, whole)))

@@ -562,7 +562,7 @@ EXPECTED = [
     Expected(WORKER_ROLE, "s3:DeleteObject", "Audio/outputs/t/2-0.wav", "A fenced-out duplicate attempt removes "
              "the files it wrote (service/worker.py); the e2e's duplicate delivery is refused before it generates."),
     Expected(WORKER_ROLE, "s3:GetObject", "Audio/outputs/t/generation_info.json", "A webhook's payload reads back "
-             "the result parts moved out of a large task record (service/result_parts.py); the e2e sends no webhook."),
+             "the result parts spilled out of a large task item (service/aws/result_spill.py); the e2e sends no webhook."),
     Expected(WORKER_ROLE, "secretsmanager:GetSecretValue", "WebhookSigningSecret.Ref", "Workers sign webhook "
              "deliveries with the stack's webhook secret (tests/test_webhooks.py); the e2e sends no webhook."),
 ]

@@ -91,6 +91,16 @@ class SineEngine:
         return out
 
 
+class BloatedEngine(SineEngine):
+    """Results larger than a DynamoDB item may hold (400 KB): long LM notes and genres."""
+
+    def generate(self, request, **kw):
+        result = super().generate(request, **kw)
+        result.generation_info["notes"] = [f"note {i} " + "🎼" * 250 for i in range(300)]  # ~300 KB
+        result.metas["genres"] = "ambient " * 20000  # ~160 KB
+        return result
+
+
 if TYPE_CHECKING:  # mypy (`make test`) holds the stand-in to the port the worker uses
     from service.ports import GenerationEngine
 

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from service.aws import schema
+from service.blob_keys import result_part_key
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, TaskRecord
 from service.records import TaskResult
 from tests.aws_support import aws_backend
@@ -191,3 +192,22 @@ def test_idempotency_key_is_claimed_in_the_create_transaction(aws):
     assert aws.store.find_by_idempotency_key("k") is None
     aws.store.create(TaskRecord(task_id="c", request={}, idempotency_key="k", request_digest="d"))
     assert aws.store.find_by_idempotency_key("k").task_id == "c"
+
+
+def _large_result(tag: str) -> TaskResult:
+    """A result over DynamoDB's 400 KB item limit."""
+    return TaskResult(dit_model=tag, metas={"genres": "ambient " * 20000},
+                      generation_info={"notes": [tag + " " + "🎼" * 250] * 300})
+
+
+def test_a_large_result_fenced_out_in_the_race_window_leaves_no_parts(aws):
+    _new(aws, "t1")
+    first = aws.store.claim("t1", "w1").attempt
+    rival = _race(aws, "TransactWriteItems", lambda: _rival(aws).claim("t1", "w2").attempt)
+    assert aws.store.finish("t1", first, result=_large_result("late")) is False  # redelivered meanwhile
+    assert rival == [first + 1]
+    late = [result_part_key("t1", first, part) for part in ("generation_info", "metas")]
+    assert [aws.blobs.size(k) for k in late] == [None, None]  # what it spilled went with its write
+    assert aws.store.finish("t1", first + 1, result=_large_result("winner")) is True
+    rec = aws.store.get("t1")
+    assert rec.result == _large_result("winner") and not set(late) & set(rec.blob_keys)

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,12 +15,12 @@ from service.embedded.files import FileBlobStore
 from service.ports import QUEUED, RUNNING, SUCCEEDED
 from service.storage_errors import StorageFull
 from service.aws.dynamo_store import _task_key
-from service.result_parts import MAX_RESULT_BYTES, stored_size
+from service.blob_keys import result_part_key
 from service.task_limits import MAX_REQUEST_BYTES
 from service.worker import Worker
 from tests.api_support import Api, make_api
 from tests.conftest import BACKENDS, open_backend
-from tests.support_engine import SineEngine
+from tests.support_engine import BloatedEngine
 from tests.test_worker import ScriptedEngine, _submit
 
 
@@ -49,22 +50,25 @@ def test_a_task_over_the_cost_ceiling_is_refused_with_the_numbers(settings):
     assert api.submit(prompt="x", audio_duration=30, batch_size=2, inference_steps=8)
 
 
-class _BloatedEngine(SineEngine):
-    """An engine whose results are far larger than a task record may hold (LM notes, long genres)."""
-
-    def generate(self, request, **kw):
-        result = super().generate(request, **kw)
-        result.generation_info["notes"] = [f"note {i} " + "🎼" * 250 for i in range(200)]  # ~200 KB
-        result.metas["genres"] = "ambient " * 20000  # ~160 KB
-        return result
+@contextmanager
+def _bloated(kind: str, settings, tmp_path):
+    """An API and worker over the `kind` backend whose engine writes results over 400 KB."""
+    with open_backend(kind, settings, tmp_path) as backend:
+        s = getattr(backend, "settings", settings)
+        yield Api(s, backend, TestClient(create_app(s, backend)), BloatedEngine(s.model_names))
 
 
 @pytest.fixture(params=BACKENDS)
 def bloated_api(request, settings, tmp_path):
-    """An API and worker over each backend whose engine writes oversized results."""
-    with open_backend(request.param, settings, tmp_path) as backend:
-        s = getattr(backend, "settings", settings)
-        yield Api(s, backend, TestClient(create_app(s, backend)), _BloatedEngine(s.model_names))
+    with _bloated(request.param, settings, tmp_path) as api:
+        yield api
+
+
+@pytest.fixture
+def bloated_aws_api(settings, tmp_path):
+    """The AWS backend alone: only DynamoDB's item limit makes a store keep result parts apart."""
+    with _bloated("aws", settings, tmp_path) as api:
+        yield api
 
 
 def _largest_request(api: Api) -> dict:
@@ -94,21 +98,29 @@ def _items(api: Api, task_id: str) -> list[dict]:
     return json.loads(api.query(task_id)[0]["result"])
 
 
-def test_a_huge_result_is_stored_apart_and_read_back_whole(bloated_api):
+def _part_keys(task_id: str) -> list[str]:
+    return [result_part_key(task_id, 1, part) for part in ("generation_info", "metas")]
+
+
+def test_a_result_over_400_kb_is_read_back_whole(bloated_api):
     api = bloated_api
     request = _largest_request(api)
     task_id = api.submit(**request)
     request["lyrics"] += "🥁"
     api.submit(expect=413, **request)  # one character more is refused: this is the largest request
     api.run_worker()
-    rec = api.backend.store.get(task_id)
-    assert rec.status == SUCCEEDED and stored_size(rec.result) <= MAX_RESULT_BYTES
-    assert set(rec.result.moved) == {"generation_info", "metas"} and set(rec.result.moved.values()) <= set(rec.blob_keys)
-    if api.settings.backend == "aws":  # the item as DynamoDB holds it, request and result beside each other
+    rec = api.backend.store.get(task_id)  # what every reader gets, whatever the backend
+    assert rec.status == SUCCEEDED and len(rec.result.model_dump_json().encode()) > 400 * 1024
+    assert len(rec.result.generation_info["notes"]) == 300 and rec.result.metas["genres"] == "ambient " * 20000
+    assert "missing_parts" not in rec.result.generation_info
+    if api.settings.backend == "aws":  # the item as DynamoDB holds it: request and what fits of the result
         store = api.backend.store
         item = store._db.get_item(TableName=store._table, Key=_task_key(task_id))["Item"]
         assert len(item["request"]["S"].encode()) <= MAX_REQUEST_BYTES
         assert _dynamo_item_bytes(item) < 400 * 1024
+        assert set(_part_keys(task_id)) <= set(rec.blob_keys)  # expire with the task
+    else:  # SQLite holds the whole result: nothing is written beside it
+        assert all(api.backend.blobs.size(k) is None for k in _part_keys(task_id))
 
     reads: list[str] = []
     get = api.backend.blobs.get
@@ -116,27 +128,27 @@ def test_a_huge_result_is_stored_apart_and_read_back_whole(bloated_api):
     items = _items(api, task_id)
     assert len(items) == 8
     detail = items[0]["generation_info_detail"]
-    assert len(detail["notes"]) == 200 and detail["notes"][0].startswith("note 0 🎼")
+    assert len(detail["notes"]) == 300 and detail["notes"][0].startswith("note 0 🎼")
     assert "missing_parts" not in detail and items[0]["metas"]["genres"].startswith("ambient ambient")
     small = api.submit(prompt="small", audio_duration=10)
-    api.engine.generate = super(_BloatedEngine, api.engine).generate  # type: ignore[method-assign]
+    api.engine.generate = super(BloatedEngine, api.engine).generate  # type: ignore[method-assign]
     api.run_worker()
     assert [set(i) for i in items] == [set(_items(api, small)[0])] * 8  # the shape of a small result
     reads_after_first = len(reads)
-    assert reads_after_first == 2
+    assert reads_after_first == (2 if api.settings.backend == "aws" else 0)
     assert _items(api, task_id) == items and len(reads) == reads_after_first  # cached: no second read
 
 
 @pytest.mark.parametrize("damage", ["deleted", "garbled"])
-def test_a_lost_result_part_is_named_in_the_entry_not_a_500(bloated_api, damage):
-    api = bloated_api
+def test_a_lost_result_part_is_named_in_the_entry_not_a_500(bloated_aws_api, damage):
+    api = bloated_aws_api
     task_id = api.submit(prompt="x", audio_duration=10)
     api.run_worker()
-    moved = api.backend.store.get(task_id).result.moved
+    info_key = result_part_key(task_id, 1, "generation_info")
     if damage == "deleted":
-        api.backend.blobs.delete(moved["generation_info"])
+        api.backend.blobs.delete(info_key)
     else:
-        api.backend.blobs.put(moved["generation_info"], b"\xff not json", "application/json")
+        api.backend.blobs.put(info_key, b"\xff not json", "application/json")
     entry = api.query(task_id)[0]
     assert entry["status"] == 1  # still a finished task with its audio
     item = json.loads(entry["result"])[0]
@@ -145,7 +157,7 @@ def test_a_lost_result_part_is_named_in_the_entry_not_a_500(bloated_api, damage)
     assert "generation_info is missing" in item["generation_info"]
     assert item["generation_info_detail"]["random_weights"] is True  # kept in the record
     if damage == "garbled":  # not cached: once the part is readable again, the next poll has it
-        api.backend.blobs.put(moved["generation_info"], b'{"notes": ["back"]}', "application/json")
+        api.backend.blobs.put(info_key, b'{"notes": ["back"]}', "application/json")
         assert json.loads(api.query(task_id)[0]["result"])[0]["generation_info_detail"]["notes"] == ["back"]
 
 

@@ -20,7 +20,6 @@ from service.config import Settings
 from service.format_via_worker import lm_served
 from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
-from service.result_parts import with_whole_result
 
 from ..body import _json_object, read_limited
 from ..caller import caller_of
@@ -112,9 +111,8 @@ async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: 
     if record is None or record.status != SUCCEEDED:
         status, detail = _failure(record)
         raise ApiError(status, detail, headers=headers)
-    whole, _ = await run_in_threadpool(with_whole_result, record, backend_of(request).blobs)
-    audio = await run_in_threadpool(responses.audio_items, whole, backend_of(request).blobs)
-    body = responses.completion(responses.completion_id(), model_id, responses.content_text(whole, lm_fallback),
+    audio = await run_in_threadpool(responses.audio_items, record, backend_of(request).blobs)
+    body = responses.completion(responses.completion_id(), model_id, responses.content_text(record, lm_fallback),
                                 audio or None)
     return JSONResponse(body, headers=headers)
 
@@ -144,9 +142,8 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
                 yield out.chunk(content=f"\n\nError: {_failure(record)[1]}")
                 yield out.chunk(finish_reason="error")
                 break
-            whole, _ = await run_in_threadpool(with_whole_result, record, backend.blobs)
-            yield out.chunk(content="\n\n" + responses.content_text(whole, lm_fallback))
-            audio = await run_in_threadpool(responses.audio_items, whole, backend.blobs)
+            yield out.chunk(content="\n\n" + responses.content_text(record, lm_fallback))
+            audio = await run_in_threadpool(responses.audio_items, record, backend.blobs)
             if audio:
                 yield out.chunk(audio=audio)
             yield out.chunk(finish_reason="stop")

@@ -33,13 +33,14 @@ def make_aws_backend(settings: Settings) -> Backend:
     # Path-style addressing when an endpoint is given: moto/localstack on 127.0.0.1 have no bucket subdomains.
     s3_config = {"signature_version": "s3v4",
                  "s3": {"addressing_style": "path" if settings.aws_endpoint_url else "virtual"}}
-    store = DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days)
+    blobs = S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket)
+    store = DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days, blobs)
     queue = SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url,
                          max_receives=settings.max_receives)
     backend = Backend(
         store=store,
         queue=queue,
-        blobs=S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket),
+        blobs=blobs,
         intake=AwsTaskIntake(store, queue, on_queued=_worker_waker(settings)),
         name="aws",
     )

@@ -3,7 +3,9 @@
 Every status transition is a conditional write on (status, attempt), so a task finishes once and a
 late or duplicate worker is fenced out. Transitions that change a status also update the counter
 item in the same TransactWriteItems, which keeps counts() to one GetItem. See schema.py for the
-table layout and the two sparse indexes behind queue_positions() and recent_finished().
+table layout and the two sparse indexes behind queue_positions() and recent_finished(). A result
+too large for an item spills its largest parts to the blob store (result_spill.py); reads put them
+back, so no reader outside this adapter knows.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from ..records import (
     WorkerHeartbeat,
 )
 from ..caller_limits import check_caller
-from ..ports import CallerLimits, QueueFull, TaskStore, WebhookDue
+from ..ports import BlobStore, CallerLimits, QueueFull, TaskStore, WebhookDue
 from . import schema as S
 from .clients import error_code
+from .result_spill import Spilled, discard, restore, spill
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ _QUEUED_MARK = "q"
 _ACTIVE = "active"  # a caller's queued + running tasks (owner counter item)
 _FINISHED_MARK = "f"
 _WEBHOOK_MARK = "w"
+_PARTS = "result_parts"  # result part -> the blob key it spilled to (result_spill.py)
 
 
 class TaskExists(ValueError):
@@ -72,16 +76,17 @@ def _idempotency_key(key: str) -> dict:
 
 
 class DynamoTaskStore(TaskStore):
-    def __init__(self, client, table_name: str, ttl_days: int = 7):
+    def __init__(self, client, table_name: str, ttl_days: int = 7, blobs: Optional[BlobStore] = None):
         self._db = client
         self._table = table_name
         self._ttl_seconds = max(1, int(ttl_days)) * 86400
+        self._blobs = blobs  # where result parts too large for an item go (None: a large result is refused)
 
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Optional[TaskRecord]:
         item = self._get_item(task_id)
-        return _to_record(item) if item else None
+        return self._to_record(item) if item else None
 
     def get_many(self, task_ids: list[str]) -> dict[str, TaskRecord]:
         out: dict[str, TaskRecord] = {}
@@ -92,7 +97,7 @@ class DynamoTaskStore(TaskStore):
             while request:
                 resp = self._db.batch_get_item(RequestItems=request)
                 for item in resp.get("Responses", {}).get(self._table, []):
-                    rec = _to_record(item)
+                    rec = self._to_record(item)
                     out[rec.task_id] = rec
                 request = resp.get("UnprocessedKeys") or None
                 if request:
@@ -207,7 +212,8 @@ class DynamoTaskStore(TaskStore):
             ExpressionAttributeValues={":one": _n(1)},
             ReturnValues="UPDATED_NEW",
         )["Attributes"]["seq"]["N"])
-        item = _to_item(record, seq, self._ttl_seconds)
+        spilled = spill(record.result, record.task_id, record.attempt, self._blobs) if record.result else None
+        item = _to_item(record, seq, self._ttl_seconds, spilled)
         put = {
             "TableName": self._table,
             "Item": item,
@@ -235,8 +241,10 @@ class DynamoTaskStore(TaskStore):
                 "ConditionExpression": "attribute_not_exists(#pk)",
                 "ExpressionAttributeNames": {"#pk": S.PK},
             }})
+        written = False
         try:
             self._transact(writes)
+            written = True
         except _ConditionFailed:
             if record.idempotency_key and self._idempotency_owner(record.idempotency_key) not in (None, record.task_id):
                 raise IdempotencyKeyTaken(record.idempotency_key) from None
@@ -249,6 +257,9 @@ class DynamoTaskStore(TaskStore):
                 if waiting >= max_queued:
                     raise QueueFull(f"{waiting} tasks waiting (max {max_queued})") from None
             raise TaskExists(f"task {record.task_id} already exists") from None
+        finally:
+            if not written and spilled:
+                discard(spilled.parts, self._blobs)
 
     def find_by_idempotency_key(self, key: str) -> Optional[TaskRecord]:
         """The task submitted under `key`; a mapping whose task has expired is dropped."""
@@ -310,7 +321,7 @@ class DynamoTaskStore(TaskStore):
                                            if status == QUEUED else []))
             except _ConditionFailed:
                 continue  # someone else claimed or finished it first: look again
-            record = _to_record(item)
+            record = self._to_record(item)
             record.status, record.attempt, record.worker_id = RUNNING, attempt, worker_id
             record.started_at, record.progress, record.stage = now, 0.0, "running"
             return record
@@ -360,26 +371,32 @@ class DynamoTaskStore(TaskStore):
         if _str(item, "webhook_url"):
             sets.append(_outbox(names, values))
         values[":prog"] = _n(1.0 if final == SUCCEEDED else 0.0)
-        if result is not None:
-            sets.append("#res = :res")
-            names["#res"] = "result"
-            values[":res"] = _s(result.model_dump_json())
+        spilled = spill(result, task_id, attempt, self._blobs) if result is not None else None
+        if spilled is not None:
+            sets.append("#res = :res, #rp = :rp")
+            names.update({"#res": "result", "#rp": _PARTS})
+            values.update({":res": _s(spilled.stored_json), ":rp": _parts_attr(spilled.parts)})
         if error is not None:
             sets.append("#err = :err")
             names["#err"] = "error"
             values[":err"] = _s(error)
-        new_keys = _new_keys(item, blob_keys)
+        new_keys = _new_keys(item, [*(blob_keys or []), *(spilled.parts.values() if spilled else [])])
         if new_keys:
             sets.append("blob_keys = list_append(if_not_exists(blob_keys, :empty), :keys)")
             values[":empty"] = {"L": []}
             values[":keys"] = {"L": [_s(k) for k in new_keys]}
         update = self._update(task_id, item, "SET " + ", ".join(sets), names, values)
+        written = False
         try:
             self._transact([update, self._count_move(RUNNING, final),
                             *self._owner_moves(_str(item, "owner"), RUNNING, final)])
-            return True
+            written = True
         except _ConditionFailed:
-            return False  # another attempt claimed or finished it in between
+            pass  # another attempt claimed or finished it in between
+        finally:
+            if not written and spilled:
+                discard(spilled.parts, self._blobs)
+        return written
 
     def fail_unfinished(self, task_id: str, error: str) -> bool:
         return self._end_unfinished(task_id, FAILED, error)
@@ -456,6 +473,13 @@ class DynamoTaskStore(TaskStore):
             raise
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _to_record(self, item: dict) -> TaskRecord:
+        record = _to_record(item)
+        stored = _str(item, "result")
+        if stored is not None:
+            record.result = restore(stored, _parts(item), self._blobs)
+        return record
 
     def _get_item(self, task_id: str) -> Optional[dict]:
         resp = self._db.get_item(TableName=self._table, Key=_task_key(task_id), ConsistentRead=True)
@@ -565,7 +589,15 @@ def _new_keys(item: Optional[dict], keys: Optional[list[str]]) -> list[str]:
     return [k for k in dict.fromkeys(keys or []) if k not in have]
 
 
-def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
+def _parts_attr(parts: dict[str, str]) -> dict:
+    return {"M": {part: _s(key) for part, key in parts.items()}}
+
+
+def _parts(item: dict) -> dict[str, str]:
+    return {part: v["S"] for part, v in item.get(_PARTS, {}).get("M", {}).items()}
+
+
+def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[Spilled]) -> dict:
     item: dict[str, dict] = {
         S.PK: _s(S.TASK_PREFIX + record.task_id),
         "task_id": _s(record.task_id),
@@ -587,8 +619,10 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
             item[name] = _n(float(value))
     if record.worker_id is not None:
         item["worker_id"] = _s(record.worker_id)
-    if record.result is not None:
-        item["result"] = _s(record.result.model_dump_json())
+    if spilled is not None:
+        item["result"] = _s(spilled.stored_json)
+        item[_PARTS] = _parts_attr(spilled.parts)
+        item["blob_keys"]["L"] += [_s(k) for k in spilled.parts.values() if k not in record.blob_keys]
     if record.error is not None:
         item["error"] = _s(record.error)
     if record.webhook_url is not None:
@@ -602,7 +636,7 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int) -> dict:
 
 
 def _to_record(item: dict) -> TaskRecord:
-    result = _str(item, "result")
+    """The record without its result (DynamoTaskStore._to_record puts that back whole)."""
     return TaskRecord(
         task_id=item["task_id"]["S"],
         request=json.loads(item["request"]["S"]),
@@ -615,7 +649,6 @@ def _to_record(item: dict) -> TaskRecord:
         attempt=int(_num(item, "attempt") or 0),
         given_back=int(_num(item, "given_back") or 0),
         worker_id=_str(item, "worker_id"),
-        result=TaskResult.model_validate_json(result) if result is not None else None,
         error=_str(item, "error"),
         blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
         idempotency_key=_str(item, "idempotency_key"),
