@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any, Hashable, Optional
 
+from engine.request import GenerationRequest
 from service.config import Settings
 from service.ports import Backend
 from service.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, TERMINAL, AudioFile, TaskRecord, TaskResult
@@ -50,31 +51,31 @@ def generation_info_text(info: dict, dit_model: str, lm_model: str) -> str:
 
 
 def _base_item(record: TaskRecord, status: int) -> dict:
-    req = record.request or {}
+    req = record.request
     return {
         "file": "", "wave": "", "status": status, "create_time": int(record.created_at), "env": ENV,
-        "prompt": req.get("prompt", ""), "lyrics": req.get("lyrics", ""), "metas": {},
+        "prompt": req.prompt, "lyrics": req.lyrics, "metas": {},
     }
 
 
-def _metas(result: TaskResult, req: dict, audio: Optional[AudioFile]) -> dict:
+def _metas(result: TaskResult, req: GenerationRequest, audio: Optional[AudioFile]) -> dict:
     metas = {k: result.metas.get(k, "N/A") for k in META_KEYS}
     if metas["duration"] in (None, "N/A") and audio and audio.duration is not None:
         metas["duration"] = audio.duration
     for k in META_KEYS:
         if metas[k] is None:
             metas[k] = "N/A"
-    metas["prompt"] = req.get("prompt", "")
-    metas["lyrics"] = req.get("lyrics", "")
+    metas["prompt"] = req.prompt
+    metas["lyrics"] = req.lyrics
     return metas
 
 
 def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") -> list[dict]:
     """One item per audio file; `base_url` prefixes the file URLs (relative without it, as upstream)."""
     result = record.result or TaskResult()
-    req = record.request or {}
+    req = record.request
     info = dict(result.generation_info)
-    dit_model = result.dit_model or req.get("model") or ""
+    dit_model = result.dit_model or req.model or ""
     lm_model = result.lm_model
     info["random_weights"] = result.random_weights
     shared = {

@@ -20,7 +20,7 @@ from .observability.health import FAILED_STATE, HEARTBEAT_SECONDS, alive_only, h
 from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
 from .ports import Backend
-from .records import WorkerHeartbeat
+from .records import FailureReason, StoredRequestInvalid, WorkerHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,18 @@ class BrokenWorker:
         lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
         if lease is None:
             return False
-        record = self.backend.store.claim(lease.task_id, self.worker_id)
+        message = NOT_LOADED.format(error=self.error)
+        try:
+            record = self.backend.store.claim(lease.task_id, self.worker_id)
+        except StoredRequestInvalid as exc:  # it could not run anywhere: say so rather than blame this worker
+            if self.backend.store.fail_unfinished(lease.task_id, str(exc), FailureReason.INVALID_REQUEST):
+                self._finished(lease.task_id)
+            record = None
         if record is not None:
             with log_context(task_id=record.task_id, attempt=record.attempt):
-                message = NOT_LOADED.format(error=self.error)
                 log.warning("task %s failed: %s", record.task_id, message)
-                if self.backend.store.finish(record.task_id, record.attempt, error=message):
+                if self.backend.store.finish(record.task_id, record.attempt, error=message,
+                                             reason=FailureReason.ENGINE_LOAD_FAILED):
                     self._finished(record.task_id)
         self.backend.queue.ack(lease)
         return True

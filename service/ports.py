@@ -15,7 +15,10 @@ from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 
 from .signing_keys import SigningKeys
-from .records import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord, TaskResult, WorkerHeartbeat
+from .records import (
+    CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, FailureReason, StoredRequestInvalid, TaskRecord,
+    TaskResult, WorkerHeartbeat,
+)
 
 
 
@@ -65,6 +68,8 @@ class TaskStore(Protocol):
         """queued -> running, or re-claim a running task whose lease was redelivered.
 
         Returns the task as claimed (with its new attempt number), or None if finished/unknown.
+        Raises StoredRequestInvalid (and claims nothing) when its stored request no longer parses;
+        the other reads return such a request as stored, unchecked (records.load_request).
         """
 
     def update_progress(self, task_id: str, attempt: int, progress: float, stage: str) -> bool:
@@ -78,17 +83,19 @@ class TaskStore(Protocol):
         """
 
     def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
-               error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
-        """running -> succeeded (result) or failed (error), only for the current attempt.
+               error: Optional[str] = None, reason: Optional[FailureReason] = None,
+               blob_keys: Optional[list[str]] = None) -> bool:
+        """running -> succeeded (result) or failed (error, with its reason), only for the current attempt.
 
         A task finishes once: a late or duplicate worker gets False and must discard its output.
         """
 
-    def fail_unfinished(self, task_id: str, error: str) -> bool:
+    def fail_unfinished(self, task_id: str, error: str, reason: FailureReason) -> bool:
         """Mark a task failed whatever attempt holds it, unless already finished (poison / dead-letter)."""
 
     def cancel(self, task_id: str, reason: str) -> bool:
-        """queued/running -> cancelled (with `reason` as its error), whatever attempt holds it.
+        """queued/running -> cancelled (with `reason` as its error, FailureReason.CANCELLED as its reason),
+        whatever attempt holds it.
 
         False when the task is unknown or already finished. A worker running it is fenced out:
         its next update_progress returns False, and it stops.
@@ -271,4 +278,5 @@ class Backend:
 
 
 __all__ = ["Backend", "CallerBusy", "CallerLimits", "BlobStore", "GenerationEngine", "IdempotencyConflict", "Lease", "QueueFull", "TaskIntake", "TaskQueue", "TaskStore", "TaskRecord", "TaskResult", "WebhookDue",
+           "FailureReason", "StoredRequestInvalid",
            "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "STATUSES", "TERMINAL"]

@@ -4,11 +4,15 @@ The stores persist these as JSON; both sides read them through these types, neve
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.request import GenerationRequest
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 CANCELLED = "cancelled"  # by the client (POST /v1/tasks/{id}/cancel)
@@ -99,10 +103,57 @@ class WorkerHeartbeat(BaseModel):
 GIVEN_BACK_STAGE = "waiting: handed back by a stopping worker"
 
 
+class FailureReason(str, Enum):
+    """Why a task ended without a result, set where it ended (its `error` says it in words)."""
+
+    STALL_TIMEOUT = "stall_timeout"  # the engine made no progress for ACESTEP_STALL_TIMEOUT
+    GENERATION_TIMEOUT = "generation_timeout"  # it ran past ACESTEP_GENERATION_TIMEOUT
+    DEAD_LETTERED = "dead_lettered"  # every delivery's worker stopped (crashed, killed, out of memory)
+    ENGINE_LOAD_FAILED = "engine_load_failed"  # the worker could not load its models
+    LM_UNAVAILABLE = "lm_unavailable"  # it needs the 5 Hz LM, which the worker does not load
+    INPUT_MISSING = "input_missing"  # a source upload is gone from storage
+    INPUT_TOO_LARGE = "input_too_large"  # a source upload grew past the limit after submission
+    COST_REFUSED = "cost_refused"  # over ACESTEP_MAX_TASK_COST as this worker counts it
+    INVALID_REQUEST = "invalid_request"  # the stored request no longer parses (StoredRequestInvalid)
+    REJECTED = "rejected"  # the engine refused the request (GenerationError)
+    ENGINE_ERROR = "engine_error"  # the engine crashed
+    CANCELLED = "cancelled"  # by the client, or by an API call that stopped waiting for it
+
+
+class StoredRequestInvalid(Exception):
+    """A task's stored request no longer parses as a GenerationRequest (written by another version)."""
+
+    def __init__(self, task_id: str, detail: str):
+        super().__init__(f"the stored request no longer parses: {detail}")
+        self.task_id = task_id
+
+
+def load_request(task_id: str, stored: str, strict: bool = True) -> GenerationRequest:
+    """A task's request from its stored JSON (what a store adapter calls).
+
+    strict: StoredRequestInvalid when it no longer parses (a worker claiming it fails it with that
+    reason). Not strict (showing or sweeping a task): the stored values as they are, unchecked.
+    """
+    try:
+        return GenerationRequest.model_validate_json(stored)
+    except ValidationError as exc:
+        if strict:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+            raise StoredRequestInvalid(task_id, detail) from None
+    raw = json.loads(stored)
+    known = GenerationRequest.model_fields
+    return GenerationRequest.model_construct(**{k: v for k, v in raw.items() if k in known})
+
+
+def dump_request(request: GenerationRequest) -> str:
+    """The stored form of a task's request (load_request reads it back)."""
+    return request.model_dump_json()
+
+
 @dataclass
 class TaskRecord:
     task_id: str
-    request: dict  # GenerationRequest.model_dump(): validated at submission
+    request: GenerationRequest  # validated at submission; the store adapters parse it back (load_request)
     status: str = QUEUED
     created_at: float = field(default_factory=time.time)
     started_at: Optional[float] = None
@@ -114,6 +165,7 @@ class TaskRecord:
     worker_id: Optional[str] = None
     result: Optional[TaskResult] = None
     error: Optional[str] = None
+    reason: Optional[FailureReason] = None  # why it failed or was cancelled; None in records older than it
     # Blob keys this task owns (inputs and outputs); /v1/audio serves only these
     blob_keys: list[str] = field(default_factory=list)
     # The client's Idempotency-Key, when it sent one: a retried submit returns this task.

@@ -7,6 +7,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.request import GenerationRequest
+
 from . import blob_keys
 from .idempotency import replayed, request_digest
 from .observability.logs import log_context
@@ -25,7 +27,7 @@ class Upload:
     content_type: str = "application/octet-stream"
 
 
-def submit_task(backend: Backend, request: dict, max_queue: int,
+def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
                 uploads: Optional[dict[str, Upload]] = None,
                 task_id: Optional[str] = None,
                 idempotency_key: Optional[str] = None,
@@ -33,18 +35,18 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
                 caller_limits: Optional[CallerLimits] = None) -> tuple[str, Optional[int]]:
     """Returns (task_id, queue_position). Raises QueueFull (the API's 429) after undoing everything.
 
-    `request` is a GenerationRequest dump; `uploads` maps a role in SOURCE_ROLES to its file, whose
+    `request` is validated; `uploads` maps a role in SOURCE_ROLES to its file, whose
     blob key this writes into the request as `<role>_key`. A `<role>_key` already in the request
     (a direct upload) becomes the task's. With `idempotency_key`, a retry of an earlier submit
     returns that task and stores nothing (IdempotencyConflict if the request differs). `webhook_url`
     (checked by the caller, service/webhooks.py) gets the final result.
     """
     uploads = uploads or {}
-    record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=dict(request),
+    record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=request,
                         idempotency_key=idempotency_key or None, webhook_url=webhook_url or None, owner=owner)
     if record.idempotency_key:
         record.request_digest = request_digest(
-            request, {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})
+            request.model_dump(), {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})
         first = backend.store.find_by_idempotency_key(record.idempotency_key)
         if first is not None:  # the common retry: answer without writing the uploads again
             return replayed(record, first).task_id, _position(backend, first.task_id)
@@ -54,8 +56,8 @@ def submit_task(backend: Backend, request: dict, max_queue: int,
             key = blob_keys.task_upload_key(record.task_id, role, up.filename)
             backend.blobs.put(key, up.data, up.content_type)
             written.append(key)
-            record.request[f"{role}_key"] = key
-        record.blob_keys = [record.request[f"{role}_key"] for role in SOURCE_ROLES if record.request.get(f"{role}_key")]
+            record.request = record.request.model_copy(update={f"{role}_key": key})
+        record.blob_keys = [key for role in SOURCE_ROLES if (key := getattr(record.request, f"{role}_key"))]
         task, created = backend.intake.submit(record, max_queue, caller_limits)
     except BaseException:
         _delete(backend, written)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import re
 
+from engine.types import GenerationError
+
+from .records import FailureReason
+
 MAX_ERROR_CHARS = 2000  # stored in the task record (DynamoDB items are bounded)
 
 _OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|std::bad_alloc|"
@@ -25,3 +29,21 @@ def sanitize_error(message: str) -> str:
     text = _ADDRESS.sub("0x…", message)
     text = _PATH.sub("<path>", text)
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
+
+
+class TaskFailure(GenerationError):
+    """A worker-side refusal or failure that knows its FailureReason (a plain GenerationError is REJECTED)."""
+
+    def __init__(self, message: str, reason: FailureReason):
+        super().__init__(message)
+        self.reason = reason
+
+
+def describe_failure(exc: BaseException) -> tuple[str, FailureReason]:
+    """What a failed task's client is told, and the reason it is recorded under."""
+    if isinstance(exc, TaskFailure):
+        return sanitize_error(str(exc)), exc.reason
+    if isinstance(exc, GenerationError):
+        return sanitize_error(str(exc)), FailureReason.REJECTED
+    # An unexpected crash: say what kind, without a traceback (that goes to the worker log).
+    return sanitize_error(f"internal error while generating: {type(exc).__name__}: {exc}"), FailureReason.ENGINE_ERROR

@@ -33,14 +33,14 @@ from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import AudioEncoder, Backend, GenerationEngine, Lease
 from .records import (
-    CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, TERMINAL, AudioFile, ModelEntry, ModelsMeta, TaskRecord,
-    TaskResult, WorkerHeartbeat,
+    CANCELLED, MODELS_META_KEY, TERMINAL, AudioFile, FailureReason, ModelEntry, ModelsMeta, StoredRequestInvalid,
+    TaskRecord, TaskResult, WorkerHeartbeat,
 )
 from .post_stage import PostStage
 from .run_watch import GenerationTimedOut, RunWatch, TasksGone
 from .submission import SOURCE_ROLES
 from .storage_errors import StorageFull
-from .task_errors import sanitize_error
+from .task_errors import TaskFailure, describe_failure
 from .task_limits import over_ceiling, task_cost
 
 log = logging.getLogger(__name__)
@@ -285,19 +285,24 @@ class Worker:
         record = self.backend.store.get(lease.task_id)
         if record is None or record.status in TERMINAL:
             return None
-        try:
-            request = GenerationRequest(**record.request)
-        except ValueError:
+        request = record.request
+        try:  # a stored request that no longer parses is read back unchecked (the claim refuses it)
+            if request.needs_lm and not self.engine.lm_loaded:
+                return None
+            mine = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded,
+                                  self.settings.batch_length_bucket)
+            return mine is not None and mine == key and request.batch_size <= room
+        except (TypeError, ValueError):
             return None
-        if request.needs_lm and not self.engine.lm_loaded:
-            return None
-        mine = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded,
-                              self.settings.batch_length_bucket)
-        return mine is not None and mine == key and request.batch_size <= room
 
     def _claim(self, lease: Lease) -> Optional[_Claimed]:
-        """Claim the task (one store write, which also returns it) and validate its request once."""
-        record = self.backend.store.claim(lease.task_id, self.worker_id)
+        """Claim the task (one store write, which also returns it, its request parsed) and check it."""
+        try:
+            record = self.backend.store.claim(lease.task_id, self.worker_id)
+        except StoredRequestInvalid as exc:
+            with log_context(task_id=lease.task_id):
+                self._fail_unclaimed(lease, str(exc), FailureReason.INVALID_REQUEST)
+            return None
         if record is None:  # finished already (duplicate delivery) or unknown
             self.backend.queue.ack(lease)
             return None
@@ -313,27 +318,29 @@ class Worker:
             lost = min(c.attempt - c.given_back, c.lease.receive_count)
             if lost >= self.settings.max_receives:
                 self._fail(c.lease, c.attempt, f"generation timed out: no progress for {self.settings.stall_timeout:g} s "
-                           f"(ACESTEP_STALL_TIMEOUT) on {lost} deliveries", c.created_at, c.started_at)
+                           f"(ACESTEP_STALL_TIMEOUT) on {lost} deliveries", FailureReason.STALL_TIMEOUT,
+                           c.created_at, c.started_at)
         if self.on_stalled is not None:
             self.on_stalled()
 
     def _validate(self, lease: Lease, record: TaskRecord) -> Optional[_Claimed]:
         try:
-            request = GenerationRequest(**record.request)
+            request = record.request  # parsed by the store's claim (StoredRequestInvalid otherwise)
             if request.needs_lm and not self.engine.lm_loaded:
-                raise GenerationError(LM_REQUIRED)
+                raise TaskFailure(LM_REQUIRED, FailureReason.LM_UNAVAILABLE)
             # The API checked the ceiling at submit; a task queued under a higher one, or written past the API,
             # is refused here before it costs anything (the same count, with what this worker runs).
             over = over_ceiling(task_cost(request, lm=self.engine.lm_loaded), self.settings.max_task_cost)
             if over:
-                raise GenerationError(f"refused before running: {over}")
+                raise TaskFailure(f"refused before running: {over}", FailureReason.COST_REFUSED)
             # Only what the task uses is read (and later decoded): text2music ignores src_audio unless it is
             # analysed (full_analysis_only).
             inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES
                       if (key := getattr(request, f"{role}_key"))
                       and not (role == "src_audio" and not plan.reads_source_audio(request))}
         except (GenerationError, ValueError) as exc:
-            self._fail(lease, record.attempt, str(exc), record.created_at, record.started_at)
+            reason = exc.reason if isinstance(exc, TaskFailure) else FailureReason.REJECTED
+            self._fail(lease, record.attempt, str(exc), reason, record.created_at, record.started_at)
             return None
         key = plan.batch_key(request, request.model or self.settings.default_model or "", self.engine.lm_loaded,
                              self.settings.batch_length_bucket)
@@ -345,11 +352,12 @@ class Worker:
         limit = self.settings.max_upload_mb * 1024 * 1024
         size = self.backend.blobs.size(key)
         if size is not None and size > limit:
-            raise GenerationError(f"{role} upload is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb} MB")
+            raise TaskFailure(f"{role} upload is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb} MB",
+                              FailureReason.INPUT_TOO_LARGE)
         try:
             return self.backend.blobs.get(key)
         except KeyError:
-            raise GenerationError(f"{role} upload {key!r} is missing from storage") from None
+            raise TaskFailure(f"{role} upload {key!r} is missing from storage", FailureReason.INPUT_MISSING) from None
 
     def _run(self, batch: list[_Claimed], overlap: bool = False) -> None:
         # A batch's lines name all its tasks (`task_ids`, `attempts`; a lone task's `task_id`, `attempt`), each
@@ -375,7 +383,7 @@ class Worker:
                 if isinstance(outcome, GenerationCancelled):
                     self._give_back(c)
                 elif isinstance(outcome, BaseException):
-                    self._fail(c.lease, c.attempt, _describe_error(outcome), c.created_at, c.started_at)
+                    self._fail(c.lease, c.attempt, *describe_failure(outcome), c.created_at, c.started_at)
                 elif full is not None:
                     self._give_back(c)
                 else:
@@ -412,7 +420,7 @@ class Worker:
                     outcomes = self.engine.generate_batch([(c.request, c.inputs) for c in batch], progress=watch,
                                                           encode=encode)
             except GenerationTimedOut as exc:
-                outcomes = [GenerationError(str(exc))] * len(batch)
+                outcomes = [TaskFailure(str(exc), FailureReason.GENERATION_TIMEOUT)] * len(batch)
             except TasksGone:
                 self._drop_gone(batch)
                 outcomes = None
@@ -473,7 +481,7 @@ class Worker:
             raise
         if finished:
             log.info("task %s succeeded (%d file(s))", c.task_id, len(keys))
-            self._report(TaskMetrics.of(_finished(c, whole)))
+            self._report(TaskMetrics.succeeded(whole, c.created_at, c.started_at, time.time()))
             self._finished(c.task_id)
         else:  # another attempt finished it first; drop our copy
             for key in keys:
@@ -481,16 +489,25 @@ class Worker:
             log.warning("task %s was finished by another attempt; discarded attempt %d", c.task_id, c.attempt)
         self._ack(c.lease, c.attempt, finished)
 
-    def _fail(self, lease: Lease, attempt: int, message: str, created_at: float,
+    def _fail(self, lease: Lease, attempt: int, message: str, reason: FailureReason, created_at: float,
               started_at: Optional[float]) -> None:
         log.warning("task %s failed: %s", lease.task_id, message)
-        finished = self.backend.store.finish(lease.task_id, attempt, error=message)
+        finished = self.backend.store.finish(lease.task_id, attempt, error=message, reason=reason)
         if finished:
-            self._report(TaskMetrics.of(TaskRecord(task_id=lease.task_id, request={}, status=FAILED, error=message,
-                                                   created_at=created_at, started_at=started_at,
-                                                   finished_at=time.time())))
+            self._report(TaskMetrics.failed(reason, created_at, started_at, time.time()))
             self._finished(lease.task_id)
         self._ack(lease, attempt, finished)
+
+    def _fail_unclaimed(self, lease: Lease, message: str, reason: FailureReason) -> None:
+        """A task that cannot even be claimed (its stored request no longer parses) fails as it is."""
+        log.warning("task %s failed: %s", lease.task_id, message)
+        self._stop_keeping(lease)
+        if self.backend.store.fail_unfinished(lease.task_id, message, reason):
+            record = self.backend.store.get(lease.task_id)
+            created = record.created_at if record is not None else time.time()
+            self._report(TaskMetrics.failed(reason, created, None, time.time()))
+            self._finished(lease.task_id)
+        self.backend.queue.ack(lease)
 
     def _finished(self, task_id: str) -> None:
         if self.on_finished is not None:
@@ -546,11 +563,6 @@ class Worker:
             log.warning("could not report task metrics", exc_info=True)
 
 
-def _finished(c: _Claimed, result: TaskResult) -> TaskRecord:
-    return TaskRecord(task_id=c.task_id, request={}, status=SUCCEEDED, result=result, created_at=c.created_at,
-                      started_at=c.started_at, finished_at=time.time())
-
-
 def pipeline_enabled(settings: Settings, engine: GenerationEngine) -> bool:
     """ACESTEP_PIPELINE, or when auto: whether the engine runs on a GPU. On CPU the engine and the encoders
     compete for the same cores (bench/RESULTS.md: it gains at batch 1 and loses at batch 2-4 on 2 cores)."""
@@ -569,9 +581,3 @@ def _task_fields(batch: Sequence[_Claimed]) -> dict[str, Any]:
         return {"task_id": batch[0].task_id, "attempt": int(batch[0].attempt)}
     return {"task_ids": [c.task_id for c in batch], "attempts": [int(c.attempt) for c in batch]}
 
-
-def _describe_error(exc: BaseException) -> str:
-    if isinstance(exc, GenerationError):
-        return sanitize_error(str(exc))
-    # An unexpected crash: say what kind, without a traceback (that goes to the worker log).
-    return sanitize_error(f"internal error while generating: {type(exc).__name__}: {exc}")

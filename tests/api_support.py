@@ -44,7 +44,8 @@ class Api:
         return r.json()["data"]["task_id"] if expect == 200 else None
 
     def stored_request(self, task_id: str) -> dict:
-        return self.backend.store.get(task_id).request
+        """The task's request as stored, field by field."""
+        return self.backend.store.get(task_id).request.model_dump()
 
     def query(self, *task_ids: str) -> list[dict]:
         r = self.client.post("/query_result", json={"task_id_list": list(task_ids)}, headers=self.headers())

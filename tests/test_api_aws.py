@@ -82,7 +82,7 @@ def test_cancel_and_a_results_file_as_source_on_aws(aws_api):
                                            "batch_size": 1})
     assert r.status_code == 200, r.text
     cover = r.json()["data"]["task_id"]
-    key = backend.store.get(cover).request["src_audio_key"]
+    key = backend.store.get(cover).request.src_audio_key
     assert backend.blobs.get(key) == backend.blobs.get(backend.store.get(done).result.audios[0].key)
     while worker.run_once(0.01):
         pass

@@ -12,6 +12,7 @@ from service.aws.sqs_queue import SqsTaskQueue
 from service.ports import FAILED, QueueFull, TaskRecord
 from service.records import TaskResult
 from tests.aws_support import aws_backend
+from engine.request import GenerationRequest
 
 
 def test_receive_without_wait_returns_at_once(tmp_path):
@@ -44,7 +45,7 @@ def test_stale_receipts_are_ignored(tmp_path):
 
 def test_redrive_then_drain_marks_the_task_failed_with_its_reason(tmp_path):
     with aws_backend(tmp_path, max_receives=2) as aws:
-        aws.store.create(TaskRecord(task_id="poison", request={}))
+        aws.store.create(TaskRecord(task_id="poison", request=GenerationRequest()))
         aws.queue.enqueue("poison", 10)
         for _ in range(2):  # each delivery is claimed, makes progress, then the worker "dies"
             lease = aws.queue.receive(1, 30)
@@ -63,7 +64,7 @@ def test_redrive_then_drain_marks_the_task_failed_with_its_reason(tmp_path):
 
 def test_drain_drops_letters_of_finished_tasks(tmp_path):
     with aws_backend(tmp_path) as aws:
-        aws.store.create(TaskRecord(task_id="done", request={}))
+        aws.store.create(TaskRecord(task_id="done", request=GenerationRequest()))
         a = aws.store.claim("done", "w").attempt
         aws.store.finish("done", a, result=TaskResult())
         sqs = aws.queue._sqs

@@ -10,6 +10,8 @@ from service.blob_keys import result_part_key
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, TaskRecord
 from service.records import TaskResult
 from tests.aws_support import aws_backend
+from engine.request import GenerationRequest
+from service.records import FailureReason
 
 
 @pytest.fixture
@@ -19,7 +21,7 @@ def aws(tmp_path):
 
 
 def _new(backend, task_id):
-    backend.store.create(TaskRecord(task_id=task_id, request={"prompt": task_id}))
+    backend.store.create(TaskRecord(task_id=task_id, request=GenerationRequest(prompt=task_id)))
 
 
 def _raw_item(backend, task_id):
@@ -94,7 +96,7 @@ def test_fail_unfinished_racing_a_finish_leaves_the_finish(aws):
     _new(aws, "t1")
     attempt = aws.store.claim("t1", "w1").attempt
     _race(aws, "TransactWriteItems", lambda: _rival(aws).finish("t1", attempt, result=TaskResult()))
-    assert aws.store.fail_unfinished("t1", "dead-lettered") is False  # re-read: already finished
+    assert aws.store.fail_unfinished("t1", "dead-lettered", FailureReason.DEAD_LETTERED) is False  # re-read: already finished
     assert aws.store.get("t1").status == SUCCEEDED
     assert aws.store.counts()["failed"] == 0
 
@@ -102,7 +104,7 @@ def test_fail_unfinished_racing_a_finish_leaves_the_finish(aws):
 def test_late_duplicate_cannot_overwrite_a_failure(aws):
     _new(aws, "t1")
     a = aws.store.claim("t1", "w1").attempt
-    assert aws.store.fail_unfinished("t1", "dead-lettered after 3 deliveries")
+    assert aws.store.fail_unfinished("t1", "dead-lettered after 3 deliveries", FailureReason.DEAD_LETTERED)
     assert aws.store.finish("t1", a, result=TaskResult(dit_model="late")) is False
     assert aws.store.update_progress("t1", a, 0.9, "late") is False
     rec = aws.store.get("t1")
@@ -128,8 +130,8 @@ def test_counters_match_the_table_after_mixed_transitions(aws):
     a = [aws.store.claim(f"t{i}", "w").attempt for i in range(5)]
     aws.store.finish("t0", a[0], result=TaskResult())
     aws.store.finish("t1", a[1], error="bad")
-    aws.store.fail_unfinished("t2", "dead")
-    aws.store.fail_unfinished("t5", "dead")  # still queued
+    aws.store.fail_unfinished("t2", "dead", FailureReason.DEAD_LETTERED)
+    aws.store.fail_unfinished("t5", "dead", FailureReason.DEAD_LETTERED)  # still queued
     aws.store.delete("t6")
     aws.store.claim("t3", "w2").attempt  # redelivery: no count moves
     aws.store.cancel("t4", "cancelled")  # running -> cancelled
@@ -173,7 +175,7 @@ def test_recent_finished_are_newest_first(aws):
 
 
 def test_blob_keys_merge_without_duplicates(aws):
-    aws.store.create(TaskRecord(task_id="t1", request={}, blob_keys=["uploads/t1/src.wav"]))
+    aws.store.create(TaskRecord(task_id="t1", request=GenerationRequest(), blob_keys=["uploads/t1/src.wav"]))
     a = aws.store.claim("t1", "w").attempt
     aws.store.finish("t1", a, result=TaskResult(), blob_keys=["outputs/t1/1-0.mp3", "uploads/t1/src.wav"])
     assert aws.store.get("t1").blob_keys == ["uploads/t1/src.wav", "outputs/t1/1-0.mp3"]
@@ -183,14 +185,14 @@ def test_idempotency_key_is_claimed_in_the_create_transaction(aws):
     """Two creates that both passed the intake's pre-check: the key's conditional put lets one through."""
     from service.aws.dynamo_store import IdempotencyKeyTaken
 
-    aws.store.create(TaskRecord(task_id="a", request={}, idempotency_key="k", request_digest="d"))
+    aws.store.create(TaskRecord(task_id="a", request=GenerationRequest(), idempotency_key="k", request_digest="d"))
     with pytest.raises(IdempotencyKeyTaken):
-        aws.store.create(TaskRecord(task_id="b", request={}, idempotency_key="k", request_digest="d"))
+        aws.store.create(TaskRecord(task_id="b", request=GenerationRequest(), idempotency_key="k", request_digest="d"))
     assert aws.store.get("b") is None and aws.store.counts()["total"] == 1
     assert aws.store.find_by_idempotency_key("k").task_id == "a"
     aws.store.delete("a")  # the mapping goes with its task
     assert aws.store.find_by_idempotency_key("k") is None
-    aws.store.create(TaskRecord(task_id="c", request={}, idempotency_key="k", request_digest="d"))
+    aws.store.create(TaskRecord(task_id="c", request=GenerationRequest(), idempotency_key="k", request_digest="d"))
     assert aws.store.find_by_idempotency_key("k").task_id == "c"
 
 

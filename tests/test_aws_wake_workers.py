@@ -35,7 +35,7 @@ def _waker_client(seen: list[str]):
 def test_a_submit_starts_the_idle_worker_service(tmp_path):
     with aws_backend(tmp_path, ecs_cluster=CLUSTER, ecs_service=SERVICE) as backend:
         ecs = _make_service(desired=0)
-        submit_task(backend, GenerationRequest(audio_duration=10).model_dump(), 10)
+        submit_task(backend, GenerationRequest(audio_duration=10), 10)
         assert _desired(ecs) == 1
         assert backend.queue.size() == 1  # queued as usual
 
@@ -60,7 +60,7 @@ def test_waker_starts_a_service_at_zero_once(tmp_path):
 
 def test_a_missing_service_does_not_fail_the_submit(tmp_path):
     with aws_backend(tmp_path, ecs_cluster="no-such-cluster", ecs_service=SERVICE) as backend:
-        task_id, _ = submit_task(backend, GenerationRequest(audio_duration=10).model_dump(), 10)
+        task_id, _ = submit_task(backend, GenerationRequest(audio_duration=10), 10)
         assert backend.store.get(task_id).status == "queued"
 
 

@@ -10,6 +10,7 @@ from service.config import Settings
 from service.embedded import make_embedded_backend, queue as queue_module
 from service.embedded.db import Database
 from service.submission import submit_task
+from engine.request import GenerationRequest
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_a_submit_wakes_a_receiver_of_another_process(data_dir, monkeypatch):
     got: list = []
     thread = threading.Thread(target=lambda: got.append(receiver.queue.receive(600, 30)), daemon=True)
     thread.start()
-    task_id, _ = submit_task(submitter, {"prompt": "x"}, max_queue=10)
+    task_id, _ = submit_task(submitter, GenerationRequest(prompt="x"), max_queue=10)
     thread.join(60)
     assert not thread.is_alive() and got and got[0].task_id == task_id
 
@@ -55,7 +56,7 @@ def test_a_lapsed_lease_is_redelivered_to_a_waiting_receiver(data_dir, monkeypat
     """Nothing commits when a lease lapses; the receiver wakes when the next task falls due."""
     monkeypatch.setattr(queue_module, "FALLBACK_SECONDS", 600.0)
     backend = make_embedded_backend(Settings(data_dir=data_dir))
-    task_id, _ = submit_task(backend, {"prompt": "x"}, max_queue=10)
+    task_id, _ = submit_task(backend, GenerationRequest(prompt="x"), max_queue=10)
     first = backend.queue.receive(0, 0.2)
     assert first is not None and first.task_id == task_id
     again = backend.queue.receive(60, 30)
@@ -69,7 +70,7 @@ def test_concurrent_writers_of_one_process_all_commit(data_dir):
     def submit_many():
         try:
             for _ in range(10):
-                submit_task(backend, {"prompt": "x"}, max_queue=1000)
+                submit_task(backend, GenerationRequest(prompt="x"), max_queue=1000)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

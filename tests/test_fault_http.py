@@ -85,7 +85,7 @@ def test_task_errors_do_not_expose_heap_addresses_or_allocator_details(settings,
 
 def test_the_queue_limit_holds_exactly_under_concurrent_submits(settings):
     backend = make_embedded_backend(settings)  # moto in-process is not thread-safe: AWS is checked below
-    request = GenerationRequest(audio_duration=10).model_dump()
+    request = GenerationRequest(audio_duration=10)
     accepted, refused = [], []
     start = threading.Barrier(12)
 
@@ -134,7 +134,7 @@ def test_the_aws_queue_limit_is_checked_in_the_create_transaction(tmp_path):
     from tests.aws_support import aws_backend
 
     with aws_backend(tmp_path) as backend:
-        request = GenerationRequest(audio_duration=10).model_dump()
+        request = GenerationRequest(audio_duration=10)
         for _ in range(5):
             submit_task(backend, request, 5)
         backend.queue._cached_size, backend.queue._cached_at = 0, time.monotonic() + 3600  # looks empty

@@ -22,6 +22,7 @@ from tests.api_support import Api, make_api
 from tests.conftest import BACKENDS, open_backend
 from tests.support_engine import BloatedEngine
 from tests.test_worker import ScriptedEngine, _submit
+from engine.request import GenerationRequest
 
 
 class _FullDisk(FileBlobStore):
@@ -227,7 +228,7 @@ def test_per_caller_limits_answer_429_with_retry_after(settings, backend):
     from service.submission import submit_task
 
     limits = CallerLimits(max_queued=2, max_active=3)
-    request = {"prompt": "x", "audio_duration": 10}
+    request = GenerationRequest(prompt="x", audio_duration=10)
     for _ in range(2):
         submit_task(backend, request, 100, owner="key:a", caller_limits=limits)
     with pytest.raises(CallerBusy, match="2 tasks waiting"):

@@ -10,10 +10,11 @@ from service.ports import FAILED, RUNNING, SUCCEEDED, TaskRecord
 from service.records import GIVEN_BACK_STAGE
 from service.worker import Worker
 from tests.test_worker import ScriptedEngine, _submit
+from engine.request import GenerationRequest
 
 
 def test_give_back_is_fenced_by_attempt_and_counted(backend):
-    backend.store.create(TaskRecord(task_id="t", request={}))
+    backend.store.create(TaskRecord(task_id="t", request=GenerationRequest()))
     first = backend.store.claim("t", "w1").attempt
     assert backend.store.give_back("t", first + 1) is False  # not the holder
     assert backend.store.give_back("t", first) is True

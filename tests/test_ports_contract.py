@@ -8,10 +8,13 @@ import pytest
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, QueueFull, TaskRecord
 from service.records import AudioFile, TaskResult
 from service.submission import Upload, submit_task
+from engine.request import GenerationRequest
+from service.records import FailureReason, StoredRequestInvalid
+from tests.store_support import corrupt_request
 
 
 def _new(backend, task_id, **request):
-    backend.store.create(TaskRecord(task_id=task_id, request=request or {"prompt": task_id}))
+    backend.store.create(TaskRecord(task_id=task_id, request=GenerationRequest(**(request or {"prompt": task_id}))))
 
 
 # -- task store ---------------------------------------------------------------------------
@@ -19,7 +22,7 @@ def _new(backend, task_id, **request):
 def test_create_get_roundtrip(backend):
     _new(backend, "t1", prompt="jazz", batch_size=2)
     rec = backend.store.get("t1")
-    assert rec.task_id == "t1" and rec.status == QUEUED and rec.request == {"prompt": "jazz", "batch_size": 2}
+    assert rec.task_id == "t1" and rec.status == QUEUED and rec.request == GenerationRequest(prompt="jazz", batch_size=2)
     assert backend.store.get("missing") is None
     assert set(backend.store.get_many(["t1", "missing", "t1"])) == {"t1"}
 
@@ -59,10 +62,29 @@ def test_fail_unfinished_only_touches_unfinished(backend):
     _new(backend, "done")
     a = backend.store.claim("done", "w").attempt
     backend.store.finish("done", a, result=TaskResult())
-    assert backend.store.fail_unfinished("q", "dead-lettered") is True
-    assert backend.store.fail_unfinished("done", "dead-lettered") is False
+    assert backend.store.fail_unfinished("q", "dead-lettered", FailureReason.DEAD_LETTERED) is True
+    assert backend.store.fail_unfinished("done", "dead-lettered", FailureReason.DEAD_LETTERED) is False
     assert backend.store.get("q").error == "dead-lettered"
-    assert backend.store.get("done").status == SUCCEEDED
+    assert backend.store.get("q").reason is FailureReason.DEAD_LETTERED
+    assert backend.store.get("done").status == SUCCEEDED and backend.store.get("done").reason is None
+
+
+def test_failure_reasons_are_stored(backend):
+    _new(backend, "f")
+    _new(backend, "c")
+    backend.store.finish("f", backend.store.claim("f", "w").attempt, error="no", reason=FailureReason.COST_REFUSED)
+    backend.store.cancel("c", "cancelled by the client")
+    assert backend.store.get("f").reason is FailureReason.COST_REFUSED
+    assert backend.store.get("c").reason is FailureReason.CANCELLED
+
+
+def test_a_stored_request_that_no_longer_parses_is_refused_by_the_claim_only(backend):
+    _new(backend, "old", prompt="kept")
+    corrupt_request(backend, "old", '{"prompt": "kept", "batch_size": 99, "retired_field": 1}')
+    with pytest.raises(StoredRequestInvalid, match="batch_size"):
+        backend.store.claim("old", "w")
+    rec = backend.store.get("old")  # still shown (and swept) as stored, and not claimed
+    assert rec.status == QUEUED and rec.attempt == 0 and rec.request.prompt == "kept"
 
 
 def test_counts_positions_and_durations(backend):
@@ -109,7 +131,7 @@ def test_meta_roundtrip(backend):
 
 
 def test_delete_and_blob_keys(backend):
-    backend.store.create(TaskRecord(task_id="t1", request={}, blob_keys=["uploads/t1/src_audio.wav"]))
+    backend.store.create(TaskRecord(task_id="t1", request=GenerationRequest(), blob_keys=["uploads/t1/src_audio.wav"]))
     assert backend.store.get("t1").blob_keys == ["uploads/t1/src_audio.wav"]
     backend.store.delete("t1")
     assert backend.store.get("t1") is None
@@ -178,9 +200,9 @@ def test_blobs_roundtrip(backend):
 # -- submission ---------------------------------------------------------------------------
 
 def test_submit_is_all_or_nothing_when_queue_full(backend):
-    submit_task(backend, {"prompt": "a"}, max_queue=1)
+    submit_task(backend, GenerationRequest(prompt="a"), max_queue=1)
     with pytest.raises(QueueFull):
-        submit_task(backend, {"prompt": "b"}, max_queue=1,
+        submit_task(backend, GenerationRequest(prompt="b"), max_queue=1,
                     uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")}, task_id="t-full")
     assert backend.store.get("t-full") is None
     assert backend.blobs.size("uploads/t-full/src_audio.wav") is None
@@ -188,13 +210,13 @@ def test_submit_is_all_or_nothing_when_queue_full(backend):
 
 
 def test_submit_stores_uploads_as_task_blobs(backend):
-    task_id, pos = submit_task(backend, {"prompt": "a"}, max_queue=5,
+    task_id, pos = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5,
                                uploads={"src_audio": Upload(b"abc", "in.WAV", "audio/wav")})
     rec = backend.store.get(task_id)
     assert pos == 1
-    assert rec.request["src_audio_key"] == f"uploads/{task_id}/src_audio.wav"
+    assert rec.request.src_audio_key == f"uploads/{task_id}/src_audio.wav"
     assert rec.blob_keys == [f"uploads/{task_id}/src_audio.wav"]
-    assert backend.blobs.get(rec.request["src_audio_key"]) == b"abc"
+    assert backend.blobs.get(rec.request.src_audio_key) == b"abc"
 
 
 def test_blob_size(backend):
@@ -205,9 +227,9 @@ def test_blob_size(backend):
 
 def test_submit_is_atomic_and_leaves_nothing_when_queue_full(backend):
     """Task row and queue entry go together: a full queue leaves neither (and no orphan upload)."""
-    submit_task(backend, {"prompt": "a"}, max_queue=1)
+    submit_task(backend, GenerationRequest(prompt="a"), max_queue=1)
     with pytest.raises(QueueFull):
-        submit_task(backend, {"prompt": "b"}, max_queue=1, idempotency_key="k-full",
+        submit_task(backend, GenerationRequest(prompt="b"), max_queue=1, idempotency_key="k-full",
                     uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")}, task_id="t-full2")
     assert backend.store.get("t-full2") is None
     assert backend.store.find_by_idempotency_key("k-full") is None
@@ -216,29 +238,29 @@ def test_submit_is_atomic_and_leaves_nothing_when_queue_full(backend):
     lease = backend.queue.receive(0, 30)  # a worker takes the waiting task
     backend.store.claim(lease.task_id, "worker")
     backend.queue.ack(lease)
-    task_id, _ = submit_task(backend, {"prompt": "b"}, max_queue=1, idempotency_key="k-full",
+    task_id, _ = submit_task(backend, GenerationRequest(prompt="b"), max_queue=1, idempotency_key="k-full",
                              uploads={"src_audio": Upload(b"abc", "in.wav", "audio/wav")})
     assert backend.store.get(task_id) is not None
 
 
 def test_retried_submit_with_same_idempotency_key_returns_first_task(backend):
     up = {"src_audio": Upload(b"abc", "in.wav", "audio/wav")}
-    first, pos = submit_task(backend, {"prompt": "a"}, max_queue=5, uploads=up, idempotency_key="retry-1")
-    again, pos2 = submit_task(backend, {"prompt": "a"}, max_queue=5, uploads=up, idempotency_key="retry-1")
+    first, pos = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, uploads=up, idempotency_key="retry-1")
+    again, pos2 = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, uploads=up, idempotency_key="retry-1")
     assert again == first and pos2 == pos == 1
     assert backend.store.counts()["total"] == 1 and backend.queue.size() == 1
-    other, _ = submit_task(backend, {"prompt": "a"}, max_queue=5, uploads=up, idempotency_key="retry-2")
+    other, _ = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, uploads=up, idempotency_key="retry-2")
     assert other != first and backend.queue.size() == 2
 
 
 def test_idempotency_key_reused_for_a_different_request_is_refused(backend):
     from service.ports import IdempotencyConflict
 
-    first, _ = submit_task(backend, {"prompt": "a"}, max_queue=5, idempotency_key="k")
+    first, _ = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, idempotency_key="k")
     with pytest.raises(IdempotencyConflict, match=first):
-        submit_task(backend, {"prompt": "something else"}, max_queue=5, idempotency_key="k")
+        submit_task(backend, GenerationRequest(prompt="something else"), max_queue=5, idempotency_key="k")
     with pytest.raises(IdempotencyConflict):  # same fields, different uploaded audio
-        submit_task(backend, {"prompt": "a"}, max_queue=5, idempotency_key="k",
+        submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, idempotency_key="k",
                     uploads={"src_audio": Upload(b"xyz", "in.wav", "audio/wav")})
     assert backend.store.counts()["total"] == 1
 
@@ -247,7 +269,7 @@ def test_concurrent_retries_create_one_task(backend):
     """The intake itself holds the key: two submits that both missed the pre-check still make one task."""
     from service.idempotency import request_digest
 
-    records = [TaskRecord(task_id=f"race-{i}", request={"prompt": "a"}, idempotency_key="race",
+    records = [TaskRecord(task_id=f"race-{i}", request=GenerationRequest(prompt="a"), idempotency_key="race",
                           request_digest=request_digest({"prompt": "a"})) for i in range(2)]
     (t1, created1), (t2, created2) = [backend.intake.submit(r, 5) for r in records]
     assert (created1, created2) == (True, False) and t1.task_id == t2.task_id == "race-0"
@@ -282,7 +304,7 @@ def test_cancel_ends_queued_and_running_tasks_only(backend):
 # -- the webhook outbox -------------------------------------------------------------------
 
 def _hooked(backend, task_id, url="https://hooks.example.com/h"):
-    backend.store.create(TaskRecord(task_id=task_id, request={"prompt": task_id}, webhook_url=url))
+    backend.store.create(TaskRecord(task_id=task_id, request=GenerationRequest(prompt=task_id), webhook_url=url))
 
 
 def test_ending_a_task_puts_its_webhook_in_the_outbox_in_the_same_write(backend):
@@ -292,7 +314,7 @@ def test_ending_a_task_puts_its_webhook_in_the_outbox_in_the_same_write(backend)
     _hooked(backend, "waiting")
     _new(backend, "quiet")  # no webhook_url: never in the outbox
     backend.store.finish("ok", backend.store.claim("ok", "w").attempt, result=TaskResult())
-    backend.store.fail_unfinished("dead", "dead-lettered")
+    backend.store.fail_unfinished("dead", "dead-lettered", FailureReason.DEAD_LETTERED)
     backend.store.cancel("gone", "cancelled by the client")
     backend.store.finish("quiet", backend.store.claim("quiet", "w").attempt, result=TaskResult())
     due = backend.store.webhooks_due(time.time() + 1, 10)

@@ -63,7 +63,7 @@ def _check_nothing_lost_or_duplicated(backend, ids: list[str]) -> dict:
     duplicates = []
     for task_id, rec in records.items():
         attempts = {parse_output_key(k).name.split("-")[0] for k in rec.blob_keys if parse_output_key(k)}
-        if rec.status == SUCCEEDED and (len(attempts) != 1 or len(rec.result.audios) != rec.request["batch_size"]):
+        if rec.status == SUCCEEDED and (len(attempts) != 1 or len(rec.result.audios) != rec.request.batch_size):
             duplicates.append(task_id)
     return {"lost": lost, "duplicates": duplicates,
             "succeeded": sum(r.status == SUCCEEDED for r in records.values()),
@@ -74,7 +74,7 @@ def _check_nothing_lost_or_duplicated(backend, ids: list[str]) -> dict:
 def test_concurrent_workers_on_one_sqlite_file_run_each_task_once(tmp_path):
     settings = Settings(data_dir=str(tmp_path / "data"), visibility_timeout=30.0)
     backend = make_embedded_backend(settings)
-    ids = [submit_task(backend, GenerationRequest(audio_duration=10, seeds=[i]).model_dump(), 1000)[0]
+    ids = [submit_task(backend, GenerationRequest(audio_duration=10, seeds=[i]), 1000)[0]
            for i in range(40)]
     engine = FastEngine()
     calls: list[str] = []
@@ -148,12 +148,12 @@ def test_soak_kills_and_hostile_inputs_lose_and_duplicate_nothing(tmp_path):
             if i % 20 == 7:  # a cover task with a hostile (or fine) source
                 name, data_bytes = inputs[(i // 20) % len(inputs)]
                 hostile += name != "fine"
-                req = GenerationRequest(task_type="cover", audio_duration=10, src_audio_key="x").model_dump()
-                req.pop("src_audio_key")
+                req = GenerationRequest(task_type="cover", audio_duration=10, src_audio_key="x").model_copy(
+                    update={"src_audio_key": None})  # its upload's key is written at submission
                 ids.append(submit_task(backend, req, 10 ** 6, uploads={"src_audio": Upload(data_bytes, "in.wav")})[0])
             else:
                 ids.append(submit_task(backend, GenerationRequest(audio_duration=10, batch_size=1 + i % 3,
-                                                                  seeds=[i]).model_dump(), 10 ** 6)[0])
+                                                                  seeds=[i]), 10 ** 6)[0])
         submitted = time.monotonic()
 
         def drained():
@@ -174,4 +174,4 @@ def test_soak_kills_and_hostile_inputs_lose_and_duplicate_nothing(tmp_path):
           f"submit_s={submitted - t0:.0f} total_s={time.monotonic() - t0:.0f}")
     assert outcome["lost"] == [] and outcome["duplicates"] == []
     failed = [r for r in backend.store.get_many(ids).values() if r.status == FAILED]
-    assert all(r.request["task_type"] == "cover" for r in failed)  # only hostile inputs fail
+    assert all(r.request.task_type == "cover" for r in failed)  # only hostile inputs fail

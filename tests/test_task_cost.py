@@ -90,8 +90,8 @@ def test_the_worker_refuses_a_task_over_the_ceiling_before_running_it(settings, 
     over = GenerationRequest(task_type="repaint", src_audio_key="placeholder", repainting_end=599,
                              audio_duration=10, batch_size=1, inference_steps=8)
     thinking = GenerationRequest(prompt="p", thinking=True, audio_duration=10, batch_size=1, inference_steps=8)
-    ids = [submit_task(backend, over.model_dump(), 10, uploads={"src_audio": Upload(b"RIFF", "a.wav")})[0],
-           submit_task(backend, thinking.model_dump(), 10)[0]]
+    ids = [submit_task(backend, over, 10, uploads={"src_audio": Upload(b"RIFF", "a.wav")})[0],
+           submit_task(backend, thinking, 10)[0]]
     settings.max_task_cost = 1000
     worker = Worker(settings, backend, engine)
     while worker.run_once(0.01):

@@ -172,7 +172,7 @@ def _notifier(settings, backend, **kw) -> WebhookNotifier:
 
 def _submit(backend, url, **fields) -> str:
     req = GenerationRequest(**{"prompt": "p", "audio_duration": 10, "batch_size": 1, **fields})
-    return submit_task(backend, req.model_dump(), 10, webhook_url=url)[0]
+    return submit_task(backend, req, 10, webhook_url=url)[0]
 
 
 def _secret(backend) -> str:

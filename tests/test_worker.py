@@ -18,6 +18,8 @@ import soundfile as sf
 from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, GenerationEngine
+from service.records import FailureReason
+from tests.store_support import corrupt_request
 from service.submission import Upload, submit_task
 from service.worker import Worker
 
@@ -92,7 +94,7 @@ if TYPE_CHECKING:  # mypy (`make test`) holds the stand-in to the port the worke
 
 def _submit(backend, max_queue=10, uploads=None, **fields):
     req = GenerationRequest(**{"audio_duration": 10, "batch_size": 1, **fields})
-    task_id, _ = submit_task(backend, req.model_dump(), max_queue, uploads=uploads)
+    task_id, _ = submit_task(backend, req, max_queue, uploads=uploads)
     return task_id
 
 
@@ -442,6 +444,18 @@ def test_worker_reports_task_metrics(settings, backend, engine):
     assert good.queue_wait_s is not None and good.queue_wait_s >= 0 and good.run_s >= 0 and good.reason is None
     assert failed.reason == "rejected"
     assert backend.store.get(ok).status == SUCCEEDED and backend.store.get(bad).error == "no such thing"
+
+
+def test_a_stored_request_that_no_longer_parses_fails_its_task_with_that_reason(settings, backend, engine):
+    metrics = RecordingMetrics()
+    task_id = _submit(backend, prompt="old")
+    corrupt_request(backend, task_id, '{"prompt": "old", "inference_steps": 0}')
+    Worker(settings, backend, engine, metrics=metrics).run_once(1.0)
+    rec = backend.store.get(task_id)
+    assert rec.status == FAILED and rec.reason is FailureReason.INVALID_REQUEST
+    assert "no longer parses" in rec.error and "inference_steps" in rec.error
+    assert [m.reason for m in metrics.tasks] == ["rejected"] and engine.calls == []
+    assert backend.queue.receive(0, 30) is None  # acked: not delivered again
 
 
 def test_broken_worker_fails_waiting_tasks_with_its_load_error(settings, backend, engine):

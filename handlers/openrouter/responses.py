@@ -27,17 +27,17 @@ def _shown(value: Any) -> bool:
 def content_text(record: TaskRecord, lm_fallback: bool = False) -> str:
     """Markdown: the metadata the song was made with, then its lyrics (upstream's `content`)."""
     result = record.result or TaskResult()
-    info, metas, request = result.generation_info, result.metas, record.request or {}
+    info, metas, request = result.generation_info, result.metas, record.request
     lines = []
-    caption = info.get("caption") or request.get("prompt")
+    caption = info.get("caption") or request.prompt
     for label, value, unit in (("Caption", caption, ""), ("BPM", metas.get("bpm"), ""),
                                ("Duration", metas.get("duration"), "s"), ("Key", metas.get("keyscale"), ""),
                                ("Time Signature", metas.get("timesignature"), ""),
-                               ("Language", request.get("vocal_language"), "")):
+                               ("Language", request.vocal_language, "")):
         if _shown(value):
             lines.append(f"**{label}:** {value}{unit}")
     parts = ["## Metadata\n" + "\n".join(lines)] if lines else []
-    lyrics = str(info.get("lyrics") or request.get("lyrics") or "").strip()
+    lyrics = str(info.get("lyrics") or request.lyrics or "").strip()
     if lyrics and lyrics.lower() not in INSTRUMENTAL:
         parts.append(f"## Lyrics\n{lyrics}")
     notes = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..ports import QUEUED, Backend
+from ..ports import QUEUED, Backend, FailureReason
 from .sqs_queue import DeadLetter, SqsTaskQueue
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _handle(backend: Backend, queue: SqsTaskQueue, letter: DeadLetter) -> bool:
         queue.requeue(letter.task_id, letter.requeues + 1)
         log.warning("task %s dead-lettered before it ever ran: queued again", letter.task_id)
     elif record is not None and backend.store.fail_unfinished(
-            letter.task_id, dead_letter_reason(record, letter.receive_count)):
+            letter.task_id, dead_letter_reason(record, letter.receive_count), FailureReason.DEAD_LETTERED):
         failed = True
         log.warning("task %s dead-lettered after %d claims", letter.task_id, record.attempt)
         backend.task_ended(letter.task_id)  # fail_unfinished is true once, whichever worker drains: one webhook

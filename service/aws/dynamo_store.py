@@ -17,9 +17,8 @@ from typing import Any, Optional
 from botocore.exceptions import ClientError
 
 from ..records import (
-    CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TaskRecord,
-    TaskResult,
-    WorkerHeartbeat,
+    CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL,
+    FailureReason, TaskRecord, TaskResult, WorkerHeartbeat, dump_request, load_request,
 )
 from ..caller_limits import check_caller
 from ..ports import BlobStore, CallerLimits, QueueFull, TaskStore, WebhookDue
@@ -305,6 +304,7 @@ class DynamoTaskStore(TaskStore):
             if not item or status not in (QUEUED, RUNNING):
                 return None
             attempt = int(_num(item, "attempt") or 0) + 1
+            record = self._to_record(item, strict=True)  # StoredRequestInvalid before anything is claimed
             now = time.time()
             update = self._update(
                 task_id, item,
@@ -321,7 +321,6 @@ class DynamoTaskStore(TaskStore):
                                            if status == QUEUED else []))
             except _ConditionFailed:
                 continue  # someone else claimed or finished it first: look again
-            record = self._to_record(item)
             record.status, record.attempt, record.worker_id = RUNNING, attempt, worker_id
             record.started_at, record.progress, record.stage = now, 0.0, "running"
             return record
@@ -354,7 +353,8 @@ class DynamoTaskStore(TaskStore):
             raise
 
     def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
-               error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
+               error: Optional[str] = None, reason: Optional[FailureReason] = None,
+               blob_keys: Optional[list[str]] = None) -> bool:
         item = self._get_item(task_id)
         if not item or _str(item, "status") != RUNNING or int(_num(item, "attempt") or 0) != attempt:
             return False
@@ -380,6 +380,10 @@ class DynamoTaskStore(TaskStore):
             sets.append("#err = :err")
             names["#err"] = "error"
             values[":err"] = _s(error)
+        if reason is not None:
+            sets.append("#why = :why")
+            names["#why"] = "reason"
+            values[":why"] = _s(reason.value)
         new_keys = _new_keys(item, [*(blob_keys or []), *(spilled.parts.values() if spilled else [])])
         if new_keys:
             sets.append("blob_keys = list_append(if_not_exists(blob_keys, :empty), :keys)")
@@ -398,13 +402,13 @@ class DynamoTaskStore(TaskStore):
                 discard(spilled.parts, self._blobs)
         return written
 
-    def fail_unfinished(self, task_id: str, error: str) -> bool:
-        return self._end_unfinished(task_id, FAILED, error)
+    def fail_unfinished(self, task_id: str, error: str, reason: FailureReason) -> bool:
+        return self._end_unfinished(task_id, FAILED, error, reason)
 
     def cancel(self, task_id: str, reason: str) -> bool:
-        return self._end_unfinished(task_id, CANCELLED, reason)
+        return self._end_unfinished(task_id, CANCELLED, reason, FailureReason.CANCELLED)
 
-    def _end_unfinished(self, task_id: str, final: str, error: str) -> bool:
+    def _end_unfinished(self, task_id: str, final: str, error: str, reason: FailureReason) -> bool:
         """queued/running -> `final` whatever attempt holds it; False when unknown or finished."""
         for _ in range(_RETRIES):
             item = self._get_item(task_id)
@@ -412,11 +416,11 @@ class DynamoTaskStore(TaskStore):
             if not item or status is None or status in TERMINAL:
                 return False
             now = time.time()
-            names = {"#st": "status", "#err": "error", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
+            names = {"#st": "status", "#err": "error", "#why": "reason", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
                      "#qp": S.QUEUED_PART}
-            values = {":final": _s(final), ":err": _s(error), ":now": _n(now),
+            values = {":final": _s(final), ":err": _s(error), ":why": _s(reason.value), ":now": _n(now),
                       ":exp": _n(int(now) + self._ttl_seconds)}
-            sets = "SET #st = :final, #err = :err, #fa = :now, stage = :final, #ttl = :exp"
+            sets = "SET #st = :final, #err = :err, #why = :why, #fa = :now, stage = :final, #ttl = :exp"
             if _str(item, "webhook_url"):
                 sets += ", " + _outbox(names, values)
             started = _num(item, "started_at")
@@ -474,8 +478,8 @@ class DynamoTaskStore(TaskStore):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _to_record(self, item: dict) -> TaskRecord:
-        record = _to_record(item)
+    def _to_record(self, item: dict, strict: bool = False) -> TaskRecord:
+        record = _to_record(item, strict)
         stored = _str(item, "result")
         if stored is not None:
             record.result = restore(stored, _parts(item), self._blobs)
@@ -601,7 +605,7 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[S
     item: dict[str, dict] = {
         S.PK: _s(S.TASK_PREFIX + record.task_id),
         "task_id": _s(record.task_id),
-        "request": _s(json.dumps(record.request, ensure_ascii=False)),  # as bounded at submit (task_limits)
+        "request": _s(dump_request(record.request)),  # as bounded at submit (task_limits)
         "status": _s(record.status),
         "created_at": _n(float(record.created_at)),
         "progress": _n(float(record.progress)),
@@ -625,6 +629,8 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[S
         item["blob_keys"]["L"] += [_s(k) for k in spilled.parts.values() if k not in record.blob_keys]
     if record.error is not None:
         item["error"] = _s(record.error)
+    if record.reason is not None:
+        item["reason"] = _s(record.reason.value)
     if record.webhook_url is not None:
         item["webhook_url"] = _s(record.webhook_url)
     if record.owner is not None:
@@ -635,11 +641,12 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[S
     return item
 
 
-def _to_record(item: dict) -> TaskRecord:
-    """The record without its result (DynamoTaskStore._to_record puts that back whole)."""
+def _to_record(item: dict, strict: bool = False) -> TaskRecord:
+    """The record without its result (DynamoTaskStore._to_record puts that back whole). strict:
+    StoredRequestInvalid when its request no longer parses (records.load_request)."""
     return TaskRecord(
         task_id=item["task_id"]["S"],
-        request=json.loads(item["request"]["S"]),
+        request=load_request(item["task_id"]["S"], item["request"]["S"], strict),
         status=item["status"]["S"],
         created_at=_num(item, "created_at") or 0.0,
         started_at=_num(item, "started_at"),
@@ -650,6 +657,7 @@ def _to_record(item: dict) -> TaskRecord:
         given_back=int(_num(item, "given_back") or 0),
         worker_id=_str(item, "worker_id"),
         error=_str(item, "error"),
+        reason=FailureReason(why) if (why := _str(item, "reason")) else None,
         blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
         idempotency_key=_str(item, "idempotency_key"),
         request_digest=_str(item, "request_digest") or None,

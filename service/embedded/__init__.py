@@ -6,7 +6,7 @@ import time
 
 from ..blob_keys import PENDING_UPLOADS_PREFIX
 from ..config import Settings
-from ..ports import Backend
+from ..ports import Backend, FailureReason
 from ..signing_keys import CachedKeys
 from ..storage_errors import has_room
 from .db import Database
@@ -27,7 +27,7 @@ def make_embedded_backend(settings: Settings) -> Backend:
         if store.fail_unfinished(
                 task_id,
                 f"abandoned after {receive_count} deliveries: the worker running it stopped "
-                "(crashed, was killed or ran out of memory) each time"):
+                "(crashed, was killed or ran out of memory) each time", FailureReason.DEAD_LETTERED):
             backend.task_ended(task_id)  # the conditional write above is true once: one webhook
 
     queue = SqliteTaskQueue(db, max_receives=settings.max_receives, on_dead_letter=dead_letter)

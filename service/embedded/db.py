@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     worker_id TEXT,
     result TEXT,
     error TEXT,
+    reason TEXT,
     blob_keys TEXT NOT NULL DEFAULT '[]',
     idempotency_key TEXT,
     request_digest TEXT,
@@ -104,7 +105,7 @@ class Database:
         have = {row["name"] for row in conn.execute("PRAGMA table_info(tasks)")}
         if not have:
             return  # a new database: SCHEMA creates everything
-        for column in ("idempotency_key", "request_digest", "webhook_url", "owner"):
+        for column in ("idempotency_key", "request_digest", "webhook_url", "owner", "reason"):
             if column not in have:
                 conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
         if "given_back" not in have:

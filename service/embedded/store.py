@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import Optional
 
 from ..records import (
-    CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, TaskRecord,
-    TaskResult,
-    WorkerHeartbeat,
+    CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, FailureReason,
+    TaskRecord, TaskResult, WorkerHeartbeat, dump_request, load_request,
 )
 from ..ports import TaskStore, WebhookDue
 from .db import Database
@@ -18,10 +18,11 @@ from .db import Database
 _OUTBOX = "webhook_due = CASE WHEN webhook_url IS NOT NULL THEN ? END"
 
 
-def record_from_row(row) -> TaskRecord:
+def record_from_row(row: sqlite3.Row, strict: bool = False) -> TaskRecord:
+    """strict: StoredRequestInvalid when its request no longer parses (records.load_request)."""
     return TaskRecord(
         task_id=row["task_id"],
-        request=json.loads(row["request"]),
+        request=load_request(row["task_id"], row["request"], strict),
         status=row["status"],
         created_at=row["created_at"],
         started_at=row["started_at"],
@@ -33,6 +34,7 @@ def record_from_row(row) -> TaskRecord:
         worker_id=row["worker_id"],
         result=TaskResult.model_validate_json(row["result"]) if row["result"] else None,
         error=row["error"],
+        reason=FailureReason(row["reason"]) if row["reason"] else None,
         blob_keys=json.loads(row["blob_keys"]),
         idempotency_key=row["idempotency_key"],
         request_digest=row["request_digest"],
@@ -41,14 +43,18 @@ def record_from_row(row) -> TaskRecord:
     )
 
 
-def insert_task(c, record: TaskRecord) -> None:
+def insert_task(c: sqlite3.Connection, record: TaskRecord) -> None:
     c.execute(
         "INSERT INTO tasks (task_id, status, request, created_at, stage, blob_keys, idempotency_key,"
         " request_digest, webhook_url, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (record.task_id, record.status, json.dumps(record.request), record.created_at, record.stage,
+        (record.task_id, record.status, dump_request(record.request), record.created_at, record.stage,
          json.dumps(record.blob_keys), record.idempotency_key, record.request_digest, record.webhook_url,
          record.owner),
     )
+
+
+def _code(reason: Optional[FailureReason]) -> Optional[str]:
+    return reason.value if reason is not None else None
 
 
 class SqliteTaskStore(TaskStore):
@@ -86,7 +92,7 @@ class SqliteTaskStore(TaskStore):
             row = c.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row is None or row["status"] not in (QUEUED, RUNNING):
                 return None
-            record = record_from_row(row)
+            record = record_from_row(row, strict=True)
             record.status, record.attempt, record.worker_id = RUNNING, record.attempt + 1, worker_id
             record.started_at, record.progress, record.stage = time.time(), 0.0, "running"
             c.execute(
@@ -114,7 +120,8 @@ class SqliteTaskStore(TaskStore):
             return cur.rowcount == 1
 
     def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
-               error: Optional[str] = None, blob_keys: Optional[list[str]] = None) -> bool:
+               error: Optional[str] = None, reason: Optional[FailureReason] = None,
+               blob_keys: Optional[list[str]] = None) -> bool:
         status = FAILED if error is not None else SUCCEEDED
         with self.db.write() as c:
             row = c.execute(
@@ -127,20 +134,20 @@ class SqliteTaskStore(TaskStore):
             now = time.time()
             c.execute(
                 "UPDATE tasks SET status = ?, finished_at = ?, progress = ?, stage = ?, result = ?,"
-                " error = ?, blob_keys = ?, " + _OUTBOX + " WHERE task_id = ?",
+                " error = ?, reason = ?, blob_keys = ?, " + _OUTBOX + " WHERE task_id = ?",
                 (status, now, 1.0 if status == SUCCEEDED else 0.0, status,
-                 result.model_dump_json() if result is not None else None, error,
+                 result.model_dump_json() if result is not None else None, error, _code(reason),
                  json.dumps(list(dict.fromkeys(keys))), now, task_id),
             )
             return True
 
-    def fail_unfinished(self, task_id: str, error: str) -> bool:
+    def fail_unfinished(self, task_id: str, error: str, reason: FailureReason) -> bool:
         now = time.time()
         with self.db.write() as c:
             cur = c.execute(
-                "UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?, " + _OUTBOX +
+                "UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?, reason = ?, " + _OUTBOX +
                 " WHERE task_id = ? AND status IN (?, ?)",
-                (FAILED, now, FAILED, error, now, task_id, QUEUED, RUNNING),
+                (FAILED, now, FAILED, error, _code(reason), now, task_id, QUEUED, RUNNING),
             )
             return cur.rowcount == 1
 
@@ -150,8 +157,9 @@ class SqliteTaskStore(TaskStore):
             if row is None or row["status"] not in (QUEUED, RUNNING):
                 return False
             now = time.time()
-            c.execute("UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?, " + _OUTBOX +
-                      " WHERE task_id = ?", (CANCELLED, now, CANCELLED, reason, now, task_id))
+            c.execute("UPDATE tasks SET status = ?, finished_at = ?, stage = ?, error = ?, reason = ?, " + _OUTBOX +
+                      " WHERE task_id = ?", (CANCELLED, now, CANCELLED, reason, _code(FailureReason.CANCELLED), now,
+                                             task_id))
             if row["status"] == QUEUED:  # not waiting any more: out of the queue now
                 c.execute("DELETE FROM queue WHERE task_id = ?", (task_id,))
             return True

@@ -13,32 +13,33 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-from ..records import FAILED, TaskRecord
+from ..records import FAILED, SUCCEEDED, FailureReason, TaskRecord, TaskResult
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "ACEStep"
 
-# Failure messages are written by this service; their opening words say why (first match wins).
-_REASONS = (
-    ("generation timed out", "timeout"),
-    ("abandoned after", "worker_lost"),
-    ("dead-lettered after", "worker_lost"),
-    ("internal error while generating", "engine_crash"),
-    ("this request needs the 5hz lm", "lm_unavailable"),
-    ("missing from storage", "input_missing"),
-    ("upload is", "input_too_large"),
-    ("could not load its models", "worker_broken"),
-)
+# The label each failure reason is graphed under: stable names (dashboards and alarms use them), some
+# coarser than the reasons.
+_LABELS: dict[FailureReason, str] = {
+    FailureReason.STALL_TIMEOUT: "timeout",
+    FailureReason.GENERATION_TIMEOUT: "timeout",
+    FailureReason.DEAD_LETTERED: "worker_lost",
+    FailureReason.ENGINE_LOAD_FAILED: "worker_broken",
+    FailureReason.LM_UNAVAILABLE: "lm_unavailable",
+    FailureReason.INPUT_MISSING: "input_missing",
+    FailureReason.INPUT_TOO_LARGE: "input_too_large",
+    FailureReason.COST_REFUSED: "rejected",
+    FailureReason.INVALID_REQUEST: "rejected",
+    FailureReason.REJECTED: "rejected",
+    FailureReason.ENGINE_ERROR: "engine_crash",
+    FailureReason.CANCELLED: "cancelled",
+}
+UNKNOWN_LABEL = "unknown"  # a failed record written before reasons were stored
 
 
-def failure_reason(error: Optional[str]) -> str:
-    """A small, stable label for a task's error message (`rejected`: the engine refused the request)."""
-    text = (error or "").lower()
-    for marker, reason in _REASONS:
-        if marker in text:
-            return reason
-    return "rejected"
+def failure_label(reason: Optional[FailureReason]) -> str:
+    return _LABELS[reason] if reason is not None else UNKNOWN_LABEL
 
 
 @dataclass
@@ -48,22 +49,38 @@ class TaskMetrics:
     queue_wait_s: Optional[float]
     run_s: Optional[float]
     stages: dict[str, float] = field(default_factory=dict)  # engine timings, seconds
-    reason: Optional[str] = None  # failure_reason for failed tasks
+    reason: Optional[str] = None  # failure_label for failed tasks
 
     @classmethod
     def of(cls, record: TaskRecord) -> "TaskMetrics":
+        reason = failure_label(record.reason) if record.status == FAILED else None
+        return cls._timed(record.status, record.created_at, record.started_at, record.finished_at, record.result,
+                          reason)
+
+    @classmethod
+    def succeeded(cls, result: TaskResult, created_at: float, started_at: Optional[float],
+                  finished_at: float) -> "TaskMetrics":
+        return cls._timed(SUCCEEDED, created_at, started_at, finished_at, result, None)
+
+    @classmethod
+    def failed(cls, reason: FailureReason, created_at: float, started_at: Optional[float],
+               finished_at: float) -> "TaskMetrics":
+        return cls._timed(FAILED, created_at, started_at, finished_at, None, failure_label(reason))
+
+    @classmethod
+    def _timed(cls, status: str, created_at: float, started_at: Optional[float], finished_at: Optional[float],
+               result: Optional[TaskResult], reason: Optional[str]) -> "TaskMetrics":
         wait = run = None
-        if record.started_at is not None:
-            wait = max(0.0, record.started_at - record.created_at)
-            if record.finished_at is not None:
-                run = max(0.0, record.finished_at - record.started_at)
+        if started_at is not None:
+            wait = max(0.0, started_at - created_at)
+            if finished_at is not None:
+                run = max(0.0, finished_at - started_at)
         stages: dict[str, float] = {}
-        if record.result is not None:
-            timings = record.result.generation_info.get("timings")
+        if result is not None:
+            timings = result.generation_info.get("timings")
             if isinstance(timings, dict):
                 stages = {k.removesuffix("_s"): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
-        reason = failure_reason(record.error) if record.status == FAILED else None
-        return cls(record.status, wait, run, stages, reason)
+        return cls(status, wait, run, stages, reason)
 
 
 class MetricsSink(Protocol):
