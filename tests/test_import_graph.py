@@ -1,86 +1,61 @@
-"""The layers import downward only, and the API side never imports the heavy ML stack.
+"""The import contracts of pyproject.toml ([tool.importlinter]) hold, and would catch a breach.
 
     entrypoints -> handlers -> service -> engine's torch-free contract (request, types, plan)
     entrypoints -> engine (the worker's engine is loaded by the bootstrap only)
+    handlers, service and the engine's contract never reach torch, diffusers, transformers, vllm,
+    numpy or soundfile, directly or through another module (the API's Lambda cold start)
 
-Checked on the source (every import statement, also inside functions), so a lazy import that
-would only run in production cannot slip past.
+import-linter reads every import statement, also one inside a function or under TYPE_CHECKING, so a
+lazy import that would only run in production cannot slip past.
 """
 from __future__ import annotations
 
-import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("entrypoints", "handlers", "service", "engine")
-HEAVY = ("torch", "diffusers", "transformers", "vllm", "numpy", "soundfile")
-# engine modules the API and the service core may use: they import nothing heavy.
-ENGINE_CONTRACT = ("engine.request", "engine.types", "engine.plan")
-
-# package -> project packages it must not import
-FORBIDDEN = {
-    "engine": ("entrypoints", "handlers", "service"),
-    "service": ("entrypoints", "handlers"),
-    "handlers": ("entrypoints",),
-    "entrypoints": (),
-}
+CONTRACTS = 3
 
 
-def _imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: list[str] = []
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against this module's package
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            names.append(module)
-            names += [f"{module}.{a.name}" for a in node.names]  # `from engine import plan`
-    return names
+def _lint(cwd: Path) -> subprocess.CompletedProcess:
+    # --no-cache: no .import_linter_cache in the tree; the whole graph takes about a second.
+    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                           "sys.exit(lint_imports_command())", "--no-cache", "--no-logo"],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
-def _modules(package: str) -> list[Path]:
-    return sorted((ROOT / package).rglob("*.py"))
+def test_the_import_contracts_hold():
+    run = _lint(ROOT)
+    assert run.returncode == 0 and f"Contracts: {CONTRACTS} kept, 0 broken." in run.stdout, run.stdout + run.stderr
 
 
-def _top(name: str) -> str:
-    return name.split(".", 1)[0]
+def _module(root: Path, name: str, source: str) -> None:
+    path = root.joinpath(*name.split(".")).with_suffix(".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for package in [path.parent, *path.parent.parents][: len(name.split(".")) - 1]:
+        (package / "__init__.py").touch()
+    path.write_text(source)
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_no_upward_imports(package):
-    bad = []
-    for path in _modules(package):
-        for name in _imports(path):
-            if _top(name) in FORBIDDEN[package]:
-                bad.append(f"{path.relative_to(ROOT)} imports {name}")
-    assert not bad, "\n".join(bad)
-
-
-@pytest.mark.parametrize("package", ("handlers", "service"))
-def test_api_side_stays_light(package):
-    """handlers/ and service/ reach engine only through its torch-free contract modules."""
-    bad = []
-    for path in _modules(package):
-        for name in _imports(path):
-            if _top(name) in HEAVY:
-                bad.append(f"{path.relative_to(ROOT)} imports {name}")
-            elif _top(name) == "engine" and name != "engine" and not name.startswith(ENGINE_CONTRACT):
-                bad.append(f"{path.relative_to(ROOT)} imports {name} (only {', '.join(ENGINE_CONTRACT)})")
-    assert not bad, "\n".join(bad)
-
-
-@pytest.mark.parametrize("module", ENGINE_CONTRACT)
-def test_engine_contract_is_torch_free(module):
-    path = ROOT / Path(*module.split(".")).with_suffix(".py")
-    heavy = [n for n in _imports(path) if _top(n) in HEAVY]
-    engine_deps = [n for n in _imports(path) if _top(n) == "engine" and not n.startswith(ENGINE_CONTRACT)]
-    assert not heavy and not engine_deps, (heavy, engine_deps)
+def test_each_contract_catches_its_breach(tmp_path):
+    """The same contracts on a tree with one breach of each: an upward import, a reach past the
+    engine's contract, and a torch import two hops away inside a function."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    _module(tmp_path, "entrypoints.main", "import handlers.app\nimport engine.service\n")
+    _module(tmp_path, "handlers.app", "import service.core\nfrom engine import request\n")
+    _module(tmp_path, "service.core", "import engine.checkpoints\nimport engine.plan\n")
+    _module(tmp_path, "engine.request", "")
+    _module(tmp_path, "engine.plan", "import engine.types\n")
+    _module(tmp_path, "engine.types", "def load():\n    import engine.numbers\n")
+    _module(tmp_path, "engine.numbers", "def heavy():\n    import numpy\n")
+    _module(tmp_path, "engine.checkpoints", "import service.core\n")
+    _module(tmp_path, "engine.service", "import torch\n")
+    run = _lint(tmp_path)
+    out = run.stdout
+    assert run.returncode == 1 and f"Contracts: 0 kept, {CONTRACTS} broken." in out, out + run.stderr
+    assert "engine.checkpoints -> service.core" in out  # upward
+    assert "service.core -> engine.checkpoints" in out  # past the contract
+    assert "engine.plan -> engine.types" in out and "engine.numbers -> numpy" in out  # the chain to numpy
+    assert "entrypoints.main" not in out and "handlers.app -> engine.request" not in out  # allowed ones
