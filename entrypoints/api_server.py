@@ -23,7 +23,7 @@ from handlers.openrouter.waiting import server_stopping as chat_server_stopping
 from service.upstream_env import warn_unused_upstream_env
 from service.observability.logs import configure_logging
 
-from . import bootstrap, heap
+from . import bootstrap, heap, http_protocol
 from .cli_errors import user_errors
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class _Listener:
     """Builds a uvicorn server that leaves signals to main(), which stops every listener together."""
 
     @staticmethod
-    def server(app, host: str, port: int, settings: Settings):
+    def server(app, host: str, port: int, settings: Settings, protocol: type):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -180,19 +180,23 @@ class _Listener:
         # Open streams (SSE) get a few seconds to end once shutdown starts.
         # X-Forwarded-For / -Proto only from ACESTEP_TRUSTED_PROXIES: uvicorn's default believes any
         # loopback peer, so a client on the host (or behind an untrusted hop) could pick its address.
+        # `protocol`: h11 with a deadline per request head and a cap on connections waiting for one
+        # (entrypoints/http_protocol.py), shared by the listeners of the process.
         trusted = settings.trusted_proxies
         return Server(uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
                                      log_config=None, access_log=False,
                                      timeout_graceful_shutdown=SHUTDOWN_STREAMS_SECONDS,
-                                     proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None))
+                                     proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None,
+                                     http=protocol, h11_max_incomplete_event_size=http_protocol.MAX_HEAD_BYTES))
 
 
 def listeners(settings: Settings, app) -> list:
     """The ACE-Step API on ACESTEP_API_HOST:PORT and the OpenAI-compatible one on OPENROUTER_HOST:PORT."""
-    servers = [_Listener.server(app, settings.host, settings.port, settings)]
+    protocol = http_protocol.header_limited(settings.header_timeout, http_protocol.MAX_WAITING)
+    servers = [_Listener.server(app, settings.host, settings.port, settings, protocol)]
     if settings.openrouter_port:
         servers.append(_Listener.server(bootstrap.build_openrouter_app(settings, app),
-                                        settings.openrouter_host, settings.openrouter_port, settings))
+                                        settings.openrouter_host, settings.openrouter_port, settings, protocol))
         log.info("OpenAI-compatible API on http://%s:%d", settings.openrouter_host, settings.openrouter_port)
     return servers
 

@@ -184,6 +184,8 @@ class Settings(BaseSettings):
     # Proxies whose X-Forwarded-For names the client (addresses or CIDRs); empty: the peer is the
     # client, whatever a request's headers claim (handlers/caller.py)
     trusted_proxies: NetworkList = Field(default_factory=list, validation_alias="ACESTEP_TRUSTED_PROXIES")
+    # acestep-api's listeners: seconds a connection has to send each request head (slowloris)
+    header_timeout: float = _env("ACESTEP_HEADER_TIMEOUT", 10.0, gt=0, le=300)
     # Per caller: tasks waiting, and tasks waiting or running, before /release_task answers 429
     caller_max_queued: int = _env("ACESTEP_CALLER_MAX_QUEUED", 50, ge=1)
     caller_max_active: int = _env("ACESTEP_CALLER_MAX_ACTIVE", 60, ge=1)

@@ -6,21 +6,15 @@ made-up X-Forwarded-For unless the peer is a configured proxy (ACESTEP_TRUSTED_P
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-import time
-
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from entrypoints.api_server import listeners
 from entrypoints.bootstrap import build_openrouter_app
 from handlers.app import create_app
 from service.config import ConfigError, load_settings
 from service.embedded import make_embedded_backend
-from tests.live_server import free_port
+from tests.listener_support import listening
 
 PROMPT = {"prompt": "lo-fi piano", "audio_duration": 10, "inference_steps": 4}
 CHAT = {"messages": [{"role": "user", "content": "<prompt>lo-fi piano</prompt>"}],
@@ -90,28 +84,10 @@ def test_trusted_proxies_must_be_addresses_or_networks():
         load_settings(env={"ACESTEP_TRUSTED_PROXIES": "proxy.example"}, dotenv_path=None)
 
 
-@contextlib.contextmanager
-def _listening(settings):
-    """The ACE-Step API on the listener `acestep-api` builds (entrypoints.api_server.listeners)."""
-    settings.port, settings.openrouter_port = free_port(), 0
-    server = listeners(settings, create_app(settings, make_embedded_backend(settings)))[0]
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the listener did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.mark.parametrize("trusted", [[], ["127.0.0.0/8"]])
 def test_forwarded_for_names_the_client_only_from_a_trusted_proxy(settings, trusted):
     settings.caller_max_queued, settings.rate_limit_rps, settings.trusted_proxies = 2, 0, trusted
-    with _listening(settings) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with listening(settings) as (host, port), httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as client:
         codes = [client.post("/release_task", json=PROMPT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
                  for i in range(3)]
     # Untrusted (the default), the header is the client's word: one caller, the loopback peer.
