@@ -26,7 +26,7 @@ MAX_IDS = 200
 MAX_ID_LEN = 128
 
 
-def generation_info_text(info: dict, dit_model: str, lm_model: str) -> str:
+def generation_info_text(info: dict[str, Any], dit_model: str, lm_model: str) -> str:
     """A readable one-paragraph summary; says "random weights" loudly for demo models."""
     parts = []
     if info.get("random_weights"):
@@ -50,7 +50,7 @@ def generation_info_text(info: dict, dit_model: str, lm_model: str) -> str:
     return ", ".join(parts)
 
 
-def _base_item(record: TaskRecord, status: int) -> dict:
+def _base_item(record: TaskRecord, status: int) -> dict[str, Any]:
     req = record.request
     return {
         "file": "", "wave": "", "status": status, "create_time": int(record.created_at), "env": ENV,
@@ -58,7 +58,7 @@ def _base_item(record: TaskRecord, status: int) -> dict:
     }
 
 
-def _metas(result: TaskResult, req: GenerationRequest, audio: Optional[AudioFile]) -> dict:
+def _metas(result: TaskResult, req: GenerationRequest, audio: Optional[AudioFile]) -> dict[str, Any]:
     metas = {k: result.metas.get(k, "N/A") for k in META_KEYS}
     if metas["duration"] in (None, "N/A") and audio and audio.duration is not None:
         metas["duration"] = audio.duration
@@ -70,7 +70,7 @@ def _metas(result: TaskResult, req: GenerationRequest, audio: Optional[AudioFile
     return metas
 
 
-def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") -> list[dict]:
+def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") -> list[dict[str, Any]]:
     """One item per audio file; `base_url` prefixes the file URLs (relative without it, as upstream)."""
     result = record.result or TaskResult()
     req = record.request
@@ -106,7 +106,7 @@ def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") 
     return items
 
 
-def _entry(task_id: str, status: int, items: list[dict], progress_text: str, error: Optional[str] = None) -> dict:
+def _entry(task_id: str, status: int, items: list[dict[str, Any]], progress_text: str, error: Optional[str] = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"task_id": task_id, "status": status,
                              "result": json.dumps(items, ensure_ascii=False), "progress_text": progress_text}
     if error is not None:
@@ -115,7 +115,7 @@ def _entry(task_id: str, status: int, items: list[dict], progress_text: str, err
 
 
 def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, position: Optional[int],
-              base_url: str = "") -> dict:
+              base_url: str = "") -> dict[str, Any]:
     if record is None:
         item = {"file": "", "wave": "", "status": 2, "create_time": 0, "env": ENV, "prompt": "", "lyrics": "",
                 "metas": {}, "progress": 0.0, "stage": "failed", "error": NOT_FOUND}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
@@ -126,10 +126,10 @@ class TaskStore(Protocol):
 
         One round trip whatever the number of ids (a poll may ask about 200)."""
 
-    def put_meta(self, key: str, value: dict) -> None:
+    def put_meta(self, key: str, value: dict[str, Any]) -> None:
         """Small service-wide facts as JSON objects (records.ModelsMeta under "models")."""
 
-    def get_meta(self, key: str) -> Optional[dict]: ...
+    def get_meta(self, key: str) -> Optional[dict[str, Any]]: ...
 
     def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
         """Store this worker's latest beat (one entry per worker_id)."""
@@ -211,7 +211,7 @@ class GenerationEngine(Protocol):
 
     def models(self) -> list[ModelInfo]: ...
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """device, dtype, lm_model, ... for /v1/models."""
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
@@ -220,8 +220,8 @@ class GenerationEngine(Protocol):
         """encode=False: the engine may leave the audio unencoded in `result.pending` (the worker's
         pipeline encodes it in its encoder processes while the engine goes on)."""
 
-    def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
-                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
+    def generate_batch(self, items: list[tuple[GenerationRequest, dict[str, bytes]]],
+                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list[GenerationResult | BaseException]:
         """Requests with one plan.batch_key in one call; a GenerationResult or Exception per item."""
 
 

@@ -72,7 +72,7 @@ class ModelsMeta(BaseModel):
         return next((m for m in self.models if m.name == name), None)
 
     @classmethod
-    def parse(cls, stored: Optional[dict]) -> Optional["ModelsMeta"]:
+    def parse(cls, stored: Optional[dict[str, Any]]) -> Optional["ModelsMeta"]:
         """The stored meta, or None when absent or unreadable (an older or foreign writer)."""
         if not isinstance(stored, dict):
             return None

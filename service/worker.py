@@ -81,7 +81,7 @@ class _Claimed:
     lease: Lease
     attempt: int
     request: GenerationRequest
-    inputs: dict  # src_audio / reference_audio bytes
+    inputs: dict[str, bytes]  # src_audio / reference_audio bytes
     batch_key: Optional[tuple]  # engine.plan.batch_key: None means it runs alone
     created_at: float
     started_at: float
@@ -374,7 +374,7 @@ class Worker:
             self._post.wait_idle()
             self._raise_post_error()
 
-    def _record(self, batch: Sequence[_Claimed], outcomes: list) -> None:
+    def _record(self, batch: Sequence[_Claimed], outcomes: list[GenerationResult | BaseException]) -> None:
         """Store and record each task's outcome, then ack it. Raises StorageFull (after handing the
         rest back) when there is no room for a result."""
         full: Optional[StorageFull] = None
@@ -396,7 +396,7 @@ class Worker:
         if full is not None:
             raise full
 
-    def _generate(self, batch: list[_Claimed]) -> Optional[list]:
+    def _generate(self, batch: list[_Claimed]) -> Optional[list[GenerationResult | BaseException]]:
         """The engine's outcome per task, or None when there is nothing to record (released, hung)."""
         started = time.monotonic()
         watch = RunWatch(self.backend, [(c.lease, c.attempt) for c in batch],
@@ -408,7 +408,7 @@ class Worker:
         self._watch = watch
         # Pipelined with an encoder: the post-processing stage encodes, in other processes.
         encode = self._post is None or self.encoder is None
-        outcomes: Optional[list]
+        outcomes: Optional[list[GenerationResult | BaseException]]
         with watch:
             try:
                 if len(batch) == 1:

@@ -50,7 +50,7 @@ def content_text(record: TaskRecord, lm_fallback: bool = False) -> str:
     return "\n\n".join([text, *notes])
 
 
-def audio_items(record: TaskRecord, blobs: BlobStore) -> list[dict]:
+def audio_items(record: TaskRecord, blobs: BlobStore) -> list[dict[str, Any]]:
     """Every generated file as a base64 data URL (blocking: reads the blob store)."""
     items = []
     for audio in (record.result.audios if record.result else []):
@@ -60,7 +60,7 @@ def audio_items(record: TaskRecord, blobs: BlobStore) -> list[dict]:
     return items
 
 
-def completion(cid: str, model: str, content: str, audio: Optional[list[dict]]) -> dict:
+def completion(cid: str, model: str, content: str, audio: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "audio": audio},
@@ -76,7 +76,7 @@ class Chunks:
         self.cid, self.model, self.created = cid, model, int(time.time())
 
     def chunk(self, *, role: Optional[str] = None, content: Optional[str] = None,
-              audio: Optional[list[dict]] = None, finish_reason: Optional[str] = None) -> str:
+              audio: Optional[list[dict[str, Any]]] = None, finish_reason: Optional[str] = None) -> str:
         delta: dict[str, Any] = {}
         if role is not None:
             delta["role"] = role

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from ..records import (
     CANCELLED, FAILED, GIVEN_BACK_STAGE, HEARTBEAT_RETENTION_SECONDS, QUEUED, RUNNING, STATUSES, SUCCEEDED, FailureReason,
@@ -219,7 +219,7 @@ class SqliteTaskStore(TaskStore):
             f" WHERE status = ?) WHERE task_id IN ({marks})", (QUEUED, *ids))
         return {row["task_id"]: int(row["pos"]) for row in rows}
 
-    def put_meta(self, key: str, value: dict) -> None:
+    def put_meta(self, key: str, value: dict[str, Any]) -> None:
         with self.db.write() as c:
             c.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
                       " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
@@ -240,6 +240,6 @@ class SqliteTaskStore(TaskStore):
         with self.db.write() as c:
             c.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
 
-    def get_meta(self, key: str) -> Optional[dict]:
+    def get_meta(self, key: str) -> Optional[dict[str, Any]]:
         row = self.db.read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row["value"]) if row else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from ..records import FAILED, SUCCEEDED, FailureReason, TaskRecord, TaskResult
 
@@ -160,7 +160,7 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.5), "p95": at(0.95), "max": round(ordered[-1], 4), "mean": round(statistics.fmean(ordered), 4)}
 
 
-def summarize(recent: list[TaskRecord]) -> dict:
+def summarize(recent: list[TaskRecord]) -> dict[str, Any]:
     """Queue wait, run time, stage times and failures by reason over `recent` finished tasks."""
     rows = [TaskMetrics.of(r) for r in recent]
     stage_values: dict[str, list[float]] = {}
