@@ -34,21 +34,23 @@ def build_backend(settings: Settings) -> Backend:
 
 
 def build_app(settings: Settings, backend: Backend | None = None):
-    """The FastAPI app on `backend` (built from the settings when not given)."""
+    """The FastAPI app on `backend` (built from the settings when not given), with its submit use case."""
     from handlers.app import create_app
+    from service.submitter import Submitter
 
-    return create_app(settings, backend if backend is not None else build_backend(settings))
+    backend = backend if backend is not None else build_backend(settings)
+    return create_app(settings, backend, submitter=Submitter(settings, backend))
 
 
 def build_openrouter_app(settings: Settings, api_app):
     """The OpenAI-compatible API (POST /v1/chat/completions) beside the ACE-Step API app `api_app`: the
-    same backend, the same per-caller rate buckets and submit gate (one count per caller), and the same
-    webhook sender."""
+    same backend, the same per-caller rate buckets and submitter (one count per caller, one view of the
+    fleet), and the same webhook sender."""
     from handlers.openrouter import create_openrouter_app
 
     state = api_app.state
     return create_openrouter_app(settings, state.backend, rate_buckets=state.rate_buckets,
-                                 submit_gate=state.submit_gate, webhooks=state.webhooks)
+                                 submitter=state.submitter, webhooks=state.webhooks)
 
 
 def engine_config(settings: Settings):

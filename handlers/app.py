@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from service.config import Settings
 from service.ports import Backend
+from service.submitter import Submitter
 from service.version import __version__
 
 from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks, routes_webhooks
@@ -24,7 +25,6 @@ from .openapi_bodies import with_model_names
 from .rate_limit import RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
-from .submit_gate import SubmitGate
 from .signing import openapi_url, verify
 from .webhook_payload import build_notifier
 
@@ -66,8 +66,10 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
         return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - docs")
 
 
-def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGateway] = None) -> FastAPI:
-    """Build the API on the given backend (and the LM, when one is reachable from the API)."""
+def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGateway] = None,
+               submitter: Optional[Submitter] = None) -> FastAPI:
+    """Build the API on the given backend (and the LM, when one is reachable from the API). `submitter`:
+    the submit use case the routes call (entrypoints.bootstrap builds it; by default one on `backend`)."""
     app = FastAPI(title="ACE-Step API", version=__version__, description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
@@ -77,7 +79,7 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.lm_gateway = lm_gateway
     app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)
     app.state.query_results = QueryResults(settings, backend)  # caches finished entries for the app's life
-    app.state.submit_gate = SubmitGate(backend)
+    app.state.submitter = submitter if submitter is not None else Submitter(settings, backend)
     install_error_handlers(app)
     for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio, routes_webhooks):
         app.include_router(module.router)

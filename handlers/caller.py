@@ -13,11 +13,11 @@ behind a proxy, the client it forwards for only when the proxy is in ACESTEP_TRU
 from __future__ import annotations
 
 import hmac
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, MutableMapping
 
 from fastapi import Request
 
-from service.caller_limits import caller_id
+from service.caller_limits import Caller
 
 from .auth import bearer_key
 
@@ -32,8 +32,19 @@ def _is_configured(given: str, keys: Iterable[str]) -> bool:
     return any(hmac.compare_digest(encoded, k.encode("utf-8", "surrogatepass")) for k in keys)
 
 
-def caller_from_scope(scope: Mapping[str, Any]) -> str:
-    """The caller of an ASGI request, from its headers and peer only (no body needed)."""
+CALLER = "acestep.caller"  # scope key: the request's caller, decided by the first to ask (the rate limiter)
+
+
+def caller_from_scope(scope: MutableMapping[str, Any]) -> Caller:
+    """The caller of an ASGI request, from its headers and peer only (no body needed). Decided once per
+    request and kept in its scope, so the rate limiter and the submit count the same caller object."""
+    caller = scope.get(CALLER)
+    if not isinstance(caller, Caller):
+        caller = scope[CALLER] = _decide(scope)
+    return caller
+
+
+def _decide(scope: Mapping[str, Any]) -> Caller:
     app = scope.get("app")
     keys = configured_keys(getattr(getattr(app, "state", None), "settings", None))
     if keys:
@@ -41,14 +52,14 @@ def caller_from_scope(scope: Mapping[str, Any]) -> str:
             if name == b"authorization":
                 given = bearer_key(value.decode("latin-1"))
                 if given and _is_configured(given, keys):
-                    return caller_id(given, None)
+                    return Caller.by_key(given)
                 break
     client = scope.get("client")
-    return caller_id(None, client[0] if client else None)
+    return Caller.at(client[0] if client else None)
 
 
-def caller_of(request: Request) -> str:
+def caller_of(request: Request) -> Caller:
     return caller_from_scope(request.scope)
 
 
-__all__ = ["caller_from_scope", "caller_of", "configured_keys"]
+__all__ = ["CALLER", "Caller", "caller_from_scope", "caller_of", "configured_keys"]

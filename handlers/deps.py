@@ -5,6 +5,7 @@ from fastapi import Request
 
 from service.config import Settings
 from service.ports import Backend
+from service.submitter import Submitter
 from service.webhooks import WebhookNotifier
 
 
@@ -18,3 +19,7 @@ def backend_of(request: Request) -> Backend:
 
 def webhooks_of(request: Request) -> WebhookNotifier:
     return request.app.state.webhooks
+
+
+def submitter_of(request: Request) -> Submitter:
+    return request.app.state.submitter

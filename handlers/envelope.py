@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.ports import IdempotencyConflict
-from service.storage_errors import STORAGE_FULL_MESSAGE, StorageFull
+from service.refusals import Refused
 
 log = logging.getLogger("acestep.api")
 
@@ -49,6 +49,12 @@ def too_large(limit_bytes: int, what: str = "Request body") -> ApiError:
     return ApiError(413, f"{what} too large: the limit is {limit_bytes // (1024 * 1024)} MB")
 
 
+def refusal_response(exc: Refused) -> JSONResponse:
+    """The one mapping of a service refusal to HTTP: its status, its detail, its Retry-After."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -66,9 +72,9 @@ def install_error_handlers(app: FastAPI) -> None:
                            "type": str(err.get("type", ""))})
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.exception_handler(StorageFull)
-    async def _storage_full(request: Request, exc: StorageFull):
-        return JSONResponse({"detail": STORAGE_FULL_MESSAGE}, status_code=507, headers={"Retry-After": "60"})
+    @app.exception_handler(Refused)  # the service would not take the task (or a write): queue full, storage full...
+    async def _refused(request: Request, exc: Refused):
+        return refusal_response(exc)
 
     @app.exception_handler(IdempotencyConflict)
     async def _idempotency_conflict(request: Request, exc: IdempotencyConflict):

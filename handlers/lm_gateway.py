@@ -2,8 +2,8 @@
 
 The API process does not load the LM itself (Lambda must stay light). By default /format_input goes
 through a worker (service/format_via_worker.py); `create_app(..., lm_gateway=...)` can pass another
-implementation. When the workers have said they run no LM, /format_input answers 503 with
-LM_UNAVAILABLE.
+implementation. Without one, /format_input answers 503 until a worker has said it runs the LM
+(service/submitter.py: LM_UNAVAILABLE).
 """
 from __future__ import annotations
 
@@ -16,7 +16,3 @@ class LMGateway(Protocol):
         key_scale, time_signature, duration, vocal_language (missing keys fall back to the input).
         Raise engine.types.GenerationError with a client-facing message on failure."""
 
-
-LM_UNAVAILABLE = ("The 5Hz LM is not loaded on this server, so /format_input is unavailable. "
-                  "Run a worker with the LM enabled (ACESTEP_INIT_LLM=true and an LM model), or send "
-                  "the caption and lyrics to /release_task as they are.")

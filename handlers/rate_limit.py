@@ -19,6 +19,8 @@ from typing import Optional
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.caller_limits import Caller
+
 from .caller import caller_from_scope
 
 COUNTED_METHODS = ("POST", "PUT")
@@ -31,7 +33,7 @@ class TokenBuckets:
     def __init__(self, rate: float, burst: float):
         self.rate, self.burst = rate, burst
         self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+        self._buckets: dict[Caller, tuple[float, float]] = {}  # caller -> (tokens, at)
 
     @classmethod
     def per_second(cls, rate: float) -> "TokenBuckets":
@@ -43,7 +45,7 @@ class TokenBuckets:
         """The buckets for ACESTEP_RATE_LIMIT_RPS `rate`, or None when it is 0 (no limit)."""
         return cls.per_second(rate) if rate > 0 else None
 
-    def take(self, caller: str, now: float | None = None) -> float:
+    def take(self, caller: Caller, now: float | None = None) -> float:
         """0 when the request may go ahead, else the seconds until it could."""
         now = time.monotonic() if now is None else now
         with self._lock:

@@ -13,20 +13,19 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.types import GenerationError
 
-from service.format_via_worker import format_request, give_up, lm_reported, read_answer
+from service.format_via_worker import format_request, give_up, read_answer
+from service.submitter import SubmitTask
 
-from . import lm_gateway
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .caller import caller_of
-from .deps import backend_of, settings_of
+from .deps import backend_of, settings_of, submitter_of
 from .envelope import ApiError, bad_request, wrap
 from .fields import ReleaseTaskInput
 from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
                              request_body)
 from .openapi_responses import Envelope, FormattedInput, ok
-from .request_parsing import ParsedTask, parse_object, validation_message, without_none
-from .submit import submit_parsed
+from .request_parsing import parse_object, validation_message, without_none
 from .task_wait import finally_in_thread, poll
 
 router = APIRouter(tags=["lm"])
@@ -106,11 +105,9 @@ async def _format_on_a_worker(request: Request, args: dict) -> dict:
     """Submit the format task through /release_task's path (its caller limits, queue bound, cost ceiling:
     429/413/503/507 alike), then wait for it on the event loop; cancel it when the wait ends unanswered."""
     settings, backend = settings_of(request), backend_of(request)
-    if not await run_in_threadpool(lm_reported, backend):
-        raise ApiError(503, lm_gateway.LM_UNAVAILABLE)
-    parsed = ParsedTask(format_request(**args))
-    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, parsed, None, None, caller_of(request),
-                                         request.app.state.submit_gate)
+    submitted = await submitter_of(request).submit(SubmitTask(format_request(**args), caller_of(request),
+                                                              answer_now=True))
+    task_id = submitted.task_id
     reason = f"/format_input stopped waiting after at most {settings.format_timeout:g} s (ACESTEP_FORMAT_TIMEOUT)"
     try:
         answer = await poll(lambda: read_answer(backend, task_id), settings.format_timeout,

@@ -12,17 +12,16 @@ from starlette.concurrency import run_in_threadpool
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .off_loop import parse_off_loop
+from service.submitter import SubmitTask
+
 from .caller import caller_of
-from .deps import backend_of, settings_of
+from .deps import settings_of, submitter_of
 from .envelope import bad_request, wrap
 from .request_parsing import parse_release_task
 from .openapi_bodies import (FORM, JSON, MAX_IDEMPOTENCY_KEY, QueryResultInput, error_responses, model_schema,
                              release_task_body, request_body)
 from .openapi_responses import Envelope, QueryEntry, SubmittedTask, ok
 from .results import MAX_IDS, QueryResults, envelope_bytes
-from .submit import submit_parsed
-from .submit_gate import SubmitGate
-from .webhook_url import read_webhook_url
 
 router = APIRouter(tags=["tasks"])
 
@@ -68,18 +67,16 @@ _IDEMPOTENCY_PARAM = {"name": IDEMPOTENCY_HEADER, "in": "header", "required": Fa
              openapi_extra={"parameters": [_IDEMPOTENCY_PARAM], **release_task_body()},
              responses={**ok(Envelope[SubmittedTask]), **error_responses(400, 401, 413, 415, 422, 429, 503, 507)})
 async def release_task(request: Request):
-    settings, backend = settings_of(request), backend_of(request)
+    settings = settings_of(request)
     body = await read_body(request, settings, files_allowed=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
     parsed = await parse_off_loop(body.size, parse_release_task, body.fields, body.files,
                                   model_names=settings.model_names)
-    gate: SubmitGate = request.app.state.submit_gate
-
-    webhook_url = await read_webhook_url(settings, body.fields.get("webhook_url"))
-    task_id, position = await run_in_threadpool(submit_parsed, settings, backend, parsed, idempotency_key,
-                                                webhook_url, caller_of(request), gate)
-    return wrap({"task_id": task_id, "status": "queued", "queue_position": position})
+    task = await submitter_of(request).submit(SubmitTask(
+        parsed.request, caller_of(request), parsed.sources, idempotency_key=idempotency_key,
+        webhook_url=body.fields.get("webhook_url")))
+    return wrap({"task_id": task.task_id, "status": "queued", "queue_position": task.queue_position})
 
 
 def parse_task_ids(value: Any) -> list[str]:

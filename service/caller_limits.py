@@ -7,14 +7,24 @@ transaction), so concurrent submits cannot overshoot.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from .ports import CallerBusy, CallerLimits
 
 
-def caller_id(credential: str | None, address: str | None) -> str:
-    if credential:
-        return "key:" + hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()[:24]
-    return "ip:" + (address or "unknown")
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, decided once per request (handlers/caller.py): the request rate and the limits on
+    tasks in flight count by the same object. `id` is what a task records as its owner."""
+    id: str
+
+    @classmethod
+    def by_key(cls, credential: str) -> "Caller":
+        return cls("key:" + hashlib.sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()[:24])
+
+    @classmethod
+    def at(cls, address: str | None) -> "Caller":
+        return cls("ip:" + (address or "unknown"))
 
 
 def check_caller(queued: int, running: int, limits: CallerLimits) -> None:

@@ -18,25 +18,7 @@ from engine.types import GenerationError
 
 from .cancellation import cancel_task
 from .ports import Backend
-from .records import CANCELLED, FAILED, MODELS_META_KEY, SUCCEEDED, ModelsMeta
-
-
-def workers_run_lm(backend: Backend) -> Optional[bool]:
-    """What the workers last said about their LM; None before any has reported."""
-    meta = ModelsMeta.parse(backend.store.get_meta(MODELS_META_KEY))
-    return None if meta is None else meta.lm_model not in (None, "", "none")
-
-
-def lm_served(backend: Backend) -> bool:
-    """False only when the workers have said they run no LM; before any has reported, accept (they may be
-    scaled to zero) and let the worker decide."""
-    return workers_run_lm(backend) is not False
-
-
-def lm_reported(backend: Backend) -> bool:
-    """A worker has said it runs an LM: what a caller that waits for the answer needs (a synchronous
-    /format_input cannot wait for a worker to be started)."""
-    return workers_run_lm(backend) is True
+from .records import CANCELLED, FAILED, SUCCEEDED
 
 
 def format_request(*, caption: str, lyrics: str, metadata: dict, temperature: float) -> GenerationRequest:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Protocol
 from engine.request import GenerationRequest
 from engine.types import EncodedAudio, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 
+from .refusals import CallerBusy, QueueFull  # raised by the intake adapters; the refusals the API maps
 from .signing_keys import SigningKeys
 from .records import (
     CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, FailureReason, StoredRequestInvalid, TaskRecord,
@@ -22,19 +23,11 @@ from .records import (
 
 
 
-class QueueFull(Exception):
-    """The backlog is at ACESTEP_QUEUE_MAXSIZE; the API answers 429 and creates nothing."""
-
-
 @dataclass(frozen=True)
 class CallerLimits:
     """Per caller (TaskRecord.owner), checked in the same write that creates the task."""
     max_queued: int  # waiting tasks
     max_active: int  # waiting + running tasks
-
-
-class CallerBusy(Exception):
-    """This caller has reached its CallerLimits; the API answers 429 and creates nothing."""
 
 
 class IdempotencyConflict(Exception):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Protocol, Sequence, Union
 
 from . import blob_keys
+from .refusals import SourceRejected
 from .submission import Upload
 
 MB = 1024 * 1024
@@ -50,11 +51,12 @@ class Sizes(Protocol):
     def size(self, key: str) -> Optional[int]: ...
 
 
-class SourceError(Exception):
+class SourceError(SourceRejected):
     def __init__(self, kind: Literal["invalid", "too_large"], message: str):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.status = 413 if kind == "too_large" else 400
 
 
 @dataclass

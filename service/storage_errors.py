@@ -6,12 +6,7 @@ import errno
 import shutil
 import sqlite3
 
-
-class StorageFull(Exception):
-    """The backend's storage has no room left (ENOSPC / EDQUOT / SQLite 'database or disk is full')."""
-
-
-STORAGE_FULL_MESSAGE = "the server's storage is full; try again later"
+from .refusals import STORAGE_FULL_MESSAGE, StorageFull
 
 
 def is_storage_full(exc: BaseException) -> bool:

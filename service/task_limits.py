@@ -20,17 +20,13 @@ from typing import Optional
 from engine.plan import generated_seconds, lm_decode_steps, lm_runs
 from engine.request import GenerationRequest
 
+from .refusals import TooCostly
+
 MAX_REQUEST_BYTES = 64 * 1024  # the request as stored in the task record
 # One LM decode step in audio-second steps. On a GPU the 1.7B LM decodes about 200 steps/s (5 ms; batch
 # items and CFG pairs share a step), and the turbo DiT runs a 240 s song's 8 steps (1,920 audio-second
 # steps) in about 1-2 s (~1 ms each).
 LM_STEP_COST = 5.0
-
-
-class TaskRefused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass(frozen=True)
@@ -80,14 +76,14 @@ def over_ceiling(cost: TaskCost, max_cost: float) -> Optional[str]:
 
 
 def check_task(request: GenerationRequest, stored: dict, max_cost: float, has_source: bool = False) -> None:
-    """TaskRefused (413) when the stored request is too large or the task costs more than `max_cost`.
+    """TooCostly (413) when the stored request is too large or the task costs more than `max_cost`.
     `has_source`: src_audio comes with the request (a file, an upload key or a server path)."""
     size = len(json.dumps(stored, ensure_ascii=False).encode("utf-8"))
     if size > MAX_REQUEST_BYTES:
-        raise TaskRefused(413, f"the request is {size} bytes as stored; the limit is {MAX_REQUEST_BYTES} bytes "
+        raise TooCostly(f"the request is {size} bytes as stored; the limit is {MAX_REQUEST_BYTES} bytes "
                                "(shorten prompt, lyrics, complete_track_classes or other long fields)")
     if has_source and not request.src_audio_key:  # its key is only written when the task is stored
         request = request.model_copy(update={"src_audio_key": "(submitted)"})
     reason = over_ceiling(task_cost(request), max_cost)
     if reason:
-        raise TaskRefused(413, reason)
+        raise TooCostly(reason)

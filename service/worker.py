@@ -461,9 +461,6 @@ class Worker:
         keys: list[str] = []
         audios = []
         info = dict(result.generation_info)
-        if c.request.thinking and not self.engine.lm_loaded:
-            info.setdefault("notes", []).append(
-                "thinking was requested but no 5Hz LM is loaded: the DiT ran without LM planning")
         try:  # storage full part way: what this attempt wrote goes, and the outage is raised
             for i, audio in enumerate(result.audios):
                 key = output_key(c.task_id, c.attempt, i, audio.format)

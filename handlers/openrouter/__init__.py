@@ -2,8 +2,8 @@
 
 `create_openrouter_app(settings, backend)` builds it on the backend the ACE-Step API uses, so both
 share one task store, queue and set of workers. Its submits take /release_task's path
-(handlers/submit.py): the task cost ceiling, the per-caller task limits and the per-caller request
-rate apply alike; given the ACE-Step app's `rate_buckets` and `submit_gate`, a caller's requests to
+(service/submitter.py): the task cost ceiling, the per-caller task limits and the per-caller request
+rate apply alike; given the ACE-Step app's `rate_buckets` and `submitter`, a caller's requests to
 either API count together.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.config import Settings
 from service.ports import Backend
+from service.submitter import Submitter
 from service.webhooks.delivery import WebhookNotifier
 
 from ..app import cors_origins
 from ..envelope import install_error_handlers
 from ..rate_limit import RateLimitMiddleware, TokenBuckets
 from ..request_context import RequestContextMiddleware
-from ..submit_gate import SubmitGate
 from ..webhook_payload import build_notifier
 from . import routes
 
@@ -32,7 +32,7 @@ POST /v1/chat/completions with `messages`; the audio comes back as base64 data U
 
 def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: float | None = None, *,
                           rate_buckets: Optional[TokenBuckets] = None,
-                          submit_gate: Optional[SubmitGate] = None,
+                          submitter: Optional[Submitter] = None,
                           webhooks: Optional[WebhookNotifier] = None) -> FastAPI:
     app = FastAPI(title="ACE-Step OpenAI-compatible API", version="1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None)
@@ -40,7 +40,7 @@ def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: fl
     app.state.backend = backend
     app.state.poll_seconds = poll_seconds  # None: per backend (waiting.POLL_SECONDS)
     app.state.webhooks = webhooks if webhooks is not None else build_notifier(settings, backend)
-    app.state.submit_gate = submit_gate or SubmitGate(backend)
+    app.state.submitter = submitter if submitter is not None else Submitter(settings, backend)
     install_error_handlers(app)
     app.include_router(routes.router)
     origins = cors_origins(settings)

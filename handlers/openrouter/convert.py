@@ -27,7 +27,9 @@ class ChatTask:
     parsed: ParsedTask
     messages: ParsedMessages
     model_id: str  # as the response names it: "acestep/<model>"
-    lm_fallback: bool  # a description was used as the caption because no worker runs the LM
+    # The sample query was guessed from a description (sample mode not asked for): without an LM on the
+    # workers, the description is the caption instead (service/submitter.py decides, asking the fleet once).
+    guessed_query: bool
 
 
 def model_name(model_id: Optional[str]) -> Optional[str]:
@@ -39,7 +41,7 @@ def model_name(model_id: Optional[str]) -> Optional[str]:
 
 
 def to_task(req: ChatCompletionRequest, *, model_names: Sequence[str], default_model: Optional[str],
-            lm_available: bool, max_audio_bytes: int) -> ChatTask:
+            max_audio_bytes: int) -> ChatTask:
     """Raises MessageError (a 400) for unusable messages; parse_release_task raises the 400 of a bad value."""
     msgs = parse_messages(req.messages, max_audio_bytes)
     prompt, lyrics, query = msgs.prompt, msgs.lyrics, msgs.sample_query
@@ -50,9 +52,7 @@ def to_task(req: ChatCompletionRequest, *, model_names: Sequence[str], default_m
         prompt, lyrics, query = "", "", text
     if not (prompt or lyrics or query or msgs.audios or req.sample_mode):
         raise MessageError("no prompt, lyrics, sample query or input audio found in the messages")
-    lm_fallback = bool(query) and not req.sample_mode and not lm_available
-    if lm_fallback:  # guessed sample mode, no LM to run it: the description is the caption
-        prompt, query = query, ""
+    guessed_query = bool(query) and not req.sample_mode
     config = req.audio_config or AudioConfig()
     fields: dict[str, Any] = {k: v for k, v in (req.model_extra or {}).items() if k not in _OWN}
     fields.update({
@@ -73,7 +73,7 @@ def to_task(req: ChatCompletionRequest, *, model_names: Sequence[str], default_m
     files = _route_audio(msgs, req.task_type)
     parsed = parse_release_task(fields, files, model_names=model_names)
     name = parsed.request.model or default_model or ""
-    return ChatTask(parsed, msgs, MODEL_PREFIX + name, lm_fallback)
+    return ChatTask(parsed, msgs, MODEL_PREFIX + name, guessed_query)
 
 
 def _route_audio(msgs: ParsedMessages, task_type: str) -> dict[str, FilePart]:

@@ -17,20 +17,18 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
-from service.format_via_worker import lm_served
 from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
+from service.submitter import SubmitTask
 
 from ..body import _json_object, read_limited
 from ..caller import caller_of
-from ..deps import backend_of, settings_of, webhooks_of
+from ..deps import backend_of, settings_of, submitter_of, webhooks_of
 from ..envelope import ApiError, bad_request
 from ..off_loop import parse_off_loop
 from ..openapi_bodies import JSON, model_schema, request_body
 from ..request_parsing import validation_message
 from ..routes_info import model_list
-from ..submit import submit_parsed
-from ..webhook_url import read_webhook_url
 from . import responses
 from .auth import require_key
 from .convert import MODEL_PREFIX, ChatTask, MessageError, to_task
@@ -62,7 +60,7 @@ def _failure(record: TaskRecord | None) -> tuple[int, str]:
     return 500, record.error or "generation failed"
 
 
-def _parse(body: bytes, settings: Settings, lm_available: bool) -> tuple[ChatCompletionRequest, ChatTask]:
+def _parse(body: bytes, settings: Settings) -> tuple[ChatCompletionRequest, ChatTask]:
     """The body -> the request and its task; every step linear in the body's size."""
     try:
         req = ChatCompletionRequest.model_validate(_json_object(body))
@@ -70,7 +68,7 @@ def _parse(body: bytes, settings: Settings, lm_available: bool) -> tuple[ChatCom
         raise bad_request(validation_message(exc, ChatCompletionRequest)) from None
     try:
         return req, to_task(req, model_names=settings.model_names, default_model=settings.default_model,
-                            lm_available=lm_available, max_audio_bytes=settings.max_upload_bytes)
+                            max_audio_bytes=settings.max_upload_bytes)
     except MessageError as exc:
         raise bad_request(str(exc)) from None
 
@@ -81,17 +79,17 @@ async def chat_completions(request: Request):
     settings, backend = settings_of(request), backend_of(request)
     require_key(settings, request)
     body = await read_limited(request, settings.max_upload_bytes * 2 + 1024 * 1024)  # base64 grows by 4/3
-    lm_available = await run_in_threadpool(lm_served, backend)
     # JSON, validation and base64 off the event loop the other API shares (handlers/off_loop.py)
-    req, task = await parse_off_loop(len(body), _parse, body, settings, lm_available)
-    webhook_url = await read_webhook_url(settings, (req.model_extra or {}).get("webhook_url"))
+    req, task = await parse_off_loop(len(body), _parse, body, settings)
     # /release_task's path and limits: cost ceiling (413), per-caller tasks in flight (429), counted
     # per API key (or address) across both APIs.
-    task_id, _ = await run_in_threadpool(submit_parsed, settings, backend, task.parsed, None, webhook_url,
-                                         caller_of(request), request.app.state.submit_gate)
+    submitted = await submitter_of(request).submit(SubmitTask(
+        task.parsed.request, caller_of(request), task.parsed.sources,
+        webhook_url=(req.model_extra or {}).get("webhook_url"), query_as_caption_without_lm=task.guessed_query))
+    task_id, lm_fallback = submitted.task_id, submitted.query_as_caption
     headers = {TASK_HEADER: task_id}
     if req.stream:
-        return StreamingResponse(_stream(request, task_id, task.model_id, task.lm_fallback),
+        return StreamingResponse(_stream(request, task_id, task.model_id, lm_fallback),
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     started = time.monotonic()
@@ -99,7 +97,7 @@ async def chat_completions(request: Request):
         if tick.timed_out:
             raise ApiError(504, _still_running(task_id, time.monotonic() - started), headers=headers)
         if tick.finished:
-            return await _completion(request, tick, task.model_id, task.lm_fallback, headers)
+            return await _completion(request, tick, task.model_id, lm_fallback, headers)
         if await request.is_disconnected():
             cancel_in_background(backend, task_id, webhooks_of(request).task_finished)
             return Response(status_code=499)  # nobody reads it
