@@ -73,11 +73,11 @@ def test_format_input_times_out_with_a_clear_504(settings):
 
 
 def test_full_analysis_only_reads_an_uploaded_song(server):
-    from tests.test_engine_with_lm import _wav
+    from tests.engine_fixtures import wav_bytes
 
     r = httpx.post(server.base_url + "/release_task", timeout=10,
                    data={"full_analysis_only": "true", "task_type": "text2music"},
-                   files={"src_audio": ("song.wav", _wav(3.0), "audio/wav")})
+                   files={"src_audio": ("song.wav", wav_bytes(3.0, freq=220.0), "audio/wav")})
     assert r.status_code == 200, r.text
     entry = server.wait_done(r.json()["data"]["task_id"], timeout=180)
     assert entry["status"] == 1, entry

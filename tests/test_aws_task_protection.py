@@ -13,7 +13,7 @@ import pytest
 
 from service.aws.task_protection import STATE_PATH, EcsTaskProtection, TaskProtectionError, minutes_for
 from service.worker import Worker
-from tests.test_worker import ScriptedEngine, _submit
+from tests.worker_support import ScriptedEngine, submit
 
 TASK_ARN = "arn:aws:ecs:us-east-1:123456789012:task/cluster/0123456789abcdef"
 
@@ -107,7 +107,7 @@ def test_worker_is_protected_while_it_runs_a_task_and_cleared_when_idle(settings
     seen_during_run: list[list[bool]] = []
     engine.before_generate = lambda progress: seen_during_run.append(agent.states())
     worker = Worker(settings, backend, engine, on_busy=protection.set_busy)
-    _submit(backend)
+    submit(backend)
     assert worker.run_once(0.1) is True
     assert seen_during_run == [[True]]  # protected before the engine started
     assert worker.run_once(0.1) is False  # nothing waiting: idle
@@ -121,6 +121,6 @@ def test_a_failing_agent_does_not_stop_the_task(settings, agent):
     agent.answer = (500, {"error": {"Code": "ServerException", "Message": "agent restarting"}})
     worker = Worker(settings, backend, ScriptedEngine(),
                     on_busy=EcsTaskProtection(agent.uri, expires_minutes=40).set_busy)
-    task_id = _submit(backend)
+    task_id = submit(backend)
     assert worker.run_once(0.1) is True
     assert backend.store.get(task_id).status == "succeeded"

@@ -20,7 +20,7 @@ from service.ports import FAILED, QueueFull, SUCCEEDED
 from service.submission import submit_task
 from service.worker import Worker
 from tests.api_support import KEY, make_api
-from tests.test_worker import ScriptedEngine, _submit
+from tests.worker_support import ScriptedEngine, submit
 
 
 def test_the_bearer_scheme_is_case_insensitive(settings):
@@ -72,10 +72,10 @@ def test_task_errors_do_not_expose_heap_addresses_or_allocator_details(settings,
     engine = ScriptedEngine()
     engine.error = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total capacity; "
                                 "caching allocator at 0x7f3a2b1c9e10)")
-    oom = _submit(backend)
+    oom = submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     engine.error = ValueError("bad tensor <torch.Tensor object at 0x7f00deadbeef> from /opt/app/engine/x.py")
-    addr = _submit(backend)
+    addr = submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     first, second = backend.store.get(oom), backend.store.get(addr)
     assert first.status == second.status == FAILED
@@ -109,7 +109,7 @@ def test_the_queue_limit_holds_exactly_under_concurrent_submits(settings):
 def test_output_files_of_abandoned_attempts_are_collected(settings):
     backend = make_embedded_backend(settings)
     engine = ScriptedEngine()
-    task_id = _submit(backend)
+    task_id = submit(backend)
     # Attempt 1 wrote its file, then its worker died before recording the result.
     orphan = output_key(task_id, 1, 0, "wav")
     backend.blobs.put(orphan, b"RIFF...", "audio/wav")

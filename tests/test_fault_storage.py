@@ -21,7 +21,7 @@ from service.worker import Worker
 from tests.api_support import Api, make_api
 from tests.conftest import BACKENDS, open_backend
 from tests.support_engine import BloatedEngine
-from tests.test_worker import ScriptedEngine, _submit
+from tests.worker_support import ScriptedEngine, submit
 from engine.request import GenerationRequest
 
 
@@ -173,7 +173,7 @@ def test_a_full_disk_answers_507_not_500(settings):
 def test_a_result_that_cannot_be_stored_is_handed_back_not_failed(settings):
     api = make_api(settings)
     engine = ScriptedEngine()
-    task_id = _submit(api.backend)
+    task_id = submit(api.backend)
     good = api.backend.blobs
     api.backend.blobs = _FullDisk(good.root)
     with pytest.raises(StorageFull):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from service.ports import FAILED, RUNNING, SUCCEEDED, TaskRecord
 from service.records import GIVEN_BACK_STAGE
 from service.worker import Worker
-from tests.test_worker import ScriptedEngine, _submit
+from tests.worker_support import ScriptedEngine, submit
 from engine.request import GenerationRequest
 
 
@@ -36,7 +36,7 @@ def _stopping_worker(settings, backend) -> Worker:
 
 
 def test_interruptions_never_dead_letter_a_healthy_task(settings, backend):
-    task_id = _submit(backend)
+    task_id = submit(backend)
     interruptions = settings.max_receives + 2
     for _ in range(interruptions):  # e.g. spot interruptions, one after another
         assert _stopping_worker(settings, backend).run_once(1.0) is True
@@ -50,7 +50,7 @@ def test_interruptions_never_dead_letter_a_healthy_task(settings, backend):
 
 def test_lost_deliveries_still_add_up_across_a_give_back(settings, backend):
     assert settings.max_receives == 3
-    task_id = _submit(backend)
+    task_id = submit(backend)
 
     def crash() -> None:  # claimed, then the worker dies: its lease lapses
         lease = backend.queue.receive(1.0, 30)
@@ -79,7 +79,7 @@ def test_a_task_that_hangs_on_its_last_delivery_fails_with_the_timeout(settings,
     settings.visibility_timeout, settings.stall_timeout, settings.max_receives = 0.6, 0.3, 2
     for kind in ("embedded", "aws"):
         with open_backend(kind, settings, tmp_path / kind) as backend:
-            task_id = _submit(backend)
+            task_id = submit(backend)
             lease = backend.queue.receive(1.0, 30)  # a first delivery was lost (its worker crashed)
             backend.store.claim(task_id, "doomed")
             backend.queue.extend(lease, 0)

@@ -1,7 +1,7 @@
 """The worker loop against every backend, with a small scripted engine standing in for the DiT.
 
-The scripted engine makes real (sine) audio so results decode; its hooks let a test block,
-fail or observe a generation. The real engine runs through this same loop in test_e2e_*.
+The scripted engine (tests/worker_support.py) makes real (sine) audio so results decode; its hooks let
+a test block, fail or observe a generation. The real engine runs through this same loop in test_e2e_*.
 """
 from __future__ import annotations
 
@@ -9,93 +9,17 @@ import io
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Optional
 
-import numpy as np
 import pytest
 import soundfile as sf
 
-from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
-from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED, GenerationEngine
+from engine.types import GenerationError
+from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED
 from service.records import FailureReason
 from tests.store_support import corrupt_request
-from service.submission import Upload, submit_task
+from tests.worker_support import BAD_SEED, ScriptedEngine, submit
+from service.submission import Upload
 from service.worker import Worker
-
-
-BAD_SEED = 666
-
-
-class ScriptedEngine:
-    lm_loaded = False
-
-    def __init__(self) -> None:
-        self.calls: list[list[GenerationRequest]] = []
-        self.before_generate: Optional[Callable[[ProgressCallback], object]] = None  # run inside generate
-        self.error: Exception | None = None
-        self.defer = False  # with encode=False, return unencoded audio for the worker's encoder processes
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo("test-model", True, random_weights=True, task_types=("text2music", "cover"))]
-
-    def describe(self) -> dict:
-        return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
-
-    def _audio(self, req: GenerationRequest, seed: int) -> EncodedAudio:
-        sr, dur = 8000, req.audio_duration or 10.0
-        t = np.arange(int(sr * dur)) / sr
-        wave = 0.1 * np.sin(2 * np.pi * (220 + seed % 200) * t)
-        buf = io.BytesIO()
-        sf.write(buf, np.stack([wave, wave], 1), sr, format="WAV")
-        return EncodedAudio(buf.getvalue(), "wav", sr, 2, dur, seed)
-
-    def _pending(self, req: GenerationRequest, seed: int) -> PendingAudio:
-        """Unencoded audio (defer mode): seed 666 makes samples the encoder refuses (NaN)."""
-        sr, dur = 8000, req.audio_duration or 10.0
-        t = np.arange(int(sr * dur)) / sr
-        wave = (0.1 * np.sin(2 * np.pi * (220 + seed % 200) * t)).astype("float32")
-        if seed == BAD_SEED:
-            wave[0] = np.nan
-        return PendingAudio(np.stack([wave, wave]), "wav", sr, 2, dur, seed)
-
-    def _result(self, req: GenerationRequest, progress: ProgressCallback, encode: bool = True) -> GenerationResult:
-        if self.before_generate:
-            self.before_generate(progress)
-        if self.error:
-            raise self.error
-        for step in range(4):
-            progress((step + 1) / 4, "dit")
-        seeds = req.seeds or [7]
-        seeds = [seeds[i] if i < len(seeds) else seeds[0] + i for i in range(req.batch_size)]
-        info = {"random_weights": True, "timings": {"audio_encoding_s": 0.0}}
-        if self.defer and not encode:
-            return GenerationResult([], metas={"bpm": req.bpm or "N/A"}, dit_model="test-model", lm_model="none",
-                                    generation_info=info, pending=[self._pending(req, s) for s in seeds])
-        return GenerationResult([self._audio(req, s) for s in seeds], metas={"bpm": req.bpm or "N/A"},
-                                dit_model="test-model", lm_model="none", generation_info=info)
-
-    def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
-                 reference_audio: Optional[bytes] = None,
-                 progress: Optional[ProgressCallback] = None, encode: bool = True) -> GenerationResult:
-        self.calls.append([request])
-        return self._result(request, progress or (lambda f, s: None), encode)
-
-    def generate_batch(self, items: list[tuple[GenerationRequest, dict]],
-                       progress: Optional[ProgressCallback] = None, encode: bool = True) -> list:
-        self.calls.append([r for r, _ in items])
-        return [self._result(r, progress or (lambda f, s: None), encode) for r, _ in items]
-
-
-if TYPE_CHECKING:  # mypy (`make test`) holds the stand-in to the port the worker uses
-    def _is_generation_engine(engine: ScriptedEngine) -> GenerationEngine:
-        return engine
-
-
-def _submit(backend, max_queue=10, uploads=None, **fields):
-    req = GenerationRequest(**{"audio_duration": 10, "batch_size": 1, **fields})
-    task_id, _ = submit_task(backend, req, max_queue, uploads=uploads)
-    return task_id
 
 
 @pytest.fixture
@@ -104,7 +28,7 @@ def engine():
 
 
 def test_task_runs_to_success_with_audio_and_progress(settings, backend, engine):
-    task_id = _submit(backend, batch_size=2, seeds=[11, 12], bpm=90)
+    task_id = submit(backend, batch_size=2, seeds=[11, 12], bpm=90)
     worker = Worker(settings, backend, engine)
     assert worker.run_once(1.0) is True
     rec = backend.store.get(task_id)
@@ -128,7 +52,7 @@ def test_worker_publishes_models(settings, backend, engine):
 
 def test_engine_error_fails_task_with_its_message(settings, backend, engine):
     engine.error = GenerationError("could not decode src_audio: not an audio file")
-    task_id = _submit(backend)
+    task_id = submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == FAILED and rec.error == "could not decode src_audio: not an audio file"
@@ -136,7 +60,7 @@ def test_engine_error_fails_task_with_its_message(settings, backend, engine):
 
 def test_unexpected_crash_is_reported_without_traceback(settings, backend, engine):
     engine.error = RuntimeError("CUDA error: device-side assert triggered")
-    task_id = _submit(backend)
+    task_id = submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == FAILED
@@ -144,14 +68,14 @@ def test_unexpected_crash_is_reported_without_traceback(settings, backend, engin
 
 
 def test_lm_only_features_fail_clearly_without_lm(settings, backend, engine):
-    task_id = _submit(backend, sample_query="a sad song about rain")
+    task_id = submit(backend, sample_query="a sad song about rain")
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == FAILED and "5Hz LM" in rec.error and engine.calls == []
 
 
 def test_thinking_without_lm_runs_dit_and_says_so(settings, backend, engine):
-    task_id = _submit(backend, thinking=True)
+    task_id = submit(backend, thinking=True)
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED
@@ -167,7 +91,7 @@ def test_uploaded_source_audio_reaches_engine(settings, backend, engine):
         return original(request, src_audio=src_audio, reference_audio=reference_audio, progress=progress, **kw)
 
     engine.generate = spy
-    task_id = _submit(backend, task_type="cover", src_audio_key="placeholder",
+    task_id = submit(backend, task_type="cover", src_audio_key="placeholder",
                       uploads={"src_audio": Upload(b"RIFFdata", "in.wav", "audio/wav")})
     Worker(settings, backend, engine).run_once(1.0)
     assert backend.store.get(task_id).status == SUCCEEDED
@@ -176,7 +100,7 @@ def test_uploaded_source_audio_reaches_engine(settings, backend, engine):
 
 def test_dead_worker_task_is_redelivered_and_finishes_once(settings, backend, engine):
     settings.visibility_timeout = 1.0
-    task_id = _submit(backend)
+    task_id = submit(backend)
     # Worker A leases and claims the task, then dies before finishing (never acks).
     lease = backend.queue.receive(1.0, settings.visibility_timeout)
     stale_attempt = backend.store.claim(lease.task_id, "dead-worker").attempt
@@ -191,7 +115,7 @@ def test_dead_worker_task_is_redelivered_and_finishes_once(settings, backend, en
 
 
 def test_duplicate_delivery_produces_one_result(settings, backend, engine):
-    task_id = _submit(backend)
+    task_id = submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     first = backend.store.get(task_id)
     # The same message delivered again (at-least-once queues do this): nothing changes.
@@ -203,7 +127,7 @@ def test_duplicate_delivery_produces_one_result(settings, backend, engine):
 
 
 def test_shutdown_releases_running_task_for_another_worker(settings, backend, engine):
-    task_id = _submit(backend)
+    task_id = submit(backend)
     worker_a = Worker(settings, backend, engine)
     engine.before_generate = lambda progress: (worker_a.request_stop(cancel_running=True), progress(0.1, "dit"))
     worker_a.run_once(1.0)
@@ -215,7 +139,7 @@ def test_shutdown_releases_running_task_for_another_worker(settings, backend, en
 
 def test_poison_task_is_dead_lettered_with_reason(settings, backend, engine):
     settings.visibility_timeout = 1.0
-    task_id = _submit(backend)
+    task_id = submit(backend)
     for _ in range(settings.max_receives):  # every delivery's worker dies
         lease = backend.queue.receive(5.0, settings.visibility_timeout)
         assert lease is not None and lease.task_id == task_id
@@ -231,8 +155,8 @@ def test_poison_task_is_dead_lettered_with_reason(settings, backend, engine):
 
 
 def test_compatible_waiting_tasks_share_one_engine_call(settings, backend, engine):
-    ids = [_submit(backend, prompt=f"song {i}", seeds=[i]) for i in range(3)]
-    other = _submit(backend, prompt="long one", audio_duration=20)
+    ids = [submit(backend, prompt=f"song {i}", seeds=[i]) for i in range(3)]
+    other = submit(backend, prompt="long one", audio_duration=20)
     worker = Worker(settings, backend, engine)
     worker.run_once(1.0)
     assert [len(c) for c in engine.calls] == [3]
@@ -256,14 +180,14 @@ def test_idle_worker_starts_new_task_promptly(settings, engine):
     thread.start()
     time.sleep(0.2)  # the worker is now blocked waiting for work
     submitted = time.monotonic()
-    _submit(backend)
+    submit(backend)
     thread.join(10)
     # Generous bound (the 50 ms target is measured in bench/wake_latency.py); a 5 s poll would fail it.
     assert started["t"] - submitted < 1.0
 
 
 def test_stop_during_poll_hands_the_new_task_back(settings, backend, engine):
-    task_id = _submit(backend)
+    task_id = submit(backend)
     worker = Worker(settings, backend, engine)
     worker.request_stop()
     assert worker.run_once(1.0) is False
@@ -275,7 +199,7 @@ def test_giving_a_task_back_does_not_count_toward_dead_lettering(settings):
     from service.embedded import make_embedded_backend
 
     backend = make_embedded_backend(settings)  # SQS counts every receive; its redrive cannot tell
-    task_id = _submit(backend)
+    task_id = submit(backend)
     for _ in range(settings.max_receives + 2):
         backend.queue.release(backend.queue.receive(1.0, 30))
     lease = backend.queue.receive(1.0, 30)
@@ -285,7 +209,7 @@ def test_giving_a_task_back_does_not_count_toward_dead_lettering(settings):
 
 def test_oversized_upload_fails_the_task_before_reading_it(settings, backend, engine):
     settings.max_upload_mb = 1
-    task_id = _submit(backend, task_type="cover", src_audio_key="placeholder",
+    task_id = submit(backend, task_type="cover", src_audio_key="placeholder",
                       uploads={"src_audio": Upload(b"x" * (2 * 1024 * 1024), "in.wav", "audio/wav")})
     Worker(settings, backend, engine).run_once(1.0)
     rec = backend.store.get(task_id)
@@ -298,7 +222,7 @@ def test_embedded_sweep_removes_expired_results_and_abandoned_uploads(settings, 
     from service.embedded import make_embedded_backend
 
     backend = make_embedded_backend(settings)
-    old, fresh = _submit(backend), _submit(backend)
+    old, fresh = submit(backend), submit(backend)
     Worker(settings, backend, engine).run_once(1.0)
     Worker(settings, backend, engine).run_once(1.0)
     old_keys = backend.store.get(old).blob_keys
@@ -327,7 +251,7 @@ def test_embedded_sweep_keeps_old_uploads_that_queued_tasks_still_need(settings,
     backend.blobs.put(key, b"RIFF", "audio/wav")
     three_days_ago = time.time() - 3 * 86400
     os.utime(backend.blobs.local_path(key), (three_days_ago, three_days_ago))
-    task_id = _submit(backend, task_type="cover", src_audio_key=key)  # waited in the queue for days
+    task_id = submit(backend, task_type="cover", src_audio_key=key)  # waited in the queue for days
 
     assert backend.sweep_expired() == 0
     assert backend.blobs.get(key) == b"RIFF"
@@ -336,7 +260,7 @@ def test_embedded_sweep_keeps_old_uploads_that_queued_tasks_still_need(settings,
 
 def test_generation_past_its_deadline_fails_and_the_worker_goes_on(settings, backend, engine):
     settings.generation_timeout = 0.2
-    slow = _submit(backend, prompt="slow")
+    slow = submit(backend, prompt="slow")
     engine.before_generate = lambda progress: (time.sleep(0.3), progress(0.5, "dit"))
     worker = Worker(settings, backend, engine)
     worker.run_once(1.0)
@@ -345,7 +269,7 @@ def test_generation_past_its_deadline_fails_and_the_worker_goes_on(settings, bac
 
     engine.before_generate = None
     settings.generation_timeout = 60
-    fine = _submit(backend, prompt="fine")
+    fine = submit(backend, prompt="fine")
     worker.run_once(1.0)
     assert backend.store.get(fine).status == SUCCEEDED
 
@@ -357,7 +281,7 @@ def test_hung_generation_lets_its_lease_lapse_for_another_worker(settings, engin
 
     settings.visibility_timeout, settings.stall_timeout = 0.6, 0.3
     backend = make_embedded_backend(settings)
-    task_id = _submit(backend)
+    task_id = submit(backend)
     unblock, stalled = threading.Event(), threading.Event()
     engine.before_generate = lambda progress: unblock.wait(30)  # hangs without reporting progress
     hung = Worker(settings, backend, engine, worker_id="hung", on_stalled=stalled.set)
@@ -393,7 +317,7 @@ class RecordingMetrics:
 
 
 def test_worker_beats_with_its_running_task_and_forgets_itself_on_stop(settings, backend, engine):
-    task_id = _submit(backend)
+    task_id = submit(backend)
     seen = []
     worker = Worker(settings, backend, engine, worker_id="beating")
     engine.before_generate = lambda progress: (progress(0.1, "dit"), seen.append(worker.heartbeat()))
@@ -423,7 +347,7 @@ def test_task_log_lines_carry_task_id_and_attempt(settings, backend, engine, cap
     caplog.handler.addFilter(ContextFilter())
     engine_log = logging.getLogger("engine.service")
     engine.before_generate = lambda progress: engine_log.warning("engine speaking")
-    task_id = _submit(backend)
+    task_id = submit(backend)
     with caplog.at_level(logging.INFO):
         Worker(settings, backend, engine).run_once(1.0)
     by_message = {r.getMessage(): r for r in caplog.records}
@@ -433,11 +357,11 @@ def test_task_log_lines_carry_task_id_and_attempt(settings, backend, engine, cap
 
 def test_worker_reports_task_metrics(settings, backend, engine):
     metrics = RecordingMetrics()
-    ok = _submit(backend, prompt="fine")
+    ok = submit(backend, prompt="fine")
     worker = Worker(settings, backend, engine, metrics=metrics)
     worker.run_once(1.0)
     engine.error = GenerationError("no such thing")
-    bad = _submit(backend, prompt="bad")
+    bad = submit(backend, prompt="bad")
     worker.run_once(1.0)
     assert [m.status for m in metrics.tasks] == [SUCCEEDED, FAILED]
     good, failed = metrics.tasks
@@ -448,7 +372,7 @@ def test_worker_reports_task_metrics(settings, backend, engine):
 
 def test_a_stored_request_that_no_longer_parses_fails_its_task_with_that_reason(settings, backend, engine):
     metrics = RecordingMetrics()
-    task_id = _submit(backend, prompt="old")
+    task_id = submit(backend, prompt="old")
     corrupt_request(backend, task_id, '{"prompt": "old", "inference_steps": 0}')
     Worker(settings, backend, engine, metrics=metrics).run_once(1.0)
     rec = backend.store.get(task_id)
@@ -462,7 +386,7 @@ def test_broken_worker_fails_waiting_tasks_with_its_load_error(settings, backend
     from service.broken_worker import BrokenWorker
     from service.observability.health import check_health, unservable_reason
 
-    task_id = _submit(backend)
+    task_id = submit(backend)
     broken = BrokenWorker(settings, backend, "ModelNotFound: no weights for acestep-v15-turbo", worker_id="broken")
     backend.store.record_heartbeat(broken.heartbeat())
     assert "no weights for acestep-v15-turbo" in unservable_reason(backend)
@@ -483,7 +407,7 @@ def test_broken_worker_leaves_tasks_to_a_working_worker(settings, backend, engin
     broken = BrokenWorker(settings, backend, "OSError: disk full", worker_id="broken")
     backend.store.record_heartbeat(broken.heartbeat())
     assert unservable_reason(backend) is None
-    task_id = _submit(backend)
+    task_id = submit(backend)
     assert broken.run_once(0.1) is False
     assert backend.store.get(task_id).status == QUEUED
     working.run_once(1.0)
@@ -493,7 +417,7 @@ def test_broken_worker_leaves_tasks_to_a_working_worker(settings, backend, engin
 def test_cancelled_queued_task_never_reaches_the_engine(settings, backend, engine):
     from service.cancellation import cancel_task
 
-    task_id = _submit(backend)
+    task_id = submit(backend)
     assert cancel_task(backend, task_id).cancelled_now is True
     Worker(settings, backend, engine).run_once(0.5)
     assert engine.calls == [] and backend.store.get(task_id).status == "cancelled"
@@ -503,7 +427,7 @@ def test_cancelled_queued_task_never_reaches_the_engine(settings, backend, engin
 def test_cancel_stops_a_running_generation_at_its_next_step(settings, backend, engine):
     from service.cancellation import cancel_task
 
-    task_id = _submit(backend)
+    task_id = submit(backend)
     steps: list[float] = []
 
     def cancel_midway(progress):
@@ -523,6 +447,6 @@ def test_cancel_stops_a_running_generation_at_its_next_step(settings, backend, e
     assert backend.queue.receive(0, 0.1) is None  # acked, not released for another worker
     # the worker goes on with the next task
     engine.before_generate = None
-    nxt = _submit(backend)
+    nxt = submit(backend)
     worker.run_once(1.0)
     assert backend.store.get(nxt).status == SUCCEEDED

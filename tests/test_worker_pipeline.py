@@ -19,7 +19,7 @@ from engine.encoder_pool import EncoderPool, default_processes
 from service.ports import FAILED, RUNNING, SUCCEEDED, TERMINAL
 from service.worker import Worker
 from tests.live_server import poll_until
-from tests.test_worker import BAD_SEED, ScriptedEngine, _submit
+from tests.worker_support import BAD_SEED, ScriptedEngine, submit
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_next_batch_generates_while_the_previous_one_is_recorded(settings, backe
     gated = _GatedBlobs(backend.blobs)
     queue = _AckAfterRecord(backend.queue, backend.store)
     worker = Worker(settings, dataclasses.replace(backend, blobs=gated, queue=queue), engine, encoder=encoder)
-    first, second, third = (_submit(backend, seeds=[i]) for i in (1, 2, 3))
+    first, second, third = (submit(backend, seeds=[i]) for i in (1, 2, 3))
     try:
         assert worker.run_once(1.0, overlap=True)
         assert gated.waiting.wait(30)  # the first batch's audio is encoded and waits to be stored
@@ -104,8 +104,8 @@ def test_next_batch_generates_while_the_previous_one_is_recorded(settings, backe
 
 
 def test_a_failing_encode_fails_only_its_own_task(settings, backend, engine, encoder):
-    good = _submit(backend, seeds=[5], prompt="same")
-    bad = _submit(backend, seeds=[BAD_SEED], prompt="same")  # batched with `good`: one engine call
+    good = submit(backend, seeds=[5], prompt="same")
+    bad = submit(backend, seeds=[BAD_SEED], prompt="same")  # batched with `good`: one engine call
     Worker(settings, backend, engine, encoder=encoder).run_once(1.0)
     assert len(engine.calls) == 1 and len(engine.calls[0]) == 2
     rec = backend.store.get(bad)
@@ -120,7 +120,7 @@ def test_leases_stay_hidden_while_tasks_wait_for_post_processing(settings, backe
     settings.visibility_timeout = 0.5
     gated = _GatedBlobs(backend.blobs)
     worker = Worker(settings, dataclasses.replace(backend, blobs=gated), engine, encoder=encoder)
-    task_id = _submit(backend)
+    task_id = submit(backend)
     try:
         worker.run_once(1.0, overlap=True)
         assert gated.waiting.wait(30)
@@ -137,7 +137,7 @@ def test_leases_stay_hidden_while_tasks_wait_for_post_processing(settings, backe
 def test_shutdown_drains_the_post_processing_stage(settings, backend, engine, encoder):
     gated = _GatedBlobs(backend.blobs)
     worker = Worker(settings, dataclasses.replace(backend, blobs=gated), engine, encoder=encoder)
-    task_id = _submit(backend)
+    task_id = submit(backend)
     runner = threading.Thread(target=worker.run_forever, kwargs={"poll_seconds": 0.1})
     runner.start()
     try:
@@ -168,7 +168,7 @@ class _StuckEncoder(EncoderPool):
 
 def test_a_second_signal_hands_back_what_is_not_encoded(settings, backend, engine):
     worker = Worker(settings, backend, engine, encoder=_StuckEncoder(1))
-    task_id = _submit(backend)
+    task_id = submit(backend)
     worker.run_once(1.0, overlap=True)
     assert backend.store.get(task_id).status == RUNNING
     worker.request_stop(cancel_running=True)
@@ -188,7 +188,7 @@ class _RefusingEncoder(EncoderPool):
 
 def test_an_encoder_that_cannot_start_fails_the_task_with_its_reason(settings, backend, engine):
     worker = Worker(settings, backend, engine, encoder=_RefusingEncoder(1))
-    task_id = _submit(backend)
+    task_id = submit(backend)
     worker.run_once(1.0, overlap=True)
     worker.close()
     rec = backend.store.get(task_id)
@@ -209,7 +209,7 @@ class _InterruptedEncoder(EncoderPool):
 def test_an_interrupted_encode_fails_its_task_and_the_stage_keeps_running(settings, backend, engine):
     settings.pipeline_depth = 1
     worker = Worker(settings, backend, engine, encoder=_InterruptedEncoder(1))
-    first, second = _submit(backend, prompt="one"), _submit(backend, prompt="two")
+    first, second = submit(backend, prompt="one"), submit(backend, prompt="two")
     worker.run_once(1.0, overlap=True)
     worker.run_once(1.0, overlap=True)  # depth 1: would wait forever for a dead stage
     worker.close()
@@ -224,7 +224,7 @@ def test_a_hung_encode_fails_after_the_encode_timeout_and_restarts_the_encoders(
     reset = []
     encoder.reset = lambda: reset.append(True)  # type: ignore[method-assign]
     worker = Worker(settings, backend, engine, encoder=encoder)
-    task_id = _submit(backend)
+    task_id = submit(backend)
     worker.run_once(1.0, overlap=True)
     poll_until("the hung encode to time out", lambda: backend.store.get(task_id).status == FAILED, 30)
     worker.close()
@@ -247,7 +247,7 @@ def test_without_pipeline_or_encoder_the_engine_encodes(settings, backend, engin
     settings.pipeline = pipeline  # off: all in sequence; on without an encoder: only storing overlaps
     encoder = _StuckEncoder(1)
     worker = Worker(settings, backend, engine, encoder=encoder if not pipeline else None)
-    task_id = _submit(backend)
+    task_id = submit(backend)
     assert worker.run_once(1.0)
     rec = backend.store.get(task_id)
     assert rec.status == SUCCEEDED and _decodes(backend, rec.result.audios[0].key)
