@@ -10,15 +10,17 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import AsyncGenerator, Optional
 from urllib.parse import parse_qs
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service.config import Settings
 
+from .auth import header_is_valid, require_body_or_header
 from .envelope import ApiError, bad_request, too_large
 from .off_loop import parse_off_loop
 
@@ -57,20 +59,26 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def _declared_length(request: Request, limit: int, what: str) -> Optional[int]:
+    """The Content-Length, if any; 413 at once when it is over `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    try:
+        expected = int(declared)
+    except ValueError:
+        raise bad_request("Invalid Content-Length header") from None
+    if expected > limit:
+        raise too_large(limit, what)
+    return expected
+
+
 async def read_limited(request: Request, limit: int, what: str = "Request body",
                        timeout: float = BODY_READ_TIMEOUT) -> bytes:
     """The whole body, or 413 as soon as it passes `limit` (Content-Length is checked first), 408 when
     it takes longer than `timeout` to arrive (a slow client must not hold a server slot), 400 when it
     is shorter than its Content-Length."""
-    declared = request.headers.get("content-length")
-    expected: Optional[int] = None
-    if declared is not None:
-        try:
-            expected = int(declared)
-        except ValueError:
-            raise bad_request("Invalid Content-Length header") from None
-        if expected > limit:
-            raise too_large(limit, what)
+    expected = _declared_length(request, limit, what)
     chunks: list[bytes] = []
     size = 0
     # One timer for the whole body (asyncio.timeout), not a task per chunk (wait_for): this runs on
@@ -88,9 +96,7 @@ async def read_limited(request: Request, limit: int, what: str = "Request body",
         raise bad_request(f"{what} truncated: the client closed the connection") from None
     if expected is not None and size != expected:
         raise bad_request(f"{what} truncated: {size} of {expected} bytes (Content-Length) arrived")
-    body = b"".join(chunks)
-    request._body = body  # let Starlette's form parser re-read it
-    return body
+    return b"".join(chunks)
 
 
 def _json_object(body: bytes, invalid_message: Optional[str] = None) -> dict:
@@ -137,27 +143,69 @@ def _query_string(body: bytes) -> dict:
     return {k: v[0] for k, v in parsed.items() if v}
 
 
-def _check_multipart_complete(request: Request, body: bytes) -> None:
-    """A multipart body ends with its closing delimiter `--<boundary>--`; one cut short is refused
-    (the form parser would otherwise keep whatever parts arrived)."""
+def _closing_delimiter(request: Request) -> bytes:
+    """A multipart body ends with `--<boundary>--`; one cut short is refused (the form parser would
+    otherwise keep whatever parts arrived)."""
     match = _BOUNDARY.search(request.headers.get("content-type", ""))
     if match is None:
         raise bad_request("Invalid multipart body: the Content-Type has no boundary")
-    if b"--" + match.group(1).encode("latin-1") + b"--" not in body:
-        raise bad_request("Invalid multipart body: truncated (the closing boundary is missing)")
+    return b"--" + match.group(1).encode("latin-1") + b"--"
+
+
+class _StreamedBody:
+    """The body as it arrives, for the multipart parser (which spools files to disk past 1 MB):
+    read_limited's checks (limit, deadline, Content-Length) without holding the body in memory,
+    and whether the closing delimiter went by (searched across chunk edges)."""
+
+    def __init__(self, request: Request, limit: int, delimiter: bytes, timeout: float = BODY_READ_TIMEOUT):
+        self.request, self.limit, self.delimiter, self.timeout = request, limit, delimiter, timeout
+        self.size, self.closed = 0, False
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        what = "Request body"
+        expected = _declared_length(self.request, self.limit, what)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        carry = b""
+        stream = self.request.stream().__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):  # around the read only, never the parser
+                    chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ApiError(408, f"{what} not received within {self.timeout:g} s") from None
+            except ClientDisconnect:
+                raise bad_request(f"{what} truncated: the client closed the connection") from None
+            self.size += len(chunk)
+            if self.size > self.limit:
+                raise too_large(self.limit, what)
+            window = carry + chunk
+            self.closed = self.closed or self.delimiter in window
+            carry = window[-(len(self.delimiter) - 1):]
+            yield chunk
+        if expected is not None and self.size != expected:
+            raise bad_request(f"{what} truncated: {self.size} of {expected} bytes (Content-Length) arrived")
+        if not self.closed:
+            raise bad_request("Invalid multipart body: truncated (the closing boundary is missing)")
 
 
 async def _multipart(request: Request, settings: Settings, files_allowed: bool) -> ParsedBody:
     limit = upload_limit(settings)
+    body = _StreamedBody(request, 2 * limit + TEXT_BODY_LIMIT, _closing_delimiter(request))
     try:
-        form = await request.form(max_files=8, max_fields=2000, max_part_size=TEXT_BODY_LIMIT)
+        form = await MultiPartParser(request.headers, body.chunks(), max_files=8, max_fields=2000,
+                                     max_part_size=TEXT_BODY_LIMIT).parse()
     except ApiError:
         raise
-    except Exception as exc:  # MultiPartException / HTTPException(400) / a malformed boundary
+    except Exception as exc:  # MultiPartException / a malformed boundary
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or _short(exc)
         raise bad_request(f"Invalid multipart body: {detail}") from None
-    out = ParsedBody(kind="multipart")
+    out = ParsedBody(kind="multipart", size=body.size)
     try:
+        if files_allowed and not header_is_valid(settings, request):
+            # The key may be a form field: check it before any upload is read into memory.
+            require_body_or_header(settings, request, form.get("ai_token"))
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if not files_allowed:
@@ -182,11 +230,7 @@ async def read_body(request: Request, settings: Settings, *, files_allowed: bool
     """Parse the request body into fields; `empty_ok` lets a missing/empty body mean `{}`."""
     mt = media_type(request)
     if mt == "multipart/form-data":
-        raw = await read_limited(request, 2 * upload_limit(settings) + TEXT_BODY_LIMIT)
-        _check_multipart_complete(request, raw)
-        parsed = await _multipart(request, settings, files_allowed)
-        parsed.size = len(raw)
-        return parsed
+        return await _multipart(request, settings, files_allowed)
     body = await read_limited(request, TEXT_BODY_LIMIT)
     # A 2 MB body of many small values takes ~0.1 s to decode: big ones off the event loop
     size = len(body)
