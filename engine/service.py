@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_encode, audio_io, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
+from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -98,13 +98,15 @@ class Engine:
         self._models = models
         self.device = device
         self.dtype = dtype
+        self.dtype_choice = f"set: {str(dtype).replace('torch.', '')}"  # why this dtype (load() says)
         self.shared_components = shared  # component -> model names using one shared object
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, config: EngineConfig) -> "Engine":
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
+        dtype, dtype_choice = choose_dtype(config.dtype, device)
+        log.info("dtype %s", dtype_choice)
         by_fingerprint: dict[str, object] = {}
         users: dict[str, list[str]] = {}
         models: dict[str, LoadedModel] = {}
@@ -158,6 +160,7 @@ class Engine:
             needed += memory.weight_bytes(lm_folder, str(dtype).replace("torch.", ""))
             memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]))
         engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
+        engine.dtype_choice = dtype_choice
         if speedups.warm_up_enabled(config.warmup, device.type):
             engine.warm_up()
         return engine
@@ -187,6 +190,7 @@ class Engine:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype_choice": self.dtype_choice,
             "default_model": self.config.default_model,
             "models": [asdict(m.info) | {"task_types": list(m.info.task_types)} for m in self._models.values()],
             "random_weights": random,
@@ -480,6 +484,7 @@ class Engine:
             "random_weights": model.random_weights,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype_choice": self.dtype_choice,
             "task_type": r.task_type,
             "pipeline_task_type": job.task,
             "instruction": job.instruction,
@@ -548,13 +553,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    return choose_dtype(name, device)[0]
+
+
+def choose_dtype(name: str, device: torch.device, flags: Optional[set[str]] = None) -> tuple[torch.dtype, str]:
+    """(dtype, why) for ACESTEP_DTYPE `name`; on CPU, auto is bf16 where the CPU computes it natively
+    (engine/cpu_target.py; `flags`: its feature flags, read from /proc/cpuinfo when None)."""
     if name in ("", "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return dtype, f"auto: {str(dtype).replace('torch.', '')} on CUDA"
+        if device.type == "cpu":
+            chosen, why = cpu_target.auto_cpu_dtype(cpu_target.cpu_flags() if flags is None else flags)
+            return _DTYPES[chosen], why
+        return torch.float32, f"auto: float32 on {device.type}"
     if name.lower() not in _DTYPES:
         raise GenerationError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return _DTYPES[name.lower()]
+    return _DTYPES[name.lower()], f"set: {name} (ACESTEP_DTYPE)"
 
 
 def _guidance(pipe: AceStepPipeline, request: GenerationRequest) -> float:
@@ -604,4 +619,4 @@ def _tiled_decode(pipe: AceStepPipeline, tiled: bool):
         vae.use_tiling = previous
 
 
-__all__ = ["Engine", "LoadedModel", "resolve_device", "resolve_dtype"]
+__all__ = ["Engine", "LoadedModel", "choose_dtype", "resolve_device", "resolve_dtype"]

@@ -15,6 +15,7 @@ import threading
 
 from typing import Optional
 
+from engine.cpu_target import passive_omp_wait_policy  # torch-free
 from service.config import Settings, load_settings
 from service.observability.heartbeat_file import starting_beat, unhealthy_reason, write_beat
 from service.observability.logs import configure_logging
@@ -94,6 +95,9 @@ def healthcheck(heartbeat_file: str, settings: Settings) -> int:
 
 
 def main(argv=None) -> None:
+    # Before anything loads torch (OpenMP reads it once): idle OpenMP threads sleep instead of spinning on
+    # cores shared with the API, the encoders and other workers (engine/cpu_target.py). A set value is kept.
+    passive_omp_wait_policy(os.environ)
     parser = argparse.ArgumentParser(prog="acestep-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="embedded backend data dir (ACESTEP_DATA_DIR)")
     parser.add_argument("--backend", choices=["embedded", "aws"], help="ACESTEP_BACKEND")

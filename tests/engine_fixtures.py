@@ -34,8 +34,10 @@ def engine(tiny_checkpoint_dir):
     from engine.config import EngineConfig
     from engine.service import Engine
 
+    # float32 pinned: auto picks bf16 on CPUs with AMX/AVX512-BF16, and the tests' numbers must not depend on
+    # the machine they run on (tests/test_engine_cpu.py covers auto on both kinds of CPU)
     return Engine.load(EngineConfig(checkpoint_dir=str(tiny_checkpoint_dir), model_names=[TURBO, BASE],
-                                    allow_download=False))
+                                    allow_download=False, dtype="float32"))
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:

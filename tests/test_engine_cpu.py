@@ -1,0 +1,77 @@
+"""The CPU as a target (issue 25): dtype chosen from the CPU's features, OpenMP threads that sleep, VAE weight norm
+folded. The CPU's features are injected: these tests say the same on any machine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import cpu_target
+from engine.config import EngineConfig
+from engine.request import GenerationRequest
+from engine.service import choose_dtype
+from tests.engine_fixtures import *  # noqa: F401,F403
+from tests.engine_fixtures import TURBO
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("flags, dtype, feature", [
+    ({"avx2", "amx_bf16", "amx_tile", "avx512_bf16"}, torch.bfloat16, "AMX-BF16"),
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16, "AVX512-BF16"),
+    ({"fp", "asimd", "bf16"}, torch.bfloat16, "Arm BF16"),
+    ({"avx2", "avx512f"}, torch.float32, None),  # bf16 would be emulated: slower than float32
+    (set(), torch.float32, None),
+])
+def test_auto_dtype_on_cpu_follows_native_bf16(flags, dtype, feature):
+    chosen, why = choose_dtype("auto", CPU, flags)
+    assert chosen == dtype
+    assert (feature in why) if feature else ("float32" in why and "emulated" in why)
+
+
+def test_a_set_dtype_wins_over_the_cpu():
+    assert choose_dtype("float32", CPU, {"amx_bf16"}) == (torch.float32, "set: float32 (ACESTEP_DTYPE)")
+    assert choose_dtype("bf16", CPU, set())[0] == torch.bfloat16
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n"
+                   "processor\t: 1\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_target.cpu_flags(str(x86)) == {"fpu", "avx512f", "amx_bf16", "avx512_bf16"}
+    assert cpu_target.native_bf16(cpu_target.cpu_flags(str(arm))) == "Arm BF16"
+    assert cpu_target.cpu_flags(str(tmp_path / "missing")) is None
+    assert cpu_target.auto_cpu_dtype(None)[0] == "float32"  # nothing to go by: the safe choice
+
+
+def test_the_omp_wait_policy_is_passive_unless_the_user_chose():
+    env: dict[str, str] = {}
+    assert cpu_target.passive_omp_wait_policy(env) is True and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert cpu_target.passive_omp_wait_policy(env) is False and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_auto_on_a_bf16_cpu_loads_and_generates_in_bf16_and_says_so(tiny_checkpoint_dir, monkeypatch):
+    from engine.service import Engine
+
+    monkeypatch.setattr(cpu_target, "cpu_flags", lambda *a: {"avx512f", "amx_bf16"})
+    eng = Engine.load(EngineConfig(checkpoint_dir=str(tiny_checkpoint_dir), model_names=[TURBO],
+                                   allow_download=False, device="cpu"))
+    assert eng.model(None).pipe.transformer.dtype == torch.bfloat16
+    assert eng.model(None).pipe.vae.dtype == torch.bfloat16
+    info = eng.generate(GenerationRequest(prompt="lofi", lyrics="[verse] la", audio_duration=10, inference_steps=2,
+                                          audio_format="wav")).generation_info
+    assert info["dtype"] == "bfloat16" and "AMX-BF16" in info["dtype_choice"]
+    assert eng.describe()["dtype_choice"] == info["dtype_choice"]
+
+
+def test_the_worker_entry_point_sets_it(tmp_path, monkeypatch):
+    import sys
+
+    from entrypoints import worker
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # restored after the test
+    with pytest.raises(SystemExit):
+        worker.main(["--healthcheck", "--heartbeat-file", str(tmp_path / "none.json"), "--data-dir", str(tmp_path)])
+    assert worker.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
