@@ -3,7 +3,9 @@
     with exclusive_lock(dst), build_then_swap(dst) as tmp:
         ... write files into tmp ...
 
-A crash mid-build leaves only a hidden `.<name>.tmp-*` folder, never a half-written `dst`; the next build of the
+The built folder is made readable by everyone (folders 0755, files 0644, `share_readable`) whatever the umask:
+weights converted or downloaded as root must be readable by a worker running as another user (the image's
+uid 1000). A crash mid-build leaves only a hidden `.<name>.tmp-*` folder, never a half-written `dst`; the next build of the
 same `dst` removes such leftovers. The lock (an flock on `.<name>.lock` beside `dst`) keeps two processes from
 building the same folder at once, which also makes removing leftovers safe.
 """
@@ -29,7 +31,7 @@ def _hidden(dst: Path, suffix: str) -> Path:
 def exclusive_lock(dst: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on building `dst` (blocks while another process holds it)."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    mkdirs_readable(dst.parent)
     with open(_hidden(dst, "lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -60,8 +62,35 @@ def build_then_swap(dst: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share_readable(tmp)
     old = _hidden(dst, f"tmp-old-{uuid.uuid4().hex[:8]}")
     if dst.exists():
         dst.rename(old)  # two renames: a crash between them leaves no dst, and leftovers the next build removes
     tmp.rename(dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def share_readable(root: str | os.PathLike) -> None:
+    """Let every user read `root` and everything under it (adds r/x bits: folders rwxr-xr-x, files rw-r--r--).
+
+    Only the owner's write stays: weights are shared read-only. A mkdtemp folder (0700) or a umask of 077
+    would otherwise leave them to the user who wrote them."""
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o7777
+        wanted = mode | (0o755 if path.is_dir() else 0o644)
+        if wanted != mode:
+            path.chmod(wanted)
+
+
+def mkdirs_readable(folder: Path) -> None:
+    """mkdir -p, with every folder it creates readable by all (0755) whatever the umask."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        path.chmod(path.stat().st_mode | 0o755)

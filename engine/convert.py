@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
 from engine import original_layout as layout
-from engine.atomic_dir import build_then_swap, exclusive_lock
+from engine.atomic_dir import build_then_swap, exclusive_lock, mkdirs_readable, share_readable
 from engine.checkpoints import DEMO_MARKER
 from engine.original_layout import ConversionError
 
@@ -182,7 +182,7 @@ def export_original_layout(pipe: AceStepPipeline, root: str | Path, name: str, s
     exported with the same seed leaves them, and caches keyed on them, alone). Returns the DiT folder."""
     root = Path(root)
     dit = layout.dit_dir(root, name)
-    dit.mkdir(parents=True, exist_ok=True)
+    mkdirs_readable(dit)
     configs = {c: dict(getattr(pipe, c).config) for c in layout.DIT_COMPONENTS}
     (dit / layout.CONFIG_FILE).write_text(json.dumps(layout.flat_config(configs), indent=2) + "\n")
     state = {}
@@ -198,6 +198,7 @@ def export_original_layout(pipe: AceStepPipeline, root: str | Path, name: str, s
     _write_if_changed(root / layout.VAE_DIR, lambda out: pipe.vae.save_pretrained(str(out)))
     _write_if_changed(root / layout.TEXT_ENCODER_DIR, lambda out: (pipe.text_encoder.save_pretrained(str(out)),
                                                                    pipe.tokenizer.save_pretrained(str(out))))
+    share_readable(dit)
     return dit
 
 
@@ -224,7 +225,9 @@ def _write_if_changed(dst: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         if dst.is_dir() and _same_files(tmp, dst):
+            share_readable(dst)  # written by an older version as mkdtemp left it (0700)
             return
+        share_readable(tmp)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Optional
 
+from engine.atomic_dir import share_readable
+
 log = logging.getLogger(__name__)
 
 MAIN_REPO = "ACE-Step/Ace-Step1.5"
@@ -218,6 +220,8 @@ def download(source: ModelSource, checkpoint_dir: Path, snapshot: Optional[Snaps
         commits[fetch.repo] = commit
     record = {"name": source.name, "repo": source.repo, "layout": source.layout, "commits": commits}
     (model_dir / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    for fetch in source.fetches(checkpoint_dir):  # the model and the folders it shares (vae/, text encoder)
+        share_readable(fetch.into)  # readable by a worker of another uid than the one that downloaded
     (model_dir / DOWNLOADING).unlink(missing_ok=True)
     return model_dir
 

@@ -95,9 +95,34 @@ def test_later_downloads_keep_the_recorded_commit(tmp_path):
     assert asked == [hub.commit]  # not "main": the model does not move under a running service
 
 
-def test_a_missing_model_is_downloaded_in_the_original_layout_and_converted_for_loading(tmp_path, monkeypatch):
+def unreadable_by_others(root: Path) -> list[str]:
+    """Paths under root that a user other than the owner could not read (or, for folders, enter)."""
+    bad = []
+    for path in [root, *root.rglob("*")]:
+        if path.name.endswith(".lock"):  # lock files are the writers' own
+            continue
+        need = 0o005 if path.is_dir() else 0o004
+        if path.stat().st_mode & need != need:
+            bad.append(f"{path.relative_to(root)} {oct(path.stat().st_mode & 0o777)}")
+    return bad
+
+
+@pytest.fixture
+def owner_only_umask():
+    """Write as root with umask 077 would: everything new is owner-only unless the code says otherwise."""
+    import os
+
+    previous = os.umask(0o077)
+    yield
+    os.umask(previous)
+
+
+def test_a_missing_model_is_downloaded_in_the_original_layout_and_converted_for_loading(tmp_path, monkeypatch,
+                                                                                         owner_only_umask):
     """resolve_model's whole path: the hub (stand-in serving a tiny original-layout repo) -> verified
-    download -> one conversion -> a diffusers-layout folder the engine loads."""
+    download -> one conversion -> a diffusers-layout folder the engine loads. Under umask 077 every folder
+    and file it wrote (the model, the shared vae/ and text encoder, the converted copy) is readable by a
+    worker of another uid (issue 25: converted as root, the image's uid-1000 worker could not read them)."""
     import huggingface_hub
 
     from engine.checkpoints import build_tiny_checkpoint, is_complete, resolve_model
@@ -116,6 +141,8 @@ def test_a_missing_model_is_downloaded_in_the_original_layout_and_converted_for_
     assert is_complete(folder) and folder == tmp_path / "ckpt" / ".diffusers" / "acestep-v15-turbo"
     assert (tmp_path / "ckpt" / "acestep-v15-turbo" / "acestep-source.json").is_file()
     assert resolve_model(config, "acestep-v15-turbo") == folder and len(hub.snapshots) == 1  # not fetched again
+    assert unreadable_by_others(tmp_path / "ckpt") == []
+    assert unreadable_by_others(published) == []  # the original-layout export (mkdtemp folders) too
 
 
 def test_lm_folders_download_without_the_dit_parts(tmp_path):
