@@ -1,11 +1,12 @@
 """What the workers can do now, as the API sees it: the one place that answers "can a task run" and
 "is the 5 Hz LM served".
 
-The workers say it themselves: their heartbeats (alive, or failed to load their engine) and the models
-meta the last one to start wrote (its models, device and LM). Under load each submit would read and
-parse both for an answer that changes rarely, so a confirmed "yes" (a healthy live worker; a worker
-that reported an LM) is remembered for `accept_seconds`. A refusal, or a fleet that has not reported
-yet, is read again on the next ask, so a worker that comes back is seen at once.
+The workers say it themselves, in their heartbeats: alive or not, failed to load their engine, and the
+LM each runs. While none is alive (scaled to zero) the fleet is what it last said: the newest heartbeat
+kept (a day), else the models meta the last worker to start wrote. Under load each submit would read
+and parse these for an answer that changes rarely, so a confirmed "yes" (a healthy live worker; an LM
+served) is remembered for `accept_seconds`. A refusal, or a fleet that has not reported yet, is read
+again on the next ask, so a worker that comes back is seen at once.
 """
 from __future__ import annotations
 
@@ -45,11 +46,26 @@ class Fleet:
         now = time.monotonic()
         if now < self._lm_ok_until:
             return True
-        meta = ModelsMeta.parse(self.backend.store.get_meta(MODELS_META_KEY))
-        said = None if meta is None else meta.lm_model not in (None, "", "none")
+        said = self._lm_in_heartbeats()
+        if said is None:  # no worker's heartbeat says (older workers): what the last one to start published
+            meta = ModelsMeta.parse(self.backend.store.get_meta(MODELS_META_KEY))
+            said = None if meta is None else _runs(meta.lm_model)
         if said:
             self._lm_ok_until = now + self.accept_seconds
         return said
+
+    def _lm_in_heartbeats(self) -> Optional[bool]:
+        """Some healthy live worker runs the LM; else, none alive, whether the newest beat's did."""
+        beats = [b for b in self.backend.store.heartbeats() if b.lm_model is not None]
+        alive = healthy(alive_only(beats, time.time()))
+        if alive:
+            return any(_runs(b.lm_model) for b in alive)
+        newest = max(beats, key=lambda b: b.beat_at, default=None)
+        return None if newest is None else _runs(newest.lm_model)
+
+
+def _runs(lm_model: Optional[str]) -> bool:
+    return lm_model not in (None, "", "none")
 
 
 __all__ = ["ACCEPT_SECONDS", "Fleet"]

@@ -95,6 +95,8 @@ class WorkerHeartbeat(BaseModel):
     task_ids: list[str] = []  # what it is running now
     last_progress_at: Optional[float] = None  # the engine's last progress report on the running task(s)
     error: Optional[str] = None
+    # The 5 Hz LM it runs ("none": it runs none); None: not said (an older worker, or one that failed to load)
+    lm_model: Optional[str] = None
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.beat_at)

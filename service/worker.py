@@ -11,6 +11,7 @@ lease (on SQS an old receipt can still delete the message the new holder owns).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -136,6 +137,11 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _lm_model(self) -> str:
+        """The LM this worker runs, as its heartbeats say it (service/fleet.py reads them)."""
+        return str(self.engine.describe().get("lm_model") or "none")
+
     def publish_models(self) -> None:
         """Tell the API what this worker serves (for /v1/models and /health)."""
         info = self.engine.describe()
@@ -184,7 +190,7 @@ class Worker:
         the engine last progressed."""
         now, watch = time.time(), self._watch
         beat = WorkerHeartbeat(worker_id=self.worker_id, started_at=self.started_at, beat_at=now,
-                               state="stopping" if self.stop_event.is_set() else "idle")
+                               state="stopping" if self.stop_event.is_set() else "idle", lm_model=self._lm_model)
         posting = self._post.task_ids() if self._post is not None else []
         if watch is not None or posting:
             beat.state = "running"

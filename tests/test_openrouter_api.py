@@ -123,7 +123,7 @@ def test_explicit_sample_mode_needs_an_lm_and_uses_the_text_as_query(chat):
     assert "5 Hz LM" in r["detail"]
     chat.engine.lm_loaded = True  # a worker that says it runs an LM (the sine engine ignores it)
     chat.worker.publish_models()
-    chat.backend.store.put_meta("models", {**chat.backend.store.get_meta("models"), "lm_model": "lm"})
+    chat.backend.store.record_heartbeat(chat.worker.heartbeat().model_copy(update={"lm_model": "lm"}))
     chat.post(messages=user("an upbeat pop song"), sample_mode=True, audio_config={"duration": 10})
     sent = chat.last_request()
     assert (sent["sample_mode"], sent["sample_query"], sent["prompt"]) == (True, "an upbeat pop song", "")

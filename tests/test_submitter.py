@@ -68,6 +68,21 @@ def test_an_lm_reported_by_a_worker_is_remembered_none_reported_is_not(backend):
     assert fleet.runs_lm() is True  # remembered for accept_seconds
 
 
+def test_the_workers_heartbeats_say_whether_the_lm_is_served(backend):
+    backend.store.put_meta(MODELS_META_KEY, ModelsMeta(lm_model="acestep-5Hz-lm-1.7B").model_dump())
+    backend.store.record_heartbeat(beat("older", lm_model=None))  # says nothing: the meta answers
+    assert Fleet(backend).runs_lm() is True
+    backend.store.record_heartbeat(beat("gpu-1", lm_model="none"))  # a live worker's word beats the meta
+    assert Fleet(backend).runs_lm() is False
+    backend.store.record_heartbeat(beat("gpu-2", lm_model="acestep-5Hz-lm-0.6B"))
+    assert Fleet(backend).runs_lm() is True  # one live worker serves it
+    gone = time.time() - 3600
+    for worker_id, lm in (("gpu-1", "none"), ("gpu-2", "acestep-5Hz-lm-0.6B")):  # scaled to zero
+        backend.store.record_heartbeat(WorkerHeartbeat(worker_id=worker_id, started_at=gone, beat_at=gone + 1
+                                                       if lm == "none" else gone, lm_model=lm))
+    assert Fleet(backend).runs_lm() is False  # what the newest beat said
+
+
 def submit(submitter: Submitter, command: SubmitTask):
     return submitter.submit_blocking(command)
 
