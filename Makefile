@@ -84,7 +84,7 @@ VLLM_INSTALL_LOG := .vllm-install.log
 test:
 	@$(MAKE) --no-print-directory vllm-venv > $(VLLM_INSTALL_LOG) 2>&1 & vllm_install=$$!; \
 	$(MAKE) --no-print-directory -j2 --output-sync=target typecheck browser $(CDK_CLI) \
-	  && HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile; main=$$?; \
+	  && HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile --durations=25; main=$$?; \
 	wait $$vllm_install; installed=$$?; \
 	if [ $$installed -ne 0 ]; then cat $(VLLM_INSTALL_LOG); echo "the vLLM venv did not install"; exit 1; fi; \
 	$(MAKE) --no-print-directory test-vllm; vllm=$$?; \
@@ -107,15 +107,16 @@ test-vllm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest tests/vllm -p no:cacheprovider
 
 # Debian's chromium for the Studio's browser test (tests/test_studio_browser.py drives it with the
-# python playwright of the dev extras). Needs root or passwordless sudo; when the install fails the
+# python playwright of the dev extras), and curl + jq, which README.md's first example uses
+# (tests/test_readme_snippets.py runs it as written). Needs root or passwordless sudo; when the install fails the
 # test skips and names the reason from $(CHROMIUM_LOG). Installed once: later runs cost nothing.
 CHROMIUM_LOG := $(VENV)/.chromium-install.log
 browser: $(TEST_STAMP)
-	@command -v chromium >/dev/null || { \
+	@{ command -v chromium && command -v jq && command -v curl; } >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
 	  echo "installing chromium (apt) for the Studio browser test..."; \
-	  { $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation \
-	    || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation; }; \
+	  { $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation curl jq \
+	    || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation curl jq; }; \
 	  } > $(CHROMIUM_LOG) 2>&1 || echo "chromium not installed (see $(CHROMIUM_LOG)); the browser test will skip"; }
 
 bench: $(RUN_STAMP)
