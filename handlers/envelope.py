@@ -73,7 +73,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(Refused)  # the service would not take the task (or a write): queue full, storage full...
-    async def _refused(request: Request, exc: Refused):
+    async def _refused(request: Request, exc: Refused) -> JSONResponse:
         return refusal_response(exc)
 
     @app.exception_handler(IdempotencyConflict)
