@@ -1,13 +1,20 @@
-"""Will the models fit on the GPU? Checked before loading, so a worker refuses at start with numbers
-instead of failing with an out-of-memory error on its first task.
+"""Will the models fit? Checked before loading, so a worker refuses at start with numbers instead of failing
+with an out-of-memory error (on CPU: being OOM-killed) on its first task. And: is there room for an untiled
+VAE decode now, or must it be tiled?
 
 A model's weights take about the size of its safetensors files, scaled to the dtype it is loaded in
 (weights are stored in bf16; fp32 doubles them). Components shared between models are counted once.
-Generation needs working memory on top (latents, attention, VAE decoding): WORKSPACE_BYTES covers
-a batch of 8 four-minute songs at 2B sizes.
+Generation needs working memory on top: its peak is the VAE decode (measured, below), plus the runtime
+itself. At start the check asks for the smallest generation's: one song decoded in tiles.
+
+Measured at full size on CPU (bench/vae_cpu.py, random weights, bf16; bench/RESULTS.md): an untiled
+decode's working set is 0.88 GiB for 10 s, and (issue 25) 2.6 GiB for 30 s, 4.8 GiB for 60 s and 18.6 GiB
+for 240 s -- 1.5-1.9x the earlier estimate from layer shapes, which let a 240 s song go untiled on a
+23 GiB machine. The fit below covers them within a few percent and errs high at the long end.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Iterable, Optional
@@ -15,8 +22,10 @@ from typing import Iterable, Optional
 from engine.types import GenerationError
 
 GB = 1024**3
-WORKSPACE_BYTES = 4 * GB
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# What the process holds besides weights and the decode (torch's libraries, the allocator, small tensors); the
+# full-size peaks (8.6 GiB bf16, 17.4 GiB fp32 for a 30 s song) are weights + this + the decode within ~5 %.
+RUNTIME_BYTES = GB // 2
 
 
 def weight_bytes(model_dir: Path, dtype: str, skip_components: Iterable[str] = ()) -> int:
@@ -50,62 +59,114 @@ def _stored_bytes(code: str) -> int:
     return {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(code, 4)
 
 
-def check_fits(needed: int, free: Optional[int], device: str, what: str) -> None:
-    """Raise a GenerationError that says how much is needed and how much is there."""
+def check_fits(needed: int, free: Optional[int], device: str, what: str, workspace: int = 0) -> None:
+    """Raise a GenerationError that says how much is needed (weights + `workspace`) and how much is there."""
     if free is None:
         return
-    if needed + WORKSPACE_BYTES > free:
+    if needed + workspace > free:
+        cpu = str(device).startswith("cpu")
         raise GenerationError(
-            f"{what} needs about {needed / GB:.1f} GB for weights plus {WORKSPACE_BYTES / GB:.0f} GB to generate, "
-            f"but {device} has {free / GB:.1f} GB free. Use a GPU with more memory, serve fewer models "
-            f"(ACESTEP_CONFIG_PATH2/3), or a smaller model (2B instead of XL).")
+            f"{what} needs about {needed / GB:.1f} GB for weights plus {workspace / GB:.1f} GB to generate, "
+            f"but {device} has {free / GB:.1f} GB {'available' if cpu else 'free'}. "
+            + ("Use a machine with more RAM, serve fewer models (ACESTEP_CONFIG_PATH2/3), load in bf16 "
+               "(ACESTEP_DTYPE=bfloat16: half of float32), or a smaller model (2B instead of XL)." if cpu else
+               "Use a GPU with more memory, serve fewer models (ACESTEP_CONFIG_PATH2/3), or a smaller model "
+               "(2B instead of XL)."))
+
+
+def workspace_bytes(full_rate_channels: int, dtype_bytes: int) -> int:
+    """Working memory of the smallest generation: one song, its decode tiled (one tile's working set),
+    plus the runtime."""
+    return RUNTIME_BYTES + vae_decode_bytes(1, TILE_SECONDS, full_rate_channels, dtype_bytes)
+
+
+def decoder_channels(model_dir: Path) -> int:
+    """The VAE decoder's full-rate width from `<model>/vae/config.json` (the published 128 when unreadable)."""
+    try:
+        vae = json.loads((model_dir / "vae" / "config.json").read_text())
+        return int(vae["decoder_channels"]) * int(vae["channel_multiples"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 128
 
 
 def free_bytes(device) -> Optional[int]:
-    """Free memory on a CUDA device; None elsewhere (CPU memory is not checked)."""
-    import torch
+    """Memory the models may take: a CUDA device's free memory; on CPU the system's available memory
+    (Linux's MemAvailable, before this worker loads anything); None where unknown."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
 
-    if getattr(device, "type", str(device)) != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if str(getattr(device, "type", device)) == "cpu":
+        return _meminfo("MemAvailable")
+    return None
+
+
+MEMINFO = "/proc/meminfo"
+PROCESS_STATUS = "/proc/self/status"
+
+
+def _meminfo(key: str) -> Optional[int]:
+    try:
+        with open(MEMINFO) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _own_file_backed_bytes() -> int:
+    """This process's resident file-backed pages (RssFile): weights loaded by mmap from safetensors and the
+    libraries. MemAvailable counts them as reclaimable page cache, but dropping them would only page the
+    weights back in: they are not free for a decode."""
+    try:
+        with open(PROCESS_STATUS) as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 # ---------------------------------------------------------------- VAE decode: tiled only when needed
 
 SAMPLES_PER_LATENT_FRAME = 1920  # 48 kHz audio per 25 Hz latent frame (the VAE's hop)
-# Tensors of the decoder's full-rate width alive at once at its peak (a residual unit's input, kept for the
-# skip, plus activation and convolution outputs; the block before it runs at half the rate with twice the
-# channels, the same size). An estimate from the layer shapes, not a measurement.
-_LIVE_FULL_RATE_TENSORS = 4
+SAMPLE_RATE = 48000
+# The measured working set, as full-rate (48 kHz x decoder width) tensors alive at the peak per item, over the
+# song plus a fixed length: bf16, 128 channels: 6.8 x 128 x 2 bytes x 48,000/s = 0.078 GiB per second of song,
+# + 0.2 GiB (the fit of bench/vae_cpu.py's and issue 25's figures; fp32 measured at twice bf16's).
+_LIVE_FULL_RATE_TENSORS = 6.8
+_FIXED_SECONDS = 2.6
+TILE_SECONDS = 512 / 25  # diffusers' AutoencoderOobleck.tile_latent_min_length: one tile's window
 DECODE_HEADROOM = 0.8  # use at most this share of what is free (fragmentation, the allocator's rounding)
 
 
 def vae_decode_bytes(items: int, seconds: float, full_rate_channels: int, dtype_bytes: int) -> int:
-    """Working memory an untiled VAE decode of `items` songs of `seconds` needs at its peak (estimate)."""
-    frames = math.ceil(seconds * 25)
-    return items * frames * SAMPLES_PER_LATENT_FRAME * full_rate_channels * dtype_bytes * _LIVE_FULL_RATE_TENSORS
+    """Working memory an untiled VAE decode of `items` songs of `seconds` needs at its peak (fitted to
+    full-size measurements; a batch counts each item whole)."""
+    samples = (math.ceil(seconds * 25) * SAMPLES_PER_LATENT_FRAME) + _FIXED_SECONDS * SAMPLE_RATE
+    return int(items * samples * full_rate_channels * dtype_bytes * _LIVE_FULL_RATE_TENSORS)
 
 
 def tile_vae_decode(allowed: bool, needed: int, free: Optional[int]) -> bool:
-    """Tile the VAE decode (about 1.7x the decoder's compute, for its overlap) only when the request allows
-    it and an untiled decode would not fit in what is free. Unknown free memory: untiled."""
+    """Tile the VAE decode (+12 % time at 60 s on CPU, for the tiles' overlap) only when the request allows it
+    and an untiled decode would not fit in what is free. Unknown free memory: untiled."""
     return allowed and free is not None and needed > free * DECODE_HEADROOM
 
 
 def available_bytes(device) -> Optional[int]:
     """Memory a decode could use now: on CUDA the device's free memory plus what torch's allocator holds
-    unused; on CPU the system's available memory (Linux); None when unknown."""
+    unused; on CPU the system's available memory less this process's own file-backed pages (its mmapped
+    weights, which MemAvailable counts as free); None when unknown."""
     if getattr(device, "type", str(device)) == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    available = _meminfo("MemAvailable")
+    if available is None:
+        return None
+    return max(0, available - _own_file_backed_bytes())

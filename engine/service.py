@@ -112,6 +112,8 @@ class Engine:
         models: dict[str, LoadedModel] = {}
         free = memory.free_bytes(device)  # before loading anything: refuse at start, not on the first task
         needed = 0
+        workspace = 0
+        dtype_bytes = torch.tensor([], dtype=dtype).element_size()
         for i, name in enumerate(config.model_names):
             path = resolve_model(config, name)
             reuse = {}
@@ -124,7 +126,8 @@ class Engine:
                 if (comp, fp) in by_fingerprint:
                     reuse[comp] = by_fingerprint[(comp, fp)]
             needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse)
-            memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1]))
+            workspace = max(workspace, memory.workspace_bytes(memory.decoder_channels(path), dtype_bytes))
+            memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1]), workspace)
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
@@ -157,8 +160,10 @@ class Engine:
                 log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
         lm_folder = lm_bridge.lm_folder(config)
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
-            needed += memory.weight_bytes(lm_folder, str(dtype).replace("torch.", ""))
-            memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]))
+            # the transformers LM loads in float32 on CPU whatever the DiT's dtype (engine/lm/transformers_backend.py)
+            lm_dtype = "float32" if device.type == "cpu" else str(dtype).replace("torch.", "")
+            needed += memory.weight_bytes(lm_folder, lm_dtype)
+            memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]), workspace)
         engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
         engine.dtype_choice = dtype_choice
         if speedups.warm_up_enabled(config.warmup, device.type):

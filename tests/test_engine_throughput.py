@@ -27,13 +27,12 @@ def req(**kw) -> GenerationRequest:
 
 
 def test_vae_decode_memory_estimate_and_tiling_decision():
-    # A 240 s song through the published VAE (128 channels at full rate) in bf16: ~11 GiB untiled
-    # (6,000 latent frames x 1,920 samples x 128 channels x 2 bytes x 4 live tensors).
+    # A 240 s song through the published VAE (128 channels at full rate) in bf16: ~19 GiB untiled (measured 18.6,
+    # tests/test_engine_memory.py checks the estimate against the measurements)
     one = memory.vae_decode_bytes(1, 240, 128, 2)
-    assert one == 6000 * 1920 * 128 * 2 * 4
-    assert memory.vae_decode_bytes(4, 240, 128, 2) == 4 * one
-    assert memory.tile_vae_decode(True, one, 40 * GB) is False  # fits: untiled (1.7x less decoder compute)
-    assert memory.tile_vae_decode(True, one, 12 * GB) is True  # would not fit with headroom: tiled
+    assert memory.vae_decode_bytes(4, 240, 128, 2) == pytest.approx(4 * one, abs=4)
+    assert memory.tile_vae_decode(True, one, 40 * GB) is False  # fits: untiled (no overlap to decode twice)
+    assert memory.tile_vae_decode(True, one, 20 * GB) is True  # would not fit with headroom: tiled
     assert memory.tile_vae_decode(False, one, 1 * GB) is False  # the request asked for untiled
     assert memory.tile_vae_decode(True, one, None) is False  # unknown: untiled
     assert memory.available_bytes("cpu") > 0  # Linux: MemAvailable
