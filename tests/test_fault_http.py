@@ -129,6 +129,7 @@ def test_output_files_of_abandoned_attempts_are_collected(settings):
     assert all(backend.blobs.size(k) for k in rec.blob_keys)
 
 
+@pytest.mark.integration  # moto in-process
 def test_the_aws_queue_limit_is_checked_in_the_create_transaction(tmp_path):
     """No approximate SQS count decides: a stale (empty) size cache in every API instance cannot overshoot."""
     from tests.aws_support import aws_backend

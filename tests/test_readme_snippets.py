@@ -203,10 +203,13 @@ def needs_tools(*names: str) -> None:
 def check_make_commands(block: Block, request) -> None:
     """Not run as such: `make run` serves forever (the fixture starts its recipe, `$(BIN)/acestep-api`, in
     the working folder: every other block runs against it); `make test` is this test suite (CI runs it
-    through .ci/run)."""
+    through .ci/run); `make test-fast` is its unit-marked part, which this suite runs too: its recipe is
+    checked."""
     commands = [line.split("#")[0].strip() for line in block.text.splitlines() if line.split("#")[0].strip()]
-    assert commands == ["make run", "make test"], commands
+    assert commands == ["make run", "make test", "make test-fast"], commands
     assert make_run_command() == [str(VENV_BIN / "acestep-api")]
+    recipe = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert recipe.stdout.strip().endswith("python -m pytest -m unit -n 2 --dist loadfile"), recipe.stdout
     request.getfixturevalue("service")  # the recipe starts and serves
 
 
