@@ -388,6 +388,9 @@ class Engine:
         def on_decoded(fraction: float) -> None:
             _report(progress, _DECODE_AT + (_ENCODE_FROM - _DECODE_AT) * fraction, "VAE decode")
 
+        def on_source_encoded(fraction: float) -> None:  # before the first step, which reports _STEPS_FROM
+            _report(progress, _STEPS_FROM * fraction, "VAE encode (source audio)")
+
         kwargs = dict(
             prompt=prompts, lyrics=lyrics, vocal_language=languages, audio_duration=duration,
             num_inference_steps=r.inference_steps, guidance_scale=_guidance(pipe, r), shift=r.shift,
@@ -407,7 +410,8 @@ class Engine:
         t0 = time.perf_counter()
         with timing.recording(clock if self.config.stage_timings else None), \
                 self._sampler(pipe, r.infer_method, generators), _fixed_global_rng(self.device), \
-                _tiled_decode(pipe, tiled), vae_progress.reporting(pipe.vae, on_decoded) as decode:
+                _tiled_decode(pipe, tiled), vae_progress.encoding(pipe.vae, on_source_encoded), \
+                vae_progress.reporting(pipe.vae, on_decoded) as decode:
             audio = pipe(**kwargs).audios
             if self.device.type == "cuda":  # one wait per call (the stage timings add none), so pipeline_s is whole
                 torch.cuda.synchronize(self.device)

@@ -1,4 +1,4 @@
-"""Progress from inside the VAE, so a long decode (or encode) keeps the run watch's stall timer fed.
+"""Progress from inside the VAE, so a long decode (or a long source's encode) keeps the run watch's stall timer fed.
 
 The pipeline calls `vae.decode` once after the last diffusion step; on CPU that one call is the longest
 stage (540 s for a 240 s song in bf16), longer than a stall timeout could safely wait for without news.
@@ -74,6 +74,43 @@ class DecodeProgress:
         fraction = (self._done_frames + self._window * self._share) / max(1, total)
         self.last = max(self.last, min(1.0, fraction))
         self.report(self.last)
+
+
+def encoder_unit_weights(encoder: torch.nn.Module) -> list[tuple[torch.nn.Module, float]]:
+    """(module, share of one encoder pass): each block's residual units run at its input rate and width,
+    then its strided convolution lowers the rate."""
+    units: list[tuple[torch.nn.Module, float]] = []
+    rate = 1.0
+    for block in encoder.block:
+        cost = rate * block.conv1.in_channels ** 2
+        units += [(block.res_unit1, cost), (block.res_unit2, cost), (block.res_unit3, cost), (block.conv1, cost)]
+        rate /= block.conv1.stride[0]
+    total = sum(c for _, c in units)
+    return [(m, c / total) for m, c in units]
+
+
+@contextlib.contextmanager
+def encoding(vae, report: Callable[[float], None]) -> Iterator[None]:
+    """Hooks on `vae.encoder` (source and reference audio: a 240 s source is minutes on CPU): `report(fraction
+    of the running encoder pass)`, never lower than the last report."""
+    state = {"pass": 0.0, "last": 0.0}
+
+    def starts(_m, _a):
+        state["pass"] = 0.0
+
+    def unit_done(share: float) -> None:
+        state["pass"] = min(1.0, state["pass"] + share)
+        state["last"] = max(state["last"], state["pass"])
+        report(state["last"])
+
+    handles = [vae.encoder.register_forward_pre_hook(starts)]
+    for module, share in encoder_unit_weights(vae.encoder):
+        handles.append(module.register_forward_hook(lambda _m, _a, _o, s=share: unit_done(s)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

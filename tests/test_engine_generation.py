@@ -83,10 +83,15 @@ def test_each_format_decodes_to_the_requested_duration(engine, fmt):
 
 
 def test_cover_uses_the_source_length_and_strength(engine, source_wav):
+    seen = []
     full = engine.generate(req(task_type="cover", src_audio_key="k", audio_duration=None, seeds=[3],
-                               audio_cover_strength=1.0), src_audio=source_wav)
+                               audio_cover_strength=1.0), src_audio=source_wav, progress=lambda f, s: seen.append((f, s)))
     audio, _ = decode(full.audios[0].data)
     assert abs(audio.shape[0] - 12 * 48000) <= HOP
+    # the source's VAE encode (minutes for a long source on CPU) reports from inside too, before the first step
+    encode = [f for f, s in seen if s == "VAE encode (source audio)"]
+    assert len(encode) == 20 and encode == sorted(encode) and 0 < encode[0] and encode[-1] == pytest.approx(0.05)
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
     assert full.generation_info["instruction"] == "Generate audio semantic tokens based on the given conditions:"
     blended = engine.generate(req(task_type="cover", src_audio_key="k", audio_duration=None, seeds=[3],
                                   audio_cover_strength=0.3), src_audio=source_wav)
