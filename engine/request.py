@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
-AUDIO_FORMATS = ("mp3", "wav", "flac")
+AUDIO_FORMATS = ("mp3", "wav", "flac", "opus", "aac", "wav32")  # wav32: 32-bit float WAV
 TRACK_NAMES = (
     "woodwinds", "brass", "fx", "synth", "strings", "percussion",
     "keyboard", "guitar", "bass", "drums", "backing_vocals", "vocals",
@@ -114,7 +114,7 @@ class GenerationRequest(BaseModel):
         "pattern": r"^([0-9]{1,4}(,[0-9]{1,4})*)?$", "maxLength": MAX_AUDIO_CODES * 5})
 
     # Output
-    audio_format: Literal["mp3", "wav", "flac"] = "mp3"
+    audio_format: Literal["mp3", "wav", "flac", "opus", "aac", "wav32"] = "mp3"
 
     # 5 Hz LM planner (the LM issue consumes these; the DiT engine ignores them)
     thinking: bool = False
