@@ -213,3 +213,33 @@ def test_a_large_result_fenced_out_in_the_race_window_leaves_no_parts(aws):
     assert aws.store.finish("t1", first + 1, result=_large_result("winner")) is True
     rec = aws.store.get("t1")
     assert rec.result == _large_result("winner") and not set(late) & set(rec.blob_keys)
+
+
+def _after_failed(backend, operation, rival_write):
+    """Run `rival_write` once, right after the store's next `operation` call came back refused: the
+    window between a conditional write's failure and the store's reading why."""
+    fired = []
+
+    def hook(http_response, **kwargs):
+        if not fired and http_response.status_code >= 300:
+            fired.append(rival_write())
+
+    backend.store._db.meta.events.register(f"after-call.dynamodb.{operation}", hook)
+    return fired
+
+
+@pytest.mark.parametrize("limit", ["queue", "caller"])
+def test_a_submit_refused_at_a_limit_while_a_worker_claims_is_a_refusal(aws, limit):
+    """Issue 21.9: the limit's condition failed, then a worker claimed a task before the store re-read the
+    counts, which no longer showed the limit reached: the create answered TaskExists (a 500)."""
+    from service.ports import CallerBusy, CallerLimits, QueueFull
+
+    limits = CallerLimits(max_queued=1, max_active=5) if limit == "caller" else None
+    first = TaskRecord(task_id="a", request=GenerationRequest(), owner="key:me")
+    aws.store.create(first, max_queued=1 if limit == "queue" else None, caller_limits=limits)
+    claimed = _after_failed(aws, "TransactWriteItems", lambda: _rival(aws).claim("a", "w1").attempt)
+    with pytest.raises(QueueFull if limit == "queue" else CallerBusy):
+        aws.store.create(TaskRecord(task_id="b", request=GenerationRequest(), owner="key:me"),
+                         max_queued=1 if limit == "queue" else None, caller_limits=limits)
+    assert claimed == [1] and aws.store.get("b") is None
+    assert aws.store.counts()["queued"] == 0 and aws.store.counts()["total"] == 1

@@ -21,7 +21,7 @@ from ..records import (
     FailureReason, TaskRecord, TaskResult, WorkerHeartbeat, dump_request, load_request,
 )
 from ..caller_limits import check_caller
-from ..ports import BlobStore, CallerLimits, QueueFull, TaskStore, WebhookDue
+from ..ports import BlobStore, CallerBusy, CallerLimits, QueueFull, TaskStore, WebhookDue
 from . import schema as S
 from .clients import error_code
 from .result_spill import Spilled, discard, restore, spill
@@ -45,7 +45,18 @@ class IdempotencyKeyTaken(ValueError):
 
 
 class _ConditionFailed(Exception):
-    pass
+    """A conditional write was refused. `reasons`: TransactWriteItems' CancellationReasons, one per item
+    in order (with the item as it was when asked for ALL_OLD); empty for a single write."""
+
+    def __init__(self, reasons: Optional[list[dict]] = None):
+        super().__init__()
+        self.reasons = reasons or []
+
+    def failed(self, index: int) -> Optional[dict]:
+        """The reason item `index` failed its condition (its "Item" when returned), else None."""
+        if index < len(self.reasons) and self.reasons[index].get("Code") == "ConditionalCheckFailed":
+            return self.reasons[index]
+        return None
 
 
 def _n(value: float | int) -> dict:
@@ -224,6 +235,7 @@ class DynamoTaskStore(TaskStore):
             count["Update"]["ConditionExpression"] = "attribute_not_exists(#mq) OR #mq < :mq"
             count["Update"]["ExpressionAttributeNames"]["#mq"] = QUEUED
             count["Update"]["ExpressionAttributeValues"][":mq"] = _n(int(max_queued))
+            count["Update"]["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         writes = [{"Put": put}, count, *self._owner_moves(record.owner, None, record.status)]
         if record.owner and caller_limits is not None:  # the caller's counter, conditional in the same write
             owner_count = writes[2]["Update"]
@@ -232,6 +244,7 @@ class DynamoTaskStore(TaskStore):
             owner_count["ExpressionAttributeNames"].update({"#oq": QUEUED, "#oa": _ACTIVE})
             owner_count["ExpressionAttributeValues"].update({":oq": _n(caller_limits.max_queued),
                                                              ":oa": _n(caller_limits.max_active)})
+            owner_count["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         if record.idempotency_key:
             writes.append({"Put": {
                 "TableName": self._table,
@@ -244,18 +257,22 @@ class DynamoTaskStore(TaskStore):
         try:
             self._transact(writes)
             written = True
-        except _ConditionFailed:
-            if record.idempotency_key and self._idempotency_owner(record.idempotency_key) not in (None, record.task_id):
+        except _ConditionFailed as refused:
+            # Which condition failed, and the counts it saw, come from the refusal itself: a worker's
+            # claim between the refusal and a re-read would show a limit no longer reached.
+            if refused.failed(0):
+                raise TaskExists(f"task {record.task_id} already exists") from None
+            if record.idempotency_key and refused.failed(len(writes) - 1):
                 raise IdempotencyKeyTaken(record.idempotency_key) from None
-            if record.owner and caller_limits is not None and self.get(record.task_id) is None:
-                mine = self._owner_counts(record.owner)
-                if mine[QUEUED] >= caller_limits.max_queued or mine[_ACTIVE] >= caller_limits.max_active:
-                    check_caller(mine[QUEUED], mine[_ACTIVE] - mine[QUEUED], caller_limits)
-            if max_queued is not None and self.get(record.task_id) is None:
-                waiting = self.counts()[QUEUED]
-                if waiting >= max_queued:
-                    raise QueueFull(f"{waiting} tasks waiting (max {max_queued})") from None
-            raise TaskExists(f"task {record.task_id} already exists") from None
+            if record.owner and caller_limits is not None and (busy := refused.failed(2)) is not None:
+                mine = busy.get("Item", {})
+                queued, active = int(_num(mine, QUEUED) or 0), int(_num(mine, _ACTIVE) or 0)
+                check_caller(queued, max(0, active - queued), caller_limits)
+                raise CallerBusy("you have reached your limit of tasks in flight") from None
+            if max_queued is not None and (full := refused.failed(1)) is not None:
+                waiting = int(_num(full.get("Item", {}), QUEUED) or max_queued)
+                raise QueueFull(f"{waiting} tasks waiting (max {max_queued})") from None
+            raise RuntimeError(f"create({record.task_id}): refused without a failed condition") from None
         finally:
             if not written and spilled:
                 discard(spilled.parts, self._blobs)
@@ -563,9 +580,9 @@ class DynamoTaskStore(TaskStore):
                     raise _ConditionFailed() from None
                 if code != "TransactionCanceledException":
                     raise
-                reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
-                if "ConditionalCheckFailed" in reasons:
-                    raise _ConditionFailed() from None
+                reasons = exc.response.get("CancellationReasons", [])
+                if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons):
+                    raise _ConditionFailed(reasons) from None
                 # TransactionConflict: another transaction touched the counter item; back off and retry.
                 time.sleep(0.02 * (attempt + 1))
         raise RuntimeError("DynamoDB transaction kept conflicting")
