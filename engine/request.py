@@ -29,6 +29,11 @@ NEEDS_SOURCE = ("cover", "repaint", "lego", "extract", "complete")
 
 _AUDIO_CODE_RE = re.compile(r"<\|audio_code_(\d+)\|>")
 
+# LoRA/LoKr adapters: a name is also what its file or folder under ACESTEP_LORA_DIR is called.
+ADAPTER_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_ADAPTERS = 4  # stacked in one request
+ADAPTER_SCALE_MIN, ADAPTER_SCALE_MAX = -2.0, 2.0
+
 
 def parse_audio_codes(text: str) -> list[int]:
     """Parse 5 Hz audio codes given as `<|audio_code_N|>` tokens or as plain integers.
@@ -59,6 +64,18 @@ def parse_audio_codes(text: str) -> list[int]:
 
 def format_audio_codes(codes: list[int]) -> str:
     return "".join(f"<|audio_code_{c}|>" for c in codes)
+
+
+class AdapterRef(BaseModel):
+    """One adapter applied to the DiT for this request, at a scale (0: as if absent, bit for bit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., pattern=ADAPTER_NAME_RE)
+    scale: float = Field(1.0, ge=ADAPTER_SCALE_MIN, le=ADAPTER_SCALE_MAX)
+    # Set only for an uploaded adapter (by the API): the sha256 of its stored bytes, which the worker fetches.
+    # None: a file under the worker's ACESTEP_LORA_DIR.
+    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 class GenerationRequest(BaseModel):
@@ -112,6 +129,9 @@ class GenerationRequest(BaseModel):
     # 5 Hz conditioning codes supplied by the client (or the LM planner)
     audio_code_string: str = Field("", json_schema_extra={  # also <|audio_code_N|> tokens
         "pattern": r"^([0-9]{1,4}(,[0-9]{1,4})*)?$", "maxLength": MAX_AUDIO_CODES * 5})
+
+    # LoRA/LoKr adapters on the DiT for this request only (stacked in order); [] = none
+    adapters: list[AdapterRef] = Field(default_factory=list, max_length=MAX_ADAPTERS)
 
     # Output
     audio_format: Literal["mp3", "wav", "flac", "opus", "aac", "wav32"] = "mp3"
@@ -196,6 +216,19 @@ class GenerationRequest(BaseModel):
         if any(b >= a for a, b in zip(v, v[1:])):
             raise ValueError("timesteps must be strictly decreasing")
         return v
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: list[AdapterRef]) -> list[AdapterRef]:
+        names = [a.name for a in v]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter may be named once")
+        return v
+
+    @property
+    def adapter_key(self) -> tuple[tuple[str, Optional[str], float], ...]:
+        """What a batch must share: the adapters that act (scale 0 ones do nothing), in a canonical order."""
+        return tuple(sorted((a.name, a.sha256, a.scale) for a in self.adapters if a.scale != 0.0))
 
     @field_validator("audio_code_string")
     @classmethod

@@ -66,13 +66,14 @@ def request_body(schema: dict, *media: str, required: bool = True) -> dict:
 
 def _field_schemas() -> dict[str, dict]:
     """Canonical field name -> its schema, as ReleaseTaskInput validates it."""
-    generated = ReleaseTaskInput.model_json_schema(mode="validation")["properties"]
+    schema = ReleaseTaskInput.model_json_schema(mode="validation")
+    generated, defs = schema["properties"], schema.get("$defs", {})
     out = {}
     for name in ReleaseTaskInput.model_fields:
         shown = (ALIASES.get(name) or (name,))[0]  # pydantic names a property by the first alias
         if name in SOURCE_ALIASES or shown not in generated:
             continue
-        out[name] = _inline(generated[shown], {})
+        out[name] = _inline(generated[shown], defs)
     # `seed` also takes one integer
     out["seeds"] = {"anyOf": [out["seeds"]["items"], {k: v for k, v in out["seeds"].items() if k != "anyOf"}
                               | {"type": "array"}, {"type": "null"}]}
