@@ -25,7 +25,7 @@ from .openapi_bodies import with_model_names
 from .rate_limit import RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
-from .signing import openapi_url, verify
+from service.signed_urls import openapi_url, verify
 from .webhook_payload import build_notifier
 
 DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream

@@ -17,7 +17,7 @@ from service.ports import Backend
 from service.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, TERMINAL, AudioFile, TaskRecord, TaskResult
 
 from .result_cache import FinishedEntries
-from .signing import audio_url, expiry, signature
+from service.signed_urls import audio_url, expiry, signature
 
 ENV = "development"  # upstream's constant; clients print it
 NOT_FOUND = "task not found"

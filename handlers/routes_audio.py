@@ -23,7 +23,7 @@ from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, forbidden, not_found, wrap
 from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, UploadTicket, ok
-from .signing import upload_url, verify
+from service.signed_urls import upload_url, verify
 
 router = APIRouter(tags=["audio"])
 

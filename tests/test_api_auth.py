@@ -112,7 +112,7 @@ def test_expired_audio_signature_is_refused(api, monkeypatch):
     task_id = api.submit(prompt="x", batch_size=1, duration=10)
     api.run_worker()
     url = api.items(task_id)[0]["file"]
-    import handlers.signing as signing
+    import service.signed_urls as signing
 
     real_time = signing.time.time
     monkeypatch.setattr(signing.time, "time", lambda: real_time() + 10 * 86400)

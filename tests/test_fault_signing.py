@@ -7,7 +7,7 @@ import os
 import stat
 import time
 
-from handlers.signing import audio_url, verify
+from service.signed_urls import audio_url, verify
 from service.config import Settings
 from service.embedded import make_embedded_backend
 from service.embedded.signing_secret import FILE_NAME, FileSigningSecret
