@@ -126,5 +126,5 @@ def pad_or_trim(audio: torch.Tensor, start_pad: int, end_pad: int) -> torch.Tens
 
 
 def encode_audio(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """Encode float audio [channels, samples] in [-1, 1] to mp3 / wav / flac bytes."""
+    """Encode float audio [channels, samples] in [-1, 1] to bytes of one of the output formats."""
     return audio_encode.encode_audio(audio, fmt, sample_rate)

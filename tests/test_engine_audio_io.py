@@ -55,16 +55,38 @@ def test_decode_rejects_garbage_empty_and_too_long():
         decode_audio(long, "src_audio", max_seconds=10)
 
 
-@pytest.mark.parametrize("fmt", ["mp3", "wav", "flac"])
-def test_encode_round_trips(fmt):
+def _read_aac(data: bytes) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        assert (stream.codec_context.name, container.format.name) == ("aac", "aac")  # AAC in ADTS
+        frames = [f.to_ndarray() for f in container.decode(stream)]  # planar float [channels, n] per frame
+        return np.concatenate(frames, axis=1).T, stream.rate
+
+
+# (format, container magic, subtype libsndfile reads back)
+@pytest.mark.parametrize("fmt,magic,subtype", [("mp3", None, "MPEG_LAYER_III"), ("wav", b"RIFF", "PCM_16"),
+                                               ("flac", b"fLaC", "PCM_16"), ("wav32", b"RIFF", "FLOAT"),
+                                               ("opus", b"OggS", "OPUS"), ("aac", b"\xff\xf1", None)])
+def test_encode_round_trips(fmt, magic, subtype):
     audio = (0.5 * np.sin(2 * np.pi * 330 * np.arange(48000 * 3) / 48000)).astype("float32")
     data = encode_audio(np.stack([audio, -audio]), fmt)
-    back, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    assert magic is None or data.startswith(magic)
+    if fmt == "aac":
+        back, sr = _read_aac(data)
+    else:
+        assert sf.info(io.BytesIO(data)).subtype == subtype
+        back, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     assert sr == 48000 and back.shape[1] == 2
-    assert abs(back.shape[0] - 48000 * 3) <= 1920
+    assert abs(back.shape[0] - 48000 * 3) <= 2048 + 1920  # lossy codecs add priming and padding frames
     assert np.corrcoef(back[:, 0], back[:, 1])[0, 1] < -0.9  # channels kept apart
+    if fmt == "wav32":  # 32-bit float keeps the samples exactly
+        assert np.array_equal(back[:, 0], audio)
 
 
-def test_encode_rejects_unknown_formats():
+def test_encode_rejects_unknown_formats_and_rates_opus_cannot_code():
     with pytest.raises(GenerationError, match="unsupported audio_format"):
-        encode_audio(np.zeros((2, 10), dtype="float32"), "aac")
+        encode_audio(np.zeros((2, 10), dtype="float32"), "m4a")
+    with pytest.raises(GenerationError, match="opus codes .* not 44100 Hz"):
+        encode_audio(np.zeros((2, 441), dtype="float32"), "opus", 44100)
