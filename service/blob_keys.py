@@ -2,11 +2,14 @@
 
     uploads/pending/<32 hex>/<name>      a direct upload (POST /v1/uploads) not yet used by a task
     uploads/<task_id>/<role>[.<ext>]     source/reference audio a task owns (multipart, server file)
-    outputs/<task_id>/<attempt>-<i>.<fmt>  a generated file; the attempt keeps a fenced-out
+    outputs/<task_id>/<attempt>-<i>.<ext>  a generated file (ext: its format's, wav32 is .wav); the
+                                         attempt keeps a fenced-out
                                          duplicate worker from overwriting the winner's files
     outputs/<task_id>/<attempt>-<part>.json  a part of a result too large for the task record
                                          (service/aws/result_spill.py)
     models/<name>/...                    model weights mirrored for the workers (aws/model_mirror.py)
+    adapters/<sha256>.<safetensors|zip>  an uploaded LoRA/LoKr adapter, by the sha256 of its bytes (kept until
+                                         deleted: no lifecycle rule)
 
 Adapters, the API and the CDK stack (S3 lifecycle rules, IAM prefixes) take prefixes from here.
 """
@@ -22,10 +25,14 @@ UPLOADS_PREFIX = "uploads/"
 PENDING_UPLOADS_PREFIX = "uploads/pending/"
 OUTPUTS_PREFIX = "outputs/"
 MODELS_PREFIX = "models/"
-OUTPUT_FORMATS = ("mp3", "wav", "flac")
+ADAPTERS_PREFIX = "adapters/"
+ADAPTER_EXTENSIONS = ("safetensors", "zip")
+# audio_format -> the output file's extension (32-bit float WAV is a .wav; Opus comes in Ogg as .opus, AAC in
+# ADTS as .aac, the extensions upstream writes)
+OUTPUT_EXTENSIONS = {"mp3": "mp3", "wav": "wav", "wav32": "wav", "flac": "flac", "opus": "opus", "aac": "aac"}
 
 _PENDING_RE = re.compile(r"^uploads/pending/[0-9a-f]{32}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_OUTPUT_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac)$")
+_OUTPUT_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([A-Za-z0-9_-]{1,64})\.(mp3|wav|flac|opus|aac)$")
 _RESULT_PART_RE = re.compile(r"^outputs/([A-Za-z0-9_-]{1,128})/([0-9]{1,10}-[a-z_]{1,32})\.json$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -71,7 +78,8 @@ def is_task_upload(task_id: str, key: str) -> bool:
 
 
 def output_key(task_id: str, attempt: int, index: int, fmt: str) -> str:
-    return f"{OUTPUTS_PREFIX}{task_id}/{attempt}-{index}.{fmt}"
+    """The key of a generated file in audio_format `fmt`."""
+    return f"{OUTPUTS_PREFIX}{task_id}/{attempt}-{index}.{OUTPUT_EXTENSIONS[fmt]}"
 
 
 def parse_output_key(key: str) -> Optional[OutputKey]:
@@ -100,6 +108,13 @@ def output_key_in(reference: str) -> Optional[str]:
         return None
     key = next(iter(parse_qs(parts.query).get("path", [])), "")
     return key if parse_output_key(key) else None
+
+
+def adapter_key(sha256: str, ext: str) -> str:
+    """Where an uploaded adapter's bytes are stored: content-addressed, so a re-upload stores nothing new."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256) or ext not in ADAPTER_EXTENSIONS:
+        raise ValueError(f"not an adapter's sha256 and extension: {sha256!r}, {ext!r}")
+    return f"{ADAPTERS_PREFIX}{sha256}.{ext}"
 
 
 def is_within_storage(key: str) -> bool:
