@@ -176,6 +176,8 @@ class Settings(BaseSettings):
 
     # uploads / audio
     max_upload_mb: int = _env("ACESTEP_MAX_UPLOAD_MB", 50)
+    # Largest LoRA/LoKr adapter POST /v1/adapters takes (its bytes pass through the API's memory once)
+    max_adapter_mb: int = _env("ACESTEP_MAX_ADAPTER_MB", 256, ge=1, le=4096)
     audio_url_ttl: int = _env("ACESTEP_AUDIO_URL_TTL", 3600)  # lifetime of the signature in result file URLs
     # Refuse (413) tasks costing more than this many audio-second steps (duration x batch x steps); 0: no limit
     max_task_cost: float = _env("ACESTEP_MAX_TASK_COST", 61440.0, ge=0)
@@ -222,6 +224,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return max(1, int(self.max_upload_mb)) * MB
+
+    @property
+    def max_adapter_bytes(self) -> int:
+        return int(self.max_adapter_mb) * MB
 
     # The random secret signed URLs are keyed with (service/signing_keys.py), never the API key.
     # Attached by handlers.app.create_app from the backend, which stores it.
