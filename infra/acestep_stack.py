@@ -209,6 +209,12 @@ class AceStepStack(Stack):
             projection_type=dynamodb.ProjectionType.INCLUDE,
             non_key_attributes=["webhook_url", schema.WEBHOOK_ATTEMPTS],
         )
+        self.table.add_global_secondary_index(  # queued tasks whose message is not known sent (service/aws/ghosts.py)
+            index_name=schema.UNSENT_INDEX,
+            partition_key=dynamodb.Attribute(name=schema.UNSENT_PART, type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name=schema.UNSENT_SINCE, type=dynamodb.AttributeType.NUMBER),
+            projection_type=dynamodb.ProjectionType.KEYS_ONLY,
+        )
 
         cors_origins = [o.strip() for o in opts.cors_origins.split(",") if o.strip()]
         # Access logs of the audio bucket (and of CloudFront, when it is on): kept 90 days.
@@ -432,7 +438,7 @@ class AceStepStack(Stack):
             f"{bucket}/{OUTPUT_PREFIX}*": "Result files: keys are made per task and attempt at run time.",
             f"{bucket}/{UPLOAD_PREFIX}*": "Uploaded sources: keys are made per upload at run time.",
             f"{bucket}/{MODELS_PREFIX}*": "Published model weights (acestep-models publish), read only.",
-            f"{table}/index/*": "The task table's own two indexes (queued_by_seq, finished_by_time).",
+            f"{table}/index/*": "The task table's own indexes (service/aws/schema.py).",
         }
         suppress(role, *[(f"AwsSolutions-IAM5[Resource::{resource}]", reason) for resource, reason in reasons.items()])
 

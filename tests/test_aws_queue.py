@@ -107,3 +107,37 @@ def test_provision_is_idempotent_and_sets_the_redrive(tmp_path):
         redrive = json.loads(attrs["RedrivePolicy"])
         assert int(redrive["maxReceiveCount"]) == 4 and redrive["deadLetterTargetArn"].endswith("-dlq")
         assert attrs["VisibilityTimeout"] == "90"
+
+
+def _messages(aws) -> list[str]:
+    """Every task id waiting in the main queue (received and left to lapse, so the test reads them once)."""
+    resp = aws.queue._sqs.receive_message(QueueUrl=aws.settings.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0)
+    return sorted(json.loads(m["Body"])["task_id"] for m in resp.get("Messages", []))
+
+
+def test_a_task_left_without_its_message_is_sent_once_after_the_grace_period(tmp_path):
+    """Issue 21.11: a submitter that died between the DynamoDB write and the SQS send (only the create
+    happened) left the task queued forever; the reconciler on the drain's schedule sends it, once, fenced."""
+    from service.aws.ghosts import GRACE_SECONDS, resend_ghosts
+    from service.aws.dynamo_store import DynamoTaskStore
+    from service.aws.clients import aws_client
+
+    with aws_backend(tmp_path) as aws:
+        now = time.time()
+        aws.store.create(TaskRecord(task_id="ghost", request=GenerationRequest(), created_at=now))  # then it died
+        aws.intake.submit(TaskRecord(task_id="whole", request=GenerationRequest(), created_at=now), 10)
+        aws.store.create(TaskRecord(task_id="claimed", request=GenerationRequest(), created_at=now))
+        aws.store.claim("claimed", "w")  # it ran: a message reached a worker
+        assert resend_ghosts(aws.store, aws.queue, now=now + 10) == []  # within the grace: its submitter may be alive
+        # Two workers' reconcilers saw the same mark; the rival's take lands in the window before ours.
+        rival = DynamoTaskStore(aws_client("dynamodb", aws.settings), aws.settings.table_name)
+        later = now + GRACE_SECONDS + 1
+        rivals: list = []
+        aws.store._db.meta.events.register(
+            "before-call.dynamodb.UpdateItem",
+            lambda **kw: rivals or rivals.append(resend_ghosts(rival, aws.queue, now=later)))
+        assert resend_ghosts(aws.store, aws.queue, now=later) == []  # fenced out: the rival sent it
+        assert rivals == [["ghost"]]
+        assert _messages(aws) == ["ghost", "whole"]  # one message each
+        assert resend_ghosts(aws.store, aws.queue, now=later + 2 * GRACE_SECONDS) == []  # sent: not a ghost any more
+        assert aws.drain_dead_letters() == 0  # the worker's hook runs it too

@@ -126,6 +126,7 @@ def test_table_matches_the_adapter_schema(template):
     assert [k["AttributeName"] for k in indexes[schema.QUEUED_INDEX]["KeySchema"]] == [schema.QUEUED_PART, schema.QUEUED_SORT]
     assert [k["AttributeName"] for k in indexes[schema.FINISHED_INDEX]["KeySchema"]] == [schema.FINISHED_PART, schema.FINISHED_SORT]
     assert indexes[schema.FINISHED_INDEX]["Projection"]["NonKeyAttributes"] == [schema.DURATION_ATTR]
+    assert [k["AttributeName"] for k in indexes[schema.UNSENT_INDEX]["KeySchema"]] == [schema.UNSENT_PART, schema.UNSENT_SINCE]
 
 
 def test_queue_redrives_to_the_dlq_and_outlives_the_lease(template):

@@ -11,6 +11,7 @@ from ..webhooks.signature import key_from_text
 from .clients import aws_client
 from .dlq import drain_dead_letters
 from .dynamo_store import DynamoTaskStore
+from .ghosts import resend_ghosts
 from .intake import AwsTaskIntake
 from .s3_blobs import S3BlobStore
 from .signing_secret import SecretsManagerSigningSecret
@@ -57,7 +58,8 @@ def make_aws_backend(settings: Settings) -> Backend:
         log.warning("ACESTEP_WEBHOOK_SECRET_ARN is not set: webhooks are signed with a secret of this process only, "
                     "which no receiver can verify")
     # The worker loop calls backend.drain_dead_letters() now and then (None on backends without a DLQ).
-    backend.drain_dead_letters = lambda: len(drain_dead_letters(backend))
+    # Ghost tasks (queued without a message, ghosts.py) are sent on the same schedule.
+    backend.drain_dead_letters = lambda: len(drain_dead_letters(backend)) + len(resend_ghosts(store, queue))
     return backend
 
 

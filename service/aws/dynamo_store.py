@@ -33,6 +33,7 @@ _QUEUED_MARK = "q"
 _ACTIVE = "active"  # a caller's queued + running tasks (owner counter item)
 _FINISHED_MARK = "f"
 _WEBHOOK_MARK = "w"
+_UNSENT_MARK = "u"
 _PARTS = "result_parts"  # result part -> the blob key it spilled to (result_spill.py)
 
 
@@ -326,8 +327,8 @@ class DynamoTaskStore(TaskStore):
             update = self._update(
                 task_id, item,
                 "SET #st = :running, attempt = :attempt, worker_id = :w, started_at = :now, "
-                "progress = :zero, stage = :stage REMOVE #qp",
-                {"#st": "status", "#qp": S.QUEUED_PART},
+                "progress = :zero, stage = :stage REMOVE #qp, #up, #us",  # a delivered task had its message
+                {"#st": "status", "#qp": S.QUEUED_PART, "#up": S.UNSENT_PART, "#us": S.UNSENT_SINCE},
                 {":running": _s(RUNNING), ":attempt": _n(attempt), ":w": _s(worker_id),
                  ":now": _n(now), ":zero": _n(0), ":stage": _s("running")},
             )
@@ -434,7 +435,7 @@ class DynamoTaskStore(TaskStore):
                 return False
             now = time.time()
             names = {"#st": "status", "#err": "error", "#why": "reason", "#fa": S.FINISHED_SORT, "#ttl": S.TTL_ATTR,
-                     "#qp": S.QUEUED_PART}
+                     "#qp": S.QUEUED_PART, "#up": S.UNSENT_PART, "#us": S.UNSENT_SINCE}
             values = {":final": _s(final), ":err": _s(error), ":why": _s(reason.value), ":now": _n(now),
                       ":exp": _n(int(now) + self._ttl_seconds)}
             sets = "SET #st = :final, #err = :err, #why = :why, #fa = :now, stage = :final, #ttl = :exp"
@@ -445,7 +446,7 @@ class DynamoTaskStore(TaskStore):
                 sets += ", #fp = :f, #d = :d"
                 names.update({"#fp": S.FINISHED_PART, "#d": S.DURATION_ATTR})
                 values.update({":f": _s(_FINISHED_MARK), ":d": _n(max(0.0, now - started))})
-            update = self._update(task_id, item, sets + " REMOVE #qp", names, values)
+            update = self._update(task_id, item, sets + " REMOVE #qp, #up, #us", names, values)
             try:
                 self._transact([update, self._count_move(status, final),
                                 *self._owner_moves(_str(item, "owner"), status, final)])
@@ -453,6 +454,54 @@ class DynamoTaskStore(TaskStore):
             except _ConditionFailed:
                 continue
         return False
+
+    # -- tasks whose message is not known sent (ghosts.py) ---------------------------------------
+
+    def mark_sent(self, task_id: str, since: Optional[float] = None) -> bool:
+        """The task's message went out: it leaves the unsent index. `since`: only while it is still the
+        mark a reconciler took (take_unsent); False when the mark (or the task) is gone or moved on."""
+        condition, values = "attribute_exists(#up)", {}
+        if since is not None:
+            condition += " AND #us = :since"
+            values[":since"] = _n(float(since))
+        try:
+            self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression="REMOVE #up, #us",
+                                 ConditionExpression=condition,
+                                 ExpressionAttributeNames={"#up": S.UNSENT_PART, "#us": S.UNSENT_SINCE},
+                                 **({"ExpressionAttributeValues": values} if values else {}))
+            return True
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def unsent_before(self, cutoff: float, limit: int) -> list[tuple[str, float]]:
+        """(task id, marked since) of queued tasks whose message is not known sent since before `cutoff`."""
+        resp = self._db.query(
+            TableName=self._table, IndexName=S.UNSENT_INDEX,
+            KeyConditionExpression="#p = :p AND #s <= :cutoff",
+            ExpressionAttributeNames={"#p": S.UNSENT_PART, "#s": S.UNSENT_SINCE},
+            ExpressionAttributeValues={":p": _s(_UNSENT_MARK), ":cutoff": _n(float(cutoff))},
+            Limit=int(limit),
+        )
+        return [(i[S.PK]["S"][len(S.TASK_PREFIX):], float(_num(i, S.UNSENT_SINCE) or 0.0))
+                for i in resp.get("Items", [])]
+
+    def take_unsent(self, task_id: str, seen_since: float, now: float) -> bool:
+        """Fence one resend: moves the mark from `seen_since` to `now` while the task is still queued. One
+        of several reconcilers that saw the same mark wins; one that dies before its send leaves the mark
+        at `now`, found again after the grace period."""
+        try:
+            self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression="SET #us = :now",
+                                 ConditionExpression="#us = :seen AND #st = :queued",
+                                 ExpressionAttributeNames={"#us": S.UNSENT_SINCE, "#st": "status"},
+                                 ExpressionAttributeValues={":now": _n(float(now)), ":seen": _n(float(seen_since)),
+                                                            ":queued": _s(QUEUED)})
+            return True
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
 
     # -- the webhook outbox --------------------------------------------------------------------
 
@@ -634,6 +683,7 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[S
     }
     if record.status == QUEUED:
         item[S.QUEUED_PART] = _s(_QUEUED_MARK)
+        item[S.UNSENT_PART], item[S.UNSENT_SINCE] = _s(_UNSENT_MARK), _n(float(record.created_at))  # until sent
     optional = {"started_at": record.started_at, "finished_at": record.finished_at}
     for name, value in optional.items():
         if value is not None:

@@ -1,17 +1,21 @@
 """TaskIntake on DynamoDB + SQS: create the task, then send its message; undo the task if the send fails.
 
-The two services cannot share a transaction. A submit that dies between the two writes leaves a
-queued task without a message; the retention TTL removes it (and its Idempotency-Key mapping).
+The two services cannot share a transaction. A task is created marked unsent and the mark is cleared
+once SQS took its message; a submit that dies between the two writes leaves the mark, and the
+reconciler (ghosts.py) sends the message after a grace period.
 After a new task is queued, `on_queued` runs (the worker-service waker, see wake_workers.py).
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 from ..idempotency import replayed
 from ..ports import CallerLimits, TaskIntake, TaskRecord
 from .dynamo_store import DynamoTaskStore, IdempotencyKeyTaken
 from .sqs_queue import SqsTaskQueue
+
+log = logging.getLogger(__name__)
 
 
 class AwsTaskIntake(TaskIntake):
@@ -39,6 +43,10 @@ class AwsTaskIntake(TaskIntake):
         except BaseException:
             self.store.delete(record.task_id)
             raise
+        try:
+            self.store.mark_sent(record.task_id)
+        except Exception:  # the task is queued with its message; at worst the reconciler sends a second one
+            log.exception("could not mark task %s sent", record.task_id)
         if self.on_queued is not None:
             self.on_queued()
         return record, True

@@ -60,6 +60,7 @@ def ensure_table(ddb, name: str) -> None:
                 {"AttributeName": S.FINISHED_PART, "AttributeType": "S"},
                 {"AttributeName": S.FINISHED_SORT, "AttributeType": "N"},
                 *WEBHOOK_INDEX_ATTRIBUTES,
+                *UNSENT_INDEX_ATTRIBUTES,
             ],
             KeySchema=[{"AttributeName": S.PK, "KeyType": "HASH"}],
             GlobalSecondaryIndexes=[
@@ -76,13 +77,14 @@ def ensure_table(ddb, name: str) -> None:
                     "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": [S.DURATION_ATTR]},
                 },
                 WEBHOOK_INDEX,
+                UNSENT_INDEX,
             ],
         )
         ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     except ClientError as exc:
         if error_code(exc) != "ResourceInUseException":
             raise
-        _add_webhook_index(ddb, name)
+        _add_missing_index(ddb, name)
     ttl = ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
     if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         ddb.update_time_to_live(
@@ -100,13 +102,25 @@ WEBHOOK_INDEX = {
 }
 
 
-def _add_webhook_index(ddb, name: str) -> None:
-    """A table made by an older version lacks the webhook outbox's index: add it (built in the background)."""
-    indexes = ddb.describe_table(TableName=name)["Table"].get("GlobalSecondaryIndexes", [])
-    if any(i["IndexName"] == S.WEBHOOK_INDEX for i in indexes):
-        return
-    ddb.update_table(TableName=name, AttributeDefinitions=WEBHOOK_INDEX_ATTRIBUTES,
-                     GlobalSecondaryIndexUpdates=[{"Create": WEBHOOK_INDEX}])
+UNSENT_INDEX_ATTRIBUTES = [{"AttributeName": S.UNSENT_PART, "AttributeType": "S"},
+                           {"AttributeName": S.UNSENT_SINCE, "AttributeType": "N"}]
+UNSENT_INDEX = {
+    "IndexName": S.UNSENT_INDEX,
+    "KeySchema": [{"AttributeName": S.UNSENT_PART, "KeyType": "HASH"},
+                  {"AttributeName": S.UNSENT_SINCE, "KeyType": "RANGE"}],
+    "Projection": {"ProjectionType": "KEYS_ONLY"},
+}
+
+
+def _add_missing_index(ddb, name: str) -> None:
+    """A table made by an older version lacks a later index: add the first one missing (built in the
+    background; DynamoDB creates one index per update, so the next start adds the next)."""
+    have = {i["IndexName"] for i in ddb.describe_table(TableName=name)["Table"].get("GlobalSecondaryIndexes", [])}
+    for index, attributes in ((WEBHOOK_INDEX, WEBHOOK_INDEX_ATTRIBUTES), (UNSENT_INDEX, UNSENT_INDEX_ATTRIBUTES)):
+        if index["IndexName"] not in have:
+            ddb.update_table(TableName=name, AttributeDefinitions=attributes,
+                             GlobalSecondaryIndexUpdates=[{"Create": index}])
+            return
 
 
 def ensure_queues(sqs, name: str, *, max_receives: int, visibility_timeout: float) -> tuple[str, str]:

@@ -17,6 +17,9 @@ Two sparse GSIs keep per-request reads bounded without a Scan:
   webhooks_due      the webhook outbox: only a finished task whose webhook is still to be delivered
                     carries `wpart` (set in the write that ends it, removed once delivered or given
                     up); Query wpart="w" AND wdue <= now lists what is due, earliest first
+  unsent_by_time    a queued task whose SQS message is not known to be sent carries `upart` from its
+                    create until the intake's send is confirmed; Query upart="u" AND usince <= cutoff
+                    lists the ghosts a submitter that died between the two writes left (ghosts.py)
 """
 PK = "pk"
 TTL_ATTR = "expires_at"
@@ -34,6 +37,10 @@ WEBHOOK_INDEX = "webhooks_due"
 WEBHOOK_PART = "wpart"
 WEBHOOK_DUE = "wdue"
 WEBHOOK_ATTEMPTS = "wattempts"
+
+UNSENT_INDEX = "unsent_by_time"
+UNSENT_PART = "upart"
+UNSENT_SINCE = "usince"
 
 TASK_PREFIX = "task#"
 META_PREFIX = "meta#"
