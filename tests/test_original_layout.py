@@ -51,7 +51,9 @@ def request(**kw) -> GenerationRequest:
 def load_engine(checkpoint_dir: Path, names: list[str]):
     from engine.service import Engine
 
-    return Engine.load(EngineConfig(checkpoint_dir=str(checkpoint_dir), model_names=names, allow_download=False))
+    # float32 as tests/engine_fixtures.py's engine, which these outputs are compared with byte for byte
+    return Engine.load(EngineConfig(checkpoint_dir=str(checkpoint_dir), model_names=names, allow_download=False,
+                                    dtype="float32"))
 
 
 @pytest.fixture
