@@ -56,6 +56,8 @@ class ModelEntry(BaseModel):
     is_default: bool = False
     random_weights: Optional[bool] = None
     task_types: list[str] = []
+    # The DiT's attention geometry adapters must fit (engine.adapter_manifest.ModelShape.as_dict()); None: not said
+    adapter_shape: Optional[dict[str, int]] = None
 
 
 class ModelsMeta(BaseModel):
