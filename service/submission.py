@@ -10,7 +10,7 @@ from typing import Optional
 from engine.request import GenerationRequest
 
 from . import blob_keys
-from .idempotency import replayed, request_digest
+from .idempotency import replayed, request_digest, scoped_key
 from .observability.logs import log_context
 from .ports import Backend, CallerLimits, QueueFull, TaskRecord
 
@@ -43,7 +43,8 @@ def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
     """
     uploads = uploads or {}
     record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=request,
-                        idempotency_key=idempotency_key or None, webhook_url=webhook_url or None, owner=owner)
+                        idempotency_key=scoped_key(owner, idempotency_key) if idempotency_key else None,
+                        webhook_url=webhook_url or None, owner=owner)
     if record.idempotency_key:
         record.request_digest = request_digest(
             request.model_dump(), {role: hashlib.sha256(up.data).hexdigest() for role, up in uploads.items()})

@@ -342,3 +342,17 @@ def test_a_webhook_is_claimed_by_one_process_and_retried_or_settled(backend):
     assert backend.store.claim_webhook(retry, now + 90) and backend.store.settle_webhook("t", now + 90, None)
     assert backend.store.webhooks_due(now + 10 ** 6, 10) == []  # delivered: out of the outbox
     assert backend.store.get("t").status == "cancelled"  # the task itself is untouched
+
+
+def test_idempotency_keys_are_each_callers_own(backend):
+    """Issue 21.13: the same key from another caller found the first caller's task (a 422 naming its id,
+    or its task returned outright); each caller's keys now name only its own tasks."""
+    from service.ports import IdempotencyConflict
+
+    mine, _ = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, idempotency_key="k", owner="key:me")
+    theirs, _ = submit_task(backend, GenerationRequest(prompt="b"), max_queue=5, idempotency_key="k", owner="ip:other")
+    same, _ = submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, idempotency_key="k", owner="ip:third")
+    assert len({mine, theirs, same}) == 3 and backend.store.counts()["total"] == 3
+    assert submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, idempotency_key="k", owner="key:me")[0] == mine
+    with pytest.raises(IdempotencyConflict, match="Idempotency-Key 'k' was already used for task " + theirs):
+        submit_task(backend, GenerationRequest(prompt="c"), max_queue=5, idempotency_key="k", owner="ip:other")
