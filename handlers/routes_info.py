@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from engine.request import TASK_TYPES
 from service.config import Settings
 from service.ports import Backend
 from service.observability import prometheus
-from service.observability.health import check_health
+from service.observability.health import alive_only, check_health, healthy
 from service.observability.metrics import summarize
-from service.records import MODELS_META_KEY, ModelsMeta, TaskRecord
+from service.records import MODELS_META_KEY, ModelsMeta, TaskRecord, WorkerHeartbeat
 from service.version import __version__
 
-from .auth import require_header
+from .auth import header_is_valid, require_header
 from .deps import backend_of, settings_of
 from .envelope import wrap
 from .openapi_bodies import error_responses
@@ -34,23 +36,39 @@ def _models_meta(backend: Backend) -> Optional[ModelsMeta]:
         return None
 
 
+def _live_workers(backend: Backend) -> list[WorkerHeartbeat]:
+    try:
+        return healthy(alive_only(backend.store.heartbeats(), time.time()))
+    except Exception:  # as for the meta: the listing still answers
+        log.warning("could not read the workers' heartbeats", exc_info=True)
+        return []
+
+
 def model_list(settings: Settings, backend: Backend) -> dict:
-    """`{models: [{name, is_default, random_weights, task_types?}], default_model, ...}`.
+    """`{models: [{name, is_default, random_weights, task_types?, is_loaded, supported_task_types}],
+    default_model, lm_models, loaded_lm_model, llm_initialized, ...}` (upstream's inventory and ours).
 
     Names come from the settings; random_weights/task_types from what the worker recorded at
-    startup (null before any worker has started).
+    startup (null before any worker has started); is_loaded: a live, healthy worker has it in memory.
     """
     meta = _models_meta(backend)
+    live = _live_workers(backend)
     default = settings.default_model
     models = []
     for name in settings.model_names:
         info = meta.find(name) if meta else None
-        entry = {"name": name, "is_default": name == default,
-                 "random_weights": info.random_weights if info else None}
+        entry: dict[str, Any] = {"name": name, "is_default": name == default,
+                                 "random_weights": info.random_weights if info else None}
         if info and info.task_types:
             entry["task_types"] = list(info.task_types)
+        entry["is_loaded"] = bool(live and info)
+        entry["supported_task_types"] = list(info.task_types) if info and info.task_types else list(TASK_TYPES)
         models.append(entry)
-    out: dict[str, object] = {"models": models, "default_model": default}
+    lm = meta.lm_model if meta and meta.lm_model not in (None, "", "none") else None
+    lm_live = bool(lm) and any(b.lm_model == lm for b in live)
+    out: dict[str, object] = {"models": models, "default_model": default,
+                              "lm_models": [{"name": lm, "is_loaded": lm_live}] if lm else [],
+                              "loaded_lm_model": lm if lm_live else None, "llm_initialized": lm_live}
     if meta:
         out["lm_model"] = meta.lm_model
         out["device"] = meta.device
@@ -66,8 +84,9 @@ def demo_state(models: list[dict]) -> bool | str:
     return False if flags and all(f is not None for f in flags) else "unknown"
 
 
-def health_data(settings: Settings, backend: Backend) -> tuple[dict, bool]:
-    report = check_health(backend, settings.stall_timeout)
+def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tuple[dict, bool]:
+    """`keyed`: the caller presented the configured API key, so may see which tasks run."""
+    report = check_health(backend, settings.stall_timeout, name_tasks=keyed)
     listing = model_list(settings, backend) if report.store_ok else {"models": []}
     models = [{"name": m["name"], "is_default": m["is_default"], "random_weights": m["random_weights"]}
               for m in listing["models"]]
@@ -82,8 +101,11 @@ def health_data(settings: Settings, backend: Backend) -> tuple[dict, bool]:
                                                      "the store or the queue is unreachable"}})
 async def health(request: Request):
     """`status` is "ok", or "degraded" with `reasons` (store or queue unreachable: HTTP 503; tasks
-    waiting with no live worker, or a worker without progress: HTTP 200)."""
-    data, serving = await run_in_threadpool(health_data, settings_of(request), backend_of(request))
+    waiting with no live worker, or a worker without progress: HTTP 200). The running tasks' ids
+    show only with the API key (Authorization header) where one is configured."""
+    settings = settings_of(request)
+    keyed = bool(settings.api_key) and header_is_valid(settings, request)
+    data, serving = await run_in_threadpool(health_data, settings, backend_of(request), keyed)
     return JSONResponse(wrap(data), status_code=200 if serving else 503)
 
 

@@ -89,7 +89,21 @@ def test_health_names_a_worker_without_progress(api):
         last_progress_at=now - api.settings.stall_timeout - 30))
     data = api.client.get("/health").json()["data"]
     assert data["status"] == "degraded" and data["reasons"][0].startswith("worker w: no progress for")
-    assert "t9" in data["reasons"][0]
+    # Issue 21.17: /health answers anyone, so it names no task (an id lets its holder read and cancel it)
+    assert "t9" not in json.dumps(data) and data["workers"][0]["tasks"] == 1
+
+
+def test_health_names_running_tasks_to_the_key_holder_only(settings):
+    from tests.api_support import make_api
+
+    api = make_api(settings, api_key="sk-health")
+    now = time.time()
+    api.backend.store.record_heartbeat(WorkerHeartbeat(worker_id="w", started_at=now, beat_at=now, state="running",
+                                                       task_ids=["t9"], last_progress_at=now - 10_000))
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+        assert "t9" not in api.client.get("/health", headers=headers).text
+    data = api.client.get("/health", headers={"Authorization": "Bearer sk-health"}).json()["data"]
+    assert data["workers"][0]["task_ids"] == ["t9"] and "t9" in data["reasons"][0]
 
 
 def test_health_is_503_with_the_reason_when_the_store_is_down(api, monkeypatch):

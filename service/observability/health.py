@@ -41,7 +41,10 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = None) -> HealthReport:
+def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = None,
+                 name_tasks: bool = False) -> HealthReport:
+    """`name_tasks`: the running tasks' ids in `workers` and `reasons`, for a caller holding the API key
+    only (/health answers anyone: the ids would let a stranger read and cancel others' tasks)."""
     now = time.time() if now is None else now
     report = HealthReport()
     beats: list[WorkerHeartbeat] = []
@@ -56,7 +59,7 @@ def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = 
         report.queue_ok = False
         report.reasons.append(f"queue unreachable ({_error(exc)})")
     alive = alive_only(beats, now)
-    report.workers = [_describe(b, now) for b in alive]
+    report.workers = [_describe(b, now, name_tasks) for b in alive]
     for b in alive:
         if b.state == FAILED_STATE:
             report.reasons.append(f"worker {b.worker_id} cannot serve: {b.error}")
@@ -67,7 +70,7 @@ def check_health(backend: Backend, stall_timeout: float, now: Optional[float] = 
     for b in alive:
         if b.state == "running" and b.last_progress_at is not None and now - b.last_progress_at > stall_timeout:
             report.reasons.append(f"worker {b.worker_id}: no progress for {now - b.last_progress_at:.0f} s on "
-                                  f"{', '.join(b.task_ids) or 'its task'}")
+                                  f"{(name_tasks and ', '.join(b.task_ids)) or 'its task'}")
     return report
 
 
@@ -93,9 +96,11 @@ def unservable_reason(backend: Backend, now: Optional[float] = None) -> Optional
     return "no worker can run tasks: " + "; ".join(f"{b.worker_id}: {b.error}" for b in alive)
 
 
-def _describe(beat: WorkerHeartbeat, now: float) -> dict:
-    out = {"worker_id": beat.worker_id, "state": beat.state, "last_beat_s_ago": round(beat.age(now), 1),
-           "task_ids": beat.task_ids}
+def _describe(beat: WorkerHeartbeat, now: float, name_tasks: bool) -> dict:
+    out: dict = {"worker_id": beat.worker_id, "state": beat.state, "last_beat_s_ago": round(beat.age(now), 1),
+                 "tasks": len(beat.task_ids)}
+    if name_tasks:
+        out["task_ids"] = beat.task_ids
     if beat.error:
         out["error"] = beat.error
     if beat.last_progress_at is not None:
