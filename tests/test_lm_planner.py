@@ -13,7 +13,7 @@ from engine.lm import prompts
 from engine.lm.constraints import CodesConstraint, MetadataConstraint
 from engine.lm.metadata import metadata_problems, parse_lm_output
 from engine.lm.folders import ensure_demo_lm, is_lm_folder, resolve_lm_folder
-from engine.lm.planner import Planner
+from engine.lm.planner import PlanProgress, Planner, phase_reporter
 from engine.lm.tiny import build_tiny_lm
 from engine.lm.transformers_backend import TransformersLM, constraint_logits_processor
 from engine.lm.types import SamplingParams
@@ -301,13 +301,39 @@ def test_understand_mode_reads_codes_into_metadata_and_lyrics(lm):
 def test_progress_reports_and_can_cancel(planner):
     seen = []
     planner.plan(request(thinking=True, audio_duration=10, seeds=[1]), progress=lambda f, s: seen.append((f, s)))
-    assert any("codes" in s for _, s in seen) and all(0 <= f <= 1 for f, _ in seen)
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] == 1.0  # over both phases
+    cot = [s for _, s in seen if s.startswith("LM: caption and metadata: ")]
+    codes = [s for _, s in seen if s.startswith("LM: audio codes: ")]
+    assert cot and codes and seen.index((fractions[-1], codes[-1])) == len(seen) - 1  # phase 1, then phase 2
+    assert all(s.endswith(f"/{planner.max_cot_tokens} tokens") for s in cot)  # tokens over the step's budget
+    assert codes[-1] == "LM: audio codes: 51/51 tokens"  # 10 s: exactly 50 codes, then the stop
+    assert all(f < 0.96 for f, s in seen if s in cot)  # phase 1's budget is most of the plan's (1,024 of 1,075)
 
     def cancel(fraction, stage):
         raise GenerationCancelled("stop")
 
     with pytest.raises(GenerationCancelled):
         planner.plan(request(thinking=True, audio_duration=10, seeds=[1]), progress=cancel)
+
+
+def test_plan_progress_spans_the_steps_by_their_token_budgets():
+    seen = []
+    progress = PlanProgress(lambda f, s: seen.append((round(f, 3), s)), [("sample", 300), ("cot", 100),
+                                                                         ("codes", 50), ("codes", 50)])
+    report = progress.phase("sample", 300)
+    report(0.5, "a")
+    progress.skip("cot")  # sample mode: phase 1 does not run
+    first = phase_reporter(progress.phase("codes", 201), "codes", 201, "LM: audio codes, item 1/2")
+    for step in range(1, 202):  # the LM chose a longer song than estimated: the item's real budget is larger
+        first(step)
+    second = progress.phase("codes", 201)
+    second(1.0, "b")
+    fractions = [f for f, _ in seen]
+    assert fractions[0] == 0.3 and fractions == sorted(fractions) and fractions[-1] == 1.0  # never backwards
+    stages = [s for _, s in seen][1:-1]
+    assert stages[0] == "LM: audio codes, item 1/2: 0/201 tokens" and stages[-1].endswith(": 201/201 tokens")
+    assert len(stages) == 201 // 8 + 1 and len(set(stages)) <= 21  # a call per 8 steps; the text moves in 1/20ths
 
 
 def test_lm_folders(lm_dir, tmp_path):

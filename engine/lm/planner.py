@@ -28,13 +28,64 @@ from engine.lm.metadata import metadata_problems, parse_lm_output
 from engine.lm.types import DecodeResult, LMBackend, LMPlan, PhaseStats, SamplingParams
 from engine.lm.vocab import CODES_PER_SECOND, DURATION_RANGE, FIELDS
 # Which steps run, and their caps, are decided in the torch-free contract: the API's cost ceiling counts them.
-from engine.plan import (LM_MAX_COT_TOKENS, LM_MAX_LYRICS_TOKENS, LM_UNCONSTRAINED_EXTRA_CODES, SKIP_LM_TASKS,
-                         USER_FIELDS, LMSteps, has_all_metas, is_sample_request, lm_steps, resolve_seeds,
-                         target_codes, user_metadata)
+from engine.plan import (DEFAULT_TEXT2MUSIC_SECONDS, LM_MAX_COT_TOKENS, LM_MAX_LYRICS_TOKENS,
+                         LM_UNCONSTRAINED_EXTRA_CODES, SKIP_LM_TASKS, USER_FIELDS, LMSteps, has_all_metas,
+                         is_sample_request, lm_steps, resolve_seeds, target_codes, user_metadata)
 from engine.request import GenerationRequest, format_audio_codes, parse_audio_codes
 
 GENERATION_FIELDS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")  # phase 1: no genres
 ProgressFn = Callable[[float, str], None]
+
+# What each step is doing, as progress stages show it (with its tokens so far over its token budget).
+PHASE_LABELS = {"sample": "LM: caption, lyrics and metadata from the description",
+                "format": "LM: formatting caption and lyrics", "cot": "LM: caption and metadata",
+                "codes": "LM: audio codes", "understand": "LM: reading the source's audio codes"}
+REPORT_EVERY = 8  # decode steps between progress calls (each is a cancellation point and feeds the stall timer)
+STAGE_UPDATES = 20  # the token count in the stage text moves in 1/20ths of the budget (a store write each)
+
+
+def phase_reporter(progress: ProgressFn, phase: str, budget: int, label: str = "") -> Callable[[int], None]:
+    """The per-step callback of one decode: `progress(steps / budget, "<label>: <n>/<budget> tokens")` every
+    REPORT_EVERY steps. The shown count moves in 1/STAGE_UPDATES steps of the budget, so the stage text (whose
+    every change is a store write) changes a bounded number of times however long the decode."""
+    label = label or PHASE_LABELS.get(phase, f"LM: {phase}")
+    quantum = max(REPORT_EVERY, -(-budget // STAGE_UPDATES))
+
+    def on_step(step: int) -> None:
+        if step % REPORT_EVERY == 0 or step >= budget:
+            shown = budget if step >= budget else step - step % quantum
+            progress(min(1.0, step / budget), f"{label}: {shown}/{budget} tokens")
+    return on_step
+
+
+class PlanProgress:
+    """A whole plan's progress: decode steps over the budgets (max new tokens) of the steps still to run.
+
+    Steps are announced up front with estimated budgets (a later step's budget may depend on what an earlier
+    one wrote, e.g. the codes on phase 1's duration); `phase()` takes the real budget as the step starts. A
+    finished step counts whole (a real LM stops early at its stop token); reported fractions never go back."""
+
+    def __init__(self, report: ProgressFn, planned: list[tuple[str, int]]):
+        self.report, self.ahead = report, list(planned)
+        self.done = 0
+        self.shown = 0.0
+
+    def skip(self, phase: str) -> None:
+        self.ahead = [(p, b) for p, b in self.ahead if p != phase]
+
+    def phase(self, phase: str, budget: int) -> ProgressFn:
+        """The ProgressFn of the step `phase` starting now, with `budget` tokens."""
+        names = [p for p, _ in self.ahead]
+        if phase in names:
+            del self.ahead[names.index(phase)]
+        before = self.done
+        total = before + budget + sum(b for _, b in self.ahead)
+        self.done += budget
+
+        def progress(fraction: float, stage: str) -> None:
+            self.shown = max(self.shown, min(1.0, (before + fraction * budget) / total))
+            self.report(self.shown, stage)
+        return progress
 
 
 def description_is_instrumental(query: str) -> bool:
@@ -61,19 +112,12 @@ class Planner:
     def _run(self, phase: str, prompt: str, *, seeds: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
              uncond: Optional[str] = None, constraints: Optional[Sequence[Optional[TokenConstraint]]] = None,
              stop_ids: Sequence[int] = (), progress: Optional[ProgressFn] = None,
-             expected_steps: Optional[int] = None) -> tuple[DecodeResult, PhaseStats]:
+             label: str = "") -> tuple[DecodeResult, PhaseStats]:
         b = self.backend
         n = len(seeds)
         ids = b.encode(prompt)
         uncond_ids = b.encode(uncond) if (uncond is not None and sampling.cfg) else None
-        on_step = None
-        if progress is not None:
-            total = max(1, expected_steps or max_new_tokens)
-
-            def on_step(step: int) -> None:
-                if step % 8 == 0:
-                    progress(min(1.0, step / total), f"5 Hz LM {phase}: {step} tokens")
-
+        on_step = phase_reporter(progress, phase, max(1, max_new_tokens), label) if progress is not None else None
         start = time.perf_counter()
         result = b.generate([ids] * n, seeds=seeds, sampling=sampling, max_new_tokens=max_new_tokens,
                             uncond_prompts=[uncond_ids] * n if uncond_ids is not None else None,
@@ -83,6 +127,17 @@ class Planner:
                            steps=result.steps, seconds=time.perf_counter() - start, prefill_s=result.prefill_s,
                            decode_s=result.decode_s, constraint_s=result.constraint_s)
         return result, stats
+
+    def metadata_budget(self, mode: Literal["cot", "understand"]) -> int:
+        """Max new tokens of a metadata pass ("understand": free text (lyrics) follows the block)."""
+        return self.max_cot_tokens + (self.max_lyrics_tokens + 2 if mode == "understand" else 0)
+
+    def codes_budget(self, target: Optional[int], constrained: bool) -> int:
+        """Max new tokens of phase 2 for `target` codes: target + 1 (the stop) when constrained; upstream's
+        target + 500 without constraints; the longest song's codes + 1 when no duration is known."""
+        if target is None:
+            return self.max_codes + 1
+        return target + 1 if constrained else target + LM_UNCONSTRAINED_EXTRA_CODES
 
     def _stops(self, *extra: int) -> list[int]:
         v = self.backend.vocab
@@ -100,11 +155,10 @@ class Planner:
             constraints = [MetadataConstraint(self.backend.tables, fields=fields, forced=forced, mode=mode,
                                               max_caption_tokens=self.max_caption_tokens,
                                               max_lyrics_tokens=self.max_lyrics_tokens)]
-        max_new = self.max_cot_tokens + (self.max_lyrics_tokens + 2 if mode == "understand" else 0)
+        max_new = self.metadata_budget(mode)
         stops = self._stops(v.think_end_id) if (mode == "cot" and not constrained) else self._stops()
         result, stats = self._run(phase, prompt, seeds=[seed], sampling=sampling, max_new_tokens=max_new,
-                                  uncond=uncond, constraints=constraints, stop_ids=stops, progress=progress,
-                                  expected_steps=80)
+                                  uncond=uncond, constraints=constraints, stop_ids=stops, progress=progress)
         return self.backend.decode_text(result.tokens[0]), stats
 
     def cot(self, caption: str, lyrics: str, *, forced: dict[str, Any], use_cot_caption: bool = True,
@@ -123,7 +177,7 @@ class Planner:
     def codes(self, caption: str, lyrics: str, metadata: dict[str, Any], *, seeds: Sequence[int],
               sampling: SamplingParams, target: Optional[int], constrained: bool = True,
               negative_prompt: str = prompts.NO_USER_INPUT, progress: Optional[ProgressFn] = None,
-              max_new_tokens: Optional[int] = None) -> tuple[list[list[int]], str, PhaseStats]:
+              max_new_tokens: Optional[int] = None, label: str = "") -> tuple[list[list[int]], str, PhaseStats]:
         """Phase 2: (codes per seed, the metadata block used, stats). target: exact code count (constrained);
         max_new_tokens: the cap (default target + 1, or max_codes + 1); upstream's unconstrained cap with a
         known duration is duration x 5 + 500."""
@@ -137,7 +191,7 @@ class Planner:
                                   sampling=sampling, max_new_tokens=max_new,
                                   uncond=prompts.codes_unconditional_prompt(caption, lyrics, negative_prompt),
                                   constraints=constraints, stop_ids=self._stops(), progress=progress,
-                                  expected_steps=target or max_new)
+                                  label=label)
         codes = [self.backend.vocab.codes_from_ids(t) for t in result.tokens]
         return codes, cot, stats
 
@@ -193,14 +247,19 @@ class Planner:
         lm_md: dict[str, Any] = {}
         caption, lyrics = r.prompt, r.lyrics
         skip_cot = False
+        groups = [seeds] if r.allow_lm_batch else [[s] for s in seeds]
+        tracker = PlanProgress(progress, self._planned(r, steps, known, len(groups))) if progress else None
+
+        def step_progress(phase: str, budget: int) -> Optional[ProgressFn]:
+            return tracker.phase(phase, budget) if tracker is not None else None
 
         if steps.sample:
             query = r.sample_query.strip() or prompts.NO_USER_INPUT
             instrumental = description_is_instrumental(query)
             language = r.vocal_language if r.vocal_language not in ("en", "unknown", "") else None
-            md, text_lyrics, text, stats = self.create_sample(query, instrumental=instrumental, language=language,
-                                                              seed=seeds[0], sampling=sampling,
-                                                              constrained=constrained, progress=progress)
+            md, text_lyrics, text, stats = self.create_sample(
+                query, instrumental=instrumental, language=language, seed=seeds[0], sampling=sampling,
+                constrained=constrained, progress=step_progress("sample", self.metadata_budget("understand")))
             md, caption, lyrics = self._take_rewrite(plan, md, text_lyrics, text, stats, known, lm_md, caption, lyrics)
             if "duration" in md:  # the sample's duration replaces the request's
                 user_duration = None
@@ -209,9 +268,9 @@ class Planner:
             forced = dict(known)
             if r.vocal_language and r.vocal_language != "unknown":
                 forced["language"] = r.vocal_language
-            md, text_lyrics, text, stats = self.format_input(caption, lyrics, forced=forced, seed=seeds[0],
-                                                             sampling=sampling, constrained=constrained,
-                                                             progress=progress)
+            md, text_lyrics, text, stats = self.format_input(
+                caption, lyrics, forced=forced, seed=seeds[0], sampling=sampling, constrained=constrained,
+                progress=step_progress("format", self.metadata_budget("understand")))
             md, caption, lyrics = self._take_rewrite(plan, md, text_lyrics, text, stats, known, lm_md, caption, lyrics)
             skip_cot = skip_cot or "duration" in md
         cot_md = dict(known)  # what phase 2 is conditioned on
@@ -220,13 +279,15 @@ class Planner:
             md, text, stats = self.cot(caption, lyrics, forced=known, use_cot_caption=r.use_cot_caption,
                                        use_cot_language=r.use_cot_language, seed=seeds[0], sampling=sampling,
                                        constrained=constrained, negative_prompt=r.lm_negative_prompt,
-                                       progress=progress)
+                                       progress=step_progress("cot", self.metadata_budget("cot")))
             plan.phases.append(stats)
             plan.lm_text = text
             md = self._valid(md, plan, exempt=known)
             lm_md.update(md)
             cot_md = {**{k: v for k, v in md.items() if k != "genres"}, **known}
             cot_caption = md.get("caption") if r.use_cot_caption else None
+        elif tracker is not None:
+            tracker.skip("cot")
         if self.demo_seconds is not None and user_duration is None:  # the length would be the LM's choice
             chosen = cot_md.get("duration", known.get("duration"))
             user_duration = self.demo_seconds
@@ -248,15 +309,16 @@ class Planner:
             if duration is None and self.enforce_lm_duration and isinstance(cot_md.get("duration"), int):
                 duration = cot_md["duration"]
             target = target_codes(duration)
-            # allow_lm_batch=false decodes the items one after another: the same codes (each item draws from
-            # its own seed either way), a smaller peak memory, a longer wait.
-            groups = [seeds] if r.allow_lm_batch else [[s] for s in seeds]
+            budget = self.codes_budget(target, constrained)
+            # allow_lm_batch=false decodes the items one after another (`groups`): the same codes (each item
+            # draws from its own seed either way), a smaller peak memory, a longer wait.
             codes = []
-            for group in groups:
+            for n, group in enumerate(groups, 1):
+                label = PHASE_LABELS["codes"] + (f", item {n}/{len(groups)}" if len(groups) > 1 else "")
                 group_codes, cot_text, stats = self.codes(
                     caption, lyrics, cot_md, seeds=group, sampling=sampling, target=target if constrained else None,
-                    constrained=constrained, negative_prompt=r.lm_negative_prompt, progress=progress,
-                    max_new_tokens=None if constrained or target is None else target + LM_UNCONSTRAINED_EXTRA_CODES)
+                    constrained=constrained, negative_prompt=r.lm_negative_prompt,
+                    progress=step_progress("codes", budget), max_new_tokens=budget, label=label)
                 plan.phases.append(stats)
                 codes.extend(group_codes)
             plan.codes = codes
@@ -266,6 +328,22 @@ class Planner:
         if plan.random_weights:
             plan.notes.append("the 5 Hz LM has random weights: its metadata and codes are noise")
         return plan
+
+    def _planned(self, r: GenerationRequest, steps: LMSteps, known: dict[str, Any],
+                 groups: int) -> list[tuple[str, int]]:
+        """The steps plan() will run for `r`, in order, with their estimated token budgets (what an earlier step
+        writes may skip phase 1 or change the codes' count: plan() corrects as it goes)."""
+        planned = []
+        if steps.sample:
+            planned.append(("sample", self.metadata_budget("understand")))
+        if steps.format and (steps.sample or r.prompt or r.lyrics):
+            planned.append(("format", self.metadata_budget("understand")))
+        if steps.cot and not steps.sample and not has_all_metas(known):
+            planned.append(("cot", self.metadata_budget("cot")))
+        if steps.codes:
+            seconds = r.audio_duration or self.demo_seconds or DEFAULT_TEXT2MUSIC_SECONDS
+            planned += [("codes", self.codes_budget(target_codes(seconds), r.constrained_decoding))] * groups
+        return planned
 
     def _take_rewrite(self, plan: LMPlan, md: dict[str, Any], text_lyrics: str, text: str, stats: PhaseStats,
                       known: dict[str, Any], lm_md: dict[str, Any], caption: str,
