@@ -13,7 +13,7 @@ import time
 import pytest
 import soundfile as sf
 
-from engine.types import GenerationError
+from engine.types import GenerationError, Metas
 from service.ports import FAILED, QUEUED, RUNNING, SUCCEEDED
 from service.records import FailureReason
 from tests.store_support import corrupt_request
@@ -35,7 +35,7 @@ def test_task_runs_to_success_with_audio_and_progress(settings, backend, engine)
     assert rec.status == SUCCEEDED and rec.progress == 1.0
     audios = rec.result.audios
     assert [a.seed for a in audios] == [11, 12]
-    assert rec.result.metas == {"bpm": 90} and rec.result.random_weights is True
+    assert rec.result.metas == Metas(bpm=90) and rec.result.random_weights is True
     for a in audios:
         assert a.key in rec.blob_keys
         data, sr = sf.read(io.BytesIO(backend.blobs.get(a.key)))
@@ -452,3 +452,30 @@ def test_cancel_stops_a_running_generation_at_its_next_step(settings, backend, e
     nxt = submit(backend)
     worker.run_once(1.0)
     assert backend.store.get(nxt).status == SUCCEEDED
+
+
+def test_embedded_sweep_keeps_an_upload_an_expired_task_shared_and_collects_dead_submits(settings, engine):
+    """Issue 21.16: an expired task's files went with it, also a direct upload a queued task still used;
+    the upload folder of a submit that died before its record was never collected."""
+    import os
+
+    from service.embedded import make_embedded_backend
+
+    backend = make_embedded_backend(settings)
+    key = "uploads/pending/0123456789abcdef0123456789abcdef/song.wav"
+    backend.blobs.put(key, b"RIFF", "audio/wav")
+    done = submit(backend, task_type="cover", src_audio_key=key)
+    Worker(settings, backend, engine).run_once(1.0)
+    waiting = submit(backend, task_type="cover", src_audio_key=key)  # the same upload, reused
+    backend.store.db.read().execute(  # age the finished one past the retention
+        "UPDATE tasks SET finished_at = ? WHERE task_id = ?", (time.time() - 8 * 86400, done))
+    dead = "uploads/0f1e2d3c-dead-submit/src_audio.wav"  # stored, then the submit died before its record
+    backend.blobs.put(dead, b"RIFF", "audio/wav")
+    two_hours_ago = time.time() - 7200
+    os.utime(backend.blobs.local_path(dead), (two_hours_ago, two_hours_ago))
+    folder = os.path.dirname(backend.blobs.local_path(dead))
+
+    assert backend.sweep_expired() == 2  # the expired task and the dead submit's file
+    assert backend.store.get(done) is None and backend.blobs.get(key) == b"RIFF"
+    assert backend.blobs.size(dead) is None and not os.path.exists(folder)
+    assert backend.store.get(waiting).status == QUEUED

@@ -10,7 +10,7 @@ from ..ports import Backend, FailureReason
 from ..signing_keys import CachedKeys
 from ..storage_errors import has_room
 from .db import Database
-from .orphans import ORPHAN_OUTPUT_SECONDS, collect_orphan_outputs
+from .orphans import ORPHAN_OUTPUT_SECONDS, collect_orphan_outputs, collect_orphan_uploads
 from .signing_secret import WEBHOOK_FILE_NAME, FileSigningSecret
 from .files import FileBlobStore
 from .intake import SqliteTaskIntake
@@ -37,13 +37,17 @@ def make_embedded_backend(settings: Settings) -> Backend:
         """Results are kept ACESTEP_TASK_TTL_DAYS; uploads never submitted, one day."""
         now = time.time()
         removed = 0
-        for record in store.delete_finished_before(now - settings.task_ttl_days * 86400):
-            for key in record.blob_keys:
-                blobs.delete(key)
-            removed += 1
-        # A direct upload that a waiting task refers to is not abandoned, however old it is.
+        expired = store.delete_finished_before(now - settings.task_ttl_days * 86400)
+        # A direct upload that a waiting task refers to is not abandoned, however old it is, nor
+        # deleted with an expired task that shared it.
         in_use = frozenset(store.unfinished_blob_keys())
+        for record in expired:
+            for key in record.blob_keys:
+                if key not in in_use:
+                    blobs.delete(key)
+            removed += 1
         removed += blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
+        removed += collect_orphan_uploads(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
         return removed + collect_orphan_outputs(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
 
     backend = Backend(store=store, queue=queue, blobs=blobs, intake=SqliteTaskIntake(db, queue), name="embedded",

@@ -65,6 +65,13 @@ class FileBlobStore(BlobStore):
         except (FileNotFoundError, InvalidKey):
             pass
 
+    def remove_empty_folder(self, prefix: str) -> None:
+        """Remove the folder of `prefix` ("uploads/<task_id>/") when nothing is left in it."""
+        try:
+            os.rmdir(self._path(prefix.rstrip("/")))
+        except (OSError, InvalidKey):
+            pass  # not empty, gone already, or not a folder of ours
+
     def delete_older_than(self, prefix: str, cutoff: float, keep: frozenset[str] = frozenset()) -> int:
         """Delete files under `prefix` last written before `cutoff` (epoch seconds), except `keep` keys."""
         root = self._path(prefix.rstrip("/"))
