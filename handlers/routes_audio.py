@@ -14,11 +14,12 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from engine.types import CONTENT_TYPES
-from service import blob_keys
+from service import blob_keys, upload_quota
 from service.records import SUCCEEDED
 
 from .auth import header_is_valid, require_body_or_header, require_header, token_from_fields
 from .body import read_body, read_limited, upload_limit
+from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, forbidden, not_found, wrap
 from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
@@ -31,6 +32,13 @@ ACCESS_DENIED = "Access denied: path outside allowed directory"
 AUDIO_NOT_FOUND = "Audio file not found"
 UPLOAD_TTL = 900
 UPLOAD_ROLES = ("src_audio", "reference_audio")
+
+
+def _over_quota(quota: int) -> ApiError:
+    return ApiError(429, f"your direct uploads not yet used by a task already hold up to {quota // 2**20} MB "
+                         f"({upload_quota.QUOTA_UPLOADS} x ACESTEP_MAX_UPLOAD_MB): submit a task with them, or "
+                         f"wait until unused ones expire ({upload_quota.PENDING_UPLOAD_SECONDS // 60} minutes after "
+                         "their upload)", headers={"Retry-After": "60"})
 
 
 def _missing_path() -> ApiError:
@@ -122,7 +130,7 @@ async def create_upload(request: Request):
         raise bad_request("filename: required (the name of the audio file, e.g. song.mp3)") from None
     filename, role = upload.filename, upload.role
     content_type = upload.content_type or "application/octet-stream"
-    key = blob_keys.new_pending_upload_key(filename)
+    key = blob_keys.new_pending_upload_key(filename, caller_of(request).id)
     presign = getattr(backend.blobs, "presigned_put_url", None)
     url = None
     if callable(presign):
@@ -146,9 +154,14 @@ async def put_upload(request: Request, key: str, expires: Optional[str] = None, 
     if not blob_keys.is_pending_upload_key(key):
         raise forbidden("Not an upload key")
     limit = upload_limit(settings)
+    quota = upload_quota.quota_bytes(limit)
+    if await run_in_threadpool(upload_quota.pending_bytes, backend.blobs, key) >= quota:  # before reading it
+        raise _over_quota(quota)
     data = await read_limited(request, limit, "Upload")
     if not data:
         raise bad_request("The upload is empty")
+    if await run_in_threadpool(upload_quota.pending_bytes, backend.blobs, key) + len(data) > quota:
+        raise _over_quota(quota)
     content_type = request.headers.get("content-type", "application/octet-stream")[:100]
     await run_in_threadpool(backend.blobs.put, key, data, content_type)
     return wrap({"key": key, "size": len(data)})

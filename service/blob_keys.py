@@ -15,6 +15,7 @@ Adapters, the API and the CDK stack (S3 lifecycle rules, IAM prefixes) take pref
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -55,8 +56,18 @@ def safe_filename(name: str) -> str:
     return base or "audio"
 
 
-def new_pending_upload_key(filename: str) -> str:
-    return f"{PENDING_UPLOADS_PREFIX}{uuid.uuid4().hex}/{safe_filename(filename)}"
+def new_pending_upload_key(filename: str, owner: Optional[str] = None) -> str:
+    """A direct upload's key; the folder's first 8 hex digits tag the caller it is issued to (a digest
+    of its id), by which its unused uploads are counted (service/upload_quota.py)."""
+    folder = uuid.uuid4().hex
+    if owner:
+        folder = hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:8] + folder[8:]
+    return f"{PENDING_UPLOADS_PREFIX}{folder}/{safe_filename(filename)}"
+
+
+def pending_upload_tag(key: str) -> str:
+    """The caller tag of a direct upload's key (see new_pending_upload_key)."""
+    return key[len(PENDING_UPLOADS_PREFIX):][:8]
 
 
 def is_pending_upload_key(key: str) -> bool:

@@ -155,6 +155,30 @@ def test_upload_flow(api):
     assert api.engine.calls[-1]["src_audio"] == b"RIFFsource"
 
 
+def test_unused_direct_uploads_count_against_their_callers_quota_and_expire(api):
+    """Issue 21.10: six 45 MB PUTs filled a 300 MB disk and every submit answered 507 for a day. A caller's
+    unused uploads now hold at most 4 uploads' worth, and expire an hour after their upload."""
+    import os
+    import time
+
+    from fastapi.testclient import TestClient
+
+    api.settings.max_upload_mb = 1
+    one_mb = b"x" * (1024 * 1024)
+
+    def put(client) -> int:
+        up = client.post("/v1/uploads", json={"filename": "a.wav"}).json()["data"]
+        return client.put(up["upload_url"], content=one_mb).status_code
+
+    assert [put(api.client) for _ in range(5)] == [200, 200, 200, 200, 429]
+    other = TestClient(api.client.app, client=("192.0.2.7", 4000))
+    assert put(other) == 200  # another caller's quota is its own
+    for key in api.backend.blobs.keys_older_than("uploads/pending/", float("inf")):  # written two hours ago
+        os.utime(api.backend.blobs.local_path(key), (time.time() - 7200,) * 2)
+    assert api.backend.sweep_expired() == 5  # unused: expired
+    assert put(api.client) == 200
+
+
 def test_oversized_pre_uploaded_file_is_refused_at_submit(api):
     # A presigned PUT cannot cap the size, so the submit checks what arrived.
     api.settings.max_upload_mb = 1

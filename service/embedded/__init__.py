@@ -9,6 +9,7 @@ from ..config import Settings
 from ..ports import Backend, FailureReason
 from ..signing_keys import CachedKeys
 from ..storage_errors import has_room
+from ..upload_quota import PENDING_UPLOAD_SECONDS
 from .db import Database
 from .orphans import ORPHAN_OUTPUT_SECONDS, collect_orphan_outputs, collect_orphan_uploads
 from .signing_secret import WEBHOOK_FILE_NAME, FileSigningSecret
@@ -34,7 +35,7 @@ def make_embedded_backend(settings: Settings) -> Backend:
     blobs = FileBlobStore(os.path.join(data_dir, "blobs"))
 
     def sweep_expired() -> int:
-        """Results are kept ACESTEP_TASK_TTL_DAYS; uploads never submitted, one day."""
+        """Results are kept ACESTEP_TASK_TTL_DAYS; direct uploads no task uses, an hour (upload_quota.py)."""
         now = time.time()
         removed = 0
         expired = store.delete_finished_before(now - settings.task_ttl_days * 86400)
@@ -46,7 +47,7 @@ def make_embedded_backend(settings: Settings) -> Backend:
                 if key not in in_use:
                     blobs.delete(key)
             removed += 1
-        removed += blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - 86400, keep=in_use)
+        removed += blobs.delete_older_than(PENDING_UPLOADS_PREFIX, now - PENDING_UPLOAD_SECONDS, keep=in_use)
         removed += collect_orphan_uploads(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
         return removed + collect_orphan_outputs(store, blobs, now - ORPHAN_OUTPUT_SECONDS)
 
