@@ -282,10 +282,14 @@ def test_format_and_sample_modes_rewrite_lyrics(lm):
     assert "</think>" in plan.lm_text and plan.lm_metadata["language"] == "fr" and plan.lm_metadata["bpm"] == 140
     assert "genres" in plan.lm_metadata and metadata_problems(plan.lm_metadata) == []
     assert plan.lyrics_rewritten and plan.lyrics == parse_lm_output(plan.lm_text).lyrics != LYRICS
+    # what format wrote, before phase 1 rewrote the caption: the song's prompt and lyrics as upstream shows them
+    assert plan.written_lyrics == plan.lyrics and plan.written_caption == plan.lm_metadata["caption"] != CAPTION
+    assert plan.info()["lm_caption"] == plan.written_caption and plan.info()["lm_lyrics"] == plan.lyrics
     plan = planner.plan(request(sample_query="a piano solo", thinking=True, seeds=[9]))
     assert [p.phase for p in plan.phases] == ["sample", "codes"]  # the sample's metas skip phase 1
-    assert plan.metadata["caption"] == plan.caption == plan.lm_metadata["caption"]
-    assert plan.lyrics_rewritten and plan.lyrics  # generated, or "[Instrumental]" for "solo"
+    assert plan.metadata["caption"] == plan.caption == plan.lm_metadata["caption"] == plan.written_caption
+    assert plan.lyrics_rewritten and plan.lyrics == plan.written_lyrics  # generated, or "[Instrumental]" for "solo"
+    assert "lm_caption" not in planner.plan(request(seeds=[9])).info()  # phase 1 alone writes no song text
     assert [len(c) for c in plan.codes] == [plan.lm_metadata["duration"] * 5]
 
 

@@ -356,7 +356,8 @@ class Planner:
         if text_lyrics:
             lyrics, plan.lyrics_rewritten = text_lyrics, True
         known.update({k: md[k] for k in USER_FIELDS if k in md})
-        return md, md.get("caption") or caption, lyrics
+        plan.written_caption, plan.written_lyrics = md.get("caption") or caption, lyrics
+        return md, plan.written_caption, lyrics
 
     @staticmethod
     def _valid(md: dict[str, Any], plan: LMPlan, exempt: dict[str, Any]) -> dict[str, Any]:

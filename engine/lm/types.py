@@ -117,7 +117,9 @@ class LMPlan:
     metadata: what the DiT should use (user values win, then the LM's): bpm, caption, duration, genres, keyscale,
     language, timesignature; absent keys are unknown. lm_metadata: what the LM wrote (sample/format/phase 1).
     caption/lyrics: the DiT's text (the CoT caption when use_cot_caption and phase 1 wrote one; the rewritten
-    lyrics after sample/format). codes: one list per batch item (empty without phase 2).
+    lyrics after sample/format). codes: one list per batch item (empty without phase 2). written_caption /
+    written_lyrics: what sample or format mode wrote (before phase 1 rewrote the caption), None when neither ran:
+    what upstream's results show as the song's prompt and lyrics.
     """
 
     metadata: dict[str, Any]
@@ -134,6 +136,8 @@ class LMPlan:
     model: str = ""
     backend: str = ""
     random_weights: bool = False
+    written_caption: Optional[str] = None
+    written_lyrics: Optional[str] = None
 
     @property
     def audio_code_strings(self) -> list[str]:
@@ -152,8 +156,11 @@ class LMPlan:
 
     def info(self) -> dict:
         """For generation_info: what ran, on what, how long, with which tokens counts."""
-        return {
+        info = {
             "lm_model": self.model, "lm_backend": self.backend, "lm_random_weights": self.random_weights,
             "lm_metadata": self.lm_metadata, "lm_phases": [p.as_dict() for p in self.phases],
             "lm_codes_per_item": [len(c) for c in self.codes], "lm_notes": list(self.notes), **self.timings,
         }
+        if self.written_caption is not None:
+            info.update(lm_caption=self.written_caption, lm_lyrics=self.written_lyrics)
+        return info
