@@ -18,6 +18,7 @@ from service.submitter import Submitter
 from service.version import __version__
 
 from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks, routes_webhooks
+from . import routes_adapters, routes_models
 from .auth import header_is_valid, require_header
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
@@ -81,7 +82,8 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.query_results = QueryResults(settings, backend)  # caches finished entries for the app's life
     app.state.submitter = submitter if submitter is not None else Submitter(settings, backend)
     install_error_handlers(app)
-    for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio, routes_webhooks):
+    for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio, routes_webhooks,
+                   routes_adapters, routes_models):
         app.include_router(module.router)
     _install_docs(app, settings)
     origins = cors_origins(settings)

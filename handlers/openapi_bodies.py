@@ -35,6 +35,7 @@ RELEASE_RULES = (
     "needs the 5Hz LM",  # sample_mode / sample_query / use_format / analysis on a server without one
     "src_audio", "reference_audio",  # an upload key that does not exist, a path outside the allowed dirs
     "webhook_url",  # a private or unresolvable host
+    "adapter",  # names an adapter this server does not have, or one its model does not fit
 )
 
 

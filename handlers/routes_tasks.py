@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from .adapter_fields import with_adapters
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .off_loop import parse_off_loop
@@ -71,7 +72,11 @@ async def release_task(request: Request):
     body = await read_body(request, settings, files_allowed=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     idempotency_key = read_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), body.fields)
-    parsed = await parse_off_loop(body.size, parse_release_task, body.fields, body.files,
+    try:
+        fields = with_adapters(body.fields)  # `adapter` / `adapter_scale` -> the canonical `adapters`
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    parsed = await parse_off_loop(body.size, parse_release_task, fields, body.files,
                                   model_names=settings.model_names)
     task = await submitter_of(request).submit(SubmitTask(
         parsed.request, caller_of(request), parsed.sources, idempotency_key=idempotency_key,

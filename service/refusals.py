@@ -45,6 +45,28 @@ class SourceRejected(Refused):
     status = 400
 
 
+class AdapterRejected(Refused):
+    """An adapter the request (or the server's default) names does not exist here, or does not fit the model;
+    an uploaded adapter that is not a valid LoRA/LoKr for the model it names."""
+    status = 400
+
+
+class AdapterConflict(Refused):
+    """An upload would take a name another adapter already has."""
+    status = 409
+
+
+class AdapterTooLarge(Refused):
+    """An uploaded adapter is over ACESTEP_MAX_ADAPTER_MB."""
+    status = 413
+
+
+class ModelsFixed(Refused):
+    """A request to load a model the fleet does not run: its models are chosen where its workers start (a deploy
+    on AWS, a restart on one machine), not by a request (/v1/init, /v1/reinitialize)."""
+    status = 409
+
+
 class WebhookRejected(Refused):
     """The webhook_url may not be called (does not parse, a private address, does not resolve in time)."""
     status = 400
@@ -72,5 +94,5 @@ class StorageFull(Refused):
     public_detail = STORAGE_FULL_MESSAGE
 
 
-__all__ = ["CallerBusy", "LMNotReported", "LMNotServed", "NoWorker", "QueueFull", "Refused", "SourceRejected",
+__all__ = ["AdapterConflict", "AdapterRejected", "AdapterTooLarge", "CallerBusy", "LMNotReported", "LMNotServed", "ModelsFixed", "NoWorker", "QueueFull", "Refused", "SourceRejected",
            "StorageFull", "TooCostly", "WebhookRejected"]

@@ -2,7 +2,8 @@
 
 A route turns its body into a `SubmitTask` and makes one call, `Submitter.submit`. Everything that
 may refuse the task is decided here, in this order: the webhook URL, the fleet (no worker can run
-it; the 5 Hz LM it needs is not served), the storage's room, the sources, the cost ceiling, then the
+it; the 5 Hz LM it needs is not served), the storage's room, its adapters (service/adapter_resolution.py:
+unknown, or not fitting the model), the sources, the cost ceiling, then the
 caller's limits and the queue bound inside the write that creates it. A refusal is a `Refused`
 (service/refusals.py) that the API maps to a response in one place.
 """
@@ -15,6 +16,7 @@ import anyio.to_thread
 
 from engine.request import GenerationRequest
 
+from .adapter_services import AdapterServices
 from .caller_limits import Caller
 from .config import Settings
 from .fleet import Fleet
@@ -56,9 +58,11 @@ class Submitted:
 
 
 class Submitter:
-    def __init__(self, settings: Settings, backend: Backend, fleet: Optional[Fleet] = None):
+    def __init__(self, settings: Settings, backend: Backend, fleet: Optional[Fleet] = None,
+                 adapters: Optional[AdapterServices] = None):
         self.settings, self.backend = settings, backend
         self.fleet = fleet if fleet is not None else Fleet(backend)
+        self.adapters = adapters if adapters is not None else AdapterServices.build(settings, backend)
 
     async def submit(self, command: SubmitTask) -> Submitted:
         """The task as queued, or a Refused. The webhook's name lookup waits on the event loop (bounded);
@@ -92,6 +96,7 @@ class Submitter:
                 raise LMNotServed(LM_NOT_SERVED)
         if backend.has_room is not None and not backend.has_room():
             raise StorageFull("less than ACESTEP_MIN_FREE_MB free")
+        request = self.adapters.resolution.resolve(request)  # named (or the default), found, fitting the model
         sources = resolve_sources(command.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
                                   max_bytes=settings.max_upload_bytes,
                                   outputs=output_reader(backend.store, backend.blobs, settings.max_upload_bytes))

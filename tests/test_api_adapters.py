@@ -1,0 +1,180 @@
+"""Adapters through the API on both backends (moto for AWS): upload (checked against the model), listing,
+a request's `adapter`/`adapter_scale` settled at submit (400 for an unknown or unfitting one), upstream's
+/v1/lora/* as the fleet's default, and /v1/init, /v1/model_inventory, /v1/reinitialize.
+
+The adapters are tiny safetensors files written here (headers + zero bytes) in the shapes of the published
+ACE-Step 1.5 DiT (the default model, acestep-v15-turbo): the API reads only headers, never tensor data.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.adapter_manifest import published_shape
+from handlers.app import create_app
+
+SHAPE = published_shape("acestep-v15-turbo")
+
+
+def lora_file(rank: int = 2, layers: int = 2, in_features: int | None = None) -> bytes:
+    """A PEFT LoRA on q_proj/v_proj of the first `layers` self-attention blocks, as one .safetensors."""
+    assert SHAPE is not None
+    hidden = SHAPE.hidden_size
+    q, kv = SHAPE.num_attention_heads * SHAPE.head_dim, SHAPE.num_key_value_heads * SHAPE.head_dim
+    header: dict = {}
+    offset = 0
+    for layer in range(layers):
+        for proj, out in (("q_proj", q), ("v_proj", kv)):
+            base = f"base_model.model.layers.{layer}.self_attn.{proj}"
+            for param, shape in (("lora_A", [rank, in_features or hidden]), ("lora_B", [out, rank])):
+                size = shape[0] * shape[1] * 2
+                header[f"{base}.{param}.weight"] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
+                offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + bytes(offset)
+
+
+@pytest.fixture
+def api(backend, settings):
+    if backend.name == "aws":
+        settings = backend.settings.model_copy(update={"checkpoint_dir": settings.checkpoint_dir})
+    return settings, backend, TestClient(create_app(settings, backend))
+
+
+def upload(client, data: bytes, **params):
+    return client.post("/v1/adapters", content=data, params=params,
+                       headers={"Content-Type": "application/octet-stream"})
+
+
+def test_upload_list_and_request_with_an_adapter(api):
+    settings, backend, client = api
+    data = lora_file()
+    r = upload(client, data, name="style-a")
+    assert r.status_code == 200, r.text
+    stored = r.json()["data"]["adapter"]
+    assert stored["where"].startswith("adapters/") and stored["where"].endswith(".safetensors")
+    assert (stored["type"], stored["rank"], stored["model"], stored["source"]) == ("lora", 2, "acestep-v15-turbo", "uploaded")
+    assert backend.blobs.get(stored["where"]) == data
+    assert upload(client, data, name="style-a").json()["data"]["created"] is False  # same bytes, same name
+    assert upload(client, lora_file(rank=4), name="style-a").status_code == 409  # another file under that name
+
+    listed = client.get("/v1/adapters").json()["data"]
+    assert [(a["name"], a["fits_models"], a["size_bytes"]) for a in listed["adapters"]] == \
+        [("style-a", ["acestep-v15-turbo"], len(data))]
+
+    r = client.post("/release_task", json={"prompt": "p", "adapter": "style-a", "adapter_scale": 0.5})
+    assert r.status_code == 200, r.text
+    request = backend.store.get(r.json()["data"]["task_id"]).request
+    assert [(a.name, a.scale, a.sha256) for a in request.adapters] == [("style-a", 0.5, stored["sha256"])]
+
+    # a client's own sha256 is not trusted: the stored adapter's wins
+    r = client.post("/release_task", json={"prompt": "p", "adapters": [{"name": "style-a", "sha256": "0" * 64}]})
+    assert backend.store.get(r.json()["data"]["task_id"]).request.adapters[0].sha256 == stored["sha256"]
+
+    for body, words in (({"adapter": "nope"}, "no adapter named 'nope'"),
+                        ({"adapter": "style-a", "adapter_scale": 7}, "adapter_scale: must be between"),
+                        ({"adapter": "a,b", "adapter_scale": [1, 2, 3]}, "one scale per adapter"),
+                        ({"adapter_scale": 1}, "needs `adapter`")):
+        r = client.post("/release_task", json={"prompt": "p", **body})
+        assert r.status_code == 400 and words in r.json()["detail"], (body, r.text)
+    assert backend.store.counts()["total"] == 2
+
+
+def test_a_bad_adapter_is_a_400_and_nothing_is_kept(api):
+    settings, backend, client = api
+    r = upload(client, lora_file(in_features=1000), name="wrong-model")
+    assert r.status_code == 400 and "wrong-model" not in json.dumps(client.get("/v1/adapters").json()["data"]["adapters"])
+    assert "1000" in r.json()["detail"], r.text
+    assert upload(client, b"not an adapter at all", name="junk").status_code == 400
+    assert upload(client, lora_file(), name="x", model="no-such-model").status_code == 400
+    settings.max_adapter_mb = 1
+    assert upload(client, lora_file(layers=24, rank=16), name="big").status_code == 413
+    assert client.get("/v1/adapters").json()["data"]["adapters"] == []
+
+
+def test_upload_by_ticket(api):
+    settings, backend, client = api
+    ticket = client.post("/v1/adapters/uploads", json={"filename": "ticketed.safetensors"}).json()["data"]
+    data = lora_file()
+    if backend.name == "aws":
+        assert ticket["upload_url"].startswith("http")
+        backend.blobs.put(ticket["key"], data, "application/octet-stream")  # what the client's PUT to S3 does
+    else:
+        assert client.put(ticket["upload_url"], content=data).status_code == 200
+    r = client.post("/v1/adapters", json={"key": ticket["key"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["adapter"]["name"] == "ticketed"
+    assert backend.blobs.size(ticket["key"]) is None  # the pending upload is gone: kept under its sha256
+    assert client.post("/v1/adapters", json={"key": ticket["key"]}).status_code == 400
+
+
+def test_adapters_under_the_lora_dir(api):
+    settings, backend, client = api
+    loras = Path(settings.checkpoint_dir) / "loras"
+    (loras / "peft-style" / "final").mkdir(parents=True)
+    (loras / "peft-style" / "final" / "adapter_model.safetensors").write_bytes(lora_file())
+    (loras / "peft-style" / "final" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}))
+    (loras / "misfit.safetensors").write_bytes(lora_file(in_features=1000))
+    listed = client.get("/v1/adapters").json()["data"]
+    assert [(a["name"], a["source"], a["alpha"]) for a in listed["adapters"]] == [("peft-style", "lora_dir", 4.0)]
+    assert "misfit.safetensors" in listed["unusable"]
+    r = client.post("/release_task", json={"prompt": "p", "lora_name": "peft-style"})
+    assert r.status_code == 200, r.text
+    assert backend.store.get(r.json()["data"]["task_id"]).request.adapters[0].sha256 is None
+    r = client.post("/release_task", json={"prompt": "p", "adapter": "misfit"})
+    assert r.status_code == 400 and "not usable" in r.json()["detail"]
+    assert upload(client, lora_file(), name="peft-style").status_code == 409  # a local adapter has the name
+
+
+def test_lora_routes_set_the_fleets_default(api):
+    settings, backend, client = api
+    assert upload(client, lora_file(), name="house").status_code == 200
+    status = client.get("/v1/lora/status").json()["data"]
+    assert (status["lora_loaded"], status["use_lora"], status["adapters"]) == (False, False, [])
+
+    def submitted(**body) -> list:
+        r = client.post("/release_task", json={"prompt": "p", **body})
+        assert r.status_code == 200, r.text
+        return [(a.name, a.scale) for a in backend.store.get(r.json()["data"]["task_id"]).request.adapters]
+
+    assert client.post("/v1/lora/toggle", json={"use_lora": True}).status_code == 400  # nothing loaded
+    assert client.post("/v1/lora/load", json={"lora_path": "missing"}).status_code == 400
+    r = client.post("/v1/lora/load", json={"lora_path": "/anywhere/house.safetensors"})
+    assert r.status_code == 200 and r.json()["data"]["lora_path"] == "/anywhere/house.safetensors"
+    assert submitted() == [("house", 1.0)]
+    assert submitted(adapter="") == []  # the client's own choice: none
+    assert client.post("/v1/lora/scale", json={"scale": 0.25}).json()["data"]["scale"] == 0.25
+    status = client.get("/v1/lora/status").json()["data"]
+    assert (status["lora_loaded"], status["use_lora"], status["lora_scale"], status["adapter_type"]) == \
+        (True, True, 0.25, "lora")
+    assert status["scales"] == {"house": 0.25} and status["active_adapter"] == "house"
+    assert submitted() == [("house", 0.25)]
+    assert client.post("/v1/lora/toggle", json={"use_lora": False}).json()["data"]["use_lora"] is False
+    assert submitted() == []
+    client.post("/v1/lora/toggle", json={"use_lora": True})
+    assert client.post("/v1/lora/unload").status_code == 200
+    assert submitted() == [] and client.get("/v1/lora/status").json()["data"]["lora_loaded"] is False
+    assert "no default adapter" in client.post("/v1/lora/unload").json()["data"]["message"]
+
+
+def test_model_routes_answer_what_the_fleet_runs(api):
+    settings, backend, client = api
+    inventory = client.get("/v1/model_inventory").json()["data"]
+    assert [(m["name"], m["is_default"], m["is_loaded"]) for m in inventory["models"]] == [("acestep-v15-turbo", True, False)]
+    assert "text2music" in inventory["models"][0]["supported_task_types"]
+    assert (inventory["lm_models"], inventory["llm_initialized"]) == ([], False)
+    assert client.get("/v1/models").json()["data"]["models"] == inventory["models"]
+    r = client.post("/v1/init", json={"model": "acestep-v15-turbo"})
+    assert r.status_code == 200 and r.json()["data"]["loaded_model"] == "acestep-v15-turbo"
+    r = client.post("/v1/init", json={"model": "acestep-v15-base"})
+    assert r.status_code == 409
+    assert ("deploy" if backend.name == "aws" else "restart") in r.json()["detail"]
+    assert client.post("/v1/init", json={"init_llm": True}).status_code == 409  # no worker runs the LM
+    r = client.post("/v1/reinitialize")
+    assert r.status_code == 200 and "Service reinitialized" in r.json()["data"]["message"]
