@@ -51,7 +51,7 @@ from infra.nag import suppress
 from infra.package_lambda import LAMBDA_PYTHON
 
 from service.aws import schema
-from service.blob_keys import MODELS_PREFIX
+from service.blob_keys import ADAPTERS_PREFIX, MODELS_PREFIX
 from service.blob_keys import OUTPUTS_PREFIX as OUTPUT_PREFIX
 from service.observability.metrics import NAMESPACE as METRICS_NAMESPACE
 from service.blob_keys import UPLOADS_PREFIX as UPLOAD_PREFIX
@@ -438,6 +438,7 @@ class AceStepStack(Stack):
             f"{bucket}/{OUTPUT_PREFIX}*": "Result files: keys are made per task and attempt at run time.",
             f"{bucket}/{UPLOAD_PREFIX}*": "Uploaded sources: keys are made per upload at run time.",
             f"{bucket}/{MODELS_PREFIX}*": "Published model weights (acestep-models publish), read only.",
+            f"{bucket}/{ADAPTERS_PREFIX}*": "Uploaded LoRA/LoKr adapters: keys are their sha256, made at upload.",
             f"{table}/index/*": "The task table's own indexes (service/aws/schema.py).",
         }
         suppress(role, *[(f"AwsSolutions-IAM5[Resource::{resource}]", reason) for resource, reason in reasons.items()])
@@ -468,6 +469,11 @@ class AceStepStack(Stack):
             actions=["s3:GetObject"],
             resources=[self.bucket.arn_for_objects(OUTPUT_PREFIX + "*"),
                        self.bucket.arn_for_objects(UPLOAD_PREFIX + "*")],
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="StoreAdapters",  # POST /v1/adapters: a checked upload kept under its sha256 (HeadObject, PutObject)
+            actions=["s3:GetObject", "s3:PutObject"],
+            resources=[self.bucket.arn_for_objects(ADAPTERS_PREFIX + "*")],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="WriteUploads",  # multipart uploads, presigned PUTs, and undoing a refused submit
@@ -783,9 +789,9 @@ class AceStepStack(Stack):
             resources=[self.bucket.arn_for_objects(OUTPUT_PREFIX + "*")],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="ReadModelMirror",  # weights published once with `acestep-models publish`
+            sid="ReadModelMirror",  # weights published once with `acestep-models publish`; uploaded adapters
             actions=["s3:GetObject"],
-            resources=[self.bucket.arn_for_objects(MODELS_PREFIX + "*")],
+            resources=[self.bucket.arn_for_objects(MODELS_PREFIX + "*"), self.bucket.arn_for_objects(ADAPTERS_PREFIX + "*")],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="ScaleInProtection",  # through the ECS agent (service/aws/task_protection.py)
