@@ -8,9 +8,9 @@ Generation needs working memory on top: its peak is the VAE decode (measured, be
 itself. At start the check asks for the smallest generation's: one song decoded in tiles.
 
 Measured at full size on CPU (bench/vae_cpu.py, random weights, bf16; bench/RESULTS.md): an untiled
-decode's working set is 0.88 GiB for 10 s, and (issue 25) 2.6 GiB for 30 s, 4.8 GiB for 60 s and 18.6 GiB
-for 240 s -- 1.5-1.9x the earlier estimate from layer shapes, which let a 240 s song go untiled on a
-23 GiB machine. The fit below covers them within a few percent and errs high at the long end.
+decode's working set is 0.88 GiB for 10 s, 2.34 GiB for 30 s, 4.61 GiB for 60 s (issue 25's runs: 2.6, 4.8,
+and 18.6 GiB for 240 s) -- 1.5-1.9x the earlier estimate from layer shapes, which let a 240 s song go untiled
+on a 23 GiB machine. The fit below is within -2..+11 % of every figure and errs high, never low.
 """
 from __future__ import annotations
 
