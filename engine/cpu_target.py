@@ -56,16 +56,3 @@ def passive_omp_wait_policy(env: MutableMapping[str, str] = os.environ) -> bool:
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
 
-
-def fold_weight_norm(module) -> int:
-    """Fold weight normalisation into plain weights for inference (torch.nn.utils.weight_norm recomputes
-    g * v / |v| before every call of every convolution); returns how many modules were folded."""
-    import torch
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    folded = 0
-    for sub in module.modules():
-        if any(isinstance(h, WeightNorm) for h in sub._forward_pre_hooks.values()):
-            torch.nn.utils.remove_weight_norm(sub)
-            folded += 1
-    return folded
