@@ -17,13 +17,16 @@ class GenerationCancelled(Exception):
 ProgressCallback = Callable[[float, str], None]
 
 
-CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
+# The MIME type of each audio_format, and of each output file extension (service/blob_keys.py: wav32 is stored
+# as .wav; opus is Ogg Opus, aac is ADTS, as upstream writes them)
+CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "wav32": "audio/wav", "flac": "audio/flac",
+                 "opus": "audio/ogg", "aac": "audio/aac"}
 
 
 @dataclass
 class EncodedAudio:
     data: bytes
-    format: str  # mp3 | wav | flac
+    format: str  # an audio_format of engine.request: mp3 | wav | wav32 | flac | opus | aac
     sample_rate: int
     channels: int
     duration_seconds: float
@@ -39,7 +42,7 @@ class PendingAudio:
     """Generated audio not encoded yet: the caller encodes it (engine.audio_encode.encode_pending), e.g.
     in another process while the engine starts the next generation."""
     samples: Any  # a numpy float32 array [channels, samples] in [-1, 1], cut to its length, finite (this module is numpy-free)
-    format: str  # mp3 | wav | flac
+    format: str  # an audio_format of engine.request: mp3 | wav | wav32 | flac | opus | aac
     sample_rate: int
     channels: int
     duration_seconds: float
