@@ -20,8 +20,11 @@ from service.version import __version__
 from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks, routes_webhooks
 from . import routes_adapters, routes_models
 from .auth import header_is_valid, require_header
+from .cors import cors_origins
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
+from .openrouter.auth import acestep_key
+from .openrouter.routes import chat_router
 from .openapi_bodies import with_model_names
 from .rate_limit import RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
@@ -32,11 +35,6 @@ from .webhook_payload import build_notifier
 DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream
 `acestep-api`). Submit with POST /release_task, poll POST /query_result, download the `file` URL.
 When an API key is set, send `Authorization: Bearer <key>` (or `ai_token` in the body)."""
-
-
-def cors_origins(settings: Settings) -> list[str]:
-    """ACESTEP_CORS_ORIGINS: comma-separated origins ("*" for any); default none."""
-    return [o.strip() for o in settings.cors_origins if o and o.strip()]
 
 
 def _install_docs(app: FastAPI, settings: Settings) -> None:
@@ -81,10 +79,15 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)
     app.state.query_results = QueryResults(settings, backend)  # caches finished entries for the app's life
     app.state.submitter = submitter if submitter is not None else Submitter(settings, backend)
+    # The chat completions on this listener too, as upstream's API server serves them (its own limits,
+    # this listener's key): handlers/openrouter/routes.py.
+    app.state.poll_seconds = None  # the chat's waits poll the store at the backend's pace
+    app.state.chat_key = acestep_key
     install_error_handlers(app)
     for module in (routes_tasks, routes_cancel, routes_audio, routes_info, routes_lm, routes_studio, routes_webhooks,
                    routes_adapters, routes_models):
         app.include_router(module.router)
+    app.include_router(chat_router)
     _install_docs(app, settings)
     origins = cors_origins(settings)
     if origins:
@@ -100,4 +103,4 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     return app
 
 
-__all__ = ["create_app", "header_is_valid"]
+__all__ = ["cors_origins", "create_app", "header_is_valid"]

@@ -29,6 +29,8 @@ def _refusal_is_documented(case, response) -> bool:
     """A 400 for a schema-valid /release_task body must name a rule the schema says it cannot state;
     a 422 is an Idempotency-Key reused for another request (state, not the request's form)."""
     detail = json.loads(response.text)["detail"]
+    if case.path == "/v1/chat/completions":  # loosely typed (any extra field, audio_config values): a
+        return response.status_code in (400, 504) and bool(detail)  # value's 400 names it; 504: no worker ran it
     state = {**ADAPTER_RULES, **MODEL_RULES}.get(case.path, {}).get(response.status_code)
     if state:  # a refusal that depends on what is stored or run (the routes' STATE_RULES)
         return any(rule in detail for rule in state)
@@ -49,12 +51,13 @@ def _check(case) -> None:
 
 
 def test_schema_valid_requests_are_accepted_and_answered_as_documented(settings):
-    api = make_api(settings)
+    api = make_api(settings, openrouter_max_wait=0.2)  # no worker runs: a chat that waits answers 504 soon
     schema = schemathesis.openapi.from_asgi("/openapi.json", api.client.app)
     schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE])
     operations = [op.ok() for op in schema.get_all_operations()]
     assert {op.label for op in operations} >= {"POST /release_task", "POST /query_result", "POST /cancel_task",
-                                               "GET /v1/audio", "POST /v1/uploads", "POST /format_input"}
+                                               "GET /v1/audio", "POST /v1/uploads", "POST /format_input",
+                                               "POST /v1/chat/completions"}
     for operation in operations:
         @hypothesis.settings(max_examples=EXAMPLES.get(operation.path, 6), derandomize=True, deadline=None,
                              database=None, phases=[Phase.explicit, Phase.generate],

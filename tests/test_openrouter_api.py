@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
+from handlers.app import create_app
 from handlers.openrouter import create_openrouter_app
 from handlers.openrouter.messages import looks_like_lyrics
 from service.embedded import make_embedded_backend
@@ -155,7 +156,6 @@ def test_input_audio_routes_to_source_and_reference(chat):
     ({"messages": user([{"type": "input_audio", "input_audio": {"data": "not base64!", "format": "mp3"}}])},
      400, "input_audio #1: data must be base64"),
     ({"messages": user("<prompt>x</prompt>"), "audio_config": {"duration": 5}}, 400, "between 10 and 600"),
-    ({"messages": user("<prompt>x</prompt>"), "model": "acestep/nope"}, 400, "unknown model 'nope'"),
     ({"messages": user("<prompt>x</prompt>"), "task_type": "cover"}, 400, "needs source audio"),
     ({"messages": user("<prompt>x</prompt>"), "seed": "a,b"}, 400, "seed"),
     ({"messages": "hello"}, 400, "messages"),
@@ -227,7 +227,28 @@ def test_non_streaming_wait_limit_is_a_504_naming_the_task(settings):
     assert chat.backend.store.get(task_id).status == "succeeded"
 
 
+@pytest.mark.parametrize("given, ran", [
+    ("acemusic/acestep-v1.5-turbo", "acestep-v15-turbo"),  # upstream's standalone id: the same model
+    ("acestep/acestep-v15-base", "acestep-v15-base"),
+    ("acestep-v15-base", "acestep-v15-base"),
+    ("acestep/music-gen-v1", "acestep-v15-turbo"),  # unknown ids run the default model, as upstream
+    ("gpt-4o", "acestep-v15-turbo"),
+])
+def test_any_model_id_runs_and_the_response_names_the_model_that_ran(settings, given, ran):
+    settings.openrouter_api_key = KEY
+    settings.config_path, settings.config_path2 = "acestep-v15-turbo", "acestep-v15-base"
+    chat = Chat(settings)
+    try:
+        body = chat.post(model=given, messages=user("<prompt>x</prompt>"), audio_config={"duration": 10})
+        assert body["model"] == "acestep/" + ran
+        assert (chat.last_request()["model"] or settings.default_model) == ran
+    finally:
+        chat.stop()
+
+
 def test_models_list_in_openai_shape(chat):
+    assert chat.client.get("/api/v1/models", headers=chat.headers).json() == \
+        chat.client.get("/v1/models", headers=chat.headers).json()  # upstream's standalone server's path
     body = chat.client.get("/v1/models", headers=chat.headers).json()
     assert body["object"] == "list"
     (model,) = body["data"]
@@ -254,7 +275,25 @@ def test_the_official_openai_client(chat):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=chat.client).models.list()
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="acestep/nope", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(model="acestep/nope", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"audio_config": {"duration": 5}})
+
+
+def test_completions_on_the_ace_step_listener_too(chat):
+    """Upstream's API server serves the chat beside its own routes: same tasks, same shapes; its key is the
+    ACE-Step listener's (its /v1/models and /health stay the ACE-Step API's own)."""
+    chat.settings.api_key = "sk-main"
+    api = TestClient(create_app(chat.settings, chat.backend))
+    body = {"model": "acemusic/acestep-v1.5-turbo", "messages": user("<prompt>jazz</prompt>"),
+            "audio_config": {"duration": 10, "format": "wav"}}
+    assert api.post("/v1/chat/completions", json=body, headers=chat.headers).status_code == 401  # the chat's key
+    r = api.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-main"})
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["model"] == "acestep/acestep-v15-turbo" and "**Caption:** jazz" in done["choices"][0]["message"]["content"]
+    assert sf.info(io.BytesIO(audio_bytes(done["choices"][0]["message"]["audio"][0]["audio_url"]["url"]))).duration > 9
+    assert chat.backend.store.get(r.headers["X-Task-ID"]).status == "succeeded"
+    assert "models" in api.get("/v1/models", headers={"Authorization": "Bearer sk-main"}).json()["data"]
 
 
 def test_key_falls_back_to_the_ace_step_key(settings):

@@ -26,9 +26,11 @@ def _apps(settings, **overrides):
     return TestClient(api), TestClient(build_openrouter_app(settings, api)), backend
 
 
-def test_a_chat_task_over_the_cost_ceiling_is_413(settings):
-    _, chat, backend = _apps(settings, max_task_cost=1000)
-    r = chat.post("/v1/chat/completions", json={**CHAT, "audio_config": {"duration": 600}}, headers=AUTH)
+@pytest.mark.parametrize("listener", ["chat", "api"])
+def test_a_chat_task_over_the_cost_ceiling_is_413(settings, listener):
+    api, chat, backend = _apps(settings, max_task_cost=1000)
+    client = chat if listener == "chat" else api  # the completions are served on the ACE-Step listener too
+    r = client.post("/v1/chat/completions", json={**CHAT, "audio_config": {"duration": 600}}, headers=AUTH)
     assert r.status_code == 413 and "ACESTEP_MAX_TASK_COST" in r.json()["detail"], r.text
     assert backend.queue.size() == 0
 
@@ -39,9 +41,10 @@ def test_chat_tasks_count_toward_the_callers_tasks_in_flight_on_both_apis(settin
     assert r.status_code == 504 and r.headers["X-Task-ID"] in r.json()["detail"]  # queued, goes on
     r = api.post("/release_task", json={"prompt": "p"}, headers=AUTH)
     assert r.status_code == 429 and "ACESTEP_CALLER_MAX_QUEUED" in r.json()["detail"], r.text
-    r = chat.post("/v1/chat/completions", json=CHAT, headers=AUTH)
-    assert r.status_code == 429 and r.headers["Retry-After"] == "30", r.text
-    assert "ACESTEP_CALLER_MAX_QUEUED" in r.json()["detail"] and "X-Task-ID" not in r.headers
+    for client in (chat, api):  # the chat on either listener
+        r = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "30", r.text
+        assert "ACESTEP_CALLER_MAX_QUEUED" in r.json()["detail"] and "X-Task-ID" not in r.headers
     assert backend.queue.size() == 1
 
 
@@ -53,7 +56,7 @@ def test_the_request_rate_is_per_caller_and_shared_by_both_apis(settings, first)
         assert chat.post("/v1/chat/completions", json=bad, headers=AUTH).status_code == 400
     else:
         assert api.post("/release_task", json={"prompt": "p", "audio_duration": 1}, headers=AUTH).status_code == 400
-    for client, path in ((chat, "/v1/chat/completions"), (api, "/release_task")):
+    for client, path in ((chat, "/v1/chat/completions"), (api, "/release_task"), (api, "/v1/chat/completions")):
         r = client.post(path, json=bad, headers=AUTH)
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
         assert "ACESTEP_RATE_LIMIT_RPS" in r.json()["detail"]

@@ -18,12 +18,13 @@ from service.ports import Backend
 from service.submitter import Submitter
 from service.webhooks.delivery import WebhookNotifier
 
-from ..app import cors_origins
+from ..cors import cors_origins
 from ..envelope import install_error_handlers
 from ..rate_limit import RateLimitMiddleware, TokenBuckets
 from ..request_context import RequestContextMiddleware
 from ..webhook_payload import build_notifier
 from . import routes
+from .auth import required_key
 
 DESCRIPTION = """OpenAI Chat Completions-compatible music generation (upstream's OpenRouter API).
 POST /v1/chat/completions with `messages`; the audio comes back as base64 data URLs in
@@ -39,9 +40,11 @@ def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: fl
     app.state.settings = settings
     app.state.backend = backend
     app.state.poll_seconds = poll_seconds  # None: per backend (waiting.POLL_SECONDS)
+    app.state.chat_key = required_key
     app.state.webhooks = webhooks if webhooks is not None else build_notifier(settings, backend)
     app.state.submitter = submitter if submitter is not None else Submitter(settings, backend)
     install_error_handlers(app)
+    app.include_router(routes.chat_router)
     app.include_router(routes.router)
     origins = cors_origins(settings)
     if origins:

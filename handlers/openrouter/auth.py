@@ -1,11 +1,14 @@
-"""Bearer-key auth of the OpenAI-compatible API: OPENROUTER_API_KEY, else ACESTEP_API_KEY.
+"""Bearer-key auth of the chat completions, by the listener a request came in on.
 
-Falling back to the ACE-Step key keeps a second listener on the same task store from being an
-open door when only the main API was given a key. No key at all: no auth (as upstream).
+On the chat listener: OPENROUTER_API_KEY, else ACESTEP_API_KEY (falling back to the ACE-Step key keeps
+a second listener on the same task store from being an open door when only the main API was given a
+key). On the ACE-Step listener: ACESTEP_API_KEY, as for its other header-authenticated routes (upstream
+mounts its adapter there without any auth; we do not). No key at all: no auth (as upstream).
 """
 from __future__ import annotations
 
 import hmac
+from typing import Callable
 
 from fastapi import Request
 
@@ -13,13 +16,22 @@ from service.config import Settings
 
 from ..envelope import ApiError
 
+KeyOf = Callable[[Settings], str]  # the key an app's chat route requires (app.state.chat_key)
+
 
 def required_key(settings: Settings) -> str:
+    """The chat listener's key."""
     return settings.openrouter_api_key or settings.api_key
 
 
+def acestep_key(settings: Settings) -> str:
+    """The ACE-Step listener's key."""
+    return settings.api_key
+
+
 def require_key(settings: Settings, request: Request) -> None:
-    key = required_key(settings)
+    key_of: KeyOf = getattr(request.app.state, "chat_key", required_key)
+    key = key_of(settings)
     if not key:
         return
     value = (request.headers.get("authorization") or "").strip()

@@ -32,12 +32,15 @@ class ChatTask:
     guessed_query: bool
 
 
-def model_name(model_id: Optional[str]) -> Optional[str]:
-    """"acestep/acestep-v15-turbo" -> "acestep-v15-turbo"; None/"" -> the default model."""
-    if not model_id or not model_id.strip():
-        return None
-    name = model_id.strip()
-    return name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
+def model_name(model_id: Optional[str], model_names: Sequence[str]) -> Optional[str]:
+    """The served model a chat `model` names, else None (the default model runs), as upstream takes any id:
+    "acestep/acestep-v15-turbo" -> "acestep-v15-turbo"; the cloud's "acemusic/acestep-v1.5-turbo" is the
+    same model spelt with the version's dot; "gpt-4o", "" or None -> None."""
+    name = (model_id or "").strip().rsplit("/", 1)[-1]
+    for candidate in (name, name.replace(".", "")):
+        if candidate and candidate in model_names:
+            return candidate
+    return None
 
 
 def to_task(req: ChatCompletionRequest, *, model_names: Sequence[str], default_model: Optional[str],
@@ -57,7 +60,7 @@ def to_task(req: ChatCompletionRequest, *, model_names: Sequence[str], default_m
     fields: dict[str, Any] = {k: v for k, v in (req.model_extra or {}).items() if k not in _OWN}
     fields.update({
         "prompt": prompt, "lyrics": lyrics, "sample_query": query, "sample_mode": req.sample_mode or bool(query),
-        "task_type": req.task_type, "model": model_name(req.model),
+        "task_type": req.task_type, "model": model_name(req.model, model_names),
         "thinking": req.thinking, "use_format": req.use_format, "use_cot_caption": req.use_cot_caption,
         "use_cot_language": req.use_cot_language, "lm_temperature": req.temperature, "lm_top_p": req.top_p,
         "lm_top_k": req.top_k, "guidance_scale": req.guidance_scale,

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions, GET /v1/models, GET /health of the OpenAI-compatible API.
+"""POST /v1/chat/completions, GET /v1/models (and /api/v1/models), GET /health of the OpenAI-compatible API.
+
+`chat_router` (the completions) is served on both listeners, as upstream's API server mounts its
+adapter beside its own routes; `router` (models, health) only on the chat listener, since the ACE-Step
+API has its own /v1/models and /health.
 
 A completion is an ordinary task: submitted through the same path as /release_task (same queue,
 workers, limits and validation), then waited for while the request is open. If the client
@@ -26,7 +30,7 @@ from ..caller import caller_of
 from ..deps import backend_of, settings_of, submitter_of, webhooks_of
 from ..envelope import ApiError, bad_request
 from ..off_loop import parse_off_loop
-from ..openapi_bodies import JSON, model_schema, request_body
+from ..openapi_bodies import JSON, error_responses, model_schema, request_body
 from ..request_parsing import validation_message
 from ..routes_info import model_list
 from . import responses
@@ -36,6 +40,7 @@ from .schema import ChatCompletionRequest
 from .waiting import Tick, cancel_in_background, ticks
 
 router = APIRouter(tags=["openai-compatible"])
+chat_router = APIRouter(tags=["openai-compatible"])
 
 HEARTBEAT_SECONDS = 2.0
 TASK_HEADER = "X-Task-ID"
@@ -73,11 +78,12 @@ def _parse(body: bytes, settings: Settings) -> tuple[ChatCompletionRequest, Chat
         raise bad_request(str(exc)) from None
 
 
-@router.post("/v1/chat/completions", summary="Generate music from chat messages",
-             openapi_extra=request_body(model_schema(ChatCompletionRequest), JSON))
+@chat_router.post("/v1/chat/completions", summary="Generate music from chat messages",
+                  openapi_extra=request_body(model_schema(ChatCompletionRequest), JSON),
+                  responses=error_responses(400, 401, 408, 413, 429, 503, 504, 507))
 async def chat_completions(request: Request):
     settings, backend = settings_of(request), backend_of(request)
-    require_key(settings, request)
+    require_key(settings, request)  # the key of the listener it came in on (auth.py)
     body = await read_limited(request, settings.max_upload_bytes * 2 + 1024 * 1024)  # base64 grows by 4/3
     # JSON, validation and base64 off the event loop the other API shares (handlers/off_loop.py)
     req, task = await parse_off_loop(len(body), _parse, body, settings)
@@ -152,6 +158,7 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
 
 
 @router.get("/v1/models", summary="Models (OpenAI list shape with OpenRouter's fields)")
+@router.get("/api/v1/models", summary="Models, at the path of upstream's standalone OpenRouter server")
 async def list_models(request: Request):
     settings = settings_of(request)
     require_key(settings, request)
