@@ -52,7 +52,7 @@ _PATH_PARAM = {"name": "path", "in": "query", "required": True, "description": "
 
 
 @router.get("/v1/audio", summary="Download a generated audio file", openapi_extra={"parameters": [_PATH_PARAM]},
-            responses={200: {"content": {"audio/mpeg": {}, "audio/wav": {}, "audio/flac": {}}},
+            responses={200: {"content": {t: {} for t in dict.fromkeys(CONTENT_TYPES.values())}},
                        307: {"description": "AWS: a presigned S3 URL"}, **error_responses(401, 403, 404, 422)})
 async def get_audio(request: Request, path: Optional[str] = Query(None, include_in_schema=False),
                     expires: Optional[str] = None, sig: Optional[str] = None):

@@ -7,8 +7,9 @@ the file. The bytes are copied into the new task's uploads: each task then expir
 """
 from __future__ import annotations
 
-import mimetypes
 from typing import Callable
+
+from engine.types import CONTENT_TYPES
 
 from . import blob_keys
 from .ports import BlobStore, TaskStore
@@ -36,7 +37,7 @@ def output_reader(store: TaskStore, blobs: BlobStore, max_bytes: int) -> OutputR
         except KeyError:
             raise SourceError("invalid", f"{source.label}: the file {key!r} is gone (expired)") from None
         name = f"{parsed.task_id}_{parsed.filename}"
-        return Upload(data=data, filename=name, content_type=mimetypes.guess_type(name)[0] or "audio/mpeg")
+        return Upload(data=data, filename=name, content_type=CONTENT_TYPES[parsed.format])
     return read
 
 
