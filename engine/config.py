@@ -35,6 +35,19 @@ class EngineConfig:
     cuda_graphs: bool = False  # torch.compile mode "reduce-overhead" (implies compile_dit)
     compile_backend: str = "inductor"
     attention_backend: str = ""  # diffusers attention dispatcher backend for the DiT ("": its default)
+    # LoRA/LoKr adapters (engine/adapters.py): where named ones live ("": <checkpoint_dir>/loras), where fetched
+    # uploads are kept ("": <lora_dir>/.uploaded), and the memory the loaded ones may hold (least recently used out)
+    lora_dir: str = ""
+    adapter_cache_dir: str = ""
+    adapter_budget_mb: int = 512
+
+    @property
+    def resolved_lora_dir(self) -> str:
+        return self.lora_dir or os.path.join(self.checkpoint_dir, "loras")
+
+    @property
+    def resolved_adapter_cache_dir(self) -> str:
+        return self.adapter_cache_dir or os.path.join(self.resolved_lora_dir, ".uploaded")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":
@@ -57,6 +70,9 @@ class EngineConfig:
             allow_download=env.get("ACESTEP_ALLOW_DOWNLOAD", "true").strip().lower() in _TRUE,
             lm_model=model_name_from_path(lm) if lm else None,
             lm_backend=env.get("ACESTEP_LM_BACKEND", "auto").strip().lower() or "auto",
+            lora_dir=env.get("ACESTEP_LORA_DIR", ""),
+            adapter_cache_dir=env.get("ACESTEP_ADAPTER_CACHE", ""),
+            adapter_budget_mb=int(env.get("ACESTEP_ADAPTER_CACHE_MB", "512") or 512),
         )
 
     @property

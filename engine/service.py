@@ -17,6 +17,7 @@ import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
 from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
+from engine.adapters import AdapterLibrary, model_shape
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -75,6 +76,8 @@ class _Job:
     vae_tiled: bool = False
     lm_plan: Optional[object] = None  # engine.lm.types.LMPlan when the 5 Hz LM planned this request
     audio_codes: Optional[list[str]] = None  # per item, from the LM (else the request's own codes)
+    adapters: list = field(default_factory=list)  # the adapters that acted on the DiT (AdapterLibrary.activate)
+    adapter_s: float = 0.0  # loading/switching them before this call
 
 
 class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
@@ -100,6 +103,9 @@ class Engine:
         self.dtype = dtype
         self.dtype_choice = f"set: {str(dtype).replace('torch.', '')}"  # why this dtype (load() says)
         self.shared_components = shared  # component -> model names using one shared object
+        # LoRA/LoKr adapters: loaded into a model's DiT on first use, switched per batch (engine/adapters.py)
+        self.adapters = AdapterLibrary(config.resolved_lora_dir, config.resolved_adapter_cache_dir,
+                                       config.adapter_budget_mb * 2**20)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -197,13 +203,15 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "dtype_choice": self.dtype_choice,
             "default_model": self.config.default_model,
-            "models": [asdict(m.info) | {"task_types": list(m.info.task_types)} for m in self._models.values()],
+            "models": [asdict(m.info) | {"task_types": list(m.info.task_types),
+                                         "adapter_shape": model_shape(m.pipe).as_dict()} for m in self._models.values()],
             "random_weights": random,
             "notice": DEMO_NOTICE if random else None,
             "shared_components": self.shared_components,
             "lm_model": self.planner.backend.model_name if self.planner else "none",
             "lm_random_weights": self.planner.backend.random_weights if self.planner else None,
             "lm_configured": self.config.lm_model,
+            "loaded_adapters": self.adapters.loaded(),
         }
 
     # ---------------------------------------------------------------- generation
@@ -405,6 +413,10 @@ class Engine:
         if head.repaint is not None:
             kwargs.update(repainting_start=head.repaint[0], repainting_end=head.repaint[1])
 
+        t_adapters = time.perf_counter()
+        acting = self.adapters.activate(head.model.info.name, pipe, r.adapters)  # the batch shares r.adapter_key
+        for job in jobs:
+            job.adapters, job.adapter_s = acting, time.perf_counter() - t_adapters
         clock = timing.StageClock(cuda=self.device.type == "cuda")
         tiled = self._tile_decode(pipe, r, len(seeds), duration, head)
         t0 = time.perf_counter()
@@ -480,6 +492,7 @@ class Engine:
         hooked = sum(clock.seconds.values())
         timings = {
             "decode_input_s": round(job.decode_s, 4),
+            "adapters_s": round(job.adapter_s, 4),
             **stages,
             "pipeline_other_s": round(max(0.0, pipeline_s - hooked), 4),
             "pipeline_s": round(pipeline_s, 4),
@@ -507,6 +520,7 @@ class Engine:
             "batched_requests": n_requests,
             "lm": "none",
             "lm_model": "none",
+            "adapters": job.adapters,
             "timings": timings,
             "notes": notes,
         }

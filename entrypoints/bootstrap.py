@@ -71,6 +71,9 @@ def engine_config(settings: Settings):
         cuda_graphs=settings.cuda_graphs,
         compile_backend=settings.compile_backend,
         attention_backend=settings.attention_backend,
+        lora_dir=settings.resolved_lora_dir,
+        adapter_cache_dir=settings.resolved_adapter_cache_dir,
+        adapter_budget_mb=settings.adapter_cache_mb,
     )
 
 

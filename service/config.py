@@ -125,6 +125,11 @@ class Settings(BaseSettings):
 
     # models
     checkpoint_dir: str = _env("ACESTEP_CHECKPOINT_DIR", "./checkpoints")
+    # LoRA/LoKr adapters a request may name ("": <checkpoint_dir>/loras); uploaded ones fetched by workers are kept
+    # in ACESTEP_ADAPTER_CACHE ("": <lora_dir>/.uploaded); loaded ones hold at most ACESTEP_ADAPTER_CACHE_MB
+    lora_dir: str = _env("ACESTEP_LORA_DIR", "")
+    adapter_cache_dir: str = _env("ACESTEP_ADAPTER_CACHE", "")
+    adapter_cache_mb: int = _env("ACESTEP_ADAPTER_CACHE_MB", 512, ge=0)
     config_path: str = _env("ACESTEP_CONFIG_PATH", "acestep-v15-turbo")
     config_path2: str = _env("ACESTEP_CONFIG_PATH2", "")
     config_path3: str = _env("ACESTEP_CONFIG_PATH3", "")
@@ -228,6 +233,14 @@ class Settings(BaseSettings):
     @property
     def max_adapter_bytes(self) -> int:
         return int(self.max_adapter_mb) * MB
+
+    @property
+    def resolved_lora_dir(self) -> str:
+        return self.lora_dir or os.path.join(self.checkpoint_dir, "loras")
+
+    @property
+    def resolved_adapter_cache_dir(self) -> str:
+        return self.adapter_cache_dir or os.path.join(self.resolved_lora_dir, ".uploaded")
 
     # The random secret signed URLs are keyed with (service/signing_keys.py), never the API key.
     # Attached by handlers.app.create_app from the backend, which stores it.

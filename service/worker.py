@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,6 +26,7 @@ from engine import plan
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import GenerationCancelled, GenerationError, GenerationResult
 
+from . import adapter_fetch
 from .blob_keys import output_key
 from .config import Settings
 from .lease_keeper import LeaseKeeper
@@ -145,9 +147,11 @@ class Worker:
     def publish_models(self) -> None:
         """Tell the API what this worker serves (for /v1/models and /health)."""
         info = self.engine.describe()
+        shapes = {str(m.get("name")): m["adapter_shape"] for m in info.get("models") or [] if m.get("adapter_shape")}
         meta = ModelsMeta(
             models=[ModelEntry(name=m.name, is_default=m.is_default, random_weights=m.random_weights,
-                               task_types=list(m.task_types)) for m in self.engine.models()],
+                               task_types=list(m.task_types), adapter_shape=shapes.get(m.name))
+                    for m in self.engine.models()],
             device=info.get("device"), dtype=info.get("dtype"), lm_model=info.get("lm_model", "none"),
             worker_id=self.worker_id, updated_at=time.time())
         self.backend.store.put_meta(MODELS_META_KEY, meta.model_dump())
@@ -341,6 +345,9 @@ class Worker:
                 raise TaskFailure(f"refused before running: {over}", FailureReason.COST_REFUSED)
             # Only what the task uses is read (and later decoded): text2music ignores src_audio unless it is
             # analysed (full_analysis_only).
+            # uploaded LoRA/LoKr adapters onto this worker's disk (the engine loads them from there)
+            adapter_fetch.fetch_uploaded(self.backend.blobs, Path(self.settings.resolved_adapter_cache_dir),
+                                         request.adapters, self.settings.max_adapter_bytes)
             inputs = {role: self._read_input(role, key) for role in SOURCE_ROLES
                       if (key := getattr(request, f"{role}_key"))
                       and not (role == "src_audio" and not plan.reads_source_audio(request))}
