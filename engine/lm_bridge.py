@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.lm.planner import Planner  # torch-free
 from engine.plan import DEFAULT_TEXT2MUSIC_SECONDS
 from engine.request import GenerationRequest
-from engine.types import GenerationError, GenerationResult
+from engine.types import GenerationError, GenerationResult, Metas
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,22 @@ def request_for_dit(r: GenerationRequest, plan) -> GenerationRequest:
     return GenerationRequest.model_validate({**r.model_dump(), **update})
 
 
-def metas_of(plan, duration_seconds: Optional[float]) -> dict:
-    md = plan.metadata
-    return {
-        "bpm": md.get("bpm", "N/A"),
-        "duration": round(duration_seconds, 2) if duration_seconds is not None else md.get("duration", "N/A"),
-        "genres": md.get("genres", "N/A"),
-        "keyscale": md.get("keyscale", "N/A"),
-        "timesignature": md.get("timesignature", "N/A"),
-    }
+def _number(value: Any) -> Optional[float]:
+    """A number the LM wrote; text it wrote where a number belongs is not one (a source read without
+    constraints may have it)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def metas_of(plan, duration_seconds: Optional[float]) -> Metas:
+    md = plan.metadata  # the LM's names (its vocabulary): keyscale, timesignature
+    return Metas(bpm=_number(md.get("bpm")),
+                 duration=round(duration_seconds, 2) if duration_seconds is not None else _number(md.get("duration")),
+                 genres=_text(md.get("genres")), key_scale=_text(md.get("keyscale")),
+                 time_signature=_text(md.get("timesignature")))
 
 
 def analysis_result(r: GenerationRequest, plan, dit_model: str) -> GenerationResult:

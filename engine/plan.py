@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from engine.request import GenerationRequest
+from engine.types import Metas
 
 # text2music with no duration and no audio codes: a fixed, documented length (upstream picks a random one).
 DEFAULT_TEXT2MUSIC_SECONDS = 30.0
@@ -208,14 +209,10 @@ def repaint_window(start: float, end: Optional[float], source_seconds: float) ->
     return pad_before, pad_after, start + pad_before, end + pad_before
 
 
-def metas(request: GenerationRequest, duration_seconds: float) -> dict:
-    return {
-        "bpm": request.bpm if request.bpm is not None else "N/A",
-        "duration": round(duration_seconds, 2),
-        "genres": "N/A",  # only the 5 Hz LM produces genres; no LM runs in the engine
-        "keyscale": request.key_scale or "N/A",
-        "timesignature": request.time_signature or "N/A",
-    }
+def metas(request: GenerationRequest, duration_seconds: float) -> Metas:
+    """The DiT-only path's metas: what the request gave (no genres: only the 5 Hz LM writes them)."""
+    return Metas(bpm=request.bpm, duration=round(duration_seconds, 2), key_scale=request.key_scale or None,
+                 time_signature=request.time_signature or None)
 
 
 def length_bucket(seconds: float, bucket_seconds: float) -> float:

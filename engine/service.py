@@ -30,8 +30,10 @@ from engine.config import EngineConfig
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import (
     EncodedAudio,
+    EngineInfo,
     GenerationCancelled,
     GenerationError,
+    GenerationInfo,
     GenerationResult,
     ModelInfo,
     PendingAudio,
@@ -196,7 +198,7 @@ class Engine:
             raise GenerationError(f"unknown model {key!r}; loaded models: {', '.join(self._models)}")
         return self._models[key]
 
-    def describe(self) -> dict:
+    def describe(self) -> EngineInfo:
         random = any(m.random_weights for m in self._models.values())
         return {
             "device": str(self.device),
@@ -478,7 +480,7 @@ class Engine:
                                 pending=pending)
 
     def _generation_info(self, job: _Job, clock: timing.StageClock, pipeline_s: float, encode_s: float,
-                         n_requests: int, n_items: int) -> dict:
+                         n_requests: int, n_items: int) -> GenerationInfo:
         r, model = job.request, job.model
         notes = list(job.notes)
         guidance = _guidance(model.pipe, r)

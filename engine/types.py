@@ -1,8 +1,16 @@
-"""Engine-side result types (torch-free, so the service can type against them)."""
+"""Engine-side result types (torch-free, so the service can type against them).
+
+Metas, GenerationInfo and EngineInfo use this project's own names (`key_scale`, None when unknown); the
+presenters of upstream's wire shapes (service/task_payload.py, handlers/openrouter/responses.py) spell them
+as upstream does (`keyscale`, "N/A").
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import TypedDict  # pydantic reads it on Python 3.11 (a TaskResult field)
 
 
 class GenerationError(Exception):
@@ -49,15 +57,89 @@ class PendingAudio:
     seed: int
 
 
+Number = Union[int, float]  # kept as given: an int stays an int in what the API shows
+
+
+class Metas(BaseModel):
+    """What the song turned out to be, as the engine (or its 5 Hz LM) decided it; None: not known."""
+    model_config = ConfigDict(populate_by_name=True)
+
+    bpm: Optional[Number] = None
+    duration: Optional[Number] = None  # seconds
+    genres: Optional[str] = None  # only the 5 Hz LM writes genres
+    # Results stored before these names were the project's own carry upstream's spellings and "N/A".
+    key_scale: Optional[str] = Field(default=None, validation_alias=AliasChoices("key_scale", "keyscale"))
+    time_signature: Optional[str] = Field(default=None,
+                                          validation_alias=AliasChoices("time_signature", "timesignature"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_is_none(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: None if v == "N/A" else v for k, v in data.items()}
+        return data
+
+
+class GenerationInfo(TypedDict, total=False):
+    """What ran, on what, how long each stage took, and notes: shown to clients as it is.
+
+    The keys other modules read are typed here; the engine adds more (model, device, steps, the LM's
+    phases, ...), which the presenters show without knowing them.
+    """
+    random_weights: bool  # a demo model ran: the audio is noise
+    test_engine: bool  # a test stand-in ran (tests/)
+    notice: str
+    task_type: str
+    steps: int  # diffusion steps
+    timings: dict[str, Number]  # seconds per stage
+    notes: list[str]
+    analysis_only: bool  # the LM only read or wrote metadata: no audio
+    full_analysis_only: bool
+    caption: str  # the caption (and lyrics) the LM wrote or the DiT ran on
+    lyrics: str
+    # what sample or format mode wrote (before phase 1 rewrote the caption): the song's prompt and lyrics in results
+    lm_caption: str
+    lm_lyrics: str
+    language: str
+    lm_metadata: dict[str, Any]  # the LM's own metadata, before user values won
+    missing_parts: list[str]  # parts of a stored result that could not be read back (the DynamoDB spill)
+    adapters: list[dict[str, Any]]  # the LoRA/LoKr adapters that acted on the DiT: name, scale, kind, rank
+
+
+class EngineModel(TypedDict, total=False):
+    name: str
+    is_default: bool
+    random_weights: bool
+    task_types: list[str]
+    path: Optional[str]
+    adapter_shape: dict[str, int]  # the DiT geometry adapters must fit (engine.adapter_manifest.ModelShape)
+
+
+class EngineInfo(TypedDict, total=False):
+    """What an engine runs (Engine.describe()), for the models meta, heartbeats and operators."""
+    device: str
+    dtype: str
+    dtype_choice: str
+    default_model: str
+    models: list[EngineModel]
+    random_weights: bool
+    notice: Optional[str]
+    shared_components: dict[str, list[str]]
+    lm_model: str  # "none": no 5 Hz LM
+    lm_random_weights: Optional[bool]
+    lm_configured: str
+    test_engine: bool
+    loaded_adapters: list[dict[str, Any]]  # LoRA/LoKr adapters held in memory: model, name, kind, bytes
+
+
 @dataclass
 class GenerationResult:
     audios: list[EncodedAudio]
-    # metas as the API reports them: bpm, duration, genres, keyscale, timesignature ("N/A" when unknown)
-    metas: dict
+    metas: Metas
     dit_model: str
     lm_model: str
     # what ran and how long each stage took; includes random_weights when the model is a demo
-    generation_info: dict = field(default_factory=dict)
+    generation_info: GenerationInfo = field(default_factory=lambda: GenerationInfo())
     # Asked for with encode=False: the audio still to encode, in order (then `audios` is empty).
     pending: list[PendingAudio] = field(default_factory=list)
 

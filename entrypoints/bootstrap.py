@@ -226,7 +226,7 @@ def build_webhooks(settings: Settings, backend: Backend):
     (dead-lettered) reach it through `backend.on_task_ended`, set here. It starts reading the outbox
     at once: deliveries left pending by a process that stopped are taken up without waiting for a task.
     """
-    from handlers.webhook_payload import build_notifier
+    from service.task_payload import build_notifier
 
     notifier = build_notifier(settings, backend)
     backend.on_task_ended = notifier.task_finished

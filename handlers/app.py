@@ -30,7 +30,7 @@ from .rate_limit import RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
 from service.signed_urls import openapi_url, verify
-from .webhook_payload import build_notifier
+from service.task_payload import build_notifier
 
 DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream
 `acestep-api`). Submit with POST /release_task, poll POST /query_result, download the `file` URL.

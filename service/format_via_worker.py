@@ -14,14 +14,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from engine.request import GenerationRequest
-from engine.types import GenerationError
+from engine.types import GenerationError, GenerationInfo, Metas
 
 from .cancellation import cancel_task
 from .ports import Backend
 from .records import CANCELLED, FAILED, SUCCEEDED
 
 
-def format_request(*, caption: str, lyrics: str, metadata: dict, temperature: float) -> GenerationRequest:
+def format_request(*, caption: str, lyrics: str, metadata: dict[str, Any], temperature: float) -> GenerationRequest:
     """The task that rewrites caption and lyrics: format mode, metadata only, one item, no audio."""
     return GenerationRequest.model_validate(dict(
         prompt=caption, lyrics=lyrics, use_format=True, analysis_only=True, batch_size=1,
@@ -30,7 +30,7 @@ def format_request(*, caption: str, lyrics: str, metadata: dict, temperature: fl
         vocal_language=metadata.get("language") or "en"))
 
 
-def read_answer(backend: Backend, task_id: str) -> Optional[dict]:
+def read_answer(backend: Backend, task_id: str) -> Optional[dict[str, Any]]:
     """The format task's answer (one store read); None while it waits or runs. GenerationError when it
     failed or was cancelled."""
     record = backend.store.get(task_id)
@@ -50,12 +50,12 @@ def give_up(backend: Backend, task_id: str, reason: str) -> bool:
 
 
 def _known(value: Any) -> Optional[Any]:
-    return None if value in (None, "", "N/A") else value
+    return None if value in (None, "") else value
 
 
-def _answer(metas: dict, info: dict) -> dict:
-    lm = info.get("lm_metadata") or {}
-    out = {"caption": info.get("caption"), "lyrics": info.get("lyrics"), "bpm": _known(metas.get("bpm")),
-           "key_scale": _known(metas.get("keyscale")), "time_signature": _known(metas.get("timesignature")),
-           "duration": _known(metas.get("duration")), "vocal_language": _known(lm.get("language"))}
+def _answer(metas: Metas, info: GenerationInfo) -> dict[str, Any]:
+    language = (info.get("lm_metadata") or {}).get("language")
+    out = {"caption": info.get("caption"), "lyrics": info.get("lyrics"), "bpm": metas.bpm,
+           "key_scale": _known(metas.key_scale), "time_signature": _known(metas.time_signature),
+           "duration": metas.duration, "vocal_language": _known(language)}
     return {k: v for k, v in out.items() if v is not None}

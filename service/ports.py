@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
+from engine.types import EncodedAudio, EngineInfo, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 
 from .refusals import CallerBusy, QueueFull  # raised by the intake adapters; the refusals the API maps
 from .signing_keys import SigningKeys
@@ -204,7 +204,7 @@ class GenerationEngine(Protocol):
 
     def models(self) -> list[ModelInfo]: ...
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> EngineInfo:
         """device, dtype, lm_model, ... for /v1/models."""
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,

@@ -8,11 +8,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, ValidationError
 
 from engine.request import GenerationRequest
+from engine.types import GenerationInfo, Metas
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 CANCELLED = "cancelled"  # by the client (POST /v1/tasks/{id}/cancel)
@@ -32,14 +33,23 @@ class AudioFile(BaseModel):
     channels: Optional[int] = None
 
 
+def _info_object(value: Any) -> GenerationInfo:
+    if not isinstance(value, dict):
+        raise ValueError("generation_info must be an object")
+    return GenerationInfo(**value)
+
+
+# Stored and read back as it is (its keys' order and int/float values are what clients see), typed for mypy.
+StoredInfo = Annotated[GenerationInfo, PlainValidator(_info_object), PlainSerializer(lambda info: info, return_type=Any)]
+
+
 class TaskResult(BaseModel):
     """What a succeeded task produced."""
 
     audios: list[AudioFile] = []
-    # bpm, duration, genres, keyscale, timesignature as the engine determined them
-    metas: dict[str, Any] = {}
+    metas: Metas = Metas()  # bpm, duration, genres, key scale, time signature as the engine determined them
     # what ran, timings, notes; `random_weights` is true for a demo model
-    generation_info: dict[str, Any] = {}
+    generation_info: StoredInfo = GenerationInfo()
     dit_model: str = ""
     lm_model: str = ""
 

@@ -473,7 +473,7 @@ class Worker:
     def _succeed(self, c: _Claimed, result: GenerationResult) -> None:
         keys: list[str] = []
         audios = []
-        info = dict(result.generation_info)
+        info = result.generation_info.copy()
         try:  # storage full part way: what this attempt wrote goes, and the outage is raised
             for i, audio in enumerate(result.audios):
                 key = output_key(c.task_id, c.attempt, i, audio.format)
@@ -590,4 +590,3 @@ def _task_fields(batch: Sequence[_Claimed]) -> dict[str, Any]:
     if len(batch) == 1:
         return {"task_id": batch[0].task_id, "attempt": int(batch[0].attempt)}
     return {"task_ids": [c.task_id for c in batch], "attempts": [int(c.attempt) for c in batch]}
-

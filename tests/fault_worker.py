@@ -27,7 +27,7 @@ import soundfile as sf
 
 from engine import audio_io
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationResult, ModelInfo, ProgressCallback
+from engine.types import EncodedAudio, EngineInfo, GenerationResult, Metas, ModelInfo, ProgressCallback
 from service.config import Settings
 from service.embedded import make_embedded_backend
 from service.worker import Worker
@@ -42,7 +42,7 @@ class FastEngine:
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("fast", True, random_weights=True, task_types=("text2music", "cover"))]
 
-    def describe(self) -> dict:
+    def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
@@ -53,7 +53,7 @@ class FastEngine:
         if progress:
             progress(0.5, "dit")
         audios = [EncodedAudio(_WAV.getvalue(), "wav", 8000, 2, 0.01, i) for i in range(request.batch_size)]
-        return GenerationResult(audios, metas={}, dit_model="fast", lm_model="none", generation_info={})
+        return GenerationResult(audios, metas=Metas(), dit_model="fast", lm_model="none", generation_info={})
 
     def generate_batch(self, items, progress=None, encode=True) -> list:
         return [self.generate(r, src_audio=a.get("src_audio"), progress=progress) for r, a in items]

@@ -17,7 +17,8 @@ import numpy as np
 import soundfile as sf
 
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationError, GenerationResult, ModelInfo, ProgressCallback
+from engine.types import (EncodedAudio, EngineInfo, GenerationError, GenerationInfo, GenerationResult, Metas, ModelInfo,
+                          ProgressCallback)
 
 SAMPLE_RATE = 16000
 DEFAULT_DURATION = 10.0
@@ -52,7 +53,7 @@ class SineEngine:
         return [ModelInfo(name, i == 0, random_weights=True, task_types=("text2music", "cover", "repaint"))
                 for i, name in enumerate(self.model_names)]
 
-    def describe(self) -> dict:
+    def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none", "random_weights": True,
                 "test_engine": True}
 
@@ -71,9 +72,9 @@ class SineEngine:
                                SAMPLE_RATE, 1, duration, seed) for seed in seeds]
         progress(1.0, "Decoding audio...")
         model = request.model or self.model_names[0]
-        metas = {"bpm": request.bpm or "N/A", "duration": duration, "genres": "N/A",
-                 "keyscale": request.key_scale or "N/A", "timesignature": request.time_signature or "N/A"}
-        info = {"random_weights": True, "test_engine": True, "inference_steps": request.inference_steps,
+        metas = Metas(bpm=request.bpm, duration=duration, key_scale=request.key_scale or None,
+                      time_signature=request.time_signature or None)
+        info: GenerationInfo = {"random_weights": True, "test_engine": True, "steps": request.inference_steps,
                 "task_type": request.task_type}
         return GenerationResult(audios=audios, metas=metas, dit_model=model, lm_model="none",
                                 generation_info=info)
@@ -97,7 +98,7 @@ class BloatedEngine(SineEngine):
     def generate(self, request, **kw):
         result = super().generate(request, **kw)
         result.generation_info["notes"] = [f"note {i} " + "🎼" * 250 for i in range(300)]  # ~300 KB
-        result.metas["genres"] = "ambient " * 20000  # ~160 KB
+        result.metas.genres = "ambient " * 20000  # ~160 KB
         return result
 
 

@@ -112,7 +112,7 @@ def test_a_result_over_400_kb_is_read_back_whole(bloated_api):
     api.run_worker()
     rec = api.backend.store.get(task_id)  # what every reader gets, whatever the backend
     assert rec.status == SUCCEEDED and len(rec.result.model_dump_json().encode()) > 400 * 1024
-    assert len(rec.result.generation_info["notes"]) == 300 and rec.result.metas["genres"] == "ambient " * 20000
+    assert len(rec.result.generation_info["notes"]) == 300 and rec.result.metas.genres == "ambient " * 20000
     assert "missing_parts" not in rec.result.generation_info
     if api.settings.backend == "aws":  # the item as DynamoDB holds it: request and what fits of the result
         store = api.backend.store

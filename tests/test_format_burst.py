@@ -14,7 +14,7 @@ import anyio.to_thread
 import httpx
 
 from engine.request import GenerationRequest
-from engine.types import GenerationResult, ProgressCallback
+from engine.types import GenerationResult, Metas, ProgressCallback
 from service.records import CANCELLED, MODELS_META_KEY, QUEUED, ModelsMeta
 from tests.api_support import make_api
 from tests.support_engine import SineEngine
@@ -37,7 +37,7 @@ class FormattingEngine(SineEngine):
                                     progress=progress, encode=encode)
         self.calls.append({"request": request, "src_audio": None, "reference_audio": None})
         return GenerationResult(
-            audios=[], metas={"bpm": 96, "duration": 30, "keyscale": "A minor", "timesignature": "4"},
+            audios=[], metas=Metas(bpm=96, duration=30, key_scale="A minor", time_signature="4"),
             dit_model=self.model_names[0], lm_model="test-engine",
             generation_info={"caption": request.prompt.upper(), "lyrics": request.lyrics, "test_engine": True,
                              "random_weights": True, "lm_metadata": {"language": "en"}})

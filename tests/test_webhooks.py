@@ -22,8 +22,8 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from engine.request import GenerationRequest
-from handlers.results import entry_for
-from handlers.webhook_payload import build_notifier
+from service.task_payload import entry_for
+from service.task_payload import build_notifier
 from service.cancellation import cancel_task
 from service.submission import submit_task
 from service.webhooks import WebhookNotifier, WebhookRefused, check_target, secret_text, vet_target
@@ -512,7 +512,7 @@ def test_a_slow_receiver_is_cut_at_the_deadline_and_never_delays_the_others(sett
 _DELIVERER = """
 import json, os, sys, time
 from service.config import Settings
-from handlers.webhook_payload import build_notifier
+from service.task_payload import build_notifier
 settings = Settings(**json.loads(os.environ["SETTINGS"]))
 if settings.backend == "aws":
     from service.aws import make_aws_backend as make

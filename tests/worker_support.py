@@ -12,7 +12,8 @@ import numpy as np
 import soundfile as sf
 
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
+from engine.types import (EncodedAudio, EngineInfo, GenerationInfo, GenerationResult, Metas, ModelInfo, PendingAudio,
+                          ProgressCallback)
 from service.submission import submit_task
 
 BAD_SEED = 666
@@ -30,7 +31,7 @@ class ScriptedEngine:
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("test-model", True, random_weights=True, task_types=("text2music", "cover"))]
 
-    def describe(self) -> dict:
+    def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
 
     def _audio(self, req: GenerationRequest, seed: int) -> EncodedAudio:
@@ -59,11 +60,11 @@ class ScriptedEngine:
             progress((step + 1) / 4, "dit")
         seeds = req.seeds or [7]
         seeds = [seeds[i] if i < len(seeds) else seeds[0] + i for i in range(req.batch_size)]
-        info = {"random_weights": True, "timings": {"audio_encoding_s": 0.0}}
+        info: GenerationInfo = {"random_weights": True, "timings": {"audio_encoding_s": 0.0}}
         if self.defer and not encode:
-            return GenerationResult([], metas={"bpm": req.bpm or "N/A"}, dit_model="test-model", lm_model="none",
+            return GenerationResult([], metas=Metas(bpm=req.bpm), dit_model="test-model", lm_model="none",
                                     generation_info=info, pending=[self._pending(req, s) for s in seeds])
-        return GenerationResult([self._audio(req, s) for s in seeds], metas={"bpm": req.bpm or "N/A"},
+        return GenerationResult([self._audio(req, s) for s in seeds], metas=Metas(bpm=req.bpm),
                                 dit_model="test-model", lm_model="none", generation_info=info)
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,

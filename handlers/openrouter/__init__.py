@@ -22,7 +22,7 @@ from ..cors import cors_origins
 from ..envelope import install_error_handlers
 from ..rate_limit import RateLimitMiddleware, TokenBuckets
 from ..request_context import RequestContextMiddleware
-from ..webhook_payload import build_notifier
+from service.task_payload import build_notifier
 from . import routes
 from .auth import required_key
 

@@ -30,9 +30,9 @@ def content_text(record: TaskRecord, lm_fallback: bool = False) -> str:
     info, metas, request = result.generation_info, result.metas, record.request
     lines = []
     caption = info.get("caption") or request.prompt
-    for label, value, unit in (("Caption", caption, ""), ("BPM", metas.get("bpm"), ""),
-                               ("Duration", metas.get("duration"), "s"), ("Key", metas.get("keyscale"), ""),
-                               ("Time Signature", metas.get("timesignature"), ""),
+    for label, value, unit in (("Caption", caption, ""), ("BPM", metas.bpm, ""),
+                               ("Duration", metas.duration, "s"), ("Key", metas.key_scale, ""),
+                               ("Time Signature", metas.time_signature, ""),
                                ("Language", request.vocal_language, "")):
         if _shown(value):
             lines.append(f"**{label}:** {value}{unit}")
