@@ -1,7 +1,9 @@
-"""Audio in and out: decode uploaded bytes to 48 kHz stereo, encode generated audio to mp3/wav/flac.
+"""Audio in and out: decode uploaded bytes to 48 kHz stereo, encode generated audio (engine.audio_encode).
 
-Decoding goes through soundfile (libsndfile: wav/flac/ogg/mp3) and soxr (libsoxr, a maintained
-resampler), so no external binary (ffmpeg) is needed. Uploads are hostile input: the header is
+Decoding goes through soundfile (libsndfile: wav/flac/ogg/opus/mp3) and soxr (libsoxr, a maintained
+resampler), so no external binary (ffmpeg) is needed; AAC (ADTS, as this service writes it, or in M4A)
+goes through FFmpeg's AAC decoder in PyAV's wheel, its demuxer chosen from the magic bytes, never guessed.
+Uploads are hostile input: the header is
 checked (channels, sample rate, length) before anything is decoded, decoding runs block by block
 (memory bounded by the 48 kHz stereo output, whatever the input's rate or channel count), and
 NaN/inf samples are refused. Encoding refuses non-finite audio too: libsndfile's mp3 encoder
@@ -10,6 +12,8 @@ aborts the process on NaN.
 from __future__ import annotations
 
 import io
+import itertools
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import soundfile as sf
@@ -29,6 +33,7 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 # this bounds decode time, not memory.
 MAX_DECODED_SAMPLES = int(MAX_SOURCE_SECONDS * 96000 * 2)
 _BLOCK_FRAMES = 1 << 16
+SUPPORTED = "wav, flac, mp3, ogg, opus, aac, m4a"
 
 
 
@@ -44,10 +49,14 @@ def decode_audio(data: bytes, what: str = "audio", max_seconds: float = MAX_SOUR
     try:
         f = sf.SoundFile(io.BytesIO(data))
     except Exception as exc:  # libsndfile reports every unreadable input as a generic error
-        raise GenerationError(f"could not decode {what}: {exc} (supported: wav, flac, mp3, ogg)") from exc
-    with f:
-        check_header(what, f.samplerate, f.channels, f.frames, max_seconds)
-        blocks = _decode_blocks(f, what, max_seconds)
+        demuxer = _aac_demuxer(data)
+        if demuxer is None:
+            raise GenerationError(f"could not decode {what}: {exc} (supported: {SUPPORTED})") from exc
+        blocks = _decode_aac(data, demuxer, what, max_seconds)
+    else:
+        with f:
+            check_header(what, f.samplerate, f.channels, f.frames, max_seconds)
+            blocks = _resampled(_sf_blocks(f, what), f.samplerate, f.channels, what, max_seconds)
     if not blocks:
         raise GenerationError(f"could not decode {what}: it contains no audio samples")
     return to_stereo(torch.from_numpy(np.ascontiguousarray(np.concatenate(blocks).T)))
@@ -66,34 +75,71 @@ def check_header(what: str, sample_rate: int, channels: int, frames: int, max_se
         raise GenerationError(f"{what} holds {frames * channels} samples; the limit is {MAX_DECODED_SAMPLES}")
 
 
-def _decode_blocks(f: sf.SoundFile, what: str, max_seconds: float) -> list[np.ndarray]:
-    """[samples, 2] float32 blocks at 48 kHz; stops as soon as the output passes max_seconds
-    (an mp3's frame count can be unknown or wrong in its header)."""
-    sr = f.samplerate
-    stream = soxr.ResampleStream(sr, SAMPLE_RATE, 2, dtype="float32", quality="HQ") if sr != SAMPLE_RATE else None
-    limit = int(max_seconds * SAMPLE_RATE) + 1
-    out: list[np.ndarray] = []
-    total, frames_read = 0, 0
+def _sf_blocks(f: sf.SoundFile, what: str) -> Iterator[np.ndarray]:
     while True:
         try:
             block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
         except Exception as exc:
-            raise GenerationError(f"could not decode {what}: {exc} (supported: wav, flac, mp3, ogg)") from exc
-        last = len(block) < _BLOCK_FRAMES
+            raise GenerationError(f"could not decode {what}: {exc} (supported: {SUPPORTED})") from exc
+        yield block
+        if len(block) < _BLOCK_FRAMES:
+            return
+
+
+def _aac_demuxer(data: bytes) -> Optional[str]:
+    """FFmpeg's demuxer for AAC bytes: ADTS frames (sync word 0xFFF, layer 0) or an MP4/M4A file; None else."""
+    if len(data) > 1 and data[0] == 0xFF and data[1] & 0xF6 == 0xF0:
+        return "aac"
+    return "mov" if data[4:8] == b"ftyp" else None
+
+
+def _decode_aac(data: bytes, demuxer: str, what: str, max_seconds: float) -> list[np.ndarray]:
+    import av  # FFmpeg: only for AAC, the one format libsndfile lacks
+
+    try:
+        with av.open(io.BytesIO(data), format=demuxer) as container:
+            if not container.streams.audio:
+                raise GenerationError(f"could not decode {what}: no audio stream (supported: {SUPPORTED})")
+            stream = container.streams.audio[0]
+            if stream.codec_context.name != "aac":
+                raise GenerationError(f"could not decode {what}: {stream.codec_context.name} audio in an MP4 "
+                                      f"(supported: {SUPPORTED})")
+            rate, channels = stream.rate, stream.channels
+            frames = int((container.duration or 0) * rate / 1_000_000)
+            check_header(what, rate, channels, frames, max_seconds)
+            # the AAC decoder writes planar float: [channels, n] per frame
+            blocks = (np.ascontiguousarray(frame.to_ndarray().T, dtype=np.float32)
+                      for frame in container.decode(stream))
+            return _resampled(blocks, rate, channels, what, max_seconds)
+    except av.FFmpegError as exc:
+        raise GenerationError(f"could not decode {what}: {exc} (supported: {SUPPORTED})") from exc
+
+
+def _resampled(blocks: Iterable[np.ndarray], sr: int, channels: int, what: str,
+               max_seconds: float) -> list[np.ndarray]:
+    """[samples, 2] float32 blocks at 48 kHz from [samples, channels] blocks at `sr`; stops as soon as the
+    output passes max_seconds (an mp3's frame count can be unknown or wrong in its header)."""
+    stream = soxr.ResampleStream(sr, SAMPLE_RATE, 2, dtype="float32", quality="HQ") if sr != SAMPLE_RATE else None
+    limit = int(max_seconds * SAMPLE_RATE) + 1
+    out: list[np.ndarray] = []
+    total, frames_read = 0, 0
+    for block in itertools.chain(blocks, [None]):
+        last = block is None
+        if block is None:  # the end: what the resampler holds
+            block = np.zeros((0, 2), dtype=np.float32)
         frames_read += len(block)
-        if frames_read * f.channels > MAX_DECODED_SAMPLES:
+        if frames_read * channels > MAX_DECODED_SAMPLES:
             raise GenerationError(f"{what} holds more than {MAX_DECODED_SAMPLES} samples")
         if not np.isfinite(block).all():
             raise GenerationError(f"{what} contains NaN or infinite samples; send finite audio")
-        stereo = _first_two_channels(block)
+        stereo = _first_two_channels(block) if len(block) else block
         chunk = stream.resample_chunk(stereo, last=last) if stream is not None else stereo
         if len(chunk):
             out.append(np.asarray(chunk, dtype=np.float32))
             total += len(chunk)
         if total > limit:
             raise GenerationError(f"{what} is longer than the limit of {max_seconds:.0f} s")
-        if last:
-            return out
+    return out
 
 
 def _first_two_channels(block: np.ndarray) -> np.ndarray:

@@ -45,6 +45,18 @@ def test_decode_common_formats_to_48k_stereo(fmt):
     assert 0.2 < audio.abs().max() < 0.4
 
 
+def test_decode_aac_results_as_sources():  # a result in aac can be the next task's src_audio
+    sr = 44100
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(sr * 2) / sr)).astype("float32")
+    audio = decode_audio(encode_audio(np.stack([tone, tone]), "aac", sr), "src_audio")
+    assert audio.shape[0] == 2 and abs(audio.shape[1] - 96000) <= 4096 and 0.2 < audio.abs().max() < 0.4
+    for broken in (b"\xff\xf1" + b"\x00" * 500, b"\x00\x00\x00\x20ftypM4A " + b"\x00" * 500):  # magic, no audio
+        with pytest.raises(GenerationError, match=r"^(could not decode )?src_audio"):
+            decode_audio(broken, "src_audio")
+    with pytest.raises(GenerationError, match="src_audio is 2 s long; the limit is 1 s"):
+        decode_audio(encode_audio(np.stack([tone, tone]), "aac", sr), "src_audio", max_seconds=1)
+
+
 def test_decode_rejects_garbage_empty_and_too_long():
     with pytest.raises(GenerationError, match="could not decode reference_audio"):
         decode_audio(b"\x00\x01garbage" * 100, "reference_audio")
