@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS queue (
     task_id TEXT NOT NULL UNIQUE,
     visible_at REAL NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
-    receipt TEXT
+    receipt TEXT,
+    lane INTEGER NOT NULL DEFAULT 0  -- 1: interactive (service/lanes.py), received before any generation
 );
 CREATE INDEX IF NOT EXISTS queue_visible ON queue(visible_at, seq);
 CREATE TABLE IF NOT EXISTS workers (
@@ -113,6 +114,8 @@ class Database:
         if "webhook_due" not in have:  # the webhook outbox
             conn.execute("ALTER TABLE tasks ADD COLUMN webhook_due REAL")
             conn.execute("ALTER TABLE tasks ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0")
+        if "lane" not in {row["name"] for row in conn.execute("PRAGMA table_info(queue)")}:
+            conn.execute("ALTER TABLE queue ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
 
     def read(self) -> sqlite3.Connection:
         return self._conn()

@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..ports import QUEUED, RUNNING, CallerLimits, TaskIntake, TaskRecord
 from ..caller_limits import check_caller
+from ..lanes import is_interactive
 from .db import Database
 from .queue import SqliteTaskQueue
 from .store import insert_task, record_from_row
@@ -28,7 +29,8 @@ class SqliteTaskIntake(TaskIntake):
                                         " GROUP BY status", (record.owner, QUEUED, RUNNING)).fetchall())
                 check_caller(counts.get(QUEUED, 0), counts.get(RUNNING, 0), caller_limits)
             insert_task(c, record)
-            self.queue.insert(c, record.task_id, max_queue)  # QueueFull rolls back the insert too
+            # QueueFull rolls back the insert too
+            self.queue.insert(c, record.task_id, max_queue, interactive=is_interactive(record.request))
         self.queue.notify()
         return record, True
 

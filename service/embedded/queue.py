@@ -49,13 +49,14 @@ class SqliteTaskQueue(TaskQueue):
         self.notify()
 
     @staticmethod
-    def insert(c, task_id: str, max_size: int) -> None:
-        """Enqueue inside the caller's write transaction (the intake adds the task row in the same one)."""
+    def insert(c, task_id: str, max_size: int, interactive: bool = False) -> None:
+        """Enqueue inside the caller's write transaction (the intake adds the task row in the same one).
+        `interactive`: the task is received before every generation waiting (service/lanes.py)."""
         now = time.time()
         waiting = c.execute("SELECT COUNT(*) FROM queue WHERE visible_at <= ?", (now,)).fetchone()[0]
         if waiting >= max_size:
             raise QueueFull(f"{waiting} tasks waiting (max {max_size})")
-        c.execute("INSERT INTO queue (task_id, visible_at) VALUES (?, ?)", (task_id, now))
+        c.execute("INSERT INTO queue (task_id, visible_at, lane) VALUES (?, ?, ?)", (task_id, now, int(interactive)))
 
     def _take(self, visibility_timeout: float) -> Optional[Lease]:
         dead: list[tuple[str, int]] = []
@@ -66,7 +67,7 @@ class SqliteTaskQueue(TaskQueue):
                 row = c.execute(
                     "SELECT q.seq, q.task_id, q.receive_count, COALESCE(t.attempt - t.given_back, 0) AS runs FROM queue q"
                     " LEFT JOIN tasks t ON t.task_id = q.task_id WHERE q.visible_at <= ?"
-                    " ORDER BY q.seq LIMIT 1", (now,)).fetchone()
+                    " ORDER BY q.lane DESC, q.seq LIMIT 1", (now,)).fetchone()
                 if row is None:
                     break
                 # Only deliveries that ran count (the task's attempt: one per claim, less the claims a
