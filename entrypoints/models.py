@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--layout", choices=LAYOUTS, default="diffusers",
                       help="diffusers (default): DIR/NAME/model_index.json + components; original: ACE-Step's "
                       "published layout, DIR/NAME/ + DIR/vae/ + DIR/Qwen3-Embedding-0.6B/")
+    adapter = sub.add_parser("make-tiny-adapter", help="write a random-weight LoRA or LoKr for a model, in upstream's "
+                             "trainer layout (it changes the audio, but is noise, not a style)")
+    adapter.add_argument("model", help="the diffusers-layout model folder it must fit (e.g. checkpoints/NAME)")
+    adapter.add_argument("out", help="where to write it: a folder (PEFT LoRA: adapter_config.json + "
+                         "adapter_model.safetensors; LoKr: lokr_weights.safetensors), e.g. checkpoints/loras/NAME")
+    adapter.add_argument("--kind", choices=("lora", "lokr"), default="lora")
+    adapter.add_argument("--rank", type=int, default=4)
+    adapter.add_argument("--seed", type=int, default=0)
+    adapter.add_argument("--single-file", action="store_true", help="a LoRA as one OUT.safetensors instead")
     conv = sub.add_parser("convert", help="convert an original-layout model to the diffusers layout")
     conv.add_argument("src", help="folder holding NAME/, vae/ and Qwen3-Embedding-0.6B/ (or the NAME/ folder itself)")
     conv.add_argument("dst", help="the diffusers-layout model folder to write (atomically)")
@@ -89,6 +98,17 @@ def run(args: argparse.Namespace) -> int:
                                      size="full" if args.full_size else "tiny", layout=args.layout)
         print(f"built {path} ({'full-size' if args.full_size else 'tiny'}, {args.layout} layout, seed {args.seed})"
               f" -- {DEMO_NOTICE}; `acestep-models download {args.name}` replaces it with the real weights")
+        return 0
+    if args.command == "make-tiny-adapter":
+        from engine.adapter_builder import build_tiny_adapter, model_shape_at
+        from engine.adapter_manifest import inspect_adapter
+
+        shape = model_shape_at(Path(args.model))
+        path = build_tiny_adapter(Path(args.out), shape, args.kind, rank=args.rank, seed=args.seed,
+                                  single_file=args.single_file)
+        info = inspect_adapter(path, shape=shape)
+        print(f"wrote {path} ({info.kind}, {info.format}, rank {info.rank}, {info.num_modules} linears of "
+              f"{args.model}) -- random weights: a test adapter, not a style")
         return 0
     if args.command == "convert":
         return convert(Path(args.src), Path(args.dst), args.name, args.overwrite)

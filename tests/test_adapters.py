@@ -30,7 +30,10 @@ def loras(engine, shape):
     root = engine.adapters.lora_dir
     build_tiny_adapter(root / "style", shape, "lora", rank=4, seed=1)
     build_tiny_adapter(root / "other", shape, "lora", rank=2, seed=2)
-    build_tiny_adapter(root / "kron", shape, "lokr", rank=2, seed=3)
+    from entrypoints.models import main  # the documented tool writes the LoKr
+
+    assert main(["make-tiny-adapter", engine.model(TURBO).info.path, str(root / "kron"), "--kind", "lokr",
+                 "--rank", "2", "--seed", "3"]) == 0
     return root
 
 
