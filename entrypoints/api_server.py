@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from service.config import ENV_NAMES, Settings, load_settings
 from handlers.openrouter.waiting import server_stopping as chat_server_stopping
@@ -64,7 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     })
 
 
-def child_env(settings: Settings) -> dict:
+def child_env(settings: Settings) -> dict[str, Any]:
     """The environment a worker process needs to see the same settings as the API."""
     env = dict(os.environ)
     # Each worker's torch would use every core; several of them then spin against each other.
@@ -103,11 +104,11 @@ class WorkerSupervisor:
 
     def __init__(self, settings: Settings, count: int, log_level: str):
         self.settings, self.count, self.log_level = settings, count, log_level
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="worker-supervisor")
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         # Grace below stop()'s timeout: a running task is released, not killed mid-way.
         # --supervised: the worker ignores the terminal's Ctrl+C (SIGINT reaches the whole process
         # group); it acts on the SIGTERMs this supervisor forwards, so one Ctrl+C is one signal.
@@ -190,7 +191,7 @@ class _Listener:
                                      http=protocol, h11_max_incomplete_event_size=http_protocol.MAX_HEAD_BYTES))
 
 
-def listeners(settings: Settings, app) -> list:
+def listeners(settings: Settings, app) -> list[Any]:
     """The ACE-Step API on ACESTEP_API_HOST:PORT and the OpenAI-compatible one on OPENROUTER_HOST:PORT."""
     protocol = http_protocol.header_limited(settings.header_timeout, http_protocol.MAX_WAITING)
     servers = [_Listener.server(app, settings.host, settings.port, settings, protocol)]
@@ -201,7 +202,7 @@ def listeners(settings: Settings, app) -> list:
     return servers
 
 
-async def _serve_all(servers: list) -> None:
+async def _serve_all(servers: list[Any]) -> None:
     serving = [asyncio.ensure_future(server.serve()) for server in servers]
     # Once every listener is up, what start-up built is settled out of the collector's way.
     while not all(server.started for server in servers) and not any(task.done() for task in serving):

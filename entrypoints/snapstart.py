@@ -24,12 +24,12 @@ from service.aws.clients import build_all, forget_sessions  # boto3 itself is im
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict, Any], dict]
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 # Requests replayed through the handler before the snapshot: they pull in the lazy imports and
 # build the validators of the paths clients hit first. None of them can create anything: the
 # submit is refused by validation (a non-numeric duration) before any write.
-PRIMING_REQUESTS: tuple[tuple[str, str, Optional[dict]], ...] = (
+PRIMING_REQUESTS: tuple[tuple[str, str, Optional[dict[str, Any]]], ...] = (
     ("GET", "/health", None),
     ("GET", "/v1/models", None),
     ("POST", "/release_task", {"prompt": "priming", "audio_duration": "not a number"}),
@@ -38,7 +38,7 @@ PRIMING_REQUESTS: tuple[tuple[str, str, Optional[dict]], ...] = (
 )
 
 
-def api_gateway_event(method: str, path: str, body: Optional[dict], api_key: str = "") -> dict:
+def api_gateway_event(method: str, path: str, body: Optional[dict[str, Any]], api_key: str = "") -> dict[str, Any]:
     """An API Gateway HTTP API (payload 2.0) event, as the function receives it."""
     headers = {"host": "snapstart.invalid", "content-type": "application/json"}
     if api_key:

@@ -5,7 +5,7 @@ chooses or constructs adapters itself.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -45,7 +45,7 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
 
     generate = app.openapi
 
-    def openapi_of_this_server() -> dict:
+    def openapi_of_this_server() -> dict[str, Any]:
         if app.openapi_schema is None:  # built once; `model` lists this server's models
             with_model_names(generate(), list(settings.model_names))
         return app.openapi_schema or generate()

@@ -64,7 +64,7 @@ def _check_header(settings: Settings, request: Request, missing_message: str) ->
         raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
 
 
-def token_from_fields(fields: Optional[dict]) -> Any:
+def token_from_fields(fields: Optional[dict[str, Any]]) -> Any:
     if not isinstance(fields, dict):
         return None
     return fields.get("ai_token")

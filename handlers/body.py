@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass, field
-from typing import AsyncGenerator, Optional
+from typing import Any, AsyncGenerator, Optional
 from urllib.parse import parse_qs
 
 from fastapi import Request
@@ -46,7 +46,7 @@ class FilePart:
 @dataclass
 class ParsedBody:
     kind: str  # json | multipart | form | raw-json | raw-form | empty
-    fields: dict = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FilePart] = field(default_factory=dict)
     size: int = 0  # bytes of the body: how much work parsing its fields may be (handlers/off_loop.py)
 
@@ -99,7 +99,7 @@ async def read_limited(request: Request, limit: int, what: str = "Request body",
     return b"".join(chunks)
 
 
-def _json_object(body: bytes, invalid_message: Optional[str] = None) -> dict:
+def _json_object(body: bytes, invalid_message: Optional[str] = None) -> dict[str, Any]:
     try:
         value = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -131,7 +131,7 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _query_string(body: bytes) -> dict:
+def _query_string(body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

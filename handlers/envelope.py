@@ -21,7 +21,7 @@ from service.refusals import Refused
 log = logging.getLogger("acestep.api")
 
 
-def wrap(data: Any, *, code: int = 200, error: Optional[str] = None, extra: Any = None) -> dict:
+def wrap(data: Any, *, code: int = 200, error: Optional[str] = None, extra: Any = None) -> dict[str, Any]:
     """The upstream success envelope; `timestamp` is in milliseconds."""
     return {"data": data, "code": code, "error": error, "timestamp": int(time.time() * 1000), "extra": extra}
 
@@ -29,7 +29,7 @@ def wrap(data: Any, *, code: int = 200, error: Optional[str] = None, extra: Any 
 class ApiError(HTTPException):
     """An error shown to the client as `HTTP <status> {"detail": message}`."""
 
-    def __init__(self, status_code: int, detail: str, headers: Optional[dict] = None):
+    def __init__(self, status_code: int, detail: str, headers: Optional[dict[str, Any]] = None):
         super().__init__(status_code=status_code, detail=detail, headers=headers)
 
 

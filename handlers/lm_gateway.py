@@ -7,12 +7,11 @@ implementation. Without one, /format_input answers 503 until a worker has said i
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class LMGateway(Protocol):
-    def format_sample(self, *, caption: str, lyrics: str, metadata: dict, temperature: float) -> dict:
+    def format_sample(self, *, caption: str, lyrics: str, metadata: dict[str, Any], temperature: float) -> dict[str, Any]:
         """Rewrite caption/lyrics/metas. Returns a dict with any of caption, lyrics, bpm,
         key_scale, time_signature, duration, vocal_language (missing keys fall back to the input).
         Raise engine.types.GenerationError with a client-facing message on failure."""
-

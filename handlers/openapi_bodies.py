@@ -39,7 +39,7 @@ RELEASE_RULES = (
 )
 
 
-def _inline(schema: Any, defs: dict) -> Any:
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:
     """The schema with every `$ref` to its `$defs` replaced by the definition (no components needed)."""
     if isinstance(schema, dict):
         ref = schema.get("$ref")
@@ -51,13 +51,13 @@ def _inline(schema: Any, defs: dict) -> Any:
     return schema
 
 
-def model_schema(model: type[BaseModel]) -> dict:
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """A model's validation schema, self-contained, by the names clients send (aliases)."""
     schema = model.model_json_schema(mode="validation", by_alias=True)
     return _inline(schema, schema.get("$defs", {}))
 
 
-def request_body(schema: dict, *media: str, required: bool = True) -> dict:
+def request_body(schema: dict[str, Any], *media: str, required: bool = True) -> dict[str, Any]:
     """A route's body: `schema` as JSON, and what of it a form can carry (scalars) as a form."""
     return {"requestBody": {"required": required, "content": {
         m: {"schema": _form_schema(schema) if m in (FORM, MULTIPART) else schema} for m in media}}}
@@ -65,7 +65,7 @@ def request_body(schema: dict, *media: str, required: bool = True) -> dict:
 
 # --- /release_task ------------------------------------------------------------------------------------
 
-def _field_schemas() -> dict[str, dict]:
+def _field_schemas() -> dict[str, dict[str, Any]]:
     """Canonical field name -> its schema, as ReleaseTaskInput validates it."""
     schema = ReleaseTaskInput.model_json_schema(mode="validation")
     generated, defs = schema["properties"], schema.get("$defs", {})
@@ -81,10 +81,10 @@ def _field_schemas() -> dict[str, dict]:
     return out
 
 
-def _named(fields: dict[str, dict]) -> dict[str, dict]:
+def _named(fields: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every name a field answers to -> its schema (`format` is use_format, or given a format name,
     audio_format)."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, schema in fields.items():
         for alias in ALIASES.get(name) or (name,):
             out.setdefault(alias, schema)
@@ -97,7 +97,7 @@ def _named(fields: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def release_task_schema(model_names: Optional[list[str]] = None) -> dict:
+def release_task_schema(model_names: Optional[list[str]] = None) -> dict[str, Any]:
     """/release_task's JSON body: every field under each of its names, also inside param_obj and
     one of the metas-like objects (read in that order, first found wins)."""
     fields = _field_schemas()
@@ -121,9 +121,9 @@ def release_task_schema(model_names: Optional[list[str]] = None) -> dict:
                            f"{', '.join(NEEDS_SOURCE)} needs source audio; " + "; ".join(RELEASE_RULES[1:6])}
 
 
-def _form_schema(json_schema: dict) -> dict:
+def _form_schema(json_schema: dict[str, Any]) -> dict[str, Any]:
     """What a form can carry: the scalar fields (a form value is text; the readers parse it)."""
-    def scalar(schema: dict) -> Optional[dict]:
+    def scalar(schema: dict[str, Any]) -> Optional[dict[str, Any]]:
         kept = [o for o in schema.get("anyOf", [schema]) if o.get("type") in ("string", "integer", "number", "boolean")]
         if not kept:
             return None
@@ -138,7 +138,7 @@ def _form_schema(json_schema: dict) -> dict:
     return form
 
 
-def release_task_body(model_names: Optional[list[str]] = None) -> dict:
+def release_task_body(model_names: Optional[list[str]] = None) -> dict[str, Any]:
     body = request_body(release_task_schema(model_names), JSON, FORM, MULTIPART)
     files = {name: {"type": "string", "format": "binary"} for name in ("src_audio", "ctx_audio", "reference_audio",
                                                                          "ref_audio")}
@@ -160,7 +160,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"description": _ERROR_TEXT[code], "content": {JSON: {"schema": schema}}} for code in codes}
 
 
-def with_model_names(openapi: dict, model_names: list[str]) -> dict:
+def with_model_names(openapi: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
     """/release_task's `model` as the names this server serves (an unknown one is a 400)."""
     body = openapi.get("paths", {}).get("/release_task", {}).get("post", {}).get("requestBody")
     if body and model_names:
@@ -204,7 +204,7 @@ class UploadInput(BaseModel):
     ai_token: Optional[str] = None
 
 
-def format_input_schema() -> dict:
+def format_input_schema() -> dict[str, Any]:
     """/format_input's body: /release_task's fields (ReleaseTaskInput) under this route's names."""
     fields = _field_schemas()
     meta = {"duration": fields["audio_duration"], "bpm": fields["bpm"], "key": fields["key_scale"],

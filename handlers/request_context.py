@@ -10,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from service.observability.logs import log_context
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id_of(scope: dict) -> str:
+def request_id_of(scope: dict[str, Any]) -> str:
     for name, value in scope.get("headers") or ():
         if name == b"x-request-id":
             candidate = value.decode("latin-1")

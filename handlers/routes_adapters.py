@@ -66,7 +66,7 @@ def _conflict_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def _validated(model: type[BaseModel], fields: dict) -> Any:
+def _validated(model: type[BaseModel], fields: dict[str, Any]) -> Any:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
@@ -171,7 +171,7 @@ class LoRAMessage(BaseModel):
     scale: Optional[float] = None
 
 
-def listing(entry: AdapterEntry, services: AdapterServices) -> dict:
+def listing(entry: AdapterEntry, services: AdapterServices) -> dict[str, Any]:
     return {"name": entry.name, "type": entry.kind, "format": entry.format, "rank": entry.rank, "alpha": entry.alpha,
             "size_bytes": entry.size_bytes, "target_modules": entry.target_modules, "num_layers": entry.num_layers,
             "source": entry.source, "where": entry.where, "sha256": entry.sha256, "model": entry.model,
@@ -184,7 +184,7 @@ def _model_initialized(request: Request) -> bool:
     return any(b.state != "failed" for b in alive_only(beats, time.time()))
 
 
-def _status(request: Request, services: AdapterServices, fresh: bool = False) -> dict:
+def _status(request: Request, services: AdapterServices, fresh: bool = False) -> dict[str, Any]:
     return status_payload(services.defaults.current(fresh=fresh), model_initialized=_model_initialized(request))
 
 
@@ -199,7 +199,7 @@ async def list_adapters(request: Request):
     require_header(settings, request)
     services = adapters_of(request)
 
-    def build() -> dict:
+    def build() -> dict[str, Any]:
         entries, unusable = services.catalog.listing()
         return {"adapters": [listing(e, services) for e in entries], "lora_dir": str(services.catalog.lora_dir),
                 "unusable": unusable, "default": _status(request, services), "max_bytes": settings.max_adapter_bytes}

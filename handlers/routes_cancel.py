@@ -1,6 +1,8 @@
 """POST /v1/tasks/{task_id}/cancel and its upstream-style twin POST /cancel_task {task_id}."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +20,7 @@ from .results import MAX_ID_LEN
 router = APIRouter(tags=["tasks"])
 
 
-async def _cancel(request: Request, task_id: object) -> dict:
+async def _cancel(request: Request, task_id: object) -> dict[str, Any]:
     try:
         valid = CancelTaskInput.model_validate({"task_id": task_id}).task_id
     except ValidationError:

@@ -44,7 +44,7 @@ def _live_workers(backend: Backend) -> list[WorkerHeartbeat]:
         return []
 
 
-def model_list(settings: Settings, backend: Backend) -> dict:
+def model_list(settings: Settings, backend: Backend) -> dict[str, Any]:
     """`{models: [{name, is_default, random_weights, task_types?, is_loaded, supported_task_types}],
     default_model, lm_models, loaded_lm_model, llm_initialized, ...}` (upstream's inventory and ours).
 
@@ -76,7 +76,7 @@ def model_list(settings: Settings, backend: Backend) -> dict:
     return out
 
 
-def demo_state(models: list[dict]) -> bool | str:
+def demo_state(models: list[dict[str, Any]]) -> bool | str:
     """True when a demo (random-weight) model serves; "unknown" until a worker has said what it loaded."""
     flags = [m["random_weights"] for m in models]
     if any(flags):
@@ -84,7 +84,7 @@ def demo_state(models: list[dict]) -> bool | str:
     return False if flags and all(f is not None for f in flags) else "unknown"
 
 
-def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tuple[dict, bool]:
+def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tuple[dict[str, Any], bool]:
     """`keyed`: the caller presented the configured API key, so may see which tasks run."""
     report = check_health(backend, settings.stall_timeout, name_tasks=keyed)
     listing = model_list(settings, backend) if report.store_ok else {"models": []}
@@ -117,7 +117,7 @@ async def list_models(request: Request):
     return wrap(await run_in_threadpool(model_list, settings, backend_of(request)))
 
 
-def stats(settings: Settings, backend: Backend, recent: Optional[list[TaskRecord]] = None) -> dict:
+def stats(settings: Settings, backend: Backend, recent: Optional[list[TaskRecord]] = None) -> dict[str, Any]:
     counts = backend.store.counts()
     jobs = {k: int(counts.get(k, 0)) for k in ("total", "queued", "running", "succeeded", "failed", "cancelled")}
     if recent is None:

@@ -35,7 +35,7 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 _RENAMED = {("lm_temperature",): ("temperature",)}  # errors name the field as this route calls it
 
 
-def parse_format_input(fields: dict) -> dict:
+def parse_format_input(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate /format_input's body: prompt, lyrics, temperature and param_obj metadata.
 
     Through ReleaseTaskInput, so the limits and value forms are /release_task's; only where each
@@ -101,7 +101,7 @@ async def format_input(request: Request):
     })
 
 
-async def _format_on_a_worker(request: Request, args: dict) -> dict:
+async def _format_on_a_worker(request: Request, args: dict[str, Any]) -> dict[str, Any]:
     """Submit the format task through /release_task's path (its caller limits, queue bound, cost ceiling:
     429/413/503/507 alike), then wait for it on the event loop; cancel it when the wait ends unanswered."""
     settings, backend = settings_of(request), backend_of(request)
@@ -125,7 +125,7 @@ async def _format_on_a_worker(request: Request, args: dict) -> dict:
 
 
 @lru_cache(maxsize=None)
-def examples(kind: str) -> tuple[dict, ...]:
+def examples(kind: str) -> tuple[dict[str, Any], ...]:
     path = EXAMPLES_DIR / f"{kind}.json"
     with open(path, encoding="utf-8") as f:
         return tuple(json.load(f))

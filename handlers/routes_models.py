@@ -53,11 +53,11 @@ def how_to_change(settings: Settings, backend: Backend) -> str:
             "(and ACESTEP_CONFIG_PATH2/3, ACESTEP_INIT_LLM, ACESTEP_LM_MODEL_PATH) naming the models you want")
 
 
-def _lm_served(inventory: dict) -> Optional[str]:
+def _lm_served(inventory: dict[str, Any]) -> Optional[str]:
     return inventory.get("loaded_lm_model")
 
 
-def init_models(settings: Settings, backend: Backend, form: InitModel) -> dict:
+def init_models(settings: Settings, backend: Backend, form: InitModel) -> dict[str, Any]:
     inventory = model_list(settings, backend)
     served = list(settings.model_names)
     model = form.model.strip() if form.model else (settings.default_model or "")
@@ -83,7 +83,7 @@ def init_models(settings: Settings, backend: Backend, form: InitModel) -> dict:
             "llm_initialized": inventory["llm_initialized"]}
 
 
-def reinitialize(settings: Settings, backend: Backend) -> dict:
+def reinitialize(settings: Settings, backend: Backend) -> dict[str, Any]:
     reason = unservable_reason(backend)
     if reason:
         raise ModelsFixed(f"{reason}; requests cannot reload a worker's models: "

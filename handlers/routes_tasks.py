@@ -45,7 +45,7 @@ or is cancelled, signed in the Standard Webhooks scheme (`webhook-id`, `webhook-
 private and loopback hosts are refused unless ACESTEP_WEBHOOK_ALLOW_PRIVATE.
 """
 
-def read_idempotency_key(header: Optional[str], fields: dict) -> Optional[str]:
+def read_idempotency_key(header: Optional[str], fields: dict[str, Any]) -> Optional[str]:
     """The `Idempotency-Key` header, else body field `idempotency_key`; None when neither is sent."""
     name, value = IDEMPOTENCY_HEADER, header
     if header is None:
@@ -125,4 +125,3 @@ async def query_result(request: Request):
         entries = await run_in_threadpool(results.entries, ids)
     # Pre-serialised entries: a plain Response skips FastAPI's encoder.
     return Response(envelope_bytes(entries), media_type="application/json")
-

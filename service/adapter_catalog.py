@@ -106,7 +106,7 @@ def mismatch(entry: AdapterEntry, model: str, shape: Optional[ModelShape]) -> Op
 
 @dataclass
 class _Cached:
-    fingerprint: tuple
+    fingerprint: tuple[Any, ...]
     entry: Optional[AdapterEntry]
     error: Optional[str]
 
@@ -288,9 +288,9 @@ def _valid_name(name: str) -> bool:
     return bool(re.fullmatch(ADAPTER_NAME_RE, name))
 
 
-def _fingerprint(path: Path) -> tuple:
+def _fingerprint(path: Path) -> tuple[Any, ...]:
     """Size and mtime of the files an adapter at `path` is read from (a folder: its files, and final/'s)."""
-    def stat(p: Path) -> tuple:
+    def stat(p: Path) -> tuple[Any, ...]:
         try:
             st = p.stat()
         except OSError:
@@ -299,7 +299,7 @@ def _fingerprint(path: Path) -> tuple:
 
     if not path.is_dir():
         return (stat(path),)
-    parts: list[tuple] = []
+    parts: list[tuple[Any, ...]] = []
     for folder in (path, path / "final"):
         try:
             parts.extend(stat(folder / n) for n in sorted(os.listdir(folder)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -142,7 +142,7 @@ class DefaultAdapterState:
         return self._save(state.model_copy(update={"adapters": stack}))
 
 
-def status_payload(state: DefaultAdapters, *, model_initialized: bool) -> dict:
+def status_payload(state: DefaultAdapters, *, model_initialized: bool) -> dict[str, Any]:
     """GET /v1/lora/status in upstream's shape, plus what the default applies to here."""
     first = state.adapters[0] if state.adapters else None
     return {

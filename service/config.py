@@ -263,7 +263,7 @@ class ConfigError(ValueError):
     pass
 
 
-def load_dotenv_file(path: str | os.PathLike = ".env") -> None:
+def load_dotenv_file(path: str | os.PathLike[str] = ".env") -> None:
     """Load `.env` into os.environ without overriding variables already set.
 
     Into os.environ, not only into Settings: the AWS secret lookup, hub tokens and the engine read
@@ -285,7 +285,7 @@ def _config_message(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
-def load_settings(overrides: Optional[dict] = None, env: Optional[Mapping[str, str]] = None,
+def load_settings(overrides: Optional[dict[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                   dotenv_path: Optional[str] = ".env") -> Settings:
     """Build Settings from `.env`, the environment and explicit overrides (CLI flags).
 

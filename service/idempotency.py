@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .ports import IdempotencyConflict, TaskRecord
 
 
-def request_digest(request: dict, upload_digests: Optional[Mapping[str, str]] = None) -> str:
+def request_digest(request: dict[str, Any], upload_digests: Optional[Mapping[str, str]] = None) -> str:
     """SHA-256 over the validated request and the content of its uploaded files."""
     canonical = json.dumps({"request": request, "uploads": dict(sorted((upload_digests or {}).items()))},
                            sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Callable, Generic, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generic, Optional, Protocol, Sequence, TypeVar
 
 from engine.types import EncodedAudio, GenerationCancelled, GenerationError, GenerationResult
 
@@ -48,12 +48,12 @@ T = TypeVar("T", bound=HeldTask)
 @dataclass
 class _Entry(Generic[T]):
     batch: Sequence[T]
-    outcomes: list
+    outcomes: list[Any]
     encodes: list[list["Future[tuple[EncodedAudio, float]]"]]  # per task, per audio file
 
 
 class PostStage(Generic[T]):
-    def __init__(self, record: Callable[[Sequence[T], list], None], encoder: Optional[AudioEncoder],
+    def __init__(self, record: Callable[[Sequence[T], list[Any]], None], encoder: Optional[AudioEncoder],
                  keeper: LeaseKeeper, depth: int, cancel_event: threading.Event, encode_timeout: float):
         self.record = record  # the worker's: store, finish, ack (raises StorageFull at the end)
         self.encoder, self.keeper, self.cancel_event = encoder, keeper, cancel_event
@@ -69,7 +69,7 @@ class PostStage(Generic[T]):
 
     # -- the worker's side --------------------------------------------------------------------
 
-    def hand_over(self, batch: Sequence[T], outcomes: list, hold: Sequence[Lease] = ()) -> None:
+    def hand_over(self, batch: Sequence[T], outcomes: list[Any], hold: Sequence[Lease] = ()) -> None:
         """Queue a generated batch; blocks while `depth` batches are in the stage (keeping the batch's
         leases and `hold` alive meanwhile). Encoding starts at once, in the encoder processes."""
         for c in batch:
@@ -87,12 +87,12 @@ class PostStage(Generic[T]):
         self._start()
         self._queue.put(_Entry(batch, outcomes, encodes))
 
-    def _start_encoding(self, outcomes: list) -> tuple[list, list]:
+    def _start_encoding(self, outcomes: list[Any]) -> tuple[list[Any], list[Any]]:
         """Each outcome's encodes, started; an outcome whose encoding cannot start becomes its error
         (the stage then records it as failed, so its task does not stay running)."""
         started, encodes = [], []
         for outcome in outcomes:
-            futures: list = []
+            futures: list[Any] = []
             if isinstance(outcome, GenerationResult) and outcome.pending:
                 try:
                     if self.encoder is None:  # the worker asks for encoded audio when it has no encoder
@@ -173,7 +173,7 @@ class PostStage(Generic[T]):
                 for c in entry.batch:
                     self._in_stage.remove(c.lease.task_id)
 
-    def _encoded_or_error(self, outcome: object, futures: list) -> object:
+    def _encoded_or_error(self, outcome: object, futures: list[Any]) -> object:
         try:
             return self._encoded(outcome, futures)
         except BaseException as exc:  # noqa: BLE001 - the stage thread must outlive any one task

@@ -17,7 +17,7 @@ import time
 from typing import Optional
 from urllib.parse import quote
 
-from service.config import Settings
+from .config import Settings
 
 # Expiry is rounded up to this many seconds so a URL stays the same across polls (cacheable).
 _ROUND = 300

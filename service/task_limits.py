@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from engine.plan import generated_seconds, lm_decode_steps, lm_runs
 from engine.request import GenerationRequest
@@ -75,7 +75,7 @@ def over_ceiling(cost: TaskCost, max_cost: float) -> Optional[str]:
             "batch, fewer steps or less of the 5 Hz LM (thinking, sample mode, format)")
 
 
-def check_task(request: GenerationRequest, stored: dict, max_cost: float, has_source: bool = False) -> None:
+def check_task(request: GenerationRequest, stored: dict[str, Any], max_cost: float, has_source: bool = False) -> None:
     """TooCostly (413) when the stored request is too large or the task costs more than `max_cost`.
     `has_source`: src_audio comes with the request (a file, an upload key or a server path)."""
     size = len(json.dumps(stored, ensure_ascii=False).encode("utf-8"))

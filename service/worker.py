@@ -85,7 +85,7 @@ class _Claimed:
     attempt: int
     request: GenerationRequest
     inputs: dict[str, bytes]  # src_audio / reference_audio bytes
-    batch_key: Optional[tuple]  # engine.plan.batch_key: None means it runs alone
+    batch_key: Optional[tuple[Any, ...]]  # engine.plan.batch_key: None means it runs alone
     created_at: float
     started_at: float
     given_back: int = 0  # earlier claims handed back on purpose (not lost deliveries)
@@ -289,7 +289,7 @@ class Worker:
             items += claimed.request.batch_size
         return more
 
-    def _fits(self, lease: Lease, key: Optional[tuple], room: int) -> Optional[bool]:
+    def _fits(self, lease: Lease, key: Optional[tuple[Any, ...]], room: int) -> Optional[bool]:
         """Whether the leased task can join a batch of `key` with `room` items left, from a look at
         its record (no claim). None: unknown (finished, missing or invalid), left to the claim."""
         record = self.backend.store.get(lease.task_id)

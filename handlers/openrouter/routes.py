@@ -13,7 +13,7 @@ last chunk) names it, and the ACE-Step API's /query_result returns it when done.
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -110,7 +110,7 @@ async def chat_completions(request: Request):
     raise AssertionError("ticks() ends with a finished or timed-out tick")  # pragma: no cover
 
 
-async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: bool, headers: dict):
+async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: bool, headers: dict[str, Any]):
     record = tick.record
     if record is None or record.status != SUCCEEDED:
         status, detail = _failure(record)

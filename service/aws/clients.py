@@ -22,7 +22,7 @@ class LazyClient:
     """Stands in for `boto3.client(service, ...)`; the real client is built on the first attribute
     read (thread-safe: API requests run in a thread pool)."""
 
-    def __init__(self, service: str, settings: Settings, config: Optional[dict] = None):
+    def __init__(self, service: str, settings: Settings, config: Optional[dict[str, Any]] = None):
         self._service, self._settings, self._config = service, settings, config or {}
         self._client: Any = None
         _made.add(self)
@@ -46,7 +46,7 @@ class LazyClient:
         return getattr(client, name)
 
 
-def _make_client(service: str, settings: Settings, config: dict):
+def _make_client(service: str, settings: Settings, config: dict[str, Any]):
     from botocore.config import Config
 
     # Standard retry mode backs off on throttling, which a burst of submits can hit.
@@ -101,7 +101,7 @@ def forget_sessions() -> None:
         _open_session(loader=_botocore_session.get_component("data_loader"))
 
 
-def aws_client(service: str, settings: Settings, config: Optional[dict] = None) -> Any:
+def aws_client(service: str, settings: Settings, config: Optional[dict[str, Any]] = None) -> Any:
     """A client for `service` (built on first use); ACESTEP_AWS_ENDPOINT_URL redirects every service
     (moto, localstack). `config`: extra botocore Config arguments."""
     return LazyClient(service, settings, config)

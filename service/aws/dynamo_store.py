@@ -37,6 +37,12 @@ _UNSENT_MARK = "u"
 _PARTS = "result_parts"  # result part -> the blob key it spilled to (result_spill.py)
 
 
+# DynamoDB's low-level JSON: an attribute value ({"S": "..."}, {"N": "1"}, {"M": {...}}, ...), and an item
+# (also a key, or ExpressionAttributeValues): attribute names to values.
+AttributeValue = dict[str, Any]
+Item = dict[str, AttributeValue]
+
+
 class TaskExists(ValueError):
     """create() was given an id that is already in the table."""
 
@@ -49,40 +55,40 @@ class _ConditionFailed(Exception):
     """A conditional write was refused. `reasons`: TransactWriteItems' CancellationReasons, one per item
     in order (with the item as it was when asked for ALL_OLD); empty for a single write."""
 
-    def __init__(self, reasons: Optional[list[dict]] = None):
+    def __init__(self, reasons: Optional[list[dict[str, Any]]] = None):
         super().__init__()
         self.reasons = reasons or []
 
-    def failed(self, index: int) -> Optional[dict]:
+    def failed(self, index: int) -> Optional[dict[str, Any]]:
         """The reason item `index` failed its condition (its "Item" when returned), else None."""
         if index < len(self.reasons) and self.reasons[index].get("Code") == "ConditionalCheckFailed":
             return self.reasons[index]
         return None
 
 
-def _n(value: float | int) -> dict:
+def _n(value: float | int) -> AttributeValue:
     return {"N": repr(value) if isinstance(value, float) else str(value)}
 
 
-def _s(value: str) -> dict:
+def _s(value: str) -> AttributeValue:
     return {"S": value}
 
 
-def _num(item: dict, name: str) -> Optional[float]:
+def _num(item: Item, name: str) -> Optional[float]:
     attr = item.get(name)
     return float(attr["N"]) if attr and "N" in attr else None
 
 
-def _str(item: dict, name: str) -> Optional[str]:
+def _str(item: Item, name: str) -> Optional[str]:
     attr = item.get(name)
     return attr["S"] if attr and "S" in attr else None
 
 
-def _task_key(task_id: str) -> dict:
+def _task_key(task_id: str) -> Item:
     return {S.PK: _s(S.TASK_PREFIX + task_id)}
 
 
-def _idempotency_key(key: str) -> dict:
+def _idempotency_key(key: str) -> Item:
     return {S.PK: _s(S.IDEMPOTENCY_PREFIX + key)}
 
 
@@ -104,7 +110,7 @@ class DynamoTaskStore(TaskStore):
         unique = list(dict.fromkeys(task_ids))
         for start in range(0, len(unique), 100):  # BatchGetItem takes at most 100 keys
             keys = [_task_key(t) for t in unique[start:start + 100]]
-            request: Optional[dict] = {self._table: {"Keys": keys, "ConsistentRead": True}}
+            request: Optional[dict[str, Any]] = {self._table: {"Keys": keys, "ConsistentRead": True}}
             while request:
                 resp = self._db.batch_get_item(RequestItems=request)
                 for item in resp.get("Responses", {}).get(self._table, []):
@@ -196,14 +202,14 @@ class DynamoTaskStore(TaskStore):
             if error_code(exc) != "ValidationException":  # no map yet: nothing to forget
                 raise
 
-    def get_meta(self, key: str) -> Optional[dict]:
+    def get_meta(self, key: str) -> Optional[dict[str, Any]]:
         resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)}, ConsistentRead=True)
         value = _str(resp.get("Item", {}), "value")
         return json.loads(value) if value is not None else None
 
     # -- writes ------------------------------------------------------------------------------
 
-    def put_meta(self, key: str, value: dict) -> None:
+    def put_meta(self, key: str, value: dict[str, Any]) -> None:
         self._db.put_item(
             TableName=self._table,
             Item={S.PK: _s(S.META_PREFIX + key), "value": _s(json.dumps(value))},
@@ -353,7 +359,7 @@ class DynamoTaskStore(TaskStore):
                                             "ADD given_back :one SET progress = :zero, stage = :stage",
                                             {":one": _n(1), ":zero": _n(0.0), ":stage": _s(GIVEN_BACK_STAGE)})
 
-    def _update_running_attempt(self, task_id: str, attempt: int, expression: str, values: dict) -> bool:
+    def _update_running_attempt(self, task_id: str, attempt: int, expression: str, values: Item) -> bool:
         """Apply `expression` only while `attempt` still runs the task; False when it no longer does."""
         try:
             self._db.update_item(
@@ -529,8 +535,8 @@ class DynamoTaskStore(TaskStore):
             return self._outbox_write(task_id, claimed_until, "REMOVE #d, #wp", {}, {"#wp": S.WEBHOOK_PART})
         return self._outbox_write(task_id, claimed_until, "SET #d = :next", {":next": _n(float(retry_at))})
 
-    def _outbox_write(self, task_id: str, seen_due: float, expression: str, values: dict,
-                      names: Optional[dict] = None) -> bool:
+    def _outbox_write(self, task_id: str, seen_due: float, expression: str, values: Item,
+                      names: Optional[dict[str, str]] = None) -> bool:
         try:
             self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression=expression,
                                  ConditionExpression="#d = :seen",
@@ -544,18 +550,18 @@ class DynamoTaskStore(TaskStore):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _to_record(self, item: dict, strict: bool = False) -> TaskRecord:
+    def _to_record(self, item: Item, strict: bool = False) -> TaskRecord:
         record = _to_record(item, strict)
         stored = _str(item, "result")
         if stored is not None:
             record.result = restore(stored, _parts(item), self._blobs)
         return record
 
-    def _get_item(self, task_id: str) -> Optional[dict]:
+    def _get_item(self, task_id: str) -> Optional[Item]:
         resp = self._db.get_item(TableName=self._table, Key=_task_key(task_id), ConsistentRead=True)
         return resp.get("Item")
 
-    def _fence(self, item: dict) -> dict:
+    def _fence(self, item: Item) -> dict[str, Any]:
         """Condition: the task is still in the (status, attempt) state we read."""
         return {
             "ConditionExpression": "#fst = :fst AND attempt = :fatt",
@@ -563,7 +569,7 @@ class DynamoTaskStore(TaskStore):
             "ExpressionAttributeValues": {":fst": item["status"], ":fatt": _n(int(_num(item, "attempt") or 0))},
         }
 
-    def _update(self, task_id: str, item: dict, expression: str, names: dict, values: dict) -> dict:
+    def _update(self, task_id: str, item: Item, expression: str, names: dict[str, str], values: Item) -> dict[str, Any]:
         fence = self._fence(item)
         return {"Update": {
             "TableName": self._table,
@@ -574,7 +580,7 @@ class DynamoTaskStore(TaskStore):
             "ExpressionAttributeValues": {**values, **fence["ExpressionAttributeValues"]},
         }}
 
-    def _owner_moves(self, owner: Optional[str], src: Optional[str], dst: Optional[str]) -> list[dict]:
+    def _owner_moves(self, owner: Optional[str], src: Optional[str], dst: Optional[str]) -> list[dict[str, Any]]:
         """The caller's counter (queued, running, and active = both) for the same move; [] without an owner."""
         if not owner:
             return []
@@ -597,7 +603,7 @@ class DynamoTaskStore(TaskStore):
         item = resp.get("Item", {})
         return {k: max(0, int(_num(item, k) or 0)) for k in (QUEUED, RUNNING, _ACTIVE)}
 
-    def _count_move(self, src: Optional[str], dst: Optional[str]) -> dict:
+    def _count_move(self, src: Optional[str], dst: Optional[str]) -> dict[str, Any]:
         """Counter update for a task leaving `src` and entering `dst` (None = not in the table)."""
         deltas: dict[str, int] = {}
         if src:
@@ -615,7 +621,7 @@ class DynamoTaskStore(TaskStore):
                            "UpdateExpression": expression,
                            "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}}
 
-    def _transact(self, items: list[dict]) -> None:
+    def _transact(self, items: list[dict[str, Any]]) -> None:
         for attempt in range(_RETRIES):
             try:
                 if len(items) == 1 and "Update" in items[0]:
@@ -637,14 +643,14 @@ class DynamoTaskStore(TaskStore):
         raise RuntimeError("DynamoDB transaction kept conflicting")
 
 
-def _outbox(names: dict, values: dict) -> str:
+def _outbox(names: dict[str, str], values: Item) -> str:
     """The SET clause that puts a task's webhook in the outbox, due now (`:now`, in the same write that ends it)."""
     names.update({"#wp": S.WEBHOOK_PART, "#wd": S.WEBHOOK_DUE})
     values[":wmark"] = _s(_WEBHOOK_MARK)
     return "#wp = :wmark, #wd = :now"
 
 
-def _beats(item: dict) -> dict[str, WorkerHeartbeat]:
+def _beats(item: Item) -> dict[str, WorkerHeartbeat]:
     out = {}
     for worker_id, value in item.get("beats", {}).get("M", {}).items():
         try:
@@ -654,21 +660,21 @@ def _beats(item: dict) -> dict[str, WorkerHeartbeat]:
     return out
 
 
-def _new_keys(item: Optional[dict], keys: Optional[list[str]]) -> list[str]:
+def _new_keys(item: Optional[Item], keys: Optional[list[str]]) -> list[str]:
     have = {k["S"] for k in (item or {}).get("blob_keys", {}).get("L", [])}
     return [k for k in dict.fromkeys(keys or []) if k not in have]
 
 
-def _parts_attr(parts: dict[str, str]) -> dict:
+def _parts_attr(parts: dict[str, str]) -> AttributeValue:
     return {"M": {part: _s(key) for part, key in parts.items()}}
 
 
-def _parts(item: dict) -> dict[str, str]:
+def _parts(item: Item) -> dict[str, str]:
     return {part: v["S"] for part, v in item.get(_PARTS, {}).get("M", {}).items()}
 
 
-def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[Spilled]) -> dict:
-    item: dict[str, dict] = {
+def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[Spilled]) -> Item:
+    item: Item = {
         S.PK: _s(S.TASK_PREFIX + record.task_id),
         "task_id": _s(record.task_id),
         "request": _s(dump_request(record.request)),  # as bounded at submit (task_limits)
@@ -708,7 +714,7 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[S
     return item
 
 
-def _to_record(item: dict, strict: bool = False) -> TaskRecord:
+def _to_record(item: Item, strict: bool = False) -> TaskRecord:
     """The record without its result (DynamoTaskStore._to_record puts that back whole). strict:
     StoredRequestInvalid when its request no longer parses (records.load_request)."""
     return TaskRecord(

@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from boto3.s3.transfer import TransferConfig
 
@@ -55,7 +55,7 @@ def publish(s3, bucket: str, name: str, source: Path) -> int:
     return total
 
 
-def read_manifest(s3, bucket: str, name: str) -> Optional[dict]:
+def read_manifest(s3, bucket: str, name: str) -> Optional[dict[str, Any]]:
     try:
         body = s3.get_object(Bucket=bucket, Key=model_prefix(name) + MANIFEST)["Body"].read()
     except Exception as exc:

@@ -145,7 +145,7 @@ def ensure_bucket(s3, name: str, region: str) -> None:
             raise
 
 
-def _create_or_update(sqs, name: str, attributes: dict) -> str:
+def _create_or_update(sqs, name: str, attributes: dict[str, Any]) -> str:
     try:
         return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     except ClientError as exc:

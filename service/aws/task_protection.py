@@ -15,7 +15,7 @@ import math
 import os
 import urllib.error
 import urllib.request
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class EcsTaskProtection:
     def set_busy(self, busy: bool) -> None:
         self.busy() if busy else self.idle()
 
-    def _put(self, body: dict) -> dict:
+    def _put(self, body: dict[str, Any]) -> dict[str, Any]:
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="PUT",
                                          headers={"Content-Type": "application/json"})
         try:
@@ -78,7 +78,7 @@ class EcsTaskProtection:
         return payload["protection"]
 
 
-def _json(raw: bytes) -> dict:
+def _json(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw or b"{}")
     except ValueError:
@@ -86,7 +86,7 @@ def _json(raw: bytes) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _reason(payload: dict) -> str:
+def _reason(payload: dict[str, Any]) -> str:
     detail = payload.get("failure") or payload.get("error") or payload
     if isinstance(detail, dict):
         parts = [str(detail.get(k)) for k in ("Code", "Reason", "Message", "Detail") if detail.get(k)]

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from ..signing_keys import SigningKeys, new_secret
 
@@ -45,14 +46,14 @@ class FileSigningSecret:
         self._write({"current": new_secret().hex(),
                      "previous": [{"key": state["current"], "retired_at": now}, *kept]})
 
-    def _read(self) -> dict | None:
+    def _read(self) -> dict[str, Any] | None:
         try:
             with open(self.path) as f:
                 return json.load(f)
         except FileNotFoundError:
             return None
 
-    def _create(self, state: dict) -> None:
+    def _create(self, state: dict[str, Any]) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:  # O_EXCL: the first process to start writes it, the others read that one
             fd = os.open(self.path + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -77,7 +78,7 @@ class FileSigningSecret:
                 return
             time.sleep(0.01)
 
-    def _write(self, state: dict) -> None:
+    def _write(self, state: dict[str, Any]) -> None:
         tmp = f"{self.path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

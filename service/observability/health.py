@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from ..ports import Backend
 from ..records import WorkerHeartbeat
@@ -24,7 +24,7 @@ class HealthReport:
     store_ok: bool = True
     queue_ok: bool = True
     waiting: Optional[int] = None
-    workers: list[dict] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -96,8 +96,8 @@ def unservable_reason(backend: Backend, now: Optional[float] = None) -> Optional
     return "no worker can run tasks: " + "; ".join(f"{b.worker_id}: {b.error}" for b in alive)
 
 
-def _describe(beat: WorkerHeartbeat, now: float, name_tasks: bool) -> dict:
-    out: dict = {"worker_id": beat.worker_id, "state": beat.state, "last_beat_s_ago": round(beat.age(now), 1),
+def _describe(beat: WorkerHeartbeat, now: float, name_tasks: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"worker_id": beat.worker_id, "state": beat.state, "last_beat_s_ago": round(beat.age(now), 1),
                  "tasks": len(beat.task_ids)}
     if name_tasks:
         out["task_ids"] = beat.task_ids

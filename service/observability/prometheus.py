@@ -77,7 +77,7 @@ def histograms_for(store: object) -> FinishedTaskHistograms:
         return found
 
 
-def render(stats: dict, health: HealthReport, recent: list[TaskRecord], store: object) -> bytes:
+def render(stats: dict[str, Any], health: HealthReport, recent: list[TaskRecord], store: object) -> bytes:
     """Prometheus text: gauges of the store now and of the recent window, histograms of finished tasks."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily

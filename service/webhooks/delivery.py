@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..ports import TaskStore, WebhookDue
 from ..records import TaskRecord
@@ -45,7 +45,7 @@ _BODIES_KEPT = 256
 
 
 class WebhookNotifier:
-    def __init__(self, store: TaskStore, payload: Callable[[TaskRecord], dict], *,
+    def __init__(self, store: TaskStore, payload: Callable[[TaskRecord], dict[str, Any]], *,
                  keys: Optional[Callable[[], SigningKeys]] = None, allow_private: bool, attempts: int = 5,
                  backoff: float = 2.0, timeout: float = 10.0, concurrency: int = 8, poll_seconds: float = 5.0,
                  sender: Sender = post):
