@@ -1,87 +1,26 @@
-"""GenerationRequest as a client sends it: upstream's aliases and sources (§1.4, §2.1.2), read strictly.
+"""Canonical request values -> a GenerationRequest, read strictly (one pydantic validation).
 
-`ReleaseTaskInput` validates a /release_task body in one pydantic pass. Each field also answers to
-upstream's aliases (`AliasChoices`), looked up in upstream's order: (1) top-level fields, (2)
-`param_obj`, (3) the first truthy of metas/meta/metadata/user_metadata/userMetadata; within a
-source the aliases in order. `request_parsing.read_sources` prepares the body for that (None
-values dropped, so None means "not given"). Unlike upstream, a value that cannot be read as its
-type is an error naming the field, never a silent default; "" (or an empty list) means the default.
+`StrictRequest` is GenerationRequest plus the strict readers: unlike upstream, a value that cannot be
+read as its type is an error naming the field, never a silent default; "" (or an empty list) means
+the default. It validates canonical names only (handlers/aliases.py resolves upstream's names first).
+It also knows upstream's newer fields that this engine cannot honour: each is accepted at upstream's
+default only, and any other value is a 400 saying why (never silently ignored).
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, Optional
 
-from pydantic import AliasChoices, AliasGenerator, AliasPath, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticUseDefault
 
 from engine.request import GenerationRequest
 
 BOOL_TRUE = {"true", "1", "yes", "y", "on"}
 BOOL_FALSE = {"false", "0", "no", "n", "off"}
-EXTRA_SOURCES = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
-NESTED_SOURCES = ("param_obj",) + EXTRA_SOURCES
 MAX_SEED = 2**32 - 1
 MODEL_NAMES = "model_names"  # validation context: the models this server has (empty: any name)
-
-# canonical field -> upstream names, first match wins (fields not listed answer to their own name)
-ALIASES: dict[str, tuple[str, ...]] = {
-    "task_type": ("task_type", "taskType"),
-    "prompt": ("prompt", "caption"),
-    "track_name": ("track_name", "trackName"),
-    "complete_track_classes": ("complete_track_classes", "completeTrackClasses", "track_classes"),
-    "model": ("model", "model_name", "modelName", "dit_model", "ditModel"),
-    "key_scale": ("key_scale", "keyscale", "keyScale", "key"),
-    "time_signature": ("time_signature", "timesignature", "timeSignature"),
-    "audio_duration": ("audio_duration", "duration", "audioDuration", "target_duration", "targetDuration"),
-    "vocal_language": ("vocal_language", "vocalLanguage", "language"),
-    "inference_steps": ("inference_steps", "inferenceSteps"),
-    "guidance_scale": ("guidance_scale", "guidanceScale"),
-    "infer_method": ("infer_method", "inferMethod"),
-    "use_tiled_decode": ("use_tiled_decode", "useTiledDecode"),
-    "batch_size": ("batch_size", "batchSize"),
-    "use_random_seed": ("use_random_seed", "useRandomSeed"),
-    "seeds": ("seed", "seeds"),
-    "audio_cover_strength": ("audio_cover_strength", "audioCoverStrength"),
-    "repainting_start": ("repainting_start", "repaintingStart"),
-    "repainting_end": ("repainting_end", "repaintingEnd"),
-    "audio_code_string": ("audio_code_string", "audioCodeString", "audio_codes"),
-    "audio_format": ("audio_format", "audioFormat"),
-    "thinking": ("thinking", "think"),
-    "sample_mode": ("sample_mode", "sampleMode"),
-    "sample_query": ("sample_query", "sampleQuery", "description", "desc"),
-    "use_format": ("use_format", "useFormat", "format"),  # "format": "wav" is the audio format (read_sources)
-    "analysis_only": ("analysis_only", "analysisOnly"),
-    "full_analysis_only": ("full_analysis_only", "fullAnalysisOnly"),
-    "constrained_decoding": ("constrained_decoding", "constrainedDecoding", "constrained"),
-    "constrained_decoding_debug": ("constrained_decoding_debug", "constrainedDecodingDebug"),
-    "use_cot_caption": ("use_cot_caption", "cot_caption", "cot-caption"),
-    "use_cot_language": ("use_cot_language", "cot_language", "cot-language"),
-    "is_format_caption": ("is_format_caption", "isFormatCaption"),
-    "allow_lm_batch": ("allow_lm_batch", "allowLmBatch", "parallel_thinking"),
-}
-
-# Audio sources are not request fields: read_sources takes them out of the body (file > key > path).
-SOURCE_ALIASES: dict[str, tuple[str, ...]] = {
-    "src_audio_key": ("src_audio_key", "srcAudioKey", "ctx_audio_key"),
-    "src_audio_path": ("src_audio_path", "ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
-    "reference_audio_key": ("reference_audio_key", "referenceAudioKey", "ref_audio_key"),
-    "reference_audio_path": ("reference_audio_path", "ref_audio_path", "referenceAudioPath", "refAudioPath"),
-}
-
-
-def upstream_locs(name: str) -> tuple[tuple[str, ...], ...]:
-    """Where `name` is looked for, in order: each alias at the top level, then in param_obj, then
-    in each metas-like source (read_sources keeps only the first truthy one)."""
-    aliases = ALIASES.get(name) or SOURCE_ALIASES.get(name) or (name,)
-    return tuple((a,) for a in aliases) + tuple((src, a) for src in NESTED_SOURCES for a in aliases)
-
-
-LOCS = {name: upstream_locs(name) for name in (*GenerationRequest.model_fields, "instrumental", *SOURCE_ALIASES)}
-
-
-def choices_of(name: str) -> AliasChoices:
-    return AliasChoices(*(loc[0] if len(loc) == 1 else AliasPath(*loc) for loc in upstream_locs(name)))
 
 
 # --- reading values: each returns None for "use the default" and raises ValueError for a bad value --
@@ -250,6 +189,20 @@ def to_codes(v: Any) -> str:
     return to_str(v)
 
 
+def to_object_list(v: Any) -> Optional[list[Any]]:
+    """A list of objects (adapters), also as a JSON string of one (a form field); empty means none."""
+    if isinstance(v, str):
+        if not v.strip():
+            return None
+        try:
+            v = json.loads(v)
+        except (ValueError, RecursionError):
+            raise ValueError("must be a list of objects or a JSON string of one") from None
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    raise ValueError(f"must be a list of objects or a JSON string of one (got {type(v).__name__})")
+
+
 _READERS: dict[Callable[[Any], Any], tuple[str, ...]] = {
     to_str: ("prompt", "lyrics", "key_scale", "time_signature", "vocal_language", "sample_query",
              "lm_negative_prompt"),
@@ -268,28 +221,91 @@ _READERS: dict[Callable[[Any], Any], tuple[str, ...]] = {
     to_float_list: ("timesteps",),
     to_str_list: ("complete_track_classes",),
     to_codes: ("audio_code_string",),
+    to_object_list: ("adapters",),
 }
 READ_AS: dict[str, Callable[[Any], Any]] = {name: read for read, names in _READERS.items() for name in names}
 
 
-class ReleaseTaskInput(GenerationRequest):
-    """A /release_task body (as read_sources prepares it) -> a GenerationRequest, in one validation."""
+# Upstream's newer fields (acestep/api release_task_models) that the diffusers AceStepPipeline this engine
+# runs has no counterpart for: name -> (upstream's default, reader, why another value is refused).
+_PIPELINE = "the diffusers AceStepPipeline this server runs"
+UPSTREAM_ONLY: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
+    "global_caption": ("", to_optstr, f"{_PIPELINE} conditions each item on its prompt only (no song-wide caption "
+                                      "for SFT-stems lego)"),
+    "cover_noise_strength": (0.0, to_float, f"{_PIPELINE} starts a cover from pure noise; it cannot start from "
+                                            "a noised source (use audio_cover_strength)"),
+    "repaint_mode": ("balanced", to_lower, f"{_PIPELINE} repaints with one fixed mask (regenerate inside "
+                                           "repainting_start..repainting_end, keep the source outside)"),
+    "repaint_strength": (0.5, to_float, f"{_PIPELINE} repaints with one fixed mask"),
+    "repaint_latent_crossfade_frames": (10, to_int, f"{_PIPELINE} repaints with one fixed mask"),
+    "repaint_wav_crossfade_sec": (0.0, to_float, f"{_PIPELINE} returns the whole decoded output (no waveform "
+                                                 "splice into the source)"),
+    "chunk_mask_mode": ("auto", to_lower, f"{_PIPELINE} builds the repaint mask from the task itself"),
+    "sampler_mode": ("euler", to_lower, f"{_PIPELINE} samples with Euler steps (infer_method ode) or the SDE "
+                                        "scheduler (sde); it has no Heun sampler"),
+    "velocity_norm_threshold": (0.0, to_float, f"{_PIPELINE} does not clamp the velocity"),
+    "velocity_ema_factor": (0.0, to_float, f"{_PIPELINE} does not smooth the velocity"),
+    "latent_shift": (0.0, to_float, "this engine decodes the pipeline's latents unchanged"),
+    "latent_rescale": (1.0, to_float, "this engine decodes the pipeline's latents unchanged"),
+    "extract_codes_only": (False, to_bool, "this engine turns source audio into codes only for full_analysis_only "
+                                           "(which the 5 Hz LM then reads)"),
+}
+READ_AS.update({name: read for name, (_, read, _) in UPSTREAM_ONLY.items()})
 
-    model_config = ConfigDict(extra="ignore", alias_generator=AliasGenerator(validation_alias=choices_of))
 
-    # /create_random_sample's simple_mode output fed back; read_sources turns it into lyrics
+def _upstream_only(name: str) -> Any:
+    default, _, why = UPSTREAM_ONLY[name]
+    return Field(None, exclude=True, description=f"upstream's; only its default {json.dumps(default)} is accepted: {why}",
+                 json_schema_extra={"enum": [default, None]})
+
+
+class StrictRequest(GenerationRequest):
+    """Canonical values (handlers/aliases.py) -> a GenerationRequest, in one validation."""
+
+    # /create_random_sample's simple_mode output fed back; request_parsing turns it into lyrics
     instrumental: Optional[bool] = Field(None, exclude=True)
+    global_caption: Optional[str] = _upstream_only("global_caption")
+    cover_noise_strength: Optional[float] = _upstream_only("cover_noise_strength")
+    repaint_mode: Optional[str] = _upstream_only("repaint_mode")
+    repaint_strength: Optional[float] = _upstream_only("repaint_strength")
+    repaint_latent_crossfade_frames: Optional[int] = _upstream_only("repaint_latent_crossfade_frames")
+    repaint_wav_crossfade_sec: Optional[float] = _upstream_only("repaint_wav_crossfade_sec")
+    chunk_mask_mode: Optional[str] = _upstream_only("chunk_mask_mode")
+    sampler_mode: Optional[str] = _upstream_only("sampler_mode")
+    velocity_norm_threshold: Optional[float] = _upstream_only("velocity_norm_threshold")
+    velocity_ema_factor: Optional[float] = _upstream_only("velocity_ema_factor")
+    latent_shift: Optional[float] = _upstream_only("latent_shift")
+    latent_rescale: Optional[float] = _upstream_only("latent_rescale")
+    extract_codes_only: Optional[bool] = _upstream_only("extract_codes_only")
 
     @field_validator("*", mode="before")
     @classmethod
     def _read(cls, value: Any, info: ValidationInfo) -> Any:
         read = READ_AS.get(info.field_name or "")
-        if read is None:  # the audio keys: never sent here (read_sources takes them out)
+        if read is None:  # the audio keys: never sent here (request_parsing takes them out)
             return value
         out = read(value)
         if out is None:
             raise PydanticUseDefault()
         return out
+
+    @field_validator(*UPSTREAM_ONLY)
+    @classmethod
+    def _only_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        default, _, why = UPSTREAM_ONLY[info.field_name or ""]
+        if value is not None and value != default:
+            raise ValueError(f"only upstream's default {json.dumps(default)} is accepted here (got {value!r}): {why}")
+        return None
+
+    @field_validator("lm_backend")
+    @classmethod
+    def _lm_backend(cls, value: str) -> str:
+        # As upstream: the backend is chosen when the LM loads (a worker's ACESTEP_LM_BACKEND); a request's
+        # vllm/pt does not reload it. MLX runs on Apple silicon only, which no worker here is.
+        if value == "mlx":
+            raise ValueError("mlx runs on Apple silicon only; this server's 5 Hz LM runs on vllm or pt, chosen "
+                             "when a worker starts (ACESTEP_LM_BACKEND)")
+        return value
 
     @field_validator("model")
     @classmethod

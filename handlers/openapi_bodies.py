@@ -2,8 +2,8 @@
 
 Routes that read their bodies themselves (JSON, form, multipart; upstream's aliases) have no
 FastAPI body parameter, so their documented bodies come from here: /release_task's from
-ReleaseTaskInput (each field under every name it answers to, at the top level and inside
-`param_obj` / `metas`), the small routes' from the models in this module that they validate with.
+StrictRequest (each field under every name it answers to, handlers/aliases.py, at the top level and
+inside `param_obj` / `metas`), the small routes' from the models in this module that they validate with.
 tests/test_openapi_conformance.py holds the schema to the routes with schemathesis: a request the
 schema allows is accepted, except for the rules listed in RELEASE_RULES that JSON Schema cannot
 state (they depend on other fields or on the server) and the documented auth/limit answers.
@@ -17,7 +17,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from engine.request import NEEDS_SOURCE
 
-from .fields import ALIASES, EXTRA_SOURCES, SOURCE_ALIASES, ReleaseTaskInput
+from .aliases import ALIASES, EXTRA_SOURCES, SOURCE_ALIASES
+from .fields import StrictRequest
 from .results import MAX_ID_LEN, MAX_IDS
 
 JSON = "application/json"
@@ -66,15 +67,12 @@ def request_body(schema: dict[str, Any], *media: str, required: bool = True) -> 
 # --- /release_task ------------------------------------------------------------------------------------
 
 def _field_schemas() -> dict[str, dict[str, Any]]:
-    """Canonical field name -> its schema, as ReleaseTaskInput validates it."""
-    schema = ReleaseTaskInput.model_json_schema(mode="validation")
+    """Canonical field name -> its schema, as StrictRequest validates it."""
+    schema = StrictRequest.model_json_schema(mode="validation")
     generated, defs = schema["properties"], schema.get("$defs", {})
-    out = {}
-    for name in ReleaseTaskInput.model_fields:
-        shown = (ALIASES.get(name) or (name,))[0]  # pydantic names a property by the first alias
-        if name in SOURCE_ALIASES or shown not in generated:
-            continue
-        out[name] = _inline(generated[shown], defs)
+    out = {name: _inline(field, defs) for name, field in generated.items()
+           if name not in ("src_audio_key", "reference_audio_key")}  # sources: SOURCE_ALIASES, below
+    out["lm_backend"]["enum"] = ["vllm", "pt"]  # mlx: Apple silicon only, refused (fields.StrictRequest)
     # `seed` also takes one integer
     out["seeds"] = {"anyOf": [out["seeds"]["items"], {k: v for k, v in out["seeds"].items() if k != "anyOf"}
                               | {"type": "array"}, {"type": "null"}]}
@@ -205,7 +203,7 @@ class UploadInput(BaseModel):
 
 
 def format_input_schema() -> dict[str, Any]:
-    """/format_input's body: /release_task's fields (ReleaseTaskInput) under this route's names."""
+    """/format_input's body: /release_task's fields (StrictRequest) under this route's names."""
     fields = _field_schemas()
     meta = {"duration": fields["audio_duration"], "bpm": fields["bpm"], "key": fields["key_scale"],
             "key_scale": fields["key_scale"], "language": fields["vocal_language"],

@@ -16,49 +16,47 @@ from engine.types import GenerationError
 from service.format_via_worker import format_request, give_up, read_answer
 from service.submitter import SubmitTask
 
+from .aliases import Canonical, parse_object
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
 from .envelope import ApiError, bad_request, wrap
-from .fields import ReleaseTaskInput
 from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
                              request_body)
 from .openapi_responses import Envelope, FormattedInput, ok
-from .request_parsing import parse_object, validation_message, without_none
+from .request_parsing import validate_canonical
 from .task_wait import finally_in_thread, poll
 
 router = APIRouter(tags=["lm"])
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 
-_RENAMED = {("lm_temperature",): ("temperature",)}  # errors name the field as this route calls it
-
-
 def parse_format_input(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate /format_input's body: prompt, lyrics, temperature and param_obj metadata.
 
-    Through ReleaseTaskInput, so the limits and value forms are /release_task's; only where each
-    value is read from is this route's own.
+    Through /release_task's validation (validate_canonical), so the limits and value forms are the same;
+    only where each value is read from is this route's own.
     """
     try:
-        obj = without_none(parse_object(fields.get("param_obj"), "param_obj") or {})
+        obj = parse_object(fields.get("param_obj"), "param_obj") or {}
     except ValueError as exc:
         raise bad_request(str(exc)) from None
-    meta = {"duration": obj.get("duration"), "bpm": obj.get("bpm"),
-            "key_scale": obj.get("key", obj.get("key_scale")),
-            "language": obj.get("language", obj.get("vocal_language"))}
-    if meta["language"] in ("", "unknown"):
-        meta["language"] = None
-    data = without_none({
-        "prompt": fields.get("prompt", fields.get("caption")), "lyrics": fields.get("lyrics"),
-        "lm_temperature": fields.get("temperature"),
-        "time_signature": obj.get("time_signature", fields.get("time_signature")),
-        "param_obj": without_none(meta)})
-    try:
-        req = ReleaseTaskInput.model_validate(data)
-    except ValidationError as exc:
-        raise bad_request(validation_message(exc, ReleaseTaskInput, _RENAMED)) from None
+    canonical = Canonical()
+    for name, source, prefix, aliases in (
+            ("prompt", fields, (), ("prompt", "caption")), ("lyrics", fields, (), ("lyrics",)),
+            ("lm_temperature", fields, (), ("temperature",)),
+            ("time_signature", obj, ("param_obj",), ("time_signature",)),
+            ("time_signature", fields, (), ("time_signature",)),
+            ("audio_duration", obj, ("param_obj",), ("duration",)), ("bpm", obj, ("param_obj",), ("bpm",)),
+            ("key_scale", obj, ("param_obj",), ("key", "key_scale")),
+            ("vocal_language", obj, ("param_obj",), ("language", "vocal_language"))):
+        alias = next((a for a in aliases if source.get(a) is not None), None)
+        if alias is not None and name not in canonical.values:
+            canonical.put(name, source[alias], prefix + (alias,))
+    if canonical.values.get("vocal_language") in ("", "unknown"):
+        canonical.pop("vocal_language")
+    req = validate_canonical(canonical)
     given = req.model_fields_set
     metadata = {"duration": req.audio_duration, "bpm": req.bpm, "key_scale": req.key_scale or None,
                 "time_signature": req.time_signature or None,

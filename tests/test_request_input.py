@@ -1,7 +1,8 @@
 """/release_task parsing is pure: a body in, a validated request plus its declared audio sources out.
 
 The HTTP-level behaviour (every alias, every 400 text) is pinned in test_api_parsing.py; these
-check the layer itself: no I/O while parsing, one pydantic validation, and the idempotency key.
+check the layer itself: no I/O while parsing, aliases resolved once before one pydantic validation,
+upstream's newer fields refused unless at their default, and the idempotency key.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pydantic import ValidationError
 from engine.request import DECLARED_SOURCES, GenerationRequest
 from handlers.body import FilePart
 from handlers.envelope import ApiError
-from handlers.fields import READ_AS, ReleaseTaskInput
-from handlers.request_parsing import parse_release_task, validation_message
+from handlers.aliases import resolve
+from handlers.fields import READ_AS, UPSTREAM_ONLY, StrictRequest
+from handlers.request_parsing import parse_release_task, validate_canonical, validation_message
 from handlers.routes_tasks import read_idempotency_key
 from service.sources import SentFile, ServerPath, UploadKey
 from tests.api_support import make_api
@@ -80,7 +82,7 @@ def test_format_is_use_format_or_the_audio_format():
     req = parse_release_task({"param_obj": {"format": "FLAC"}}).request
     assert (req.audio_format, req.use_format) == ("flac", False)
     assert parse_release_task({"format": "wav", "metas": {"audio_format": "flac"}}).request.audio_format == "flac"
-    assert _detail({"format": "ogg"}) == "format (audio_format): must be one of mp3, wav, flac (got 'ogg')"
+    assert _detail({"format": "ogg"}) == "format (audio_format): must be one of mp3, wav, flac, opus, aac, wav32 (got 'ogg')"
 
 
 def test_empty_string_means_default_and_none_means_absent():
@@ -100,10 +102,27 @@ def test_validation_message_for_the_plain_request_model():
     assert validation_message(info.value, GenerationRequest) == "bpm: must be between 30 and 300 (got 500)"
 
 
-def test_input_model_is_the_request_model():
-    # One validation: the input model is GenerationRequest plus aliases, so its dump is a stored request.
-    parsed = ReleaseTaskInput.model_validate({"caption": "x", "param_obj": {"keyScale": "Am"}})
-    assert GenerationRequest(**parsed.model_dump()) == GenerationRequest(prompt="x", key_scale="Am")
+def test_aliases_resolve_to_canonical_names_with_their_origin():
+    canonical = resolve({"caption": "x", "duration": None, "param_obj": '{"keyScale": "Am", "duration": 30}',
+                         "metas": {"key": "C", "format": "flac"}, "meta": {"bpm": 90}})
+    assert canonical.values == {"prompt": "x", "key_scale": "Am", "audio_duration": 30, "audio_format": "flac"}
+    assert canonical.origins == {"prompt": ("caption",), "key_scale": ("param_obj", "keyScale"),
+                                 "audio_duration": ("param_obj", "duration"), "audio_format": ("metas", "format")}
+    # the input model is GenerationRequest plus the readers, so its dump is a stored request
+    parsed = validate_canonical(canonical)
+    assert GenerationRequest(**parsed.model_dump()) == GenerationRequest(prompt="x", key_scale="Am",
+                                                                         audio_duration=30, audio_format="flac")
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_ONLY))
+def test_upstream_newer_fields_only_at_their_default(name):
+    default = UPSTREAM_ONLY[name][0]
+    assert name not in parse_release_task({name: default}).request.model_dump()  # accepted, not stored
+    other = {str: "other", float: 0.25, int: 3, bool: True}[type(default)]
+    detail = _detail({"param_obj": {name: other}})
+    assert detail.startswith(f"param_obj.{name}: only upstream's default") and "(got" in detail, detail
+    assert "pipeline" in detail.lower() or "engine" in detail  # says why
+    assert StrictRequest.model_fields[name].exclude
 
 
 @pytest.mark.parametrize("header,fields,expected", [
