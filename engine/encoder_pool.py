@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -28,10 +29,24 @@ def default_processes(cpus: int | None = None) -> int:
     return max(1, cpus - 1)
 
 
-def _ignore_interrupts() -> None:
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _start_encoder(parent_pid: int) -> None:
     """In each encoder process: a terminal's Ctrl+C reaches the whole process group, and the worker
-    decides what a signal means (drain, then abort); an encoder must not die of it mid-song."""
+    decides what a signal means (drain, then abort); an encoder must not die of it mid-song. It does
+    end with the worker: a worker killed with -9 runs no cleanup, and its encoders (and the resource
+    tracker their open pipe keeps alive) would run on forever, so a thread here watches the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A thread, not PR_SET_PDEATHSIG: that fires when the *thread* that spawned the child ends, and a
+    # replacement pool is spawned from whichever thread submits next.
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)  # reparented: the worker is gone
 
 
 class EncoderPool:
@@ -44,7 +59,7 @@ class EncoderPool:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_ignore_interrupts)
+                                                 initializer=_start_encoder, initargs=(os.getpid(),))
             return self._pool
 
     def submit(self, pending: PendingAudio) -> "Future[tuple[EncodedAudio, float]]":

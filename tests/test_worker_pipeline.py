@@ -269,3 +269,36 @@ def test_pipeline_auto_is_on_for_a_gpu_engine_only(settings, engine):
 def test_encoder_processes_are_sized_to_the_machine():
     assert default_processes(16) == 15 and default_processes(2) == 1 and default_processes(1) == 1
     assert EncoderPool(3).processes == 3 and EncoderPool(0).processes == default_processes()
+
+
+_KILLED_WORKER = """
+import os
+from multiprocessing import resource_tracker
+from engine.encoder_pool import EncoderPool
+
+encoder = EncoderPool(processes=1)
+print(encoder._executor().submit(os.getpid).result(60), resource_tracker._resource_tracker._pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.e2e
+def test_a_killed_workers_encoder_and_resource_tracker_end_with_it():
+    """Issue 21.15: three kills of a pipelined worker left six stray processes (an encoder and the
+    resource tracker its pipe kept open, each time)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _KILLED_WORKER], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -9, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2 and pids[0] != pids[1]  # the encoder, the resource tracker
+    poll_until("the encoder and the resource tracker to exit", lambda: all(_gone(p) for p in pids), timeout=20)
