@@ -153,3 +153,8 @@ def test_idempotency_key_reaches_submission(settings):
     assert api.backend.store.counts()["total"] == 1
     r = api.client.post("/release_task", json={"prompt": "x"}, headers={"Idempotency-Key": "x" * 200})
     assert r.status_code == 400 and "Idempotency-Key" in r.json()["detail"]
+
+
+def test_lm_backend_mlx_is_refused_saying_why():
+    assert parse_release_task({"lm_backend": "pt"}).request.lm_backend == "pt"  # as upstream: the loaded LM runs
+    assert _detail({"metas": {"lm_backend": "MLX"}}).startswith("metas.lm_backend: mlx runs on Apple silicon only")
