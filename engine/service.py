@@ -17,7 +17,7 @@ import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
 from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
-from engine.adapters import AdapterLibrary, model_shape
+from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
@@ -119,7 +119,8 @@ class Engine:
         users: dict[str, list[str]] = {}
         models: dict[str, LoadedModel] = {}
         free = memory.free_bytes(device)  # before loading anything: refuse at start, not on the first task
-        needed = 0
+        # the adapters under ACESTEP_LORA_DIR, up to what the LRU may hold (uploads share the same bound)
+        needed = adapters_bytes = min(local_adapter_bytes(config.resolved_lora_dir), config.adapter_budget_mb * 2**20)
         workspace = 0
         dtype_bytes = torch.tensor([], dtype=dtype).element_size()
         for i, name in enumerate(config.model_names):
@@ -135,7 +136,8 @@ class Engine:
                     reuse[comp] = by_fingerprint[(comp, fp)]
             needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse)
             workspace = max(workspace, memory.workspace_bytes(memory.decoder_channels(path), dtype_bytes))
-            memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1]), workspace)
+            memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1])
+                              + (" + adapters" if adapters_bytes else ""), workspace)
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
@@ -226,12 +228,14 @@ class Engine:
         lm_plan = None
         # The LM runs for what asks for it; a plain request keeps the DiT-only path (and its batching).
         if plan.lm_runs(request, self.planner is not None):
+            share = _lm_share(request)  # of the task's progress: the LM's steps first, then the DiT's
             lm_plan = self.planner.plan(request, seeds=plan.resolve_seeds(request),
-                                        progress=lambda f, stage: _report(progress, 0.0, f"5 Hz LM: {stage}"))
+                                        progress=_scaled(progress, 0.0, share))
             if request.analysis_only:
                 return lm_bridge.analysis_result(request, lm_plan, self.model(request.model).info.name)
             request = lm_bridge.request_for_dit(request, lm_plan)
-        job = self._prepare(request, src_audio, reference_audio)
+            progress = _scaled(progress, share, 1.0)
+        job = self._prepare(request, src_audio, reference_audio, lm_codes=bool(lm_plan is not None and lm_plan.codes))
         if lm_plan is not None:
             job.lm_plan = lm_plan
             job.audio_codes = lm_plan.audio_code_strings or None
@@ -256,7 +260,7 @@ class Engine:
         seed = plan.resolve_seeds(request)[0]
         metadata, lyrics, text, stats = self.planner.understand(
             codes, seed=seed, constrained=request.constrained_decoding,
-            progress=lambda f, stage: _report(progress, 0.1 + 0.9 * f, f"5 Hz LM: {stage}"))
+            progress=_scaled(progress, 0.1, 1.0))
         return lm_bridge.understanding_result(
             request, self.planner.backend, metadata=metadata, lyrics=lyrics, text=text, stats=stats,
             codes=codes, seed=seed, source_seconds=audio.shape[-1] / audio_io.SAMPLE_RATE, encode_s=encode_s,
@@ -316,7 +320,8 @@ class Engine:
 
     # ---------------------------------------------------------------- internals
     def _prepare(self, request: GenerationRequest, src_bytes: Optional[bytes],
-                 ref_bytes: Optional[bytes]) -> _Job:
+                 ref_bytes: Optional[bytes], lm_codes: bool = False) -> _Job:
+        """lm_codes: the request's audio codes are the 5 Hz LM's (not the client's)."""
         model = self.model(request.model)
         task = plan.effective_task(request)
         if request.task_type not in model.info.task_types:
@@ -329,7 +334,8 @@ class Engine:
         job = _Job(request=request, model=model, task=task, instruction=instruction,
                    seeds=plan.resolve_seeds(request))
         if task != request.task_type:
-            job.notes.append(f"audio_code_string given: ran as {task} (as upstream does)")
+            given = "the 5 Hz LM's audio codes" if lm_codes else "audio_code_string given"
+            job.notes.append(f"{given}: ran as {task} (as upstream does)")
         t0 = time.perf_counter()
         if src_bytes is not None and request.task_type == "text2music":
             job.notes.append("src_audio ignored for text2music")  # not even decoded: only what runs is read
@@ -489,7 +495,10 @@ class Engine:
         if r.use_adg:
             notes.append("use_adg ignored: the diffusers pipeline implements APG guidance only")
         if job.lm_plan is None and (r.thinking or r.lm_model_path):
-            notes.append("thinking/LM fields ignored: no 5 Hz LM runs in this engine (DiT only)")
+            if self.planner is None:
+                notes.append("thinking/LM fields ignored: no 5 Hz LM runs in this engine (DiT only)")
+            elif r.task_type in plan.SKIP_LM_TASKS:  # the only tasks the LM skips when thinking is on
+                notes.append(f"thinking ignored: the 5 Hz LM plans no {r.task_type} task (as upstream)")
         stages = clock.rounded()
         hooked = sum(clock.seconds.values())
         timings = {
@@ -612,6 +621,23 @@ def _quiet_diffusers():
         yield
     finally:
         dlog.set_verbosity(level)
+
+
+def _lm_share(request: GenerationRequest) -> float:
+    """The part of a task's progress that is the 5 Hz LM's: all of it when no audio follows; half when it writes
+    audio codes (most of a thinking task's time, and where upstream's progress puts the DiT's start); a
+    quarter for sample/format/phase 1 alone."""
+    if request.analysis_only:
+        return 1.0
+    return 0.5 if plan.lm_steps(request).codes else 0.25
+
+
+def _scaled(progress: Optional[ProgressCallback], start: float, end: float) -> Optional[ProgressCallback]:
+    """`progress` for a part of the task: its 0..1 maps to start..end."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda fraction, stage: report(start + (end - start) * fraction, stage)
 
 
 def _report(progress: Optional[ProgressCallback], fraction: float, stage: str) -> None:

@@ -37,29 +37,52 @@ def req(**kw) -> GenerationRequest:
 
 def test_thinking_plans_metadata_and_one_code_sequence_per_item(lm_engine):
     assert lm_engine.lm_loaded and lm_engine.describe()["lm_model"] == LM
-    result = lm_engine.generate(req())
+    seen: list[tuple[float, str]] = []
+    result = lm_engine.generate(req(), progress=lambda f, stage: seen.append((f, stage)))
     info = result.generation_info
+    # progress covers the LM's steps (the first half: it writes codes), then the DiT's
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    lm_stages = [(f, s) for f, s in seen if s.startswith("LM: ")]
+    assert {s.split(":")[1] for _, s in lm_stages} == {" caption and metadata", " audio codes"}
+    assert ("LM: audio codes: 51/51 tokens" in [s for _, s in lm_stages]) and max(f for f, _ in lm_stages) == 0.5
+    assert all(f >= 0.5 for f, s in seen[len(lm_stages):]) and seen[len(lm_stages)][1] == "preparing"
+    assert "the 5 Hz LM's audio codes: ran as cover (as upstream does)" in info["notes"]
     assert result.lm_model == LM and info["lm_random_weights"] is True and info["random_weights"] is True
     assert info["lm_codes_per_item"] == [50, 50]  # exactly duration x 5 for each item
     assert [a.seed for a in result.audios] == [5, 6] and len(result.audios) == 2
     assert info["pipeline_task_type"] == "cover"  # codes condition the DiT as upstream's handler does
     md = info["lm_metadata"]
-    assert 30 <= result.metas["bpm"] <= 300 and result.metas["keyscale"] == md["keyscale"]
+    assert 30 <= result.metas.bpm <= 300 and result.metas.key_scale == md["keyscale"]
     assert {"lm_total_s", "dit_s"} <= set(info["timings"]) and info["lm_phases"]
     assert all(a.duration_seconds == pytest.approx(10.0) for a in result.audios)
 
 
+def test_cover_with_thinking_says_the_lm_plans_no_cover(lm_engine):
+    from engine.plan import lm_runs
+    from engine.timing import StageClock
+
+    codes = "".join(f"<|audio_code_{c}|>" for c in range(50))
+    request = req(task_type="cover", audio_code_string=codes, batch_size=1, seeds=[1])
+    assert not lm_runs(request, lm_loaded=True)
+    # the notes of what generate() runs for it (a whole cover costs seconds of DiT on this machine)
+    notes = lm_engine._generation_info(lm_engine._prepare(request, None, None), StageClock(cuda=False),
+                                       0.0, 0.0, 1, 1)["notes"]
+    assert "thinking ignored: the 5 Hz LM plans no cover task (as upstream)" in notes
+    assert not any("no 5 Hz LM runs" in n or "ran as" in n for n in notes)  # a cover asked for, codes the client's
+
+
 def test_user_metadata_is_kept_and_phase_1_skipped_when_complete(lm_engine):
     result = lm_engine.generate(req(bpm=97, key_scale="D minor", time_signature="3", batch_size=1, seeds=[1]))
-    assert result.metas["bpm"] == 97 and result.metas["keyscale"] == "D minor"
-    assert result.metas["timesignature"] in (3, "3")
+    assert result.metas.bpm == 97 and result.metas.key_scale == "D minor"
+    assert result.metas.time_signature in (3, "3")
     assert [p["phase"] for p in result.generation_info["lm_phases"]] == ["codes"]
 
 
 def test_analysis_only_returns_the_plan_without_audio(lm_engine):
     result = lm_engine.generate(req(analysis_only=True, thinking=False, batch_size=1, seeds=[3]))
     assert result.audios == [] and result.lm_model == LM
-    assert result.generation_info["analysis_only"] is True and 30 <= result.metas["bpm"] <= 300
+    assert result.generation_info["analysis_only"] is True and 30 <= result.metas.bpm <= 300
 
 
 def test_the_same_seed_plans_the_same_codes(lm_engine):
@@ -96,7 +119,7 @@ def test_full_analysis_only_reads_the_source_through_codes(lm_engine):
     assert result.audios == [] and result.lm_model == LM and info["full_analysis_only"] is True
     assert info["source_codes"] == 20  # one code per 0.2 s of source
     assert [p["phase"] for p in info["lm_phases"]] == ["understand"]
-    assert result.metas["duration"] == pytest.approx(4.0)  # measured, not the LM's guess
+    assert result.metas.duration == pytest.approx(4.0)  # measured, not the LM's guess
     assert 30 <= info["lm_metadata"]["bpm"] <= 300 and info["lm_random_weights"] is True
     # The codes are the DiT's own tokenizer's and depend only on the audio.
     pipe = lm_engine.model(None).pipe
