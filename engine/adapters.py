@@ -335,3 +335,19 @@ def _forget(transformer, peft_name: str) -> None:
 def _adapter_bytes(transformer) -> int:
     return sum(p.numel() * p.element_size() for n, p in transformer.named_parameters()
                if "lora_" in n or "lokr_" in n)
+
+
+def local_adapter_bytes(lora_dir: str | Path) -> int:
+    """The weights' bytes of every adapter under `lora_dir` (what loading them all would hold, about)."""
+    root = Path(lora_dir)
+    if not root.is_dir():
+        return 0
+    total = 0
+    for entry in root.iterdir():
+        if entry.name.startswith("."):
+            continue
+        try:
+            total += manifest.locate(entry).weights.stat().st_size
+        except (AdapterInvalid, OSError):
+            continue
+    return total

@@ -109,6 +109,8 @@ class WorkerHeartbeat(BaseModel):
     error: Optional[str] = None
     # The 5 Hz LM it runs ("none": it runs none); None: not said (an older worker, or one that failed to load)
     lm_model: Optional[str] = None
+    # The LoRA/LoKr adapters it holds loaded, "model/name" (switching to one of them costs no load)
+    adapters: list[str] = []
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.beat_at)

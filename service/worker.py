@@ -194,7 +194,9 @@ class Worker:
         the engine last progressed."""
         now, watch = time.time(), self._watch
         beat = WorkerHeartbeat(worker_id=self.worker_id, started_at=self.started_at, beat_at=now,
-                               state="stopping" if self.stop_event.is_set() else "idle", lm_model=self._lm_model)
+                               state="stopping" if self.stop_event.is_set() else "idle", lm_model=self._lm_model,
+                               adapters=[f"{a['model']}/{a['name']}"
+                                         for a in self.engine.describe().get("loaded_adapters") or []])
         posting = self._post.task_ids() if self._post is not None else []
         if watch is not None or posting:
             beat.state = "running"

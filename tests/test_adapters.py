@@ -60,6 +60,11 @@ def test_the_manifest_reads_upstream_layouts_without_torch_and_checks_the_fit(lo
     # the published 2B DiT is another geometry: refused with a reason, as are files that are not adapters
     with pytest.raises(AdapterInvalid, match="another model"):
         inspect_adapter(loras / "style", shape=published_shape("acestep-v15-turbo"))
+    # the load-time fit check counts the adapters on disk (weights files)
+    from engine.adapters import local_adapter_bytes
+
+    assert local_adapter_bytes(loras) == sum(f.stat().st_size for f in loras.rglob("*.safetensors")
+                                             if ".uploaded" not in f.parts)
     garbage = tmp_path / "x.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(AdapterInvalid, match="not a safetensors file"):
@@ -172,6 +177,8 @@ def test_requests_with_different_adapters_never_share_a_call_and_each_gets_its_o
         want, _ = decode(encode_pending(PendingAudio(want, "wav", 48000, want.shape[0], want.shape[1] / 48000, 7))[0].data)
         assert np.array_equal(got, want), label
         assert [a["name"] for a in record.result.generation_info["adapters"]] == [a.name for a in refs[label]]
+    # heartbeats say what is loaded, so the API can prefer a worker that holds an adapter
+    assert f"{TURBO}/style" in worker.heartbeat().adapters
     # an uploaded adapter whose bytes are gone fails its task with the reason, and the worker goes on
     gone = submit(backend, adapters=[AdapterRef(name="lost", sha256="0" * 64)], **fields)
     while worker.run_once(0.0):
