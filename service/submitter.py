@@ -96,6 +96,7 @@ class Submitter:
                 raise LMNotServed(LM_NOT_SERVED)
         if backend.has_room is not None and not backend.has_room():
             raise StorageFull("less than ACESTEP_MIN_FREE_MB free")
+        request = with_model(request, settings.default_model)
         request = self.adapters.resolution.resolve(request)  # named (or the default), found, fitting the model
         sources = resolve_sources(command.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
                                   max_bytes=settings.max_upload_bytes,
@@ -111,9 +112,18 @@ class Submitter:
         return Submitted(task_id, position, fallback)
 
 
+def with_model(request: GenerationRequest, default_model: Optional[str]) -> GenerationRequest:
+    """The request naming the model it runs on: the one it asked for, else this server's default (the first
+    of ACESTEP_CONFIG_PATH*, the names requests are validated against, which the deployment gives the API and
+    the workers alike). With no models configured here it stays unnamed and the worker runs its own default."""
+    if request.model or not default_model:
+        return request
+    return request.model_copy(update={"model": default_model})
+
+
 def query_as_caption(request: GenerationRequest) -> GenerationRequest:
     """The request with its sample query as the caption and no sample mode (both fields share one limit)."""
     return request.model_copy(update={"prompt": request.sample_query, "sample_query": "", "sample_mode": False})
 
 
-__all__ = ["LM_NOT_SERVED", "LM_UNAVAILABLE", "SubmitTask", "Submitted", "Submitter", "query_as_caption"]
+__all__ = ["LM_NOT_SERVED", "LM_UNAVAILABLE", "SubmitTask", "Submitted", "Submitter", "query_as_caption", "with_model"]

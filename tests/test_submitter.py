@@ -152,3 +152,14 @@ def test_submit_vets_the_webhook_before_anything_is_stored(backend):
     with pytest.raises(WebhookRejected) as refused:
         asyncio.run(submitter.submit(SubmitTask(GenerationRequest(), ANYONE, webhook_url="http://127.0.0.1/x")))
     assert refused.value.status == 400 and backend.queue.size() == 0
+
+
+def test_the_stored_request_names_the_model_it_runs_on(backend):
+    settings = Settings(data_dir="unused", config_path="acestep-v15-turbo", config_path2="acestep-v15-base")
+    submitter = Submitter(settings, backend)
+    unnamed = submit(submitter, SubmitTask(GenerationRequest(audio_duration=10), ANYONE))
+    named = submit(submitter, SubmitTask(GenerationRequest(audio_duration=10, model="acestep-v15-base"), ANYONE))
+    assert backend.store.get(unnamed.task_id).request.model == "acestep-v15-turbo"  # this server's default
+    assert backend.store.get(named.task_id).request.model == "acestep-v15-base"
+    bare = Submitter(Settings(data_dir="unused", config_path=""), backend)  # none configured: the worker decides
+    assert backend.store.get(submit(bare, SubmitTask(GenerationRequest(), ANYONE)).task_id).request.model is None
