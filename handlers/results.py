@@ -29,38 +29,52 @@ def signature_window(settings: Settings) -> Hashable:
     return expiry(settings.audio_url_ttl), signature(settings, "audio-window", "", 0)
 
 
+WAITING_ENTRIES = 2_000  # entries of queued/running (and unknown) ids kept per API process
+
+
 class QueryResults:
-    """/query_result bodies: finished entries from the cache, the rest read from the store."""
+    """/query_result bodies: finished entries from the cache, the rest read from the store; where the
+    store has a change token (TaskStore.change_token), the rest are kept too while it holds, so the
+    common "still waiting" poll costs what a finished one does until something changes."""
 
     def __init__(self, settings: Settings, backend: Backend, cache: Optional[FinishedEntries] = None):
         self.settings, self.backend = settings, backend
         self.cache = cache if cache is not None else FinishedEntries()
+        self.waiting = FinishedEntries(WAITING_ENTRIES)  # keyed by (window, change token)
 
     def cached(self, task_ids: list[str]) -> Optional[list[bytes]]:
-        """Every entry from the cache, or None when one must be read (no I/O: fine on the event loop)."""
+        """Every entry from the caches, or None when one must be read (no table read: fine on the event
+        loop; the change token is one PRAGMA on the embedded backend)."""
         window = signature_window(self.settings)
+        token: Optional[Hashable] = None
         out = []
         for task_id in task_ids:
             entry = self.cache.get(task_id, window)
             if entry is None:
-                return None
+                token = token if token is not None else self.backend.store.change_token()
+                entry = self.waiting.get(task_id, (window, token)) if token is not None else None
+                if entry is None:
+                    return None
             out.append(entry)
         return out
 
     def entries(self, task_ids: list[str]) -> list[bytes]:
         """One serialised entry per requested id, in order; reads the store for those not cached."""
         window = signature_window(self.settings)
+        token = self.backend.store.change_token()  # before the read: a change during it shows on the next poll
         found = {t: e for t in dict.fromkeys(task_ids) if (e := self.cache.get(t, window)) is not None}
         missing = [t for t in task_ids if t not in found]
         if missing:
-            for task_id, entry, finished in self._read(missing):
+            for task_id, entry, kind in self._read(missing):
                 found[task_id] = entry
-                if finished:
+                if kind == _FINISHED:
                     self.cache.put(task_id, window, entry)
+                elif kind == _WAITING and token is not None:
+                    self.waiting.put(task_id, (window, token), entry)
         return [found[t] for t in task_ids]
 
-    def _read(self, task_ids: list[str]) -> list[tuple[str, bytes, bool]]:
-        """(id, entry, cacheable) per id; one store read for all of them."""
+    def _read(self, task_ids: list[str]) -> list[tuple[str, bytes, Optional[str]]]:
+        """(id, entry, which cache may keep it) per id; one store read for all of them."""
         lookup = sorted({t for t in task_ids if t and len(t) <= MAX_ID_LEN})
         records = self.backend.store.get_many(lookup) if lookup else {}
         queued = [t for t, r in records.items() if r.status == QUEUED]
@@ -72,8 +86,16 @@ class QueryResults:
             # A result the store could not read whole is not cached: a storage hiccup must not hide a part
             # for a window.
             whole = record is None or record.result is None or not record.result.generation_info.get("missing_parts")
-            out.append((task_id, entry, record is not None and record.status in TERMINAL and whole))
+            kind = None
+            if record is None or record.status not in TERMINAL:
+                kind = _WAITING  # changes only with the store (a claim, progress, a submit of that id)
+            elif whole:
+                kind = _FINISHED
+            out.append((task_id, entry, kind))
         return out
+
+
+_FINISHED, _WAITING = "finished", "waiting"
 
 
 def envelope_bytes(entries: list[bytes]) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Hashable, Optional, Protocol
 
 from engine.request import GenerationRequest
 from engine.types import EncodedAudio, EngineInfo, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
@@ -46,6 +46,11 @@ class WebhookDue:
 class TaskStore(Protocol):
     def create(self, record: TaskRecord) -> None:
         """Insert a new queued task. Raises if the id exists."""
+
+    def change_token(self) -> Optional[Hashable]:
+        """A value that differs whenever any task may have changed since it was taken, cheap enough for
+        every poll (no table read); None where the store cannot tell so cheaply (every poll reads)."""
+        return None
 
     def get(self, task_id: str) -> Optional[TaskRecord]: ...
 

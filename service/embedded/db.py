@@ -86,6 +86,8 @@ class Database:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._local = threading.local()
         self._write_lock = _writer_lock(path)
+        self._watch: sqlite3.Connection | None = None  # change_token's connection
+        self._watch_lock = threading.Lock()
         self._add_missing_columns()
         self._conn().executescript(SCHEMA)
 
@@ -123,6 +125,14 @@ class Database:
     def data_version(self) -> int:
         """Changes whenever another connection commits (PRAGMA data_version): a read, no lock."""
         return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+
+    def change_token(self) -> int:
+        """Like data_version, from one connection that never writes, whichever thread asks: every commit
+        (this process's too) is another connection's, and the values of one connection compare."""
+        with self._watch_lock:
+            if self._watch is None:
+                self._watch = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

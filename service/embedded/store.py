@@ -61,6 +61,9 @@ class SqliteTaskStore(TaskStore):
     def __init__(self, db: Database):
         self.db = db
 
+    def change_token(self) -> int:
+        return self.db.change_token()
+
     def create(self, record: TaskRecord) -> None:
         with self.db.write() as c:
             insert_task(c, record)
