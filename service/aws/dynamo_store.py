@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from decimal import Decimal
 from typing import Any, Optional
 
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from ..records import (
@@ -66,12 +68,26 @@ class _ConditionFailed(Exception):
         return None
 
 
+_SERIALIZER, _DESERIALIZER = TypeSerializer(), TypeDeserializer()
+
+
+def _attr(value: Any) -> AttributeValue:
+    """A Python value as an attribute value (boto3's serializer; a float goes as the Decimal of its repr, so
+    it reads back equal)."""
+    return _SERIALIZER.serialize(Decimal(repr(value)) if isinstance(value, float) else value)
+
+
+def _plain(item: Item) -> dict[str, Any]:
+    """An item's values as Python values (boto3's deserializer: numbers come back as Decimal)."""
+    return {name: _DESERIALIZER.deserialize(attr) for name, attr in item.items()}
+
+
 def _n(value: float | int) -> AttributeValue:
-    return {"N": repr(value) if isinstance(value, float) else str(value)}
+    return _attr(value)
 
 
 def _s(value: str) -> AttributeValue:
-    return {"S": value}
+    return _attr(value)
 
 
 def _num(item: Item, name: str) -> Optional[float]:
@@ -666,7 +682,7 @@ def _new_keys(item: Optional[Item], keys: Optional[list[str]]) -> list[str]:
 
 
 def _parts_attr(parts: dict[str, str]) -> AttributeValue:
-    return {"M": {part: _s(key) for part, key in parts.items()}}
+    return _attr(dict(parts))
 
 
 def _parts(item: Item) -> dict[str, str]:
@@ -674,66 +690,76 @@ def _parts(item: Item) -> dict[str, str]:
 
 
 def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[Spilled]) -> Item:
-    item: Item = {
-        S.PK: _s(S.TASK_PREFIX + record.task_id),
-        "task_id": _s(record.task_id),
-        "request": _s(dump_request(record.request)),  # as bounded at submit (task_limits)
-        "status": _s(record.status),
-        "created_at": _n(float(record.created_at)),
-        "progress": _n(float(record.progress)),
-        "stage": _s(record.stage),
-        "attempt": _n(int(record.attempt)),
-        "blob_keys": {"L": [_s(k) for k in dict.fromkeys(record.blob_keys)]},
-        S.QUEUED_SORT: _n(seq),
-        S.TTL_ATTR: _n(int(record.created_at) + ttl_seconds),
+    values: dict[str, Any] = {
+        S.PK: S.TASK_PREFIX + record.task_id,
+        "task_id": record.task_id,
+        "request": dump_request(record.request),  # as bounded at submit (task_limits)
+        "status": record.status,
+        "created_at": float(record.created_at),
+        "progress": float(record.progress),
+        "stage": record.stage,
+        "attempt": int(record.attempt),
+        "blob_keys": list(dict.fromkeys(record.blob_keys)),
+        S.QUEUED_SORT: seq,
+        S.TTL_ATTR: int(record.created_at) + ttl_seconds,
     }
     if record.status == QUEUED:
-        item[S.QUEUED_PART] = _s(_QUEUED_MARK)
-        item[S.UNSENT_PART], item[S.UNSENT_SINCE] = _s(_UNSENT_MARK), _n(float(record.created_at))  # until sent
+        values[S.QUEUED_PART] = _QUEUED_MARK
+        values[S.UNSENT_PART], values[S.UNSENT_SINCE] = _UNSENT_MARK, float(record.created_at)  # until sent
     optional = {"started_at": record.started_at, "finished_at": record.finished_at}
     for name, value in optional.items():
         if value is not None:
-            item[name] = _n(float(value))
+            values[name] = float(value)
     if record.worker_id is not None:
-        item["worker_id"] = _s(record.worker_id)
+        values["worker_id"] = record.worker_id
     if spilled is not None:
-        item["result"] = _s(spilled.stored_json)
-        item[_PARTS] = _parts_attr(spilled.parts)
-        item["blob_keys"]["L"] += [_s(k) for k in spilled.parts.values() if k not in record.blob_keys]
+        values["result"] = spilled.stored_json
+        values[_PARTS] = dict(spilled.parts)
+        values["blob_keys"] += [k for k in spilled.parts.values() if k not in record.blob_keys]
     if record.error is not None:
-        item["error"] = _s(record.error)
+        values["error"] = record.error
     if record.reason is not None:
-        item["reason"] = _s(record.reason.value)
+        values["reason"] = record.reason.value
     if record.webhook_url is not None:
-        item["webhook_url"] = _s(record.webhook_url)
+        values["webhook_url"] = record.webhook_url
     if record.owner is not None:
-        item["owner"] = _s(record.owner)
+        values["owner"] = record.owner
     if record.idempotency_key is not None:
-        item["idempotency_key"] = _s(record.idempotency_key)
-        item["request_digest"] = _s(record.request_digest or "")
-    return item
+        values["idempotency_key"] = record.idempotency_key
+        values["request_digest"] = record.request_digest or ""
+    return {name: _attr(value) for name, value in values.items()}
 
 
 def _to_record(item: Item, strict: bool = False) -> TaskRecord:
     """The record without its result (DynamoTaskStore._to_record puts that back whole). strict:
     StoredRequestInvalid when its request no longer parses (records.load_request)."""
+    values = _plain(item)
+
+    def number(name: str) -> Optional[float]:
+        value = values.get(name)
+        return float(value) if isinstance(value, Decimal) else None
+
+    def text(name: str) -> Optional[str]:
+        value = values.get(name)
+        return value if isinstance(value, str) else None
+
     return TaskRecord(
-        task_id=item["task_id"]["S"],
-        request=load_request(item["task_id"]["S"], item["request"]["S"], strict),
-        status=item["status"]["S"],
-        created_at=_num(item, "created_at") or 0.0,
-        started_at=_num(item, "started_at"),
-        finished_at=_num(item, S.FINISHED_SORT),
-        progress=_num(item, "progress") or 0.0,
-        stage=_str(item, "stage") or "",
-        attempt=int(_num(item, "attempt") or 0),
-        given_back=int(_num(item, "given_back") or 0),
-        worker_id=_str(item, "worker_id"),
-        error=_str(item, "error"),
-        reason=FailureReason(why) if (why := _str(item, "reason")) else None,
-        blob_keys=[k["S"] for k in item.get("blob_keys", {}).get("L", [])],
-        idempotency_key=_str(item, "idempotency_key"),
-        request_digest=_str(item, "request_digest") or None,
-        webhook_url=_str(item, "webhook_url"),
-        owner=_str(item, "owner"),
+        task_id=values["task_id"],
+        request=load_request(values["task_id"], values["request"], strict),
+        status=values["status"],
+        created_at=number("created_at") or 0.0,
+        started_at=number("started_at"),
+        finished_at=number(S.FINISHED_SORT),
+        progress=number("progress") or 0.0,
+        stage=text("stage") or "",
+        attempt=int(number("attempt") or 0),
+        given_back=int(number("given_back") or 0),
+        worker_id=text("worker_id"),
+        error=text("error"),
+        reason=FailureReason(why) if (why := text("reason")) else None,
+        blob_keys=list(values.get("blob_keys") or []),
+        idempotency_key=text("idempotency_key"),
+        request_digest=text("request_digest") or None,
+        webhook_url=text("webhook_url"),
+        owner=text("owner"),
     )
