@@ -69,6 +69,7 @@ class AdapterLibrary:
         self._loaded: OrderedDict[tuple, _Loaded] = OrderedDict()  # (model, identity) -> loaded, oldest first
         self._active: dict[str, tuple] = {}  # model -> the (peft names, scales) acting now
         self._lock = threading.Lock()
+        self._listing: Optional[tuple[tuple, list[dict[str, Any]]]] = None  # list_local's last answer and its key
         self.switches = 0
 
     # ------------------------------------------------------------ finding
@@ -105,14 +106,37 @@ class AdapterLibrary:
                 names.append(entry.name.removesuffix(".safetensors"))
         return names
 
-    def list_local(self, shape: Optional[ModelShape] = None) -> list[AdapterInfo]:
-        """Every readable adapter under lora_dir (checked against `shape` when given); unreadable ones are logged."""
-        out = []
-        for name in self.local_names():
+    def list_local(self, shapes: dict[str, ModelShape]) -> list[dict[str, Any]]:
+        """Every adapter under lora_dir, with the models (of `shapes`) it fits: AdapterInfo.as_dict() plus
+        `models` and, when it fits none, `error`. Re-read only when a file changed (heartbeats ask often)."""
+        names = self.local_names()
+        stamp = []
+        for name in names:
             try:
-                out.append(manifest.inspect_adapter(self.path_for(AdapterRef(name=name)), name=name, shape=shape))
-            except (AdapterInvalid, GenerationError, ValueError) as exc:
-                log.warning("adapter %s under %s is not usable: %s", name, self.lora_dir, exc)
+                weights = manifest.locate(self.path_for(AdapterRef(name=name))).weights
+                stamp.append((name, weights.stat().st_mtime_ns, weights.stat().st_size))
+            except (AdapterInvalid, GenerationError, OSError):
+                stamp.append((name, 0, 0))
+        key = (tuple(stamp), tuple(sorted((m, tuple(s.as_dict().values())) for m, s in shapes.items())))
+        if self._listing is not None and self._listing[0] == key:
+            return self._listing[1]
+        out = []
+        for name in names:
+            path = self.path_for(AdapterRef(name=name))
+            try:
+                entry = manifest.inspect_adapter(path, name=name).as_dict()
+            except AdapterInvalid as exc:
+                out.append({"name": name, "models": [], "error": str(exc)})
+                continue
+            fits, why = [], ""
+            for model, shape in shapes.items():
+                try:
+                    manifest.inspect_adapter(path, name=name, shape=shape)
+                    fits.append(model)
+                except AdapterInvalid as exc:
+                    why = str(exc)
+            out.append(entry | {"models": fits, **({} if fits else {"error": why})})
+        self._listing = (key, out)
         return out
 
     # ------------------------------------------------------------ applying

@@ -216,6 +216,7 @@ class Engine:
             "lm_random_weights": self.planner.backend.random_weights if self.planner else None,
             "lm_configured": self.config.lm_model,
             "loaded_adapters": self.adapters.loaded(),
+            "local_adapters": self.adapters.list_local({n: model_shape(m.pipe) for n, m in self._models.items()}),
         }
 
     # ---------------------------------------------------------------- generation

@@ -130,6 +130,8 @@ class EngineInfo(TypedDict, total=False):
     lm_configured: str
     test_engine: bool
     loaded_adapters: list[dict[str, Any]]  # LoRA/LoKr adapters held in memory: model, name, kind, bytes
+    # the adapters under ACESTEP_LORA_DIR: AdapterInfo.as_dict() + `models` it fits (+ `error` when none)
+    local_adapters: list[dict[str, Any]]
 
 
 @dataclass

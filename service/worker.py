@@ -48,6 +48,8 @@ from .task_limits import over_ceiling, task_cost
 
 log = logging.getLogger(__name__)
 
+LOCAL_ADAPTERS_META_KEY = "adapters_local"  # read by the API (contract in /work/notes/adapters-contract.md)
+
 SWEEP_INTERVAL_SECONDS = 600
 DEAD_LETTER_INTERVAL_SECONDS = 30
 LM_REQUIRED = ("this request needs the 5Hz LM (sample_mode / sample_query / use_format / analysis), "
@@ -155,6 +157,9 @@ class Worker:
             device=info.get("device"), dtype=info.get("dtype"), lm_model=info.get("lm_model", "none"),
             worker_id=self.worker_id, updated_at=time.time())
         self.backend.store.put_meta(MODELS_META_KEY, meta.model_dump())
+        # the adapters a request may name on this worker's disk (the API lists and checks them from here)
+        self.backend.store.put_meta(LOCAL_ADAPTERS_META_KEY, {
+            "worker_id": self.worker_id, "updated_at": time.time(), "adapters": info.get("local_adapters") or []})
 
     def run_forever(self, poll_seconds: float = 5.0) -> None:
         with log_context(worker_id=self.worker_id):

@@ -177,6 +177,11 @@ def test_requests_with_different_adapters_never_share_a_call_and_each_gets_its_o
         want, _ = decode(encode_pending(PendingAudio(want, "wav", 48000, want.shape[0], want.shape[1] / 48000, 7))[0].data)
         assert np.array_equal(got, want), label
         assert [a["name"] for a in record.result.generation_info["adapters"]] == [a.name for a in refs[label]]
+    # the worker publishes the adapters on its disk, with the models each fits, for the API to list and check
+    worker.publish_models()
+    listed = {a["name"]: a for a in backend.store.get_meta("adapters_local")["adapters"]}
+    assert listed["kron"]["kind"] == "lokr" and listed["style"]["random_weights"] is True
+    assert TURBO in listed["style"]["models"]
     # heartbeats say what is loaded, so the API can prefer a worker that holds an adapter
     assert f"{TURBO}/style" in worker.heartbeat().adapters
     # an uploaded adapter whose bytes are gone fails its task with the reason, and the worker goes on
