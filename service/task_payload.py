@@ -75,9 +75,17 @@ def _base_item(record: TaskRecord, status: int) -> Item:
 
 def _metas(result: TaskResult, req: GenerationRequest, audio: Optional[AudioFile]) -> dict[str, Any]:
     metas: dict[str, Any] = dict(upstream_metas(result.metas, audio.duration if audio else None))
-    metas["prompt"] = req.prompt
+    metas["prompt"] = req.prompt  # upstream: the metas keep the user's own text, the item the song's
     metas["lyrics"] = req.lyrics
     return metas
+
+
+def _request_text(req: GenerationRequest) -> dict[str, str]:
+    """The request's own text, beside what the LM made of it (a dict: the summary text leaves it out)."""
+    text = {"prompt": req.prompt, "lyrics": req.lyrics}
+    if req.sample_query:
+        text["sample_query"] = req.sample_query
+    return text
 
 
 def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") -> list[Item]:
@@ -90,7 +98,7 @@ def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") 
     info["random_weights"] = result.random_weights
     shared = {
         "generation_info": generation_info_text(info, dit_model, lm_model),
-        "generation_info_detail": info,
+        "generation_info_detail": {**info, "request": _request_text(req)},
         "seed_value": ",".join(str(a.seed) for a in result.audios if a.seed is not None),
         "lm_model": lm_model, "dit_model": dit_model, "progress": 1.0, "stage": "succeeded",
         "error": None,
@@ -101,6 +109,10 @@ def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") 
         item = _base_item(record, 1)
         item["metas"] = _metas(result, req, audio)
         item.update(shared)
+        # The song's caption and lyrics as upstream shows them: what sample/format mode wrote (not phase 1's
+        # caption, which stays in generation_info_detail.caption), else the request's.
+        item["prompt"] = info.get("lm_caption", req.prompt)
+        item["lyrics"] = info.get("lm_lyrics", req.lyrics)
         if info.get("analysis_only"):  # the answer is what the LM read or wrote, as upstream reports it
             item["prompt"] = item["metas"]["prompt"] = info.get("caption", item["prompt"])
             item["lyrics"] = item["metas"]["lyrics"] = info.get("lyrics", item["lyrics"])

@@ -9,13 +9,12 @@ A prompt containing "PLEASE FAIL" makes generate() raise GenerationError (a fail
 """
 from __future__ import annotations
 
-import io
 import random
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import soundfile as sf
 
+from engine.audio_encode import encode_audio
 from engine.request import GenerationRequest
 from engine.types import (EncodedAudio, EngineInfo, GenerationError, GenerationInfo, GenerationResult, Metas, ModelInfo,
                           ProgressCallback)
@@ -23,7 +22,6 @@ from engine.types import (EncodedAudio, EngineInfo, GenerationError, GenerationI
 SAMPLE_RATE = 16000
 DEFAULT_DURATION = 10.0
 FAIL_MARKER = "PLEASE FAIL"
-_SF_FORMAT = {"mp3": "MP3", "wav": "WAV", "flac": "FLAC"}
 
 
 def tone(seed: int, duration: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -34,9 +32,8 @@ def tone(seed: int, duration: float, sample_rate: int = SAMPLE_RATE) -> np.ndarr
 
 
 def encode(samples: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, samples, sample_rate, format=_SF_FORMAT[fmt])
-    return buf.getvalue()
+    """Mono samples in `fmt`, by the worker's own encoder (torch-free)."""
+    return encode_audio(samples[None], fmt, sample_rate)
 
 
 _encode = encode  # generate's `encode` flag shadows the name

@@ -1,6 +1,7 @@
 """/query_result shapes, /v1/audio downloads, and the seed guide's Python client flow verbatim."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -56,15 +57,47 @@ def test_succeeded_result_shape(api):
         assert abs(data[:100] - tone(seed, 12)[:100]).max() < 1e-3
 
 
-@pytest.mark.parametrize("fmt,media", [("mp3", "audio/mpeg"), ("wav", "audio/wav"), ("flac", "audio/flac")])
-def test_audio_media_types_and_range(api, fmt, media):
+def test_items_show_the_song_the_lm_wrote_and_keep_the_request_text(settings):
+    """Upstream's item: prompt/lyrics are what sample/format mode wrote (not phase 1's caption); the metas keep
+    the user's text; ours keeps the request's text in generation_info_detail.request too."""
+    from engine.request import GenerationRequest
+    from engine.types import GenerationInfo
+    from service.records import SUCCEEDED, AudioFile, TaskRecord, TaskResult
+    from service.task_payload import succeeded_items
+
+    info = GenerationInfo(caption="phase 1's caption", lm_caption="a calm piano ballad in D", lm_lyrics="[verse] oh")
+    record = TaskRecord(task_id="t", request=GenerationRequest(sample_query="calm piano", sample_mode=True),
+                        status=SUCCEEDED, result=TaskResult(audios=[AudioFile(key="outputs/t/1-0.mp3", format="mp3")],
+                                                            generation_info=info))
+    item = succeeded_items(record, settings)[0]
+    assert (item["prompt"], item["lyrics"]) == ("a calm piano ballad in D", "[verse] oh")
+    assert (item["metas"]["prompt"], item["metas"]["lyrics"]) == ("", "")  # the user's own (sample mode: none)
+    detail = item["generation_info_detail"]
+    assert detail["caption"] == "phase 1's caption"
+    assert detail["request"] == {"prompt": "", "lyrics": "", "sample_query": "calm piano"}
+    plain = dataclasses.replace(record, request=GenerationRequest(prompt="jazz", lyrics="la"),
+                                result=TaskResult(generation_info=GenerationInfo(caption="phase 1's")))
+    item = succeeded_items(plain, settings)[0]  # thinking alone: the request's text (upstream: not the CoT's)
+    assert (item["prompt"], item["lyrics"]) == ("jazz", "la") and "sample_query" not in \
+        item["generation_info_detail"]["request"]
+
+
+@pytest.mark.parametrize("fmt,ext,media", [("mp3", "mp3", "audio/mpeg"), ("wav", "wav", "audio/wav"),
+                                            ("flac", "flac", "audio/flac"), ("wav32", "wav", "audio/wav"),
+                                            ("opus", "opus", "audio/ogg"), ("aac", "aac", "audio/aac")])
+def test_audio_media_types_and_range(api, fmt, ext, media):
     task_id = api.submit(prompt="x", batch_size=1, audio_format=fmt, duration=10)
     api.run_worker()
-    url = api.items(task_id)[0]["file"]
-    assert url.split("&")[0].endswith("." + fmt)
+    item = api.items(task_id)[0]
+    url = item["file"]
+    assert url.split("&")[0].endswith("." + ext) and item["format"] == fmt
     full = api.client.get(url)
     assert full.status_code == 200 and full.headers["content-type"] == media
-    assert sf.info(io.BytesIO(full.content)).samplerate == 16000
+    if fmt == "aac":  # ADTS: libsndfile does not read it
+        assert full.content[:2] == b"\xff\xf1"
+    else:
+        info = sf.info(io.BytesIO(full.content))
+        assert info.samplerate == 16000 and (info.subtype == "FLOAT") == (fmt == "wav32")
     part = api.client.get(url, headers={"Range": "bytes=0-99"})
     assert part.status_code == 206 and part.content == full.content[:100]
     assert part.headers["content-range"].startswith("bytes 0-99/")

@@ -7,10 +7,10 @@ import time
 import uuid
 from typing import Any, Optional
 
+from engine.types import CONTENT_TYPES
 from service.ports import BlobStore
 from service.records import TaskRecord, TaskResult
 
-MIME = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
 NO_LM_TEXT = "Music generated successfully."
 DEMO_NOTE = ("Note: this server runs a random-weight demo model, so the audio is noise, not music.")
 INSTRUMENTAL = ("[inst]", "[instrumental]")
@@ -37,7 +37,8 @@ def content_text(record: TaskRecord, lm_fallback: bool = False) -> str:
         if _shown(value):
             lines.append(f"**{label}:** {value}{unit}")
     parts = ["## Metadata\n" + "\n".join(lines)] if lines else []
-    lyrics = str(info.get("lyrics") or request.lyrics or "").strip()
+    # the lyrics the LM wrote (analysis, or sample/format mode), else the request's
+    lyrics = str(info.get("lyrics") or info.get("lm_lyrics") or request.lyrics or "").strip()
     if lyrics and lyrics.lower() not in INSTRUMENTAL:
         parts.append(f"## Lyrics\n{lyrics}")
     notes = []
@@ -56,7 +57,7 @@ def audio_items(record: TaskRecord, blobs: BlobStore) -> list[dict[str, Any]]:
     for audio in (record.result.audios if record.result else []):
         data = base64.b64encode(blobs.get(audio.key)).decode("ascii")
         items.append({"type": "audio_url",
-                      "audio_url": {"url": f"data:{MIME.get(audio.format, 'audio/mpeg')};base64,{data}"}})
+                      "audio_url": {"url": f"data:{CONTENT_TYPES.get(audio.format, 'audio/mpeg')};base64,{data}"}})
     return items
 
 
