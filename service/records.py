@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, ValidationError
 
@@ -36,7 +36,7 @@ class AudioFile(BaseModel):
 def _info_object(value: Any) -> GenerationInfo:
     if not isinstance(value, dict):
         raise ValueError("generation_info must be an object")
-    return GenerationInfo(**value)
+    return cast(GenerationInfo, dict(value))  # its keys as stored: the typed ones and the engine's others
 
 
 # Stored and read back as it is (its keys' order and int/float values are what clients see), typed for mypy.
