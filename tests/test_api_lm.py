@@ -51,6 +51,9 @@ def test_sample_mode_writes_the_song_from_a_description(server):
     assert entry["status"] == 1, entry
     item = json.loads(entry["result"])[0]
     assert item["lm_model"] == "acestep-5Hz-lm-1.7B" and item["file"]
+    detail = item["generation_info_detail"]  # the song the LM wrote, as upstream's item shows it
+    assert (item["prompt"], item["lyrics"]) == (detail["lm_caption"], detail["lm_lyrics"]) and item["prompt"]
+    assert item["metas"]["prompt"] == "" and detail["request"]["sample_query"] == "a calm piano ballad"
 
 
 def test_format_input_goes_through_a_worker_with_the_lm(server):
