@@ -221,6 +221,13 @@ def test_a_cancelled_task_is_told_apart_from_a_failed_one():
     assert status.state is TaskState.CANCELLED and status.finished and status.error == "cancelled by the client"
 
 
+def test_downloads_are_named_by_the_file_type():  # wav32 is 32-bit float WAV: a .wav file
+    items = [{"file": f"/v1/audio?path=outputs%2Ft%2F1-{i}.{ext}", "status": 1, "format": fmt}
+             for i, (fmt, ext) in enumerate([("wav32", "wav"), ("opus", "opus"), ("aac", "aac")])]
+    status = TaskStatus.parse(_entry("t", 1, items))
+    assert [a.extension for a in status.audios] == ["wav", "opus", "aac"]
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_on_update_hears_of_changes_not_of_every_poll(upstream, kind):
     queued = upstream.script[0]

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--time-signature", help="2, 3, 4 or 6")
     gen.add_argument("--language", dest="vocal_language", help="vocal language code, e.g. en")
     gen.add_argument("--batch-size", type=int)
-    gen.add_argument("--format", dest="audio_format", choices=("mp3", "wav", "flac"))
+    gen.add_argument("--format", dest="audio_format", choices=("mp3", "wav", "flac", "opus", "aac", "wav32"))
     gen.add_argument("--seed", help='int, or "1,2,3" for one per item')
     gen.add_argument("--model", help="a name from `acestep models`")
     gen.add_argument("--steps", dest="inference_steps", type=int)

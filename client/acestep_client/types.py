@@ -77,9 +77,10 @@ class AudioResult:
 
     @property
     def extension(self) -> str:
-        """mp3/wav/flac: the reported format, else the file key's extension, else mp3 (upstream's default)."""
+        """The file's extension: the reported format's (wav32, 32-bit float, is a .wav), else the file key's,
+        else mp3 (upstream's default)."""
         if self.format:
-            return self.format
+            return "wav" if self.format == "wav32" else self.format
         path = urlsplit(self.file)
         name = (parse_qs(path.query).get("path") or [path.path])[0]
         ext = name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
