@@ -6,7 +6,7 @@ import pytest
 
 from engine import memory
 from engine.request import GenerationRequest
-from engine.types import GenerationCancelled, GenerationError
+from engine.types import GenerationCancelled, GenerationError, Metas
 from tests.engine_fixtures import *  # noqa: F401,F403
 from tests.engine_fixtures import BASE, HOP, TURBO, decode, wav_bytes
 
@@ -28,8 +28,7 @@ def test_text2music_returns_labelled_48k_stereo_audio(engine):
     assert abs(audio.shape[0] - 10 * 48000) <= HOP
     assert np.abs(audio).max() > 0.1  # not silence
     assert result.dit_model == TURBO and result.lm_model == "none"
-    assert result.metas == {"bpm": 120, "duration": 10.0, "genres": "N/A", "keyscale": "C major",
-                            "timesignature": "4"}
+    assert result.metas == Metas(bpm=120, duration=10.0, key_scale="C major", time_signature="4")
     info = result.generation_info
     assert info["random_weights"] is True and "noise" in info["notice"]
     assert info["model"] == TURBO and info["device"] == "cpu" and info["lm"] == "none"
@@ -38,10 +37,9 @@ def test_text2music_returns_labelled_48k_stereo_audio(engine):
         assert info["timings"][stage] > 0, stage
 
 
-def test_unknown_metas_are_na_and_default_duration_is_fixed(engine):
+def test_unknown_metas_are_none_and_default_duration_is_fixed(engine):
     result = engine.generate(req(audio_duration=None, inference_steps=2))
-    assert result.metas["bpm"] == "N/A" and result.metas["keyscale"] == "N/A"
-    assert result.metas["timesignature"] == "N/A" and result.metas["duration"] == 30.0
+    assert result.metas == Metas(duration=30.0)  # nothing else known (the presenters show "N/A")
     assert abs(decode(result.audios[0].data)[0].shape[0] - 30 * 48000) <= HOP
     assert any("default 30" in n for n in result.generation_info["notes"])
 
