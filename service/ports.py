@@ -181,6 +181,10 @@ class BlobStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def copy(self, src: str, dst: str) -> None:
+        """Store what `src` holds under `dst` too (KeyError when `src` is missing); adapters do it cheaper."""
+        self.put(dst, self.get(src), "application/octet-stream")
+
     def local_path(self, key: str) -> Optional[str]:
         """A filesystem path for direct serving, or None (S3)."""
 

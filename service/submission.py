@@ -58,6 +58,15 @@ def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
             backend.blobs.put(key, up.data, up.content_type)
             written.append(key)
             record.request = record.request.model_copy(update={f"{role}_key": key})
+        for role in SOURCE_ROLES:
+            key = getattr(record.request, f"{role}_key")
+            if key and blob_keys.is_pending_upload_key(key):
+                # The task keeps its own copy: a direct upload expires on its own clock (the embedded
+                # sweep, S3's lifecycle rule), and other tasks may share it.
+                own = blob_keys.task_upload_key(record.task_id, role, key.rsplit("/", 1)[-1])
+                backend.blobs.copy(key, own)
+                written.append(own)
+                record.request = record.request.model_copy(update={f"{role}_key": own})
         record.blob_keys = [key for role in SOURCE_ROLES if (key := getattr(record.request, f"{role}_key"))]
         task, created = backend.intake.submit(record, max_queue, caller_limits)
     except BaseException:

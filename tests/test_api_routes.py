@@ -149,7 +149,7 @@ def test_upload_flow(api):
     put = api.client.put(up["upload_url"], content=b"RIFFsource", headers={"Content-Type": "audio/wav"})
     assert put.status_code == 200 and put.json()["data"]["size"] == 10
     task_id = api.submit(task_type="cover", src_audio_key=up["key"], batch_size=1, duration=10)
-    assert up["key"] in api.backend.store.get(task_id).blob_keys
+    assert api.backend.store.get(task_id).blob_keys == [f"uploads/{task_id}/src_audio.wav"]  # its own copy
     api.run_worker()
     assert api.query(task_id)[0]["status"] == 1
     assert api.engine.calls[-1]["src_audio"] == b"RIFFsource"

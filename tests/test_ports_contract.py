@@ -356,3 +356,19 @@ def test_idempotency_keys_are_each_callers_own(backend):
     assert submit_task(backend, GenerationRequest(prompt="a"), max_queue=5, idempotency_key="k", owner="key:me")[0] == mine
     with pytest.raises(IdempotencyConflict, match="Idempotency-Key 'k' was already used for task " + theirs):
         submit_task(backend, GenerationRequest(prompt="c"), max_queue=5, idempotency_key="k", owner="ip:other")
+
+
+def test_a_task_keeps_its_own_copy_of_a_direct_upload(backend):
+    """Issue 21.16: a direct upload expires on its own clock (the embedded sweep, S3's lifecycle rule on
+    uploads/), also while a task that shares it still waits; each task now holds its own copy."""
+    pending = "uploads/pending/0123456789abcdef0123456789abcdef/song.wav"
+    backend.blobs.put(pending, b"RIFFshared", "audio/wav")
+    first, _ = submit_task(backend, GenerationRequest(task_type="cover", src_audio_key=pending), max_queue=5)
+    second, _ = submit_task(backend, GenerationRequest(task_type="cover", src_audio_key=pending), max_queue=5)
+    backend.blobs.delete(pending)  # expired
+    for task_id in (first, second):
+        record = backend.store.get(task_id)
+        assert record.request.src_audio_key == f"uploads/{task_id}/src_audio.wav" == record.blob_keys[0]
+        assert backend.blobs.get(record.request.src_audio_key) == b"RIFFshared"
+    backend.blobs.delete(backend.store.get(first).request.src_audio_key)  # the first task's files go with it
+    assert backend.blobs.get(backend.store.get(second).request.src_audio_key) == b"RIFFshared"

@@ -254,9 +254,12 @@ def test_embedded_sweep_keeps_old_uploads_that_queued_tasks_still_need(settings,
     three_days_ago = time.time() - 3 * 86400
     os.utime(backend.blobs.local_path(key), (three_days_ago, three_days_ago))
     task_id = submit(backend, task_type="cover", src_audio_key=key)  # waited in the queue for days
+    own = backend.store.get(task_id).request.src_audio_key  # the task's copy (as old: a hard link)
+    backend.store.db.read().execute(  # a task recorded before tasks copied their uploads
+        "UPDATE tasks SET blob_keys = ? WHERE task_id = ?", (f'["{key}", "{own}"]', task_id))
 
     assert backend.sweep_expired() == 0
-    assert backend.blobs.get(key) == b"RIFF"
+    assert backend.blobs.get(key) == b"RIFF" and backend.blobs.get(own) == b"RIFF"
     assert backend.store.get(task_id).status == QUEUED
 
 

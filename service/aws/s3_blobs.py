@@ -40,6 +40,15 @@ class S3BlobStore(BlobStore):
     def delete(self, key: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=key)  # S3 deletes are idempotent
 
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side (CopyObject: the bytes never pass through here; one call up to 5 GB)."""
+        try:
+            self._s3.copy_object(Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src})
+        except ClientError as exc:
+            if error_code(exc) in _MISSING:
+                raise KeyError(src) from None
+            raise
+
     def local_path(self, key: str) -> Optional[str]:
         return None
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from typing import Optional
 
 from ..ports import BlobStore
@@ -64,6 +66,26 @@ class FileBlobStore(BlobStore):
             os.unlink(self._path(key))
         except (FileNotFoundError, InvalidKey):
             pass
+
+    def copy(self, src: str, dst: str) -> None:
+        """A hard link where the file system allows one (no bytes copied), else a copy; atomic either way."""
+        source, target = self._path(src), self._path(dst)
+        if not os.path.isfile(source):
+            raise KeyError(src)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(target), f".part-{uuid.uuid4().hex}")
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if is_storage_full(exc):
+                raise StorageFull(f"no room for {dst}: {exc}") from exc
+            raise
 
     def remove_empty_folder(self, prefix: str) -> None:
         """Remove the folder of `prefix` ("uploads/<task_id>/") when nothing is left in it."""
