@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from engine.request import ADAPTER_NAME_RE, ADAPTER_SCALE_MAX, ADAPTER_SCALE_MIN
-from service import blob_keys
+from service import blob_keys, upload_quota
 from service.adapter_catalog import AdapterEntry
 from service.adapter_defaults import status_payload
 from service.adapter_services import AdapterServices
@@ -31,10 +31,12 @@ from service.signed_urls import signature, verify
 
 from .auth import header_is_valid, require_body_or_header, require_header, token_from_fields
 from .body import read_body, read_limited, media_type
+from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
 from .envelope import bad_request, forbidden, wrap
 from .openapi_bodies import FORM, JSON, MULTIPART, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, ok
+from .routes_audio import over_quota
 
 router = APIRouter(tags=["adapters"])
 
@@ -217,7 +219,7 @@ async def create_adapter_upload(request: Request):
     body = await read_body(request, settings)
     require_body_or_header(settings, request, token_from_fields(body.fields))
     ticket = _validated(AdapterUploadRequest, {k: v for k, v in body.fields.items() if v not in (None, "")})
-    key = blob_keys.new_pending_upload_key(ticket.filename)
+    key = blob_keys.new_pending_upload_key(ticket.filename, caller_of(request).id)  # counted in its quota
     url = await run_in_threadpool(backend.blobs.presigned_put_url, key, OCTET, UPLOAD_TTL)
     if not url:
         expires = int(time.time()) + UPLOAD_TTL
@@ -239,9 +241,14 @@ async def put_adapter_upload(request: Request, key: str, expires: Optional[str] 
             raise forbidden("Invalid or expired upload URL")
     if not blob_keys.is_pending_upload_key(key):
         raise forbidden("Not an upload key")
+    quota = upload_quota.quota_bytes(settings)  # the caller's unused uploads, audio ones too (upload_quota.py)
+    if await run_in_threadpool(upload_quota.pending_bytes, backend.blobs, key) >= quota:
+        raise over_quota(quota)
     data = await read_limited(request, settings.max_adapter_bytes, "Adapter")
     if not data:
         raise bad_request("The upload is empty")
+    if await run_in_threadpool(upload_quota.pending_bytes, backend.blobs, key) + len(data) > quota:
+        raise over_quota(quota)
     await run_in_threadpool(backend.blobs.put, key, data, OCTET)
     return wrap({"key": key, "size": len(data)})
 

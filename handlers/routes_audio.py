@@ -34,10 +34,11 @@ UPLOAD_TTL = 900
 UPLOAD_ROLES = ("src_audio", "reference_audio")
 
 
-def _over_quota(quota: int) -> ApiError:
-    return ApiError(429, f"your direct uploads not yet used by a task already hold up to {quota // 2**20} MB "
-                         f"({upload_quota.QUOTA_UPLOADS} x ACESTEP_MAX_UPLOAD_MB): submit a task with them, or "
-                         f"wait until unused ones expire ({upload_quota.PENDING_UPLOAD_SECONDS // 60} minutes after "
+def over_quota(quota: int) -> ApiError:
+    """429 for a PUT that would take the caller's unused direct uploads past upload_quota.quota_bytes."""
+    return ApiError(429, f"your direct uploads not yet used already hold up to {quota // 2**20} MB "
+                         f"({upload_quota.QUOTA_UPLOADS} x ACESTEP_MAX_UPLOAD_MB + ACESTEP_MAX_ADAPTER_MB): use them, "
+                         f"or wait until unused ones expire ({upload_quota.PENDING_UPLOAD_SECONDS // 60} minutes after "
                          "their upload)", headers={"Retry-After": "60"})
 
 
@@ -154,14 +155,14 @@ async def put_upload(request: Request, key: str, expires: Optional[str] = None, 
     if not blob_keys.is_pending_upload_key(key):
         raise forbidden("Not an upload key")
     limit = upload_limit(settings)
-    quota = upload_quota.quota_bytes(limit)
+    quota = upload_quota.quota_bytes(settings)
     if await run_in_threadpool(upload_quota.pending_bytes, backend.blobs, key) >= quota:  # before reading it
-        raise _over_quota(quota)
+        raise over_quota(quota)
     data = await read_limited(request, limit, "Upload")
     if not data:
         raise bad_request("The upload is empty")
     if await run_in_threadpool(upload_quota.pending_bytes, backend.blobs, key) + len(data) > quota:
-        raise _over_quota(quota)
+        raise over_quota(quota)
     content_type = request.headers.get("content-type", "application/octet-stream")[:100]
     await run_in_threadpool(backend.blobs.put, key, data, content_type)
     return wrap({"key": key, "size": len(data)})

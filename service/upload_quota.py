@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 
 from .blob_keys import PENDING_UPLOADS_PREFIX, pending_upload_tag
+from .config import Settings
 from .ports import BlobStore
 
 PENDING_UPLOAD_SECONDS = 3600  # an upload's URL lives 15 minutes; a client submits right after the PUT
-QUOTA_UPLOADS = 4  # a caller's unused uploads may hold this many uploads of the largest size at once
+QUOTA_UPLOADS = 4  # a caller's unused uploads may hold this many audio uploads of the largest size, and one adapter
 
 
-def quota_bytes(max_upload_bytes: int) -> int:
-    return QUOTA_UPLOADS * max_upload_bytes
+def quota_bytes(settings: Settings) -> int:
+    """What one caller's unused direct uploads (audio and adapters, POST /v1/adapters/uploads) may hold."""
+    return QUOTA_UPLOADS * settings.max_upload_bytes + settings.max_adapter_bytes
 
 
 def pending_bytes(blobs: BlobStore, key: str) -> int:

@@ -163,19 +163,22 @@ def test_unused_direct_uploads_count_against_their_callers_quota_and_expire(api)
 
     from fastapi.testclient import TestClient
 
-    api.settings.max_upload_mb = 1
+    api.settings.max_upload_mb = api.settings.max_adapter_mb = 1  # the quota: 4 audio files and one adapter
     one_mb = b"x" * (1024 * 1024)
 
     def put(client) -> int:
         up = client.post("/v1/uploads", json={"filename": "a.wav"}).json()["data"]
         return client.put(up["upload_url"], content=one_mb).status_code
 
-    assert [put(api.client) for _ in range(5)] == [200, 200, 200, 200, 429]
+    assert [put(api.client) for _ in range(5)] == [200] * 5
+    adapter = api.client.post("/v1/adapters/uploads", json={"filename": "a.safetensors"}).json()["data"]
+    assert api.client.put(adapter["upload_url"], content=one_mb).status_code == 429  # the same quota
+    assert put(api.client) == 429
     other = TestClient(api.client.app, client=("192.0.2.7", 4000))
     assert put(other) == 200  # another caller's quota is its own
     for key in api.backend.blobs.keys_older_than("uploads/pending/", float("inf")):  # written two hours ago
         os.utime(api.backend.blobs.local_path(key), (time.time() - 7200,) * 2)
-    assert api.backend.sweep_expired() == 5  # unused: expired
+    assert api.backend.sweep_expired() == 6  # unused: expired
     assert put(api.client) == 200
 
 
