@@ -153,7 +153,7 @@ class AdapterLibrary:
             if self._active.get(model_name, ((), ())) != wanted:
                 self.switches += 1
                 if acting:
-                    pipe.transformer.enable_adapters() if _has_peft(pipe) else None
+                    pipe.transformer.enable_adapters()
                     pipe.transformer.set_adapters(list(wanted[0]), list(wanted[1]))
                 elif _has_peft(pipe):
                     pipe.transformer.disable_adapters()  # base layers only: bit-identical to no adapter
@@ -225,7 +225,7 @@ def load_into(pipe: AceStepPipeline, path: Path, name: str, peft_name: str, scra
     info = manifest.inspect_adapter(path, name=name, shape=shape)  # the same check the API ran on upload
     files = manifest.locate(path)
     weights = _weights_file(files, path, scratch)
-    tensors, _, config, _ = manifest.read_files(files)
+    _, _, config, _ = manifest.read_files(files)
     state = load_file(str(weights))
     modules, lycoris = manifest.group_modules({k: manifest.Tensor("F32", tuple(v.shape)) for k, v in state.items()})
     transformer = pipe.transformer
@@ -288,8 +288,9 @@ def _load_lora(pipe: AceStepPipeline, state: dict, modules: dict, config: dict, 
         "transformer.alpha_pattern": alpha_pattern,
         "transformer.lora_dropout": 0.0, "transformer.bias": "none",
     }
-    AceStepPipeline.load_lora_into_transformer(converted, transformer=pipe.transformer, adapter_name=peft_name,
-                                               metadata=metadata, _pipeline=pipe)
+    AceStepPipeline.load_lora_into_transformer(_as_model(converted, pipe), transformer=pipe.transformer,
+                                               adapter_name=peft_name, metadata=metadata, _pipeline=pipe,
+                                               low_cpu_mem_usage=True)
 
 
 def _pattern_key(key: str) -> str:
@@ -324,8 +325,15 @@ def _load_lokr(pipe: AceStepPipeline, state: dict, modules: dict, config: dict, 
             if param in ("lokr_w1", "lokr_w1_a"):
                 tensor = tensor * scale
             out[f"{target}.{param}"] = tensor
-    AceStepPipeline.load_lora_into_transformer(out, transformer=pipe.transformer, adapter_name=peft_name,
-                                               _pipeline=pipe)
+    AceStepPipeline.load_lora_into_transformer(_as_model(out, pipe), transformer=pipe.transformer,
+                                               adapter_name=peft_name, _pipeline=pipe, low_cpu_mem_usage=True)
+
+
+def _as_model(state: dict[str, torch.Tensor], pipe: AceStepPipeline) -> dict[str, torch.Tensor]:
+    """The weights in the DiT's dtype and on its device, so PEFT takes them as they are (low_cpu_mem_usage:
+    no random initialisation of layers about to be overwritten, no second copy)."""
+    param = next(pipe.transformer.parameters())
+    return {k: v.to(device=param.device, dtype=param.dtype) for k, v in state.items()}
 
 
 def _peft_module(key: str) -> Optional[str]:
