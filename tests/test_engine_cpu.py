@@ -60,7 +60,7 @@ def test_auto_on_a_bf16_cpu_loads_and_generates_in_bf16_and_says_so(tiny_checkpo
                                    allow_download=False, device="cpu"))
     assert eng.model(None).pipe.transformer.dtype == torch.bfloat16
     assert eng.model(None).pipe.vae.dtype == torch.bfloat16
-    info = eng.generate(GenerationRequest(prompt="lofi", lyrics="[verse] la", audio_duration=10, inference_steps=2,
+    info = eng.generate(GenerationRequest(prompt="lofi", lyrics="[verse] la", audio_duration=10, inference_steps=1,
                                           audio_format="wav")).generation_info
     assert info["dtype"] == "bfloat16" and "AMX-BF16" in info["dtype_choice"]
     assert eng.describe()["dtype_choice"] == info["dtype_choice"]
