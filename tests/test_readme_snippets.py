@@ -208,7 +208,9 @@ def check_make_commands(block: Block, request) -> None:
     commands = [line.split("#")[0].strip() for line in block.text.splitlines() if line.split("#")[0].strip()]
     assert commands == ["make run", "make test", "make test-fast"], commands
     assert make_run_command() == [str(VENV_BIN / "acestep-api")]
-    recipe = subprocess.run(["make", "-n", "test-fast"], cwd=REPO, capture_output=True, text=True, check=True)
+    # --no-print-directory: under `make test` (MAKELEVEL > 0) make would add "Entering directory" lines
+    recipe = subprocess.run(["make", "-n", "--no-print-directory", "test-fast"], cwd=REPO, capture_output=True,
+                            text=True, check=True)
     assert recipe.stdout.strip().endswith("python -m pytest -m unit -n 2 --dist loadfile"), recipe.stdout
     request.getfixturevalue("service")  # the recipe starts and serves
 
