@@ -74,7 +74,8 @@ _SERIALIZER, _DESERIALIZER = TypeSerializer(), TypeDeserializer()
 def _attr(value: Any) -> AttributeValue:
     """A Python value as an attribute value (boto3's serializer; a float goes as the Decimal of its repr, so
     it reads back equal)."""
-    return _SERIALIZER.serialize(Decimal(repr(value)) if isinstance(value, float) else value)
+    attr: AttributeValue = _SERIALIZER.serialize(Decimal(repr(value)) if isinstance(value, float) else value)
+    return attr
 
 
 def _plain(item: Item) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def _idempotency_key(key: str) -> Item:
 
 
 class DynamoTaskStore(TaskStore):
-    def __init__(self, client, table_name: str, ttl_days: int = 7, blobs: Optional[BlobStore] = None):
+    def __init__(self, client: Any, table_name: str, ttl_days: int = 7, blobs: Optional[BlobStore] = None):
         self._db = client
         self._table = table_name
         self._ttl_seconds = max(1, int(ttl_days)) * 86400
@@ -575,7 +576,8 @@ class DynamoTaskStore(TaskStore):
 
     def _get_item(self, task_id: str) -> Optional[Item]:
         resp = self._db.get_item(TableName=self._table, Key=_task_key(task_id), ConsistentRead=True)
-        return resp.get("Item")
+        item: Optional[Item] = resp.get("Item")
+        return item
 
     def _fence(self, item: Item) -> dict[str, Any]:
         """Condition: the task is still in the (status, attempt) state we read."""
