@@ -23,3 +23,6 @@ def has_room(path: str, min_free_bytes: int) -> bool:
         return shutil.disk_usage(path).free >= min_free_bytes
     except OSError:
         return True  # cannot tell: let the write itself decide
+
+
+__all__ = ["STORAGE_FULL_MESSAGE", "StorageFull", "has_room", "is_storage_full"]  # StorageFull re-exported: the adapters raise it from here
