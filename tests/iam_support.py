@@ -254,8 +254,10 @@ def as_list(value: Any) -> list:
 # moto checks resources on these services; on the others it asks whether "*" is allowed.
 _MOTO_CHECKS_RESOURCES = ("s3:", "sqs:")
 # moto authorizes some operations under the operation's own name, where AWS checks another action:
-# HeadObject is s3:GetObject, and a transaction needs the action of each item it holds.
-_MOTO_NAMES = {"s3:GetObject": "s3:HeadObject", "dynamodb:GetItem": "dynamodb:TransactGetItems",
+# HeadObject is s3:GetObject, CopyObject s3:PutObject (on its target; and s3:GetObject on its source,
+# which the recorded calls check), and a transaction needs the action of each item it holds.
+_MOTO_NAMES = {"s3:GetObject": "s3:HeadObject", "s3:PutObject": "s3:CopyObject",
+               "dynamodb:GetItem": "dynamodb:TransactGetItems",
                **{f"dynamodb:{a}": "dynamodb:TransactWriteItems"
                   for a in ("PutItem", "UpdateItem", "DeleteItem", "ConditionCheckItem")}}
 
