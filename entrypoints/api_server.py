@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from service.config import ENV_NAMES, Settings, load_settings
 from handlers.openrouter.waiting import server_stopping as chat_server_stopping
@@ -29,7 +29,6 @@ from .cli_errors import user_errors
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_SECONDS = 20.0  # a stopping worker may finish its task this long, then gives it back
 SHUTDOWN_STREAMS_SECONDS = 5
 
 
@@ -113,7 +112,7 @@ class WorkerSupervisor:
         # --supervised: the worker ignores the terminal's Ctrl+C (SIGINT reaches the whole process
         # group); it acts on the SIGTERMs this supervisor forwards, so one Ctrl+C is one signal.
         return subprocess.Popen([sys.executable, "-m", "entrypoints.worker", "--log-level", self.log_level,
-                                 "--grace-seconds", str(STOP_GRACE_SECONDS), "--supervised"],
+                                 "--grace-seconds", str(self.settings.worker_stop_grace), "--supervised"],
                                 env=child_env(self.settings), preexec_fn=_worker_preexec(self.settings.worker_nice))
 
     def start(self) -> None:
@@ -148,8 +147,10 @@ class WorkerSupervisor:
             if proc.poll() is None:
                 proc.terminate()
 
-    def stop(self, timeout: float = STOP_GRACE_SECONDS + 10, abort: bool = False) -> None:
+    def stop(self, timeout: Optional[float] = None, abort: bool = False) -> None:
         """Workers finish their running task (drain), up to their grace period; `abort` gives it back."""
+        if timeout is None:  # past the workers' grace: a running task is released, not killed mid-way
+            timeout = self.settings.worker_stop_grace + 10
         self._stopping.set()
         for proc in self.procs:
             if proc.poll() is None:

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     queue_workers: int = _env("ACESTEP_QUEUE_WORKERS", 1, ge=0)
     # CPU priority of those workers below the API's (nice), so a generation does not slow the API down
     worker_nice: int = _env("ACESTEP_WORKER_NICE", 10, ge=0, le=19)
+    # On stop (Ctrl+C, SIGTERM) a supervised worker may finish its running task this long, then gives it back
+    worker_stop_grace: float = _env("ACESTEP_WORKER_STOP_GRACE", 20.0, gt=0)
     avg_job_seconds: float = _env("ACESTEP_AVG_JOB_SECONDS", 5.0)
     avg_window: int = _env("ACESTEP_AVG_WINDOW", 50)
     visibility_timeout: float = _env("ACESTEP_VISIBILITY_TIMEOUT", 120.0)  # lease; the worker extends it while it runs
