@@ -47,6 +47,7 @@ def test_each_contract_catches_its_breach(tmp_path):
     _module(tmp_path, "handlers.app", "import service.core\nfrom engine import request\n")
     _module(tmp_path, "service.core", "import engine.checkpoints\nimport engine.plan\n")
     _module(tmp_path, "engine.request", "")
+    _module(tmp_path, "engine.adapter_manifest", "")  # named by the contracts: it must exist
     _module(tmp_path, "engine.plan", "import engine.types\n")
     _module(tmp_path, "engine.types", "def load():\n    import engine.numbers\n")
     _module(tmp_path, "engine.numbers", "def heavy():\n    import numpy\n")
