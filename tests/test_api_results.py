@@ -347,7 +347,7 @@ def test_seed_python_client_flow_verbatim(api, tmp_path, monkeypatch, capsys):
 
 
 def test_429_via_queue_full_exception_from_the_queue(api, monkeypatch):
-    def full(connection, task_id, max_size):
+    def full(connection, task_id, max_size, interactive=False):
         raise QueueFull()
 
     monkeypatch.setattr(api.backend.queue, "insert", full)  # the intake enqueues in its transaction

@@ -42,9 +42,11 @@ def test_models(api):
     data = api.client.get("/v1/models").json()["data"]
     assert data["default_model"] == "acestep-v15-turbo"
     assert data["models"] == [
-        {"name": "acestep-v15-turbo", "is_default": True, "random_weights": None},
-        {"name": "acestep-v15-base", "is_default": False, "random_weights": None},
-    ]
+        {"name": "acestep-v15-turbo", "is_default": True, "random_weights": None, "is_loaded": False,
+         "supported_task_types": ["text2music", "cover", "repaint", "lego", "extract", "complete"]},
+        {"name": "acestep-v15-base", "is_default": False, "random_weights": None, "is_loaded": False,
+         "supported_task_types": ["text2music", "cover", "repaint", "lego", "extract", "complete"]},
+    ]  # no worker has reported yet: nothing loaded; the task types are each model's published ones
     api.worker.publish_models()
     data = api.client.get("/v1/models").json()["data"]
     assert data["models"][0]["random_weights"] is True and "text2music" in data["models"][0]["task_types"]
@@ -111,7 +113,7 @@ def test_format_input_without_lm_is_503(api):
     ({"time_signature": "7"}, "time_signature"),
     ({"prompt": {"a": 1}}, "prompt"),
     ({"prompt": "x" * 5000}, "prompt"),
-    ({"param_obj": {"key": "k" * 100}}, "param_obj.key_scale"),
+    ({"param_obj": {"key": "k" * 100}}, "param_obj.key (key_scale)"),  # the name as sent, then the canonical one
 ])
 def test_format_input_validates_before_the_lm(api, body, field):
     r = api.client.post("/format_input", json=body)

@@ -47,7 +47,8 @@ def test_worker_publishes_models(settings, backend, engine):
     Worker(settings, backend, engine).publish_models()
     meta = backend.store.get_meta("models")
     assert meta["models"] == [{"name": "test-model", "is_default": True, "random_weights": True,
-                               "task_types": ["text2music", "cover"]}]
+                               "task_types": ["text2music", "cover"],
+                               "adapter_shape": None}]  # a stand-in engine publishes no geometry for adapters
 
 
 def test_engine_error_fails_task_with_its_message(settings, backend, engine):
