@@ -567,6 +567,14 @@ EXPECTED = [
              "the result parts spilled out of a large task item (service/aws/result_spill.py); the e2e sends no webhook."),
     Expected(WORKER_ROLE, "secretsmanager:GetSecretValue", "WebhookSigningSecret.Ref", "Workers sign webhook "
              "deliveries with the stack's webhook secret (tests/test_webhooks.py); the e2e sends no webhook."),
+    # Adapters (issue 24): the e2e uploads none; tests/test_api_adapters.py and tests/test_adapters.py run these
+    # code paths on moto without roles.
+    Expected(API_ROLE, "s3:PutObject", "Audio/adapters/a.safetensors", "POST /v1/adapters keeps a checked upload "
+             "under adapters/<sha256> (handlers/routes_adapters.py)."),
+    Expected(API_ROLE, "s3:GetObject", "Audio/adapters/a.safetensors", "POST /v1/adapters reads an adapter PUT "
+             "to its presigned key back to check its header before keeping it (handlers/routes_adapters.py)."),
+    Expected(WORKER_ROLE, "s3:GetObject", "Audio/adapters/a.safetensors", "A worker fetches an uploaded adapter "
+             "by its sha256 key before the batch that names it (service/adapter_fetch.py)."),
 ]
 
 _SPEC = re.compile(r"^(?P<path>[A-Za-z0-9]+)(?:\.(?P<attribute>[A-Za-z]+))?(?P<suffix>[:/].*)?$")
