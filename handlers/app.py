@@ -25,8 +25,8 @@ from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
 from .openrouter.auth import acestep_key
 from .openrouter.routes import chat_router
-from .openapi_bodies import with_model_names
-from .rate_limit import RateLimitMiddleware, TokenBuckets
+from .openapi_bodies import with_model_names, with_rate_limit_answers
+from .rate_limit import COUNTED_METHODS, EXEMPT, RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
 from service.signed_urls import openapi_url, verify
@@ -48,6 +48,8 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
     def openapi_of_this_server() -> dict[str, Any]:
         if app.openapi_schema is None:  # built once; `model` lists this server's models
             with_model_names(generate(), list(settings.model_names))
+            if settings.rate_limit_rps > 0:
+                with_rate_limit_answers(app.openapi_schema or {}, COUNTED_METHODS, EXEMPT)
         return app.openapi_schema or generate()
 
     app.openapi = openapi_of_this_server  # type: ignore[method-assign]

@@ -158,6 +158,17 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"description": _ERROR_TEXT[code], "content": {JSON: {"schema": schema}}} for code in codes}
 
 
+def with_rate_limit_answers(openapi: dict[str, Any], methods: tuple[str, ...], exempt: tuple[str, ...]) -> dict[str, Any]:
+    """The request-rate limiter answers 429 on every route it counts: documented there, whatever the route
+    itself refuses (handlers/rate_limit.py decides which methods and paths it counts)."""
+    counted = {m.lower() for m in methods}
+    for path, operations in openapi.get("paths", {}).items():
+        for method, operation in operations.items():
+            if method in counted and path not in exempt:
+                operation.setdefault("responses", {}).setdefault("429", error_responses(429)[429])
+    return openapi
+
+
 def with_model_names(openapi: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
     """/release_task's `model` as the names this server serves (an unknown one is a 400)."""
     body = openapi.get("paths", {}).get("/release_task", {}).get("post", {}).get("requestBody")
