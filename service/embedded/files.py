@@ -1,11 +1,11 @@
 """BlobStore on the local filesystem: opaque keys map to files under one root."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..ports import BlobStore
 from ..storage_errors import StorageFull, is_storage_full
@@ -33,20 +33,9 @@ class FileBlobStore(BlobStore):
         return path
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Write then rename, so a reader never sees a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with self._replacing(key) as tmp:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # as mkstemp
                 f.write(data)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if is_storage_full(exc):
-                raise StorageFull(f"no room for {key}: {exc}") from exc
-            raise
 
     def get(self, key: str) -> bytes:
         try:
@@ -69,22 +58,30 @@ class FileBlobStore(BlobStore):
 
     def copy(self, src: str, dst: str) -> None:
         """A hard link where the file system allows one (no bytes copied), else a copy; atomic either way."""
-        source, target = self._path(src), self._path(dst)
+        source = self._path(src)
         if not os.path.isfile(source):
             raise KeyError(src)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(target), f".part-{uuid.uuid4().hex}")
-        try:
+        with self._replacing(dst) as tmp:
             try:
                 os.link(source, tmp)
             except OSError:  # another file system, or links not allowed
                 shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+
+    @contextlib.contextmanager
+    def _replacing(self, key: str) -> Iterator[str]:
+        """A temporary path beside `key`'s file that becomes that file when the block ends: a reader never
+        sees a half-written file. On failure the temporary file goes; a full disk is StorageFull."""
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".part-{uuid.uuid4().hex}")
+        try:
+            yield tmp
+            os.replace(tmp, path)
         except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             if is_storage_full(exc):
-                raise StorageFull(f"no room for {dst}: {exc}") from exc
+                raise StorageFull(f"no room for {key}: {exc}") from exc
             raise
 
     def remove_empty_folder(self, prefix: str) -> None:
