@@ -291,24 +291,16 @@ class AceStepStack(Stack):
         # Signed audio/upload URLs are keyed with their own random secret, never the API key (a
         # shared URL must not let anyone test key guesses). Rotate with put-secret-value: the
         # previous value (AWSPREVIOUS) stays valid until the next rotation.
-        self.signing_secret = secretsmanager.Secret(
-            self, "UrlSigningSecret",
-            description="ACE-Step: secret for signed audio/upload URLs (not the API key)",
-            generate_secret_string=secretsmanager.SecretStringGenerator(
-                exclude_punctuation=True, password_length=64),
-        )
-        suppress(self.signing_secret, ("AwsSolutions-SMG4", "Rotated by hand with put-secret-value: the API "
-                                       "accepts AWSPREVIOUS, so URLs already handed out keep working."))
+        self.signing_secret = self._generated_secret(
+            "UrlSigningSecret", "ACE-Step: secret for signed audio/upload URLs (not the API key)",
+            "Rotated by hand with put-secret-value: the API accepts AWSPREVIOUS, so URLs already handed out keep "
+            "working.")
         # Webhooks are signed with a secret of their own (Standard Webhooks), never the API key; receivers
         # get it from GET /v1/webhook_secret. After put-secret-value both values sign until the next one.
-        self.webhook_secret = secretsmanager.Secret(
-            self, "WebhookSigningSecret",
-            description="ACE-Step: secret webhook signatures are keyed with (given to receivers; not the API key)",
-            generate_secret_string=secretsmanager.SecretStringGenerator(
-                exclude_punctuation=True, password_length=64),
-        )
-        suppress(self.webhook_secret, ("AwsSolutions-SMG4", "Receivers hold it: rotated by hand with "
-                                       "put-secret-value, after which deliveries carry both signatures."))
+        self.webhook_secret = self._generated_secret(
+            "WebhookSigningSecret",
+            "ACE-Step: secret webhook signatures are keyed with (given to receivers; not the API key)",
+            "Receivers hold it: rotated by hand with put-secret-value, after which deliveries carry both signatures.")
 
         common_env = {
             "ACESTEP_BACKEND": "aws",
@@ -336,6 +328,15 @@ class AceStepStack(Stack):
         self._alarms(opts)
 
     # -- API: HTTP API -> Lambda ------------------------------------------------------------------
+
+    def _generated_secret(self, construct_id: str, description: str, rotation: str) -> secretsmanager.Secret:
+        """A 64-character random secret the services key signatures with; `rotation`: why it rotates by hand."""
+        secret = secretsmanager.Secret(
+            self, construct_id, description=description,
+            generate_secret_string=secretsmanager.SecretStringGenerator(exclude_punctuation=True, password_length=64),
+        )
+        suppress(secret, ("AwsSolutions-SMG4", rotation))
+        return secret
 
     def _api(self, opts: StackOptions, env: dict) -> tuple[lambda_.Function, apigw.HttpApi]:
         api_env = {
