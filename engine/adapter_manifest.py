@@ -14,6 +14,7 @@ fit that module; anything else is AdapterInvalid with a reason a client can act 
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import zipfile
@@ -52,6 +53,13 @@ _LYCORIS_KEY = re.compile(
 
 Kind = Literal["lora", "lokr"]
 Format = Literal["peft_dir", "peft_file", "lycoris_file"]
+
+
+def adapter_dirs(checkpoint_dir: str, lora_dir: str = "", cache_dir: str = "") -> tuple[str, str]:
+    """(where named adapters live, where fetched uploads are kept): the settings when given, else
+    <checkpoint_dir>/loras and <that>/.uploaded. The API and the engine read the same layout."""
+    lora = lora_dir or os.path.join(checkpoint_dir, "loras")
+    return lora, cache_dir or os.path.join(lora, ".uploaded")
 
 
 class AdapterInvalid(ValueError):

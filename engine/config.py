@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from engine.adapter_manifest import adapter_dirs
+
 DEFAULT_MODEL = "acestep-v15-turbo"
 _TRUE = {"1", "true", "yes", "y", "on"}
 
@@ -43,11 +45,11 @@ class EngineConfig:
 
     @property
     def resolved_lora_dir(self) -> str:
-        return self.lora_dir or os.path.join(self.checkpoint_dir, "loras")
+        return adapter_dirs(self.checkpoint_dir, self.lora_dir, self.adapter_cache_dir)[0]
 
     @property
     def resolved_adapter_cache_dir(self) -> str:
-        return self.adapter_cache_dir or os.path.join(self.resolved_lora_dir, ".uploaded")
+        return adapter_dirs(self.checkpoint_dir, self.lora_dir, self.adapter_cache_dir)[1]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.adapter_manifest import adapter_dirs
+
 from .signing_keys import SigningKeys, ephemeral_keys
 
 MB = 1024 * 1024
@@ -238,11 +240,11 @@ class Settings(BaseSettings):
 
     @property
     def resolved_lora_dir(self) -> str:
-        return self.lora_dir or os.path.join(self.checkpoint_dir, "loras")
+        return adapter_dirs(self.checkpoint_dir, self.lora_dir, self.adapter_cache_dir)[0]
 
     @property
     def resolved_adapter_cache_dir(self) -> str:
-        return self.adapter_cache_dir or os.path.join(self.resolved_lora_dir, ".uploaded")
+        return adapter_dirs(self.checkpoint_dir, self.lora_dir, self.adapter_cache_dir)[1]
 
     # The random secret signed URLs are keyed with (service/signing_keys.py), never the API key.
     # Attached by handlers.app.create_app from the backend, which stores it.
