@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 
 from engine.request import ADAPTER_NAME_RE, ADAPTER_SCALE_MAX, ADAPTER_SCALE_MIN, MAX_ADAPTERS
 
+from .fields import text_list
+
 
 # upstream's nested sources, read in this order after the top level (as handlers/aliases.py reads them)
 EXTRA_SOURCES = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
@@ -72,14 +74,12 @@ def _scale(value: Any, label: str) -> float:
 
 def _items(value: Any, label: str) -> list[Any]:
     if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except (ValueError, RecursionError):
-                raise ValueError(f"{label}: must be an adapter name or a list of them") from None
-        else:
-            return [] if text.lower() in NONE_WORDS else [p.strip() for p in text.split(",") if p.strip()]
+        if value.strip().lower() in NONE_WORDS:
+            return []
+        try:
+            value = text_list(value)
+        except ValueError:
+            raise ValueError(f"{label}: must be an adapter name or a list of them") from None
     if isinstance(value, dict):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -102,13 +102,11 @@ def read_adapters(fields: Mapping[str, Any]) -> Optional[list[dict[str, Any]]]:
     scales: list[Optional[float]] = [None] * len(items)
     if scaled is not None:
         scale_label, scale_value = scaled
-        if isinstance(scale_value, str) and scale_value.strip().startswith("["):
+        if isinstance(scale_value, str) and (scale_value.strip().startswith("[") or "," in scale_value):
             try:
-                scale_value = json.loads(scale_value)
-            except (ValueError, RecursionError):
+                scale_value = text_list(scale_value)
+            except ValueError:
                 raise ValueError(f"{scale_label}: must be a number or a list of numbers") from None
-        if isinstance(scale_value, str) and "," in scale_value:
-            scale_value = [p for p in scale_value.split(",") if p.strip()]
         if isinstance(scale_value, (list, tuple)):
             if len(scale_value) != len(items):
                 raise ValueError(f"{scale_label}: one scale per adapter ({len(items)}), or one number for all "

@@ -259,6 +259,18 @@ def _upstream_only(name: str) -> Any:
                  json_schema_extra={"enum": [default, None]})
 
 
+def text_list(text: str) -> Any:
+    """A list a form sends as text: a JSON string of one ("[...]"), else comma-separated parts (stripped,
+    empty ones dropped). Raises ValueError when the JSON does not parse."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise ValueError("not a JSON list") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 class StrictRequest(GenerationRequest):
     """Canonical values (handlers/aliases.py) -> a GenerationRequest, in one validation."""
 

@@ -1,7 +1,6 @@
 """POST /release_task (submit a generation) and POST /query_result (poll tasks)."""
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from fastapi import APIRouter, Request
@@ -18,6 +17,7 @@ from service.submitter import SubmitTask
 from .caller import caller_of
 from .deps import settings_of, submitter_of
 from .envelope import bad_request, wrap
+from .fields import text_list
 from .request_parsing import parse_release_task
 from .openapi_bodies import (FORM, JSON, MAX_IDEMPOTENCY_KEY, QueryResultInput, error_responses, model_schema,
                              release_task_body, request_body)
@@ -89,14 +89,10 @@ def parse_task_ids(value: Any) -> list[str]:
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except (ValueError, RecursionError):
-                raise bad_request("task_id_list: must be a list of task ids or a JSON string of one") from None
-        else:
-            value = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            value = text_list(value)
+        except ValueError:
+            raise bad_request("task_id_list: must be a list of task ids or a JSON string of one") from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise bad_request("task_id_list: must be a list of task ids (strings)")
     if len(value) > MAX_IDS:
