@@ -104,12 +104,16 @@ def live_server(data_dir: str, checkpoint_dir: str, workers: int = 1, env: Optio
             time.sleep(0.1)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
+        stop_service(proc)
+
+
+def stop_service(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGTERM (the service drains), SIGKILL past 30 s, then SIGKILL to its whole session: a worker left
+    behind never outlives the test."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +37,7 @@ import pytest
 import soundfile as sf
 
 from tests.demo_servers import QUICK
-from tests.live_server import REPO, LiveServer, free_port
+from tests.live_server import REPO, LiveServer, free_port, stop_service
 
 # slow: a live service; the generous timeout covers its start and the shared generations on a loaded machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -115,15 +114,7 @@ def make_run(workdir: Path) -> Iterator[Service]:
         server.wait_for_worker()
         yield Service(server, f"http://127.0.0.1:{chat_port}", workdir, newcomer_env())
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # a worker left behind
-        proc.wait()
+        stop_service(proc)
 
 
 def _answers(url: str) -> bool:
