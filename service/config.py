@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     table_name: str = _env("ACESTEP_TABLE_NAME", "")
     queue_url: str = _env("ACESTEP_QUEUE_URL", "")
     dlq_url: str = _env("ACESTEP_DLQ_URL", "")
+    # LM-only tasks (/format_input) get a queue of their own, read first; "": they share the main queue
+    interactive_queue_url: str = _env("ACESTEP_INTERACTIVE_QUEUE_URL", "")
     bucket: str = _env("ACESTEP_BUCKET", "")
     task_ttl_days: int = _env("ACESTEP_TASK_TTL_DAYS", 7)
     # the ECS worker service the API starts when a task arrives and it runs none (scale from zero)
