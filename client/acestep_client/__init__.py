@@ -7,8 +7,9 @@ from .async_client import AsyncACEStepClient
 from .client import ACEStepClient
 from .errors import (ACEStepError, APIError, AuthError, NotSupported, ServerUnreachable, TaskFailed, WaitCancelled,
                      WaitTimeout)
-from .types import AudioResult, Metas, ModelInfo, ModelList, Submitted, TaskState, TaskStatus
+from .types import (AdapterInfo, AdapterList, AudioResult, Metas, ModelInfo, ModelList, Submitted, TaskState,
+                    TaskStatus)
 
 __all__ = ["__version__", "ACEStepClient", "AsyncACEStepClient", "ACEStepError", "APIError", "AuthError", "NotSupported",
-           "ServerUnreachable", "TaskFailed", "WaitCancelled", "WaitTimeout", "AudioResult", "Metas", "ModelInfo",
-           "ModelList", "Submitted", "TaskState", "TaskStatus"]
+           "ServerUnreachable", "TaskFailed", "WaitCancelled", "WaitTimeout", "AdapterInfo", "AdapterList", "AudioResult",
+           "Metas", "ModelInfo", "ModelList", "Submitted", "TaskState", "TaskStatus"]

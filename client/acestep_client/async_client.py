@@ -12,7 +12,7 @@ import httpx
 
 from . import protocol
 from .errors import ACEStepError, WaitTimeout
-from .types import AudioResult, ModelList, Submitted, TaskStatus
+from .types import AdapterInfo, AdapterList, AudioResult, ModelList, Submitted, TaskStatus
 
 OnUpdate = Callable[[TaskStatus], None]
 
@@ -44,7 +44,9 @@ class AsyncACEStepClient:
 
     async def submit(self, prompt: str = "", lyrics: str = "", *, src_audio: Optional[str] = None,
                      reference_audio: Optional[str] = None, idempotency_key: Optional[str] = None,
+                     adapter: Optional[protocol.Names] = None, adapter_scale: Optional[protocol.Scales] = None,
                      **fields: Any) -> Submitted:
+        fields.update(protocol.adapter_fields(adapter, adapter_scale))
         call = protocol.submit_call({"prompt": prompt, "lyrics": lyrics, **fields}, src_audio, reference_audio,
                                     idempotency_key)
         data = await self._send(call)
@@ -65,6 +67,29 @@ class AsyncACEStepClient:
             raise protocol.unreachable(exc, self.base_url) from exc
         protocol.read(response, call)
         return ModelList.parse(response.json())
+
+    async def list_adapters(self) -> AdapterList:
+        return AdapterList.parse(await self._send(protocol.adapters_call()))
+
+    async def upload_adapter(self, path: str, name: Optional[str] = None, *, model: Optional[str] = None,
+                             replace: bool = False) -> AdapterInfo:
+        filename, data = protocol.adapter_file(path)
+        ticket = await self._send(protocol.adapter_ticket_call(filename))
+        put, url, with_key = protocol.adapter_put(self.base_url, ticket, data)
+        request = self._http.build_request(put.method, url, content=data, headers=put.headers)
+        if not with_key:
+            request.headers.pop("Authorization", None)
+        try:
+            response = await self._http.send(request)
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        protocol.read_upload(response, put)
+        stored = await self._send(protocol.register_adapter_call(str(ticket["key"]), name, model, replace))
+        return AdapterInfo.parse(stored.get("adapter"), created=bool(stored.get("created")))
+
+    async def delete_adapter(self, name: str) -> bool:
+        data = await self._send(protocol.delete_adapter_call(name))
+        return bool(data.get("deleted", True)) if isinstance(data, dict) else True
 
     async def cancel(self, task_id: str) -> Any:
         return await self._send(protocol.cancel_call(task_id))

@@ -1,14 +1,14 @@
-"""`acestep`: generate, status, models, cancel from a shell.
+"""`acestep`: generate, status, models, cancel, adapters (list, upload, delete) from a shell.
 
 Exit codes (for scripts):
   0  done (generate: files written; status: the task succeeded)
   1  the task failed or was cancelled (the server's reason on stderr)
-  2  bad arguments or an unreadable input file
+  2  bad arguments or an unreadable input file (adapters upload: not an adapter file or folder)
   3  the API key was refused (401/403)
-  4  the server refused the request (another 4xx/5xx, e.g. 400 bad field, 429 queue full)
+  4  the server refused the request (another 4xx/5xx, e.g. 400 bad field or adapter, 409 name taken, 429 queue full)
   5  the server could not be reached
   6  timed out waiting (the task may still finish: `acestep status ID`)
-  7  the server does not support this command (an upstream server has no cancel)
+  7  the server does not support this command (an upstream server has no cancel, no adapters)
   8  status: the task is still queued or running
   130 interrupted (Ctrl-C); `generate` asks the server to cancel its task first
 """
@@ -27,7 +27,7 @@ from .client import ACEStepClient
 from .errors import (ACEStepError, APIError, AuthError, NotSupported, ServerUnreachable, TaskFailed, WaitCancelled,
                      WaitTimeout)
 from .progress import ProgressView
-from .types import TaskState, TaskStatus
+from .types import AdapterInfo, TaskState, TaskStatus
 
 OK, FAILED, USAGE, AUTH, REFUSED, UNREACHABLE, TIMEOUT, UNSUPPORTED, PENDING, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 7, 8, 130
 TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--src-audio", metavar="FILE", help="source audio for cover/repaint/lego/extract/complete")
     gen.add_argument("--repaint-start", dest="repainting_start", type=float)
     gen.add_argument("--repaint-end", dest="repainting_end", type=float)
+    gen.add_argument("--adapter", action="append", metavar="NAME",
+                     help="a LoRA/LoKr adapter from `acestep adapters list` (repeat to stack, up to 4)")
+    gen.add_argument("--adapter-scale", action="append", type=float, metavar="SCALE",
+                     help="-2..2, default 1: one for all adapters, or one per --adapter in order")
     gen.add_argument("--param", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                      help="any other /release_task field (repeatable; values parsed as JSON when they are)")
     gen.add_argument("-o", "--output", default=".", help="output directory (or file name for one result)")
@@ -102,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running task")
     cancel.add_argument("task_id")
+
+    adapters = sub.add_parser("adapters", help="LoRA/LoKr adapters: list, upload, delete")
+    verbs = adapters.add_subparsers(dest="adapters_command", required=True)
+    listing = verbs.add_parser("list", help="the adapters the server can apply, and the models each fits")
+    listing.add_argument("--model", help="only those fitting this model")
+    listing.add_argument("--json", action="store_true")
+    upload = verbs.add_parser("upload", help="upload a .safetensors, a .zip of a PEFT folder, or the folder")
+    upload.add_argument("path")
+    upload.add_argument("--name", help="default: the file's or folder's name")
+    upload.add_argument("--model", help="the model it is for (default: the server's default model)")
+    upload.add_argument("--replace", action="store_true", help="take the name over from another uploaded adapter")
+    upload.add_argument("--json", action="store_true")
+    delete = verbs.add_parser("delete", help="delete an uploaded adapter")
+    delete.add_argument("name")
     return parser
 
 
@@ -112,6 +130,10 @@ def _fields(args: argparse.Namespace) -> dict:
     fields["audio_duration"] = args.duration
     if args.thinking:
         fields["thinking"] = True
+    if args.adapter:
+        fields["adapter"] = args.adapter[0] if len(args.adapter) == 1 else args.adapter
+    if args.adapter_scale:
+        fields["adapter_scale"] = args.adapter_scale[0] if len(args.adapter_scale) == 1 else args.adapter_scale
     fields.update(dict(args.param))
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -215,7 +237,45 @@ def cmd_cancel(client: ACEStepClient, args: argparse.Namespace) -> int:
     return OK
 
 
-COMMANDS = {"generate": cmd_generate, "status": cmd_status, "models": cmd_models, "cancel": cmd_cancel}
+def _adapter_line(adapter: AdapterInfo) -> str:
+    size = "size ?" if adapter.size_bytes is None else (f"{adapter.size_bytes / 1e6:.1f} MB" if adapter.size_bytes >= 1e6
+                                                         else f"{adapter.size_bytes / 1e3:.0f} kB")
+    fits = ", ".join(adapter.fits_models) or "no served model"
+    return f"{adapter.name}  ({adapter.kind}, rank {adapter.rank}, {size}, {adapter.source}; fits: {fits})"
+
+
+def cmd_adapters(client: ACEStepClient, args: argparse.Namespace) -> int:
+    verb = args.adapters_command
+    if verb == "list":
+        listing = client.list_adapters()
+        shown = listing.fitting(args.model) if args.model else listing.adapters
+        if args.json:
+            print(json.dumps({"adapters": [a.raw for a in shown], "unusable": listing.unusable,
+                              "default": listing.default}, indent=2))
+            return OK
+        for adapter in shown:
+            print(_adapter_line(adapter))
+        for name, why in sorted(listing.unusable.items()):
+            print(f"acestep: not usable: {name}: {why}", file=sys.stderr)
+        return OK
+    if verb == "upload":
+        try:
+            stored = client.upload_adapter(args.path, args.name, model=args.model, replace=args.replace)
+        except ValueError as exc:
+            print(f"acestep: {exc}", file=sys.stderr)
+            return USAGE
+        if args.json:
+            print(json.dumps({"adapter": stored.raw, "created": stored.created}, indent=2))
+        else:
+            print(("stored " if stored.created else "already stored: ") + _adapter_line(stored))
+        return OK
+    client.delete_adapter(args.name)
+    print(f"adapter {args.name}: deleted")
+    return OK
+
+
+COMMANDS = {"generate": cmd_generate, "status": cmd_status, "models": cmd_models, "cancel": cmd_cancel,
+            "adapters": cmd_adapters}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

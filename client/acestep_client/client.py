@@ -10,7 +10,7 @@ import httpx
 
 from . import protocol
 from .errors import ACEStepError, WaitCancelled, WaitTimeout
-from .types import AudioResult, ModelList, Submitted, TaskStatus
+from .types import AdapterInfo, AdapterList, AudioResult, ModelList, Submitted, TaskStatus
 
 OnUpdate = Callable[[TaskStatus], None]
 
@@ -50,9 +50,12 @@ class ACEStepClient:
 
     def submit(self, prompt: str = "", lyrics: str = "", *, src_audio: Optional[str] = None,
                reference_audio: Optional[str] = None, idempotency_key: Optional[str] = None,
+               adapter: Optional[protocol.Names] = None, adapter_scale: Optional[protocol.Scales] = None,
                **fields: Any) -> Submitted:
         """POST /release_task with upstream's field names (`audio_duration`, `bpm`, `task_type`, ...).
-        `src_audio`/`reference_audio` are local files, sent as multipart."""
+        `src_audio`/`reference_audio` are local files, sent as multipart. `adapter`: a name from
+        `list_adapters()` or a list of them (stacked); `adapter_scale`: one number, or one per adapter."""
+        fields.update(protocol.adapter_fields(adapter, adapter_scale))
         call = protocol.submit_call({"prompt": prompt, "lyrics": lyrics, **fields}, src_audio, reference_audio,
                                     idempotency_key)
         data = self._send(call)
@@ -73,6 +76,34 @@ class ACEStepClient:
             raise protocol.unreachable(exc, self.base_url) from exc
         protocol.read(response, call)  # raises on errors
         return ModelList.parse(response.json())
+
+    def list_adapters(self) -> AdapterList:
+        """GET /v1/adapters: each adapter's kind, rank, size and the models it fits (`.fitting(model)`)."""
+        return AdapterList.parse(self._send(protocol.adapters_call()))
+
+    def upload_adapter(self, path: str, name: Optional[str] = None, *, model: Optional[str] = None,
+                       replace: bool = False) -> AdapterInfo:
+        """Upload a `.safetensors`, a `.zip` of a PEFT folder, or the folder itself (zipped here). The server
+        checks it against `model` (default: its default model): APIError 400 saying why when it does not fit,
+        409 when `name` (default: the file's) is another adapter's, unless `replace`."""
+        filename, data = protocol.adapter_file(path)
+        ticket = self._send(protocol.adapter_ticket_call(filename))
+        put, url, with_key = protocol.adapter_put(self.base_url, ticket, data)
+        request = self._http.build_request(put.method, url, content=data, headers=put.headers)
+        if not with_key:
+            request.headers.pop("Authorization", None)
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as exc:
+            raise protocol.unreachable(exc, self.base_url) from exc
+        protocol.read_upload(response, put)
+        stored = self._send(protocol.register_adapter_call(str(ticket["key"]), name, model, replace))
+        return AdapterInfo.parse(stored.get("adapter"), created=bool(stored.get("created")))
+
+    def delete_adapter(self, name: str) -> bool:
+        """DELETE /v1/adapters/{name}: APIError 404 for an unknown name, 409 when it may not be deleted."""
+        data = self._send(protocol.delete_adapter_call(name))
+        return bool(data.get("deleted", True)) if isinstance(data, dict) else True
 
     def cancel(self, task_id: str) -> Any:
         """POST /v1/tasks/{id}/cancel; NotSupported when the server has no cancel route (upstream)."""

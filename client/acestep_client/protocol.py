@@ -5,13 +5,15 @@ send and what an answer means lives here, once.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
-from urllib.parse import quote
+from typing import Any, Optional, Sequence, Union
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -55,9 +57,12 @@ class Call:
     data: Optional[dict] = None
     files: Optional[dict] = None
     headers: dict = field(default_factory=dict)
+    content: Optional[bytes] = None
 
     def kwargs(self) -> dict:
         out: dict[str, Any] = {"headers": self.headers}
+        if self.content is not None:
+            out["content"] = self.content
         if self.json is not None:
             out["json"] = self.json
         if self.data is not None:
@@ -82,6 +87,91 @@ def submit_call(fields: dict, src_audio: Optional[str] = None, reference_audio: 
             for k, v in fields.items()}
     opened = {role: (os.path.basename(path), open(path, "rb")) for role, path in files.items()}
     return Call("POST", "/release_task", data=form, files=opened, headers=headers)
+
+
+Names = Union[str, Sequence[str]]
+Scales = Union[float, Sequence[float]]
+
+
+def adapter_fields(adapter: Optional[Names], adapter_scale: Optional[Scales]) -> dict[str, Any]:
+    """The request's `adapter`/`adapter_scale` (acestep.cpp's names): one name or a list (stacked, at most 4 on
+    this server); one scale for all or one per adapter. `adapter=""` or `[]` asks for none, even when the
+    server has a default adapter (/v1/lora/load); None leaves the fields out (the default applies)."""
+    out: dict[str, Any] = {}
+    if adapter is not None:
+        out["adapter"] = adapter if isinstance(adapter, str) else list(adapter)
+    if adapter_scale is not None:
+        out["adapter_scale"] = adapter_scale if isinstance(adapter_scale, (int, float)) else list(adapter_scale)
+    return out
+
+
+# What the server takes as an adapter upload (engine/adapter_manifest.py): one .safetensors (PEFT or LyCORIS
+# keys) or a .zip of a PEFT folder (adapter_config.json + adapter_model.safetensors).
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LYCORIS_FILE = "lokr_weights.safetensors"
+
+
+def adapter_file(path: str) -> tuple[str, bytes]:
+    """(file name, bytes) to upload for `path`: a .safetensors or .zip as is; a folder as upstream's trainer
+    writes it -- a PEFT folder (or one holding final/) is zipped, its two PEFT files only (not the optimizer
+    state beside them); a LyCORIS folder sends its lokr_weights.safetensors. The name is the folder's."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        name = os.path.basename(path.rstrip(os.sep))
+        for root in (path, os.path.join(path, "final")):
+            if os.path.isfile(os.path.join(root, PEFT_FILES[1])):
+                buffer = io.BytesIO()
+                with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:  # safetensors do not compress
+                    for member in PEFT_FILES:
+                        if os.path.isfile(os.path.join(root, member)):
+                            zf.write(os.path.join(root, member), member)
+                return name + ".zip", buffer.getvalue()
+        if os.path.isfile(os.path.join(path, LYCORIS_FILE)):
+            with open(os.path.join(path, LYCORIS_FILE), "rb") as f:
+                return name + ".safetensors", f.read()
+        raise ValueError(f"{path}: a folder without {PEFT_FILES[1]} (PEFT) or {LYCORIS_FILE} (LyCORIS)")
+    if not path.endswith((".safetensors", ".zip")):
+        raise ValueError(f"{path}: an adapter is a .safetensors file, a .zip of a PEFT folder, or such a folder")
+    with open(path, "rb") as f:
+        return os.path.basename(path), f.read()
+
+
+def adapters_call() -> Call:
+    return Call("GET", "/v1/adapters")
+
+
+def adapter_ticket_call(filename: str) -> Call:
+    """POST /v1/adapters/uploads: where to PUT the file (S3 on AWS: any size, past Lambda's 6 MB)."""
+    return Call("POST", "/v1/adapters/uploads", json={"filename": filename})
+
+
+def adapter_put(base_url: str, ticket: dict, data: bytes) -> tuple[Call, str, bool]:
+    """The PUT of an upload ticket: (call, absolute URL, whether to send the API key). A presigned URL of
+    another origin (S3) is signed already, and S3 refuses a second Authorization."""
+    url = absolute(base_url, str(ticket["upload_url"]))
+    same_origin = urlsplit(url)[:2] == urlsplit(base_url)[:2]
+    headers = {str(k): str(v) for k, v in (ticket.get("headers") or {}).items()}
+    headers.setdefault("Content-Type", "application/octet-stream")
+    return Call(str(ticket.get("method") or "PUT"), urlsplit(url).path, headers=headers, content=data), url, same_origin
+
+
+def register_adapter_call(key: str, name: Optional[str], model: Optional[str], replace: bool) -> Call:
+    body: dict[str, Any] = {"key": key, "replace": replace}
+    if name:
+        body["name"] = name
+    if model:
+        body["model"] = model
+    return Call("POST", "/v1/adapters", json=body)
+
+
+def read_upload(response: httpx.Response, call: Call) -> None:
+    """The PUT's answer: this server's envelope, or S3's empty 200 (its errors are XML)."""
+    if response.status_code >= 400:
+        read(response, call)
+
+
+def delete_adapter_call(name: str) -> Call:
+    return Call("DELETE", f"/v1/adapters/{quote(name, safe='')}")
 
 
 def close_files(call: Call) -> None:

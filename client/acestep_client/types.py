@@ -201,3 +201,53 @@ class ModelList:
                                  random_weights=m.get("random_weights"))
                        for m in data.get("models") or [] if isinstance(m, dict))
         return cls(models, data.get("default_model"), data.get("lm_model"), raw=body)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One LoRA/LoKr adapter of GET /v1/adapters (or the one an upload stored)."""
+    name: str
+    kind: str = ""  # lora | lokr (the listing's `type`)
+    format: str = ""  # peft_dir | peft_file | lycoris_file
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    size_bytes: Optional[int] = None
+    source: str = ""  # uploaded | lora_dir | worker_lora_dir
+    where: str = ""
+    sha256: Optional[str] = None
+    model: Optional[str] = None  # the model it was checked against at upload
+    fits_models: tuple[str, ...] = ()
+    created: Optional[bool] = None  # upload only: False when the same file already had this name
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: Any, created: Optional[bool] = None) -> "AdapterInfo":
+        data = data if isinstance(data, dict) else {}
+        rank, alpha, size = data.get("rank"), _number(data.get("alpha")), data.get("size_bytes")
+        return cls(name=str(data.get("name") or ""), kind=str(data.get("type") or data.get("kind") or ""),
+                   format=str(data.get("format") or ""), rank=rank if isinstance(rank, int) else None,
+                   alpha=alpha, size_bytes=size if isinstance(size, int) else None,
+                   source=str(data.get("source") or ""), where=str(data.get("where") or ""),
+                   sha256=data.get("sha256") or None, model=data.get("model") or None,
+                   fits_models=tuple(str(m) for m in data.get("fits_models") or []), created=created, raw=data)
+
+
+@dataclass(frozen=True)
+class AdapterList:
+    adapters: tuple[AdapterInfo, ...]
+    unusable: dict = field(default_factory=dict)  # files under the server's ACESTEP_LORA_DIR that are not adapters: why
+    default: dict = field(default_factory=dict)  # /v1/lora/status: what a request without `adapter` gets
+    max_bytes: Optional[int] = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: Any) -> "AdapterList":
+        data = data if isinstance(data, dict) else {}
+        unusable, default, limit = data.get("unusable"), data.get("default"), data.get("max_bytes")
+        return cls(tuple(AdapterInfo.parse(a) for a in data.get("adapters") or [] if isinstance(a, dict)),
+                   unusable if isinstance(unusable, dict) else {}, default if isinstance(default, dict) else {},
+                   limit if isinstance(limit, int) else None, raw=data)
+
+    def fitting(self, model: str) -> tuple[AdapterInfo, ...]:
+        """The adapters a request for `model` may name."""
+        return tuple(a for a in self.adapters if model in a.fits_models)
