@@ -2,7 +2,8 @@
 
 /format_input's task (metadata only, no audio: a few seconds of LM) must not wait behind a queue of
 generations (minutes each on a small machine). A worker takes an interactive task before any generation
-waiting, so it waits at most for the engine call in progress. The embedded queue orders by lane.
+waiting, so it waits at most for the engine call in progress. The embedded queue orders by lane; on
+AWS the lane is a second SQS queue (ACESTEP_INTERACTIVE_QUEUE_URL) read before the main one.
 """
 from __future__ import annotations
 

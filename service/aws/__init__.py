@@ -37,7 +37,7 @@ def make_aws_backend(settings: Settings) -> Backend:
     blobs = S3BlobStore(aws_client("s3", settings, s3_config), settings.bucket)
     store = DynamoTaskStore(aws_client("dynamodb", settings), settings.table_name, settings.task_ttl_days, blobs)
     queue = SqsTaskQueue(aws_client("sqs", settings), settings.queue_url, settings.dlq_url,
-                         max_receives=settings.max_receives)
+                         max_receives=settings.max_receives, interactive_url=settings.interactive_queue_url)
     backend = Backend(
         store=store,
         queue=queue,

@@ -1,13 +1,15 @@
 """Dead letters: tasks whose message SQS moved to the DLQ after max_receives deliveries.
 
 The redrive policy only moves the message; this marks the task failed with the reason, so a client
-polling it sees `failed` instead of `queued`/`running` forever. Call it periodically from the worker
+polling it sees `failed` instead of `queued`/`running` forever. Both lanes' queues (sqs_queue.py)
+redrive here; a dead letter that never ran goes back to its own lane. Call it periodically from the worker
 loop (every ~30 s is plenty); it is safe to run from several workers at once.
 """
 from __future__ import annotations
 
 import logging
 
+from ..lanes import is_interactive
 from ..ports import QUEUED, Backend, FailureReason
 from .sqs_queue import DeadLetter, SqsTaskQueue
 
@@ -45,7 +47,7 @@ def _handle(backend: Backend, queue: SqsTaskQueue, letter: DeadLetter) -> bool:
     if record is not None and record.status == QUEUED and letter.requeues < MAX_REQUEUES:
         # Never claimed: every delivery ended before it ran (held for a worker's next batch when
         # that worker died, ...). SQS counted those receives; nothing ran, so it goes back.
-        queue.requeue(letter.task_id, letter.requeues + 1)
+        queue.requeue(letter.task_id, letter.requeues + 1, interactive=is_interactive(record.request))
         log.warning("task %s dead-lettered before it ever ran: queued again", letter.task_id)
     elif record is not None and backend.store.fail_unfinished(
             letter.task_id, dead_letter_reason(record, letter.receive_count), FailureReason.DEAD_LETTERED):

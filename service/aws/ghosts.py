@@ -4,7 +4,7 @@ The intake creates a task marked unsent (schema.UNSENT_PART) and clears the mark
 message. A mark older than the grace period belongs to a submitter that is gone (the API's requests
 end long before it), so the reconciler sends the message itself: each mark is taken by one
 conditional write (DynamoTaskStore.take_unsent), so of several workers running this at once one
-sends. Runs on the dead-letter drain's schedule (service/aws/__init__.py).
+sends, to the task's lane (service/lanes.py). Runs on the dead-letter drain's schedule (service/aws/__init__.py).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Optional
 
+from ..lanes import is_interactive
 from .dynamo_store import DynamoTaskStore
 from .sqs_queue import SqsTaskQueue
 
@@ -29,7 +30,8 @@ def resend_ghosts(store: DynamoTaskStore, queue: SqsTaskQueue, now: Optional[flo
     for task_id, since in store.unsent_before(now - grace_seconds, BATCH):
         if not store.take_unsent(task_id, since, now):
             continue  # claimed, ended, or another reconciler took it first
-        queue.send(task_id)
+        record = store.get(task_id)
+        queue.send(task_id, interactive=record is not None and is_interactive(record.request))
         store.mark_sent(task_id, since=now)
         sent.append(task_id)
         log.warning("task %s was queued without a message for %.0f s (its submitter died): sent now",

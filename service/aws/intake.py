@@ -3,6 +3,7 @@
 The two services cannot share a transaction. A task is created marked unsent and the mark is cleared
 once SQS took its message; a submit that dies between the two writes leaves the mark, and the
 reconciler (ghosts.py) sends the message after a grace period.
+LM-only tasks go to the interactive lane's queue where there is one (service/lanes.py, sqs_queue.py).
 After a new task is queued, `on_queued` runs (the worker-service waker, see wake_workers.py).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from typing import Callable, Optional
 
 from ..idempotency import replayed
+from ..lanes import is_interactive
 from ..ports import CallerLimits, TaskIntake, TaskRecord
 from .dynamo_store import DynamoTaskStore, IdempotencyKeyTaken
 from .sqs_queue import SqsTaskQueue
@@ -39,7 +41,7 @@ class AwsTaskIntake(TaskIntake):
                 raise
             return replayed(record, first), False
         try:
-            self.queue.send(record.task_id)
+            self.queue.send(record.task_id, interactive=is_interactive(record.request))
         except BaseException:
             self.store.delete(record.task_id)
             raise

@@ -30,11 +30,17 @@ def provision(settings: Settings) -> Settings:
         aws_client("sqs", settings), _queue_name(settings.queue_url) or DEFAULT_QUEUE,
         max_receives=settings.max_receives, visibility_timeout=settings.visibility_timeout,
     )
+    interactive_url = ""
+    if settings.interactive_queue_url:  # the interactive lane, only where asked for (a name or URL)
+        interactive_url = ensure_lane_queue(aws_client("sqs", settings), _queue_name(settings.interactive_queue_url),
+                                            dlq_url, max_receives=settings.max_receives,
+                                            visibility_timeout=settings.visibility_timeout)
     ensure_bucket(aws_client("s3", settings), bucket, settings.aws_region)
     sm = aws_client("secretsmanager", settings)
     signing = settings.signing_secret_arn or ensure_signing_secret(sm, f"{table}-url-signing")
     webhook = settings.webhook_secret_arn or ensure_signing_secret(sm, f"{table}-webhook-signing")
     return settings.model_copy(update=dict(table_name=table, queue_url=queue_url, dlq_url=dlq_url, bucket=bucket,
+                                           interactive_queue_url=interactive_url,
                                            signing_secret_arn=signing, webhook_secret_arn=webhook))
 
 
@@ -126,12 +132,17 @@ def _add_missing_index(ddb, name: str) -> None:
 def ensure_queues(sqs, name: str, *, max_receives: int, visibility_timeout: float) -> tuple[str, str]:
     """The work queue and its dead-letter queue; returns (queue_url, dlq_url)."""
     dlq_url = _create_or_update(sqs, name + "-dlq", {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)})
+    queue_url = ensure_lane_queue(sqs, name, dlq_url, max_receives=max_receives, visibility_timeout=visibility_timeout)
+    return queue_url, dlq_url
+
+
+def ensure_lane_queue(sqs, name: str, dlq_url: str, *, max_receives: int, visibility_timeout: float) -> str:
+    """A work queue redriving to `dlq_url` (the main queue, or the interactive lane's: one DLQ for both)."""
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue_url = _create_or_update(sqs, name, {
+    return _create_or_update(sqs, name, {
         "VisibilityTimeout": str(max(1, int(visibility_timeout))),
         "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
     })
-    return queue_url, dlq_url
 
 
 def ensure_bucket(s3, name: str, region: str) -> None:

@@ -4,6 +4,13 @@ Leases are SQS receipts: extend changes the message's visibility, ack deletes it
 settings.max_receives deliveries the queue's redrive policy moves a message to the dead-letter
 queue; service/aws/dlq.py then marks its task failed. A give-back (release) is not a delivery
 spent: SQS counts every receive of a message, so release replaces the message with a fresh one.
+
+Interactive lane (service/lanes.py): with `interactive_url` set, LM-only tasks go to a queue of their
+own, which every receive reads first. SQS cannot long-poll two queues at once, so a receive alternates:
+the interactive queue without waiting, then the main queue for at most LANE_POLL_SECONDS. An idle
+worker thus sees an interactive task within LANE_POLL_SECONDS (a main-queue long poll of up to 20 s
+would hide it), for two requests per LANE_POLL_SECONDS instead of one per 20 s. Both queues redrive to
+the one dead-letter queue. Without `interactive_url` every task goes to the main queue, as before.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from .clients import error_code
 log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 20  # SQS long-poll ceiling
+# The main queue's wait between two looks at the interactive queue (bench/format_latency.py measures it).
+LANE_POLL_SECONDS = 1
 MAX_VISIBILITY_SECONDS = 12 * 3600
 RELEASE_HOLD_SECONDS = 60  # the old message stays hidden while its replacement is sent
 # The receipt no longer names an in-flight message (already deleted, or redelivered to someone else).
@@ -68,12 +77,19 @@ class DeadLetter(Lease):
     requeues: int = 0
 
 
+@dataclass
+class SqsLease(Lease):
+    """A lease with the queue its message came from (main or interactive): its receipt is valid there only."""
+    queue_url: str = ""
+
+
 class SqsTaskQueue(TaskQueue):
     def __init__(self, client, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0,
-                 max_receives: int = 0):
+                 max_receives: int = 0, interactive_url: str = ""):
         self._sqs = client
         self.queue_url = queue_url
         self.dlq_url = dlq_url
+        self.interactive_url = interactive_url  # "": no separate lane, interactive tasks use the main queue
         # The redrive policy's limit, applied here too to the deliveries a replaced message carries over.
         self.max_receives = max_receives
         self._cache_seconds = size_cache_seconds
@@ -86,34 +102,62 @@ class SqsTaskQueue(TaskQueue):
             raise QueueFull(f"{max_size} tasks are already waiting")
         self.send(task_id)
 
-    def send(self, task_id: str) -> None:
+    def lane_url(self, interactive: bool) -> str:
+        """The queue a task of that lane is sent to."""
+        return self.interactive_url if interactive and self.interactive_url else self.queue_url
+
+    def send(self, task_id: str, interactive: bool = False) -> None:
         """Enqueue without the (approximate) size check: the intake bounds the queue in DynamoDB."""
-        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(task_id))
-        self._adjust_cached_size(+1)
+        self._send(self.lane_url(interactive), encode_body(task_id))
+
+    def _send(self, url: str, body: str) -> None:
+        self._sqs.send_message(QueueUrl=url, MessageBody=body)
+        if url == self.queue_url:  # size() counts the main queue's backlog
+            self._adjust_cached_size(+1)
 
     def receive(self, wait_seconds: float, visibility_timeout: float) -> Optional[Lease]:
         deadline = time.monotonic() + max(0.0, wait_seconds)
         while True:
-            remaining = deadline - time.monotonic()
+            if self.interactive_url:
+                lease = self._receive_from(self.interactive_url, 0, visibility_timeout)
+                if lease is not None:
+                    return lease
+            remaining = max(0.0, deadline - time.monotonic())
+            wait = min(remaining, LANE_POLL_SECONDS) if self.interactive_url else remaining
+            lease = self._receive_from(self.queue_url, wait, visibility_timeout)
+            if lease is not None:
+                return lease
+            if deadline - time.monotonic() <= 0:
+                return None
+
+    def _receive_from(self, url: str, wait_seconds: float, visibility_timeout: float) -> Optional[SqsLease]:
+        """One message from `url` within `wait_seconds` (None if none came); a message past max_receives
+        is dead-lettered on the way."""
+        while True:
             resp = self._sqs.receive_message(
-                QueueUrl=self.queue_url,
+                QueueUrl=url,
                 MaxNumberOfMessages=1,
-                WaitTimeSeconds=max(0, min(MAX_WAIT_SECONDS, int(math.ceil(remaining)))),
+                WaitTimeSeconds=max(0, min(MAX_WAIT_SECONDS, int(math.ceil(wait_seconds)))),
                 VisibilityTimeout=max(1, _visibility(visibility_timeout)),
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
             messages = resp.get("Messages", [])
-            if messages:
-                msg = messages[0]
-                count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1")) + spent_of(msg["Body"])
-                self._adjust_cached_size(-1)
-                lease = Lease(task_id=decode_body(msg["Body"]), receipt=msg["ReceiptHandle"], receive_count=count)
-                if self.max_receives and self.dlq_url and count > self.max_receives:
-                    self._dead_letter(lease, count - 1)  # what the redrive policy would do, had it seen them all
-                    continue
-                return lease
-            if deadline - time.monotonic() <= 0:
+            if not messages:
                 return None
+            msg = messages[0]
+            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1")) + spent_of(msg["Body"])
+            if url == self.queue_url:
+                self._adjust_cached_size(-1)
+            lease = SqsLease(task_id=decode_body(msg["Body"]), receipt=msg["ReceiptHandle"], receive_count=count,
+                             queue_url=url)
+            if self.max_receives and self.dlq_url and count > self.max_receives:
+                self._dead_letter(lease, count - 1)  # what the redrive policy would do, had it seen them all
+                wait_seconds = 0  # look again at once: a live message may wait behind it
+                continue
+            return lease
+
+    def _url_of(self, lease: Lease) -> str:
+        return getattr(lease, "queue_url", "") or self.queue_url
 
     def extend(self, lease: Lease, visibility_timeout: float) -> None:
         self._change_visibility(lease, _visibility(visibility_timeout))
@@ -129,8 +173,7 @@ class SqsTaskQueue(TaskQueue):
             return
         # The deliveries lost before this one (crashes, kills) carry over; this one does not count.
         body = encode_body(lease.task_id, spent=lease.receive_count - 1)
-        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=body)
-        self._adjust_cached_size(+1)
+        self._send(self._url_of(lease), body)  # back to its own lane
         self.ack(lease)
 
     def _dead_letter(self, lease: Lease, lost: int) -> None:
@@ -140,7 +183,7 @@ class SqsTaskQueue(TaskQueue):
 
     def ack(self, lease: Lease) -> None:
         try:
-            self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=lease.receipt)
+            self._sqs.delete_message(QueueUrl=self._url_of(lease), ReceiptHandle=lease.receipt)
         except ClientError as exc:
             if error_code(exc) not in _STALE_RECEIPT:
                 raise
@@ -162,9 +205,9 @@ class SqsTaskQueue(TaskQueue):
                            requeues=requeues_of(m["Body"]))
                 for m in resp.get("Messages", [])]
 
-    def requeue(self, task_id: str, requeues: int) -> None:
-        """Send a dead-lettered task that never ran back to the main queue."""
-        self._sqs.send_message(QueueUrl=self.queue_url, MessageBody=encode_body(task_id, requeues))
+    def requeue(self, task_id: str, requeues: int, interactive: bool = False) -> None:
+        """Send a dead-lettered task that never ran back to its lane's queue."""
+        self._send(self.lane_url(interactive), encode_body(task_id, requeues))
 
     def delete_dead_letter(self, lease: Lease) -> None:
         self._sqs.delete_message(QueueUrl=self.dlq_url, ReceiptHandle=lease.receipt)
@@ -195,7 +238,7 @@ class SqsTaskQueue(TaskQueue):
         """False when the receipt is stale."""
         try:
             self._sqs.change_message_visibility(
-                QueueUrl=self.queue_url, ReceiptHandle=lease.receipt, VisibilityTimeout=seconds
+                QueueUrl=self._url_of(lease), ReceiptHandle=lease.receipt, VisibilityTimeout=seconds
             )
         except ClientError as exc:
             if error_code(exc) not in _STALE_RECEIPT:
@@ -203,6 +246,6 @@ class SqsTaskQueue(TaskQueue):
             # The message was deleted or redelivered elsewhere; the store's attempt fence protects the result.
             log.warning("visibility change for %s ignored: receipt no longer valid", lease.task_id)
             return False
-        if seconds == 0:
+        if seconds == 0 and self._url_of(lease) == self.queue_url:
             self._adjust_cached_size(+1)  # a lapsed message is waiting again
         return True
