@@ -22,18 +22,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from engine.adapter_manifest import AdapterInfo, AdapterInvalid, ModelShape, inspect_adapter, published_shape
 from engine.request import ADAPTER_NAME_RE
 
+from .adapter_meta import update_meta
 from .config import Settings
 from .ports import TaskStore
 from .records import MODELS_META_KEY, ModelsMeta
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UPLOADED_META_KEY = "adapters_uploaded"
 WORKER_LOCAL_META_KEY = "adapters_local"
@@ -157,10 +159,29 @@ class AdapterCatalog:
             self._index, self._index_until = index, now + self.fresh_seconds
         return index
 
-    def save_uploaded(self, index: UploadedIndex) -> None:
-        self.store.put_meta(UPLOADED_META_KEY, index.model_dump(mode="json"))
-        with self._lock:
-            self._index, self._index_until = index, time.monotonic() + self.fresh_seconds
+    def change_uploaded(self, change: Callable[[UploadedIndex], tuple[Optional[UploadedIndex], T]]) -> T:
+        """Applies `change` (index -> (new index or None: no write, answer)) to the stored index, written only
+        over the version it read (adapter_meta.update_meta): two uploads or deletes at once both land."""
+        written: list[UploadedIndex] = []
+
+        def step(current: Optional[dict[str, Any]]) -> tuple[Optional[dict[str, Any]], T]:
+            written.clear()
+            try:
+                index = UploadedIndex.model_validate(current or {})
+            except ValidationError:
+                log.error("the uploaded adapters' index does not parse: rewritten from empty", exc_info=True)
+                index = UploadedIndex()
+            new, answer = change(index)
+            if new is None:
+                return None, answer
+            written.append(new)
+            return new.model_dump(mode="json"), answer
+
+        answer = update_meta(self.store, UPLOADED_META_KEY, step)
+        if written:
+            with self._lock:
+                self._index, self._index_until = written[0], time.monotonic() + self.fresh_seconds
+        return answer
 
     # -- adapters on disk -----------------------------------------------------------------------------
 

@@ -5,24 +5,27 @@ DEFAULTS_META_KEY, SQLite or DynamoDB), and the API writes it into each request 
 (service/adapter_resolution.py): the stored task says what ran, and every worker of the fleet applies the
 state that was current when the task was submitted, without a state of its own to keep in step.
 
-Two changes at the same moment from two API processes: the later write wins whole (operators' calls, rare).
+Two changes at the same moment from two API processes both land: each is a conditional write over the version
+it read, redone on the other's result when it lost (adapter_meta.update_meta).
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
 from engine.request import ADAPTER_SCALE_MAX, ADAPTER_SCALE_MIN, MAX_ADAPTERS, AdapterRef
 
 from .adapter_catalog import AdapterCatalog, AdapterEntry, mismatch
+from .adapter_meta import update_meta
 from .config import Settings
 from .ports import TaskStore
 from .refusals import AdapterRejected
 
 DEFAULTS_META_KEY = "adapters_default"
+T = TypeVar("T")
 FRESH_SECONDS = 1.0  # a submit reads the record at most this often per API process
 # The inner parts of what upstream's trainer writes: `<output>/final/adapter_model.safetensors` is adapter <output>.
 TRAINER_PARTS = ("final", "adapter_model.safetensors", "adapter_config.json", "lokr_weights.safetensors")
@@ -50,6 +53,13 @@ class DefaultAdapters(BaseModel):
         return [AdapterRef(name=a.name, scale=a.scale, sha256=None) for a in self.adapters]
 
 
+def _parsed(stored: Optional[dict[str, Any]]) -> DefaultAdapters:
+    try:
+        return DefaultAdapters.model_validate(stored or {})
+    except ValidationError:
+        return DefaultAdapters()  # a record no version of this code wrote: as if none were loaded
+
+
 class DefaultAdapterState:
     def __init__(self, settings: Settings, store: TaskStore, catalog: AdapterCatalog,
                  fresh_seconds: float = FRESH_SECONDS):
@@ -64,20 +74,26 @@ class DefaultAdapterState:
         with self._lock:
             if not fresh and self._cached is not None and now < self._until:
                 return self._cached
-        try:
-            state = DefaultAdapters.model_validate(self.store.get_meta(DEFAULTS_META_KEY) or {})
-        except ValidationError:
-            state = DefaultAdapters()  # a record no version of this code wrote: as if none were loaded
+        state = _parsed(self.store.get_meta(DEFAULTS_META_KEY))
         with self._lock:
             self._cached, self._until = state, now + self.fresh_seconds
         return state
 
-    def _save(self, state: DefaultAdapters) -> DefaultAdapters:
-        state = state.model_copy(update={"updated_at": time.time()})
-        self.store.put_meta(DEFAULTS_META_KEY, state.model_dump(mode="json"))
+    def _change(self, change: Callable[[DefaultAdapters], T]) -> tuple[DefaultAdapters, T]:
+        """Applies `change` (the stored state -> the new one, or None to leave it; or raises a refusal) over the
+        version it read (adapter_meta.update_meta): two /v1/lora/* calls at once both land, neither is lost."""
+        def step(current: Optional[dict[str, Any]]) -> tuple[Optional[dict[str, Any]], tuple[DefaultAdapters, T]]:
+            state = _parsed(current)
+            answer = change(state)
+            if not isinstance(answer, DefaultAdapters):
+                return None, (state, answer)
+            new = answer.model_copy(update={"updated_at": time.time()})
+            return new.model_dump(mode="json"), (new, answer)
+
+        state, answer = update_meta(self.store, DEFAULTS_META_KEY, step)
         with self._lock:
             self._cached, self._until = state, time.monotonic() + self.fresh_seconds
-        return state
+        return state, answer
 
     # -- upstream's operations ------------------------------------------------------------------------
 
@@ -106,40 +122,47 @@ class DefaultAdapterState:
         if reason:
             raise AdapterRejected(reason)
         added = DefaultAdapter(name=entry.name, scale=1.0, label=label or None, kind=entry.kind)
-        state = self.current(fresh=True)
-        if label:
+
+        def change(state: DefaultAdapters) -> DefaultAdapters:
+            if not label:
+                return DefaultAdapters(adapters=[added], use_lora=True)
             kept = [a for a in state.adapters if a.called != label and a.name != entry.name]
             if len(kept) >= MAX_ADAPTERS:
                 raise AdapterRejected(f"at most {MAX_ADAPTERS} adapters stacked; unload one first")
-            stack = [*kept, added]
-        else:
-            stack = [added]
-        return self._save(DefaultAdapters(adapters=stack, use_lora=True)), entry
+            return DefaultAdapters(adapters=[*kept, added], use_lora=True)
+
+        return self._change(change)[0], entry
 
     def unload(self) -> tuple[DefaultAdapters, bool]:
         """Clear the default; False when none was loaded."""
-        state = self.current(fresh=True)
-        if not state.adapters:
-            return state, False
-        return self._save(DefaultAdapters()), True
+        state, answer = self._change(lambda state: DefaultAdapters() if state.adapters else False)
+        return state, answer is not False
 
     def toggle(self, use_lora: bool) -> DefaultAdapters:
-        state = self.current(fresh=True)
-        if not state.adapters:
-            raise AdapterRejected("no adapter loaded: POST /v1/lora/load first")
-        return self._save(state.model_copy(update={"use_lora": use_lora}))
+        def change(state: DefaultAdapters) -> DefaultAdapters:
+            if not state.adapters:
+                raise AdapterRejected("no adapter loaded: POST /v1/lora/load first")
+            return state.model_copy(update={"use_lora": use_lora})
+
+        return self._change(change)[0]
 
     def scale(self, scale: float, label: Optional[str] = None) -> DefaultAdapters:
         """Every loaded adapter's scale, or with `label` (its adapter_name or name) that one's."""
-        state = self.current(fresh=True)
-        if not state.adapters:
-            raise AdapterRejected("no adapter loaded: POST /v1/lora/load first")
-        if label and not any(label in (a.called, a.name) for a in state.adapters):
-            loaded = ", ".join(a.called for a in state.adapters)
-            raise AdapterRejected(f"adapter_name {label!r} is not loaded (loaded: {loaded})")
-        stack = [a.model_copy(update={"scale": scale}) if not label or label in (a.called, a.name) else a
-                 for a in state.adapters]
-        return self._save(state.model_copy(update={"adapters": stack}))
+        def change(state: DefaultAdapters) -> DefaultAdapters:
+            if not state.adapters:
+                raise AdapterRejected("no adapter loaded: POST /v1/lora/load first")
+            if label and not any(label in (a.called, a.name) for a in state.adapters):
+                loaded = ", ".join(a.called for a in state.adapters)
+                raise AdapterRejected(f"adapter_name {label!r} is not loaded (loaded: {loaded})")
+            stack = [a.model_copy(update={"scale": scale}) if not label or label in (a.called, a.name) else a
+                     for a in state.adapters]
+            return state.model_copy(update={"adapters": stack})
+
+        return self._change(change)[0]
+
+    def uses(self, name: str) -> bool:
+        """Whether the default names adapter `name` (read fresh: DELETE /v1/adapters refuses then)."""
+        return any(a.name == name for a in self.current(fresh=True).adapters)
 
 
 def status_payload(state: DefaultAdapters, *, model_initialized: bool) -> dict[str, Any]:

@@ -19,12 +19,23 @@ from engine.adapter_manifest import AdapterInvalid, inspect_adapter
 from engine.request import ADAPTER_NAME_RE
 
 from . import blob_keys
-from .adapter_catalog import AdapterCatalog, AdapterEntry
+from .adapter_catalog import AdapterCatalog, AdapterEntry, UploadedIndex
 from .config import Settings
 from .ports import BlobStore
 from .refusals import AdapterConflict, AdapterRejected, AdapterTooLarge
 
 ZIP_MAGIC = b"PK\x03\x04"
+
+
+def release_blob(catalog: AdapterCatalog, blobs: BlobStore, gone: AdapterEntry) -> bool:
+    """Deletes the stored bytes of an adapter no longer in the index, unless another name refers to the same
+    sha256 (the same file uploaded under two names is stored once). True when deleted."""
+    if not gone.sha256 or not gone.ext:
+        return False
+    if any(e.sha256 == gone.sha256 for e in catalog.uploaded(fresh=True).adapters.values()):
+        return False
+    blobs.delete(blob_keys.adapter_key(gone.sha256, gone.ext))
+    return True
 
 
 @dataclass(frozen=True)
@@ -98,9 +109,18 @@ class AdapterUploads:
             self.blobs.put(key, upload.data, "application/octet-stream")
         entry = AdapterEntry.from_info(info, source="uploaded", where=key, sha256=sha, ext=ext, model=model,
                                        uploaded_at=time.time())
-        index = self.catalog.uploaded(fresh=True)
-        self.catalog.save_uploaded(index.model_copy(update={"adapters": {**index.adapters, name: entry}}))
-        return entry, True
+
+        def add(index: UploadedIndex) -> tuple[Optional[UploadedIndex], tuple[AdapterEntry, bool]]:
+            # checked again on the index this write replaces: another upload may have taken the name meanwhile
+            now = index.adapters.get(name)
+            if now is not None and now.sha256 == sha and now.model == model:
+                return None, (now, False)
+            if now is not None and not upload.replace:
+                raise AdapterConflict(f"an uploaded adapter is already named {name!r}; send replace=true to replace it")
+            return index.model_copy(update={"adapters": {**index.adapters, name: entry}}), (entry, True)
+
+        # a replaced adapter's bytes stay: tasks queued with its sha256 still fetch them
+        return self.catalog.change_uploaded(add)
 
 
-__all__ = ["AdapterUpload", "AdapterUploads", "kind_of", "name_from"]
+__all__ = ["AdapterUpload", "AdapterUploads", "kind_of", "name_from", "release_blob"]

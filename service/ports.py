@@ -124,10 +124,21 @@ class TaskStore(Protocol):
 
         One round trip whatever the number of ids (a poll may ask about 200)."""
 
+    def queued_task_ids(self, limit: int) -> list[str]:
+        """Ids of queued tasks, oldest first, at most `limit` (bounded by ACESTEP_QUEUE_MAXSIZE)."""
+
     def put_meta(self, key: str, value: dict[str, Any]) -> None:
         """Small service-wide facts as JSON objects (records.ModelsMeta under "models")."""
 
     def get_meta(self, key: str) -> Optional[dict[str, Any]]: ...
+
+    def get_meta_versioned(self, key: str) -> tuple[Optional[dict[str, Any]], int]:
+        """A meta value and its version (0: never written), for a put_meta_if against it."""
+
+    def put_meta_if(self, key: str, value: dict[str, Any], version: int) -> bool:
+        """Writes `value` as version + 1 only while the stored version is still `version` (0: absent): two
+        read-change-write cycles at once cannot both land. False, with nothing written, when another writer
+        came first (read again and redo the change). put_meta moves the version on too."""
 
     def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
         """Store this worker's latest beat (one entry per worker_id)."""

@@ -178,3 +178,49 @@ def test_model_routes_answer_what_the_fleet_runs(api):
     assert client.post("/v1/init", json={"init_llm": True}).status_code == 409  # no worker runs the LM
     r = client.post("/v1/reinitialize")
     assert r.status_code == 200 and "Service reinitialized" in r.json()["data"]["message"]
+
+
+def test_two_interleaved_writers_both_land(api):
+    """Writer A reads the index, writer B reads and writes it, then A writes: A's conditional write loses and
+    is redone on B's index (the same for the fleet's default), so neither change is lost."""
+    settings, backend, client = api
+    services = client.app.state.submitter.adapters
+    from service.adapter_uploads import AdapterUpload
+
+    calls = []
+    original = backend.store.get_meta_versioned
+
+    def read_then_let_b_write(key):
+        value = original(key)
+        if not calls:  # A's first read: B's whole upload lands before A writes
+            calls.append(key)
+            services.uploads.register(AdapterUpload(lora_file(rank=4), "b.safetensors"))
+        return value
+
+    backend.store.get_meta_versioned = read_then_let_b_write
+    try:
+        services.uploads.register(AdapterUpload(lora_file(rank=2), "a.safetensors"))
+    finally:
+        backend.store.get_meta_versioned = original
+    assert sorted(services.catalog.uploaded(fresh=True).adapters) == ["a", "b"]
+
+    value, version = backend.store.get_meta_versioned("adapters_uploaded")
+    assert backend.store.put_meta_if("adapters_uploaded", value, version) is True
+    assert backend.store.put_meta_if("adapters_uploaded", {}, version) is False  # stale version: nothing written
+    assert sorted(backend.store.get_meta("adapters_uploaded")["adapters"]) == ["a", "b"]
+
+    calls.clear()
+
+    def read_then_let_b_load(key):
+        value = original(key)
+        if not calls:
+            calls.append(key)
+            services.defaults.load("b", "second")
+        return value
+
+    backend.store.get_meta_versioned = read_then_let_b_load
+    try:
+        services.defaults.load("a", "first")
+    finally:
+        backend.store.get_meta_versioned = original
+    assert client.get("/v1/lora/status").json()["data"]["adapters"] == ["second", "first"]

@@ -187,6 +187,20 @@ class DynamoTaskStore(TaskStore):
                 return positions
             kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
 
+    def queued_task_ids(self, limit: int) -> list[str]:
+        """The queued index in queue order (it holds at most ACESTEP_QUEUE_MAXSIZE items)."""
+        ids: list[str] = []
+        kwargs: dict[str, Any] = dict(
+            TableName=self._table, IndexName=S.QUEUED_INDEX, KeyConditionExpression="#p = :p",
+            ExpressionAttributeNames={"#p": S.QUEUED_PART}, ExpressionAttributeValues={":p": _s(_QUEUED_MARK)})
+        while len(ids) < limit:
+            resp = self._db.query(**kwargs)
+            ids.extend(i[S.PK]["S"][len(S.TASK_PREFIX):] for i in resp.get("Items", []))
+            if not resp.get("LastEvaluatedKey"):
+                break
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        return ids[:max(0, int(limit))]
+
     def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
         """All beats live in one item's map, so a reader gets every worker with one GetItem."""
         update = dict(TableName=self._table, Key={S.PK: _s(S.WORKERS_KEY)},
@@ -220,17 +234,37 @@ class DynamoTaskStore(TaskStore):
                 raise
 
     def get_meta(self, key: str) -> Optional[dict[str, Any]]:
+        return self.get_meta_versioned(key)[0]
+
+    def get_meta_versioned(self, key: str) -> tuple[Optional[dict[str, Any]], int]:
         resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)}, ConsistentRead=True)
-        value = _str(resp.get("Item", {}), "value")
-        return json.loads(value) if value is not None else None
+        item = resp.get("Item", {})
+        value = _str(item, "value")
+        return (json.loads(value) if value is not None else None), int(_num(item, "version") or 0)
 
     # -- writes ------------------------------------------------------------------------------
 
     def put_meta(self, key: str, value: dict[str, Any]) -> None:
-        self._db.put_item(
-            TableName=self._table,
-            Item={S.PK: _s(S.META_PREFIX + key), "value": _s(json.dumps(value))},
-        )
+        self._db.update_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)},
+                             UpdateExpression="SET #v = :v ADD #ver :one",
+                             ExpressionAttributeNames={"#v": "value", "#ver": "version"},
+                             ExpressionAttributeValues={":v": _s(json.dumps(value)), ":one": _n(1)})
+
+    def put_meta_if(self, key: str, value: dict[str, Any], version: int) -> bool:
+        expected = "attribute_not_exists(#ver)" if version == 0 else "#ver = :expected"
+        values = {":v": _s(json.dumps(value)), ":next": _n(version + 1)}
+        if version:
+            values[":expected"] = _n(version)
+        try:
+            self._db.update_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)},
+                                 UpdateExpression="SET #v = :v, #ver = :next", ConditionExpression=expected,
+                                 ExpressionAttributeNames={"#v": "value", "#ver": "version"},
+                                 ExpressionAttributeValues=values)
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
 
     def create(self, record: TaskRecord, max_queued: Optional[int] = None,
                caller_limits: Optional[CallerLimits] = None) -> None:

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
+    value TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0  -- moved on by every write (put_meta_if compares it)
 );
 """
 
@@ -118,6 +119,8 @@ class Database:
             conn.execute("ALTER TABLE tasks ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0")
         if "lane" not in {row["name"] for row in conn.execute("PRAGMA table_info(queue)")}:
             conn.execute("ALTER TABLE queue ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
+        if "version" not in {row["name"] for row in conn.execute("PRAGMA table_info(meta)")}:
+            conn.execute("ALTER TABLE meta ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
 
     def read(self) -> sqlite3.Connection:
         return self._conn()

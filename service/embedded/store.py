@@ -222,10 +222,26 @@ class SqliteTaskStore(TaskStore):
             f" WHERE status = ?) WHERE task_id IN ({marks})", (QUEUED, *ids))
         return {row["task_id"]: int(row["pos"]) for row in rows}
 
+    def queued_task_ids(self, limit: int) -> list[str]:
+        rows = self.db.read().execute("SELECT task_id FROM tasks WHERE status = ? ORDER BY seq LIMIT ?",
+                                      (QUEUED, max(0, int(limit))))
+        return [row["task_id"] for row in rows]
+
     def put_meta(self, key: str, value: dict[str, Any]) -> None:
         with self.db.write() as c:
-            c.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
-                      " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+            c.execute("INSERT INTO meta (key, value, version) VALUES (?, ?, 1)"
+                      " ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = meta.version + 1",
+                      (key, json.dumps(value)))
+
+    def put_meta_if(self, key: str, value: dict[str, Any], version: int) -> bool:
+        with self.db.write() as c:  # BEGIN IMMEDIATE: the compare and the write under one lock
+            row = c.execute("SELECT version FROM meta WHERE key = ?", (key,)).fetchone()
+            if (int(row["version"]) if row else 0) != version:
+                return False
+            c.execute("INSERT INTO meta (key, value, version) VALUES (?, ?, ?) ON CONFLICT(key)"
+                      " DO UPDATE SET value = excluded.value, version = excluded.version",
+                      (key, json.dumps(value), version + 1))
+        return True
 
     def record_heartbeat(self, beat: WorkerHeartbeat) -> None:
         with self.db.write() as c:
@@ -246,3 +262,7 @@ class SqliteTaskStore(TaskStore):
     def get_meta(self, key: str) -> Optional[dict[str, Any]]:
         row = self.db.read().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row["value"]) if row else None
+
+    def get_meta_versioned(self, key: str) -> tuple[Optional[dict[str, Any]], int]:
+        row = self.db.read().execute("SELECT value, version FROM meta WHERE key = ?", (key,)).fetchone()
+        return (json.loads(row["value"]), int(row["version"])) if row else (None, 0)
