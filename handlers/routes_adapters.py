@@ -49,6 +49,7 @@ OCTET = "application/octet-stream"
 STATE_RULES: dict[str, dict[int, tuple[str, ...]]] = {
     "/v1/adapters": {400: ("key:", "not a valid adapter", "adapter name", "model", "empty", ".zip"),
                      409: ("name",)},
+    "/v1/adapters/{name}": {404: ("no uploaded adapter",), 409: ("ACESTEP_LORA_DIR", "default", "task")},
     "/v1/lora/load": {400: ("adapter",)},
     "/v1/lora/toggle": {400: ("no adapter loaded",)},
     "/v1/lora/scale": {400: ("no adapter loaded", "is not loaded")},
@@ -317,6 +318,22 @@ async def add_adapter(request: Request):
             form = _validated(RegisterAdapter, fields)
             entry, created = await run_in_threadpool(_register_upload, services, request, form)
     return wrap({"adapter": listing(entry, services), "created": created})
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    deleted: bool
+
+
+@router.delete("/v1/adapters/{name}", summary="Delete an uploaded adapter",
+               responses={**ok(Envelope[AdapterDeleted]), **_conflict_responses(401, 404, 409)})
+async def delete_adapter(request: Request, name: str):
+    """Removes an uploaded adapter from the list; its stored file goes too unless another name has the same
+    bytes. 404: no uploaded adapter has that name. 409 (saying which): an adapter under ACESTEP_LORA_DIR (the
+    operator's files), the fleet's default (/v1/lora/unload first), or one that queued/running tasks use."""
+    require_header(settings_of(request), request)
+    await run_in_threadpool(adapters_of(request).removal.remove, name)
+    return wrap({"name": name, "deleted": True})
 
 
 # --- upstream's /v1/lora/*: the fleet's default -----------------------------------------------------------

@@ -472,8 +472,8 @@ class AceStepStack(Stack):
                        self.bucket.arn_for_objects(UPLOAD_PREFIX + "*")],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="StoreAdapters",  # POST /v1/adapters: a checked upload kept under its sha256 (HeadObject, PutObject)
-            actions=["s3:GetObject", "s3:PutObject"],
+            sid="StoreAdapters",  # POST /v1/adapters keeps a checked upload under its sha256; DELETE removes it
+            actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
             resources=[self.bucket.arn_for_objects(ADAPTERS_PREFIX + "*")],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .adapter_catalog import AdapterCatalog
 from .adapter_defaults import DefaultAdapterState
+from .adapter_removal import AdapterRemoval
 from .adapter_resolution import AdapterResolution
 from .adapter_uploads import AdapterUploads
 from .config import Settings
@@ -18,13 +19,15 @@ class AdapterServices:
     defaults: DefaultAdapterState
     uploads: AdapterUploads
     resolution: AdapterResolution
+    removal: AdapterRemoval
 
     @classmethod
     def build(cls, settings: Settings, backend: Backend) -> "AdapterServices":
         catalog = AdapterCatalog(settings, backend.store)
         defaults = DefaultAdapterState(settings, backend.store, catalog)
         return cls(catalog, defaults, AdapterUploads(settings, backend.blobs, catalog),
-                   AdapterResolution(settings, catalog, defaults))
+                   AdapterResolution(settings, catalog, defaults),
+                   AdapterRemoval(catalog, defaults, backend.store, backend.blobs, settings.queue_maxsize))
 
 
 __all__ = ["AdapterServices"]

@@ -56,6 +56,11 @@ class AdapterConflict(Refused):
     status = 409
 
 
+class AdapterUnknown(Refused):
+    """DELETE /v1/adapters/{name} names no uploaded adapter."""
+    status = 404
+
+
 class AdapterTooLarge(Refused):
     """An uploaded adapter is over ACESTEP_MAX_ADAPTER_MB."""
     status = 413
@@ -94,5 +99,5 @@ class StorageFull(Refused):
     public_detail = STORAGE_FULL_MESSAGE
 
 
-__all__ = ["AdapterConflict", "AdapterRejected", "AdapterTooLarge", "CallerBusy", "LMNotReported", "LMNotServed", "ModelsFixed", "NoWorker", "QueueFull", "Refused", "SourceRejected",
+__all__ = ["AdapterConflict", "AdapterRejected", "AdapterTooLarge", "AdapterUnknown", "CallerBusy", "LMNotReported", "LMNotServed", "ModelsFixed", "NoWorker", "QueueFull", "Refused", "SourceRejected",
            "StorageFull", "TooCostly", "WebhookRejected"]

@@ -573,6 +573,8 @@ EXPECTED = [
              "under adapters/<sha256> (handlers/routes_adapters.py)."),
     Expected(API_ROLE, "s3:GetObject", "Audio/adapters/a.safetensors", "POST /v1/adapters reads an adapter PUT "
              "to its presigned key back to check its header before keeping it (handlers/routes_adapters.py)."),
+    Expected(API_ROLE, "s3:DeleteObject", "Audio/adapters/a.safetensors", "DELETE /v1/adapters/{name} removes "
+             "the stored bytes once no other name refers to their sha256 (service/adapter_removal.py)."),
     Expected(WORKER_ROLE, "s3:GetObject", "Audio/adapters/a.safetensors", "A worker fetches an uploaded adapter "
              "by its sha256 key before the batch that names it (service/adapter_fetch.py)."),
 ]

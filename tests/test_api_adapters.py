@@ -180,6 +180,39 @@ def test_model_routes_answer_what_the_fleet_runs(api):
     assert r.status_code == 200 and "Service reinitialized" in r.json()["data"]["message"]
 
 
+def test_delete_an_uploaded_adapter(api):
+    settings, backend, client = api
+    data = lora_file()
+    key = upload(client, data, name="one").json()["data"]["adapter"]["where"]
+    assert upload(client, data, name="same-bytes").status_code == 200  # one blob, two names
+    loras = Path(settings.checkpoint_dir) / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    (loras / "local.safetensors").write_bytes(lora_file())
+
+    r = client.delete("/v1/adapters/local")  # the operator's file: never removed through the API
+    assert r.status_code == 409 and "ACESTEP_LORA_DIR" in r.json()["detail"]
+    assert (loras / "local.safetensors").is_file()
+    assert client.delete("/v1/adapters/nothing-here").status_code == 404
+
+    client.post("/v1/lora/load", json={"lora_path": "one"})
+    r = client.delete("/v1/adapters/one")
+    assert r.status_code == 409 and "default" in r.json()["detail"]
+    client.post("/v1/lora/unload")
+    task = client.post("/release_task", json={"prompt": "p", "adapter": "one"}).json()["data"]["task_id"]
+    r = client.delete("/v1/adapters/one")
+    assert r.status_code == 409 and "1 queued or running task" in r.json()["detail"] and task in r.json()["detail"]
+    backend.store.cancel(task, "test")
+
+    r = client.delete("/v1/adapters/one")
+    assert r.status_code == 200 and r.json()["data"] == {"name": "one", "deleted": True}
+    assert backend.blobs.size(key) == len(data)  # "same-bytes" still refers to them
+    assert [a["name"] for a in client.get("/v1/adapters").json()["data"]["adapters"]] == ["local", "same-bytes"]
+    assert client.delete("/v1/adapters/one").status_code == 404
+    assert client.delete("/v1/adapters/same-bytes").status_code == 200
+    assert backend.blobs.size(key) is None  # no name refers to them now
+    assert client.post("/release_task", json={"prompt": "p", "adapter": "one"}).status_code == 400
+
+
 def test_two_interleaved_writers_both_land(api):
     """Writer A reads the index, writer B reads and writes it, then A writes: A's conditional write loses and
     is redone on B's index (the same for the fleet's default), so neither change is lost."""
