@@ -274,6 +274,17 @@ class AceStepStack(Stack):
             enforce_ssl=True,
             dead_letter_queue=sqs.DeadLetterQueue(queue=self.dlq, max_receive_count=opts.max_receives),
         )
+        # The interactive lane (service/lanes.py): /format_input's LM-only tasks, which a client waits for
+        # with the request open; workers read it before the main queue (service/aws/sqs_queue.py). Same
+        # lease and redrive as the main queue, into the same DLQ (one drain, one DeadLetters alarm).
+        self.interactive_queue = sqs.Queue(
+            self, "InteractiveQueue",
+            visibility_timeout=Duration.seconds(opts.lease_seconds + 60),
+            retention_period=Duration.days(4),
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            dead_letter_queue=sqs.DeadLetterQueue(queue=self.dlq, max_receive_count=opts.max_receives),
+        )
 
         # -- API key -----------------------------------------------------------------------------
         if opts.api_key_secret_arn:
@@ -306,6 +317,7 @@ class AceStepStack(Stack):
             "ACESTEP_BACKEND": "aws",
             "ACESTEP_TABLE_NAME": self.table.table_name,
             "ACESTEP_QUEUE_URL": self.queue.queue_url,
+            "ACESTEP_INTERACTIVE_QUEUE_URL": self.interactive_queue.queue_url,  # the API sends, workers read first
             "ACESTEP_BUCKET": self.bucket.bucket_name,
             "ACESTEP_TASK_TTL_DAYS": str(opts.task_ttl_days),
             "ACESTEP_MAX_RECEIVES": str(opts.max_receives),
@@ -318,6 +330,7 @@ class AceStepStack(Stack):
         CfnOutput(self, "TableName", value=self.table.table_name)
         CfnOutput(self, "QueueUrl", value=self.queue.queue_url)
         CfnOutput(self, "DlqUrl", value=self.dlq.queue_url)
+        CfnOutput(self, "InteractiveQueueUrl", value=self.interactive_queue.queue_url)
 
         self.api_function, self.http_api = self._api(opts, common_env)
         edge = self._edge(opts, self.http_api) if opts.cloudfront else None
@@ -464,6 +477,11 @@ class AceStepStack(Stack):
             sid="EnqueueTasks",
             actions=["sqs:SendMessage", "sqs:GetQueueAttributes"],
             resources=[self.queue.queue_arn],
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="EnqueueInteractiveTasks",  # /format_input's task, to the interactive lane
+            actions=["sqs:SendMessage"],
+            resources=[self.interactive_queue.queue_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="ReadAudio",  # HeadObject and the presigned GET both need GetObject
@@ -736,13 +754,16 @@ class AceStepStack(Stack):
         CfnOutput(self, "TaskStartFailureLogGroup", value=self.task_failure_events.log_group_name)
 
     def backlog_metric(self) -> cloudwatch.IMetric:
-        """Tasks waiting plus tasks running: scale-in never drops below the work in hand."""
+        """Tasks waiting plus tasks running, in both lanes: scale-in never drops below the work in hand."""
         period = Duration.minutes(1)
+        lane = self.interactive_queue
         return cloudwatch.MathExpression(
-            expression="waiting + running",
+            expression="waiting + running + lanewaiting + lanerunning",
             using_metrics={
                 "waiting": self.queue.metric_approximate_number_of_messages_visible(period=period, statistic="Maximum"),
                 "running": self.queue.metric_approximate_number_of_messages_not_visible(period=period, statistic="Maximum"),
+                "lanewaiting": lane.metric_approximate_number_of_messages_visible(period=period, statistic="Maximum"),
+                "lanerunning": lane.metric_approximate_number_of_messages_not_visible(period=period, statistic="Maximum"),
             },
             period=period,
             label="Backlog (waiting + running tasks)",
@@ -762,6 +783,11 @@ class AceStepStack(Stack):
             actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
                      "sqs:GetQueueAttributes", "sqs:SendMessage"],
             resources=[self.queue.queue_arn],
+        ))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            sid="LeaseInteractiveTasks",  # send: as on the main queue, a give-back or a never-run dead letter
+            actions=["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:SendMessage"],
+            resources=[self.interactive_queue.queue_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
             sid="DrainDeadLetters",  # send: a given-back task past max_receives is dead-lettered by the worker
@@ -914,6 +940,15 @@ class AceStepStack(Stack):
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
             cloudwatch.Alarm(
+                self, "OldestInteractiveTask",
+                alarm_description="An interactive task (/format_input) has waited too long: no worker reads the lane",
+                metric=self.interactive_queue.metric_approximate_age_of_oldest_message(period=Duration.minutes(1),
+                                                                                       statistic="Maximum"),
+                threshold=opts.oldest_message_alarm_seconds, evaluation_periods=3,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
                 self, "WorkerCannotLoadModel",
                 alarm_description="A GPU worker is up but could not load its models; it fails waiting tasks with "
                                   "the cause, which /health and the worker log (WorkerLoadFailures) name",
@@ -964,7 +999,9 @@ class AceStepStack(Stack):
                   queue.metric_approximate_number_of_messages_visible(period=minute, statistic="Maximum",
                                                                       label="waiting"),
                   queue.metric_approximate_number_of_messages_not_visible(period=minute, statistic="Maximum",
-                                                                          label="running")),
+                                                                          label="running"),
+                  self.interactive_queue.metric_approximate_number_of_messages_visible(
+                      period=minute, statistic="Maximum", label="interactive waiting")),
             graph("Oldest waiting task (s)",
                   queue.metric_approximate_age_of_oldest_message(period=minute, statistic="Maximum", label="age")),
             graph("Dead-lettered tasks",

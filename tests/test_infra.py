@@ -131,11 +131,36 @@ def test_table_matches_the_adapter_schema(template):
 
 def test_queue_redrives_to_the_dlq_and_outlives_the_lease(template):
     dlq_id = _logical_id(template, "AWS::SQS::Queue", lambda p: "RedrivePolicy" not in p)
-    queue = _resources(template, "AWS::SQS::Queue")[
-        _logical_id(template, "AWS::SQS::Queue", lambda p: "RedrivePolicy" in p)]["Properties"]
-    assert queue["RedrivePolicy"] == {"deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]}, "maxReceiveCount": 4}
-    assert queue["VisibilityTimeout"] > OPTIONS["lease_seconds"]
-    assert queue["ReceiveMessageWaitTimeSeconds"] == 20
+    queues = {k: v["Properties"] for k, v in _resources(template, "AWS::SQS::Queue").items() if k != dlq_id}
+    assert sorted(k.rstrip("0123456789ABCDEF") for k in queues) == ["InteractiveQueue", "TasksQueue"]
+    for queue in queues.values():  # both lanes: the same lease and redrive, into the one DLQ
+        assert queue["RedrivePolicy"] == {"deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]}, "maxReceiveCount": 4}
+        assert queue["VisibilityTimeout"] > OPTIONS["lease_seconds"]
+    main = next(v for k, v in queues.items() if k.startswith("TasksQueue"))
+    assert main["ReceiveMessageWaitTimeSeconds"] == 20
+
+
+def test_the_interactive_lane_is_sent_to_by_the_api_and_read_by_workers_only(template):
+    lane = _logical_id(template, "AWS::SQS::Queue", lambda p: "RedrivePolicy" in p and "ReceiveMessageWaitTimeSeconds" not in p)
+    arn = {"Fn::GetAtt": [lane, "Arn"]}
+
+    def lane_actions(prefix):
+        statements = _role_statements(template, lambda k, p: k.startswith(prefix))
+        return {a for st in statements if arn in _as_list(st["Resource"]) for a in _as_list(st["Action"])}
+
+    assert lane_actions("ApiFunction") == {"sqs:SendMessage"}
+    # send: a give-back (shutdown) or a dead letter that never ran goes back to the lane, as on the main queue
+    assert lane_actions("WorkerTaskTaskRole") == {"sqs:ReceiveMessage", "sqs:DeleteMessage",
+                                                  "sqs:ChangeMessageVisibility", "sqs:SendMessage"}
+    function = _resources(template, "AWS::Lambda::Function")[_logical_id(
+        template, "AWS::Lambda::Function", lambda p: p.get("Handler") == "entrypoints.lambda_api.handler")
+    ]["Properties"]["Environment"]["Variables"]
+    (task_def,) = _resources(template, "AWS::ECS::TaskDefinition").values()
+    worker = {e["Name"]: e["Value"] for c in task_def["Properties"]["ContainerDefinitions"] for e in c.get("Environment", [])}
+    assert function["ACESTEP_INTERACTIVE_QUEUE_URL"] == worker["ACESTEP_INTERACTIVE_QUEUE_URL"] == {"Ref": lane}
+    template.has_resource_properties("AWS::CloudWatch::Alarm", {
+        "MetricName": "ApproximateAgeOfOldestMessage",
+        "Dimensions": [{"Name": "QueueName", "Value": {"Fn::GetAtt": [lane, "QueueName"]}}]})
 
 
 def test_buckets_are_private_encrypted_and_expire_task_files(template):
