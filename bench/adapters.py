@@ -52,8 +52,8 @@ def run(args, root: Path) -> None:
 
     from engine.adapter_builder import build_tiny_adapter
     from engine.adapters import AdapterLibrary, model_shape
-    from engine.checkpoints import build_tiny_checkpoint
-    from engine.random_pipeline import build_transformer
+    from engine.weights.checkpoints import build_tiny_checkpoint
+    from engine.weights.random_pipeline import build_transformer
     from engine.request import AdapterRef
 
     size = "full" if args.full_size else "tiny"

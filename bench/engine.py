@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def build_engine(args):
-    from engine.checkpoints import build_tiny_checkpoint, is_complete
+    from engine.weights.checkpoints import build_tiny_checkpoint, is_complete
     from engine.config import EngineConfig
     from engine.service import Engine
 

@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 
 def load_engine(args, root: Path):
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
     from engine.config import EngineConfig
     from engine.service import Engine
 

@@ -18,7 +18,7 @@ from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
 from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
 from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
-from engine.checkpoints import (
+from engine.weights.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
     component_fingerprint,

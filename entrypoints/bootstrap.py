@@ -98,8 +98,8 @@ def _choose_lm(settings: Settings, demo_dits: list[str]) -> tuple[str | None, bo
     """(the LM to load, whether its real download should be retried in the background)."""
     from pathlib import Path
 
-    from engine import model_sources
-    from engine.checkpoints import DEMO_DIR, move_demo_aside
+    from engine.weights import model_sources
+    from engine.weights.checkpoints import DEMO_DIR, move_demo_aside
     from engine.lm.folders import ensure_demo_lm, is_lm_folder, resolve_lm_folder
     from engine.lm.tiny import is_random_lm
 
@@ -129,15 +129,15 @@ def load_engine(settings: Settings) -> GenerationEngine:
     """Load the DiT models once (with random-weight demo stand-ins for missing weights, if so configured).
 
     A demo never takes a real model's place: it lives in <checkpoint dir>/.demo/<name>, and while one is
-    served the real download is retried in the background at each start (engine/demo_models.py); the
+    served the real download is retried in the background at each start (engine/weights/demo_models.py); the
     real weights are used from the next start.
 
     Typed as the port the worker uses: mypy (`make test`) checks engine.service.Engine against
     GenerationEngine structurally here (engine/ does not import service/, so Engine cannot
     subclass it).
     """
-    from engine.checkpoints import ModelNotFound, ensure_demo_models, local_layout
-    from engine.demo_models import BackgroundDownloads, StartPlan, plan_start
+    from engine.weights.checkpoints import ModelNotFound, ensure_demo_models, local_layout
+    from engine.weights.demo_models import BackgroundDownloads, StartPlan, plan_start
     from engine.service import Engine
 
     config = engine_config(settings)
@@ -191,7 +191,7 @@ def _download_lm(settings: Settings, name: str) -> bool:
     """Fetch a known LM from its published source when downloads are possible; False otherwise."""
     from pathlib import Path
 
-    from engine import model_sources
+    from engine.weights import model_sources
 
     config = engine_config(settings)
     if name not in model_sources.KNOWN or not config.downloads_possible():

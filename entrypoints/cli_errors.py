@@ -40,8 +40,8 @@ def one_line(text: object) -> str:
 # Failures a user fixes (a model to download, a layout to complete), by module: looked up in sys.modules, so the
 # API, which never imports the engine, does not import it here either (an exception of a class never
 # imported cannot be raised).
-_ENGINE_ERRORS = (("engine.model_sources", "DownloadFailed"), ("engine.checkpoints", "ModelNotFound"),
-                  ("engine.original_layout", "ConversionError"))
+_ENGINE_ERRORS = (("engine.weights.model_sources", "DownloadFailed"), ("engine.weights.checkpoints", "ModelNotFound"),
+                  ("engine.weights.original_layout", "ConversionError"))
 
 
 def explain(exc: BaseException) -> tuple[str, int] | None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from engine import model_sources, original_layout
-from engine.checkpoints import (
+from engine.weights import model_sources, original_layout
+from engine.weights.checkpoints import (
     DEMO_DIR,
     DEMO_NOTICE,
     LAYOUTS,
@@ -42,7 +42,7 @@ from engine.checkpoints import (
     read_marker,
 )
 from engine.config import DEFAULT_MODEL
-from engine.converted_cache import cache_path, is_fresh, source_record
+from engine.weights.converted_cache import cache_path, is_fresh, source_record
 
 from .cli_errors import EXIT_CONFIG, CliError, debug_requested, user_errors
 
@@ -153,7 +153,7 @@ def download(root: Path, name: str) -> int:
 def publish(root: Path, name: str, bucket: str, settings) -> int:
     """Publish the diffusers layout the engine loads: the model itself, or its conversion; a missing model is
     downloaded first; random weights are refused."""
-    from engine.checkpoints import ModelNotFound, resolve_model
+    from engine.weights.checkpoints import ModelNotFound, resolve_model
     from engine.config import EngineConfig
 
     folder_now = model_dir(root, name)
@@ -213,7 +213,7 @@ def _upload(bucket: str, name: str, folder: Path) -> int:
 
 # -------------------------------------------------------------------------------- convert
 def convert(src: Path, dst: Path, name: str | None, overwrite: bool) -> int:
-    from engine.convert import convert_original
+    from engine.weights.convert import convert_original
 
     if original_layout.looks_like_dit(src):  # SRC is the DiT folder itself
         if name not in (None, src.name):

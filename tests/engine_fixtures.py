@@ -21,7 +21,7 @@ HOP = 1920  # VAE hop in samples at 48 kHz (one 25 Hz latent frame)
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dir(tmp_path_factory):
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     for name in (TURBO, BASE):

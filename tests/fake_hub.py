@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
-from engine.checkpoints import DEMO_MARKER
+from engine.weights.demo_marker import DEMO_MARKER
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_THRESHOLD = 100  # files larger than this are "LFS" files: the hub gives their sha256
@@ -178,7 +178,7 @@ def go_online(monkeypatch, endpoint: str) -> None:
 def original_layout_repo(tmp_path: Path, name: str, seed: int = 7) -> dict[str, bytes]:
     """The main repo's files for one tiny DiT in ACE-Step's original layout, built by the code (the published
     layout: <name>/, vae/, Qwen3-Embedding-0.6B/), without the demo marker."""
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
 
     build_tiny_checkpoint(tmp_path / name, seed=seed, model_name=name, layout="original")
     return published_repo(tmp_path)

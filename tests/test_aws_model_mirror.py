@@ -66,7 +66,7 @@ def test_a_short_download_leaves_no_file_that_looks_whole(s3, tmp_path):
 def test_an_aws_worker_loads_the_model_published_to_its_bucket(tmp_path):
     """The worker's start-up path: the bootstrap fetches each configured model from the mirror, then
     the engine loads it (here a tiny random-weight checkpoint, labelled as such)."""
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
     from entrypoints import bootstrap
     from service.aws.clients import aws_client
     from tests.aws_support import aws_backend
@@ -84,7 +84,7 @@ def test_an_aws_worker_loads_the_model_published_to_its_bucket(tmp_path):
 
 
 def test_models_cli_publishes_the_converted_layout(s3, tmp_path, capsys, monkeypatch):
-    from engine.checkpoints import DEMO_MARKER, build_tiny_checkpoint
+    from engine.weights.checkpoints import DEMO_MARKER, build_tiny_checkpoint
     from entrypoints.models import main
 
     monkeypatch.chdir(tmp_path)  # no developer's .env
@@ -111,7 +111,7 @@ def _publish_fails(argv, capsys) -> str:
 
 @pytest.mark.parametrize("layout", ["diffusers", "original"])
 def test_publish_refuses_random_weights(s3, tmp_path, capsys, monkeypatch, layout):
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
 
     monkeypatch.chdir(tmp_path)
     build_tiny_checkpoint(tmp_path / "ckpt" / "acestep-v15-turbo", layout=layout)
@@ -124,7 +124,7 @@ def test_publish_refuses_random_weights(s3, tmp_path, capsys, monkeypatch, layou
 
 def test_publish_downloads_a_missing_model_first(s3, tmp_path, capsys, monkeypatch):
     """infra/README: publish 'downloads and converts it if needed'. The hub is a local HTTP stand-in."""
-    from engine.model_sources import MAIN_REPO
+    from engine.weights.model_sources import MAIN_REPO
     from entrypoints.models import main
     from tests.fake_hub import fake_hub, go_online, original_layout_repo
 
@@ -140,7 +140,7 @@ def test_publish_downloads_a_missing_model_first(s3, tmp_path, capsys, monkeypat
 
 
 def test_publish_errors_name_the_real_cause(s3, tmp_path, capsys, monkeypatch):
-    from engine.checkpoints import DEMO_MARKER, build_tiny_checkpoint
+    from engine.weights.checkpoints import DEMO_MARKER, build_tiny_checkpoint
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ACESTEP_ALLOW_DOWNLOAD", raising=False)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoints import DEMO_MARKER, build_tiny_checkpoint, is_complete
-from engine.model_sources import DOWNLOADING, MAIN_REPO
+from engine.weights.checkpoints import DEMO_MARKER, build_tiny_checkpoint, is_complete
+from engine.weights.model_sources import DOWNLOADING, MAIN_REPO
 from tests.fake_hub import fake_hub, go_online, original_layout_repo, url_when_down
 
 TURBO = "acestep-v15-turbo"
@@ -31,7 +31,7 @@ def published(tmp_path_factory) -> dict[str, dict[str, bytes]]:
 
 def test_a_failed_first_download_serves_a_demo_then_the_real_model_once_the_hub_is_back(tmp_path, published,
                                                                                           monkeypatch):
-    from engine import demo_models
+    from engine.weights import demo_models
     from entrypoints.bootstrap import load_engine
     from service.config import Settings
 
@@ -63,8 +63,8 @@ def test_a_failed_first_download_serves_a_demo_then_the_real_model_once_the_hub_
 def test_an_interrupted_download_is_not_taken_for_a_model(tmp_path, monkeypatch):
     """A folder a download began (marker present) is incomplete, whatever files it already holds: the start
     serves a demo instead of failing on it, and the download resumes later."""
-    from engine.demo_models import plan_start
-    from engine.checkpoints import resolve_model
+    from engine.weights.demo_models import plan_start
+    from engine.weights.checkpoints import resolve_model
     from engine.config import EngineConfig
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

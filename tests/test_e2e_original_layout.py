@@ -8,7 +8,7 @@ import json
 import httpx
 import soundfile as sf
 
-from engine.checkpoints import build_tiny_checkpoint
+from engine.weights.checkpoints import build_tiny_checkpoint
 from tests.live_server import live_server
 
 

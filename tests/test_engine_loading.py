@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoints import (
+from engine.weights.checkpoints import (
     DEMO_MARKER,
     ModelNotFound,
     build_tiny_checkpoint,
@@ -59,7 +59,7 @@ def test_variants_share_identical_components_and_keep_their_own_dit(engine):
 
 
 def test_different_component_files_are_not_shared(tmp_path):
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
     from engine.service import Engine
 
     build_tiny_checkpoint(tmp_path / TURBO, seed=0)
@@ -102,7 +102,7 @@ def test_engine_load_fails_clearly_when_a_model_is_missing(tmp_path):
 
 
 def test_offline_start_builds_the_demo_beside_the_real_folder_never_in_it(tmp_path, monkeypatch, caplog):
-    from engine.demo_models import plan_start
+    from engine.weights.demo_models import plan_start
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO])
@@ -120,7 +120,7 @@ def test_offline_start_builds_the_demo_beside_the_real_folder_never_in_it(tmp_pa
 
 
 def test_a_first_start_with_network_waits_for_the_download_instead_of_a_demo(tmp_path, monkeypatch):
-    from engine.demo_models import plan_start
+    from engine.weights.demo_models import plan_start
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TURBO], allow_download=True)
@@ -148,7 +148,7 @@ def test_config_from_env():
 
 
 def test_importing_engine_contracts_does_not_import_torch():
-    code = ("import sys, engine, engine.request, engine.types, engine.config, engine.checkpoints, engine.plan; "
+    code = ("import sys, engine, engine.request, engine.types, engine.config, engine.weights.checkpoints, engine.plan; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 

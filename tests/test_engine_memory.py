@@ -59,7 +59,7 @@ def test_cpu_memory_is_read_from_meminfo_less_the_engines_own_mapped_weights(tmp
 
 def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch):
     """The device's free memory is the boundary: pretend a small machine, and loading stops before any weights."""
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
     from engine.config import EngineConfig
     from engine.service import Engine
 

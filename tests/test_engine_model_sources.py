@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import model_sources
-from engine.model_sources import MAIN_REPO, download, source_for
+from engine.weights import model_sources
+from engine.weights.model_sources import MAIN_REPO, download, source_for
 
 
 class FakeHub:
@@ -125,7 +125,7 @@ def test_a_missing_model_is_downloaded_in_the_original_layout_and_converted_for_
     worker of another uid (issue 25: converted as root, the image's uid-1000 worker could not read them)."""
     import huggingface_hub
 
-    from engine.checkpoints import build_tiny_checkpoint, is_complete, resolve_model
+    from engine.weights.checkpoints import build_tiny_checkpoint, is_complete, resolve_model
     from engine.config import EngineConfig
 
     published = tmp_path / "published"

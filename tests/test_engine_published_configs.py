@@ -6,7 +6,7 @@ import math
 import torch
 
 from engine import published_configs as pc
-from engine.random_pipeline import build_shared_components, build_transformer
+from engine.weights.random_pipeline import build_shared_components, build_transformer
 
 
 def _billions(module) -> float:

@@ -12,7 +12,7 @@ LM = "tiny-5Hz-lm"
 
 @pytest.fixture(scope="module")
 def lm_engine(tmp_path_factory):
-    from engine.checkpoints import build_tiny_checkpoint
+    from engine.weights.checkpoints import build_tiny_checkpoint
     from engine.config import EngineConfig
     from engine.lm.tiny import build_tiny_lm
     from engine.service import Engine

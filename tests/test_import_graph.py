@@ -4,6 +4,8 @@
     entrypoints -> engine (the worker's engine is loaded by the bootstrap only)
     handlers, service and the engine's contract never reach torch, diffusers, transformers, vllm,
     numpy or soundfile, directly or through another module (the API's Lambda cold start)
+    no circle among the modules and sub-packages of engine, service or handlers (engine.weights once
+    imported engine.weights.checkpoints and was imported back by it)
 
 import-linter reads every import statement, also one inside a function or under TYPE_CHECKING, so a
 lazy import that would only run in production cannot slip past.
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACTS = 3
+CONTRACTS = 4
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess:
@@ -41,22 +43,25 @@ def _module(root: Path, name: str, source: str) -> None:
 
 def test_each_contract_catches_its_breach(tmp_path):
     """The same contracts on a tree with one breach of each: an upward import, a reach past the
-    engine's contract, and a torch import two hops away inside a function."""
+    engine's contract, a torch import two hops away inside a function, and a circle."""
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     _module(tmp_path, "entrypoints.main", "import handlers.app\nimport engine.service\n")
     _module(tmp_path, "handlers.app", "import service.core\nfrom engine import request\n")
-    _module(tmp_path, "service.core", "import engine.checkpoints\nimport engine.plan\n")
+    _module(tmp_path, "service.core", "import engine.weights.checkpoints\nimport engine.plan\n")
     _module(tmp_path, "engine.request", "")
     _module(tmp_path, "engine.adapter_manifest", "")  # named by the contracts: it must exist
     _module(tmp_path, "engine.plan", "import engine.types\n")
     _module(tmp_path, "engine.types", "def load():\n    import engine.numbers\n")
     _module(tmp_path, "engine.numbers", "def heavy():\n    import numpy\n")
-    _module(tmp_path, "engine.checkpoints", "import service.core\n")
+    _module(tmp_path, "engine.weights.checkpoints", "import service.core\n")
     _module(tmp_path, "engine.service", "import torch\n")
+    _module(tmp_path, "engine.config", "import engine.weights.checkpoints\n")
+    _module(tmp_path, "engine.weights.__init__", "def demo():\n    import engine.config\n")  # the circle
     run = _lint(tmp_path)
     out = run.stdout
     assert run.returncode == 1 and f"Contracts: 0 kept, {CONTRACTS} broken." in out, out + run.stderr
-    assert "engine.checkpoints -> service.core" in out  # upward
-    assert "service.core -> engine.checkpoints" in out  # past the contract
+    assert "engine.weights.checkpoints -> service.core" in out  # upward
+    assert "service.core -> engine.weights.checkpoints" in out  # past the contract
     assert "engine.plan -> engine.types" in out and "engine.numbers -> numpy" in out  # the chain to numpy
+    assert "No cycles are allowed in engine" in out and "No cycles are allowed in service" not in out
     assert "entrypoints.main" not in out and "handlers.app -> engine.request" not in out  # allowed ones

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from engine.checkpoints import DEMO_MARKER
+from engine.weights.demo_marker import DEMO_MARKER
 from engine.lm import prompts
 from engine.lm.constraints import CodesConstraint, MetadataConstraint
 from engine.lm.metadata import metadata_problems, parse_lm_output

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import original_layout as layout
-from engine.checkpoints import DEMO_MARKER, ModelNotFound, build_tiny_checkpoint, ensure_demo_models, is_complete
+from engine.weights import original_layout as layout
+from engine.weights.checkpoints import DEMO_MARKER, ModelNotFound, build_tiny_checkpoint, ensure_demo_models, is_complete
 from engine.config import EngineConfig
-from engine.converted_cache import CACHE_DIR, SOURCE_RECORD, cache_path
-from engine.original_layout import ConversionError
+from engine.weights.converted_cache import CACHE_DIR, SOURCE_RECORD, cache_path
+from engine.weights.original_layout import ConversionError
 from engine.request import GenerationRequest
 from tests.engine_fixtures import *  # noqa: F401,F403
 from tests.engine_fixtures import BASE, TURBO
@@ -58,8 +58,8 @@ def load_engine(checkpoint_dir: Path, names: list[str]):
 
 @pytest.fixture
 def count_conversions(monkeypatch):
-    """Names converted by engine.convert.write_diffusers_layout during the test, in order."""
-    from engine import convert
+    """Names converted by engine.weights.convert.write_diffusers_layout during the test, in order."""
+    from engine.weights import convert
 
     converted: list[str] = []
     real = convert.write_diffusers_layout
@@ -132,7 +132,7 @@ def test_component_configs_of_the_published_flat_configs():
 
 # ---------------------------------------------------------------- conversion
 def test_converted_model_makes_the_same_audio_bytes_as_the_diffusers_model(original_root, engine, tmp_path):
-    from engine.convert import convert_original
+    from engine.weights.convert import convert_original
 
     dst = convert_original(original_root, TURBO, tmp_path / TURBO)
     assert is_complete(dst) and (dst / DEMO_MARKER).is_file()
@@ -145,8 +145,8 @@ def test_converted_model_makes_the_same_audio_bytes_as_the_diffusers_model(origi
 def test_sharded_weights_convert_to_the_same_files_as_one_file(original_root, tmp_path):
     import filecmp
 
-    from engine.convert import convert_original, export_original_layout
-    from engine.random_pipeline import build_random_pipeline
+    from engine.weights.convert import convert_original, export_original_layout
+    from engine.weights.random_pipeline import build_random_pipeline
 
     sharded = tmp_path / "sharded"
     export_original_layout(build_random_pipeline(TURBO, seed=0), sharded, TURBO, shards=3)
@@ -159,7 +159,7 @@ def test_sharded_weights_convert_to_the_same_files_as_one_file(original_root, tm
 
 
 def test_renamed_or_unknown_key_fails_naming_it(original_root, tmp_path):
-    from engine.convert import convert_original
+    from engine.weights.convert import convert_original
 
     root = copy_root(original_root, tmp_path / "src")
     old, new = "decoder.layers.0.self_attn.q_proj.weight", "decoder.layers.0.self_attn.query.weight"
@@ -179,7 +179,7 @@ def test_renamed_or_unknown_key_fails_naming_it(original_root, tmp_path):
 def test_wrong_shape_fails_naming_the_key_and_both_shapes(original_root, tmp_path):
     import torch
 
-    from engine.convert import convert_original
+    from engine.weights.convert import convert_original
 
     root = copy_root(original_root, tmp_path / "src")
     key = "decoder.proj_in.1.weight"
@@ -196,7 +196,7 @@ def test_wrong_shape_fails_naming_the_key_and_both_shapes(original_root, tmp_pat
 
 
 def test_interrupted_conversion_leaves_no_destination_and_keeps_the_old_one(original_root, tmp_path, monkeypatch):
-    from engine import convert
+    from engine.weights import convert
 
     def crash(self, out_dir, **kw):
         (Path(out_dir) / "model_index.json").write_text("{}")  # half-written
@@ -219,7 +219,7 @@ def test_interrupted_conversion_leaves_no_destination_and_keeps_the_old_one(orig
 
 
 def test_a_killed_conversions_temp_folder_is_removed_next_time(original_root, tmp_path):
-    from engine.convert import convert_original
+    from engine.weights.convert import convert_original
 
     dst = tmp_path / TURBO
     leftover = tmp_path / f".{TURBO}.tmp-new-deadbeef"  # what a killed process leaves
@@ -259,7 +259,7 @@ def test_engine_loads_original_layout_converting_once(original_root, engine, tmp
 
 
 def test_incomplete_original_layout_is_named_not_replaced_by_a_demo(original_root, tmp_path, monkeypatch):
-    from engine.checkpoints import resolve_model
+    from engine.weights.checkpoints import resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = copy_root(original_root, tmp_path / "ck")

@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from engine.checkpoints import DEMO_MARKER
+from engine.weights.demo_marker import DEMO_MARKER
 from engine.lm.vocab import KEYSCALES, LANGUAGES, audio_code_token
 
 LM_DEMO_NOTICE = "random weights: the 5 Hz LM's metadata and audio codes are noise"

@@ -1,6 +1,6 @@
 """A diffusers-layout copy of each original-layout model, converted once and reused while its sources are unchanged.
 
-    <checkpoint_dir>/<name>/, vae/, Qwen3-Embedding-0.6B/          the original layout (engine/original_layout.py)
+    <checkpoint_dir>/<name>/, vae/, Qwen3-Embedding-0.6B/          the original layout (engine/weights/original_layout.py)
     <checkpoint_dir>/.diffusers/<name>/                            its conversion: model_index.json + components
     <checkpoint_dir>/.diffusers/<name>/acestep_converted_from.json what it was converted from
 
@@ -19,11 +19,11 @@ import logging
 import time
 from pathlib import Path
 
-from engine import original_layout as layout
-from engine.atomic_dir import build_then_swap, exclusive_lock
-from engine.checkpoints import DEMO_MARKER
+from engine.weights import original_layout as layout
+from engine.weights.atomic_dir import build_then_swap, exclusive_lock
+from engine.weights.demo_marker import DEMO_MARKER
 
-log = logging.getLogger("engine.converted_cache")
+log = logging.getLogger("engine.weights.converted_cache")
 
 CACHE_DIR = ".diffusers"
 SOURCE_RECORD = "acestep_converted_from.json"
@@ -62,7 +62,7 @@ def ensure_converted(checkpoint_dir: str | Path, name: str) -> Path:
     with exclusive_lock(cache):
         if is_fresh(cache, record):  # another process converted it while this one waited for the lock
             return cache
-        from engine.convert import write_diffusers_layout
+        from engine.weights.convert import write_diffusers_layout
 
         log.warning("converting %s from the original ACE-Step layout under %s into %s (once; reused until its "
                     "files change)", name, checkpoint_dir, cache)

@@ -10,7 +10,7 @@ holding just their DiT folder, sharing the main repo's vae/ and text encoder):
     <root>/vae/                              diffusers AutoencoderOobleck (config.json + safetensors)
     <root>/Qwen3-Embedding-0.6B/             transformers text encoder + its tokenizer
 
-Torch-free: key names, file names and config fields only. engine/convert.py does the tensor work.
+Torch-free: key names, file names and config fields only. engine/weights/convert.py does the tensor work.
 """
 from __future__ import annotations
 

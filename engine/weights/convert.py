@@ -1,7 +1,7 @@
 """Convert one DiT of ACE-Step's original layout into the diffusers layout that `AceStepPipeline.from_pretrained`
 loads, and (for tiny test models) export a pipeline back into the original layout.
 
-The original layout and the key/config mapping are described in engine/original_layout.py. The conversion is
+The original layout and the key/config mapping are described in engine/weights/original_layout.py. The conversion is
 strict: every source key must land on a parameter or buffer of a component, every parameter and persistent buffer
 must be filled, shapes must match (else ConversionError naming the key and both shapes). Tensors keep the dtype
 they are stored in.
@@ -27,12 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
-from engine import original_layout as layout
-from engine.atomic_dir import build_then_swap, exclusive_lock, mkdirs_readable, share_readable
-from engine.checkpoints import DEMO_MARKER
-from engine.original_layout import ConversionError
+from engine.weights import original_layout as layout
+from engine.weights.atomic_dir import build_then_swap, exclusive_lock, mkdirs_readable, share_readable
+from engine.weights.demo_marker import DEMO_MARKER
+from engine.weights.original_layout import ConversionError
 
-log = logging.getLogger("engine.convert")
+log = logging.getLogger("engine.weights.convert")
 
 COMPONENT_CLASSES = {
     "transformer": AceStepTransformer1DModel,

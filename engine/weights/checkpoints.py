@@ -4,8 +4,8 @@ Two layouts are found under the checkpoint dir. The diffusers layout (what `AceS
 writes and the diffusers-format repos hold) is loaded as it is:
     <checkpoint_dir>/<model-name>/model_index.json
     <checkpoint_dir>/<model-name>/{transformer,condition_encoder,vae,text_encoder,tokenizer,scheduler,...}/
-ACE-Step's original layout (how the official 2B models are published; engine/original_layout.py) is converted
-once into <checkpoint_dir>/.diffusers/<model-name>/ (engine/converted_cache.py) and loaded from there:
+ACE-Step's original layout (how the official 2B models are published; engine/weights/original_layout.py) is converted
+once into <checkpoint_dir>/.diffusers/<model-name>/ (engine/weights/converted_cache.py) and loaded from there:
     <checkpoint_dir>/<model-name>/{config.json,model.safetensors,silence_latent.pt}
     <checkpoint_dir>/vae/, <checkpoint_dir>/Qwen3-Embedding-0.6B/
 A random-weight demo built because real weights are missing lives apart, in <checkpoint_dir>/.demo/<model-name>/
@@ -25,15 +25,15 @@ import re
 from pathlib import Path
 from typing import Mapping, Optional
 
-from engine import original_layout
-from engine import model_sources
+from engine.weights import original_layout
+from engine.weights import model_sources
 from engine.config import EngineConfig
 from engine.request import TASK_TYPES
 from engine.types import GenerationError
+from engine.weights.demo_marker import DEMO_MARKER, is_random, read_marker
 
-log = logging.getLogger("engine.checkpoints")
+log = logging.getLogger("engine.weights.checkpoints")
 
-DEMO_MARKER = "acestep_demo.json"
 DEMO_DIR = ".demo"  # <checkpoint_dir>/.demo/<name>: the demo stand-in of a model whose real weights are missing
 DEMO_NOTICE = "random weights: the audio is noise"
 # Upstream's constants: turbo (guidance-distilled) DiTs officially support only these; base/sft support all.
@@ -87,21 +87,6 @@ def local_layout(checkpoint_dir: str | os.PathLike, name: str) -> Optional[str]:
     return None
 
 
-def is_random(path: Path) -> bool:
-    """The folder's marker says its weights are random (a demo)."""
-    return bool((read_marker(path) or {}).get("random_weights"))
-
-
-def read_marker(path: Path) -> Optional[dict]:
-    marker = path / DEMO_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {"random_weights": True}  # a damaged marker still means "not real weights"
-
-
 def supported_task_types(name: str, marker: Optional[dict] = None, is_turbo: Optional[bool] = None) -> tuple:
     """The rule: a `task_types` list in the checkpoint's marker wins; otherwise a turbo DiT (transformer config
     `is_turbo`, or "turbo" in the model name) supports text2music/cover/repaint and any other (base, sft) all six."""
@@ -150,7 +135,7 @@ def move_demo_aside(checkpoint_dir: str | os.PathLike, name: str) -> Optional[Pa
     path = model_dir(checkpoint_dir, name)
     if not is_random(path):
         return None
-    from engine.atomic_dir import exclusive_lock
+    from engine.weights.atomic_dir import exclusive_lock
 
     demo = demo_model_dir(checkpoint_dir, name)
     with exclusive_lock(demo):
@@ -179,7 +164,7 @@ def resolve_model(config: EngineConfig, name: str) -> Path:
             if missing:  # an original DiT folder is here: downloading over it would mix two layouts
                 raise ModelNotFound(f"model {name!r} at {path} is in ACE-Step's original layout but incomplete; "
                                     f"missing: {', '.join(missing)}")
-            from engine.converted_cache import ensure_converted  # it imports this module
+            from engine.weights.converted_cache import ensure_converted  # it imports this module
 
             return ensure_converted(config.checkpoint_dir, name)
     if name in config.demo_models and is_complete(demo_model_dir(config.checkpoint_dir, name)):
@@ -194,7 +179,7 @@ def resolve_model(config: EngineConfig, name: str) -> Path:
         raise ModelNotFound(f"model {name!r} is not on disk and {exc}") from exc
     if is_complete(path):
         return path
-    from engine.converted_cache import ensure_converted  # an original-layout download: convert it once
+    from engine.weights.converted_cache import ensure_converted  # an original-layout download: convert it once
 
     return ensure_converted(config.checkpoint_dir, name)
 
@@ -241,7 +226,7 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
     `model_name` (default: the folder name) decides turbo vs base behaviour. Shared components depend only on
     `seed`, so variants built with the same seed share their VAE/text encoder/... byte for byte.
     """
-    from engine.random_pipeline import build_random_pipeline, is_turbo_name
+    from engine.weights.random_pipeline import build_random_pipeline, is_turbo_name
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
@@ -262,10 +247,10 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, model_name: Op
         "built_by": "acestep-models make-tiny",
     }
     if layout == "original":
-        from engine.convert import export_original_layout
+        from engine.weights.convert import export_original_layout
 
         return export_original_layout(pipe, path.parent, path.name, marker=marker)
-    from engine.atomic_dir import build_then_swap, exclusive_lock
+    from engine.weights.atomic_dir import build_then_swap, exclusive_lock
 
     with exclusive_lock(path), build_then_swap(path) as tmp:  # never half a model, even with two builders
         pipe.save_pretrained(str(tmp))
@@ -292,7 +277,7 @@ def ensure_demo_models(config: EngineConfig, names: Optional[list[str]] = None) 
             continue  # an incomplete original-layout model: Engine.load says what it lacks
         stand_in = demo_model_dir(config.checkpoint_dir, name)
         if not is_complete(stand_in):
-            from engine.atomic_dir import exclusive_lock
+            from engine.weights.atomic_dir import exclusive_lock
 
             # two workers starting together build it once (build_tiny_checkpoint holds the folder's own lock)
             with exclusive_lock(stand_in.parent / f"{name}.demo"):

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from engine import model_sources
-from engine.checkpoints import (
+from engine.weights import model_sources
+from engine.weights.checkpoints import (
     DEMO_DIR,
     demo_model_dir,
     download_model,
@@ -37,7 +37,7 @@ from engine.checkpoints import (
 )
 from engine.config import EngineConfig
 
-log = logging.getLogger("engine.demo_models")
+log = logging.getLogger("engine.weights.demo_models")
 STARTED: list["BackgroundDownloads"] = []  # this process's background downloads (tests wait on them)
 
 
@@ -123,7 +123,7 @@ class BackgroundDownloads:
                 else:
                     folder = download_model(name, self.checkpoint_dir)
                     if local_layout(self.checkpoint_dir, name) == "original":
-                        from engine.converted_cache import ensure_converted
+                        from engine.weights.converted_cache import ensure_converted
 
                         ensure_converted(self.checkpoint_dir, name)  # so the next start loads at once
             finally:

@@ -3,7 +3,7 @@
 The official 2B DiTs are published in ACE-Step's original layout: the main repo holds the turbo DiT
 with the VAE and text encoder every DiT needs; each other variant is a repo of its own holding just
 its DiT folder. The XL DiTs are published in the diffusers layout. A download lands in the layout
-the engine loads (engine/checkpoints.py converts an original-layout DiT once):
+the engine loads (engine/weights/checkpoints.py converts an original-layout DiT once):
 
     <checkpoint_dir>/vae/, <checkpoint_dir>/Qwen3-Embedding-0.6B/    from the main repo
     <checkpoint_dir>/<name>/                                          the DiT (either layout)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Optional
 
-from engine.atomic_dir import share_readable
+from engine.weights.atomic_dir import share_readable
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-log = logging.getLogger("engine.atomic_dir")
+log = logging.getLogger("engine.weights.atomic_dir")
 
 
 def _hidden(dst: Path, suffix: str) -> Path:
