@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Mapping, Optional
 
 from engine import published_configs
+from engine.types import GenerationError
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -60,6 +61,15 @@ def adapter_dirs(checkpoint_dir: str, lora_dir: str = "", cache_dir: str = "") -
     <checkpoint_dir>/loras and <that>/.uploaded. The API and the engine read the same layout."""
     lora = lora_dir or os.path.join(checkpoint_dir, "loras")
     return lora, cache_dir or os.path.join(lora, ".uploaded")
+
+
+class AdapterMissing(GenerationError):
+    """A request names an adapter that is not where it should be (a folder under ACESTEP_LORA_DIR deleted after
+    it was listed, a default naming one that is gone, an uploaded one gone from storage); str() names it."""
+
+    def __init__(self, name: str, detail: str):
+        super().__init__(detail)
+        self.adapter = name
 
 
 class AdapterInvalid(ValueError):

@@ -27,7 +27,7 @@ from diffusers import AceStepPipeline
 from safetensors.torch import load_file
 
 from engine import adapter_manifest as manifest
-from engine.adapter_manifest import ATTENTION_PROJ, AdapterInfo, AdapterInvalid, ModelShape
+from engine.adapter_manifest import ATTENTION_PROJ, AdapterInfo, AdapterInvalid, AdapterMissing, ModelShape
 from engine.request import AdapterRef
 from engine.types import GenerationError
 
@@ -36,8 +36,6 @@ log = logging.getLogger("engine.adapters")
 UPLOAD_EXTENSIONS = ("safetensors", "zip")
 
 
-class AdapterNotFound(GenerationError):
-    """A request names an adapter this worker does not have."""
 
 
 @dataclass
@@ -80,12 +78,12 @@ class AdapterLibrary:
                 path = self.cache_dir / f"{ref.sha256}.{ext}"
                 if path.is_file():
                     return path
-            raise AdapterNotFound(f"adapter {ref.name!r} (uploaded, sha256 {ref.sha256[:12]}...) is not in this "
+            raise AdapterMissing(ref.name, f"adapter {ref.name!r} (uploaded, sha256 {ref.sha256[:12]}...) is not in this "
                                   f"worker's cache; it is fetched from the blob store before the task runs")
         for path in (self.lora_dir / ref.name, self.lora_dir / f"{ref.name}.safetensors"):
             if path.exists():
                 return path
-        raise AdapterNotFound(f"no adapter named {ref.name!r} under {self.lora_dir} (a folder or "
+        raise AdapterMissing(ref.name, f"no adapter named {ref.name!r} under {self.lora_dir} (a folder or "
                               f"{ref.name}.safetensors); known: {', '.join(self.local_names()) or 'none'}")
 
     def cached_upload(self, sha256: str) -> Optional[Path]:

@@ -50,5 +50,5 @@ def fetch_uploaded(blobs: BlobStore, cache_dir: Path, refs: Iterable[AdapterRef]
             tmp.replace(path)  # whole or absent, also with two workers sharing the folder
             break
         else:
-            raise TaskFailure(f"adapter {ref.name!r} (uploaded, sha256 {ref.sha256[:12]}...) is missing from storage",
-                              FailureReason.INPUT_MISSING)
+            raise TaskFailure(f"adapter {ref.name!r} (uploaded, sha256 {ref.sha256[:12]}...) is missing from storage "
+                              "(deleted since the task was submitted?)", FailureReason.ADAPTER_MISSING)

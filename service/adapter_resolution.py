@@ -5,7 +5,8 @@ A request that sent an adapter field (even an empty one: "no adapter") keeps its
 none gets the default of /v1/lora/* where that default fits its model (a default made for another model
 leaves requests on other models without an adapter rather than refusing them). Each adapter gets the
 sha256 of its stored bytes when it was uploaded (what the worker fetches; a client cannot choose it) and none
-when it lives under the workers' ACESTEP_LORA_DIR.
+when it lives under the workers' ACESTEP_LORA_DIR. A default naming an adapter that no longer exists is kept:
+the task fails with FailureReason.ADAPTER_MISSING naming it, instead of running without the operator's style.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ class AdapterResolution:
             reason = self.catalog.problem(ref.name) if entry is None else mismatch(entry, model, shape)
             if reason is None and entry is not None:
                 settled.append(AdapterRef(name=ref.name, scale=ref.scale, sha256=entry.sha256))
+            elif not chosen and entry is None:
+                # the default names an adapter that is gone (its folder deleted): the task fails saying so
+                # (FailureReason.ADAPTER_MISSING) rather than running quietly without the operator's style
+                log.warning("default adapter %s no longer exists: %s", ref.name, reason)
+                settled.append(AdapterRef(name=ref.name, scale=ref.scale, sha256=None))
             elif chosen:
                 raise AdapterRejected(reason or f"adapter {ref.name!r} cannot be used")
             else:

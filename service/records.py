@@ -131,6 +131,7 @@ class FailureReason(str, Enum):
     INPUT_TOO_LARGE = "input_too_large"  # a source upload grew past the limit after submission
     COST_REFUSED = "cost_refused"  # over ACESTEP_MAX_TASK_COST as this worker counts it
     INVALID_REQUEST = "invalid_request"  # the stored request no longer parses (StoredRequestInvalid)
+    ADAPTER_MISSING = "adapter_missing"  # an adapter it names is gone (folder deleted, default or upload removed)
     REJECTED = "rejected"  # the engine refused the request (GenerationError)
     ENGINE_ERROR = "engine_error"  # the engine crashed
     CANCELLED = "cancelled"  # by the client, or by an API call that stopped waiting for it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from engine.adapter_manifest import AdapterMissing
 from engine.types import GenerationError
 
 from .records import FailureReason
@@ -43,6 +44,8 @@ def describe_failure(exc: BaseException) -> tuple[str, FailureReason]:
     """What a failed task's client is told, and the reason it is recorded under."""
     if isinstance(exc, TaskFailure):
         return sanitize_error(str(exc)), exc.reason
+    if isinstance(exc, AdapterMissing):
+        return sanitize_error(str(exc)), FailureReason.ADAPTER_MISSING
     if isinstance(exc, GenerationError):
         return sanitize_error(str(exc)), FailureReason.REJECTED
     # An unexpected crash: say what kind, without a traceback (that goes to the worker log).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import zipfile
 
 import pytest
@@ -12,6 +13,7 @@ from engine.adapter_builder import build_tiny_adapter, model_shape_at
 from engine.adapter_manifest import AdapterInvalid, ModelShape, inspect_adapter, published_shape
 from engine.request import AdapterRef, GenerationRequest
 from engine.types import GenerationError
+from service.records import FailureReason
 from tests.engine_fixtures import *  # noqa: F401,F403
 from tests.engine_fixtures import TURBO
 
@@ -189,3 +191,13 @@ def test_requests_with_different_adapters_never_share_a_call_and_each_gets_its_o
     while worker.run_once(0.0):
         pass
     assert "missing from storage" in backend.store.get(gone).error
+    assert backend.store.get(gone).reason == FailureReason.ADAPTER_MISSING
+    # a folder under ACESTEP_LORA_DIR deleted after it was listed: its own reason, and a message naming it
+    build_tiny_adapter(engine.adapters.lora_dir / "brief", model_shape_at(engine.model(TURBO).info.path), rank=2)
+    brief = submit(backend, adapters=[AdapterRef(name="brief")], **fields)
+    shutil.rmtree(engine.adapters.lora_dir / "brief")
+    while worker.run_once(0.0):
+        pass
+    record = backend.store.get(brief)
+    assert (record.status, record.reason) == ("failed", FailureReason.ADAPTER_MISSING)
+    assert "no adapter named 'brief'" in record.error

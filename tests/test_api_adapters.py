@@ -257,3 +257,19 @@ def test_two_interleaved_writers_both_land(api):
     finally:
         backend.store.get_meta_versioned = original
     assert client.get("/v1/lora/status").json()["data"]["adapters"] == ["second", "first"]
+
+
+def test_a_default_whose_folder_is_gone_is_kept_so_the_task_says_so(api):
+    """The fleet's default names a folder under ACESTEP_LORA_DIR deleted since: a request without `adapter` still
+    names it (the worker fails the task with FailureReason.ADAPTER_MISSING naming it), not a quiet run without."""
+    settings, backend, client = api
+    loras = Path(settings.checkpoint_dir) / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    (loras / "house.safetensors").write_bytes(lora_file())
+    assert client.post("/v1/lora/load", json={"lora_path": "house"}).status_code == 200
+    (loras / "house.safetensors").unlink()
+    r = client.post("/release_task", json={"prompt": "p"})
+    assert r.status_code == 200, r.text
+    adapters = backend.store.get(r.json()["data"]["task_id"]).request.adapters
+    assert [(a.name, a.sha256) for a in adapters] == [("house", None)]
+

@@ -28,6 +28,7 @@ _LABELS: dict[FailureReason, str] = {
     FailureReason.ENGINE_LOAD_FAILED: "worker_broken",
     FailureReason.LM_UNAVAILABLE: "lm_unavailable",
     FailureReason.INPUT_MISSING: "input_missing",
+    FailureReason.ADAPTER_MISSING: "input_missing",
     FailureReason.INPUT_TOO_LARGE: "input_too_large",
     FailureReason.COST_REFUSED: "rejected",
     FailureReason.INVALID_REQUEST: "rejected",
