@@ -140,4 +140,27 @@ def with_adapters(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["NAMES", "SCALES", "read_adapters", "with_adapters"]
+def field_schemas() -> dict[str, dict[str, Any]]:
+    """/release_task's OpenAPI schemas of the adapter fields under every name read_adapters reads (`adapters`
+    excepted: the canonical list, documented from the request model)."""
+    name = {"type": "string", "pattern": ADAPTER_NAME_RE}
+    scale = {"type": "number", "minimum": ADAPTER_SCALE_MIN, "maximum": ADAPTER_SCALE_MAX}
+    adapter = {"anyOf": [
+        {"type": "string", "maxLength": 1024,
+         "description": "a name, names separated by commas (or a JSON list), or \"\"/\"none\" for no adapter"},
+        {"type": "array", "maxItems": MAX_ADAPTERS, "items": {"anyOf": [name, {
+            "type": "object", "required": ["name"], "properties": {"name": name, "scale": scale}}]}},
+        {"type": "null"}],
+        "description": "LoRA/LoKr adapters for this request (GET /v1/adapters lists them; at most "
+                       f"{MAX_ADAPTERS}, stacked). Absent: the server's default (/v1/lora/status); "
+                       "a name the server lacks, or one its model does not fit, is a 400"}
+    adapter_scale = {"anyOf": [
+        scale, {"type": "array", "maxItems": MAX_ADAPTERS, "items": scale},
+        {"type": "string", "maxLength": 256, "description": "a number, or numbers separated by commas"},
+        {"type": "null"}],
+        "description": f"one scale for every adapter, or one per adapter ({ADAPTER_SCALE_MIN:g} to "
+                       f"{ADAPTER_SCALE_MAX:g}; 0 is bit-identical to no adapter); needs `adapter`"}
+    return {**{n: adapter for n in NAMES if n != "adapters"}, **{n: adapter_scale for n in SCALES}}
+
+
+__all__ = ["NAMES", "SCALES", "field_schemas", "read_adapters", "with_adapters"]

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from engine.request import NEEDS_SOURCE
 
+from .adapter_fields import field_schemas as adapter_field_schemas
 from .aliases import ALIASES, EXTRA_SOURCES, SOURCE_ALIASES
 from .fields import StrictRequest
 from .results import MAX_ID_LEN, MAX_IDS
@@ -87,6 +88,8 @@ def _named(fields: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for alias in ALIASES.get(name) or (name,):
             out.setdefault(alias, schema)
     out["format"] = {"anyOf": [fields["use_format"], fields["audio_format"]]}
+    for alias, schema in adapter_field_schemas().items():  # adapter/adapter_scale, upstream's lora_name/lora_scale
+        out.setdefault(alias, schema)
     for name, aliases in SOURCE_ALIASES.items():
         described = "an upload key from POST /v1/uploads" if name.endswith("_key") else \
             "a file on the server, inside ACESTEP_ALLOWED_AUDIO_DIRS"

@@ -273,3 +273,15 @@ def test_a_default_whose_folder_is_gone_is_kept_so_the_task_says_so(api):
     adapters = backend.store.get(r.json()["data"]["task_id"]).request.adapters
     assert [(a.name, a.sha256) for a in adapters] == [("house", None)]
 
+
+def test_release_task_documents_the_adapter_fields(api):
+    settings, backend, client = api
+    body = client.get("/openapi.json").json()["paths"]["/release_task"]["post"]["requestBody"]["content"]
+    props = body["application/json"]["schema"]["properties"]
+    for name in ("adapter", "lora_name"):
+        kinds = [o.get("type") for o in props[name]["anyOf"]]
+        assert kinds == ["string", "array", "null"] and "GET /v1/adapters" in props[name]["description"]
+    for name in ("adapter_scale", "lora_scale"):
+        assert props[name]["anyOf"][0] == {"type": "number", "minimum": -2.0, "maximum": 2.0}
+    form = body["application/x-www-form-urlencoded"]["schema"]["properties"]
+    assert {"adapter", "adapter_scale", "lora_name", "lora_scale"} <= set(form)
