@@ -4,7 +4,9 @@ Uploading, for any size up to ACESTEP_MAX_ADAPTER_MB:
     POST /v1/adapters/uploads {filename}      -> {key, upload_url, ...}; PUT the file to upload_url (S3 on AWS)
     POST /v1/adapters {key, name?, model?}    -> checked (400 if it does not fit the model), stored by sha256
 or in one request: POST /v1/adapters with the file as the body (application/octet-stream; name, model as query
-parameters) or as the multipart part `file` (up to ACESTEP_MAX_UPLOAD_MB).
+parameters) or as the multipart part `file` (up to ACESTEP_MAX_UPLOAD_MB). On AWS Lambda a body carries at most 6 MB (the
+function's payload limit, and the whole body sits in its memory): a bigger file is a 413 that says to use the
+upload URL, whose PUT goes straight to S3.
 
 /v1/lora/load|unload|toggle|scale|status answer in upstream's shapes, with this server's meaning: they set the
 default adapters of the whole fleet (what a request without an `adapter` field gets), not one process's state.
@@ -33,7 +35,7 @@ from .auth import header_is_valid, require_body_or_header, require_header, token
 from .body import read_body, read_limited, media_type
 from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
-from .envelope import bad_request, forbidden, wrap
+from .envelope import ApiError, bad_request, forbidden, wrap
 from .openapi_bodies import FORM, JSON, MULTIPART, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, ok
 from .routes_audio import over_quota
@@ -41,6 +43,9 @@ from .routes_audio import over_quota
 router = APIRouter(tags=["adapters"])
 
 UPLOAD_TTL = 900
+# On AWS Lambda (Mangum puts the event in the scope) a request body passes whole through the function's memory
+# and its 6 MB payload limit: a bigger adapter goes by POST /v1/adapters/uploads and a PUT to S3 instead.
+LAMBDA_DIRECT_BYTES = 6 * 1024 * 1024
 UPLOAD_PURPOSE = "adapter-upload"  # its own signature: an audio upload URL cannot carry an adapter's size
 OCTET = "application/octet-stream"
 
@@ -254,6 +259,23 @@ async def put_adapter_upload(request: Request, key: str, expires: Optional[str] 
     return wrap({"key": key, "size": len(data)})
 
 
+def _direct_limit(request: Request) -> Optional[int]:
+    """The largest adapter this API takes as a request body (None: ACESTEP_MAX_ADAPTER_MB only)."""
+    return LAMBDA_DIRECT_BYTES if "aws.event" in request.scope else None
+
+
+def _use_the_upload_url(limit: int) -> ApiError:
+    return ApiError(413, f"Adapter too large to send as the request body here (AWS Lambda takes at most "
+                         f"{limit // 2**20} MB): POST /v1/adapters/uploads with {{\"filename\": ...}}, PUT the file "
+                         "to its upload_url, then POST /v1/adapters with {\"key\": key}")
+
+
+def _check_declared(request: Request, limit: Optional[int]) -> None:
+    declared = request.headers.get("content-length", "")
+    if limit is not None and declared.isdigit() and int(declared) > limit:
+        raise _use_the_upload_url(limit)
+
+
 def _register_upload(services: AdapterServices, request: Request, form: RegisterAdapter) -> tuple[AdapterEntry, bool]:
     settings, blobs = settings_of(request), backend_of(request).blobs
     if not blob_keys.is_pending_upload_key(form.key):
@@ -299,17 +321,24 @@ async def add_adapter(request: Request):
     settings = settings_of(request)
     services = adapters_of(request)
     params = request.query_params
+    direct = _direct_limit(request)
     if media_type(request) == OCTET:
         require_header(settings, request)
+        _check_declared(request, direct)
         data = await read_limited(request, settings.max_adapter_bytes, "Adapter")
+        if direct is not None and len(data) > direct:
+            raise _use_the_upload_url(direct)
         upload = AdapterUpload(data, params.get("filename") or "", params.get("name") or None,
                                params.get("model") or None, (params.get("replace") or "").lower() in ("1", "true"))
         entry, created = await run_in_threadpool(services.uploads.register, upload)
     else:
+        _check_declared(request, direct)
         body = await read_body(request, settings, files_allowed=True)
         require_body_or_header(settings, request, token_from_fields(body.fields))
         fields = {k: v for k, v in body.fields.items() if v not in (None, "")}
         part = body.files.get("file")
+        if part is not None and direct is not None and len(part.data) > direct:
+            raise _use_the_upload_url(direct)
         if part is not None:
             form = _validated(RegisterAdapter, {**fields, "key": "-"})
             upload = AdapterUpload(part.data, part.filename or "", form.name, form.model, form.replace)

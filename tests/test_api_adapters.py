@@ -285,3 +285,28 @@ def test_release_task_documents_the_adapter_fields(api):
         assert props[name]["anyOf"][0] == {"type": "number", "minimum": -2.0, "maximum": 2.0}
     form = body["application/x-www-form-urlencoded"]["schema"]["properties"]
     assert {"adapter", "adapter_scale", "lora_name", "lora_scale"} <= set(form)
+
+
+def test_on_lambda_a_big_body_upload_is_a_413_pointing_to_the_upload_url(api):
+    """Through Mangum (as on Lambda): a body over 6 MB is refused before it is parsed, with the way that works."""
+    import base64
+
+    from mangum import Mangum
+
+    from entrypoints.snapstart import api_gateway_event
+
+    settings, backend, client = api
+    handler = Mangum(client.app, lifespan="off")
+
+    def post(data: bytes, name: str) -> dict:
+        event = api_gateway_event("POST", "/v1/adapters", None)
+        event["headers"].update({"content-type": "application/octet-stream", "content-length": str(len(data))})
+        event["rawQueryString"] = f"name={name}"
+        event["body"], event["isBase64Encoded"] = base64.b64encode(data).decode(), True
+        return handler(event, None)
+
+    small = post(lora_file(), "small")
+    assert small["statusCode"] == 200, small["body"]
+    big = post(lora_file(layers=24, rank=24), "big")  # ~7.9 MB: under ACESTEP_MAX_ADAPTER_MB, over Lambda's limit
+    assert big["statusCode"] == 413 and "POST /v1/adapters/uploads" in json.loads(big["body"])["detail"], big
+    assert [a["name"] for a in client.get("/v1/adapters").json()["data"]["adapters"]] == ["small"]
