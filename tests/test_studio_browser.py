@@ -1,6 +1,6 @@
 """The Studio (/studio) in real headless Chromium against the live demo servers: open, submit, follow
 queue position and progress, play, download, repaint a region selected on the waveform, auth on and
-off, and a caption carrying markup shown as text. One browser for the module, a fresh context (empty
+off, a caption carrying markup shown as text, and adapters (upload, the server's 400, pick, scale, stack). One browser for the module, a fresh context (empty
 localStorage) per test. Screenshots go to test-artifacts/studio/ (gitignored)."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from engine.adapter_manifest import ModelShape
 from tests.demo_servers import API_KEY
 from tests.live_server import REPO, poll_until
 
@@ -93,6 +94,29 @@ def wait_js(page, expression: str, timeout: float = 30.0):
     """Until `expression` is truthy in the page (page.wait_for_function would need 'unsafe-eval', which the
     Studio's Content-Security-Policy forbids; page.evaluate is not subject to it)."""
     return poll_until(expression, lambda: page.evaluate(expression), timeout)
+
+
+def zero_lora(shape: ModelShape, rank: int = 2) -> bytes:
+    """A PEFT LoRA (.safetensors, zero weights) on the self-attention q/v of every layer of a DiT of `shape`."""
+    header: dict = {}
+    offset = 0
+    for layer in range(shape.num_hidden_layers):
+        for proj in ("q_proj", "v_proj"):
+            out_f, in_f = shape.linear("self_attn", proj)
+            for param, dims in (("lora_A", [rank, in_f]), ("lora_B", [out_f, rank])):
+                size = dims[0] * dims[1] * 4
+                header[f"base_model.model.layers.{layer}.self_attn.{proj}.{param}.weight"] = {
+                    "dtype": "F32", "shape": dims, "data_offsets": [offset, offset + size]}
+                offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + bytes(offset)
+
+
+def served_shape(demo_root: Path) -> ModelShape:
+    """The geometry of the demo servers' tiny random-weight DiT (its diffusers config)."""
+    config = next(p for p in (demo_root / "checkpoints").rglob("config.json") if p.parent.name == "transformer")
+    return ModelShape.from_config(json.loads(config.read_text()))
 
 
 def wait_state(page, index: int, state: str) -> None:
@@ -192,7 +216,7 @@ def test_auth_off_repaint_a_region_selected_on_the_waveform(open_server, open_pa
     shot(page, "repainted")
 
 
-def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, open_page):
+def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, open_page, demo_root):
     page = open_page(open_server)
     page.locator("#model-select option").first.wait_for(state="attached")
     fill_form(page, "x", bpm="5")
@@ -223,3 +247,43 @@ def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, 
     card = page.locator("#task-list .task").nth(0)
     assert card.locator(".task-title").text_content() == "cover: long"
     assert card.locator(".task-error").text_content().startswith("could not decode src_audio")
+
+    # adapters: a file that is no adapter is refused in the server's words; one that fits the served model is
+    # listed, picked, scaled and sent with the task, which the worker runs with it. An adapter that fits another
+    # model only (added to the server's listing here: the demo serves one model) is shown but cannot be picked.
+    def with_misfit(route):
+        if route.request.method != "GET":
+            return route.continue_()
+        response = route.fetch()
+        body = response.json()
+        body["data"]["adapters"].append({"name": "other-style", "type": "lokr", "rank": 8,
+                                         "fits_models": ["another-model"]})
+        return route.fulfill(response=response, json=body)
+
+    page.route("**/v1/adapters", with_misfit)
+    page.select_option("#task-type", "text2music")
+    fill_form(page, "styled", audio_duration="10", batch_size="1", inference_steps="2")
+    page.set_input_files("#adapter-file", files=[{"name": "junk.safetensors", "mimeType": "application/octet-stream",
+                                                   "buffer": b"<b>no adapter</b>"}])
+    page.click("#adapter-upload")
+    wait_js(page, "document.querySelector('#adapter-error').textContent.startsWith('400: ')")
+    assert "not a safetensors file" in page.text_content("#adapter-error")
+    page.set_input_files("#adapter-file", files=[{"name": "tiny-style.safetensors", "mimeType": "application/octet-stream",
+                                                   "buffer": zero_lora(served_shape(demo_root))}])
+    page.click("#adapter-upload")
+    wait_js(page, "document.querySelector('.adapter-pick').value === 'tiny-style'")
+    assert page.text_content("#adapter-error") == ""
+    picker = page.locator(".adapter-row .adapter-pick").first
+    assert picker.locator("option[value=tiny-style]").text_content() == "tiny-style · lora r2 · fits acestep-v15-turbo"
+    assert picker.locator("option[value=other-style]").is_disabled()
+    page.fill(".adapter-row .adapter-scale", "0.5")
+    page.click("#add-adapter")  # a second row to stack on; left empty, it sends nothing
+    assert page.locator(".adapter-row").count() == 2
+    with page.expect_request("**/release_task") as sent:
+        page.click("#submit")
+    body = json.loads(sent.value.post_data)
+    assert (body["adapter"], body["adapter_scale"]) == ("tiny-style", 0.5)
+    page.locator("#task-list .task").nth(2).wait_for()  # accepted: the server found it and it fits
+    shot(page, "adapter")
+    page.locator("#task-list .task .cancel:visible").first.click()  # the worker's side is tested without a browser
+    wait_state(page, 0, "cancelled")

@@ -7,6 +7,7 @@
   const HISTORY_STORE = 'acestep.studio.history';
   const HISTORY_MAX = 50;
   const POLL_MS = 1000;
+  const MAX_ADAPTERS = 4;  // stacked per request (engine/request.py)
   const API_BASE = new URL('..', window.location.href);  // the page lives at <api>/studio/
 
   const $ = (sel, root) => (root || document).querySelector(sel);
@@ -16,6 +17,7 @@
     history: loadHistory(),      // [{id, caption, taskType, created, state, error}]
     cards: new Map(),            // task id -> {li, rendered}
     source: null,                // {kind: 'file', file, name} | {kind: 'result', file: the result's file URL, name}
+    adapters: [],                // GET /v1/adapters' entries: {name, type, rank, fits_models, ...}
     polling: false,
   };
 
@@ -94,6 +96,7 @@
       const models = await api('/v1/models');
       fillModels(models);
     } catch (_) { /* shown by the auth banner or on submit */ }
+    await loadAdapters();
   }
 
   function fillModels(listing) {
@@ -110,6 +113,119 @@
     }
     if (current) select.value = current;
     $('#lm-options').hidden = !(listing && listing.lm_model);
+  }
+
+  // --- adapters -------------------------------------------------------------------------------
+
+  async function loadAdapters() {
+    const note = $('#adapter-note');
+    try {
+      const listing = await api('/v1/adapters');
+      state.adapters = (listing && Array.isArray(listing.adapters)) ? listing.adapters : [];
+      const d = (listing && listing.default) || {};
+      const names = Array.isArray(d.adapters) ? d.adapters.map(a => String(a && a.name !== undefined ? a.name : a)) : [];
+      note.textContent = (d.lora_loaded && d.use_lora && names.length)
+        ? `with none picked, the server's default applies: ${names.join(', ')}`
+        : (state.adapters.length ? '' : 'no adapters on this server yet: upload one');
+    } catch (err) {
+      state.adapters = [];
+      note.textContent = err.status === 404 ? 'this server has no adapters' : `adapters: ${err.message}`;
+    }
+    renderAdapterOptions();
+  }
+
+  function fitsModel(adapter, model) {
+    return !model || (Array.isArray(adapter.fits_models) && adapter.fits_models.map(String).includes(model));
+  }
+
+  function adapterLabel(adapter) {
+    const fits = Array.isArray(adapter.fits_models) && adapter.fits_models.length ? adapter.fits_models.join(', ') : 'no served model';
+    return `${adapter.name} · ${adapter.type || '?'} r${adapter.rank} · fits ${fits}`;
+  }
+
+  function adapterRows() { return Array.from(document.querySelectorAll('#adapter-rows .adapter-row')); }
+
+  // Every row's choices; an adapter that does not fit the chosen model is shown but cannot be picked.
+  function renderAdapterOptions() {
+    const model = $('#model-select').value;
+    for (const row of adapterRows()) {
+      const select = $('.adapter-pick', row);
+      const current = select.value;
+      const none = document.createElement('option');
+      none.value = '';
+      none.textContent = 'no adapter';
+      select.replaceChildren(none);
+      for (const adapter of state.adapters) {
+        const option = document.createElement('option');
+        option.value = String(adapter.name);
+        option.textContent = adapterLabel(adapter);
+        option.disabled = !fitsModel(adapter, model);
+        if (option.disabled) option.title = `does not fit ${model}`;
+        select.append(option);
+      }
+      const keep = state.adapters.some(a => String(a.name) === current && fitsModel(a, model));
+      select.value = keep ? current : '';
+    }
+    $('#add-adapter').disabled = adapterRows().length >= MAX_ADAPTERS || !state.adapters.length;
+  }
+
+  function addAdapterRow() {
+    if (adapterRows().length >= MAX_ADAPTERS) return null;
+    const row = $('#adapter-row-template').content.firstElementChild.cloneNode(true);
+    $('.adapter-remove', row).addEventListener('click', () => {
+      if (adapterRows().length > 1) row.remove(); else $('.adapter-pick', row).value = '';
+      renderAdapterOptions();
+    });
+    $('#adapter-rows').append(row);
+    renderAdapterOptions();
+    return row;
+  }
+
+  // `adapter` / `adapter_scale` as acestep.cpp names them: one name and one scale, or a list of each (stacked).
+  function collectAdapters(req) {
+    const names = [], scales = [];
+    for (const row of adapterRows()) {
+      const name = $('.adapter-pick', row).value;
+      if (!name) continue;
+      const scale = $('.adapter-scale', row).value.trim();
+      names.push(name);
+      scales.push(scale === '' ? 1 : Number(scale));
+    }
+    if (!names.length) return;  // the server's default (if it has one) applies
+    req.adapter = names.length === 1 ? names[0] : names;
+    req.adapter_scale = scales.length === 1 ? scales[0] : scales;
+  }
+
+  // A file through an upload ticket (POST /v1/adapters/uploads, PUT: any size on every backend), then
+  // POST /v1/adapters, which checks it against the chosen model: its 400 says what does not fit.
+  async function uploadAdapter() {
+    const error = $('#adapter-error');
+    const button = $('#adapter-upload');
+    error.textContent = '';
+    const file = $('#adapter-file').files[0];
+    if (!file) { error.textContent = 'choose a .safetensors file or a .zip of a PEFT folder first'; return; }
+    button.disabled = true;
+    try {
+      const slot = await api('/v1/adapters/uploads', { method: 'POST', json: { filename: file.name } });
+      await putUpload(slot, file);
+      const body = { key: slot.key };
+      const name = $('#adapter-name').value.trim();
+      if (name) body.name = name;
+      const model = $('#model-select').value;
+      if (model) body.model = model;
+      const stored = await api('/v1/adapters', { method: 'POST', json: body });
+      await loadAdapters();
+      const adapter = stored.adapter;
+      let row = adapterRows().find(r => !$('.adapter-pick', r).value) || addAdapterRow();
+      if (row && fitsModel(adapter, model)) $('.adapter-pick', row).value = String(adapter.name);
+      $('#adapter-note').textContent = `${stored.created ? 'uploaded' : 'already uploaded'}: ${adapterLabel(adapter)}`;
+      $('#adapter-file').value = '';
+      $('#adapter-name').value = '';
+    } catch (err) {
+      error.textContent = err.status ? `${err.status}: ${err.message}` : err.message;
+    } finally {
+      button.disabled = false;
+    }
   }
 
   // --- the form -------------------------------------------------------------------------------
@@ -157,6 +273,7 @@
       req.complete_track_classes = (data.get('complete_track_classes') || '').toString()
         .split(',').map(s => s.trim()).filter(Boolean);
     }
+    collectAdapters(req);
     return req;
   }
 
@@ -166,6 +283,12 @@
     const name = source.name;
     const type = blob.type && blob.type.startsWith('audio/') ? blob.type : 'application/octet-stream';
     const slot = await api('/v1/uploads', { method: 'POST', json: { filename: name, content_type: type, role: 'src_audio' } });
+    await putUpload(slot, blob);
+    return slot.key;
+  }
+
+  // PUT to an upload ticket's URL: the API key goes to this server only, never to S3's presigned URL.
+  async function putUpload(slot, blob) {
     const target = slot.upload_url.startsWith('/') ? apiUrl(slot.upload_url) : new URL(slot.upload_url);
     const headers = Object.assign({}, slot.headers || {});
     if (target.origin === window.location.origin && state.apiKey) headers.Authorization = 'Bearer ' + state.apiKey;
@@ -175,7 +298,6 @@
       try { body = await put.json(); } catch (_) { /* S3 answers XML */ }
       throw new ApiError(put.status, `upload failed: ${detailText(body, put)}`);
     }
-    return slot.key;
   }
 
   async function submit(event) {
@@ -419,6 +541,10 @@
       poll();
     });
     $('#task-type').addEventListener('change', updateTaskType);
+    $('#model-select').addEventListener('change', renderAdapterOptions);
+    $('#add-adapter').addEventListener('click', addAdapterRow);
+    $('#adapter-upload').addEventListener('click', uploadAdapter);
+    addAdapterRow();
     $('#source-file').addEventListener('change', (event) => {
       const file = event.target.files[0];
       setSource(file ? { kind: 'file', file, name: file.name } : null);
