@@ -19,8 +19,10 @@ from .config import Settings
 from .observability.health import FAILED_STATE, HEARTBEAT_SECONDS, alive_only, healthy
 from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
+from .observability.metrics import MetricsSink
 from .ports import Backend
 from .records import FailureReason, StoredRequestInvalid, WorkerHeartbeat
+from .worker_outcomes import HeldTask, OutcomeRecorder
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,10 @@ NOT_LOADED = "no worker can run this task: the worker could not load its models 
 
 class BrokenWorker:
     def __init__(self, settings: Settings, backend: Backend, error: str, worker_id: Optional[str] = None,
-                 on_finished: Optional[Callable[[str], None]] = None):
+                 on_finished: Optional[Callable[[str], None]] = None, metrics: Optional[MetricsSink] = None):
         self.settings, self.backend, self.error = settings, backend, error
-        self.on_finished = on_finished  # a task this worker failed (webhooks), as for Worker; must not block
+        # on_finished: a task this worker failed (webhooks), as for Worker; must not block
+        self.recorder = OutcomeRecorder(backend, metrics, on_finished)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
         self.heartbeat_seconds = HEARTBEAT_SECONDS
@@ -65,28 +68,19 @@ class BrokenWorker:
         lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
         if lease is None:
             return False
-        message = NOT_LOADED.format(error=self.error)
         try:
             record = self.backend.store.claim(lease.task_id, self.worker_id)
         except StoredRequestInvalid as exc:  # it could not run anywhere: say so rather than blame this worker
-            if self.backend.store.fail_unfinished(lease.task_id, str(exc), FailureReason.INVALID_REQUEST):
-                self._finished(lease.task_id)
-            record = None
-        if record is not None:
-            with log_context(task_id=record.task_id, attempt=record.attempt):
-                log.warning("task %s failed: %s", record.task_id, message)
-                if self.backend.store.finish(record.task_id, record.attempt, error=message,
-                                             reason=FailureReason.ENGINE_LOAD_FAILED):
-                    self._finished(record.task_id)
-        self.backend.queue.ack(lease)
+            with log_context(task_id=lease.task_id):
+                self.recorder.fail_unclaimed(lease, str(exc), FailureReason.INVALID_REQUEST)
+            return True
+        if record is None:  # finished already (duplicate delivery) or unknown
+            self.backend.queue.ack(lease)
+            return True
+        with log_context(task_id=record.task_id, attempt=record.attempt):
+            self.recorder.fail(HeldTask(lease, record.attempt, record.created_at, record.started_at),
+                               NOT_LOADED.format(error=self.error), FailureReason.ENGINE_LOAD_FAILED)
         return True
-
-    def _finished(self, task_id: str) -> None:
-        if self.on_finished is not None:
-            try:
-                self.on_finished(task_id)
-            except Exception:  # a notification must never stop this worker failing the others
-                log.warning("could not queue the webhook of %s", task_id, exc_info=True)
 
     def _working_worker_alive(self) -> bool:
         alive = alive_only(self.backend.store.heartbeats(), time.time())

@@ -3,7 +3,7 @@ thread of its own with encoding in processes (engine/encoder_pool.py), while the
 runs the next batch.
 
 Batches are recorded in the order they were handed over, each task acked only after its result is
-recorded (the worker's `record`). At most `depth` batches are in this stage at once: a hand-off
+recorded (by the worker's OutcomeRecorder, service/worker_outcomes.py: the same path as unpipelined). At most `depth` batches are in this stage at once: a hand-off
 waits for room, so memory stays flat whatever the queue holds. Meanwhile their leases, and any
 lease the worker holds for its next round, are kept alive (LeaseKeeper). A task whose encoding
 fails fails alone; on shutdown the stage drains (a first signal), or hands back what is not
@@ -20,13 +20,14 @@ import time
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Optional, Sequence
 
 from engine.types import EncodedAudio, GenerationCancelled, GenerationError, GenerationResult
 
 from .lease_keeper import LeaseKeeper
 from .ports import AudioEncoder, Lease
 from .storage_errors import StorageFull
+from .worker_outcomes import HeldTask, Outcome, OutcomeRecorder
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +35,23 @@ _WAIT_SLICE_SECONDS = 0.2  # how often a wait for encoders looks at the cancel e
 _ROOM_CHECK_SECONDS = 1.0  # how often a hand-over waiting for room checks that the stage still runs
 
 
-class HeldTask(Protocol):
-    @property
-    def lease(self) -> Lease: ...
-
-    @property
-    def attempt(self) -> int: ...
-
-
-T = TypeVar("T", bound=HeldTask)
-
-
 @dataclass
-class _Entry(Generic[T]):
-    batch: Sequence[T]
-    outcomes: list[Any]
+class _Entry:
+    batch: Sequence[HeldTask]
+    outcomes: list[Outcome]
     encodes: list[list["Future[tuple[EncodedAudio, float]]"]]  # per task, per audio file
 
 
-class PostStage(Generic[T]):
-    def __init__(self, record: Callable[[Sequence[T], list[Any]], None], encoder: Optional[AudioEncoder],
+class PostStage:
+    def __init__(self, recorder: OutcomeRecorder, encoder: Optional[AudioEncoder],
                  keeper: LeaseKeeper, depth: int, cancel_event: threading.Event, encode_timeout: float):
-        self.record = record  # the worker's: store, finish, ack (raises StorageFull at the end)
+        self.recorder = recorder  # the worker's: store, finish, ack (raises StorageFull at the end)
         self.encoder, self.keeper, self.cancel_event = encoder, keeper, cancel_event
         # A batch's encoding that takes longer than this is stuck (a hung encoder process): its tasks
         # fail with that reason and the encoders are restarted, rather than holding the stage forever.
         self.encode_timeout = encode_timeout
         self._room = threading.Semaphore(depth)
-        self._queue: "queue.Queue[Optional[_Entry[T]]]" = queue.Queue()
+        self._queue: "queue.Queue[Optional[_Entry]]" = queue.Queue()
         self._in_stage: list[str] = []  # task ids handed over and not recorded yet
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -69,7 +59,7 @@ class PostStage(Generic[T]):
 
     # -- the worker's side --------------------------------------------------------------------
 
-    def hand_over(self, batch: Sequence[T], outcomes: list[Any], hold: Sequence[Lease] = ()) -> None:
+    def hand_over(self, batch: Sequence[HeldTask], outcomes: list[Outcome], hold: Sequence[Lease] = ()) -> None:
         """Queue a generated batch; blocks while `depth` batches are in the stage (keeping the batch's
         leases and `hold` alive meanwhile). Encoding starts at once, in the encoder processes."""
         for c in batch:
@@ -87,10 +77,11 @@ class PostStage(Generic[T]):
         self._start()
         self._queue.put(_Entry(batch, outcomes, encodes))
 
-    def _start_encoding(self, outcomes: list[Any]) -> tuple[list[Any], list[Any]]:
+    def _start_encoding(self, outcomes: list[Outcome]) -> tuple[list[Outcome], list[Any]]:
         """Each outcome's encodes, started; an outcome whose encoding cannot start becomes its error
         (the stage then records it as failed, so its task does not stay running)."""
-        started, encodes = [], []
+        started: list[Outcome] = []
+        encodes: list[Any] = []
         for outcome in outcomes:
             futures: list[Any] = []
             if isinstance(outcome, GenerationResult) and outcome.pending:
@@ -156,11 +147,11 @@ class PostStage(Generic[T]):
                     self._room.release()
                 self._queue.task_done()
 
-    def _process(self, entry: _Entry[T]) -> None:
+    def _process(self, entry: _Entry) -> None:
         try:
             outcomes = [self._encoded_or_error(o, fs) for o, fs in zip(entry.outcomes, entry.encodes)]
             # the worker removes each lease from the keeper just before it acks or releases it
-            self.record(entry.batch, outcomes)
+            self.recorder.record(entry.batch, outcomes)
         except StorageFull as exc:
             with self._lock:
                 self._error = exc
@@ -173,14 +164,14 @@ class PostStage(Generic[T]):
                 for c in entry.batch:
                     self._in_stage.remove(c.lease.task_id)
 
-    def _encoded_or_error(self, outcome: object, futures: list[Any]) -> object:
+    def _encoded_or_error(self, outcome: Outcome, futures: list[Any]) -> Outcome:
         try:
             return self._encoded(outcome, futures)
         except BaseException as exc:  # noqa: BLE001 - the stage thread must outlive any one task
             log.exception("encoding a task's audio failed unexpectedly")
             return GenerationError(f"could not encode the audio: {type(exc).__name__}")
 
-    def _encoded(self, outcome: object, futures: list["Future[tuple[EncodedAudio, float]]"]) -> object:
+    def _encoded(self, outcome: Outcome, futures: list["Future[tuple[EncodedAudio, float]]"]) -> Outcome:
         """The outcome with its audio encoded; the encoder's error if that failed; GenerationCancelled when
         the worker abandons its tasks (second signal) before the encoding is done; a GenerationError
         when the encoding takes longer than encode_timeout."""
