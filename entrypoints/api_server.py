@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     with user_errors("acestep-api"):  # a bad setting: one line naming it, not a traceback
         settings = settings_from_args(args)
         configure_logging(settings.log_level, settings.log_format)
-        bootstrap.resolve_secrets(settings)
+        settings = bootstrap.resolve_secrets(settings)
         app = bootstrap.build_app(settings)
     supervisor = WorkerSupervisor(settings, settings.queue_workers, settings.log_level)
     if settings.queue_workers > 0:

@@ -13,13 +13,15 @@ from service.ports import Backend, GenerationEngine
 log = logging.getLogger(__name__)
 
 
-def resolve_secrets(settings: Settings) -> None:
-    """On AWS the API key (and a hub token) may live in Secrets Manager / SSM; read them once at start-up."""
+def resolve_secrets(settings: Settings) -> Settings:
+    """On AWS the API key (and a hub token) may live in Secrets Manager / SSM; read them once at start-up.
+    The settings to use from then on (with that key)."""
     if settings.backend == "aws":
         from service.aws.secrets import resolve_hub_token, resolve_secret_env
 
-        resolve_secret_env(settings)
+        settings = resolve_secret_env(settings)
         resolve_hub_token(settings)
+    return settings
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -263,6 +265,4 @@ def app_from_env():
     """`uvicorn --factory entrypoints.bootstrap:app_from_env`: settings from the environment / .env."""
     from service.config import load_settings
 
-    settings = load_settings()
-    resolve_secrets(settings)
-    return build_app(settings)
+    return build_app(resolve_secrets(load_settings()))

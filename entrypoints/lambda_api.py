@@ -18,18 +18,19 @@ from service.observability.logs import configure_logging
 OPENROUTER_PATH = "/openrouter"
 LAMBDA_CHAT_WAIT_SECONDS = 25.0
 
-settings = load_settings(dotenv_path=None)  # no .env in a Lambda package: the environment is the config
+# no .env in a Lambda package: the environment is the config
+_loaded = load_settings(dotenv_path=None)
 # The runtime's own root handler drops INFO; ours writes JSON lines (request ids included) to stdout.
-configure_logging(settings.log_level, settings.log_format, stream=sys.stdout)
-bootstrap.resolve_secrets(settings)  # the API key from Secrets Manager / SSM, once per cold start
-app = bootstrap.build_app(settings)
+configure_logging(_loaded.log_level, _loaded.log_format, stream=sys.stdout)
+settings = bootstrap.resolve_secrets(_loaded)  # the API key from Secrets Manager / SSM, once per cold start
 # The OpenAI-compatible API under /openrouter (base_url https://<api>/openrouter/v1). Lambda answers
 # once the whole response is ready and API Gateway cuts it at 30 s, so a chat completion waits at
 # most OPENROUTER_MAX_WAIT (25 s here): a longer song is answered with its task id (504, or the
 # stream's last chunk) and fetched through /query_result. Nothing is lost; long songs belong on
 # the asynchronous ACE-Step API (/release_task + /query_result).
 if not settings.openrouter_max_wait:
-    settings.openrouter_max_wait = LAMBDA_CHAT_WAIT_SECONDS
+    settings = settings.model_copy(update={"openrouter_max_wait": LAMBDA_CHAT_WAIT_SECONDS})
+app = bootstrap.build_app(settings)
 app.mount(OPENROUTER_PATH, bootstrap.build_openrouter_app(settings, app))
 # lifespan "off": a Lambda container has no long-lived startup/shutdown to run per invocation.
 handler = Mangum(app, lifespan="off")

@@ -46,7 +46,7 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
                supervised: bool = False) -> None:
     if heartbeat_file:  # the health check allows model loading this long (heartbeat_file.STARTUP_LIMIT_SECONDS)
         write_beat(heartbeat_file, starting_beat(f"pid-{os.getpid()}"))
-    bootstrap.resolve_secrets(settings)
+    settings = bootstrap.resolve_secrets(settings)
     backend = bootstrap.build_backend(settings)
     worker: Worker | BrokenWorker
     webhooks = bootstrap.build_webhooks(settings, backend)

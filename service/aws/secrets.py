@@ -15,7 +15,7 @@ HF_TOKEN_SECRET_ENV = "ACESTEP_HF_TOKEN_SECRET_ARN"
 
 
 def resolve_secret_env(settings: Settings, env: Optional[Mapping[str, str]] = None) -> Settings:
-    """Fill settings.api_key from the secret named in the environment; returns the same settings.
+    """Settings whose api_key is the secret named in the environment (a copy: Settings never change).
 
     ACESTEP_API_KEY_SECRET_ARN: a Secrets Manager secret holding the key as plain text or as JSON
     {"api_key": "..."}. ACESTEP_API_KEY_SSM_PARAM: an SSM parameter (SecureString is decrypted).
@@ -26,10 +26,10 @@ def resolve_secret_env(settings: Settings, env: Optional[Mapping[str, str]] = No
     param = env.get(SSM_PARAM_ENV, "").strip()
     if arn:
         value = aws_client("secretsmanager", settings).get_secret_value(SecretId=arn)["SecretString"]
-        settings.api_key = _unwrap(value)
+        return settings.model_copy(update={"api_key": _unwrap(value)})
     elif param:
         value = aws_client("ssm", settings).get_parameter(Name=param, WithDecryption=True)["Parameter"]["Value"]
-        settings.api_key = value.strip()
+        return settings.model_copy(update={"api_key": value.strip()})
     return settings
 
 
