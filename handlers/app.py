@@ -29,7 +29,7 @@ from .openapi_bodies import with_model_names, with_rate_limit_answers
 from .rate_limit import COUNTED_METHODS, EXEMPT, RateLimitMiddleware, TokenBuckets
 from .request_context import RequestContextMiddleware
 from .results import QueryResults
-from service.signed_urls import openapi_url, verify
+from service.signed_urls import KeySource, openapi_url, url_keys, verify
 from service.task_payload import build_notifier
 
 DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatible with upstream
@@ -37,7 +37,7 @@ DESCRIPTION = """ACE-Step 1.5 music generation: the ACE-Step REST API (compatibl
 When an API key is set, send `Authorization: Bearer <key>` (or `ai_token` in the body)."""
 
 
-def _install_docs(app: FastAPI, settings: Settings) -> None:
+def _install_docs(app: FastAPI, settings: Settings, keys: KeySource) -> None:
     """/docs and /openapi.json, behind the API key like every other route but /health.
 
     The Swagger page loads the schema through a short-lived signed URL, so a browser that
@@ -56,14 +56,14 @@ def _install_docs(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request, expires: Optional[str] = None, sig: Optional[str] = None):
-        if not verify(settings, "openapi", "", expires, sig):
+        if not verify(keys, "openapi", "", expires, sig):
             require_header(settings, request)
         return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request):
         require_header(settings, request)
-        url = openapi_url(settings) if settings.api_key else "/openapi.json"
+        url = openapi_url(keys) if settings.api_key else "/openapi.json"
         return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - docs")
 
 
@@ -74,8 +74,6 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app = FastAPI(title="ACE-Step API", version=__version__, description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
-    if backend.signing_keys is not None:  # signed URLs are keyed with the secret the backend stores
-        settings.use_signing_keys(backend.signing_keys)
     app.state.backend = backend
     app.state.lm_gateway = lm_gateway
     app.state.webhooks = build_notifier(settings, backend)  # a cancelled task's webhook (workers send the rest)
@@ -90,7 +88,7 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
                    routes_adapters, routes_models):
         app.include_router(module.router)
     app.include_router(chat_router)
-    _install_docs(app, settings)
+    _install_docs(app, settings, url_keys(backend))  # signed with the secret the backend stores
     origins = cors_origins(settings)
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "OPTIONS"],

@@ -9,7 +9,7 @@ from typing import Any, Hashable, Optional
 from service.config import Settings
 from service.ports import Backend
 from service.records import QUEUED, TERMINAL
-from service.signed_urls import expiry, signature
+from service.signed_urls import KeySource, expiry, signature, url_keys
 from service.task_payload import entry_for
 
 from .result_cache import FinishedEntries
@@ -23,10 +23,10 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def signature_window(settings: Settings) -> Hashable:
+def signature_window(settings: Settings, keys: KeySource) -> Hashable:
     """What a finished entry's signed URLs depend on: the expiry they carry and the signing key
     (a signature of a fixed message tells keys apart without holding the key)."""
-    return expiry(settings.audio_url_ttl), signature(settings, "audio-window", "", 0)
+    return expiry(settings.audio_url_ttl), signature(keys, "audio-window", "", 0)
 
 
 WAITING_ENTRIES = 2_000  # entries of queued/running (and unknown) ids kept per API process
@@ -39,13 +39,14 @@ class QueryResults:
 
     def __init__(self, settings: Settings, backend: Backend, cache: Optional[FinishedEntries] = None):
         self.settings, self.backend = settings, backend
+        self.keys = url_keys(backend)
         self.cache = cache if cache is not None else FinishedEntries()
         self.waiting = FinishedEntries(WAITING_ENTRIES)  # keyed by (window, change token)
 
     def cached(self, task_ids: list[str]) -> Optional[list[bytes]]:
         """Every entry from the caches, or None when one must be read (no table read: fine on the event
         loop; the change token is one PRAGMA on the embedded backend)."""
-        window = signature_window(self.settings)
+        window = signature_window(self.settings, self.keys)
         token: Optional[Hashable] = None
         out = []
         for task_id in task_ids:
@@ -60,7 +61,7 @@ class QueryResults:
 
     def entries(self, task_ids: list[str]) -> list[bytes]:
         """One serialised entry per requested id, in order; reads the store for those not cached."""
-        window = signature_window(self.settings)
+        window = signature_window(self.settings, self.keys)
         token = self.backend.store.change_token()  # before the read: a change during it shows on the next poll
         found = {t: e for t in dict.fromkeys(task_ids) if (e := self.cache.get(t, window)) is not None}
         missing = [t for t in task_ids if t not in found]
@@ -82,7 +83,7 @@ class QueryResults:
         out = []
         for task_id in dict.fromkeys(task_ids):
             record = records.get(task_id)
-            entry = dumps(entry_for(task_id, record, self.settings, positions.get(task_id)))
+            entry = dumps(entry_for(task_id, record, self.settings, self.keys, positions.get(task_id)))
             # A result the store could not read whole is not cached: a storage hiccup must not hide a part
             # for a window.
             whole = record is None or record.result is None or not record.result.generation_info.get("missing_parts")

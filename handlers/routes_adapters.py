@@ -29,7 +29,7 @@ from service.adapter_services import AdapterServices
 from service.adapter_uploads import AdapterUpload
 from service.observability.health import alive_only
 from service.refusals import AdapterRejected, AdapterTooLarge
-from service.signed_urls import signature, verify
+from service.signed_urls import signature, url_keys, verify
 
 from .auth import header_is_valid, require_body_or_header, require_header, token_from_fields
 from .body import read_body, read_limited, media_type
@@ -230,7 +230,7 @@ async def create_adapter_upload(request: Request):
     if not url:
         expires = int(time.time()) + UPLOAD_TTL
         url = (f"/v1/adapters/uploads/{quote(key, safe='/')}?expires={expires}"
-               f"&sig={signature(settings, UPLOAD_PURPOSE, key, expires)}")
+               f"&sig={signature(url_keys(backend), UPLOAD_PURPOSE, key, expires)}")
     return wrap({"key": key, "upload_url": url, "method": "PUT", "expires_in": UPLOAD_TTL,
                  "headers": {"Content-Type": OCTET}, "max_bytes": settings.max_adapter_bytes,
                  "then": "POST /v1/adapters with {\"key\": key}"})
@@ -242,7 +242,7 @@ async def create_adapter_upload(request: Request):
             responses=error_responses(400, 401, 403, 408, 413, 507))
 async def put_adapter_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None):
     settings, backend = settings_of(request), backend_of(request)
-    if not verify(settings, UPLOAD_PURPOSE, key, expires, sig):
+    if not verify(url_keys(backend), UPLOAD_PURPOSE, key, expires, sig):
         if not (settings.api_key and header_is_valid(settings, request)):
             raise forbidden("Invalid or expired upload URL")
     if not blob_keys.is_pending_upload_key(key):

@@ -24,7 +24,7 @@ from .deps import backend_of, settings_of
 from .envelope import ApiError, bad_request, forbidden, not_found, wrap
 from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, UploadTicket, ok
-from service.signed_urls import upload_url, verify
+from service.signed_urls import upload_url, url_keys, verify
 
 router = APIRouter(tags=["audio"])
 
@@ -61,7 +61,7 @@ async def get_audio(request: Request, path: Optional[str] = Query(None, include_
     until it expires; with the API key in the Authorization header, any result key works."""
     settings, backend = settings_of(request), backend_of(request)
     if settings.api_key and not header_is_valid(settings, request):
-        if not (path and verify(settings, "audio", path, expires, sig)):
+        if not (path and verify(url_keys(backend), "audio", path, expires, sig)):
             if not request.headers.get("authorization") and (sig or expires):
                 raise ApiError(401, "Invalid or expired audio URL signature")
             require_header(settings, request)
@@ -137,7 +137,7 @@ async def create_upload(request: Request):
     if callable(presign):
         url = await run_in_threadpool(presign, key, content_type, UPLOAD_TTL)
     if not url:
-        url = upload_url(settings, key, UPLOAD_TTL)
+        url = upload_url(url_keys(backend), key, UPLOAD_TTL)
     return wrap({"key": key, "upload_url": url, "method": "PUT", "expires_in": UPLOAD_TTL,
                  "headers": {"Content-Type": content_type}, "max_bytes": upload_limit(settings),
                  "role": role, "field": f"{role or 'src_audio'}_key"})
@@ -149,7 +149,7 @@ async def create_upload(request: Request):
             responses=error_responses(400, 401, 403, 408, 413, 507))
 async def put_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None):
     settings, backend = settings_of(request), backend_of(request)
-    if not verify(settings, "upload", key, expires, sig):
+    if not verify(url_keys(backend), "upload", key, expires, sig):
         if not (settings.api_key and header_is_valid(settings, request)):
             raise forbidden("Invalid or expired upload URL")
     if not blob_keys.is_pending_upload_key(key):

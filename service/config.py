@@ -11,15 +11,13 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.adapter_manifest import adapter_dirs
-
-from .signing_keys import SigningKeys, ephemeral_keys
 
 MB = 1024 * 1024
 
@@ -141,6 +139,11 @@ class Settings(BaseSettings):
     config_path3: str = _env("ACESTEP_CONFIG_PATH3", "")
     device: str = _env("ACESTEP_DEVICE", "auto")
     dtype: str = _env("ACESTEP_DTYPE", "auto")
+    # Weight-only quantisation after loading (engine/quantize.py; fp8 on CUDA 8.9+ only), for the DiT and the
+    # 5 Hz LM; ACESTEP_QUANTIZE_DIT / ACESTEP_QUANTIZE_LM override it for one of them
+    quantize: Literal["none", "int8", "fp8"] = _env("ACESTEP_QUANTIZE", "none")
+    quantize_dit: Optional[Literal["none", "int8", "fp8"]] = _env("ACESTEP_QUANTIZE_DIT", None)
+    quantize_lm: Optional[Literal["none", "int8", "fp8"]] = _env("ACESTEP_QUANTIZE_LM", None)
     allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
     demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
     # /format_input waits this long for a worker's LM (keep it under the Lambda/API Gateway 29 s limit)
@@ -247,18 +250,6 @@ class Settings(BaseSettings):
     @property
     def resolved_adapter_cache_dir(self) -> str:
         return adapter_dirs(self.checkpoint_dir, self.lora_dir, self.adapter_cache_dir)[1]
-
-    # The random secret signed URLs are keyed with (service/signing_keys.py), never the API key.
-    # Attached by handlers.app.create_app from the backend, which stores it.
-    _signing_keys: Optional[Callable[[], SigningKeys]] = PrivateAttr(default=None)
-
-    def use_signing_keys(self, source: Callable[[], SigningKeys]) -> None:
-        self._signing_keys = source
-
-    def signing_keys(self) -> SigningKeys:
-        if self._signing_keys is None:
-            self._signing_keys = ephemeral_keys()
-        return self._signing_keys()
 
 
 # env var -> Settings attribute (entrypoints.api_server passes settings to workers by these names)

@@ -14,17 +14,28 @@ import hmac
 import re
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote
 
-from .config import Settings
+from .ports import Backend
+from .signing_keys import SigningKeys, ephemeral_keys
+
+KeySource = Callable[[], SigningKeys]
 
 # Expiry is rounded up to this many seconds so a URL stays the same across polls (cacheable).
 _ROUND = 300
 
 
-def signature(settings: Settings, purpose: str, key: str, expires: int) -> str:
-    return _hmac(settings.signing_keys().current, purpose, key, expires)
+def url_keys(backend: Backend) -> KeySource:
+    """The secret(s) this process signs URLs with: the one the backend stores; a backend that stores none
+    gets one for this process, kept on it so every URL this process signs shares it."""
+    if backend.signing_keys is None:
+        backend.signing_keys = ephemeral_keys()
+    return backend.signing_keys
+
+
+def signature(keys: KeySource, purpose: str, key: str, expires: int) -> str:
+    return _hmac(keys().current, purpose, key, expires)
 
 
 def _hmac(secret: bytes, purpose: str, key: str, expires: int) -> str:
@@ -40,7 +51,7 @@ def expiry(ttl: int, now: Optional[float] = None) -> int:
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
-def verify(settings: Settings, purpose: str, key: str, expires: Optional[str], sig: Optional[str],
+def verify(keys: KeySource, purpose: str, key: str, expires: Optional[str], sig: Optional[str],
            now: Optional[float] = None) -> bool:
     if not expires or not sig or len(expires) > 20 or not _HEX_DIGEST.fullmatch(sig):
         return False
@@ -52,20 +63,20 @@ def verify(settings: Settings, purpose: str, key: str, expires: Optional[str], s
         return False
     given = sig.lower()
     return any(hmac.compare_digest(_hmac(secret, purpose, key, exp), given)
-               for secret in settings.signing_keys().accepted)
+               for secret in keys().accepted)
 
 
-def audio_url(settings: Settings, key: str) -> str:
+def audio_url(keys: KeySource, key: str, ttl: int) -> str:
     """`/v1/audio?path=<url-encoded key>&expires=<unix>&sig=<hmac>` (relative, as upstream)."""
-    exp = expiry(settings.audio_url_ttl)
-    return f"/v1/audio?path={quote(key, safe='')}&expires={exp}&sig={signature(settings, 'audio', key, exp)}"
-
-
-def upload_url(settings: Settings, key: str, ttl: int) -> str:
-    exp = int(time.time()) + ttl
-    return f"/v1/uploads/{quote(key, safe='/')}?expires={exp}&sig={signature(settings, 'upload', key, exp)}"
-
-
-def openapi_url(settings: Settings, ttl: int = 600) -> str:
     exp = expiry(ttl)
-    return f"/openapi.json?expires={exp}&sig={signature(settings, 'openapi', '', exp)}"
+    return f"/v1/audio?path={quote(key, safe='')}&expires={exp}&sig={signature(keys, 'audio', key, exp)}"
+
+
+def upload_url(keys: KeySource, key: str, ttl: int) -> str:
+    exp = int(time.time()) + ttl
+    return f"/v1/uploads/{quote(key, safe='/')}?expires={exp}&sig={signature(keys, 'upload', key, exp)}"
+
+
+def openapi_url(keys: KeySource, ttl: int = 600) -> str:
+    exp = expiry(ttl)
+    return f"/openapi.json?expires={exp}&sig={signature(keys, 'openapi', '', exp)}"

@@ -19,7 +19,7 @@ from engine.types import GenerationInfo, Metas
 from .config import Settings
 from .ports import Backend
 from .records import CANCELLED, FAILED, QUEUED, SUCCEEDED, AudioFile, TaskRecord, TaskResult
-from .signed_urls import audio_url
+from .signed_urls import KeySource, audio_url, url_keys
 from .signing_keys import ephemeral_keys
 from .webhooks import WebhookNotifier
 
@@ -88,7 +88,7 @@ def _request_text(req: GenerationRequest) -> dict[str, str]:
     return text
 
 
-def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") -> list[Item]:
+def succeeded_items(record: TaskRecord, settings: Settings, keys: KeySource, base_url: str = "") -> list[Item]:
     """One item per audio file; `base_url` prefixes the file URLs (relative without it, as upstream)."""
     result = record.result or TaskResult()
     req = record.request
@@ -118,7 +118,7 @@ def succeeded_items(record: TaskRecord, settings: Settings, base_url: str = "") 
             item["lyrics"] = item["metas"]["lyrics"] = info.get("lyrics", item["lyrics"])
             item["language"] = info.get("language") or info.get("lm_metadata", {}).get("language", "unknown")
         if audio is not None:
-            item["file"] = base_url + audio_url(settings, audio.key)
+            item["file"] = base_url + audio_url(keys, audio.key, settings.audio_url_ttl)
             item["seed"] = audio.seed
             item["format"] = audio.format
             item["sample_rate"] = audio.sample_rate
@@ -136,14 +136,14 @@ def _entry(task_id: str, status: int, items: list[Item], progress_text: str, err
     return entry
 
 
-def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, position: Optional[int],
-              base_url: str = "") -> Item:
+def entry_for(task_id: str, record: Optional[TaskRecord], settings: Settings, keys: KeySource,
+              position: Optional[int], base_url: str = "") -> Item:
     if record is None:
         item = {"file": "", "wave": "", "status": 2, "create_time": 0, "env": ENV, "prompt": "", "lyrics": "",
                 "metas": {}, "progress": 0.0, "stage": "failed", "error": NOT_FOUND}
         return _entry(task_id, 2, [item], NOT_FOUND, NOT_FOUND)
     if record.status == SUCCEEDED:
-        items = succeeded_items(record, settings, base_url)
+        items = succeeded_items(record, settings, keys, base_url)
         return _entry(task_id, 1, items, f"succeeded: {len(items)} audio file(s)")
     if record.status in (FAILED, CANCELLED):  # upstream has no "cancelled": a failed task that says so
         item = _base_item(record, 2)
@@ -163,8 +163,10 @@ def build_notifier(settings: Settings, backend: Backend) -> WebhookNotifier:
     """The webhook sender: each carries the task's /query_result entry (as a poll would return it at that
     moment), with its file URLs absolute under ACESTEP_PUBLIC_BASE_URL when that is set (a receiver has no
     page to resolve a relative URL against)."""
+    keys = url_keys(backend)
+
     def payload(record: TaskRecord) -> Item:
-        return entry_for(record.task_id, record, settings, None, base_url=settings.public_base_url)
+        return entry_for(record.task_id, record, settings, keys, None, base_url=settings.public_base_url)
 
     # Signed with the backend's webhook secret, never the API key. A backend that stores none (AWS
     # without ACESTEP_WEBHOOK_SECRET_ARN, which warns when it is built) gets one for this process,

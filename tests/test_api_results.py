@@ -63,13 +63,14 @@ def test_items_show_the_song_the_lm_wrote_and_keep_the_request_text(settings):
     from engine.request import GenerationRequest
     from engine.types import GenerationInfo
     from service.records import SUCCEEDED, AudioFile, TaskRecord, TaskResult
+    from service.signing_keys import ephemeral_keys
     from service.task_payload import succeeded_items
 
     info = GenerationInfo(caption="phase 1's caption", lm_caption="a calm piano ballad in D", lm_lyrics="[verse] oh")
     record = TaskRecord(task_id="t", request=GenerationRequest(sample_query="calm piano", sample_mode=True),
                         status=SUCCEEDED, result=TaskResult(audios=[AudioFile(key="outputs/t/1-0.mp3", format="mp3")],
                                                             generation_info=info))
-    item = succeeded_items(record, settings)[0]
+    item = succeeded_items(record, settings, ephemeral_keys())[0]
     assert (item["prompt"], item["lyrics"]) == ("a calm piano ballad in D", "[verse] oh")
     assert (item["metas"]["prompt"], item["metas"]["lyrics"]) == ("", "")  # the user's own (sample mode: none)
     detail = item["generation_info_detail"]
@@ -77,7 +78,7 @@ def test_items_show_the_song_the_lm_wrote_and_keep_the_request_text(settings):
     assert detail["request"] == {"prompt": "", "lyrics": "", "sample_query": "calm piano"}
     plain = dataclasses.replace(record, request=GenerationRequest(prompt="jazz", lyrics="la"),
                                 result=TaskResult(generation_info=GenerationInfo(caption="phase 1's")))
-    item = succeeded_items(plain, settings)[0]  # thinking alone: the request's text (upstream: not the CoT's)
+    item = succeeded_items(plain, settings, ephemeral_keys())[0]  # thinking alone: the request's text (upstream: not the CoT's)
     assert (item["prompt"], item["lyrics"]) == ("jazz", "la") and "sample_query" not in \
         item["generation_info_detail"]["request"]
 

@@ -7,12 +7,13 @@ import os
 import stat
 import time
 
-from service.signed_urls import audio_url, verify
+from service.signed_urls import audio_url, url_keys, verify
 from service.config import Settings
 from service.embedded import make_embedded_backend
 from service.embedded.signing_secret import FILE_NAME, FileSigningSecret
 
 KEY = "outputs/t/1-0.mp3"
+TTL = 3600
 
 
 def _sig_and_expiry(url: str) -> tuple[str, str]:
@@ -21,16 +22,14 @@ def _sig_and_expiry(url: str) -> tuple[str, str]:
 
 
 def test_the_api_key_cannot_be_recovered_from_a_signed_url(tmp_path):
-    settings = Settings(api_key="hunter2", data_dir=str(tmp_path / "a"))
-    settings.use_signing_keys(make_embedded_backend(settings).signing_keys)
-    sig, exp = _sig_and_expiry(audio_url(settings, KEY))
+    keys = url_keys(make_embedded_backend(Settings(api_key="hunter2", data_dir=str(tmp_path / "a"))))
+    sig, exp = _sig_and_expiry(audio_url(keys, KEY, TTL))
     # The old derivation (prefix + API key) no longer matches: a dictionary attack on the key has nothing to test.
     old = hmac.new(b"acestep-audio:hunter2", f"audio\n{KEY}\n{exp}".encode(), hashlib.sha256).hexdigest()
     assert sig != old
     # Same API key, another service: another secret.
-    other = Settings(api_key="hunter2", data_dir=str(tmp_path / "b"))
-    other.use_signing_keys(make_embedded_backend(other).signing_keys)
-    assert not verify(other, "audio", KEY, exp, sig) and verify(settings, "audio", KEY, exp, sig)
+    other = url_keys(make_embedded_backend(Settings(api_key="hunter2", data_dir=str(tmp_path / "b"))))
+    assert not verify(other, "audio", KEY, exp, sig) and verify(keys, "audio", KEY, exp, sig)
 
 
 def test_the_embedded_secret_is_random_private_and_shared_by_processes_of_one_data_dir(tmp_path):
@@ -43,32 +42,28 @@ def test_the_embedded_secret_is_random_private_and_shared_by_processes_of_one_da
 
 def test_rotation_keeps_old_urls_valid_for_the_grace_window_only(tmp_path):
     secret = FileSigningSecret(str(tmp_path), grace_seconds=3600)
-    settings = Settings(data_dir=str(tmp_path))
-    settings.use_signing_keys(secret.load)
-    sig, exp = _sig_and_expiry(audio_url(settings, KEY))
+    sig, exp = _sig_and_expiry(audio_url(secret.load, KEY, TTL))
     secret.rotate()
-    new_sig, _ = _sig_and_expiry(audio_url(settings, KEY))
+    new_sig, _ = _sig_and_expiry(audio_url(secret.load, KEY, TTL))
     assert new_sig != sig
-    assert verify(settings, "audio", KEY, exp, sig)  # handed out before the rotation: still plays
+    assert verify(secret.load, "audio", KEY, exp, sig)  # handed out before the rotation: still plays
     secret.grace_seconds = 0  # the grace window has passed
-    assert not verify(settings, "audio", KEY, exp, sig)
-    assert verify(settings, "audio", KEY, exp, new_sig)
+    assert not verify(secret.load, "audio", KEY, exp, sig)
+    assert verify(secret.load, "audio", KEY, exp, new_sig)
 
 
 def test_aws_secret_rotation_accepts_the_previous_value(tmp_path):
     from tests.aws_support import aws_backend
 
     with aws_backend(tmp_path) as backend:
-        settings = Settings(data_dir=str(tmp_path))
         from service.aws.clients import aws_client
         from service.aws.signing_secret import SecretsManagerSigningSecret
 
         arn = backend.settings.signing_secret_arn
         assert arn  # provision (and the CDK stack) create it
         secret = SecretsManagerSigningSecret(aws_client("secretsmanager", backend.settings), arn)
-        settings.use_signing_keys(secret.load)
-        sig, exp = _sig_and_expiry(audio_url(settings, KEY))
+        sig, exp = _sig_and_expiry(audio_url(secret.load, KEY, TTL))
         aws_client("secretsmanager", backend.settings).put_secret_value(SecretId=arn, SecretString="rotated" * 8)
-        assert verify(settings, "audio", KEY, exp, sig)  # AWSPREVIOUS
-        assert _sig_and_expiry(audio_url(settings, KEY))[0] != sig
+        assert verify(secret.load, "audio", KEY, exp, sig)  # AWSPREVIOUS
+        assert _sig_and_expiry(audio_url(secret.load, KEY, TTL))[0] != sig
         assert time.time() < int(exp)

@@ -22,6 +22,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from engine.request import GenerationRequest
+from service.signed_urls import url_keys
 from service.task_payload import entry_for
 from service.task_payload import build_notifier
 from service.cancellation import cancel_task
@@ -371,7 +372,7 @@ def test_public_base_url_makes_the_webhook_file_urls_absolute(settings, receiver
     (_, raw), = receiver.posts
     file_url = json.loads(json.loads(raw)["result"])[0]["file"]
     assert file_url.startswith("https://api.example.com/acestep/v1/audio?path=")
-    polled = json.loads(entry_for(task_id, backend.store.get(task_id), settings, None)["result"])[0]["file"]
+    polled = json.loads(entry_for(task_id, backend.store.get(task_id), settings, url_keys(backend), None)["result"])[0]["file"]
     assert polled.startswith("/v1/audio?path=")  # /query_result stays relative, as upstream
 
 
