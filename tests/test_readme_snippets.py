@@ -268,6 +268,23 @@ def check_cli(block: Block, request) -> None:
     assert progress[-1] == "succeeded 100%" and len(progress) == len(set(progress)), run.stderr
 
 
+def check_adapters_cli(block: Block, request) -> None:
+    """A test adapter for the demo model, uploaded as a trainer's folder, listed, and applied to a task."""
+    service = request.getfixturevalue("service")
+    run = request.getfixturevalue("runs").result(block)
+    out = run.stdout.splitlines()
+    assert any(line.startswith("stored my-style  (lora, rank ") for line in out), out
+    assert any(line.startswith("my-style  (lora, ") and line.endswith("uploaded; fits: acestep-v15-turbo)")
+               for line in out), out
+    written = [line for line in out if line.startswith("styled/")]  # the server's default batch: 2 files
+    assert len(written) == 2 and all(sf.info(str(service.workdir / w)).duration > 9 for w in written), out
+    task_id = Path(written[0]).name.rsplit("_", 1)[0]
+    entry = httpx.post(service.server.base_url + "/query_result", json={"task_id_list": [task_id]},
+                       timeout=10).json()["data"][0]
+    detail = json.loads(entry["result"])[0]["generation_info_detail"]
+    assert [(a["name"], a["scale"]) for a in detail.get("adapters", [])] == [("my-style", 0.8)], detail
+
+
 def not_a_command(block: Block, request) -> None:
     """The package layout: a directory listing, nothing to run."""
     assert not re.search(r"^\s*(\$|make|pip|python|curl)\b", block.text, re.M), block.text
@@ -282,12 +299,13 @@ SNIPPETS: dict[str, Callable[[Block, object], None]] = {
     "import base64": check_openai,
     "from acestep_client import ACEStepClient": check_client,
     "source .venv/bin/activate": check_cli,
+    ".venv/bin/acestep-models make-tiny-adapter": check_adapters_cli,
     "entrypoints/": not_a_command,
 }
 
 
 # blocks run by Runs (the others are checked without running them), and those that install (run first)
-RUNS = {check_curl, check_models_cli, check_openai_install, check_openai, check_client, check_cli}
+RUNS = {check_curl, check_models_cli, check_openai_install, check_openai, check_client, check_cli, check_adapters_cli}
 INSTALLS = {check_openai_install}
 
 
