@@ -27,14 +27,17 @@ def model_shape_at(model_dir: Path) -> ModelShape:
 
 
 def build_tiny_adapter(out: Path, shape: ModelShape, kind: Literal["lora", "lokr"] = "lora", rank: int = 4,
-                       alpha: float | None = None, seed: int = 0, std: float = 0.05, single_file: bool = False) -> Path:
+                       alpha: float | None = None, seed: int = 0, std: float = 0.05, single_file: bool = False,
+                       kohya: bool = False) -> Path:
     """Writes folder `out` (upstream's layouts above); with `single_file`, a LoRA as one `out`.safetensors whose
-    header carries its config (diffusers' lora_adapter_metadata), the form other front ends pass around."""
+    header carries its config (diffusers' lora_adapter_metadata), the form other front ends pass around; with
+    `kohya`, a LoRA as one `out`.safetensors in kohya-ss naming (lora_unet_decoder_layers_N_..., lora_down/lora_up
+    and a per-module alpha), as ComfyUI-style tools write it. The same seed gives the same weights in each form."""
     import torch
     from safetensors.torch import save_file
 
     out = Path(out)
-    if not single_file or kind == "lokr":
+    if not (single_file or kohya) or kind == "lokr":
         out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     alpha = float(2 * rank if alpha is None else alpha)  # upstream's default alpha is twice the rank
@@ -51,6 +54,18 @@ def build_tiny_adapter(out: Path, shape: ModelShape, kind: Literal["lora", "lokr
                 else:
                     tensors.update(_lokr_module(f"lycoris_layers_{layer}_{block}_{proj}", out_f, in_f, rank,
                                                 alpha, gen, std))
+    if kind == "lora" and kohya:
+        renamed: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            module = "lora_unet_decoder_" + key.removeprefix("base_model.model.").rsplit(".", 2)[0].replace(".", "_")
+            param = "lora_down" if ".lora_A." in key else "lora_up"
+            renamed[f"{module}.{param}.weight"] = tensor
+            renamed[f"{module}.alpha"] = torch.tensor(alpha)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = out.with_name(out.name + ".safetensors")
+        save_file(renamed, str(path), metadata=meta | {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                                        "ss_network_alpha": str(alpha)})
+        return path
     if kind == "lora":
         config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.1, "bias": "none",
                   "target_modules": list(UPSTREAM_TARGETS), "task_type": None, "inference_mode": True,

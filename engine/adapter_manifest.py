@@ -20,7 +20,7 @@ import struct
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Mapping, Optional
+from typing import IO, Any, Iterable, Literal, Mapping, Optional
 
 from engine import published_configs
 from engine.types import GenerationError
@@ -52,8 +52,20 @@ _LYCORIS_KEY = re.compile(
     r"(?P<proj>q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     r"\.(?P<param>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_t2|alpha)$")
 
+# kohya-ss style single files (what ComfyUI and other front ends write): the module path with '.' flattened to
+# '_' under lora_unet_ (or lora_transformer_), with lora_down/lora_up/alpha (LoRA) or LyCORIS' lokr_* params.
+# ComfyUI names the DiT `decoder`, hence the optional model prefixes before layers_N.
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_KEY = re.compile(
+    r"^lora_(?:unet|transformer)_(?:(?:diffusion_model|model|decoder|transformer)_)*layers_(?P<layer>\d+)_"
+    r"(?P<block>self_attn|cross_attn|mlp)_"
+    r"(?P<proj>q_proj|k_proj|v_proj|o_proj|to_q|to_k|to_v|to_out_0|gate_proj|up_proj|down_proj)"
+    r"\.(?P<param>lora_down\.weight|lora_up\.weight|alpha|lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_t2)$")
+_KOHYA_PARAMS = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B"}
+
 Kind = Literal["lora", "lokr"]
-Format = Literal["peft_dir", "peft_file", "lycoris_file"]
+Format = Literal["peft_dir", "peft_file", "lycoris_file", "kohya_file"]
+KeyStyle = Literal["peft", "lycoris", "kohya"]
 
 
 def adapter_dirs(checkpoint_dir: str, lora_dir: str = "", cache_dir: str = "") -> tuple[str, str]:
@@ -273,27 +285,50 @@ class _Module:
     params: dict[str, Tensor]
 
 
+def key_style(keys: Iterable[str]) -> KeyStyle:
+    """How an adapter's tensors are named: PEFT/diffusers dotted paths, LyCORIS, or kohya-ss (lora_unet_...)."""
+    keys = list(keys)
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return "kohya"
+    return "lycoris" if any(k.startswith("lycoris_") for k in keys) else "peft"
+
+
+def module_of(key: str, style: KeyStyle) -> Optional[tuple[int, str, str, str]]:
+    """(layer, block, original-layout projection, canonical param) a key names, or None when it names none."""
+    m = {"kohya": _KOHYA_KEY, "lycoris": _LYCORIS_KEY, "peft": _DOTTED_KEY}[style].match(key)
+    if m is None:
+        return None
+    proj = m["proj"].replace("to_out_0", "to_out.0")
+    param = _KOHYA_PARAMS.get(m["param"], m["param"]) if style == "kohya" else m["param"]
+    return int(m["layer"]), m["block"], _DIFFUSERS_TO_ORIGINAL.get(proj, proj), param
+
+
 def group_modules(tensors: Mapping[str, Tensor]) -> tuple[dict[str, _Module], bool]:
-    """Tensors by DiT module ("layers.0.self_attn.q_proj"), and whether the keys were LyCORIS-style."""
+    """Tensors by DiT module ("layers.0.self_attn.q_proj"), and whether the keys were LyCORIS-style. Kohya-style
+    keys are read as the modules they name (the first one that names none, in key order, is the error)."""
     if not tensors:
         raise AdapterInvalid("the adapter holds no tensors")
-    lycoris = any(k.startswith("lycoris_") for k in tensors)
-    pattern = _LYCORIS_KEY if lycoris else _DOTTED_KEY
+    style = key_style(tensors)
     modules: dict[str, _Module] = {}
-    for key, tensor in tensors.items():
-        m = pattern.match(key)
-        if m is None:
+    for key in sorted(tensors) if style == "kohya" else tensors:
+        tensor = tensors[key]
+        found = module_of(key, style)
+        if found is None and style == "kohya":
+            raise AdapterInvalid(f"tensor {key!r} (kohya-style) does not map to a module of the ACE-Step 1.5 DiT "
+                                 f"(lora_unet_[decoder_]layers_N_{{self_attn|cross_attn|mlp}}_<projection>"
+                                 f".{{lora_down.weight|lora_up.weight|alpha}})")
+        if found is None:
             raise AdapterInvalid(f"tensor {key!r} does not name an adapter weight of an ACE-Step 1.5 DiT layer "
                                  f"(attention q/k/v/o or mlp gate/up/down projections)")
+        layer, block, proj, param = found
         if tensor.dtype not in _FLOAT_DTYPES:
             raise AdapterInvalid(f"tensor {key!r} has dtype {tensor.dtype}; adapters are float16/bfloat16/float32")
-        proj = _DIFFUSERS_TO_ORIGINAL.get(m["proj"], m["proj"])
-        if (m["block"] == "mlp") != (proj in MLP_PROJ):
-            raise AdapterInvalid(f"tensor {key!r}: {m['block']} has no {m['proj']}")
-        name = f"layers.{int(m['layer'])}.{m['block']}.{proj}"
-        module = modules.setdefault(name, _Module(int(m["layer"]), m["block"], proj, {}))
-        module.params[m["param"]] = tensor
-    return modules, lycoris
+        if (block == "mlp") != (proj in MLP_PROJ):
+            raise AdapterInvalid(f"tensor {key!r}: {block} has no {proj}")
+        name = f"layers.{layer}.{block}.{proj}"
+        module = modules.setdefault(name, _Module(layer, block, proj, {}))
+        module.params[param] = tensor
+    return modules, style == "lycoris"
 
 
 def kind_of(modules: Mapping[str, _Module]) -> Kind:
@@ -374,7 +409,7 @@ def inspect_adapter(path: Path, *, name: Optional[str] = None, shape: Optional[M
         raise AdapterInvalid("DoRA adapters are not supported (LoRA and LoKr are)")
     modules, lycoris = group_modules(tensors)
     kind = kind_of(modules)
-    fmt: Format = "lycoris_file" if lycoris else files.format
+    fmt: Format = "lycoris_file" if lycoris else "kohya_file" if key_style(tensors) == "kohya" else files.format
     rank = check(modules, kind, shape)
     alpha = _alpha(config, metadata, rank)
     if config is not None and kind == "lora" and str(config.get("peft_type", "LORA")).upper() not in ("LORA", ""):
@@ -388,7 +423,8 @@ def inspect_adapter(path: Path, *, name: Optional[str] = None, shape: Optional[M
 
 
 def _alpha(config: Optional[Mapping[str, Any]], metadata: Mapping[str, str], rank: int) -> float:
-    for source, key in ((config or {}, "lora_alpha"), (config or {}, "alpha"), (metadata, "linear_alpha")):
+    for source, key in ((config or {}, "lora_alpha"), (config or {}, "alpha"), (metadata, "linear_alpha"),
+                        (metadata, "ss_network_alpha")):  # kohya-ss writes its network's alpha there
         value = source.get(key)
         if value is not None:
             try:

@@ -10,7 +10,9 @@ a request without adapters (or with scale 0) gets the DiT's output bit for bit.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -24,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 from diffusers import AceStepPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from engine import adapter_manifest as manifest
 from engine.adapter_manifest import ATTENTION_PROJ, AdapterInfo, AdapterInvalid, AdapterMissing, ModelShape
@@ -221,6 +223,10 @@ def load_into(pipe: AceStepPipeline, path: Path, name: str, peft_name: str, scra
     """Loads one adapter into `pipe`'s DiT under `peft_name`; returns its description and its bytes in memory."""
     shape = model_shape(pipe)
     info = manifest.inspect_adapter(path, name=name, shape=shape)  # the same check the API ran on upload
+    loading = info  # what the loader reads: the file itself, or its conversion
+    if info.format == "kohya_file":  # converted once to upstream's layouts, then loaded as any PEFT/LyCORIS one
+        path = kohya_converted(path, scratch)
+        loading = manifest.inspect_adapter(path, name=name, shape=shape)
     files = manifest.locate(path)
     weights = _weights_file(files, path, scratch)
     _, _, config, _ = manifest.read_files(files)
@@ -231,8 +237,8 @@ def load_into(pipe: AceStepPipeline, path: Path, name: str, peft_name: str, scra
     try:
         with warnings.catch_warnings():  # PEFT warns on every second adapter of a model: that is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            if info.kind == "lora":
-                _load_lora(pipe, state, modules, config or {}, info, peft_name)
+            if loading.kind == "lora":
+                _load_lora(pipe, state, modules, config or {}, loading, peft_name)
             else:
                 _load_lokr(pipe, state, modules, config or {}, lycoris, peft_name)
     except AdapterInvalid:
@@ -248,6 +254,58 @@ def load_into(pipe: AceStepPipeline, path: Path, name: str, peft_name: str, scra
         _forget(transformer, peft_name)
         raise AdapterInvalid(f"adapter {name!r}: {got} of its {len(modules)} modules loaded into the model")
     return info, _adapter_bytes(transformer) - before
+
+
+def kohya_converted(path: Path, scratch: Path) -> Path:
+    """A kohya-ss file (lora_unet_..., lora_down/lora_up/alpha) as upstream's layouts, written once under
+    `scratch`/converted/ (keyed by the file's size and mtime, like the checkpoints' converted cache):
+    LoRA -> a PEFT folder, each module's alpha/rank baked into lora_B so PEFT's own scaling is 1 per module
+    (kohya's alphas may differ by module, a LoraConfig's do not); LoKr -> a LyCORIS lokr_weights.safetensors."""
+    stat = path.stat()
+    out = Path(scratch) / "converted" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if out.is_dir():
+        return out
+    state = load_file(str(path))
+    style = manifest.key_style(state)
+    modules: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        found = manifest.module_of(key, style)
+        if found is None:
+            raise AdapterInvalid(f"tensor {key!r} (kohya-style) does not map to a module of the ACE-Step 1.5 DiT")
+        layer, block, proj, param = found
+        modules.setdefault((layer, block, proj), {})[param] = tensor
+    tensors: dict[str, torch.Tensor] = {}
+    lora = any("lora_A" in params for params in modules.values())
+    ranks: dict[str, int] = {}
+    for (layer, block, proj), params in modules.items():
+        if lora:
+            down, up = params["lora_A"], params["lora_B"]
+            rank = int(down.shape[0])
+            alpha = float(params["alpha"]) if "alpha" in params else float(rank)
+            base = f"base_model.model.layers.{layer}.{block}.{proj}"
+            tensors[f"{base}.lora_A.weight"] = down.contiguous()
+            tensors[f"{base}.lora_B.weight"] = (up.float() * (alpha / rank)).to(up.dtype).contiguous()
+            ranks[f"layers.{layer}.{block}.{proj}"] = rank
+        else:
+            for param, tensor in params.items():
+                tensors[f"lycoris_layers_{layer}_{block}_{proj}.{param}"] = tensor.contiguous()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if lora:
+        r = max(ranks.values())
+        config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none",
+                  "target_modules": sorted({k.rpartition(".")[2] for k in ranks}),
+                  "alpha_pattern": {k: v for k, v in ranks.items() if v != r}, "converted_from": "kohya"}
+        save_file(tensors, str(tmp / manifest.PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / manifest.PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    else:
+        save_file(tensors, str(tmp / manifest.LYCORIS_WEIGHTS), metadata={"algo": "lokr", "format": "lycoris"})
+    try:
+        tmp.replace(out)  # whole or absent; another worker converting the same file may have won
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _weights_file(files: manifest.AdapterFiles, path: Path, scratch: Path) -> Path:

@@ -201,3 +201,39 @@ def test_requests_with_different_adapters_never_share_a_call_and_each_gets_its_o
     record = backend.store.get(brief)
     assert (record.status, record.reason) == ("failed", FailureReason.ADAPTER_MISSING)
     assert "no adapter named 'brief'" in record.error
+
+
+def test_a_kohya_style_file_is_converted_once_and_acts_as_its_peft_twin(engine, loras, shape, tmp_path):
+    """lora_unet_..., lora_down/lora_up/alpha (as ComfyUI-style tools write): checked like any adapter, converted
+    once to upstream's PEFT layout under the adapter cache, and acting exactly as the same weights in PEFT form;
+    a key that names no DiT module is refused naming it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    kohya = build_tiny_adapter(loras / "kohya-style", shape, "lora", rank=4, seed=1, kohya=True)  # "style"'s weights
+    info = inspect_adapter(kohya, shape=shape)
+    assert (info.kind, info.format, info.rank, info.alpha, info.num_modules) == ("lora", "kohya_file", 4, 8.0, 16)
+    pipe = engine.model(TURBO).pipe
+    x = torch.randn(1, 5, shape.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def delta(name):
+        engine.adapters.activate(TURBO, pipe, [AdapterRef(name=name, scale=0.5)])
+        layer = pipe.transformer.layers[1].cross_attn.to_v  # PEFT wraps the linear on the first load
+        with torch.no_grad():
+            out = layer(x)
+        engine.adapters.activate(TURBO, pipe, [])
+        with torch.no_grad():
+            return out - layer(x)
+
+    got, want = delta("kohya-style"), delta("style")
+    assert torch.allclose(got, want, atol=1e-6) and want.abs().max() > 1e-3
+    converted = list((engine.adapters.cache_dir / "converted").iterdir())
+    assert len(converted) == 1 and (converted[0] / "adapter_config.json").is_file()
+    assert [a["name"] for a in engine.adapters.loaded() if a["name"] == "kohya-style"] == ["kohya-style"]
+
+    state = load_file(str(kohya))
+    state["lora_unet_decoder_layers_0_norm1.lora_down.weight"] = torch.zeros(4, shape.hidden_size)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    with pytest.raises(AdapterInvalid, match=r"'lora_unet_decoder_layers_0_norm1\.lora_down\.weight' \(kohya-style\)"):
+        inspect_adapter(bad, shape=shape)

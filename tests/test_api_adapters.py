@@ -310,3 +310,30 @@ def test_on_lambda_a_big_body_upload_is_a_413_pointing_to_the_upload_url(api):
     big = post(lora_file(layers=24, rank=24), "big")  # ~7.9 MB: under ACESTEP_MAX_ADAPTER_MB, over Lambda's limit
     assert big["statusCode"] == 413 and "POST /v1/adapters/uploads" in json.loads(big["body"])["detail"], big
     assert [a["name"] for a in client.get("/v1/adapters").json()["data"]["adapters"]] == ["small"]
+
+
+def kohya_file(extra_key: str = "") -> bytes:
+    """A kohya-ss style LoRA (lora_unet_decoder_layers_N_..., lora_down/lora_up/alpha), headers + zero bytes."""
+    assert SHAPE is not None
+    q = SHAPE.num_attention_heads * SHAPE.head_dim
+    shapes = {"lora_unet_decoder_layers_0_self_attn_q_proj.lora_down.weight": [2, SHAPE.hidden_size],
+              "lora_unet_decoder_layers_0_self_attn_q_proj.lora_up.weight": [q, 2],
+              "lora_unet_decoder_layers_0_self_attn_q_proj.alpha": []}
+    if extra_key:
+        shapes[extra_key] = [2, 2]
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * (shape[0] * shape[1] if shape else 1)
+        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(offset)
+
+
+def test_a_kohya_style_upload_is_taken_and_an_unmappable_key_named(api):
+    settings, backend, client = api
+    r = upload(client, kohya_file(), name="from-comfy")
+    assert r.status_code == 200, r.text
+    assert (r.json()["data"]["adapter"]["format"], r.json()["data"]["adapter"]["rank"]) == ("kohya_file", 2)
+    r = upload(client, kohya_file("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"), name="with-te")
+    assert r.status_code == 400 and "'lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight'" in r.json()["detail"]
