@@ -1,8 +1,7 @@
 """acestep_client's adapters (issue 24) against the in-process app on the embedded backend: upload (a folder
 as upstream's trainer writes it is zipped, a .safetensors sent as is), the listing and the models each fits,
 a request's `adapter`/`adapter_scale` from generate, the server's 400 words for a bad adapter, the CLI's
-`adapters list|upload|delete` and `generate --adapter/--adapter-scale`. DELETE /v1/adapters/{name} is
-spoken to as its contract says (an httpx transport answering in its shapes) until the route is in the app."""
+`adapters list|upload|delete` and `generate --adapter/--adapter-scale`."""
 from __future__ import annotations
 
 import asyncio
@@ -134,53 +133,32 @@ def test_cli_adapters_and_generate_with_an_adapter(api, client, tmp_path, capsys
     assert stored_adapters(api, task.task_id) == [("cli-style", 0.5)]
 
 
-class DeleteRoute:
-    """DELETE /v1/adapters/{name} as its contract answers: the envelope with {name, deleted: true}; 404 for an
-    unknown name; 409 when it may not be deleted (here: one under the server's ACESTEP_LORA_DIR)."""
-
-    def __init__(self) -> None:
-        self.adapters = {"mine": "uploaded", "house": "lora_dir"}
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        prefix = "/v1/adapters/"
-        if request.method != "DELETE" or not request.url.path.startswith(prefix):
-            return httpx.Response(404, json={"detail": "Not Found"})
-        name = request.url.path[len(prefix):]
-        if name not in self.adapters:
-            return httpx.Response(404, json={"detail": f"no adapter named {name!r}"})
-        if self.adapters[name] != "uploaded":
-            return httpx.Response(409, json={"detail": f"{name!r} is a file under ACESTEP_LORA_DIR"})
-        del self.adapters[name]
-        return httpx.Response(200, json={"data": {"name": name, "deleted": True}, "code": 200, "error": None,
-                                         "timestamp": 0, "extra": None})
+def test_delete_adapter_and_the_cli_exit_codes(api, client, tmp_path, capsys):
+    for name in ("gone", "busy"):
+        (tmp_path / f"{name}.safetensors").write_bytes(lora_file(rank=2 if name == "gone" else 4))
+        client.upload_adapter(str(tmp_path / f"{name}.safetensors"))
+    assert client.delete_adapter("gone") is True
+    assert [a.name for a in client.list_adapters().adapters] == ["busy"]
+    with pytest.raises(APIError) as unknown:
+        client.delete_adapter("gone")
+    assert unknown.value.status_code == 404 and not isinstance(unknown.value, NotSupported)
+    client.submit("p", adapter="busy")  # queued: the server keeps what a task will need
+    with pytest.raises(APIError) as refused:
+        run_cli(client, "adapters", "delete", "busy")
+    assert refused.value.status_code == 409 and cli.exit_code(refused.value) == cli.REFUSED
+    api.run_worker()
+    assert run_cli(client, "adapters", "delete", "busy") == cli.OK
+    assert capsys.readouterr().out == "adapter busy: deleted\n"
 
 
-def test_delete_adapter_and_the_cli_exit_codes(capsys):
-    route = DeleteRoute()
-    with ACEStepClient("http://server", KEY, http=httpx.Client(transport=httpx.MockTransport(route))) as client:
-        assert client.delete_adapter("mine") is True and "mine" not in route.adapters
-        with pytest.raises(APIError) as unknown:
-            client.delete_adapter("mine")
-        assert unknown.value.status_code == 404 and not isinstance(unknown.value, NotSupported)
-        with pytest.raises(APIError) as refused:
-            run_cli(client, "adapters", "delete", "house")
-        assert refused.value.status_code == 409 and "ACESTEP_LORA_DIR" in str(refused.value)
-        assert cli.exit_code(refused.value) == cli.REFUSED
-        route.adapters["again"] = "uploaded"
-        assert run_cli(client, "adapters", "delete", "again") == cli.OK
-        assert capsys.readouterr().out == "adapter again: deleted\n"
-
-
-def test_a_server_without_the_delete_route_is_not_supported(client):
-    """Until DELETE /v1/adapters/{name} is in the app (and on upstream servers): exit 7, not 'no adapter'."""
-    try:
-        client.delete_adapter("nothing-here")
-    except NotSupported as exc:
-        assert cli.exit_code(exc) == cli.UNSUPPORTED
-    except APIError as exc:  # the route has landed: an unknown name is its 404
-        assert exc.status_code == 404 and "nothing-here" in str(exc)
-    else:
-        raise AssertionError("deleting an unknown adapter succeeded")
+def test_a_server_without_adapters_is_not_supported():
+    """An upstream server has no /v1/adapters routes: FastAPI's 404 "Not Found", exit 7 (not "no adapter")."""
+    missing = httpx.MockTransport(lambda request: httpx.Response(404, json={"detail": "Not Found"}))
+    with ACEStepClient("http://upstream", http=httpx.Client(transport=missing)) as client:
+        for call in (client.list_adapters, lambda: client.delete_adapter("x")):
+            with pytest.raises(NotSupported) as caught:
+                call()
+            assert cli.exit_code(caught.value) == cli.UNSUPPORTED
 
 
 def test_an_adapter_upload_to_another_origin_goes_without_the_api_key():
