@@ -111,6 +111,11 @@ class WorkerHeartbeat(BaseModel):
     lm_model: Optional[str] = None
     # The LoRA/LoKr adapters it holds loaded, "model/name" (switching to one of them costs no load)
     adapters: list[str] = []
+    # The DiT models it serves ([]: not said), and its answer to the last POST /v1/init wish (service/model_switch.py)
+    models: list[str] = []
+    models_version: int = 0  # the wish (model_set.WantedModels.version) it last acted on
+    models_loading: Optional[str] = None  # the set it is loading now, in words
+    models_error: Optional[str] = None  # why that wish failed (it serves `models` still)
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.beat_at)
@@ -131,6 +136,7 @@ class FailureReason(str, Enum):
     INPUT_TOO_LARGE = "input_too_large"  # a source upload grew past the limit after submission
     COST_REFUSED = "cost_refused"  # over ACESTEP_MAX_TASK_COST as this worker counts it
     INVALID_REQUEST = "invalid_request"  # the stored request no longer parses (StoredRequestInvalid)
+    MODEL_UNLOADED = "model_unloaded"  # it names a model POST /v1/init replaced before it ran
     ADAPTER_MISSING = "adapter_missing"  # an adapter it names is gone (folder deleted, default or upload removed)
     REJECTED = "rejected"  # the engine refused the request (GenerationError)
     ENGINE_ERROR = "engine_error"  # the engine crashed

@@ -17,6 +17,7 @@ lease (on SQS an old receipt can still delete the message the new holder owns).
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .config import Settings
 from .lease_keeper import LeaseKeeper
+from .model_switch import ModelSwitch, Unloaded
 from .observability.health import HEARTBEAT_SECONDS
 from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
@@ -78,7 +80,8 @@ class Worker:
     def __init__(self, settings: Settings, backend: Backend, engine: GenerationEngine,
                  worker_id: Optional[str] = None, on_stalled: Optional[Callable[[], None]] = None,
                  metrics: Optional[MetricsSink] = None, on_busy: Optional[Callable[[bool], None]] = None,
-                 on_finished: Optional[Callable[[str], None]] = None, encoder: Optional[AudioEncoder] = None):
+                 on_finished: Optional[Callable[[str], None]] = None, encoder: Optional[AudioEncoder] = None,
+                 model_switch: Optional[ModelSwitch] = None):
         self.settings = settings
         self.backend = backend
         self.engine = engine
@@ -109,6 +112,8 @@ class Worker:
         # on_stalled: a generation is hung (see run_watch); the CLI exits here
         self.batch_run = BatchRun(settings, backend, engine, self.recorder, self.cancel_event, on_stalled)
         self._post: Optional[PostStage] = None
+        # POST /v1/init on one machine: the model set to serve, swapped in between batches (None: fixed at start)
+        self.model_switch = model_switch
         if self._keeper is not None:
             self._post = PostStage(self.recorder, self.encoder, self._keeper, settings.pipeline_depth,
                                    self.cancel_event, encode_timeout=settings.stall_timeout)
@@ -171,11 +176,14 @@ class Worker:
     def heartbeat(self) -> WorkerHeartbeat:
         """This worker's state now: idle, or running which tasks (generating, then post-processing) and when
         the engine last progressed."""
-        now, watch = time.time(), self.batch_run.watch
+        now, watch, switch = time.time(), self.batch_run.watch, self.model_switch
         beat = WorkerHeartbeat(worker_id=self.worker_id, started_at=self.started_at, beat_at=now,
                                state="stopping" if self.stop_event.is_set() else "idle", lm_model=self._lm_model,
                                adapters=[f"{a['model']}/{a['name']}"
-                                         for a in self.engine.describe().get("loaded_adapters") or []])
+                                         for a in self.engine.describe().get("loaded_adapters") or []],
+                               models=[m.name for m in self.engine.models()])
+        if switch is not None:
+            beat.models_version, beat.models_loading, beat.models_error = switch.answered, switch.loading, switch.error
         posting = self._post.task_ids() if self._post is not None else []
         if watch is not None or posting:
             beat.state = "running"
@@ -216,6 +224,7 @@ class Worker:
         self.sweep_chore.run_if_due()
         if self.backend.has_room is not None and not self.backend.has_room():
             raise StorageFull(f"less than ACESTEP_MIN_FREE_MB ({self.settings.min_free_mb} MB) free")
+        self._switch_models_if_asked()  # between batches: the last one is done (post-processing waited for)
         lease = self.assembler.take_carried()
         if lease is None:
             lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
@@ -232,6 +241,43 @@ class Worker:
         self._signal_busy(True)
         self._run(batch, overlap)
         return True
+
+    def _switch_models_if_asked(self) -> None:
+        """Load the model set POST /v1/init asked for, if there is a new wish, and serve it from the next batch.
+        Tasks queued for a model it drops fail with MODEL_UNLOADED when claimed (README: model management)."""
+        wanted = self.model_switch.due(self.engine) if self.model_switch is not None else None
+        if wanted is None or self.model_switch is None:
+            return
+        if self._post is not None:  # the last batch's outputs are recorded before its engine goes
+            self._post.wait_idle()
+            self._raise_post_error()
+        carried, self.assembler.carried = self.assembler.carried, None
+        if carried is not None:  # its lease would lapse during the load: hand it back (never claimed)
+            self.backend.queue.release(carried)
+        before = [m.name for m in self.engine.models()]
+        switched = self.model_switch.switch(wanted, self._drop_engine)
+        if switched.engine is None:
+            return  # it failed beside the old set: the old one serves on, the heartbeat says why
+        self._use_engine(switched.engine, switched.settings)
+        now = [m.name for m in self.engine.models()]
+        for name in before:
+            if name not in now:
+                self.assembler.unloaded_models[name] = (
+                    f"model {name} was unloaded by POST /v1/init before this task ran; the server now serves "
+                    f"{', '.join(now)}: submit it again")
+        for name in now:
+            self.assembler.unloaded_models.pop(name, None)
+        self.publish_models()
+
+    def _drop_engine(self) -> None:
+        """Release the engine in use (a switch to a set that fits only alone)."""
+        self._use_engine(Unloaded(), self.settings)
+        gc.collect()
+
+    def _use_engine(self, engine: GenerationEngine, settings: Settings) -> None:
+        self.engine = self.assembler.engine = self.batch_run.engine = engine
+        self.settings = self.assembler.settings = self.batch_run.settings = settings
+        self.__dict__.pop("_lm_model", None)  # cached per engine
 
     def _signal_busy(self, busy: bool) -> None:
         if self.on_busy is None:

@@ -51,6 +51,9 @@ class BatchAssembler:
         # It is not claimed until it runs (so its attempt is not spent), and its lease is kept
         # alive while the current batch runs.
         self.carried: Optional[Lease] = None
+        # Models POST /v1/init replaced on this worker -> why: a queued task naming one fails with that reason
+        # (MODEL_UNLOADED) instead of running on another model than its record says.
+        self.unloaded_models: dict[str, str] = {}
 
     def take_carried(self) -> Optional[Lease]:
         """The task carried over from the last round, its lease extended for this one."""
@@ -129,6 +132,8 @@ class BatchAssembler:
     def _validate(self, lease: Lease, record: TaskRecord) -> Optional[ClaimedTask]:
         try:
             request = record.request  # parsed by the store's claim (StoredRequestInvalid otherwise)
+            if request.model in self.unloaded_models:
+                raise TaskFailure(self.unloaded_models[request.model], FailureReason.MODEL_UNLOADED)
             if request.needs_lm and not self.engine.lm_loaded:
                 raise TaskFailure(LM_REQUIRED, FailureReason.LM_UNAVAILABLE)
             # The API checked the ceiling at submit; a task queued under a higher one, or written past the API,

@@ -32,6 +32,7 @@ _LABELS: dict[FailureReason, str] = {
     FailureReason.INPUT_TOO_LARGE: "input_too_large",
     FailureReason.COST_REFUSED: "rejected",
     FailureReason.INVALID_REQUEST: "rejected",
+    FailureReason.MODEL_UNLOADED: "rejected",
     FailureReason.REJECTED: "rejected",
     FailureReason.ENGINE_ERROR: "engine_crash",
     FailureReason.CANCELLED: "cancelled",
