@@ -217,8 +217,34 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
     engine = engine if engine is not None else load_engine(settings)
     return Worker(settings, backend, engine,
                   on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings),
-                  on_finished=on_finished,
+                  on_finished=on_finished, model_switch=model_switch(settings, backend),
                   encoder=EncoderPool(settings.encode_processes) if pipeline_enabled(settings, engine) else None)
+
+
+def model_switch(settings: Settings, backend: Backend):
+    """On one machine POST /v1/init switches the workers' models between batches (service/model_switch.py),
+    loaded as at start (load_engine: local, downloaded, or a labelled demo). On AWS the set is the deploy's."""
+    if settings.backend != "embedded":
+        return None
+    from service.model_switch import ModelSwitch
+
+    return ModelSwitch(settings, backend.store, _load_for_switch, too_big_beside=_fit_refused)
+
+
+def _load_for_switch(settings: Settings) -> GenerationEngine:
+    import sys
+
+    torch = sys.modules.get("torch")  # memory a dropped engine left in CUDA's cache counts as free again
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    return load_engine(settings)
+
+
+def _fit_refused(exc: BaseException) -> bool:
+    """The engine's fit check refused the load (engine/memory.check_fits), as opposed to a load that failed."""
+    from engine.types import GenerationError
+
+    return isinstance(exc, GenerationError) and "GB for weights plus" in str(exc)
 
 
 def build_webhooks(settings: Settings, backend: Backend):
