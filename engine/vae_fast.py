@@ -1,0 +1,196 @@
+"""A faster VAE decode on CPU: one channels-last layout through the decoder and a fused Snake activation.
+
+Measured on the full-size Oobleck decoder in bf16 (bench/vae_cpu.py), the eager decode spent its time in
+ - copies: every Conv1d reaches oneDNN as a 2-D convolution whose bf16 kernels want channels-last, so each
+   call transposed its input in and its output back (the Snake's reshape also leaves a stride that makes
+   PyTorch pick the plain layout again);
+ - the Snake x + 1/b * sin(a x)^2: five passes over memory and five allocations per activation.
+So the decoder here runs on [batch, channels, 1, time] tensors kept channels-last from its first convolution
+to its last (the convolutions are 2-D with a height-1 kernel: the same arithmetic, no transposes), and each
+Snake is one pass: a kernel torch.compile (inductor, C++/OpenMP) generates once per worker, or, without a
+working compiler, fewer in-place passes in eager mode.
+
+The module tree is unchanged (only `forward`s are replaced), so vae_progress's hooks on the residual units
+and upsampling convolutions still report; the decoder's weight norm is folded into plain weights once
+(it recomputes g * v / |v| before every call otherwise). Other devices keep the original 3-D path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("engine")
+
+_MARK = "_acestep_fast_decode"
+_ON = {"1", "true", "yes", "on"}
+_OFF = {"0", "false", "no", "off"}
+
+
+@dataclass
+class FastDecode:
+    """What install did, for the log and generation_info."""
+    snake: str  # "compiled" or "eager"
+    folded: int  # weight-normed convolutions folded
+    compile_s: float  # wall seconds spent compiling (0 when not compiled)
+    reason: str = ""  # why the Snake is not compiled, when it is not
+
+    def describe(self) -> str:
+        text = f"VAE decode: channels-last, {self.snake} Snake"
+        if self.snake == "compiled":
+            text += f" (compiled in {self.compile_s:.1f} s)"
+        elif self.reason:
+            text += f" ({self.reason})"
+        return text
+
+
+def _snake_eager(x: torch.Tensor, alpha: torch.Tensor, inv_beta: torch.Tensor) -> torch.Tensor:
+    """x + inv_beta * sin(alpha x)^2 with one temporary, written over in place."""
+    t = x * alpha
+    t.sin_()
+    t.mul_(t)
+    return torch.addcmul(x, t, inv_beta, out=t)
+
+
+def _snake_formula(x: torch.Tensor, alpha: torch.Tensor, inv_beta: torch.Tensor) -> torch.Tensor:
+    return x + inv_beta * torch.sin(alpha * x).pow(2)
+
+
+class _Snake:
+    """The Snake kernel every activation of one decoder shares: compiled if it can be, else eager."""
+
+    def __init__(self) -> None:
+        self.fn: Callable[..., torch.Tensor] = _snake_eager
+        self.kind, self.reason = "eager", ""
+
+    def compile(self, dtype: torch.dtype) -> float:
+        """Compile and run the fused kernel once (the cold compile is the cost, seconds to a minute); falls
+        back to eager, with the reason, when no C++ compiler or inductor works here."""
+        t0 = time.perf_counter()
+        try:
+            fn = torch.compile(_snake_formula, dynamic=True)
+            # batch 1 and 2 (torch specialises sizes 0 and 1), under both no-grad modes the pipeline may use
+            for batch, mode in ((1, torch.no_grad), (2, torch.no_grad), (1, torch.inference_mode)):
+                x = torch.randn(batch, 4, 1, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                a, b = torch.rand(1, 4, 1, 1, dtype=dtype) + 0.5, torch.rand(1, 4, 1, 1, dtype=dtype) + 0.5
+                with mode():
+                    got = fn(x, a, b)
+                if not torch.allclose(got.float(), _snake_formula(x, a, b).float(), atol=0.05, rtol=0.05):
+                    raise RuntimeError("compiled Snake disagrees with the formula")
+        except Exception as exc:  # no compiler, inductor unusable on this host: the eager kernel still works
+            self.reason = f"not compiled: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            log.warning("VAE decode: %s; using the eager Snake", self.reason)
+            return 0.0
+        self.fn, self.kind = fn, "compiled"
+        return time.perf_counter() - t0
+
+    def __call__(self, x: torch.Tensor, alpha: torch.Tensor, inv_beta: torch.Tensor) -> torch.Tensor:
+        if self.kind == "compiled":
+            try:
+                return self.fn(x, alpha, inv_beta)
+            except Exception as exc:  # a shape or layout the compiler cannot take: keep decoding, eagerly
+                self.fn, self.kind = _snake_eager, "eager"
+                self.reason = f"compiled kernel failed ({type(exc).__name__}), eager since"
+                log.warning("VAE decode: %s", self.reason)
+        return _snake_eager(x, alpha, inv_beta)
+
+
+def _fold_weight_norm(module: torch.nn.Module) -> int:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    folded = 0
+    for sub in module.modules():
+        if any(isinstance(h, WeightNorm) for h in sub._forward_pre_hooks.values()):
+            torch.nn.utils.remove_weight_norm(sub)
+            folded += 1
+    return folded
+
+
+def _conv_forward(conv: torch.nn.Module, original: Callable) -> Callable:
+    """A Conv1d / ConvTranspose1d forward that takes [batch, channels, 1, time] as a height-1 2-D convolution
+    (the layout carries through oneDNN without copies), and 3-D input as before."""
+    transposed = isinstance(conv, torch.nn.ConvTranspose1d)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return original(x)
+        weight = conv.weight.unsqueeze(2)
+        if transposed:
+            return F.conv_transpose2d(x, weight, conv.bias, (1, conv.stride[0]), (0, conv.padding[0]),
+                                      (0, conv.output_padding[0]), conv.groups, (1, conv.dilation[0]))
+        return F.conv2d(x, weight, conv.bias, (1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0]),
+                        conv.groups)
+
+    return forward
+
+
+def _snake_forward(snake: torch.nn.Module, original: Callable, kernel: _Snake) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return original(x)
+        alpha, beta = snake.alpha, snake.beta
+        if snake.logscale:
+            alpha, beta = alpha.exp(), beta.exp()
+        # [1, C, 1] -> [1, C, 1, 1]: broadcasting over a channels-last tensor keeps its layout
+        return kernel(x, alpha.unsqueeze(-1), (beta.unsqueeze(-1) + 1e-9).reciprocal())
+
+    return forward
+
+
+def _decoder_forward(original: Callable) -> Callable:
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        if z.device.type != "cpu":
+            return original(z)
+        x = z.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        return original(x).squeeze(2).contiguous()
+
+    return forward
+
+
+def install(vae, *, compile_snake: bool) -> Optional[FastDecode]:
+    """Make `vae.decoder` decode on CPU as above (in place, once; None if already done). `compile_snake`:
+    compile the fused Snake now (a one-time cost per process, paid at load rather than by a request)."""
+    from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
+
+    decoder = vae.decoder
+    if getattr(decoder, _MARK, None) is not None:
+        return None
+    folded = _fold_weight_norm(decoder)
+    kernel = _Snake()
+    for module in decoder.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            module.forward = _conv_forward(module, module.forward)
+        elif isinstance(module, Snake1d):
+            module.forward = _snake_forward(module, module.forward, kernel)
+    decoder.forward = _decoder_forward(decoder.forward)
+    compile_s = kernel.compile(next(decoder.parameters()).dtype) if compile_snake else 0.0
+    info = FastDecode(snake=kernel.kind, folded=folded, compile_s=compile_s,
+                      reason=kernel.reason or ("" if compile_snake else "compile off"))
+    setattr(decoder, _MARK, info)
+    return info
+
+
+def compile_setting(value: Optional[str] = None) -> bool:
+    """ACESTEP_VAE_COMPILE: compile the fused Snake at load (true, the default) or keep it eager (false:
+    no compile at start, ~10-70 s on a cold cache; the decode is then slower, see bench/RESULTS.md)."""
+    raw = (os.environ.get("ACESTEP_VAE_COMPILE", "true") if value is None else value).strip().lower()
+    if raw in _ON:
+        return True
+    if raw in _OFF:
+        return False
+    raise ValueError(f"ACESTEP_VAE_COMPILE must be true or false (got {raw!r})")
+
+
+def prepare(vae, device: torch.device) -> Optional[FastDecode]:
+    """The engine's entry point at load: the fast decode on CPU, nothing elsewhere."""
+    if device.type != "cpu":
+        return None
+    info = install(vae, compile_snake=compile_setting())
+    if info is not None:
+        log.info("%s", info.describe())
+    return info

@@ -1,0 +1,90 @@
+"""engine/vae_fast: the channels-last decode with a fused Snake decodes what the stock decoder decodes.
+
+Tiny random Oobleck VAEs (a few thousand parameters); the full-size speed is in bench/vae_cpu.py. The
+compiled Snake is checked for equality there too (a cold inductor compile costs tens of seconds)."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+from diffusers import AutoencoderOobleck
+
+from engine import vae_fast, vae_progress
+
+TINY = dict(encoder_hidden_size=8, downsampling_ratios=[2, 3, 2], channel_multiples=[1, 2, 4], decoder_channels=8,
+            decoder_input_channels=4, audio_channels=2, sampling_rate=48000)
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderOobleck:
+    torch.manual_seed(seed)
+    vae = AutoencoderOobleck(**TINY).eval()
+    with torch.no_grad():  # non-trivial Snakes (they start at alpha = beta = 1)
+        for name, param in vae.named_parameters():
+            if name.endswith(("alpha", "beta")):
+                param.normal_(0.0, 0.5)
+    return vae
+
+
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.decode(z).sample
+
+
+@pytest.fixture(scope="module")
+def latent() -> torch.Tensor:
+    return torch.randn(2, TINY["decoder_input_channels"], 40, generator=torch.Generator().manual_seed(1))
+
+
+def test_float32_fast_decode_equals_the_stock_decode(latent):
+    stock = tiny_vae()
+    fast = tiny_vae()
+    info = vae_fast.install(fast, compile_snake=False)
+    assert info is not None and info.snake == "eager" and info.folded == 2 + 7 * len(TINY["downsampling_ratios"])
+    assert vae_fast.install(fast, compile_snake=False) is None  # once only
+    want, got = decode(stock, latent), decode(fast, latent)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert want.abs().max() > 0.05  # the decode carries signal, not only biases
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_fast_decode_is_as_close_to_float32_as_the_stock_bf16_decode(latent):
+    truth = decode(tiny_vae(), latent)
+    stock = tiny_vae().to(torch.bfloat16)
+    fast = tiny_vae().to(torch.bfloat16)
+    vae_fast.install(fast, compile_snake=False)
+    z = latent.to(torch.bfloat16)
+    stock_err = (decode(stock, z).float() - truth).abs().max().item()
+    fast_err = (decode(fast, z).float() - truth).abs().max().item()
+    assert fast_err <= 1.5 * stock_err + 1e-3, (fast_err, stock_err)
+
+
+def test_tiled_decode_and_progress_hooks_still_work(latent):
+    stock, fast = tiny_vae(), tiny_vae()
+    vae_fast.install(fast, compile_snake=False)
+    for vae in (stock, fast):
+        vae.use_tiling, vae.tile_latent_min_length, vae.tile_latent_overlap = True, 16, 4
+    fractions: list[float] = []
+    with vae_progress.reporting(fast, fractions.append) as progress:
+        progress.expect(latent.shape[-1])
+        got = decode(fast, latent)
+    torch.testing.assert_close(got, decode(stock, latent), atol=2e-5, rtol=1e-4)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert len(fractions) == 4 * len(TINY["downsampling_ratios"]) * len(vae_progress.decode_windows(40, True, 16, 4))
+
+
+def test_without_a_working_compiler_the_snake_stays_eager_and_says_why(latent, monkeypatch):
+    def no_compiler(*_a, **_k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fast = tiny_vae()
+    info = vae_fast.install(fast, compile_snake=True)
+    assert info is not None and info.snake == "eager" and "no C++ compiler" in info.reason
+    torch.testing.assert_close(decode(fast, latent), decode(tiny_vae(), latent), atol=2e-5, rtol=1e-4)
+
+
+def test_compile_setting():
+    assert vae_fast.compile_setting("TRUE") and not vae_fast.compile_setting("off")
+    with pytest.raises(ValueError, match="ACESTEP_VAE_COMPILE"):
+        vae_fast.compile_setting("maybe")
+    assert vae_fast.prepare(tiny_vae(), torch.device("meta")) is None  # other devices keep the stock decoder
