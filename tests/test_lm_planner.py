@@ -10,9 +10,10 @@ import torch
 
 from engine.weights.demo_marker import DEMO_MARKER
 from engine.lm import prompts
-from engine.lm.constraints import CodesConstraint, MetadataConstraint
+from engine.lm.constraints import Allowed, CodesConstraint, MetadataConstraint
 from engine.lm.metadata import metadata_problems, parse_lm_output
 from engine.lm.folders import ensure_demo_lm, is_lm_folder, resolve_lm_folder
+from engine.lm.output_head import OutputHead
 from engine.lm.planner import PlanProgress, Planner, phase_reporter
 from engine.lm.tiny import build_tiny_lm
 from engine.lm.transformers_backend import TransformersLM, constraint_logits_processor
@@ -39,7 +40,8 @@ def lm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(lm_dir):
-    return TransformersLM.load(lm_dir)
+    # float32 whatever the CPU: the hand computations below compare logits to 1e-4 (auto is bf16 on AMX CPUs)
+    return TransformersLM.load(lm_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_cfg_equals_uncond_plus_scale_times_difference_of_two_separate_forwards(
 
 def test_cond_and_uncond_run_in_one_forward_per_step(lm):
     batches = []
-    handle = lm.model.register_forward_hook(lambda m, args, kwargs, out: batches.append(kwargs["input_ids"].shape[0]),
+    handle = lm.model.get_decoder().register_forward_hook(lambda m, args, kwargs, out: batches.append(kwargs["input_ids"].shape[0]),
                                             with_kwargs=True)
     try:
         prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
@@ -272,6 +274,42 @@ def test_generate_adapter_applies_the_same_constraints_inside_model_generate(lm)
     md = parse_lm_output(text).metadata
     assert metadata_problems(md) == [] and md["bpm"] == 99 and text.endswith("\n<|im_end|>")
     assert list(md) == ["bpm", "duration", "keyscale", "language", "timesignature"]
+
+
+def test_constrained_steps_compute_only_the_head_blocks_they_may_sample_from_with_the_same_tokens(lm):
+    """The output-head trim: the codes phase (CFG, sampling, two items) and phase 1 give exactly the tokens of
+    the whole head; the codes phase multiplies about half of the (small-block) head's rows."""
+    eos = lm.vocab.eos_id
+    codes_prompt = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
+    uncond = lm.encode(prompts.codes_unconditional_prompt(CAPTION, LYRICS, None))
+    cot_prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, cfg_scale=2.0)
+    whole, head = lm.head, OutputHead(lm.head.weight, block_rows=128)
+    assert whole.covered(lm.tables.span(Allowed(mask="codes_eos"))) == range(1)  # one 4096-row block here
+    span = lm.tables.span(Allowed(mask="codes_eos"))
+    assert span == (eos, max(lm.vocab.code_to_id.values()) + 1)
+    runs = {}
+    try:
+        lm.head = head
+        for trim in (False, True):
+            lm.trim_head = trim
+            head.rows_computed = 0
+            codes = lm.generate([codes_prompt] * 2, seeds=[3, 4], sampling=sampling, max_new_tokens=30,
+                                uncond_prompts=[uncond] * 2, stop_ids=[eos],
+                                constraints=[CodesConstraint(lm.tables, 20), CodesConstraint(lm.tables, 25)])
+            codes_rows = head.rows_computed
+            meta = lm.generate([cot_prompt], seeds=[5], sampling=sampling, max_new_tokens=60, stop_ids=[eos],
+                               uncond_prompts=[lm.encode(prompts.cot_unconditional_prompt(LYRICS, None))],
+                               constraints=[MetadataConstraint(lm.tables, fields=("bpm", "duration", "keyscale"))])
+            runs[trim] = (codes.tokens, meta.tokens, codes_rows, codes.steps)
+    finally:
+        lm.head, lm.trim_head = whole, True
+    assert runs[True][:2] == runs[False][:2]
+    assert [len(t) for t in runs[True][0]] == [20, 25] and all(t in lm.vocab.id_to_code for t in runs[True][0][0])
+    assert parse_lm_output(lm.decode_text(runs[True][1][0])).metadata.keys() == {"bpm", "duration", "keyscale"}
+    full_rows = runs[False][2]
+    assert full_rows == lm.vocab.size * runs[False][3]  # the prefill and every step but the last: the whole head
+    assert runs[True][2] < 0.6 * full_rows
 
 
 def test_format_and_sample_modes_rewrite_lyrics(lm):

@@ -114,6 +114,7 @@ class ConstraintTables:
             "continuation": [i for i in text if texts[i][:1] in (" ", "\t") and i not in self.has_newline],
             "lyrics": sorted([*plain, vocab.eos_id]),
         }
+        self._spans: dict[str, tuple[int, int]] = {}
         self.tries: dict[str, Trie] = {}
         for name in TRIE_FIELDS:
             lines = [self.encode(field_line(name, v)) for v in field_values(name, max_duration)]
@@ -124,6 +125,20 @@ class ConstraintTables:
     def mask_ids(self, name: str) -> list[int]:
         """Sorted ids of token class `name` (one of MASK_NAMES)."""
         return self._masks[name]
+
+    def span(self, allowed: Allowed) -> tuple[int, int]:
+        """[lo, hi): the narrowest id range holding every id `allowed` stands for. An output head computed over
+        it loses nothing the constraint would keep (engine.lm.output_head)."""
+        lo, hi = self.vocab.size, 0
+        if allowed.mask is not None:
+            span = self._spans.get(allowed.mask)
+            if span is None:
+                ids = self._masks[allowed.mask]
+                span = self._spans[allowed.mask] = (ids[0], ids[-1] + 1) if ids else (self.vocab.size, 0)
+            lo, hi = span
+        if allowed.ids:
+            lo, hi = min(lo, min(allowed.ids)), max(hi, max(allowed.ids) + 1)
+        return lo, hi
 
     def allowed_ids(self, allowed: Allowed) -> set[int]:
         """The id set an Allowed stands for (greedy aside): for tests and non-tensor runtimes."""

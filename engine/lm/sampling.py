@@ -16,9 +16,11 @@ import torch
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """A logit -inf in both rows (one a trimmed output head did not compute) stays -inf, not NaN."""
     cond = cond.float()
     uncond = uncond.float()
-    return uncond + scale * (cond - uncond)
+    guided = uncond + scale * (cond - uncond)
+    return guided.masked_fill_(torch.isnan(guided), float("-inf"))
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

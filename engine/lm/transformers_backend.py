@@ -16,8 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.lm.constraints import ConstraintTables, TokenConstraint
+from engine.lm.constraints import Allowed, ConstraintTables, TokenConstraint
 from engine.lm.masking import MaskApplier
+from engine.lm.output_head import OutputHead
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
 from engine.lm.tiny import is_random_lm
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
@@ -54,6 +55,14 @@ class TransformersLM(TokenizerText):
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        # The head computed here, block by block, so that a constrained step computes only the blocks its allowed
+        # tokens lie in (engine/lm/output_head.py); None: the model's own forward computes the whole head.
+        self.head = OutputHead.of(model)
+        self.trim_head = True  # False: every block every step (same tokens, for comparison)
+        self._decoder = model.get_decoder() if self.head is not None else None
+        if self._decoder is not None:
+            dparams = inspect.signature(self._decoder.forward).parameters
+            self._decoder_cache_kw = "cache" if "cache" in dparams else "past_key_values"
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -72,7 +81,14 @@ class TransformersLM(TokenizerText):
         return lm
 
     # --- decoding -----------------------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep_last: bool):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep_last: bool,
+                 span: Optional[tuple[int, int]] = None):
+        """The last position's logits [rows, V]; with a span (and trim_head), -inf outside the head blocks
+        that cover it."""
+        if self.head is not None and self._decoder is not None:
+            hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                   **{self._decoder_cache_kw: cache}).last_hidden_state[:, -1, :]
+            return self.head.logits(hidden, span if self.trim_head else None)
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_kw: cache,
                   "use_cache": True}
         if keep_last and self._keep_kw:
@@ -126,9 +142,17 @@ class TransformersLM(TokenizerText):
         constraint_s = 0.0
         self.applier.seconds = 0.0
 
+        def next_allowed() -> list[Optional[Allowed]]:
+            nonlocal constraint_s
+            t0 = time.perf_counter()
+            allowed = [c.allowed() if c is not None and not stopped[i] else None for i, c in enumerate(constraints)]
+            constraint_s += time.perf_counter() - t0
+            return allowed
+
         start = time.perf_counter()
         cache = self._new_cache()
-        logits = self._forward(ids, mask, pos, cache, keep_last=True)
+        allowed = next_allowed()
+        logits = self._forward(ids, mask, pos, cache, keep_last=True, span=self._span(allowed, constraints, stopped))
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         steps = 0
@@ -136,9 +160,6 @@ class TransformersLM(TokenizerText):
             guided = guide(logits[:n], logits[n:], sampling.cfg_scale) if cfg else logits[:n].float()
             if logits_hook is not None:
                 logits_hook(step, guided.clone())
-            t0 = time.perf_counter()
-            allowed = [c.allowed() if c is not None and not stopped[i] else None for i, c in enumerate(constraints)]
-            constraint_s += time.perf_counter() - t0
             self.applier.apply(guided, allowed)
             if seen is not None:
                 guided = repetition_penalty(guided, seen, sampling.repetition_penalty)
@@ -166,12 +187,28 @@ class TransformersLM(TokenizerText):
             if seen is not None:
                 seen[torch.arange(n, device=device), step_ids[:n, 0]] = True
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-            logits = self._forward(step_ids, mask, next_pos, cache, keep_last=False)
+            allowed = next_allowed()
+            logits = self._forward(step_ids, mask, next_pos, cache, keep_last=False,
+                                   span=self._span(allowed, constraints, stopped))
             next_pos = next_pos + 1
         decode_s = time.perf_counter() - start
         return DecodeResult(tokens=out, stopped=stopped, prompt_tokens=[len(p) for p in prompts], steps=steps,
                             prefill_s=prefill_s, decode_s=decode_s, constraint_s=constraint_s + self.applier.seconds,
                             rows=len(rows))
+
+    def _span(self, allowed: Sequence[Optional[Allowed]], constraints: Sequence[Optional[TokenConstraint]],
+              stopped: Sequence[bool]) -> Optional[tuple[int, int]]:
+        """The id range the next step's head must cover: every active item's allowed tokens; None (the whole
+        head) when an active item is unconstrained. A stopped item's token is discarded: it needs nothing."""
+        lo, hi = self.vocab.size, 0
+        for a, c, done in zip(allowed, constraints, stopped):
+            if done:
+                continue
+            if a is None or c is None:
+                return None
+            a_lo, a_hi = self.tables.span(a)
+            lo, hi = min(lo, a_lo), max(hi, a_hi)
+        return (lo, hi) if hi > lo else None
 
 
 def constraint_logits_processor(constraints: Sequence[TokenConstraint], applier: MaskApplier, prompt_length: int):
