@@ -31,8 +31,10 @@ def lm_folder(config: EngineConfig) -> Optional[Path]:
     return resolve_lm_folder(config.checkpoint_dir, config.lm_model) if config.lm_model else None
 
 
-def load_planner(config: EngineConfig, device):
-    """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one."""
+def load_planner(config: EngineConfig, device, dtype=None):
+    """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one.
+
+    dtype: the transformers LM's (the DiT's ACESTEP_DTYPE choice); None: its own auto choice."""
     if not config.lm_model:
         return None
     from engine.lm.backend_choice import LMBackendUnavailable, resolve_backend
@@ -55,7 +57,7 @@ def load_planner(config: EngineConfig, device):
     else:
         from engine.lm.transformers_backend import TransformersLM
 
-        lm = TransformersLM.load(folder, device=device)
+        lm = TransformersLM.load(folder, device=device, dtype=dtype)
     # A random-weight LM was already announced by the backend's load (a warning): not repeated here.
     log.info("loaded 5 Hz LM %s from %s (%s)", lm.model_name, folder, lm.name)
     if not lm.random_weights:
@@ -134,7 +136,7 @@ def understanding_result(r: GenerationRequest, backend, *, metadata: dict, lyric
     plan = LMPlan(metadata=dict(metadata), lm_metadata=dict(metadata), caption=str(metadata.get("caption", "")),
                   lyrics=lyrics, lyrics_rewritten=bool(lyrics), codes=[], seeds=[seed], phases=[stats],
                   lm_text=text, model=backend.model_name, backend=backend.name,
-                  random_weights=backend.random_weights)
+                  random_weights=backend.random_weights, dtype=backend.dtype)
     if backend.random_weights:
         plan.notes.append(DEMO_LM_NOTE)
     result = analysis_result(r, plan, dit_model)

@@ -170,11 +170,10 @@ class Engine:
                 log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
         lm_folder = lm_bridge.lm_folder(config)
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
-            # the transformers LM loads in float32 on CPU whatever the DiT's dtype (engine/lm/transformers_backend.py)
-            lm_dtype = "float32" if device.type == "cpu" else str(dtype).replace("torch.", "")
+            lm_dtype = str(dtype).replace("torch.", "")  # the transformers LM loads in the DiT's dtype
             needed += memory.weight_bytes(lm_folder, lm_dtype)
             memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]), workspace)
-        engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device))
+        engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device, dtype))
         engine.dtype_choice = dtype_choice
         if speedups.warm_up_enabled(config.warmup, device.type):
             engine.warm_up()
@@ -214,6 +213,7 @@ class Engine:
             "shared_components": self.shared_components,
             "lm_model": self.planner.backend.model_name if self.planner else "none",
             "lm_random_weights": self.planner.backend.random_weights if self.planner else None,
+            "lm_dtype": self.planner.backend.dtype if self.planner else None,
             "lm_configured": self.config.lm_model,
             "loaded_adapters": self.adapters.loaded(),
             "local_adapters": self.adapters.list_local({n: model_shape(m.pipe) for n, m in self._models.items()}),

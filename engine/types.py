@@ -127,6 +127,7 @@ class EngineInfo(TypedDict, total=False):
     shared_components: dict[str, list[str]]
     lm_model: str  # "none": no 5 Hz LM
     lm_random_weights: Optional[bool]
+    lm_dtype: Optional[str]  # the LM's weights' dtype (None: no LM)
     lm_configured: str
     test_engine: bool
     loaded_adapters: list[dict[str, Any]]  # LoRA/LoKr adapters held in memory: model, name, kind, bytes

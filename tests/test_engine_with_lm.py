@@ -37,6 +37,7 @@ def req(**kw) -> GenerationRequest:
 
 def test_thinking_plans_metadata_and_one_code_sequence_per_item(lm_engine):
     assert lm_engine.lm_loaded and lm_engine.describe()["lm_model"] == LM
+    assert lm_engine.describe()["lm_dtype"] == lm_engine.describe()["dtype"]  # the LM follows ACESTEP_DTYPE
     seen: list[tuple[float, str]] = []
     result = lm_engine.generate(req(), progress=lambda f, stage: seen.append((f, stage)))
     info = result.generation_info
@@ -49,6 +50,7 @@ def test_thinking_plans_metadata_and_one_code_sequence_per_item(lm_engine):
     assert all(f >= 0.5 for f, s in seen[len(lm_stages):]) and seen[len(lm_stages)][1] == "preparing"
     assert "the 5 Hz LM's audio codes: ran as cover (as upstream does)" in info["notes"]
     assert result.lm_model == LM and info["lm_random_weights"] is True and info["random_weights"] is True
+    assert info["lm_dtype"] == info["dtype"]
     assert info["lm_codes_per_item"] == [50, 50]  # exactly duration x 5 for each item
     assert [a.seed for a in result.audios] == [5, 6] and len(result.audios) == 2
     assert info["pipeline_task_type"] == "cover"  # codes condition the DiT as upstream's handler does

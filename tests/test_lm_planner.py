@@ -312,6 +312,20 @@ def test_constrained_steps_compute_only_the_head_blocks_they_may_sample_from_wit
     assert runs[True][2] < 0.6 * full_rows
 
 
+def test_lm_dtype_follows_acestep_dtype_auto_on_cpu(lm_dir, lm, monkeypatch):
+    from engine.lm import transformers_backend
+
+    monkeypatch.setattr(transformers_backend, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert transformers_backend.default_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(transformers_backend, "cpu_flags", lambda: {"avx2"})
+    assert transformers_backend.default_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(transformers_backend, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    bf16 = TransformersLM.load(lm_dir)
+    assert bf16.dtype == "bfloat16" and bf16.model.dtype == torch.bfloat16 and lm.dtype == "float32"
+    plan = Planner(bf16, max_caption_tokens=8).plan(request(thinking=True, audio_duration=10, seeds=[1]))
+    assert len(plan.codes[0]) == 50 and plan.info()["lm_dtype"] == "bfloat16"
+
+
 def test_format_and_sample_modes_rewrite_lyrics(lm):
     short = TransformersLM(lm.model, lm.tokenizer, max_duration=12)  # durations 10-12: short phase 2
     planner = Planner(short, max_caption_tokens=8, max_lyrics_tokens=12)

@@ -241,7 +241,8 @@ class Planner:
         constrained = r.constrained_decoding
         b = self.backend
         plan = LMPlan(metadata={}, lm_metadata={}, caption=r.prompt, lyrics=r.lyrics, lyrics_rewritten=False,
-                      codes=[], seeds=seeds, model=b.model_name, backend=b.name, random_weights=b.random_weights)
+                      codes=[], seeds=seeds, model=b.model_name, backend=b.name, random_weights=b.random_weights,
+                      dtype=b.dtype)
         known = user_metadata(r)
         user_duration = r.audio_duration  # seconds as given (known["duration"] is its int)
         lm_md: dict[str, Any] = {}

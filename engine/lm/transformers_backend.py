@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from engine.cpu_target import auto_cpu_dtype, cpu_flags
 from engine.lm.constraints import Allowed, ConstraintTables, TokenConstraint
 from engine.lm.masking import MaskApplier
 from engine.lm.output_head import OutputHead
@@ -28,9 +29,13 @@ log = logging.getLogger("engine.lm")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU (upstream: fp32 on cpu/mps)."""
+    """ACESTEP_DTYPE=auto, as for the DiT: bf16 on GPUs that support it (fp16 otherwise); on CPU bf16 where the
+    CPU computes it natively (AMX / AVX512-BF16 / Arm BF16, engine/cpu_target.py), else fp32 (upstream: always
+    fp32 on cpu)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if auto_cpu_dtype(cpu_flags())[0] == "bfloat16" else torch.float32
     return torch.float32
 
 
@@ -46,6 +51,7 @@ class TransformersLM(TokenizerText):
         self.model_name = model_name
         self.random_weights = random_weights
         self.device = next(model.parameters()).device
+        self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         logits_size = int(model.get_output_embeddings().weight.shape[0])
         start = time.perf_counter()
         self.vocab = LMVocab.from_tokenizer(tokenizer, logits_size=logits_size)

@@ -73,6 +73,7 @@ class LMBackend(Protocol):
     vocab: LMVocab
     tables: ConstraintTables
     random_weights: bool
+    dtype: str  # the weights' dtype ("bfloat16", "float32" ...), for describe() and generation_info
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -136,6 +137,7 @@ class LMPlan:
     model: str = ""
     backend: str = ""
     random_weights: bool = False
+    dtype: str = ""  # the LM's weights' dtype
     written_caption: Optional[str] = None
     written_lyrics: Optional[str] = None
 
@@ -158,6 +160,7 @@ class LMPlan:
         """For generation_info: what ran, on what, how long, with which tokens counts."""
         info = {
             "lm_model": self.model, "lm_backend": self.backend, "lm_random_weights": self.random_weights,
+            "lm_dtype": self.dtype,
             "lm_metadata": self.lm_metadata, "lm_phases": [p.as_dict() for p in self.phases],
             "lm_codes_per_item": [len(c) for c in self.codes], "lm_notes": list(self.notes), **self.timings,
         }

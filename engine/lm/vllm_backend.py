@@ -340,6 +340,7 @@ class VllmLM(TokenizerText):
         self.limits = limits
         self.runner = runner  # "v1" or "v2": which logits-processor interface the engine uses
         self.device = torch.device(device)
+        self.dtype = str(engine.vllm_config.model_config.dtype).replace("torch.", "")
         start = time.perf_counter()
         logits_size = int(engine.vllm_config.model_config.get_vocab_size())
         self.vocab = LMVocab.from_tokenizer(tokenizer, logits_size=logits_size)
