@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.request import TASK_TYPES
 from service.config import Settings
+from service.fleet import served_model_names, switch_state
 from service.ports import Backend
 from service.observability import prometheus
 from service.observability.health import alive_only, check_health, healthy
@@ -53,9 +54,10 @@ def model_list(settings: Settings, backend: Backend) -> dict[str, Any]:
     """
     meta = _models_meta(backend)
     live = _live_workers(backend)
-    default = settings.default_model
+    names = served_model_names(settings, backend)  # the start-up set, or what POST /v1/init switched to
+    default = names[0] if names else None
     models = []
-    for name in settings.model_names:
+    for name in names:
         info = meta.find(name) if meta else None
         entry: dict[str, Any] = {"name": name, "is_default": name == default,
                                  "random_weights": info.random_weights if info else None}
@@ -69,6 +71,9 @@ def model_list(settings: Settings, backend: Backend) -> dict[str, Any]:
     out: dict[str, object] = {"models": models, "default_model": default,
                               "lm_models": [{"name": lm, "is_loaded": lm_live}] if lm else [],
                               "loaded_lm_model": lm if lm_live else None, "llm_initialized": lm_live}
+    switch = switch_state(settings, backend)
+    if switch is not None:  # a POST /v1/init wish: loading, loaded, or failed (with why) on the live workers
+        out["model_switch"] = switch
     if meta:
         out["lm_model"] = meta.lm_model
         out["device"] = meta.device
@@ -92,6 +97,7 @@ def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tu
               for m in listing["models"]]
     data = {"status": report.status, "service": "ACE-Step API", "version": __version__, "backend": backend.name,
             "models": models, "demo": demo_state(models), "reasons": report.reasons,
+            **({"model_switch": listing["model_switch"]} if "model_switch" in listing else {}),
             "queue_waiting": report.waiting, "workers_alive": len(report.workers), "workers": report.workers}
     return data, report.serving
 

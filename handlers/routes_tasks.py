@@ -12,10 +12,11 @@ from .adapter_fields import with_adapters
 from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .off_loop import parse_off_loop
+from service.fleet import served_model_names
 from service.submitter import SubmitTask
 
 from .caller import caller_of
-from .deps import settings_of, submitter_of
+from .deps import backend_of, settings_of, submitter_of
 from .envelope import bad_request, wrap
 from .fields import text_list
 from .request_parsing import parse_release_task
@@ -77,7 +78,8 @@ async def release_task(request: Request):
     except ValueError as exc:
         raise bad_request(str(exc)) from None
     parsed = await parse_off_loop(body.size, parse_release_task, fields, body.files,
-                                  model_names=settings.model_names)
+                                  model_names=await run_in_threadpool(served_model_names, settings,
+                                                                      backend_of(request)))
     task = await submitter_of(request).submit(SubmitTask(
         parsed.request, caller_of(request), parsed.sources, idempotency_key=idempotency_key,
         webhook_url=body.fields.get("webhook_url")))

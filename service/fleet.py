@@ -14,8 +14,10 @@ import time
 from typing import Optional
 
 from .observability.health import alive_only, healthy, unservable_reason
+from .config import Settings
+from .model_set import WantedModels, read_wanted
 from .ports import Backend
-from .records import MODELS_META_KEY, ModelsMeta
+from .records import MODELS_META_KEY, ModelsMeta, WorkerHeartbeat
 
 ACCEPT_SECONDS = 1.0
 
@@ -64,8 +66,42 @@ class Fleet:
         return None if newest is None else _runs(newest.lm_model)
 
 
+def served_model_names(settings: Settings, backend: Backend) -> list[str]:
+    """The DiT models requests may name, the first the default: the start-up settings' (ACESTEP_CONFIG_PATH*),
+    or once POST /v1/init has asked for another set (one machine), what the workers serve now: the newest live
+    worker's heartbeat, else what the last one to load published. A wish still loading or failed changes nothing."""
+    if backend.name == "aws" or read_wanted(backend.store, settings) is None:
+        return list(settings.model_names)  # one read, and none on AWS: the set there is the deploy's
+    beats = [b for b in healthy(alive_only(backend.store.heartbeats(), time.time())) if b.models]
+    if beats:
+        return list(max(beats, key=lambda b: b.beat_at).models)
+    meta = ModelsMeta.parse(backend.store.get_meta(MODELS_META_KEY))
+    return [m.name for m in meta.models] if meta and meta.models else list(settings.model_names)
+
+
+def switch_state(settings: Settings, backend: Backend) -> Optional[dict[str, object]]:
+    """Where the last POST /v1/init wish stands on the live workers, or None (none made under these settings):
+    state "loaded" (every live worker serves it), "failed" (a worker could not load it: `errors`; it serves its
+    old set), "loading", or "waiting" (no worker is alive: the next one to start loads it)."""
+    wanted = read_wanted(backend.store, settings) if backend.name != "aws" else None
+    if wanted is None:
+        return None
+    live = healthy(alive_only(backend.store.heartbeats(), time.time()))
+    return _state(wanted, live)
+
+
+def _state(wanted: WantedModels, live: list[WorkerHeartbeat]) -> dict[str, object]:
+    answered = [b for b in live if b.models_version >= wanted.version and not b.models_loading]
+    errors = {b.worker_id: b.models_error for b in answered if b.models_version == wanted.version and b.models_error}
+    state = ("waiting" if not live else "failed" if errors else
+             "loaded" if len(answered) == len(live) else "loading")
+    return {"state": state, "version": wanted.version, "models": wanted.models, "lm": wanted.lm,
+            "lm_model": wanted.lm_model, "lm_backend": wanted.lm_backend, "requested_at": wanted.requested_at,
+            "errors": errors, "loading_workers": [b.worker_id for b in live if b.models_loading]}
+
+
 def _runs(lm_model: Optional[str]) -> bool:
     return lm_model not in (None, "", "none")
 
 
-__all__ = ["ACCEPT_SECONDS", "Fleet"]
+__all__ = ["ACCEPT_SECONDS", "Fleet", "served_model_names", "switch_state"]

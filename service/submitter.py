@@ -19,7 +19,7 @@ from engine.request import GenerationRequest
 from .adapter_services import AdapterServices
 from .caller_limits import Caller
 from .config import Settings
-from .fleet import Fleet
+from .fleet import Fleet, served_model_names
 from .ports import Backend, CallerLimits
 from .refusals import LMNotReported, LMNotServed, NoWorker, StorageFull, WebhookRejected
 from .sources import AudioSource, resolve_sources
@@ -96,7 +96,7 @@ class Submitter:
                 raise LMNotServed(LM_NOT_SERVED)
         if backend.has_room is not None and not backend.has_room():
             raise StorageFull("less than ACESTEP_MIN_FREE_MB free")
-        request = with_model(request, settings.default_model)
+        request = with_model(request, next(iter(served_model_names(settings, backend)), None))
         request = self.adapters.resolution.resolve(request)  # named (or the default), found, fitting the model
         sources = resolve_sources(command.sources, backend.blobs, allowed_dirs=settings.allowed_audio_dirs,
                                   max_bytes=settings.max_upload_bytes,
