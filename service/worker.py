@@ -255,7 +255,13 @@ class Worker:
         if carried is not None:  # its lease would lapse during the load: hand it back (never claimed)
             self.backend.queue.release(carried)
         before = [m.name for m in self.engine.models()]
-        switched = self.model_switch.switch(wanted, self._drop_engine)
+        try:
+            switched = self.model_switch.switch(wanted, self._drop_engine)
+        except Exception:  # the old set was dropped and would not load again: no engine left to serve with
+            log.critical("could not reload the models in use after a failed switch: stopping (a new worker "
+                         "starts from its start-up settings)")
+            self.request_stop()
+            raise
         if switched.engine is None:
             return  # it failed beside the old set: the old one serves on, the heartbeat says why
         self._use_engine(switched.engine, switched.settings)
