@@ -154,8 +154,8 @@ def test_requests_with_different_adapters_never_share_a_call_and_each_gets_its_o
                                 single_file=True)
     data = single.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    settings.batch_compatible_tasks = True
-    settings.adapter_cache_dir = str(engine.adapters.cache_dir)
+    settings = settings.model_copy(update={"batch_compatible_tasks": True,
+                                           "adapter_cache_dir": str(engine.adapters.cache_dir)})
     backend = make_embedded_backend(settings)
     backend.blobs.put(adapter_key(sha, "safetensors"), data, "application/octet-stream")
     refs = {"local": [AdapterRef(name="style")], "uploaded": [AdapterRef(name="mine", scale=0.8, sha256=sha)],

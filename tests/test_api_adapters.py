@@ -92,8 +92,8 @@ def test_a_bad_adapter_is_a_400_and_nothing_is_kept(api):
     assert "1000" in r.json()["detail"], r.text
     assert upload(client, b"not an adapter at all", name="junk").status_code == 400
     assert upload(client, lora_file(), name="x", model="no-such-model").status_code == 400
-    settings.max_adapter_mb = 1
-    assert upload(client, lora_file(layers=24, rank=16), name="big").status_code == 413
+    small = TestClient(create_app(settings.model_copy(update={"max_adapter_mb": 1}), backend))
+    assert upload(small, lora_file(layers=24, rank=16), name="big").status_code == 413
     assert client.get("/v1/adapters").json()["data"]["adapters"] == []
 
 
