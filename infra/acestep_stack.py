@@ -795,8 +795,8 @@ class AceStepStack(Stack):
             resources=[self.dlq.queue_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(
-            sid="TaskTable",  # items only: transactions are authorized per item
-            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
+            sid="TaskTable",  # items only: transactions are authorized per item; metas: conditional updates
+            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"],
             resources=[self.table.table_arn],
         ))
         role.add_to_principal_policy(iam.PolicyStatement(

@@ -157,6 +157,7 @@ class MotoNames:
     table: str
     queue_url: str
     dlq_url: str
+    interactive_queue_url: str
     bucket: str
     api_key_secret_arn: str
     signing_secret_arn: str
@@ -186,6 +187,8 @@ class Resolver:
             "Tasks": {"Ref": n.table, "Arn": f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{n.table}"},
             "TasksQueue": {"Ref": n.queue_url, "Arn": queue_arn(n.queue_url), "QueueUrl": n.queue_url},
             "TasksDlq": {"Ref": n.dlq_url, "Arn": queue_arn(n.dlq_url), "QueueUrl": n.dlq_url},
+            "InteractiveQueue": {"Ref": n.interactive_queue_url, "Arn": queue_arn(n.interactive_queue_url),
+                                 "QueueUrl": n.interactive_queue_url},
             "Audio": {"Ref": n.bucket, "Arn": f"arn:aws:s3:::{n.bucket}"},
             "ApiKey": {"Ref": n.api_key_secret_arn},
             "UrlSigningSecret": {"Ref": n.signing_secret_arn},
@@ -561,6 +564,15 @@ EXPECTED = [
     Expected(WORKER_ROLE, "sqs:SendMessage", "TasksDlq", "SqsTaskQueue._dead_letter: a task given back (its lost "
              "deliveries carried in the message body) past max_receives is dead-lettered by the worker itself, as "
              "SQS's redrive cannot count those. tests/test_aws_queue.py runs it (no roles)."),
+    # The interactive lane (/format_input's LM-only tasks): the e2e's workers read it (recorded) but it sends no
+    # format task; tests/test_interactive_lane.py runs these calls on moto (no roles).
+    Expected(API_ROLE, "sqs:SendMessage", "InteractiveQueue", "AwsTaskIntake.submit sends an LM-only task "
+             "(/format_input) to the interactive lane's queue."),
+    Expected(WORKER_ROLE, "sqs:DeleteMessage", "InteractiveQueue", "SqsTaskQueue.ack of an interactive task's lease."),
+    Expected(WORKER_ROLE, "sqs:ChangeMessageVisibility", "InteractiveQueue", "SqsTaskQueue.extend (the lease "
+             "keeper) of an interactive task's lease, and the check before its give-back."),
+    Expected(WORKER_ROLE, "sqs:SendMessage", "InteractiveQueue", "SqsTaskQueue.release gives an interactive task "
+             "back to its own lane; requeue and the ghost reconciler send a never-run one there."),
     Expected(WORKER_ROLE, "s3:DeleteObject", "Audio/outputs/t/2-0.wav", "A fenced-out duplicate attempt removes "
              "the files it wrote (service/worker.py); the e2e's duplicate delivery is refused before it generates."),
     Expected(WORKER_ROLE, "s3:GetObject", "Audio/outputs/t/generation_info.json", "A webhook's payload reads back "

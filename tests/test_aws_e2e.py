@@ -76,8 +76,8 @@ def fork_server() -> None:
     install()  # before boto3 builds a session: every worker records its AWS calls
     import entrypoints.bootstrap  # noqa: F401
     import entrypoints.worker
-    import engine.checkpoints  # noqa: F401
-    import engine.random_pipeline  # noqa: F401  (builds the demo checkpoint)
+    import engine.weights.checkpoints  # noqa: F401
+    import engine.weights.random_pipeline  # noqa: F401  (builds the demo checkpoint)
     import engine.service  # noqa: F401  (torch, diffusers, transformers: the slow part)
     import service.aws  # noqa: F401  (boto3)
     import service.worker  # noqa: F401
@@ -260,7 +260,8 @@ class Cluster:
         from service.aws.provision import provision
 
         self.settings = provision(aws_settings(self.tmp, aws_endpoint_url=endpoint, max_receives=MAX_RECEIVES,
-                                               visibility_timeout=LEASE_SECONDS))
+                                               visibility_timeout=LEASE_SECONDS,
+                                               interactive_queue_url="acestep-test-interactive"))
         s = self.settings
         setup = dict(endpoint_url=endpoint, region_name="us-east-1", **_credentials(FAKE_AWS_ENV))
         api_key = boto3.client("secretsmanager", **setup).create_secret(Name="acestep-e2e-api-key",
@@ -270,7 +271,8 @@ class Cluster:
         ecs.register_task_definition(family="worker", containerDefinitions=[
             {"name": "worker", "image": iam.WORKER_IMAGE, "memory": 1024}])
         ecs.create_service(cluster=ECS_CLUSTER, serviceName=ECS_SERVICE, taskDefinition="worker", desiredCount=0)
-        names = iam.MotoNames(table=s.table_name, queue_url=s.queue_url, dlq_url=s.dlq_url, bucket=s.bucket,
+        names = iam.MotoNames(table=s.table_name, queue_url=s.queue_url, dlq_url=s.dlq_url,
+                              interactive_queue_url=s.interactive_queue_url, bucket=s.bucket,
                               api_key_secret_arn=api_key, signing_secret_arn=s.signing_secret_arn,
                               webhook_secret_arn=s.webhook_secret_arn,
                               cluster=ECS_CLUSTER, service=ECS_SERVICE)
