@@ -13,6 +13,10 @@ vLLM needs its venv (`make vllm-venv`, which also has transformers):
 
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/lm.py [--seconds 240] [--threads 1]
     .venv/bin/python bench/lm.py --backends pt          # transformers only
+
+Full size (the 1.7B LM's real shape, random weights; transformers, float32 vs bf16, output head trimmed or not):
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/lm.py --full-size [--steps 24] [--threads 2]
 """
 from __future__ import annotations
 
@@ -104,5 +108,90 @@ def main() -> None:
                   f"{rows[('vllm', batch)] / rows[('pt', batch)]:.2f}x")
 
 
+# The published acestep-5Hz-lm-1.7B's shape (Qwen3-1.7B with the 217,204-token vocabulary, tied embeddings).
+LM_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+               num_key_value_heads=8, head_dim=128, vocab_size=217204, max_position_embeddings=40960,
+               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def full_size(args) -> None:
+    """Codes-phase decode steps of the 1.7B LM in its real shape (random weights), CFG (2 rows), float32 vs
+    bf16 x the model's own head / the blocked head / the trimmed head, side by side; same tokens asserted.
+
+    The tokenizer is the tiny LM's (65,535 code tokens after a ~1k base vocabulary), the model's head is
+    217,204 wide as published: a codes step may sample from the same 64,001 of 217,204 logits as on the real
+    LM (at other ids), so the head's work and the trim's share are the real ones. One model in memory at a
+    time (float32 1.7B: 6.9 GiB, converted to bf16 in place after its rows).
+    """
+    import resource
+    import time
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from engine.lm.planner import Planner
+    from engine.lm.tiny import build_tokenizer
+    from engine.lm.transformers_backend import TransformersLM
+    from engine.lm.types import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen3Config(**LM_1_7B, bos_token_id=ids[0], pad_token_id=ids[0], eos_token_id=ids[1])
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).eval()
+    build_s = time.perf_counter() - t0
+    sampling = SamplingParams(temperature=0.85, cfg_scale=args.cfg, top_p=0.9)
+    metadata = {"bpm": 120, "caption": "lofi piano", "duration": 30, "keyscale": "C major", "language": "en",
+                "timesignature": 4}
+    target = args.steps
+    lines, rates = [], {}
+    for dtype in ("float32", "bfloat16"):
+        model.to(getattr(torch, dtype))
+        lm = TransformersLM(model, tokenizer, model_name="acestep-5Hz-lm-1.7B (random weights)",
+                            random_weights=True)
+        planner = Planner(lm)
+        whole_head = lm.head
+        tokens = {}
+        for mode in ("model head", "blocked head", "trimmed head"):
+            lm.head = None if mode == "model head" else whole_head
+            lm.trim_head = mode == "trimmed head"
+            lm._decoder = model.get_decoder() if lm.head is not None else None
+            planner.codes("warm up", "", metadata, seeds=[0], sampling=sampling, target=4)
+            codes, _, stats = planner.codes("lofi piano", "[verse] la la", metadata, seeds=[7], sampling=sampling,
+                                            target=target)
+            assert len(codes[0]) == target
+            tokens[mode] = codes[0]
+            rate = target / stats.decode_s
+            rates[(dtype, mode)] = rate
+            lines.append(f"| {dtype} | {mode} | {target} | {1000 * stats.decode_s / stats.steps:.0f} | {rate:.2f} |")
+            print(lines[-1], flush=True)
+        assert tokens["trimmed head"] == tokens["blocked head"], "the trim changed the tokens"
+        same = tokens["model head"] == tokens["blocked head"]
+        lines.append(f"| {dtype} | tokens: trimmed == blocked: yes; == model head: {'yes' if same else 'no'} | | | |")
+        del planner, lm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    print(f"\n5 Hz LM 1.7B (published Qwen3 shape, vocab 217,204, random weights, built in {build_s:.0f} s), CPU, "
+          f"{args.threads} torch thread(s), torch {torch.__version__}; codes phase, CFG {args.cfg} (2 rows), "
+          f"top-p 0.9, {target} codes after a 4-code warm-up per row; peak RSS {peak:.1f} GiB\n")
+    print("| dtype | head | codes | ms per step | tokens/s |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(lines))
+    for dtype in ("float32", "bfloat16"):
+        print(f"{dtype}: trimmed / model head {rates[(dtype, 'trimmed head')] / rates[(dtype, 'model head')]:.2f}x")
+    print(f"bf16 trimmed / float32 model head: "
+          f"{rates[('bfloat16', 'trimmed head')] / rates[('float32', 'model head')]:.2f}x")
+
+
 if __name__ == "__main__":
-    main()
+    if "--full-size" in sys.argv:
+        parser = argparse.ArgumentParser(description=full_size.__doc__.splitlines()[0])
+        parser.add_argument("--full-size", action="store_true")
+        parser.add_argument("--steps", type=int, default=24, help="codes per configuration")
+        parser.add_argument("--threads", type=int, default=2)
+        parser.add_argument("--cfg", type=float, default=2.0)
+        full_size(parser.parse_args())
+    else:
+        main()
