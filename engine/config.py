@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from engine.adapter_manifest import adapter_dirs
+from engine.offload import parse_mode as offload_mode  # torch-free
+from engine.quantize import parse_mode  # torch-free until a model is quantised
 
 DEFAULT_MODEL = "acestep-v15-turbo"
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -42,6 +44,15 @@ class EngineConfig:
     lora_dir: str = ""
     adapter_cache_dir: str = ""
     adapter_budget_mb: int = 512
+    # Only the running module on the accelerator (engine/offload.py): none | auto (when all would not fit) | modules
+    offload: str = "auto"
+    # Weight-only quantisation after loading (engine/quantize.py): none | int8 | fp8, the DiT's and the LM's
+    quantize: str = "none"
+    quantize_lm: str = "none"
+
+    def __post_init__(self) -> None:
+        self.quantize = parse_mode(self.quantize, "ACESTEP_QUANTIZE_DIT")
+        self.quantize_lm = parse_mode(self.quantize_lm, "ACESTEP_QUANTIZE_LM")
 
     @property
     def resolved_lora_dir(self) -> str:
@@ -54,8 +65,8 @@ class EngineConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":
         """Read ACESTEP_CHECKPOINT_DIR, ACESTEP_CONFIG_PATH/2/3, ACESTEP_DEVICE, ACESTEP_DTYPE,
-        ACESTEP_ALLOW_DOWNLOAD (default true; HF_HUB_OFFLINE=1 forces false), ACESTEP_LM_MODEL_PATH and
-        ACESTEP_LM_BACKEND."""
+        ACESTEP_ALLOW_DOWNLOAD (default true; HF_HUB_OFFLINE=1 forces false), ACESTEP_LM_MODEL_PATH,
+        ACESTEP_LM_BACKEND and ACESTEP_QUANTIZE (_DIT, _LM)."""
         env = os.environ if env is None else env
         names: list[str] = []
         for key in ("ACESTEP_CONFIG_PATH", "ACESTEP_CONFIG_PATH2", "ACESTEP_CONFIG_PATH3"):
@@ -75,6 +86,10 @@ class EngineConfig:
             lora_dir=env.get("ACESTEP_LORA_DIR", ""),
             adapter_cache_dir=env.get("ACESTEP_ADAPTER_CACHE", ""),
             adapter_budget_mb=int(env.get("ACESTEP_ADAPTER_CACHE_MB", "512") or 512),
+            offload=offload_mode(env.get("ACESTEP_OFFLOAD", "auto")),
+            # ACESTEP_QUANTIZE for both models; ACESTEP_QUANTIZE_DIT / _LM override it per model
+            quantize=env.get("ACESTEP_QUANTIZE_DIT", "").strip() or env.get("ACESTEP_QUANTIZE", "none"),
+            quantize_lm=env.get("ACESTEP_QUANTIZE_LM", "").strip() or env.get("ACESTEP_QUANTIZE", "none"),
         )
 
     @property

@@ -48,6 +48,9 @@ def load_planner(config: EngineConfig, device, dtype=None):
         backend = resolve_backend(config.lm_backend)
     except LMBackendUnavailable as exc:
         raise GenerationError(str(exc)) from exc
+    if backend == "vllm" and config.quantize_lm != "none":  # vLLM quantises through its own `quantization=`
+        raise GenerationError(f"ACESTEP_QUANTIZE_LM={config.quantize_lm} is not wired to the vLLM backend yet; set "
+                              "ACESTEP_QUANTIZE_LM=none, or ACESTEP_LM_BACKEND=pt")
     if backend == "vllm":
         from engine.lm.vllm_backend import VllmLM  # imports vLLM: only here, only when asked for
 
@@ -57,7 +60,7 @@ def load_planner(config: EngineConfig, device, dtype=None):
     else:
         from engine.lm.transformers_backend import TransformersLM
 
-        lm = TransformersLM.load(folder, device=device, dtype=dtype)
+        lm = TransformersLM.load(folder, quantize=config.quantize_lm, device=device, dtype=dtype)
     # A random-weight LM was already announced by the backend's load (a warning): not repeated here.
     log.info("loaded 5 Hz LM %s from %s (%s)", lm.model_name, folder, lm.name)
     if not lm.random_weights:

@@ -3,7 +3,8 @@ with an out-of-memory error (on CPU: being OOM-killed) on its first task. And: i
 VAE decode now, or must it be tiled?
 
 A model's weights take about the size of its safetensors files, scaled to the dtype it is loaded in
-(weights are stored in bf16; fp32 doubles them). Components shared between models are counted once.
+(weights are stored in bf16; fp32 doubles them); quantised ones (ACESTEP_QUANTIZE) at a byte per Linear weight
+plus a scale per row. Components shared between models are counted once.
 Generation needs working memory on top: its peak is the VAE decode (measured, below), plus the runtime
 itself. At start the check asks for the smallest generation's: one song decoded in tiles.
 
@@ -28,31 +29,49 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_BYTES = GB // 2
 
 
-def weight_bytes(model_dir: Path, dtype: str, skip_components: Iterable[str] = ()) -> int:
-    """Bytes the model's weights take once loaded as `dtype` (the stored files are bf16 or fp32)."""
+def weight_bytes(model_dir: Path, dtype: str, skip_components: Iterable[str] = (), quantize: str = "none",
+                 quantized_components: Optional[Iterable[str]] = None) -> int:
+    """Bytes the model's weights take once loaded as `dtype` (the stored files are bf16 or fp32); with
+    `quantize` (engine/quantize.py), the Linear weights of `quantized_components` (None: the whole folder, as
+    an LM's) at the mode's bytes per parameter plus a scale per row."""
     skip = set(skip_components)
+    quantized = None if quantized_components is None else set(quantized_components)
     total = 0
     for file in model_dir.rglob("*.safetensors"):
-        if file.relative_to(model_dir).parts[0] in skip:
+        component = file.relative_to(model_dir).parts[0]
+        if component in skip:
             continue
-        total += _loaded_size(file, dtype)
+        mode = quantize if quantized is None or component in quantized else "none"
+        total += _loaded_size(file, dtype, mode)
     return total
 
 
-def _loaded_size(file: Path, dtype: str) -> int:
+def _loaded_size(file: Path, dtype: str, quantize: str = "none") -> int:
     from safetensors import safe_open  # reads the header only, not the tensors
 
     size = 0
     with safe_open(str(file), framework="pt") as f:
         for key in f.keys():
             piece = f.get_slice(key)
+            shape = list(piece.get_shape())
             count = 1
-            for dim in piece.get_shape():
+            for dim in shape:
                 count *= dim
             stored = piece.get_dtype()
             floating = stored in ("F32", "BF16", "F16", "F64")
+            if floating and quantize != "none" and _is_linear_weight(key, shape):
+                from engine.quantize import quantised_weight_bytes
+
+                size += quantised_weight_bytes(shape, quantize)
+                continue
             size += count * (_DTYPE_BYTES.get(dtype, 4) if floating else _stored_bytes(stored))
     return size
+
+
+def _is_linear_weight(key: str, shape: list[int]) -> bool:
+    """What engine/quantize.py quantises, read from a header: 2-D `.weight`s but the token embedding (an
+    nn.Embedding; an LM head tied to it is not stored, and stays unquantised with it)."""
+    return len(shape) == 2 and key.endswith(".weight") and "embed_tokens" not in key
 
 
 def _stored_bytes(code: str) -> int:
@@ -69,9 +88,10 @@ def check_fits(needed: int, free: Optional[int], device: str, what: str, workspa
             f"{what} needs about {needed / GB:.1f} GB for weights plus {workspace / GB:.1f} GB to generate, "
             f"but {device} has {free / GB:.1f} GB {'available' if cpu else 'free'}. "
             + ("Use a machine with more RAM, serve fewer models (ACESTEP_CONFIG_PATH2/3), load in bf16 "
-               "(ACESTEP_DTYPE=bfloat16: half of float32), or a smaller model (2B instead of XL)." if cpu else
-               "Use a GPU with more memory, serve fewer models (ACESTEP_CONFIG_PATH2/3), or a smaller model "
-               "(2B instead of XL)."))
+               "(ACESTEP_DTYPE=bfloat16: half of float32), quantise (ACESTEP_QUANTIZE=int8), or a smaller model "
+               "(2B instead of XL)." if cpu else
+               "Use a GPU with more memory, serve fewer models (ACESTEP_CONFIG_PATH2/3), quantise "
+               "(ACESTEP_QUANTIZE=int8), or a smaller model (2B instead of XL)."))
 
 
 def workspace_bytes(full_rate_channels: int, dtype_bytes: int) -> int:

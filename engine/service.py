@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
+from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, quantize, source_codes, speedups, timing, vae_progress
 from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.weights.checkpoints import (
     DEMO_NOTICE,
@@ -49,6 +49,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 _STEPS_FROM, _STEPS_TO = 0.05, 0.80
 _DECODE_AT, _ENCODE_FROM = 0.80, 0.95
 WARMUP_SECONDS = 10.0  # the shortest song a request may ask for
+# What ACESTEP_QUANTIZE quantises in a pipeline: the DiT (its text encoder, VAE and condition encoder stay)
+QUANTIZED_COMPONENTS = ("transformer",)
 
 
 @dataclass
@@ -115,6 +117,9 @@ class Engine:
         device = resolve_device(config.device)
         dtype, dtype_choice = choose_dtype(config.dtype, device)
         log.info("dtype %s", dtype_choice)
+        quantize.check_supported(config.quantize, device, "the DiT (ACESTEP_QUANTIZE)")
+        if config.lm_model:
+            quantize.check_supported(config.quantize_lm, device, "the 5 Hz LM (ACESTEP_QUANTIZE_LM)")
         by_fingerprint: dict[str, object] = {}
         users: dict[str, list[str]] = {}
         models: dict[str, LoadedModel] = {}
@@ -134,7 +139,8 @@ class Engine:
                 prints[comp] = fp
                 if (comp, fp) in by_fingerprint:
                     reuse[comp] = by_fingerprint[(comp, fp)]
-            needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse)
+            needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse,
+                                          quantize=config.quantize, quantized_components=QUANTIZED_COMPONENTS)
             workspace = max(workspace, memory.workspace_bytes(memory.decoder_channels(path), dtype_bytes))
             memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1])
                               + (" + adapters" if adapters_bytes else ""), workspace)
@@ -143,6 +149,10 @@ class Engine:
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+            for comp in QUANTIZED_COMPONENTS:  # before compiling; a shared component was quantised once already
+                if config.quantize != "none" and comp not in reuse:
+                    layers = quantize.quantize_module(getattr(pipe, comp), config.quantize)
+                    log.info("model %s: %s quantised to %s (%d Linear layers)", name, comp, config.quantize, layers)
             if config.stage_timings:
                 timing.install_hooks(pipe)
             for applied in speedups.apply(pipe, compile_dit=config.compile_dit, cuda_graphs=config.cuda_graphs,
@@ -171,7 +181,7 @@ class Engine:
         lm_folder = lm_bridge.lm_folder(config)
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
             lm_dtype = str(dtype).replace("torch.", "")  # the transformers LM loads in the DiT's dtype
-            needed += memory.weight_bytes(lm_folder, lm_dtype)
+            needed += memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
             memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]), workspace)
         engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device, dtype))
         engine.dtype_choice = dtype_choice
@@ -215,9 +225,14 @@ class Engine:
             "lm_random_weights": self.planner.backend.random_weights if self.planner else None,
             "lm_dtype": self.planner.backend.dtype if self.planner else None,
             "lm_configured": self.config.lm_model,
+            "quantization": self._quantization(),
             "loaded_adapters": self.adapters.loaded(),
             "local_adapters": self.adapters.list_local({n: model_shape(m.pipe) for n, m in self._models.items()}),
         }
+
+    def _quantization(self) -> dict[str, str]:
+        """What ACESTEP_QUANTIZE did to each model's weights (engine/quantize.py)."""
+        return {"dit": self.config.quantize, "lm": self.config.quantize_lm if self.planner else "none"}
 
     # ---------------------------------------------------------------- generation
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
@@ -533,6 +548,7 @@ class Engine:
             "lm": "none",
             "lm_model": "none",
             "adapters": job.adapters,
+            "quantization": self._quantization(),
             "timings": timings,
             "notes": notes,
         }

@@ -129,6 +129,7 @@ class EngineInfo(TypedDict, total=False):
     lm_random_weights: Optional[bool]
     lm_dtype: Optional[str]  # the LM's weights' dtype (None: no LM)
     lm_configured: str
+    quantization: dict[str, str]  # ACESTEP_QUANTIZE per model: {"dit": none|int8|fp8, "lm": ...}
     test_engine: bool
     loaded_adapters: list[dict[str, Any]]  # LoRA/LoKr adapters held in memory: model, name, kind, bytes
     # the adapters under ACESTEP_LORA_DIR: AdapterInfo.as_dict() + `models` it fits (+ `error` when none)

@@ -76,6 +76,8 @@ def engine_config(settings: Settings):
         lora_dir=settings.resolved_lora_dir,
         adapter_cache_dir=settings.resolved_adapter_cache_dir,
         adapter_budget_mb=settings.adapter_cache_mb,
+        quantize=settings.quantize_dit or settings.quantize,
+        quantize_lm=settings.quantize_lm or settings.quantize,
     )
 
 

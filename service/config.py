@@ -140,10 +140,10 @@ class Settings(BaseSettings):
     device: str = _env("ACESTEP_DEVICE", "auto")
     dtype: str = _env("ACESTEP_DTYPE", "auto")
     # Weight-only quantisation after loading (engine/quantize.py; fp8 on CUDA 8.9+ only), for the DiT and the
-    # 5 Hz LM; ACESTEP_QUANTIZE_DIT / ACESTEP_QUANTIZE_LM override it for one of them
+    # 5 Hz LM; ACESTEP_QUANTIZE_DIT / ACESTEP_QUANTIZE_LM override it for one of them ("": as ACESTEP_QUANTIZE)
     quantize: Literal["none", "int8", "fp8"] = _env("ACESTEP_QUANTIZE", "none")
-    quantize_dit: Optional[Literal["none", "int8", "fp8"]] = _env("ACESTEP_QUANTIZE_DIT", None)
-    quantize_lm: Optional[Literal["none", "int8", "fp8"]] = _env("ACESTEP_QUANTIZE_LM", None)
+    quantize_dit: Literal["", "none", "int8", "fp8"] = _env("ACESTEP_QUANTIZE_DIT", "")
+    quantize_lm: Literal["", "none", "int8", "fp8"] = _env("ACESTEP_QUANTIZE_LM", "")
     allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
     demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
     # /format_input waits this long for a worker's LM (keep it under the Lambda/API Gateway 29 s limit)

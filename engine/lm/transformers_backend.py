@@ -22,6 +22,7 @@ from engine.lm.masking import MaskApplier
 from engine.lm.output_head import OutputHead
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
 from engine.lm.tiny import is_random_lm
+from engine.quantize import quantize_module, tied_output_head
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
 from engine.lm.vocab import LMVocab, TokenizerText
 
@@ -72,7 +73,7 @@ class TransformersLM(TokenizerText):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-             dtype: Optional[torch.dtype] = None, max_duration: int = 600) -> "TransformersLM":
+             dtype: Optional[torch.dtype] = None, max_duration: int = 600, quantize: str = "none") -> "TransformersLM":
         """Load a 5 Hz LM folder (published layout) with no hub access."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,6 +82,8 @@ class TransformersLM(TokenizerText):
         dtype = dtype or default_dtype(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        # ACESTEP_QUANTIZE_LM (engine/quantize.py); the head tied to the embedding stays as it is, stored once
+        quantize_module(model, quantize, skip=tied_output_head(model))
         lm = cls(model, tokenizer, model_name=path.name, random_weights=is_random_lm(path), max_duration=max_duration)
         if lm.random_weights:
             log.warning("5 Hz LM %s has random weights: its metadata and audio codes are noise", path)
