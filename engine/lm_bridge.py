@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.lm.planner import Planner  # torch-free
-from engine.plan import DEFAULT_TEXT2MUSIC_SECONDS
 from engine.request import GenerationRequest
 from engine.types import GenerationError, GenerationResult, Metas
 
@@ -20,6 +19,9 @@ log = logging.getLogger(__name__)
 # way), so every `make run` path answers in seconds; results say so (DEMO_LM_NOTE). The metadata cap leaves
 # room for every field line (the genres line alone may take 64 tokens), so the block still parses.
 DEMO_LM_BUDGETS = {"max_caption_tokens": 16, "max_cot_tokens": 128, "max_lyrics_tokens": 32}
+# The length a demo LM's song gets when the request leaves it to the LM. Not the default duration (120 s): the
+# demo LM decodes 5 codes per second to the end, so its first-run songs stay short; the plan's notes say so.
+DEMO_LM_SECONDS = 30.0
 DEMO_LM_NOTE = (f"demo: the random-weight 5 Hz LM ran with small token caps (caption "
                 f"{DEMO_LM_BUDGETS['max_caption_tokens']}, metadata {DEMO_LM_BUDGETS['max_cot_tokens']}, lyrics "
                 f"{DEMO_LM_BUDGETS['max_lyrics_tokens']}) so it answers in seconds")
@@ -65,10 +67,10 @@ def load_planner(config: EngineConfig, device, dtype=None):
     log.info("loaded 5 Hz LM %s from %s (%s)", lm.model_name, folder, lm.name)
     if not lm.random_weights:
         return Planner(lm)
-    # The demo LM would pick random song lengths; it renders the DiT-only path's default length instead.
+    # The demo LM would pick random song lengths; it renders DEMO_LM_SECONDS instead.
     log.warning("5 Hz LM %s: demo token caps %s (a random-weight LM runs every phase to its cap)",
                 lm.model_name, DEMO_LM_BUDGETS)
-    return DemoPlanner(lm, demo_seconds=DEFAULT_TEXT2MUSIC_SECONDS,
+    return DemoPlanner(lm, demo_seconds=DEMO_LM_SECONDS,
                        max_caption_tokens=DEMO_LM_BUDGETS["max_caption_tokens"],
                        max_cot_tokens=DEMO_LM_BUDGETS["max_cot_tokens"],
                        max_lyrics_tokens=DEMO_LM_BUDGETS["max_lyrics_tokens"])

@@ -14,8 +14,9 @@ from typing import Any, Optional
 from engine.request import GenerationRequest
 from engine.types import Metas
 
-# text2music with no duration and no audio codes: a fixed, documented length (upstream picks a random one).
-DEFAULT_TEXT2MUSIC_SECONDS = 30.0
+# text2music with no duration and no audio codes: a fixed, documented length, upstream's default since its
+# #961 (120 s; it was 30 s here before).
+DEFAULT_TEXT2MUSIC_SECONDS = 120.0
 SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
 # The longest audio any task makes: audio_duration's limit, 3,000 codes at 5 Hz, the longest source and
 # the longest padded repaint.

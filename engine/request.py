@@ -98,7 +98,9 @@ class GenerationRequest(BaseModel):
     bpm: Optional[int] = Field(None, ge=30, le=300)
     key_scale: str = Field("", max_length=64)
     time_signature: str = Field("", json_schema_extra={"enum": [*TIME_SIGNATURES, "2/4", "3/4", "4/4", "6/8"]})
-    audio_duration: Optional[float] = Field(None, ge=10, le=600)
+    audio_duration: Optional[float] = Field(None, ge=10, le=600, description=(
+        "seconds; none: the source's length, the audio codes' length, the 5 Hz LM's choice when it runs, "
+        "else 120 s (upstream's default)"))
     vocal_language: str = Field("en", max_length=16)
 
     # Diffusion

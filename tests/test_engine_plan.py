@@ -35,3 +35,14 @@ def test_batch_key_groups_what_one_pipeline_call_can_take():
     assert key(bpm=90) != base  # one pipeline call takes one bpm
     assert key(task_type="cover", src_audio_key="k") is None
     assert key(audio_code_string="<|audio_code_5|>") is None
+
+
+def test_a_request_without_duration_gets_upstreams_120_seconds_and_is_counted_so():
+    """Upstream's default since its #961; the cost ceiling counts with generated_seconds, so it sees 120 s too.
+    Audio codes still set the length; the LM, when it runs and may choose, is counted at its longest."""
+    plain = GenerationRequest(prompt="p")
+    assert plan.text2music_seconds(plain) == plan.generated_seconds(plain) == 120
+    assert plan.generated_seconds(plain, lm=True) == 120  # a plain request runs no LM
+    assert plan.text2music_seconds(GenerationRequest(audio_code_string="<|audio_code_5|>" * 50)) is None
+    assert plan.generated_seconds(GenerationRequest(audio_duration=12)) == 12
+    assert plan.generated_seconds(GenerationRequest(thinking=True), lm=True) == plan.MAX_OUTPUT_SECONDS

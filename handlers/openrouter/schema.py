@@ -58,7 +58,8 @@ class ChatMessage(BaseModel):
 class AudioConfig(BaseModel):
     """Values are checked as the ACE-Step API checks them (duration 10-600 or 0/-1 for auto, ...)."""
     model_config = ConfigDict(extra="ignore")
-    duration: Any = None
+    duration: Any = Field(default=None, description="seconds, 10-600; none, 0 or -1: the 5 Hz LM chooses when "
+                                                    "it runs, else 120 s (upstream's default)")
     bpm: Any = None
     vocal_language: Any = None
     instrumental: Optional[bool] = None
