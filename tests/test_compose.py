@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.test_dockerfile import parse_dockerfile, stage_instructions, stages
+from tests.docker_support import parse_dockerfile, stage_instructions, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -9,16 +9,15 @@ import fnmatch
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from docker.utils.build import exclude_paths
-from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
+
+from tests.docker_support import copies, parse_dockerfile, stage_instructions, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,14 +27,6 @@ FORBIDDEN = (".env", "service/.env", ".venv/bin/python", ".venv-vllm/bin/python"
              "infra/cdk.out/manifest.json", "infra/node_modules/aws-cdk/package.json",
              "node_modules/x/index.js", "build/lambda/fastapi/__init__.py", ".git/HEAD",
              "engine/__pycache__/request.cpython-311.pyc", ".mypy_cache/3.11/x.json")
-
-
-@dataclass(frozen=True)
-class Copy:
-    stage: str
-    instruction: str
-    sources: tuple[str, ...]
-    from_context: bool  # False for COPY --from=<stage or image>
 
 
 def dockerignore_patterns(root: Path) -> list[str]:
@@ -48,48 +39,6 @@ def dockerignore_patterns(root: Path) -> list[str]:
 def build_context(root: Path) -> set[str]:
     """Every file and folder (relative, '/'-separated) Docker would send as the build context of `root`."""
     return {p.replace(os.sep, "/") for p in exclude_paths(str(root), dockerignore_patterns(root))}
-
-
-def parse_dockerfile(path: Path) -> DockerfileParser:
-    return DockerfileParser(str(path), cache_content=True)
-
-
-def stages(parser: DockerfileParser) -> dict[str, str]:
-    """Stage name -> base image (as written, ARGs unexpanded)."""
-    found = {}
-    for item in parser.structure:
-        if item["instruction"] == "FROM":
-            words = item["value"].split()
-            if len(words) == 3 and words[1].lower() == "as":
-                found[words[2]] = words[0]
-    return found
-
-
-def copies(parser: DockerfileParser) -> list[Copy]:
-    out, stage = [], ""
-    for item in parser.structure:
-        if item["instruction"] == "FROM":
-            words = item["value"].split()
-            stage = words[2] if len(words) == 3 else words[0]
-        elif item["instruction"] in ("COPY", "ADD"):
-            words = shlex.split(item["value"])
-            flags = [w for w in words if w.startswith("--")]
-            rest = [w for w in words if not w.startswith("--")]
-            if rest and rest[0].startswith("["):  # JSON form
-                rest = json.loads(" ".join(rest))
-            from_context = not any(f.startswith("--from=") for f in flags)
-            out.append(Copy(stage, item["instruction"], tuple(rest[:-1]), from_context))
-    return out
-
-
-def stage_instructions(parser: DockerfileParser, stage: str) -> list[dict]:
-    inside, found = False, []
-    for item in parser.structure:
-        if item["instruction"] == "FROM":
-            inside = item["value"].split()[-1] == stage
-        elif inside:
-            found.append(item)
-    return found
 
 
 def missing_sources(root: Path) -> list[str]:
