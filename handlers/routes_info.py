@@ -77,6 +77,7 @@ def model_list(settings: Settings, backend: Backend) -> dict[str, Any]:
     if meta:
         out["lm_model"] = meta.lm_model
         out["device"] = meta.device
+        out["quantization"] = meta.quantization
         out["updated_at"] = meta.updated_at
     return out
 

@@ -77,6 +77,7 @@ class ModelsMeta(BaseModel):
     device: Optional[str] = None
     dtype: Optional[str] = None
     lm_model: Optional[str] = None
+    quantization: Optional[dict[str, str]] = None  # ACESTEP_QUANTIZE as the worker applied it: {dit, lm}
     worker_id: Optional[str] = None
     updated_at: Optional[float] = None
 

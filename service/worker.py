@@ -134,7 +134,7 @@ class Worker:
                                task_types=list(m.task_types), adapter_shape=shapes.get(m.name))
                     for m in self.engine.models()],
             device=info.get("device"), dtype=info.get("dtype"), lm_model=info.get("lm_model", "none"),
-            worker_id=self.worker_id, updated_at=time.time())
+            quantization=info.get("quantization"), worker_id=self.worker_id, updated_at=time.time())
         self.backend.store.put_meta(MODELS_META_KEY, meta.model_dump())
         # the adapters a request may name on this worker's disk (the API lists and checks them from here)
         self.backend.store.put_meta(LOCAL_ADAPTERS_META_KEY, {

@@ -52,7 +52,7 @@ class SineEngine:
 
     def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none", "random_weights": True,
-                "test_engine": True}
+                "test_engine": True, "quantization": {"dit": "none", "lm": "none"}}
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,

@@ -149,3 +149,12 @@ def test_the_setting_is_checked_when_settings_are_built_and_reaches_the_engine()
     assert (config.quantize, config.quantize_lm) == ("int8", "none")
     assert EngineConfig.from_env({"ACESTEP_QUANTIZE_LM": "int8"}).quantize == "none"
     assert EngineConfig.from_env({"ACESTEP_QUANTIZE_LM": "int8"}).quantize_lm == "int8"
+
+
+def test_v1_models_says_what_the_worker_quantised(settings):
+    from tests.api_support import make_api
+
+    api = make_api(settings)
+    assert "quantization" not in api.client.get("/v1/models").json()["data"]  # no worker has said yet
+    api.worker.publish_models()  # the test engine's describe(): nothing quantised
+    assert api.client.get("/v1/models").json()["data"]["quantization"] == {"dit": "none", "lm": "none"}
