@@ -27,6 +27,7 @@ from engine.weights.checkpoints import (
     supported_task_types,
 )
 from engine.config import EngineConfig
+from engine import offload
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import (
     EncodedAudio,
@@ -78,6 +79,7 @@ class _Job:
     notes: list[str] = field(default_factory=list)
     decode_s: float = 0.0
     vae_tiled: bool = False
+    vae_on_cpu: bool = False  # offload's fallback: the decode's working set did not fit on the device
     lm_plan: Optional[object] = None  # engine.lm.types.LMPlan when the 5 Hz LM planned this request
     audio_codes: Optional[list[str]] = None  # per item, from the LM (else the request's own codes)
     adapters: list = field(default_factory=list)  # the adapters that acted on the DiT (AdapterLibrary.activate)
@@ -106,6 +108,9 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.dtype_choice = f"set: {str(dtype).replace('torch.', '')}"  # why this dtype (load() says)
+        # ACESTEP_OFFLOAD (engine/offload.py): load() decides; the offloader moves the stages when it is on
+        self.offload = offload.Decision(False, "set: none (ACESTEP_OFFLOAD)", 0)
+        self.offloader: Optional[offload.Offloader] = None
         self.shared_components = shared  # component -> model names using one shared object
         # LoRA/LoKr adapters: loaded into a model's DiT on first use, switched per batch (engine/adapters.py)
         self.adapters = AdapterLibrary(config.resolved_lora_dir, config.resolved_adapter_cache_dir,
@@ -127,6 +132,7 @@ class Engine:
         # the adapters under ACESTEP_LORA_DIR, up to what the LRU may hold (uploads share the same bound)
         needed = adapters_bytes = min(local_adapter_bytes(config.resolved_lora_dir), config.adapter_budget_mb * 2**20)
         workspace = 0
+        largest = 0  # the largest stage's weights: what must fit at once under offload
         dtype_bytes = torch.tensor([], dtype=dtype).element_size()
         for i, name in enumerate(config.model_names):
             path = resolve_model(config, name)
@@ -142,12 +148,16 @@ class Engine:
             needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse,
                                           quantize=config.quantize, quantized_components=QUANTIZED_COMPONENTS)
             workspace = max(workspace, memory.workspace_bytes(memory.decoder_channels(path), dtype_bytes))
-            memory.check_fits(needed, free, str(device), " + ".join(config.model_names[: i + 1])
+            largest = max(largest, offload.largest_stage(offload.stage_bytes(
+                path, str(dtype).replace("torch.", ""), reuse, quantize=config.quantize,
+                quantized_components=QUANTIZED_COMPONENTS)))
+            memory.check_fits(offload.fit_bytes(config.offload, needed, largest, device.type), free, str(device),
+                              " + ".join(config.model_names[: i + 1])
                               + (" + adapters" if adapters_bytes else ""), workspace)
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
-            pipe.to(device)
+            pipe.to(device if config.offload == "none" else "cpu")  # offload: placed once decided, below
             pipe.set_progress_bar_config(disable=True)
             for comp in QUANTIZED_COMPONENTS:  # before compiling; a shared component was quantised once already
                 if config.quantize != "none" and comp not in reuse:
@@ -182,9 +192,15 @@ class Engine:
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
             lm_dtype = str(dtype).replace("torch.", "")  # the transformers LM loads in the DiT's dtype
             needed += memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
-            memory.check_fits(needed, free, str(device), " + ".join([*config.model_names, lm_folder.name]), workspace)
+            largest = max(largest, memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm))
+            memory.check_fits(offload.fit_bytes(config.offload, needed, largest, device.type), free, str(device),
+                              " + ".join([*config.model_names, lm_folder.name]), workspace)
+        decision = offload.decide(config.offload, needed, largest, free, workspace, device.type)
+        if not decision.offload:  # the loading checks asked for the largest stage only
+            memory.check_fits(needed, free, str(device), " + ".join(config.model_names), workspace)
         engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device, dtype))
         engine.dtype_choice = dtype_choice
+        engine._apply_offload(decision)
         if speedups.warm_up_enabled(config.warmup, device.type):
             engine.warm_up()
         return engine
@@ -198,6 +214,33 @@ class Engine:
                                             inference_steps=2, seeds=[0], model=name, audio_format="wav"),
                           encode=False)
             log.info("warmed up model %s in %.1fs", name, time.perf_counter() - t0)
+
+    def _apply_offload(self, decision: offload.Decision) -> None:
+        """Offload on: every stage waits on the CPU and moves in as it runs; off: everything on the device."""
+        self.offload = decision
+        if decision.offload:
+            self.offloader = offload.install(self.device, {n: m.pipe for n, m in self._models.items()},
+                                             getattr(self.planner, "backend", None))
+        else:
+            for model in self._models.values():
+                model.pipe.to(self.device)
+        log.info("offload %s", decision.reason)
+
+    def _offload_info(self) -> dict:
+        return {"mode": self.config.offload, "active": self.offload.offload, "reason": self.offload.reason}
+
+    def _offload_start(self, model: LoadedModel, items: int, duration: Optional[float], tiled: bool) -> bool:
+        """Before a pipeline call under offload: its text encoder on the device (the pipeline computes where its
+        modules are), and the VAE decode on the CPU when its working set would not fit beside the VAE."""
+        if self.offloader is None:
+            return False
+        keys = offload.pipeline_groups(model.info.name)
+        on_cpu = offload.decode_on_cpu(
+            offload.vae_decode_bytes(model.pipe, items, duration or audio_io.MAX_SOURCE_SECONDS, tiled),
+            self.offloader.free_at_stage(keys["vae"], memory.available_bytes(self.device)))
+        self.offloader.decode_home(keys["vae"], on_cpu)
+        self.offloader.enter(keys["text_encoder"])
+        return on_cpu
 
     # ---------------------------------------------------------------- introspection
     def models(self) -> list[ModelInfo]:
@@ -225,6 +268,7 @@ class Engine:
             "lm_random_weights": self.planner.backend.random_weights if self.planner else None,
             "lm_dtype": self.planner.backend.dtype if self.planner else None,
             "lm_configured": self.config.lm_model,
+            "offload": self._offload_info(),
             "quantization": self._quantization(),
             "loaded_adapters": self.adapters.loaded(),
             "local_adapters": self.adapters.list_local({n: model_shape(m.pipe) for n, m in self._models.items()}),
@@ -271,6 +315,8 @@ class Engine:
         t0 = time.perf_counter()
         audio = audio_io.decode_audio(src_audio, "src_audio")
         _report(progress, 0.05, "encoding the source audio to 5 Hz codes")
+        if self.offloader is not None:  # the VAE first: the codes are computed where its weights are
+            self.offloader.enter(offload.pipeline_groups(model.info.name)["vae"])
         codes = source_codes.audio_to_codes(model.pipe, audio)
         encode_s = time.perf_counter() - t0
         seed = plan.resolve_seeds(request)[0]
@@ -443,6 +489,7 @@ class Engine:
             job.adapters, job.adapter_s = acting, time.perf_counter() - t_adapters
         clock = timing.StageClock(cuda=self.device.type == "cuda")
         tiled = self._tile_decode(pipe, r, len(seeds), duration, head)
+        vae_on_cpu = self._offload_start(head.model, len(seeds), duration, tiled)
         t0 = time.perf_counter()
         with timing.recording(clock if self.config.stage_timings else None), \
                 self._sampler(pipe, r.infer_method, generators), _fixed_global_rng(self.device), \
@@ -453,7 +500,7 @@ class Engine:
                 torch.cuda.synchronize(self.device)
         pipeline_s = time.perf_counter() - t0
         for job in jobs:
-            job.vae_tiled = tiled
+            job.vae_tiled, job.vae_on_cpu = tiled, vae_on_cpu
             if job.audio_duration is not None and duration is not None and job.audio_duration < duration:
                 job.notes.append(f"batched by length bucket: generated at {duration:g} s with longer songs and cut "
                                  f"to {job.audio_duration:g} s (a run alone with the same seed differs)")
@@ -542,6 +589,8 @@ class Engine:
             "guidance_scale": guidance,
             "infer_method": r.infer_method,
             "vae_decode": "tiled" if job.vae_tiled else "untiled",
+            "vae_decode_device": "cpu" if job.vae_on_cpu else str(self.device),
+            "offload": self._offload_info(),
             "seeds": list(job.seeds),
             "batch_size": len(job.seeds),
             "batched_requests": n_requests,

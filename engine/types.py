@@ -129,6 +129,7 @@ class EngineInfo(TypedDict, total=False):
     lm_random_weights: Optional[bool]
     lm_dtype: Optional[str]  # the LM's weights' dtype (None: no LM)
     lm_configured: str
+    offload: dict[str, Any]  # ACESTEP_OFFLOAD: mode, active, reason (engine/offload.py)
     quantization: dict[str, str]  # ACESTEP_QUANTIZE per model: {"dit": none|int8|fp8, "lm": ...}
     test_engine: bool
     loaded_adapters: list[dict[str, Any]]  # LoRA/LoKr adapters held in memory: model, name, kind, bytes
