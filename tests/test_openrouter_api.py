@@ -130,6 +130,43 @@ def test_explicit_sample_mode_needs_an_lm_and_uses_the_text_as_query(chat):
     assert (sent["sample_mode"], sent["sample_query"], sent["prompt"]) == (True, "an upbeat pop song", "")
 
 
+def test_upstreams_client_test_bodies_full_parameters_and_streamed_sample_mode(settings):
+    """Two of the nine checks in upstream's openrouter/client_test.py that the tests above do not send as such:
+    its "full parameters" body (LM switches beside the audio settings) and a streamed sample-mode request."""
+    chat = Chat(settings.model_copy(update={"openrouter_api_key": KEY}), worker_running=False)
+    sine_info = chat.engine.describe()
+    chat.engine.describe = lambda: {**sine_info, "lm_model": "lm"}  # its heartbeats say it runs an LM (ignored)
+    chat.engine.lm_loaded = True
+    chat.worker.publish_models()
+    chat.thread.start()
+    try:
+        _send_upstreams_lm_bodies(chat)
+    finally:
+        chat.stop()
+
+
+def _send_upstreams_lm_bodies(chat):
+    text = "<prompt>Dreamy lo-fi hip hop beat with vinyl crackle</prompt><lyrics>[inst]</lyrics>"
+    body = chat.post(messages=user(text),
+                     temperature=0.9, top_p=0.95, thinking=False, use_cot_caption=True, use_cot_language=False,
+                     use_format=True, audio_config={"bpm": 85, "duration": 10, "instrumental": True})
+    sent = chat.last_request()
+    assert (sent["lm_temperature"], sent["lm_top_p"], sent["thinking"], sent["use_cot_caption"],
+            sent["use_cot_language"], sent["use_format"], sent["bpm"], sent["audio_duration"]) == \
+        (0.9, 0.95, False, True, False, True, 85, 10)
+    assert sent["prompt"] == "Dreamy lo-fi hip hop beat with vinyl crackle"
+    assert len(body["choices"][0]["message"]["audio"]) == 1
+    with chat.client.stream("POST", "/v1/chat/completions", headers=chat.headers,
+                            json={"messages": user("Generate a cheerful guitar piece"), "stream": True,
+                                  "sample_mode": True, "audio_config": {"instrumental": True, "duration": 10}}) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    sent = chat.last_request()
+    assert (sent["sample_mode"], sent["sample_query"]) == (True, "Generate a cheerful guitar piece")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert any(c["choices"][0]["delta"].get("audio") for c in chunks)
+
+
 def test_input_audio_routes_to_source_and_reference(chat):
     src, ref = encode(tone(1, 10.0), "wav"), encode(tone(2, 10.0), "wav")
     parts = [{"type": "text", "text": "<prompt>Jazz cover</prompt>"},
