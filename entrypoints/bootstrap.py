@@ -78,6 +78,7 @@ def engine_config(settings: Settings):
         adapter_budget_mb=settings.adapter_cache_mb,
         quantize=settings.quantize_dit or settings.quantize,
         quantize_lm=settings.quantize_lm or settings.quantize,
+        offload=settings.offload,
     )
 
 
