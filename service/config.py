@@ -77,7 +77,7 @@ def _env(name: str, default, **constraints):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         validate_by_name=True, validate_by_alias=True,  # Settings(port=...) in code; ACESTEP_API_PORT in load_settings
-        validate_assignment=True, extra="forbid")
+        frozen=True, extra="forbid")  # built once; a different configuration is a copy (model_copy)
 
     host: str = _env("ACESTEP_API_HOST", "127.0.0.1")
     port: int = _env("ACESTEP_API_PORT", 8001, ge=0, le=65535)

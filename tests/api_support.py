@@ -59,8 +59,8 @@ class Api:
 
 
 def make_api(settings: Settings, **overrides) -> Api:
-    for k, v in overrides.items():
-        setattr(settings, k, v)
+    """The overrides go on a validated copy: Settings are frozen, and the caller's object stays as it was."""
+    settings = Settings.model_validate({**settings.model_dump(), **overrides})
     backend = make_embedded_backend(settings)
     engine = SineEngine(settings.model_names)
     return Api(settings, backend, TestClient(create_app(settings, backend)), engine)

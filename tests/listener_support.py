@@ -16,9 +16,10 @@ from tests.live_server import free_port
 
 
 @contextlib.contextmanager
-def listening(settings: Settings) -> Iterator[tuple[str, int]]:
-    """Yields (host, port) of the ACE-Step listener, on an embedded backend with no worker."""
-    settings.port, settings.openrouter_port = free_port(), 0
+def listening(settings: Settings, **overrides) -> Iterator[tuple[str, int]]:
+    """Yields (host, port) of the ACE-Step listener, on an embedded backend with no worker; the
+    overrides (validated) apply to a copy of `settings`."""
+    settings = Settings.model_validate({**settings.model_dump(), **overrides, "port": free_port(), "openrouter_port": 0})
     server = listeners(settings, create_app(settings, make_embedded_backend(settings)))[0]
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

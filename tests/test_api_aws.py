@@ -57,16 +57,18 @@ def test_upload_flow_on_aws(aws_api):
     assert r.status_code == 200, r.text
 
 
-def test_multipart_and_429_on_aws(aws_api):
-    settings, backend, client = aws_api
-    settings.queue_maxsize = 1
-    files = {"src_audio": ("s.wav", b"RIFFdata", "audio/wav")}
-    assert client.post("/release_task", data={"task_type": "cover"}, files=files).status_code == 200
-    r = client.post("/release_task", data={"task_type": "cover"}, files=files)
-    assert r.status_code == 429
-    assert backend.store.counts()["total"] == 1
-    stats = client.get("/v1/stats").json()["data"]
-    assert stats["jobs"]["queued"] == 1 and stats["queue_maxsize"] == 1
+def test_multipart_and_429_on_aws(settings, tmp_path):
+    from tests.aws_support import aws_backend
+
+    with aws_backend(tmp_path, settings, queue_maxsize=1) as backend:  # the queue's bound is built in
+        client = TestClient(create_app(backend.settings, backend))
+        files = {"src_audio": ("s.wav", b"RIFFdata", "audio/wav")}
+        assert client.post("/release_task", data={"task_type": "cover"}, files=files).status_code == 200
+        r = client.post("/release_task", data={"task_type": "cover"}, files=files)
+        assert r.status_code == 429
+        assert backend.store.counts()["total"] == 1
+        stats = client.get("/v1/stats").json()["data"]
+        assert stats["jobs"]["queued"] == 1 and stats["queue_maxsize"] == 1
 
 
 def test_cancel_and_a_results_file_as_source_on_aws(aws_api):

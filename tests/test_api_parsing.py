@@ -335,8 +335,8 @@ def test_malformed_bodies_are_4xx(api, body, ct, status, detail):
     assert r.json()["detail"].startswith(detail), r.json()
 
 
-def test_oversized_upload_is_413_and_stores_nothing(api):
-    api.settings.max_upload_mb = 1
+def test_oversized_upload_is_413_and_stores_nothing(settings):
+    api = make_api(settings, max_upload_mb=1)
     r = api.client.post("/release_task", data={"task_type": "cover"},
                         files={"src_audio": ("big.wav", b"x" * (1024 * 1024 + 10), "audio/wav")})
     assert r.status_code == 413 and "1 MB" in r.json()["detail"]

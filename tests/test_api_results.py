@@ -205,8 +205,8 @@ def test_presigned_blob_store_redirects(api):
     assert r.status_code == 307 and r.headers["location"].startswith("https://bucket.s3.example.com/outputs/")
 
 
-def test_queue_full_is_429_and_leaves_nothing(api, tmp_path):
-    api.settings.queue_maxsize = 1
+def test_queue_full_is_429_and_leaves_nothing(settings, tmp_path):
+    api = make_api(settings, queue_maxsize=1)
     api.submit(prompt="first")
     before = api.backend.store.counts()
     r = api.client.post("/release_task", data={"task_type": "cover", "prompt": "second"},

@@ -157,7 +157,7 @@ def test_upload_flow(api):
     assert api.engine.calls[-1]["src_audio"] == b"RIFFsource"
 
 
-def test_unused_direct_uploads_count_against_their_callers_quota_and_expire(api):
+def test_unused_direct_uploads_count_against_their_callers_quota_and_expire(settings):
     """Issue 21.10: six 45 MB PUTs filled a 300 MB disk and every submit answered 507 for a day. A caller's
     unused uploads now hold at most 4 uploads' worth, and expire an hour after their upload."""
     import os
@@ -165,7 +165,7 @@ def test_unused_direct_uploads_count_against_their_callers_quota_and_expire(api)
 
     from fastapi.testclient import TestClient
 
-    api.settings.max_upload_mb = api.settings.max_adapter_mb = 1  # the quota: 4 audio files and one adapter
+    api = make_api(settings, max_upload_mb=1, max_adapter_mb=1)  # the quota: 4 audio files and one adapter
     one_mb = b"x" * (1024 * 1024)
 
     def put(client) -> int:
@@ -184,9 +184,9 @@ def test_unused_direct_uploads_count_against_their_callers_quota_and_expire(api)
     assert put(api.client) == 200
 
 
-def test_oversized_pre_uploaded_file_is_refused_at_submit(api):
+def test_oversized_pre_uploaded_file_is_refused_at_submit(settings):
     # A presigned PUT cannot cap the size, so the submit checks what arrived.
-    api.settings.max_upload_mb = 1
+    api = make_api(settings, max_upload_mb=1)
     up = api.client.post("/v1/uploads", json={"filename": "a.wav"}).json()["data"]
     api.backend.blobs.put(up["key"], b"x" * (1024 * 1024 + 1), "audio/wav")
     r = api.client.post("/release_task", json={"task_type": "cover", "src_audio_key": up["key"]})
@@ -202,8 +202,8 @@ def test_upload_request_errors(api, body, status):
     assert api.client.post("/v1/uploads", json=body).status_code == status
 
 
-def test_upload_put_limits(api):
-    api.settings.max_upload_mb = 1
+def test_upload_put_limits(settings):
+    api = make_api(settings, max_upload_mb=1)
     up = api.client.post("/v1/uploads", json={"filename": "a.wav"}).json()["data"]
     assert api.client.put(up["upload_url"], content=b"x" * (1024 * 1024 + 1)).status_code == 413
     assert api.client.put(up["upload_url"], content=b"").status_code == 400

@@ -28,8 +28,7 @@ def _multipart(token: str | None) -> Iterator[bytes]:
 
 
 def test_an_unauthenticated_upload_is_refused_without_holding_it_in_memory(settings):
-    settings.api_key = "sk-real"
-    with listening(settings) as (host, port), httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
+    with listening(settings, api_key="sk-real") as (host, port), httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
         headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
         tracemalloc.start()
         try:

@@ -23,8 +23,7 @@ CHAT = {"messages": [{"role": "user", "content": "<prompt>lo-fi piano</prompt>"}
 
 def _apps(settings, **overrides):
     """(ACE-Step client, chat client, backend) on one backend, as bootstrap wires them; no worker."""
-    for name, value in overrides.items():
-        setattr(settings, name, value)
+    settings = settings.model_copy(update=overrides)
     backend = make_embedded_backend(settings)
     api = create_app(settings, backend)
     return TestClient(api), TestClient(build_openrouter_app(settings, api)), backend
@@ -86,8 +85,7 @@ def test_trusted_proxies_must_be_addresses_or_networks():
 
 @pytest.mark.parametrize("trusted", [[], ["127.0.0.0/8"]])
 def test_forwarded_for_names_the_client_only_from_a_trusted_proxy(settings, trusted):
-    settings.caller_max_queued, settings.rate_limit_rps, settings.trusted_proxies = 2, 0, trusted
-    with listening(settings) as (host, port), httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as client:
+    with listening(settings, caller_max_queued=2, rate_limit_rps=0, trusted_proxies=trusted) as (host, port), httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as client:
         codes = [client.post("/release_task", json=PROMPT, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
                  for i in range(3)]
     # Untrusted (the default), the header is the client's word: one caller, the loopback peer.

@@ -7,12 +7,13 @@ from entrypoints.api_server import child_env
 from service.config import ENV_NAMES, ConfigError, Settings, load_settings
 
 
-def test_keywords_and_assignment_in_code(tmp_path):
-    s = Settings(data_dir=str(tmp_path), visibility_timeout=30.0)
-    s.max_upload_mb = 2
+def test_keywords_in_code_and_no_assignment_after_build(tmp_path):
+    s = Settings(data_dir=str(tmp_path), visibility_timeout=30.0, max_upload_mb=2)
     assert (s.data_dir, s.visibility_timeout, s.max_upload_bytes) == (str(tmp_path), 30.0, 2 * 1024 * 1024)
-    with pytest.raises(ValueError):
-        s.queue_maxsize = 0  # assignments are validated too
+    with pytest.raises(ValueError, match="frozen"):
+        s.queue_maxsize = 10  # frozen: what was built with these settings never sees them change
+    changed = s.model_copy(update={"queue_maxsize": 10})
+    assert (changed.queue_maxsize, s.queue_maxsize) == (10, 200)
 
 
 def test_code_built_settings_ignore_the_shell(monkeypatch):

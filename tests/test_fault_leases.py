@@ -37,7 +37,7 @@ class _LosesLeases:
 
 
 def test_a_stale_worker_leaves_the_message_of_the_newer_attempt_alone(settings, backend, engine):
-    settings.visibility_timeout = 1.0
+    settings = settings.model_copy(update={"visibility_timeout": 1.0})
     task_id = submit(backend)
     stale = Worker(settings, dataclasses.replace(backend, queue=_LosesLeases(backend.queue)), engine)
     taken = {}
@@ -64,7 +64,7 @@ def test_a_stale_worker_leaves_the_message_of_the_newer_attempt_alone(settings, 
 
 
 def test_a_carried_task_keeps_its_lease_while_the_batch_runs(settings, backend, engine):
-    settings.visibility_timeout = 1.0
+    settings = settings.model_copy(update={"visibility_timeout": 1.0})
     batch = submit(backend, prompt="short", audio_duration=10)
     carried = submit(backend, prompt="long", audio_duration=20)  # cannot share a call with the first
     worker = Worker(settings, backend, engine)
@@ -90,7 +90,7 @@ def test_a_carried_task_keeps_its_lease_while_the_batch_runs(settings, backend, 
 
 
 def test_crashes_while_a_task_is_only_held_do_not_count_against_it(settings, backend, engine):
-    settings.visibility_timeout = 0.5
+    settings = settings.model_copy(update={"visibility_timeout": 0.5})
     task_id = submit(backend)
     for _ in range(settings.max_receives):  # each holder dies before the task runs (SQS then dead-letters it)
         poll_until("a delivery", lambda: backend.queue.receive(0.2, settings.visibility_timeout), 10)

@@ -199,9 +199,7 @@ def small_disk(tmp_path):
 
 
 def test_a_really_full_disk_pauses_submits_and_workers_without_spending_deliveries(settings, small_disk):
-    settings.data_dir = str(small_disk / "data")
-    settings.min_free_mb = 1
-    api = make_api(settings)
+    api = make_api(settings, data_dir=str(small_disk / "data"), min_free_mb=1)
     engine = ScriptedEngine()
     task_id = api.submit(prompt="before the disk filled", audio_duration=10)
     filler = small_disk / "filler"
@@ -211,7 +209,7 @@ def test_a_really_full_disk_pauses_submits_and_workers_without_spending_deliveri
             f.flush()
     r = api.client.post("/release_task", json={"prompt": "during the outage"})
     assert r.status_code == 507 and "storage is full" in r.json()["detail"]
-    worker = Worker(settings, api.backend, engine)
+    worker = Worker(api.settings, api.backend, engine)
     for _ in range(3):  # every round of the outage
         with pytest.raises(StorageFull):
             worker.run_once(0.1)

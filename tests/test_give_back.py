@@ -76,7 +76,7 @@ def test_a_task_that_hangs_on_its_last_delivery_fails_with_the_timeout(settings,
 
     from tests.conftest import open_backend
 
-    settings.visibility_timeout, settings.stall_timeout, settings.max_receives = 0.6, 0.3, 2
+    settings = settings.model_copy(update={"visibility_timeout": 0.6, "stall_timeout": 0.3, "max_receives": 2})
     for kind in ("embedded", "aws"):
         with open_backend(kind, settings, tmp_path / kind) as backend:
             task_id = submit(backend)

@@ -24,8 +24,8 @@ KEY = "sk-or-test"
 
 
 class Chat:
-    def __init__(self, settings, worker_running: bool = True):
-        self.settings = settings
+    def __init__(self, settings, worker_running: bool = True, **overrides):
+        self.settings = settings = settings.model_copy(update=overrides)
         self.backend = make_embedded_backend(settings)
         self.engine = SineEngine(settings.model_names)
         self.worker = Worker(settings, self.backend, self.engine, worker_id="w")
@@ -52,8 +52,7 @@ class Chat:
 
 @pytest.fixture
 def chat(settings):
-    settings.openrouter_api_key = KEY
-    c = Chat(settings)
+    c = Chat(settings, openrouter_api_key=KEY)
     yield c
     c.stop()
 
@@ -239,9 +238,8 @@ def test_streaming_sends_upstreams_chunk_sequence(chat):
 
 
 def test_stream_heartbeats_while_waiting_and_reports_failure(settings):
-    settings.openrouter_api_key = KEY
-    chat = Chat(settings, worker_running=False)  # nobody runs the task: only heartbeats, then the wait limit
-    settings.openrouter_max_wait = 4.5
+    # nobody runs the task: only heartbeats, then the wait limit
+    chat = Chat(settings, worker_running=False, openrouter_api_key=KEY, openrouter_max_wait=4.5)
     with chat.client.stream("POST", "/v1/chat/completions", headers=chat.headers,
                             json={"messages": user("<prompt>x</prompt>"), "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
@@ -253,9 +251,7 @@ def test_stream_heartbeats_while_waiting_and_reports_failure(settings):
 
 
 def test_non_streaming_wait_limit_is_a_504_naming_the_task(settings):
-    settings.openrouter_api_key = KEY
-    chat = Chat(settings, worker_running=False)
-    settings.openrouter_max_wait = 0.1
+    chat = Chat(settings, worker_running=False, openrouter_api_key=KEY, openrouter_max_wait=0.1)
     r = chat.client.post("/v1/chat/completions", json={"messages": user("<prompt>x</prompt>")}, headers=chat.headers)
     assert r.status_code == 504
     task_id = r.headers["x-task-id"]
@@ -272,13 +268,11 @@ def test_non_streaming_wait_limit_is_a_504_naming_the_task(settings):
     ("gpt-4o", "acestep-v15-turbo"),
 ])
 def test_any_model_id_runs_and_the_response_names_the_model_that_ran(settings, given, ran):
-    settings.openrouter_api_key = KEY
-    settings.config_path, settings.config_path2 = "acestep-v15-turbo", "acestep-v15-base"
-    chat = Chat(settings)
+    chat = Chat(settings, openrouter_api_key=KEY, config_path="acestep-v15-turbo", config_path2="acestep-v15-base")
     try:
         body = chat.post(model=given, messages=user("<prompt>x</prompt>"), audio_config={"duration": 10})
         assert body["model"] == "acestep/" + ran
-        assert (chat.last_request()["model"] or settings.default_model) == ran
+        assert (chat.last_request()["model"] or chat.settings.default_model) == ran
     finally:
         chat.stop()
 
@@ -319,8 +313,7 @@ def test_the_official_openai_client(chat):
 def test_completions_on_the_ace_step_listener_too(chat):
     """Upstream's API server serves the chat beside its own routes: same tasks, same shapes; its key is the
     ACE-Step listener's (its /v1/models and /health stay the ACE-Step API's own)."""
-    chat.settings.api_key = "sk-main"
-    api = TestClient(create_app(chat.settings, chat.backend))
+    api = TestClient(create_app(chat.settings.model_copy(update={"api_key": "sk-main"}), chat.backend))
     body = {"model": "acemusic/acestep-v1.5-turbo", "messages": user("<prompt>jazz</prompt>"),
             "audio_config": {"duration": 10, "format": "wav"}}
     assert api.post("/v1/chat/completions", json=body, headers=chat.headers).status_code == 401  # the chat's key
@@ -334,8 +327,7 @@ def test_completions_on_the_ace_step_listener_too(chat):
 
 
 def test_key_falls_back_to_the_ace_step_key(settings):
-    settings.api_key = "sk-main"
-    chat = Chat(settings, worker_running=False)
+    chat = Chat(settings, worker_running=False, api_key="sk-main")
     assert chat.client.get("/v1/models").status_code == 401
     assert chat.client.get("/v1/models", headers={"Authorization": "Bearer sk-main"}).status_code == 200
 
@@ -367,8 +359,9 @@ def test_raw_httpx_streaming_client(chat):
 def test_webhook_url_on_a_chat_request_is_checked_like_release_tasks(chat):
     r = chat.post(expect=400, messages=user("<prompt>x</prompt>"), webhook_url="http://127.0.0.1:9/hook")
     assert "private, loopback" in r["detail"]
-    chat.settings.webhook_allow_private = True
-    r = chat.client.post("/v1/chat/completions", headers=chat.headers, json={
+    allowed = chat.settings.model_copy(update={"webhook_allow_private": True})
+    client = TestClient(create_openrouter_app(allowed, chat.backend, poll_seconds=0.02))
+    r = client.post("/v1/chat/completions", headers=chat.headers, json={
         "messages": user("<prompt>x</prompt>"), "webhook_url": "http://127.0.0.1:9/hook",
         "audio_config": {"duration": 10}})
     assert r.status_code == 200
@@ -378,8 +371,7 @@ def test_webhook_url_on_a_chat_request_is_checked_like_release_tasks(chat):
 def test_streams_closed_by_a_server_shutdown_leave_their_tasks_to_finish(settings):
     from handlers.openrouter import waiting
 
-    chat = Chat(settings, worker_running=False)
-    settings.openrouter_max_wait = 0.05
+    chat = Chat(settings, worker_running=False, openrouter_max_wait=0.05)
     r = chat.client.post("/v1/chat/completions", json={"messages": user("<prompt>x</prompt>")}, headers=chat.headers)
     task_id = r.headers["x-task-id"]
     waiting.server_stopping.set()

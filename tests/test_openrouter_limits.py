@@ -18,9 +18,7 @@ CHAT = {"messages": [{"role": "user", "content": "<prompt>lo-fi piano</prompt>"}
 
 def _apps(settings, **overrides):
     """(ACE-Step client, chat client) on one backend, no worker: tasks stay queued."""
-    settings.api_key = KEY
-    for name, value in overrides.items():
-        setattr(settings, name, value)
+    settings = settings.model_copy(update={"api_key": KEY, **overrides})
     backend = make_embedded_backend(settings)
     api = create_app(settings, backend)
     return TestClient(api), TestClient(build_openrouter_app(settings, api)), backend
@@ -66,7 +64,7 @@ def test_the_request_rate_is_per_caller_and_shared_by_both_apis(settings, first)
 
 
 def test_a_chat_app_mounted_in_the_api_counts_each_request_once(settings):
-    settings.api_key, settings.rate_limit_rps = KEY, 0.5
+    settings = settings.model_copy(update={"api_key": KEY, "rate_limit_rps": 0.5})
     backend = make_embedded_backend(settings)
     api = create_app(settings, backend)
     api.mount("/openrouter", build_openrouter_app(settings, api))  # as entrypoints/lambda_api.py does

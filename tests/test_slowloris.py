@@ -33,15 +33,13 @@ def _closed_by_server(sock: socket.socket) -> bool:
 
 
 def test_a_connection_that_never_finishes_its_head_is_closed(settings):
-    settings.header_timeout = 0.3
-    with listening(settings) as address, socket.create_connection(address) as sock:
+    with listening(settings, header_timeout=0.3) as address, socket.create_connection(address) as sock:
         sock.sendall(PARTIAL_HEAD)
         assert _closed_by_server(sock)
 
 
 def test_a_keep_alive_connection_must_finish_its_next_head_too(settings):
-    settings.header_timeout = 0.3
-    with listening(settings) as address, socket.create_connection(address) as sock:
+    with listening(settings, header_timeout=0.3) as address, socket.create_connection(address) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: slow\r\n\r\n")
         sock.settimeout(CLOSED_WITHIN)
         assert sock.recv(65536).startswith(b"HTTP/1.1 ")  # the first request is answered
@@ -51,8 +49,7 @@ def test_a_keep_alive_connection_must_finish_its_next_head_too(settings):
 
 def test_past_the_cap_the_longest_waiting_connection_is_closed_and_health_answers(settings, monkeypatch):
     monkeypatch.setattr(http_protocol, "MAX_WAITING", 4)
-    settings.header_timeout = 300.0  # only the cap closes anything here
-    with listening(settings) as address:
+    with listening(settings, header_timeout=300.0) as address:  # only the cap closes anything here
         socks = [socket.create_connection(address) for _ in range(6)]
         try:
             for sock in socks:

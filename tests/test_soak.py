@@ -87,7 +87,8 @@ def _check_nothing_lost_or_duplicated(backend, ids: list[str]) -> dict:
 
 
 def test_concurrent_workers_on_one_sqlite_file_run_each_task_once(tmp_path):
-    settings = Settings(data_dir=str(tmp_path / "data"), visibility_timeout=30.0)
+    # one engine call per task (no batching), so calls count tasks
+    settings = Settings(data_dir=str(tmp_path / "data"), visibility_timeout=30.0, batch_compatible_tasks=False)
     backend = make_embedded_backend(settings)
     ids = [submit_task(backend, GenerationRequest(audio_duration=10, seeds=[i]), 1000)[0]
            for i in range(40)]
@@ -100,7 +101,6 @@ def test_concurrent_workers_on_one_sqlite_file_run_each_task_once(tmp_path):
         return original(request, **kw)
 
     engine.generate = counting  # type: ignore[method-assign]
-    settings.batch_compatible_tasks = False  # one engine call per task, so calls count tasks
     workers = [Worker(settings, make_embedded_backend(settings), engine) for _ in range(3)]
     threads = [threading.Thread(target=lambda w=w: [w.run_once(0.05) for _ in range(40)]) for w in workers]
     for t in threads:

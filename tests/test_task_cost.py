@@ -92,8 +92,7 @@ def test_the_worker_refuses_a_task_over_the_ceiling_before_running_it(settings, 
     thinking = GenerationRequest(prompt="p", thinking=True, audio_duration=10, batch_size=1, inference_steps=8)
     ids = [submit_task(backend, over, 10, uploads={"src_audio": Upload(b"RIFF", "a.wav")})[0],
            submit_task(backend, thinking, 10)[0]]
-    settings.max_task_cost = 1000
-    worker = Worker(settings, backend, engine)
+    worker = Worker(settings.model_copy(update={"max_task_cost": 1000}), backend, engine)  # a lower ceiling now
     while worker.run_once(0.01):
         pass
     repaint, lm = (backend.store.get(i) for i in ids)

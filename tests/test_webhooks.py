@@ -22,6 +22,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from engine.request import GenerationRequest
+from service.config import Settings
 from service.signed_urls import url_keys
 from service.task_payload import entry_for
 from service.task_payload import build_notifier
@@ -162,8 +163,7 @@ def receiver():
 
 
 def _notifier(settings, backend, **kw) -> WebhookNotifier:
-    settings.api_key, settings.webhook_allow_private = KEY, True
-    notifier = build_notifier(settings, backend)
+    notifier = build_notifier(settings.model_copy(update={"api_key": KEY, "webhook_allow_private": True}), backend)
     notifier.backoff = kw.pop("backoff", 0.01)
     notifier.poll_seconds = kw.pop("poll_seconds", 0.1)
     for k, v in kw.items():
@@ -271,13 +271,13 @@ def test_a_target_that_turned_private_is_not_called(settings, backend, receiver)
 
 
 def test_release_task_checks_the_url_and_cancel_notifies(settings, receiver):
-    api = make_api(settings, api_key=KEY)
-    r = api.client.post("/release_task", json={"prompt": "p", "webhook_url": receiver.url}, headers=api.headers())
+    strict = make_api(settings, api_key=KEY)
+    r = strict.client.post("/release_task", json={"prompt": "p", "webhook_url": receiver.url},
+                           headers=strict.headers())
     assert r.status_code == 400 and "private, loopback" in r.json()["detail"]
-    assert api.client.post("/release_task", json={"prompt": "p", "webhook_url": 5},
-                           headers=api.headers()).status_code == 400
-    api.settings.webhook_allow_private = True
-    api.client.app.state.webhooks.allow_private = True
+    assert strict.client.post("/release_task", json={"prompt": "p", "webhook_url": 5},
+                              headers=strict.headers()).status_code == 400
+    api = make_api(settings, api_key=KEY, webhook_allow_private=True)
     task_id = api.submit(prompt="p", webhook_url=receiver.url)
     assert api.backend.store.get(task_id).webhook_url == receiver.url
     assert api.client.post(f"/v1/tasks/{task_id}/cancel", headers=api.headers()).status_code == 200
@@ -311,8 +311,7 @@ def _worker_webhooks(settings, backend) -> WebhookNotifier:
     """The worker entry point's wiring: the notifier, also told of the tasks the backend itself ends."""
     from entrypoints.bootstrap import build_webhooks
 
-    settings.api_key, settings.webhook_allow_private = KEY, True
-    return build_webhooks(settings, backend)
+    return build_webhooks(settings.model_copy(update={"api_key": KEY, "webhook_allow_private": True}), backend)
 
 
 def _only_post(receiver, task_id, backend) -> dict:
@@ -363,8 +362,9 @@ def test_a_task_failed_by_a_broken_worker_posts_its_failure_once(settings, backe
 def test_public_base_url_makes_the_webhook_file_urls_absolute(settings, receiver):
     from service.embedded import make_embedded_backend
 
+    # validated, as it is read from the environment (the trailing slash dropped)
+    settings = Settings.model_validate({**settings.model_dump(), "public_base_url": "https://api.example.com/acestep/"})
     backend = make_embedded_backend(settings)
-    settings.public_base_url = "https://api.example.com/acestep/"
     notifier = _notifier(settings, backend)
     task_id = _submit(backend, receiver.url)
     Worker(settings, backend, SineEngine(), on_finished=notifier.task_finished).run_once(1.0)
@@ -540,7 +540,7 @@ def _start_deliverer(settings, backoff: float) -> subprocess.Popen:
 @pytest.fixture(params=["embedded", "aws"])
 def shared_backend(request, settings, tmp_path):
     """A backend another process can open too (AWS: moto's server, not the in-process mock)."""
-    settings.webhook_allow_private, settings.api_key = True, KEY
+    settings = settings.model_copy(update={"webhook_allow_private": True, "api_key": KEY})
     if request.param == "embedded":
         from service.embedded import make_embedded_backend
 

@@ -102,7 +102,7 @@ def test_uploaded_source_audio_reaches_engine(settings, backend, engine):
 
 
 def test_dead_worker_task_is_redelivered_and_finishes_once(settings, backend, engine):
-    settings.visibility_timeout = 1.0
+    settings = settings.model_copy(update={"visibility_timeout": 1.0})
     task_id = submit(backend)
     # Worker A leases and claims the task, then dies before finishing (never acks).
     lease = backend.queue.receive(1.0, settings.visibility_timeout)
@@ -141,7 +141,7 @@ def test_shutdown_releases_running_task_for_another_worker(settings, backend, en
 
 
 def test_poison_task_is_dead_lettered_with_reason(settings, backend, engine):
-    settings.visibility_timeout = 1.0
+    settings = settings.model_copy(update={"visibility_timeout": 1.0})
     task_id = submit(backend)
     for _ in range(settings.max_receives):  # every delivery's worker dies
         lease = backend.queue.receive(5.0, settings.visibility_timeout)
@@ -211,7 +211,7 @@ def test_giving_a_task_back_does_not_count_toward_dead_lettering(settings):
 
 
 def test_oversized_upload_fails_the_task_before_reading_it(settings, backend, engine):
-    settings.max_upload_mb = 1
+    settings = settings.model_copy(update={"max_upload_mb": 1})
     task_id = submit(backend, task_type="cover", src_audio_key="placeholder",
                       uploads={"src_audio": Upload(b"x" * (2 * 1024 * 1024), "in.wav", "audio/wav")})
     Worker(settings, backend, engine).run_once(1.0)
@@ -265,16 +265,16 @@ def test_embedded_sweep_keeps_old_uploads_that_queued_tasks_still_need(settings,
 
 
 def test_generation_past_its_deadline_fails_and_the_worker_goes_on(settings, backend, engine):
-    settings.generation_timeout = 0.2
+    # One worker, one limit (Settings are frozen): long enough that a plain task never reaches it under load
+    settings = settings.model_copy(update={"generation_timeout": 1.0})
     slow = submit(backend, prompt="slow")
-    engine.before_generate = lambda progress: (time.sleep(0.3), progress(0.5, "dit"))
+    engine.before_generate = lambda progress: (time.sleep(1.1), progress(0.5, "dit"))
     worker = Worker(settings, backend, engine)
     worker.run_once(1.0)
     rec = backend.store.get(slow)
     assert rec.status == FAILED and "timed out" in rec.error and "ACESTEP_GENERATION_TIMEOUT" in rec.error
 
     engine.before_generate = None
-    settings.generation_timeout = 60
     fine = submit(backend, prompt="fine")
     worker.run_once(1.0)
     assert backend.store.get(fine).status == SUCCEEDED
@@ -285,7 +285,7 @@ def test_hung_generation_lets_its_lease_lapse_for_another_worker(settings, engin
     finished elsewhere, and the hung call's late output is discarded."""
     from service.embedded import make_embedded_backend
 
-    settings.visibility_timeout, settings.stall_timeout = 0.6, 0.3
+    settings = settings.model_copy(update={"visibility_timeout": 0.6, "stall_timeout": 0.3})
     backend = make_embedded_backend(settings)
     task_id = submit(backend)
     unblock, stalled = threading.Event(), threading.Event()

@@ -31,8 +31,7 @@ def encoder():
 
 @pytest.fixture
 def settings(settings):
-    settings.pipeline = True  # auto would be off: these engines say they run on the CPU
-    return settings
+    return settings.model_copy(update={"pipeline": True})  # auto would be off: these engines say they run on the CPU
 
 
 @pytest.fixture
@@ -79,7 +78,7 @@ def _decodes(backend, key: str) -> bool:
 
 
 def test_next_batch_generates_while_the_previous_one_is_recorded(settings, backend, engine, encoder):
-    settings.batch_compatible_tasks = False
+    settings = settings.model_copy(update={"batch_compatible_tasks": False})
     gated = _GatedBlobs(backend.blobs)
     queue = _AckAfterRecord(backend.queue, backend.store)
     worker = Worker(settings, dataclasses.replace(backend, blobs=gated, queue=queue), engine, encoder=encoder)
@@ -117,7 +116,7 @@ def test_a_failing_encode_fails_only_its_own_task(settings, backend, engine, enc
 
 
 def test_leases_stay_hidden_while_tasks_wait_for_post_processing(settings, backend, engine, encoder):
-    settings.visibility_timeout = 0.5
+    settings = settings.model_copy(update={"visibility_timeout": 0.5})
     gated = _GatedBlobs(backend.blobs)
     worker = Worker(settings, dataclasses.replace(backend, blobs=gated), engine, encoder=encoder)
     task_id = submit(backend)
@@ -207,7 +206,7 @@ class _InterruptedEncoder(EncoderPool):
 
 
 def test_an_interrupted_encode_fails_its_task_and_the_stage_keeps_running(settings, backend, engine):
-    settings.pipeline_depth = 1
+    settings = settings.model_copy(update={"pipeline_depth": 1})
     worker = Worker(settings, backend, engine, encoder=_InterruptedEncoder(1))
     first, second = submit(backend, prompt="one"), submit(backend, prompt="two")
     worker.run_once(1.0, overlap=True)
@@ -219,7 +218,7 @@ def test_an_interrupted_encode_fails_its_task_and_the_stage_keeps_running(settin
 
 
 def test_a_hung_encode_fails_after_the_encode_timeout_and_restarts_the_encoders(settings, backend, engine):
-    settings.stall_timeout = 0.5
+    settings = settings.model_copy(update={"stall_timeout": 0.5})
     encoder = _StuckEncoder(1)
     reset = []
     encoder.reset = lambda: reset.append(True)  # type: ignore[method-assign]
@@ -244,7 +243,8 @@ def test_encoder_processes_ignore_a_terminals_ctrl_c(encoder):
 
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_without_pipeline_or_encoder_the_engine_encodes(settings, backend, engine, pipeline):
-    settings.pipeline = pipeline  # off: all in sequence; on without an encoder: only storing overlaps
+    # off: all in sequence; on without an encoder: only storing overlaps
+    settings = settings.model_copy(update={"pipeline": pipeline})
     encoder = _StuckEncoder(1)
     worker = Worker(settings, backend, engine, encoder=encoder if not pipeline else None)
     task_id = submit(backend)
