@@ -33,10 +33,12 @@ def lm_folder(config: EngineConfig) -> Optional[Path]:
     return resolve_lm_folder(config.checkpoint_dir, config.lm_model) if config.lm_model else None
 
 
-def load_planner(config: EngineConfig, device, dtype=None):
+def load_planner(config: EngineConfig, device, dtype=None, memory_left: Optional[int] = None):
     """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one.
 
-    dtype: the transformers LM's (the DiT's ACESTEP_DTYPE choice); None: its own auto choice."""
+    dtype: the transformers LM's (the DiT's ACESTEP_DTYPE choice); None: its own auto choice.
+    memory_left: what the engine's fit check leaves on the device beside the DiT (vLLM sizes its KV cache from
+    it; None: unknown)."""
     if not config.lm_model:
         return None
     from engine.lm.backend_choice import LMBackendUnavailable, resolve_backend
@@ -54,11 +56,14 @@ def load_planner(config: EngineConfig, device, dtype=None):
         raise GenerationError(f"ACESTEP_QUANTIZE_LM={config.quantize_lm} is not wired to the vLLM backend yet; set "
                               "ACESTEP_QUANTIZE_LM=none, or ACESTEP_LM_BACKEND=pt")
     if backend == "vllm":
-        from engine.lm.vllm_backend import VllmLM  # imports vLLM: only here, only when asked for
+        from engine.lm.vllm_backend import VllmLM, VllmMemoryError  # imports vLLM: only here, only when asked for
 
-        # GPU: a KV cache of fixed size beside the DiT instead of vLLM's default 90% of the card
+        # the KV cache from what the fit check leaves beside the DiT, not vLLM's default 90% of the card
         kv = os.environ.get("ACESTEP_VLLM_KV_CACHE_GB", "").strip()
-        lm = VllmLM.load(folder, kv_cache_gib=float(kv) if kv else (4.0 if str(device).startswith("cuda") else None))
+        try:
+            lm = VllmLM.load(folder, kv_cache_gib=float(kv) if kv else None, memory_left=memory_left)
+        except VllmMemoryError as exc:  # refused at start with the numbers, as the DiT's fit check does
+            raise GenerationError(str(exc)) from exc
     else:
         from engine.lm.transformers_backend import TransformersLM
 

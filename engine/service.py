@@ -189,16 +189,22 @@ class Engine:
             if info.random_weights:
                 log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
         lm_folder = lm_bridge.lm_folder(config)
+        stage_largest, lm_bytes = largest, 0  # a vLLM LM stays on the device beside the largest DiT stage
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
             lm_dtype = str(dtype).replace("torch.", "")  # the transformers LM loads in the DiT's dtype
             needed += memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
-            largest = max(largest, memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm))
+            lm_bytes = memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
+            largest = max(largest, lm_bytes)
             memory.check_fits(offload.fit_bytes(config.offload, needed, largest, device.type), free, str(device),
                               " + ".join([*config.model_names, lm_folder.name]), workspace)
         decision = offload.decide(config.offload, needed, largest, free, workspace, device.type)
         if not decision.offload:  # the loading checks asked for the largest stage only
             memory.check_fits(needed, free, str(device), " + ".join(config.model_names), workspace)
-        engine = cls(config, models, device, dtype, users, planner=lm_bridge.load_planner(config, device, dtype))
+        # what the fit check leaves beside the DiTs, their working memory and the text encoder: a vLLM LM's
+        # weights, runtime and KV cache must fit in it (engine/lm/vllm_backend.kv_cache_bytes)
+        left = None if free is None else free - workspace - (stage_largest if decision.offload else needed - lm_bytes)
+        engine = cls(config, models, device, dtype, users,
+                     planner=lm_bridge.load_planner(config, device, dtype, memory_left=left))
         engine.dtype_choice = dtype_choice
         engine._apply_offload(decision)
         if speedups.warm_up_enabled(config.warmup, device.type):

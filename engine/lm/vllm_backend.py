@@ -317,6 +317,71 @@ def v2_processor_class():
 
 
 # --- the backend ---------------------------------------------------------------------------------------------------
+GiB = 1 << 30
+# What vLLM holds besides the LM's weights and the KV cache: its CUDA context, the activations of one step at
+# max_num_batched_tokens, the sampler's fp32 logits over the 217k vocabulary for every row (a round, high figure)
+VLLM_RUNTIME_BYTES = int(1.5 * GiB)
+# The most rows the planner runs at once: a batch of 8 songs with CFG (more waits for the next wave), so no more
+# KV cache than they can fill is taken from the DiT's machine
+KV_ROWS = 16
+
+
+class VllmMemoryError(ValueError):
+    """The memory the fit check leaves cannot hold the LM's weights and a minimal KV cache."""
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """KV cache bytes one token takes in every layer (keys and values), from the LM's config.json."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    return 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * dtype_bytes
+
+
+def kv_cache_bytes(memory_left: int, lm_weights: int, per_token: int, *, max_model_len: int, max_num_seqs: int,
+                   runtime: int = VLLM_RUNTIME_BYTES) -> int:
+    """vLLM's KV cache from what the engine's fit check leaves (`memory_left`: free memory less the DiTs, the
+    text encoder, the VAE's working set), never a fixed share of the card: what remains after the LM's weights
+    and vLLM's runtime, up to what `max_num_seqs` full-length sequences can use. Refused with the numbers when
+    not even one CFG pair of full-length sequences fits."""
+    left = memory_left - lm_weights - runtime
+    least = 2 * max_model_len * per_token
+    if left < least:
+        raise VllmMemoryError(
+            f"vLLM needs {lm_weights / GiB:.1f} GiB for the LM's weights, {runtime / GiB:.1f} GiB of runtime and at "
+            f"least {least / GiB:.2f} GiB of KV cache (2 x {max_model_len} tokens), but the fit check leaves "
+            f"{memory_left / GiB:.1f} GiB beside the DiT; use a smaller LM, ACESTEP_OFFLOAD, ACESTEP_LM_BACKEND=pt, "
+            f"or a device with more memory")
+    return min(left, max_num_seqs * max_model_len * per_token)
+
+
+def kv_cache_for(path: Path, memory_left: int, *, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
+    """kv_cache_bytes for the LM folder at `path` loaded in `dtype` ("auto": its config's)."""
+    import json
+
+    from engine import memory
+
+    config = json.loads((path / "config.json").read_text())
+    name = (config.get("torch_dtype") or config.get("dtype") or "bfloat16") if dtype == "auto" else dtype
+    name = {"half": "float16", "float": "float32"}.get(str(name), str(name))
+    dtype_bytes = 4 if name == "float32" else 2
+    return kv_cache_bytes(memory_left, memory.weight_bytes(path, name), kv_bytes_per_token(config, dtype_bytes),
+                          max_model_len=max_model_len, max_num_seqs=min(max_num_seqs, KV_ROWS))
+
+
+def engine_kwargs(path: Path, *, max_model_len: int, max_num_seqs: int, max_batched_tokens: int, dtype: str,
+                  enforce_eager: bool, seed: int, kv_cache_bytes: Optional[int]) -> dict[str, Any]:
+    """vLLM's EngineArgs for the LM at `path` (less the logits processor, which imports vLLM)."""
+    kwargs: dict[str, Any] = dict(
+        model=str(path), tokenizer=str(path), dtype=dtype, max_model_len=max_model_len, seed=seed,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_batched_tokens, max_model_len),
+        enforce_eager=enforce_eager, disable_log_stats=True, generation_config="vllm",
+    )
+    if kv_cache_bytes is not None:  # vLLM sizes its cache to this instead of a share of the card
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+    return kwargs
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What one wave of requests may use so that all are prefilled in the first step and none is preempted."""
@@ -354,25 +419,25 @@ class VllmLM(TokenizerText):
     def load(cls, path: str | os.PathLike, *, max_model_len: int = 4096, max_num_seqs: int = 64,
              max_batched_tokens: int = 16384, kv_cache_gib: Optional[float] = None,
              gpu_memory_utilization: Optional[float] = None, dtype: str = "auto", enforce_eager: bool = False,
-             max_duration: int = 600, seed: int = 0) -> "VllmLM":
+             max_duration: int = 600, seed: int = 0, memory_left: Optional[int] = None) -> "VllmLM":
         """Start a vLLM engine on a 5 Hz LM folder (published layout), offline.
 
-        kv_cache_gib: the KV cache's size (GPU: instead of a share of the card, so it fits beside the DiT; the
-        CPU build reads VLLM_CPU_KVCACHE_SPACE when this is None).
+        kv_cache_gib: the KV cache's size; None: sized by kv_cache_for from `memory_left`, the bytes the engine's
+        fit check leaves beside the DiT (both None: vLLM's own default). On CPU, VLLM_CPU_KVCACHE_SPACE (whole
+        GiB, vLLM's older setting) wins over both when set.
         """
+        if kv_cache_gib is None and memory_left is not None:
+            kv_cache_gib = kv_cache_for(Path(path), memory_left, dtype=dtype, max_model_len=max_model_len,
+                                        max_num_seqs=max_num_seqs) / GiB
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the DecodeHost lives in this process
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
         path = Path(path)
-        kwargs: dict[str, Any] = dict(
-            model=str(path), tokenizer=str(path), dtype=dtype, max_model_len=max_model_len, seed=seed,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_batched_tokens, max_model_len),
-            enforce_eager=enforce_eager, disable_log_stats=True, generation_config="vllm",
-            logits_processors=[v1_processor_class()],
-        )
-        if kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        kwargs = engine_kwargs(path, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                               max_batched_tokens=max_batched_tokens, dtype=dtype, enforce_eager=enforce_eager,
+                               seed=seed, kv_cache_bytes=None if kv_cache_gib is None else int(kv_cache_gib * GiB))
+        kwargs["logits_processors"] = [v1_processor_class()]
         if gpu_memory_utilization is None and torch.cuda.is_available():
             # vLLM refuses to start unless total x utilization is free; the DiT is loaded first and keeps its share
             free, total = torch.cuda.mem_get_info()
