@@ -27,6 +27,41 @@ class Upload:
     content_type: str = "application/octet-stream"
 
 
+@dataclass(frozen=True)
+class PlacedSources:
+    """A task's sources where the task keeps them: its request with every role's final key, the files
+    to write under those keys and the direct uploads to copy there."""
+    request: GenerationRequest
+    writes: dict[str, Upload]  # final key -> a file sent with the submit
+    copies: dict[str, str]  # final key -> the direct upload (pending key) it copies
+
+
+def new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
+def place_sources(task_id: str, request: GenerationRequest,
+                  uploads: Optional[dict[str, Upload]] = None) -> PlacedSources:
+    """The one place a task's source keys are decided. A file sent with the submit goes under the task's
+    own key; so does a copy of a direct upload (`<role>_key` a pending key): a direct upload expires on
+    its own clock (the embedded sweep, S3's lifecycle rule), and other tasks may share it. Any other key
+    the request names stays as it is."""
+    keys: dict[str, str] = {}
+    writes: dict[str, Upload] = {}
+    copies: dict[str, str] = {}
+    for role in SOURCE_ROLES:
+        up = (uploads or {}).get(role)
+        sent = getattr(request, f"{role}_key")
+        if up is not None:
+            keys[role] = blob_keys.task_upload_key(task_id, role, up.filename)
+            writes[keys[role]] = up
+        elif sent and blob_keys.is_pending_upload_key(sent):
+            keys[role] = blob_keys.task_upload_key(task_id, role, sent.rsplit("/", 1)[-1])
+            copies[keys[role]] = sent
+    placed = request.model_copy(update={f"{role}_key": key for role, key in keys.items()}) if keys else request
+    return PlacedSources(placed, writes, copies)
+
+
 def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
                 uploads: Optional[dict[str, Upload]] = None,
                 task_id: Optional[str] = None,
@@ -35,14 +70,13 @@ def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
                 caller_limits: Optional[CallerLimits] = None) -> tuple[str, Optional[int]]:
     """Returns (task_id, queue_position). Raises QueueFull (the API's 429) after undoing everything.
 
-    `request` is validated; `uploads` maps a role in SOURCE_ROLES to its file, whose
-    blob key this writes into the request as `<role>_key`. A `<role>_key` already in the request
-    (a direct upload) becomes the task's. With `idempotency_key`, a retry of an earlier submit
+    `request` is validated; `uploads` maps a role in SOURCE_ROLES to its file. This writes and copies
+    the source blobs under the keys place_sources decides for `task_id` (the request as stored names them). With `idempotency_key`, a retry of an earlier submit
     returns that task and stores nothing (IdempotencyConflict if the request differs). `webhook_url`
     (checked by the caller, service/webhooks.py) gets the final result.
     """
     uploads = uploads or {}
-    record = TaskRecord(task_id=task_id or str(uuid.uuid4()), request=request,
+    record = TaskRecord(task_id=task_id or new_task_id(), request=request,
                         idempotency_key=scoped_key(owner, idempotency_key) if idempotency_key else None,
                         webhook_url=webhook_url or None, owner=owner)
     if record.idempotency_key:
@@ -51,22 +85,16 @@ def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
         first = backend.store.find_by_idempotency_key(record.idempotency_key)
         if first is not None:  # the common retry: answer without writing the uploads again
             return replayed(record, first).task_id, _position(backend, first.task_id)
+    placed = place_sources(record.task_id, request, uploads)
     written: list[str] = []
     try:
-        for role, up in uploads.items():
-            key = blob_keys.task_upload_key(record.task_id, role, up.filename)
+        for key, up in placed.writes.items():
             backend.blobs.put(key, up.data, up.content_type)
             written.append(key)
-            record.request = record.request.model_copy(update={f"{role}_key": key})
-        for role in SOURCE_ROLES:
-            key = getattr(record.request, f"{role}_key")
-            if key and blob_keys.is_pending_upload_key(key):
-                # The task keeps its own copy: a direct upload expires on its own clock (the embedded
-                # sweep, S3's lifecycle rule), and other tasks may share it.
-                own = blob_keys.task_upload_key(record.task_id, role, key.rsplit("/", 1)[-1])
-                backend.blobs.copy(key, own)
-                written.append(own)
-                record.request = record.request.model_copy(update={f"{role}_key": own})
+        for own, pending in placed.copies.items():
+            backend.blobs.copy(pending, own)
+            written.append(own)
+        record.request = placed.request
         record.blob_keys = [key for role in SOURCE_ROLES if (key := getattr(record.request, f"{role}_key"))]
         task, created = backend.intake.submit(record, max_queue, caller_limits)
     except BaseException:
@@ -89,4 +117,4 @@ def _delete(backend: Backend, keys: list[str]) -> None:
         backend.blobs.delete(key)
 
 
-__all__ = ["Upload", "submit_task", "QueueFull", "SOURCE_ROLES"]
+__all__ = ["PlacedSources", "Upload", "new_task_id", "place_sources", "submit_task", "QueueFull", "SOURCE_ROLES"]

@@ -23,7 +23,7 @@ from .fleet import Fleet, served_model_names
 from .ports import Backend, CallerLimits
 from .refusals import LMNotReported, LMNotServed, NoWorker, StorageFull, WebhookRejected
 from .sources import AudioSource, resolve_sources
-from .submission import submit_task
+from .submission import new_task_id, place_sources, submit_task
 from .task_limits import check_task
 from .task_outputs import output_reader
 from .webhooks import WebhookRefused, vet_target
@@ -102,12 +102,11 @@ class Submitter:
                                   max_bytes=settings.max_upload_bytes,
                                   outputs=output_reader(backend.store, backend.blobs, settings.max_upload_bytes))
         request = request.model_copy(update={f"{role}_key": key for role, key in sources.keys.items()})
-        stored = request.model_dump()
-        check_task(request, stored, settings.max_task_cost,
-                   has_source="src_audio" in sources.uploads or "src_audio" in sources.keys)
+        task_id = new_task_id()
+        check_task(place_sources(task_id, request, sources.uploads).request, settings.max_task_cost)  # as stored
         limits = CallerLimits(settings.caller_max_queued, settings.caller_max_active)
         task_id, position = submit_task(backend, request, settings.queue_maxsize, uploads=sources.uploads,
-                                        idempotency_key=command.idempotency_key, webhook_url=webhook_url,
+                                        task_id=task_id, idempotency_key=command.idempotency_key, webhook_url=webhook_url,
                                         owner=command.caller.id, caller_limits=limits)
         return Submitted(task_id, position, fallback)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from engine.plan import generated_seconds, lm_decode_steps, lm_runs
 from engine.request import GenerationRequest
@@ -75,15 +75,13 @@ def over_ceiling(cost: TaskCost, max_cost: float) -> Optional[str]:
             "batch, fewer steps or less of the 5 Hz LM (thinking, sample mode, format)")
 
 
-def check_task(request: GenerationRequest, stored: dict[str, Any], max_cost: float, has_source: bool = False) -> None:
-    """TooCostly (413) when the stored request is too large or the task costs more than `max_cost`.
-    `has_source`: src_audio comes with the request (a file, an upload key or a server path)."""
-    size = len(json.dumps(stored, ensure_ascii=False).encode("utf-8"))
+def check_task(request: GenerationRequest, max_cost: float) -> None:
+    """TooCostly (413) when the request as stored (its source keys the task's own) is too large or the
+    task costs more than `max_cost`."""
+    size = len(json.dumps(request.model_dump(), ensure_ascii=False).encode("utf-8"))
     if size > MAX_REQUEST_BYTES:
         raise TooCostly(f"the request is {size} bytes as stored; the limit is {MAX_REQUEST_BYTES} bytes "
                                "(shorten prompt, lyrics, complete_track_classes or other long fields)")
-    if has_source and not request.src_audio_key:  # its key is only written when the task is stored
-        request = request.model_copy(update={"src_audio_key": "(submitted)"})
     reason = over_ceiling(task_cost(request), max_cost)
     if reason:
         raise TooCostly(reason)

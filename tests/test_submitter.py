@@ -163,3 +163,31 @@ def test_the_stored_request_names_the_model_it_runs_on(backend):
     assert backend.store.get(named.task_id).request.model == "acestep-v15-base"
     bare = Submitter(Settings(data_dir="unused", config_path=""), backend)  # none configured: the worker decides
     assert backend.store.get(submit(bare, SubmitTask(GenerationRequest(), ANYONE)).task_id).request.model is None
+
+
+def test_the_cost_check_sees_the_source_keys_the_task_is_stored_with(backend, monkeypatch):
+    """One function decides each source's key (service.submission.place_sources): a sent file and a direct
+    upload both become the task's own keys, and the cost check reads those, not a placeholder."""
+    import service.submitter as submitter_module
+    from engine.request import DECLARED_SOURCES
+    from service.blob_keys import new_pending_upload_key
+    from service.sources import SentFile, UploadKey
+    from service.submission import Upload
+
+    seen = []
+    real_check = submitter_module.check_task
+    monkeypatch.setattr(submitter_module, "check_task", lambda request, max_cost: (seen.append(request),
+                                                                                   real_check(request, max_cost)))
+    pending = new_pending_upload_key("ref.wav")  # POST /v1/uploads, then the PUT
+    backend.blobs.put(pending, b"RIFF", "audio/wav")
+    sources = (SentFile("src_audio", Upload(b"RIFF", "song.flac", "audio/flac"), "src_audio"),
+               UploadKey("reference_audio", pending, "reference_audio_key"))
+    request = GenerationRequest.model_validate({"task_type": "cover", "audio_duration": 10},
+                                               context={DECLARED_SOURCES: ("src_audio", "reference_audio")})
+    task = submit(Submitter(Settings(data_dir="unused"), backend), SubmitTask(request, ANYONE, sources=sources))
+    stored = backend.store.get(task.task_id).request
+    assert (stored.src_audio_key, stored.reference_audio_key) == (
+        f"uploads/{task.task_id}/src_audio.flac", f"uploads/{task.task_id}/reference_audio.wav")
+    assert [(r.src_audio_key, r.reference_audio_key) for r in seen] == [
+        (stored.src_audio_key, stored.reference_audio_key)]
+    assert backend.blobs.get(stored.src_audio_key) == backend.blobs.get(stored.reference_audio_key) == b"RIFF"
