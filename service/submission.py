@@ -71,9 +71,10 @@ def submit_task(backend: Backend, request: GenerationRequest, max_queue: int,
     """Returns (task_id, queue_position). Raises QueueFull (the API's 429) after undoing everything.
 
     `request` is validated; `uploads` maps a role in SOURCE_ROLES to its file. This writes and copies
-    the source blobs under the keys place_sources decides for `task_id` (the request as stored names them). With `idempotency_key`, a retry of an earlier submit
-    returns that task and stores nothing (IdempotencyConflict if the request differs). `webhook_url`
-    (checked by the caller, service/webhooks.py) gets the final result.
+    the source blobs under the keys place_sources decides for `task_id` (the request as stored names
+    them). With `idempotency_key`, a retry of an earlier submit returns that task and stores nothing
+    (IdempotencyConflict if the request differs). `webhook_url` (checked by the caller,
+    service/webhooks.py) gets the final result.
     """
     uploads = uploads or {}
     record = TaskRecord(task_id=task_id or new_task_id(), request=request,

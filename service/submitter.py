@@ -106,7 +106,8 @@ class Submitter:
         check_task(place_sources(task_id, request, sources.uploads).request, settings.max_task_cost)  # as stored
         limits = CallerLimits(settings.caller_max_queued, settings.caller_max_active)
         task_id, position = submit_task(backend, request, settings.queue_maxsize, uploads=sources.uploads,
-                                        task_id=task_id, idempotency_key=command.idempotency_key, webhook_url=webhook_url,
+                                        task_id=task_id, idempotency_key=command.idempotency_key,
+                                        webhook_url=webhook_url,
                                         owner=command.caller.id, caller_limits=limits)
         return Submitted(task_id, position, fallback)
 
