@@ -11,8 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
+from service.fleet import served_model_names
 from service.ports import Backend
 from service.submitter import Submitter
 from service.version import __version__
@@ -44,12 +46,17 @@ def _install_docs(app: FastAPI, settings: Settings, keys: KeySource) -> None:
     opened /docs with the key does not need to send it again."""
 
     generate = app.openapi
+    listed: list[list[str]] = []  # the model names the schema's `model` lists now
 
     def openapi_of_this_server() -> dict[str, Any]:
-        if app.openapi_schema is None:  # built once; `model` lists this server's models
-            with_model_names(generate(), list(settings.model_names))
+        if app.openapi_schema is None:  # built once
+            generate()
             if settings.rate_limit_rps > 0:
                 with_rate_limit_answers(app.openapi_schema or {}, COUNTED_METHODS, EXEMPT)
+        names = served_model_names(settings, app.state.backend)  # changes with POST /v1/init (one machine)
+        if listed != [names]:  # `model` lists the models served now
+            with_model_names(app.openapi_schema or {}, names)
+            listed[:] = [names]
         return app.openapi_schema or generate()
 
     app.openapi = openapi_of_this_server  # type: ignore[method-assign]
@@ -58,7 +65,7 @@ def _install_docs(app: FastAPI, settings: Settings, keys: KeySource) -> None:
     async def openapi(request: Request, expires: Optional[str] = None, sig: Optional[str] = None):
         if not verify(keys, "openapi", "", expires, sig):
             require_header(settings, request)
-        return JSONResponse(app.openapi())
+        return JSONResponse(await run_in_threadpool(app.openapi))  # a store read: off the event loop
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request):

@@ -31,7 +31,8 @@ from engine.request import ADAPTER_NAME_RE
 
 from .adapter_meta import update_meta
 from .config import Settings
-from .ports import TaskStore
+from .fleet import served_model_names
+from .ports import Backend
 from .records import MODELS_META_KEY, ModelsMeta
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,9 @@ class _Cached:
 
 
 class AdapterCatalog:
-    def __init__(self, settings: Settings, store: TaskStore, *, scan_lora_dir: bool = True,
+    def __init__(self, settings: Settings, backend: Backend, *, scan_lora_dir: bool = True,
                  fresh_seconds: float = FRESH_SECONDS):
-        self.settings, self.store = settings, store
+        self.settings, self.backend, self.store = settings, backend, backend.store
         # Where the API shares the workers' disk (one machine). On Lambda the folder is absent: nothing found.
         self.scan_lora_dir = scan_lora_dir
         self.fresh_seconds = fresh_seconds
@@ -131,6 +132,10 @@ class AdapterCatalog:
     def lora_dir(self) -> Path:
         configured = getattr(self.settings, "lora_dir", "") or ""
         return Path(configured) if configured else Path(self.settings.checkpoint_dir) / "loras"
+
+    def served_models(self) -> list[str]:
+        """The DiT models served now, the first the default (after a POST /v1/init switch: the new set)."""
+        return served_model_names(self.settings, self.backend)
 
     def model_shape(self, model: str) -> Optional[ModelShape]:
         """The attention geometry adapters for `model` must have: as a worker reported it, else published."""
@@ -201,7 +206,7 @@ class AdapterCatalog:
         return out
 
     def _served_shapes(self) -> list[tuple[str, ModelShape]]:
-        return [(m, shape) for m in self.settings.model_names if (shape := self.model_shape(m)) is not None]
+        return [(m, shape) for m in self.served_models() if (shape := self.model_shape(m)) is not None]
 
     def _inspect(self, path: Path) -> tuple[Optional[AdapterEntry], Optional[str]]:
         """The adapter at `path`, checked against the served models' geometries: its `shape` is the first one
@@ -302,7 +307,7 @@ class AdapterCatalog:
 
     def models_fitting(self, entry: AdapterEntry) -> list[str]:
         """The served models this adapter fits (all of them when its geometry is unknown)."""
-        return [m for m in self.settings.model_names if mismatch(entry, m, self.model_shape(m)) is None]
+        return [m for m in self.served_models() if mismatch(entry, m, self.model_shape(m)) is None]
 
 
 def _valid_name(name: str) -> bool:

@@ -117,7 +117,7 @@ class DefaultAdapterState:
         """Without `label`: this adapter alone becomes the default. With one: it is added to the stack
         (upstream's multi-adapter add_lora), or replaces the one loaded under that label."""
         entry = self.entry_for(reference)
-        model = self.settings.default_model or ""
+        model = next(iter(self.catalog.served_models()), "")
         reason = mismatch(entry, model, self.catalog.model_shape(model)) if model else None
         if reason:
             raise AdapterRejected(reason)

@@ -36,7 +36,7 @@ class AdapterResolution:
         refs = list(request.adapters) if chosen else self.defaults.current().refs()
         if not refs:
             return request
-        model = request.model or self.settings.default_model or ""
+        model = request.model or next(iter(self.catalog.served_models()), "")
         shape = self.catalog.model_shape(model) if model else None
         settled: list[AdapterRef] = []
         for ref in refs:

@@ -23,7 +23,7 @@ class AdapterServices:
 
     @classmethod
     def build(cls, settings: Settings, backend: Backend) -> "AdapterServices":
-        catalog = AdapterCatalog(settings, backend.store)
+        catalog = AdapterCatalog(settings, backend)
         defaults = DefaultAdapterState(settings, backend.store, catalog)
         return cls(catalog, defaults, AdapterUploads(settings, backend.blobs, catalog),
                    AdapterResolution(settings, catalog, defaults),

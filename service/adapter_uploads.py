@@ -80,10 +80,10 @@ class AdapterUploads:
         if not re.fullmatch(ADAPTER_NAME_RE, name):
             raise AdapterRejected(f"name: {name!r} is not an adapter name (letters, digits, '.', '_', '-'; "
                                   "at most 128, starting with a letter or digit)")
-        model = upload.model or self.settings.default_model
-        if not model or model not in self.settings.model_names:
-            raise AdapterRejected(f"model: {upload.model!r} is not served here "
-                                  f"(models: {', '.join(self.settings.model_names)})")
+        served = self.catalog.served_models()
+        model = upload.model or next(iter(served), None)
+        if not model or model not in served:
+            raise AdapterRejected(f"model: {upload.model!r} is not served here (models: {', '.join(served)})")
         shape = self.catalog.model_shape(model)
         if shape is None:
             raise AdapterRejected(f"model {model!r}: its geometry is not known yet (no worker has reported it), "

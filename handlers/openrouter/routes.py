@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
+from service.fleet import served_model_names
 from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
 from service.submitter import SubmitTask
@@ -65,14 +66,14 @@ def _failure(record: TaskRecord | None) -> tuple[int, str]:
     return 500, record.error or "generation failed"
 
 
-def _parse(body: bytes, settings: Settings) -> tuple[ChatCompletionRequest, ChatTask]:
-    """The body -> the request and its task; every step linear in the body's size."""
+def _parse(body: bytes, settings: Settings, models: list[str]) -> tuple[ChatCompletionRequest, ChatTask]:
+    """The body -> the request and its task; every step linear in the body's size. `models`: those served now."""
     try:
         req = ChatCompletionRequest.model_validate(_json_object(body))
     except ValidationError as exc:
         raise bad_request(validation_message(exc, ChatCompletionRequest)) from None
     try:
-        return req, to_task(req, model_names=settings.model_names, default_model=settings.default_model,
+        return req, to_task(req, model_names=models, default_model=next(iter(models), None),
                             max_audio_bytes=settings.max_upload_bytes)
     except MessageError as exc:
         raise bad_request(str(exc)) from None
@@ -86,7 +87,8 @@ async def chat_completions(request: Request):
     require_key(settings, request)  # the key of the listener it came in on (auth.py)
     body = await read_limited(request, settings.max_upload_bytes * 2 + 1024 * 1024)  # base64 grows by 4/3
     # JSON, validation and base64 off the event loop the other API shares (handlers/off_loop.py)
-    req, task = await parse_off_loop(len(body), _parse, body, settings)
+    models = await run_in_threadpool(served_model_names, settings, backend)  # after a POST /v1/init: the new set
+    req, task = await parse_off_loop(len(body), _parse, body, settings, models)
     # /release_task's path and limits: cost ceiling (413), per-caller tasks in flight (429), counted
     # per API key (or address) across both APIs.
     submitted = await submitter_of(request).submit(SubmitTask(
