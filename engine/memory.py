@@ -78,13 +78,19 @@ def _stored_bytes(code: str) -> int:
     return {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(code, 4)
 
 
+class DoesNotFit(GenerationError):
+    """check_fits refused a load for memory (nothing was loaded), as opposed to a load that failed: a run-time
+    model switch (service/model_switch.py) then retries after unloading the models in use."""
+
+
 def check_fits(needed: int, free: Optional[int], device: str, what: str, workspace: int = 0) -> None:
-    """Raise a GenerationError that says how much is needed (weights + `workspace`) and how much is there."""
+    """Raise DoesNotFit (a GenerationError) that says how much is needed (weights + `workspace`) and how much
+    is there."""
     if free is None:
         return
     if needed + workspace > free:
         cpu = str(device).startswith("cpu")
-        raise GenerationError(
+        raise DoesNotFit(
             f"{what} needs about {needed / GB:.1f} GB for weights plus {workspace / GB:.1f} GB to generate, "
             f"but {device} has {free / GB:.1f} GB {'available' if cpu else 'free'}. "
             + ("Use a machine with more RAM, serve fewer models (ACESTEP_CONFIG_PATH2/3), load in bf16 "
