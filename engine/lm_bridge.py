@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.lm.planner import Planner  # torch-free
+from engine.plan import DEMO_SECONDS
 from engine.request import GenerationRequest
 from engine.types import GenerationError, GenerationResult, Metas
 
@@ -19,9 +20,9 @@ log = logging.getLogger(__name__)
 # way), so every `make run` path answers in seconds; results say so (DEMO_LM_NOTE). The metadata cap leaves
 # room for every field line (the genres line alone may take 64 tokens), so the block still parses.
 DEMO_LM_BUDGETS = {"max_caption_tokens": 16, "max_cot_tokens": 128, "max_lyrics_tokens": 32}
-# The length a demo LM's song gets when the request leaves it to the LM. Not the default duration (120 s): the
-# demo LM decodes 5 codes per second to the end, so its first-run songs stay short; the plan's notes say so.
-DEMO_LM_SECONDS = 30.0
+# The length a demo LM's song gets when the request leaves it to the LM: a demo model's length, not the default
+# (120 s), so first-run songs stay short (the demo LM decodes 5 codes a second to its cap); the plan's notes say so.
+DEMO_LM_SECONDS = DEMO_SECONDS
 DEMO_LM_NOTE = (f"demo: the random-weight 5 Hz LM ran with small token caps (caption "
                 f"{DEMO_LM_BUDGETS['max_caption_tokens']}, metadata {DEMO_LM_BUDGETS['max_cot_tokens']}, lyrics "
                 f"{DEMO_LM_BUDGETS['max_lyrics_tokens']}) so it answers in seconds")

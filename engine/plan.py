@@ -17,6 +17,9 @@ from engine.types import Metas
 # text2music with no duration and no audio codes: a fixed, documented length, upstream's default since its
 # #961 (120 s; it was 30 s here before).
 DEFAULT_TEXT2MUSIC_SECONDS = 120.0
+# What a random-weight demo model renders instead (DiT, and the demo LM's choice): noise either way, and the
+# first-run demo stays fast (on 2 loaded CPU cores the demo DiT took 177 s for 120 s, 8 s for 30 s). Notes say so.
+DEMO_SECONDS = 30.0
 SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
 # The longest audio any task makes: audio_duration's limit, 3,000 codes at 5 Hz, the longest source and
 # the longest padded repaint.
@@ -56,12 +59,15 @@ def effective_task(request: GenerationRequest) -> str:
     return request.task_type
 
 
-def text2music_seconds(request: GenerationRequest) -> Optional[float]:
-    """The length asked of a request without source audio: its audio_duration, else the default; None when
-    its audio codes set the length (the pipeline generates as many seconds as there are codes / 5)."""
+def text2music_seconds(request: GenerationRequest, demo: bool = False) -> Optional[float]:
+    """The length asked of a request without source audio: its audio_duration, else the default (DEMO_SECONDS
+    on a random-weight demo model); None when its audio codes set the length (the pipeline generates as many
+    seconds as there are codes / 5)."""
     if request.audio_duration is not None:
         return request.audio_duration
-    return None if request.audio_code_string else DEFAULT_TEXT2MUSIC_SECONDS
+    if request.audio_code_string:
+        return None
+    return DEMO_SECONDS if demo else DEFAULT_TEXT2MUSIC_SECONDS
 
 
 def code_count(request: GenerationRequest) -> int:

@@ -417,9 +417,11 @@ class Engine:
         if job.src is not None:
             self._plan_source(job)
         else:  # text2music, or cover from audio codes only (then the pipeline takes the codes' length)
-            job.audio_duration = plan.text2music_seconds(request)
+            job.audio_duration = plan.text2music_seconds(request, demo=model.random_weights)
             if request.audio_duration is None and job.audio_duration is not None:
-                job.notes.append(f"audio_duration not given: used the default {job.audio_duration:g} s")
+                job.notes.append(f"audio_duration not given: used the default {job.audio_duration:g} s" + (
+                    f" (a random-weight demo model's; a real model's is {plan.DEFAULT_TEXT2MUSIC_SECONDS:g} s)"
+                    if model.random_weights else ""))
         return job
 
     def _plan_source(self, job: _Job) -> None:

@@ -43,6 +43,7 @@ def test_a_request_without_duration_gets_upstreams_120_seconds_and_is_counted_so
     plain = GenerationRequest(prompt="p")
     assert plan.text2music_seconds(plain) == plan.generated_seconds(plain) == 120
     assert plan.generated_seconds(plain, lm=True) == 120  # a plain request runs no LM
+    assert plan.text2music_seconds(plain, demo=True) == plan.DEMO_SECONDS == 30  # a random-weight model's length
     assert plan.text2music_seconds(GenerationRequest(audio_code_string="<|audio_code_5|>" * 50)) is None
     assert plan.generated_seconds(GenerationRequest(audio_duration=12)) == 12
     assert plan.generated_seconds(GenerationRequest(thinking=True), lm=True) == plan.MAX_OUTPUT_SECONDS
