@@ -216,9 +216,15 @@ def test_auth_off_repaint_a_region_selected_on_the_waveform(open_server, open_pa
     shot(page, "repainted")
 
 
-def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, open_page, demo_root):
-    page = open_page(open_server)
+# Each flow below opens its own page (its own history) and has its own time budget.
+def _studio_ready(server, open_page):
+    page = open_page(server)
     page.locator("#model-select option").first.wait_for(state="attached")
+    return page
+
+
+def test_refused_tasks_show_the_servers_words(open_server, open_page):
+    page = _studio_ready(open_server, open_page)
     fill_form(page, "x", bpm="5")
     page.click("#submit")
     error = page.locator("#submit-error")
@@ -229,6 +235,9 @@ def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, 
     page.click("#submit")
     wait_js(page, "document.querySelector('#submit-error').textContent.includes('needs source audio')")
 
+
+def test_cancelled_and_failed_tasks_say_why_on_their_cards(open_server, open_page):
+    page = _studio_ready(open_server, open_page)
     # a long task, cancelled from its card while it waits or runs
     page.select_option("#task-type", "text2music")
     fill_form(page, "long", audio_duration="120", batch_size="4", inference_steps="50")
@@ -248,6 +257,8 @@ def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, 
     assert card.locator(".task-title").text_content() == "cover: long"
     assert card.locator(".task-error").text_content().startswith("could not decode src_audio")
 
+
+def test_adapters_are_uploaded_picked_and_sent_with_the_task(open_server, open_page, demo_root):
     # adapters: a file that is no adapter is refused in the server's words; one that fits the served model is
     # listed, picked, scaled and sent with the task, which the worker runs with it. An adapter that fits another
     # model only (added to the server's listing here: the demo serves one model) is shown but cannot be picked.
@@ -260,8 +271,9 @@ def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, 
                                          "fits_models": ["another-model"]})
         return route.fulfill(response=response, json=body)
 
+    page = open_page(open_server)
     page.route("**/v1/adapters", with_misfit)
-    page.select_option("#task-type", "text2music")
+    page.locator("#model-select option").first.wait_for(state="attached")
     fill_form(page, "styled", audio_duration="10", batch_size="1", inference_steps="2")
     page.set_input_files("#adapter-file", files=[{"name": "junk.safetensors", "mimeType": "application/octet-stream",
                                                    "buffer": b"<b>no adapter</b>"}])
@@ -283,7 +295,7 @@ def test_refused_cancelled_and_failed_tasks_show_the_servers_words(open_server, 
         page.click("#submit")
     body = json.loads(sent.value.post_data)
     assert (body["adapter"], body["adapter_scale"]) == ("tiny-style", 0.5)
-    page.locator("#task-list .task").nth(2).wait_for()  # accepted: the server found it and it fits
+    page.locator("#task-list .task").nth(0).wait_for()  # accepted: the server found it and it fits
     shot(page, "adapter")
     page.locator("#task-list .task .cancel:visible").first.click()  # the worker's side is tested without a browser
     wait_state(page, 0, "cancelled")
