@@ -229,9 +229,10 @@ def model_switch(settings: Settings, backend: Backend):
     loaded as at start (load_engine: local, downloaded, or a labelled demo). On AWS the set is the deploy's."""
     if settings.backend != "embedded":
         return None
+    from engine.memory import DoesNotFit
     from service.model_switch import ModelSwitch
 
-    return ModelSwitch(settings, backend.store, _load_for_switch, too_big_beside=_fit_refused)
+    return ModelSwitch(settings, backend.store, _load_for_switch, does_not_fit=(DoesNotFit,))
 
 
 def _load_for_switch(settings: Settings) -> GenerationEngine:
@@ -241,13 +242,6 @@ def _load_for_switch(settings: Settings) -> GenerationEngine:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     return load_engine(settings)
-
-
-def _fit_refused(exc: BaseException) -> bool:
-    """The engine's fit check refused the load (engine/memory.check_fits), as opposed to a load that failed."""
-    from engine.types import GenerationError
-
-    return isinstance(exc, GenerationError) and "GB for weights plus" in str(exc)
 
 
 def build_webhooks(settings: Settings, backend: Backend):

@@ -55,14 +55,15 @@ class Unloaded:
 
 
 class ModelSwitch:
-    """`load`: settings -> a loaded engine (entrypoints/bootstrap.load_engine). `too_big_beside`: whether a load
-    failed its fit check only because the old engine holds memory (then it is retried after dropping the old)."""
+    """`load`: settings -> a loaded engine (entrypoints/bootstrap.load_engine). `does_not_fit`: what `load` raises
+    when the memory fit check refused the set (engine.memory.DoesNotFit): beside the old engine it is retried
+    after dropping the old one; any other exception is a failed load."""
 
     def __init__(self, settings: Settings, store: TaskStore, load: Callable[[Settings], GenerationEngine],
-                 too_big_beside: Callable[[BaseException], bool] = lambda exc: False,
+                 does_not_fit: tuple[type[BaseException], ...] = (),
                  check_seconds: float = CHECK_SECONDS):
         self.start_settings = self.settings = settings
-        self.store, self.load, self.too_big_beside = store, load, too_big_beside
+        self.store, self.load, self.does_not_fit = store, load, does_not_fit
         self.check_seconds = check_seconds
         self.answered = 0  # the version of the last wish this worker acted on
         self.error: Optional[str] = None  # why that wish is not what it serves
@@ -101,15 +102,15 @@ class ModelSwitch:
         try:
             try:
                 engine = self.load(target)
-            except Exception as exc:
-                if not self.too_big_beside(exc):
-                    return self._failed(wanted, exc, None)
+            except self.does_not_fit as exc:
                 log.warning("%s does not fit beside the models in use (%s): unloading them first", self.loading, exc)
                 drop_old()
                 try:
                     engine = self.load(target)
                 except Exception as exc2:
                     return self._failed(wanted, exc2, self.load(self.settings))  # the old set again
+            except Exception as exc:
+                return self._failed(wanted, exc, None)
         finally:
             self.loading = None
         log.info("now serving %s (loaded in %.1f s)", wanted.describe(), time.monotonic() - started)

@@ -104,6 +104,7 @@ def test_a_model_that_fails_to_load_leaves_the_old_one_serving(machine):
 def test_a_set_that_fits_only_alone_replaces_the_old_one_and_a_failure_reloads_it(tmp_path):
     """The memory fit check refused the new set beside the old: the old is dropped first; if the new one then
     fails too, the old set is loaded again (the engine stand-in is the test one: memory cannot be staged here)."""
+    from engine.memory import GB, DoesNotFit, check_fits
     from engine.types import GenerationError
     from service.config import Settings
     from service.embedded import make_embedded_backend
@@ -119,14 +120,14 @@ def test_a_set_that_fits_only_alone_replaces_the_old_one_and_a_failure_reloads_i
     def load(wanted: Settings):
         loads.append(wanted.model_names)
         if wanted.model_names == [BASE] and len(loads) == 1:
-            raise GenerationError("acestep-v15-base needs about 9.0 GB for weights plus 1.0 GB to generate, but ...")
+            check_fits(9 * GB, 12 * GB, "cuda:0", BASE, 4 * GB)  # the engine's own refusal: beside the old set
         if wanted.model_names == [BROKEN]:
-            raise GenerationError("acestep-v15-broken needs about 9.0 GB for weights plus 1.0 GB to generate")
+            check_fits(9 * GB, 8 * GB, "cuda:0", BROKEN)  # does not fit even alone
+        if wanted.model_names == [TURBO]:  # same words, but a failed load, not a fit refusal: never dropped for
+            raise GenerationError(f"{TURBO} needs about 9.0 GB for weights plus 1.0 GB to generate: corrupt")
         return SineEngine(wanted.model_names)
 
-    from entrypoints.bootstrap import _fit_refused
-
-    switch = ModelSwitch(settings, store, load, too_big_beside=_fit_refused, check_seconds=0)
+    switch = ModelSwitch(settings, store, load, does_not_fit=(DoesNotFit,), check_seconds=0)
     ask_for(store, settings, ModelSet(models=[BASE]))
     wish = switch.due(SineEngine([TURBO]))
     assert wish is not None
@@ -140,3 +141,10 @@ def test_a_set_that_fits_only_alone_replaces_the_old_one_and_a_failure_reloads_i
     failed = switch.switch(wish, lambda: dropped.append(True))
     assert loads[-3:] == [[BROKEN], [BROKEN], [BASE]]  # beside, alone, then the old set again
     assert failed.engine is not None and failed.engine.model_names == [BASE] and BROKEN in (failed.error or "")
+
+    ask_for(store, settings, ModelSet(models=[TURBO]))
+    wish = switch.due(failed.engine)
+    assert wish is not None
+    kept = switch.switch(wish, lambda: dropped.append(True))
+    assert loads[-1:] == [[TURBO]] and dropped == [True, True] and kept.engine is None  # the old one serves on
+    assert "corrupt" in (kept.error or "")
