@@ -8,11 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Iterator, Optional
 
 import httpx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ACE-Step's REST API guide (Korean), in the shared/ folder beside the repo: its client code and request
+# bodies are run as written
+SEED_DOC = Path(REPO).parent / "shared" / "seed" / "ace-step-rest-api-guide.ko.md"
 
 
 def poll_until(what: str, predicate, timeout: float, interval: float = 0.1, describe=lambda: ""):

@@ -101,7 +101,7 @@ def _guide_curl_body(heading: str) -> dict:
     """The JSON body (`-d '...'`) of the first bash block under `heading` in the ACE-Step guide."""
     import re
 
-    from tests.test_e2e_service import SEED_DOC
+    from tests.live_server import SEED_DOC
 
     if not SEED_DOC.is_file():
         pytest.skip(f"the ACE-Step guide is not at {SEED_DOC}")

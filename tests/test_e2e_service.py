@@ -11,15 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import soundfile as sf
 
-from tests.live_server import REPO, free_port, live_server
+from tests.live_server import REPO, SEED_DOC, free_port, live_server
 
-SEED_DOC = Path(REPO).parent / "shared" / "seed" / "ace-step-rest-api-guide.ko.md"
 pytestmark = pytest.mark.slow
 
 
