@@ -14,7 +14,7 @@ import pytest
 
 from acestep_client import ACEStepClient, APIError, AsyncACEStepClient, NotSupported, cli, protocol
 from tests.api_support import KEY, make_api
-from tests.test_api_adapters import lora_file
+from tests.adapter_support import lora_file
 
 MODEL = "acestep-v15-turbo"
 
