@@ -273,8 +273,10 @@ def build_broken_worker(settings: Settings, backend: Backend, error: BaseExcepti
     """The stand-in for a worker whose engine failed to load (see service/broken_worker.py)."""
     from service.broken_worker import BrokenWorker
 
-    build_metrics(settings).worker_load_failed()
-    return BrokenWorker(settings, backend, f"{type(error).__name__}: {error}", on_finished=on_finished)
+    metrics = build_metrics(settings)
+    metrics.worker_load_failed()
+    return BrokenWorker(settings, backend, f"{type(error).__name__}: {error}", on_finished=on_finished,
+                        metrics=metrics)  # the tasks it fails count as a worker's would
 
 
 def build_metrics(settings: Settings):
