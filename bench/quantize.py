@@ -1,6 +1,7 @@
 """ACESTEP_QUANTIZE at full size on CPU: weight memory and step time, bf16 vs int8 (engine/quantize.py), side by side.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/quantize.py [--seconds 30] [--repeats 3] [--lm [--no-dit]] [--threads 2]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/quantize.py --layer   # one layer: bf16 vs int8 vs fp8
 
   * DiT: the published 2B turbo DiT's shapes (engine/published_configs.py; random weights, built in bf16), one
     diffusion step (a transformer forward, batch 1, turbo: no CFG) for a --seconds song, timed in bf16, then the
@@ -169,6 +170,34 @@ def lm(args) -> list[str]:
     return rows
 
 
+def one_layer(args) -> list[str]:
+    """One 2048 x 6144 bf16 Linear (the DiT's MLP width) in bf16, int8 and fp8 weight-only: why fp8 is refused on CPU."""
+    import copy
+
+    import torch
+
+    from engine import quantize
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(2048, 6144).to(torch.bfloat16).eval()
+    rows = []
+    for batch in (2, 512):
+        x = torch.randn(batch, 2048, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            want = base(x).float()
+        cells = []
+        for mode in ("none", "int8", "fp8"):
+            layer = copy.deepcopy(base)
+            quantize.quantize_module(layer, mode) if mode != "none" else None
+            with torch.inference_mode():
+                layer(x)
+                seconds = best(lambda: layer(x), max(3, args.repeats))
+                error = float((layer(x).float() - want).norm() / want.norm())
+            cells.append(f"{seconds * 1000:.1f} ms ({error:.4f})")
+        rows.append(f"| one 2048x6144 layer, {batch} rows | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=30.0, help="song length the DiT step is for (25 latents/s)")
@@ -177,11 +206,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--lm", action="store_true", help="also the 1.7B LM decode step")
     p.add_argument("--no-dit", action="store_true", help="the LM alone (with --lm)")
+    p.add_argument("--layer", action="store_true", help="only one layer in bf16 / int8 / fp8 (seconds)")
     args = p.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layer:
+        print("| what | bf16 (rel. error) | int8 | fp8 |\n|---|---:|---:|---:|\n" + "\n".join(one_layer(args)))
+        return
     rows = [] if args.no_dit else dit(args)
     if args.lm:
         rows += lm(args)

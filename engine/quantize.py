@@ -12,9 +12,9 @@ TorchaoLoraLinear, so LoRA and LoKr adapters still act on a quantised DiT (never
 switches them).
 
 On CPU fp8 is refused at start: no CPU has fp8 matmuls, torchao dequantises every fp8 weight on each call
-(measured on this machine: 10-18x bf16's time for a 2048x6144 layer), and int8 saves the same memory at a
-quarter of fp8's error. int8 on CPU also dequantises per call (about 2x bf16's time per layer): it is a
-memory saving there, not a speed-up (bench/quantize.py).
+(bench/quantize.py --layer: 5-45x bf16's time for a 2048x6144 layer), and int8 saves the same memory at a
+fifth of fp8's error. int8 on CPU also converts its weights per call (1.5-2.7x bf16's time per layer; a DiT step
+1.1x, an LM decode step 4x): it is a memory saving there, not a speed-up (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def check_supported(mode: str, device, what: str) -> None:
     if kind != "cuda":
         raise GenerationError(
             f"{what}: fp8 quantisation needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper); on {kind} "
-            "torchao would dequantise every fp8 weight on each call (10x slower than bf16 here). "
+            "torchao would dequantise every fp8 weight on each call (5-45x bf16's time here). "
             "Use ACESTEP_QUANTIZE=int8 for the same memory saving, or none.")
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < FP8_MIN_CAPABILITY:
