@@ -168,6 +168,10 @@ class TaskQueue(Protocol):
         when its timeout passes (redelivery after a worker died).
         """
 
+    def receive_interactive(self, visibility_timeout: float) -> Optional[Lease]:
+        """The next visible interactive task (service/lanes.py), never a generation; does not wait.
+        None when none waits or the queue keeps no separate lane (such tasks then come through receive)."""
+
     def extend(self, lease: Lease, visibility_timeout: float) -> None:
         """Keep a long-running lease hidden for another `visibility_timeout` s from now."""
 

@@ -226,6 +226,12 @@ class Worker:
             raise StorageFull(f"less than ACESTEP_MIN_FREE_MB ({self.settings.min_free_mb} MB) free")
         self._switch_models_if_asked()  # between batches: the last one is done (post-processing waited for)
         lease = self.assembler.take_carried()
+        if lease is not None:
+            # An LM-only call that came in while the last batch ran goes before the generation held over
+            # from it (the held one stays leased and kept alive; the embedded queue and SQS lane do the same).
+            interactive = self.backend.queue.receive_interactive(self.settings.visibility_timeout)
+            if interactive is not None:
+                self.assembler.carried, lease = lease, interactive
         if lease is None:
             lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
             if lease is None:

@@ -68,8 +68,8 @@ class BatchAssembler:
         if first is None:
             return []
         batch = [first]
-        if self.settings.batch_compatible_tasks and first.batch_key is not None:
-            batch += self._claim_compatible(first)
+        if self.settings.batch_compatible_tasks and first.batch_key is not None and self.carried is None:
+            batch += self._claim_compatible(first)  # not while one is held over: it would be replaced
         return batch
 
     def _claim_compatible(self, first: ClaimedTask) -> list[ClaimedTask]:

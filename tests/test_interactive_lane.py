@@ -133,3 +133,41 @@ def test_aws_without_a_lane_queue_every_task_shares_the_main_queue(tmp_path, set
         leases = [aws.queue.receive(0, 60), aws.queue.receive(0, 60)]
         assert sorted(lease.task_id for lease in leases) == ["format", "song-0"]
         assert {lease.queue_url for lease in leases} == {aws.settings.queue_url}
+
+
+# -- the worker: an LM-only call goes before the generation held over from the last batch ---------------
+
+def _held_over_then_format(settings, backend) -> list[str]:
+    """A batch of one leaves the next generation held over (it does not fit); a format call arrives while
+    the batch runs. Returns the order the worker's engine ran them in."""
+    from service.worker import Worker
+    from tests.worker_support import ScriptedEngine, submit
+
+    engine = ScriptedEngine()
+    engine.lm_loaded = True
+    order: list[str] = []
+    first = submit(backend, prompt="short", audio_duration=10)
+    held = submit(backend, prompt="long", audio_duration=20)
+    worker = Worker(settings, backend, engine)
+    fmt = "format-call"
+    engine.before_generate = lambda progress: (
+        _submit(backend, fmt, _format_request()) if not order else None, order.append("call"))
+    worker.run_once(1.0)
+    assert backend.store.get(first).status == "succeeded" and worker.assembler.carried is not None
+    worker.run_once(0)
+    ran_second = [t for t in (fmt, held) if backend.store.get(t).status == "succeeded"]
+    worker.run_once(0)
+    assert backend.store.get(held).status == "succeeded" and backend.store.get(fmt).status == "succeeded"
+    return ran_second
+
+
+def test_a_format_call_goes_before_the_generation_held_over(settings):
+    backend = make_embedded_backend(settings)
+    assert _held_over_then_format(settings, backend) == ["format-call"]
+
+
+def test_aws_a_format_call_goes_before_the_generation_held_over(tmp_path, settings):
+    from tests.aws_support import aws_backend
+
+    with aws_backend(tmp_path, settings, interactive_queue_url=LANE_QUEUE) as aws:
+        assert _held_over_then_format(aws.settings, aws) == ["format-call"]

@@ -130,6 +130,11 @@ class SqsTaskQueue(TaskQueue):
             if deadline - time.monotonic() <= 0:
                 return None
 
+    def receive_interactive(self, visibility_timeout: float) -> Optional[Lease]:
+        if not self.interactive_url:  # one queue: interactive tasks come through receive, in order
+            return None
+        return self._receive_from(self.interactive_url, 0, visibility_timeout)
+
     def _receive_from(self, url: str, wait_seconds: float, visibility_timeout: float) -> Optional[SqsLease]:
         """One message from `url` within `wait_seconds` (None if none came); a message past max_receives
         is dead-lettered on the way."""

@@ -58,7 +58,7 @@ class SqliteTaskQueue(TaskQueue):
             raise QueueFull(f"{waiting} tasks waiting (max {max_size})")
         c.execute("INSERT INTO queue (task_id, visible_at, lane) VALUES (?, ?, ?)", (task_id, now, int(interactive)))
 
-    def _take(self, visibility_timeout: float) -> Optional[Lease]:
+    def _take(self, visibility_timeout: float, interactive_only: bool = False) -> Optional[Lease]:
         dead: list[tuple[str, int]] = []
         lease = None
         with self.db.write() as c:
@@ -66,8 +66,8 @@ class SqliteTaskQueue(TaskQueue):
                 now = time.time()
                 row = c.execute(
                     "SELECT q.seq, q.task_id, q.receive_count, COALESCE(t.attempt - t.given_back, 0) AS runs FROM queue q"
-                    " LEFT JOIN tasks t ON t.task_id = q.task_id WHERE q.visible_at <= ?"
-                    " ORDER BY q.lane DESC, q.seq LIMIT 1", (now,)).fetchone()
+                    " LEFT JOIN tasks t ON t.task_id = q.task_id WHERE q.visible_at <= ? AND q.lane >= ?"
+                    " ORDER BY q.lane DESC, q.seq LIMIT 1", (now, int(interactive_only))).fetchone()
                 if row is None:
                     break
                 # Only deliveries that ran count (the task's attempt: one per claim, less the claims a
@@ -110,6 +110,9 @@ class SqliteTaskQueue(TaskQueue):
                 return None
             wake_at = min(deadline, now + FALLBACK_SECONDS, now + due_in if due_in is not None else deadline)
             self._wait_for_change(version, wake_at)
+
+    def receive_interactive(self, visibility_timeout: float) -> Optional[Lease]:
+        return self._take(visibility_timeout, interactive_only=True)
 
     def _wait_for_change(self, version: int, until: float) -> None:
         """Until a commit by another connection, a notify from this process, or `until` (monotonic)."""
