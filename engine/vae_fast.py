@@ -176,22 +176,33 @@ def install(vae, *, compile_snake: bool) -> Optional[FastDecode]:
     return info
 
 
-def compile_setting(value: Optional[str] = None) -> bool:
-    """ACESTEP_VAE_COMPILE: compile the fused Snake at load (true, the default) or keep it eager (false:
-    no compile at start, ~10-70 s on a cold cache; the decode is then slower, see bench/RESULTS.md)."""
-    raw = (os.environ.get("ACESTEP_VAE_COMPILE", "true") if value is None else value).strip().lower()
+COMPILE_MIN_PARAMS = 10_000_000  # auto: compile only a decoder this large (the published one has ~100M)
+
+
+def compile_setting(value: Optional[str] = None) -> Optional[bool]:
+    """ACESTEP_VAE_COMPILE: auto (the default: compile the fused Snake at load for a full-size decoder, where a
+    one-time compile of ~10-70 s buys back its cost within a song or two; not for a tiny test model, which
+    would save nothing), true, or false (no compiler run at start; the decode keeps channels-last and the
+    eager Snake). Returns None for auto."""
+    raw = (os.environ.get("ACESTEP_VAE_COMPILE", "auto") if value is None else value).strip().lower()
     if raw in _ON:
         return True
     if raw in _OFF:
         return False
-    raise ValueError(f"ACESTEP_VAE_COMPILE must be true or false (got {raw!r})")
+    if raw == "auto":
+        return None
+    raise ValueError(f"ACESTEP_VAE_COMPILE must be auto, true or false (got {raw!r})")
 
 
-def prepare(vae, device: torch.device) -> Optional[FastDecode]:
-    """The engine's entry point at load: the fast decode on CPU, nothing elsewhere."""
+def prepare(vae, device: torch.device, setting: Optional[str] = None) -> Optional[FastDecode]:
+    """The engine's entry point at load: the fast decode on CPU (compiling per ACESTEP_VAE_COMPILE), nothing
+    on other devices; None when nothing was done (another device, or this VAE was prepared already)."""
     if device.type != "cpu":
         return None
-    info = install(vae, compile_snake=compile_setting())
+    choice = compile_setting(setting)
+    if choice is None:
+        choice = sum(p.numel() for p in vae.decoder.parameters()) >= COMPILE_MIN_PARAMS
+    info = install(vae, compile_snake=choice)
     if info is not None:
         log.info("%s", info.describe())
     return info

@@ -83,8 +83,11 @@ def test_without_a_working_compiler_the_snake_stays_eager_and_says_why(latent, m
     torch.testing.assert_close(decode(fast, latent), decode(tiny_vae(), latent), atol=2e-5, rtol=1e-4)
 
 
-def test_compile_setting():
-    assert vae_fast.compile_setting("TRUE") and not vae_fast.compile_setting("off")
+def test_compile_setting_and_the_default_for_a_tiny_decoder():
+    assert vae_fast.compile_setting("TRUE") is True and vae_fast.compile_setting("off") is False
+    assert vae_fast.compile_setting("auto") is None
     with pytest.raises(ValueError, match="ACESTEP_VAE_COMPILE"):
         vae_fast.compile_setting("maybe")
     assert vae_fast.prepare(tiny_vae(), torch.device("meta")) is None  # other devices keep the stock decoder
+    info = vae_fast.prepare(tiny_vae(), torch.device("cpu"), "auto")  # a tiny decoder: not worth a compile
+    assert info is not None and info.snake == "eager" and info.reason == "compile off"
