@@ -6,6 +6,13 @@ so each row's peak RSS is its own: working set = peak RSS during the decode - RS
 The per-second fit (least squares over the lengths) is what engine/memory.py's decode estimate uses.
 
     .venv/bin/python bench/vae_cpu.py --durations 10 30 60 --dtypes bfloat16 float32 --fold both
+    .venv/bin/python bench/vae_cpu.py --durations 10 30 --dtypes bfloat16 --decoders stock fast fast-eager
+
+--decoders: stock (diffusers' decoder as loaded), fast (engine/vae_fast.py: channels-last, compiled fused Snake,
+as the worker runs it; its compile is timed separately, at load), fast-eager (the same without the compiler).
+Each fast row's `max_abs_diff` is against the stock row of the same length and dtype (same seed, same weights);
+with --reference, every row's `err_vs_f32` is against a float32 stock decode of the same latent (bf16 rounds
+differently along each path, and a deep random decoder amplifies it: compare the errors, not the paths).
 
 Each child runs with OMP_WAIT_POLICY=PASSIVE (as the worker does) unless the caller set a policy.
 """
@@ -44,7 +51,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(seconds: float, dtype_name: str, fold: bool) -> dict:
+def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", audio_out: str = "") -> dict:
     import torch
     from diffusers import AutoencoderOobleck
 
@@ -55,6 +62,15 @@ def child(seconds: float, dtype_name: str, fold: bool) -> dict:
     vae = AutoencoderOobleck(**VAE).to(dtype).eval()
     if fold:  # fold weight norm into plain weights (it is recomputed on every call otherwise)
         fold_weight_norm(vae)
+    compile_s = compile_cpu_s = 0.0
+    if decoder != "stock":
+        from engine import vae_fast
+
+        c0 = _cpu_with_children()
+        info = vae_fast.install(vae, compile_snake=decoder == "fast")
+        compile_s, compile_cpu_s = info.compile_s, _cpu_with_children() - c0
+        if decoder == "fast" and info.snake != "compiled":
+            raise SystemExit(f"the Snake did not compile: {info.reason}")
     frames = round(seconds * 25)
     z = torch.randn(1, VAE["decoder_input_channels"], frames, dtype=dtype)
     with torch.inference_mode():
@@ -66,10 +82,19 @@ def child(seconds: float, dtype_name: str, fold: bool) -> dict:
         audio = vae.decode(z).sample
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = peak_rss_bytes()
-    return {"seconds": seconds, "dtype": dtype_name, "fold_weight_norm": fold, "wall_s": round(wall, 2),
+    if audio_out:
+        torch.save(audio.float(), audio_out)
+    return {"seconds": seconds, "dtype": dtype_name, "fold_weight_norm": fold, "decoder": decoder,
+            "compile_s": round(compile_s, 1), "compile_cpu_s": round(compile_cpu_s, 1), "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2), "working_set_gib": round((peak - base) / 2**30, 3),
             "peak_rss_gib": round(peak / 2**30, 3), "samples": int(audio.shape[-1]),
             "threads": torch.get_num_threads()}
+
+
+def _cpu_with_children() -> float:
+    """CPU seconds of this process and its reaped children (inductor compiles in worker subprocesses)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def fold_weight_norm(module) -> int:
@@ -100,33 +125,68 @@ def main(argv=None) -> None:
     p.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0, 60.0])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--fold", choices=["no", "yes", "both"], default="no")
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--decoders", nargs="+", default=["stock"], choices=["stock", "fast", "fast-eager"])
+    p.add_argument("--reference", action="store_true", help="also decode each length in float32 (stock) as truth")
+    p.add_argument("--cold-compile", action="store_true", help="each child compiles with an empty inductor cache")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(float(args.child[0]), args.child[1], args.child[2] == "yes")))
+        print(json.dumps(child(float(args.child[0]), args.child[1], args.child[2] == "yes", args.child[3],
+                               args.child[4] if args.child[4] != "-" else "")))
         return
     folds = {"no": ["no"], "yes": ["yes"], "both": ["no", "yes"]}[args.fold]
     rows = []
+    import tempfile
+
+    import torch
+
+    audio_dir = tempfile.mkdtemp(prefix="vae_cpu_")
     for dtype in args.dtypes:
         for fold in folds:
             for seconds in args.durations:
-                env = dict(os.environ)
-                passive_omp_wait_policy(env)  # as the worker runs
-                out = subprocess.run([sys.executable, __file__, "--child", str(seconds), dtype, fold],
-                                     check=True, capture_output=True, text=True, env=env).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), flush=True)
+                truth = os.path.join(audio_dir, f"float32-{fold}-{seconds:g}-truth.pt")
+                if args.reference and not os.path.exists(truth):
+                    env = dict(os.environ)
+                    passive_omp_wait_policy(env)
+                    subprocess.run([sys.executable, __file__, "--child", str(seconds), "float32", fold, "stock", truth],
+                                   check=True, capture_output=True, text=True, env=env)
+                for decoder in args.decoders:  # side by side: the same length's variants back to back
+                    env = dict(os.environ)
+                    passive_omp_wait_policy(env)  # as the worker runs
+                    if args.cold_compile:  # an empty inductor cache: the compile a fresh worker host pays
+                        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_", dir=audio_dir)
+                    audio = os.path.join(audio_dir, f"{dtype}-{fold}-{seconds:g}-{decoder}.pt")
+                    out = subprocess.run([sys.executable, __file__, "--child", str(seconds), dtype, fold, decoder,
+                                          audio], check=True, capture_output=True, text=True, env=env).stdout
+                    row = json.loads(out.strip().splitlines()[-1])
+                    stock = os.path.join(audio_dir, f"{dtype}-{fold}-{seconds:g}-stock.pt")
+                    if decoder != "stock" and os.path.exists(stock):
+                        want, got = torch.load(stock), torch.load(audio)
+                        row["max_abs_diff"] = round((got - want).abs().max().item(), 5)
+                        row["max_abs_ref"] = round(want.abs().max().item(), 4)
+                    if args.reference:
+                        row["err_vs_f32"] = round((torch.load(audio) - torch.load(truth)).abs().max().item(), 5)
+                    if decoder != "stock":
+                        os.remove(audio)
+                    rows.append(row)
+                    print(json.dumps(rows[-1]), flush=True)
+    import shutil
+
+    shutil.rmtree(audio_dir, ignore_errors=True)
     from engine import memory
 
-    print("\n| song | dtype | fold wn | wall s | CPU-s | working set GiB | engine estimate GiB | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| song | dtype | fold wn | decoder | wall s | CPU-s | working set GiB | engine estimate GiB | peak RSS GiB "
+          "| compile wall s | max abs diff vs stock | max abs err vs float32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         estimate = memory.vae_decode_bytes(1, r["seconds"], 128, 2 if r["dtype"] == "bfloat16" else 4) / memory.GB
-        print(f"| {r['seconds']:g} s | {r['dtype']} | {r['fold_weight_norm']} | {r['wall_s']} | {r['cpu_s']} | "
-              f"{r['working_set_gib']} | {estimate:.2f} | {r['peak_rss_gib']} |")
+        diff = f"{r['max_abs_diff']} (of {r['max_abs_ref']})" if "max_abs_diff" in r else "-"
+        print(f"| {r['seconds']:g} s | {r['dtype']} | {r['fold_weight_norm']} | {r['decoder']} | {r['wall_s']} | "
+              f"{r['cpu_s']} | {r['working_set_gib']} | {estimate:.2f} | {r['peak_rss_gib']} | {r['compile_s']} | {diff} | {r.get('err_vs_f32', '-')} |")
     for dtype in args.dtypes:
         for fold in folds:
-            sel = [r for r in rows if r["dtype"] == dtype and r["fold_weight_norm"] == (fold == "yes")]
+            sel = [r for r in rows if r["dtype"] == dtype and r["fold_weight_norm"] == (fold == "yes")
+                   and r["decoder"] == "stock"]
             if len(sel) >= 2:
                 a, b = fit_per_second(sel)
                 print(f"fit {dtype} fold={fold}: working set ~ {a:.3f} + {b:.4f} GiB/s of song (per item)")
