@@ -217,10 +217,12 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
     from service.worker import Worker, pipeline_enabled
 
     backend = backend if backend is not None else build_backend(settings)
-    engine = engine if engine is not None else load_engine(settings)
+    switch = model_switch(settings, backend)
+    if engine is None:  # one machine after POST /v1/init: the wished set, loaded directly (model_switch.py)
+        engine, settings = switch.load_at_start() if switch is not None else (load_engine(settings), settings)
     return Worker(settings, backend, engine,
                   on_stalled=on_stalled, metrics=build_metrics(settings), on_busy=scale_in_protection(settings),
-                  on_finished=on_finished, model_switch=model_switch(settings, backend),
+                  on_finished=on_finished, model_switch=switch,
                   encoder=EncoderPool(settings.encode_processes) if pipeline_enabled(settings, engine) else None)
 
 

@@ -93,6 +93,27 @@ class ModelSwitch:
             update["lm_backend"] = wanted.lm_backend
         return self.start_settings.model_copy(update=update)
 
+    def load_at_start(self) -> tuple[GenerationEngine, Settings]:
+        """The engine a starting worker serves with, and its settings: the set POST /v1/init asked for when the
+        store holds a wish that applies to these start-up settings (loaded directly: one load, not the start-up
+        set and then a switch), else, or when that fails to load, the start-up set."""
+        wanted = read_wanted(self.store, self.start_settings)
+        if wanted is None:
+            return self.load(self.start_settings), self.start_settings
+        target = self.settings_for(wanted)
+        if _key(target, True) != _key(self.start_settings, True):
+            log.info("loading the model set asked for by POST /v1/init (#%d): %s", wanted.version, wanted.describe())
+            try:
+                engine = self.load(target)
+            except Exception as exc:
+                self._failed(wanted, exc, None)
+            else:
+                self.settings, self.answered, self.error = target, wanted.version, None
+                return engine, target
+        else:
+            self.answered = wanted.version
+        return self.load(self.start_settings), self.start_settings
+
     def switch(self, wanted: WantedModels, drop_old: Callable[[], None]) -> Switched:
         """Load `wanted`; `drop_old` releases the engine in use (called only when the new set fits alone)."""
         target = self.settings_for(wanted)

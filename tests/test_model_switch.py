@@ -80,6 +80,13 @@ def test_init_switches_the_workers_model_between_batches(machine):
     assert record.status == "succeeded", record.error
     assert submit(client, model=BASE) and client.post("/release_task", json={**TASK, "model": TURBO}).status_code == 400
 
+    from entrypoints.bootstrap import build_worker
+
+    restarted = build_worker(worker.model_switch.start_settings, backend=backend)  # e.g. after a crash
+    assert [m.name for m in restarted.engine.models()] == [BASE] and restarted.settings.model_names == [BASE]
+    restarted.model_switch.check_seconds = 0
+    assert restarted.model_switch.due(restarted.engine) is None  # loaded directly: nothing left to switch
+
 
 def test_a_model_that_fails_to_load_leaves_the_old_one_serving(machine):
     client, backend, worker, beat = machine
@@ -148,3 +155,35 @@ def test_a_set_that_fits_only_alone_replaces_the_old_one_and_a_failure_reloads_i
     kept = switch.switch(wish, lambda: dropped.append(True))
     assert loads[-1:] == [[TURBO]] and dropped == [True, True] and kept.engine is None  # the old one serves on
     assert "corrupt" in (kept.error or "")
+
+
+@pytest.mark.unit
+def test_a_starting_worker_loads_the_wished_set_directly_or_its_own_when_that_fails(tmp_path):
+    from engine.types import GenerationError
+    from service.config import Settings
+    from service.embedded import make_embedded_backend
+    from service.model_set import ModelSet, ask_for
+    from service.model_switch import ModelSwitch
+    from tests.support_engine import SineEngine
+
+    settings = Settings(data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path), config_path=TURBO)
+    store = make_embedded_backend(settings).store
+    loads: list[list[str]] = []
+
+    def load(wanted: Settings):
+        loads.append(wanted.model_names)
+        if wanted.model_names == [BROKEN]:
+            raise GenerationError("corrupt")
+        return SineEngine(wanted.model_names)
+
+    ask_for(store, settings, ModelSet(models=[BROKEN]))
+    switch = ModelSwitch(settings, store, load, check_seconds=0)
+    engine, used = switch.load_at_start()
+    assert loads == [[BROKEN], [TURBO]] and used.model_names == [TURBO] and "corrupt" in (switch.error or "")
+    assert switch.due(engine) is None  # the failed wish is answered (the heartbeat says why), not retried
+
+    wish = ask_for(store, settings, ModelSet(models=[BASE]))
+    fresh = ModelSwitch(settings, store, load, check_seconds=0)
+    engine, used = fresh.load_at_start()
+    assert loads[2:] == [[BASE]] and used.model_names == [BASE] and (fresh.answered, fresh.error) == (wish.version, None)
+    assert fresh.due(engine) is None
