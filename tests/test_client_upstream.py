@@ -130,11 +130,35 @@ def test_an_id_upstream_never_finishes_times_out_with_the_last_status(client, up
 
 
 def test_backoff_grows_while_nothing_changes_and_resets_when_the_task_moves():
-    from acestep_client.protocol import Backoff
+    from acestep_client.waiting import Backoff
 
     b = Backoff(timeout=None, initial=1.0, maximum=3.0, factor=2.0)
     assert [b.next_delay("q") for _ in range(4)] == [1.0, 2.0, 3.0, 3.0]
     assert b.next_delay("running") == 1.0
+
+
+def test_the_wait_steps_through_transient_errors_to_its_deadline_and_lets_other_errors_out():
+    """The shared wait logic on its own, on a fake clock: the branches the client tests above do not reach."""
+    from acestep_client import ServerUnreachable
+    from acestep_client.waiting import Waiting
+
+    now = [0.0]
+    running = TaskStatus.parse(_entry("t1", 0, _running("VAE decode", 0.5)))
+    waiting = Waiting("t1", timeout=10, poll_interval=1.0, max_interval=4.0, clock=lambda: now[0])
+    assert waiting.step(running) == 1.0
+    busy = APIError(503, "restarting")
+    assert [waiting.step(busy), waiting.step(ServerUnreachable("blink")), waiting.step(busy)] == [1.0, 1.5, 2.25]
+    now[0] = 9.5
+    assert waiting.step(running) == 0.5  # never sleeps past the deadline
+    now[0] = 10.0
+    with pytest.raises(WaitTimeout):
+        waiting.step(running)
+    with pytest.raises(AuthError):  # not worth retrying: out at once, deadline or not
+        Waiting("t1", timeout=None).step(AuthError(401, "bad key"))
+    failed = TaskStatus.parse(_entry("t1", 2, _running("failed", 0.5)) | {"error": "out of memory"})
+    assert Waiting("t1", timeout=None, raise_on_failure=False).step(failed) is failed
+    with pytest.raises(TaskFailed, match="out of memory"):
+        Waiting("t1", timeout=None).step(failed)
 
 
 def test_the_cancel_event_stops_a_wait_promptly(client):

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import httpx
 
 from . import protocol
-from .errors import ACEStepError, WaitTimeout
+from .errors import ACEStepError
 from .types import AdapterInfo, AdapterList, AudioResult, ModelList, Submitted, TaskStatus
-
-OnUpdate = Callable[[TaskStatus], None]
+from .waiting import Answer, OnUpdate, Waiting
 
 
 class AsyncACEStepClient:
@@ -97,23 +96,18 @@ class AsyncACEStepClient:
     async def wait(self, task_id: str, *, timeout: Optional[float] = 600.0, on_update: Optional[OnUpdate] = None,
                    poll_interval: float = 0.5, max_interval: float = 5.0,
                    raise_on_failure: bool = True) -> TaskStatus:
-        backoff = protocol.Backoff(timeout, poll_interval, max_interval)
-        reported: Optional[tuple] = None  # what on_update saw last: it hears of changes only
+        waiting = Waiting(task_id, timeout=timeout, on_update=on_update, raise_on_failure=raise_on_failure,
+                          poll_interval=poll_interval, max_interval=max_interval)
         while True:
-            seen: Any = "error"
+            answer: Answer
             try:
-                status = await self.status(task_id)
+                answer = await self.status(task_id)
             except ACEStepError as exc:
-                if not protocol.retryable(exc):
-                    raise
-            else:
-                seen = reported = protocol.observe(task_id, status, on_update, raise_on_failure, reported)
-                if seen is None:
-                    return status
-            delay = backoff.next_delay(seen)
-            if delay is None:
-                raise WaitTimeout(task_id, timeout or 0.0)
-            await asyncio.sleep(delay)
+                answer = exc
+            outcome = waiting.step(answer)
+            if isinstance(outcome, TaskStatus):
+                return outcome
+            await asyncio.sleep(outcome)
 
     async def download(self, audio: AudioResult, dest: str, task_id: str = "audio") -> str:
         path = protocol.output_path(dest, task_id, audio.index, audio.extension)

@@ -4,15 +4,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import httpx
 
 from . import protocol
-from .errors import ACEStepError, WaitCancelled, WaitTimeout
+from .errors import ACEStepError, WaitCancelled
 from .types import AdapterInfo, AdapterList, AudioResult, ModelList, Submitted, TaskStatus
-
-OnUpdate = Callable[[TaskStatus], None]
+from .waiting import Answer, OnUpdate, Waiting
 
 
 class ACEStepClient:
@@ -117,29 +116,22 @@ class ACEStepClient:
         (unless `raise_on_failure` is False), WaitTimeout, or WaitCancelled once `cancel` is set.
         `on_update` hears of each visible change (state, queue position, stage, whole percent) and of
         the final status, not of every poll."""
-        backoff = protocol.Backoff(timeout, poll_interval, max_interval)
-        reported: Optional[tuple] = None  # what on_update saw last: it hears of changes only
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise WaitCancelled(task_id)
-            seen: Any = "error"
+        waiting = Waiting(task_id, timeout=timeout, on_update=on_update, raise_on_failure=raise_on_failure,
+                          poll_interval=poll_interval, max_interval=max_interval)
+        while cancel is None or not cancel.is_set():
+            answer: Answer
             try:
-                status = self.status(task_id)
+                answer = self.status(task_id)
             except ACEStepError as exc:
-                if not protocol.retryable(exc):
-                    raise
-            else:
-                seen = reported = protocol.observe(task_id, status, on_update, raise_on_failure, reported)
-                if seen is None:
-                    return status
-            delay = backoff.next_delay(seen)
-            if delay is None:
-                raise WaitTimeout(task_id, timeout or 0.0)
-            if cancel is not None:
-                if cancel.wait(delay):
-                    raise WaitCancelled(task_id)
-            else:
-                time.sleep(delay)
+                answer = exc
+            outcome = waiting.step(answer)
+            if isinstance(outcome, TaskStatus):
+                return outcome
+            if cancel is None:
+                time.sleep(outcome)
+            elif cancel.wait(outcome):
+                break
+        raise WaitCancelled(task_id)
 
     def download(self, audio: AudioResult, dest: str, task_id: str = "audio") -> str:
         """Stream one result file to `dest` (a directory, or a file name); returns the path written."""

@@ -1,4 +1,4 @@
-"""What the sync and async clients share: building requests, reading answers, the polling schedule.
+"""What the sync and async clients share: building requests and reading answers (waiting.py: the wait).
 
 The clients only move bytes (httpx.Client / httpx.AsyncClient); everything that decides what to
 send and what an answer means lives here, once.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -18,8 +17,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ._version import __version__
-from .errors import APIError, AuthError, NotSupported, ServerUnreachable, TaskFailed
-from .types import TaskState, TaskStatus
+from .errors import APIError, AuthError, NotSupported, ServerUnreachable
 
 DEFAULT_URL = "http://127.0.0.1:8001"
 URL_ENV, KEY_ENV = "ACESTEP_API_URL", "ACESTEP_API_KEY"
@@ -215,56 +213,6 @@ def unreachable(exc: httpx.TransportError, base_url: str) -> ServerUnreachable:
 def absolute(base_url: str, file: str) -> str:
     """Result URLs are relative on upstream and here (`/v1/audio?...`); a presigned one is absolute."""
     return file if file.startswith(("http://", "https://")) else base_url + "/" + file.lstrip("/")
-
-
-def retryable(exc: BaseException) -> bool:
-    """Worth polling again: the network blinked, the server was busy or restarting."""
-    if isinstance(exc, ServerUnreachable):
-        return True
-    return isinstance(exc, APIError) and not isinstance(exc, AuthError) and exc.status_code in (429, 502, 503, 504)
-
-
-def visible(status: TaskStatus) -> tuple:
-    """What a person following the task sees: state, queue position, stage, whole percent."""
-    return (status.state, status.queue_position, status.stage, int(100 * status.progress))
-
-
-def observe(task_id: str, status: TaskStatus, on_update: Optional[Any], raise_on_failure: bool,
-            reported: Optional[tuple] = None) -> Optional[tuple]:
-    """One poll's status seen by a wait: reported to `on_update` when it differs from `reported` (the
-    last one reported) and always once finished; None once the task finished (TaskFailed for a failed
-    or cancelled one when `raise_on_failure`), else its `visible` tuple, which Backoff compares between
-    polls and the next call gets as `reported`."""
-    seen = visible(status)
-    if on_update and (status.finished or seen != reported):
-        on_update(status)
-    if status.finished:
-        if raise_on_failure and status.state is not TaskState.SUCCEEDED:
-            raise TaskFailed(task_id, status.error or "")
-        return None
-    return seen
-
-
-class Backoff:
-    """The polling schedule: start at `initial`, grow by `factor` up to `maximum`; back to `initial` when
-    the task moves, so a running task is followed closely and a long queue is polled gently."""
-
-    def __init__(self, timeout: Optional[float], initial: float = 0.5, maximum: float = 5.0, factor: float = 1.5):
-        self.initial, self.maximum, self.factor = initial, maximum, factor
-        self.delay = initial
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self._last: Any = None
-
-    def next_delay(self, seen: Any) -> Optional[float]:
-        """Seconds to sleep before the next poll, or None when the deadline has passed."""
-        if seen != self._last:
-            self._last, self.delay = seen, self.initial
-        else:
-            self.delay = min(self.maximum, self.delay * self.factor)
-        if self.deadline is None:
-            return self.delay
-        left = self.deadline - time.monotonic()
-        return None if left <= 0 else min(self.delay, left)
 
 
 def output_path(dest: str, task_id: str, index: int, extension: str) -> str:
