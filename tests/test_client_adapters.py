@@ -164,7 +164,7 @@ def test_a_server_without_adapters_is_not_supported():
 def test_an_adapter_upload_to_another_origin_goes_without_the_api_key():
     ticket = {"upload_url": "https://bucket.s3.amazonaws.com/uploads/x?X-Amz-Signature=s", "method": "PUT",
               "headers": {"Content-Type": "application/octet-stream"}, "key": "uploads/x"}
-    _, url, with_key = protocol.adapter_put("http://api.example", ticket, b"x")
-    assert url == ticket["upload_url"] and with_key is False
-    _, url, with_key = protocol.adapter_put("http://api.example", dict(ticket, upload_url="/v1/adapters/uploads/k"), b"x")
-    assert url == "http://api.example/v1/adapters/uploads/k" and with_key is True
+    put = protocol.adapter_put("http://api.example", ticket, b"x")
+    assert put.url == ticket["upload_url"] and put.with_key is False
+    put = protocol.adapter_put("http://api.example", dict(ticket, upload_url="/v1/adapters/uploads/k"), b"x")
+    assert put.url == "http://api.example/v1/adapters/uploads/k" and put.with_key is True

@@ -5,7 +5,6 @@ is needed for cancellation here."""
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any, Optional
 
 import httpx
@@ -34,12 +33,15 @@ class AsyncACEStepClient:
 
     async def _send(self, call: protocol.Call) -> Any:
         try:
-            response = await self._http.request(call.method, self.base_url + call.path, **call.kwargs())
+            request = self._http.build_request(call.method, call.url or self.base_url + call.path, **call.kwargs())
+            if not call.with_key:
+                request.headers.pop("Authorization", None)
+            response = await self._http.send(request)
         except httpx.TransportError as exc:
             raise protocol.unreachable(exc, self.base_url) from exc
         finally:
             protocol.close_files(call)
-        return protocol.read(response, call)
+        return protocol.answer(response, call)
 
     async def submit(self, prompt: str = "", lyrics: str = "", *, src_audio: Optional[str] = None,
                      reference_audio: Optional[str] = None, idempotency_key: Optional[str] = None,
@@ -59,13 +61,7 @@ class AsyncACEStepClient:
         return [TaskStatus.parse(entry) for entry in data or []]
 
     async def models(self) -> ModelList:
-        call = protocol.Call("GET", "/v1/models")
-        try:
-            response = await self._http.get(self.base_url + call.path)
-        except httpx.TransportError as exc:
-            raise protocol.unreachable(exc, self.base_url) from exc
-        protocol.read(response, call)
-        return ModelList.parse(response.json())
+        return ModelList.parse(await self._send(protocol.models_call()))
 
     async def list_adapters(self) -> AdapterList:
         return AdapterList.parse(await self._send(protocol.adapters_call()))
@@ -74,15 +70,7 @@ class AsyncACEStepClient:
                              replace: bool = False) -> AdapterInfo:
         filename, data = protocol.adapter_file(path)
         ticket = await self._send(protocol.adapter_ticket_call(filename))
-        put, url, with_key = protocol.adapter_put(self.base_url, ticket, data)
-        request = self._http.build_request(put.method, url, content=data, headers=put.headers)
-        if not with_key:
-            request.headers.pop("Authorization", None)
-        try:
-            response = await self._http.send(request)
-        except httpx.TransportError as exc:
-            raise protocol.unreachable(exc, self.base_url) from exc
-        protocol.read_upload(response, put)
+        await self._send(protocol.adapter_put(self.base_url, ticket, data))
         stored = await self._send(protocol.register_adapter_call(str(ticket["key"]), name, model, replace))
         return AdapterInfo.parse(stored.get("adapter"), created=bool(stored.get("created")))
 
@@ -112,21 +100,16 @@ class AsyncACEStepClient:
     async def download(self, audio: AudioResult, dest: str, task_id: str = "audio") -> str:
         path = protocol.output_path(dest, task_id, audio.index, audio.extension)
         call = protocol.Call("GET", audio.file)
-        tmp = path + ".part"
         try:
             async with self._http.stream("GET", protocol.absolute(self.base_url, audio.file)) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     protocol.read(response, call)
-                with open(tmp, "wb") as out:
+                with protocol.landing(path) as out:
                     async for chunk in response.aiter_bytes():
                         out.write(chunk)
-            os.replace(tmp, path)
         except httpx.TransportError as exc:
             raise protocol.unreachable(exc, self.base_url) from exc
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return path
 
     async def download_all(self, status: TaskStatus, dest: str) -> list[str]:

@@ -1,7 +1,6 @@
 """ACEStepClient: the synchronous client (httpx.Client)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any, Optional
@@ -38,12 +37,15 @@ class ACEStepClient:
 
     def _send(self, call: protocol.Call) -> Any:
         try:
-            response = self._http.request(call.method, self.base_url + call.path, **call.kwargs())
+            request = self._http.build_request(call.method, call.url or self.base_url + call.path, **call.kwargs())
+            if not call.with_key:
+                request.headers.pop("Authorization", None)
+            response = self._http.send(request)
         except httpx.TransportError as exc:
             raise protocol.unreachable(exc, self.base_url) from exc
         finally:
             protocol.close_files(call)
-        return protocol.read(response, call)
+        return protocol.answer(response, call)
 
     # --- the API -------------------------------------------------------------------------------
 
@@ -68,13 +70,7 @@ class ACEStepClient:
         return [TaskStatus.parse(entry) for entry in data or []]
 
     def models(self) -> ModelList:
-        call = protocol.Call("GET", "/v1/models")
-        try:
-            response = self._http.get(self.base_url + call.path)
-        except httpx.TransportError as exc:
-            raise protocol.unreachable(exc, self.base_url) from exc
-        protocol.read(response, call)  # raises on errors
-        return ModelList.parse(response.json())
+        return ModelList.parse(self._send(protocol.models_call()))
 
     def list_adapters(self) -> AdapterList:
         """GET /v1/adapters: each adapter's kind, rank, size and the models it fits (`.fitting(model)`)."""
@@ -87,15 +83,7 @@ class ACEStepClient:
         409 when `name` (default: the file's) is another adapter's, unless `replace`."""
         filename, data = protocol.adapter_file(path)
         ticket = self._send(protocol.adapter_ticket_call(filename))
-        put, url, with_key = protocol.adapter_put(self.base_url, ticket, data)
-        request = self._http.build_request(put.method, url, content=data, headers=put.headers)
-        if not with_key:
-            request.headers.pop("Authorization", None)
-        try:
-            response = self._http.send(request)
-        except httpx.TransportError as exc:
-            raise protocol.unreachable(exc, self.base_url) from exc
-        protocol.read_upload(response, put)
+        self._send(protocol.adapter_put(self.base_url, ticket, data))
         stored = self._send(protocol.register_adapter_call(str(ticket["key"]), name, model, replace))
         return AdapterInfo.parse(stored.get("adapter"), created=bool(stored.get("created")))
 
@@ -137,21 +125,16 @@ class ACEStepClient:
         """Stream one result file to `dest` (a directory, or a file name); returns the path written."""
         path = protocol.output_path(dest, task_id, audio.index, audio.extension)
         call = protocol.Call("GET", audio.file)
-        tmp = path + ".part"
         try:
             with self._http.stream("GET", protocol.absolute(self.base_url, audio.file)) as response:
                 if response.status_code >= 400:
                     response.read()
                     protocol.read(response, call)
-                with open(tmp, "wb") as out:
+                with protocol.landing(path) as out:  # a failed download leaves nothing behind
                     for chunk in response.iter_bytes():
                         out.write(chunk)
-            os.replace(tmp, path)
         except httpx.TransportError as exc:
             raise protocol.unreachable(exc, self.base_url) from exc
-        finally:
-            if os.path.exists(tmp):  # a failed download leaves nothing behind
-                os.remove(tmp)
         return path
 
     def download_all(self, status: TaskStatus, dest: str) -> list[str]:

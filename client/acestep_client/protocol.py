@@ -10,8 +10,9 @@ import json
 import os
 import uuid
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence, Union
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -46,9 +47,14 @@ def client_headers(api_key: Optional[str], user_agent: str) -> dict[str, str]:
     return headers
 
 
+Reader = Callable[[httpx.Response, "Call"], Any]
+
+
 @dataclass
 class Call:
-    """One HTTP request, described; `send` kwargs for httpx."""
+    """One HTTP request, described; `send` kwargs for httpx. `url`, when set, is absolute (a presigned
+    upload) and goes without the API key unless `with_key`; `reader` makes the answer what the caller
+    gets (default: the envelope's `data`, see `read`)."""
     method: str
     path: str
     json: Any = None
@@ -56,6 +62,9 @@ class Call:
     files: Optional[dict] = None
     headers: dict = field(default_factory=dict)
     content: Optional[bytes] = None
+    url: Optional[str] = None
+    with_key: bool = True
+    reader: Optional[Reader] = None
 
     def kwargs(self) -> dict:
         out: dict[str, Any] = {"headers": self.headers}
@@ -143,14 +152,15 @@ def adapter_ticket_call(filename: str) -> Call:
     return Call("POST", "/v1/adapters/uploads", json={"filename": filename})
 
 
-def adapter_put(base_url: str, ticket: dict, data: bytes) -> tuple[Call, str, bool]:
-    """The PUT of an upload ticket: (call, absolute URL, whether to send the API key). A presigned URL of
-    another origin (S3) is signed already, and S3 refuses a second Authorization."""
+def adapter_put(base_url: str, ticket: dict, data: bytes) -> Call:
+    """The PUT of an upload ticket, to its absolute URL. A presigned URL of another origin (S3) is signed
+    already, and S3 refuses a second Authorization: the API key goes to this server only."""
     url = absolute(base_url, str(ticket["upload_url"]))
     same_origin = urlsplit(url)[:2] == urlsplit(base_url)[:2]
     headers = {str(k): str(v) for k, v in (ticket.get("headers") or {}).items()}
     headers.setdefault("Content-Type", "application/octet-stream")
-    return Call(str(ticket.get("method") or "PUT"), urlsplit(url).path, headers=headers, content=data), url, same_origin
+    return Call(str(ticket.get("method") or "PUT"), urlsplit(url).path, headers=headers, content=data, url=url,
+                with_key=same_origin, reader=read_upload)
 
 
 def register_adapter_call(key: str, name: Optional[str], model: Optional[str], replace: bool) -> Call:
@@ -166,6 +176,11 @@ def read_upload(response: httpx.Response, call: Call) -> None:
     """The PUT's answer: this server's envelope, or S3's empty 200 (its errors are XML)."""
     if response.status_code >= 400:
         read(response, call)
+
+
+def models_call() -> Call:
+    """GET /v1/models: the OpenRouter-style list, read whole (its `data` is the list, not an envelope's)."""
+    return Call("GET", "/v1/models", reader=read_whole)
 
 
 def delete_adapter_call(name: str) -> Call:
@@ -206,6 +221,17 @@ def read(response: httpx.Response, call: Call) -> Any:
     return body.get("data", body)
 
 
+def read_whole(response: httpx.Response, call: Call) -> Any:
+    """The whole JSON body of a successful answer (errors as `read` raises them)."""
+    read(response, call)
+    return response.json()
+
+
+def answer(response: httpx.Response, call: Call) -> Any:
+    """What a client's `_send` returns for `call`."""
+    return (call.reader or read)(response, call)
+
+
 def unreachable(exc: httpx.TransportError, base_url: str) -> ServerUnreachable:
     return ServerUnreachable(f"cannot reach {base_url}: {exc.__class__.__name__}: {exc}")
 
@@ -213,6 +239,19 @@ def unreachable(exc: httpx.TransportError, base_url: str) -> ServerUnreachable:
 def absolute(base_url: str, file: str) -> str:
     """Result URLs are relative on upstream and here (`/v1/audio?...`); a presigned one is absolute."""
     return file if file.startswith(("http://", "https://")) else base_url + "/" + file.lstrip("/")
+
+
+@contextmanager
+def landing(path: str) -> Iterator[BinaryIO]:
+    """A download's file: written as `path.part`, moved to `path` once whole; a failed one leaves nothing."""
+    tmp = path + ".part"
+    try:
+        with open(tmp, "wb") as out:
+            yield out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def output_path(dest: str, task_id: str, index: int, extension: str) -> str:
