@@ -85,8 +85,8 @@ def decide(mode: str, resident: int, largest: int, free: Optional[int], workspac
     if mode == "none":
         return Decision(False, "set: none (ACESTEP_OFFLOAD)", resident)
     if device_type == "cpu" or free is None:
-        return Decision(False, f"auto: off ({'nothing to offload to on CPU' if device_type == 'cpu' else 'free memory unknown'})",
-                        resident)
+        why = "nothing to offload to on CPU" if device_type == "cpu" else "free memory unknown"
+        return Decision(False, f"auto: off ({why})", resident)
     if resident + workspace <= free:
         return Decision(False, f"auto: off (all {resident / GB:.1f} GB of weights + {workspace / GB:.1f} GB "
                                f"working memory fit in {free / GB:.1f} GB)", resident)

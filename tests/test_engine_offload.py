@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.offload import GB, STAGES, Decision, decide, decode_on_cpu, fit_bytes, largest_stage, parse_mode, stage_moves
+from engine.offload import (GB, STAGES, Decision, decide, decode_on_cpu, fit_bytes, largest_stage, parse_mode,
+                            stage_moves)
 from tests.engine_fixtures import TURBO, tiny_checkpoint_dir  # noqa: F401  (session fixture)
 
 # 2B turbo in bf16 with the 1.7B LM, roughly: text encoder 1.2, LM 3.4, DiT (+ condition encoder) 4.8, VAE 0.3 GB
@@ -24,7 +25,8 @@ def test_the_plan_keeps_only_the_running_module_on_the_device():
         ("vae", ("vae",), ("dit",), ("vae",)),
     ]
     # without the LM the DiT follows the text encoder; without offload nothing moves
-    assert [m.to_cpu for m in stage_moves(("text_encoder", "dit", "vae"), offload=True)] == [(), ("text_encoder",), ("dit",)]
+    without_lm = stage_moves(("text_encoder", "dit", "vae"), offload=True)
+    assert [m.to_cpu for m in without_lm] == [(), ("text_encoder",), ("dit",)]
     assert all(m.to_device == m.to_cpu == () and m.on_device == STAGES for m in stage_moves(STAGES, offload=False))
 
 
@@ -57,7 +59,7 @@ def test_the_decode_falls_back_to_the_cpu_when_its_working_set_would_not_fit():
         parse_mode("gpu")
 
 
-def test_the_engine_with_offload_forced_runs_each_stage_alone_on_the_device_and_sounds_the_same(tiny_checkpoint_dir):  # noqa: F811
+def test_the_engine_with_offload_forced_runs_each_stage_alone_and_sounds_the_same(tiny_checkpoint_dir):  # noqa: F811
     import torch
 
     from engine import offload
