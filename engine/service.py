@@ -224,6 +224,9 @@ class Engine:
     def _apply_offload(self, decision: offload.Decision) -> None:
         """Offload on: every stage waits on the CPU and moves in as it runs; off: everything on the device."""
         self.offload = decision
+        if decision.offload and self.config.cuda_graphs:  # graphs replay the addresses of weights that move
+            raise GenerationError(f"offload ({decision.reason}) cannot run with CUDA graphs (ACESTEP_CUDA_GRAPHS): "
+                                  "turn one of them off")
         if decision.offload:
             self.offloader = offload.install(self.device, {n: m.pipe for n, m in self._models.items()},
                                              getattr(self.planner, "backend", None))
