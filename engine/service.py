@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
-from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler
 
-from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, quantize, source_codes, speedups, timing, vae_progress
+from engine import quantize  # before diffusers, which imports torchao: its import warnings are hidden there
+from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler  # noqa: I001
+
+from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
 from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.weights.checkpoints import (
     DEMO_NOTICE,
