@@ -164,7 +164,17 @@ def start_switch(settings: Settings, backend: Backend, form: InitModel) -> tuple
         inventory = model_list(settings, backend)
         return None, _answer(inventory, "Model initialization completed", slot,
                              wanted.models[slot - 1])
-    return ask_for(backend.store, settings, wanted), {}
+    state = switch_state(settings, backend)  # asked again after it failed: one more attempt, as upstream's init
+    return ask_for(backend.store, settings, wanted, retry=state is not None and state["state"] == "failed"), {}
+
+
+def retry_failed(settings: Settings, backend: Backend) -> Optional[WantedModels]:
+    """The last wish recorded again when it failed to load (each worker tries it once more), else None."""
+    wish, state = read_wanted(backend.store, settings), switch_state(settings, backend)
+    if wish is None or state is None or state["state"] != "failed":
+        return None
+    return ask_for(backend.store, settings, ModelSet(**wish.model_dump(include=set(ModelSet.model_fields))),
+                   retry=True)
 
 
 def switch_answer(settings: Settings, backend: Backend, wish: WantedModels, slot: int) -> tuple[int, dict[str, Any]]:
@@ -201,7 +211,7 @@ def reinitialize(settings: Settings, backend: Backend) -> dict[str, Any]:
 # Refusals of schema-valid requests: they depend on what the fleet runs (tests/test_openapi_conformance.py).
 STATE_RULES: dict[str, dict[int, tuple[str, ...]]] = {
     "/v1/init": {409: ("deploy", "restart", "no model", "failed to load")},
-    "/v1/reinitialize": {409: ("deploy", "restart")},
+    "/v1/reinitialize": {409: ("deploy", "restart", "failed to load")},
 }
 
 _INVENTORY_DOC = ("Upstream's model inventory: each DiT model with `is_loaded` (a live worker has it) and "
@@ -237,8 +247,13 @@ async def init_model(request: Request):
     wish, answer = await run_in_threadpool(start_switch, settings, backend, form)
     if wish is None:
         return wrap(answer)
-    slot = form.slot or 1
-    deadline = time.monotonic() + (INIT_WAIT_SECONDS if form.wait_seconds is None else form.wait_seconds)
+    return await _answer_when_loaded(settings, backend, wish, form.slot or 1, form.wait_seconds)
+
+
+async def _answer_when_loaded(settings: Settings, backend: Backend, wish: WantedModels, slot: int,
+                              wait_seconds: Optional[float]) -> JSONResponse:
+    """switch_answer once the live workers have loaded `wish` or failed to, or after `wait_seconds` (202)."""
+    deadline = time.monotonic() + (INIT_WAIT_SECONDS if wait_seconds is None else wait_seconds)
     while True:  # the event loop stays free: each look is a store read in a thread
         status, data = await run_in_threadpool(switch_answer, settings, backend, wish, slot)
         if status != 202 or data["model_switch"]["state"] != "loading" or time.monotonic() >= deadline:
@@ -246,17 +261,31 @@ async def init_model(request: Request):
         await asyncio.sleep(POLL_SECONDS)
 
 
-@router.post("/v1/reinitialize", summary="Reload released models (nothing to do: workers keep them)",
-             openapi_extra=request_body({"type": "object", "properties": {"ai_token": {"type": "string"}}},
-                                        JSON, FORM, required=False),
-             responses={**ok(Envelope[dict[str, Any]]), **_conflict_responses(401, 409)})
+class Reinitialize(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    wait_seconds: Optional[float] = Field(None, ge=0, le=600, description="after a failed POST /v1/init: how long "
+                                          f"to wait for its retry (default {INIT_WAIT_SECONDS:g}); then 202")
+    ai_token: Optional[str] = None
+
+
+@router.post("/v1/reinitialize", summary="Reload released models; retry a POST /v1/init that failed to load",
+             openapi_extra=request_body(model_schema(Reinitialize), JSON, FORM, required=False),
+             responses={**ok(Envelope[dict[str, Any]]),
+                        202: {"model": Envelope[dict[str, Any]], "description": "retry recorded, still loading"},
+                        **_conflict_responses(400, 401, 409)})
 async def reinitialize_models(request: Request):
-    """Upstream reloads models it released from memory; workers here never release them. 409 when every live
-    worker failed to load its models (a restart is what helps)."""
-    settings = settings_of(request)
+    """Upstream reloads models it released from memory; workers here never release them. After a POST /v1/init
+    whose set failed to load (one machine), the workers try that set once more, answered as /v1/init answers.
+    409 when every live worker failed to load its models (a restart is what helps)."""
+    settings, backend = settings_of(request), backend_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
-    return wrap(await run_in_threadpool(reinitialize, settings, backend_of(request)))
+    form = _validated(Reinitialize, {k: v for k, v in body.fields.items() if v not in (None, "")})
+    wish = await run_in_threadpool(retry_failed, settings, backend) if backend.name != "aws" else None
+    if wish is not None:
+        return await _answer_when_loaded(settings, backend, wish, 1, form.wait_seconds)
+    return wrap(await run_in_threadpool(reinitialize, settings, backend))
 
 
 __all__ = ["router"]

@@ -65,12 +65,13 @@ def _applying(stored: Optional[dict[str, Any]], settings: Settings) -> Optional[
     return wanted if wanted is not None and wanted.base == start_key(settings) else None
 
 
-def ask_for(store: TaskStore, settings: Settings, wanted: ModelSet) -> WantedModels:
+def ask_for(store: TaskStore, settings: Settings, wanted: ModelSet, retry: bool = False) -> WantedModels:
     """Record `wanted` as the set to serve; the record as it stands after (the same one when it was wished
-    already: asking again does not make the workers reload)."""
+    already: asking again does not make the workers reload). `retry`: a new version even then, so each worker
+    that failed to load it tries once more."""
     def change(current: Optional[dict[str, Any]]) -> tuple[Optional[dict[str, Any]], WantedModels]:
         now = _applying(current, settings)
-        if now is not None and now.key() == wanted.key():
+        if now is not None and now.key() == wanted.key() and not retry:
             return None, now
         version = max(now.version if now else 0, int((current or {}).get("version") or 0)) + 1
         record = WantedModels(**wanted.model_dump(), base=start_key(settings), version=version,

@@ -5,6 +5,10 @@ real engine on tiny random checkpoints. The AWS answer (409 naming the CDK conte
 from __future__ import annotations
 
 import os
+import shutil
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -96,8 +100,6 @@ def test_a_model_that_fails_to_load_leaves_the_old_one_serving(machine):
     beat()
     assert backend.store.get(task).status == "succeeded"
     assert [m.name for m in worker.engine.models()] == [TURBO]
-    r = client.post("/v1/init", json={"model": BROKEN})
-    assert r.status_code == 409 and "failed to load" in r.json()["detail"] and TURBO in r.json()["detail"]
     for route in ("/v1/models", "/health"):
         data = client.get(route).json()["data"]
         assert data["model_switch"]["state"] == "failed", route
@@ -105,6 +107,32 @@ def test_a_model_that_fails_to_load_leaves_the_old_one_serving(machine):
     assert [m["name"] for m in client.get("/v1/models").json()["data"]["models"]] == [TURBO]
     assert client.post("/v1/init", json={"model": "acestep-v15-nowhere"}).status_code == 409  # not here to load
     assert client.post("/v1/init", json={"model": "../etc"}).status_code == 400
+
+    @contextmanager
+    def worker_round_soon():  # the worker's next round, while the request below waits for it
+        timer = threading.Timer(0.3, lambda: (worker.run_once(0.01), beat()))
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.join(60)
+
+    version = worker.model_switch.answered
+    with worker_round_soon():  # asked again: one more attempt (upstream's "init again"), failing again
+        r = client.post("/v1/init", json={"model": BROKEN, "wait_seconds": 60})
+    assert r.status_code == 409 and "failed to load" in r.json()["detail"] and TURBO in r.json()["detail"]
+    assert worker.model_switch.answered == version + 1
+
+    checkpoints = Path(worker.model_switch.start_settings.checkpoint_dir)  # the cause fixed: now it loads
+    shutil.rmtree(checkpoints / BROKEN)
+    os.symlink(checkpoints / BASE, checkpoints / BROKEN)
+    with worker_round_soon():
+        r = client.post("/v1/reinitialize", json={"wait_seconds": 60})  # retries the set that failed
+    assert r.status_code == 200, r.text
+    assert (r.json()["data"]["loaded_model"], r.json()["data"]["model_switch"]["state"]) == (BROKEN, "loaded")
+    assert [m.name for m in worker.engine.models()] == [BROKEN]
+    r = client.post("/v1/reinitialize")  # nothing failed: nothing to retry
+    assert r.status_code == 200 and "nothing to reload" in r.json()["data"]["message"]
 
 
 @pytest.mark.unit
