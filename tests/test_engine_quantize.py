@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import memory, quantize
+from engine import lm_bridge, memory, quantize
 from engine.adapter_builder import build_tiny_adapter, model_shape_at
 from engine.config import EngineConfig
 from engine.request import AdapterRef, GenerationRequest
@@ -109,7 +109,9 @@ def test_int8_lm_quantises_its_layers_but_not_the_tied_head_and_stays_close(tmp_
 
     folder = build_tiny_lm(tmp_path / "lm", audio_codes=64)
     full = TransformersLM.load(folder, dtype=torch.float32)
-    quant = TransformersLM.load(folder, dtype=torch.float32, quantize="int8")
+    # as the engine loads it: ACESTEP_QUANTIZE_LM through the planner's loader
+    config = EngineConfig(checkpoint_dir=str(tmp_path), lm_model=str(folder), lm_backend="pt", quantize_lm="int8")
+    quant = lm_bridge.load_planner(config, "cpu", torch.float32).backend
     layer = quant.model.model.layers[0]
     assert type(layer.mlp.up_proj.weight).__name__ == "Int8Tensor"
     head, embed = quant.model.get_output_embeddings(), quant.model.get_input_embeddings()
