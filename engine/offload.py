@@ -68,6 +68,14 @@ def fit_bytes(mode: str, resident: int, largest: int, device_type: str = "cuda")
     return resident if mode == "none" or device_type == "cpu" else largest
 
 
+def load_on_device(mode: str, needed: int, workspace: int, free: Optional[int]) -> bool:
+    """Whether a model being loaded goes straight to the device: always without offload, never when it is
+    forced, and under auto while everything loaded so far (`needed`) still fits beside the working memory."""
+    if mode == "none":
+        return True
+    return mode == "auto" and (free is None or needed + workspace <= free)
+
+
 @dataclass(frozen=True)
 class Decision:
     """Whether to offload, why, and the bytes the fit check must find free for it."""
@@ -281,4 +289,4 @@ def _refresh_head(backend) -> None:
 
 
 __all__ = ["Decision", "MODES", "Offloader", "STAGES", "StageMoves", "decide", "decode_on_cpu", "fit_bytes", "install",
-           "largest_stage", "parse_mode", "pipeline_groups", "stage_bytes", "stage_moves"]
+           "largest_stage", "load_on_device", "parse_mode", "pipeline_groups", "stage_bytes", "stage_moves"]

@@ -159,7 +159,7 @@ class Engine:
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
-            pipe.to(device if config.offload == "none" else "cpu")  # offload: placed once decided, below
+            pipe.to(device if offload.load_on_device(config.offload, needed, workspace, free) else "cpu")
             pipe.set_progress_bar_config(disable=True)
             for comp in QUANTIZED_COMPONENTS:  # before compiling; a shared component was quantised once already
                 if config.quantize != "none" and comp not in reuse:
@@ -202,6 +202,9 @@ class Engine:
         decision = offload.decide(config.offload, needed, largest, free, workspace, device.type)
         if not decision.offload:  # the loading checks asked for the largest stage only
             memory.check_fits(needed, free, str(device), " + ".join(config.model_names), workspace)
+        if decision.offload:  # every stage home before the LM loads on the device
+            for model in models.values():
+                model.pipe.to("cpu")
         # what the fit check leaves beside the DiTs, their working memory and the text encoder: a vLLM LM's
         # weights, runtime and KV cache must fit in it (engine/lm/vllm_backend.kv_cache_bytes)
         left = None if free is None else free - workspace - (stage_largest if decision.offload else needed - lm_bytes)

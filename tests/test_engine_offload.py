@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.offload import (GB, STAGES, Decision, decide, decode_on_cpu, fit_bytes, largest_stage, parse_mode,
-                            stage_moves)
+from engine.offload import (GB, STAGES, Decision, decide, decode_on_cpu, fit_bytes, largest_stage, load_on_device,
+                            parse_mode, stage_moves)
 from tests.engine_fixtures import TURBO, tiny_checkpoint_dir  # noqa: F401  (session fixture)
 
 # 2B turbo in bf16 with the 1.7B LM, roughly: text encoder 1.2, LM 3.4, DiT (+ condition encoder) 4.8, VAE 0.3 GB
@@ -48,6 +48,9 @@ def test_auto_offloads_only_when_all_do_not_fit_but_the_largest_does():
     # while loading, the fit check asks for the largest stage only where offload may follow, and never on CPU
     assert fit_bytes("auto", TOTAL, largest) == fit_bytes("modules", TOTAL, largest) == largest
     assert fit_bytes("none", TOTAL, largest) == fit_bytes("auto", TOTAL, largest, "cpu") == TOTAL
+    # loading: straight to the device while all still fits (auto), never when offload is forced
+    assert load_on_device("auto", 6 * GB, WORK, 8 * GB) and not load_on_device("auto", 8 * GB, WORK, 8 * GB)
+    assert load_on_device("none", TOTAL, WORK, 1 * GB) and not load_on_device("modules", 1, WORK, 64 * GB)
 
 
 def test_the_decode_falls_back_to_the_cpu_when_its_working_set_would_not_fit():
