@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from engine.adapter_manifest import adapter_dirs
 
@@ -27,7 +27,7 @@ def model_name_from_path(path: str) -> str:
     return os.path.basename(path.rstrip("/\\"))
 
 
-def _comma_list(value):
+def _comma_list(value: object) -> object:
     """"a, b" (how an environment variable holds a list) -> ["a", "b"]; lists pass through."""
     if isinstance(value, str):
         return [p for p in (s.strip() for s in value.split(",")) if p]
@@ -37,7 +37,7 @@ def _comma_list(value):
 CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
 
 
-def _auto_is_none(value):
+def _auto_is_none(value: object) -> object:
     """"auto" (a setting decided at run time) -> None ("None": how a child process's environment passes it)."""
     return None if isinstance(value, str) and value.strip().lower() in ("auto", "none") else value
 
@@ -70,7 +70,8 @@ def _networks(value: list[str]) -> list[str]:
 NetworkList = Annotated[list[str], BeforeValidator(_comma_list), AfterValidator(_networks)]
 
 
-def _env(name: str, default, **constraints):
+def _env(name: str, default: object, **constraints: Any) -> Any:
+    # `constraints`: pydantic's Field keywords; Any out, as Field's own, so it stands as any field's default.
     return Field(default, validation_alias=name, **constraints)
 
 
@@ -216,8 +217,11 @@ class Settings(BaseSettings):
     cors_origins: CommaList = Field(default_factory=list, validation_alias="ACESTEP_CORS_ORIGINS")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Only keywords: load_settings layers the environment and `.env` under them itself.
         return (init_settings,)
 
