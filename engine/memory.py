@@ -11,7 +11,8 @@ itself. At start the check asks for the smallest generation's: one song decoded 
 Measured at full size on CPU (bench/vae_cpu.py, random weights, bf16; bench/RESULTS.md): an untiled
 decode's working set is 0.88 GiB for 10 s, 2.34 GiB for 30 s, 4.61 GiB for 60 s (issue 25's runs: 2.6, 4.8,
 and 18.6 GiB for 240 s) -- 1.5-1.9x the earlier estimate from layer shapes, which let a 240 s song go untiled
-on a 23 GiB machine. The fit below is within -2..+11 % of every figure and errs high, never low.
+on a 23 GiB machine. The fit below is within -7..+12 % of every bf16 figure (float32: +4..+12 %; bench/
+memory_table.py's runs too, tests/test_memory_table.py).
 """
 from __future__ import annotations
 
@@ -163,9 +164,11 @@ SAMPLES_PER_LATENT_FRAME = 1920  # 48 kHz audio per 25 Hz latent frame (the VAE'
 SAMPLE_RATE = 48000
 # The measured working set, as full-rate (48 kHz x decoder width) tensors alive at the peak per item, over the
 # song plus a fixed length: bf16, 128 channels: 6.8 x 128 x 2 bytes x 48,000/s = 0.078 GiB per second of song,
-# + 0.2 GiB (the fit of bench/vae_cpu.py's and issue 25's figures; fp32 measured at twice bf16's).
+# + 0.09 GiB (the fit of bench/vae_cpu.py's, bench/memory_table.py's and issue 25's figures). float32 measured
+# at 1.67x bf16's, not 2x (bench/memory_measured.json: 10 s 1.31 vs 0.78 GiB, 30 s 3.89 vs 2.34).
 _LIVE_FULL_RATE_TENSORS = 6.8
-_FIXED_SECONDS = 2.6
+_FIXED_SECONDS = 1.2
+_FLOAT32_DECODE_BYTES = 3.34  # per element: 1.67x bf16's 2
 TILE_SECONDS = 512 / 25  # diffusers' AutoencoderOobleck.tile_latent_min_length: one tile's window
 DECODE_HEADROOM = 0.8  # use at most this share of what is free (fragmentation, the allocator's rounding)
 
@@ -174,7 +177,8 @@ def vae_decode_bytes(items: int, seconds: float, full_rate_channels: int, dtype_
     """Working memory an untiled VAE decode of `items` songs of `seconds` needs at its peak (fitted to
     full-size measurements; a batch counts each item whole)."""
     samples = (math.ceil(seconds * 25) * SAMPLES_PER_LATENT_FRAME) + _FIXED_SECONDS * SAMPLE_RATE
-    return int(items * samples * full_rate_channels * dtype_bytes * _LIVE_FULL_RATE_TENSORS)
+    element = _FLOAT32_DECODE_BYTES if dtype_bytes == 4 else dtype_bytes
+    return int(items * samples * full_rate_channels * element * _LIVE_FULL_RATE_TENSORS)
 
 
 def tile_vae_decode(allowed: bool, needed: int, free: Optional[int]) -> bool:
