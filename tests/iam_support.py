@@ -33,6 +33,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from infra.sections import SECTIONS
+
 REPO = Path(__file__).resolve().parents[1]
 ACCOUNT = "123456789012"  # moto's default account; the stack is synthesized for it
 REGION = "us-east-1"
@@ -46,7 +48,8 @@ WORKER_ROLE = "WorkerTask/TaskRole"
 EXECUTION_ROLE = "WorkerTask/ExecutionRole"
 NODE_DIR = REPO / "tests" / "iam"
 # What the synth reads: the cached template is rebuilt when any of these change.
-_SYNTH_INPUTS = ("infra/*.py", "service/aws/schema.py", "service/blob_keys.py", "service/observability/metrics.py")
+_SYNTH_INPUTS = ("infra/*.py", "infra/sections/*.py", "service/aws/schema.py", "service/blob_keys.py",
+                 "service/observability/metrics.py")
 
 
 # -- the synthesized template ------------------------------------------------------------------
@@ -123,9 +126,11 @@ class SynthInBackground:
 
 
 def construct_path(resource: dict) -> str:
-    """'WorkerTask/TaskRole' for a resource whose aws:cdk:path is '<stack>/WorkerTask/TaskRole/Resource'."""
+    """'WorkerTask/TaskRole' for a resource whose aws:cdk:path is '<stack>/Workers/WorkerTask/TaskRole/Resource':
+    the path under the stack without its section (infra/sections/logical_ids.py), as its logical id is made."""
     path = resource.get("Metadata", {}).get("aws:cdk:path", "")
-    return path.split("/", 1)[1].removesuffix("/Resource") if "/" in path else ""
+    parts = path.split("/")[1:]
+    return "/".join(parts[1:] if parts and parts[0] in SECTIONS else parts).removesuffix("/Resource")
 
 
 def logical_id(template: dict, path: str) -> str:

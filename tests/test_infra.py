@@ -116,6 +116,31 @@ def _logical_id(template, kind, predicate=lambda props: True):
     return ids[0]
 
 
+# The logical ids of what holds data or is handed out: CloudFormation replaces a resource whose logical id
+# changes, so a new id on a deployed stack is a new, empty table or bucket, new queues (tasks in flight lost)
+# or new secrets (every client's key invalid). These are the ids deployed stacks have; a refactor keeps them.
+STATEFUL_LOGICAL_IDS = {
+    "Tasks0BA6A452": "AWS::DynamoDB::Table",
+    "Audio9AB18887": "AWS::S3::Bucket",
+    "AccessLogs8B620ECA": "AWS::S3::Bucket",
+    "TasksQueueDA0BFEF7": "AWS::SQS::Queue",
+    "InteractiveQueue642CCD4D": "AWS::SQS::Queue",
+    "TasksDlqDCE5596F": "AWS::SQS::Queue",
+    "ApiKeyF9DDEE66": "AWS::SecretsManager::Secret",
+    "UrlSigningSecret661391A9": "AWS::SecretsManager::Secret",
+    "WebhookSigningSecretDD964680": "AWS::SecretsManager::Secret",
+}
+
+
+def test_stateful_resources_keep_their_logical_ids(synth):
+    """Every deployable path: the table, buckets, queues and secrets under the ids deployed stacks hold (the
+    stack's sections stay out of logical ids, infra/sections/logical_ids.py), and no other of their kind."""
+    for name, template in synth.templates.items():
+        resources = template.to_json()["Resources"]
+        found = {rid: r["Type"] for rid, r in resources.items() if r["Type"] in set(STATEFUL_LOGICAL_IDS.values())}
+        assert found == STATEFUL_LOGICAL_IDS, name
+
+
 def test_table_matches_the_adapter_schema(template):
     table = _one(template, "AWS::DynamoDB::Table")
     assert table["BillingMode"] == "PAY_PER_REQUEST"

@@ -55,7 +55,7 @@ def deploy_as_synth(command: str) -> str:
     return synth
 
 
-E2E = "tests/test_aws_e2e.py::test_aws_deployment_over_http"
+E2E = "tests/test_aws_e2e.py::test_a_task_runs_once_and_downloads_through_a_presigned_redirect"
 HANDLING: dict[str, object] = {
     "make infra-deps": RUN,
     "make synth": RUN,
