@@ -94,7 +94,7 @@ class RunWatch:
         self._keeper.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._keeper.join()
 

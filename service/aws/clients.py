@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, TypeAlias
 
 from ..config import Settings
+
+# boto3 builds its clients at run time from service models and ships no types: a client (or a
+# LazyClient standing in for one) is dynamic, and what it returns is AWS's JSON.
+AwsClient: TypeAlias = Any
 
 # boto3's default session is not safe to create clients from several threads at once.
 _create_lock = threading.Lock()
@@ -46,7 +50,7 @@ class LazyClient:
         return getattr(client, name)
 
 
-def _make_client(service: str, settings: Settings, config: dict[str, Any]):
+def _make_client(service: str, settings: Settings, config: dict[str, Any]) -> AwsClient:
     from botocore.config import Config
 
     # Standard retry mode backs off on throttling, which a burst of submits can hit.

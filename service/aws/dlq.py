@@ -11,6 +11,7 @@ import logging
 
 from ..lanes import is_interactive
 from ..ports import QUEUED, Backend, FailureReason
+from ..records import TaskRecord
 from .sqs_queue import DeadLetter, SqsTaskQueue
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def _handle(backend: Backend, queue: SqsTaskQueue, letter: DeadLetter) -> bool:
     return failed
 
 
-def dead_letter_reason(record, dlq_receive_count: int) -> str:
+def dead_letter_reason(record: TaskRecord, dlq_receive_count: int) -> str:
     # attempt counts the deliveries that reached a worker's claim, less those handed back on purpose;
     # fall back to SQS's own count.
     deliveries = (record.attempt - record.given_back) or max(1, dlq_receive_count - 1)

@@ -15,12 +15,13 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from boto3.s3.transfer import TransferConfig
 
 from ..blob_keys import MODELS_PREFIX
-from .clients import error_code
+from ..json_types import JSONObject
+from .clients import AwsClient, error_code
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def model_prefix(name: str) -> str:
     return f"{MODELS_PREFIX}{name}/"
 
 
-def publish(s3, bucket: str, name: str, source: Path) -> int:
+def publish(s3: AwsClient, bucket: str, name: str, source: Path) -> int:
     """Upload every file under `source`; returns the bytes uploaded. The manifest goes last."""
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".part-"))
     if not files:
@@ -55,17 +56,20 @@ def publish(s3, bucket: str, name: str, source: Path) -> int:
     return total
 
 
-def read_manifest(s3, bucket: str, name: str) -> Optional[dict[str, Any]]:
+def read_manifest(s3: AwsClient, bucket: str, name: str) -> Optional[JSONObject]:
     try:
         body = s3.get_object(Bucket=bucket, Key=model_prefix(name) + MANIFEST)["Body"].read()
     except Exception as exc:
         if error_code(exc) in ("NoSuchKey", "404", "403", "AccessDenied"):
             return None
         raise
-    return json.loads(body)
+    manifest = json.loads(body)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"s3://{bucket}/{model_prefix(name)}{MANIFEST} holds no JSON object")
+    return manifest
 
 
-def fetch(s3, bucket: str, name: str, dest: Path) -> Optional[int]:
+def fetch(s3: AwsClient, bucket: str, name: str, dest: Path) -> Optional[int]:
     """Download a published model into `dest`; returns the bytes fetched, or None if not published.
 
     Each file lands under a temporary name and is renamed when complete, so an interrupted fetch

@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from ..config import Settings
 from . import schema as S
-from .clients import aws_client, error_code
+from .clients import AwsClient, aws_client, error_code
 
 DEFAULT_TABLE = "acestep-tasks"
 DEFAULT_QUEUE = "acestep-tasks"
@@ -44,17 +44,19 @@ def provision(settings: Settings) -> Settings:
                                            signing_secret_arn=signing, webhook_secret_arn=webhook))
 
 
-def ensure_signing_secret(sm, name: str) -> str:
+def ensure_signing_secret(sm: AwsClient, name: str) -> str:
     """A random secret (the stack's UrlSigningSecret, WebhookSigningSecret); returns its ARN."""
     try:
-        return sm.describe_secret(SecretId=name)["ARN"]
+        arn: str = sm.describe_secret(SecretId=name)["ARN"]
+        return arn
     except ClientError as exc:
         if error_code(exc) != "ResourceNotFoundException":
             raise
-    return sm.create_secret(Name=name, SecretString=secrets.token_urlsafe(48))["ARN"]
+    created: str = sm.create_secret(Name=name, SecretString=secrets.token_urlsafe(48))["ARN"]
+    return created
 
 
-def ensure_table(ddb, name: str) -> None:
+def ensure_table(ddb: AwsClient, name: str) -> None:
     try:
         ddb.create_table(
             TableName=name,
@@ -118,7 +120,7 @@ UNSENT_INDEX = {
 }
 
 
-def _add_missing_index(ddb, name: str) -> None:
+def _add_missing_index(ddb: AwsClient, name: str) -> None:
     """A table made by an older version lacks a later index: add the first one missing (built in the
     background; DynamoDB creates one index per update, so the next start adds the next)."""
     have = {i["IndexName"] for i in ddb.describe_table(TableName=name)["Table"].get("GlobalSecondaryIndexes", [])}
@@ -129,14 +131,14 @@ def _add_missing_index(ddb, name: str) -> None:
             return
 
 
-def ensure_queues(sqs, name: str, *, max_receives: int, visibility_timeout: float) -> tuple[str, str]:
+def ensure_queues(sqs: AwsClient, name: str, *, max_receives: int, visibility_timeout: float) -> tuple[str, str]:
     """The work queue and its dead-letter queue; returns (queue_url, dlq_url)."""
     dlq_url = _create_or_update(sqs, name + "-dlq", {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)})
     queue_url = ensure_lane_queue(sqs, name, dlq_url, max_receives=max_receives, visibility_timeout=visibility_timeout)
     return queue_url, dlq_url
 
 
-def ensure_lane_queue(sqs, name: str, dlq_url: str, *, max_receives: int, visibility_timeout: float) -> str:
+def ensure_lane_queue(sqs: AwsClient, name: str, dlq_url: str, *, max_receives: int, visibility_timeout: float) -> str:
     """A work queue redriving to `dlq_url` (the main queue, or the interactive lane's: one DLQ for both)."""
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     return _create_or_update(sqs, name, {
@@ -145,7 +147,7 @@ def ensure_lane_queue(sqs, name: str, dlq_url: str, *, max_receives: int, visibi
     })
 
 
-def ensure_bucket(s3, name: str, region: str) -> None:
+def ensure_bucket(s3: AwsClient, name: str, region: str) -> None:
     kwargs: dict[str, Any] = {"Bucket": name}
     if region and region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
@@ -156,13 +158,14 @@ def ensure_bucket(s3, name: str, region: str) -> None:
             raise
 
 
-def _create_or_update(sqs, name: str, attributes: dict[str, Any]) -> str:
+def _create_or_update(sqs: AwsClient, name: str, attributes: dict[str, Any]) -> str:
     try:
-        return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        queue_url: str = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        return queue_url
     except ClientError as exc:
         if error_code(exc) not in ("QueueAlreadyExists", "QueueNameExists"):
             raise
-    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    url: str = sqs.get_queue_url(QueueName=name)["QueueUrl"]
     sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
     return url
 

@@ -6,7 +6,7 @@ from typing import Optional
 from botocore.exceptions import ClientError
 
 from ..ports import BlobStore
-from .clients import error_code
+from .clients import AwsClient, error_code
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 # Without s3:ListBucket (which the roles deliberately lack) S3 answers a missing key with 403.
@@ -14,7 +14,7 @@ _MISSING_OR_HIDDEN = _MISSING | {"403", "AccessDenied", "Forbidden"}
 
 
 class S3BlobStore(BlobStore):
-    def __init__(self, client, bucket: str):
+    def __init__(self, client: AwsClient, bucket: str):
         self._s3 = client
         self.bucket = bucket
 
@@ -23,7 +23,8 @@ class S3BlobStore(BlobStore):
 
     def get(self, key: str) -> bytes:
         try:
-            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            data: bytes = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return data
         except ClientError as exc:
             if error_code(exc) in _MISSING:
                 raise KeyError(key) from None
@@ -53,9 +54,10 @@ class S3BlobStore(BlobStore):
         return None
 
     def presigned_get_url(self, key: str, expires_seconds: int) -> Optional[str]:
-        return self._s3.generate_presigned_url(
+        url: str = self._s3.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_seconds)
         )
+        return url
 
     def presigned_put_url(self, key: str, content_type: str, expires_seconds: int) -> Optional[str]:
         """A URL the client PUTs the file body to, sending the same `Content-Type` header.
@@ -63,8 +65,9 @@ class S3BlobStore(BlobStore):
         This is the upload path for Lambda, whose request bodies are capped (6 MB): the API hands
         out the URL and the key, the client uploads straight to S3, then submits the key.
         """
-        return self._s3.generate_presigned_url(
+        url: str = self._s3.generate_presigned_url(
             "put_object",
             Params={"Bucket": self.bucket, "Key": key, "ContentType": content_type},
             ExpiresIn=int(expires_seconds),
         )
+        return url

@@ -12,11 +12,11 @@ from typing import Callable
 from botocore.exceptions import ClientError
 
 from ..signing_keys import SigningKeys
-from .clients import error_code
+from .clients import AwsClient, error_code
 
 
 class SecretsManagerSigningSecret:
-    def __init__(self, client, secret_id: str, decode: Callable[[str], bytes] = str.encode):
+    def __init__(self, client: AwsClient, secret_id: str, decode: Callable[[str], bytes] = str.encode):
         self._sm, self.secret_id, self._decode = client, secret_id, decode
 
     def load(self) -> SigningKeys:

@@ -25,7 +25,7 @@ from typing import Optional
 from botocore.exceptions import ClientError
 
 from ..ports import Lease, QueueFull, TaskQueue
-from .clients import error_code
+from .clients import AwsClient, error_code
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class SqsLease(Lease):
 
 
 class SqsTaskQueue(TaskQueue):
-    def __init__(self, client, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0,
+    def __init__(self, client: AwsClient, queue_url: str, dlq_url: str = "", size_cache_seconds: float = 1.0,
                  max_receives: int = 0, interactive_url: str = ""):
         self._sqs = client
         self.queue_url = queue_url

@@ -75,7 +75,10 @@ class EcsTaskProtection:
             raise TaskProtectionError(f"ECS agent unreachable at {self.url}: {exc}") from None
         if "protection" not in payload:
             raise TaskProtectionError(f"task protection refused: {_reason(payload)}")
-        return payload["protection"]
+        protection = payload["protection"]
+        if not isinstance(protection, dict):
+            raise TaskProtectionError(f"task protection answered without a protection object: {_reason(payload)}")
+        return protection
 
 
 def _json(raw: bytes) -> dict[str, Any]:

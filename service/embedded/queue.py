@@ -8,6 +8,7 @@ variable. The write lock is taken only when a task is visible.
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -49,7 +50,7 @@ class SqliteTaskQueue(TaskQueue):
         self.notify()
 
     @staticmethod
-    def insert(c, task_id: str, max_size: int, interactive: bool = False) -> None:
+    def insert(c: sqlite3.Connection, task_id: str, max_size: int, interactive: bool = False) -> None:
         """Enqueue inside the caller's write transaction (the intake adds the task row in the same one).
         `interactive`: the task is received before every generation waiting (service/lanes.py)."""
         now = time.time()

@@ -49,9 +49,12 @@ class FileSigningSecret:
     def _read(self) -> dict[str, Any] | None:
         try:
             with open(self.path) as f:
-                return json.load(f)
+                state = json.load(f)
         except FileNotFoundError:
             return None
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.path}: the signing secret file holds no JSON object")
+        return state
 
     def _create(self, state: dict[str, Any]) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -24,7 +24,7 @@ class HeartbeatLoop:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         """Called once stop_event is set: wait for the last beat, then remove this worker's entry."""
         self._thread.join(timeout=self.interval)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from ..records import TaskRecord
 from .health import HealthReport
@@ -80,14 +80,14 @@ def histograms_for(store: object) -> FinishedTaskHistograms:
 def render(stats: dict[str, Any], health: HealthReport, recent: list[TaskRecord], store: object) -> bytes:
     """Prometheus text: gauges of the store now and of the recent window, histograms of finished tasks."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import GaugeMetricFamily, Metric
 
     histograms = histograms_for(store)
     histograms.observe_new(recent)
     window = stats.get("recent") or {}
 
     class _Snapshot:
-        def collect(self):
+        def collect(self) -> Iterator[Metric]:
             tasks = GaugeMetricFamily("acestep_tasks", "Tasks in the store by status", labels=["status"])
             for status in ("queued", "running", "succeeded", "failed", "cancelled"):
                 tasks.add_metric([status], stats["jobs"].get(status, 0))

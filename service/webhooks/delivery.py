@@ -220,7 +220,7 @@ class WebhookNotifier:
             log.warning("webhook of task %s failed %d times, giving up: %s", record.task_id, attempt, problem)
             self._forget_body(msg_id)
             return None
-        delay = self.backoff * 2 ** (attempt - 1)
+        delay = self.backoff * 2.0 ** (attempt - 1)
         log.info("webhook of task %s failed (%s); retrying in %.1f s", record.task_id, problem, delay)
         return delay
 
