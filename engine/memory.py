@@ -66,6 +66,8 @@ def _loaded_size(file: Path, dtype: str, quantize: str = "none") -> int:
                 size += quantised_weight_bytes(shape, quantize)
                 continue
             size += count * (_DTYPE_BYTES.get(dtype, 4) if floating else _stored_bytes(stored))
+            if key.endswith(".weight_v"):  # weight norm (the VAE): the layer keeps the weight it computes beside g, v
+                size += count * _DTYPE_BYTES.get(dtype, 4)
     return size
 
 
