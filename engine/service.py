@@ -30,6 +30,7 @@ from engine.weights.checkpoints import (
 )
 from engine.config import EngineConfig
 from engine import offload
+from engine import vae_fast
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import (
     EncodedAudio,
@@ -171,6 +172,7 @@ class Engine:
                                           compile_backend=config.compile_backend,
                                           attention_backend=config.attention_backend):
                 log.info("model %s: %s", name, applied)
+            vae_fast.prepare(pipe.vae, device)  # CPU: channels-last decode, fused Snake (once per shared VAE)
             for comp, fp in prints.items():
                 by_fingerprint.setdefault((comp, fp), getattr(pipe, comp))
                 if comp in reuse:
