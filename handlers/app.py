@@ -10,7 +10,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
@@ -62,13 +62,13 @@ def _install_docs(app: FastAPI, settings: Settings, keys: KeySource) -> None:
     app.openapi = openapi_of_this_server  # type: ignore[method-assign]
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request, expires: Optional[str] = None, sig: Optional[str] = None):
+    async def openapi(request: Request, expires: Optional[str] = None, sig: Optional[str] = None) -> JSONResponse:
         if not verify(keys, "openapi", "", expires, sig):
             require_header(settings, request)
         return JSONResponse(await run_in_threadpool(app.openapi))  # a store read: off the event loop
 
     @app.get("/docs", include_in_schema=False)
-    async def docs(request: Request):
+    async def docs(request: Request) -> HTMLResponse:
         require_header(settings, request)
         url = openapi_url(keys) if settings.api_key else "/openapi.json"
         return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - docs")

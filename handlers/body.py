@@ -19,6 +19,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service.config import Settings
+from service.json_types import JSONValue
 
 from .auth import header_is_valid, require_body_or_header
 from .envelope import ApiError, bad_request, too_large
@@ -113,7 +114,7 @@ def _json_object(body: bytes, invalid_message: Optional[str] = None) -> dict[str
     return value
 
 
-def _check_text(value) -> None:
+def _check_text(value: JSONValue) -> None:
     """Raise UnicodeEncodeError for a lone surrogate anywhere (it cannot be stored or echoed)."""
     if isinstance(value, str):
         value.encode("utf-8")

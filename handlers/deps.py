@@ -10,16 +10,20 @@ from service.webhooks import WebhookNotifier
 
 
 def settings_of(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings  # app.state holds Any; create_app set it
+    return settings
 
 
 def backend_of(request: Request) -> Backend:
-    return request.app.state.backend
+    backend: Backend = request.app.state.backend  # app.state holds Any; create_app set it
+    return backend
 
 
 def webhooks_of(request: Request) -> WebhookNotifier:
-    return request.app.state.webhooks
+    webhooks: WebhookNotifier = request.app.state.webhooks  # app.state holds Any; create_app set it
+    return webhooks
 
 
 def submitter_of(request: Request) -> Submitter:
-    return request.app.state.submitter
+    submitter: Submitter = request.app.state.submitter  # app.state holds Any; create_app set it
+    return submitter

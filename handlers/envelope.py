@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, TypeAlias
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +21,12 @@ from service.refusals import Refused
 log = logging.getLogger("acestep.api")
 
 
-def wrap(data: Any, *, code: int = 200, error: Optional[str] = None, extra: Any = None) -> dict[str, Any]:
+# What a route returns for FastAPI to serialise (jsonable_encoder): `data` and `extra` hold JSON, models or
+# dataclasses. Such routes say response_model=None: their documented bodies are in `responses` (openapi_responses).
+Enveloped: TypeAlias = dict[str, Any]
+
+
+def wrap(data: Any, *, code: int = 200, error: Optional[str] = None, extra: Any = None) -> Enveloped:
     """The upstream success envelope; `timestamp` is in milliseconds."""
     return {"data": data, "code": code, "error": error, "timestamp": int(time.time() * 1000), "extra": extra}
 
@@ -57,13 +62,13 @@ def refusal_response(exc: Refused) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if exc.detail is not None else ""
         return JSONResponse({"detail": detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own parameter validation (e.g. /v1/audio without `path`): keep its 422 shape,
         # but make sure the body is JSON-serialisable whatever the input was.
         errors = []
@@ -77,11 +82,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return refusal_response(exc)
 
     @app.exception_handler(IdempotencyConflict)
-    async def _idempotency_conflict(request: Request, exc: IdempotencyConflict):
+    async def _idempotency_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
         # 422 as the IETF Idempotency-Key draft: the key is known but the request is not the same
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - server bugs only
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - server bugs only
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "Internal server error"}, status_code=500)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
-from typing import Callable, TypeVar
+from typing import Callable, ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 INLINE_BYTES = 64 * 1024  # below this, parsing costs well under a millisecond: no thread
 PARSE_THREADS = 2
@@ -32,7 +33,7 @@ def _limiter() -> anyio.CapacityLimiter:
     return limiter
 
 
-async def parse_off_loop(size: int, fn: Callable[..., T], *args, **kwargs) -> T:
+async def parse_off_loop(size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """fn(*args, **kwargs), on a parse thread when the input is `size` bytes or more."""
     call = functools.partial(fn, *args, **kwargs)
     if size < INLINE_BYTES:

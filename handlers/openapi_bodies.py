@@ -56,7 +56,8 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """A model's validation schema, self-contained, by the names clients send (aliases)."""
     schema = model.model_json_schema(mode="validation", by_alias=True)
-    return _inline(schema, schema.get("$defs", {}))
+    inlined: dict[str, Any] = _inline(schema, schema.get("$defs", {}))  # a dict stays a dict
+    return inlined
 
 
 def request_body(schema: dict[str, Any], *media: str, required: bool = True) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.observability.logs import log_context
 
@@ -18,10 +19,10 @@ log = logging.getLogger(__name__)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id_of(scope: dict[str, Any]) -> str:
+def request_id_of(scope: Scope) -> str:
     for name, value in scope.get("headers") or ():
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
+            candidate: str = value.decode("latin-1")
             if _SANE_ID.fullmatch(candidate):
                 return candidate
     event = scope.get("aws.event")  # set by Mangum on Lambda
@@ -33,10 +34,10 @@ def request_id_of(scope: dict[str, Any]) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -44,7 +45,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = [0]
 
-        async def send_with_id(message):
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]

@@ -35,7 +35,7 @@ from .auth import header_is_valid, require_body_or_header, require_header, token
 from .body import read_body, read_limited, media_type
 from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
-from .envelope import ApiError, bad_request, forbidden, wrap
+from .envelope import ApiError, Enveloped, bad_request, forbidden, wrap
 from .openapi_bodies import FORM, JSON, MULTIPART, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, ok
 from .routes_audio import over_quota
@@ -198,9 +198,9 @@ def _status(request: Request, services: AdapterServices, fresh: bool = False) ->
 
 # --- the catalog ------------------------------------------------------------------------------------------
 
-@router.get("/v1/adapters", summary="LoRA/LoKr adapters this server can apply",
+@router.get("/v1/adapters", response_model=None, summary="LoRA/LoKr adapters this server can apply",
             responses={**ok(Envelope[AdapterList]), **error_responses(401)})
-async def list_adapters(request: Request):
+async def list_adapters(request: Request) -> Enveloped:
     """Uploaded ones (blob store), the ones under ACESTEP_LORA_DIR, and the server's default (/v1/lora/status).
     `fits_models`: the served models whose geometry the adapter matches."""
     settings = settings_of(request)
@@ -215,10 +215,10 @@ async def list_adapters(request: Request):
     return wrap(await run_in_threadpool(build))
 
 
-@router.post("/v1/adapters/uploads", summary="Get a URL to upload an adapter file",
+@router.post("/v1/adapters/uploads", response_model=None, summary="Get a URL to upload an adapter file",
              openapi_extra=request_body(model_schema(AdapterUploadRequest), JSON, FORM),
              responses={**ok(Envelope[AdapterUploadTicket]), **error_responses(400, 401)})
-async def create_adapter_upload(request: Request):
+async def create_adapter_upload(request: Request) -> Enveloped:
     """PUT the file (`.safetensors`, or a `.zip` of a PEFT folder) to `upload_url`, then POST /v1/adapters
     with `key`. For files too big for one request (Lambda takes 6 MB)."""
     settings, backend = settings_of(request), backend_of(request)
@@ -236,11 +236,13 @@ async def create_adapter_upload(request: Request):
                  "then": "POST /v1/adapters with {\"key\": key}"})
 
 
-@router.put("/v1/adapters/uploads/{key:path}", summary="Upload an adapter file to its signed URL (embedded)",
+@router.put("/v1/adapters/uploads/{key:path}", response_model=None,
+            summary="Upload an adapter file to its signed URL (embedded)",
             openapi_extra={"requestBody": {"required": True, "content": {OCTET: {
                 "schema": {"type": "string", "format": "binary"}}}}},
             responses=error_responses(400, 401, 403, 408, 413, 507))
-async def put_adapter_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None):
+async def put_adapter_upload(request: Request, key: str, expires: Optional[str] = None,
+                             sig: Optional[str] = None) -> Enveloped:
     settings, backend = settings_of(request), backend_of(request)
     if not verify(url_keys(backend), UPLOAD_PURPOSE, key, expires, sig):
         if not (settings.api_key and header_is_valid(settings, request)):
@@ -311,10 +313,11 @@ _QUERY = [{"name": n, "in": "query", "required": False, "schema": s, "descriptio
     ("replace", {"type": "boolean"}, "take over the name from another uploaded adapter"))]
 
 
-@router.post("/v1/adapters", summary="Add an uploaded adapter (checked against the model it names)",
+@router.post("/v1/adapters", response_model=None,
+             summary="Add an uploaded adapter (checked against the model it names)",
              openapi_extra={**_REGISTER_BODY, "parameters": _QUERY},
              responses={**ok(Envelope[AdapterStored]), **_conflict_responses(400, 401, 408, 409, 413, 415, 507)})
-async def add_adapter(request: Request):
+async def add_adapter(request: Request) -> Enveloped:
     """A PEFT LoRA/LoKr (`.zip` of the folder upstream's trainer writes) or a single `.safetensors` (PEFT or
     LyCORIS LoKr keys). Every key must name a module of the model and every tensor shape must fit it: else a
     400 that says which. Stored once per content (sha256); the same file under the same name again is a no-op."""
@@ -354,9 +357,9 @@ class AdapterDeleted(BaseModel):
     deleted: bool
 
 
-@router.delete("/v1/adapters/{name}", summary="Delete an uploaded adapter",
+@router.delete("/v1/adapters/{name}", response_model=None, summary="Delete an uploaded adapter",
                responses={**ok(Envelope[AdapterDeleted]), **_conflict_responses(401, 404, 409)})
-async def delete_adapter(request: Request, name: str):
+async def delete_adapter(request: Request, name: str) -> Enveloped:
     """Removes an uploaded adapter from the list; its stored file goes too unless another name has the same
     bytes. 404: no uploaded adapter has that name. 409 (saying which): an adapter under ACESTEP_LORA_DIR (the
     operator's files), the fleet's default (/v1/lora/unload first), or one that queued/running tasks use."""
@@ -378,10 +381,11 @@ _LORA_DOC = ("Sets the default adapters of the whole fleet: what every request w
              "gets from now on (stored in the task store; requests already queued keep theirs).")
 
 
-@router.post("/v1/lora/load", summary="Make an adapter the default (upstream's load)", description=_LORA_DOC,
+@router.post("/v1/lora/load", response_model=None,
+             summary="Make an adapter the default (upstream's load)", description=_LORA_DOC,
              openapi_extra=request_body(model_schema(LoadLoRA), JSON, FORM),
              responses={**ok(Envelope[LoRAMessage]), **error_responses(400, 401)})
-async def lora_load(request: Request):
+async def lora_load(request: Request) -> Enveloped:
     form: LoadLoRA = await _form(request, LoadLoRA)
     services = adapters_of(request)
     label = form.adapter_name.strip() if form.adapter_name else None
@@ -394,11 +398,12 @@ async def lora_load(request: Request):
     return wrap(out)
 
 
-@router.post("/v1/lora/unload", summary="Clear the default adapters (upstream's unload)", description=_LORA_DOC,
+@router.post("/v1/lora/unload", response_model=None,
+             summary="Clear the default adapters (upstream's unload)", description=_LORA_DOC,
              openapi_extra=request_body({"type": "object", "properties": {"ai_token": {"type": "string"}}},
                                         JSON, FORM, required=False),
              responses={**ok(Envelope[LoRAMessage]), **error_responses(400, 401)})
-async def lora_unload(request: Request):
+async def lora_unload(request: Request) -> Enveloped:
     settings = settings_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
@@ -407,20 +412,21 @@ async def lora_unload(request: Request):
                  if was_loaded else "no default adapter was loaded"})
 
 
-@router.post("/v1/lora/toggle", summary="Apply or pause the default adapters (upstream's toggle)",
+@router.post("/v1/lora/toggle", response_model=None, summary="Apply or pause the default adapters (upstream's toggle)",
              description=_LORA_DOC, openapi_extra=request_body(model_schema(ToggleLoRA), JSON, FORM),
              responses={**ok(Envelope[LoRAMessage]), **error_responses(400, 401)})
-async def lora_toggle(request: Request):
+async def lora_toggle(request: Request) -> Enveloped:
     form: ToggleLoRA = await _form(request, ToggleLoRA)
     await run_in_threadpool(adapters_of(request).defaults.toggle, form.use_lora)
     return wrap({"message": "default adapters " + ("applied" if form.use_lora else "paused (kept loaded)"),
                  "use_lora": form.use_lora})
 
 
-@router.post("/v1/lora/scale", summary="Set the default adapters' scale (upstream's scale)", description=_LORA_DOC,
+@router.post("/v1/lora/scale", response_model=None,
+             summary="Set the default adapters' scale (upstream's scale)", description=_LORA_DOC,
              openapi_extra=request_body(model_schema(ScaleLoRA), JSON, FORM),
              responses={**ok(Envelope[LoRAMessage]), **error_responses(400, 401)})
-async def lora_scale(request: Request):
+async def lora_scale(request: Request) -> Enveloped:
     """`scale` from -2 to 2 (upstream: 0 to 1); 0 is bit-identical to no adapter. With `adapter_name`, that
     adapter's scale only."""
     form: ScaleLoRA = await _form(request, ScaleLoRA)
@@ -432,9 +438,9 @@ async def lora_scale(request: Request):
     return wrap(out)
 
 
-@router.get("/v1/lora/status", summary="The default adapters (upstream's status)",
+@router.get("/v1/lora/status", response_model=None, summary="The default adapters (upstream's status)",
             responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
-async def lora_status(request: Request):
+async def lora_status(request: Request) -> Enveloped:
     require_header(settings_of(request), request)
     services = adapters_of(request)
     return wrap(await run_in_threadpool(_status, request, services, True))

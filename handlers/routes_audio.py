@@ -6,7 +6,7 @@ AWS: a 307 to a presigned S3 URL.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
@@ -21,7 +21,7 @@ from .auth import header_is_valid, require_body_or_header, require_header, token
 from .body import read_body, read_limited, upload_limit
 from .caller import caller_of
 from .deps import backend_of, settings_of
-from .envelope import ApiError, bad_request, forbidden, not_found, wrap
+from .envelope import ApiError, Enveloped, bad_request, forbidden, not_found, wrap
 from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, UploadTicket, ok
 from service.signed_urls import upload_url, url_keys, verify
@@ -56,7 +56,7 @@ _PATH_PARAM = {"name": "path", "in": "query", "required": True, "description": "
             responses={200: {"content": {t: {} for t in dict.fromkeys(CONTENT_TYPES.values())}},
                        307: {"description": "AWS: a presigned S3 URL"}, **error_responses(401, 403, 404, 422)})
 async def get_audio(request: Request, path: Optional[str] = Query(None, include_in_schema=False),
-                    expires: Optional[str] = None, sig: Optional[str] = None):
+                    expires: Optional[str] = None, sig: Optional[str] = None) -> Response:
     """Use the `file` URL from /query_result as is: it is signed, so it works without headers
     until it expires; with the API key in the Authorization header, any result key works."""
     settings, backend = settings_of(request), backend_of(request)
@@ -74,7 +74,8 @@ async def get_audio(request: Request, path: Optional[str] = Query(None, include_
         raise forbidden(ACCESS_DENIED)
     task_id, fmt = output.task_id, output.format
 
-    def lookup():
+    # What the store has: a local file's path, a presigned URL, or the bytes themselves.
+    def lookup() -> tuple[Literal["file", "url"], str] | tuple[Literal["bytes"], bytes]:
         record = backend.store.get(task_id)
         if record is None or record.status != SUCCEEDED or path not in (record.blob_keys or []):
             raise not_found(AUDIO_NOT_FOUND)
@@ -89,16 +90,16 @@ async def get_audio(request: Request, path: Optional[str] = Query(None, include_
         except KeyError:
             raise not_found(AUDIO_NOT_FOUND) from None
 
-    kind, value = await run_in_threadpool(lookup)
+    found = await run_in_threadpool(lookup)
     media = CONTENT_TYPES[fmt]
-    if kind == "url":
-        return RedirectResponse(value, status_code=307)
+    if found[0] == "url":
+        return RedirectResponse(found[1], status_code=307)
     filename = f"{task_id}_{output.filename}"
     headers = {"Cache-Control": "private, max-age=3600"}
-    if kind == "file":
-        return FileResponse(value, media_type=media, filename=filename, content_disposition_type="inline",
+    if found[0] == "file":
+        return FileResponse(found[1], media_type=media, filename=filename, content_disposition_type="inline",
                             headers=headers)
-    return Response(value, media_type=media, headers={**headers, "Accept-Ranges": "none",
+    return Response(found[1], media_type=media, headers={**headers, "Accept-Ranges": "none",
                                                       "Content-Disposition": f'inline; filename="{filename}"'})
 
 
@@ -107,10 +108,10 @@ router.add_api_route("/v1/audio", get_audio, methods=["HEAD"], include_in_schema
 
 # --- direct uploads --------------------------------------------------------------------------------
 
-@router.post("/v1/uploads", summary="Get a URL to upload source/reference audio",
+@router.post("/v1/uploads", response_model=None, summary="Get a URL to upload source/reference audio",
              openapi_extra=request_body(model_schema(UploadInput), JSON, FORM),
              responses={**ok(Envelope[UploadTicket]), **error_responses(400, 401, 415)})
-async def create_upload(request: Request):
+async def create_upload(request: Request) -> Enveloped:
     """Returns `{key, upload_url, method: "PUT", expires_in, headers, max_bytes}`. PUT the file
     to `upload_url` (relative URLs are on this API), then send `src_audio_key` (or
     `reference_audio_key`) = `key` to /release_task. For bodies too big for a request (Lambda)."""
@@ -143,11 +144,12 @@ async def create_upload(request: Request):
                  "role": role, "field": f"{role or 'src_audio'}_key"})
 
 
-@router.put("/v1/uploads/{key:path}", summary="Upload a file to a signed upload URL (embedded backend)",
+@router.put("/v1/uploads/{key:path}", response_model=None,
+            summary="Upload a file to a signed upload URL (embedded backend)",
             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}}},
             responses=error_responses(400, 401, 403, 408, 413, 507))
-async def put_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None):
+async def put_upload(request: Request, key: str, expires: Optional[str] = None, sig: Optional[str] = None) -> Enveloped:
     settings, backend = settings_of(request), backend_of(request)
     if not verify(url_keys(backend), "upload", key, expires, sig):
         if not (settings.api_key and header_is_valid(settings, request)):

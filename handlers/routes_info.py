@@ -21,7 +21,7 @@ from service.version import __version__
 
 from .auth import header_is_valid, require_header
 from .deps import backend_of, settings_of
-from .envelope import wrap
+from .envelope import Enveloped, wrap
 from .openapi_bodies import error_responses
 from .openapi_responses import Envelope, Health, ok
 
@@ -106,7 +106,7 @@ def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tu
 @router.get("/health", summary="Health check (no auth)",
             responses={**ok(Envelope[Health]), 503: {"model": Envelope[Health], "description": "degraded: "
                                                      "the store or the queue is unreachable"}})
-async def health(request: Request):
+async def health(request: Request) -> JSONResponse:
     """`status` is "ok", or "degraded" with `reasons` (store or queue unreachable: HTTP 503; tasks
     waiting with no live worker, or a worker without progress: HTTP 200). The running tasks' ids
     show only with the API key (Authorization header) where one is configured."""
@@ -116,9 +116,9 @@ async def health(request: Request):
     return JSONResponse(wrap(data), status_code=200 if serving else 503)
 
 
-@router.get("/v1/models", summary="Models this server serves",
+@router.get("/v1/models", response_model=None, summary="Models this server serves",
             responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
-async def list_models(request: Request):
+async def list_models(request: Request) -> Enveloped:
     settings = settings_of(request)
     require_header(settings, request)
     return wrap(await run_in_threadpool(model_list, settings, backend_of(request)))
@@ -135,9 +135,9 @@ def stats(settings: Settings, backend: Backend, recent: Optional[list[TaskRecord
             "avg_job_seconds": round(float(avg), 3), "recent": summarize(recent)}
 
 
-@router.get("/v1/stats", summary="Queue and job statistics",
+@router.get("/v1/stats", response_model=None, summary="Queue and job statistics",
             responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
-async def get_stats(request: Request):
+async def get_stats(request: Request) -> Enveloped:
     """Upstream's fields plus `recent`: queue wait, run time, stage times and failures by reason over
     the last ACESTEP_AVG_WINDOW finished tasks."""
     settings = settings_of(request)
@@ -147,7 +147,7 @@ async def get_stats(request: Request):
 
 @router.get("/v1/metrics", summary="The same figures as Prometheus text", include_in_schema=True,
             responses={200: {"content": {prometheus.CONTENT_TYPE: {}}}, **error_responses(401)})
-async def get_metrics(request: Request):
+async def get_metrics(request: Request) -> Response:
     settings, backend = settings_of(request), backend_of(request)
     require_header(settings, request)
 

@@ -21,7 +21,7 @@ from .auth import require_body_or_header, token_from_fields
 from .body import read_body
 from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
-from .envelope import ApiError, bad_request, wrap
+from .envelope import ApiError, Enveloped, bad_request, wrap
 from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
                              request_body)
 from .openapi_responses import Envelope, FormattedInput, ok
@@ -65,11 +65,11 @@ def parse_format_input(fields: dict[str, Any]) -> dict[str, Any]:
             "metadata": {k: v for k, v in metadata.items() if v is not None}, "temperature": req.lm_temperature}
 
 
-@router.post("/format_input", summary="Rewrite caption and lyrics with the 5Hz LM",
+@router.post("/format_input", response_model=None, summary="Rewrite caption and lyrics with the 5Hz LM",
              openapi_extra=request_body(format_input_schema(), JSON, FORM, required=False),
              responses={**ok(Envelope[FormattedInput]),
                         **error_responses(400, 401, 413, 429, 503, 504, 507)})
-async def format_input(request: Request):
+async def format_input(request: Request) -> Enveloped:
     """Returns `{caption, lyrics, bpm, key_scale, time_signature, duration, vocal_language}`, or
     503 when this server has no LM. The LM runs on a worker as a task that counts against the caller's
     limits like any other (429 over them); one that does not answer within ACESTEP_FORMAT_TIMEOUT is
@@ -129,10 +129,10 @@ def examples(kind: str) -> tuple[dict[str, Any], ...]:
         return tuple(json.load(f))
 
 
-@router.post("/create_random_sample", summary="A random example request (no LM)",
+@router.post("/create_random_sample", response_model=None, summary="A random example request (no LM)",
              openapi_extra=request_body(model_schema(RandomSampleInput), JSON, FORM, required=False),
              responses={**ok(Envelope[dict[str, Any]]), **error_responses(400, 401)})
-async def create_random_sample(request: Request):
+async def create_random_sample(request: Request) -> Enveloped:
     """`simple_mode` (default): `{description, instrumental, vocal_language}`; any other
     sample_type: `{think, caption, lyrics, bpm, duration, keyscale, language, timesignature}`.
     Either can be sent straight to /release_task."""

@@ -33,7 +33,7 @@ from service.refusals import ModelsFixed
 from .auth import require_body_or_header, require_header, token_from_fields
 from .body import read_body
 from .deps import backend_of, settings_of
-from .envelope import bad_request, wrap
+from .envelope import Enveloped, bad_request, wrap
 from .openapi_bodies import FORM, JSON, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, ok
 from .routes_adapters import _conflict_responses, _validated
@@ -218,9 +218,10 @@ _INVENTORY_DOC = ("Upstream's model inventory: each DiT model with `is_loaded` (
                   "`supported_task_types`, the LM models, `llm_initialized`. Same as GET /v1/models.")
 
 
-@router.get("/v1/model_inventory", summary="Models and whether the fleet has them loaded", description=_INVENTORY_DOC,
+@router.get("/v1/model_inventory", response_model=None,
+            summary="Models and whether the fleet has them loaded", description=_INVENTORY_DOC,
             responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
-async def model_inventory(request: Request):
+async def model_inventory(request: Request) -> Enveloped:
     settings = settings_of(request)
     require_header(settings, request)
     return wrap(await run_in_threadpool(model_list, settings, backend_of(request)))
@@ -232,12 +233,12 @@ _INIT_DOC = ("Switches the served models, as upstream's does. One machine: the w
              "replaces fail with reason `model_unloaded`. AWS: only the deployed models (409 names the setting).")
 
 
-@router.post("/v1/init", summary="Initialize or switch the DiT/LM models", description=_INIT_DOC,
+@router.post("/v1/init", response_model=None, summary="Initialize or switch the DiT/LM models", description=_INIT_DOC,
              openapi_extra=request_body(model_schema(InitModel), JSON, FORM, required=False),
              responses={**ok(Envelope[dict[str, Any]]),
                         202: {"model": Envelope[dict[str, Any]], "description": "recorded, still loading"},
                         **_conflict_responses(400, 401, 409)})
-async def init_model(request: Request):
+async def init_model(request: Request) -> Enveloped | JSONResponse:
     settings, backend = settings_of(request), backend_of(request)
     body = await read_body(request, settings, empty_ok=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
@@ -269,12 +270,13 @@ class Reinitialize(BaseModel):
     ai_token: Optional[str] = None
 
 
-@router.post("/v1/reinitialize", summary="Reload released models; retry a POST /v1/init that failed to load",
+@router.post("/v1/reinitialize", response_model=None,
+             summary="Reload released models; retry a POST /v1/init that failed to load",
              openapi_extra=request_body(model_schema(Reinitialize), JSON, FORM, required=False),
              responses={**ok(Envelope[dict[str, Any]]),
                         202: {"model": Envelope[dict[str, Any]], "description": "retry recorded, still loading"},
                         **_conflict_responses(400, 401, 409)})
-async def reinitialize_models(request: Request):
+async def reinitialize_models(request: Request) -> Enveloped | JSONResponse:
     """Upstream reloads models it released from memory; workers here never release them. After a POST /v1/init
     whose set failed to load (one machine), the workers try that set once more, answered as /v1/init answers.
     409 when every live worker failed to load its models (a restart is what helps)."""

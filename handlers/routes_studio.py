@@ -27,13 +27,13 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", 
 
 
 @router.get("/studio")
-async def studio_redirect():
+async def studio_redirect() -> RedirectResponse:
     # Relative, so the page keeps working behind a path prefix (an API Gateway stage).
     return RedirectResponse("studio/", status_code=307)
 
 
 @router.get("/studio/{name:path}")
-async def studio_file(name: str):
+async def studio_file(name: str) -> FileResponse:
     path = FILES.get(name or "index.html")
     if path is None:
         raise not_found("Not Found")

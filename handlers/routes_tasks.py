@@ -17,7 +17,7 @@ from service.submitter import SubmitTask
 
 from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
-from .envelope import bad_request, wrap
+from .envelope import Enveloped, bad_request, wrap
 from .fields import text_list
 from .request_parsing import parse_release_task
 from .openapi_bodies import (FORM, JSON, MAX_IDEMPOTENCY_KEY, QueryResultInput, error_responses, model_schema,
@@ -65,10 +65,10 @@ _IDEMPOTENCY_PARAM = {"name": IDEMPOTENCY_HEADER, "in": "header", "required": Fa
                       "description": "retry-safe submit: a retry with the same key returns the first task"}
 
 
-@router.post("/release_task", summary="Create a generation task", description=_RELEASE_DOC,
+@router.post("/release_task", response_model=None, summary="Create a generation task", description=_RELEASE_DOC,
              openapi_extra={"parameters": [_IDEMPOTENCY_PARAM], **release_task_body()},
              responses={**ok(Envelope[SubmittedTask]), **error_responses(400, 401, 413, 415, 422, 429, 503, 507)})
-async def release_task(request: Request):
+async def release_task(request: Request) -> Enveloped:
     settings = settings_of(request)
     body = await read_body(request, settings, files_allowed=True)
     require_body_or_header(settings, request, token_from_fields(body.fields))
@@ -105,7 +105,7 @@ def parse_task_ids(value: Any) -> list[str]:
 @router.post("/query_result", summary="Poll tasks",
              openapi_extra=request_body(model_schema(QueryResultInput), JSON, FORM, required=False),
              responses={**ok(Envelope[list[QueryEntry]]), **error_responses(400, 401)})
-async def query_result(request: Request):
+async def query_result(request: Request) -> Response:
     """One entry per id, in order: `{task_id, status: 0 running/queued | 1 succeeded | 2 failed,
     result: JSON string, progress_text}`."""
     settings = settings_of(request)

@@ -9,7 +9,7 @@ from service.webhooks import secret_text
 
 from .auth import require_header
 from .deps import backend_of, settings_of
-from .envelope import ApiError, wrap
+from .envelope import ApiError, Enveloped, wrap
 from .openapi_bodies import error_responses
 from .openapi_responses import Envelope, ok
 
@@ -23,9 +23,9 @@ class WebhookSecret(BaseModel):
     signature_header: str
 
 
-@router.get("/v1/webhook_secret", summary="The secret webhook signatures are keyed with",
+@router.get("/v1/webhook_secret", response_model=None, summary="The secret webhook signatures are keyed with",
             responses={**ok(Envelope[WebhookSecret]), **error_responses(401, 503)})
-async def webhook_secret(request: Request):
+async def webhook_secret(request: Request) -> Enveloped:
     """The server's webhook-signing secret (never the API key), for receivers' Standard Webhooks
     libraries: `Webhook(secret).verify(body, headers)`. Each delivery is signed with this secret and,
     for a while after a rotation, with the previous one too. Needs the API key (ACESTEP_API_KEY)."""

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.fleet import served_model_names
+from service.json_types import JSONObject
 from service.observability.health import check_health
 from service.records import CANCELLED, SUCCEEDED, TaskRecord
 from service.submitter import SubmitTask
@@ -82,7 +83,7 @@ def _parse(body: bytes, settings: Settings, models: list[str]) -> tuple[ChatComp
 @chat_router.post("/v1/chat/completions", summary="Generate music from chat messages",
                   openapi_extra=request_body(model_schema(ChatCompletionRequest), JSON),
                   responses=error_responses(400, 401, 408, 413, 429, 503, 504, 507))
-async def chat_completions(request: Request):
+async def chat_completions(request: Request) -> Response:
     settings, backend = settings_of(request), backend_of(request)
     require_key(settings, request)  # the key of the listener it came in on (auth.py)
     body = await read_limited(request, settings.max_upload_bytes * 2 + 1024 * 1024)  # base64 grows by 4/3
@@ -112,7 +113,8 @@ async def chat_completions(request: Request):
     raise AssertionError("ticks() ends with a finished or timed-out tick")  # pragma: no cover
 
 
-async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: bool, headers: dict[str, Any]):
+async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: bool,
+                      headers: dict[str, Any]) -> JSONResponse:
     record = tick.record
     if record is None or record.status != SUCCEEDED:
         status, detail = _failure(record)
@@ -159,9 +161,10 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
             cancel_in_background(backend, task_id, webhooks_of(request).task_finished)
 
 
-@router.get("/v1/models", summary="Models (OpenAI list shape with OpenRouter's fields)")
-@router.get("/api/v1/models", summary="Models, at the path of upstream's standalone OpenRouter server")
-async def list_models(request: Request):
+@router.get("/v1/models", response_model=None, summary="Models (OpenAI list shape with OpenRouter's fields)")
+@router.get("/api/v1/models", response_model=None,
+            summary="Models, at the path of upstream's standalone OpenRouter server")
+async def list_models(request: Request) -> JSONObject:
     settings = settings_of(request)
     require_key(settings, request)
     listing = await run_in_threadpool(model_list, settings, backend_of(request))
@@ -181,7 +184,7 @@ async def list_models(request: Request):
 
 
 @router.get("/health", summary="Health check (no auth)")
-async def health(request: Request):
+async def health(request: Request) -> JSONResponse:
     report = await run_in_threadpool(check_health, backend_of(request), settings_of(request).stall_timeout)
     body = {"status": report.status, "service": "ACE-Step OpenRouter API", "version": "1.0",
             "reasons": report.reasons, "workers_alive": len(report.workers)}
