@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Optional
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from service.config import ENV_NAMES, Settings, load_settings
 from handlers.openrouter.waiting import server_stopping as chat_server_stopping
@@ -27,12 +28,16 @@ from service.observability.logs import configure_logging
 from . import bootstrap, heap, http_protocol
 from .cli_errors import user_errors
 
+if TYPE_CHECKING:  # imported where used: uvicorn and FastAPI load once the settings are read
+    import uvicorn
+    from fastapi import FastAPI
+
 log = logging.getLogger(__name__)
 
 SHUTDOWN_STREAMS_SECONDS = 5
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="acestep-api", description="ACE-Step REST API server with workers")
     p.add_argument("--host", "--api-host", dest="host", help="bind address (ACESTEP_API_HOST, 127.0.0.1)")
     p.add_argument("--port", "--api-port", dest="port", type=int, help="port (ACESTEP_API_PORT, 8001)")
@@ -79,7 +84,7 @@ def child_env(settings: Settings) -> dict[str, Any]:
     return env
 
 
-def _worker_preexec(niceness: int):
+def _worker_preexec(niceness: int) -> Callable[[], None]:
     """What the worker child runs before it starts: a lower CPU priority than the API's (a
     generation keeps every core busy; at equal priority polls wait behind it, see bench/load.py
     --busy-worker), and a life tied to the launcher's."""
@@ -170,12 +175,12 @@ class _Listener:
     """Builds a uvicorn server that leaves signals to main(), which stops every listener together."""
 
     @staticmethod
-    def server(app, host: str, port: int, settings: Settings, protocol: type):
+    def server(app: FastAPI, host: str, port: int, settings: Settings, protocol: type) -> uvicorn.Server:
         import uvicorn
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
-            def capture_signals(self):
+            def capture_signals(self) -> Iterator[None]:
                 yield
 
         # log_config=None keeps our handler; the app writes its own access lines, with request ids.
@@ -192,7 +197,7 @@ class _Listener:
                                      http=protocol, h11_max_incomplete_event_size=http_protocol.MAX_HEAD_BYTES))
 
 
-def listeners(settings: Settings, app) -> list[Any]:
+def listeners(settings: Settings, app: FastAPI) -> list[uvicorn.Server]:
     """The ACE-Step API on ACESTEP_API_HOST:PORT and the OpenAI-compatible one on OPENROUTER_HOST:PORT."""
     protocol = http_protocol.header_limited(settings.header_timeout, http_protocol.MAX_WAITING)
     servers = [_Listener.server(app, settings.host, settings.port, settings, protocol)]
@@ -203,7 +208,7 @@ def listeners(settings: Settings, app) -> list[Any]:
     return servers
 
 
-async def _serve_all(servers: list[Any]) -> None:
+async def _serve_all(servers: list[uvicorn.Server]) -> None:
     serving = [asyncio.ensure_future(server.serve()) for server in servers]
     # Once every listener is up, what start-up built is settled out of the collector's way.
     while not all(server.started for server in servers) and not any(task.done() for task in serving):
@@ -212,7 +217,7 @@ async def _serve_all(servers: list[Any]) -> None:
     await asyncio.gather(*serving)
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.debug:
         os.environ["ACESTEP_DEBUG"] = "1"  # the worker processes' environment too
@@ -234,7 +239,7 @@ def main(argv=None) -> None:
     # it back at once (abort).
     received: list[int] = []
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         received.append(signum)
         chat_server_stopping.set()
         for server in servers:

@@ -6,9 +6,20 @@ worker its engine) from here, so nothing below the entry points reaches back up.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Callable, Optional
 
 from service.config import Settings
 from service.ports import Backend, GenerationEngine
+
+if TYPE_CHECKING:  # each is imported where it is built: the API process loads no engine, the worker no FastAPI
+    from fastapi import FastAPI
+
+    from engine.config import EngineConfig
+    from service.broken_worker import BrokenWorker
+    from service.model_switch import ModelSwitch
+    from service.observability.metrics import MetricsSink
+    from service.webhooks import WebhookNotifier
+    from service.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ def build_backend(settings: Settings) -> Backend:
     return make_embedded_backend(settings)
 
 
-def build_app(settings: Settings, backend: Backend | None = None):
+def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
     """The FastAPI app on `backend` (built from the settings when not given), with its submit use case."""
     from handlers.app import create_app
     from service.submitter import Submitter
@@ -44,7 +55,7 @@ def build_app(settings: Settings, backend: Backend | None = None):
     return create_app(settings, backend, submitter=Submitter(settings, backend))
 
 
-def build_openrouter_app(settings: Settings, api_app):
+def build_openrouter_app(settings: Settings, api_app: FastAPI) -> FastAPI:
     """The OpenAI-compatible API (POST /v1/chat/completions) beside the ACE-Step API app `api_app`: the
     same backend, the same per-caller rate buckets and submitter (one count per caller, one view of the
     fleet), and the same webhook sender."""
@@ -55,7 +66,7 @@ def build_openrouter_app(settings: Settings, api_app):
                                  submitter=state.submitter, webhooks=state.webhooks)
 
 
-def engine_config(settings: Settings):
+def engine_config(settings: Settings) -> EngineConfig:
     from engine.config import EngineConfig
 
     return EngineConfig(
@@ -210,7 +221,8 @@ def _download_lm(settings: Settings, name: str) -> bool:
 
 
 def build_worker(settings: Settings, engine: GenerationEngine | None = None, backend: Backend | None = None,
-                 on_stalled=None, on_finished=None):
+                 on_stalled: Optional[Callable[[], None]] = None,
+                 on_finished: Optional[Callable[[str], None]] = None) -> Worker:
     """A worker on the configured backend with a loaded engine (`on_finished`: see build_webhooks).
     With the pipeline on it gets encoder processes: close them with `worker.encoder.close()`."""
     from engine.encoder_pool import EncoderPool
@@ -226,7 +238,7 @@ def build_worker(settings: Settings, engine: GenerationEngine | None = None, bac
                   encoder=EncoderPool(settings.encode_processes) if pipeline_enabled(settings, engine) else None)
 
 
-def model_switch(settings: Settings, backend: Backend):
+def model_switch(settings: Settings, backend: Backend) -> Optional[ModelSwitch]:
     """On one machine POST /v1/init switches the workers' models between batches (service/model_switch.py),
     loaded as at start (load_engine: local, downloaded, or a labelled demo). On AWS the set is the deploy's."""
     if settings.backend != "embedded":
@@ -246,7 +258,7 @@ def _load_for_switch(settings: Settings) -> GenerationEngine:
     return load_engine(settings)
 
 
-def build_webhooks(settings: Settings, backend: Backend):
+def build_webhooks(settings: Settings, backend: Backend) -> WebhookNotifier:
     """Sends each finished task's result to its webhook_url, off the caller's thread (service/webhooks).
 
     Hand its `task_finished` to the worker (`on_finished`); the tasks the backend itself ends
@@ -261,7 +273,7 @@ def build_webhooks(settings: Settings, backend: Backend):
     return notifier
 
 
-def scale_in_protection(settings: Settings):
+def scale_in_protection(settings: Settings) -> Optional[Callable[[bool], None]]:
     """On ECS (the agent sets ECS_AGENT_URI): protect the task from scale-in while it runs a task."""
     if settings.backend != "aws":
         return None
@@ -271,7 +283,8 @@ def scale_in_protection(settings: Settings):
     return protection.set_busy if protection is not None else None
 
 
-def build_broken_worker(settings: Settings, backend: Backend, error: BaseException, on_finished=None):
+def build_broken_worker(settings: Settings, backend: Backend, error: BaseException,
+                        on_finished: Optional[Callable[[str], None]] = None) -> BrokenWorker:
     """The stand-in for a worker whose engine failed to load (see service/broken_worker.py)."""
     from service.broken_worker import BrokenWorker
 
@@ -281,14 +294,14 @@ def build_broken_worker(settings: Settings, backend: Backend, error: BaseExcepti
                         metrics=metrics)  # the tasks it fails count as a worker's would
 
 
-def build_metrics(settings: Settings):
+def build_metrics(settings: Settings) -> MetricsSink:
     """CloudWatch EMF on AWS; embedded deployments read the same figures from the store (/v1/stats)."""
     from service.observability.metrics import EmfMetrics, NoMetrics
 
     return EmfMetrics() if settings.backend == "aws" else NoMetrics()
 
 
-def app_from_env():
+def app_from_env() -> FastAPI:
     """`uvicorn --factory entrypoints.bootstrap:app_from_env`: settings from the environment / .env."""
     from service.config import load_settings
 

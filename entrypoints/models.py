@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from engine.weights import model_sources, original_layout
 from engine.weights.checkpoints import (
@@ -36,15 +36,17 @@ from engine.weights.checkpoints import (
     demo_model_dir,
     download_model,
     is_complete,
-    is_random,
     local_layout,
     model_dir,
-    read_marker,
 )
+from engine.weights.demo_marker import is_random, read_marker
 from engine.config import DEFAULT_MODEL
 from engine.weights.converted_cache import cache_path, is_fresh, source_record
 
 from .cli_errors import EXIT_CONFIG, CliError, debug_requested, user_errors
+
+if TYPE_CHECKING:  # settings are read only by the commands that need them
+    from service.config import Settings
 
 PROG = "acestep-models"
 
@@ -123,14 +125,14 @@ def run(args: argparse.Namespace) -> int:
     return 1
 
 
-def _settings():
+def _settings() -> Settings:
     from service.config import load_settings
 
     return load_settings()
 
 
 # -------------------------------------------------------------------------------- download
-def _offline_reason(settings=None) -> Optional[str]:
+def _offline_reason(settings: Optional[Settings] = None) -> Optional[str]:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
     if settings is not None and not settings.allow_download:
@@ -150,7 +152,7 @@ def download(root: Path, name: str) -> int:
 
 
 # -------------------------------------------------------------------------------- publish
-def publish(root: Path, name: str, bucket: str, settings) -> int:
+def publish(root: Path, name: str, bucket: str, settings: Settings) -> int:
     """Publish the diffusers layout the engine loads: the model itself, or its conversion; a missing model is
     downloaded first; random weights are refused."""
     from engine.weights.checkpoints import ModelNotFound, resolve_model
@@ -251,7 +253,7 @@ class Listed:
     source: str
 
 
-def list_models(root: Path, settings) -> int:
+def list_models(root: Path, settings: Settings) -> int:
     from entrypoints.bootstrap import DEFAULT_LM
 
     dits = list(settings.model_names)

@@ -13,7 +13,8 @@ import os
 import signal
 import threading
 
-from typing import Optional
+from types import FrameType
+from typing import Optional, Sequence
 
 from engine.cpu_target import passive_omp_wait_policy  # torch-free
 from service.config import Settings, load_settings
@@ -62,7 +63,7 @@ def run_worker(settings: Settings, grace_seconds: float = 600.0, heartbeat_file:
         worker = bootstrap.build_broken_worker(settings, backend, exc, on_finished=webhooks.task_finished)
     worker.heartbeat_file = heartbeat_file
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: Optional[FrameType]) -> None:
         if worker.stop_event.is_set():
             log.warning("second signal: abandoning the running task (it will be redelivered)")
             worker.request_stop(cancel_running=True)
@@ -94,7 +95,7 @@ def healthcheck(heartbeat_file: str, settings: Settings) -> int:
     return 0 if reason is None else 1
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     # Before anything loads torch (OpenMP reads it once): idle OpenMP threads sleep instead of spinning on
     # cores shared with the API, the encoders and other workers (engine/cpu_target.py). A set value is kept.
     passive_omp_wait_policy(os.environ)
