@@ -1,0 +1,98 @@
+"""The fit check's estimates (engine/memory.py) against the memory measured at full size on CPU
+(bench/memory_table.py -> bench/memory_measured.json: random weights of the published shapes, one module per
+process). Each measured module's tensor layout is written back as safetensors headers over a sparse file
+(no data: the estimate reads headers only), so engine.memory.weight_bytes runs exactly as it does on a real
+model folder."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from engine import memory
+
+MEASURED = json.loads((Path(__file__).resolve().parents[1] / "bench" / "memory_measured.json").read_text())
+ROWS = [r for r in MEASURED["rows"] if r["status"] == "measured"]
+TOLERANCE = 0.15
+FILES = {"transformer": "transformer/diffusion_pytorch_model.safetensors",
+         "condition_encoder": "condition_encoder/diffusion_pytorch_model.safetensors",
+         "audio_tokenizer": "audio_tokenizer/diffusion_pytorch_model.safetensors",
+         "audio_token_detokenizer": "audio_token_detokenizer/diffusion_pytorch_model.safetensors",
+         "vae": "vae/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
+         "lm": "model.safetensors"}
+_BYTES = {"BF16": 2, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
+
+
+def write_headers(folder: Path, layout: dict) -> None:
+    """One safetensors file per component holding the layout's tensors (names keep their suffixes, so the
+    estimate's rules see what they would in a real file), their data a hole."""
+    for component, groups in layout.items():
+        tensors = {f"{g}.{i}.{pattern}": (code, shape)
+                   for g, (pattern, shape, code, count) in enumerate(groups) for i in range(count)}
+        header, offset = {}, 0
+        for name in sorted(tensors):  # safetensors wants the data in the names' order
+            code, shape = tensors[name]
+            size = _BYTES[code]
+            for dim in shape:
+                size *= dim
+            header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path = folder / FILES[component]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            f.truncate(8 + len(text) + offset)
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("measured_layouts")
+    for module, layout in MEASURED["layouts"].items():
+        write_headers(root / module, layout)
+    return root
+
+
+def estimate(folder: Path, row: dict) -> int:
+    quantized = None if row["module"].startswith("lm-") else ("transformer",)  # engine/service.QUANTIZED_COMPONENTS
+    return memory.weight_bytes(folder / row["module"], row["dtype"], quantize=row["quantize"],
+                               quantized_components=quantized)
+
+
+def test_the_table_covers_every_module_and_says_why_a_run_is_missing():
+    measured = {(r["module"], r["dtype"], r["quantize"]) for r in ROWS}
+    for module in ("dit", "dit_encoders", "vae", "text_encoder", "lm-0.6B", "lm-1.7B", "lm-4B"):
+        assert (module, "bfloat16", "none") in measured, module
+    for module in ("dit", "lm-0.6B", "lm-1.7B", "lm-4B"):
+        assert (module, "bfloat16", "int8") in measured, module
+    assert all(r["reason"] for r in MEASURED["rows"] if r["status"] != "measured")
+    assert MEASURED["random_weights"] is True
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['module']}-{r['dtype']}-{r['quantize']}")
+def test_weight_estimate_is_within_15_percent_of_the_resident_memory_measured(model_folders, row):
+    """int8: against the resident weights once malloc_trim has returned the heap the freed bf16 weights took
+    (bench/memory_table.py records both; without the trim glibc keeps up to 1 GiB of it)."""
+    expected = estimate(model_folders, row)
+    measured = row["weights_rss_trimmed_bytes"] if row["quantize"] != "none" else row["weights_rss_bytes"]
+    assert abs(expected / measured - 1) <= TOLERANCE, (expected / memory.GB, measured / memory.GB)
+
+
+def test_the_decode_estimate_is_within_15_percent_of_the_measured_decodes():
+    decodes = [(r["dtype"], s) for r in ROWS if r["module"] == "vae" for s in r["steps"]]
+    assert decodes
+    for dtype, step in decodes:
+        expected = memory.vae_decode_bytes(1, step["seconds"], 128, 4 if dtype == "float32" else 2)
+        assert abs(expected / step["working_set_bytes"] - 1) <= TOLERANCE, (dtype, step["seconds"], expected / memory.GB)
+
+
+def test_a_dit_step_fits_in_the_working_memory_the_fit_check_reserves():
+    """The check asks weights + workspace_bytes at start: a model it lets load must run its first step."""
+    steps = [(r["dtype"], r["quantize"], s) for r in ROWS if r["module"] == "dit" for s in r["steps"]]
+    assert steps
+    for dtype, mode, step in steps:
+        reserved = memory.workspace_bytes(128, 4 if dtype == "float32" else 2)
+        assert step["over_loaded_bytes"] <= reserved, (dtype, mode, step["over_loaded_bytes"] / memory.GB)
