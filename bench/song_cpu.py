@@ -55,6 +55,7 @@ EXPECTED_PEAK = {"float32": (13.5, 0.13), "bf16": (6.2, 0.08), "bf16+int8": (6.2
 BUILD_PEAK_GIB = 7.5  # building the full-size checkpoint in bf16
 HEADROOM_GIB = 3.0
 LAST_ROW_MIN_GIB = 20.0  # the 30 s float32 row runs only with this much MemAvailable
+ABORT_BELOW_GIB = 1.5  # a row is stopped (and says so) when MemAvailable falls under this while it runs
 OTHER_BENCHES = "bench/memory_table.py|bench/quantize.py|bench/lm.py"
 STAGES = {"text encoder": ("text_encoder", "condition_encoder"), "DiT": ("transformer",), "VAE decode": ("vae.decoder",)}
 ENGINE_STAGES = {"text encoder": ("text_encoding_s", "condition_encoding_s"), "DiT": ("dit_s",),
@@ -268,15 +269,60 @@ def ordered_rows(configs: list[str], durations: list[float]) -> list[tuple[str, 
     return [r for r in rows if r != heaviest] + ([heaviest] if heaviest in rows else [])
 
 
+def report_row(work_dir: Path, row: dict) -> None:
+    """To the parent (stdout) and to work_dir/rows.jsonl, so rows measured survive a parent stopped midway."""
+    line = json.dumps(row)
+    with open(work_dir / "rows.jsonl", "a") as f:
+        f.write(line + "\n")
+    print("RESULT " + line, flush=True)
+
+
+def guard_memory(work_dir: Path, config: str, seconds: float) -> None:
+    """In the child: stop this row before the machine runs out (the kernel's OOM killer may pick someone else's
+    process): a thread watches MemAvailable and exits with an 'aborted' row when it falls under ABORT_BELOW_GIB."""
+    import threading
+
+    def watch_self() -> None:
+        while True:
+            free = mem_available()
+            if free < ABORT_BELOW_GIB * GIB:
+                report_row(work_dir, {"status": "aborted", "config": config, "song_s": seconds,
+                                      "reason": f"stopped itself: MemAvailable fell to {free / GIB:.1f} GiB while "
+                                                f"it ran (RSS {status_bytes('VmRSS') / GIB:.1f} GiB)"})
+                os._exit(3)
+            time.sleep(0.25)
+
+    threading.Thread(target=watch_self, daemon=True, name="memory-guard").start()
+
+
 def run_child(args, config: str, seconds: float) -> dict:
     env = row_env(config, checkpoint_dir(args), args.threads)
     cmd = [sys.executable, __file__, "--child", config, str(seconds), "--threads", str(args.threads),
            "--format", args.format, "--work-dir", str(args.work_dir)] + (["--tiny"] if args.tiny else [])
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, text=True)
+        lowest = watch(proc, args.tiny)
+        out.seek(0)
+        found = [line[7:] for line in out.read().splitlines() if line.startswith("RESULT ")]
     if found:
-        return json.loads(found[0])
-    return {"status": "failed", "reason": f"child exited {proc.returncode} (negative: killed by a signal)"}
+        return dict(json.loads(found[0]), lowest_mem_available_gib=round(lowest / GIB, 2))
+    if proc.returncode == -9 and lowest < ABORT_BELOW_GIB * GIB:
+        return {"status": "aborted", "reason": f"stopped by the bench: MemAvailable fell to {lowest / GIB:.1f} GiB "
+                                                f"(other processes grew; < {ABORT_BELOW_GIB} GiB)"}
+    return {"status": "failed", "reason": f"child exited {proc.returncode} (negative: killed by a signal; lowest "
+                                          f"MemAvailable {lowest / GIB:.1f} GiB)"}
+
+
+def watch(proc: subprocess.Popen, tiny: bool) -> int:
+    """Wait for the child; stop it before the machine runs out of memory (others share it). Lowest MemAvailable."""
+    lowest = mem_available()
+    while proc.poll() is None:
+        time.sleep(0.5)
+        lowest = min(lowest, mem_available())
+        if not tiny and lowest < ABORT_BELOW_GIB * GIB:
+            proc.kill()
+            proc.wait()
+    return lowest
 
 
 def main(argv=None) -> int:
@@ -287,11 +333,13 @@ def main(argv=None) -> int:
     if args.child:
         config, seconds = args.child[0], float(args.child[1])
         env = row_env(config, checkpoint_dir(args), args.threads)
+        if not args.tiny:
+            guard_memory(checkpoint_dir(args), config, seconds)
         try:
             row = measure_row(env, seconds, audio_format=args.format)
         except Exception as exc:  # a refusal (fit check) or a failure: the row says why
             row = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        print("RESULT " + json.dumps(dict(row, config=config, song_s=seconds)), flush=True)
+        report_row(checkpoint_dir(args), dict(row, config=config, song_s=seconds))
         return 0
 
     from engine.weights.checkpoints import is_complete
