@@ -228,11 +228,7 @@ def child(module: str, dtype_name: str, quantize_mode: str, args) -> dict:
                tensor_bytes=sum(storage_bytes(m) for m in parts.values()),
                load_peak_bytes=status_bytes("VmHWM") - base, build_s=round(time.perf_counter() - t0, 1),
                rss_file_bytes=status_bytes("RssFile"))
-    if quantize_mode != "none":  # glibc keeps the heap the freed bf16 weights took; malloc_trim hands it back
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        loaded = status_bytes("VmRSS")  # the step's working set counts from here
+    if quantize_mode != "none":  # quantize_module itself hands the freed bf16 heap back (malloc_trim)
         row["weights_rss_trimmed_bytes"] = loaded - base
     if module == "dit":
         row["steps"] = [dit_step(parts["transformer"], dtype, args.dit_seconds, loaded)]
