@@ -11,6 +11,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -100,6 +101,19 @@ class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
         return super().step(model_output, timestep, sample, *args, generator=generator or self.generators, **kwargs)
 
 
+def _check_full_precision_load(config: EngineConfig, path: Path, dtype: str, reuse: dict, needed: int,
+                               largest: int, free: Optional[int], device: torch.device, what: str) -> None:
+    """A quantised model loads at full precision and is quantised after (engine/quantize.py): while it loads,
+    it holds its full-precision size, not the quantised size `needed` counts (2.9 GiB, not 1.5, for a 2B DiT)."""
+    quantised = memory.weight_bytes(path, dtype, skip_components=reuse, quantize=config.quantize,
+                                    quantized_components=QUANTIZED_COMPONENTS)
+    full = memory.weight_bytes(path, dtype, skip_components=reuse)
+    full_largest = offload.largest_stage(offload.stage_bytes(path, dtype, reuse))
+    memory.check_fits(offload.fit_bytes(config.offload, needed - quantised + full, max(largest, full_largest),
+                                        device.type),
+                      free, str(device), f"{what} (loaded in {dtype}, then quantised to {config.quantize})")
+
+
 class Engine:
     def __init__(self, config: EngineConfig, models: dict[str, LoadedModel], device: torch.device,
                  dtype: torch.dtype, shared: dict[str, list[str]], planner=None):
@@ -157,6 +171,9 @@ class Engine:
             memory.check_fits(offload.fit_bytes(config.offload, needed, largest, device.type), free, str(device),
                               " + ".join(config.model_names[: i + 1])
                               + (" + adapters" if adapters_bytes else ""), workspace)
+            if config.quantize != "none":
+                _check_full_precision_load(config, path, str(dtype).replace("torch.", ""), reuse, needed, largest,
+                                           free, device, " + ".join(config.model_names[: i + 1]))
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)

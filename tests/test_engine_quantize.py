@@ -160,3 +160,19 @@ def test_v1_models_says_what_the_worker_quantised(settings):
     assert "quantization" not in api.client.get("/v1/models").json()["data"]  # no worker has said yet
     api.worker.publish_models()  # the test engine's describe(): nothing quantised
     assert api.client.get("/v1/models").json()["data"]["quantization"] == {"dit": "none", "lm": "none"}
+
+
+def test_a_quantised_model_must_fit_at_full_precision_while_it_loads(tiny_checkpoint_dir, monkeypatch):  # noqa: F811
+    """It is loaded whole and quantised after: room for the int8 weights alone is refused, with numbers."""
+    from engine.service import Engine
+
+    config = EngineConfig(checkpoint_dir=str(tiny_checkpoint_dir), model_names=[TURBO], dtype="float32",
+                          device="cpu", allow_download=False, quantize="int8")
+    path = tiny_checkpoint_dir / TURBO
+    int8 = memory.weight_bytes(path, "float32", quantize="int8", quantized_components=["transformer"])
+    full = memory.weight_bytes(path, "float32")
+    assert int8 < full
+    monkeypatch.setattr(memory, "workspace_bytes", lambda *a: 0)  # the tiny model's weights alone decide
+    monkeypatch.setattr(memory, "free_bytes", lambda device: (int8 + full) // 2)
+    with pytest.raises(memory.DoesNotFit, match=r"loaded in float32, then quantised to int8"):
+        Engine.load(config)
