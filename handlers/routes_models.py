@@ -134,6 +134,7 @@ def wanted_set(settings: Settings, backend: Backend, form: InitModel) -> tuple[M
     names = list(served)
     names[slot - 1:slot] = [model]
     names = list(dict.fromkeys(names))
+    slot = names.index(model) + 1  # a model named into another slot it already holds stays where it was
     for name in names:
         if name not in served and not _loadable(settings, name):
             raise ModelsFixed(f"no model {name!r} here to load: it is not under {settings.checkpoint_dir} and not a "

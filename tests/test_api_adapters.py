@@ -151,6 +151,8 @@ def test_model_routes_answer_what_the_fleet_runs(api):
     assert client.get("/v1/models").json()["data"]["models"] == inventory["models"]
     r = client.post("/v1/init", json={"model": "acestep-v15-turbo"})
     assert r.status_code == 200 and r.json()["data"]["loaded_model"] == "acestep-v15-turbo"
+    r = client.post("/v1/init", json={"slot": 2, "model": "acestep-v15-turbo"})  # a model it serves in slot 1
+    assert r.status_code == 200 and r.json()["data"]["loaded_model"] == "acestep-v15-turbo"
     r = client.post("/v1/init", json={"model": "acestep-v15-base"})
     if backend.name == "aws":  # the deploy's set: the 409 names the CDK context to change
         assert r.status_code == 409 and "npx cdk deploy -c config_path=<model>" in r.json()["detail"]
