@@ -6,27 +6,25 @@ host memory and moves to the accelerator just before it runs (a forward pre-hook
 sending the one that ran before back. Upstream's `offload_to_cpu` / `offload_dit_to_cpu` init options do the
 same per model; here the policy is one setting:
 
-- none: everything resident (the default; fastest).
+- none: everything resident (fastest).
 - modules: offload always.
-- auto: offload when the fit check says the resident set does not fit the device but the largest module does
-  (with the working memory on top in both cases).
+- auto (the default): offload when the fit check says the resident set does not fit the device but the largest
+  module does (with the working memory on top in both cases).
 
 The VAE decode falls back to the CPU when even its tiled working set would not fit beside the VAE's weights.
-The policy (which module goes where per stage) is pure and torch-free; `Offloader` applies it to loaded modules.
+The decision (`decide`, `fit_bytes`, `load_on_device`) is pure and torch-free; `Offloader` moves the loaded modules.
 A vLLM LM lives in its own process and memory (sized by engine/lm/vllm_backend.py) and is not moved.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 if TYPE_CHECKING:
     import torch
 
 MODES = ("none", "auto", "modules")
-# The order a generation runs its modules in; the DiT group carries the condition encoder and audio tokenizers
-STAGES = ("text_encoder", "lm", "dit", "vae")
 GB = 1024**3
 # A pipeline's components per stage; the audio tokenizers (a few MB, called through methods other than forward,
 # so no hook sees them start) stay on the device
@@ -102,32 +100,6 @@ def decide(mode: str, resident: int, largest: int, free: Optional[int], workspac
         return Decision(True, f"auto: on ({resident / GB:.1f} GB of weights + {workspace / GB:.1f} GB do not fit in "
                               f"{free / GB:.1f} GB; the largest module, {largest / GB:.1f} GB, does)", largest)
     return Decision(False, f"auto: off (not even the largest module, {largest / GB:.1f} GB, fits)", resident)
-
-
-@dataclass(frozen=True)
-class StageMoves:
-    """What happens as `stage` starts: the modules moved to the device and the ones sent to the CPU."""
-    stage: str
-    to_device: tuple[str, ...]
-    to_cpu: tuple[str, ...]
-    on_device: tuple[str, ...]  # after the moves
-
-
-def stage_moves(present: Sequence[str], offload: bool) -> tuple[StageMoves, ...]:
-    """The moves of one generation through the `present` modules (a subset of STAGES), from all resident
-    (offload off: no moves) or all on the CPU (offload on: one module on the device at a time)."""
-    order = [s for s in STAGES if s in present]
-    on: tuple[str, ...] = tuple(order) if not offload else ()
-    moves = []
-    for stage in order:
-        if not offload:
-            moves.append(StageMoves(stage, (), (), on))
-            continue
-        to_cpu = tuple(m for m in on if m != stage)
-        to_device = () if stage in on else (stage,)
-        on = (stage,)
-        moves.append(StageMoves(stage, to_device, to_cpu, on))
-    return tuple(moves)
 
 
 def decode_on_cpu(decode_bytes: int, free_at_decode: Optional[int], headroom: float = 0.8) -> bool:
@@ -288,5 +260,5 @@ def _refresh_head(backend) -> None:
         backend.head = type(head).of(backend.model, head.block_rows)
 
 
-__all__ = ["Decision", "MODES", "Offloader", "STAGES", "StageMoves", "decide", "decode_on_cpu", "fit_bytes", "install",
-           "largest_stage", "load_on_device", "parse_mode", "pipeline_groups", "stage_bytes", "stage_moves"]
+__all__ = ["Decision", "MODES", "Offloader", "decide", "decode_on_cpu", "fit_bytes", "install",
+           "largest_stage", "load_on_device", "parse_mode", "pipeline_groups", "stage_bytes"]
