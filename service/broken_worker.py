@@ -21,7 +21,7 @@ from .observability.heartbeat import HeartbeatLoop
 from .observability.logs import log_context
 from .observability.metrics import MetricsSink
 from .ports import Backend
-from .records import FailureReason, StoredRequestInvalid, WorkerHeartbeat
+from .records import FailureReason, WorkerHeartbeat
 from .worker_outcomes import HeldTask, OutcomeRecorder
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,8 @@ class BrokenWorker:
         lease = self.backend.queue.receive(wait_seconds, self.settings.visibility_timeout)
         if lease is None:
             return False
-        try:
-            record = self.backend.store.claim(lease.task_id, self.worker_id)
-        except StoredRequestInvalid as exc:  # it could not run anywhere: say so rather than blame this worker
-            with log_context(task_id=lease.task_id):
-                self.recorder.fail_unclaimed(lease, str(exc), FailureReason.INVALID_REQUEST)
-            return True
-        if record is None:  # finished already (duplicate delivery) or unknown
-            self.backend.queue.ack(lease)
+        record = self.recorder.claim(lease, self.worker_id)  # an unparsable request fails as that, not as ours
+        if record is None:
             return True
         with log_context(task_id=record.task_id, attempt=record.attempt):
             self.recorder.fail(HeldTask(lease, record.attempt, record.created_at, record.started_at),

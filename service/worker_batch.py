@@ -20,7 +20,7 @@ from . import adapter_fetch
 from .config import Settings
 from .observability.logs import log_context
 from .ports import Backend, GenerationEngine, Lease
-from .records import TERMINAL, FailureReason, StoredRequestInvalid, TaskRecord
+from .records import TERMINAL, FailureReason, TaskRecord
 from .submission import SOURCE_ROLES
 from .task_errors import TaskFailure
 from .task_limits import over_ceiling, task_cost
@@ -116,15 +116,9 @@ class BatchAssembler:
                               self.settings.batch_length_bucket)
 
     def _claim(self, lease: Lease) -> Optional[ClaimedTask]:
-        """Claim the task (one store write, which also returns it, its request parsed) and check it."""
-        try:
-            record = self.backend.store.claim(lease.task_id, self.worker_id)
-        except StoredRequestInvalid as exc:
-            with log_context(task_id=lease.task_id):
-                self.recorder.fail_unclaimed(lease, str(exc), FailureReason.INVALID_REQUEST)
-            return None
-        if record is None:  # finished already (duplicate delivery) or unknown
-            self.backend.queue.ack(lease)
+        """Claim the task (OutcomeRecorder.claim) and check it."""
+        record = self.recorder.claim(lease, self.worker_id)
+        if record is None:
             return None
         with log_context(task_id=record.task_id, attempt=record.attempt):
             return self._validate(lease, record)

@@ -22,7 +22,7 @@ from .lease_keeper import LeaseKeeper
 from .observability.logs import log_context
 from .observability.metrics import MetricsSink, NoMetrics, TaskMetrics
 from .ports import Backend, Lease
-from .records import TERMINAL, AudioFile, FailureReason, TaskResult
+from .records import TERMINAL, AudioFile, FailureReason, StoredRequestInvalid, TaskRecord, TaskResult
 from .storage_errors import StorageFull
 from .task_errors import describe_failure
 
@@ -112,6 +112,20 @@ class OutcomeRecorder:
             self._report(TaskMetrics.failed(reason, task.created_at, task.started_at, time.time()))
             self._finished(task.task_id)
         self.ack(task.lease, task.attempt, finished)
+
+    def claim(self, lease: Lease, worker_id: str) -> Optional[TaskRecord]:
+        """Claim the leased task (one store write, which also returns it, its request parsed), or settle the
+        lease and give None: a task whose stored request no longer parses fails here (it could run nowhere);
+        a finished (duplicate delivery) or unknown one is acked."""
+        try:
+            record = self.backend.store.claim(lease.task_id, worker_id)
+        except StoredRequestInvalid as exc:
+            with log_context(task_id=lease.task_id):
+                self.fail_unclaimed(lease, str(exc), FailureReason.INVALID_REQUEST)
+            return None
+        if record is None:
+            self.backend.queue.ack(lease)
+        return record
 
     def fail_unclaimed(self, lease: Lease, message: str, reason: FailureReason) -> None:
         """A task that cannot even be claimed (its stored request no longer parses) fails as it is."""
