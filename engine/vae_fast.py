@@ -34,7 +34,7 @@ _OFF = {"0", "false", "no", "off"}
 
 @dataclass
 class FastDecode:
-    """What install did, for the log and generation_info."""
+    """What install did, for the log (and bench/vae_cpu.py)."""
     snake: str  # "compiled" or "eager"
     folded: int  # weight-normed convolutions folded
     compile_s: float  # wall seconds spent compiling (0 when not compiled)
