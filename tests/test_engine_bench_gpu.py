@@ -21,7 +21,6 @@ def test_the_gpu_benchmark_runs_on_cpu_and_writes_its_rows(tiny_checkpoint_dir, 
     rows = {r["config"]: r for r in data["rows"]}
     # one configuration for time: bf16 and int8 are the same path with other EngineConfig settings
     assert list(rows) == ["offload"] and data["meta"]["size"] == "tiny"
-    assert gpu.CONFIGS == {"bf16": {}, "int8": {"quantize": "int8"}, "offload": {"offload": "modules"}}
     assert rows["offload"]["offload"]["active"] and rows["offload"]["quantization"]["dit"] == "none"
     for row in rows.values():
         assert row["random_weights"] and row["wall_s"] > 0 and row["dit_s"] > 0 and row["vae_decode_s"] > 0
