@@ -17,7 +17,6 @@ and upsampling convolutions still report; the decoder's weight norm is folded in
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -184,7 +183,7 @@ def compile_setting(value: Optional[str] = None) -> Optional[bool]:
     one-time compile of ~10-70 s buys back its cost within a song or two; not for a tiny test model, which
     would save nothing), true, or false (no compiler run at start; the decode keeps channels-last and the
     eager Snake). Returns None for auto."""
-    raw = (os.environ.get("ACESTEP_VAE_COMPILE", "auto") if value is None else value).strip().lower()
+    raw = ("auto" if value is None else value).strip().lower()
     if raw in _ON:
         return True
     if raw in _OFF:

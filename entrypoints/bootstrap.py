@@ -90,6 +90,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         quantize=settings.quantize_dit or settings.quantize,
         quantize_lm=settings.quantize_lm or settings.quantize,
         offload=settings.offload,
+        vae_compile=settings.vae_compile,
     )
 
 

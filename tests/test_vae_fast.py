@@ -86,6 +86,12 @@ def test_without_a_working_compiler_the_snake_stays_eager_and_says_why(latent, m
 def test_compile_setting_and_the_default_for_a_tiny_decoder():
     assert vae_fast.compile_setting("TRUE") is True and vae_fast.compile_setting("off") is False
     assert vae_fast.compile_setting("auto") is None
+    from entrypoints.bootstrap import engine_config
+    from service.config import ConfigError, load_settings
+
+    assert engine_config(load_settings(env={"ACESTEP_VAE_COMPILE": "false"}, dotenv_path=None)).vae_compile == "false"
+    with pytest.raises(ConfigError, match="ACESTEP_VAE_COMPILE"):  # refused when settings are built, not at load
+        load_settings(env={"ACESTEP_VAE_COMPILE": "maybe"}, dotenv_path=None)
     with pytest.raises(ValueError, match="ACESTEP_VAE_COMPILE"):
         vae_fast.compile_setting("maybe")
     assert vae_fast.prepare(tiny_vae(), torch.device("meta")) is None  # other devices keep the stock decoder
