@@ -176,3 +176,60 @@ def test_a_quantised_model_must_fit_at_full_precision_while_it_loads(tiny_checkp
     monkeypatch.setattr(memory, "free_bytes", lambda device: (int8 + full) // 2)
     with pytest.raises(memory.DoesNotFit, match=r"loaded in float32, then quantised to int8"):
         Engine.load(config)
+
+
+def file_mappings(path) -> list[tuple[int, int]]:
+    """Address ranges this process maps from `path` (/proc/self/maps)."""
+    import os
+
+    real, ranges = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == real:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def plain_tensors_inside(module, ranges) -> list[str]:
+    """Names of the module's unquantised tensors whose memory lies in one of `ranges`."""
+    inside = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+            ptr = tensor.untyped_storage().data_ptr()
+            if any(start <= ptr < end for start, end in ranges):
+                inside.append(name)
+    return inside
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_quantising_releases_the_weight_file_mapping(tmp_path):
+    """Loaded from safetensors on CPU, every tensor is a view into the file's one mapping; after quantising, the
+    norms and biases left as they were must not keep it (and every page quantising read) resident."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 32))
+
+    path = tmp_path / "model.safetensors"
+    save_file(build().state_dict(), str(path))
+    model = build()
+    model.load_state_dict(load_file(str(path)), assign=True)
+    ranges = file_mappings(path)
+    assert ranges and plain_tensors_inside(model, ranges) == ["0.weight", "0.bias", "1.weight", "1.bias",
+                                                               "2.weight", "2.bias"]  # mapped, as loaded
+    assert quantize.quantize_module(model, "int8") == 2
+    gc.collect()
+    assert plain_tensors_inside(model, ranges) == [] and file_mappings(path) == []
+    assert torch.equal(model[1].weight, load_file(str(path))["1.weight"])  # copied, not changed
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_the_engines_int8_dit_holds_nothing_in_its_weight_file(int8_engine, tiny_checkpoint_dir):  # noqa: F811
+    transformer = int8_engine.model(TURBO).pipe.transformer
+    files = sorted((tiny_checkpoint_dir / TURBO / "transformer").glob("*.safetensors"))
+    ranges = [r for f in files for r in file_mappings(f)]
+    assert files and plain_tensors_inside(transformer, ranges) == []
