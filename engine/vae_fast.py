@@ -27,6 +27,7 @@ import torch.nn.functional as F
 log = logging.getLogger("engine")
 
 _MARK = "_acestep_fast_decode"
+_KERNEL = "_acestep_snake_kernel"
 _ON = {"1", "true", "yes", "on"}
 _OFF = {"0", "false", "no", "off"}
 
@@ -66,6 +67,7 @@ class _Snake:
     def __init__(self) -> None:
         self.fn: Callable[..., torch.Tensor] = _snake_eager
         self.kind, self.reason = "eager", ""
+        self.calls = {"compiled": 0, "eager": 0}  # which kernel the decodes ran, not only which was set up
 
     def compile(self, dtype: torch.dtype) -> float:
         """Compile and run the fused kernel once (the cold compile is the cost, seconds to a minute); falls
@@ -92,11 +94,14 @@ class _Snake:
     def __call__(self, x: torch.Tensor, alpha: torch.Tensor, inv_beta: torch.Tensor) -> torch.Tensor:
         if self.kind == "compiled":
             try:
-                return self.fn(x, alpha, inv_beta)
+                out = self.fn(x, alpha, inv_beta)
+                self.calls["compiled"] += 1
+                return out
             except Exception as exc:  # a shape or layout the compiler cannot take: keep decoding, eagerly
                 self.fn, self.kind = _snake_eager, "eager"
                 self.reason = f"compiled kernel failed ({type(exc).__name__}), eager since"
                 log.warning("VAE decode: %s", self.reason)
+        self.calls["eager"] += 1
         return _snake_eager(x, alpha, inv_beta)
 
 
@@ -172,7 +177,17 @@ def install(vae, *, compile_snake: bool) -> Optional[FastDecode]:
     info = FastDecode(snake=kernel.kind, folded=folded, compile_s=compile_s,
                       reason=kernel.reason or ("" if compile_snake else "compile off"))
     setattr(decoder, _MARK, info)
+    setattr(decoder, _KERNEL, kernel)
     return info
+
+
+def snake_in_use(vae) -> Optional[dict]:
+    """The Snake this VAE's decoder runs now (it may have fallen back to eager since load) and how many
+    activations each kernel computed so far; None when install never ran on it (another device)."""
+    kernel = getattr(vae.decoder, _KERNEL, None)
+    if kernel is None:
+        return None
+    return {"snake": kernel.kind, "reason": kernel.reason, "calls": dict(kernel.calls)}
 
 
 COMPILE_MIN_PARAMS = 10_000_000  # auto: compile only a decoder this large (the published one has ~100M)

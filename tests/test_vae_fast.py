@@ -81,6 +81,12 @@ def test_without_a_working_compiler_the_snake_stays_eager_and_says_why(latent, m
     info = vae_fast.install(fast, compile_snake=True)
     assert info is not None and info.snake == "eager" and "no C++ compiler" in info.reason
     torch.testing.assert_close(decode(fast, latent), decode(tiny_vae(), latent), atol=2e-5, rtol=1e-4)
+    in_use = vae_fast.snake_in_use(fast)  # what the decode ran, not only what load set up
+    assert in_use is not None and in_use["snake"] == "eager" and in_use["calls"]["compiled"] == 0
+    from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
+
+    assert in_use["calls"]["eager"] == sum(isinstance(m, Snake1d) for m in fast.decoder.modules())
+    assert vae_fast.snake_in_use(tiny_vae()) is None
 
 
 def test_compile_setting_and_the_default_for_a_tiny_decoder():
