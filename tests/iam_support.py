@@ -396,7 +396,7 @@ def iam_calls(record: dict) -> list[Call]:
     if service == "ecs":
         prefix = f"arn:aws:ecs:{REGION}:{ACCOUNT}"
         cluster = p["cluster"].rsplit("/", 1)[-1]
-        if op == "UpdateTaskProtection":  # made by the ECS agent for the task (tests' stand-in agent)
+        if op in ("UpdateTaskProtection", "GetTaskProtection"):  # the ECS agent's (tests/ecs_agent_support.py)
             return [Call(f"ecs:{op}", f"{prefix}:task/{cluster}/{t.rsplit('/', 1)[-1]}", source) for t in p["tasks"]]
         services = p.get("services") or [p["service"]]
         return [Call(f"ecs:{op}", f"{prefix}:service/{cluster}/{s.rsplit('/', 1)[-1]}", source) for s in services]

@@ -42,6 +42,7 @@ import pytest
 from service.ports import FAILED, RUNNING, SUCCEEDED
 from tests import iam_support as iam
 from tests.aws_support import FAKE_AWS_ENV, aws_settings, free_port, moto_server
+from tests.ecs_agent_support import EcsAgent
 from tests.iam_recorder import LOG_ENV as CALL_LOG_ENV
 from tests.live_server import poll_until
 
@@ -166,47 +167,15 @@ def _acting_as(identity: "iam.Identity"):
         forget_sessions()
 
 
-class EcsAgent:
-    """Stands in for the ECS container agent's task-protection endpoint ($ECS_AGENT_URI). The agent
-    calls ecs:UpdateTaskProtection for the task with the task role's credentials, which moto does not
-    implement: it is recorded in the workers' call log for the IAM evaluator instead."""
+def ecs_agent(call_log: Path) -> EcsAgent:
+    """The workers' ECS agent. The calls to ECS it makes for a task (with the task role's credentials;
+    moto has no task protection) go into the workers' call log for the IAM evaluator."""
+    def record(operation: str, params: dict) -> None:
+        with open(call_log, "a") as log:
+            log.write(json.dumps({"service": "ecs", "operation": operation, "params": params}) + "\n")
 
-    def __init__(self, call_log: Path):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        import threading
+    return EcsAgent(cluster=ECS_CLUSTER, region="us-east-1", account=iam.ACCOUNT, on_ecs_call=record)
 
-        self.states: list[bool] = []
-        agent = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                task = self.path.split("/")[2]
-                agent.states.append(body["ProtectionEnabled"])
-                with open(call_log, "a") as log:
-                    log.write(json.dumps({"service": "ecs", "operation": "UpdateTaskProtection",
-                                          "params": {"cluster": ECS_CLUSTER, "tasks": [task]}}) + "\n")
-                raw = json.dumps({"protection": {"ProtectionEnabled": body["ProtectionEnabled"],
-                                                 "TaskArn": f"{ECS_CLUSTER}/{task}"}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def __enter__(self) -> "EcsAgent":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 class Forked:
     """A worker process forked by the fork server (not our child: no Popen)."""
@@ -286,7 +255,7 @@ class Cluster:
         self.backend = make_aws_backend(self.settings)  # the test's view, with the operator's rights
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.agent = self.undo.enter_context(EcsAgent(self.tmp / "worker-calls.jsonl"))
+        self.agent = self.undo.enter_context(ecs_agent(self.tmp / "worker-calls.jsonl"))
         overrides = {"ACESTEP_AWS_ENDPOINT_URL": endpoint, "ACESTEP_AWS_REGION": "us-east-1",
                      # short leases and few deliveries, so lost tasks come back and dead-letter quickly
                      "ACESTEP_VISIBILITY_TIMEOUT": str(LEASE_SECONDS), "ACESTEP_MAX_RECEIVES": str(MAX_RECEIVES)}
@@ -334,7 +303,7 @@ class Cluster:
         return bool(models) and all(m.get("random_weights") is not None for m in models)
 
     def start_worker(self, name: str) -> Forked:
-        env = {**self.env, "ECS_AGENT_URI": f"{self.agent.uri}/api/{name}-task"}
+        env = {**self.env, "ECS_AGENT_URI": self.agent.uri_for(f"{name}-task")}
         spec = {"log": str(self.tmp / f"{name}.log"), "cwd": str(self.tmp), "env": env,
                 "argv": ["--backend", "aws", "--grace-seconds", "5"]}
         self.forks.stdin.write((json.dumps(spec) + "\n").encode())
@@ -506,7 +475,7 @@ def test_a_task_runs_once_and_downloads_through_a_presigned_redirect(cluster):
     assert cluster.output_objects(t1) == sorted(k for k in rec.blob_keys if k.startswith("outputs/"))
     assert len(cluster.output_objects(t1)) == 1  # one result: a losing duplicate removed its files
     # The worker asked the ECS agent for scale-in protection while it ran the task.
-    assert True in cluster.agent.states
+    assert True in cluster.agent.states()
     cluster.passed.add("run")
 
 

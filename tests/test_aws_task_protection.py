@@ -1,85 +1,78 @@
 """ECS task scale-in protection against a local HTTP server standing in for the ECS agent endpoint.
 
 moto has no agent endpoint ($ECS_AGENT_URI is served by the agent on the instance, not by an AWS
-API), so a small server that answers the way the agent documents is the boundary here.
+API), so tests/ecs_agent_support.py, which answers as the agent documents, is the boundary here.
 """
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import urllib.request
 
 import pytest
 
 from service.aws.task_protection import STATE_PATH, EcsTaskProtection, TaskProtectionError, minutes_for
 from service.worker import Worker
+from tests.ecs_agent_support import EcsAgent, EcsError, EcsFailure
 from tests.worker_support import ScriptedEngine, submit
 
-TASK_ARN = "arn:aws:ecs:us-east-1:123456789012:task/cluster/0123456789abcdef"
-
-
-class FakeAgent:
-    """Records each PUT body; answers like the agent (success, failure, or an error status)."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-        self.answer: tuple[int, dict] | None = None  # None: succeed
-        agent = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                agent.calls.append({"path": self.path, **body})
-                status, payload = agent.answer or (200, {"protection": {
-                    "ProtectionEnabled": body["ProtectionEnabled"], "TaskArn": TASK_ARN,
-                    "ExpirationDate": "2026-11-25T21:00:00Z" if body["ProtectionEnabled"] else None}})
-                raw = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}/api/{TASK_ARN.rsplit('/', 1)[-1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def states(self) -> list[bool]:
-        return [c["ProtectionEnabled"] for c in self.calls]
+TASK_ID = "0123456789abcdef"
 
 
 @pytest.fixture
 def agent():
-    fake = FakeAgent()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+    with EcsAgent(cluster="cluster") as fake:
+        yield fake
+
+
+def _state(uri: str, method: str = "GET", body: object = None) -> tuple[int, dict]:
+    """A raw call to the stand-in, as `curl $ECS_AGENT_URI/task-protection/v1/state` would make it."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(uri + STATE_PATH, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_stand_in_answers_in_the_agents_documented_shapes(agent):
+    uri = agent.uri_for(TASK_ID)
+    arn = f"arn:aws:ecs:us-east-1:123456789012:task/cluster/{TASK_ID}"
+    assert _state(uri) == (200, {"protection": {"ExpirationDate": None, "ProtectionEnabled": False, "TaskArn": arn}})
+    status, put = _state(uri, "PUT", {"ProtectionEnabled": True})  # no expiry given: 120 minutes
+    assert status == 200 and put["protection"]["ProtectionEnabled"] is True
+    assert put["protection"]["ExpirationDate"].endswith("Z") and _state(uri) == (200, put)
+    assert _state(uri, "PUT", {"ProtectionEnabled": False})[1]["protection"]["ExpirationDate"] is None
+    assert _state(uri, "PUT", {"ExpiresInMinutes": 5}) == (400, {"error": {
+        "Arn": arn, "Code": "InvalidParameterException",
+        "Message": "Invalid request: does not contain 'ProtectionEnabled' field"}})
+    assert _state(uri, "PUT", {"ProtectionEnabled": True, "Tasks": ["x"]})[0] == 400  # unknown field
+    assert _state(uri, "PUT", {"ProtectionEnabled": True, "ExpiresInMinutes": 2881})[1]["error"]["Code"] == \
+        "InvalidParameterException"
+    assert _state(agent.base + "/api/unknown")[0] == 404  # an endpoint id the agent gave no container
 
 
 def test_busy_protects_with_an_expiry_and_idle_clears_once(agent):
-    protection = EcsTaskProtection(agent.uri, expires_minutes=40)
+    protection = EcsTaskProtection(agent.uri_for(TASK_ID), expires_minutes=40)
     protection.busy()
     protection.busy()  # each task renews the expiry
     protection.idle()
     protection.idle()  # already cleared: no call
-    assert agent.calls == [
-        {"path": "/api/0123456789abcdef" + STATE_PATH, "ProtectionEnabled": True, "ExpiresInMinutes": 40},
-        {"path": "/api/0123456789abcdef" + STATE_PATH, "ProtectionEnabled": True, "ExpiresInMinutes": 40},
-        {"path": "/api/0123456789abcdef" + STATE_PATH, "ProtectionEnabled": False},
+    assert [(r.method, r.endpoint_id, r.body) for r in agent.requests] == [
+        ("PUT", TASK_ID, {"ProtectionEnabled": True, "ExpiresInMinutes": 40}),
+        ("PUT", TASK_ID, {"ProtectionEnabled": True, "ExpiresInMinutes": 40}),
+        ("PUT", TASK_ID, {"ProtectionEnabled": False}),
     ]
     assert protection.protected is False
+    assert _state(agent.uri_for(TASK_ID))[1]["protection"]["ProtectionEnabled"] is False
 
 
 def test_a_refusal_from_the_agent_raises_with_its_reason(agent):
-    protection = EcsTaskProtection(agent.uri, expires_minutes=40)
-    agent.answer = (200, {"failure": {"Arn": TASK_ARN, "Reason": "TASK_NOT_VALID"}})
+    protection = EcsTaskProtection(agent.uri_for(TASK_ID), expires_minutes=40)
+    agent.answer = EcsFailure("TASK_NOT_VALID")
     with pytest.raises(TaskProtectionError, match="TASK_NOT_VALID"):
         protection.busy()
-    agent.answer = (400, {"error": {"Arn": TASK_ARN, "Code": "AccessDeniedException",
-                                    "Message": "not authorized to perform ecs:UpdateTaskProtection"}})
+    agent.answer = EcsError(400, "AccessDeniedException", "not authorized to perform ecs:UpdateTaskProtection")
     with pytest.raises(TaskProtectionError, match="HTTP 400.*AccessDeniedException"):
         protection.busy()
     assert protection.protected is None  # never confirmed
@@ -103,7 +96,7 @@ def test_worker_is_protected_while_it_runs_a_task_and_cleared_when_idle(settings
 
     backend = make_embedded_backend(settings)
     engine = ScriptedEngine()
-    protection = EcsTaskProtection(agent.uri, expires_minutes=40)
+    protection = EcsTaskProtection(agent.uri_for(TASK_ID), expires_minutes=40)
     seen_during_run: list[list[bool]] = []
     engine.before_generate = lambda progress: seen_during_run.append(agent.states())
     worker = Worker(settings, backend, engine, on_busy=protection.set_busy)
@@ -118,9 +111,9 @@ def test_a_failing_agent_does_not_stop_the_task(settings, agent):
     from service.embedded import make_embedded_backend
 
     backend = make_embedded_backend(settings)
-    agent.answer = (500, {"error": {"Code": "ServerException", "Message": "agent restarting"}})
+    agent.answer = EcsError(500, "ServerException", "Unexpected error occurred", request_id=None)
     worker = Worker(settings, backend, ScriptedEngine(),
-                    on_busy=EcsTaskProtection(agent.uri, expires_minutes=40).set_busy)
+                    on_busy=EcsTaskProtection(agent.uri_for(TASK_ID), expires_minutes=40).set_busy)
     task_id = submit(backend)
     assert worker.run_once(0.1) is True
     assert backend.store.get(task_id).status == "succeeded"
