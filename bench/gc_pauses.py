@@ -11,10 +11,9 @@ collector's own pauses are timed through gc.callbacks.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from measure import CHILD_ENV, ChildFailed, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,11 +77,10 @@ print(json.dumps({{"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_cou
 
 def run(variant: str, requests: int) -> dict:
     code = _CHILD.format(root=str(ROOT), bench=str(ROOT / "bench"), requests=requests)
-    out = subprocess.run([sys.executable, "-c", code, variant], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_child(["-c", code, variant], cwd=str(ROOT), timeout=900, env=CHILD_ENV)
+    except ChildFailed as failed:
+        raise SystemExit(str(failed)) from None
 
 
 def main() -> None:

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GIB = 1024**3
+from measure import GIB, ChildFailed, reset_peak, run_child, status_bytes, wait_for_memory  # noqa: E402
 OUT = ROOT / "bench" / "memory_measured.json"
 COMMAND = "OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/memory_table.py --threads 2"
 MODULES = ("dit", "dit_encoders", "vae", "text_encoder", "lm-0.6B", "lm-1.7B", "lm-4B")
@@ -69,40 +68,6 @@ ALWAYS_SKIPPED = [
     {"module": "lm-4B", "dtype": "float32", "quantize": "none",
      "reason": "float32 4B LM: ~16 GiB of weights, over what a shared 24 GB machine may give one benchmark"},
 ]
-
-
-# ---------------------------------------------------------------- memory readings (Linux /proc)
-
-def status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """VmHWM starts again from the current RSS (building peaks higher than the step that follows)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def wait_for_memory(needed: int, poll_s: float = 10.0, limit_s: float = 300.0) -> tuple[bool, int]:
-    deadline = time.monotonic() + limit_s
-    while True:
-        free = mem_available()
-        if free >= needed or time.monotonic() >= deadline:
-            return free >= needed, free
-        print(f"  waiting: MemAvailable {free / GIB:.1f} GiB < {needed / GIB:.1f} GiB", file=sys.stderr, flush=True)
-        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------- building (child)
@@ -320,7 +285,7 @@ def main(argv=None) -> None:
     p.add_argument("--child", nargs=3, metavar=("MODULE", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
+        print(json.dumps(child(*args.child, args)), flush=True)
         return
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
@@ -329,12 +294,11 @@ def main(argv=None) -> None:
                    "--max-peak-gib", str(args.max_peak_gib), "--vae-seconds", *map(str, args.vae_seconds)]
     for module, dtype, mode in jobs([m for m in args.only.split(",") if m]):
         print(f"{module} {dtype} {mode} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", module, dtype, mode],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        result = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(result[0]) if result else {
-            "module": module, "dtype": dtype, "quantize": mode, "status": "failed",
-            "reason": f"child exited {proc.returncode} (negative: killed by a signal)"}
+        try:
+            row = run_child([__file__, *passthrough, "--child", module, dtype, mode], env=env, cwd=str(ROOT),
+                            show_stderr=True)
+        except ChildFailed as failed:
+            row = {"module": module, "dtype": dtype, "quantize": mode, "status": "failed", "reason": str(failed)}
         rows.append(row)
         print(f"  {row['status']}: " + (f"weights {row['weights_rss_bytes'] / GIB:.2f} GiB, peak "
                                         f"{row['peak_rss_bytes'] / GIB:.2f} GiB" if row["status"] == "measured"

@@ -28,6 +28,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from measure import loadavg  # noqa: E402
+
 PROMPT = "upbeat synth pop, female vocals, 120 bpm"
 LYRICS = "[verse]\nneon lights across the city\n[chorus]\nwe keep on running through the night"
 
@@ -75,7 +77,7 @@ def run(engine, encoder, args, root: Path, duration: float, batch: int, pipeline
         request = GenerationRequest(prompt=PROMPT, lyrics=LYRICS, audio_duration=duration, batch_size=batch,
                                     seeds=[seed0 + 10 * t + i for i in range(batch)], inference_steps=args.steps,
                                     audio_format=args.format, bpm=120)
-        ids.append(submit_task(backend, request.model_dump(), args.tasks)[0])
+        ids.append(submit_task(backend, request, args.tasks)[0])
     worker = Worker(settings, backend, engine, encoder=encoder if pipelined else None)
     t0 = time.perf_counter()
     while worker.run_once(0, overlap=True):
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     print(f"device {engine.device}, torch {torch.__version__}, {os.cpu_count()} CPU threads, {platform.machine()}, "
           f"{encoder.processes} encoder process(es); {args.steps} steps, {args.format}, {args.tasks} tasks per run, "
           f"best of {args.repeats}")
-    print(f"load average before: {_loadavg()}")
+    print(f"load average before: {loadavg()}")
     print("other processes using CPU at the start:\n" + _busy_processes())
     _warm(engine, encoder, args)
     print("| song | batch | tasks | audio s | sequential s | pipelined s | sequential audio-s/s | pipelined audio-s/s "
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
                   f"| {audio / p:.1f} | {s / p:.2f}x |", flush=True)
     encoder.close()
     shown = sys.argv[1:] if argv is None else argv
-    print(f"\nload average after: {_loadavg()}")
+    print(f"\nload average after: {loadavg()}")
     print("Reproduce: `nice -n 5 .venv/bin/python bench/pipeline.py" + "".join(" " + a for a in shown) + "`")
     return 0
 
@@ -149,13 +151,6 @@ def _busy_processes() -> str:
     except (OSError, subprocess.SubprocessError):
         return "  (ps not available)"
     return "\n".join("  " + line.strip()[:140] for line in out)
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import gc
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,28 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GIB = 1024**3
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GIB
-    return 0.0
-
-
-def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+from measure import GIB, best, peak_rss_bytes, rss_bytes  # noqa: E402
 
 
 def estimated_bytes(module, mode: str) -> int:
@@ -111,7 +89,7 @@ def dit(args) -> list[str]:
         stored = quantize.storage_bytes(model)
         rows.append(f"| DiT 2B, one step ({args.seconds:g} s song) | {'bf16' if mode == 'none' else 'int8'} "
                     f"| {stored / GIB:.2f} | {estimated_bytes(model, mode) / GIB:.2f} | {seconds:.2f} | {error or '-'} "
-                    f"| {rss_gib():.2f} | {layers} layers in {quantise_s:.1f} s |")
+                    f"| {rss_bytes() / GIB:.2f} | {layers} layers in {quantise_s:.1f} s |")
     print(f"DiT built in {built:.0f} s", file=sys.stderr)
     del model, inputs, reference
     gc.collect()
@@ -163,7 +141,7 @@ def lm(args) -> list[str]:
         stored = quantize.storage_bytes(model)
         rows.append(f"| LM 1.7B, one decode step (CFG, 2 rows) | {'bf16' if mode == 'none' else 'int8'} "
                     f"| {stored / GIB:.2f} | {estimated_bytes(model, mode) / GIB:.2f} | {seconds:.3f} | {error or '-'} "
-                    f"| {rss_gib():.2f} | {layers} layers in {quantise_s:.1f} s |")
+                    f"| {rss_bytes() / GIB:.2f} | {layers} layers in {quantise_s:.1f} s |")
     print(f"LM built in {built:.0f} s", file=sys.stderr)
     del model
     gc.collect()
@@ -219,7 +197,7 @@ def main(argv=None) -> None:
     if args.lm:
         rows += lm(args)
     print(f"\nCPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch "
-          f"{torch.__version__}, random weights, best of {args.repeats}; peak RSS {peak_gib():.2f} GiB")
+          f"{torch.__version__}, random weights, best of {args.repeats}; peak RSS {peak_rss_bytes() / GIB:.2f} GiB")
     print("| what | weights | weights GiB (stored) | fit-check estimate GiB | step s | rel. error vs bf16 "
           "| RSS GiB | quantised |")
     print("|---|---|---:|---:|---:|---:|---:|---|")

@@ -12,10 +12,9 @@ interpreter; `--repo` runs another checkout's code (a `git worktree` of the comm
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from measure import CHILD_ENV, ChildFailed, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,11 +89,10 @@ VARIANTS = ("bare", "queued", "finished", "queued_writes")
 
 def run(repo: str, variant: str, requests: int) -> dict:
     code = _CHILD.format(repo=repo, requests=requests)
-    out = subprocess.run([sys.executable, "-c", code, variant], cwd=repo, capture_output=True, text=True,
-                         timeout=900, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_child(["-c", code, variant], cwd=repo, timeout=900, env=CHILD_ENV)
+    except ChildFailed as failed:
+        raise SystemExit(str(failed)) from None
 
 
 def main() -> None:

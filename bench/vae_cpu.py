@@ -21,34 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cpu_target import passive_omp_wait_policy  # noqa: E402  (torch-free)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> None:
-    """Start VmHWM (the peak RSS) again from now: building the model peaks higher than the decode."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from measure import cpu_with_children, peak_rss_bytes, reset_peak, rss_bytes, run_child, timed  # noqa: E402
 
 
 def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", audio_out: str = "") -> dict:
@@ -66,9 +45,9 @@ def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", a
     if decoder != "stock":
         from engine import vae_fast
 
-        c0 = _cpu_with_children()
+        c0 = cpu_with_children()
         info = vae_fast.install(vae, compile_snake=decoder == "fast")
-        compile_s, compile_cpu_s = info.compile_s, _cpu_with_children() - c0
+        compile_s, compile_cpu_s = info.compile_s, cpu_with_children() - c0
         if decoder == "fast" and info.snake != "compiled":
             raise SystemExit(f"the Snake did not compile: {info.reason}")
     frames = round(seconds * 25)
@@ -76,11 +55,10 @@ def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", a
     with torch.inference_mode():
         vae.decode(torch.randn(1, VAE["decoder_input_channels"], 8, dtype=dtype))  # first-call set-up
     base = rss_bytes()
-    reset_peak_rss()
-    t0, c0 = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
+    reset_peak()  # building the model peaks higher than the decode
+    with timed() as span, torch.inference_mode():
         audio = vae.decode(z).sample
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = span.wall_s, span.cpu_s
     peak = peak_rss_bytes()
     if audio_out:
         torch.save(audio.float(), audio_out)
@@ -89,12 +67,6 @@ def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", a
             "cpu_s": round(cpu, 2), "working_set_gib": round((peak - base) / 2**30, 3),
             "peak_rss_gib": round(peak / 2**30, 3), "samples": int(audio.shape[-1]),
             "threads": torch.get_num_threads()}
-
-
-def _cpu_with_children() -> float:
-    """CPU seconds of this process and its reaped children (inductor compiles in worker subprocesses)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def fold_weight_norm(module) -> int:
@@ -148,17 +120,14 @@ def main(argv=None) -> None:
                 if args.reference and not os.path.exists(truth):
                     env = dict(os.environ)
                     passive_omp_wait_policy(env)
-                    subprocess.run([sys.executable, __file__, "--child", str(seconds), "float32", fold, "stock", truth],
-                                   check=True, capture_output=True, text=True, env=env)
+                    run_child([__file__, "--child", str(seconds), "float32", fold, "stock", truth], env=env)
                 for decoder in args.decoders:  # side by side: the same length's variants back to back
                     env = dict(os.environ)
                     passive_omp_wait_policy(env)  # as the worker runs
                     if args.cold_compile:  # an empty inductor cache: the compile a fresh worker host pays
                         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_", dir=audio_dir)
                     audio = os.path.join(audio_dir, f"{dtype}-{fold}-{seconds:g}-{decoder}.pt")
-                    out = subprocess.run([sys.executable, __file__, "--child", str(seconds), dtype, fold, decoder,
-                                          audio], check=True, capture_output=True, text=True, env=env).stdout
-                    row = json.loads(out.strip().splitlines()[-1])
+                    row = run_child([__file__, "--child", str(seconds), dtype, fold, decoder, audio], env=env)
                     stock = os.path.join(audio_dir, f"{dtype}-{fold}-{seconds:g}-stock.pt")
                     if decoder != "stock" and os.path.exists(stock):
                         want, got = torch.load(stock), torch.load(audio)
