@@ -38,6 +38,7 @@ from typing import Iterator, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from engine.request import GenerationRequest  # noqa: E402  (torch-free)
 from service.config import Settings  # noqa: E402
 from service.embedded import make_embedded_backend  # noqa: E402
 from service.records import AudioFile, TaskRecord, TaskResult  # noqa: E402
@@ -72,9 +73,9 @@ def seed_finished(data_dir: str, count: int) -> list[str]:
     ids = []
     for _ in range(count):
         task_id = str(uuid.uuid4())
-        request = {"prompt": "upbeat synth pop with a driving bass line and airy female vocals",
-                   "lyrics": "[verse]\n" + "walking down the neon street tonight\n" * 6, "audio_duration": 30,
-                   "batch_size": 2, "inference_steps": 8, "model": "acestep-v15-turbo"}
+        request = GenerationRequest(prompt="upbeat synth pop with a driving bass line and airy female vocals",
+                                    lyrics="[verse]\n" + "walking down the neon street tonight\n" * 6,
+                                    audio_duration=30, batch_size=2, inference_steps=8, model="acestep-v15-turbo")
         backend.store.create(TaskRecord(task_id=task_id, request=request))
         record = backend.store.claim(task_id, "bench")
         assert record is not None
