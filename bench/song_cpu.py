@@ -2,6 +2,12 @@
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/song_cpu.py             # full size, 10 s and 30 s songs
     .venv/bin/python bench/song_cpu.py --tiny                               # the same path on tiny models
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/song_cpu.py --durations 10 --snr --vae-check   # + SNR, decode check
+
+A row is one request with the API's default batch_size (2: seeds 7 and 8), so two songs: the DiT and the VAE decode
+run both (the row's `batch`). --snr keeps the first song as float WAV and gives int8's SNR against bf16 and bf16's
+against float32; --vae-check decodes the song's latent again (alone, in the progress hooks, a random latent), and
+every row says which Snake the decode ran (engine/vae_fast.snake_in_use).
 
 One child process per row (configuration x song length), so every figure is its own: the child loads the engine
 the way a worker does (EngineConfig.from_env + Engine.load: fit check, dtype choice, quantisation, the CPU VAE
@@ -170,10 +176,14 @@ def _component(pipe, dotted: str):
     return obj
 
 
-def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True, audio_format: str = "mp3") -> dict:
-    """Load the engine from `env` as a worker does, warm it up, run one song; the row's figures."""
+def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True, audio_format: str = "mp3",
+                save_audio: Optional[Path] = None, vae_check: bool = False) -> dict:
+    """Load the engine from `env` as a worker does, warm it up, run one song; the row's figures. `save_audio`:
+    write the song there (as encoded: wav32 keeps the float samples for --snr). `vae_check`: decode the song's
+    latents again, timed, with and without the engine's progress hooks, and a random latent of the same shape."""
     import torch
 
+    from engine import vae_fast
     from engine.config import EngineConfig
     from engine.request import GenerationRequest
     from engine.service import Engine
@@ -195,9 +205,16 @@ def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True,
             module = _component(pipe, comp)
             if isinstance(module, torch.nn.Module):
                 meter.attach(module, stage)
+    latents: list = []
+    decoder = pipe.vae.decoder
+    capture = decoder.register_forward_pre_hook(lambda _m, args: latents.append(args[0].detach().clone()))
     request = GenerationRequest(prompt=PROMPT, lyrics=LYRICS, audio_duration=seconds, seeds=[7], bpm=120,
                                 audio_format=audio_format)
-    row["rss_before_song_gib"] = round(status_bytes("VmRSS") / GIB, 3)
+    row.update(rss_before_song_gib=round(status_bytes("VmRSS") / GIB, 3),
+               rss_file_before_song_gib=round(status_bytes("RssFile") / GIB, 3),
+               rss_anon_before_song_gib=round(status_bytes("RssAnon") / GIB, 3))
+    snake_before = vae_fast.snake_in_use(pipe.vae)
+    recompiles_before = _recompiles()
     meter.start()
     t0, c0 = time.perf_counter(), time.process_time()
     result = engine.generate(request)
@@ -213,12 +230,57 @@ def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True,
                 for stage in STAGES},
         other_peak_gib=round(meter.peak.get("other", 0) / GIB, 3),
         audio_encoding_s=timings.get("audio_encoding_s"), steps=info["steps"], dtype=info["dtype"],
+        batch=info.get("batch_size"),  # the request's default batch_size is 2: two songs per row, decoded together
         dtype_choice=info.get("dtype_choice"), quantization=info.get("quantization"),
         vae_decode=info.get("vae_decode"), random_weights=info["random_weights"], threads=torch.get_num_threads(),
         load_avg_end=_loadavg(), status="measured",
     )
     row["other_cpu_s"] = round(cpu - sum(s["cpu_s"] for s in row["stages"].values()), 2)
+    capture.remove()
+    snake = vae_fast.snake_in_use(pipe.vae)
+    if snake is not None and snake_before is not None:  # the song's own Snake calls, per kernel
+        snake["calls"] = {k: n - snake_before["calls"][k] for k, n in snake["calls"].items()}
+    row.update(snake=snake, dynamo_recompiles_in_song=_recompiles() - recompiles_before)
+    if latents:
+        z = latents[-1].float()
+        row["latent"] = {"shape": list(z.shape), "std": round(float(z.std()), 4), "max_abs": round(float(z.abs().max()), 3)}
+    if save_audio is not None:
+        save_audio.parent.mkdir(parents=True, exist_ok=True)
+        save_audio.write_bytes(result.audios[0].data)
+        row["audio_file"] = str(save_audio)
+    if vae_check and latents:
+        row["vae_check"] = decode_check(pipe.vae, latents[-1])
     return row
+
+
+def _recompiles() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["recompiles"].values()) + sum(counters["graph_break"].values())
+
+
+def decode_check(vae, z) -> dict:
+    """The decoder alone on the song's latent z, as bench/vae_cpu.py times it, then inside the engine's progress
+    hooks, then on a random latent of z's shape: wall and CPU-s each (what the engine's decode adds, if anything)."""
+    import torch
+
+    from engine import vae_progress
+
+    def timed(latent, hooks: bool) -> dict:
+        with torch.inference_mode():
+            if hooks:
+                with vae_progress.reporting(vae, lambda _f: None) as progress:
+                    progress.expect(int(latent.shape[-1]))
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    vae.decode(latent)
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                vae.decode(latent)
+        return {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)}
+
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z.dtype)
+    return {"song_latent": timed(z, False), "song_latent_progress_hooks": timed(z, True),
+            "random_latent": timed(noise, False), "load_avg": _loadavg()}
 
 
 def row_env(config: str, checkpoint_dir: Path, threads: int) -> dict[str, str]:
@@ -242,6 +304,11 @@ def parse_args(argv=None):
                    help="where the checkpoint is built once and reused")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "song_cpu")
     p.add_argument("--poll-limit-s", type=float, default=300.0)
+    p.add_argument("--snr", action="store_true",
+                   help="songs as float WAV (wav32) under --work-dir; SNR in dB of int8's song against bf16's "
+                        "and bf16's against float32's (same request and seed)")
+    p.add_argument("--vae-check", action="store_true",
+                   help="after each song, decode its latent again: alone, with the progress hooks, random latent")
     p.add_argument("--child", nargs=2, metavar=("CONFIG", "SECONDS"), help=argparse.SUPPRESS)
     p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -298,7 +365,8 @@ def guard_memory(work_dir: Path, config: str, seconds: float) -> None:
 def run_child(args, config: str, seconds: float) -> dict:
     env = row_env(config, checkpoint_dir(args), args.threads)
     cmd = [sys.executable, __file__, "--child", config, str(seconds), "--threads", str(args.threads),
-           "--format", args.format, "--work-dir", str(args.work_dir)] + (["--tiny"] if args.tiny else [])
+           "--format", args.format, "--work-dir", str(args.work_dir)] + (
+        ["--tiny"] if args.tiny else []) + (["--snr"] if args.snr else []) + (["--vae-check"] if args.vae_check else [])
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, text=True)
         lowest = watch(proc, args.tiny)
@@ -336,7 +404,9 @@ def main(argv=None) -> int:
         if not args.tiny:
             guard_memory(checkpoint_dir(args), config, seconds)
         try:
-            row = measure_row(env, seconds, audio_format=args.format)
+            row = measure_row(env, seconds, audio_format="wav32" if args.snr else args.format,
+                              save_audio=audio_path(args, config, seconds) if args.snr else None,
+                              vae_check=args.vae_check)
         except Exception as exc:  # a refusal (fit check) or a failure: the row says why
             row = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
         report_row(checkpoint_dir(args), dict(row, config=config, song_s=seconds))
@@ -378,6 +448,8 @@ def main(argv=None) -> int:
                       if row["status"] == "measured" else f"{row['status']}: {row['reason']}"),
               file=sys.stderr, flush=True)
     meta["load_avg_end"] = _loadavg()
+    if args.snr:
+        meta["snr_db_vs_bf16"] = snr_table(args, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     text = markdown(rows, meta)
@@ -410,7 +482,53 @@ def markdown(rows: list[dict], meta: dict) -> str:
             dit, vae = st["DiT"]["cpu_s"], st["VAE decode"]["cpu_s"]
             lines.append(f"\n{r['song_s']:g} s bf16: VAE decode {vae:.1f} CPU-s vs DiT {dit:.1f} CPU-s "
                          f"({vae / dit:.2f}x; target <= 1)" if dit else "")
+    for r in rows:
+        if r.get("status") == "measured" and r.get("snake"):
+            lines.append(f"\n{r['song_s']:g} s {r['config']}: Snake {r['snake']['snake']} "
+                         f"(calls in the song: {r['snake']['calls']}), dynamo recompiles {r['dynamo_recompiles_in_song']}, "
+                         f"latent std {r.get('latent', {}).get('std')}, RSS before the song {r['rss_before_song_gib']} GiB "
+                         f"(file {r['rss_file_before_song_gib']}, anon {r['rss_anon_before_song_gib']})")
+        if r.get("vae_check"):
+            lines.append(f"  decode again: {r['vae_check']}")
+    for key, value in meta.get("snr_db_vs_bf16", {}).items():
+        lines.append(f"\nSNR {key} (same request and seed): {value:.2f} dB")
     return "\n".join(lines) + "\n"
+
+
+def audio_path(args, config: str, seconds: float) -> Path:
+    return checkpoint_dir(args) / "audio" / f"{config}_{seconds:g}s.wav"  # beside the checkpoint, not in the repo
+
+
+def snr_db(test, reference) -> float:
+    """10 log10(|reference|^2 / |test - reference|^2) over all samples and channels."""
+    import numpy as np
+
+    ref, got = np.asarray(reference, dtype=np.float64), np.asarray(test, dtype=np.float64)
+    n = min(len(ref), len(got))
+    noise = float(np.sum((got[:n] - ref[:n]) ** 2))
+    return float("inf") if noise == 0 else 10 * float(np.log10(float(np.sum(ref[:n] ** 2)) / noise))
+
+
+SNR_PAIRS = (("bf16+int8", "bf16"), ("bf16", "float32"))  # (song, reference)
+
+
+def snr_table(args, rows: list[dict]) -> dict[str, float]:
+    """int8's song against bf16's, and bf16's against float32's, of the same length (same request and seed), from
+    this run's songs (a pair needs both rows measured in it)."""
+    import soundfile as sf
+
+    out: dict[str, float] = {}
+    files = {(r["config"], r["song_s"]): r["audio_file"] for r in rows
+             if r.get("status") == "measured" and r.get("audio_file")}
+    for seconds in sorted({r["song_s"] for r in rows}):
+        for config, reference in SNR_PAIRS:
+            if (config, seconds) in files and (reference, seconds) in files:
+                got, _rate = sf.read(files[(config, seconds)], dtype="float32")
+                ref, _rate = sf.read(files[(reference, seconds)], dtype="float32")
+                key = f"{config} vs {reference}, {seconds:g} s"
+                out[key] = round(snr_db(got, ref), 2)
+                print(f"  SNR {key}: {out[key]:.2f} dB", file=sys.stderr)
+    return out
 
 
 def _loadavg() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.engine_fixtures import tiny_checkpoint_dir  # noqa: F401  (session fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -12,12 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 GIB = 1024**3
 
 
-def test_a_row_times_each_stage_in_wall_and_cpu_seconds_with_its_peak(tiny_checkpoint_dir):  # noqa: F811
+def test_a_row_times_each_stage_in_wall_and_cpu_seconds_with_its_peak(tiny_checkpoint_dir, tmp_path):  # noqa: F811
+    import soundfile as sf
     import song_cpu
 
     assert song_cpu.row_env("bf16+int8", tiny_checkpoint_dir, threads=2)["ACESTEP_QUANTIZE_DIT"] == "int8"
     env = song_cpu.row_env("float32", tiny_checkpoint_dir, threads=2)  # the cheapest row on tiny models
-    row = song_cpu.measure_row(env, 10.0, warm_up=False, audio_format="wav")
+    row = song_cpu.measure_row(env, 10.0, warm_up=False, audio_format="wav32", save_audio=tmp_path / "song.wav")
+    song, rate = sf.read(row["audio_file"], dtype="float32")
+    assert rate == 48000 and len(song) == 10 * 48000 and song_cpu.snr_db(song, song) == float("inf")
+    assert song_cpu.snr_db(song * 1.1, song) == pytest.approx(20.0)  # the error is a tenth of the signal
+    # which Snake the song's decode ran (a tiny decoder is not compiled under auto), every activation counted
+    assert row["snake"]["snake"] == "eager" and row["snake"]["calls"]["eager"] > 0 == row["snake"]["calls"]["compiled"]
     assert row["random_weights"] and row["dtype"] == "float32" and row["quantization"]["dit"] == "none"
     assert row["steps"] == 8  # the turbo default
     for name, stage in row["stages"].items():
