@@ -177,6 +177,7 @@ def _component(pipe, dotted: str):
 
 
 def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True, audio_format: str = "mp3",
+                batch_size: int = 2,
                 save_audio: Optional[Path] = None, vae_check: bool = False) -> dict:
     """Load the engine from `env` as a worker does, warm it up, run one song; the row's figures. `save_audio`:
     write the song there (as encoded: wav32 keeps the float samples for --snr). `vae_check`: decode the song's
@@ -209,7 +210,7 @@ def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True,
     decoder = pipe.vae.decoder
     capture = decoder.register_forward_pre_hook(lambda _m, args: latents.append(args[0].detach().clone()))
     request = GenerationRequest(prompt=PROMPT, lyrics=LYRICS, audio_duration=seconds, seeds=[7], bpm=120,
-                                audio_format=audio_format)
+                                audio_format=audio_format, batch_size=batch_size)
     row.update(rss_before_song_gib=round(status_bytes("VmRSS") / GIB, 3),
                rss_file_before_song_gib=round(status_bytes("RssFile") / GIB, 3),
                rss_anon_before_song_gib=round(status_bytes("RssAnon") / GIB, 3))
@@ -299,6 +300,7 @@ def parse_args(argv=None):
     p.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2, help="songs per request (2: the API's default)")
     p.add_argument("--format", default="mp3", choices=["mp3", "wav", "flac"])
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "acestep-song-cpu",
                    help="where the checkpoint is built once and reused")
@@ -365,7 +367,8 @@ def guard_memory(work_dir: Path, config: str, seconds: float) -> None:
 def run_child(args, config: str, seconds: float) -> dict:
     env = row_env(config, checkpoint_dir(args), args.threads)
     cmd = [sys.executable, __file__, "--child", config, str(seconds), "--threads", str(args.threads),
-           "--format", args.format, "--work-dir", str(args.work_dir)] + (
+           "--format", args.format, "--work-dir", str(args.work_dir),
+           "--batch-size", str(args.batch_size)] + (
         ["--tiny"] if args.tiny else []) + (["--snr"] if args.snr else []) + (["--vae-check"] if args.vae_check else [])
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, text=True)
@@ -406,7 +409,7 @@ def main(argv=None) -> int:
         try:
             row = measure_row(env, seconds, audio_format="wav32" if args.snr else args.format,
                               save_audio=audio_path(args, config, seconds) if args.snr else None,
-                              vae_check=args.vae_check)
+                              vae_check=args.vae_check, batch_size=args.batch_size)
         except Exception as exc:  # a refusal (fit check) or a failure: the row says why
             row = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
         report_row(checkpoint_dir(args), dict(row, config=config, song_s=seconds))
