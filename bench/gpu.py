@@ -1,14 +1,20 @@
 """GPU benchmark, one command: full-size random-weight models per configuration (bf16, int8, offload), per-stage
-timings and peak memory, written as JSON and a markdown table.
+timings and peak memory, the batching gain, and the 5 Hz LM's tokens/s on transformers vs vLLM, written as JSON
+and markdown tables.
 
-    .venv/bin/python bench/gpu.py                      # on a lent GPU: 2B turbo, 30 s and 240 s songs
-    .venv/bin/python bench/gpu.py --device cpu --tiny  # the same path on tiny models (tests/test_bench_gpu.py)
+    .venv/bin/python bench/gpu.py                      # on a lent GPU: 2B turbo, 30 s and 240 s songs, batching, LM
+    .venv/bin/python bench/gpu.py --device cpu --tiny  # the same path on tiny models (tests/test_engine_bench_gpu.py)
 
 For each configuration the engine is loaded from scratch (Engine.load: the real loading, fit check, quantisation
 and offload paths), warmed up with one short song, then each song length runs once:
   bf16    -- ACESTEP_DTYPE=bfloat16, everything resident (float32 with --tiny on CPU);
   int8    -- + ACESTEP_QUANTIZE=int8 (torchao weight-only int8 of the DiT, engine/quantize.py);
   offload -- + ACESTEP_OFFLOAD=modules (engine/offload.py: only the running stage on the GPU).
+Each song is one request of batch_size 1. Then (--parts):
+  batching -- the same --batch-song at each --batch-sizes (default 1 and 4) on --batch-config: time per song;
+  lm       -- the 5 Hz LM's codes phase (bench/lm.py's measure_codes: constraint on, CFG --lm-cfg, top-p 0.9) for a
+              --lm-seconds song, on the 1.7B LM's published shape in bf16 (bench/lm.py's save_full_lm; the tiny LM
+              with --tiny): transformers always, vLLM when `import vllm` works (else a row says why not).
 Peak memory: torch.cuda.max_memory_allocated after the load and over each song (reset before each); on CPU the
 process's peak RSS so far (ru_maxrss: it never goes down, so later rows read at least the earlier ones).
 Random weights: the audio is noise; the timings and memory are those of the real shapes
@@ -36,6 +42,8 @@ CONFIGS = {
     "int8": {"quantize": "int8"},
     "offload": {"offload": "modules"},
 }
+PARTS = ("configs", "batching", "lm")
+LM_BACKENDS = ("transformers", "vllm")
 STAGES = ("text_encoding_s", "condition_encoding_s", "dit_s", "vae_decode_s")  # engine/timing.py's stage timings
 
 
@@ -45,14 +53,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of the published shapes")
     p.add_argument("--model", default="acestep-v15-turbo")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--durations", type=float, nargs="+", default=[30.0, 240.0])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                   help="configs: --configs x --durations; batching: batch gain; lm: LM tokens/s")
+    p.add_argument("--durations", type=float, nargs="+", default=None,
+                   help="song lengths per config (default 30 240 on a GPU, 10 on CPU)")
+    p.add_argument("--batch-config", default="bf16", choices=list(CONFIGS))
+    p.add_argument("--batch-song", type=float, default=None, help="song length s (default 30 on a GPU, 10 on CPU)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--lm-backends", nargs="+", default=list(LM_BACKENDS), choices=LM_BACKENDS)
+    p.add_argument("--lm-seconds", type=float, default=60.0, help="song the LM plans (5 codes a second)")
+    p.add_argument("--lm-cfg", type=float, default=2.0, help="lm_cfg_scale (CFG: 2 rows per sequence)")
+    p.add_argument("--lm-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up song (first-run costs then count)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="holds <model>/ already (else built once under --work-dir, or a temp dir)")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default="bench/results/gpu", help="writes <out>.json and <out>.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    if args.durations is None:
+        args.durations = [30.0, 240.0] if on_gpu else [10.0]
+    if args.batch_song is None:
+        args.batch_song = 30.0 if on_gpu else 10.0
+    if min(args.batch_sizes) < 1 or args.lm_batch < 1:
+        p.error("batch sizes must be at least 1")
+    return args
 
 
 def checkpoint_dir(args) -> Path:
@@ -82,11 +108,11 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_config(name: str, args, root: Path) -> list[dict[str, Any]]:
+def load_engine(name: str, args, root: Path):
+    """(engine, load seconds, peak bytes after loading) for configuration `name`, loaded from scratch."""
     import torch
 
     from engine.config import EngineConfig
-    from engine.request import GenerationRequest
     from engine.service import Engine
 
     dtype = "float32" if args.tiny and args.device == "cpu" else "bfloat16"
@@ -96,21 +122,38 @@ def run_config(name: str, args, root: Path) -> list[dict[str, Any]]:
     reset_peak(device)
     t0 = time.perf_counter()
     engine = Engine.load(config)
-    load_s, load_peak = time.perf_counter() - t0, peak_bytes(device)
+    return engine, time.perf_counter() - t0, peak_bytes(device)
+
+
+def song(engine, args, seconds: float, seed: int, batch: int = 1):
+    from engine.request import GenerationRequest
+
+    request = GenerationRequest(prompt="benchmark", lyrics="[instrumental]", audio_duration=seconds,
+                                inference_steps=args.steps, batch_size=batch, seeds=[seed], audio_format="wav")
+    return engine.generate(request, encode=False)
+
+
+def release(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_config(name: str, args, root: Path) -> list[dict[str, Any]]:
+    import torch
+
+    device = torch.device(args.device)
+    engine, load_s, load_peak = load_engine(name, args, root)
     info = engine.describe()
-
-    def song(seconds: float, seed: int):
-        request = GenerationRequest(prompt="benchmark", lyrics="[instrumental]", audio_duration=seconds,
-                                    inference_steps=args.steps, seeds=[seed], audio_format="wav")
-        return engine.generate(request, encode=False)
-
     if not args.no_warmup:
-        song(min(args.durations), 0)  # kernels, allocator, compilation
+        song(engine, args, min(args.durations), 0)  # kernels, allocator, compilation
     rows = []
     for seconds in args.durations:
         reset_peak(device)
         t0 = time.perf_counter()
-        result = song(seconds, 1)
+        result = song(engine, args, seconds, 1)
         wall = time.perf_counter() - t0
         gi = result.generation_info
         timings = gi.get("timings", {})
@@ -125,9 +168,103 @@ def run_config(name: str, args, root: Path) -> list[dict[str, Any]]:
             "random_weights": gi.get("random_weights"),
         })
     del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
+    return rows
+
+
+def run_batching(args, root: Path) -> list[dict[str, Any]]:
+    """The same song at each batch size, one request each, on one loaded engine: wall time per song."""
+    import torch
+
+    device = torch.device(args.device)
+    engine, _, _ = load_engine(args.batch_config, args, root)
+    if not args.no_warmup:
+        song(engine, args, args.batch_song, 0, batch=max(args.batch_sizes))
+    rows = []
+    for batch in args.batch_sizes:
+        reset_peak(device)
+        t0 = time.perf_counter()
+        result = song(engine, args, args.batch_song, 1, batch=batch)
+        wall = time.perf_counter() - t0
+        rows.append({"config": args.batch_config, "song_s": args.batch_song, "batch": batch, "steps": args.steps,
+                     "wall_s": round(wall, 3), "per_song_s": round(wall / batch, 3),
+                     "dit_s": result.generation_info.get("timings", {}).get("dit_s"),
+                     "peak_gib": round(peak_bytes(device) / GiB, 3),
+                     "random_weights": result.generation_info.get("random_weights")})
+    for row in rows:
+        row["gain_vs_first"] = round(rows[0]["per_song_s"] / row["per_song_s"], 2)
+    del engine
+    release(device)
+    return rows
+
+
+def lm_folder(args) -> Path:
+    """The LM both backends load: the 1.7B shape (bench/lm.py's save_full_lm) or, with --tiny, the tiny LM."""
+    from lm import save_full_lm
+
+    from engine.lm.tiny import build_tiny_lm
+
+    base = Path(args.work_dir or tempfile.mkdtemp(prefix="acestep-gpu-bench-"))
+    if args.tiny:
+        return build_tiny_lm(base / "tiny-lm", seed=0)
+    return save_full_lm(base / "lm-1.7B", device=args.device)
+
+
+def load_lm(backend: str, path: Path, args):
+    import torch
+
+    if backend == "vllm":
+        from engine.lm.vllm_backend import VllmLM
+
+        return VllmLM.load(path, max_model_len=4096, max_num_seqs=max(8, args.lm_batch),
+                           dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+    from engine.lm.transformers_backend import TransformersLM
+
+    return TransformersLM.load(path, device=args.device,
+                               dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+
+
+def vllm_missing() -> str | None:
+    """Why vLLM cannot run here, or None when it imports."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # an ImportError or a broken install: either way no vLLM row
+        return f"import vllm failed: {type(e).__name__}: {e}"
+    return None
+
+
+def run_lm(args) -> list[dict[str, Any]]:
+    """The codes phase on each backend, one LM in memory at a time (vLLM last: it takes most of what is free)."""
+    import torch
+
+    from lm import measure_codes
+
+    from engine.lm.planner import Planner
+    from engine.lm.types import SamplingParams
+
+    device = torch.device(args.device)
+    sampling = SamplingParams(temperature=0.85, cfg_scale=args.lm_cfg, top_p=0.9)
+    path = lm_folder(args)
+    shape = "tiny random LM" if args.tiny else "1.7B shape, random weights"
+    rows = []
+    for backend in args.lm_backends:
+        row: dict[str, Any] = {"backend": backend, "lm": shape, "song_s": args.lm_seconds, "batch": args.lm_batch,
+                               "cfg": args.lm_cfg}
+        why = vllm_missing() if backend == "vllm" else None
+        if why:
+            rows.append({**row, "skipped": why})
+            continue
+        reset_peak(device)
+        lm = load_lm(backend, path, args)
+        stats = measure_codes(Planner(lm), seconds=args.lm_seconds, sampling=sampling, batch=args.lm_batch,
+                              warmup=not args.no_warmup)
+        aggregate = sum(stats.generated_tokens) / stats.decode_s
+        rows.append({**row, "codes": int(round(args.lm_seconds * 5)), "wall_s": round(stats.seconds, 3),
+                     "tokens_per_s": round(aggregate / args.lm_batch, 1), "tokens_per_s_aggregate": round(aggregate, 1),
+                     "constraint_share": round(stats.constraint_s / stats.decode_s, 3),
+                     "peak_gib": round(peak_bytes(device) / GiB, 3), "random_weights": lm.random_weights})
+        del lm
+        release(device)
     return rows
 
 
@@ -146,6 +283,28 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def batching_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| config | song | batch | wall s | s per song | gain vs batch " + str(rows[0]["batch"]) + " | DiT s "
+             "| peak GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['song_s']:g} s | {r['batch']} | {r['wall_s']:.2f} | {r['per_song_s']:.2f} "
+                     f"| {r['gain_vs_first']:.2f}x | {r['dit_s'] or 0:.3f} | {r['peak_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def lm_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| LM backend | LM | song | batch | CFG | wall s | tokens/s per sequence | tokens/s aggregate "
+             "| constraint share | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['backend']} | skipped: {r['skipped']} | | | | | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {r['lm']} | {r['song_s']:g} s ({r['codes']} codes) | {r['batch']} "
+                     f"| {r['cfg']:g} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_aggregate']:.1f} "
+                     f"| {100 * r['constraint_share']:.1f}% | {r['peak_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -158,12 +317,20 @@ def main(argv=None) -> int:
             "size": "tiny" if args.tiny else "full-size", "steps": args.steps,
             "command": "python bench/gpu.py" + "".join(" " + a for a in shown), "cpu_threads": os.cpu_count()}
     rows: list[dict[str, Any]] = []
-    for config in args.configs:
-        rows.extend(run_config(config, args, root))
+    if "configs" in args.parts:
+        for config in args.configs:
+            rows.extend(run_config(config, args, root))
+    batching = run_batching(args, root) if "batching" in args.parts else []
+    lm_rows = run_lm(args) if "lm" in args.parts else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "batching": batching, "lm": lm_rows},
+                                                   indent=1))
     table = markdown(rows, meta)
+    if batching:
+        table += "\nBatching: the same song in one request of each batch size\n\n" + batching_markdown(batching)
+    if lm_rows:
+        table += "\n5 Hz LM codes phase\n\n" + lm_markdown(lm_rows)
     out.with_suffix(".md").write_text(table)
     print(table)
     return 0

@@ -41,6 +41,24 @@ def load(backend: str, path: Path):
     return TransformersLM.load(path, device="cpu")
 
 
+def song_metadata(seconds: float) -> dict:
+    return {"bpm": 120, "caption": "lofi piano", "duration": int(seconds), "keyscale": "C major", "language": "en",
+            "timesignature": 4}
+
+
+def measure_codes(planner, *, seconds: float, sampling, batch: int = 1, warmup: bool = True):
+    """One codes phase planning `batch` songs of `seconds` (5 codes a second, constraint on) after a 20-code
+    warm-up; asserts every sequence got its codes and returns the phase's PhaseStats."""
+    target = int(round(seconds * 5))
+    metadata = song_metadata(seconds)
+    if warmup:
+        planner.codes("warm up", "", metadata, seeds=[0], sampling=sampling, target=20)
+    codes, _, stats = planner.codes("lofi piano", "[verse] la la", metadata, seeds=list(range(batch)),
+                                    sampling=sampling, target=target)
+    assert all(len(c) == target for c in codes)
+    return stats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=240.0, help="song length to plan (codes = 5 x seconds)")
@@ -60,8 +78,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target = int(round(args.seconds * 5))
     sampling = SamplingParams(temperature=0.85, cfg_scale=args.cfg, top_k=None, top_p=0.9, repetition_penalty=1.0)
-    metadata = {"bpm": 120, "caption": "lofi piano", "duration": int(args.seconds), "keyscale": "C major",
-                "language": "en", "timesignature": 4}
     versions = [f"torch {torch.__version__}"]
     rows: dict[tuple[str, int], float] = {}
     lines = []
@@ -77,11 +93,9 @@ def main() -> None:
             host = None
             if backend == "vllm":
                 from engine.lm.vllm_backend import HOST as host
-            planner.codes("warm up", "", metadata, seeds=[0], sampling=sampling, target=20)
             for batch in (int(b) for b in args.batches.split(",")):
-                codes, _, stats = planner.codes("lofi piano", "[verse] la la", metadata, seeds=list(range(batch)),
-                                                sampling=sampling, target=target)
-                assert all(len(c) == target for c in codes)
+                stats = measure_codes(planner, seconds=args.seconds, sampling=sampling, batch=batch,
+                                      warmup=batch == int(args.batches.split(",")[0]))
                 aggregate = sum(stats.generated_tokens) / stats.decode_s
                 rows[(backend, batch)] = aggregate
                 processor = f"{100 * host.seconds / stats.decode_s:.1f}%" if host is not None else ""
@@ -114,6 +128,36 @@ LM_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, n
                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
+def full_lm_model(tokenizer, *, seed: int = 0, device: str = "cpu"):
+    """A random Qwen3ForCausalLM in the 1.7B LM's shape for `tokenizer` (the tiny LM's), built on `device`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen3Config(**LM_1_7B, bos_token_id=ids[0], pad_token_id=ids[0], eos_token_id=ids[1])
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config).eval()
+
+
+def save_full_lm(path: Path, *, seed: int = 0, device: str = "cpu") -> Path:
+    """A 5 Hz LM folder (published layout, random-weight marker) holding the 1.7B shape in bf16, loadable by both
+    backends: the tiny LM's folder (tokenizer, marker) with its model replaced by full_lm_model's."""
+    import torch
+
+    from engine.lm.tiny import build_tiny_lm, build_tokenizer
+
+    path = Path(path)
+    if (path / "model.safetensors").exists() and (path / "full-size").exists():
+        return path
+    build_tiny_lm(path, seed=seed, notice="random weights in the 1.7B LM's shape: its codes are noise")
+    model = full_lm_model(build_tokenizer(seed=seed), seed=seed, device=device).to(torch.bfloat16)
+    model.save_pretrained(path)
+    (path / "full-size").write_text("acestep-5Hz-lm-1.7B shape\n")
+    del model
+    return path
+
+
 def full_size(args) -> None:
     """Codes-phase decode steps of the 1.7B LM in its real shape (random weights), CFG (2 rows), float32 vs
     bf16 x the model's own head / the blocked head / the trimmed head, side by side; same tokens asserted.
@@ -127,7 +171,6 @@ def full_size(args) -> None:
     import time
 
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from engine.lm.planner import Planner
     from engine.lm.tiny import build_tokenizer
@@ -136,12 +179,8 @@ def full_size(args) -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    config = Qwen3Config(**LM_1_7B, bos_token_id=ids[0], pad_token_id=ids[0], eos_token_id=ids[1])
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(config).eval()
+    model = full_lm_model(tokenizer)
     build_s = time.perf_counter() - t0
     sampling = SamplingParams(temperature=0.85, cfg_scale=args.cfg, top_p=0.9)
     metadata = {"bpm": 120, "caption": "lofi piano", "duration": 30, "keyscale": "C major", "language": "en",

@@ -1,5 +1,8 @@
 """bench/gpu.py, the one-command GPU benchmark, exercised on CPU with tiny models (`--device cpu --tiny`): every
-configuration it runs loads through the engine's real paths and writes its rows to the JSON and the markdown table."""
+configuration it runs loads through the engine's real paths and writes its rows to the JSON and the markdown table,
+then the batching rows (a tiny song at batch 1 and 2). The LM part is left out here (building the tiny LM costs ~3 s;
+bench/lm.py's measure_codes runs in its own benchmark); on a GPU the defaults add the 240 s song, batch 4 and the LM
+on transformers and vLLM."""
 from __future__ import annotations
 
 import json
@@ -16,7 +19,9 @@ def test_the_gpu_benchmark_runs_on_cpu_and_writes_its_rows(tiny_checkpoint_dir, 
 
     out = tmp_path / "gpu"
     assert gpu.main(["--device", "cpu", "--tiny", "--durations", "10", "--steps", "2", "--no-warmup",
-                     "--configs", "offload", "--checkpoint-dir", str(tiny_checkpoint_dir), "--out", str(out)]) == 0
+                     "--configs", "offload", "--checkpoint-dir", str(tiny_checkpoint_dir), "--out", str(out),
+                     "--batch-config", "offload", "--batch-song", "10", "--batch-sizes", "1", "2",
+                     "--parts", "configs", "batching"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["config"]: r for r in data["rows"]}
     # one configuration for time: bf16 and int8 are the same path with other EngineConfig settings
@@ -27,3 +32,18 @@ def test_the_gpu_benchmark_runs_on_cpu_and_writes_its_rows(tiny_checkpoint_dir, 
         assert row["peak_gib"] > 0 and row["dtype"] == "float32"
     table = out.with_suffix(".md").read_text()
     assert "| offload | 10 s |" in table and "random-weight" in table and "--device cpu --tiny" in table
+    assert [(r["batch"], r["song_s"]) for r in data["batching"]] == [(1, 10.0), (2, 10.0)]
+    assert all(r["per_song_s"] > 0 and r["random_weights"] for r in data["batching"])
+    assert data["batching"][1]["gain_vs_first"] == round(data["batching"][0]["per_song_s"]
+                                                         / data["batching"][1]["per_song_s"], 2)
+    assert data["lm"] == [] and "| offload | 10 s | 2 |" in table and "5 Hz LM" not in table
+
+
+def test_the_gpu_defaults_include_the_long_song_batch_4_and_both_lm_backends():
+    import gpu
+
+    args = gpu.parse_args(["--device", "cuda"])
+    assert 240.0 in args.durations and args.batch_sizes == [1, 4] and args.batch_song == 30.0
+    assert args.parts == ["configs", "batching", "lm"] and args.lm_backends == ["transformers", "vllm"]
+    assert args.lm_seconds * 5 == 300 and args.lm_cfg > 1  # CFG on
+    assert gpu.parse_args(["--device", "cpu"]).durations == [10.0]
