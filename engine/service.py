@@ -189,7 +189,7 @@ class Engine:
                                           compile_backend=config.compile_backend,
                                           attention_backend=config.attention_backend):
                 log.info("model %s: %s", name, applied)
-            vae_fast.prepare(pipe.vae, device, config.vae_compile)  # CPU: channels-last decode, fused Snake (once per shared VAE)
+            vae_fast.prepare(pipe.vae, device, config.vae_compile)  # CPU: channels-last decode and encode, fused Snake (once per shared VAE)
             for comp, fp in prints.items():
                 by_fingerprint.setdefault((comp, fp), getattr(pipe, comp))
                 if comp in reuse:

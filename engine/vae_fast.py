@@ -1,4 +1,5 @@
-"""A faster VAE decode on CPU: one channels-last layout through the decoder and a fused Snake activation.
+"""A faster VAE decode (and source encode) on CPU: one channels-last layout through the decoder and the encoder,
+and a fused Snake activation.
 
 Measured on the full-size Oobleck decoder in bf16 (bench/vae_cpu.py), the eager decode spent its time in
  - copies: every Conv1d reaches oneDNN as a 2-D convolution whose bf16 kernels want channels-last, so each
@@ -10,8 +11,12 @@ to its last (the convolutions are 2-D with a height-1 kernel: the same arithmeti
 Snake is one pass: a kernel torch.compile (inductor, C++/OpenMP) generates once per worker, or, without a
 working compiler, fewer in-place passes in eager mode.
 
-The module tree is unchanged (only `forward`s are replaced), so vae_progress's hooks on the residual units
-and upsampling convolutions still report; the decoder's weight norm is folded into plain weights once
+The encoder (source audio for cover / repaint / reference) is built of the same parts, Snakes and weight-normed
+Conv1d's, with strided convolutions where the decoder has transposed ones, so it gets the same treatment and
+shares the decoder's Snake kernel (one compile per worker).
+
+The module trees are unchanged (only `forward`s are replaced), so vae_progress's hooks on the residual units
+and the up/downsampling convolutions still report; weight norm is folded into plain weights once
 (it recomputes g * v / |v| before every call otherwise). Other devices keep the original 3-D path.
 """
 from __future__ import annotations
@@ -39,9 +44,10 @@ class FastDecode:
     folded: int  # weight-normed convolutions folded
     compile_s: float  # wall seconds spent compiling (0 when not compiled)
     reason: str = ""  # why the Snake is not compiled, when it is not
+    encoder_folded: int = 0  # the same, in the encoder
 
     def describe(self) -> str:
-        text = f"VAE decode: channels-last, {self.snake} Snake"
+        text = f"VAE decode and encode: channels-last, {self.snake} Snake"
         if self.snake == "compiled":
             text += f" (compiled in {self.compile_s:.1f} s)"
         elif self.reason:
@@ -62,7 +68,7 @@ def _snake_formula(x: torch.Tensor, alpha: torch.Tensor, inv_beta: torch.Tensor)
 
 
 class _Snake:
-    """The Snake kernel every activation of one decoder shares: compiled if it can be, else eager."""
+    """The Snake kernel every activation of one VAE (decoder and encoder) shares: compiled if it can be, else eager."""
 
     def __init__(self) -> None:
         self.fn: Callable[..., torch.Tensor] = _snake_eager
@@ -117,7 +123,8 @@ def _fold_weight_norm(module: torch.nn.Module) -> int:
 
 
 def _conv_forward(conv: torch.nn.Module, original: Callable) -> Callable:
-    """A Conv1d / ConvTranspose1d forward that takes [batch, channels, 1, time] as a height-1 2-D convolution
+    """A Conv1d (plain or strided) / ConvTranspose1d forward that takes [batch, channels, 1, time] as a height-1
+    2-D convolution
     (the layout carries through oneDNN without copies), and 3-D input as before."""
     transposed = isinstance(conv, torch.nn.ConvTranspose1d)
 
@@ -147,7 +154,8 @@ def _snake_forward(snake: torch.nn.Module, original: Callable, kernel: _Snake) -
     return forward
 
 
-def _decoder_forward(original: Callable) -> Callable:
+def _channels_last_forward(original: Callable) -> Callable:
+    """The decoder's (or encoder's) forward on CPU: [batch, channels, time] in and out, channels-last inside."""
     def forward(z: torch.Tensor) -> torch.Tensor:
         if z.device.type != "cpu":
             return original(z)
@@ -157,33 +165,42 @@ def _decoder_forward(original: Callable) -> Callable:
     return forward
 
 
-def install(vae, *, compile_snake: bool) -> Optional[FastDecode]:
-    """Make `vae.decoder` decode on CPU as above (in place, once; None if already done). `compile_snake`:
-    compile the fused Snake now (a one-time cost per process, paid at load rather than by a request)."""
+def _make_fast(stack: torch.nn.Module, kernel: _Snake) -> int:
+    """Fold `stack`'s weight norm and route its convolutions and Snakes through the height-1 layout (in place);
+    returns how many convolutions were folded."""
     from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
 
-    decoder = vae.decoder
-    if getattr(decoder, _MARK, None) is not None:
-        return None
-    folded = _fold_weight_norm(decoder)
-    kernel = _Snake()
-    for module in decoder.modules():
+    folded = _fold_weight_norm(stack)
+    for module in stack.modules():
         if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
             module.forward = _conv_forward(module, module.forward)
         elif isinstance(module, Snake1d):
             module.forward = _snake_forward(module, module.forward, kernel)
-    decoder.forward = _decoder_forward(decoder.forward)
+    stack.forward = _channels_last_forward(stack.forward)
+    return folded
+
+
+def install(vae, *, compile_snake: bool) -> Optional[FastDecode]:
+    """Make `vae.decoder` decode and `vae.encoder` encode on CPU as above (in place, once; None if already done).
+    `compile_snake`: compile the fused Snake now (a one-time cost per process, paid at load rather than by a
+    request)."""
+    decoder = vae.decoder
+    if getattr(decoder, _MARK, None) is not None:
+        return None
+    kernel = _Snake()
+    folded = _make_fast(decoder, kernel)
+    encoder_folded = _make_fast(vae.encoder, kernel)
     compile_s = kernel.compile(next(decoder.parameters()).dtype) if compile_snake else 0.0
     info = FastDecode(snake=kernel.kind, folded=folded, compile_s=compile_s,
-                      reason=kernel.reason or ("" if compile_snake else "compile off"))
+                      reason=kernel.reason or ("" if compile_snake else "compile off"), encoder_folded=encoder_folded)
     setattr(decoder, _MARK, info)
     setattr(decoder, _KERNEL, kernel)
     return info
 
 
 def snake_in_use(vae) -> Optional[dict]:
-    """The Snake this VAE's decoder runs now (it may have fallen back to eager since load) and how many
-    activations each kernel computed so far; None when install never ran on it (another device)."""
+    """The Snake this VAE's decoder and encoder run now (it may have fallen back to eager since load) and how many
+    activations each kernel computed so far (encodes included); None when install never ran on it (another device)."""
     kernel = getattr(vae.decoder, _KERNEL, None)
     if kernel is None:
         return None
@@ -209,7 +226,7 @@ def compile_setting(value: Optional[str] = None) -> Optional[bool]:
 
 
 def prepare(vae, device: torch.device, setting: Optional[str] = None) -> Optional[FastDecode]:
-    """The engine's entry point at load: the fast decode on CPU (compiling per ACESTEP_VAE_COMPILE), nothing
+    """The engine's entry point at load: the fast decode and encode on CPU (compiling per ACESTEP_VAE_COMPILE), nothing
     on other devices; None when nothing was done (another device, or this VAE was prepared already)."""
     if device.type != "cpu":
         return None

@@ -72,6 +72,38 @@ def test_tiled_decode_and_progress_hooks_still_work(latent):
     assert len(fractions) == 4 * len(TINY["downsampling_ratios"]) * len(vae_progress.decode_windows(40, True, 16, 4))
 
 
+def encode(vae, audio: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.encode(audio).latent_dist.parameters  # mean and scale, before any sampling
+
+
+def test_fast_encode_equals_the_stock_encode_in_float32_is_as_close_in_bf16_and_reports_progress():
+    hop = 2 * 3 * 2  # TINY's downsampling
+    audio = 0.3 * torch.randn(2, TINY["audio_channels"], 40 * hop, generator=torch.Generator().manual_seed(2))
+    stock, fast = tiny_vae(), tiny_vae()
+    info = vae_fast.install(fast, compile_snake=False)
+    assert info is not None and info.encoder_folded == 2 + 7 * len(TINY["downsampling_ratios"])
+    fractions: list[float] = []
+    with vae_progress.encoding(fast, fractions.append):  # the source-encode hooks still fire, in order
+        got = encode(fast, audio)
+    from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
+
+    in_use = vae_fast.snake_in_use(fast)  # the encode ran the channels-last path, not the stock one
+    assert in_use is not None and in_use["calls"]["eager"] == sum(isinstance(m, Snake1d) for m in fast.encoder.modules())
+    want = encode(stock, audio)
+    assert got.shape == want.shape == (2, 2 * TINY["decoder_input_channels"], 40) and got.is_contiguous()
+    assert want.abs().max() > 0.05
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert len(fractions) == 4 * len(TINY["downsampling_ratios"]) and fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+    stock_bf16, fast_bf16 = tiny_vae().to(torch.bfloat16), tiny_vae().to(torch.bfloat16)
+    vae_fast.install(fast_bf16, compile_snake=False)
+    x = audio.to(torch.bfloat16)
+    stock_err = (encode(stock_bf16, x).float() - want).abs().max().item()
+    fast_err = (encode(fast_bf16, x).float() - want).abs().max().item()
+    assert fast_err <= 1.5 * stock_err + 1e-3, (fast_err, stock_err)
+
+
 def test_without_a_working_compiler_the_snake_stays_eager_and_says_why(latent, monkeypatch):
     def no_compiler(*_a, **_k):
         raise RuntimeError("no C++ compiler found")
