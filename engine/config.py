@@ -46,7 +46,7 @@ class EngineConfig:
     adapter_budget_mb: int = 512
     # Only the running module on the accelerator (engine/offload.py): none | auto (when all would not fit) | modules
     offload: str = "auto"
-    # The CPU VAE decode's fused Snake compiled at load (engine/vae_fast.py): auto | true | false
+    # The CPU VAE's fused Snake (decode and encode) compiled at load (engine/vae_fast.py): auto | true | false
     vae_compile: str = "auto"
     # Weight-only quantisation after loading (engine/quantize.py): none | int8 | fp8, the DiT's and the LM's
     quantize: str = "none"

@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     quantize_lm: Literal["", "none", "int8", "fp8"] = _env("ACESTEP_QUANTIZE_LM", "")
     # Only the running module on the GPU (engine/offload.py): auto = when all would not fit but the largest does
     offload: Literal["none", "auto", "modules"] = _env("ACESTEP_OFFLOAD", "auto")
-    # The CPU VAE decode's fused Snake compiled at load (engine/vae_fast.py): auto = for a full-size decoder
+    # The CPU VAE's fused Snake (decode and encode) compiled at load (engine/vae_fast.py): auto = full-size VAE
     vae_compile: Literal["auto", "true", "false"] = _env("ACESTEP_VAE_COMPILE", "auto")
     allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
     demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
