@@ -45,6 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import loadavg, mem_available, reset_peak, status_bytes  # noqa: E402  (bench/measure.py)
+
 GIB = 1024**3
 MODEL = "acestep-v15-turbo"
 PROMPT = "upbeat synth pop, female vocals, 120 bpm"
@@ -68,29 +70,7 @@ ENGINE_STAGES = {"text encoder": ("text_encoding_s", "condition_encoding_s"), "D
                  "VAE decode": ("vae_decode_s",)}
 
 
-# ---------------------------------------------------------------- memory readings (Linux /proc)
-
-def status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """VmHWM starts again from the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
+# ---------------------------------------------------------------- other full-size benchmarks running
 
 def other_benchmarks() -> list[str]:
     out = subprocess.run(["pgrep", "-af", OTHER_BENCHES], capture_output=True, text=True).stdout
@@ -189,7 +169,7 @@ def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True,
     from engine.request import GenerationRequest
     from engine.service import Engine
 
-    row: dict[str, Any] = {"song_s": seconds, "load_avg_start": _loadavg()}
+    row: dict[str, Any] = {"song_s": seconds, "load_avg_start": loadavg()}
     reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     engine = Engine.load(EngineConfig.from_env(env))
@@ -234,7 +214,7 @@ def measure_row(env: Mapping[str, str], seconds: float, *, warm_up: bool = True,
         batch=info.get("batch_size"),  # the request's default batch_size is 2: two songs per row, decoded together
         dtype_choice=info.get("dtype_choice"), quantization=info.get("quantization"),
         vae_decode=info.get("vae_decode"), random_weights=info["random_weights"], threads=torch.get_num_threads(),
-        load_avg_end=_loadavg(), status="measured",
+        load_avg_end=loadavg(), status="measured",
     )
     row["other_cpu_s"] = round(cpu - sum(s["cpu_s"] for s in row["stages"].values()), 2)
     capture.remove()
@@ -281,7 +261,7 @@ def decode_check(vae, z) -> dict:
 
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z.dtype)
     return {"song_latent": timed(z, False), "song_latent_progress_hooks": timed(z, True),
-            "random_latent": timed(noise, False), "load_avg": _loadavg()}
+            "random_latent": timed(noise, False), "load_avg": loadavg()}
 
 
 def row_env(config: str, checkpoint_dir: Path, threads: int) -> dict[str, str]:
@@ -422,7 +402,7 @@ def main(argv=None) -> int:
     meta: dict[str, Any] = {"command": command, "size": "tiny" if args.tiny else "full-size", "model": MODEL,
                             "random_weights": True, "machine": f"{platform.processor() or platform.machine()}, "
                             f"{os.cpu_count()} cores, {args.threads} threads, OMP_WAIT_POLICY=PASSIVE",
-                            "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_start": _loadavg()}
+                            "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_start": loadavg()}
     path = checkpoint_dir(args) / MODEL
     if not is_complete(path):
         ok, seen = (True, "tiny") if args.tiny else wait_until_safe(BUILD_PEAK_GIB + HEADROOM_GIB,
@@ -450,7 +430,7 @@ def main(argv=None) -> int:
         print("  " + (f"{row['wall_s']} s wall, {row['cpu_s']} CPU-s, peak {row['peak_gib']} GiB"
                       if row["status"] == "measured" else f"{row['status']}: {row['reason']}"),
               file=sys.stderr, flush=True)
-    meta["load_avg_end"] = _loadavg()
+    meta["load_avg_end"] = loadavg()
     if args.snr:
         meta["snr_db_vs_bf16"] = snr_table(args, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,13 +512,6 @@ def snr_table(args, rows: list[dict]) -> dict[str, float]:
                 out[key] = round(snr_db(got, ref), 2)
                 print(f"  SNR {key}: {out[key]:.2f} dB", file=sys.stderr)
     return out
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", a
     torch.manual_seed(0)
     vae = AutoencoderOobleck(**VAE).to(dtype).eval()
     if fold:  # fold weight norm into plain weights (it is recomputed on every call otherwise)
+        from engine.vae_fast import fold_weight_norm
+
         fold_weight_norm(vae)
     compile_s = compile_cpu_s = 0.0
     if decoder != "stock":
@@ -82,20 +84,6 @@ def child(seconds: float, dtype_name: str, fold: bool, decoder: str = "stock", a
             "cpu_s": round(cpu, 2), "working_set_gib": round((peak - base) / 2**30, 3),
             "peak_rss_gib": round(peak / 2**30, 3), "samples": int(audio.shape[-1]),
             "threads": torch.get_num_threads()}
-
-
-def fold_weight_norm(module) -> int:
-    """Fold weight normalisation into plain weights for inference (torch.nn.utils.weight_norm recomputes
-    g * v / |v| before every call of every convolution); returns how many modules were folded."""
-    import torch
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    folded = 0
-    for sub in module.modules():
-        if any(isinstance(h, WeightNorm) for h in sub._forward_pre_hooks.values()):
-            torch.nn.utils.remove_weight_norm(sub)
-            folded += 1
-    return folded
 
 
 def fit_per_second(rows: list[dict]) -> tuple[float, float]:

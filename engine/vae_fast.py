@@ -111,7 +111,9 @@ class _Snake:
         return _snake_eager(x, alpha, inv_beta)
 
 
-def _fold_weight_norm(module: torch.nn.Module) -> int:
+def fold_weight_norm(module: torch.nn.Module) -> int:
+    """Fold weight normalisation into plain weights (torch.nn.utils.weight_norm recomputes g * v / |v| before
+    every call); returns how many modules were folded."""
     from torch.nn.utils.weight_norm import WeightNorm
 
     folded = 0
@@ -170,7 +172,7 @@ def _make_fast(stack: torch.nn.Module, kernel: _Snake) -> int:
     returns how many convolutions were folded."""
     from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
 
-    folded = _fold_weight_norm(stack)
+    folded = fold_weight_norm(stack)
     for module in stack.modules():
         if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
             module.forward = _conv_forward(module, module.forward)
