@@ -120,23 +120,21 @@ class Monitoring(Section):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
-            cloudwatch.Alarm(
-                self, "OldestTask",
-                alarm_description="A task has waited too long: workers are not keeping up or not starting",
-                metric=queues.main.metric_approximate_age_of_oldest_message(period=Duration.minutes(1),
-                                                                           statistic="Maximum"),
-                threshold=opts.oldest_message_alarm_seconds, evaluation_periods=3,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            ),
-            cloudwatch.Alarm(
-                self, "OldestInteractiveTask",
-                alarm_description="An interactive task (/format_input) has waited too long: no worker reads the lane",
-                metric=queues.interactive.metric_approximate_age_of_oldest_message(period=Duration.minutes(1),
-                                                                                       statistic="Maximum"),
-                threshold=opts.oldest_message_alarm_seconds, evaluation_periods=3,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            *(  # one per queue: a task (or an interactive one) that waits too long
+                cloudwatch.Alarm(
+                    self, construct_id, alarm_description=description,
+                    metric=queue.metric_approximate_age_of_oldest_message(period=Duration.minutes(1),
+                                                                         statistic="Maximum"),
+                    threshold=opts.oldest_message_alarm_seconds, evaluation_periods=3,
+                    comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                    treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                )
+                for construct_id, queue, description in (
+                    ("OldestTask", queues.main,
+                     "A task has waited too long: workers are not keeping up or not starting"),
+                    ("OldestInteractiveTask", queues.interactive,
+                     "An interactive task (/format_input) has waited too long: no worker reads the lane"),
+                )
             ),
             cloudwatch.Alarm(
                 self, "WorkerCannotLoadModel",
