@@ -102,11 +102,10 @@ class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
 
 
 def _check_full_precision_load(config: EngineConfig, path: Path, dtype: str, reuse: dict, needed: int,
-                               largest: int, free: Optional[int], device: torch.device, what: str) -> None:
+                               quantised: int, largest: int, free: Optional[int], device: torch.device,
+                               what: str) -> None:
     """A quantised model loads at full precision and is quantised after (engine/quantize.py): while it loads,
-    it holds its full-precision size, not the quantised size `needed` counts (2.9 GiB, not 1.5, for a 2B DiT)."""
-    quantised = memory.weight_bytes(path, dtype, skip_components=reuse, quantize=config.quantize,
-                                    quantized_components=QUANTIZED_COMPONENTS)
+    it holds its full-precision size, not the `quantised` size `needed` counts (2.9 GiB, not 1.5, for a 2B DiT)."""
     full = memory.weight_bytes(path, dtype, skip_components=reuse)
     full_largest = offload.largest_stage(offload.stage_bytes(path, dtype, reuse))
     memory.check_fits(offload.fit_bytes(config.offload, needed - quantised + full, max(largest, full_largest),
@@ -162,8 +161,9 @@ class Engine:
                 prints[comp] = fp
                 if (comp, fp) in by_fingerprint:
                     reuse[comp] = by_fingerprint[(comp, fp)]
-            needed += memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse,
-                                          quantize=config.quantize, quantized_components=QUANTIZED_COMPONENTS)
+            model_bytes = memory.weight_bytes(path, str(dtype).replace("torch.", ""), skip_components=reuse,
+                                              quantize=config.quantize, quantized_components=QUANTIZED_COMPONENTS)
+            needed += model_bytes
             workspace = max(workspace, memory.workspace_bytes(memory.decoder_channels(path), dtype_bytes))
             largest = max(largest, offload.largest_stage(offload.stage_bytes(
                 path, str(dtype).replace("torch.", ""), reuse, quantize=config.quantize,
@@ -172,8 +172,8 @@ class Engine:
                               " + ".join(config.model_names[: i + 1])
                               + (" + adapters" if adapters_bytes else ""), workspace)
             if config.quantize != "none":
-                _check_full_precision_load(config, path, str(dtype).replace("torch.", ""), reuse, needed, largest,
-                                           free, device, " + ".join(config.model_names[: i + 1]))
+                _check_full_precision_load(config, path, str(dtype).replace("torch.", ""), reuse, needed,
+                                           model_bytes, largest, free, device, " + ".join(config.model_names[: i + 1]))
             t0 = time.perf_counter()
             with _quiet_diffusers():  # it logs the full repr of every passed-in (shared) module
                 pipe = AceStepPipeline.from_pretrained(str(path), dtype=dtype, **reuse)
@@ -213,8 +213,8 @@ class Engine:
         stage_largest, lm_bytes = largest, 0  # a vLLM LM stays on the device beside the largest DiT stage
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
             lm_dtype = str(dtype).replace("torch.", "")  # the transformers LM loads in the DiT's dtype
-            needed += memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
             lm_bytes = memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
+            needed += lm_bytes
             largest = max(largest, lm_bytes)
             memory.check_fits(offload.fit_bytes(config.offload, needed, largest, device.type), free, str(device),
                               " + ".join([*config.model_names, lm_folder.name]), workspace)
