@@ -88,13 +88,6 @@ class AdapterLibrary:
         raise AdapterMissing(ref.name, f"no adapter named {ref.name!r} under {self.lora_dir} (a folder or "
                               f"{ref.name}.safetensors); known: {', '.join(self.local_names()) or 'none'}")
 
-    def cached_upload(self, sha256: str) -> Optional[Path]:
-        for ext in UPLOAD_EXTENSIONS:
-            path = self.cache_dir / f"{sha256}.{ext}"
-            if path.is_file():
-                return path
-        return None
-
     def local_names(self) -> list[str]:
         if not self.lora_dir.is_dir():
             return []

@@ -83,11 +83,6 @@ def task_upload_key(task_id: str, role: str, filename: str) -> str:
     return f"{UPLOADS_PREFIX}{task_id}/{role}{ext}"
 
 
-def is_task_upload(task_id: str, key: str) -> bool:
-    """True for the uploads a task stored itself (deleted with the task if its submission fails)."""
-    return key.startswith(f"{UPLOADS_PREFIX}{task_id}/")
-
-
 def output_key(task_id: str, attempt: int, index: int, fmt: str) -> str:
     """The key of a generated file in audio_format `fmt`."""
     return f"{OUTPUTS_PREFIX}{task_id}/{attempt}-{index}.{OUTPUT_EXTENSIONS[fmt]}"

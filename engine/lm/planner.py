@@ -29,9 +29,9 @@ from engine.lm.types import DecodeResult, LMBackend, LMPlan, PhaseStats, Samplin
 from engine.lm.vocab import CODES_PER_SECOND, DURATION_RANGE, FIELDS
 # Which steps run, and their caps, are decided in the torch-free contract: the API's cost ceiling counts them.
 from engine.plan import (DEFAULT_TEXT2MUSIC_SECONDS, LM_MAX_COT_TOKENS, LM_MAX_LYRICS_TOKENS,
-                         LM_UNCONSTRAINED_EXTRA_CODES, SKIP_LM_TASKS, USER_FIELDS, LMSteps, has_all_metas,
-                         is_sample_request, lm_steps, resolve_seeds, target_codes, user_metadata)
-from engine.request import GenerationRequest, format_audio_codes, parse_audio_codes
+                         LM_UNCONSTRAINED_EXTRA_CODES, USER_FIELDS, LMSteps, has_all_metas, lm_steps,
+                         resolve_seeds, target_codes, user_metadata)
+from engine.request import GenerationRequest, format_audio_codes
 
 GENERATION_FIELDS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")  # phase 1: no genres
 ProgressFn = Callable[[float, str], None]
@@ -369,8 +369,3 @@ class Planner:
             if field in out and field not in exempt and metadata_problems({field: out[field]}):
                 plan.notes.append(f"ignored the LM's {field} {out.pop(field)!r}: out of range")
         return out
-
-
-def codes_from_request(r: GenerationRequest) -> list[int]:
-    """The user's own codes (when present, phase 2 does not run)."""
-    return parse_audio_codes(r.audio_code_string)

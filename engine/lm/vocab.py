@@ -123,9 +123,6 @@ class LMVocab:
                 out.append(c)
         return out
 
-    def ids_from_codes(self, codes: Sequence[int]) -> list[int]:
-        return [self.code_to_id[c] for c in codes]
-
 
 def _byte_level_decoder(tokenizer: Any) -> Optional[dict[str, int]]:
     """char -> byte of a byte-level BPE (GPT-2/Qwen) tokenizer, None for any other kind."""

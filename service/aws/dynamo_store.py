@@ -650,11 +650,6 @@ class DynamoTaskStore(TaskStore):
                             "UpdateExpression": "ADD " + ", ".join(f"#o{i} :o{i}" for i in range(len(moved))),
                             "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}}]
 
-    def _owner_counts(self, owner: str) -> dict[str, int]:
-        resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.OWNER_PREFIX + owner)}, ConsistentRead=True)
-        item = resp.get("Item", {})
-        return {k: max(0, int(_num(item, k) or 0)) for k in (QUEUED, RUNNING, _ACTIVE)}
-
     def _count_move(self, src: Optional[str], dst: Optional[str]) -> dict[str, Any]:
         """Counter update for a task leaving `src` and entering `dst` (None = not in the table)."""
         deltas: dict[str, int] = {}

@@ -29,10 +29,6 @@ def log_context(**fields: Any) -> Iterator[None]:
         _fields.reset(token)
 
 
-def context_fields() -> dict[str, Any]:
-    return dict(_fields.get())
-
-
 # Fields libraries attach for their own console formatting: uvicorn's `color_message` is the message
 # again with ANSI colour codes, noise in a JSON line.
 DROPPED_FIELDS = ("color_message",)
