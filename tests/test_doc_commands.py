@@ -15,6 +15,8 @@ bench/RESULTS.md. Each one must be in COMMANDS (a new one fails `test_every_comm
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import os
 import re
@@ -208,6 +210,7 @@ COMMANDS: dict[str, Handling] = {
         "tests/test_infra_readme.py::test_the_readme_synthesizes_the_default_path_and_the_prebuilt_one"),
     "npx cdk destroy": Covered("tests/test_infra_readme.py::test_every_command_is_run_or_has_a_reasoned_stand_in"),
     "acestep-worker --healthcheck --heartbeat-file /tmp/acestep-heartbeat.json": Parse(),
+    ".venv/bin/moto_server -p 5000": Parse(),  # serves until stopped: test_infra_readme_python_runs_against_moto
     # --- bench/RESULTS.md (the commands that produced its figures)
     f"{PY} bench/gc_pauses.py --requests 20000 --rounds 2": Parse(),
     f"{PY} bench/lambda_cold_start.py --runs 7": Parse(),
@@ -402,3 +405,39 @@ def test_make_targets_and_variables_exist(command):
     dry = subprocess.run(["make", "-n", "--no-print-directory", *words[1:]], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
+
+
+@pytest.mark.e2e  # moto's server (in a thread)
+def test_infra_readme_python_runs_against_moto(tmp_path, monkeypatch):
+    """infra/README.md's ```python block (tests/test_infra_readme.py runs its ```bash blocks), run as written
+    against moto's server in the shell the text describes: any credentials, nothing else set."""
+    from tests.aws_support import moto_server
+
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "infra" / "README.md").read_text(), re.M | re.S)
+    assert len(blocks) == 1, blocks
+    for name in [k for k in os.environ if k.startswith(("ACESTEP_", "AWS_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.chdir(tmp_path)  # load_settings reads ./.env: none in a fresh folder
+    from service.config import ENV_NAMES
+
+    with moto_server() as endpoint:
+        code = blocks[0].replace("http://127.0.0.1:5000", endpoint)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "infra/README.md", "exec"), {"__name__": "__main__"})
+        variables = dict(line.split("=", 1) for line in printed.getvalue().splitlines())
+        assert set(variables) <= set(ENV_NAMES) and all(variables.values()), variables
+        # what they name exists on the endpoint
+        import boto3
+
+        aws = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        boto3.client("dynamodb", **aws).describe_table(TableName=variables["ACESTEP_TABLE_NAME"])
+        boto3.client("s3", **aws).head_bucket(Bucket=variables["ACESTEP_BUCKET"])
+        sqs = boto3.client("sqs", **aws)
+        redrive = sqs.get_queue_attributes(QueueUrl=variables["ACESTEP_QUEUE_URL"],
+                                           AttributeNames=["RedrivePolicy"])["Attributes"]["RedrivePolicy"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=variables["ACESTEP_DLQ_URL"],
+                                           AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        assert json.loads(redrive)["deadLetterTargetArn"] == dlq_arn
