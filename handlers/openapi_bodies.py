@@ -151,7 +151,9 @@ def release_task_body(model_names: Optional[list[str]] = None) -> dict[str, Any]
 _ERROR_TEXT = {400: "Invalid input: the message names the field", 401: "Missing or wrong API key",
                403: "Not allowed", 404: "Not found", 408: "The body did not arrive in time",
                413: "Too large (body, stored request or task cost)", 415: "Unsupported content type",
-               422: "Idempotency-Key reused for another request", 429: "Limit reached: see Retry-After",
+               409: "Conflict: cancelled, or what it names changed before it ran",
+               422: "Not processable: an Idempotency-Key reused for another request, or a request the engine refused",
+               429: "Limit reached: see Retry-After",
                503: "Unavailable (no worker or LM for it): see Retry-After", 504: "No answer in time",
                507: "Storage is full: see Retry-After"}
 

@@ -214,7 +214,9 @@ def test_malformed_json_and_auth(chat):
 
 
 def test_failed_generation_is_an_error_with_its_reason(chat):
-    r = chat.post(expect=500, messages=user("<prompt>PLEASE FAIL</prompt>"), audio_config={"duration": 10})
+    # The engine refusing what the request asked for (as it refuses input audio it cannot decode) is the
+    # client's side: a 422 with the reason, not a 500 (handlers/openrouter/routes.py, _FAILURE_STATUS)
+    r = chat.post(expect=422, messages=user("<prompt>PLEASE FAIL</prompt>"), audio_config={"duration": 10})
     assert r["detail"] == "the test engine was asked to fail"
 
 

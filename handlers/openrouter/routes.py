@@ -24,7 +24,7 @@ from service.config import Settings
 from service.fleet import served_model_names
 from service.json_types import JSONObject
 from service.observability.health import check_health
-from service.records import CANCELLED, SUCCEEDED, TaskRecord
+from service.records import CANCELLED, SUCCEEDED, FailureReason, TaskRecord
 from service.submitter import SubmitTask
 
 from ..body import _json_object, read_limited
@@ -59,12 +59,25 @@ def _still_running(task_id: str, waited: float) -> str:
             f"POST /query_result {{\"task_id_list\": [\"{task_id}\"]}} on the ACE-Step API")
 
 
+# A failed task's answer by why it failed: what the request asked for (or what changed under it) is a
+# 4xx, so that no chat body a client can send is answered 500; only the server's own failures are.
+_FAILURE_STATUS = {
+    FailureReason.REJECTED: 422,  # the engine refused the request (e.g. input audio it cannot decode)
+    FailureReason.LM_UNAVAILABLE: 503,  # it needs the 5 Hz LM, which no worker loads (as /format_input)
+    FailureReason.COST_REFUSED: 413, FailureReason.INPUT_TOO_LARGE: 413,
+    FailureReason.MODEL_UNLOADED: 409, FailureReason.ADAPTER_MISSING: 409, FailureReason.INPUT_MISSING: 409,
+    FailureReason.CANCELLED: 409,
+    FailureReason.STALL_TIMEOUT: 504, FailureReason.GENERATION_TIMEOUT: 504,
+}
+
+
 def _failure(record: TaskRecord | None) -> tuple[int, str]:
     if record is None:
         return 500, "the task is gone (expired)"
     if record.status == CANCELLED:
         return 409, record.error or "cancelled"
-    return 500, record.error or "generation failed"
+    status = _FAILURE_STATUS.get(record.reason, 500) if record.reason is not None else 500
+    return status, record.error or "generation failed"
 
 
 def _parse(body: bytes, settings: Settings, models: list[str]) -> tuple[ChatCompletionRequest, ChatTask]:
@@ -82,7 +95,7 @@ def _parse(body: bytes, settings: Settings, models: list[str]) -> tuple[ChatComp
 
 @chat_router.post("/v1/chat/completions", summary="Generate music from chat messages",
                   openapi_extra=request_body(model_schema(ChatCompletionRequest), JSON),
-                  responses=error_responses(400, 401, 408, 413, 429, 503, 504, 507))
+                  responses=error_responses(400, 401, 408, 409, 413, 422, 429, 503, 504, 507))
 async def chat_completions(request: Request) -> Response:
     settings, backend = settings_of(request), backend_of(request)
     require_key(settings, request)  # the key of the listener it came in on (auth.py)
