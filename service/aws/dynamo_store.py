@@ -105,6 +105,12 @@ def _task_key(task_id: str) -> Item:
     return {S.PK: _s(S.TASK_PREFIX + task_id)}
 
 
+def _task_id(item: Item) -> str:
+    """The task id of a task item (or of its entry in an index), from its key."""
+    key: str = item[S.PK]["S"]
+    return key[len(S.TASK_PREFIX):]
+
+
 def _idempotency_key(key: str) -> Item:
     return {S.PK: _s(S.IDEMPOTENCY_PREFIX + key)}
 
@@ -138,6 +144,17 @@ class DynamoTaskStore(TaskStore):
                     time.sleep(0.05)
         return out
 
+    def _marked(self, index: str, part: str, mark: str,
+                upto: Optional[tuple[str, float]] = None) -> dict[str, Any]:
+        """Query arguments for a sparse index's entries: the items whose `part` attribute holds `mark` and,
+        with `upto` (sort attribute, bound), whose sort key is at most the bound."""
+        condition, names, values = "#p = :p", {"#p": part}, {":p": _s(mark)}
+        if upto is not None:
+            condition += " AND #s <= :upto"
+            names["#s"], values[":upto"] = upto[0], _n(float(upto[1]))
+        return dict(TableName=self._table, IndexName=index, KeyConditionExpression=condition,
+                    ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+
     def counts(self) -> dict[str, int]:
         resp = self._db.get_item(TableName=self._table, Key={S.PK: _s(S.COUNTER_KEY)}, ConsistentRead=True)
         item = resp.get("Item", {})
@@ -149,16 +166,9 @@ class DynamoTaskStore(TaskStore):
         """The finished index gives the newest ids in one Query; one BatchGetItem reads them."""
         if limit <= 0:
             return []
-        resp = self._db.query(
-            TableName=self._table,
-            IndexName=S.FINISHED_INDEX,
-            KeyConditionExpression="#p = :p",
-            ExpressionAttributeNames={"#p": S.FINISHED_PART},
-            ExpressionAttributeValues={":p": _s(_FINISHED_MARK)},
-            ScanIndexForward=False,  # newest first
-            Limit=int(limit),
-        )
-        ids = [i[S.PK]["S"][len(S.TASK_PREFIX):] for i in resp.get("Items", [])]
+        resp = self._db.query(**self._marked(S.FINISHED_INDEX, S.FINISHED_PART, _FINISHED_MARK),
+                              ScanIndexForward=False, Limit=int(limit))  # newest first
+        ids = [_task_id(i) for i in resp.get("Items", [])]
         records = self.get_many(ids)
         return [records[t] for t in ids if t in records]
 
@@ -169,18 +179,12 @@ class DynamoTaskStore(TaskStore):
             return {}
         positions: dict[str, int] = {}
         rank = 0
-        kwargs: dict[str, Any] = dict(
-            TableName=self._table,
-            IndexName=S.QUEUED_INDEX,
-            KeyConditionExpression="#p = :p",
-            ExpressionAttributeNames={"#p": S.QUEUED_PART},
-            ExpressionAttributeValues={":p": _s(_QUEUED_MARK)},
-        )
+        kwargs = self._marked(S.QUEUED_INDEX, S.QUEUED_PART, _QUEUED_MARK)
         while True:
             resp = self._db.query(**kwargs)  # ascending seq: the queue's order
             for item in resp.get("Items", []):
                 rank += 1
-                task_id = item[S.PK]["S"][len(S.TASK_PREFIX):]
+                task_id = _task_id(item)
                 if task_id in wanted:
                     positions[task_id] = rank
             if not resp.get("LastEvaluatedKey") or len(positions) == len(wanted):
@@ -190,12 +194,10 @@ class DynamoTaskStore(TaskStore):
     def queued_task_ids(self, limit: int) -> list[str]:
         """The queued index in queue order (it holds at most ACESTEP_QUEUE_MAXSIZE items)."""
         ids: list[str] = []
-        kwargs: dict[str, Any] = dict(
-            TableName=self._table, IndexName=S.QUEUED_INDEX, KeyConditionExpression="#p = :p",
-            ExpressionAttributeNames={"#p": S.QUEUED_PART}, ExpressionAttributeValues={":p": _s(_QUEUED_MARK)})
+        kwargs = self._marked(S.QUEUED_INDEX, S.QUEUED_PART, _QUEUED_MARK)
         while len(ids) < limit:
             resp = self._db.query(**kwargs)
-            ids.extend(i[S.PK]["S"][len(S.TASK_PREFIX):] for i in resp.get("Items", []))
+            ids.extend(_task_id(i) for i in resp.get("Items", []))
             if not resp.get("LastEvaluatedKey"):
                 break
             kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
@@ -534,14 +536,9 @@ class DynamoTaskStore(TaskStore):
 
     def unsent_before(self, cutoff: float, limit: int) -> list[tuple[str, float]]:
         """(task id, marked since) of queued tasks whose message is not known sent since before `cutoff`."""
-        resp = self._db.query(
-            TableName=self._table, IndexName=S.UNSENT_INDEX,
-            KeyConditionExpression="#p = :p AND #s <= :cutoff",
-            ExpressionAttributeNames={"#p": S.UNSENT_PART, "#s": S.UNSENT_SINCE},
-            ExpressionAttributeValues={":p": _s(_UNSENT_MARK), ":cutoff": _n(float(cutoff))},
-            Limit=int(limit),
-        )
-        return [(i[S.PK]["S"][len(S.TASK_PREFIX):], float(_num(i, S.UNSENT_SINCE) or 0.0))
+        resp = self._db.query(**self._marked(S.UNSENT_INDEX, S.UNSENT_PART, _UNSENT_MARK, (S.UNSENT_SINCE, cutoff)),
+                              Limit=int(limit))
+        return [(_task_id(i), float(_num(i, S.UNSENT_SINCE) or 0.0))
                 for i in resp.get("Items", [])]
 
     def take_unsent(self, task_id: str, seen_since: float, now: float) -> bool:
@@ -565,14 +562,9 @@ class DynamoTaskStore(TaskStore):
     def webhooks_due(self, now: float, limit: int) -> list[WebhookDue]:
         if limit <= 0:
             return []
-        resp = self._db.query(
-            TableName=self._table, IndexName=S.WEBHOOK_INDEX,
-            KeyConditionExpression="#p = :p AND #d <= :now",
-            ExpressionAttributeNames={"#p": S.WEBHOOK_PART, "#d": S.WEBHOOK_DUE},
-            ExpressionAttributeValues={":p": _s(_WEBHOOK_MARK), ":now": _n(float(now))},
-            Limit=int(limit),
-        )
-        return [WebhookDue(i[S.PK]["S"][len(S.TASK_PREFIX):], _str(i, "webhook_url") or "",
+        resp = self._db.query(**self._marked(S.WEBHOOK_INDEX, S.WEBHOOK_PART, _WEBHOOK_MARK, (S.WEBHOOK_DUE, now)),
+                              Limit=int(limit))
+        return [WebhookDue(_task_id(i), _str(i, "webhook_url") or "",
                            int(_num(i, S.WEBHOOK_ATTEMPTS) or 0), float(_num(i, S.WEBHOOK_DUE) or 0.0))
                 for i in resp.get("Items", [])]
 
