@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -61,32 +62,10 @@ def ensure_table(ddb: AwsClient, name: str) -> None:
         ddb.create_table(
             TableName=name,
             BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[
-                {"AttributeName": S.PK, "AttributeType": "S"},
-                {"AttributeName": S.QUEUED_PART, "AttributeType": "S"},
-                {"AttributeName": S.QUEUED_SORT, "AttributeType": "N"},
-                {"AttributeName": S.FINISHED_PART, "AttributeType": "S"},
-                {"AttributeName": S.FINISHED_SORT, "AttributeType": "N"},
-                *WEBHOOK_INDEX_ATTRIBUTES,
-                *UNSENT_INDEX_ATTRIBUTES,
-            ],
+            AttributeDefinitions=[{"AttributeName": S.PK, "AttributeType": "S"},
+                                  *(attribute for index in INDEXES for attribute in index.attributes())],
             KeySchema=[{"AttributeName": S.PK, "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[
-                {
-                    "IndexName": S.QUEUED_INDEX,
-                    "KeySchema": [{"AttributeName": S.QUEUED_PART, "KeyType": "HASH"},
-                                  {"AttributeName": S.QUEUED_SORT, "KeyType": "RANGE"}],
-                    "Projection": {"ProjectionType": "KEYS_ONLY"},
-                },
-                {
-                    "IndexName": S.FINISHED_INDEX,
-                    "KeySchema": [{"AttributeName": S.FINISHED_PART, "KeyType": "HASH"},
-                                  {"AttributeName": S.FINISHED_SORT, "KeyType": "RANGE"}],
-                    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": [S.DURATION_ATTR]},
-                },
-                WEBHOOK_INDEX,
-                UNSENT_INDEX,
-            ],
+            GlobalSecondaryIndexes=[index.definition() for index in INDEXES],
         )
         ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     except ClientError as exc:
@@ -100,34 +79,44 @@ def ensure_table(ddb: AwsClient, name: str) -> None:
         )
 
 
-WEBHOOK_INDEX_ATTRIBUTES = [{"AttributeName": S.WEBHOOK_PART, "AttributeType": "S"},
-                            {"AttributeName": S.WEBHOOK_DUE, "AttributeType": "N"}]
-WEBHOOK_INDEX = {
-    "IndexName": S.WEBHOOK_INDEX,
-    "KeySchema": [{"AttributeName": S.WEBHOOK_PART, "KeyType": "HASH"},
-                  {"AttributeName": S.WEBHOOK_DUE, "KeyType": "RANGE"}],
-    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["webhook_url", S.WEBHOOK_ATTEMPTS]},
-}
+@dataclass(frozen=True)
+class SparseIndex:
+    """A global secondary index keyed by a string partition (a mark only some items carry) and a number."""
+    name: str
+    part: str
+    sort: str
+    projection: dict[str, Any]
+
+    def attributes(self) -> list[dict[str, str]]:
+        return [{"AttributeName": self.part, "AttributeType": "S"}, {"AttributeName": self.sort, "AttributeType": "N"}]
+
+    def definition(self) -> dict[str, Any]:
+        return {"IndexName": self.name,
+                "KeySchema": [{"AttributeName": self.part, "KeyType": "HASH"},
+                              {"AttributeName": self.sort, "KeyType": "RANGE"}],
+                "Projection": self.projection}
 
 
-UNSENT_INDEX_ATTRIBUTES = [{"AttributeName": S.UNSENT_PART, "AttributeType": "S"},
-                           {"AttributeName": S.UNSENT_SINCE, "AttributeType": "N"}]
-UNSENT_INDEX = {
-    "IndexName": S.UNSENT_INDEX,
-    "KeySchema": [{"AttributeName": S.UNSENT_PART, "KeyType": "HASH"},
-                  {"AttributeName": S.UNSENT_SINCE, "KeyType": "RANGE"}],
-    "Projection": {"ProjectionType": "KEYS_ONLY"},
-}
+_KEYS_ONLY = {"ProjectionType": "KEYS_ONLY"}
+QUEUED_INDEX = SparseIndex(S.QUEUED_INDEX, S.QUEUED_PART, S.QUEUED_SORT, _KEYS_ONLY)
+FINISHED_INDEX = SparseIndex(S.FINISHED_INDEX, S.FINISHED_PART, S.FINISHED_SORT,
+                             {"ProjectionType": "INCLUDE", "NonKeyAttributes": [S.DURATION_ATTR]})
+WEBHOOK_INDEX = SparseIndex(S.WEBHOOK_INDEX, S.WEBHOOK_PART, S.WEBHOOK_DUE,
+                            {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["webhook_url", S.WEBHOOK_ATTEMPTS]})
+UNSENT_INDEX = SparseIndex(S.UNSENT_INDEX, S.UNSENT_PART, S.UNSENT_SINCE, _KEYS_ONLY)
+INDEXES = (QUEUED_INDEX, FINISHED_INDEX, WEBHOOK_INDEX, UNSENT_INDEX)
+# Indexes added after the first release: a table made before them gets them on a later start.
+LATER_INDEXES = (WEBHOOK_INDEX, UNSENT_INDEX)
 
 
 def _add_missing_index(ddb: AwsClient, name: str) -> None:
     """A table made by an older version lacks a later index: add the first one missing (built in the
     background; DynamoDB creates one index per update, so the next start adds the next)."""
     have = {i["IndexName"] for i in ddb.describe_table(TableName=name)["Table"].get("GlobalSecondaryIndexes", [])}
-    for index, attributes in ((WEBHOOK_INDEX, WEBHOOK_INDEX_ATTRIBUTES), (UNSENT_INDEX, UNSENT_INDEX_ATTRIBUTES)):
-        if index["IndexName"] not in have:
-            ddb.update_table(TableName=name, AttributeDefinitions=attributes,
-                             GlobalSecondaryIndexUpdates=[{"Create": index}])
+    for index in LATER_INDEXES:
+        if index.name not in have:
+            ddb.update_table(TableName=name, AttributeDefinitions=index.attributes(),
+                             GlobalSecondaryIndexUpdates=[{"Create": index.definition()}])
             return
 
 
