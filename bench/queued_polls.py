@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = r"""
 import asyncio, json, sys, tempfile, threading, time
 sys.path.insert(0, {repo!r})
+sys.path.append({bench!r})  # asgi_post from this checkout, after the served code
+import asgi_post
 from fastapi.responses import Response
 from engine.request import GenerationRequest
 from service.config import Settings
@@ -55,21 +57,10 @@ async def bare():
 app.add_api_route("/bare", bare, methods=["POST"])
 path = "/bare" if variant == "bare" else "/query_result"
 body = json.dumps({{"task_id_list": ids}}).encode()
-scope = {{"type": "http", "asgi": {{"version": "3.0"}}, "http_version": "1.1", "method": "POST",
-         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-         "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                      (b"content-length", str(len(body)).encode())],
-         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8001)}}
+scope = asgi_post.post_scope(path, body)
 
-async def one():
-    async def receive():
-        return {{"type": "http.request", "body": body, "more_body": False}}
-    status = []
-    async def send(message):
-        if message["type"] == "http.response.start":
-            status.append(message["status"])
-    await app(dict(scope), receive, send)
-    assert status == [200], status
+def one():
+    return asgi_post.post(app, scope, body)
 
 async def run(n):
     for _ in range(300):
@@ -88,7 +79,7 @@ VARIANTS = ("bare", "queued", "finished", "queued_writes")
 
 
 def run(repo: str, variant: str, requests: int) -> dict:
-    code = _CHILD.format(repo=repo, requests=requests)
+    code = _CHILD.format(repo=repo, bench=str(ROOT / "bench"), requests=requests)
     try:
         return run_child(["-c", code, variant], cwd=repo, timeout=900, env=CHILD_ENV)
     except ChildFailed as failed:
