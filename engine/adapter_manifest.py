@@ -120,9 +120,12 @@ class ModelShape:
 
 
 def published_shape(model_name: str) -> Optional[ModelShape]:
-    """The published 2B DiTs (turbo and its shifts, base, sft) share one geometry; None for any other name."""
+    """The published 2B DiTs (turbo and its shifts, base, sft) share one geometry, the XL ones (xl-turbo, xl-base,
+    xl-sft) another; None for any other name."""
     if re.fullmatch(r"acestep-v15-(turbo(-[a-z0-9]+)?|base|sft)", model_name):
         return ModelShape.from_config(published_configs.TRANSFORMER)
+    if re.fullmatch(r"acestep-v15-xl-(turbo|base|sft)", model_name):
+        return ModelShape.from_config(published_configs.XL_TRANSFORMER)
     return None
 
 

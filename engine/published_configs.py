@@ -6,7 +6,16 @@ pipeline with the real shapes has the real compute cost, so GPU timings are mean
 Sources (checked 2026-11): the DiT / condition-encoder / audio-tokenizer values are the `AceStepConfig` defaults of
 ACE-Step 1.5 turbo (acestep/models/.../configuration_acestep_v15.py, mirrored in the checkpoint's config.json) as
 split by diffusers' `scripts/convert_ace_step_to_diffusers.py`; the VAE values are the published `vae/config.json`;
-the text encoder is Qwen3-Embedding-0.6B's config.json. The XL variants are larger and are not listed here.
+the text encoder is Qwen3-Embedding-0.6B's config.json.
+
+The XL DiTs (acestep-v15-xl-turbo / -xl-sft / -xl-base, published 2026-04) widen and deepen only the transformer;
+their condition encoder and audio (de)tokenizer keep the 2B widths, which the transformer's condition_embedder
+projects up from. Sources (checked 2026-12): modelscope/DiffSynth-Studio diffsynth/configs/model_configs.py (the
+XL checkpoint's DiT kwargs; its condition encoder and tokenizer entries use the 2B defaults), diffusers 0.42's
+AceStepTransformer1DModel (encoder_hidden_size 2048 under a 2560-wide XL DiT), ServeurpersoCom/acestep.cpp
+(docs/ARCHITECTURE.md: 32 layers, H=2560, ~9.5 GB in bf16; src/cond-enc.h, src/fsq-detok.h: 2048-wide encoders
+for both sizes). Cross-check: these shapes give 4.17 B DiT parameters + 0.82 B of encoders, 9.97 GB in bf16 and
+19.9 GB in float32 -- the xl-base download is ~19 GB (float32), as the 2B shapes give turbo's published 4.79 GB.
 """
 from __future__ import annotations
 
@@ -25,6 +34,28 @@ TRANSFORMER = dict(
     rms_norm_eps=1e-6,
     sliding_window=128,
 )
+
+# XL DiT ("acestep-v15-xl-turbo"; xl-sft / xl-base share the shapes): 32 layers alternating sliding / full attention
+# like the 2B, fed by the 2048-wide condition encoder below.
+XL_TRANSFORMER = dict(
+    TRANSFORMER,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    encoder_hidden_size=2048,
+)
+
+
+def is_xl_name(model_name: str) -> bool:
+    """An XL DiT by its published name (acestep-v15-xl-turbo, -xl-sft, -xl-base and their variants)."""
+    return "-xl-" in f"{model_name.lower()}-"
+
+
+def transformer_config(model_name: str) -> dict:
+    """The full-size transformer shapes of a published DiT name: XL or 2B."""
+    return XL_TRANSFORMER if is_xl_name(model_name) else TRANSFORMER
+
 
 CONDITION_ENCODER = dict(
     hidden_size=2048,

@@ -35,3 +35,24 @@ def test_tiny_config_keeps_the_published_latent_rate():
     assert pc.TINY["transformer"]["in_channels"] == 3 * latent
     assert pc.TINY["vae"]["encoder_hidden_size"] == 2 * latent == 2 * pc.TINY["vae"]["decoder_input_channels"]
     assert pc.TINY["condition_encoder"]["timbre_hidden_dim"] == latent
+
+
+def test_full_size_xl_dit_has_the_published_xl_shapes_and_the_2b_encoders():
+    """The XL shapes reproduce the published sizes: a ~4B DiT, and DiT + encoders ~19 GB in float32 (xl-base's
+    download) as the 2B shapes give turbo's 4.79 GB in bf16."""
+    from engine.adapter_manifest import published_shape
+
+    with torch.device("meta"):
+        xl = build_transformer("acestep-v15-xl-sft", size="full")
+        two_b = build_transformer("acestep-v15-turbo", size="full")
+        shared = build_shared_components(size="full")
+    assert (xl.config.hidden_size, xl.config.num_hidden_layers, xl.config.num_attention_heads) == (2560, 32, 32)
+    assert not xl.config.is_turbo
+    assert xl.condition_embedder.in_features == shared["condition_encoder"].config.hidden_size == 2048
+    encoders = sum(_billions(shared[k]) for k in ("condition_encoder", "audio_tokenizer", "audio_token_detokenizer"))
+    assert 3.9 < _billions(xl) < 4.4
+    assert 18.5 < (_billions(xl) + encoders) * 4 < 20.5  # GB in float32
+    assert 4.7 < (_billions(two_b) + encoders) * 2 < 4.9  # GB in bf16
+    assert published_shape("acestep-v15-xl-turbo").hidden_size == 2560
+    assert published_shape("acestep-v15-turbo").hidden_size == 2048
+    assert pc.is_xl_name("acestep-v15-xl-base") and not pc.is_xl_name("acestep-v15-turbo-shift3")
