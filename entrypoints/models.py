@@ -11,8 +11,12 @@
     acestep-models publish NAME --bucket BUCKET [--checkpoint-dir DIR]
         copy the model (downloaded and converted first if needed) to s3://BUCKET/models/NAME/ for AWS
         workers (ACESTEP_MODELS_MIRROR); random-weight models are refused
-    acestep-models make-tiny DIR [--name NAME] [--seed N] [--layout diffusers|original]
-        tiny random-weight demo model at DIR/NAME, marked as such (its audio is noise)
+    acestep-models make-tiny DIR [--name NAME] [--seed N] [--layout diffusers|original] [--full-size]
+        tiny random-weight demo model at DIR/NAME, marked as such (its audio is noise); --full-size: the
+        published shapes, still random (GB on disk)
+    acestep-models make-tiny-adapter MODEL OUT [--kind lora|lokr] [--rank N] [--seed N] [--single-file]
+        a random-weight LoRA or LoKr that fits MODEL's folder, written as upstream's trainer writes it: a
+        test adapter, not a style
 
 Settings come from the environment and .env, as for acestep-api. A failure prints one line (what, why, the
 fix) and exits non-zero; --debug (or ACESTEP_DEBUG=1) adds the traceback.

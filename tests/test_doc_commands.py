@@ -7,6 +7,7 @@ bench/RESULTS.md. Each one must be in COMMANDS (a new one fails `test_every_comm
 - PARSE: its program starts and parses the whole command line with its own argparse parser, then is stopped
   before it works (a benchmark at full size, on a GPU, for minutes): a flag the program lacks or a bad value
   fails. All of them are parsed in one fresh interpreter (tests/doc_command_parser.py);
+- the usage lines `acestep-models --help` prints are parsed the same way;
 - HELP: a name in prose (a subcommand, a flag): `<it> --help` runs and lists each flag named;
 - MAKE: a make target and its `VAR=value`: `make -n` accepts it, and the variable is the Makefile's;
 - Covered / SetAside: run elsewhere (the test named must exist), or not runnable here (the reason, and a
@@ -320,10 +321,26 @@ def known_environment_names() -> set[str]:
     return names
 
 
+def help_text_commands() -> dict[str, Handling]:
+    """The usage lines of `acestep-models --help` (its module docstring), values filled in: "[--seed N]" ->
+    "--seed 1", "diffusers|original" -> "diffusers"; each subcommand of its parser must have one."""
+    source = (ROOT / "entrypoints" / "models.py").read_text()
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    lines = [line.strip() for line in doc.splitlines() if line.strip().startswith("acestep-models ")]
+    subcommands = set(re.findall(r"add_parser\(\"([\w-]+)\"", source))
+    assert subcommands and subcommands == {line.split()[1] for line in lines}, (subcommands, lines)
+    filled = {}
+    for line in lines:
+        command = re.sub(r"\s{2,}.*$", "", line).replace("[", "").replace("]", "")
+        command = re.sub(r"(\w+)\|[\w|]+", r"\1", command)
+        filled[re.sub(r"\bN\b", "1", command)] = Parse()
+    return filled
+
+
 def parse_all(commands: list[str], tmp_path: Path) -> dict[str, dict]:
     requests = []
     for command in commands:
-        handling = COMMANDS[command]
+        handling = COMMANDS.get(command) or help_text_commands()[command]
         assert isinstance(handling, Parse)
         env, argv = split_command(command, handling.placeholders)
         requests.append({"argv": argv, "env": env, "mode": "run" if handling.run else "parse"})
@@ -343,11 +360,11 @@ def run_helper(requests: list[dict], tmp_path: Path) -> list[dict]:
 
 @pytest.mark.e2e  # one fresh interpreter (a subprocess) imports every program once
 def test_documented_commands_parse_with_their_programs_own_parsers(tmp_path):
-    commands = commands_of(Parse)
+    commands = commands_of(Parse) + list(help_text_commands())
     results = parse_all(commands, tmp_path)
     failed = {c: f"{r['detail']}: {r['output'][-600:]}" for c, r in results.items() if not r["ok"]}
     assert not failed, "\n".join(f"{c}\n    -> {why}" for c, why in failed.items())
-    runs = {c for c in commands if getattr(COMMANDS[c], "run", False)}
+    runs = {c for c in commands if getattr(COMMANDS.get(c), "run", False)}
     assert all(results[c]["detail"] == ("ran" if c in runs else "parsed") for c in commands)
     # what the commands run to their end did: the rotated secrets, where the documented ./data says
     assert {p.name for p in (tmp_path / "data").iterdir()} >= {"signing-secret.json", "webhook-secret.json"}
