@@ -120,3 +120,31 @@ def test_every_route_readme_names_exists_and_every_route_is_named(settings):
     # the upload targets are not called by name: POST /v1/uploads and /v1/adapters/uploads answer their URL
     unnamed = routes - named - mentioned - {("PUT", "/v1/uploads/{}"), ("PUT", "/v1/adapters/uploads/{}")}
     assert not unnamed, f"routes README.md does not name: {sorted(unnamed)}"
+
+
+def test_readme_memory_table_is_bench_memory_measured():
+    """README's per-module resident weights (GiB, two decimals) are bench/memory_measured.json's rows; int8 after
+    malloc_trim, as its footnote says."""
+    import json
+
+    rows = json.loads((ROOT / "bench" / "memory_measured.json").read_text())["rows"]
+    measured = {}
+    for row in rows:
+        if row["status"] == "measured":
+            column = "int8" if row["quantize"] == "int8" else {"bfloat16": "bf16", "float32": "float32"}[row["dtype"]]
+            size = row["weights_rss_trimmed_bytes"] if column == "int8" else row["weights_rss_bytes"]
+            measured[row["module"], column] = f"{size / 2 ** 30:.2f}"
+    table = {"2B DiT": ("dit",), "its condition encoder": ("dit_encoders",), "VAE": ("vae",),
+             "text encoder": ("text_encoder",), "5 Hz LM": ("lm-0.6B", "lm-1.7B", "lm-4B")}
+    checked = 0
+    for line in README.splitlines():
+        label = next((k for k in table if line.startswith(f"| {k}")), None)
+        if label is None:
+            continue
+        cells = line.split("|")[2:5]
+        for column, cell in zip(("bf16", "float32", "int8"), cells):
+            figures = re.findall(r"\d+\.\d\d", cell.split("(")[0])
+            for module, figure in zip(table[label], figures):
+                assert measured.get((module, column)) == figure, (label, column, figure, measured.get((module, column)))
+                checked += 1
+    assert checked >= 15, checked
