@@ -40,8 +40,9 @@ from service.submission import Upload, submit_task
 from service.worker import Worker
 from tests.fault_worker import FastEngine
 from tests.live_server import REPO, poll_until
-from tests.soak_clients import (ANSWERED_WITHIN, ApiProcess, DripReceiver, HealthProber, LoadClient, Receiver,
-                                answer_status, hostile_round, percentile)
+from tests.drip_receiver import DripReceiver
+from tests.soak_clients import (ANSWERED_WITHIN, ApiProcess, HealthProber, LoadClient, Receiver, answer_status,
+                                hostile_round, percentile)
 
 TASKS = int(os.environ.get("ACESTEP_SOAK_TASKS", "5000"))
 KILL_EVERY = float(os.environ.get("ACESTEP_SOAK_KILL_EVERY", "1.0"))

@@ -10,7 +10,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from service.webhooks import WebhookNotifier, WebhookRefused, check_target, secr
 from service.webhooks import targets
 from service.worker import Worker
 from tests.api_support import make_api
+from tests.drip_receiver import DripReceiver
 from tests.live_server import poll_until
 from tests.support_engine import SineEngine
 
@@ -449,45 +449,11 @@ def test_aws_webhook_secret_comes_from_secrets_manager_and_rotates(tmp_path, rec
 
 # -- issue 21 item 6: one slow receiver holds one slot for one deadline, never the others ------
 
-class DripReceiver:
-    """Answers one byte every 0.2 s and never finishes: each read is quick, the answer never comes."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow"
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
-
-    def _drip(self, conn):
-        with conn:
-            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
-                if self.stop.wait(0.2):
-                    return
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-
-    def close(self):
-        self.stop.set()
-        self.sock.close()
-
-
 def test_a_slow_receiver_is_cut_at_the_deadline_and_never_delays_the_others(settings):
     from service.embedded import make_embedded_backend
 
     backend = make_embedded_backend(settings)
-    slow, fast = DripReceiver(), Receiver()
+    slow, fast = DripReceiver(interval=0.2), Receiver()
     try:
         notifier = _notifier(settings, backend, attempts=1, timeout=1.5)
         slow_id = _submit(backend, slow.url)
