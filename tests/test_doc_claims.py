@@ -148,3 +148,25 @@ def test_readme_memory_table_is_bench_memory_measured():
                 assert measured.get((module, column)) == figure, (label, column, figure, measured.get((module, column)))
                 checked += 1
     assert checked >= 15, checked
+
+
+def test_readme_cpu_song_table_is_the_batch_1_run_in_results():
+    """README's "30 s song" table: wall, CPU-s, DiT / VAE decode CPU-s and peak RSS of bench/RESULTS.md's
+    one-song-per-request run (bench/song_cpu.py --batch-size 1)."""
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    section = results.split("## Whole songs on CPU, one song per request", 1)[1].split("\n## ", 1)[0]
+    configs = {"bf16 (": "bf16", "bf16 + int8 DiT": "bf16+int8", "float32": "float32"}
+    checked = 0
+    for line in README.split("| 30 s song |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        config = next(v for k, v in configs.items() if cells[0].startswith(k))
+        row = re.search(rf"^\| 30 s \| {re.escape(config)} \| 8 \|(.*)$", section, re.M)
+        assert row, config
+        measured = [c.strip().strip("*") for c in row.group(1).split("|")]
+        wall, cpu, dit, vae, peak = measured[0], measured[1], measured[3].split(" / ")[1], \
+            measured[4].split(" / ")[1], measured[6].split()[0].strip("*")
+        assert cells[1] == f"{wall} s" and cells[2] == cpu, (config, cells, measured)
+        assert cells[3] == f"{dit} / {vae}", (config, cells[3], dit, vae)
+        assert cells[4] == f"{float(peak):.1f} GiB", (config, cells[4], peak)
+        checked += 1
+    assert checked == 3
