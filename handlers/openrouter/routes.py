@@ -105,13 +105,19 @@ async def chat_completions(request: Request) -> Response:
     req, task = await parse_off_loop(len(body), _parse, body, settings, models)
     # /release_task's path and limits: cost ceiling (413), per-caller tasks in flight (429), counted
     # per API key (or address) across both APIs.
-    submitted = await submitter_of(request).submit(SubmitTask(
-        task.parsed.request, caller_of(request), task.parsed.sources,
-        webhook_url=(req.model_extra or {}).get("webhook_url"), query_as_caption_without_lm=task.guessed_query))
+    submit = SubmitTask(task.parsed.request, caller_of(request), task.parsed.sources,
+                        webhook_url=(req.model_extra or {}).get("webhook_url"),
+                        query_as_caption_without_lm=task.guessed_query)
+    stream, model_id = req.stream, task.model_id
+    # The body, its parsed copy and the decoded audio (~3x the body: 170 MB for a 60 MB one) are not
+    # kept through a wait of up to ACESTEP_GENERATION_TIMEOUT: clients waiting at once must not add up.
+    del body, req, task
+    submitted = await submitter_of(request).submit(submit)
+    del submit
     task_id, lm_fallback = submitted.task_id, submitted.query_as_caption
     headers = {TASK_HEADER: task_id}
-    if req.stream:
-        return StreamingResponse(_stream(request, task_id, task.model_id, lm_fallback),
+    if stream:
+        return StreamingResponse(_stream(request, task_id, model_id, lm_fallback),
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     started = time.monotonic()
@@ -119,7 +125,7 @@ async def chat_completions(request: Request) -> Response:
         if tick.timed_out:
             raise ApiError(504, _still_running(task_id, time.monotonic() - started), headers=headers)
         if tick.finished:
-            return await _completion(request, tick, task.model_id, lm_fallback, headers)
+            return await _completion(request, tick, model_id, lm_fallback, headers)
         if await request.is_disconnected():
             cancel_in_background(backend, task_id, webhooks_of(request).task_finished)
             return Response(status_code=499)  # nobody reads it
