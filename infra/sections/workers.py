@@ -87,7 +87,19 @@ class Workers(Section):
 
     def __init__(self, scope: Construct, construct_id: str, props: WorkerProps):
         super().__init__(scope, construct_id)
-        opts, data, queues, stack = props.options, props.data, props.queues, Stack.of(scope)
+        opts, data, queues = props.options, props.data, props.queues
+        vpc = self._network(data)
+        cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
+        asg, capacity = self._capacity(opts, vpc, cluster)
+        task_def, worker_logs = self._task_definition(props, cluster)
+        service = self._service(opts, queues, cluster, task_def, capacity)
+        self.fleet = WorkerFleet(cluster, service, asg)
+        CfnOutput(self, "ClusterName", value=cluster.cluster_name)
+        CfnOutput(self, "WorkerServiceName", value=service.service_name)
+        CfnOutput(self, "WorkerLogGroup", value=worker_logs.log_group_name)
+        CfnOutput(self, "GpuInstanceGroupName", value=asg.auto_scaling_group_name)
+
+    def _network(self, data: DataResources) -> ec2.Vpc:
         # Public subnets and no NAT gateway (about $32/month each): workers reach AWS over the
         # internet gateway, and S3/DynamoDB over free gateway endpoints.
         vpc = ec2.Vpc(
@@ -100,7 +112,11 @@ class Workers(Section):
         )
         # Flow logs to the access-log bucket (S3 delivery: no log-group ingestion charge).
         vpc.add_flow_log("FlowLogs", destination=ec2.FlowLogDestination.to_s3(data.log_bucket, "vpc-flow-logs/"))
-        cluster = ecs.Cluster(self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED)
+        return vpc
+
+    def _capacity(self, opts: StackOptions, vpc: ec2.Vpc,
+                  cluster: ecs.Cluster) -> tuple[autoscaling.AutoScalingGroup, ecs.AsgCapacityProvider]:
+        """The GPU instance group and the cluster's capacity provider over it."""
         security_group = ec2.SecurityGroup(self, "WorkerSg", vpc=vpc, allow_all_outbound=True,
                                            description="ACE-Step GPU workers: no inbound traffic")
         asg = self._gpu_instances(opts, vpc, security_group)
@@ -122,7 +138,11 @@ class Workers(Section):
         cluster.add_asg_capacity_provider(capacity)
         if opts.spot_max_price:
             asg.add_user_data("echo ECS_ENABLE_SPOT_INSTANCE_DRAINING=true >> /etc/ecs/ecs.config")
+        return asg, capacity
 
+    def _task_definition(self, props: WorkerProps, cluster: ecs.Cluster) -> tuple[ecs.Ec2TaskDefinition, logs.LogGroup]:
+        """The worker container (GPU, weights volume, health check, settings), its role's grants and its logs."""
+        opts, data, queues, stack = props.options, props.data, props.queues, Stack.of(self)
         task_def = ecs.Ec2TaskDefinition(self, "WorkerTask")
         # Weights are cached on the instance, not baked into the image: a restarted task on the same
         # host skips the download.
@@ -172,6 +192,11 @@ class Workers(Section):
                 "pull itself (ecr:BatchGetImage, ecr:GetDownloadUrlForLayer) is granted on the one repository."))
         suppress(task_def, ("AwsSolutions-ECS2", "Plain settings (names, limits, flags), no secrets: the worker "
                                                  "needs no API key, and a hub token would come from Secrets Manager."))
+        return task_def, worker_logs
+
+    def _service(self, opts: StackOptions, queues: TaskQueues, cluster: ecs.Cluster,
+                 task_def: ecs.Ec2TaskDefinition, capacity: ecs.AsgCapacityProvider) -> ecs.Ec2Service:
+        """The workers' service, from zero tasks, scaled on the queues' backlog."""
         service = ecs.Ec2Service(
             self, "Workers",
             cluster=cluster,
@@ -192,11 +217,7 @@ class Workers(Section):
             cooldown=Duration.seconds(60),
             evaluation_periods=1,
         )
-        self.fleet = WorkerFleet(cluster, service, asg)
-        CfnOutput(self, "ClusterName", value=cluster.cluster_name)
-        CfnOutput(self, "WorkerServiceName", value=service.service_name)
-        CfnOutput(self, "WorkerLogGroup", value=worker_logs.log_group_name)
-        CfnOutput(self, "GpuInstanceGroupName", value=asg.auto_scaling_group_name)
+        return service
 
     def _worker_image(self, opts: StackOptions) -> ecs.ContainerImage:
         """The Dockerfile's `worker` target built at deploy time (default), a private ECR image (pull granted on
