@@ -46,6 +46,17 @@ class Api(Section):
     def __init__(self, scope: Construct, construct_id: str, props: ApiProps):
         super().__init__(scope, construct_id)
         opts, data = props.options, props.data
+        log_group, target = self._function(props)
+        access_logs = self._gateway(opts, target)
+        CfnOutput(self, "ApiLogGroup", value=log_group.log_group_name)
+        CfnOutput(self, "ApiAccessLogGroup", value=access_logs.log_group_name)
+        CfnOutput(self, "ApiUrl", value=self.http_api.api_endpoint)
+        CfnOutput(self, "ApiKeySecretArn", value=data.api_key.secret_arn)
+
+    def _function(self, props: ApiProps) -> tuple[logs.LogGroup, lambda_.IFunction]:
+        """The API's Lambda function, its own role and log group; returns the log group and what the
+        gateway calls (SnapStart's alias for a zip, the function itself for an image)."""
+        opts, data = props.options, props.data
         api_env = {
             **props.environment,
             "ACESTEP_QUEUE_MAXSIZE": str(opts.queue_maxsize),
@@ -107,7 +118,10 @@ class Api(Section):
                  ("Serverless-LambdaTracing", "Every log line carries the request id and the worker publishes EMF "
                                               "metrics; X-Ray would cost per request with nobody reading it."))
         data.suppress_prefix_wildcards(role)
+        return log_group, target
 
+    def _gateway(self, opts: StackOptions, target: lambda_.IFunction) -> logs.LogGroup:
+        """The HTTP API in front of `target`, its throttled stage; returns the access-log group."""
         # No cors_preflight: the gateway would answer preflights itself with its own origin list and
         # override the app's ACESTEP_CORS_ORIGINS. No default stage: the stage below throttles and logs.
         self.http_api = http_api = apigw.HttpApi(
@@ -134,10 +148,7 @@ class Api(Section):
                          ("AwsSolutions-APIG4", "Authorization is in the app: the API key may come in the header or "
                                                 "the upstream-compatible body field `ai_token`, and /v1/audio URLs "
                                                 "carry a signature instead; infra/README.md (Edge) explains why."))
-        CfnOutput(self, "ApiLogGroup", value=log_group.log_group_name)
-        CfnOutput(self, "ApiAccessLogGroup", value=access_logs.log_group_name)
-        CfnOutput(self, "ApiUrl", value=http_api.api_endpoint)
-        CfnOutput(self, "ApiKeySecretArn", value=data.api_key.secret_arn)
+        return access_logs
 
     def _grant(self, props: ApiProps) -> None:
         """Submit/poll/serve only: no Scan, no queue receive, S3 writes only under uploads/.
