@@ -58,12 +58,12 @@ def build_app(settings: Settings, backend: Backend | None = None) -> FastAPI:
 def build_openrouter_app(settings: Settings, api_app: FastAPI) -> FastAPI:
     """The OpenAI-compatible API (POST /v1/chat/completions) beside the ACE-Step API app `api_app`: the
     same backend, the same per-caller rate buckets and submitter (one count per caller, one view of the
-    fleet), and the same webhook sender."""
+    fleet), the same request-body memory budget, and the same webhook sender."""
     from handlers.openrouter import create_openrouter_app
 
     state = api_app.state
     return create_openrouter_app(settings, state.backend, rate_buckets=state.rate_buckets,
-                                 submitter=state.submitter, webhooks=state.webhooks)
+                                 body_budget=state.body_budget, submitter=state.submitter, webhooks=state.webhooks)
 
 
 def engine_config(settings: Settings) -> EngineConfig:

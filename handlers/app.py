@@ -22,6 +22,7 @@ from service.version import __version__
 from . import routes_audio, routes_cancel, routes_info, routes_lm, routes_studio, routes_tasks, routes_webhooks
 from . import routes_adapters, routes_models
 from .auth import header_is_valid, require_header
+from .body_budget import BodyBudget, BodyBudgetMiddleware
 from .cors import cors_origins
 from .envelope import install_error_handlers
 from .lm_gateway import LMGateway
@@ -106,6 +107,9 @@ def create_app(settings: Settings, backend: Backend, lm_gateway: Optional[LMGate
     app.state.rate_buckets = TokenBuckets.configured(settings.rate_limit_rps)
     if app.state.rate_buckets is not None:
         app.add_middleware(RateLimitMiddleware, buckets=app.state.rate_buckets)
+    # Request-body bytes in memory at once, shared with the chat app beside it (handlers/body_budget.py)
+    app.state.body_budget = BodyBudget.for_settings(settings)
+    app.add_middleware(BodyBudgetMiddleware, budget=app.state.body_budget)
     app.add_middleware(RequestContextMiddleware)  # outermost: its id covers everything below
     return app
 

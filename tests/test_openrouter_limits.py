@@ -92,10 +92,13 @@ def test_a_waiting_chat_does_not_hold_its_body_or_audio(settings):
     samples: list[int] = []
     answered = threading.Event()
 
+    budget, counted = api.app.state.body_budget, []  # handlers/body_budget.py: given back too
+
     def sample_while_waiting() -> None:  # the least held once the task exists (robust to a slow machine)
         while not answered.is_set():
             if backend.queue.size():
                 samples.append(tracemalloc.get_traced_memory()[0] - base)
+                counted.append(budget.held)
             answered.wait(0.05)
 
     tracemalloc.start()
@@ -110,3 +113,4 @@ def test_a_waiting_chat_does_not_hold_its_body_or_audio(settings):
         tracemalloc.stop()
     assert r.status_code == 504, r.text  # no worker: it waited the whole limit
     assert samples and min(samples) < len(body) // 4, (min(samples or [0]), len(body))
+    assert min(counted) == 0

@@ -4,7 +4,7 @@
 share one task store, queue and set of workers. Its submits take /release_task's path
 (service/submitter.py): the task cost ceiling, the per-caller task limits and the per-caller request
 rate apply alike; given the ACE-Step app's `rate_buckets` and `submitter`, a caller's requests to
-either API count together.
+either API count together (and given its `body_budget`, the bodies of both: handlers/body_budget.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from service.ports import Backend
 from service.submitter import Submitter
 from service.webhooks.delivery import WebhookNotifier
 
+from ..body_budget import BodyBudget, BodyBudgetMiddleware
 from ..cors import cors_origins
 from ..envelope import install_error_handlers
 from ..rate_limit import RateLimitMiddleware, TokenBuckets
@@ -33,6 +34,7 @@ POST /v1/chat/completions with `messages`; the audio comes back as base64 data U
 
 def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: float | None = None, *,
                           rate_buckets: Optional[TokenBuckets] = None,
+                          body_budget: Optional[BodyBudget] = None,
                           submitter: Optional[Submitter] = None,
                           webhooks: Optional[WebhookNotifier] = None) -> FastAPI:
     app = FastAPI(title="ACE-Step OpenAI-compatible API", version="1.0", description=DESCRIPTION,
@@ -55,6 +57,7 @@ def create_openrouter_app(settings: Settings, backend: Backend, poll_seconds: fl
         rate_buckets = TokenBuckets.configured(settings.rate_limit_rps)
     if rate_buckets is not None:
         app.add_middleware(RateLimitMiddleware, buckets=rate_buckets)
+    app.add_middleware(BodyBudgetMiddleware, budget=body_budget or BodyBudget.for_settings(settings))
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -28,6 +28,7 @@ from service.records import CANCELLED, SUCCEEDED, FailureReason, TaskRecord
 from service.submitter import SubmitTask
 
 from ..body import _json_object, read_limited
+from ..body_budget import release_body
 from ..caller import caller_of
 from ..deps import backend_of, settings_of, submitter_of, webhooks_of
 from ..envelope import ApiError, bad_request
@@ -112,6 +113,7 @@ async def chat_completions(request: Request) -> Response:
     # The body, its parsed copy and the decoded audio (~3x the body: 170 MB for a 60 MB one) are not
     # kept through a wait of up to ACESTEP_GENERATION_TIMEOUT: clients waiting at once must not add up.
     del body, req, task
+    release_body(request)  # so its bytes no longer count against the body budget either
     submitted = await submitter_of(request).submit(submit)
     del submit
     task_id, lm_fallback = submitted.task_id, submitted.query_as_caption
