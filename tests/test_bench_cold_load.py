@@ -40,7 +40,8 @@ def test_a_tiny_run_converts_once_then_loads_cold_and_warm(tmp_path):
     assert any(k.strip().startswith("within the conversion") for k in first["stages"])
     assert not any("within the conversion" in k for k in [*cold["stages"], *warm["stages"]])
     for row in rows.values():
-        assert row["random_weights"] and row["lm_loaded"] and row["load_wall_s"] > 0 and row["weights_gib"] > 0
+        assert row["random_weights"] and row["lm_random_weights"] and row["lm_loaded"] and row["lm_dtype"]
+        assert row["load_wall_s"] > 0 and row["weights_gib"] > 0
         assert {"from_pretrained: DiT", "from_pretrained: VAE", "from_pretrained: text encoder",
                 "from_pretrained: 5 Hz LM"} <= set(row["stages"])
         assert row["resident_after_page_in"] > 0.99  # every weight page read (a few small files are not)
