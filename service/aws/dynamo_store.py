@@ -273,17 +273,8 @@ class DynamoTaskStore(TaskStore):
         """Insert a new task. With `max_queued`, the counter update in the same transaction is
         conditional on fewer queued tasks than that (QueueFull otherwise): the limit holds exactly
         under concurrent submits, with no count read outside the write."""
-        # The sequence number orders the queue; a gap left by a failed create is harmless.
-        seq = int(self._db.update_item(
-            TableName=self._table,
-            Key={S.PK: _s(S.COUNTER_KEY)},
-            UpdateExpression="ADD #seq :one",
-            ExpressionAttributeNames={"#seq": "seq"},
-            ExpressionAttributeValues={":one": _n(1)},
-            ReturnValues="UPDATED_NEW",
-        )["Attributes"]["seq"]["N"])
         spilled = spill(record.result, record.task_id, record.attempt, self._blobs) if record.result else None
-        item = _to_item(record, seq, self._ttl_seconds, spilled)
+        item = _to_item(record, self._next_seq(), self._ttl_seconds, spilled)
         put = {
             "TableName": self._table,
             "Item": item,
@@ -318,24 +309,21 @@ class DynamoTaskStore(TaskStore):
             self._transact(writes)
             written = True
         except _ConditionFailed as refused:
-            # Which condition failed, and the counts it saw, come from the refusal itself: a worker's
-            # claim between the refusal and a re-read would show a limit no longer reached.
-            if refused.failed(0):
-                raise TaskExists(f"task {record.task_id} already exists") from None
-            if record.idempotency_key and refused.failed(len(writes) - 1):
-                raise IdempotencyKeyTaken(record.idempotency_key) from None
-            if record.owner and caller_limits is not None and (busy := refused.failed(2)) is not None:
-                mine = busy.get("Item", {})
-                queued, active = int(_num(mine, QUEUED) or 0), int(_num(mine, _ACTIVE) or 0)
-                check_caller(queued, max(0, active - queued), caller_limits)
-                raise CallerBusy("you have reached your limit of tasks in flight") from None
-            if max_queued is not None and (full := refused.failed(1)) is not None:
-                waiting = int(_num(full.get("Item", {}), QUEUED) or max_queued)
-                raise QueueFull(f"{waiting} tasks waiting (max {max_queued})") from None
-            raise RuntimeError(f"create({record.task_id}): refused without a failed condition") from None
+            raise _create_refusal(record, len(writes), refused, max_queued, caller_limits) from None
         finally:
             if not written and spilled:
                 discard(spilled.parts, self._blobs)
+
+    def _next_seq(self) -> int:
+        """The next queue sequence number; a gap left by a failed create is harmless."""
+        return int(self._db.update_item(
+            TableName=self._table,
+            Key={S.PK: _s(S.COUNTER_KEY)},
+            UpdateExpression="ADD #seq :one",
+            ExpressionAttributeNames={"#seq": "seq"},
+            ExpressionAttributeValues={":one": _n(1)},
+            ReturnValues="UPDATED_NEW",
+        )["Attributes"]["seq"]["N"])
 
     def find_by_idempotency_key(self, key: str) -> Optional[TaskRecord]:
         """The task submitted under `key`; a mapping whose task has expired is dropped."""
@@ -751,6 +739,27 @@ def _to_item(record: TaskRecord, seq: int, ttl_seconds: int, spilled: Optional[S
         values["idempotency_key"] = record.idempotency_key
         values["request_digest"] = record.request_digest or ""
     return {name: _attr(value) for name, value in values.items()}
+
+
+def _create_refusal(record: TaskRecord, writes: int, refused: _ConditionFailed, max_queued: Optional[int],
+                    caller_limits: Optional[CallerLimits]) -> Exception:
+    """What a refused create transaction means (its writes: the task, the counter, the caller's counter when
+    limited, the idempotency key last when given). Which condition failed, and the counts it saw, come from
+    the refusal itself: a worker's claim between the refusal and a re-read would show a limit no longer
+    reached."""
+    if refused.failed(0):
+        return TaskExists(f"task {record.task_id} already exists")
+    if record.idempotency_key and refused.failed(writes - 1):
+        return IdempotencyKeyTaken(record.idempotency_key)
+    if record.owner and caller_limits is not None and (busy := refused.failed(2)) is not None:
+        mine = busy.get("Item", {})
+        queued, active = int(_num(mine, QUEUED) or 0), int(_num(mine, _ACTIVE) or 0)
+        check_caller(queued, max(0, active - queued), caller_limits)  # raises its own, more precise refusal
+        return CallerBusy("you have reached your limit of tasks in flight")
+    if max_queued is not None and (full := refused.failed(1)) is not None:
+        waiting = int(_num(full.get("Item", {}), QUEUED) or max_queued)
+        return QueueFull(f"{waiting} tasks waiting (max {max_queued})")
+    return RuntimeError(f"create({record.task_id}): refused without a failed condition")
 
 
 def _to_record(item: Item, strict: bool = False) -> TaskRecord:
