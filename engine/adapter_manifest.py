@@ -215,7 +215,7 @@ def read_header(stream: IO[bytes], size: int) -> tuple[dict[str, Tensor], dict[s
         raise AdapterInvalid("not a safetensors file (header length out of range)")
     try:
         header = json.loads(stream.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # nested past the parser's depth: not a header
         raise AdapterInvalid("not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise AdapterInvalid("not a safetensors file (header is not an object)")
@@ -266,7 +266,7 @@ def read_files(files: AdapterFiles, max_bytes: int = MAX_ADAPTER_BYTES
     if config_text is not None:
         try:
             config = json.loads(config_text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise AdapterInvalid(f"{PEFT_CONFIG} is not JSON") from None
         if not isinstance(config, dict):
             raise AdapterInvalid(f"{PEFT_CONFIG} is not a JSON object")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from engine.adapter_manifest import DIFFUSERS_METADATA_KEY
 from handlers.app import create_app
 from tests.adapter_support import SHAPE, lora_file
 
@@ -70,6 +71,12 @@ def test_a_bad_adapter_is_a_400_and_nothing_is_kept(api):
     assert r.status_code == 400 and "wrong-model" not in json.dumps(client.get("/v1/adapters").json()["data"]["adapters"])
     assert "1000" in r.json()["detail"], r.text
     assert upload(client, b"not an adapter at all", name="junk").status_code == 400
+    # JSON nested past the parser's recursion limit, as the header or as the config in its metadata: 400, was 500
+    nested = b"[" * 50000 + b"]" * 50000
+    config = json.dumps({"__metadata__": {DIFFUSERS_METADATA_KEY: nested.decode()}}).encode()
+    for header in (nested, config):
+        r = upload(client, struct.pack("<Q", len(header)) + header, name="nested")
+        assert r.status_code == 400 and "JSON" in r.json()["detail"], r.text
     assert upload(client, lora_file(), name="x", model="no-such-model").status_code == 400
     small = TestClient(create_app(settings.model_copy(update={"max_adapter_mb": 1}), backend))
     assert upload(small, lora_file(layers=24, rank=16), name="big").status_code == 413
