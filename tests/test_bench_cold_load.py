@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
@@ -26,6 +28,7 @@ def test_eviction_empties_the_page_cache_and_mincore_sees_it(tmp_path):
     assert cl.resident_share([data]) == 1.0 and cl.disk_read_bytes() >= read0
 
 
+@pytest.mark.integration  # a real engine and LM on tiny checkpoints (tests/conftest.py's kinds)
 def test_a_tiny_run_converts_once_then_loads_cold_and_warm(tmp_path):
     import cold_load as cl
 
