@@ -144,6 +144,16 @@ class DynamoTaskStore(TaskStore):
                     time.sleep(0.05)
         return out
 
+    def _update_if(self, **update: Any) -> bool:
+        """One conditional UpdateItem on the table: False when its ConditionExpression does not hold."""
+        try:
+            self._db.update_item(TableName=self._table, **update)
+            return True
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+
     def _marked(self, index: str, part: str, mark: str,
                 upto: Optional[tuple[str, float]] = None) -> dict[str, Any]:
         """Query arguments for a sparse index's entries: the items whose `part` attribute holds `mark` and,
@@ -257,16 +267,10 @@ class DynamoTaskStore(TaskStore):
         values = {":v": _s(json.dumps(value)), ":next": _n(version + 1)}
         if version:
             values[":expected"] = _n(version)
-        try:
-            self._db.update_item(TableName=self._table, Key={S.PK: _s(S.META_PREFIX + key)},
-                                 UpdateExpression="SET #v = :v, #ver = :next", ConditionExpression=expected,
-                                 ExpressionAttributeNames={"#v": "value", "#ver": "version"},
-                                 ExpressionAttributeValues=values)
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
+        return self._update_if(Key={S.PK: _s(S.META_PREFIX + key)},
+                               UpdateExpression="SET #v = :v, #ver = :next", ConditionExpression=expected,
+                               ExpressionAttributeNames={"#v": "value", "#ver": "version"},
+                               ExpressionAttributeValues=values)
 
     def create(self, record: TaskRecord, max_queued: Optional[int] = None,
                caller_limits: Optional[CallerLimits] = None) -> None:
@@ -402,20 +406,13 @@ class DynamoTaskStore(TaskStore):
 
     def _update_running_attempt(self, task_id: str, attempt: int, expression: str, values: Item) -> bool:
         """Apply `expression` only while `attempt` still runs the task; False when it no longer does."""
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key=_task_key(task_id),
-                UpdateExpression=expression,
-                ConditionExpression="#st = :running AND attempt = :a",
-                ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues={**values, ":running": _s(RUNNING), ":a": _n(int(attempt))},
-            )
-            return True
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
+        return self._update_if(
+            Key=_task_key(task_id),
+            UpdateExpression=expression,
+            ConditionExpression="#st = :running AND attempt = :a",
+            ExpressionAttributeNames={"#st": "status"},
+            ExpressionAttributeValues={**values, ":running": _s(RUNNING), ":a": _n(int(attempt))},
+        )
 
     def finish(self, task_id: str, attempt: int, *, result: Optional[TaskResult] = None,
                error: Optional[str] = None, reason: Optional[FailureReason] = None,
@@ -511,16 +508,10 @@ class DynamoTaskStore(TaskStore):
         if since is not None:
             condition += " AND #us = :since"
             values[":since"] = _n(float(since))
-        try:
-            self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression="REMOVE #up, #us",
-                                 ConditionExpression=condition,
-                                 ExpressionAttributeNames={"#up": S.UNSENT_PART, "#us": S.UNSENT_SINCE},
-                                 **({"ExpressionAttributeValues": values} if values else {}))
-            return True
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
+        return self._update_if(Key=_task_key(task_id), UpdateExpression="REMOVE #up, #us",
+                               ConditionExpression=condition,
+                               ExpressionAttributeNames={"#up": S.UNSENT_PART, "#us": S.UNSENT_SINCE},
+                               **({"ExpressionAttributeValues": values} if values else {}))
 
     def unsent_before(self, cutoff: float, limit: int) -> list[tuple[str, float]]:
         """(task id, marked since) of queued tasks whose message is not known sent since before `cutoff`."""
@@ -533,17 +524,11 @@ class DynamoTaskStore(TaskStore):
         """Fence one resend: moves the mark from `seen_since` to `now` while the task is still queued. One
         of several reconcilers that saw the same mark wins; one that dies before its send leaves the mark
         at `now`, found again after the grace period."""
-        try:
-            self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression="SET #us = :now",
-                                 ConditionExpression="#us = :seen AND #st = :queued",
-                                 ExpressionAttributeNames={"#us": S.UNSENT_SINCE, "#st": "status"},
-                                 ExpressionAttributeValues={":now": _n(float(now)), ":seen": _n(float(seen_since)),
-                                                            ":queued": _s(QUEUED)})
-            return True
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
+        return self._update_if(Key=_task_key(task_id), UpdateExpression="SET #us = :now",
+                               ConditionExpression="#us = :seen AND #st = :queued",
+                               ExpressionAttributeNames={"#us": S.UNSENT_SINCE, "#st": "status"},
+                               ExpressionAttributeValues={":now": _n(float(now)), ":seen": _n(float(seen_since)),
+                                                          ":queued": _s(QUEUED)})
 
     # -- the webhook outbox --------------------------------------------------------------------
 
@@ -568,16 +553,10 @@ class DynamoTaskStore(TaskStore):
 
     def _outbox_write(self, task_id: str, seen_due: float, expression: str, values: Item,
                       names: Optional[dict[str, str]] = None) -> bool:
-        try:
-            self._db.update_item(TableName=self._table, Key=_task_key(task_id), UpdateExpression=expression,
-                                 ConditionExpression="#d = :seen",
-                                 ExpressionAttributeNames={"#d": S.WEBHOOK_DUE, **(names or {})},
-                                 ExpressionAttributeValues={**values, ":seen": _n(float(seen_due))})
-            return True
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
+        return self._update_if(Key=_task_key(task_id), UpdateExpression=expression,
+                               ConditionExpression="#d = :seen",
+                               ExpressionAttributeNames={"#d": S.WEBHOOK_DUE, **(names or {})},
+                               ExpressionAttributeValues={**values, ":seen": _n(float(seen_due))})
 
     # -- helpers -----------------------------------------------------------------------------
 
