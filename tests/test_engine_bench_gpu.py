@@ -1,8 +1,8 @@
 """bench/gpu.py, the one-command GPU benchmark, exercised on CPU with tiny models (`--device cpu --tiny`): every
 configuration it runs loads through the engine's real paths and writes its rows to the JSON and the markdown table,
-then the batching rows (a tiny song at batch 1 and 2). The LM part is left out here (building the tiny LM costs ~3 s;
-bench/lm.py's measure_codes runs in its own benchmark); on a GPU the defaults add the 240 s song, batch 4 and the LM
-on transformers and vLLM."""
+then the batching rows (a tiny song at batch 1 and 2), then the LM part on the tiny LM (transformers; vLLM's row
+says why it is skipped: the main venv has none). On a GPU the defaults add the 240 s song, batch 4 and the 1.7B LM
+shape; the full-size paths were run on CPU by hand (bench/RESULTS.md, "GPU benchmark")."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ def test_the_gpu_benchmark_runs_on_cpu_and_writes_its_rows(tiny_checkpoint_dir, 
     assert gpu.main(["--device", "cpu", "--tiny", "--durations", "10", "--steps", "2", "--no-warmup",
                      "--configs", "offload", "--checkpoint-dir", str(tiny_checkpoint_dir), "--out", str(out),
                      "--batch-config", "offload", "--batch-song", "10", "--batch-sizes", "1", "2",
-                     "--parts", "configs", "batching"]) == 0
+                     "--parts", "configs", "batching", "lm", "--lm-seconds", "1", "--work-dir", str(tmp_path)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["config"]: r for r in data["rows"]}
     # one configuration for time: bf16 and int8 are the same path with other EngineConfig settings
@@ -36,7 +36,28 @@ def test_the_gpu_benchmark_runs_on_cpu_and_writes_its_rows(tiny_checkpoint_dir, 
     assert all(r["per_song_s"] > 0 and r["random_weights"] for r in data["batching"])
     assert data["batching"][1]["gain_vs_first"] == round(data["batching"][0]["per_song_s"]
                                                          / data["batching"][1]["per_song_s"], 2)
-    assert data["lm"] == [] and "| offload | 10 s | 2 |" in table and "5 Hz LM" not in table
+    assert "| offload | 10 s | 2 |" in table
+    # every row says what produced it: the device and the processor (the card's name on CUDA)
+    assert data["meta"]["device"].startswith("cpu (") and "CPUs)" in data["meta"]["device"]
+    assert {r["device"] for r in [*data["rows"], *data["batching"], *data["lm"]]} == {data["meta"]["device"]}
+    assert table.count(f"| {data['meta']['device']} |") == 1 + 2 + 2  # the config, batch 1 and 2, both LM backends
+    lm = {r["backend"]: r for r in data["lm"]}
+    assert lm["transformers"]["codes"] == 5 and lm["transformers"]["tokens_per_s"] > 0
+    assert lm["transformers"]["random_weights"] and lm["transformers"]["kv_tokens"] is None
+    # the main venv has no vLLM (it runs in .venv-vllm): its row says why instead of failing the run
+    assert lm["vllm"]["skipped"].startswith("import vllm failed") and "| vllm | skipped: import vllm" in table
+
+
+def test_asking_for_cuda_without_a_gpu_says_so_before_building_anything(tmp_path):
+    import gpu
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        gpu.main(["--device", "cuda", "--work-dir", str(tmp_path), "--out", str(tmp_path / "gpu")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_gpu_defaults_include_the_long_song_batch_4_and_both_lm_backends():
