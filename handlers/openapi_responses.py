@@ -38,13 +38,17 @@ class CancelOutcome(BaseModel):
     cancelled_now: bool
 
 
-class UploadTicket(BaseModel):
+class PresignedPut(BaseModel):
+    """Where and how a client PUTs a file itself (an audio source or an adapter)."""
     key: str
     upload_url: str
     method: Literal["PUT"]
     expires_in: int
     headers: dict[str, str]
     max_bytes: int
+
+
+class UploadTicket(PresignedPut):
     role: Optional[Literal["src_audio", "reference_audio"]]
     field: str
 
@@ -68,5 +72,5 @@ def ok(model: Any, description: str = "Successful Response") -> dict[int | str, 
     return {200: {"model": model, "description": description}}
 
 
-__all__ = ["CancelOutcome", "Envelope", "FormattedInput", "Health", "QueryEntry", "SubmittedTask", "UploadTicket",
-           "ok"]
+__all__ = ["CancelOutcome", "Envelope", "FormattedInput", "Health", "PresignedPut", "QueryEntry", "SubmittedTask",
+           "UploadTicket", "ok"]

@@ -37,7 +37,7 @@ from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
 from .envelope import ApiError, Enveloped, bad_request, forbidden, wrap
 from .openapi_bodies import FORM, JSON, MULTIPART, error_responses, model_schema, request_body
-from .openapi_responses import Envelope, ok
+from .openapi_responses import Envelope, PresignedPut, ok
 from .routes_audio import over_quota
 
 router = APIRouter(tags=["adapters"])
@@ -117,13 +117,7 @@ class AdapterStored(BaseModel):
     created: bool
 
 
-class AdapterUploadTicket(BaseModel):
-    key: str
-    upload_url: str
-    method: Literal["PUT"]
-    expires_in: int
-    headers: dict[str, str]
-    max_bytes: int
+class AdapterUploadTicket(PresignedPut):
     then: str
 
 
