@@ -25,7 +25,8 @@ MODEL_NAMES = "model_names"  # validation context: the models this server has (e
 
 # --- reading values: each returns None for "use the default" and raises ValueError for a bad value --
 
-def _show(v: Any) -> str:
+def shown(v: Any) -> str:
+    """A client's value as an error message quotes it: at most 60 characters (a 400 must not echo a 1 MB field)."""
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -49,12 +50,12 @@ def to_int(v: Any) -> Optional[int]:
             f = math.nan
         if math.isfinite(f) and f.is_integer():
             return int(f)
-    raise ValueError(f"must be an integer (got {_show(v)})")
+    raise ValueError(f"must be an integer (got {shown(v)})")
 
 
 def to_float(v: Any) -> Optional[float]:
     if isinstance(v, bool):
-        raise ValueError(f"must be a number (got {_show(v)})")
+        raise ValueError(f"must be a number (got {shown(v)})")
     if isinstance(v, (int, float)):
         try:
             f = float(v)
@@ -66,11 +67,11 @@ def to_float(v: Any) -> Optional[float]:
         try:
             f = float(v.strip())
         except ValueError:
-            raise ValueError(f"must be a number (got {_show(v)})") from None
+            raise ValueError(f"must be a number (got {shown(v)})") from None
     else:
-        raise ValueError(f"must be a number (got {_show(v)})")
+        raise ValueError(f"must be a number (got {shown(v)})")
     if not math.isfinite(f):
-        raise ValueError(f"must be a finite number (got {_show(v)})")
+        raise ValueError(f"must be a finite number (got {shown(v)})")
     return f
 
 
@@ -99,7 +100,7 @@ def to_bool(v: Any) -> Optional[bool]:
             return True
         if s in BOOL_FALSE:
             return False
-    raise ValueError(f"must be a boolean: true/false, 1/0, yes/no or on/off (got {_show(v)})")
+    raise ValueError(f"must be a boolean: true/false, 1/0, yes/no or on/off (got {shown(v)})")
 
 
 def to_str(v: Any) -> str:
@@ -130,7 +131,7 @@ def _split(v: str) -> list[str]:
 
 def to_seeds(v: Any) -> Optional[list[int]]:
     """`seed`: an int, a list of ints, or "1,2,3"; -1 means random (for that item)."""
-    hint = f"must be an integer 0-{MAX_SEED}, -1 for random, or a comma-separated list of them (got {_show(v)})"
+    hint = f"must be an integer 0-{MAX_SEED}, -1 for random, or a comma-separated list of them (got {shown(v)})"
     if isinstance(v, (list, tuple)):
         items = list(v)
     elif isinstance(v, str):
@@ -154,7 +155,7 @@ def to_seeds(v: Any) -> Optional[list[int]]:
 
 
 def to_float_list(v: Any) -> Optional[list[float]]:
-    hint = f"must be a list of numbers or a comma-separated string (got {_show(v)})"
+    hint = f"must be a list of numbers or a comma-separated string (got {shown(v)})"
     if isinstance(v, str):
         s = v.strip().strip("[]")
         if s == "":
@@ -178,7 +179,7 @@ def to_str_list(v: Any) -> Optional[list[str]]:
         return _split(v) or None
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
         return [x.strip() for x in v if x.strip()] or None
-    raise ValueError(f"must be a list of strings or a comma-separated string (got {_show(v)})")
+    raise ValueError(f"must be a list of strings or a comma-separated string (got {shown(v)})")
 
 
 def to_codes(v: Any) -> str:
@@ -306,7 +307,7 @@ class StrictRequest(GenerationRequest):
     def _only_the_default(cls, value: Any, info: ValidationInfo) -> Any:
         default, _, why = UPSTREAM_ONLY[info.field_name or ""]
         if value is not None and value != default:
-            raise ValueError(f"only upstream's default {json.dumps(default)} is accepted here (got {value!r}): {why}")
+            raise ValueError(f"only upstream's default {json.dumps(default)} is accepted here (got {shown(value)}): {why}")
         return None
 
     @field_validator("lm_backend")
@@ -324,5 +325,5 @@ class StrictRequest(GenerationRequest):
     def _known_model(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         names = (info.context or {}).get(MODEL_NAMES)
         if value is not None and names and value not in names:
-            raise ValueError(f"unknown model {value!r}; available: {', '.join(names)}")
+            raise ValueError(f"unknown model {shown(value)}; available: {', '.join(names)}")
         return value

@@ -25,7 +25,7 @@ from service.submission import Upload
 from .aliases import Canonical, Loc, resolve
 from .body import FilePart
 from .envelope import bad_request
-from .fields import MODEL_NAMES, StrictRequest, to_bool, to_optstr
+from .fields import MODEL_NAMES, StrictRequest, shown, to_bool, to_optstr
 
 # Multipart file fields per role (upstream names first).
 FILE_FIELDS = {
@@ -170,7 +170,7 @@ def _error_text(err: ErrorDetails, model: type[BaseModel], origins: Mapping[str,
         text = f"{field_range(name)} (got {_num(given)})"
     elif etype == "literal_error":
         options = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", "")))) or str(ctx.get("expected", ""))
-        text = f"must be one of {options} (got {given!r})"
+        text = f"must be one of {options} (got {shown(given)})"
     elif etype == "string_too_long":
         text = f"must be at most {ctx.get('max_length')} characters (got {len(given) if isinstance(given, str) else '?'})"
     else:

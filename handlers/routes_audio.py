@@ -22,6 +22,7 @@ from .body import read_body, read_limited, upload_limit
 from .caller import caller_of
 from .deps import backend_of, settings_of
 from .envelope import ApiError, Enveloped, bad_request, forbidden, not_found, wrap
+from .fields import shown
 from .openapi_bodies import FORM, JSON, UploadInput, error_responses, model_schema, request_body
 from .openapi_responses import Envelope, UploadTicket, ok
 from service.signed_urls import upload_url, url_keys, verify
@@ -128,7 +129,7 @@ async def create_upload(request: Request) -> Enveloped:
             raise ApiError(415, f"content_type: must be an audio type such as audio/mpeg or audio/wav "
                                 f"(got {str(given)[:100]!r})") from None
         if "role" in where:
-            raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {fields.get('role')!r})") from None
+            raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {shown(fields.get('role'))})") from None
         raise bad_request("filename: required (the name of the audio file, e.g. song.mp3)") from None
     filename, role = upload.filename, upload.role
     content_type = upload.content_type or "application/octet-stream"

@@ -367,3 +367,10 @@ def test_huge_numbers_and_nul_paths_are_400(api):
                     {"guidance_scale": "1e999"}, {"seed": "NaN"}):
         r = api.client.post("/release_task", json=payload)
         assert r.status_code == 400, (payload, r.text)
+
+
+def test_a_400_quotes_at_most_a_short_piece_of_a_huge_value(api):
+    """The audit found 1 MB error answers (and log lines) echoing a 1 MB invalid value in full."""
+    for field in ("audio_format", "task_type", "model", "infer_method", "lm_backend", "use_random_seed"):
+        r = api.client.post("/release_task", json={"prompt": "p", field: "z" * 100_000})
+        assert r.status_code == 400 and field in r.json()["detail"] and len(r.content) < 400, (field, len(r.content))
