@@ -130,7 +130,7 @@ async def create_upload(request: Request) -> Enveloped:
                                 f"(got {str(given)[:100]!r})") from None
         if "role" in where:
             raise bad_request(f"role: must be one of {', '.join(UPLOAD_ROLES)} (got {shown(fields.get('role'))})") from None
-        raise bad_request("filename: required (the name of the audio file, e.g. song.mp3)") from None
+        raise bad_request("filename: required, 1-255 characters (the name of the audio file, e.g. song.mp3)") from None
     filename, role = upload.filename, upload.role
     content_type = upload.content_type or "application/octet-stream"
     key = blob_keys.new_pending_upload_key(filename, caller_of(request).id)
