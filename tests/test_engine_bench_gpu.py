@@ -68,3 +68,11 @@ def test_the_gpu_defaults_include_the_long_song_batch_4_and_both_lm_backends():
     assert args.parts == ["configs", "batching", "lm"] and args.lm_backends == ["transformers", "vllm"]
     assert args.lm_seconds * 5 == 300 and args.lm_cfg > 1  # CFG on
     assert gpu.parse_args(["--device", "cpu"]).durations == [10.0]
+
+
+def test_the_wheels_carried_to_a_lent_gpu_are_the_locks_versions():
+    import gpu_wheels
+
+    locked = gpu_wheels.pins(Path(__file__).resolve().parents[1] / "constraints.txt")
+    assert {"diffusers", "torchao", "pydantic"} <= set(gpu_wheels.PACKAGES)
+    assert [name for name in gpu_wheels.PACKAGES if name not in locked] == []
