@@ -4,13 +4,14 @@
 
 Modules (published shapes: engine/published_configs.py, the LM sizes of /work/shared/reference/lm-notes.md 1.1):
   dit           the 2B turbo DiT's transformer; one diffusion step for a --dit-seconds song (batch 1, turbo: no CFG)
+  dit-xl        the XL turbo DiT's transformer (4B), the same step; its encoders are dit_encoders' (the 2B widths)
   dit_encoders  the condition encoder and the audio (de)tokenizer that come with a DiT
   vae           the Oobleck VAE; an untiled decode of each of --vae-seconds (stock diffusers decode)
   text_encoder  Qwen3-Embedding-0.6B
   lm-0.6B, lm-1.7B, lm-4B   the 5 Hz LM (Qwen3ForCausalLM, vocabulary 217,204, tied head)
 Configurations: bfloat16, float32, and int8 through the engine's own code path (engine/quantize.py: built in bf16,
 then quantised in place, as the engine does after loading) for the modules the engine quantises (DiT, LM).
-The XL DiT is recorded as skipped: no published config for it is in the repo.
+float32 is recorded as skipped for the 4B LM and the XL DiT (~16 GiB of weights each).
 
 Per run, in a fresh child (so each figure is its own): the RSS before building (Python, torch and its libraries
 imported and warmed up), the resident weights (RSS delta once built, weights materialised, garbage collected),
@@ -43,9 +44,10 @@ sys.path.insert(0, str(ROOT))
 from measure import GIB, ChildFailed, reset_peak, run_child, status_bytes, wait_for_memory  # noqa: E402
 OUT = ROOT / "bench" / "memory_measured.json"
 COMMAND = "OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/memory_table.py --threads 2"
-MODULES = ("dit", "dit_encoders", "vae", "text_encoder", "lm-0.6B", "lm-1.7B", "lm-4B")
-QUANTISED = ("dit", "lm-0.6B", "lm-1.7B", "lm-4B")  # what engine/service.py and the LM loader quantise
+MODULES = ("dit", "dit-xl", "dit_encoders", "vae", "text_encoder", "lm-0.6B", "lm-1.7B", "lm-4B")
+QUANTISED = ("dit", "dit-xl", "lm-0.6B", "lm-1.7B", "lm-4B")  # what engine/service.py and the LM loader quantise
 DTYPES = ("bfloat16", "float32")
+DITS = {"dit": "acestep-v15-turbo", "dit-xl": "acestep-v15-xl-turbo"}  # module -> the published name built
 # The 5 Hz LM sizes (Qwen3 0.6B / 1.7B / 4B with the 217,204-token vocabulary, tied embeddings).
 _LM_COMMON = dict(num_key_value_heads=8, head_dim=128, vocab_size=217204, max_position_embeddings=40960,
                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -63,8 +65,8 @@ FILES = {"transformer": "transformer/diffusion_pytorch_model.safetensors",
          "text_encoder": "text_encoder/model.safetensors",
          "lm": "model.safetensors"}
 ALWAYS_SKIPPED = [
-    {"module": "dit-xl", "dtype": "any", "quantize": "any",
-     "reason": "no published config for the XL DiT in the repo (engine/published_configs.py lists the 2B only)"},
+    {"module": "dit-xl", "dtype": "float32", "quantize": "none",
+     "reason": "float32 XL DiT: ~15.5 GiB of weights, over what a shared 24 GB machine may give one benchmark"},
     {"module": "lm-4B", "dtype": "float32", "quantize": "none",
      "reason": "float32 4B LM: ~16 GiB of weights, over what a shared 24 GB machine may give one benchmark"},
 ]
@@ -76,10 +78,10 @@ def build(module: str):
     """The module(s) of `module`, in torch's current default dtype: {component: nn.Module}."""
     from engine import published_configs as pc
 
-    if module == "dit":
+    if module in DITS:
         from engine.weights.random_pipeline import build_transformer
 
-        return {"transformer": build_transformer("acestep-v15-turbo", size="full")}
+        return {"transformer": build_transformer(DITS[module], size="full")}
     if module == "dit_encoders":
         from diffusers.pipelines.ace_step.modeling_ace_step import (
             AceStepAudioTokenDetokenizer, AceStepAudioTokenizer, AceStepConditionEncoder)
@@ -139,7 +141,7 @@ def working_set_guess(module: str, dtype_bytes: int, args) -> int:
         from engine.memory import vae_decode_bytes
 
         return int(1.3 * vae_decode_bytes(1, max(args.vae_seconds), 128, dtype_bytes))
-    if module == "dit":
+    if module in DITS:
         return 2 * GIB if dtype_bytes == 4 else GIB
     return 0
 
@@ -195,7 +197,7 @@ def child(module: str, dtype_name: str, quantize_mode: str, args) -> dict:
                rss_file_bytes=status_bytes("RssFile"))
     if quantize_mode != "none":  # quantize_module itself hands the freed bf16 heap back (malloc_trim)
         row["weights_rss_trimmed_bytes"] = loaded - base
-    if module == "dit":
+    if module in DITS:
         row["steps"] = [dit_step(parts["transformer"], dtype, args.dit_seconds, loaded)]
     elif module == "vae":
         row["steps"] = [vae_decode(parts["vae"], dtype, s, loaded) for s in args.vae_seconds]
@@ -214,7 +216,8 @@ def dit_step(model, dtype, seconds: float, loaded: int) -> dict:
     inputs = dict(
         hidden_states=torch.randn(1, frames, acoustic, generator=gen).to(dtype),
         context_latents=torch.randn(1, frames, int(cfg.in_channels) - acoustic, generator=gen).to(dtype),
-        encoder_hidden_states=torch.randn(1, 256, int(cfg.hidden_size), generator=gen).to(dtype),
+        encoder_hidden_states=torch.randn(1, 256, int(cfg.encoder_hidden_size or cfg.hidden_size),  # XL: 2048 wide
+                                          generator=gen).to(dtype),
         timestep=torch.tensor([0.5]).to(dtype), timestep_r=torch.tensor([0.5]).to(dtype), return_dict=False)
     return _peak_of(lambda: model(**inputs)[0], "dit step", seconds, loaded)
 
@@ -251,7 +254,7 @@ def jobs(only: list[str]) -> list[tuple[str, str, str]]:
     out = []
     for module in MODULES:
         for dtype in DTYPES:
-            if (module, dtype) == ("lm-4B", "float32"):
+            if (module, dtype) in (("lm-4B", "float32"), ("dit-xl", "float32")):
                 continue  # ALWAYS_SKIPPED
             out.append((module, dtype, "none"))
         if module in QUANTISED:
@@ -314,7 +317,9 @@ def main(argv=None) -> None:
     if args.only and args.out.exists():  # a partial run updates its modules' rows, keeps the others
         old = json.loads(args.out.read_text())
         done = {(r["module"], r["dtype"], r["quantize"]) for r in rows}
-        report["rows"] = [r for r in old["rows"] if (r["module"], r["dtype"], r["quantize"]) not in done] + rows
+        ran = {r["module"] for r in rows if r["status"] == "measured"}  # an old skip of a module now run is stale
+        report["rows"] = [r for r in old["rows"] if (r["module"], r["dtype"], r["quantize"]) not in done
+                          and not (r["status"] == "skipped" and r["module"] in ran)] + rows
         report["layouts"] = dict(old.get("layouts", {}), **layouts)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report["rows"]))

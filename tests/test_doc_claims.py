@@ -134,7 +134,7 @@ def test_readme_memory_table_is_bench_memory_measured():
             column = "int8" if row["quantize"] == "int8" else {"bfloat16": "bf16", "float32": "float32"}[row["dtype"]]
             size = row["weights_rss_trimmed_bytes"] if column == "int8" else row["weights_rss_bytes"]
             measured[row["module"], column] = f"{size / 2 ** 30:.2f}"
-    table = {"2B DiT": ("dit",), "its condition encoder": ("dit_encoders",), "VAE": ("vae",),
+    table = {"2B DiT": ("dit",), "XL DiT": ("dit-xl",), "its condition encoder": ("dit_encoders",), "VAE": ("vae",),
              "text encoder": ("text_encoder",), "5 Hz LM": ("lm-0.6B", "lm-1.7B", "lm-4B")}
     checked = 0
     for line in README.splitlines():

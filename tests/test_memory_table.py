@@ -64,9 +64,9 @@ def estimate(folder: Path, row: dict) -> int:
 
 def test_the_table_covers_every_module_and_says_why_a_run_is_missing():
     measured = {(r["module"], r["dtype"], r["quantize"]) for r in ROWS}
-    for module in ("dit", "dit_encoders", "vae", "text_encoder", "lm-0.6B", "lm-1.7B", "lm-4B"):
+    for module in ("dit", "dit-xl", "dit_encoders", "vae", "text_encoder", "lm-0.6B", "lm-1.7B", "lm-4B"):
         assert (module, "bfloat16", "none") in measured, module
-    for module in ("dit", "lm-0.6B", "lm-1.7B", "lm-4B"):
+    for module in ("dit", "dit-xl", "lm-0.6B", "lm-1.7B", "lm-4B"):
         assert (module, "bfloat16", "int8") in measured, module
     assert all(r["reason"] for r in MEASURED["rows"] if r["status"] != "measured")
     assert MEASURED["random_weights"] is True
@@ -91,8 +91,8 @@ def test_the_decode_estimate_is_within_15_percent_of_the_measured_decodes():
 
 def test_a_dit_step_fits_in_the_working_memory_the_fit_check_reserves():
     """The check asks weights + workspace_bytes at start: a model it lets load must run its first step."""
-    steps = [(r["dtype"], r["quantize"], s) for r in ROWS if r["module"] == "dit" for s in r["steps"]]
-    assert steps
+    steps = [(r["dtype"], r["quantize"], s) for r in ROWS if r["module"] in ("dit", "dit-xl") for s in r["steps"]]
+    assert {"dit", "dit-xl"} <= {r["module"] for r in ROWS if r.get("steps")}
     for dtype, mode, step in steps:
         reserved = memory.workspace_bytes(128, 4 if dtype == "float32" else 2)
         assert step["over_loaded_bytes"] <= reserved, (dtype, mode, step["over_loaded_bytes"] / memory.GB)
