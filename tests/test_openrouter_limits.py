@@ -114,3 +114,61 @@ def test_a_waiting_chat_does_not_hold_its_body_or_audio(settings):
     assert r.status_code == 504, r.text  # no worker: it waited the whole limit
     assert samples and min(samples) < len(body) // 4, (min(samples or [0]), len(body))
     assert min(counted) == 0
+
+
+def test_a_chat_answer_with_big_audio_is_written_without_building_it_in_memory(settings):
+    """8 songs of 600 s wav32 are 1.8 GB (2.5 GB as base64) at 48 kHz stereo: the answer built whole held
+    three copies of that for one request. Now its base64 is written piece by piece, one file read at a time."""
+    import asyncio
+    import json
+    import tracemalloc
+
+    from tests.support_engine import SineEngine
+    from service.worker import Worker
+
+    api, chat, backend = _apps(settings, openrouter_max_wait=30)
+    worker = Worker(chat.app.state.settings, backend, SineEngine(), worker_id="w")
+    body = json.dumps({"messages": [{"role": "user", "content": "<prompt>x</prompt>"}], "batch_size": 8,
+                       "audio_config": {"duration": 30, "format": "wav32"}}).encode()  # 8 x 1.9 MB (16 kHz mono)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"authorization", AUTH["Authorization"].encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8002)}
+    sent: list[bytes] = []  # the pieces' sizes are kept, not the pieces
+    sizes: list[int] = []
+
+    async def call() -> None:
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if delivered:  # the client stays connected until the answer is written
+                await asyncio.sleep(3600)
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sizes.append(len(message.get("body", b"")))
+                if not sent:
+                    sent.append(message.get("body", b"")[:200])
+
+        def work() -> None:  # then only what the answer takes is measured (the engine's own work is not)
+            worker.run_once(5.0)
+            tracemalloc.reset_peak()
+            base.append(tracemalloc.get_traced_memory()[0])
+
+        run = asyncio.get_running_loop().run_in_executor(None, work)
+        await chat.app(scope, receive, send)
+        await run
+
+    base: list[int] = []
+    tracemalloc.start()
+    try:
+        asyncio.run(call())
+        peak = tracemalloc.get_traced_memory()[1] - base[0]
+    finally:
+        tracemalloc.stop()
+    total = sum(sizes)
+    assert sent[0].startswith(b'{"id":') and total > 8 * 30 * 16000 * 4 * 4 / 3, total  # 8 files, base64
+    assert peak < total / 2, (peak, total)

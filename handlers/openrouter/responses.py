@@ -5,7 +5,7 @@ import base64
 import json
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from engine.types import CONTENT_TYPES
 from service.ports import BlobStore
@@ -51,17 +51,49 @@ def content_text(record: TaskRecord, lm_fallback: bool = False) -> str:
     return "\n\n".join([text, *notes])
 
 
-def audio_items(record: TaskRecord, blobs: BlobStore) -> list[dict[str, Any]]:
-    """Every generated file as a base64 data URL (blocking: reads the blob store)."""
-    items = []
-    for audio in (record.result.audios if record.result else []):
-        data = base64.b64encode(blobs.get(audio.key)).decode("ascii")
-        items.append({"type": "audio_url",
-                      "audio_url": {"url": f"data:{CONTENT_TYPES.get(audio.format, 'audio/mpeg')};base64,{data}"}})
-    return items
+# Raw bytes per base64 piece: a multiple of 3, so the pieces join into one base64 text.
+B64_PIECE = 3 * 2**20
 
 
-def completion(cid: str, model: str, content: str, audio: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
+def _audio_list(record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
+    """The JSON of the `audio` list, every generated file as a base64 data URL, in pieces (blocking: reads
+    the blob store). One file is held at a time: a whole response built at once (8 songs of 600 s wav32
+    are 1.8 GB, 2.5 GB as base64) held three copies of it, for one request."""
+    yield "["
+    for i, audio in enumerate(record.result.audios if record.result else []):
+        data = blobs.get(audio.key)
+        yield (", " if i else "") + ('{"type": "audio_url", "audio_url": {"url": "data:'
+                                     f'{CONTENT_TYPES.get(audio.format, "audio/mpeg")};base64,')
+        for start in range(0, len(data), B64_PIECE):
+            yield base64.b64encode(data[start:start + B64_PIECE]).decode("ascii")
+        del data
+        yield '"}}'
+    yield "]"
+
+
+def _with_audio(value: dict[str, Any], slot: str, audio: Iterator[str], **dumps: Any) -> Iterator[str]:
+    """`value` as JSON with the audio list streamed where the string `slot` stands in it. `slot` is a
+    fresh random string each time, so no text a client wrote can stand for it."""
+    before, after = json.dumps(value, **dumps).split(json.dumps(slot, **dumps), 1)
+    yield before
+    yield from audio
+    yield after
+
+
+def has_audio(record: TaskRecord) -> bool:
+    return bool(record.result and record.result.audios)
+
+
+def completion_parts(cid: str, model: str, content: str, record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
+    """The chat completion's JSON in pieces (a StreamingResponse body), audio included."""
+    if not has_audio(record):
+        yield json.dumps(completion(cid, model, content, None))
+        return
+    slot = uuid.uuid4().hex
+    yield from _with_audio(completion(cid, model, content, slot), slot, _audio_list(record, blobs))
+
+
+def completion(cid: str, model: str, content: str, audio: Any) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "audio": audio},
@@ -85,11 +117,21 @@ class Chunks:
             delta["content"] = content
         if audio is not None:
             delta["audio"] = audio
-        body = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+        return f"data: {json.dumps(self._body(delta, finish_reason), ensure_ascii=False)}\n\n"
+
+    def _body(self, delta: dict[str, Any], finish_reason: Optional[str]) -> dict[str, Any]:
+        return {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def audio_chunk(self, record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
+        """chunk(audio=[...]) with the record's audio, in pieces (see completion_parts)."""
+        slot = uuid.uuid4().hex
+        yield "data: "
+        yield from _with_audio(self._body({"audio": slot}, None), slot, _audio_list(record, blobs),
+                               ensure_ascii=False)
+        yield "\n\n"
 
     DONE = "data: [DONE]\n\n"
 
 
-__all__ = ["Chunks", "audio_items", "completion", "completion_id", "content_text"]
+__all__ = ["Chunks", "completion", "completion_id", "completion_parts", "content_text", "has_audio"]

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from service.config import Settings
 from service.fleet import served_model_names
@@ -135,15 +135,15 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: bool,
-                      headers: dict[str, Any]) -> JSONResponse:
+                      headers: dict[str, Any]) -> Response:
     record = tick.record
     if record is None or record.status != SUCCEEDED:
         status, detail = _failure(record)
         raise ApiError(status, detail, headers=headers)
-    audio = await run_in_threadpool(responses.audio_items, record, backend_of(request).blobs)
-    body = responses.completion(responses.completion_id(), model_id, responses.content_text(record, lm_fallback),
-                                audio or None)
-    return JSONResponse(body, headers=headers)
+    # Written as it is encoded (its pieces are made on a thread: blob reads, base64), never whole in memory
+    body = responses.completion_parts(responses.completion_id(), model_id, responses.content_text(record, lm_fallback),
+                                      record, backend_of(request).blobs)
+    return StreamingResponse(body, media_type="application/json", headers=headers)
 
 
 async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bool) -> AsyncIterator[str]:
@@ -172,9 +172,9 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
                 yield out.chunk(finish_reason="error")
                 break
             yield out.chunk(content="\n\n" + responses.content_text(record, lm_fallback))
-            audio = await run_in_threadpool(responses.audio_items, record, backend.blobs)
-            if audio:
-                yield out.chunk(audio=audio)
+            if responses.has_audio(record):
+                async for piece in iterate_in_threadpool(out.audio_chunk(record, backend.blobs)):
+                    yield piece
             yield out.chunk(finish_reason="stop")
         yield out.DONE
     finally:
