@@ -24,12 +24,12 @@ from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.weights.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
-    component_fingerprint,
     read_marker,
     resolve_model,
     supported_task_types,
 )
 from engine.config import EngineConfig
+from engine.weights.fingerprint import component_fingerprint
 from engine import offload
 from engine import vae_fast
 from engine.request import MAX_BATCH, GenerationRequest
@@ -154,7 +154,8 @@ class Engine:
             path = resolve_model(config, name)
             reuse = {}
             prints = {}
-            for comp in SHAREABLE_COMPONENTS:
+            # fingerprints only decide what models share: one model has nothing to share (and hashes nothing)
+            for comp in SHAREABLE_COMPONENTS if len(config.model_names) > 1 else ():
                 fp = component_fingerprint(path / comp)
                 if fp is None:
                     continue

@@ -70,6 +70,25 @@ def test_different_component_files_are_not_shared(tmp_path):
     assert eng.describe()["shared_components"] == {"tokenizer": [TURBO, BASE]}
 
 
+def test_one_model_hashes_no_component_and_two_keep_their_hashes_for_the_next_start(engine, tiny_checkpoint_dir,
+                                                                                   monkeypatch):
+    import engine.service as service
+    from engine.service import Engine
+    from engine.weights import fingerprint
+    from engine.weights.checkpoints import SHAREABLE_COMPONENTS
+
+    calls = []
+    monkeypatch.setattr(service, "component_fingerprint", lambda path: calls.append(path))
+    Engine.load(EngineConfig(checkpoint_dir=str(tiny_checkpoint_dir), model_names=[TURBO], allow_download=False))
+    assert calls == []  # nothing to share with: no file hashed
+    # the two-model load (the engine fixture) left each component's file hashes beside it: a new process reads none
+    monkeypatch.setattr(fingerprint, "_HASH_CACHE", {})
+    monkeypatch.setattr(fingerprint, "hash_file", lambda file: pytest.fail(f"{file} was read again"))
+    for comp in SHAREABLE_COMPONENTS:
+        assert fingerprint.component_fingerprint(tiny_checkpoint_dir / TURBO / comp)
+        assert fingerprint.sidecar_path(tiny_checkpoint_dir / TURBO / comp).is_file()
+
+
 def test_describe_labels_random_weights(engine):
     d = engine.describe()
     assert d["device"] == "cpu" and d["dtype"] == "float32"

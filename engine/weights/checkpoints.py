@@ -1,4 +1,4 @@
-"""Finding, downloading, fingerprinting and faking checkpoints.
+"""Finding, downloading and faking checkpoints (fingerprinting their components: engine/weights/fingerprint.py).
 
 Two layouts are found under the checkpoint dir. The diffusers layout (what `AceStepPipeline.save_pretrained`
 writes and the diffusers-format repos hold) is loaded as it is:
@@ -17,7 +17,6 @@ Import is torch-free; building a tiny checkpoint or converting imports torch laz
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -182,35 +181,6 @@ def resolve_model(config: EngineConfig, name: str) -> Path:
     from engine.weights.converted_cache import ensure_converted  # an original-layout download: convert it once
 
     return ensure_converted(config.checkpoint_dir, name)
-
-
-def component_fingerprint(path: Path) -> Optional[str]:
-    """Content hash of one component folder (configs + weights), or None when the folder is absent.
-
-    Two variants whose VAE (say) hashes the same get one VAE object in memory.
-    """
-    if not path.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(_file_hash(file).encode())
-    return digest.hexdigest()
-
-
-_HASH_CACHE: dict[tuple, str] = {}
-
-
-def _file_hash(file: Path) -> str:
-    st = file.stat()
-    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
 
 
 LAYOUTS = ("diffusers", "original")
