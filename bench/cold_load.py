@@ -22,6 +22,9 @@ by the first request), so load + page-in is the time to a fully resident model. 
 (hashes vae/, text encoder, ... files), each module's from_pretrained (DiT, condition encoder, VAE, text encoder,
 LM), the CPU VAE's prepare (fused Snake compile), the LM planner. Also a raw cold sequential read of the files a
 later start loads (16 MiB reads), i.e. what this disk gives, so readers can scale the figures to their disk.
+One model fingerprints nothing (there is nothing to share with); the fingerprint check after the rows measures what
+a start with 2+ models pays per model: every file hashed (no sidecar: every start before engine/weights/fingerprint.py
+kept them), cold and warm, then a cold start that finds the sidecars.
 
 Memory: one child at a time, each waits (10 s polls, up to 5 min) for MemAvailable >= its expected peak + 3 GiB.
 Wrap full-size runs in `flock /tmp/fullsize.lock` (one full-size benchmark at a time on a shared machine).
@@ -320,6 +323,52 @@ def measure_start(env: Mapping[str, str], root: Path) -> dict[str, Any]:
     return row
 
 
+FINGERPRINT_ROWS = ("no sidecar, cold (every start before)", "no sidecar, warm (every start before)",
+                    "sidecar, cold (a later start now)")
+
+
+def fingerprint_check(root: Path) -> list[dict[str, Any]]:
+    """What a start configured with 2+ models pays to fingerprint one model's shareable components (one model
+    fingerprints nothing): hashing every file, cold and warm (the sidecars removed: every start before them), and
+    a cold start that finds the sidecars the first measurement wrote. Each in a fresh in-process hash cache."""
+    from engine.weights import fingerprint
+    from engine.weights.checkpoints import SHAREABLE_COMPONENTS
+
+    model = root / ".diffusers" / MODEL
+    folders = [model / c for c in SHAREABLE_COMPONENTS if (model / c).is_dir()]
+    files = [f for d in folders for f in files_under(d)]
+    hashed: list[Path] = []
+    real = fingerprint.hash_file
+
+    def counting(file: Path) -> str:
+        hashed.append(file)
+        return real(file)
+
+    rows = []
+    fingerprint.hash_file = counting
+    try:
+        for name in FINGERPRINT_ROWS:
+            if name.startswith("no sidecar"):
+                for d in folders:
+                    fingerprint.sidecar_path(d).unlink(missing_ok=True)
+            if ", cold" in name:
+                evict(files)
+            resident = resident_share(files)
+            fingerprint._HASH_CACHE.clear()
+            hashed.clear()
+            read0 = disk_read_bytes()
+            with timed() as span:
+                for d in folders:
+                    fingerprint.component_fingerprint(d)
+            rows.append({"row": name, "resident_before": round(resident, 4), "wall_s": round(span.wall_s, 2),
+                         "cpu_s": round(span.cpu_s, 2), "read_mib": round((disk_read_bytes() - read0) / MIB),
+                         "files_hashed": len(hashed), "files": len(files),
+                         "gib": round(sum(f.stat().st_size for f in files) / GIB, 2)})
+    finally:
+        fingerprint.hash_file = real
+    return rows
+
+
 # ---------------------------------------------------------------- building the set
 
 def checkpoint_root(args) -> Path:
@@ -472,6 +521,8 @@ def main(argv=None) -> int:
                       f"+{row['page_in_read_mib']} MiB, peak {row['peak_rss_gib']} GiB"
                       if row.get("status") == "measured" else f"{row.get('status')}: {row.get('reason')}"),
               file=sys.stderr, flush=True)
+    print("fingerprint check (a start with 2+ models) ...", file=sys.stderr, flush=True)
+    meta["fingerprint"] = fingerprint_check(root)
     meta["sizes_gib"] = folder_sizes(root)
     meta["load_avg_end"] = loadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -525,6 +576,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{100 * r['resident_after_load']:.0f} %, after page-in {100 * r['resident_after_page_in']:.0f} %, "
             f"Cached dropped by the eviction {r.get('meminfo_cached_drop_gib', '-')} GiB, dtype {r['dtype']}"
             for r in measured))
+    if meta.get("fingerprint"):
+        lines += ["", "Fingerprint of the shareable components (vae/, text encoder, encoders) of one model, as a start "
+                  "with 2+ models computes it (one model computes none)", "",
+                  "| fingerprint | resident before | wall s | CPU-s | MiB read from disk | files hashed |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['row']} | {100 * r['resident_before']:.0f} % | {r['wall_s']:.2f} | {r['cpu_s']:.2f} "
+                  f"| {r['read_mib']} | {r['files_hashed']} of {r['files']} ({r['gib']} GiB) |"
+                  for r in meta["fingerprint"]]
     return "\n".join(lines) + "\n"
 
 

@@ -49,6 +49,10 @@ def test_a_tiny_run_converts_once_then_loads_cold_and_warm(tmp_path):
                 "from_pretrained: 5 Hz LM"} <= set(row["stages"])
         assert row["resident_after_page_in"] > 0.99  # every weight page read (a few small files are not)
     assert warm["resident_before"] > 0.99 and warm["load_read_mib"] == 0  # the cold start left them cached
+    assert not any(k.startswith("fingerprint") for r in rows.values() for k in r["stages"])  # one model: no hash
+    full, warm_full, sidecar = data["meta"]["fingerprint"]
+    assert full["files_hashed"] == warm_full["files_hashed"] == full["files"] > 0
+    assert sidecar["files_hashed"] == 0  # a later start reads none of them
     if data["meta"]["filesystem"] != "tmpfs":
         assert first["resident_before"] == cold["resident_before"] == 0.0 and cold["evicted_files"] > 0
         assert data["meta"]["raw_read"]["resident_before"] == 0.0
