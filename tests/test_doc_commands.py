@@ -148,6 +148,28 @@ def check_cpuinfo_grep() -> None:
     assert run.returncode in (0, 1), run.stderr
 
 
+LENT_GPU_COMMAND = (
+    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu-wheels/*.whl "
+    "&& export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 || exit; nvidia-smi -L; timeout 200 python3 "
+    "bench/gpu.py --parts lm --work-dir /tmp/w --out $OUT/gpu-lm; timeout 360 python3 bench/gpu.py --parts configs "
+    "batching --work-dir /tmp/w --out $OUT/gpu-songs")
+
+
+def check_lent_gpu_command() -> None:
+    """Each bench/gpu.py run in it parses with gpu.py's own parser, and the wheels it installs are the lock's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+    import gpu_wheels
+
+    runs = re.findall(r"python3 bench/gpu\.py ([^;]+)", LENT_GPU_COMMAND)
+    assert len(runs) == 2
+    for run in runs:
+        args = gpu.parse_args(shlex.split(run.replace("$OUT", "/tmp/out")))
+        assert args.device == "cuda" and args.work_dir == "/tmp/w"
+    locked = gpu_wheels.pins(ROOT / "constraints.txt")
+    assert all(name in locked for name in gpu_wheels.PACKAGES)
+
+
 SNAPSTART_CHROOT = "needs root and a Debian mirror (a CPython 3.13 chroot); bench/lambda_snapstart.py's docstring " \
                    "has the steps"
 SOAK_RUN_2 = (f"ACESTEP_SOAK_TASKS=5000 ACESTEP_SOAK_KILL_EVERY=0.5 ACESTEP_SOAK_API_KILLS=6 nice -n 10 {PY} -m pytest "
@@ -253,6 +275,15 @@ COMMANDS: dict[str, Handling] = {
             f"ACESTEP_SOAK_TASKS=5000 {PY} -m pytest tests/test_soak.py -m soak -s -p no:cacheprovider -k hostile")),
     f"{PY} bench/format_latency.py": Parse(),
     f"{PY} bench/gpu.py": Parse(),
+    f"{PY} bench/gpu_wheels.py": Parse(),
+    LENT_GPU_COMMAND: SetAside("runs on a lent GPU machine through the device tool, with the wheels carried",
+                               check=check_lent_gpu_command),
+    "python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -e '.[engine,gpu]'": SetAside(
+        "CUDA vLLM and its torch need a GPU machine with a package index", check=check_gpu_extra),
+    "bench/gpu.py --device cpu --tiny": Covered(
+        "tests/test_engine_bench_gpu.py::test_the_gpu_benchmark_runs_on_cpu_and_writes_its_rows"),
+    f"{PY} bench/gpu.py --device cpu --parts configs batching --configs bf16 --durations 10 --batch-song 10 "
+    "--batch-sizes 1 2 --work-dir /tmp/gpubench/work --out /tmp/gpubench/song": Parse(),
     f"OMP_WAIT_POLICY=PASSIVE {PY} bench/vae_cpu.py --durations 10 30 --dtypes bfloat16 --decoders stock fast "
     "fast-eager --reference --cold-compile": Parse(),
     f"OMP_WAIT_POLICY=PASSIVE {PY} bench/song_cpu.py": Parse(),
