@@ -2,8 +2,11 @@
 timings and peak memory, the batching gain, and the 5 Hz LM's tokens/s on transformers vs vLLM, written as JSON
 and markdown tables.
 
-    .venv/bin/python bench/gpu.py                      # on a lent GPU: 2B turbo, 30 s and 240 s songs, batching, LM
+    .venv/bin/python bench/gpu.py                      # on a CUDA machine with the project venv: every part
     .venv/bin/python bench/gpu.py --device cpu --tiny  # the same path on tiny models (tests/test_engine_bench_gpu.py)
+
+A lent GPU machine has no project venv and no package index: bench/RESULTS.md ("How to run on a lent GPU") gives
+the wheels to carry (bench/gpu_wheels.py) and the one device command, with a timeout per part.
 
 For each configuration the engine is loaded from scratch (Engine.load: the real loading, fit check, quantisation
 and offload paths), warmed up with one short song, then each song length runs once:
@@ -16,7 +19,9 @@ Each song is one request of batch_size 1. Then (--parts):
               --lm-seconds song, on the 1.7B LM's published shape in bf16 (bench/lm.py's save_full_lm; the tiny LM
               with --tiny): transformers always, vLLM when `import vllm` works (else a row says why not).
 Peak memory: torch.cuda.max_memory_allocated after the load and over each song (reset before each); on CPU the
-process's peak RSS so far (ru_maxrss: it never goes down, so later rows read at least the earlier ones).
+process's peak RSS since the same reset (VmHWM). Every row names its device (the card, or the CPU's model). A part
+that fails is printed and listed under "Failed parts", the others still run (exit status 1); the JSON and markdown
+are rewritten after each part, so a run cut short keeps what it measured.
 Random weights: the audio is noise; the timings and memory are those of the real shapes
 (engine/published_configs.py).
 """
