@@ -276,6 +276,8 @@ COMMANDS: dict[str, Handling] = {
     f"{PY} bench/format_latency.py": Parse(),
     f"{PY} bench/gpu.py": Parse(),
     f"{PY} bench/gpu_wheels.py": Parse(),
+    f"HF_HUB_OFFLINE=1 {PY} bench/fuzz_api.py --examples 300": Parse(),
+    f"HF_HUB_OFFLINE=1 {PY} bench/hostile_api.py": Parse(),
     LENT_GPU_COMMAND: SetAside("runs on a lent GPU machine through the device tool, with the wheels carried",
                                check=check_lent_gpu_command),
     "python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -e '.[engine,gpu]'": SetAside(
