@@ -26,6 +26,7 @@ from service.upstream_env import warn_unused_upstream_env
 from service.observability.logs import configure_logging
 
 from . import bootstrap, heap, http_protocol
+from .fd_limit import raise_open_files_limit
 from .cli_errors import user_errors
 
 if TYPE_CHECKING:  # imported where used: uvicorn and FastAPI load once the settings are read
@@ -233,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              settings.host, settings.port, settings.backend, os.path.abspath(settings.data_dir),
              settings.queue_workers)
     warn_unused_upstream_env(os.environ)
+    raise_open_files_limit()  # slow clients each hold a descriptor until their deadline
     servers = listeners(settings, app)
     # Signals are ours, not uvicorn's: the first Ctrl+C / SIGTERM stops every listener and lets
     # the workers finish their running task (drain); another one while they drain makes them give
