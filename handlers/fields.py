@@ -190,6 +190,20 @@ def to_codes(v: Any) -> str:
     return to_str(v)
 
 
+def to_object(v: Any) -> Optional[dict[str, Any]]:
+    """An object, also as a JSON string of one (a form field); empty means none."""
+    if isinstance(v, str):
+        if not v.strip():
+            return None
+        try:
+            v = json.loads(v)
+        except (ValueError, RecursionError):
+            raise ValueError("must be an object or a JSON string of one") from None
+    if isinstance(v, dict):
+        return v or None
+    raise ValueError(f"must be an object or a JSON string of one (got {type(v).__name__})")
+
+
 def to_object_list(v: Any) -> Optional[list[Any]]:
     """A list of objects (adapters), also as a JSON string of one (a form field); empty means none."""
     if isinstance(v, str):
@@ -250,6 +264,8 @@ UPSTREAM_ONLY: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "latent_rescale": (1.0, to_float, "this engine decodes the pipeline's latents unchanged"),
     "extract_codes_only": (False, to_bool, "this engine turns source audio into codes only for full_analysis_only "
                                            "(which the 5 Hz LM then reads)"),
+    "guidance_variant": ("apg_classic", to_lower, f"{_PIPELINE} guides with APG (upstream's apg_classic) only"),
+    "guidance_params": ({}, to_object, f"{_PIPELINE} applies APG with fixed parameters"),
 }
 READ_AS.update({name: read for name, (_, read, _) in UPSTREAM_ONLY.items()})
 
@@ -290,6 +306,8 @@ class StrictRequest(GenerationRequest):
     latent_shift: Optional[float] = _upstream_only("latent_shift")
     latent_rescale: Optional[float] = _upstream_only("latent_rescale")
     extract_codes_only: Optional[bool] = _upstream_only("extract_codes_only")
+    guidance_variant: Optional[str] = _upstream_only("guidance_variant")
+    guidance_params: Optional[dict[str, Any]] = _upstream_only("guidance_params")
 
     @field_validator("*", mode="before")
     @classmethod

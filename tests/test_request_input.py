@@ -118,7 +118,7 @@ def test_aliases_resolve_to_canonical_names_with_their_origin():
 def test_upstream_newer_fields_only_at_their_default(name):
     default = UPSTREAM_ONLY[name][0]
     assert name not in parse_release_task({name: default}).request.model_dump()  # accepted, not stored
-    other = {str: "other", float: 0.25, int: 3, bool: True}[type(default)]
+    other = {str: "other", float: 0.25, int: 3, bool: True, dict: {"eta": 0.5}}[type(default)]
     detail = _detail({"param_obj": {name: other}})
     assert detail.startswith(f"param_obj.{name}: only upstream's default") and "(got" in detail, detail
     assert "pipeline" in detail.lower() or "engine" in detail  # says why
