@@ -66,6 +66,10 @@ class FormattedInput(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     reasons: list[str]
+    models_initialized: bool  # upstream's: the default model is loaded (here: by a live, healthy worker)
+    llm_initialized: bool
+    loaded_model: Optional[str]  # upstream's: the default model's name
+    loaded_lm_model: Optional[str]
 
 
 def ok(model: Any, description: str = "Successful Response") -> dict[int | str, dict[str, Any]]:

@@ -96,7 +96,12 @@ def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tu
     listing = model_list(settings, backend) if report.store_ok else {"models": []}
     models = [{"name": m["name"], "is_default": m["is_default"], "random_weights": m["random_weights"]}
               for m in listing["models"]]
+    listed = listing.get("models") or []
     data = {"status": report.status, "service": "ACE-Step API", "version": __version__, "backend": backend.name,
+            # upstream's newer /health keys, as its inventory: the default model loaded by a live worker, the LM
+            "models_initialized": bool(listed and listed[0]["is_loaded"]),
+            "llm_initialized": bool(listing.get("llm_initialized")), "loaded_model": listing.get("default_model"),
+            "loaded_lm_model": listing.get("loaded_lm_model"),
             "models": models, "demo": demo_state(models), "reasons": report.reasons,
             **({"model_switch": listing["model_switch"]} if "model_switch" in listing else {}),
             "queue_waiting": report.waiting, "workers_alive": len(report.workers), "workers": report.workers}

@@ -38,6 +38,17 @@ def test_health_before_and_after_worker(api):
     assert data["demo"] is True and all(m["random_weights"] is True for m in data["models"])
 
 
+def test_health_has_upstreams_model_keys(api):
+    """Upstream's newer /health: models_initialized, llm_initialized, loaded_model, loaded_lm_model."""
+    keys = ("models_initialized", "llm_initialized", "loaded_model", "loaded_lm_model")
+    data = api.client.get("/health").json()["data"]
+    assert [data[k] for k in keys] == [False, False, "acestep-v15-turbo", None]  # no worker alive yet
+    api.worker.publish_models()
+    api.backend.store.record_heartbeat(api.worker.heartbeat())
+    data = api.client.get("/health").json()["data"]
+    assert [data[k] for k in keys] == [True, False, "acestep-v15-turbo", None]  # the sine engine has no LM
+
+
 def test_models(api):
     data = api.client.get("/v1/models").json()["data"]
     assert data["default_model"] == "acestep-v15-turbo"
