@@ -1,4 +1,4 @@
-"""The seam for the 5 Hz LM (used by POST /format_input).
+"""The seam for the 5 Hz LM (used by POST /format_input and POST /v1/create_sample).
 
 The API process does not load the LM itself (Lambda must stay light). By default /format_input goes
 through a worker (service/format_via_worker.py); `create_app(..., lm_gateway=...)` can pass another
@@ -15,3 +15,7 @@ class LMGateway(Protocol):
         """Rewrite caption/lyrics/metas. Returns a dict with any of caption, lyrics, bpm,
         key_scale, time_signature, duration, vocal_language (missing keys fall back to the input).
         Raise engine.types.GenerationError with a client-facing message on failure."""
+
+    def create_sample(self, *, query: str, instrumental: bool, vocal_language: str, temperature: float) -> dict[str, Any]:
+        """Write a song from a description. Returns a dict with any of caption, lyrics, bpm, key_scale,
+        time_signature, duration, vocal_language. Raise engine.types.GenerationError on failure."""

@@ -233,6 +233,15 @@ def format_input_schema() -> dict[str, Any]:
         "ai_token": {"type": "string"}}}
 
 
+def create_sample_schema() -> dict[str, Any]:
+    """/v1/create_sample's body: /release_task's fields (StrictRequest) under this route's names."""
+    fields = _field_schemas()
+    return {"type": "object", "additionalProperties": True, "properties": {
+        "query": fields["sample_query"], "instrumental": fields["thinking"],
+        "vocal_language": fields["vocal_language"], "temperature": fields["lm_temperature"],
+        "ai_token": {"type": "string"}}}
+
+
 class RandomSampleInput(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -241,5 +250,5 @@ class RandomSampleInput(BaseModel):
 
 
 __all__ = ["CancelTaskInput", "QueryResultInput", "RELEASE_RULES", "RandomSampleInput", "UploadInput",
-           "error_responses", "format_input_schema", "model_schema", "release_task_body", "release_task_schema",
+           "create_sample_schema", "error_responses", "format_input_schema", "model_schema", "release_task_body", "release_task_schema",
            "request_body", "with_model_names"]

@@ -63,6 +63,17 @@ class FormattedInput(BaseModel):
     vocal_language: str
 
 
+class CreatedSample(BaseModel):
+    """/v1/create_sample's answer (upstream's names: keyscale, timesignature)."""
+    caption: str
+    lyrics: str
+    bpm: Optional[int]
+    keyscale: str
+    duration: Optional[float]
+    timesignature: str
+    vocal_language: str
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     reasons: list[str]
@@ -76,5 +87,5 @@ def ok(model: Any, description: str = "Successful Response") -> dict[int | str, 
     return {200: {"model": model, "description": description}}
 
 
-__all__ = ["CancelOutcome", "Envelope", "FormattedInput", "Health", "PresignedPut", "QueryEntry", "SubmittedTask",
+__all__ = ["CancelOutcome", "CreatedSample", "Envelope", "FormattedInput", "Health", "PresignedPut", "QueryEntry", "SubmittedTask",
            "UploadTicket", "ok"]

@@ -1,4 +1,4 @@
-"""POST /format_input (needs the 5 Hz LM) and POST /create_random_sample (example prompts)."""
+"""POST /format_input and POST /v1/create_sample (need the 5 Hz LM), POST /create_random_sample (example prompts)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,10 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from engine.request import GenerationRequest
 from engine.types import GenerationError
 
-from service.format_via_worker import format_request, give_up, read_answer
+from service.format_via_worker import format_request, give_up, read_answer, sample_request
 from service.submitter import SubmitTask
 
 from .aliases import Canonical, parse_object
@@ -22,9 +23,10 @@ from .body import read_body
 from .caller import caller_of
 from .deps import backend_of, settings_of, submitter_of
 from .envelope import ApiError, Enveloped, bad_request, wrap
-from .openapi_bodies import (FORM, JSON, RandomSampleInput, error_responses, format_input_schema, model_schema,
-                             request_body)
-from .openapi_responses import Envelope, FormattedInput, ok
+from .fields import to_bool
+from .openapi_bodies import (FORM, JSON, RandomSampleInput, create_sample_schema, error_responses, format_input_schema,
+                             model_schema, request_body)
+from .openapi_responses import CreatedSample, Envelope, FormattedInput, ok
 from .request_parsing import validate_canonical
 from .task_wait import finally_in_thread, poll
 
@@ -83,7 +85,7 @@ async def format_input(request: Request) -> Enveloped:
         if gateway is not None:  # an LM in this process (create_app's lm_gateway)
             out = await run_in_threadpool(lambda: gateway.format_sample(**args))
         else:
-            out = await _format_on_a_worker(request, args)
+            out = await _answer_on_a_worker(request, format_request(**args), "format_sample")
     except GenerationError as exc:
         return wrap(None, code=500, error=f"format_sample failed: {exc}")
     meta = args["metadata"]
@@ -99,14 +101,13 @@ async def format_input(request: Request) -> Enveloped:
     })
 
 
-async def _format_on_a_worker(request: Request, args: dict[str, Any]) -> dict[str, Any]:
+async def _answer_on_a_worker(request: Request, task: GenerationRequest, what: str) -> dict[str, Any]:
     """Submit the format task through /release_task's path (its caller limits, queue bound, cost ceiling:
     429/413/503/507 alike), then wait for it on the event loop; cancel it when the wait ends unanswered."""
     settings, backend = settings_of(request), backend_of(request)
-    submitted = await submitter_of(request).submit(SubmitTask(format_request(**args), caller_of(request),
-                                                              answer_now=True))
+    submitted = await submitter_of(request).submit(SubmitTask(task, caller_of(request), answer_now=True))
     task_id = submitted.task_id
-    reason = f"/format_input stopped waiting after at most {settings.format_timeout:g} s (ACESTEP_FORMAT_TIMEOUT)"
+    reason = f"{request.url.path} stopped waiting after at most {settings.format_timeout:g} s (ACESTEP_FORMAT_TIMEOUT)"
     try:
         answer = await poll(lambda: read_answer(backend, task_id), settings.format_timeout,
                             gone=request.is_disconnected)
@@ -117,9 +118,55 @@ async def _format_on_a_worker(request: Request, args: dict[str, Any]) -> dict[st
         if not await run_in_threadpool(give_up, backend, task_id, reason):
             answer = await run_in_threadpool(read_answer, backend, task_id)  # it finished as we gave up
     if answer is None:
-        raise ApiError(504, f"format_sample timed out: no worker answered within {settings.format_timeout:g} s "
+        raise ApiError(504, f"{what} timed out: no worker answered within {settings.format_timeout:g} s "
                             f"(ACESTEP_FORMAT_TIMEOUT); task {task_id} was cancelled")
     return answer
+
+
+def parse_create_sample(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate /v1/create_sample's body (query, instrumental, vocal_language, temperature) through
+    /release_task's validation, so the limits and value forms are the same; vocal_language defaults to
+    upstream's "unknown" here (the LM picks the language)."""
+    try:
+        instrumental = to_bool(fields["instrumental"]) if fields.get("instrumental") is not None else None
+    except ValueError as exc:
+        raise bad_request(f"instrumental: {exc}") from None
+    canonical = Canonical()
+    for name, alias in (("sample_query", "query"), ("vocal_language", "vocal_language"),
+                        ("lm_temperature", "temperature")):
+        canonical.put(name, fields.get(alias), (alias,))
+    if not canonical.values.get("vocal_language"):
+        canonical.put("vocal_language", "unknown", ("vocal_language",))
+    req = validate_canonical(canonical)
+    return {"query": req.sample_query, "instrumental": bool(instrumental), "vocal_language": req.vocal_language,
+            "temperature": req.lm_temperature}
+
+
+@router.post("/v1/create_sample", response_model=None, summary="Write a song's caption, lyrics and metadata from a "
+             "description with the 5Hz LM", openapi_extra=request_body(create_sample_schema(), JSON, FORM, required=False),
+             responses={**ok(Envelope[CreatedSample]), **error_responses(400, 401, 413, 429, 503, 504, 507)})
+async def create_sample(request: Request) -> Enveloped:
+    """Upstream's: `{caption, lyrics, bpm, keyscale, duration, timesignature, vocal_language}` from `query`
+    (LM sample mode, no audio), or 503 when this server has no LM. It runs on a worker like /format_input
+    (the caller's limits, ACESTEP_FORMAT_TIMEOUT). `instrumental: true` is told to the LM through the
+    description, which is where this server's sample mode reads it from."""
+    settings = settings_of(request)
+    body = await read_body(request, settings, empty_ok=True)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+    args = parse_create_sample(body.fields)
+    gateway = request.app.state.lm_gateway
+    try:
+        if gateway is not None and hasattr(gateway, "create_sample"):  # an LM in this process
+            out = await run_in_threadpool(lambda: gateway.create_sample(**args))
+        else:
+            out = await _answer_on_a_worker(request, sample_request(**args), "create_sample")
+    except GenerationError as exc:
+        return wrap(None, code=500, error=f"create_sample error: {exc}")
+    out = out or {}
+    return wrap({"caption": out.get("caption") or "", "lyrics": out.get("lyrics") or "", "bpm": out.get("bpm"),
+                 "keyscale": out.get("key_scale") or "", "duration": out.get("duration"),
+                 "timesignature": out.get("time_signature") or "",
+                 "vocal_language": out.get("vocal_language") or args["vocal_language"]})
 
 
 @lru_cache(maxsize=None)

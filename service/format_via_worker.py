@@ -30,6 +30,17 @@ def format_request(*, caption: str, lyrics: str, metadata: dict[str, Any], tempe
         vocal_language=metadata.get("language") or "en"))
 
 
+def sample_request(*, query: str, instrumental: bool, vocal_language: str, temperature: float) -> GenerationRequest:
+    """The task that writes a song from a description (/v1/create_sample): sample mode, metadata only, one
+    item, no audio. The planner reads "instrumental" from the description itself (as /release_task's sample
+    mode does), so the flag is said in the description when the description does not say it."""
+    if instrumental and "instrumental" not in query.lower():
+        query = f"{query} (instrumental)" if query.strip() else "instrumental"
+    return GenerationRequest.model_validate(dict(
+        sample_mode=True, sample_query=query, analysis_only=True, batch_size=1, lm_temperature=temperature,
+        vocal_language=vocal_language))
+
+
 def read_answer(backend: Backend, task_id: str) -> Optional[dict[str, Any]]:
     """The format task's answer (one store read); None while it waits or runs. GenerationError when it
     failed or was cancelled."""

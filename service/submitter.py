@@ -31,7 +31,7 @@ from .webhooks import WebhookRefused, vet_target
 LM_NOT_SERVED = ("this request needs the 5 Hz LM (sample_mode / sample_query / use_format / analysis_only), "
                  "which the workers of this server do not load; start them with ACESTEP_INIT_LLM=true (and "
                  "ACESTEP_LM_MODEL_PATH), or send caption, lyrics and metadata yourself")
-LM_UNAVAILABLE = ("The 5Hz LM is not loaded on this server, so /format_input is unavailable. "
+LM_UNAVAILABLE = ("The 5Hz LM is not loaded on this server, so /format_input and /v1/create_sample are unavailable. "
                   "Run a worker with the LM enabled (ACESTEP_INIT_LLM=true and an LM model), or send "
                   "the caption and lyrics to /release_task as they are.")
 

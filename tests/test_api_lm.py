@@ -66,6 +66,14 @@ def test_format_input_goes_through_a_worker_with_the_lm(server):
     assert data["duration"] == 30 and 30 <= data["bpm"] <= 300 and data["caption"]
 
 
+def test_create_sample_goes_through_a_worker_with_the_lm(server):
+    r = httpx.post(server.base_url + "/v1/create_sample", timeout=60, json={"query": "a calm piano ballad"})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]  # upstream's keys; the random-weight LM's values, within its constrained ranges
+    assert set(data) == {"caption", "lyrics", "bpm", "keyscale", "duration", "timesignature", "vocal_language"}
+    assert data["caption"] and 30 <= data["bpm"] <= 300 and 10 <= data["duration"] <= 600
+
+
 def test_format_input_times_out_with_a_clear_504(settings):
     from service.records import MODELS_META_KEY, ModelsMeta
 

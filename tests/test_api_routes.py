@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -150,6 +151,45 @@ def test_format_input_through_the_apps_lm_gateway(api):
     assert set(data) == {"caption", "lyrics", "bpm", "key_scale", "time_signature", "duration", "vocal_language"}
     assert data["caption"] == "POP ROCK" and data["duration"] == 60 and data["vocal_language"] == "en"
     assert fake.calls[0][2] == {"duration": 60.0, "language": "en"}
+
+
+class FakeSampleLM(FakeLM):
+    def create_sample(self, *, query, instrumental, vocal_language, temperature):
+        self.calls.append((query, instrumental, vocal_language, temperature))
+        return {"caption": f"a song about {query}", "lyrics": "[Instrumental]", "bpm": 96, "key_scale": "A minor",
+                "time_signature": "4", "duration": 42.0}
+
+
+def test_create_sample_through_the_apps_lm_gateway(api):
+    """Upstream's POST /v1/create_sample: its answer's keys, its defaults (vocal_language "unknown")."""
+    fake = FakeSampleLM()
+    client = TestClient(create_app(api.settings, api.backend, lm_gateway=fake))
+    r = client.post("/v1/create_sample", json={"query": "rain", "instrumental": "true", "temperature": 0.5})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == {"caption": "a song about rain", "lyrics": "[Instrumental]", "bpm": 96,
+                                "keyscale": "A minor", "duration": 42.0, "timesignature": "4",
+                                "vocal_language": "unknown"}
+    assert fake.calls == [("rain", True, "unknown", 0.5)]
+    r = client.post("/v1/create_sample", json={"query": "x", "temperature": 9})
+    assert r.status_code == 400 and r.json()["detail"].startswith("temperature (lm_temperature): must be between")
+
+
+def test_create_sample_runs_as_a_sample_mode_task_on_a_worker(settings):
+    from service.records import CANCELLED, MODELS_META_KEY, ModelsMeta
+
+    api = make_api(settings, format_timeout=0.3)
+    assert api.client.post("/v1/create_sample", json={"query": "x"}).status_code == 503  # no worker runs the LM
+    api.backend.store.put_meta(MODELS_META_KEY, ModelsMeta(lm_model="acestep-5Hz-lm-1.7B").model_dump())
+    r = api.client.post("/v1/create_sample", data={"query": "calm piano", "instrumental": "yes",
+                                                     "vocal_language": "ja"})  # a form, as upstream reads too
+    detail = r.json()["detail"]
+    assert r.status_code == 504 and "create_sample timed out" in detail  # nobody ran it
+    record = api.backend.store.get(re.search(r"task (\S+) was cancelled", detail).group(1))
+    assert record.status == CANCELLED
+    assert {k: record.request.model_dump()[k] for k in ("sample_mode", "sample_query", "analysis_only",
+                                                         "batch_size", "vocal_language", "audio_duration")} == \
+        {"sample_mode": True, "sample_query": "calm piano (instrumental)", "analysis_only": True, "batch_size": 1,
+         "vocal_language": "ja", "audio_duration": None}
 
 
 def test_upload_flow(api):
