@@ -17,6 +17,10 @@ vLLM needs its venv (`make vllm-venv`, which also has transformers):
 Full size (the 1.7B LM's real shape, random weights; transformers, float32 vs bf16, output head trimmed or not):
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/lm.py --full-size [--steps 24] [--threads 2]
+
+The decode step alone (bf16, trimmed head) under KV cache / compile variants, interleaved, with a profile:
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/lm.py --full-size --variants dynamic static static+compile [--context 1200] [--profile]
 """
 from __future__ import annotations
 
@@ -231,8 +235,163 @@ def full_size(args) -> None:
           f"{rates[('bfloat16', 'trimmed head')] / rates[('float32', 'model head')]:.2f}x")
 
 
+def decode_variants(args) -> None:
+    """The 1.7B LM's codes-phase decode step (bf16, CFG, trimmed head) under each --variants entry, interleaved
+    over --rounds: wall and CPU ms per step (after the prefill), the share of the step in the network's forward
+    (the rest: guidance, constraint, sampling), the load average; same tokens asserted for greedy runs.
+
+    Variants: "dynamic" (transformers' DynamicCache, the previous path), "static" (StaticCache, the default),
+    "static+compile" (the decoder under torch.compile, its cold compile timed), "static+int8dyn" (torchao's int8
+    dynamic-activation int8-weight linears in the decoder; quantises in place, so list it last, without
+    static+compile). --context N starts the decode N
+    tokens later (a 240 s song's last codes: ~1,200). --profile adds torch.profiler's top operators for one
+    decode under the first variant.
+    """
+    import resource
+    import time
+
+    import torch
+
+    from bench.measure import cpu_with_children, loadavg
+    from engine.lm import prompts
+    from engine.lm.constraints import CodesConstraint
+    from engine.lm.tiny import build_tokenizer
+    from engine.lm.transformers_backend import TransformersLM
+    from engine.lm.types import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no float32 copy at 6.9 GiB
+    try:
+        model = full_lm_model(tokenizer)
+    finally:
+        torch.set_default_dtype(default)
+    lm = TransformersLM(model, tokenizer, model_name="acestep-5Hz-lm-1.7B (random weights)", random_weights=True)
+    decoder = lm._decoder
+    cot = prompts.cot_text({"bpm": 120, "caption": "lofi piano", "duration": 30, "keyscale": "C major",
+                            "language": "en", "timesignature": 4})
+    prompt = lm.encode(prompts.codes_prompt("lofi piano", "[verse] la la", cot))
+    uncond = lm.encode(prompts.codes_unconditional_prompt("lofi piano", "[verse] la la", None))
+    if args.context:  # a late step of a long song: --context more tokens already in the cache
+        filler = (lm.encode(" la") * args.context)[:args.context]
+        prompt, uncond = filler + prompt, filler + uncond
+    forward_s = [0.0]
+    inner = lm._forward
+
+    def timed_forward(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            forward_s[0] += time.perf_counter() - t0
+    lm._forward = timed_forward
+
+    def decode(steps: int, temperature: float, logits: list | None = None):
+        marks: dict[int, tuple[float, float, float]] = {}
+
+        def on_step(step: int) -> None:
+            if step == 1:
+                marks[1] = (time.perf_counter(), time.process_time(), forward_s[0])
+        sampling = SamplingParams(temperature=temperature, cfg_scale=args.cfg, top_p=0.9)
+        hook = None if logits is None else (lambda step, guided: logits.append(guided[0]))
+        result = lm.generate([prompt], seeds=[7], sampling=sampling, max_new_tokens=steps + 1,
+                             uncond_prompts=[uncond], constraints=[CodesConstraint(lm.tables, steps)],
+                             stop_ids=[lm.vocab.eos_id], on_step=on_step, logits_hook=hook)
+        wall, cpu, fwd = time.perf_counter(), time.process_time(), forward_s[0]
+        n = result.steps - 1  # the steps after the first (whose forward is the prefill)
+        return (result.tokens[0], 1000 * (wall - marks[1][0]) / n, 1000 * (cpu - marks[1][1]) / n,
+                (fwd - marks[1][2]) / (wall - marks[1][0]))
+
+    compiled: list = []
+    quantised: list = []
+
+    def configure(variant: str) -> str:
+        lm.kv_cache = "dynamic" if variant == "dynamic" else "static"
+        lm._decoder = decoder
+        note = ""
+        if variant == "static+int8dyn":  # last: quantises the decoder's linears in place (the head stays bf16)
+            if not quantised:
+                from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+                t0 = time.perf_counter()
+                quantize_(decoder, Int8DynamicActivationInt8WeightConfig())
+                quantised.append(True)
+                note = f"torchao int8 dynamic-activation, quantised in {time.perf_counter() - t0:.0f} s"
+            return note
+        if variant == "static+compile":
+            if compiled:
+                lm._decoder = compiled[0]
+                return note
+            t0, c0 = time.perf_counter(), cpu_with_children()
+            lm._decoder = torch.compile(decoder)
+            compiled.append(lm._decoder)
+            decode(3, 0.0)
+            note = f"cold compile + 3 steps: {time.perf_counter() - t0:.0f} s wall, {cpu_with_children() - c0:.0f} CPU-s"
+        return note
+
+    notes, rows, greedy, agree = {}, [], {}, {}
+    first = args.variants[0]
+    for variant in args.variants:
+        notes[variant] = configure(variant)
+        decode(2, 0.0)  # warm-up
+        logits: list = []
+        greedy[variant] = (decode(args.greedy_steps, 0.0, logits)[0], logits)
+        # greedy against the first variant: leading tokens in common, and the guided logits' largest difference
+        # over the steps whose inputs were still the same (bf16: attention over another key length rounds
+        # differently; a random LM's near-ties then flip a greedy choice)
+        (ref, ref_logits), (mine, mine_logits) = greedy[first], greedy[variant]
+        same = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), len(ref))
+        live = [torch.isfinite(a) for a in ref_logits[:same + 1]]
+        diff = max(float((a[m] - b[m]).abs().max()) for a, b, m in zip(ref_logits, mine_logits, live))
+        spread = float(ref_logits[0][live[0]].std())
+        agree[variant] = f"greedy: {same}/{len(ref)} tokens as {first}, logits max diff {diff:.3f} (std {spread:.2f})"
+        print(f"{variant}: ready {notes[variant]}; {agree[variant]} (load {loadavg()})", flush=True)
+    for rnd in range(args.rounds):
+        for variant in args.variants:
+            configure(variant)
+            tokens, wall_ms, cpu_ms, fwd_share = decode(args.steps, 0.85)
+            rows.append((rnd, variant, wall_ms, cpu_ms, fwd_share, loadavg()))
+            print(f"| {rnd} | {variant} | {wall_ms:.0f} | {cpu_ms:.0f} | {100 * fwd_share:.0f}% | {rows[-1][5]} |",
+                  flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    print(f"\n5 Hz LM 1.7B (published shape, random weights), bf16, CFG {args.cfg} (2 rows), trimmed head, top-p 0.9, "
+          f"{args.steps} codes per row, {args.threads} torch thread(s), torch {torch.__version__}; "
+          f"{args.rounds} rounds; peak RSS {peak:.1f} GiB\n")
+    print("| variant | median wall ms/step | median CPU ms/step | forward share | against the first | note |")
+    print("|---|---:|---:|---:|---|---|")
+    import statistics
+    for variant in args.variants:
+        mine = [r for r in rows if r[1] == variant]
+        print(f"| {variant} | {statistics.median(r[2] for r in mine):.0f} | "
+              f"{statistics.median(r[3] for r in mine):.0f} | {100 * statistics.median(r[4] for r in mine):.0f}% | "
+              f"{agree[variant]} | {notes[variant]} |")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        configure(first)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode(args.steps, 0.85)
+        print(f"\nprofile, {first}, {args.steps} steps (load {loadavg()}):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 if __name__ == "__main__":
-    if "--full-size" in sys.argv:
+    if "--full-size" in sys.argv and "--variants" in sys.argv:
+        parser = argparse.ArgumentParser(description=decode_variants.__doc__.splitlines()[0])
+        parser.add_argument("--full-size", action="store_true")
+        parser.add_argument("--variants", nargs="+", default=["dynamic", "static"],
+                            choices=["dynamic", "static", "static+compile", "static+int8dyn"])
+        parser.add_argument("--steps", type=int, default=24, help="codes per timed decode")
+        parser.add_argument("--greedy-steps", type=int, default=8, help="greedy codes compared across variants")
+        parser.add_argument("--rounds", type=int, default=2)
+        parser.add_argument("--threads", type=int, default=2)
+        parser.add_argument("--cfg", type=float, default=2.0)
+        parser.add_argument("--profile", action="store_true")
+        parser.add_argument("--context", type=int, default=0,
+                            help="tokens added before the prompt: the cache of a step this far into a song")
+        decode_variants(parser.parse_args())
+    elif "--full-size" in sys.argv:
         parser = argparse.ArgumentParser(description=full_size.__doc__.splitlines()[0])
         parser.add_argument("--full-size", action="store_true")
         parser.add_argument("--steps", type=int, default=24, help="codes per configuration")

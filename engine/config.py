@@ -48,6 +48,8 @@ class EngineConfig:
     offload: str = "auto"
     # The CPU VAE's fused Snake (decode and encode) compiled at load (engine/vae_fast.py): auto | true | false
     vae_compile: str = "auto"
+    # The transformers LM's KV cache (engine/lm/transformers_backend.py): auto (static on CPU) | static | dynamic
+    lm_kv_cache: str = "auto"
     # Weight-only quantisation after loading (engine/quantize.py): none | int8 | fp8, the DiT's and the LM's
     quantize: str = "none"
     quantize_lm: str = "none"
@@ -68,7 +70,7 @@ class EngineConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EngineConfig":
         """Read ACESTEP_CHECKPOINT_DIR, ACESTEP_CONFIG_PATH/2/3, ACESTEP_DEVICE, ACESTEP_DTYPE,
         ACESTEP_ALLOW_DOWNLOAD (default true; HF_HUB_OFFLINE=1 forces false), ACESTEP_LM_MODEL_PATH,
-        ACESTEP_LM_BACKEND, ACESTEP_QUANTIZE (_DIT, _LM), ACESTEP_OFFLOAD and ACESTEP_VAE_COMPILE."""
+        ACESTEP_LM_BACKEND, ACESTEP_QUANTIZE (_DIT, _LM), ACESTEP_OFFLOAD, ACESTEP_VAE_COMPILE and ACESTEP_LM_KV_CACHE."""
         env = os.environ if env is None else env
         names: list[str] = []
         for key in ("ACESTEP_CONFIG_PATH", "ACESTEP_CONFIG_PATH2", "ACESTEP_CONFIG_PATH3"):
@@ -90,6 +92,7 @@ class EngineConfig:
             adapter_budget_mb=int(env.get("ACESTEP_ADAPTER_CACHE_MB", "512") or 512),
             offload=offload_mode(env.get("ACESTEP_OFFLOAD", "auto")),
             vae_compile=env.get("ACESTEP_VAE_COMPILE", "auto").strip().lower() or "auto",
+            lm_kv_cache=env.get("ACESTEP_LM_KV_CACHE", "auto").strip().lower() or "auto",
             # ACESTEP_QUANTIZE for both models; ACESTEP_QUANTIZE_DIT / _LM override it per model
             quantize=env.get("ACESTEP_QUANTIZE_DIT", "").strip() or env.get("ACESTEP_QUANTIZE", "none"),
             quantize_lm=env.get("ACESTEP_QUANTIZE_LM", "").strip() or env.get("ACESTEP_QUANTIZE", "none"),

@@ -68,7 +68,8 @@ def load_planner(config: EngineConfig, device, dtype=None, memory_left: Optional
     else:
         from engine.lm.transformers_backend import TransformersLM
 
-        lm = TransformersLM.load(folder, quantize=config.quantize_lm, device=device, dtype=dtype)
+        lm = TransformersLM.load(folder, quantize=config.quantize_lm, device=device, dtype=dtype,
+                                 kv_cache=config.lm_kv_cache)
     # A random-weight LM was already announced by the backend's load (a warning): not repeated here.
     log.info("loaded 5 Hz LM %s from %s (%s)", lm.model_name, folder, lm.name)
     if not lm.random_weights:

@@ -91,6 +91,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         quantize_lm=settings.quantize_lm or settings.quantize,
         offload=settings.offload,
         vae_compile=settings.vae_compile,
+        lm_kv_cache=settings.lm_kv_cache,
     )
 
 

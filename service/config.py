@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     offload: Literal["none", "auto", "modules"] = _env("ACESTEP_OFFLOAD", "auto")
     # The CPU VAE's fused Snake (decode and encode) compiled at load (engine/vae_fast.py): auto = full-size VAE
     vae_compile: Literal["auto", "true", "false"] = _env("ACESTEP_VAE_COMPILE", "auto")
+    # The transformers LM's KV cache (engine/lm/transformers_backend.py): auto = static on CPU, dynamic elsewhere
+    lm_kv_cache: Literal["auto", "static", "dynamic"] = _env("ACESTEP_LM_KV_CACHE", "auto")
     allow_download: bool = _env("ACESTEP_ALLOW_DOWNLOAD", True)
     demo_if_missing: bool = _env("ACESTEP_DEMO_IF_MISSING", True)  # random-weight tiny model when weights are absent
     # /format_input waits this long for a worker's LM (keep it under the Lambda/API Gateway 29 s limit)

@@ -312,6 +312,54 @@ def test_constrained_steps_compute_only_the_head_blocks_they_may_sample_from_wit
     assert runs[True][2] < 0.6 * full_rows
 
 
+def test_static_kv_cache_gives_the_dynamic_caches_tokens(lm):
+    """The static KV cache (one allocation, written in place; the CPU default) against transformers' dynamic one:
+    the same tokens, greedy and seeded, in the codes phase (CFG, two items of different prompt lengths, so
+    left padding) and phase 1 unconstrained."""
+    from transformers import DynamicCache, StaticCache
+
+    eos = lm.vocab.eos_id
+    codes_prompt = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
+    uncond = lm.encode(prompts.codes_unconditional_prompt(CAPTION, LYRICS, None))
+    cot_prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
+    runs, default = {}, lm.kv_cache
+    assert default == "static"  # ACESTEP_LM_KV_CACHE=auto on CPU
+    try:
+        for kv in ("dynamic", "static"):
+            lm.kv_cache = kv
+            assert isinstance(lm._new_cache(8), StaticCache if kv == "static" else DynamicCache)
+            out = []
+            for temperature in (0.0, 1.0):
+                sampling = SamplingParams(temperature=temperature, top_p=0.9, cfg_scale=2.0)
+                out.append(lm.generate([codes_prompt, codes_prompt[:-3]], seeds=[3, 4], sampling=sampling,
+                                       max_new_tokens=30, uncond_prompts=[uncond] * 2, stop_ids=[eos],
+                                       constraints=[CodesConstraint(lm.tables, 20), CodesConstraint(lm.tables, 25)]
+                                       ).tokens)
+                out.append(lm.generate([cot_prompt], seeds=[5], sampling=sampling, max_new_tokens=40,
+                                       stop_ids=[eos]).tokens)
+            runs[kv] = out
+    finally:
+        lm.kv_cache = default
+    assert runs["static"] == runs["dynamic"]
+    assert [len(t) for t in runs["static"][0]] == [20, 25] and len(runs["static"][1][0]) > 0
+
+
+def test_kv_cache_setting():
+    from engine.lm.transformers_backend import kv_cache_choice
+    from entrypoints.bootstrap import engine_config
+    from service.config import ConfigError, load_settings
+
+    assert kv_cache_choice("auto", torch.device("cpu")) == "static"
+    assert kv_cache_choice("", torch.device("meta")) == "dynamic"  # not measured off the CPU yet
+    assert kv_cache_choice(" Dynamic ", torch.device("cpu")) == "dynamic"
+    with pytest.raises(ValueError, match="ACESTEP_LM_KV_CACHE"):
+        kv_cache_choice("paged", torch.device("cpu"))
+    env = {"ACESTEP_LM_KV_CACHE": "dynamic"}
+    assert engine_config(load_settings(env=env, dotenv_path=None)).lm_kv_cache == "dynamic"
+    with pytest.raises(ConfigError, match="ACESTEP_LM_KV_CACHE"):  # refused when settings are built
+        load_settings(env={"ACESTEP_LM_KV_CACHE": "paged"}, dotenv_path=None)
+
+
 def test_lm_dtype_follows_acestep_dtype_auto_on_cpu(lm_dir, lm, monkeypatch):
     from engine.lm import transformers_backend
 

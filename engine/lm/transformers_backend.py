@@ -40,13 +40,30 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+KV_CACHES = ("auto", "static", "dynamic")
+
+
+def kv_cache_choice(setting: str, device: torch.device) -> str:
+    """ACESTEP_LM_KV_CACHE: "static" allocates each decode's KV cache once (prompt + max new tokens) and writes
+    it in place; "dynamic" (transformers' default) grows it by concatenation, a new allocation and a copy of
+    every layer's keys and values at every step. auto: static on CPU, where it was measured faster
+    (bench/RESULTS.md, 5 Hz LM decode step), dynamic elsewhere (a static cache holds the whole token budget from
+    the first step: on a GPU that is memory the fit check does not count yet)."""
+    value = (setting or "auto").strip().lower()
+    if value not in KV_CACHES:
+        raise ValueError(f"ACESTEP_LM_KV_CACHE must be one of {', '.join(KV_CACHES)} (got {setting!r})")
+    if value == "auto":
+        return "static" if torch.device(device).type == "cpu" else "dynamic"
+    return value
+
+
 class TransformersLM(TokenizerText):
     """A loaded 5 Hz LM: model, tokenizer, vocabulary tables and the decode loop (an engine.lm.types.LMBackend)."""
 
     name = "pt"
 
     def __init__(self, model, tokenizer, *, model_name: str = "", random_weights: bool = False,
-                 max_duration: int = 600):
+                 max_duration: int = 600, kv_cache: str = "auto"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -66,6 +83,7 @@ class TransformersLM(TokenizerText):
         # tokens lie in (engine/lm/output_head.py); None: the model's own forward computes the whole head.
         self.head = OutputHead.of(model)
         self.trim_head = True  # False: every block every step (same tokens, for comparison)
+        self.kv_cache = kv_cache_choice(kv_cache, self.device)
         self._decoder = model.get_decoder() if self.head is not None else None
         if self._decoder is not None:
             dparams = inspect.signature(self._decoder.forward).parameters
@@ -73,7 +91,8 @@ class TransformersLM(TokenizerText):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-             dtype: Optional[torch.dtype] = None, max_duration: int = 600, quantize: str = "none") -> "TransformersLM":
+             dtype: Optional[torch.dtype] = None, max_duration: int = 600, quantize: str = "none",
+             kv_cache: str = "auto") -> "TransformersLM":
         """Load a 5 Hz LM folder (published layout) with no hub access."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,7 +103,8 @@ class TransformersLM(TokenizerText):
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
         # ACESTEP_QUANTIZE_LM (engine/quantize.py); the head tied to the embedding stays as it is, stored once
         quantize_module(model, quantize, skip=tied_output_head(model))
-        lm = cls(model, tokenizer, model_name=path.name, random_weights=is_random_lm(path), max_duration=max_duration)
+        lm = cls(model, tokenizer, model_name=path.name, random_weights=is_random_lm(path), max_duration=max_duration,
+                 kv_cache=kv_cache)
         if lm.random_weights:
             log.warning("5 Hz LM %s has random weights: its metadata and audio codes are noise", path)
         return lm
@@ -104,9 +124,13 @@ class TransformersLM(TokenizerText):
             kwargs[self._keep_kw] = 1
         return self.model(**kwargs).logits[:, -1, :]
 
-    def _new_cache(self):
+    def _new_cache(self, max_len: int):
         from transformers import DynamicCache
 
+        if self.kv_cache == "static":
+            from transformers import StaticCache
+
+            return StaticCache(config=self.model.config, max_cache_len=max_len)
         try:
             return DynamicCache(config=self.model.config)
         except TypeError:  # transformers 4.x
@@ -132,13 +156,19 @@ class TransformersLM(TokenizerText):
         pad = self.vocab.pad_id
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        # every step's attention mask is a view of this one (the step's column set to 1 as it comes)
+        full_mask = torch.zeros((len(rows), width + max_new_tokens), dtype=torch.long)
         for r, seq in enumerate(rows):
             ids[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[r, width - len(seq):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        next_pos = mask.sum(-1, keepdim=True)
+            full_mask[r, width - len(seq):width] = 1
+        ids, full_mask = ids.to(device), full_mask.to(device)
+        # a static cache takes the whole mask every step (its keys span prompt + max new tokens; columns not yet
+        # written are 0): one shape for the whole decode, which a compiled decoder needs
+        static = self.kv_cache == "static"
+        mask = full_mask if static else full_mask[:, :width]
+        prompt_mask = full_mask[:, :width]
+        pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        next_pos = prompt_mask.sum(-1, keepdim=True)
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros((n, self.vocab.size), dtype=torch.bool, device=device)
@@ -159,7 +189,7 @@ class TransformersLM(TokenizerText):
             return allowed
 
         start = time.perf_counter()
-        cache = self._new_cache()
+        cache = self._new_cache(width + max_new_tokens)
         allowed = next_allowed()
         logits = self._forward(ids, mask, pos, cache, keep_last=True, span=self._span(allowed, constraints, stopped))
         prefill_s = time.perf_counter() - start
@@ -195,7 +225,8 @@ class TransformersLM(TokenizerText):
             step_ids = torch.tensor(chosen * (2 if cfg else 1), dtype=torch.long, device=device)[:, None]
             if seen is not None:
                 seen[torch.arange(n, device=device), step_ids[:n, 0]] = True
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
+            full_mask[:, width + steps - 1] = 1
+            mask = full_mask if static else full_mask[:, :width + steps]
             allowed = next_allowed()
             logits = self._forward(step_ids, mask, next_pos, cache, keep_last=False,
                                    span=self._span(allowed, constraints, stopped))
