@@ -146,3 +146,12 @@ TINY = dict(
     text_encoder=dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096),
 )
+# Tiny XL stand-in: as the published XL, only the transformer is wider (and has more heads) than the tiny encoders
+# above, so a tiny XL checkpoint exercises the condition_embedder's projection from encoder_hidden_size up.
+TINY_XL_TRANSFORMER = dict(TINY["transformer"], hidden_size=96, intermediate_size=192, num_attention_heads=6,
+                           encoder_hidden_size=_TINY_ATTN["hidden_size"])
+
+
+def tiny_transformer_config(model_name: str) -> dict:
+    """The tiny transformer shapes of a DiT name: XL-like for an XL name, else the 2B-like ones."""
+    return TINY_XL_TRANSFORMER if is_xl_name(model_name) else TINY["transformer"]

@@ -121,10 +121,13 @@ def download_model(name: str, checkpoint_dir: str | os.PathLike) -> Path:
     source = model_sources.source_for(name)
     move_demo_aside(checkpoint_dir, name)
     folder = model_sources.download(source, Path(checkpoint_dir))
-    if source.layout == "diffusers" and not is_complete(folder):
-        raise ModelNotFound(f"downloaded {source.describe()} into {folder} but it is not a diffusers-format "
-                            f"AceStepPipeline (model_index.json or component folders missing); set "
-                            f"{model_sources.override_hint(name)} to the right repo")
+    # a whole-repo download may also be an original-layout bundle (an XL repo: DiT + its own vae/ + text encoder)
+    if source.layout == "diffusers" and not is_complete(folder) and \
+            original_layout.missing_parts(checkpoint_dir, name):
+        raise ModelNotFound(f"downloaded {source.describe()} into {folder} but it is neither a diffusers-format "
+                            f"AceStepPipeline (model_index.json or component folders missing) nor an original-layout "
+                            f"DiT with its VAE and text encoder; set {model_sources.override_hint(name)} to the "
+                            f"right repo")
     return folder
 
 

@@ -61,7 +61,8 @@ def write_diffusers_layout(root: str | Path, name: str, out_dir: Path) -> None:
                               + ", ".join(missing))
     dit = layout.dit_dir(root, name)
     components = build_dit_components(dit)
-    vae_dir, text_dir = root / layout.VAE_DIR, root / layout.TEXT_ENCODER_DIR
+    vae_dir = layout.shared_dir(root, name, layout.VAE_DIR)  # the DiT folder's own (XL repos bundle one), or root's
+    text_dir = layout.shared_dir(root, name, layout.TEXT_ENCODER_DIR)
     vae = AutoencoderOobleck.from_pretrained(str(vae_dir), torch_dtype=stored_dtype(vae_dir))
     # diffusers records the folder it loaded from; a fixed name keeps the output independent of where SRC is.
     vae.register_to_config(_name_or_path=layout.VAE_DIR)

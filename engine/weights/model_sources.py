@@ -2,13 +2,18 @@
 
 The official 2B DiTs are published in ACE-Step's original layout: the main repo holds the turbo DiT
 with the VAE and text encoder every DiT needs; each other variant is a repo of its own holding just
-its DiT folder. The XL DiTs are published in the diffusers layout. A download lands in the layout
-the engine loads (engine/weights/checkpoints.py converts an original-layout DiT once):
+its DiT folder. The XL DiTs are published twice: as official diffusers-format repos
+(ACE-Step/acestep-v15-xl-*-diffusers, bf16, loaded as they are: the default here), and as upstream's own
+original-layout repos (ACE-Step/acestep-v15-xl-*, what upstream's downloader fetches: float32 DiT shards
+with their own vae/ and Qwen3-Embedding-0.6B/; ACESTEP_HF_REPO_<NAME> picks one, converted once like the
+2B DiTs). A download lands in the layout the engine loads (engine/weights/checkpoints.py converts an
+original-layout DiT once):
 
     <checkpoint_dir>/vae/, <checkpoint_dir>/Qwen3-Embedding-0.6B/    from the main repo
     <checkpoint_dir>/<name>/                                          the DiT (either layout)
 
-Every source can be overridden per model: ACESTEP_HF_REPO_<NAME> (a repo in the diffusers layout)
+Every source can be overridden per model: ACESTEP_HF_REPO_<NAME> (a whole repo: diffusers layout, or an
+original-layout DiT bundled with its vae/ and text encoder)
 and ACESTEP_HF_REVISION_<NAME> (a branch, tag or commit). The first download records the commit it
 got in <checkpoint_dir>/<name>/acestep-source.json; verification and later downloads use that
 commit, so a model does not change under a running service. While a download runs, the model's folder

@@ -10,6 +10,10 @@ holding just their DiT folder, sharing the main repo's vae/ and text encoder):
     <root>/vae/                              diffusers AutoencoderOobleck (config.json + safetensors)
     <root>/Qwen3-Embedding-0.6B/             transformers text encoder + its tokenizer
 
+The XL repos (ACE-Step/acestep-v15-xl-turbo, -xl-sft, -xl-base) bundle their own vae/ and Qwen3-Embedding-0.6B/
+beside the DiT's files, so a snapshot of one into <root>/<dit-name>/ (as upstream's downloader puts it) holds them
+inside the DiT folder: those are used when present, the shared <root>/ ones otherwise.
+
 Torch-free: key names, file names and config fields only. engine/weights/convert.py does the tensor work.
 """
 from __future__ import annotations
@@ -115,6 +119,13 @@ def looks_like_dit(path: Path) -> bool:
     return isinstance(fields, dict) and "audio_acoustic_hidden_dim" in fields and "in_channels" in fields
 
 
+def shared_dir(root: str | Path, name: str, folder: str) -> Path:
+    """Where DiT `name` takes its `folder` (VAE_DIR or TEXT_ENCODER_DIR) from: the DiT folder's own copy (an XL
+    repo's bundle) when it has one, else the one shared beside the DiT folders."""
+    bundled = dit_dir(root, name) / folder
+    return bundled if (bundled / CONFIG_FILE).is_file() else Path(root) / folder
+
+
 def missing_parts(root: str | Path, name: str) -> list[str]:
     """What an original-layout model `name` under `root` lacks (empty: complete)."""
     root = Path(root)
@@ -126,10 +137,9 @@ def missing_parts(root: str | Path, name: str) -> list[str]:
         missing.append(f"{dit / SINGLE_WEIGHTS} (or {SHARD_INDEX} + shards)")
     if not (dit / SILENCE_LATENT).is_file():
         missing.append(str(dit / SILENCE_LATENT))
-    if not (root / VAE_DIR / CONFIG_FILE).is_file():
-        missing.append(str(root / VAE_DIR) + "/")
-    if not (root / TEXT_ENCODER_DIR / CONFIG_FILE).is_file():
-        missing.append(str(root / TEXT_ENCODER_DIR) + "/")
+    for folder in (VAE_DIR, TEXT_ENCODER_DIR):
+        if not (shared_dir(root, name, folder) / CONFIG_FILE).is_file():
+            missing.append(f"{root / folder}/ (or {dit / folder}/)")
     return missing
 
 
@@ -161,7 +171,7 @@ def source_files(root: str | Path, name: str, dit_extras: tuple[str, ...] = ()) 
     if (dit / SHARD_INDEX).is_file() and not (dit / SINGLE_WEIGHTS).is_file():
         files.append(dit / SHARD_INDEX)
     files += [dit / extra for extra in dit_extras if (dit / extra).is_file()]
-    for folder in (root / VAE_DIR, root / TEXT_ENCODER_DIR):
+    for folder in (shared_dir(root, name, VAE_DIR), shared_dir(root, name, TEXT_ENCODER_DIR)):
         files += sorted(p for p in folder.rglob("*")
                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return files

@@ -64,11 +64,13 @@ def build_shared_components(size: str = "tiny", seed: int = 0) -> dict:
 
 
 def build_transformer(model_name: str, size: str = "tiny", seed: int = 0) -> AceStepTransformer1DModel:
-    """The DiT of one variant; its seed mixes in the name so variants make different audio. At full size an XL name
-    gets the XL shapes (the shared components are the same for both sizes)."""
+    """The DiT of one variant; its seed mixes in the name so variants make different audio. An XL name gets the XL
+    shapes, full-size or tiny: a transformer wider than the (shared, same for both sizes) condition encoder."""
     torch.manual_seed((seed * 1_000_003 + zlib.crc32(model_name.encode())) % 2**32)
     turbo = is_turbo_name(model_name)
-    shapes = published_configs.transformer_config(model_name) if size == "full" else _spec(size)["transformer"]
+    _spec(size)  # an unknown size is refused here too
+    shapes = (published_configs.transformer_config(model_name) if size == "full"
+              else published_configs.tiny_transformer_config(model_name))
     return AceStepTransformer1DModel(**shapes, is_turbo=turbo,
                                      model_version="turbo" if turbo else "base")
 
