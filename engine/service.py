@@ -30,10 +30,11 @@ from engine.weights.checkpoints import (
 )
 from engine.config import EngineConfig
 from engine.weights.fingerprint import component_fingerprint
-from engine import offload
+from engine import device_probe, offload
 from engine import vae_fast
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import (
+    DeviceReport,
     EncodedAudio,
     EngineInfo,
     GenerationCancelled,
@@ -307,6 +308,16 @@ class Engine:
             "loaded_adapters": self.adapters.loaded(),
             "local_adapters": self.adapters.list_local({n: model_shape(m.pipe) for n, m in self._models.items()}),
         }
+
+    def devices(self) -> DeviceReport:
+        """Where it runs, for the worker's heartbeat (engine/device_probe.py): the GPUs with their free memory now."""
+        backend = self.planner.backend if self.planner else None
+        lm_device = getattr(backend, "device", None)  # the transformers LM says; vLLM runs on the engine's card
+        return device_probe.report(str(self.device), list(self._models), str(self.dtype).replace("torch.", ""),
+                                   lm_model=backend.model_name if backend else None,
+                                   lm_device=str(lm_device) if lm_device is not None else None,
+                                   lm_dtype=backend.dtype if backend else None, quantization=self._quantization(),
+                                   offload_mode=self.config.offload, offload_active=bool(self.offload.offload))
 
     def _quantization(self) -> dict[str, str]:
         """What ACESTEP_QUANTIZE did to each model's weights (engine/quantize.py)."""

@@ -156,3 +156,48 @@ class ModelInfo:
     random_weights: bool  # a demo checkpoint: its audio is noise
     task_types: tuple[str, ...] = ()
     path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One accelerator the worker's process can see, numbered as torch numbers them (after CUDA_VISIBLE_DEVICES)."""
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int  # free now on the whole card (other processes' use included)
+    compute_capability: Optional[tuple[int, int]] = None
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """The machine's CPU and memory (a CPU worker's whole story; beside a GPU, the host)."""
+    cpu: str  # the CPU's model name, or the machine architecture where the OS does not say
+    cores: int  # the cores this process may run on
+    total_ram_bytes: Optional[int]  # None: the OS does not say (no /proc/meminfo)
+    available_ram_bytes: Optional[int]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each component computes ("cuda:0", "cpu", "mps"); under offload its weights wait on the CPU between runs."""
+    dit: str
+    vae: str
+    text_encoder: str
+    lm: Optional[str]  # None: no 5 Hz LM loaded
+    lm_tensor_parallel: int = 1
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What the engine runs on, now (engine.device_probe builds it; the worker puts it in its heartbeat)."""
+    device: str  # the engine's device: "cuda:0", "cpu", "mps"
+    gpus: tuple[GpuDevice, ...]  # () on a machine without CUDA: a CPU worker lists no GPU
+    host: HostInfo
+    placement: Placement
+    models: tuple[str, ...]  # the DiT model set loaded on `placement.dit`
+    lm_model: Optional[str]  # the 5 Hz LM on `placement.lm`
+    dtype: str  # the DiTs' weights
+    lm_dtype: Optional[str]
+    quantization: dict[str, str]  # {"dit": none|int8|fp8, "lm": ...} (ACESTEP_QUANTIZE*)
+    offload_mode: str  # ACESTEP_OFFLOAD: none | auto | modules
+    offload_active: bool  # the modules wait on the CPU and move in to run

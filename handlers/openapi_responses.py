@@ -74,7 +74,45 @@ class CreatedSample(BaseModel):
     vocal_language: str
 
 
-class Health(BaseModel):
+class Gpu(BaseModel):
+    """Upstream's `gpus` item, as a live worker's heartbeat reported it."""
+    index: int  # as the worker's torch numbers its visible devices
+    name: str
+    total_vram_gb: float
+    free_vram_gb: float
+    compute_capability: Optional[list[int]] = None  # [major, minor]; absent when unknown
+    worker_id: str  # ours: the worker that sees it
+
+
+class DeviceMap(BaseModel):
+    """Upstream's `device_map`: where each component computes ("cuda:0", "cpu", "mps")."""
+    dit: str
+    vae: str
+    text_encoder: str
+    lm: Optional[str]  # null: no 5 Hz LM
+    lm_tensor_parallel: int
+    summary: str  # "dit:0, vae:0, text_encoder:0, lm:0" (a CUDA device by index, else its type)
+    multi_device: bool
+
+
+class GpuKeys(BaseModel):
+    """Upstream's GPU keys, from the live workers' heartbeats (the API process loads no torch)."""
+    gpus: list[Gpu]  # every live worker's visible GPUs; [] with only CPU workers (or none) alive
+    gpu_mapping: Optional[str]  # null: ACESTEP_GPU_MAPPING is not read here (engines run on ACESTEP_DEVICE)
+    device_map: Optional[DeviceMap]  # the newest live worker's layout; null while no live worker has said
+
+
+class ModelInventory(GpuKeys):
+    """GET /v1/models and /v1/model_inventory (upstream's inventory and ours; more keys follow the settings)."""
+    models: list[dict[str, Any]]
+    default_model: Optional[str]
+    lm_models: list[dict[str, Any]]
+    loaded_lm_model: Optional[str]
+    llm_initialized: bool
+
+
+class Health(GpuKeys):
+    """`workers[].devices` has each live worker's own devices: its GPUs, its host's CPU and RAM, what runs where."""
     status: Literal["ok", "degraded"]
     reasons: list[str]
     models_initialized: bool  # upstream's: the default model is loaded (here: by a live, healthy worker)
@@ -87,5 +125,6 @@ def ok(model: Any, description: str = "Successful Response") -> dict[int | str, 
     return {200: {"model": model, "description": description}}
 
 
-__all__ = ["CancelOutcome", "CreatedSample", "Envelope", "FormattedInput", "Health", "PresignedPut", "QueryEntry", "SubmittedTask",
+__all__ = ["CancelOutcome", "CreatedSample", "DeviceMap", "Envelope", "FormattedInput", "Gpu", "GpuKeys", "Health",
+           "ModelInventory", "PresignedPut", "QueryEntry", "SubmittedTask",
            "UploadTicket", "ok"]

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from engine.request import TASK_TYPES
 from service.config import Settings
 from service.fleet import served_model_names, switch_state
+from service.gpu_status import gpu_status
 from service.ports import Backend
 from service.observability import prometheus
 from service.observability.health import alive_only, check_health, healthy
@@ -23,7 +24,7 @@ from .auth import header_is_valid, require_header
 from .deps import backend_of, settings_of
 from .envelope import Enveloped, wrap
 from .openapi_bodies import error_responses
-from .openapi_responses import Envelope, Health, ok
+from .openapi_responses import Envelope, Health, ModelInventory, ok
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["info"])
@@ -47,7 +48,8 @@ def _live_workers(backend: Backend) -> list[WorkerHeartbeat]:
 
 def model_list(settings: Settings, backend: Backend) -> dict[str, Any]:
     """`{models: [{name, is_default, random_weights, task_types?, is_loaded, supported_task_types}],
-    default_model, lm_models, loaded_lm_model, llm_initialized, ...}` (upstream's inventory and ours).
+    default_model, lm_models, loaded_lm_model, llm_initialized, gpus, gpu_mapping, device_map, ...}` (upstream's
+    inventory and ours; the GPU keys from the live workers' heartbeats, service/gpu_status.py).
 
     Names come from the settings; random_weights/task_types from what the worker recorded at
     startup (null before any worker has started); is_loaded: a live, healthy worker has it in memory.
@@ -70,7 +72,8 @@ def model_list(settings: Settings, backend: Backend) -> dict[str, Any]:
     lm_live = bool(lm) and any(b.lm_model == lm for b in live)
     out: dict[str, object] = {"models": models, "default_model": default,
                               "lm_models": [{"name": lm, "is_loaded": lm_live}] if lm else [],
-                              "loaded_lm_model": lm if lm_live else None, "llm_initialized": lm_live}
+                              "loaded_lm_model": lm if lm_live else None, "llm_initialized": lm_live,
+                              **gpu_status(live)}  # upstream's gpus, gpu_mapping, device_map
     switch = switch_state(settings, backend)
     if switch is not None:  # a POST /v1/init wish: loading, loaded, or failed (with why) on the live workers
         out["model_switch"] = switch
@@ -102,6 +105,7 @@ def health_data(settings: Settings, backend: Backend, keyed: bool = False) -> tu
             "models_initialized": bool(listed and listed[0]["is_loaded"]),
             "llm_initialized": bool(listing.get("llm_initialized")), "loaded_model": listing.get("default_model"),
             "loaded_lm_model": listing.get("loaded_lm_model"),
+            **{k: listing.get(k, v) for k, v in gpu_status([]).items()},  # upstream's GPU keys (none: store down)
             "models": models, "demo": demo_state(models), "reasons": report.reasons,
             **({"model_switch": listing["model_switch"]} if "model_switch" in listing else {}),
             "queue_waiting": report.waiting, "workers_alive": len(report.workers), "workers": report.workers}
@@ -122,7 +126,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/models", response_model=None, summary="Models this server serves",
-            responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
+            responses={**ok(Envelope[ModelInventory]), **error_responses(401)})
 async def list_models(request: Request) -> Enveloped:
     settings = settings_of(request)
     require_header(settings, request)

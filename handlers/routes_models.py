@@ -35,7 +35,7 @@ from .body import read_body
 from .deps import backend_of, settings_of
 from .envelope import Enveloped, bad_request, wrap
 from .openapi_bodies import FORM, JSON, error_responses, model_schema, request_body
-from .openapi_responses import Envelope, ok
+from .openapi_responses import Envelope, ModelInventory, ok
 from .routes_adapters import _conflict_responses, _validated
 from .routes_info import model_list
 
@@ -221,7 +221,7 @@ _INVENTORY_DOC = ("Upstream's model inventory: each DiT model with `is_loaded` (
 
 @router.get("/v1/model_inventory", response_model=None,
             summary="Models and whether the fleet has them loaded", description=_INVENTORY_DOC,
-            responses={**ok(Envelope[dict[str, Any]]), **error_responses(401)})
+            responses={**ok(Envelope[ModelInventory]), **error_responses(401)})
 async def model_inventory(request: Request) -> Enveloped:
     settings = settings_of(request)
     require_header(settings, request)

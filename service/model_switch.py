@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from engine.request import GenerationRequest
-from engine.types import EngineInfo, GenerationError, GenerationResult, ModelInfo, ProgressCallback
+from engine.types import DeviceReport, EngineInfo, GenerationError, GenerationResult, ModelInfo, ProgressCallback
 
 from .config import Settings
 from .model_set import WantedModels, read_wanted
@@ -42,6 +42,9 @@ class Unloaded:
 
     def describe(self) -> EngineInfo:
         return {}
+
+    def devices(self) -> Optional[DeviceReport]:
+        return None  # nothing loaded
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None, progress: Optional[ProgressCallback] = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional, Protocol
 
 from engine.request import GenerationRequest
-from engine.types import EncodedAudio, EngineInfo, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
+from engine.types import DeviceReport, EncodedAudio, EngineInfo, GenerationResult, ModelInfo, PendingAudio, ProgressCallback
 
 from .refusals import CallerBusy, QueueFull  # raised by the intake adapters; the refusals the API maps
 from .signing_keys import SigningKeys
@@ -230,6 +230,9 @@ class GenerationEngine(Protocol):
 
     def describe(self) -> EngineInfo:
         """device, dtype, lm_model, ... for /v1/models."""
+
+    def devices(self) -> Optional[DeviceReport]:
+        """What it runs on now, for the heartbeat (None: nothing loaded)."""
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, Val
 from engine.request import GenerationRequest
 from engine.types import GenerationInfo, Metas
 
+from .worker_devices import WorkerDevices
+
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 CANCELLED = "cancelled"  # by the client (POST /v1/tasks/{id}/cancel)
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -117,6 +119,7 @@ class WorkerHeartbeat(BaseModel):
     models_version: int = 0  # the wish (model_set.WantedModels.version) it last acted on
     models_loading: Optional[str] = None  # the set it is loading now, in words
     models_error: Optional[str] = None  # why that wish failed (it serves `models` still)
+    devices: Optional[WorkerDevices] = None  # what its engine runs on (None: not said, or no engine loaded)
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.beat_at)

@@ -18,6 +18,7 @@ NOT_USED: dict[str, str] = {
     "ACESTEP_OFFLOAD_DIT_TO_CPU": "models stay on ACESTEP_DEVICE",
     "ACESTEP_LM_OFFLOAD_TO_CPU": "the 5 Hz LM stays on ACESTEP_LM_DEVICE",
     "ACESTEP_VAE_ON_CPU": "the VAE runs on ACESTEP_DEVICE",
+    "ACESTEP_GPU_MAPPING": "a worker runs every component on ACESTEP_DEVICE (one worker per GPU)",
     "ACESTEP_USE_FLASH_ATTENTION": "torch/diffusers pick the attention kernel",
     "ACESTEP_API_WORKERS": "the API is one process; generation workers are ACESTEP_QUEUE_WORKERS",
     "ACESTEP_DOWNLOAD_SOURCE": "models come from the Hugging Face hub (or the AWS stack's S3 mirror)",

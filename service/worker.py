@@ -38,6 +38,7 @@ from .records import MODELS_META_KEY, ModelEntry, ModelsMeta, WorkerHeartbeat
 from .post_stage import PostStage
 from .storage_errors import StorageFull
 from .worker_batch import BatchAssembler, ClaimedTask
+from .worker_devices import WorkerDevices, worker_devices
 from .worker_outcomes import OutcomeRecorder
 from .worker_run import BatchRun
 
@@ -181,7 +182,7 @@ class Worker:
                                state="stopping" if self.stop_event.is_set() else "idle", lm_model=self._lm_model,
                                adapters=[f"{a['model']}/{a['name']}"
                                          for a in self.engine.describe().get("loaded_adapters") or []],
-                               models=[m.name for m in self.engine.models()])
+                               models=[m.name for m in self.engine.models()], devices=self._devices())
         if switch is not None:
             beat.models_version, beat.models_loading, beat.models_error = switch.answered, switch.loading, switch.error
         posting = self._post.task_ids() if self._post is not None else []
@@ -191,6 +192,15 @@ class Worker:
         if watch is not None:
             beat.last_progress_at = now - (time.monotonic() - watch.last_progress)
         return beat
+
+    def _devices(self) -> Optional[WorkerDevices]:
+        """What the engine runs on; a probe that fails (a driver error) leaves them out of the beat, not the beat."""
+        try:
+            report = self.engine.devices()
+        except Exception:
+            log.warning("could not read this worker's devices", exc_info=True)
+            return None
+        return worker_devices(report) if report is not None else None
 
     def close(self) -> None:
         """Finish what the post-processing stage holds (hand it back once cancel_event is set), then stop

@@ -27,10 +27,10 @@ from typing import Optional
 import numpy as np
 import soundfile as sf
 
-from engine import audio_io
+from engine import audio_io, device_probe
 from engine.request import GenerationRequest
 from entrypoints.bootstrap import build_webhooks
-from engine.types import EncodedAudio, EngineInfo, GenerationResult, Metas, ModelInfo, ProgressCallback
+from engine.types import DeviceReport, EncodedAudio, EngineInfo, GenerationResult, Metas, ModelInfo, ProgressCallback
 from service.config import load_settings
 from service.embedded import make_embedded_backend
 from service.worker import Worker
@@ -47,6 +47,9 @@ class FastEngine:
 
     def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
+
+    def devices(self) -> DeviceReport:
+        return device_probe.report("cpu", ["fast"], "float32")
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None, progress: Optional[ProgressCallback] = None,

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from engine import device_probe
 from engine.audio_encode import encode_audio
 from engine.request import GenerationRequest
-from engine.types import (EncodedAudio, EngineInfo, GenerationError, GenerationInfo, GenerationResult, Metas, ModelInfo,
+from engine.types import (DeviceReport, EncodedAudio, EngineInfo, GenerationError, GenerationInfo, GenerationResult, Metas, ModelInfo,
                           ProgressCallback)
 
 SAMPLE_RATE = 16000
@@ -53,6 +54,9 @@ class SineEngine:
     def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none", "random_weights": True,
                 "test_engine": True, "quantization": {"dit": "none", "lm": "none"}}
+
+    def devices(self) -> DeviceReport:
+        return device_probe.report("cpu", self.model_names, "float32")  # it computes on the CPU
 
     def generate(self, request: GenerationRequest, *, src_audio: Optional[bytes] = None,
                  reference_audio: Optional[bytes] = None,

@@ -154,3 +154,16 @@ def test_the_random_weight_lm_renders_the_demo_length_when_no_duration_is_given(
     assert any("demo length 30 s" in note for note in plan.notes)
     given = lm_engine.planner.plan(req(audio_duration=12, batch_size=1, seeds=[3]), seeds=[3])
     assert [len(c) for c in given.codes] == [60]  # the user's own duration always wins
+
+
+def test_devices_say_where_each_part_runs(lm_engine):
+    """The typed report the worker's heartbeat carries: on this CPU machine every part computes on the CPU."""
+    from engine import device_probe
+
+    report = lm_engine.devices()
+    assert report.device == "cpu" and report.models == ("acestep-v15-turbo",) and report.lm_model == LM
+    placement = report.placement
+    assert (placement.dit, placement.vae, placement.text_encoder, placement.lm) == ("cpu",) * 4
+    assert report.dtype == lm_engine.describe()["dtype"] and report.lm_dtype == lm_engine.describe()["lm_dtype"]
+    assert report.quantization == {"dit": "none", "lm": "none"} and report.offload_active is False
+    assert report.gpus == device_probe.visible_gpus() and report.host.cpu == device_probe.cpu_name()

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 import soundfile as sf
 
+from engine import device_probe
 from engine.request import GenerationRequest
-from engine.types import (EncodedAudio, EngineInfo, GenerationInfo, GenerationResult, Metas, ModelInfo, PendingAudio,
+from engine.types import (DeviceReport, EncodedAudio, EngineInfo, GenerationInfo, GenerationResult, Metas, ModelInfo, PendingAudio,
                           ProgressCallback)
 from service.submission import submit_task
 
@@ -33,6 +34,9 @@ class ScriptedEngine:
 
     def describe(self) -> EngineInfo:
         return {"device": "cpu", "dtype": "float32", "lm_model": "none"}
+
+    def devices(self) -> DeviceReport:
+        return device_probe.report("cpu", ["test-model"], "float32")
 
     def _audio(self, req: GenerationRequest, seed: int) -> EncodedAudio:
         sr, dur = 8000, req.audio_duration or 10.0

@@ -37,6 +37,10 @@ _FINISHED_MARK = "f"
 _WEBHOOK_MARK = "w"
 _UNSENT_MARK = "u"
 _PARTS = "result_parts"  # result part -> the blob key it spilled to (result_spill.py)
+# Every worker's beat lives in one item (DynamoDB: 400 KB): one beat is stored in at most this much, so the
+# item holds 24 workers at the worst (a usual beat with its devices is 1-2 KB). An outsized beat loses its
+# device report first, then the tail of its error text (_bounded_beat).
+BEAT_MAX_BYTES = 16 * 1024
 
 
 # DynamoDB's low-level JSON: an attribute value ({"S": "..."}, {"N": "1"}, {"M": {...}}, ...), and an item
@@ -217,7 +221,7 @@ class DynamoTaskStore(TaskStore):
         """All beats live in one item's map, so a reader gets every worker with one GetItem."""
         update = dict(TableName=self._table, Key={S.PK: _s(S.WORKERS_KEY)},
                       UpdateExpression="SET #b.#w = :beat", ExpressionAttributeNames={"#b": "beats", "#w": beat.worker_id},
-                      ExpressionAttributeValues={":beat": _s(beat.model_dump_json())}, ReturnValues="ALL_NEW")
+                      ExpressionAttributeValues={":beat": _s(_bounded_beat(beat))}, ReturnValues="ALL_NEW")
         try:
             item = self._db.update_item(**update)["Attributes"]
         except ClientError as exc:
@@ -664,6 +668,24 @@ def _beats(item: Item) -> dict[str, WorkerHeartbeat]:
         except (KeyError, ValueError):
             continue  # written by another version: ignore it
     return out
+
+
+def _bounded_beat(beat: WorkerHeartbeat) -> str:
+    """The beat's JSON in at most BEAT_MAX_BYTES (UTF-8): without its devices, then with its error cut, if need be."""
+    text = beat.model_dump_json()
+    if len(text.encode()) <= BEAT_MAX_BYTES:
+        return text
+    log.warning("worker %s: its heartbeat is %d bytes: stored without its device report", beat.worker_id, len(text.encode()))
+    beat = beat.model_copy(update={"devices": None})
+    text = beat.model_dump_json()
+    for _ in range(4):  # JSON escapes make a character cost up to 6 bytes: cut again if one cut was not enough
+        over = len(text.encode()) - BEAT_MAX_BYTES
+        if over <= 0 or not beat.error:
+            break
+        raw = beat.error.encode()
+        beat = beat.model_copy(update={"error": raw[: max(0, len(raw) - over - 3)].decode(errors="ignore") + "…"})
+        text = beat.model_dump_json()
+    return text
 
 
 def _new_keys(item: Optional[Item], keys: Optional[list[str]]) -> list[str]:

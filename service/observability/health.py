@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..gpu_status import worker_view
 from ..ports import Backend
 from ..records import WorkerHeartbeat
 
@@ -105,4 +106,6 @@ def _describe(beat: WorkerHeartbeat, now: float, name_tasks: bool) -> dict[str, 
         out["error"] = beat.error
     if beat.last_progress_at is not None:
         out["last_progress_s_ago"] = round(max(0.0, now - beat.last_progress_at), 1)
+    if beat.devices is not None:
+        out["devices"] = worker_view(beat.devices)
     return out

@@ -1,0 +1,89 @@
+"""What the engine runs on: the visible GPUs (memory, compute capability), the host's CPU and RAM, and where
+each component computes, as a DeviceReport (engine/types.py) for the worker's heartbeat.
+
+Only `visible_gpus` touches torch, and only on a machine that has CUDA; the rest reads the OS, so a CPU
+stand-in engine (tests/) reports its machine honestly without it. Static facts (names, totals) are read once;
+free memory is read on every call (one heartbeat every few seconds).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Optional, Sequence
+
+from engine.memory import _meminfo
+from engine.types import DeviceReport, GpuDevice, HostInfo, Placement
+
+CPUINFO = "/proc/cpuinfo"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it; else what Python knows (often just the architecture)."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host_info() -> HostInfo:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return HostInfo(cpu=cpu_name(), cores=cores, total_ram_bytes=_meminfo("MemTotal"),
+                    available_ram_bytes=_meminfo("MemAvailable"))
+
+
+def visible_gpus() -> tuple[GpuDevice, ...]:
+    """Every CUDA device this process sees (not only the engine's), as upstream lists them; () without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    found = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        try:
+            capability: Optional[tuple[int, int]] = tuple(torch.cuda.get_device_capability(index))  # type: ignore[assignment]
+        except RuntimeError:
+            capability = None
+        found.append(GpuDevice(index=index, name=torch.cuda.get_device_name(index), total_bytes=int(total),
+                               free_bytes=int(free), compute_capability=capability))
+    return tuple(found)
+
+
+def device_label(device: str) -> str:
+    """"cuda" means the first card: spelled "cuda:0", as torch places it."""
+    return "cuda:0" if device == "cuda" else device
+
+
+def report(device: str, models: Sequence[str], dtype: str, *, lm_model: Optional[str] = None,
+           lm_device: Optional[str] = None, lm_dtype: Optional[str] = None,
+           quantization: Optional[dict[str, str]] = None, offload_mode: str = "none",
+           offload_active: bool = False, gpus: Optional[tuple[GpuDevice, ...]] = None) -> DeviceReport:
+    """One engine's report: every component of its DiTs computes on `device`, the LM on `lm_device`.
+    gpus None: probe them (torch) unless the device is the CPU and torch was never loaded."""
+    device = device_label(device)
+    lm_runs = lm_model not in (None, "", "none")
+    if gpus is None:
+        gpus = visible_gpus() if device.startswith("cuda") or _torch_loaded() else ()
+    return DeviceReport(
+        device=device, gpus=gpus, host=host_info(),
+        placement=Placement(dit=device, vae=device, text_encoder=device,
+                            lm=device_label(lm_device or device) if lm_runs else None),
+        models=tuple(models), lm_model=lm_model if lm_runs else None, dtype=dtype,
+        lm_dtype=lm_dtype if lm_runs else None, quantization=dict(quantization or {"dit": "none", "lm": "none"}),
+        offload_mode=offload_mode, offload_active=offload_active)
+
+
+def _torch_loaded() -> bool:
+    import sys
+
+    return "torch" in sys.modules
+
+
+__all__ = ["cpu_name", "device_label", "host_info", "report", "visible_gpus"]
