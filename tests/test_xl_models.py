@@ -51,7 +51,7 @@ def test_an_xl_model_downloads_converts_loads_and_generates_through_the_worker(u
     import huggingface_hub
     from fastapi.testclient import TestClient
 
-    from engine import memory
+    from engine import memory, xl_timbre
     from entrypoints.bootstrap import build_app, build_backend, build_worker
     from service.config import Settings
 
@@ -79,6 +79,8 @@ def test_an_xl_model_downloads_converts_loads_and_generates_through_the_worker(u
         assert pipe.transformer.config.hidden_size == 96
         assert pipe.transformer.config.encoder_hidden_size == pipe.condition_encoder.config.hidden_size == 64
         assert tuple(pipe.transformer.condition_embedder.weight.shape) == (96, 64)
+        # the timbre encoder pools its special token, as upstream's XL code does (engine/xl_timbre.py)
+        assert xl_timbre.is_installed(pipe.condition_encoder.timbre_encoder)
         # the fit check's estimate counts the XL transformer at its own (wider) size
         path = Path(model.info.path)
         others = [p.name for p in path.iterdir() if p.is_dir() and p.name != "transformer"]

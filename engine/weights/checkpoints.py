@@ -95,6 +95,23 @@ def supported_task_types(name: str, marker: Optional[dict] = None, is_turbo: Opt
     return TURBO_TASK_TYPES if turbo else ALL_TASK_TYPES
 
 
+def is_xl(transformer_config: Mapping, condition_encoder_config: Mapping) -> bool:
+    """An XL DiT, by its own configs rather than its name: its transformer is wider than the condition encoder that
+    feeds it (2560 over 2048 published; a 2B's are equal). Upstream runs the XL's timbre encoder differently
+    (engine/xl_timbre.py)."""
+    return int(transformer_config["hidden_size"]) != int(condition_encoder_config["hidden_size"])
+
+
+def is_xl_folder(path: Path) -> bool:
+    """is_xl for a diffusers-layout model folder, from its transformer/ and condition_encoder/ config.json;
+    False when either is missing or unreadable."""
+    try:
+        configs = [json.loads((path / comp / "config.json").read_text()) for comp in ("transformer", "condition_encoder")]
+        return is_xl(*configs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def missing_model_message(name: str, path: Path, config: EngineConfig, reason: str) -> str:
     source = model_sources.source_for(name)
     return (
