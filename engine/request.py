@@ -110,6 +110,8 @@ class GenerationRequest(BaseModel):
     infer_method: Literal["ode", "sde"] = "ode"
     timesteps: Optional[list[float]] = Field(None, json_schema_extra={
         "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "maxItems": 200})
+    # upstream's sampler options: heun is second order (two DiT evaluations a step); engine/sampler.py
+    sampler_mode: Literal["euler", "heun"] = "euler"
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0)
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0)
     use_adg: bool = False

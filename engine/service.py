@@ -17,14 +17,14 @@ from typing import Optional
 import torch
 
 from engine import quantize  # before diffusers, which imports torchao: its import warnings are hidden there
-from diffusers import AceStepPipeline, FlowMatchEulerDiscreteScheduler  # noqa: I001
+from diffusers import AceStepPipeline  # noqa: I001
 
 from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
+from engine import sampler
 from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.weights.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
-    is_xl_folder,
     read_marker,
     resolve_model,
     supported_task_types,
@@ -32,7 +32,7 @@ from engine.weights.checkpoints import (
 from engine.config import EngineConfig
 from engine.weights.fingerprint import component_fingerprint
 from engine import device_probe, offload
-from engine import vae_fast, xl_timbre
+from engine import vae_fast
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import (
     DeviceReport,
@@ -92,7 +92,7 @@ class _Job:
     adapter_s: float = 0.0  # loading/switching them before this call
 
 
-class _PerItemNoiseSDEScheduler(FlowMatchEulerDiscreteScheduler):
+class _PerItemNoiseSDEScheduler(sampler.ShapedEulerScheduler):
     """Euler flow matching with stochastic re-noising (x0 re-noised to the next sigma, diffusers'
     `stochastic_sampling`), drawing each batch item's noise from that item's own generator so its audio depends
     only on its seed."""
@@ -161,8 +161,6 @@ class Engine:
                 fp = component_fingerprint(path / comp)
                 if fp is None:
                     continue
-                if comp == "condition_encoder" and is_xl_folder(path):  # its timbre encoder runs otherwise (xl_timbre)
-                    fp += ":xl"
                 prints[comp] = fp
                 if (comp, fp) in by_fingerprint:
                     reuse[comp] = by_fingerprint[(comp, fp)]
@@ -195,8 +193,6 @@ class Engine:
                                           attention_backend=config.attention_backend):
                 log.info("model %s: %s", name, applied)
             vae_fast.prepare(pipe.vae, device, config.vae_compile)  # CPU: channels-last decode and encode, fused Snake (once per shared VAE)
-            if xl_timbre.install(pipe):
-                log.info("model %s: XL timbre encoder pools its special token, as upstream's XL", name)
             for comp, fp in prints.items():
                 by_fingerprint.setdefault((comp, fp), getattr(pipe, comp))
                 if comp in reuse:
@@ -443,6 +439,11 @@ class Engine:
         # The pipeline's own table gives each task its instruction (placeholders filled from the track names).
         instruction = request.instruction or AceStepPipeline._get_task_instruction(
             task_type=task, track_name=request.track_name, complete_track_classes=request.complete_track_classes)
+        if request.sampler_mode == "heun" and request.infer_method == "ode" and _guidance(model.pipe, request) > 1.0:
+            raise GenerationError(
+                f"sampler_mode 'heun' with guidance (guidance_scale {request.guidance_scale:g} on the non-turbo model "
+                f"{model.info.name!r}) is not supported: upstream guides Heun's corrector with plain CFG, the diffusers "
+                "pipeline applies APG at every evaluation; use guidance_scale 1, sampler_mode euler or a turbo model")
         job = _Job(request=request, model=model, task=task, instruction=instruction,
                    seeds=plan.resolve_seeds(request))
         if task != request.task_type:
@@ -504,13 +505,15 @@ class Engine:
         lyrics = [j.request.lyrics for j in jobs for _ in j.seeds]
         languages = [j.request.vocal_language for j in jobs for _ in j.seeds]
         n_steps = len(r.timesteps) if r.timesteps else r.inference_steps
+        # the step each DiT evaluation belongs to (Heun evaluates twice a step), for progress and the last one
+        evals = sampler.evaluations(n_steps, _sampler_mode(r), final_corrector=not pipe.is_turbo)
         # A length bucket batches songs of different lengths: the call runs at the longest (each is cut after).
         duration = max(j.audio_duration or 0.0 for j in jobs) if all(j.audio_duration for j in jobs) else head.audio_duration
 
         def on_step_end(_pipe, step, _t, tensors):
-            _report(progress, _STEPS_FROM + (_STEPS_TO - _STEPS_FROM) * (step + 1) / n_steps,
-                    f"diffusion step {step + 1}/{n_steps}")
-            if step + 1 == n_steps:  # the pipeline decodes the latents next
+            _report(progress, _STEPS_FROM + (_STEPS_TO - _STEPS_FROM) * (step + 1) / len(evals),
+                    f"diffusion step {evals[step]}/{n_steps}")
+            if step + 1 == len(evals):  # the pipeline decodes the latents next
                 decode.expect(int(tensors["latents"].shape[1]))  # [batch, frames, channels]
                 _report(progress, _DECODE_AT, "VAE decode")
             return tensors
@@ -544,7 +547,7 @@ class Engine:
         vae_on_cpu = self._offload_start(head.model, len(seeds), duration, tiled)
         t0 = time.perf_counter()
         with timing.recording(clock if self.config.stage_timings else None), \
-                self._sampler(pipe, r.infer_method, generators), _fixed_global_rng(self.device), \
+                self._sampler(pipe, r, generators), _fixed_global_rng(self.device), \
                 _tiled_decode(pipe, tiled), vae_progress.encoding(pipe.vae, on_source_encoded), \
                 vae_progress.reporting(pipe.vae, on_decoded) as decode:
             audio = pipe(**kwargs).audios
@@ -609,6 +612,8 @@ class Engine:
             notes.append("guidance_scale ignored: turbo models are guidance-distilled (ran at 1.0)")
         if r.use_adg:
             notes.append("use_adg ignored: the diffusers pipeline implements APG guidance only")
+        if r.sampler_mode != _sampler_mode(r):
+            notes.append("sampler_mode heun ignored with infer_method sde: stochastic Euler steps (as upstream)")
         if job.lm_plan is None and (r.thinking or r.lm_model_path):
             if self.planner is None:
                 notes.append("thinking/LM fields ignored: no 5 Hz LM runs in this engine (DiT only)")
@@ -640,6 +645,7 @@ class Engine:
             "shift": r.shift,
             "guidance_scale": guidance,
             "infer_method": r.infer_method,
+            "sampler_mode": _sampler_mode(r),
             "vae_decode": "tiled" if job.vae_tiled else "untiled",
             "vae_decode_device": "cpu" if job.vae_on_cpu else str(self.device),
             "offload": self._offload_info(),
@@ -678,15 +684,21 @@ class Engine:
         return memory.tile_vae_decode(True, needed, memory.available_bytes(self.device))
 
     @contextlib.contextmanager
-    def _sampler(self, pipe: AceStepPipeline, method: str, generators: list):
-        """ode: the pipeline's own Euler sampler. sde: swap in a stochastic scheduler for this call."""
-        if method != "sde":
+    def _sampler(self, pipe: AceStepPipeline, request: GenerationRequest, generators: list):
+        """The scheduler of this call (engine/sampler.py): the pipeline's own Euler one when the request asks
+        for nothing else; else a stochastic one (sde), Heun's, or Euler's with the velocity controls."""
+        mode = _sampler_mode(request)
+        if request.infer_method == "ode" and mode == "euler":
             yield
             return
         original = pipe.scheduler
-        sde = _PerItemNoiseSDEScheduler.from_config(original.config, stochastic_sampling=True)
-        sde.generators = generators
-        pipe.scheduler = sde
+        if request.infer_method == "sde":
+            swapped = _PerItemNoiseSDEScheduler.from_config(original.config, stochastic_sampling=True)
+            swapped.generators = generators
+        else:
+            swapped = sampler.scheduler_for(original, mode, sampler.VelocityShaping(),
+                                            final_corrector=not pipe.is_turbo)
+        pipe.scheduler = swapped
         try:
             yield
         finally:
@@ -722,6 +734,11 @@ def choose_dtype(name: str, device: torch.device, flags: Optional[set[str]] = No
     if name.lower() not in _DTYPES:
         raise GenerationError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[name.lower()], f"set: {name} (ACESTEP_DTYPE)"
+
+
+def _sampler_mode(request: GenerationRequest) -> str:
+    """What integrates the steps: as upstream, Heun falls back to (stochastic) Euler under infer_method sde."""
+    return "euler" if request.infer_method == "sde" else request.sampler_mode
 
 
 def _guidance(pipe: AceStepPipeline, request: GenerationRequest) -> float:

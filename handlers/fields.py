@@ -222,7 +222,7 @@ _READERS: dict[Callable[[Any], Any], tuple[str, ...]] = {
     to_str: ("prompt", "lyrics", "key_scale", "time_signature", "vocal_language", "sample_query",
              "lm_negative_prompt"),
     to_optstr: ("instruction", "track_name", "model", "lm_model_path"),
-    to_lower: ("task_type", "infer_method", "audio_format", "lm_backend"),
+    to_lower: ("task_type", "infer_method", "sampler_mode", "audio_format", "lm_backend"),
     to_int: ("inference_steps", "batch_size", "lm_top_k"),
     to_bpm: ("bpm",),
     to_duration: ("audio_duration",),
@@ -256,8 +256,6 @@ UPSTREAM_ONLY: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "repaint_wav_crossfade_sec": (0.0, to_float, f"{_PIPELINE} returns the whole decoded output (no waveform "
                                                  "splice into the source)"),
     "chunk_mask_mode": ("auto", to_lower, f"{_PIPELINE} builds the repaint mask from the task itself"),
-    "sampler_mode": ("euler", to_lower, f"{_PIPELINE} samples with Euler steps (infer_method ode) or the SDE "
-                                        "scheduler (sde); it has no Heun sampler"),
     "velocity_norm_threshold": (0.0, to_float, f"{_PIPELINE} does not clamp the velocity"),
     "velocity_ema_factor": (0.0, to_float, f"{_PIPELINE} does not smooth the velocity"),
     "latent_shift": (0.0, to_float, "this engine decodes the pipeline's latents unchanged"),
@@ -300,7 +298,6 @@ class StrictRequest(GenerationRequest):
     repaint_latent_crossfade_frames: Optional[int] = _upstream_only("repaint_latent_crossfade_frames")
     repaint_wav_crossfade_sec: Optional[float] = _upstream_only("repaint_wav_crossfade_sec")
     chunk_mask_mode: Optional[str] = _upstream_only("chunk_mask_mode")
-    sampler_mode: Optional[str] = _upstream_only("sampler_mode")
     velocity_norm_threshold: Optional[float] = _upstream_only("velocity_norm_threshold")
     velocity_ema_factor: Optional[float] = _upstream_only("velocity_ema_factor")
     latent_shift: Optional[float] = _upstream_only("latent_shift")

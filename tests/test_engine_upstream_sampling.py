@@ -1,0 +1,126 @@
+"""Upstream's sampler fields (sampler_mode, cover_noise_strength, velocity_*, latent_*): each reaches the
+engine from /release_task, changes the output as upstream's generate_audio does, and shows in
+generation_info; values this engine cannot honour are a 400 (or a failed task saying why)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from engine import sampler
+from engine.request import GenerationRequest
+from engine.types import GenerationError
+from handlers.envelope import ApiError
+from handlers.request_parsing import parse_release_task
+from tests.engine_fixtures import *  # noqa: F401,F403
+from tests.engine_fixtures import BASE, TURBO, decode
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt="lofi piano", lyrics="[verse] la la", audio_duration=10, batch_size=1, audio_format="wav",
+                seeds=[5], inference_steps=2)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def samples(result) -> np.ndarray:
+    return decode(result.audios[0].data)[0]
+
+
+def _detail(fields) -> str:
+    with pytest.raises(ApiError) as info:
+        parse_release_task(fields)
+    assert info.value.status_code == 400
+    return info.value.detail
+
+
+def _counting_generate(engine, model: str, request: GenerationRequest, **kwargs):
+    """(the DiT's forward calls, the result) of one generation."""
+    calls = []
+    handle = engine.model(model).pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        result = engine.generate(request, **kwargs)
+        return len(calls), result
+    finally:
+        handle.remove()
+
+
+# --- the step rules, against upstream's loop written out (a toy velocity field instead of the DiT) ----------
+
+def _velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+    return torch.sin(3.0 * x) * (1.0 + t) - 0.5 * x
+
+
+def _upstream_loop(x, schedule, heun: bool, final_corrector: bool, norm=0.0, ema=0.0):
+    """Upstream generate_audio's ODE loop (turbo: the last step projects to x0; base: every step corrects)."""
+    def shape(v, at, prev):
+        if norm > 0:
+            v = v * torch.clamp(norm * (at.norm(dim=(1, 2), keepdim=True) + 1e-10)
+                                / (v.norm(dim=(1, 2), keepdim=True) + 1e-10), max=1.0)
+        return (1 - ema) * v + ema * prev if ema > 0 and prev is not None else v
+
+    prev = None
+    times = list(schedule) + [0.0]
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        v = shape(_velocity(x, t), x, prev)
+        dt = t - t_next
+        if heun and (i < len(schedule) - 1 or final_corrector):
+            predicted = x - v * dt
+            v2 = shape(_velocity(predicted, t_next), predicted, v)
+            v = 0.5 * (v + v2)
+        x = x - v * dt
+        prev = v
+    return x
+
+
+def _pipeline_loop(scheduler, x, schedule):
+    """What AceStepPipeline does with its scheduler: one evaluation per timestep, then scheduler.step."""
+    scheduler.set_timesteps(sigmas=list(schedule))
+    evaluations = 0
+    for t in scheduler.timesteps:
+        x = scheduler.step(_velocity(x, float(t)), t, x, return_dict=False)[0]
+        evaluations += 1
+    return x, evaluations
+
+
+@pytest.mark.parametrize("final_corrector", [False, True], ids=["turbo", "base"])
+def test_heun_steps_are_upstreams_predictor_corrector(final_corrector):
+    original = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    schedule = [1.0, 0.9, 0.75, 0.5, 0.3]
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    heun = sampler.scheduler_for(original, "heun", sampler.VelocityShaping(), final_corrector=final_corrector)
+    got, evaluations = _pipeline_loop(heun, x, schedule)
+    assert evaluations == len(schedule) * 2 - (0 if final_corrector else 1)
+    assert evaluations == len(sampler.evaluations(len(schedule), "heun", final_corrector))
+    assert torch.allclose(got, _upstream_loop(x, schedule, True, final_corrector), atol=1e-5)
+    euler, euler_evals = _pipeline_loop(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0), x, schedule)
+    assert euler_evals == len(schedule) and torch.allclose(euler, _upstream_loop(x, schedule, False, False), atol=1e-5)
+    assert not torch.allclose(got, euler, atol=1e-3)
+
+
+# --- sampler_mode ---------------------------------------------------------------------------------------
+
+def test_sampler_mode_is_read_and_refused_outside_euler_and_heun():
+    assert parse_release_task({"sampler_mode": "Heun"}).request.sampler_mode == "heun"
+    assert parse_release_task({"param_obj": {"sampler_mode": "euler"}}).request.sampler_mode == "euler"
+    assert _detail({"sampler_mode": "rk4"}) == "sampler_mode: must be one of euler, heun (got 'rk4')"
+
+
+def test_heun_evaluates_the_dit_twice_a_step_and_changes_the_output(engine):
+    euler_calls, euler = _counting_generate(engine, TURBO, req(inference_steps=3))
+    seen = []
+    heun_calls, heun = _counting_generate(engine, TURBO, req(inference_steps=3, sampler_mode="heun"),
+                                          progress=lambda f, s: seen.append(s))
+    assert (euler_calls, heun_calls) == (3, 5)  # turbo: the last step only projects to x0, as upstream
+    assert not np.allclose(samples(euler), samples(heun), atol=1e-3)
+    assert (euler.generation_info["sampler_mode"], heun.generation_info["sampler_mode"]) == ("euler", "heun")
+    assert [s for s in seen if s.startswith("diffusion")] == [f"diffusion step {i}/3" for i in (1, 1, 2, 2, 3)]
+    assert type(engine.model(TURBO).pipe.scheduler) is FlowMatchEulerDiscreteScheduler  # restored after the call
+
+
+def test_heun_with_guidance_fails_saying_why_and_sde_keeps_euler(engine):
+    with pytest.raises(GenerationError, match="heun.*guidance.*plain CFG"):
+        engine.generate(req(model=BASE, sampler_mode="heun", guidance_scale=5.0))
+    info = engine.generate(req(sampler_mode="heun", infer_method="sde")).generation_info
+    assert info["sampler_mode"] == "euler" and any("heun ignored" in n for n in info["notes"])
