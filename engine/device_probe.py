@@ -38,22 +38,38 @@ def host_info() -> HostInfo:
                     available_ram_bytes=_meminfo("MemAvailable"))
 
 
-def visible_gpus() -> tuple[GpuDevice, ...]:
-    """Every CUDA device this process sees (not only the engine's), as upstream lists them; () without CUDA."""
+def visible_gpus(used: frozenset[int] = frozenset()) -> tuple[GpuDevice, ...]:
+    """Every CUDA device this process sees (not only the engine's), as upstream lists them; () without CUDA.
+    `used`: the indices the engine computes on; the others' free memory comes from NVML, never from a new context."""
     import torch
 
     if not torch.cuda.is_available():
         return ()
     found = []
     for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
+        total = int(torch.cuda.get_device_properties(index).total_memory)
+        free: Optional[int] = torch.cuda.mem_get_info(index)[0] if index in used else _nvml_free(index, total)
         try:
             capability: Optional[tuple[int, int]] = tuple(torch.cuda.get_device_capability(index))  # type: ignore[assignment]
         except RuntimeError:
             capability = None
-        found.append(GpuDevice(index=index, name=torch.cuda.get_device_name(index), total_bytes=int(total),
-                               free_bytes=int(free), compute_capability=capability))
+        found.append(GpuDevice(index=index, name=torch.cuda.get_device_name(index), total_bytes=total,
+                               free_bytes=None if free is None else int(free), compute_capability=capability))
     return tuple(found)
+
+
+def _nvml_free(index: int, total: int) -> Optional[int]:
+    import torch
+
+    try:
+        return max(0, total - int(torch.cuda.device_memory_used(index)))
+    except Exception:  # nvidia-ml-py not installed, or no NVML (not NVIDIA)
+        return None
+
+
+def _cuda_index(device: str) -> Optional[int]:
+    kind, _, index = device.partition(":")
+    return (int(index) if index.isdigit() else 0) if kind == "cuda" else None
 
 
 def device_label(device: str) -> str:
@@ -70,7 +86,8 @@ def report(device: str, models: Sequence[str], dtype: str, *, lm_model: Optional
     device = device_label(device)
     lm_runs = lm_model not in (None, "", "none")
     if gpus is None:
-        gpus = visible_gpus() if device.startswith("cuda") or _torch_loaded() else ()
+        used = frozenset(i for i in (_cuda_index(device), _cuda_index(lm_device or device)) if i is not None)
+        gpus = visible_gpus(used) if used or _torch_loaded() else ()
     return DeviceReport(
         device=device, gpus=gpus, host=host_info(),
         placement=Placement(dit=device, vae=device, text_encoder=device,

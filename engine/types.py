@@ -164,7 +164,9 @@ class GpuDevice:
     index: int
     name: str
     total_bytes: int
-    free_bytes: int  # free now on the whole card (other processes' use included)
+    # free now on the whole card (other processes' use included); None: a card this engine does not use, where only
+    # opening a CUDA context on it (hundreds of MB) would tell (no NVML)
+    free_bytes: Optional[int]
     compute_capability: Optional[tuple[int, int]] = None
 
 

@@ -79,7 +79,7 @@ class Gpu(BaseModel):
     index: int  # as the worker's torch numbers its visible devices
     name: str
     total_vram_gb: float
-    free_vram_gb: float
+    free_vram_gb: Optional[float]  # null: a card the worker's engine does not use, where it could not read it (no NVML)
     compute_capability: Optional[list[int]] = None  # [major, minor]; absent when unknown
     worker_id: str  # ours: the worker that sees it
 

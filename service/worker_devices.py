@@ -19,7 +19,7 @@ class GpuState(BaseModel):
     index: int
     name: str
     total_bytes: int
-    free_bytes: int
+    free_bytes: Optional[int] = None  # None: not read (a card the engine does not use, without NVML)
     compute_capability: Optional[tuple[int, int]] = None
 
 

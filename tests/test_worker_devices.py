@@ -89,3 +89,12 @@ def test_api_answers_upstreams_gpu_keys_from_live_workers_only(settings):
     host = workers["cpu-worker"]["devices"]["host"]
     assert host["cpu"] == device_probe.cpu_name() and host["total_ram_gb"] > 0
     json.dumps(health)  # plain JSON all through
+
+
+def test_a_card_the_engine_does_not_use_may_show_no_free_memory():
+    """Reading it would open a CUDA context on that card (engine.device_probe.visible_gpus): null, never a guess."""
+    from service.gpu_status import gpu_entry
+    from service.worker_devices import GpuState
+
+    assert gpu_entry(GpuState(index=1, name="NVIDIA L4", total_bytes=24 * GIB)) == {
+        "index": 1, "name": "NVIDIA L4", "total_vram_gb": 24.0, "free_vram_gb": None}
