@@ -108,8 +108,10 @@ def test_xl_is_told_by_the_widths_not_the_name(pipes):
 
 def test_an_engine_hooks_its_xl_and_shares_no_condition_encoder_between_an_xl_and_a_2b(tmp_path):
     """Tiny 2B and XL checkpoints built with one seed hold byte-identical condition encoders: shared, the XL's hook
-    would change the 2B's timbre embedding too."""
+    would change the 2B's timbre embedding too. Loaded with int8 DiTs and offload forced, an XL generation's timbre
+    embedding is upstream's."""
     from engine.config import EngineConfig
+    from engine.request import GenerationRequest
     from engine.service import Engine
     from engine.weights.checkpoints import build_tiny_checkpoint
 
@@ -118,11 +120,42 @@ def test_an_engine_hooks_its_xl_and_shares_no_condition_encoder_between_an_xl_an
     assert (tmp_path / TWO_B / "condition_encoder" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (tmp_path / XL / "condition_encoder" / "diffusion_pytorch_model.safetensors").read_bytes()
     engine = Engine.load(EngineConfig(checkpoint_dir=str(tmp_path), model_names=[TWO_B, XL, XL_SFT],
-                                      allow_download=False, dtype="float32", warmup="false"))
+                                      allow_download=False, device="cpu", dtype="float32", warmup="false",
+                                      quantize="int8", offload="modules"))
     two_b, xl, xl_sft = (engine.model(name).pipe for name in (TWO_B, XL, XL_SFT))
     assert two_b.vae is xl.vae  # the rest is still shared
     assert two_b.condition_encoder is not xl.condition_encoder and xl.condition_encoder is xl_sft.condition_encoder
-    assert xl_timbre.is_installed(xl.condition_encoder.timbre_encoder)
-    assert len(xl.condition_encoder.timbre_encoder.embed_tokens._forward_hooks) == 1  # hooked once for both XLs
+    timbre = xl.condition_encoder.timbre_encoder
+    assert xl_timbre.is_installed(timbre) and len(timbre.embed_tokens._forward_hooks) == 1  # once for both XLs
     assert not xl_timbre.is_installed(two_b.condition_encoder.timbre_encoder)
     assert not two_b.condition_encoder.timbre_encoder.embed_tokens._forward_hooks
+
+    calls = []
+    handle = timbre.register_forward_hook(lambda _m, args, out: calls.append((args, out)))
+    try:
+        engine.generate(GenerationRequest(prompt="xl", lyrics="[instrumental]", audio_duration=10.0, inference_steps=2,
+                                          seeds=[1], audio_format="wav", model=XL), encode=False)
+    finally:
+        handle.remove()
+    assert engine.offloader is not None and engine.offloader.moves > 0
+    (packed, order), (embedding, _mask) = calls[0]  # the silence latent: no reference audio
+    with torch.no_grad():
+        torch.testing.assert_close(embedding, upstream_timbre(timbre, packed, order)[0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_audio_tokenizers_quantizer_runs_in_float32_in_a_bf16_pipeline_as_upstreams_xl():
+    """Upstream's XL code casts the FSQ quantizer's weights and input to float32 for the call (cover / repaint
+    source codes); diffusers' quantizer computes in float32 whatever the dtype, so nothing is patched: this pins it
+    (computed in bf16 instead, 10 of these 72 indices differ)."""
+    import copy
+
+    from diffusers.pipelines.ace_step.modeling_ace_step import AceStepAudioTokenizer
+
+    torch.manual_seed(2)
+    quantizer = AceStepAudioTokenizer(**published_configs.TINY["audio_tokenizer"]).to(torch.bfloat16).quantizer
+    pooled = torch.randn(2, 6, quantizer.project_in.in_features, dtype=torch.bfloat16) * 4
+    codes, indices = quantizer(pooled)
+    codes32, indices32 = copy.deepcopy(quantizer).float()(pooled.float())  # upstream: float32 weights and input
+    assert codes.dtype == torch.bfloat16 and torch.equal(indices, indices32)
+    assert torch.equal(codes, codes32.to(torch.bfloat16))
