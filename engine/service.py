@@ -25,6 +25,7 @@ from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.weights.checkpoints import (
     DEMO_NOTICE,
     SHAREABLE_COMPONENTS,
+    is_xl_folder,
     read_marker,
     resolve_model,
     supported_task_types,
@@ -32,7 +33,7 @@ from engine.weights.checkpoints import (
 from engine.config import EngineConfig
 from engine.weights.fingerprint import component_fingerprint
 from engine import device_probe, offload
-from engine import vae_fast
+from engine import vae_fast, xl_timbre
 from engine.request import MAX_BATCH, GenerationRequest
 from engine.types import (
     DeviceReport,
@@ -161,6 +162,8 @@ class Engine:
                 fp = component_fingerprint(path / comp)
                 if fp is None:
                     continue
+                if comp == "condition_encoder" and is_xl_folder(path):  # its timbre encoder runs otherwise (xl_timbre)
+                    fp += ":xl"
                 prints[comp] = fp
                 if (comp, fp) in by_fingerprint:
                     reuse[comp] = by_fingerprint[(comp, fp)]
@@ -193,6 +196,8 @@ class Engine:
                                           attention_backend=config.attention_backend):
                 log.info("model %s: %s", name, applied)
             vae_fast.prepare(pipe.vae, device, config.vae_compile)  # CPU: channels-last decode and encode, fused Snake (once per shared VAE)
+            if xl_timbre.install(pipe):
+                log.info("model %s: XL timbre encoder pools its special token, as upstream's XL", name)
             for comp, fp in prints.items():
                 by_fingerprint.setdefault((comp, fp), getattr(pipe, comp))
                 if comp in reuse:
