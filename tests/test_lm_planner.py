@@ -312,36 +312,42 @@ def test_constrained_steps_compute_only_the_head_blocks_they_may_sample_from_wit
     assert runs[True][2] < 0.6 * full_rows
 
 
-def test_static_kv_cache_gives_the_dynamic_caches_tokens(lm):
+def test_static_kv_cache_gives_the_dynamic_caches_tokens(lm, lm_dir):
     """The static KV cache (one allocation, written in place; the CPU default) against transformers' dynamic one:
-    the same tokens, greedy and seeded, in the codes phase (CFG, two items of different prompt lengths, so
-    left padding) and phase 1 unconstrained."""
+    the same tokens, greedy and seeded, in float32 and bf16, in the codes phase (CFG, two items of different
+    prompt lengths, so left padding) and phase 1 unconstrained. In bf16 that needs the attention over the
+    filled part of the cache only (filled_sdpa): over the whole cache, masked, bf16 rounds differently."""
     from transformers import DynamicCache, StaticCache
 
-    eos = lm.vocab.eos_id
-    codes_prompt = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
-    uncond = lm.encode(prompts.codes_unconditional_prompt(CAPTION, LYRICS, None))
-    cot_prompt = lm.encode(prompts.cot_prompt(CAPTION, LYRICS))
-    runs, default = {}, lm.kv_cache
-    assert default == "static"  # ACESTEP_LM_KV_CACHE=auto on CPU
-    try:
-        for kv in ("dynamic", "static"):
-            lm.kv_cache = kv
-            assert isinstance(lm._new_cache(8), StaticCache if kv == "static" else DynamicCache)
-            out = []
-            for temperature in (0.0, 1.0):
-                sampling = SamplingParams(temperature=temperature, top_p=0.9, cfg_scale=2.0)
-                out.append(lm.generate([codes_prompt, codes_prompt[:-3]], seeds=[3, 4], sampling=sampling,
-                                       max_new_tokens=30, uncond_prompts=[uncond] * 2, stop_ids=[eos],
-                                       constraints=[CodesConstraint(lm.tables, 20), CodesConstraint(lm.tables, 25)]
-                                       ).tokens)
-                out.append(lm.generate([cot_prompt], seeds=[5], sampling=sampling, max_new_tokens=40,
-                                       stop_ids=[eos]).tokens)
-            runs[kv] = out
-    finally:
-        lm.kv_cache = default
-    assert runs["static"] == runs["dynamic"]
-    assert [len(t) for t in runs["static"][0]] == [20, 25] and len(runs["static"][1][0]) > 0
+    def decode(model):
+        eos = model.vocab.eos_id
+        codes_prompt = model.encode(prompts.codes_prompt("a", "b", "<think>\nbpm: 90\n</think>"))
+        uncond = model.encode(prompts.codes_unconditional_prompt("a", "b", None))
+        cot_prompt = model.encode(prompts.cot_prompt("a", "b"))
+        out = []
+        for temperature in (0.0, 1.0):
+            sampling = SamplingParams(temperature=temperature, top_p=0.9, cfg_scale=2.0)
+            out.append(model.generate([codes_prompt, codes_prompt[:-3]], seeds=[3, 4], sampling=sampling,
+                                      max_new_tokens=40, uncond_prompts=[uncond] * 2, stop_ids=[eos],
+                                      constraints=[CodesConstraint(model.tables, 30), CodesConstraint(model.tables, 35)]
+                                      ).tokens)
+            out.append(model.generate([cot_prompt], seeds=[5], sampling=sampling, max_new_tokens=60,
+                                      stop_ids=[eos]).tokens)
+        return out
+
+    bf16 = TransformersLM.load(lm_dir, dtype=torch.bfloat16)
+    for model in (lm, bf16):
+        assert model.kv_cache == "static" and model.filled_attention  # ACESTEP_LM_KV_CACHE=auto on CPU
+        try:
+            model.kv_cache = "dynamic"
+            assert isinstance(model._new_cache(8), DynamicCache)
+            dynamic = decode(model)
+        finally:
+            model.kv_cache = "static"
+        assert isinstance(model._new_cache(8), StaticCache)
+        static = decode(model)
+        assert static == dynamic, model.dtype
+        assert [len(t) for t in static[0]] == [30, 35] and len(static[1][0]) > 0
 
 
 def test_kv_cache_setting():

@@ -57,6 +57,42 @@ def kv_cache_choice(setting: str, device: torch.device) -> str:
     return value
 
 
+FILLED_SDPA = "acestep_filled_sdpa"
+
+
+def filled_sdpa(module, query, key, value, attention_mask, acestep_filled: Optional[int] = None, **kwargs):
+    """transformers' SDPA over the part of a static cache written so far (`acestep_filled` keys; the decode
+    loop passes it through the model's forward): the same keys, mask and shapes as a dynamic cache's, so the
+    same logits to the bit, and no attention work on the empty slots."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if acestep_filled is not None and key.shape[-2] > acestep_filled:
+        key, value = key[:, :, :acestep_filled], value[:, :, :acestep_filled]
+        if attention_mask is not None and attention_mask.shape[-1] > acestep_filled:
+            attention_mask = attention_mask[..., :acestep_filled]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_filled_sdpa(model) -> bool:
+    """Switch a model that runs transformers' SDPA to filled_sdpa (registered once); False when it runs
+    another attention (eager, flash...) or this transformers has no attention registry: then a static cache's
+    attention spans the whole cache, masked (the same tokens in float32, bf16 rounding apart)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == FILLED_SDPA:
+        return True
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    AttentionInterface.register(FILLED_SDPA, filled_sdpa)
+    AttentionMaskInterface.register(FILLED_SDPA, sdpa_mask)
+    model.set_attn_implementation(FILLED_SDPA)
+    return True
+
+
 class TransformersLM(TokenizerText):
     """A loaded 5 Hz LM: model, tokenizer, vocabulary tables and the decode loop (an engine.lm.types.LMBackend)."""
 
@@ -84,6 +120,7 @@ class TransformersLM(TokenizerText):
         self.head = OutputHead.of(model)
         self.trim_head = True  # False: every block every step (same tokens, for comparison)
         self.kv_cache = kv_cache_choice(kv_cache, self.device)
+        self.filled_attention = self.kv_cache == "static" and use_filled_sdpa(model)
         self._decoder = model.get_decoder() if self.head is not None else None
         if self._decoder is not None:
             dparams = inspect.signature(self._decoder.forward).parameters
@@ -111,15 +148,16 @@ class TransformersLM(TokenizerText):
 
     # --- decoding -----------------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep_last: bool,
-                 span: Optional[tuple[int, int]] = None):
+                 span: Optional[tuple[int, int]] = None, filled: Optional[int] = None):
         """The last position's logits [rows, V]; with a span (and trim_head), -inf outside the head blocks
-        that cover it."""
+        that cover it. filled: the cache's keys after this step (a static cache's attention reads no more)."""
+        extra = {"acestep_filled": filled} if filled is not None and self.filled_attention else {}
         if self.head is not None and self._decoder is not None:
             hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                   **{self._decoder_cache_kw: cache}).last_hidden_state[:, -1, :]
+                                   **{self._decoder_cache_kw: cache}, **extra).last_hidden_state[:, -1, :]
             return self.head.logits(hidden, span if self.trim_head else None)
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_kw: cache,
-                  "use_cache": True}
+                  "use_cache": True, **extra}
         if keep_last and self._keep_kw:
             kwargs[self._keep_kw] = 1
         return self.model(**kwargs).logits[:, -1, :]
@@ -191,7 +229,8 @@ class TransformersLM(TokenizerText):
         start = time.perf_counter()
         cache = self._new_cache(width + max_new_tokens)
         allowed = next_allowed()
-        logits = self._forward(ids, mask, pos, cache, keep_last=True, span=self._span(allowed, constraints, stopped))
+        logits = self._forward(ids, mask, pos, cache, keep_last=True, span=self._span(allowed, constraints, stopped),
+                               filled=width)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         steps = 0
@@ -229,7 +268,7 @@ class TransformersLM(TokenizerText):
             mask = full_mask if static else full_mask[:, :width + steps]
             allowed = next_allowed()
             logits = self._forward(step_ids, mask, next_pos, cache, keep_last=False,
-                                   span=self._span(allowed, constraints, stopped))
+                                   span=self._span(allowed, constraints, stopped), filled=width + steps)
             next_pos = next_pos + 1
         decode_s = time.perf_counter() - start
         return DecodeResult(tokens=out, stopped=stopped, prompt_tokens=[len(p) for p in prompts], steps=steps,
