@@ -127,6 +127,8 @@ class GenerationRequest(BaseModel):
     src_audio_key: Optional[str] = None
     reference_audio_key: Optional[str] = None
     audio_cover_strength: float = Field(1.0, ge=0.0, le=1.0)
+    # upstream's: a cover starts from its source renoised (0: pure noise, 1: closest to the source); engine/cover_start.py
+    cover_noise_strength: float = Field(0.0, ge=0.0, le=1.0)
     repainting_start: float = Field(0.0, ge=-600.0, le=600.0)
     repainting_end: Optional[float] = Field(None, le=1200.0)
 
@@ -251,6 +253,11 @@ class GenerationRequest(BaseModel):
         if self.task_type in NEEDS_SOURCE and not has_source \
                 and not (self.task_type == "cover" and self.audio_code_string):
             raise ValueError(f"task_type {self.task_type!r} needs source audio (src_audio)")
+        if self.cover_noise_strength > 0.0 and not (self.task_type == "cover" or (
+                self.task_type == "text2music" and (self.audio_code_string or self.thinking))):
+            raise ValueError(f"cover_noise_strength applies to cover only (or text2music from audio codes, which runs "
+                             f"as a cover): it starts from the cover's source renoised (task_type {self.task_type!r} "
+                             "has none to start from)")
         if self.full_analysis_only and not has_source:
             raise ValueError("full_analysis_only needs source audio (src_audio) to analyse")
         if self.task_type in ("lego", "extract") and not self.track_name and not self.instruction:

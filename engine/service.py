@@ -20,7 +20,7 @@ from engine import quantize  # before diffusers, which imports torchao: its impo
 from diffusers import AceStepPipeline  # noqa: I001
 
 from engine import audio_encode, audio_io, cpu_target, lm_bridge, memory, plan, source_codes, speedups, timing, vae_progress
-from engine import sampler
+from engine import cover_start, sampler
 from engine.adapters import AdapterLibrary, local_adapter_bytes, model_shape
 from engine.weights.checkpoints import (
     DEMO_NOTICE,
@@ -91,6 +91,7 @@ class _Job:
     audio_codes: Optional[list[str]] = None  # per item, from the LM (else the request's own codes)
     adapters: list = field(default_factory=list)  # the adapters that acted on the DiT (AdapterLibrary.activate)
     adapter_s: float = 0.0  # loading/switching them before this call
+    cover: Optional[cover_start.CoverStart] = None  # a cover that starts from its source renoised
 
 
 class _PerItemNoiseSDEScheduler(sampler.ShapedEulerScheduler):
@@ -510,6 +511,9 @@ class Engine:
         lyrics = [j.request.lyrics for j in jobs for _ in j.seeds]
         languages = [j.request.vocal_language for j in jobs for _ in j.seeds]
         n_steps = len(r.timesteps) if r.timesteps else r.inference_steps
+        start = head.cover = self._cover_start(head)  # covers are never batched: head is the only job
+        if start is not None:
+            n_steps = len(start.remaining)
         # the step each DiT evaluation belongs to (Heun evaluates twice a step), for progress and the last one
         evals = sampler.evaluations(n_steps, _sampler_mode(r), final_corrector=not pipe.is_turbo)
         # A length bucket batches songs of different lengths: the call runs at the longest (each is cut after).
@@ -555,6 +559,10 @@ class Engine:
                 self._sampler(pipe, r, generators), _fixed_global_rng(self.device), \
                 _tiled_decode(pipe, tiled), vae_progress.encoding(pipe.vae, on_source_encoded), \
                 vae_progress.reporting(pipe.vae, on_decoded) as decode:
+            if start is not None:
+                with _fixed_global_rng(self.device):  # the same posterior draw as the pipeline's own encode next
+                    clean = cover_start.source_latents(pipe, len(seeds), kwargs["src_audio"], kwargs["audio_codes"])
+                kwargs.update(latents=cover_start.start_latents(start, clean, generators), timesteps=start.remaining)
             audio = pipe(**kwargs).audios
             if self.device.type == "cuda":  # one wait per call (the stage timings add none), so pipeline_s is whole
                 torch.cuda.synchronize(self.device)
@@ -617,6 +625,12 @@ class Engine:
             notes.append("guidance_scale ignored: turbo models are guidance-distilled (ran at 1.0)")
         if r.use_adg:
             notes.append("use_adg ignored: the diffusers pipeline implements APG guidance only")
+        start = job.cover
+        if start is not None:
+            notes.append(f"cover_noise_strength {start.strength:g}: started at t={start.time:g} from the source "
+                         f"renoised, ran the last {len(start.remaining)} of {len(start.schedule)} steps")
+        elif r.cover_noise_strength > 0.0:
+            notes.append(f"cover_noise_strength ignored: ran as {job.task} from noise (no source or codes to start from)")
         if r.sampler_mode != _sampler_mode(r):
             notes.append("sampler_mode heun ignored with infer_method sde: stochastic Euler steps (as upstream)")
         if job.lm_plan is None and (r.thinking or r.lm_model_path):
@@ -646,7 +660,8 @@ class Engine:
             "task_type": r.task_type,
             "pipeline_task_type": job.task,
             "instruction": job.instruction,
-            "steps": len(r.timesteps) if r.timesteps else r.inference_steps,
+            "steps": len(start.remaining) if start else len(r.timesteps) if r.timesteps else r.inference_steps,
+            "cover_noise_strength": r.cover_noise_strength,
             "shift": r.shift,
             "guidance_scale": guidance,
             "infer_method": r.infer_method,
@@ -687,6 +702,14 @@ class Engine:
         dtype_bytes = torch.tensor([], dtype=pipe.vae.dtype).element_size()
         needed = memory.vae_decode_bytes(items, duration, channels, dtype_bytes)
         return memory.tile_vae_decode(True, needed, memory.available_bytes(self.device))
+
+    @staticmethod
+    def _cover_start(job: _Job) -> Optional[cover_start.CoverStart]:
+        """Where a cover asking for cover_noise_strength starts (None: from pure noise, every step)."""
+        r = job.request
+        if job.task != "cover" or r.cover_noise_strength <= 0.0:
+            return None
+        return cover_start.plan(job.model.pipe, r.cover_noise_strength, r.inference_steps, r.shift, r.timesteps)
 
     @contextlib.contextmanager
     def _sampler(self, pipe: AceStepPipeline, request: GenerationRequest, generators: list):

@@ -227,8 +227,8 @@ _READERS: dict[Callable[[Any], Any], tuple[str, ...]] = {
     to_bpm: ("bpm",),
     to_duration: ("audio_duration",),
     to_float: ("guidance_scale", "shift", "cfg_interval_start", "cfg_interval_end",
-               "audio_cover_strength", "repainting_start", "repainting_end", "lm_temperature", "lm_cfg_scale",
-               "lm_top_p", "lm_repetition_penalty"),
+               "audio_cover_strength", "cover_noise_strength", "repainting_start", "repainting_end", "lm_temperature",
+               "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty"),
     to_bool: ("use_adg", "use_tiled_decode", "use_random_seed", "thinking", "sample_mode", "use_format",
               "analysis_only", "full_analysis_only", "constrained_decoding", "constrained_decoding_debug",
               "use_cot_caption", "use_cot_language", "is_format_caption", "allow_lm_batch", "instrumental"),
@@ -247,8 +247,6 @@ _PIPELINE = "the diffusers AceStepPipeline this server runs"
 UPSTREAM_ONLY: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "global_caption": ("", to_optstr, f"{_PIPELINE} conditions each item on its prompt only (no song-wide caption "
                                       "for SFT-stems lego)"),
-    "cover_noise_strength": (0.0, to_float, f"{_PIPELINE} starts a cover from pure noise; it cannot start from "
-                                            "a noised source (use audio_cover_strength)"),
     "repaint_mode": ("balanced", to_lower, f"{_PIPELINE} repaints with one fixed mask (regenerate inside "
                                            "repainting_start..repainting_end, keep the source outside)"),
     "repaint_strength": (0.5, to_float, f"{_PIPELINE} repaints with one fixed mask"),
@@ -292,7 +290,6 @@ class StrictRequest(GenerationRequest):
     # /create_random_sample's simple_mode output fed back; request_parsing turns it into lyrics
     instrumental: Optional[bool] = Field(None, exclude=True)
     global_caption: Optional[str] = _upstream_only("global_caption")
-    cover_noise_strength: Optional[float] = _upstream_only("cover_noise_strength")
     repaint_mode: Optional[str] = _upstream_only("repaint_mode")
     repaint_strength: Optional[float] = _upstream_only("repaint_strength")
     repaint_latent_crossfade_frames: Optional[int] = _upstream_only("repaint_latent_crossfade_frames")

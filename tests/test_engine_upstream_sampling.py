@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from engine import sampler
+from engine import audio_io, sampler
 from engine.request import GenerationRequest
 from engine.types import GenerationError
 from handlers.envelope import ApiError
 from handlers.request_parsing import parse_release_task
 from tests.engine_fixtures import *  # noqa: F401,F403
-from tests.engine_fixtures import BASE, TURBO, decode
+from tests.engine_fixtures import BASE, TURBO, decode, wav_bytes
 
 
 def req(**kw) -> GenerationRequest:
@@ -124,3 +124,48 @@ def test_heun_with_guidance_fails_saying_why_and_sde_keeps_euler(engine):
         engine.generate(req(model=BASE, sampler_mode="heun", guidance_scale=5.0))
     info = engine.generate(req(sampler_mode="heun", infer_method="sde")).generation_info
     assert info["sampler_mode"] == "euler" and any("heun ignored" in n for n in info["notes"])
+
+
+# --- cover_noise_strength -------------------------------------------------------------------------------
+
+def test_cover_noise_strength_is_read_for_covers_and_refused_elsewhere():
+    cover = {"task_type": "cover", "src_audio_key": "uploads/x"}
+    assert parse_release_task({**cover, "coverNoiseStrength": "0.4"}).request.cover_noise_strength == 0.4
+    assert parse_release_task({"audio_code_string": "1,2,3", "cover_noise_strength": 1}).request.cover_noise_strength == 1
+    assert _detail({**cover, "cover_noise_strength": 1.5}).startswith("cover_noise_strength: must be")
+    detail = _detail({"cover_noise_strength": 0.5})
+    assert "cover_noise_strength applies to cover only" in detail and "'text2music'" in detail, detail
+
+
+def test_cover_noise_strength_starts_from_the_source_renoised(engine):
+    source_wav = wav_bytes(10.0)
+    pipe = engine.model(TURBO).pipe
+    first_inputs, decoded = [], []
+    hooks = [pipe.transformer.register_forward_pre_hook(
+                 lambda _m, _a, kw: first_inputs.append(kw["hidden_states"].clone()) if not first_inputs else None,
+                 with_kwargs=True),
+             pipe.vae.decoder.register_forward_pre_hook(lambda _m, a: decoded.append(a[0].transpose(1, 2).clone()))]
+    runs = {}
+    try:
+        for strength in (0.0, 1.0):
+            first_inputs.clear()
+            calls, result = _counting_generate(engine, TURBO, req(
+                task_type="cover", src_audio_key="k", audio_duration=None, seeds=[3], inference_steps=4,
+                cover_noise_strength=strength), src_audio=source_wav)
+            runs[strength] = (calls, first_inputs[0], decoded[-1], result.generation_info)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # the schedule for 4 steps at shift 3 is 1, 0.9, 0.75, 0.5: strength 1 (noise level 0) starts at 0.5, one step
+    (calls0, start0, out0, info0), (calls1, start1, out1, info1) = runs[0.0], runs[1.0]
+    assert (calls0, calls1) == (4, 1) and (info0["steps"], info1["steps"]) == (4, 1)
+    assert info1["cover_noise_strength"] == 1.0 and any("started at t=0.5" in n for n in info1["notes"])
+    noise = torch.randn(tuple(start0.shape), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(start0, noise)  # strength 0: pure noise, as before
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)  # the engine fixes the draw from the VAE's posterior (the pipeline's encode makes the same)
+        clean = pipe.vae.encode(audio_io.decode_audio(source_wav, "src").unsqueeze(0)).latent_dist.sample()
+    clean = clean.transpose(1, 2)
+    assert torch.allclose(start1, 0.5 * noise + 0.5 * clean, atol=1e-5)
+    distance = {s: float((out - clean).norm() / clean.norm()) for s, out in ((0.0, out0), (1.0, out1))}
+    assert distance[1.0] < distance[0.0], distance  # the output stays closer to the source latents
