@@ -112,6 +112,10 @@ class GenerationRequest(BaseModel):
         "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "maxItems": 200})
     # upstream's sampler options: heun is second order (two DiT evaluations a step); engine/sampler.py
     sampler_mode: Literal["euler", "heun"] = "euler"
+    # upstream's velocity controls (0: off): scale each item's velocity to at most this many times its latents'
+    # norm; blend each step's velocity with the previous one's by this factor
+    velocity_norm_threshold: float = Field(0.0, ge=0.0, le=100.0)
+    velocity_ema_factor: float = Field(0.0, ge=0.0, le=1.0)
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0)
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0)
     use_adg: bool = False

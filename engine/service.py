@@ -666,6 +666,8 @@ class Engine:
             "guidance_scale": guidance,
             "infer_method": r.infer_method,
             "sampler_mode": _sampler_mode(r),
+            "velocity_norm_threshold": r.velocity_norm_threshold,
+            "velocity_ema_factor": r.velocity_ema_factor,
             "vae_decode": "tiled" if job.vae_tiled else "untiled",
             "vae_decode_device": "cpu" if job.vae_on_cpu else str(self.device),
             "offload": self._offload_info(),
@@ -716,16 +718,16 @@ class Engine:
         """The scheduler of this call (engine/sampler.py): the pipeline's own Euler one when the request asks
         for nothing else; else a stochastic one (sde), Heun's, or Euler's with the velocity controls."""
         mode = _sampler_mode(request)
-        if request.infer_method == "ode" and mode == "euler":
+        shaping = sampler.VelocityShaping(request.velocity_norm_threshold, request.velocity_ema_factor)
+        if request.infer_method == "ode" and mode == "euler" and shaping == sampler.VelocityShaping():
             yield
             return
         original = pipe.scheduler
         if request.infer_method == "sde":
             swapped = _PerItemNoiseSDEScheduler.from_config(original.config, stochastic_sampling=True)
-            swapped.generators = generators
+            swapped.generators, swapped.shaping = generators, shaping
         else:
-            swapped = sampler.scheduler_for(original, mode, sampler.VelocityShaping(),
-                                            final_corrector=not pipe.is_turbo)
+            swapped = sampler.scheduler_for(original, mode, shaping, final_corrector=not pipe.is_turbo)
         pipe.scheduler = swapped
         try:
             yield

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from engine import audio_io, sampler
+from engine import audio_io, plan, sampler
+from engine import service
 from engine.request import GenerationRequest
 from engine.types import GenerationError
 from handlers.envelope import ApiError
@@ -35,15 +36,26 @@ def _detail(fields) -> str:
     return info.value.detail
 
 
-def _counting_generate(engine, model: str, request: GenerationRequest, **kwargs):
-    """(the DiT's forward calls, the result) of one generation."""
-    calls = []
-    handle = engine.model(model).pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+def _run(engine, request: GenerationRequest, **kwargs):
+    """(the DiT's forward calls, the result, the latents the VAE decoded [batch, frames, channels]) of one
+    generation on the turbo model."""
+    pipe = engine.model(TURBO).pipe
+    calls, decoded = [], []
+    hooks = [pipe.transformer.register_forward_hook(lambda *_: calls.append(1)),
+             pipe.vae.decoder.register_forward_pre_hook(lambda _m, a: decoded.append(a[0].transpose(1, 2).clone()))]
     try:
         result = engine.generate(request, **kwargs)
-        return len(calls), result
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
+    assert len(decoded) == 1  # one untiled decode
+    return len(calls), result, decoded[0]
+
+
+@pytest.fixture(scope="module")
+def default_run(engine):
+    """The run every field's is compared with: req() at upstream's defaults (2 Euler steps)."""
+    return _run(engine, req())
 
 
 # --- the step rules, against upstream's loop written out (a toy velocity field instead of the DiT) ----------
@@ -52,7 +64,7 @@ def _velocity(x: torch.Tensor, t: float) -> torch.Tensor:
     return torch.sin(3.0 * x) * (1.0 + t) - 0.5 * x
 
 
-def _upstream_loop(x, schedule, heun: bool, final_corrector: bool, norm=0.0, ema=0.0):
+def _upstream_loop(x, schedule, heun: bool, final_corrector: bool, norm: float = 0.0, ema: float = 0.0):
     """Upstream generate_audio's ODE loop (turbo: the last step projects to x0; base: every step corrects)."""
     def shape(v, at, prev):
         if norm > 0:
@@ -84,19 +96,37 @@ def _pipeline_loop(scheduler, x, schedule):
     return x, evaluations
 
 
+SCHEDULE = [1.0, 0.9, 0.75, 0.5, 0.3]
+
+
+def _toy_start() -> torch.Tensor:
+    return torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("final_corrector", [False, True], ids=["turbo", "base"])
 def test_heun_steps_are_upstreams_predictor_corrector(final_corrector):
     original = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
-    schedule = [1.0, 0.9, 0.75, 0.5, 0.3]
-    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    x = _toy_start()
     heun = sampler.scheduler_for(original, "heun", sampler.VelocityShaping(), final_corrector=final_corrector)
-    got, evaluations = _pipeline_loop(heun, x, schedule)
-    assert evaluations == len(schedule) * 2 - (0 if final_corrector else 1)
-    assert evaluations == len(sampler.evaluations(len(schedule), "heun", final_corrector))
-    assert torch.allclose(got, _upstream_loop(x, schedule, True, final_corrector), atol=1e-5)
-    euler, euler_evals = _pipeline_loop(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0), x, schedule)
-    assert euler_evals == len(schedule) and torch.allclose(euler, _upstream_loop(x, schedule, False, False), atol=1e-5)
+    got, evaluations = _pipeline_loop(heun, x, SCHEDULE)
+    assert evaluations == len(SCHEDULE) * 2 - (0 if final_corrector else 1)
+    assert evaluations == len(sampler.evaluations(len(SCHEDULE), "heun", final_corrector))
+    assert torch.allclose(got, _upstream_loop(x, SCHEDULE, True, final_corrector), atol=1e-5)
+    euler, euler_evals = _pipeline_loop(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0), x, SCHEDULE)
+    assert euler_evals == len(SCHEDULE) and torch.allclose(euler, _upstream_loop(x, SCHEDULE, False, False), atol=1e-5)
     assert not torch.allclose(got, euler, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode,final_corrector", [("euler", False), ("heun", False), ("heun", True)])
+@pytest.mark.parametrize("norm,ema", [(0.3, 0.0), (0.0, 0.4), (0.3, 0.4)])
+def test_velocity_controls_are_upstreams(mode, final_corrector, norm, ema):
+    original = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    x = _toy_start()
+    shaped = sampler.scheduler_for(original, mode, sampler.VelocityShaping(norm, ema), final_corrector)
+    got, _ = _pipeline_loop(shaped, x, SCHEDULE)
+    heun = mode == "heun"
+    assert torch.allclose(got, _upstream_loop(x, SCHEDULE, heun, final_corrector, norm, ema), atol=1e-5)
+    assert not torch.allclose(got, _upstream_loop(x, SCHEDULE, heun, final_corrector), atol=1e-3)
 
 
 # --- sampler_mode ---------------------------------------------------------------------------------------
@@ -107,23 +137,40 @@ def test_sampler_mode_is_read_and_refused_outside_euler_and_heun():
     assert _detail({"sampler_mode": "rk4"}) == "sampler_mode: must be one of euler, heun (got 'rk4')"
 
 
-def test_heun_evaluates_the_dit_twice_a_step_and_changes_the_output(engine):
-    euler_calls, euler = _counting_generate(engine, TURBO, req(inference_steps=3))
+def test_heun_evaluates_the_dit_twice_a_step_and_changes_the_output(engine, default_run):
+    euler_calls, euler, _ = default_run
     seen = []
-    heun_calls, heun = _counting_generate(engine, TURBO, req(inference_steps=3, sampler_mode="heun"),
-                                          progress=lambda f, s: seen.append(s))
-    assert (euler_calls, heun_calls) == (3, 5)  # turbo: the last step only projects to x0, as upstream
+    heun_calls, heun, _ = _run(engine, req(sampler_mode="heun"), progress=lambda f, s: seen.append(s))
+    assert (euler_calls, heun_calls) == (2, 3)  # turbo: the last step only projects to x0, as upstream
     assert not np.allclose(samples(euler), samples(heun), atol=1e-3)
     assert (euler.generation_info["sampler_mode"], heun.generation_info["sampler_mode"]) == ("euler", "heun")
-    assert [s for s in seen if s.startswith("diffusion")] == [f"diffusion step {i}/3" for i in (1, 1, 2, 2, 3)]
+    assert [s for s in seen if s.startswith("diffusion")] == [f"diffusion step {i}/2" for i in (1, 1, 2)]
     assert type(engine.model(TURBO).pipe.scheduler) is FlowMatchEulerDiscreteScheduler  # restored after the call
+    assert plan.batch_key(req(sampler_mode="heun"), TURBO) != plan.batch_key(req(), TURBO)
 
 
 def test_heun_with_guidance_fails_saying_why_and_sde_keeps_euler(engine):
     with pytest.raises(GenerationError, match="heun.*guidance.*plain CFG"):
         engine.generate(req(model=BASE, sampler_mode="heun", guidance_scale=5.0))
-    info = engine.generate(req(sampler_mode="heun", infer_method="sde")).generation_info
-    assert info["sampler_mode"] == "euler" and any("heun ignored" in n for n in info["notes"])
+    assert service._sampler_mode(req(sampler_mode="heun", infer_method="sde")) == "euler"  # as upstream
+
+
+# --- velocity_norm_threshold, velocity_ema_factor --------------------------------------------------------
+
+def test_velocity_fields_are_read_and_bounded():
+    parsed = parse_release_task({"velocity_norm_threshold": "2", "param_obj": {"velocity_ema_factor": 0.1}}).request
+    assert (parsed.velocity_norm_threshold, parsed.velocity_ema_factor) == (2.0, 0.1)
+    assert _detail({"velocity_ema_factor": 1.5}).startswith("velocity_ema_factor: must be")
+    assert _detail({"velocity_norm_threshold": -1}).startswith("velocity_norm_threshold: must be")
+
+
+def test_velocity_controls_change_the_run(engine, default_run):
+    _, plain, _ = default_run
+    _, shaped, _ = _run(engine, req(velocity_norm_threshold=0.05, velocity_ema_factor=0.5))
+    assert not np.allclose(samples(plain), samples(shaped), atol=1e-3)
+    info = shaped.generation_info
+    assert (info["velocity_norm_threshold"], info["velocity_ema_factor"]) == (0.05, 0.5)
+    assert plan.batch_key(req(velocity_ema_factor=0.5), TURBO) != plan.batch_key(req(), TURBO)
 
 
 # --- cover_noise_strength -------------------------------------------------------------------------------
@@ -138,24 +185,20 @@ def test_cover_noise_strength_is_read_for_covers_and_refused_elsewhere():
 
 
 def test_cover_noise_strength_starts_from_the_source_renoised(engine):
-    source_wav = wav_bytes(10.0)
+    source_wav = wav_bytes(4.0)  # short: the test runs two covers
     pipe = engine.model(TURBO).pipe
-    first_inputs, decoded = [], []
-    hooks = [pipe.transformer.register_forward_pre_hook(
-                 lambda _m, _a, kw: first_inputs.append(kw["hidden_states"].clone()) if not first_inputs else None,
-                 with_kwargs=True),
-             pipe.vae.decoder.register_forward_pre_hook(lambda _m, a: decoded.append(a[0].transpose(1, 2).clone()))]
+    first_inputs: list[torch.Tensor] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: None if first_inputs else first_inputs.append(kw["hidden_states"].clone()), with_kwargs=True)
     runs = {}
     try:
         for strength in (0.0, 1.0):
             first_inputs.clear()
-            calls, result = _counting_generate(engine, TURBO, req(
-                task_type="cover", src_audio_key="k", audio_duration=None, seeds=[3], inference_steps=4,
-                cover_noise_strength=strength), src_audio=source_wav)
-            runs[strength] = (calls, first_inputs[0], decoded[-1], result.generation_info)
+            calls, result, out = _run(engine, req(task_type="cover", src_audio_key="k", audio_duration=None, seeds=[3],
+                                                  inference_steps=4, cover_noise_strength=strength), src_audio=source_wav)
+            runs[strength] = (calls, first_inputs[0], out, result.generation_info)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     # the schedule for 4 steps at shift 3 is 1, 0.9, 0.75, 0.5: strength 1 (noise level 0) starts at 0.5, one step
     (calls0, start0, out0, info0), (calls1, start1, out1, info1) = runs[0.0], runs[1.0]
     assert (calls0, calls1) == (4, 1) and (info0["steps"], info1["steps"]) == (4, 1)
