@@ -45,6 +45,15 @@ def test_publish_then_fetch_gives_the_same_files(s3, tmp_path):
     assert _files(dest) == _files(source)
 
 
+def test_the_engines_hash_cache_is_not_published(s3, tmp_path):
+    source = _model(tmp_path / "src")
+    (source / ".transformer.fingerprint.json").write_text('{"version": 1, "files": {}}')
+    model_mirror.publish(s3, BUCKET, "acestep-v15-turbo", source)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert not any(k.endswith(".fingerprint.json") for k in keys), keys
+    assert any(k.endswith("transformer/config.json") for k in keys)
+
+
 def test_a_model_without_manifest_is_not_fetched(s3, tmp_path):
     """The manifest is written last: a publish that died half way is invisible."""
     s3.put_object(Bucket=BUCKET, Key="models/half/model_index.json", Body=b"{}")

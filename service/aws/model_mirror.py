@@ -35,9 +35,16 @@ def model_prefix(name: str) -> str:
     return f"{MODELS_PREFIX}{name}/"
 
 
+def _published(path: Path) -> bool:
+    """Not a half-written download, nor the engine's per-host hash cache (engine/weights/fingerprint.py:
+    `.<component>.fingerprint.json`, keyed on this host's inodes and ctimes, so useless on another)."""
+    name = path.name
+    return not name.startswith(".part-") and not (name.startswith(".") and name.endswith(".fingerprint.json"))
+
+
 def publish(s3: AwsClient, bucket: str, name: str, source: Path) -> int:
     """Upload every file under `source`; returns the bytes uploaded. The manifest goes last."""
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".part-"))
+    files = sorted(p for p in source.rglob("*") if p.is_file() and _published(p))
     if not files:
         raise FileNotFoundError(f"nothing to publish under {source}")
     prefix = model_prefix(name)
