@@ -248,4 +248,4 @@ def batch_key(request: GenerationRequest, model: str, lm_loaded: bool = False,
     return (model, length_bucket(r.audio_duration or DEFAULT_TEXT2MUSIC_SECONDS, bucket_seconds), r.inference_steps, r.guidance_scale, r.shift,
             r.infer_method, tuple(r.timesteps or ()), r.cfg_interval_start, r.cfg_interval_end, r.bpm, r.key_scale,
             r.time_signature, r.instruction, r.use_tiled_decode, r.adapter_key,
-            r.sampler_mode, r.velocity_norm_threshold, r.velocity_ema_factor)
+            r.sampler_mode, r.velocity_norm_threshold, r.velocity_ema_factor, r.latent_shift, r.latent_rescale)

@@ -116,6 +116,9 @@ class GenerationRequest(BaseModel):
     # norm; blend each step's velocity with the previous one's by this factor
     velocity_norm_threshold: float = Field(0.0, ge=0.0, le=100.0)
     velocity_ema_factor: float = Field(0.0, ge=0.0, le=1.0)
+    # upstream's post-processing of the final latents, before the VAE decodes them: latents * rescale + shift
+    latent_shift: float = Field(0.0, ge=-10.0, le=10.0)
+    latent_rescale: float = Field(1.0, ge=0.0, le=10.0)
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0)
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0)
     use_adg: bool = False

@@ -524,6 +524,8 @@ class Engine:
                     f"diffusion step {evals[step]}/{n_steps}")
             if step + 1 == len(evals):  # the pipeline decodes the latents next
                 decode.expect(int(tensors["latents"].shape[1]))  # [batch, frames, channels]
+                if r.latent_rescale != 1.0 or r.latent_shift != 0.0:  # upstream's post-processing before the decode
+                    tensors["latents"] = tensors["latents"] * r.latent_rescale + r.latent_shift
                 _report(progress, _DECODE_AT, "VAE decode")
             return tensors
 
@@ -668,6 +670,8 @@ class Engine:
             "sampler_mode": _sampler_mode(r),
             "velocity_norm_threshold": r.velocity_norm_threshold,
             "velocity_ema_factor": r.velocity_ema_factor,
+            "latent_shift": r.latent_shift,
+            "latent_rescale": r.latent_rescale,
             "vae_decode": "tiled" if job.vae_tiled else "untiled",
             "vae_decode_device": "cpu" if job.vae_on_cpu else str(self.device),
             "offload": self._offload_info(),

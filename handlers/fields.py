@@ -228,7 +228,8 @@ _READERS: dict[Callable[[Any], Any], tuple[str, ...]] = {
     to_duration: ("audio_duration",),
     to_float: ("guidance_scale", "shift", "cfg_interval_start", "cfg_interval_end",
                "audio_cover_strength", "cover_noise_strength", "repainting_start", "repainting_end", "lm_temperature",
-               "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty", "velocity_norm_threshold", "velocity_ema_factor"),
+               "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty", "velocity_norm_threshold", "velocity_ema_factor",
+               "latent_shift", "latent_rescale"),
     to_bool: ("use_adg", "use_tiled_decode", "use_random_seed", "thinking", "sample_mode", "use_format",
               "analysis_only", "full_analysis_only", "constrained_decoding", "constrained_decoding_debug",
               "use_cot_caption", "use_cot_language", "is_format_caption", "allow_lm_batch", "instrumental"),
@@ -254,8 +255,6 @@ UPSTREAM_ONLY: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "repaint_wav_crossfade_sec": (0.0, to_float, f"{_PIPELINE} returns the whole decoded output (no waveform "
                                                  "splice into the source)"),
     "chunk_mask_mode": ("auto", to_lower, f"{_PIPELINE} builds the repaint mask from the task itself"),
-    "latent_shift": (0.0, to_float, "this engine decodes the pipeline's latents unchanged"),
-    "latent_rescale": (1.0, to_float, "this engine decodes the pipeline's latents unchanged"),
     "extract_codes_only": (False, to_bool, "this engine turns source audio into codes only for full_analysis_only "
                                            "(which the 5 Hz LM then reads)"),
     "guidance_variant": ("apg_classic", to_lower, f"{_PIPELINE} guides with APG (upstream's apg_classic) only"),
@@ -293,8 +292,6 @@ class StrictRequest(GenerationRequest):
     repaint_latent_crossfade_frames: Optional[int] = _upstream_only("repaint_latent_crossfade_frames")
     repaint_wav_crossfade_sec: Optional[float] = _upstream_only("repaint_wav_crossfade_sec")
     chunk_mask_mode: Optional[str] = _upstream_only("chunk_mask_mode")
-    latent_shift: Optional[float] = _upstream_only("latent_shift")
-    latent_rescale: Optional[float] = _upstream_only("latent_rescale")
     extract_codes_only: Optional[bool] = _upstream_only("extract_codes_only")
     guidance_variant: Optional[str] = _upstream_only("guidance_variant")
     guidance_params: Optional[dict[str, Any]] = _upstream_only("guidance_params")

@@ -212,3 +212,20 @@ def test_cover_noise_strength_starts_from_the_source_renoised(engine):
     assert torch.allclose(start1, 0.5 * noise + 0.5 * clean, atol=1e-5)
     distance = {s: float((out - clean).norm() / clean.norm()) for s, out in ((0.0, out0), (1.0, out1))}
     assert distance[1.0] < distance[0.0], distance  # the output stays closer to the source latents
+
+
+# --- latent_shift, latent_rescale -----------------------------------------------------------------------
+
+def test_latent_fields_are_read_and_bounded():
+    parsed = parse_release_task({"latent_shift": "-0.1", "metas": {"latent_rescale": 1.2}}).request
+    assert (parsed.latent_shift, parsed.latent_rescale) == (-0.1, 1.2)
+    assert _detail({"latent_rescale": 11}).startswith("latent_rescale: must be between 0 and 10")
+
+
+def test_latents_are_rescaled_and_shifted_before_the_decode(engine, default_run):
+    _, plain, plain_latents = default_run
+    _, moved, latents = _run(engine, req(latent_shift=0.1, latent_rescale=0.5))
+    assert torch.allclose(latents, plain_latents * 0.5 + 0.1, atol=1e-5)  # upstream: pred * rescale + shift
+    assert not np.allclose(samples(plain), samples(moved), atol=1e-3)
+    assert (moved.generation_info["latent_shift"], moved.generation_info["latent_rescale"]) == (0.1, 0.5)
+    assert plan.batch_key(req(latent_shift=0.1), TURBO) != plan.batch_key(req(), TURBO)
