@@ -246,8 +246,8 @@ READ_AS: dict[str, Callable[[Any], Any]] = {name: read for read, names in _READE
 # runs has no counterpart for: name -> (upstream's default, reader, why another value is refused).
 _PIPELINE = "the diffusers AceStepPipeline this server runs"
 UPSTREAM_ONLY: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
-    "global_caption": ("", to_optstr, f"{_PIPELINE} conditions each item on its prompt only (no song-wide caption "
-                                      "for SFT-stems lego)"),
+    "global_caption": ("", to_optstr, "only upstream's SFT-stems lego checkpoint reads it (its Global/Local caption "
+                                      "block); no model this engine loads is one"),
     "repaint_mode": ("balanced", to_lower, f"{_PIPELINE} repaints with one fixed mask (regenerate inside "
                                            "repainting_start..repainting_end, keep the source outside)"),
     "repaint_strength": (0.5, to_float, f"{_PIPELINE} repaints with one fixed mask"),
