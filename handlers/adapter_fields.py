@@ -62,13 +62,15 @@ def _find(fields: Mapping[str, Any], names: tuple[str, ...]) -> Optional[tuple[s
 
 def _scale(value: Any, label: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{label}: must be a number (got {value!r})")
+        raise ValueError(f"{label}: an adapter scale must be a number (got {value!r})")
     try:
         number = float(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{label}: must be a number or a list of numbers (got {str(value)[:40]!r})") from None
+        raise ValueError(f"{label}: an adapter scale must be a number or a list of numbers "
+                         f"(got {str(value)[:40]!r})") from None
     if not math.isfinite(number) or not ADAPTER_SCALE_MIN <= number <= ADAPTER_SCALE_MAX:
-        raise ValueError(f"{label}: must be between {ADAPTER_SCALE_MIN:g} and {ADAPTER_SCALE_MAX:g} (got {value!r})")
+        raise ValueError(f"{label}: must be between {ADAPTER_SCALE_MIN:g} and {ADAPTER_SCALE_MAX:g} "
+                         f"(an adapter scale; got {str(value)[:40]!r})")
     return number
 
 
@@ -106,7 +108,7 @@ def read_adapters(fields: Mapping[str, Any]) -> Optional[list[dict[str, Any]]]:
             try:
                 scale_value = text_list(scale_value)
             except ValueError:
-                raise ValueError(f"{scale_label}: must be a number or a list of numbers") from None
+                raise ValueError(f"{scale_label}: an adapter scale must be a number or a list of numbers") from None
         if isinstance(scale_value, (list, tuple)):
             if len(scale_value) != len(items):
                 raise ValueError(f"{scale_label}: one scale per adapter ({len(items)}), or one number for all "
@@ -140,6 +142,11 @@ def with_adapters(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NUMBER_RE = r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*"
+# The text forms of a scale read_adapters accepts: "0.8", "0.5, 1", "[0.5, 1]" (the range is checked after).
+SCALE_TEXT_RE = rf"^\s*(\[{_NUMBER_RE}(,{_NUMBER_RE})*\]|{_NUMBER_RE}(,{_NUMBER_RE})*)\s*$"
+
+
 def field_schemas() -> dict[str, dict[str, Any]]:
     """/release_task's OpenAPI schemas of the adapter fields under every name read_adapters reads (`adapters`
     excepted: the canonical list, documented from the request model)."""
@@ -156,7 +163,8 @@ def field_schemas() -> dict[str, dict[str, Any]]:
                        "a name the server lacks, or one its model does not fit, is a 400"}
     adapter_scale = {"anyOf": [
         scale, {"type": "array", "maxItems": MAX_ADAPTERS, "items": scale},
-        {"type": "string", "maxLength": 256, "description": "a number, or numbers separated by commas"},
+        {"type": "string", "maxLength": 256, "pattern": SCALE_TEXT_RE,
+         "description": "a number, or numbers separated by commas (or a JSON list)"},
         {"type": "null"}],
         "description": f"one scale for every adapter, or one per adapter ({ADAPTER_SCALE_MIN:g} to "
                        f"{ADAPTER_SCALE_MAX:g}; 0 is bit-identical to no adapter); needs `adapter`"}
