@@ -152,6 +152,7 @@ _ERROR_TEXT = {400: "Invalid input: the message names the field", 401: "Missing 
                403: "Not allowed", 404: "Not found", 408: "The body did not arrive in time",
                413: "Too large (body, stored request or task cost)", 415: "Unsupported content type",
                409: "Conflict: cancelled, or what it names changed before it ran",
+               410: "Gone: the task's audio is no longer stored (expired or deleted)",
                422: "Not processable: an Idempotency-Key reused for another request, or a request the engine refused",
                429: "Limit reached: see Retry-After",
                503: "Unavailable (no worker or LM for it): see Retry-After", 504: "No answer in time",

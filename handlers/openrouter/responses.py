@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from engine.types import CONTENT_TYPES
@@ -14,6 +16,7 @@ from service.records import TaskRecord, TaskResult
 NO_LM_TEXT = "Music generated successfully."
 DEMO_NOTE = ("Note: this server runs a random-weight demo model, so the audio is noise, not music.")
 INSTRUMENTAL = ("[inst]", "[instrumental]")
+log = logging.getLogger(__name__)
 
 
 def completion_id() -> str:
@@ -53,15 +56,48 @@ def content_text(record: TaskRecord, lm_fallback: bool = False) -> str:
 
 # Raw bytes per base64 piece: a multiple of 3, so the pieces join into one base64 text.
 B64_PIECE = 3 * 2**20
+GONE, STORE_FAILED = 410, 503  # a file of the answer is not stored (expired, deleted) / the store failed
 
 
-def _audio_list(record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
+@dataclass(frozen=True)
+class AudioProblem:
+    """Why the answer's audio cannot be read: the HTTP status it means and a sentence for the client."""
+    status: int
+    detail: str
+
+
+def _problem(key: str, exc: Optional[BaseException]) -> AudioProblem:
+    if exc is None or isinstance(exc, KeyError):
+        return AudioProblem(GONE, f"the generated audio {key} is no longer stored (expired or deleted)")
+    log.warning("reading %s from the blob store failed", key, exc_info=exc)
+    return AudioProblem(STORE_FAILED, f"the generated audio {key} could not be read from storage "
+                                      f"({type(exc).__name__}); retry shortly")
+
+
+def audio_problem(record: TaskRecord, blobs: BlobStore) -> Optional[AudioProblem]:
+    """Whether every audio file of the record is in the store (blocking: asks the store, reads nothing), so
+    that an answer whose headers are sent before its audio is read can still fail with a status."""
+    for audio in record.result.audios if record.result else []:
+        try:
+            if blobs.size(audio.key) is None:
+                return _problem(audio.key, None)
+        except Exception as exc:  # the store's own failure (S3, disk): the client is told, not given a 500
+            return _problem(audio.key, exc)
+    return None
+
+
+def _audio_list(record: TaskRecord, blobs: BlobStore, failed: list[AudioProblem]) -> Iterator[str]:
     """The JSON of the `audio` list, every generated file as a base64 data URL, in pieces (blocking: reads
     the blob store). One file is held at a time: a whole response built at once (8 songs of 600 s wav32
-    are 1.8 GB, 2.5 GB as base64) held three copies of it, for one request."""
+    are 1.8 GB, 2.5 GB as base64) held three copies of it, for one request. A file that cannot be read
+    (gone since audio_problem looked) ends the list there, still valid JSON, and is put in `failed`."""
     yield "["
     for i, audio in enumerate(record.result.audios if record.result else []):
-        data = blobs.get(audio.key)
+        try:
+            data = blobs.get(audio.key)
+        except Exception as exc:
+            failed.append(_problem(audio.key, exc))
+            break
         yield (", " if i else "") + ('{"type": "audio_url", "audio_url": {"url": "data:'
                                      f'{CONTENT_TYPES.get(audio.format, "audio/mpeg")};base64,')
         for start in range(0, len(data), B64_PIECE):
@@ -71,13 +107,11 @@ def _audio_list(record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
     yield "]"
 
 
-def _with_audio(value: dict[str, Any], slot: str, audio: Iterator[str], **dumps: Any) -> Iterator[str]:
-    """`value` as JSON with the audio list streamed where the string `slot` stands in it. `slot` is a
-    fresh random string each time, so no text a client wrote can stand for it."""
+def _around(value: dict[str, Any], slot: str, **dumps: Any) -> tuple[str, str]:
+    """`value` as JSON, split where the string `slot` stands in it. `slot` is a fresh random string each
+    time, so no text a client wrote can stand for it."""
     before, after = json.dumps(value, **dumps).split(json.dumps(slot, **dumps), 1)
-    yield before
-    yield from audio
-    yield after
+    return before, after
 
 
 def has_audio(record: TaskRecord) -> bool:
@@ -85,12 +119,23 @@ def has_audio(record: TaskRecord) -> bool:
 
 
 def completion_parts(cid: str, model: str, content: str, record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
-    """The chat completion's JSON in pieces (a StreamingResponse body), audio included."""
+    """The chat completion's JSON in pieces (a StreamingResponse body), audio included. The route has checked
+    the files are there (audio_problem); one lost after that still ends in valid JSON: the audio read so far,
+    finish_reason "error" and an OpenAI-style `error` saying which file and why."""
     if not has_audio(record):
         yield json.dumps(completion(cid, model, content, None))
         return
     slot = uuid.uuid4().hex
-    yield from _with_audio(completion(cid, model, content, slot), slot, _audio_list(record, blobs))
+    value = completion(cid, model, content, slot)
+    before, after = _around(value, slot)
+    yield before
+    failed: list[AudioProblem] = []
+    yield from _audio_list(record, blobs, failed)
+    if failed:  # keys after the audio only, so `before` is unchanged
+        value["choices"][0]["finish_reason"] = "error"
+        value["error"] = {"message": failed[0].detail, "code": failed[0].status}
+        after = _around(value, slot)[1]
+    yield after
 
 
 def completion(cid: str, model: str, content: str, audio: Any) -> dict[str, Any]:
@@ -123,15 +168,17 @@ class Chunks:
         return {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-    def audio_chunk(self, record: TaskRecord, blobs: BlobStore) -> Iterator[str]:
-        """chunk(audio=[...]) with the record's audio, in pieces (see completion_parts)."""
+    def audio_chunk(self, record: TaskRecord, blobs: BlobStore, failed: list[AudioProblem]) -> Iterator[str]:
+        """chunk(audio=[...]) with the record's audio, in pieces (see completion_parts). A file that cannot be
+        read ends the list there (the chunk stays one well-formed line) and goes into `failed`, for the
+        route's error chunk."""
         slot = uuid.uuid4().hex
-        yield "data: "
-        yield from _with_audio(self._body({"audio": slot}, None), slot, _audio_list(record, blobs),
-                               ensure_ascii=False)
-        yield "\n\n"
+        before, after = _around(self._body({"audio": slot}, None), slot, ensure_ascii=False)
+        yield "data: " + before
+        yield from _audio_list(record, blobs, failed)
+        yield after + "\n\n"
 
     DONE = "data: [DONE]\n\n"
 
 
-__all__ = ["Chunks", "completion", "completion_id", "completion_parts", "content_text", "has_audio"]
+__all__ = ["AudioProblem", "Chunks", "audio_problem", "completion", "completion_id", "completion_parts", "content_text", "has_audio"]

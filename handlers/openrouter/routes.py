@@ -96,7 +96,7 @@ def _parse(body: bytes, settings: Settings, models: list[str]) -> tuple[ChatComp
 
 @chat_router.post("/v1/chat/completions", summary="Generate music from chat messages",
                   openapi_extra=request_body(model_schema(ChatCompletionRequest), JSON),
-                  responses=error_responses(400, 401, 408, 409, 413, 422, 429, 503, 504, 507))
+                  responses=error_responses(400, 401, 408, 409, 410, 413, 422, 429, 503, 504, 507))
 async def chat_completions(request: Request) -> Response:
     settings, backend = settings_of(request), backend_of(request)
     require_key(settings, request)  # the key of the listener it came in on (auth.py)
@@ -140,6 +140,12 @@ async def _completion(request: Request, tick: Tick, model_id: str, lm_fallback: 
     if record is None or record.status != SUCCEEDED:
         status, detail = _failure(record)
         raise ApiError(status, detail, headers=headers)
+    # The 200 goes out before the audio is read: a file that is not there (expired, deleted) or a store that
+    # fails is found now, while the answer can still be an error status saying so.
+    problem = await run_in_threadpool(responses.audio_problem, record, backend_of(request).blobs)
+    if problem is not None:
+        retry = {"Retry-After": "5"} if problem.status == responses.STORE_FAILED else {}
+        raise ApiError(problem.status, f"{problem.detail} (task {record.task_id})", headers={**headers, **retry})
     # Written as it is encoded (its pieces are made on a thread: blob reads, base64), never whole in memory
     body = responses.completion_parts(responses.completion_id(), model_id, responses.content_text(record, lm_fallback),
                                       record, backend_of(request).blobs)
@@ -173,8 +179,15 @@ async def _stream(request: Request, task_id: str, model_id: str, lm_fallback: bo
                 break
             yield out.chunk(content="\n\n" + responses.content_text(record, lm_fallback))
             if responses.has_audio(record):
-                async for piece in iterate_in_threadpool(out.audio_chunk(record, backend.blobs)):
-                    yield piece
+                problem = await run_in_threadpool(responses.audio_problem, record, backend.blobs)
+                failed = [problem] if problem is not None else []
+                if not failed:  # a file lost during the read ends the audio chunk as a whole line
+                    async for piece in iterate_in_threadpool(out.audio_chunk(record, backend.blobs, failed)):
+                        yield piece
+                if failed:
+                    yield out.chunk(content=f"\n\nError: {failed[0].detail}")
+                    yield out.chunk(finish_reason="error")
+                    break
             yield out.chunk(finish_reason="stop")
         yield out.DONE
     finally:
