@@ -34,6 +34,19 @@ def lm_folder(config: EngineConfig) -> Optional[Path]:
     return resolve_lm_folder(config.checkpoint_dir, config.lm_model) if config.lm_model else None
 
 
+def transformers_kv_cache_bytes(config: EngineConfig, folder: Path, dtype_bytes: int) -> int:
+    """The KV cache the fit check counts for the LM at `folder` on the transformers backend (engine/lm/kv_budget:
+    the same length its decodes allocate at most); 0 when vLLM runs it, which sizes its own cache from what the
+    fit check leaves."""
+    from engine.lm.backend_choice import vllm_installed
+    from engine.lm.kv_budget import fit_cache_bytes, read_config
+
+    choice = (config.lm_backend or "auto").strip().lower()
+    if choice == "vllm" or (choice == "auto" and vllm_installed()):
+        return 0
+    return fit_cache_bytes(read_config(folder), dtype_bytes)
+
+
 def load_planner(config: EngineConfig, device, dtype=None, memory_left: Optional[int] = None):
     """The planner for config.lm_model (a folder name under the checkpoint dir, or a path); None without one.
 

@@ -86,15 +86,18 @@ class DoesNotFit(GenerationError):
     model switch (service/model_switch.py) then retries after unloading the models in use."""
 
 
-def check_fits(needed: int, free: Optional[int], device: str, what: str, workspace: int = 0) -> None:
+def check_fits(needed: int, free: Optional[int], device: str, what: str, workspace: int = 0,
+               lm_cache: int = 0, lm_cache_terms: str = "") -> None:
     """Raise DoesNotFit (a GenerationError) that says how much is needed (weights + `workspace`) and how much
-    is there."""
+    is there. lm_cache: the part of `needed` that is the 5 Hz LM's KV cache, named apart with what it holds."""
     if free is None:
         return
     if needed + workspace > free:
         cpu = str(device).startswith("cpu")
+        cache = (f" and {lm_cache / GB:.2f} GB for the 5 Hz LM's KV cache ({lm_cache_terms})" if lm_cache else "")
         raise DoesNotFit(
-            f"{what} needs about {needed / GB:.1f} GB for weights plus {workspace / GB:.1f} GB to generate, "
+            f"{what} needs about {(needed - lm_cache) / GB:.1f} GB for weights{cache} plus {workspace / GB:.1f} GB "
+            f"to generate, "
             f"but {device} has {free / GB:.1f} GB {'available' if cpu else 'free'}. "
             + ("Use a machine with more RAM, serve fewer models (ACESTEP_CONFIG_PATH2/3), load in bf16 "
                "(ACESTEP_DTYPE=bfloat16: half of float32), quantise (ACESTEP_QUANTIZE=int8), or a smaller model "

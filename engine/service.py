@@ -220,16 +220,22 @@ class Engine:
                 log.warning("model %s is a RANDOM-WEIGHT DEMO checkpoint: %s", name, DEMO_NOTICE)
         lm_folder = lm_bridge.lm_folder(config)
         stage_largest, lm_bytes = largest, 0  # a vLLM LM stays on the device beside the largest DiT stage
+        lm_cache = 0
         if lm_folder is not None:  # the LM shares the GPU with the DiTs
             lm_dtype = str(dtype).replace("torch.", "")  # the transformers LM loads in the DiT's dtype
-            lm_bytes = memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm)
+            # its KV cache: the transformers backend's, at the full context (vLLM sizes its own from `left`)
+            lm_cache = lm_bridge.transformers_kv_cache_bytes(config, lm_folder, dtype_bytes)
+            lm_bytes = memory.weight_bytes(lm_folder, lm_dtype, quantize=config.quantize_lm) + lm_cache
             needed += lm_bytes
             largest = max(largest, lm_bytes)
-            memory.check_fits(offload.fit_bytes(config.offload, needed, largest, device.type), free, str(device),
-                              " + ".join([*config.model_names, lm_folder.name]), workspace)
+            fit = offload.fit_bytes(config.offload, needed, largest, device.type)
+            lm_counted = fit == needed or largest == lm_bytes  # under offload: the LM is the largest stage
+            memory.check_fits(fit, free, str(device), " + ".join([*config.model_names, lm_folder.name]), workspace,
+                              **_lm_cache_terms(lm_cache if lm_counted else 0))
         decision = offload.decide(config.offload, needed, largest, free, workspace, device.type)
         if not decision.offload:  # the loading checks asked for the largest stage only
-            memory.check_fits(needed, free, str(device), " + ".join(config.model_names), workspace)
+            memory.check_fits(needed, free, str(device), " + ".join(config.model_names), workspace,
+                              **_lm_cache_terms(lm_cache))
         if decision.offload:  # every stage home before the LM loads on the device
             for model in models.values():
                 model.pipe.to("cpu")
@@ -778,6 +784,13 @@ def _sampler_mode(request: GenerationRequest) -> str:
 def _guidance(pipe: AceStepPipeline, request: GenerationRequest) -> float:
     # Turbo DiTs are guidance-distilled; the pipeline would coerce to 1.0 with a warning per call.
     return 1.0 if pipe.is_turbo and request.guidance_scale > 1.0 else request.guidance_scale
+
+
+def _lm_cache_terms(lm_cache: int) -> dict:
+    """check_fits' arguments naming the transformers LM's KV cache within the bytes it checks."""
+    from engine.lm.kv_budget import FIT_TERMS
+
+    return {"lm_cache": lm_cache, "lm_cache_terms": FIT_TERMS} if lm_cache else {}
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 VAE decode's working set as measured at full size."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -73,3 +75,33 @@ def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch
         Engine.load(config)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * GB)
     assert [m.name for m in Engine.load(config).models()] == ["acestep-v15-turbo"]
+
+
+def test_the_lm_kv_cache_is_counted_and_named_in_a_refusal(tmp_path, monkeypatch):
+    """The transformers LM's KV cache (engine/lm/kv_budget.py: one song with CFG at the full context) is part of
+    what the fit check asks for: memory enough for the DiT's and the LM's weights and the working memory, but not
+    for the cache, is refused before the LM loads, with the cache's own figure."""
+    from engine.config import EngineConfig
+    from engine.lm import kv_budget
+    from engine.lm.tiny import build_tiny_lm
+    from engine.service import Engine
+    from engine.weights.checkpoints import build_tiny_checkpoint
+
+    dit = build_tiny_checkpoint(tmp_path / "acestep-v15-turbo")
+    lm = build_tiny_lm(tmp_path / "acestep-5Hz-lm-tiny", audio_codes=64)
+    cache = kv_budget.fit_cache_bytes(kv_budget.read_config(lm), 4)
+    assert cache == 2 * 4096 * kv_budget.kv_bytes_per_token(kv_budget.read_config(lm), 4) == 8 * 2**20
+    without_cache = (weight_bytes(dit, "float32") + weight_bytes(lm, "float32")
+                     + memory.workspace_bytes(memory.decoder_channels(dit), 4))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: without_cache + cache // 2)
+    config = EngineConfig(checkpoint_dir=str(tmp_path), model_names=["acestep-v15-turbo"], allow_download=False,
+                          device="cpu", dtype="float32", lm_model=str(lm), lm_backend="pt")
+    with pytest.raises(memory.DoesNotFit, match=r"acestep-v15-turbo \+ acestep-5Hz-lm-tiny needs about 0.0 GB for "
+                                                r"weights and 0.01 GB for the 5 Hz LM's KV cache \(one song with CFG, "
+                                                r"2 rows of 4096 tokens\) plus 0.6 GB to generate"):
+        Engine.load(config)
+    # vLLM sizes its own cache from what the check leaves: nothing is counted for it here
+    from engine import lm_bridge
+
+    for backend, counted in (("vllm", 0), ("pt", cache)):
+        assert lm_bridge.transformers_kv_cache_bytes(dataclasses.replace(config, lm_backend=backend), lm, 4) == counted

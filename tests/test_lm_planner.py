@@ -350,6 +350,37 @@ def test_static_kv_cache_gives_the_dynamic_caches_tokens(lm, lm_dir):
         assert [len(t) for t in static[0]] == [30, 35] and len(static[1][0]) > 0
 
 
+def test_the_fit_checks_kv_cache_is_what_the_static_cache_allocates(lm, lm_dir, monkeypatch):
+    """engine/lm/kv_budget.py: the bytes the engine's fit check counts for the transformers LM's KV cache equal
+    the static cache's tensors once a decode at the full context has allocated them (one song with CFG: 2 rows;
+    two songs: 4); a dynamic cache ends within them; a decode that would pass the context is refused."""
+    from engine.lm import kv_budget
+    from engine.types import GenerationError
+
+    caches = []
+    new_cache = lm._new_cache
+    monkeypatch.setattr(lm, "_new_cache", lambda length: caches.append(new_cache(length)) or caches[-1])
+    prompt = lm.encode(prompts.codes_prompt("a", "b", "<think>\nbpm: 90\n</think>"))
+    uncond = lm.encode(prompts.codes_unconditional_prompt("a", "b", None))
+    context = max(len(prompt), len(uncond)) + 6
+    monkeypatch.setattr(lm, "max_context", context)
+    config = kv_budget.read_config(lm_dir)
+    sampling = SamplingParams(temperature=1.0, cfg_scale=2.0)
+
+    def decode(items: int, max_new_tokens: int = 6) -> int:
+        lm.generate([prompt] * items, seeds=list(range(items)), sampling=sampling, max_new_tokens=max_new_tokens,
+                    uncond_prompts=[uncond] * items)
+        return sum(t.nbytes for layer in caches[-1].layers for t in (layer.keys, layer.values))
+
+    assert lm.kv_cache == "static" and lm.dtype == "float32"
+    assert decode(1) == kv_budget.fit_cache_bytes(config, 4, tokens=context) == 2 * context * 2 * 2 * 64 * 4
+    assert decode(2) == kv_budget.fit_cache_bytes(config, 4, items=2, tokens=context)
+    monkeypatch.setattr(lm, "kv_cache", "dynamic")
+    assert 0 < decode(1) <= kv_budget.fit_cache_bytes(config, 4, tokens=context)
+    with pytest.raises(GenerationError, match=rf"context is at most {context} tokens.* may write 7 more"):
+        decode(1, max_new_tokens=7)
+
+
 def test_kv_cache_setting():
     from engine.lm.transformers_backend import kv_cache_choice
     from entrypoints.bootstrap import engine_config

@@ -18,6 +18,7 @@ import torch
 
 from engine.cpu_target import auto_cpu_dtype, cpu_flags
 from engine.lm.constraints import Allowed, ConstraintTables, TokenConstraint
+from engine.lm.kv_budget import LM_MAX_CONTEXT, cache_tokens
 from engine.lm.masking import MaskApplier
 from engine.lm.output_head import OutputHead
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
@@ -47,8 +48,8 @@ def kv_cache_choice(setting: str, device: torch.device) -> str:
     """ACESTEP_LM_KV_CACHE: "static" allocates each decode's KV cache once (prompt + max new tokens) and writes
     it in place; "dynamic" (transformers' default) grows it by concatenation, a new allocation and a copy of
     every layer's keys and values at every step. auto: static on CPU, where it was measured faster
-    (bench/RESULTS.md, 5 Hz LM decode step), dynamic elsewhere (a static cache holds the whole token budget from
-    the first step: on a GPU that is memory the fit check does not count yet)."""
+    (bench/RESULTS.md, 5 Hz LM decode step), dynamic elsewhere. The fit check counts either at the full context
+    (engine/lm/kv_budget.py): a static cache holds it from the first step, a dynamic one reaches it at the end."""
     value = (setting or "auto").strip().lower()
     if value not in KV_CACHES:
         raise ValueError(f"ACESTEP_LM_KV_CACHE must be one of {', '.join(KV_CACHES)} (got {setting!r})")
@@ -99,7 +100,7 @@ class TransformersLM(TokenizerText):
     name = "pt"
 
     def __init__(self, model, tokenizer, *, model_name: str = "", random_weights: bool = False,
-                 max_duration: int = 600, kv_cache: str = "auto"):
+                 max_duration: int = 600, kv_cache: str = "auto", max_context: int = LM_MAX_CONTEXT):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -120,6 +121,7 @@ class TransformersLM(TokenizerText):
         self.head = OutputHead.of(model)
         self.trim_head = True  # False: every block every step (same tokens, for comparison)
         self.kv_cache = kv_cache_choice(kv_cache, self.device)
+        self.max_context = max_context  # tokens a decode's cache may span (the fit check counts this many)
         self.filled_attention = self.kv_cache == "static" and use_filled_sdpa(model)
         self._decoder = model.get_decoder() if self.head is not None else None
         if self._decoder is not None:
@@ -227,7 +229,7 @@ class TransformersLM(TokenizerText):
             return allowed
 
         start = time.perf_counter()
-        cache = self._new_cache(width + max_new_tokens)
+        cache = self._new_cache(cache_tokens(width, max_new_tokens, self.max_context))
         allowed = next_allowed()
         logits = self._forward(ids, mask, pos, cache, keep_last=True, span=self._span(allowed, constraints, stopped),
                                filled=width)

@@ -48,6 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from engine.lm.constraints import ConstraintTables, TokenConstraint
+from engine.lm.kv_budget import LM_MAX_CONTEXT, kv_bytes_per_token
 from engine.lm.masking import MaskApplier
 from engine.lm.sampling import choose, filter_logits, guide, repetition_penalty
 from engine.lm.tiny import is_random_lm
@@ -330,14 +331,6 @@ class VllmMemoryError(ValueError):
     """The memory the fit check leaves cannot hold the LM's weights and a minimal KV cache."""
 
 
-def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
-    """KV cache bytes one token takes in every layer (keys and values), from the LM's config.json."""
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    return 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * dtype_bytes
-
-
 def kv_cache_bytes(memory_left: int, lm_weights: int, per_token: int, *, max_model_len: int, max_num_seqs: int,
                    runtime: int = VLLM_RUNTIME_BYTES) -> int:
     """vLLM's KV cache from what the engine's fit check leaves (`memory_left`: free memory less the DiTs, the
@@ -416,7 +409,7 @@ class VllmLM(TokenizerText):
         self._lock = threading.Lock()  # one generate at a time: the engine and the host are shared
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, max_model_len: int = 4096, max_num_seqs: int = 64,
+    def load(cls, path: str | os.PathLike, *, max_model_len: int = LM_MAX_CONTEXT, max_num_seqs: int = 64,
              max_batched_tokens: int = 16384, kv_cache_gib: Optional[float] = None,
              gpu_memory_utilization: Optional[float] = None, dtype: str = "auto", enforce_eager: bool = False,
              max_duration: int = 600, seed: int = 0, memory_left: Optional[int] = None) -> "VllmLM":
