@@ -13,6 +13,20 @@ and what becomes of each velocity. Upstream's rules (its turbo and base `generat
   its own step's predictor.
 Heun with classifier-free guidance is not offered: upstream guides its corrector with plain CFG while
 the pipeline applies APG (and moves its momentum) at every evaluation.
+
+Source: ace-step/ACE-Step-1.5 at 14bd1db, `AceStepConditionGenerationModel.generate_audio`.
+- acestep/models/turbo/modeling_acestep_v15_turbo.py: the loop runs over `t_schedule` (no trailing 0);
+  after the clamp and the EMA, `if step_idx == num_steps - 1: xt = self.get_x0_from_noise(xt, vt, t);
+  break` comes before the `elif use_heun` branch, so the last step has no corrector. The same in
+  xl_turbo/modeling_acestep_v15_xl_turbo.py (3450c05) and upstream's MLX loop
+  acestep/models/mlx/dit_generate.py ("Final step: compute x0").
+- acestep/models/base/modeling_acestep_v15_base.py (sft/ holds the same loop): `zip(t[:-1], t[1:])` over
+  a shifted `linspace(1, 0, steps + 1)`, so the last interval ends at 0 and the `use_heun` branch
+  evaluates its corrector there (t_prev = 0).
+- Both: the corrector's velocity is clamped against `xt_predicted`, blended with its step's `vt`
+  (`vt2 = (1 - f) * vt2 + f * vt`), averaged with it, and the average becomes `prev_vt`.
+A third-party MLX port corrects a turbo model's last interval too, assuming every upstream loop zips over a
+schedule ending at 0; only the base/sft loop does.
 """
 from __future__ import annotations
 

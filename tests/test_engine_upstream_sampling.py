@@ -65,7 +65,15 @@ def _velocity(x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _upstream_loop(x, schedule, heun: bool, final_corrector: bool, norm: float = 0.0, ema: float = 0.0):
-    """Upstream generate_audio's ODE loop (turbo: the last step projects to x0; base: every step corrects)."""
+    """Upstream generate_audio's ODE loop (turbo: the last step projects to x0; base: every step corrects).
+
+    Checked against ace-step/ACE-Step-1.5 at 14bd1db (not against engine/sampler.py):
+    acestep/models/turbo/modeling_acestep_v15_turbo.py (`if step_idx == num_steps - 1:` ... `get_x0_from_noise`,
+    `break` before the Heun branch: `final_corrector=False`) and acestep/models/base/modeling_acestep_v15_base.py
+    (`zip(t[:-1], t[1:])` over a schedule ending at 0, the corrector on every interval: `final_corrector=True`).
+    Both clamp then EMA-blend `vt`; the corrector's `vt2` is clamped against `xt_predicted` and blended with `vt`.
+    The turbo projection `xt - vt * t` is the Euler step to t = 0 written here.
+    """
     def shape(v, at, prev):
         if norm > 0:
             v = v * torch.clamp(norm * (at.norm(dim=(1, 2), keepdim=True) + 1e-10)
