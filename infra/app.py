@@ -18,6 +18,8 @@ import aws_cdk as cdk  # noqa: E402
 
 from infra.acestep_stack import AceStepStack  # noqa: E402
 from infra.nag import add_checks  # noqa: E402
+from infra.options import StackOptions  # noqa: E402
+from infra.worker_engine import EngineOptionError  # noqa: E402
 from infra import package_lambda  # noqa: E402
 
 LAMBDA_BUILD_DIR = Path(__file__).resolve().parent / "cdk.out.lambda"
@@ -35,8 +37,12 @@ def choose_lambda_package(app: cdk.App, build: Callable[[str], None] = package_l
     return str(LAMBDA_BUILD_DIR)
 
 
-def main() -> None:
-    app = cdk.App()
+def main(app: cdk.App | None = None) -> None:
+    app = app or cdk.App()  # the CLI's -c values reach it through the environment (CDK_CONTEXT_JSON)
+    try:
+        StackOptions.from_context(app)  # a bad setting stops the synth here, before the API zip is built
+    except EngineOptionError as exc:
+        raise SystemExit(f"cdk synth: {exc}") from None
     choose_lambda_package(app)
     AceStepStack(
         app, app.node.try_get_context("stack_name") or "AceStep",

@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 
 from constructs import Construct
 
+from infra.worker_engine import KEYS as ENGINE_KEYS, worker_environment
+
 
 @dataclass
 class StackOptions:
@@ -49,6 +51,23 @@ class StackOptions:
     cloudfront: bool = False
     waf_web_acl_arn: str = ""
     waf_rate_limit: int = 1000  # requests per 5 minutes from one IP before WAF blocks it
+    # The workers' engine (infra/worker_engine.py): each the worker's ACESTEP_<KEY>, checked at synth by the
+    # worker's own settings loader; empty sets nothing (the engine's default). infra/README.md: which per GPU.
+    quantize: str = ""  # none | int8 | fp8 (fp8: compute capability 8.9+, e.g. g6's L4)
+    quantize_dit: str = ""  # one model's quantisation, over `quantize`
+    quantize_lm: str = ""
+    offload: str = ""  # none | auto | modules
+    init_llm: str = ""  # auto | true | false: whether the 5 Hz LM runs
+    lm_model_path: str = ""  # which 5 Hz LM (e.g. acestep-5Hz-lm-0.6B)
+    lm_backend: str = ""  # pt | vllm | auto
+    lm_device: str = ""
+
+    def __post_init__(self) -> None:
+        self.worker_engine_environment()  # a value the worker would refuse stops the synth here, naming its key
+
+    def worker_engine_environment(self) -> dict[str, str]:
+        """The worker container's engine variables for the engine keys given (none by default)."""
+        return worker_environment({key: getattr(self, key) for key in ENGINE_KEYS})
 
     @classmethod
     def from_context(cls, scope: Construct) -> "StackOptions":

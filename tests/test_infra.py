@@ -25,6 +25,7 @@ from aws_cdk.assertions import Match, Template  # noqa: E402
 from infra.acestep_stack import (HEARTBEAT_FILE, AceStepStack, StackOptions, parse_ecr_image,  # noqa: E402
                                  workers_for_backlog)
 from infra.nag import add_checks  # noqa: E402
+from infra import worker_engine  # noqa: E402
 from service.aws import schema  # noqa: E402
 
 STACK = "AceStepTest"
@@ -33,7 +34,10 @@ ECR_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/acestep-worker:test"
 OPTIONS = dict(max_workers=5, backlog_per_worker=3, max_receives=4, lease_seconds=240, task_ttl_days=9,
                worker_image=ECR_IMAGE,
                cors_origins=ORIGINS, api_rate_limit=40, api_burst_limit=80, api_reserved_concurrency=25,
-               spot_max_price="1.006", cloudfront=True, waf_rate_limit=600)
+               spot_max_price="1.006", cloudfront=True, waf_rate_limit=600,
+               quantize="int8", offload="modules", init_llm="true", lm_model_path="acestep-5Hz-lm-0.6B", lm_backend="pt")
+ENGINE_ENV = {"ACESTEP_QUANTIZE": "int8", "ACESTEP_OFFLOAD": "modules", "ACESTEP_INIT_LLM": "true",
+              "ACESTEP_LM_MODEL_PATH": "acestep-5Hz-lm-0.6B", "ACESTEP_LM_BACKEND": "pt"}
 ACCOUNT = dict(account="123456789012", region="us-east-1")
 OTHER_ECR_IMAGE = "210987654321.dkr.ecr.eu-west-1.amazonaws.com/team/acestep-worker@sha256:" + "ab" * 32
 # name: (options, environment or None for an environment-agnostic stack)
@@ -273,6 +277,53 @@ def test_workers_fetch_weights_from_the_stacks_mirror(template):
     env = {e["Name"]: e["Value"] for td in task_defs for c in td["Properties"]["ContainerDefinitions"]
            for e in c.get("Environment", [])}
     assert env["ACESTEP_MODELS_MIRROR"] == "true" and env["ACESTEP_DEMO_IF_MISSING"] == "false"
+
+
+def _container_env(template, kind) -> dict:
+    """The environment of the one container (ECS task) or function (Lambda) of `kind`."""
+    if kind == "AWS::ECS::TaskDefinition":
+        (container,) = _one(template, kind)["ContainerDefinitions"]
+        return {e["Name"]: e["Value"] for e in container["Environment"]}
+    (function,) = [r["Properties"] for r in _resources(template, kind).values()
+                   if "acestep" in json.dumps(r["Properties"].get("Environment", {})).lower()]
+    return function["Environment"]["Variables"]
+
+
+def test_engine_context_keys_reach_the_workers_only(synth):
+    """-c quantize=int8 (and offload, init_llm, lm_model_path, lm_backend) become the worker container's
+    ACESTEP_* variables, not the API Lambda's (it runs no engine); a stack given none sets none of them."""
+    template = synth.templates[STACK]
+    worker, api = _container_env(template, "AWS::ECS::TaskDefinition"), _container_env(template, "AWS::Lambda::Function")
+    assert {k: worker.get(k) for k in ENGINE_ENV} == ENGINE_ENV
+    assert "ACESTEP_BACKEND" in api and not set(ENGINE_ENV) & set(api)
+    engine_vars = set(worker_engine.VARIABLE.values())
+    assert len(engine_vars) == len(worker_engine.KEYS) and ENGINE_ENV.keys() <= engine_vars
+    for name in ("DefaultImageInAccount", "DefaultImageNoAccount"):
+        default = synth.templates[name]
+        assert not engine_vars & set(_container_env(default, "AWS::ECS::TaskDefinition"))
+        assert not engine_vars & set(_container_env(default, "AWS::Lambda::Function"))
+
+
+@pytest.mark.parametrize("key,value,allowed", [("quantize", "int4", "'none', 'int8' or 'fp8'"),
+                                               ("offload", "cpu", "'none', 'auto' or 'modules'"),
+                                               ("lm_backend", "tensorrt", "'pt', 'vllm' or 'auto'")])
+def test_a_bad_engine_context_value_stops_cdk_synth_naming_its_key(monkeypatch, key, value, allowed):
+    """The CDK app's main() as `npx cdk synth -c quantize=int4` runs it (the CLI's context handed in here, not
+    through CDK_CONTEXT_JSON, which the already started jsii runtime would not see): it exits before building
+    anything, naming the key, the worker variable and the values the worker's loader takes."""
+    from infra import app as cdk_app
+
+    def must_not_build(app) -> str:
+        raise AssertionError("went on to build the API zip with a bad setting")
+
+    monkeypatch.setattr(cdk_app, "choose_lambda_package", must_not_build)
+    with pytest.raises(SystemExit) as stopped:
+        cdk_app.main(cdk.App(context={key: value}))
+    message = str(stopped.value)
+    assert f"`{key}` (-c {key}={value})" in message and worker_engine.VARIABLE[key] in message
+    assert allowed in message
+    with pytest.raises(worker_engine.EngineOptionError, match=f"`{key}`"):
+        StackOptions(**{key: value})  # the stack itself, built in code, refuses it too
 
 
 def test_workers_write_webhook_file_urls_under_the_edge_url(template):

@@ -173,6 +173,8 @@ class Workers(Section):
                 "ACESTEP_DEMO_IF_MISSING": "false",
                 # from the stack's bucket (fast, in-region) before the public hub (the fallback)
                 "ACESTEP_MODELS_MIRROR": "true",
+                # quantisation, offload and the 5 Hz LM, where the operator gave them (none by default)
+                **opts.worker_engine_environment(),
             },
             logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_group=worker_logs),
         )
