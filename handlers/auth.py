@@ -1,5 +1,9 @@
 """API-key authentication (upstream §4): `Authorization: Bearer <key>` (or the raw key), or a
 body `ai_token` on routes that take a body. Disabled when settings.api_key is empty.
+
+A header with a wrong key is refused before the body is read (refuse_wrong_header), so a caller that
+sends one holds no body memory (handlers/body_budget.py); upstream would still accept such a request
+when its body's `ai_token` is right.
 """
 from __future__ import annotations
 
@@ -41,6 +45,13 @@ def require_header(settings: Settings, request: Request) -> None:
     """Header-only routes (/v1/stats, /v1/models, /v1/audio, /docs ...)."""
     if settings.api_key:
         _check_header(settings, request, MISSING_HEADER)
+
+
+def refuse_wrong_header(settings: Settings, request: Request) -> None:
+    """Before a body route reads its body: an Authorization header that is sent must carry the key (a
+    missing one waits for the body's `ai_token`)."""
+    if settings.api_key and request.headers.get("authorization") and not header_is_valid(settings, request):
+        raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_body_or_header(settings: Settings, request: Request, ai_token: Any) -> None:

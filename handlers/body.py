@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from service.config import Settings
 from service.json_types import JSONValue
 
-from .auth import header_is_valid, require_body_or_header
+from .auth import header_is_valid, refuse_wrong_header, require_body_or_header
 from .envelope import ApiError, bad_request, too_large
 from .off_loop import parse_off_loop
 
@@ -229,6 +229,7 @@ async def _multipart(request: Request, settings: Settings, files_allowed: bool) 
 async def read_body(request: Request, settings: Settings, *, files_allowed: bool = False,
                     empty_ok: bool = False) -> ParsedBody:
     """Parse the request body into fields; `empty_ok` lets a missing/empty body mean `{}`."""
+    refuse_wrong_header(settings, request)  # nothing read for a wrong key (handlers/body_budget.py)
     mt = media_type(request)
     if mt == "multipart/form-data":
         return await _multipart(request, settings, files_allowed)

@@ -10,6 +10,14 @@ that would take the total past the budget is a 503 with Retry-After: at once whe
 says so, else at the chunk that crosses it. A declared length reserves nothing, so a client that
 declares much and sends little holds nobody up.
 
+One client may not hold the whole budget: routes that take the key in the body (`ai_token`) read it
+before they can authenticate, so a few slow anonymous bodies (60 s each at most: handlers/body.py) would
+otherwise refuse every other caller. Bodies count per client too (the peer address: behind a proxy the
+client it forwards for, from ACESTEP_TRUSTED_PROXIES only), and a client that already holds its share
+(one largest body: half the budget) gets no more bytes counted (503 with Retry-After, saying so) until
+its bodies end; the chunk that crosses the share still counts, so any one valid body fits. A wrong key
+in the Authorization header is refused before a body is read at all (handlers/auth.py).
+
 Both APIs of a process share one budget (the entry points pass the ACE-Step app's to the chat app), and
 an app mounted in another (Lambda's /openrouter) counts a body once.
 """
@@ -30,6 +38,8 @@ HOLD = "acestep.body_hold"  # scope key: this request's bytes, counted by the ou
 RETRY_AFTER = "5"
 BUSY = ("Server busy: request bodies in flight already hold the memory this server gives them "
         "({mb} MB); retry shortly")
+CLIENT_BUSY = ("Server busy for this client: its request bodies in flight already hold its share of the "
+               "memory this server gives them ({mb} MB); retry when they have ended")
 
 
 def largest_body(settings: Settings) -> int:
@@ -38,51 +48,74 @@ def largest_body(settings: Settings) -> int:
 
 
 class BodyBudget:
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_client: Optional[int] = None):
         self.limit = limit
+        self.per_client = per_client or limit
         self._held = 0
+        self._by_client: dict[str, int] = {}
         self._lock = threading.Lock()  # the Lambda and test clients may call from threads
 
     @classmethod
     def for_settings(cls, settings: Settings) -> "BodyBudget":
-        """Two of the largest bodies at once: any single valid body fits, and so do several uploads."""
-        return cls(2 * largest_body(settings))
+        """Two of the largest bodies at once: any single valid body fits, and so do several uploads. One client
+        holds at most one largest body's worth, so another's always fits beside it."""
+        largest = largest_body(settings)
+        return cls(2 * largest, per_client=largest)
 
     @property
     def held(self) -> int:
         return self._held
 
-    def fits(self, n: int) -> bool:
-        return self._held + n <= self.limit
+    def held_by(self, client: str) -> int:
+        return self._by_client.get(client, 0)
 
-    def take(self, n: int) -> bool:
+    def refusal(self, n: int, client: Optional[str] = None) -> Optional[ApiError]:
+        """The 503 for `n` more bytes of `client`'s, or None when they may be counted. A client is refused once
+        it holds its share, not at the chunk that would cross it (that one body may always finish)."""
+        if client is not None and self._by_client.get(client, 0) >= self.per_client:
+            return self._busy(CLIENT_BUSY, self.per_client)
+        if self._held + n > self.limit:
+            return self._busy(BUSY, self.limit)
+        return None
+
+    def take(self, n: int, client: Optional[str] = None) -> Optional[ApiError]:
+        """Count `n` bytes (of `client`'s); None when counted, else the 503 that refuses them."""
         with self._lock:
-            if self._held + n > self.limit:
-                return False
-            self._held += n
-            return True
+            refused = self.refusal(n, client)
+            if refused is None:
+                self._held += n
+                if client is not None:
+                    self._by_client[client] = self._by_client.get(client, 0) + n
+            return refused
 
-    def give(self, n: int) -> None:
+    def give(self, n: int, client: Optional[str] = None) -> None:
         with self._lock:
             self._held -= n
+            if client is not None:
+                left = self._by_client.get(client, 0) - n
+                if left > 0:
+                    self._by_client[client] = left
+                else:
+                    self._by_client.pop(client, None)  # no entry per address that ever sent a body
 
-    def busy(self) -> ApiError:
-        return ApiError(503, BUSY.format(mb=self.limit // 2**20), headers={"Retry-After": RETRY_AFTER})
+    def _busy(self, message: str, limit: int) -> ApiError:
+        return ApiError(503, message.format(mb=limit // 2**20), headers={"Retry-After": RETRY_AFTER})
 
 
 class BodyHold:
-    """One request's bytes counted against the budget."""
+    """One request's bytes counted against the budget, as its client's."""
 
-    def __init__(self, budget: BodyBudget):
-        self.budget, self.held = budget, 0
+    def __init__(self, budget: BodyBudget, client: Optional[str]):
+        self.budget, self.client, self.held = budget, client, 0
 
     def add(self, n: int) -> None:
-        if not self.budget.take(n):
-            raise self.budget.busy()
+        refused = self.budget.take(n, self.client)
+        if refused is not None:
+            raise refused
         self.held += n
 
     def release(self) -> None:
-        self.budget.give(self.held)
+        self.budget.give(self.held, self.client)
         self.held = 0
 
 
@@ -112,12 +145,14 @@ class BodyBudgetMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _declared_length(scope)
-        # Past the whole budget it is past every route's limit too: the route's 413 says so, not a 503
-        if declared <= self.budget.limit and not self.budget.fits(declared):
-            busy = self.budget.busy()
+        peer = scope.get("client")
+        client = str(peer[0]) if peer else None  # the forwarded-for client only from trusted proxies (uvicorn)
+        # Past a client's share it is past every route's limit too: the route's 413 says so, not a 503
+        busy = self.budget.refusal(declared, client) if declared <= self.budget.per_client else None
+        if busy is not None:
             await JSONResponse({"detail": busy.detail}, status_code=503, headers=busy.headers)(scope, receive, send)
             return
-        hold = scope[HOLD] = BodyHold(self.budget)  # a mounted app's middleware passes it on (Mount copies the scope)
+        hold = scope[HOLD] = BodyHold(self.budget, client)  # a mounted app's middleware passes it on (Mount copies the scope)
 
         async def counted() -> Message:
             message = await receive()

@@ -2,12 +2,14 @@
 8 concurrent 60 MB chat bodies took the API from 55 MB to 1.25 GB, with nothing bounding how many arrive."""
 from __future__ import annotations
 
-from typing import Iterator
+import asyncio
+import json
+from typing import Any, Awaitable, Callable, Iterator
 
 from fastapi.testclient import TestClient
 
 from entrypoints.bootstrap import build_openrouter_app
-from tests.api_support import make_api
+from tests.api_support import KEY, make_api
 
 MB = 1024 * 1024
 
@@ -22,7 +24,7 @@ def test_bodies_past_the_budget_are_503_and_their_bytes_are_given_back(settings)
     api = make_api(settings, max_upload_mb=1, max_adapter_mb=1, rate_limit_rps=0)  # budget: 2 x 4 MB
     budget = api.client.app.state.body_budget
     assert budget.limit == 8 * MB
-    assert budget.take(7 * MB)  # bodies of other requests in flight
+    assert budget.take(7 * MB) is None  # bodies of other requests in flight
     url = _upload_url(api)
     r = api.client.put(url, content=b"\1" * MB + b"\1")  # its Content-Length says it cannot fit: refused at once
     assert r.status_code == 503 and r.headers["Retry-After"] and "Server busy" in r.json()["detail"], r.text
@@ -55,3 +57,89 @@ def test_a_mounted_chat_app_counts_a_body_once(settings):
     body = b'{"messages": "' + b"x" * MB + b'"}'
     r = api.client.post("/openrouter/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "messages" in r.json()["detail"], r.text
+
+
+def _scope(path: str, client: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An HTTP request's ASGI scope with no Content-Length: the body is counted as it arrives."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), *headers], "client": (client, 1),
+            "server": ("127.0.0.1", 8001)}
+
+
+async def _call(app, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """The answer's status and JSON body."""
+    answer: dict[str, Any] = {"body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return {"status": answer["status"], "json": json.loads(answer["body"])}
+
+
+def test_one_client_holding_its_share_cannot_refuse_another_clients_body(settings):
+    """/release_task reads its body before it can authenticate (the key may be its ai_token): slow anonymous
+    bodies from one address took the whole budget, and every other caller got 503. Now one address holds at
+    most its share (one largest body: half the budget) and its further bodies are the ones refused."""
+    api = make_api(settings, max_upload_mb=1, max_adapter_mb=1, rate_limit_rps=0)  # budget 8 MB, share 4 MB
+    app, budget = api.client.app, api.client.app.state.body_budget
+    assert (budget.limit, budget.per_client) == (8 * MB, 4 * MB)
+    piece = b" " * (3 * MB // 2)  # under /release_task's 2 MB: its route waits for the rest
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        go = asyncio.Event()
+
+        def slow() -> Callable[[], Awaitable[dict[str, Any]]]:
+            sent = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": piece, "more_body": True}
+                await go.wait()  # a slow client: the rest never comes until the test lets it end
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return receive
+
+        hogs = [asyncio.create_task(_call(app, _scope("/release_task", "10.0.0.1", []), slow())) for _ in range(5)]
+        for _ in range(200):  # until its first pieces are counted or refused
+            await asyncio.sleep(0.01)
+            if sum(t.done() for t in hogs) == 2:
+                break
+        held_by_hog = budget.held_by("10.0.0.1")
+        body = json.dumps({"prompt": "x"}).encode() + piece
+        chunks = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def whole() -> dict[str, Any]:
+            return next(chunks)
+        other = await _call(app, _scope("/release_task", "10.0.0.2", []), whole)
+        go.set()
+        assert held_by_hog == 3 * len(piece)  # 4.5 MB: the piece that crossed its share counted
+        return list(await asyncio.gather(*hogs)), other
+
+    hogs, other = asyncio.run(scenario())
+    assert other["status"] == 200, other  # room beside the other address's bodies
+    refused = [h for h in hogs if h["status"] == 503]
+    assert len(refused) == 2 and "for this client" in refused[0]["json"]["detail"], hogs
+    assert budget.held == 0 and budget.held_by("10.0.0.1") == 0  # all given back
+
+
+def test_a_wrong_bearer_key_is_refused_before_the_body_is_read(settings):
+    app = make_api(settings, api_key=KEY).client.app
+    reads: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        reads.append(1)
+        return {"type": "http.request", "body": b'{"prompt": "x", "ai_token": "' + KEY.encode() + b'"}',
+                "more_body": False}
+
+    wrong = _scope("/release_task", "10.0.0.3", [(b"authorization", b"Bearer wrong")])
+    answer = asyncio.run(_call(app, wrong, receive))
+    assert answer["status"] == 401 and answer["json"]["detail"] == "Invalid API key", answer
+    assert reads == []  # nothing of the body was read (or counted against the budget)
+    right = _scope("/release_task", "10.0.0.3", [(b"authorization", f"Bearer {KEY}".encode())])
+    assert asyncio.run(_call(app, right, receive))["status"] == 200 and reads == [1]
