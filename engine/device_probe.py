@@ -47,15 +47,24 @@ def visible_gpus(used: frozenset[int] = frozenset()) -> tuple[GpuDevice, ...]:
         return ()
     found = []
     for index in range(torch.cuda.device_count()):
-        total = int(torch.cuda.get_device_properties(index).total_memory)
+        name, total, capability = _gpu_facts(index)
         free: Optional[int] = torch.cuda.mem_get_info(index)[0] if index in used else _nvml_free(index, total)
-        try:
-            capability: Optional[tuple[int, int]] = tuple(torch.cuda.get_device_capability(index))  # type: ignore[assignment]
-        except RuntimeError:
-            capability = None
-        found.append(GpuDevice(index=index, name=torch.cuda.get_device_name(index), total_bytes=total,
+        found.append(GpuDevice(index=index, name=name, total_bytes=total,
                                free_bytes=None if free is None else int(free), compute_capability=capability))
     return tuple(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_facts(index: int) -> tuple[str, int, Optional[tuple[int, int]]]:
+    """A card's name, total memory and compute capability: fixed for the process, so read once."""
+    import torch
+
+    total = int(torch.cuda.get_device_properties(index).total_memory)
+    try:
+        capability: Optional[tuple[int, int]] = tuple(torch.cuda.get_device_capability(index))  # type: ignore[assignment]
+    except RuntimeError:
+        capability = None
+    return torch.cuda.get_device_name(index), total, capability
 
 
 def _nvml_free(index: int, total: int) -> Optional[int]:

@@ -118,7 +118,7 @@ class GenerationRequest(BaseModel):
     velocity_ema_factor: float = Field(0.0, ge=0.0, le=1.0)
     # upstream's post-processing of the final latents, before the VAE decodes them: latents * rescale + shift
     latent_shift: float = Field(0.0, ge=-10.0, le=10.0)
-    latent_rescale: float = Field(1.0, ge=0.0, le=10.0)
+    latent_rescale: float = Field(1.0, gt=0.0, le=10.0)  # 0 would decode a constant latent: silence
     cfg_interval_start: float = Field(0.0, ge=0.0, le=1.0)
     cfg_interval_end: float = Field(1.0, ge=0.0, le=1.0)
     use_adg: bool = False

@@ -138,18 +138,23 @@ def _num(v: Any) -> str:
 
 
 def field_range(name: str) -> str:
-    """'must be between 30 and 300' etc., read from GenerationRequest's own constraints."""
+    """'must be between 30 and 300' etc., read from GenerationRequest's own constraints (ge/le, gt/lt)."""
     info = GenerationRequest.model_fields.get(name)
-    lo = hi = None
+    bounds: dict[str, Any] = {}
     for m in (info.metadata if info is not None else ()):
-        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
-        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
-    if lo is not None and hi is not None:
-        return f"must be between {_num(lo)} and {_num(hi)}"
-    if hi is not None:
-        return f"must be at most {_num(hi)}"
-    if lo is not None:
-        return f"must be at least {_num(lo)}"
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(m, key, None) is not None:
+                bounds[key] = getattr(m, key)
+    lower = f"at least {_num(bounds['ge'])}" if "ge" in bounds else \
+        f"greater than {_num(bounds['gt'])}" if "gt" in bounds else None
+    upper = f"at most {_num(bounds['le'])}" if "le" in bounds else \
+        f"less than {_num(bounds['lt'])}" if "lt" in bounds else None
+    if "ge" in bounds and "le" in bounds:
+        return f"must be between {_num(bounds['ge'])} and {_num(bounds['le'])}"
+    if lower and upper:
+        return f"must be {lower} and {upper}"
+    if lower or upper:
+        return f"must be {lower or upper}"
     return "is out of range"
 
 

@@ -48,9 +48,10 @@ def test_publish_then_fetch_gives_the_same_files(s3, tmp_path):
 def test_the_engines_hash_cache_is_not_published(s3, tmp_path):
     source = _model(tmp_path / "src")
     (source / ".transformer.fingerprint.json").write_text('{"version": 1, "files": {}}')
+    (source / ".vae.fingerprint.json.tmp-x1y2").write_text('{"version"')  # a start killed while writing it
     model_mirror.publish(s3, BUCKET, "acestep-v15-turbo", source)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
-    assert not any(k.endswith(".fingerprint.json") for k in keys), keys
+    assert not any(".fingerprint.json" in k for k in keys), keys
     assert any(k.endswith("transformer/config.json") for k in keys)
 
 

@@ -227,7 +227,8 @@ def test_cover_noise_strength_starts_from_the_source_renoised(engine):
 def test_latent_fields_are_read_and_bounded():
     parsed = parse_release_task({"latent_shift": "-0.1", "metas": {"latent_rescale": 1.2}}).request
     assert (parsed.latent_shift, parsed.latent_rescale) == (-0.1, 1.2)
-    assert _detail({"latent_rescale": 11}).startswith("latent_rescale: must be between 0 and 10")
+    assert _detail({"latent_rescale": 11}).startswith("latent_rescale: must be greater than 0 and at most 10")
+    assert _detail({"latent_rescale": 0}).endswith("(got 0)")  # a constant latent would decode to silence
 
 
 def test_latents_are_rescaled_and_shifted_before_the_decode(engine, default_run):

@@ -91,10 +91,39 @@ def test_api_answers_upstreams_gpu_keys_from_live_workers_only(settings):
     json.dumps(health)  # plain JSON all through
 
 
-def test_a_card_the_engine_does_not_use_may_show_no_free_memory():
-    """Reading it would open a CUDA context on that card (engine.device_probe.visible_gpus): null, never a guess."""
-    from service.gpu_status import gpu_entry
-    from service.worker_devices import GpuState
+def test_a_card_the_engine_does_not_use_is_never_given_a_cuda_context(monkeypatch):
+    """engine.device_probe.visible_gpus: free memory of the engine's own card from mem_get_info, of another card
+    from NVML only (mem_get_info would open a context on it, hundreds of MB, every heartbeat), null without
+    NVML; names and totals are read once per process. torch.cuda is faked here: this machine has no GPU."""
+    import torch
 
-    assert gpu_entry(GpuState(index=1, name="NVIDIA L4", total_bytes=24 * GIB)) == {
-        "index": 1, "name": "NVIDIA L4", "total_vram_gb": 24.0, "free_vram_gb": None}
+    calls: dict[str, list[int]] = {"mem_get_info": [], "properties": []}
+
+    class Props:
+        total_memory = 24 * GIB
+
+    def properties(index):
+        calls["properties"].append(index)
+        return Props()
+
+    def nvml_used(index):
+        if index == 2:
+            raise RuntimeError("NVML not available")
+        return 4 * GIB
+
+    device_probe._gpu_facts.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA L4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 9))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: calls["mem_get_info"].append(index) or (3 * GIB, 24 * GIB))
+    monkeypatch.setattr(torch.cuda, "device_memory_used", nvml_used, raising=False)
+    try:
+        for _ in range(2):
+            gpus = device_probe.visible_gpus(frozenset({0}))
+            assert [g.free_bytes for g in gpus] == [3 * GIB, 20 * GIB, None]
+            assert {g.compute_capability for g in gpus} == {(8, 9)} and {g.total_bytes for g in gpus} == {24 * GIB}
+    finally:
+        device_probe._gpu_facts.cache_clear()
+    assert calls["mem_get_info"] == [0, 0] and calls["properties"] == [0, 1, 2]

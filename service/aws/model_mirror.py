@@ -39,7 +39,8 @@ def _published(path: Path) -> bool:
     """Not a half-written download, nor the engine's per-host hash cache (engine/weights/fingerprint.py:
     `.<component>.fingerprint.json`, keyed on this host's inodes and ctimes, so useless on another)."""
     name = path.name
-    return not name.startswith(".part-") and not (name.startswith(".") and name.endswith(".fingerprint.json"))
+    # ".fingerprint.json" inside the name: also a sidecar's temp file left by a start killed while writing it
+    return not name.startswith(".part-") and not (name.startswith(".") and ".fingerprint.json" in name)
 
 
 def publish(s3: AwsClient, bucket: str, name: str, source: Path) -> int:
