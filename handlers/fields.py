@@ -190,15 +190,26 @@ def to_codes(v: Any) -> str:
     return to_str(v)
 
 
+_EMPTY = object()
+
+
+def _parsed_json_text(v: Any, what: str) -> Any:
+    """A form field's JSON text parsed (`_EMPTY` for blank text); any other value as it came."""
+    if not isinstance(v, str):
+        return v
+    if not v.strip():
+        return _EMPTY
+    try:
+        return json.loads(v)
+    except (ValueError, RecursionError):
+        raise ValueError(f"must be {what} or a JSON string of one") from None
+
+
 def to_object(v: Any) -> Optional[dict[str, Any]]:
     """An object, also as a JSON string of one (a form field); empty means none."""
-    if isinstance(v, str):
-        if not v.strip():
-            return None
-        try:
-            v = json.loads(v)
-        except (ValueError, RecursionError):
-            raise ValueError("must be an object or a JSON string of one") from None
+    v = _parsed_json_text(v, "an object")
+    if v is _EMPTY:
+        return None
     if isinstance(v, dict):
         return v or None
     raise ValueError(f"must be an object or a JSON string of one (got {type(v).__name__})")
@@ -206,13 +217,9 @@ def to_object(v: Any) -> Optional[dict[str, Any]]:
 
 def to_object_list(v: Any) -> Optional[list[Any]]:
     """A list of objects (adapters), also as a JSON string of one (a form field); empty means none."""
-    if isinstance(v, str):
-        if not v.strip():
-            return None
-        try:
-            v = json.loads(v)
-        except (ValueError, RecursionError):
-            raise ValueError("must be a list of objects or a JSON string of one") from None
+    v = _parsed_json_text(v, "a list of objects")
+    if v is _EMPTY:
+        return None
     if isinstance(v, (list, tuple)):
         return list(v)
     raise ValueError(f"must be a list of objects or a JSON string of one (got {type(v).__name__})")
