@@ -5,7 +5,7 @@ import json
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -76,20 +76,11 @@ async def format_input(request: Request) -> Enveloped:
     503 when this server has no LM. The LM runs on a worker as a task that counts against the caller's
     limits like any other (429 over them); one that does not answer within ACESTEP_FORMAT_TIMEOUT is
     cancelled (504)."""
-    settings = settings_of(request)
-    body = await read_body(request, settings, empty_ok=True)
-    require_body_or_header(settings, request, token_from_fields(body.fields))
-    args = parse_format_input(body.fields)
-    gateway = request.app.state.lm_gateway
     try:
-        if gateway is not None:  # an LM in this process (create_app's lm_gateway)
-            out = await run_in_threadpool(lambda: gateway.format_sample(**args))
-        else:
-            out = await _answer_on_a_worker(request, format_request(**args), "format_sample")
+        args, out = await _lm_answer(request, parse_format_input, "format_sample", format_request)
     except GenerationError as exc:
         return wrap(None, code=500, error=f"format_sample failed: {exc}")
     meta = args["metadata"]
-    out = out or {}
     return wrap({
         "caption": out.get("caption") or args["caption"],
         "lyrics": out.get("lyrics") or args["lyrics"],
@@ -99,6 +90,22 @@ async def format_input(request: Request) -> Enveloped:
         "duration": out.get("duration", meta.get("duration")),
         "vocal_language": out.get("vocal_language") or meta.get("language") or "unknown",
     })
+
+
+async def _lm_answer(request: Request, parse: Callable[[dict[str, Any]], dict[str, Any]], method: str,
+                     as_task: Callable[..., GenerationRequest]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An LM-only route's common path: read and authorize the body, parse it, and run `method` on the LM in
+    this process (create_app's lm_gateway) when there is one, else as a task on a worker. (args, answer)."""
+    settings = settings_of(request)
+    body = await read_body(request, settings, empty_ok=True)
+    require_body_or_header(settings, request, token_from_fields(body.fields))
+    args = parse(body.fields)
+    local = getattr(request.app.state.lm_gateway, method, None)
+    if local is not None:
+        out = await run_in_threadpool(lambda: local(**args))
+    else:
+        out = await _answer_on_a_worker(request, as_task(**args), method)
+    return args, out or {}
 
 
 async def _answer_on_a_worker(request: Request, task: GenerationRequest, what: str) -> dict[str, Any]:
@@ -150,19 +157,10 @@ async def create_sample(request: Request) -> Enveloped:
     (LM sample mode, no audio), or 503 when this server has no LM. It runs on a worker like /format_input
     (the caller's limits, ACESTEP_FORMAT_TIMEOUT). `instrumental: true` is told to the LM through the
     description, which is where this server's sample mode reads it from."""
-    settings = settings_of(request)
-    body = await read_body(request, settings, empty_ok=True)
-    require_body_or_header(settings, request, token_from_fields(body.fields))
-    args = parse_create_sample(body.fields)
-    gateway = request.app.state.lm_gateway
     try:
-        if gateway is not None and hasattr(gateway, "create_sample"):  # an LM in this process
-            out = await run_in_threadpool(lambda: gateway.create_sample(**args))
-        else:
-            out = await _answer_on_a_worker(request, sample_request(**args), "create_sample")
+        args, out = await _lm_answer(request, parse_create_sample, "create_sample", sample_request)
     except GenerationError as exc:
-        return wrap(None, code=500, error=f"create_sample error: {exc}")
-    out = out or {}
+        return wrap(None, code=500, error=f"create_sample failed: {exc}")
     return wrap({"caption": out.get("caption") or "", "lyrics": out.get("lyrics") or "", "bpm": out.get("bpm"),
                  "keyscale": out.get("key_scale") or "", "duration": out.get("duration"),
                  "timesignature": out.get("time_signature") or "",
