@@ -6,6 +6,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No hub mirror or per-model source override from the developer's shell: the hub stand-ins serve the published
+# repos, and a test that needs HF_ENDPOINT sets it itself (tests/fake_hub.py go_online).
+for _k in [k for k in os.environ if k == "HF_ENDPOINT" or k.startswith(("ACESTEP_HF_REPO_", "ACESTEP_HF_REVISION_"))]:
+    os.environ.pop(_k)
 # Never reach real AWS from a test, whatever the developer's shell has.
 for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_k, None)

@@ -185,6 +185,7 @@ def test_engine_never_imports_the_service_layers():
 def test_models_cli_make_tiny_and_list(tmp_path, capsys, monkeypatch):
     from entrypoints.models import main
 
+    monkeypatch.chdir(tmp_path)  # `list` loads ./.env into os.environ for good: none in a fresh folder
     monkeypatch.setenv("ACESTEP_CONFIG_PATH", "acestep-v15-base")
     assert main(["make-tiny", str(tmp_path), "--name", "acestep-v15-base"]) == 0
     assert is_complete(tmp_path / "acestep-v15-base")

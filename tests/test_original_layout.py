@@ -275,6 +275,7 @@ def test_incomplete_original_layout_is_named_not_replaced_by_a_demo(original_roo
 def test_models_cli_make_tiny_original_convert_and_list(tmp_path, capsys, monkeypatch):
     from entrypoints.models import main
 
+    monkeypatch.chdir(tmp_path)  # `list` loads ./.env into os.environ for good: none in a fresh folder
     monkeypatch.setenv("ACESTEP_CONFIG_PATH", TURBO)
     src, out = tmp_path / "src", tmp_path / "out"
     assert main(["make-tiny", str(src), "--name", TURBO, "--layout", "original"]) == 0

@@ -44,7 +44,8 @@ def test_missing_or_garbled_file_is_unhealthy(tmp_path):
     assert "unreadable" in unhealthy_reason(str(tmp_path / "bad.json"), 600)
 
 
-def test_cli_exit_status(tmp_path, capsys):
+def test_cli_exit_status(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the worker loads ./.env into os.environ for good: none in a fresh folder
     path = str(tmp_path / "beat.json")
     write_beat(path, starting_beat("w"))
     with pytest.raises(SystemExit) as ok:
