@@ -8,7 +8,9 @@ Modules (published shapes: engine/published_configs.py, the LM sizes of /work/sh
   dit_encoders  the condition encoder and the audio (de)tokenizer that come with a DiT
   vae           the Oobleck VAE; an untiled decode of each of --vae-seconds (stock diffusers decode)
   text_encoder  Qwen3-Embedding-0.6B
-  lm-0.6B, lm-1.7B, lm-4B   the 5 Hz LM (Qwen3ForCausalLM, vocabulary 217,204, tied head)
+  lm-0.6B, lm-1.7B, lm-4B   the 5 Hz LM (Qwen3ForCausalLM, vocabulary 217,204, tied head); its KV cache as the
+                transformers backend allocates it and the fit check counts it (engine/lm/kv_budget.py: one song
+                with CFG, 2 rows at the full context), filled by a 16-token prefill
 Configurations: bfloat16, float32, and int8 through the engine's own code path (engine/quantize.py: built in bf16,
 then quantised in place, as the engine does after loading) for the modules the engine quantises (DiT, LM).
 float32 is recorded as skipped for the 4B LM and the XL DiT (~16 GiB of weights each).
@@ -143,6 +145,10 @@ def working_set_guess(module: str, dtype_bytes: int, args) -> int:
         return int(1.3 * vae_decode_bytes(1, max(args.vae_seconds), 128, dtype_bytes))
     if module in DITS:
         return 2 * GIB if dtype_bytes == 4 else GIB
+    if module in LM_SHAPES:
+        from engine.lm.kv_budget import fit_cache_bytes
+
+        return int(1.2 * fit_cache_bytes(LM_SHAPES[module], dtype_bytes))
     return 0
 
 
@@ -201,6 +207,8 @@ def child(module: str, dtype_name: str, quantize_mode: str, args) -> dict:
         row["steps"] = [dit_step(parts["transformer"], dtype, args.dit_seconds, loaded)]
     elif module == "vae":
         row["steps"] = [vae_decode(parts["vae"], dtype, s, loaded) for s in args.vae_seconds]
+    elif module in LM_SHAPES:
+        row["steps"] = [lm_kv_cache(parts["lm"], module, loaded)]
     row["peak_rss_bytes"] = max([row["load_peak_bytes"] + base] + [s["peak_rss_bytes"] for s in row.get("steps", [])])
     return row
 
@@ -231,7 +239,40 @@ def vae_decode(vae, dtype, seconds: float, loaded: int) -> dict:
     return _peak_of(lambda: vae.decode(z).sample, "vae decode", seconds, loaded)
 
 
-def _peak_of(fn, what: str, seconds: float, loaded: int) -> dict:
+def lm_kv_cache(model, module: str, loaded: int, prompt: int = 16) -> dict:
+    """The KV cache the fit check counts for the transformers LM, allocated as a decode allocates it:
+    transformers' StaticCache at the length kv_budget.cache_tokens gives for a decode that may reach the full
+    context, rows for one song with CFG, filled by a prefill of `prompt` tokens. Its working set is the cache plus
+    that prefill's activations."""
+    import torch
+    from transformers import StaticCache
+
+    from engine.lm import kv_budget
+    from engine.lm.transformers_backend import use_filled_sdpa
+
+    # as the engine's decode: attention over the cache's filled part only, the decoder without the output head
+    # (the engine computes the head itself, engine/lm/output_head.py; Qwen3ForCausalLM's own head on a [rows, 1,
+    # hidden] slice copies the transposed 217k x hidden tied weight: +0.83 GiB and ~14 s at 0.6B on this CPU)
+    extra = {"acestep_filled": prompt} if use_filled_sdpa(model) else {}
+    decoder = model.get_decoder()
+    rows = kv_budget.cache_rows(kv_budget.FIT_ITEMS, cfg=True)
+    tokens = kv_budget.cache_tokens(prompt, kv_budget.LM_MAX_CONTEXT - prompt)
+    ids = torch.arange(2, 2 + prompt).repeat(rows, 1)
+    held = {}
+
+    def prefill():
+        cache = StaticCache(config=model.config, max_cache_len=tokens)
+        out = decoder(input_ids=ids, cache=cache, use_cache=True, **extra).last_hidden_state
+        held["bytes"] = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        return cache, out
+
+    step = _peak_of(prefill, "lm kv cache", None, loaded)
+    config = {k: LM_SHAPES[module][k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                "head_dim", "hidden_size")}
+    return dict(step, rows=rows, tokens=tokens, cache_tensor_bytes=held["bytes"], config=config)
+
+
+def _peak_of(fn, what: str, seconds: float | None, loaded: int) -> dict:
     import torch
 
     gc.collect()
@@ -270,11 +311,15 @@ def table(rows: list[dict]) -> str:
         if r["status"] != "measured":
             lines.append(f"| {r['module']} | {r['dtype']} | {r['quantize']} | skipped: {r['reason']} | | | |")
             continue
-        steps = "; ".join(f"{s['over_loaded_bytes'] / GIB:.2f} ({s['what']} {s['seconds']:g} s, {s['wall_s']} s)"
+        steps = "; ".join(f"{s['over_loaded_bytes'] / GIB:.2f} ({s['what']} {_step_size(s)}, {s['wall_s']} s)"
                           for s in r.get("steps", [])) or "-"
         lines.append(f"| {r['module']} | {r['dtype']} | {r['quantize']} | {r['weights_rss_bytes'] / GIB:.2f} "
                      f"| {r['tensor_bytes'] / GIB:.2f} | {steps} | {r['peak_rss_bytes'] / GIB:.2f} |")
     return "\n".join(lines)
+
+
+def _step_size(step: dict) -> str:
+    return f"{step['seconds']:g} s" if step.get("seconds") is not None else f"{step['rows']} x {step['tokens']} tokens"
 
 
 def main(argv=None) -> None:

@@ -96,3 +96,18 @@ def test_a_dit_step_fits_in_the_working_memory_the_fit_check_reserves():
     for dtype, mode, step in steps:
         reserved = memory.workspace_bytes(128, 4 if dtype == "float32" else 2)
         assert step["over_loaded_bytes"] <= reserved, (dtype, mode, step["over_loaded_bytes"] / memory.GB)
+
+
+def test_the_lm_kv_cache_the_fit_check_counts_is_what_the_cache_takes_at_full_size():
+    """The transformers LM's KV cache (engine/lm/kv_budget.fit_cache_bytes, from the LM's config: one song with
+    CFG at the full context) against bench/memory_table.py's: the cache allocated as the decode allocates it, at the
+    published LM sizes. The estimate equals its tensors and is within 15 % of the memory it added."""
+    from engine.lm import kv_budget
+
+    steps = [(r, s) for r in ROWS if r["module"].startswith("lm-") for s in r.get("steps", [])]
+    assert {r["module"] for r, _ in steps} == {"lm-0.6B", "lm-1.7B", "lm-4B"}
+    for row, step in steps:
+        expected = kv_budget.fit_cache_bytes(step["config"], 4 if row["dtype"] == "float32" else 2)
+        assert (step["rows"], step["tokens"]) == (2, kv_budget.LM_MAX_CONTEXT)
+        assert expected == step["cache_tensor_bytes"], (row["module"], row["dtype"])
+        assert abs(expected / step["working_set_bytes"] - 1) <= TOLERANCE, (row["module"], row["dtype"], row["quantize"])
