@@ -64,8 +64,8 @@ def how_to_change(settings: Settings, backend: Backend) -> str:
         return ("on AWS the workers' models are a deploy-time choice, not a request: set the CDK context "
                 "`config_path` (in infra/: `npx cdk deploy -c config_path=<model>`, or `config_path` under `context` "
                 "in infra/cdk.json; it becomes the workers' ACESTEP_CONFIG_PATH) and deploy; ECS replaces the "
-                "workers one by one. The 5 Hz LM is `init_llm=true` (and `lm_model_path`) there too; the stack has no "
-                "setting for a second model")
+                "workers one by one. A second and third model are `config_path2` / `config_path3`, the 5 Hz LM "
+                "`init_llm=true` (and `lm_model_path`)")
     return ("the workers load their models when they start: restart the service with ACESTEP_CONFIG_PATH "
             "(and ACESTEP_CONFIG_PATH2/3, ACESTEP_INIT_LLM, ACESTEP_LM_MODEL_PATH) naming the models you want")
 

@@ -27,7 +27,9 @@ __all__ = ["AceStepStack", "StackOptions", "HEARTBEAT_FILE", "SECTIONS", "backlo
 
 
 def service_environment(opts: StackOptions, data: DataResources, queues: TaskQueues) -> dict[str, str]:
-    """What the API and the workers both read: where the tasks, queues and files are."""
+    """What the API and the workers both read: where the tasks, queues and files are, and which models serve."""
+    extra_models = {name: path.strip() for name, path in (("ACESTEP_CONFIG_PATH2", opts.config_path2),
+                                                          ("ACESTEP_CONFIG_PATH3", opts.config_path3)) if path.strip()}
     return {
         "ACESTEP_BACKEND": "aws",
         "ACESTEP_TABLE_NAME": data.table.table_name,
@@ -38,6 +40,7 @@ def service_environment(opts: StackOptions, data: DataResources, queues: TaskQue
         "ACESTEP_MAX_RECEIVES": str(opts.max_receives),
         "ACESTEP_CONFIG_PATH": opts.config_path,
         "ACESTEP_WEBHOOK_SECRET_ARN": data.webhook_secret.secret_arn,  # both sign: workers, the API on cancel
+        **extra_models,
     }
 
 

@@ -34,6 +34,10 @@ class StackOptions:
     api_key_secret_arn: str = ""  # an existing secret; empty creates one with a generated key
     alarm_email: str = ""
     config_path: str = "acestep-v15-turbo"
+    # A second and third DiT model the workers load beside it (ACESTEP_CONFIG_PATH2/3, e.g. acestep-v15-base);
+    # a request picks one with `model`. Empty: none. The API reads them too (/v1/models, /v1/init).
+    config_path2: str = ""
+    config_path3: str = ""
     destroy_data_on_delete: bool = False  # tear-down removes the table and bucket too
     # Browser origins allowed to call the API and to PUT/GET presigned S3 URLs (comma-separated). The
     # app's ACESTEP_CORS_ORIGINS and the bucket's CORS rule both come from this one value; the HTTP API

@@ -35,7 +35,8 @@ OPTIONS = dict(max_workers=5, backlog_per_worker=3, max_receives=4, lease_second
                worker_image=ECR_IMAGE,
                cors_origins=ORIGINS, api_rate_limit=40, api_burst_limit=80, api_reserved_concurrency=25,
                spot_max_price="1.006", cloudfront=True, waf_rate_limit=600,
-               quantize="int8", offload="modules", init_llm="true", lm_model_path="acestep-5Hz-lm-0.6B", lm_backend="pt")
+               quantize="int8", offload="modules", init_llm="true", lm_model_path="acestep-5Hz-lm-0.6B", lm_backend="pt",
+               config_path2="acestep-v15-base")
 ENGINE_ENV = {"ACESTEP_QUANTIZE": "int8", "ACESTEP_OFFLOAD": "modules", "ACESTEP_INIT_LLM": "true",
               "ACESTEP_LM_MODEL_PATH": "acestep-5Hz-lm-0.6B", "ACESTEP_LM_BACKEND": "pt"}
 ACCOUNT = dict(account="123456789012", region="us-east-1")
@@ -298,10 +299,14 @@ def test_engine_context_keys_reach_the_workers_only(synth):
     assert "ACESTEP_BACKEND" in api and not set(ENGINE_ENV) & set(api)
     engine_vars = set(worker_engine.VARIABLE.values())
     assert len(engine_vars) == len(worker_engine.KEYS) and ENGINE_ENV.keys() <= engine_vars
+    # a second model: both read it (the workers load it, the API lists it and routes `model` to it)
+    assert worker["ACESTEP_CONFIG_PATH2"] == api["ACESTEP_CONFIG_PATH2"] == "acestep-v15-base"
+    assert "ACESTEP_CONFIG_PATH3" not in worker and "ACESTEP_CONFIG_PATH3" not in api
     for name in ("DefaultImageInAccount", "DefaultImageNoAccount"):
         default = synth.templates[name]
-        assert not engine_vars & set(_container_env(default, "AWS::ECS::TaskDefinition"))
-        assert not engine_vars & set(_container_env(default, "AWS::Lambda::Function"))
+        unset = engine_vars | {"ACESTEP_CONFIG_PATH2", "ACESTEP_CONFIG_PATH3"}
+        assert not unset & set(_container_env(default, "AWS::ECS::TaskDefinition"))
+        assert not unset & set(_container_env(default, "AWS::Lambda::Function"))
 
 
 @pytest.mark.parametrize("key,value,allowed", [("quantize", "int4", "'none', 'int8' or 'fp8'"),
