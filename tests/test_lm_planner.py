@@ -498,3 +498,65 @@ def test_on_a_gpu_in_bf16(lm_dir):
     a, b = planner.plan(r), planner.plan(r)
     assert [len(c) for c in a.codes] == [50, 50] and a.codes == b.codes and a.lm_metadata == b.lm_metadata
     assert metadata_problems(a.lm_metadata) == []
+
+
+def test_a_batch_is_decoded_in_groups_that_fit_the_memory_available_with_the_same_codes(lm, lm_dir, planner,
+                                                                                          tmp_path, monkeypatch):
+    """A batch whose KV caches do not fit together in what is available at decode time (the system's
+    MemAvailable, the boundary, pretended here) is decoded a song at a time: each song draws from its own seed
+    and every group is padded to the batch's width, so the codes are those of the whole batch at once; the plan
+    says so in its notes. Below one song's cache, the decode is refused with the numbers."""
+    from engine import memory
+    from engine.lm import kv_budget
+    from engine.types import GenerationError
+
+    cond = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
+    uncond = lm.encode(prompts.codes_unconditional_prompt(CAPTION, LYRICS, None))
+    batch = [cond, cond[:-3], cond]  # two lengths: the short prompt is padded as in the whole batch
+    sampling = SamplingParams(temperature=1.0, cfg_scale=2.0)
+    steps: list[int] = []
+
+    def decode():
+        steps.clear()
+        return lm.generate(batch, seeds=[7, 8, 9], sampling=sampling, max_new_tokens=12,
+                           uncond_prompts=[uncond] * 3, constraints=[CodesConstraint(lm.tables, 11) for _ in batch],
+                           stop_ids=[lm.vocab.eos_id], on_step=steps.append)
+
+    together = decode()
+    assert together.notes == [] and together.rows == 6
+    tokens = max(len(cond), len(uncond)) + 12
+    song = kv_budget.kv_cache_bytes(kv_budget.read_config(lm_dir), 4, rows=2, tokens=tokens)
+    meminfo, status = tmp_path / "meminfo", tmp_path / "status"
+    status.write_text("RssFile:\t0 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "PROCESS_STATUS", str(status))
+    available_kb = -(-int(song * 1.5 / memory.DECODE_HEADROOM) // 1024)  # one song's cache and a half, usable
+    meminfo.write_text(f"MemAvailable:   {available_kb} kB\n")
+    grouped = decode()
+    assert grouped.tokens == together.tokens and [len(t) for t in grouped.tokens] == [11] * 3
+    assert grouped.stopped == together.stopped and grouped.rows == 6 and grouped.steps == 3 * together.steps
+    assert steps == sorted(steps) and steps[-1] == 12  # progress over the whole batch, never back
+    gb = f"{song / 2**30:.3g} GB"
+    assert grouped.notes == [f"lm decoded 3 songs in 3 groups of 1 (memory: the 5 Hz LM's KV cache takes {gb} a "
+                             f"song (2 rows of {tokens} tokens with CFG); {available_kb * 1024 / 2**30:.3g} GB "
+                             f"available on cpu)"]
+    # through the planner: the same codes as with memory to spare, and the note in the plan's (generation_info's)
+    r = request(thinking=True, bpm=90, key_scale="C major", time_signature="4", audio_duration=10, batch_size=3,
+                seeds=[7, 8, 9])
+    monkeypatch.setattr(memory, "MEMINFO", "/proc/meminfo")
+    alone = planner.plan(r)
+    width = max(len(lm.encode(prompts.codes_prompt(CAPTION, LYRICS, alone.cot_text))),
+                len(lm.encode(prompts.codes_unconditional_prompt(CAPTION, LYRICS, r.lm_negative_prompt))))
+    plan_song = kv_budget.kv_cache_bytes(kv_budget.read_config(lm_dir), 4, rows=2, tokens=width + 51)
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    meminfo.write_text(f"MemAvailable:   {-(-int(plan_song * 1.5 / memory.DECODE_HEADROOM) // 1024)} kB\n")
+    plan = planner.plan(r)
+    assert plan.codes == alone.codes and [len(c) for c in plan.codes] == [50] * 3
+    assert not any("groups" in n for n in alone.notes)
+    assert [n for n in plan.notes if n.startswith("lm decoded 3 songs in 3 groups of 1 (memory")] == \
+        plan.phases[-1].notes == plan.info()["lm_notes"][:1]
+
+    meminfo.write_text(f"MemAvailable:   {int(song / memory.DECODE_HEADROOM) // 1024 - 1} kB\n")
+    with pytest.raises(GenerationError, match=rf"KV cache takes {gb} a song \(2 rows of {tokens} tokens with CFG\),"
+                                              rf" but cpu has .* GB available"):
+        decode()

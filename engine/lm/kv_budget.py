@@ -18,7 +18,8 @@ from engine.types import GenerationError
 LM_MAX_CONTEXT = 4096
 # The generation the start-up fit check counts: one song, with CFG (its unconditional twin is a second row),
 # as the DiT's working memory counts one song decoded in tiles. A batch's items each add such a pair when the LM
-# decodes them together (allow_lm_batch); allow_lm_batch=false decodes them one pair at a time.
+# decodes them together (allow_lm_batch); allow_lm_batch=false decodes them one pair at a time, and the
+# transformers backend splits a batch into groups whose caches fit what is available when it decodes.
 FIT_ITEMS = 1
 FIT_TERMS = f"one song with CFG, 2 rows of {LM_MAX_CONTEXT} tokens"  # what a refusal says the count holds
 

@@ -125,7 +125,7 @@ class Planner:
         stats = PhaseStats(phase=phase, items=n, cfg=uncond_ids is not None, constrained=constraints is not None,
                            prompt_tokens=len(ids), generated_tokens=[len(t) for t in result.tokens],
                            steps=result.steps, seconds=time.perf_counter() - start, prefill_s=result.prefill_s,
-                           decode_s=result.decode_s, constraint_s=result.constraint_s)
+                           decode_s=result.decode_s, constraint_s=result.constraint_s, notes=list(result.notes))
         return result, stats
 
     def metadata_budget(self, mode: Literal["cot", "understand"]) -> int:
@@ -326,6 +326,7 @@ class Planner:
             plan.cot_text = cot_text
             if target is not None and any(len(c) != target for c in codes):
                 plan.notes.append(f"code counts {[len(c) for c in codes]} differ from the target {target}")
+        plan.notes.extend(note for p in plan.phases for note in p.notes)  # e.g. a batch decoded in groups
         if plan.random_weights:
             plan.notes.append("the 5 Hz LM has random weights: its metadata and codes are noise")
         return plan

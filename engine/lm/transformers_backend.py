@@ -18,7 +18,8 @@ import torch
 
 from engine.cpu_target import auto_cpu_dtype, cpu_flags
 from engine.lm.constraints import Allowed, ConstraintTables, TokenConstraint
-from engine.lm.kv_budget import LM_MAX_CONTEXT, cache_tokens
+from engine import memory
+from engine.lm.kv_budget import LM_MAX_CONTEXT, cache_rows, cache_tokens, kv_cache_bytes
 from engine.lm.masking import MaskApplier
 from engine.lm.output_head import OutputHead
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
@@ -26,6 +27,8 @@ from engine.lm.tiny import is_random_lm
 from engine.quantize import quantize_module, tied_output_head
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
 from engine.lm.vocab import LMVocab, TokenizerText
+from engine.memory import GB
+from engine.types import GenerationError
 
 log = logging.getLogger("engine.lm")
 
@@ -187,14 +190,67 @@ class TransformersLM(TokenizerText):
         seeds[i] drives item i's draws; uncond_prompts (one per item) are used when sampling.cfg; constraints[i]
         (or None) shapes item i; an item stops at any of stop_ids (not included in its tokens) or after
         max_new_tokens. logits_hook(step, logits) sees each step's guided logits before the constraint (tests).
+        Items whose KV caches do not fit together in the memory available now are decoded in groups, one after
+        another, with the same tokens (`_group_size`; the result's notes say so).
         """
         n = len(prompts)
         uncond, constraints = checked_decode_args(n, seeds, sampling, uncond_prompts, constraints)
         cfg = uncond is not None
+        # every group is padded to the whole batch's width: a song's rows see the same shapes, so the same tokens
+        width = max(len(p) for p in [*prompts, *(uncond or ())])
+        size, note = self._group_size(n, cfg, cache_tokens(width, max_new_tokens, self.max_context))
+        if size >= n:
+            return self._decode(prompts, uncond, constraints, seeds, sampling, max_new_tokens, stop_ids, on_step,
+                                logits_hook, width)
+        parts: list[DecodeResult] = []
+        groups = -(-n // size)
+        for g, lo in enumerate(range(0, n, size)):
+            hi = min(n, lo + size)
+            # progress over the whole batch: group g's step s counts as (g x max_new_tokens + s) / groups
+            scaled = (None if on_step is None else
+                      (lambda step, g=g: on_step((g * max_new_tokens + step) // groups)))
+            parts.append(self._decode(prompts[lo:hi], None if uncond is None else uncond[lo:hi], constraints[lo:hi],
+                                      seeds[lo:hi], sampling, max_new_tokens, stop_ids, scaled, logits_hook, width))
+        return DecodeResult(tokens=[t for p in parts for t in p.tokens], stopped=[s for p in parts for s in p.stopped],
+                            prompt_tokens=[len(p) for p in prompts], steps=sum(p.steps for p in parts),
+                            prefill_s=sum(p.prefill_s for p in parts), decode_s=sum(p.decode_s for p in parts),
+                            constraint_s=sum(p.constraint_s for p in parts), rows=sum(p.rows for p in parts),
+                            notes=[note])
+
+    def _group_size(self, n: int, cfg: bool, tokens: int) -> tuple[int, str]:
+        """How many of `n` songs one decode may take now, and the note that says why when fewer than n: as many
+        as their KV caches (engine/lm/kv_budget.py, at `tokens` per row) fit in DECODE_HEADROOM of the memory
+        available on the LM's device (engine/memory.py; unknown: all). GenerationError when not even one fits."""
+        rows = cache_rows(1, cfg)
+        # the cache holds the model's compute dtype (its first parameter: the embedding, never quantised)
+        song = kv_cache_bytes(self.model.config.to_dict(), next(self.model.parameters()).element_size(),
+                              rows=rows, tokens=tokens)
+        available = memory.available_bytes(self.device)
+        if available is None:
+            return n, ""
+        usable = int(available * memory.DECODE_HEADROOM)
+        what = (f"the 5 Hz LM's KV cache takes {_gb(song)} a song ({rows} rows of {tokens} tokens"
+                f"{' with CFG' if cfg else ''})")
+        if song > usable:
+            raise GenerationError(
+                f"{what}, but {self.device} has {_gb(available)} available ({_gb(usable)} usable at "
+                f"{memory.DECODE_HEADROOM:.0%}): retry when the machine is less loaded, ask for a shorter song, or "
+                "serve a smaller or quantised LM (ACESTEP_QUANTIZE=int8)")
+        size = min(n, usable // song)
+        groups = -(-n // size)
+        return size, (f"lm decoded {n} songs in {groups} groups of {'at most ' if n % size else ''}{size} "
+                      f"(memory: {what}; {_gb(available)} available on {self.device})")
+
+    def _decode(self, prompts: Sequence[Sequence[int]], uncond: Optional[Sequence[Sequence[int]]],
+                constraints: Sequence[Optional[TokenConstraint]], seeds: Sequence[int], sampling: SamplingParams,
+                max_new_tokens: int, stop_ids: Sequence[int], on_step: Optional[StepCallback], logits_hook,
+                width: int) -> DecodeResult:
+        """One batched decode of every prompt given (and its unconditional twin), left-padded to `width`."""
+        n = len(prompts)
+        cfg = uncond is not None
         rows = [list(p) for p in prompts] + [list(p) for p in uncond or ()]
         device = self.device
         pad = self.vocab.pad_id
-        width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         # every step's attention mask is a view of this one (the step's column set to 1 as it comes)
         full_mask = torch.zeros((len(rows), width + max_new_tokens), dtype=torch.long)
@@ -290,6 +346,10 @@ class TransformersLM(TokenizerText):
             a_lo, a_hi = self.tables.span(a)
             lo, hi = min(lo, a_lo), max(hi, a_hi)
         return (lo, hi) if hi > lo else None
+
+
+def _gb(size: int) -> str:
+    return f"{size / GB:.3g} GB"  # three figures: a tiny LM's cache is a few MB, a real one's about 1 GB
 
 
 def constraint_logits_processor(constraints: Sequence[TokenConstraint], applier: MaskApplier, prompt_length: int):

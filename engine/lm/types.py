@@ -60,6 +60,7 @@ class DecodeResult:
     decode_s: float
     constraint_s: float  # inside the constraint (allowed/advance) and the masking, part of decode_s
     rows: int  # forward batch rows (items x 2 with CFG)
+    notes: list[str] = field(default_factory=list)  # e.g. that the items were decoded in groups, and why
 
 
 StepCallback = Callable[[int], None]  # called after each decode step with the step count; may raise to stop
@@ -98,6 +99,7 @@ class PhaseStats:
     prefill_s: float
     decode_s: float
     constraint_s: float
+    notes: list[str] = field(default_factory=list)  # the backend's (DecodeResult.notes)
 
     @property
     def tokens_per_s(self) -> float:
