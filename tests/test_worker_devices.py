@@ -127,3 +127,9 @@ def test_a_card_the_engine_does_not_use_is_never_given_a_cuda_context(monkeypatc
     finally:
         device_probe._gpu_facts.cache_clear()
     assert calls["mem_get_info"] == [0, 0] and calls["properties"] == [0, 1, 2]
+    # through the heartbeat to upstream's item: the unread card says null, never a guess
+    from service.gpu_status import gpu_entry
+    from service.worker_devices import GpuState
+
+    entries = [gpu_entry(GpuState(**g.__dict__)) for g in gpus]
+    assert [e["free_vram_gb"] for e in entries] == [3.0, 20.0, None]
