@@ -1,9 +1,10 @@
 """API-key authentication (upstream §4): `Authorization: Bearer <key>` (or the raw key), or a
 body `ai_token` on routes that take a body. Disabled when settings.api_key is empty.
 
-A header with a wrong key is refused before the body is read (refuse_wrong_header), so a caller that
-sends one holds no body memory (handlers/body_budget.py); upstream would still accept such a request
-when its body's `ai_token` is right.
+A Bearer (or raw) key in the header that is wrong is refused before the body is read
+(refuse_wrong_header), so a caller that sends one holds no body memory (handlers/body_budget.py); upstream
+would still accept such a request when its body's `ai_token` is right. Another scheme (`Basic`, which a
+proxy's auth_basic forwards) claims no key of ours: the body's `ai_token` decides, as upstream.
 """
 from __future__ import annotations
 
@@ -47,10 +48,18 @@ def require_header(settings: Settings, request: Request) -> None:
         _check_header(settings, request, MISSING_HEADER)
 
 
+def claims_a_key(value: str) -> bool:
+    """True when an Authorization header offers one of our keys: `Bearer <key>` or a raw key (one word, no
+    scheme). `Basic ...` and other schemes offer something else."""
+    words = value.split(None, 1)
+    return len(words) == 1 or (len(words) == 2 and words[0].lower() == "bearer")
+
+
 def refuse_wrong_header(settings: Settings, request: Request) -> None:
-    """Before a body route reads its body: an Authorization header that is sent must carry the key (a
-    missing one waits for the body's `ai_token`)."""
-    if settings.api_key and request.headers.get("authorization") and not header_is_valid(settings, request):
+    """Before a body route reads its body: a Bearer (or raw) key that is sent must be the key. A missing
+    header, or one of another scheme, waits for the body's `ai_token`."""
+    value = request.headers.get("authorization")
+    if settings.api_key and value and claims_a_key(value) and not header_is_valid(settings, request):
         raise ApiError(401, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -12,11 +12,14 @@ declares much and sends little holds nobody up.
 
 One client may not hold the whole budget: routes that take the key in the body (`ai_token`) read it
 before they can authenticate, so a few slow anonymous bodies (60 s each at most: handlers/body.py) would
-otherwise refuse every other caller. Bodies count per client too (the peer address: behind a proxy the
-client it forwards for, from ACESTEP_TRUSTED_PROXIES only), and a client that already holds its share
-(one largest body: half the budget) gets no more bytes counted (503 with Retry-After, saying so) until
-its bodies end; the chunk that crosses the share still counts, so any one valid body fits. A wrong key
-in the Authorization header is refused before a body is read at all (handlers/auth.py).
+otherwise refuse every other caller. Bodies count per caller too (handlers/caller.py: a configured key in
+the Authorization header is its own caller; anyone else is its peer address, behind a proxy the client it
+forwards for from ACESTEP_TRUSTED_PROXIES only, else the proxy's one address), and a caller that already
+holds its share (one largest body: half the budget) gets no more bytes counted (503 with Retry-After,
+saying so) until its bodies end; the chunk that crosses the share still counts, so any one valid body
+fits. Only bodies are refused: a request that declares and sends none (a GET, a poll) is never a 503
+here, whatever its caller holds. A wrong Bearer key is refused before a body is read at all
+(handlers/auth.py).
 
 Both APIs of a process share one budget (the entry points pass the ACE-Step app's to the chat app), and
 an app mounted in another (Lambda's /openrouter) counts a body once.
@@ -32,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 
+from .caller import caller_from_scope
 from .envelope import ApiError
 
 HOLD = "acestep.body_hold"  # scope key: this request's bytes, counted by the outermost app
@@ -145,10 +149,12 @@ class BodyBudgetMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _declared_length(scope)
-        peer = scope.get("client")
-        client = str(peer[0]) if peer else None  # the forwarded-for client only from trusted proxies (uvicorn)
-        # Past a client's share it is past every route's limit too: the route's 413 says so, not a 503
-        busy = self.budget.refusal(declared, client) if declared <= self.budget.per_client else None
+        # The rate limiter's caller: a configured key's holder, else the address (forwarded-for only from
+        # trusted proxies: uvicorn applies it). A valid key's share is not the anonymous bodies' beside it.
+        client = caller_from_scope(scope).id
+        # Refused at the door only for a declared body (a GET declares none): past a caller's share it is
+        # past every route's limit too, and the route's 413 says so, not a 503
+        busy = self.budget.refusal(declared, client) if 0 < declared <= self.budget.per_client else None
         if busy is not None:
             await JSONResponse({"detail": busy.detail}, status_code=503, headers=busy.headers)(scope, receive, send)
             return

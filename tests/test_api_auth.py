@@ -72,6 +72,16 @@ def test_body_ai_token(api, method, path, body):
     assert r.status_code in OK | {400}, r.text  # form bodies may lack list fields; auth passed
 
 
+@pytest.mark.parametrize("method,path,body", BODY_ROUTES, ids=[r[1] for r in BODY_ROUTES])
+def test_another_scheme_leaves_auth_to_the_body_ai_token(api, method, path, body):
+    """A proxy's auth_basic forwards `Authorization: Basic ...`: it offers no key of ours, so the body's
+    ai_token decides, as upstream (only a wrong Bearer or raw key is refused before the body is read)."""
+    basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+    assert call(api, method, path, {**body, "ai_token": KEY}, basic).status_code in OK
+    r = call(api, method, path, body, basic)
+    assert r.status_code == 401 and r.json() == {"detail": "Invalid API key"}
+
+
 def test_health_needs_no_auth(api):
     r = api.client.get("/health")
     assert r.status_code == 200 and r.json()["data"]["status"] == "ok"

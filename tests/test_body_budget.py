@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable, Iterator
 from fastapi.testclient import TestClient
 
 from entrypoints.bootstrap import build_openrouter_app
+from service.caller_limits import Caller
 from tests.api_support import KEY, make_api
 
 MB = 1024 * 1024
@@ -59,9 +60,9 @@ def test_a_mounted_chat_app_counts_a_body_once(settings):
     assert r.status_code == 400 and "messages" in r.json()["detail"], r.text
 
 
-def _scope(path: str, client: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+def _scope(path: str, client: str, headers: list[tuple[bytes, bytes]], method: str = "POST") -> dict[str, Any]:
     """An HTTP request's ASGI scope with no Content-Length: the body is counted as it arrives."""
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
             "headers": [(b"content-type", b"application/json"), *headers], "client": (client, 1),
             "server": ("127.0.0.1", 8001)}
@@ -81,16 +82,24 @@ async def _call(app, scope: dict[str, Any], receive: Callable[[], Awaitable[dict
     return {"status": answer["status"], "json": json.loads(answer["body"])}
 
 
+def _whole(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
+
+
 def test_one_client_holding_its_share_cannot_refuse_another_clients_body(settings):
     """/release_task reads its body before it can authenticate (the key may be its ai_token): slow anonymous
     bodies from one address took the whole budget, and every other caller got 503. Now one address holds at
-    most its share (one largest body: half the budget) and its further bodies are the ones refused."""
-    api = make_api(settings, max_upload_mb=1, max_adapter_mb=1, rate_limit_rps=0)  # budget 8 MB, share 4 MB
+    most its share (one largest body: half the budget) and its further bodies are the ones refused. Its
+    requests without a body are answered, and so is a valid key from that address (behind a proxy every
+    anonymous client has the proxy's address): a key is its own caller with its own share."""
+    api = make_api(settings, max_upload_mb=1, max_adapter_mb=1, rate_limit_rps=0, api_key=KEY)  # budget 8 MB, share 4 MB
     app, budget = api.client.app, api.client.app.state.body_budget
     assert (budget.limit, budget.per_client) == (8 * MB, 4 * MB)
     piece = b" " * (3 * MB // 2)  # under /release_task's 2 MB: its route waits for the rest
 
-    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]], int]:
         go = asyncio.Event()
 
         def slow() -> Callable[[], Awaitable[dict[str, Any]]]:
@@ -110,22 +119,23 @@ def test_one_client_holding_its_share_cannot_refuse_another_clients_body(setting
             await asyncio.sleep(0.01)
             if sum(t.done() for t in hogs) == 2:
                 break
-        held_by_hog = budget.held_by("10.0.0.1")
-        body = json.dumps({"prompt": "x"}).encode() + piece
-        chunks = iter([{"type": "http.request", "body": body, "more_body": False}])
-
-        async def whole() -> dict[str, Any]:
-            return next(chunks)
-        other = await _call(app, _scope("/release_task", "10.0.0.2", []), whole)
+        held_by_hog = budget.held_by(Caller.at("10.0.0.1").id)
+        body = json.dumps({"prompt": "x", "ai_token": KEY}).encode() + piece
+        other = await _call(app, _scope("/release_task", "10.0.0.2", []), _whole(body))
+        same_address = [  # a GET, and a valid key's body: neither is the slow bodies' caller
+            await _call(app, _scope("/health", "10.0.0.1", [], method="GET"), _whole(b"")),
+            await _call(app, _scope("/release_task", "10.0.0.1", [(b"authorization", f"Bearer {KEY}".encode())]),
+                        _whole(json.dumps({"prompt": "x"}).encode() + piece))]
         go.set()
-        assert held_by_hog == 3 * len(piece)  # 4.5 MB: the piece that crossed its share counted
-        return list(await asyncio.gather(*hogs)), other
+        return list(await asyncio.gather(*hogs)), other, same_address, held_by_hog
 
-    hogs, other = asyncio.run(scenario())
+    hogs, other, same_address, held_by_hog = asyncio.run(scenario())
     assert other["status"] == 200, other  # room beside the other address's bodies
+    assert [a["status"] for a in same_address] == [200, 200], same_address
+    assert held_by_hog == 3 * len(piece)  # 4.5 MB: the piece that crossed its share counted
     refused = [h for h in hogs if h["status"] == 503]
     assert len(refused) == 2 and "for this client" in refused[0]["json"]["detail"], hogs
-    assert budget.held == 0 and budget.held_by("10.0.0.1") == 0  # all given back
+    assert budget.held == 0 and budget.held_by(Caller.at("10.0.0.1").id) == 0  # all given back
 
 
 def test_a_wrong_bearer_key_is_refused_before_the_body_is_read(settings):
@@ -137,9 +147,10 @@ def test_a_wrong_bearer_key_is_refused_before_the_body_is_read(settings):
         return {"type": "http.request", "body": b'{"prompt": "x", "ai_token": "' + KEY.encode() + b'"}',
                 "more_body": False}
 
-    wrong = _scope("/release_task", "10.0.0.3", [(b"authorization", b"Bearer wrong")])
-    answer = asyncio.run(_call(app, wrong, receive))
-    assert answer["status"] == 401 and answer["json"]["detail"] == "Invalid API key", answer
-    assert reads == []  # nothing of the body was read (or counted against the budget)
+    for header in (b"Bearer wrong", b"wrong"):  # a Bearer key, or a raw one
+        wrong = _scope("/release_task", "10.0.0.3", [(b"authorization", header)])
+        answer = asyncio.run(_call(app, wrong, receive))
+        assert answer["status"] == 401 and answer["json"]["detail"] == "Invalid API key", answer
+        assert reads == []  # nothing of the body was read (or counted against the budget)
     right = _scope("/release_task", "10.0.0.3", [(b"authorization", f"Bearer {KEY}".encode())])
     assert asyncio.run(_call(app, right, receive))["status"] == 200 and reads == [1]
