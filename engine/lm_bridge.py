@@ -55,7 +55,7 @@ def load_planner(config: EngineConfig, device, dtype=None, memory_left: Optional
     it; None: unknown)."""
     if not config.lm_model:
         return None
-    from engine.lm.backend_choice import LMBackendUnavailable, resolve_backend
+    from engine.lm.backend_choice import LMBackendUnavailable, quantize_refusal, resolve_backend
 
     folder = lm_folder(config)
     if folder is None:
@@ -66,9 +66,9 @@ def load_planner(config: EngineConfig, device, dtype=None, memory_left: Optional
         backend = resolve_backend(config.lm_backend)
     except LMBackendUnavailable as exc:
         raise GenerationError(str(exc)) from exc
-    if backend == "vllm" and config.quantize_lm != "none":  # vLLM quantises through its own `quantization=`
-        raise GenerationError(f"ACESTEP_QUANTIZE_LM={config.quantize_lm} is not wired to the vLLM backend yet; set "
-                              "ACESTEP_QUANTIZE_LM=none, or ACESTEP_LM_BACKEND=pt")
+    refusal = quantize_refusal(backend, config.quantize_lm)
+    if refusal:
+        raise GenerationError(refusal)
     if backend == "vllm":
         from engine.lm.vllm_backend import VllmLM, VllmMemoryError  # imports vLLM: only here, only when asked for
 

@@ -96,8 +96,6 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 DEFAULT_LM = "acestep-5Hz-lm-1.7B"
-_OFF = {"false", "0", "no", "off"}
-_ON = {"true", "1", "yes", "on"}
 
 
 def choose_lm(settings: Settings, demo_dits: list[str]) -> str | None:
@@ -121,11 +119,10 @@ def _choose_lm(settings: Settings, demo_dits: list[str]) -> tuple[str | None, bo
     from engine.lm.folders import ensure_demo_lm, is_lm_folder, resolve_lm_folder
     from engine.lm.tiny import is_random_lm
 
-    choice = (settings.init_llm or "auto").strip().lower()
-    if choice in _OFF:
+    if settings.init_llm == "false":  # the settings read every spelling of ACESTEP_INIT_LLM as true/false/auto
         return None, False
     name = settings.lm_model_path or DEFAULT_LM
-    required = choice in _ON
+    required = settings.init_llm == "true"
     can_download = name in model_sources.KNOWN and engine_config(settings).downloads_possible()
     if can_download and required:  # a demo in the real LM's folder (an older version put it there) steps aside
         move_demo_aside(settings.checkpoint_dir, name)

@@ -69,6 +69,30 @@ def _networks(value: list[str]) -> list[str]:
 
 NetworkList = Annotated[list[str], BeforeValidator(_comma_list), AfterValidator(_networks)]
 
+# ACESTEP_INIT_LLM's spellings, read as true / false / auto (entrypoints/bootstrap.py reads only those three)
+INIT_LLM_ON = ("true", "1", "yes", "on")
+INIT_LLM_OFF = ("false", "0", "no", "off")
+
+
+def _init_llm(value: object) -> object:
+    """"true", "false" or "auto" for any of their spellings (a typo such as "ture" is refused, never read as auto)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str):
+        return value
+    word = value.strip().lower() or "auto"
+    if word in INIT_LLM_ON:
+        return "true"
+    if word in INIT_LLM_OFF:
+        return "false"
+    if word != "auto":
+        raise ValueError(f"must be true, false or auto (or {'/'.join(INIT_LLM_ON[1:])} for true, "
+                         f"{'/'.join(INIT_LLM_OFF[1:])} for false)")
+    return word
+
+
+InitLlm = Annotated[Literal["true", "false", "auto"], BeforeValidator(_init_llm)]
+
 
 def _env(name: str, default: object, **constraints: Any) -> Any:
     # `constraints`: pydantic's Field keywords; Any out, as Field's own, so it stands as any field's default.
@@ -157,7 +181,7 @@ class Settings(BaseSettings):
     format_timeout: float = _env("ACESTEP_FORMAT_TIMEOUT", 25.0, gt=0)
     # AWS workers: fetch each model from s3://<ACESTEP_BUCKET>/models/<name>/ (acestep-models publish) first
     models_mirror: bool = _env("ACESTEP_MODELS_MIRROR", False)
-    init_llm: str = _env("ACESTEP_INIT_LLM", "auto")
+    init_llm: InitLlm = _env("ACESTEP_INIT_LLM", "auto")  # true | false | auto (INIT_LLM_ON/_OFF synonyms)
     lm_model_path: str = _env("ACESTEP_LM_MODEL_PATH", "")
     # pt | vllm (required: the worker fails to start without it) | auto (vLLM when installed, else pt)
     lm_backend: Literal["pt", "vllm", "auto"] = _env("ACESTEP_LM_BACKEND", "auto")

@@ -54,6 +54,17 @@ def test_bad_values_are_a_config_error_naming_the_variable(name, value):
     assert name in str(info.value) and repr(value) in str(info.value)
 
 
+def test_init_llm_reads_its_spellings_as_true_false_auto_and_refuses_a_typo():
+    """The worker reads only true/false/auto (entrypoints/bootstrap.py); a typo was once read as auto."""
+    read = {v: load_settings(env={"ACESTEP_INIT_LLM": v}, dotenv_path=None).init_llm
+            for v in ("True", "1", "yes", "on", "false", "0", "No", "off", "auto")}
+    assert read == {"True": "true", "1": "true", "yes": "true", "on": "true", "false": "false", "0": "false",
+                    "No": "false", "off": "false", "auto": "auto"}
+    with pytest.raises(ConfigError, match=r"ACESTEP_INIT_LLM .*true, false or auto \(or 1/yes/on for true, "
+                                          r"0/no/off for false\) \(got 'ture'\)"):
+        load_settings({"init_llm": "ture"}, env={}, dotenv_path=None)  # as `acestep-api --init-llm ture` gives it
+
+
 def test_child_env_round_trips(tmp_path):
     s = Settings(data_dir=str(tmp_path), cors_origins=["http://a:1", "http://b"], allow_download=False,
                  api_key="sk", queue_workers=3, aws_region="eu-west-2")

@@ -311,7 +311,8 @@ def test_engine_context_keys_reach_the_workers_only(synth):
 
 @pytest.mark.parametrize("key,value,allowed", [("quantize", "int4", "'none', 'int8' or 'fp8'"),
                                                ("offload", "cpu", "'none', 'auto' or 'modules'"),
-                                               ("lm_backend", "tensorrt", "'pt', 'vllm' or 'auto'")])
+                                               ("lm_backend", "tensorrt", "'pt', 'vllm' or 'auto'"),
+                                               ("init_llm", "ture", "true, false or auto (or 1/yes/on for true")])
 def test_a_bad_engine_context_value_stops_cdk_synth_naming_its_key(monkeypatch, key, value, allowed):
     """The CDK app's main() as `npx cdk synth -c quantize=int4` runs it (the CLI's context handed in here, not
     through CDK_CONTEXT_JSON, which the already started jsii runtime would not see): it exits before building
@@ -329,6 +330,25 @@ def test_a_bad_engine_context_value_stops_cdk_synth_naming_its_key(monkeypatch, 
     assert allowed in message
     with pytest.raises(worker_engine.EngineOptionError, match=f"`{key}`"):
         StackOptions(**{key: value})  # the stack itself, built in code, refuses it too
+
+
+def test_engine_context_values_the_workers_refuse_together_stop_cdk_synth(monkeypatch):
+    """quantize=int8 with lm_backend=vllm: each value alone is one the worker takes, but ACESTEP_QUANTIZE_LM
+    inherits int8 and the worker's LM load refuses it on vLLM (engine.lm.backend_choice.quantize_refusal), so the
+    synth stops naming both keys and what to set; quantize_lm=none (the DiT stays int8) or lm_backend=pt passes."""
+    from infra import app as cdk_app
+
+    monkeypatch.setattr(cdk_app, "choose_lambda_package", lambda app: pytest.fail("built the API zip anyway"))
+    with pytest.raises(SystemExit) as stopped:
+        cdk_app.main(cdk.App(context={"quantize": "int8", "lm_backend": "vllm"}))
+    message = str(stopped.value)
+    assert "-c quantize=int8 -c lm_backend=vllm" in message and "ACESTEP_QUANTIZE_LM=int8" in message
+    assert "-c quantize_lm=none or -c lm_backend=pt" in message
+    with pytest.raises(worker_engine.EngineOptionError, match="quantize_lm=none"):
+        StackOptions(quantize="fp8", lm_backend="vllm")
+    assert worker_engine.worker_environment({"quantize": "int8", "quantize_lm": "none", "lm_backend": "vllm"}) == {
+        "ACESTEP_QUANTIZE": "int8", "ACESTEP_QUANTIZE_LM": "none", "ACESTEP_LM_BACKEND": "vllm"}
+    assert worker_engine.worker_environment({"quantize": "int8", "lm_backend": "pt"})["ACESTEP_LM_BACKEND"] == "pt"
 
 
 def test_workers_write_webhook_file_urls_under_the_edge_url(template):

@@ -29,6 +29,17 @@ def vllm_installed() -> bool:
         return False
 
 
+def quantize_refusal(backend: str, quantize_lm: str) -> str | None:
+    """Why the 5 Hz LM cannot start on `backend` with weight-only quantisation `quantize_lm` (ACESTEP_QUANTIZE_LM,
+    which is ACESTEP_QUANTIZE's value when unset), or None. vLLM quantises through its own `quantization=`, which
+    this setting does not reach yet. The worker's load refuses it; `cdk synth` does too (infra/worker_engine.py)."""
+    if backend != "vllm" or quantize_lm in ("", "none"):
+        return None
+    return (f"ACESTEP_QUANTIZE_LM={quantize_lm} (ACESTEP_QUANTIZE's value when ACESTEP_QUANTIZE_LM is unset) is not "
+            "wired to the vLLM backend yet (ACESTEP_LM_BACKEND=vllm, or auto where vLLM is installed); set "
+            "ACESTEP_QUANTIZE_LM=none (the DiT keeps ACESTEP_QUANTIZE), or ACESTEP_LM_BACKEND=pt")
+
+
 def resolve_backend(choice: str | None) -> str:
     """"pt" or "vllm" for a configured choice; LMBackendUnavailable when vllm is required and missing."""
     name = (choice or "auto").strip().lower()
