@@ -18,7 +18,7 @@ from engine.lm.planner import PlanProgress, Planner, phase_reporter
 from engine.lm.tiny import build_tiny_lm
 from engine.lm.transformers_backend import TransformersLM, constraint_logits_processor
 from engine.lm.types import SamplingParams
-from engine.request import GenerationRequest, parse_audio_codes
+from engine.request import GenerationRequest, format_audio_codes, parse_audio_codes
 from engine.types import GenerationCancelled
 
 CAPTION, LYRICS = "soft piano ballad", "[Verse]\nla la la"
@@ -353,7 +353,7 @@ def test_static_kv_cache_gives_the_dynamic_caches_tokens(lm, lm_dir):
 def test_the_fit_checks_kv_cache_is_what_the_static_cache_allocates(lm, lm_dir, monkeypatch):
     """engine/lm/kv_budget.py: the bytes the engine's fit check counts for the transformers LM's KV cache equal
     the static cache's tensors once a decode at the full context has allocated them (one song with CFG: 2 rows;
-    two songs: 4); a dynamic cache ends within them; a decode that would pass the context is refused."""
+    two songs: 4); a dynamic cache ends within them; a decode that may pass the context is cut to it."""
     from engine.lm import kv_budget
     from engine.types import GenerationError
 
@@ -368,8 +368,9 @@ def test_the_fit_checks_kv_cache_is_what_the_static_cache_allocates(lm, lm_dir, 
     sampling = SamplingParams(temperature=1.0, cfg_scale=2.0)
 
     def decode(items: int, max_new_tokens: int = 6) -> int:
-        lm.generate([prompt] * items, seeds=list(range(items)), sampling=sampling, max_new_tokens=max_new_tokens,
-                    uncond_prompts=[uncond] * items)
+        out = lm.generate([prompt] * items, seeds=list(range(items)), sampling=sampling,
+                          max_new_tokens=max_new_tokens, uncond_prompts=[uncond] * items)
+        assert out.steps <= 6
         return sum(t.nbytes for layer in caches[-1].layers for t in (layer.keys, layer.values))
 
     assert lm.kv_cache == "static" and lm.dtype == "float32"
@@ -377,8 +378,11 @@ def test_the_fit_checks_kv_cache_is_what_the_static_cache_allocates(lm, lm_dir, 
     assert decode(2) == kv_budget.fit_cache_bytes(config, 4, items=2, tokens=context)
     monkeypatch.setattr(lm, "kv_cache", "dynamic")
     assert 0 < decode(1) <= kv_budget.fit_cache_bytes(config, 4, tokens=context)
-    with pytest.raises(GenerationError, match=rf"context is at most {context} tokens.* may write 7 more"):
-        decode(1, max_new_tokens=7)
+    monkeypatch.setattr(lm, "kv_cache", "static")
+    assert decode(1, max_new_tokens=3074) == kv_budget.fit_cache_bytes(config, 4, tokens=context)
+    monkeypatch.setattr(lm, "max_context", context - 6)
+    with pytest.raises(GenerationError, match=rf"context is at most {context - 6} tokens.* leaving no room"):
+        decode(1)
 
 
 def test_kv_cache_setting():
@@ -437,6 +441,38 @@ def test_understand_mode_reads_codes_into_metadata_and_lyrics(lm):
     assert metadata_problems(md) == [] and list(md) == ["bpm", "caption", "duration", "genres", "keyscale",
                                                         "language", "timesignature"]
     assert "\n</think>" in text and lyrics == parse_lm_output(text).lyrics and "<|audio_code_" not in text
+
+
+def test_a_step_writes_what_the_context_leaves_and_a_song_whose_codes_cannot_fit_is_refused(lm, monkeypatch):
+    """max_new_tokens is an upper limit (understand allows 3,074 new tokens): a step whose prompt plus that limit
+    pass the LM's context writes what the context leaves, as vLLM ends a sequence at max_model_len. Refused only
+    when the prompt leaves no room, or a constrained song's codes and stop do not fit (cut, the song would be
+    shorter than asked), each saying what the client can change for that step."""
+    from engine.types import GenerationError
+
+    planner = Planner(lm, max_caption_tokens=8)
+    codes = [i % 1024 for i in range(240 * 5)]  # a 4-minute source: 1,257 prompt tokens + 3,074 > 4,096
+    prompt = len(lm.encode(prompts.understand_prompt(format_audio_codes(codes))))
+    assert prompt + planner.metadata_budget("understand") > lm.max_context == 4096
+    monkeypatch.setattr(lm, "max_context", prompt + 24)  # the same overflow with a short room: a cheap decode
+    md, lyrics, text, stats = planner.understand(codes, seed=1)
+    assert stats.prompt_tokens == prompt and stats.steps == 24  # its answer cut at the context, and said so
+    assert stats.notes == [f"lm understand stopped at the LM's {prompt + 24}-token context after 24 tokens (its "
+                           f"prompt takes {prompt})"]
+    monkeypatch.setattr(lm, "max_context", prompt)
+    with pytest.raises(GenerationError, match=f"prompt takes {prompt}, leaving no room to write: send a shorter source"):
+        planner.understand(codes, seed=1)
+
+    cot = prompts.cot_text({"bpm": 90})
+    width = len(lm.encode(prompts.codes_prompt(CAPTION, LYRICS, cot)))
+    monkeypatch.setattr(lm, "max_context", width + 50)  # a 10 s song needs 50 codes and a stop: 51
+    with pytest.raises(GenerationError, match=rf"a 10 s song takes 50 audio codes and a stop, but .* prompt takes "
+                                              rf"{width} .* leaving 50: ask for at most 9 s \(audio_duration\), "
+                                              "or shorten the caption or lyrics"):
+        planner.codes(CAPTION, LYRICS, {"bpm": 90}, seeds=[1], sampling=SamplingParams(), target=50)
+    monkeypatch.setattr(lm, "max_context", width + 51)
+    got, _, stats = planner.codes(CAPTION, LYRICS, {"bpm": 90}, seeds=[1], sampling=SamplingParams(), target=50)
+    assert [len(c) for c in got] == [50] and stats.prompt_tokens == width
 
 
 def test_progress_reports_and_can_cancel(planner):

@@ -47,15 +47,24 @@ def kv_cache_bytes(config: Mapping[str, Any], dtype_bytes: int, *, rows: int, to
     return rows * tokens * kv_bytes_per_token(config, dtype_bytes)
 
 
+def new_tokens_room(prompt_tokens: int, max_new_tokens: int, max_context: int = LM_MAX_CONTEXT) -> int:
+    """The new tokens a decode may write: `max_new_tokens` (an upper limit, not a length: a decode stops at its stop
+    token) cut to what the context leaves after the (padded) prompt. A sequence ends at the context then, as vLLM v1
+    ends one at max_model_len (FINISHED_LENGTH_CAPPED); upstream's own cap, max_model_len - 64, is looser than this
+    for any prompt over 64 tokens. Refused only when the prompt leaves no room at all (the planner refuses first,
+    saying what to change for its step)."""
+    room = max_context - prompt_tokens
+    if room < 1:
+        raise GenerationError(
+            f"the 5 Hz LM's context is at most {max_context} tokens, but this step's prompt takes {prompt_tokens}, "
+            "leaving no room to write: shorten its input")
+    return min(max_new_tokens, room)
+
+
 def cache_tokens(prompt_tokens: int, max_new_tokens: int, max_context: int = LM_MAX_CONTEXT) -> int:
     """The length a decode's cache is allocated at (static) or may grow to (dynamic): the (padded) prompt plus
-    every token it may add; refused over `max_context`, as vLLM refuses a sequence over its max_model_len."""
-    tokens = prompt_tokens + max_new_tokens
-    if tokens > max_context:
-        raise GenerationError(
-            f"the 5 Hz LM's context is at most {max_context} tokens, but this step's prompt takes {prompt_tokens} "
-            f"and it may write {max_new_tokens} more: shorten the caption or lyrics, or ask for a shorter song")
-    return tokens
+    every token it may add (new_tokens_room), so at most `max_context`."""
+    return prompt_tokens + new_tokens_room(prompt_tokens, max_new_tokens, max_context)
 
 
 def fit_cache_bytes(config: Mapping[str, Any], dtype_bytes: int, *, items: int = FIT_ITEMS,

@@ -32,6 +32,7 @@ from engine.plan import (DEFAULT_TEXT2MUSIC_SECONDS, LM_MAX_COT_TOKENS, LM_MAX_L
                          LM_UNCONSTRAINED_EXTRA_CODES, USER_FIELDS, LMSteps, has_all_metas, lm_steps,
                          resolve_seeds, target_codes, user_metadata)
 from engine.request import GenerationRequest, format_audio_codes
+from engine.types import GenerationError
 
 GENERATION_FIELDS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")  # phase 1: no genres
 ProgressFn = Callable[[float, str], None]
@@ -40,6 +41,10 @@ ProgressFn = Callable[[float, str], None]
 PHASE_LABELS = {"sample": "LM: caption, lyrics and metadata from the description",
                 "format": "LM: formatting caption and lyrics", "cot": "LM: caption and metadata",
                 "codes": "LM: audio codes", "understand": "LM: reading the source's audio codes"}
+# What a client can change when a step's prompt leaves no room in the LM's context (max_context).
+SHORTEN = {"sample": "shorten the description (sample_query)", "format": "shorten the caption or lyrics",
+           "cot": "shorten the caption or lyrics", "codes": "shorten the caption or lyrics",
+           "understand": "send a shorter source audio (its codes take a token each, 5 per second)"}
 REPORT_EVERY = 8  # decode steps between progress calls (each is a cancellation point and feeds the stall timer)
 STAGE_UPDATES = 20  # the token count in the stage text moves in 1/20ths of the budget (a store write each)
 
@@ -112,11 +117,16 @@ class Planner:
     def _run(self, phase: str, prompt: str, *, seeds: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
              uncond: Optional[str] = None, constraints: Optional[Sequence[Optional[TokenConstraint]]] = None,
              stop_ids: Sequence[int] = (), progress: Optional[ProgressFn] = None,
-             label: str = "") -> tuple[DecodeResult, PhaseStats]:
+             label: str = "", required: Optional[int] = None) -> tuple[DecodeResult, PhaseStats]:
+        """One decode of `phase`. max_new_tokens is an upper limit, cut to what the LM's context leaves after the
+        prompt (both backends cut it so); `required`: new tokens the step must have room for (a constrained song's
+        codes and stop), else refused rather than cut short."""
         b = self.backend
         n = len(seeds)
         ids = b.encode(prompt)
         uncond_ids = b.encode(uncond) if (uncond is not None and sampling.cfg) else None
+        width = max(len(ids), len(uncond_ids or ()))
+        asked, max_new_tokens = max_new_tokens, self._room(phase, width, max_new_tokens, required)
         on_step = phase_reporter(progress, phase, max(1, max_new_tokens), label) if progress is not None else None
         start = time.perf_counter()
         result = b.generate([ids] * n, seeds=seeds, sampling=sampling, max_new_tokens=max_new_tokens,
@@ -126,7 +136,28 @@ class Planner:
                            prompt_tokens=len(ids), generated_tokens=[len(t) for t in result.tokens],
                            steps=result.steps, seconds=time.perf_counter() - start, prefill_s=result.prefill_s,
                            decode_s=result.decode_s, constraint_s=result.constraint_s, notes=list(result.notes))
+        if max_new_tokens < asked and not all(result.stopped):
+            stats.notes.append(f"lm {phase} stopped at the LM's {b.max_context}-token context after "
+                               f"{max_new_tokens} tokens (its prompt takes {width})")
         return result, stats
+
+    def _room(self, phase: str, prompt_tokens: int, max_new_tokens: int, required: Optional[int]) -> int:
+        """max_new_tokens cut to the context's room after the prompt; GenerationError (saying what the client
+        can change for this step) when the prompt leaves none, or less than `required`."""
+        context = self.backend.max_context
+        room = context - prompt_tokens
+        if room >= max(1, required or 0):
+            return min(max_new_tokens, room)
+        what = f"the 5 Hz LM's context is {context} tokens and this step's prompt takes {prompt_tokens}"
+        if room < 1:
+            raise GenerationError(f"{PHASE_LABELS.get(phase, phase)}: {what}, leaving no room to write: "
+                                  f"{SHORTEN.get(phase, 'shorten its input')}")
+        codes = (required or 0) - 1
+        most = (room - 1) // CODES_PER_SECOND
+        raise GenerationError(
+            f"{PHASE_LABELS.get(phase, phase)}: a {codes / CODES_PER_SECOND:g} s song takes {codes} audio codes "
+            f"and a stop, but {what} (caption, lyrics and metadata), leaving {room}: ask for at most {most} s "
+            "(audio_duration), or shorten the caption or lyrics")
 
     def metadata_budget(self, mode: Literal["cot", "understand"]) -> int:
         """Max new tokens of a metadata pass ("understand": free text (lyrics) follows the block)."""
@@ -191,7 +222,7 @@ class Planner:
                                   sampling=sampling, max_new_tokens=max_new,
                                   uncond=prompts.codes_unconditional_prompt(caption, lyrics, negative_prompt),
                                   constraints=constraints, stop_ids=self._stops(), progress=progress,
-                                  label=label)
+                                  label=label, required=target + 1 if constrained and target is not None else None)
         codes = [self.backend.vocab.codes_from_ids(t) for t in result.tokens]
         return codes, cot, stats
 

@@ -19,7 +19,7 @@ import torch
 from engine.cpu_target import auto_cpu_dtype, cpu_flags
 from engine.lm.constraints import Allowed, ConstraintTables, TokenConstraint
 from engine import memory
-from engine.lm.kv_budget import LM_MAX_CONTEXT, cache_rows, cache_tokens, kv_cache_bytes
+from engine.lm.kv_budget import LM_MAX_CONTEXT, cache_rows, cache_tokens, kv_cache_bytes, new_tokens_room
 from engine.lm.masking import MaskApplier
 from engine.lm.output_head import OutputHead
 from engine.lm.sampling import choose, filter_logits, guide, make_generators, repetition_penalty
@@ -189,7 +189,8 @@ class TransformersLM(TokenizerText):
 
         seeds[i] drives item i's draws; uncond_prompts (one per item) are used when sampling.cfg; constraints[i]
         (or None) shapes item i; an item stops at any of stop_ids (not included in its tokens) or after
-        max_new_tokens. logits_hook(step, logits) sees each step's guided logits before the constraint (tests).
+        max_new_tokens, cut to what the context leaves after the padded prompts (max_context). logits_hook(step,
+        logits) sees each step's guided logits before the constraint (tests).
         Items whose KV caches do not fit together in the memory available now are decoded in groups, one after
         another, with the same tokens (`_group_size`; the result's notes say so).
         """
@@ -198,6 +199,8 @@ class TransformersLM(TokenizerText):
         cfg = uncond is not None
         # every group is padded to the whole batch's width: a song's rows see the same shapes, so the same tokens
         width = max(len(p) for p in [*prompts, *(uncond or ())])
+        # an upper limit: cut to what the context leaves (kv_budget.new_tokens_room; vLLM's backend does the same)
+        max_new_tokens = new_tokens_room(width, max_new_tokens, self.max_context)
         size, note = self._group_size(n, cfg, cache_tokens(width, max_new_tokens, self.max_context))
         if size >= n:
             return self._decode(prompts, uncond, constraints, seeds, sampling, max_new_tokens, stop_ids, on_step,

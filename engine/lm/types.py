@@ -75,6 +75,7 @@ class LMBackend(Protocol):
     tables: ConstraintTables
     random_weights: bool
     dtype: str  # the weights' dtype ("bfloat16", "float32" ...), for describe() and generation_info
+    max_context: int  # tokens one decoded sequence may span, prompt included (max_new_tokens is cut to fit)
 
     def encode(self, text: str) -> list[int]: ...
 

@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from engine.lm.constraints import ConstraintTables, TokenConstraint
-from engine.lm.kv_budget import LM_MAX_CONTEXT, kv_bytes_per_token
+from engine.lm.kv_budget import LM_MAX_CONTEXT, kv_bytes_per_token, new_tokens_room
 from engine.lm.masking import MaskApplier
 from engine.lm.sampling import choose, filter_logits, guide, repetition_penalty
 from engine.lm.tiny import is_random_lm
@@ -399,6 +399,7 @@ class VllmLM(TokenizerText):
         self.runner = runner  # "v1" or "v2": which logits-processor interface the engine uses
         self.device = torch.device(device)
         self.dtype = str(engine.vllm_config.model_config.dtype).replace("torch.", "")
+        self.max_context = int(engine.vllm_config.model_config.max_model_len)
         start = time.perf_counter()
         logits_size = int(engine.vllm_config.model_config.get_vocab_size())
         self.vocab = LMVocab.from_tokenizer(tokenizer, logits_size=logits_size)
@@ -470,6 +471,10 @@ class VllmLM(TokenizerText):
                  stop_ids: Sequence[int] = (), on_step: Optional[StepCallback] = None) -> DecodeResult:
         """Decode one continuation per prompt (see TransformersLM.generate); all items in one vLLM batch."""
         uncond, cons = checked_decode_args(len(prompts), seeds, sampling, uncond_prompts, constraints)
+        # cut as the transformers backend cuts it (to the longest prompt's room), so both write the same lengths;
+        # vLLM alone would end each sequence at max_model_len, and size its KV waves on the uncut limit
+        width = max(len(p) for p in [*prompts, *(uncond or ())])
+        max_new_tokens = new_tokens_room(width, max_new_tokens, self.max_context)
         with self._lock:
             return self._generate(prompts, seeds, sampling, max_new_tokens, uncond, cons, list(stop_ids), on_step)
 
