@@ -111,3 +111,8 @@ def test_the_lm_kv_cache_the_fit_check_counts_is_what_the_cache_takes_at_full_si
         assert (step["rows"], step["tokens"]) == (2, kv_budget.LM_MAX_CONTEXT)
         assert expected == step["cache_tensor_bytes"], (row["module"], row["dtype"])
         assert abs(expected / step["working_set_bytes"] - 1) <= TOLERANCE, (row["module"], row["dtype"], row["quantize"])
+    # README's KV row shows the fit check's figure (what its GPU totals add), not the measured working set
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(t for t in readme.splitlines() if t.startswith("| its KV cache on transformers, as the fit check"))
+    counted = {r["module"]: kv_budget.fit_cache_bytes(s["config"], 2) for r, s in steps if r["dtype"] == "bfloat16"}
+    assert f"| {' / '.join(f'{counted[m] / memory.GB:g}' for m in ('lm-0.6B', 'lm-1.7B', 'lm-4B'))} GiB |" in line
