@@ -10,10 +10,13 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from engine.memory import _meminfo
 from engine.types import DeviceReport, GpuDevice, HostInfo, Placement
+
+if TYPE_CHECKING:
+    import torch
 
 CPUINFO = "/proc/cpuinfo"
 
@@ -52,6 +55,15 @@ def visible_gpus(used: frozenset[int] = frozenset()) -> tuple[GpuDevice, ...]:
         found.append(GpuDevice(index=index, name=name, total_bytes=total,
                                free_bytes=None if free is None else int(free), compute_capability=capability))
     return tuple(found)
+
+
+def auto_cuda_dtype() -> torch.dtype:
+    """ACESTEP_DTYPE=auto on CUDA, for the DiT and the transformers LM: bf16 where the GPU computes it natively
+    (compute capability 8.0+, or ROCm), else float16. torch's is_bf16_supported() counts emulated bf16 unless told
+    not to, and a T4 (7.5) emulates it, far slower than its float16."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 @functools.lru_cache(maxsize=None)

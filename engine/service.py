@@ -765,7 +765,7 @@ def choose_dtype(name: str, device: torch.device, flags: Optional[set[str]] = No
     (engine/cpu_target.py; `flags`: its feature flags, read from /proc/cpuinfo when None)."""
     if name in ("", "auto"):
         if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            dtype = device_probe.auto_cuda_dtype()  # bf16 only where the GPU has it natively
             return dtype, f"auto: {str(dtype).replace('torch.', '')} on CUDA"
         if device.type == "cpu":
             chosen, why = cpu_target.auto_cpu_dtype(cpu_target.cpu_flags() if flags is None else flags)

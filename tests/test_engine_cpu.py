@@ -33,6 +33,26 @@ def test_a_set_dtype_wins_over_the_cpu():
     assert choose_dtype("bf16", CPU, set())[0] == torch.bfloat16
 
 
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((8, 9), torch.bfloat16)])
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, dtype):
+    """The CUDA device faked at its properties, so torch's own is_bf16_supported runs: a T4 (7.5) passes it by
+    default (emulated bf16) and gets float16 from the DiT's and the transformers LM's auto choice all the same."""
+    from types import SimpleNamespace
+
+    from engine.lm.transformers_backend import default_dtype
+
+    major, minor = capability
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(major=major, minor=minor))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # sm75 emulates bf16
+    assert torch.cuda.is_bf16_supported()  # what the engine used to ask, True on every one of these
+    cuda = torch.device("cuda")
+    chosen, why = choose_dtype("auto", cuda)
+    assert chosen == dtype == default_dtype(cuda) and why == f"auto: {str(dtype)[6:]} on CUDA"
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     x86 = tmp_path / "x86"
     x86.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n"

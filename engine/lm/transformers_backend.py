@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.cpu_target import auto_cpu_dtype, cpu_flags
+from engine.device_probe import auto_cuda_dtype
 from engine.lm.constraints import Allowed, ConstraintTables, TokenConstraint
 from engine import memory
 from engine.lm.kv_budget import LM_MAX_CONTEXT, cache_rows, cache_tokens, kv_cache_bytes, new_tokens_room
@@ -38,7 +39,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     CPU computes it natively (AMX / AVX512-BF16 / Arm BF16, engine/cpu_target.py), else fp32 (upstream: always
     fp32 on cpu)."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return auto_cuda_dtype()  # bf16 only where the GPU has it natively (not a T4's emulated one)
     if device.type == "cpu":
         return torch.bfloat16 if auto_cpu_dtype(cpu_flags())[0] == "bfloat16" else torch.float32
     return torch.float32
