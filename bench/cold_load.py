@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before bench/ (the script's folder): bench/engine.py is not the engine package
 
-from measure import GIB, loadavg, reset_peak, run_child, status_bytes, timed, wait_for_memory  # noqa: E402
+from measure import GIB, loadavg, reset_peak, run_child, status_bytes, timed, wait_for_memory, write_results  # noqa: E402
 
 MODEL = "acestep-v15-turbo"
 LM_NAME = "acestep-5Hz-lm-1.7B"
@@ -525,11 +525,7 @@ def main(argv=None) -> int:
     meta["fingerprint"] = fingerprint_check(root)
     meta["sizes_gib"] = folder_sizes(root)
     meta["load_avg_end"] = loadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    text = markdown(rows, meta)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, meta, rows, markdown)
     return 0
 
 

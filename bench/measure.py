@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 GIB = 1024**3
@@ -135,3 +136,13 @@ def run_child(args: Sequence[str], *, env: Optional[Mapping[str, str]] = None, c
         raise ChildFailed(proc.returncode, (proc.stderr or "")[-3000:])
     result: dict[str, Any] = json.loads(objects[-1])
     return result
+
+
+def write_results(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
+                  markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> None:
+    """A benchmark's results beside each other: `out`.json (meta and raw rows), `out`.md (its table), printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    text = markdown(rows, meta)
+    out.with_suffix(".md").write_text(text)
+    print(text)

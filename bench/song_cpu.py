@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from measure import loadavg, mem_available, reset_peak, status_bytes  # noqa: E402  (bench/measure.py)
+from measure import loadavg, mem_available, reset_peak, status_bytes, write_results  # noqa: E402  (bench/measure.py)
 
 GIB = 1024**3
 MODEL = "acestep-v15-turbo"
@@ -433,11 +433,7 @@ def main(argv=None) -> int:
     meta["load_avg_end"] = loadavg()
     if args.snr:
         meta["snr_db_vs_bf16"] = snr_table(args, rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    text = markdown(rows, meta)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, meta, rows, markdown)
     return 0
 
 
