@@ -12,9 +12,10 @@ declares much and sends little holds nobody up.
 
 One client may not hold the whole budget: routes that take the key in the body (`ai_token`) read it
 before they can authenticate, so a few slow anonymous bodies (60 s each at most: handlers/body.py) would
-otherwise refuse every other caller. Bodies count per caller too (handlers/caller.py: a configured key in
-the Authorization header is its own caller; anyone else is its peer address, behind a proxy the client it
-forwards for from ACESTEP_TRUSTED_PROXIES only, else the proxy's one address), and a caller that already
+otherwise refuse every other caller. Bodies count per caller and address too (`body_share`: the peer
+address, behind a proxy the client it forwards for from ACESTEP_TRUSTED_PROXIES only, else the proxy's one
+address; a configured key in the Authorization header (handlers/caller.py) is a share of its own at that
+address, so one key shared by many clients does not pool them), and a caller that already
 holds its share (one largest body: half the budget) gets no more bytes counted (503 with Retry-After,
 saying so) until its bodies end; the chunk that crosses the share still counts, so any one valid body
 fits. Only bodies are refused: a request that declares and sends none (a GET, a poll) is never a 503
@@ -34,6 +35,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
+
+from service.caller_limits import Caller
 
 from .caller import caller_from_scope
 from .envelope import ApiError
@@ -140,6 +143,17 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
+def body_share(scope: Scope) -> str:
+    """Whose share a request's body counts against: its address (forwarded-for only from trusted proxies:
+    uvicorn applies it), and apart from that a valid key's holder there. A deployment usually has one key
+    for all its clients, so the key alone would pool every keyed client into one share; the address alone
+    would let slow anonymous bodies refuse the key's holder behind the same proxy address."""
+    caller = caller_from_scope(scope)
+    client = scope.get("client")
+    address = Caller.at(client[0] if client else None)
+    return address.id if caller == address else f"{caller.id}@{address.id}"
+
+
 class BodyBudgetMiddleware:
     def __init__(self, app: ASGIApp, budget: BodyBudget):
         self.app, self.budget = app, budget
@@ -149,9 +163,7 @@ class BodyBudgetMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _declared_length(scope)
-        # The rate limiter's caller: a configured key's holder, else the address (forwarded-for only from
-        # trusted proxies: uvicorn applies it). A valid key's share is not the anonymous bodies' beside it.
-        client = caller_from_scope(scope).id
+        client = body_share(scope)
         # Refused at the door only for a declared body (a GET declares none): past a caller's share it is
         # past every route's limit too, and the route's 413 says so, not a 503
         busy = self.budget.refusal(declared, client) if 0 < declared <= self.budget.per_client else None
@@ -172,4 +184,4 @@ class BodyBudgetMiddleware:
             hold.release()
 
 
-__all__ = ["BodyBudget", "BodyBudgetMiddleware", "largest_body", "release_body"]
+__all__ = ["BodyBudget", "BodyBudgetMiddleware", "body_share", "largest_body", "release_body"]

@@ -154,3 +154,49 @@ def test_a_wrong_bearer_key_is_refused_before_the_body_is_read(settings):
         assert reads == []  # nothing of the body was read (or counted against the budget)
     right = _scope("/release_task", "10.0.0.3", [(b"authorization", f"Bearer {KEY}".encode())])
     assert asyncio.run(_call(app, right, receive))["status"] == 200 and reads == [1]
+
+
+def test_one_key_is_a_share_per_address_apart_from_the_anonymous_bodies_there(settings):
+    """A deployment usually gives all its clients one ACESTEP_API_KEY: keyed by the key alone, keyed uploads
+    from several addresses pooled into one share, and once they held one largest body every keyed body from
+    anywhere was a 503. The share is the key's holder at an address: the same key elsewhere has its own, and
+    so do the anonymous bodies at that address (each is refused only past its own)."""
+    api = make_api(settings, max_upload_mb=1, max_adapter_mb=1, rate_limit_rps=0, api_key=KEY)  # budget 8 MB, share 4 MB
+    app, budget = api.client.app, api.client.app.state.body_budget
+    keyed = [(b"authorization", f"Bearer {KEY}".encode())]
+    piece = b" " * (3 * MB // 2)
+    body = json.dumps({"prompt": "x"}).encode() + piece
+    anonymous = json.dumps({"prompt": "x", "ai_token": KEY}).encode() + piece  # authenticated once read
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        go = asyncio.Event()
+
+        def slow() -> Callable[[], Awaitable[dict[str, Any]]]:
+            sent = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": piece, "more_body": True}
+                await go.wait()
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return receive
+
+        hogs = [asyncio.create_task(_call(app, _scope("/release_task", "10.0.0.1", keyed), slow())) for _ in range(3)]
+        for _ in range(200):  # until the key's holder at 10.0.0.1 holds its share (3 x 1.5 MB)
+            await asyncio.sleep(0.01)
+            if budget.held >= 3 * len(piece):
+                break
+        answers = [
+            await _call(app, _scope("/release_task", "10.0.0.1", keyed), _whole(body)),  # past its share
+            await _call(app, _scope("/release_task", "10.0.0.2", keyed), _whole(body)),  # the key elsewhere
+            await _call(app, _scope("/release_task", "10.0.0.1", []), _whole(anonymous))]  # anonymous beside it
+        go.set()
+        return list(await asyncio.gather(*hogs)), answers
+
+    hogs, answers = asyncio.run(scenario())
+    assert [a["status"] for a in answers] == [503, 200, 200], answers
+    assert "for this client" in answers[0]["json"]["detail"], answers
+    assert all(h["status"] != 503 for h in hogs), hogs
+    assert budget.held == 0
