@@ -2,8 +2,10 @@
 
     entrypoints -> handlers -> service -> engine's torch-free contract (request, types, plan)
     entrypoints -> engine (the worker's engine is loaded by the bootstrap only)
-    handlers, service and the engine's contract never reach torch, diffusers, transformers, vllm,
-    numpy or soundfile, directly or through another module (the API's Lambda cold start)
+    infra (the CDK app) -> engine.lm.backend_choice (the LM rule cdk synth checks), nothing else of engine
+    handlers, service, infra and the engine's contract (with lm.backend_choice) never reach torch,
+    diffusers, transformers, vllm, numpy or soundfile, directly or through another module (the API's
+    Lambda cold start, cdk synth)
     no circle among the modules and sub-packages of engine, service or handlers (engine.weights once
     imported engine.weights.checkpoints and was imported back by it)
 
@@ -43,7 +45,8 @@ def _module(root: Path, name: str, source: str) -> None:
 
 def test_each_contract_catches_its_breach(tmp_path):
     """The same contracts on a tree with one breach of each: an upward import, a reach past the
-    engine's contract, a torch import two hops away inside a function, and a circle."""
+    engine's contract, a torch import two hops away inside a function, a torch import in the LM rule the
+    CDK app checks, and a circle."""
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     _module(tmp_path, "entrypoints.main", "import handlers.app\nimport engine.service\n")
     _module(tmp_path, "handlers.app", "import service.core\nfrom engine import request\n")
@@ -55,6 +58,8 @@ def test_each_contract_catches_its_breach(tmp_path):
     _module(tmp_path, "engine.numbers", "def heavy():\n    import numpy\n")
     _module(tmp_path, "engine.weights.checkpoints", "import service.core\n")
     _module(tmp_path, "engine.service", "import torch\n")
+    _module(tmp_path, "infra.worker_engine", "from engine.lm import backend_choice\n")
+    _module(tmp_path, "engine.lm.backend_choice", "import torch\n")
     _module(tmp_path, "engine.config", "import engine.weights.checkpoints\n")
     _module(tmp_path, "engine.weights.__init__", "def demo():\n    import engine.config\n")  # the circle
     run = _lint(tmp_path)
@@ -63,5 +68,6 @@ def test_each_contract_catches_its_breach(tmp_path):
     assert "engine.weights.checkpoints -> service.core" in out  # upward
     assert "service.core -> engine.weights.checkpoints" in out  # past the contract
     assert "engine.plan -> engine.types" in out and "engine.numbers -> numpy" in out  # the chain to numpy
+    assert "engine.lm.backend_choice -> torch" in out and "infra is not allowed to import torch" in out
     assert "No cycles are allowed in engine" in out and "No cycles are allowed in service" not in out
     assert "entrypoints.main" not in out and "handlers.app -> engine.request" not in out  # allowed ones
