@@ -58,12 +58,13 @@ def visible_gpus(used: frozenset[int] = frozenset()) -> tuple[GpuDevice, ...]:
 
 
 def auto_cuda_dtype() -> torch.dtype:
-    """ACESTEP_DTYPE=auto on CUDA, for the DiT and the transformers LM: bf16 where the GPU computes it natively
-    (compute capability 8.0+, or ROCm), else float16. torch's is_bf16_supported() counts emulated bf16 unless told
-    not to, and a T4 (7.5) emulates it, far slower than its float16."""
+    """ACESTEP_DTYPE=auto on CUDA, for the DiT and the transformers LM: bf16, native at compute capability 8.0+
+    and emulated by torch below (a T4, 7.5: slower, the same memory). Never float16: its range overflows in the
+    DiT, and on pre-Ampere GPUs every song with lyrics gives NaN latents (upstream ACE-Step-1.5 issues #1243,
+    #1274), which bf16's float32 range does not. float32 only where torch cannot even emulate bf16."""
     import torch
 
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
 
 
 @functools.lru_cache(maxsize=None)

@@ -136,6 +136,40 @@ def free_bytes(device) -> Optional[int]:
 
 MEMINFO = "/proc/meminfo"
 PROCESS_STATUS = "/proc/self/status"
+# The container's memory limit and use (docker --memory, an ECS task's memory), as the container sees its own
+# cgroup: v2's unified files, else v1's memory controller.
+CGROUP_V2_MAX = "/sys/fs/cgroup/memory.max"
+CGROUP_V2_CURRENT = "/sys/fs/cgroup/memory.current"
+CGROUP_V1_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+CGROUP_V1_USAGE = "/sys/fs/cgroup/memory/memory.usage_in_bytes"
+
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cgroup_room() -> Optional[int]:
+    """What this process's cgroup may still take before the kernel OOM-kills it: limit - use (v2's memory.max
+    when the file is there, "max" meaning no limit; else v1's); None without a limit or a readable one.
+    MemAvailable is the host's and ignores the limit. Page cache counts as used here (the kernel reclaims some
+    of it first): a conservative figure, so a decode is grouped or tiled rather than killed."""
+    v2 = _read_text(CGROUP_V2_MAX)
+    limit, usage = (v2, _read_text(CGROUP_V2_CURRENT)) if v2 is not None else (
+        _read_text(CGROUP_V1_LIMIT), _read_text(CGROUP_V1_USAGE))
+    if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
+        return None
+    return max(0, int(limit) - int(usage))  # v1 without a limit reads a huge number: min() ignores it
+
+
+def _within_cgroup(available: Optional[int]) -> Optional[int]:
+    room = cgroup_room()
+    if room is None:
+        return available
+    return room if available is None else min(available, room)
 
 
 def _meminfo(key: str) -> Optional[int]:
@@ -195,13 +229,13 @@ def tile_vae_decode(allowed: bool, needed: int, free: Optional[int]) -> bool:
 def available_bytes(device) -> Optional[int]:
     """Memory a decode could use now: on CUDA the device's free memory plus what torch's allocator holds
     unused; on CPU the system's available memory less this process's own file-backed pages (its mmapped
-    weights, which MemAvailable counts as free); None when unknown."""
+    weights, which MemAvailable counts as free), and no more than the container's cgroup leaves (cgroup_room);
+    None when unknown."""
     if getattr(device, "type", str(device)) == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     available = _meminfo("MemAvailable")
-    if available is None:
-        return None
-    return max(0, available - _own_file_backed_bytes())
+    host = None if available is None else max(0, available - _own_file_backed_bytes())
+    return _within_cgroup(host)

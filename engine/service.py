@@ -765,7 +765,7 @@ def choose_dtype(name: str, device: torch.device, flags: Optional[set[str]] = No
     (engine/cpu_target.py; `flags`: its feature flags, read from /proc/cpuinfo when None)."""
     if name in ("", "auto"):
         if device.type == "cuda":
-            dtype = device_probe.auto_cuda_dtype()  # bf16 only where the GPU has it natively
+            dtype = device_probe.auto_cuda_dtype()  # bf16, emulated below 8.0: float16 gives NaN there
             return dtype, f"auto: {str(dtype).replace('torch.', '')} on CUDA"
         if device.type == "cpu":
             chosen, why = cpu_target.auto_cpu_dtype(cpu_target.cpu_flags() if flags is None else flags)

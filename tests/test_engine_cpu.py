@@ -33,11 +33,15 @@ def test_a_set_dtype_wins_over_the_cpu():
     assert choose_dtype("bf16", CPU, set())[0] == torch.bfloat16
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
-                                               ((8, 9), torch.bfloat16)])
-def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, dtype):
-    """The CUDA device faked at its properties, so torch's own is_bf16_supported runs: a T4 (7.5) passes it by
-    default (emulated bf16) and gets float16 from the DiT's and the transformers LM's auto choice all the same."""
+@pytest.mark.parametrize("capability, emulates, dtype", [((7, 5), True, torch.bfloat16), ((8, 0), True, torch.bfloat16),
+                                                         ((8, 9), True, torch.bfloat16),
+                                                         ((6, 1), False, torch.float32)])
+def test_auto_dtype_on_cuda_is_bf16_even_where_emulated_never_float16(monkeypatch, capability, emulates, dtype):
+    """The CUDA device faked at its properties, so torch's own is_bf16_supported runs. A T4 (7.5) has no native
+    bf16 and gets torch's emulated bf16 (slower, the same memory), not float16: float16 overflows in the DiT and
+    gives NaN latents for every song with lyrics on pre-Ampere GPUs (upstream ACE-Step-1.5 #1243, #1274), which
+    check_finite would fail; float32 would double the weights a 16 GB T4 must hold. float32 only where not even
+    emulated bf16 works. The DiT's and the transformers LM's auto choices are one."""
     from types import SimpleNamespace
 
     from engine.lm.transformers_backend import default_dtype
@@ -46,11 +50,11 @@ def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_has_it_natively(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(major=major, minor=minor))
-    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # sm75 emulates bf16
-    assert torch.cuda.is_bf16_supported()  # what the engine used to ask, True on every one of these
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulates)
     cuda = torch.device("cuda")
     chosen, why = choose_dtype("auto", cuda)
     assert chosen == dtype == default_dtype(cuda) and why == f"auto: {str(dtype)[6:]} on CUDA"
+    assert choose_dtype("float16", cuda) == (torch.float16, "set: float16 (ACESTEP_DTYPE)")  # only when asked
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):

@@ -48,16 +48,36 @@ def test_the_decode_estimate_follows_the_full_size_measurements():
     assert memory.tile_vae_decode(True, memory.vae_decode_bytes(1, 240, 128, 2), 23 * GB - int(5.9 * GB)) is True
 
 
-def test_cpu_memory_is_read_from_meminfo_less_the_engines_own_mapped_weights(tmp_path, monkeypatch):
+def test_cpu_memory_is_read_from_meminfo_less_the_engines_own_mapped_weights_within_the_cgroup(tmp_path,
+                                                                                             monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1000000 kB\nMemAvailable:   12000000 kB\n")
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nRssAnon:\t 900000 kB\nRssFile:\t 6000000 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     monkeypatch.setattr(memory, "PROCESS_STATUS", str(status))
+    for name in ("CGROUP_V2_MAX", "CGROUP_V2_CURRENT", "CGROUP_V1_LIMIT", "CGROUP_V1_USAGE"):
+        monkeypatch.setattr(memory, name, str(tmp_path / name))  # no cgroup files: the host's figure
     assert free_bytes(torch.device("cpu")) == 12000000 * 1024
-    assert memory.available_bytes(torch.device("cpu")) == (12000000 - 6000000) * 1024
+    host = (12000000 - 6000000) * 1024
+    assert memory.available_bytes(torch.device("cpu")) == host
     assert free_bytes(torch.device("meta")) is None
+
+    # in a container (docker --memory, ECS task memory) the cgroup's limit less its use wins when smaller
+    (tmp_path / "CGROUP_V1_LIMIT").write_text(f"{8 * GB}\n")
+    (tmp_path / "CGROUP_V1_USAGE").write_text(f"{6 * GB}\n")
+    assert memory.available_bytes(torch.device("cpu")) == 2 * GB
+    (tmp_path / "CGROUP_V1_LIMIT").write_text("9223372036854771712\n")  # v1 without a limit
+    assert memory.available_bytes(torch.device("cpu")) == host
+    (tmp_path / "CGROUP_V2_MAX").write_text(f"{7 * GB}\n")  # v2 is read first
+    (tmp_path / "CGROUP_V2_CURRENT").write_text(f"{6 * GB}\n")
+    assert memory.available_bytes(torch.device("cpu")) == GB
+    (tmp_path / "CGROUP_V2_CURRENT").write_text(f"{8 * GB}\n")  # over the limit (reclaim pending): nothing
+    assert memory.available_bytes(torch.device("cpu")) == 0
+    (tmp_path / "CGROUP_V2_MAX").write_text("max\n")  # v2 without a limit
+    assert memory.available_bytes(torch.device("cpu")) == host
+    (tmp_path / "CGROUP_V2_MAX").write_text(f"{64 * GB}\n")  # a limit above the host's figure
+    assert memory.available_bytes(torch.device("cpu")) == host
 
 
 def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch):

@@ -29,17 +29,17 @@ from engine.quantize import quantize_module, tied_output_head
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
 from engine.lm.vocab import LMVocab, TokenizerText
 from engine.memory import GB
-from engine.types import GenerationError
 
 log = logging.getLogger("engine.lm")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """ACESTEP_DTYPE=auto, as for the DiT: bf16 on GPUs that support it (fp16 otherwise); on CPU bf16 where the
+    """ACESTEP_DTYPE=auto, as for the DiT: bf16 on GPUs (emulated below compute capability 8.0; never fp16,
+    engine/device_probe.auto_cuda_dtype); on CPU bf16 where the
     CPU computes it natively (AMX / AVX512-BF16 / Arm BF16, engine/cpu_target.py), else fp32 (upstream: always
     fp32 on cpu)."""
     if device.type == "cuda":
-        return auto_cuda_dtype()  # bf16 only where the GPU has it natively (not a T4's emulated one)
+        return auto_cuda_dtype()  # the DiT's choice: bf16, emulated on a T4 rather than float16
     if device.type == "cpu":
         return torch.bfloat16 if auto_cpu_dtype(cpu_flags())[0] == "bfloat16" else torch.float32
     return torch.float32
@@ -193,19 +193,23 @@ class TransformersLM(TokenizerText):
         max_new_tokens, cut to what the context leaves after the padded prompts (max_context). logits_hook(step,
         logits) sees each step's guided logits before the constraint (tests).
         Items whose KV caches do not fit together in the memory available now are decoded in groups, one after
-        another, with the same tokens (`_group_size`; the result's notes say so).
+        another (`_group_size`; the result's notes say so). Each item keeps its own seed's generator and the
+        batch's padded width, but a group's smaller batch shape can round the logits differently (bf16 most), so
+        its tokens may differ from a whole-batch decode, as with any change of the batch's composition.
         """
         n = len(prompts)
         uncond, constraints = checked_decode_args(n, seeds, sampling, uncond_prompts, constraints)
         cfg = uncond is not None
-        # every group is padded to the whole batch's width: a song's rows see the same shapes, so the same tokens
+        # every group is padded to the whole batch's width (the same prompt positions as in the whole batch)
         width = max(len(p) for p in [*prompts, *(uncond or ())])
         # an upper limit: cut to what the context leaves (kv_budget.new_tokens_room; vLLM's backend does the same)
         max_new_tokens = new_tokens_room(width, max_new_tokens, self.max_context)
         size, note = self._group_size(n, cfg, cache_tokens(width, max_new_tokens, self.max_context))
         if size >= n:
-            return self._decode(prompts, uncond, constraints, seeds, sampling, max_new_tokens, stop_ids, on_step,
-                                logits_hook, width)
+            whole = self._decode(prompts, uncond, constraints, seeds, sampling, max_new_tokens, stop_ids, on_step,
+                                 logits_hook, width)
+            whole.notes.extend([note] if note else [])
+            return whole
         parts: list[DecodeResult] = []
         groups = -(-n // size)
         for g, lo in enumerate(range(0, n, size)):
@@ -222,9 +226,10 @@ class TransformersLM(TokenizerText):
                             notes=[note])
 
     def _group_size(self, n: int, cfg: bool, tokens: int) -> tuple[int, str]:
-        """How many of `n` songs one decode may take now, and the note that says why when fewer than n: as many
-        as their KV caches (engine/lm/kv_budget.py, at `tokens` per row) fit in DECODE_HEADROOM of the memory
-        available on the LM's device (engine/memory.py; unknown: all). GenerationError when not even one fits."""
+        """How many of `n` songs one decode may take now, and the note that says why when fewer than n (or
+        when even one song's cache is over what is usable): as many as their KV caches (engine/lm/kv_budget.py,
+        at `tokens` per row) fit in DECODE_HEADROOM of the memory available on the LM's device (engine/memory.py;
+        unknown: all); at least one, since the start-up fit check counted one song's cache beside the models."""
         rows = cache_rows(1, cfg)
         # the cache holds the model's compute dtype (its first parameter: the embedding, never quantised)
         song = kv_cache_bytes(self.model.config.to_dict(), next(self.model.parameters()).element_size(),
@@ -236,11 +241,15 @@ class TransformersLM(TokenizerText):
         what = (f"the 5 Hz LM's KV cache takes {_gb(song)} a song ({rows} rows of {tokens} tokens"
                 f"{' with CFG' if cfg else ''})")
         if song > usable:
-            raise GenerationError(
-                f"{what}, but {self.device} has {_gb(available)} available ({_gb(usable)} usable at "
-                f"{memory.DECODE_HEADROOM:.0%}): retry when the machine is less loaded, ask for a shorter song, or "
-                "serve a smaller or quantised LM (ACESTEP_QUANTIZE=int8)")
+            # a transient dip (the start-up fit check admitted one song): go on a song at a time, and say so
+            note = (f"lm decoded {n} song{'s' if n > 1 else ''} one at a time with less memory than one song's "
+                    f"cache (memory: {what}; {_gb(available)} available on {self.device}, {_gb(usable)} usable at "
+                    f"{memory.DECODE_HEADROOM:.0%}; the start-up fit check counted one song's)")
+            log.warning("%s", note)
+            return 1, note
         size = min(n, usable // song)
+        if size == n:
+            return n, ""
         groups = -(-n // size)
         return size, (f"lm decoded {n} songs in {groups} groups of {'at most ' if n % size else ''}{size} "
                       f"(memory: {what}; {_gb(available)} available on {self.device})")
