@@ -116,3 +116,81 @@ def test_the_lm_kv_cache_the_fit_check_counts_is_what_the_cache_takes_at_full_si
     line = next(t for t in readme.splitlines() if t.startswith("| its KV cache on transformers, as the fit check"))
     counted = {r["module"]: kv_budget.fit_cache_bytes(s["config"], 2) for r, s in steps if r["dtype"] == "bfloat16"}
     assert f"| {' / '.join(f'{counted[m] / memory.GB:g}' for m in ('lm-0.6B', 'lm-1.7B', 'lm-4B'))} GiB |" in line
+
+
+# README's table of settings per machine (and infra/README.md's copy): each GPU figure is a sum of these, in GiB as
+# printed. Weights: bench/memory_measured.json (int8 after malloc_trim); "KV": the fit check's LM cache
+# (kv_budget.fit_cache_bytes, a bf16 cache); "decode": the measured VAE decode of one 30 s song in bf16.
+def _weights(module: str, quantize: str = "none") -> int:
+    row = next(r for r in ROWS if (r["module"], r["dtype"], r["quantize"]) == (module, "bfloat16", quantize))
+    return row["weights_rss_trimmed_bytes"] if quantize != "none" else row["weights_rss_bytes"]
+
+
+def _kv(module: str) -> int:
+    from engine.lm import kv_budget
+
+    step = next(s for r in ROWS if (r["module"], r["dtype"]) == (module, "bfloat16") for s in r.get("steps", []))
+    return kv_budget.fit_cache_bytes(step["config"], 2)
+
+
+def _components() -> dict[str, int]:
+    shared = _weights("dit_encoders") + _weights("vae") + _weights("text_encoder")
+    vae = next(r for r in ROWS if (r["module"], r["dtype"]) == ("vae", "bfloat16"))
+    return {"2B": _weights("dit") + shared, "2B int8": _weights("dit", "int8") + shared,
+            "DiT+encoders": _weights("dit") + _weights("dit_encoders"),
+            "DiT+encoders int8": _weights("dit", "int8") + _weights("dit_encoders"),
+            "LM 1.7B": _weights("lm-1.7B"), "LM 1.7B int8": _weights("lm-1.7B", "int8"),
+            "LM 0.6B": _weights("lm-0.6B"), "LM 0.6B int8": _weights("lm-0.6B", "int8"),
+            "KV 1.7B": _kv("lm-1.7B"), "KV 0.6B": _kv("lm-0.6B"),
+            "decode": next(s["working_set_bytes"] for s in vae["steps"] if s["seconds"] == 30.0)}
+
+
+# Each setting's recipe: the components its total adds.
+RECIPES = {"16 GB+": ("2B", "LM 1.7B", "KV 1.7B", "decode"),
+           "12 GB int8": ("2B int8", "LM 1.7B int8", "KV 1.7B", "decode"),
+           "12 GB 0.6B": ("2B", "LM 0.6B", "KV 0.6B", "decode"),
+           "8 GB": ("2B int8", "LM 0.6B int8", "KV 0.6B", "decode"),
+           "8 GB without the LM": ("2B int8", "decode"),
+           "4-6 GB stage int8": ("DiT+encoders int8",), "4-6 GB stage bf16": ("DiT+encoders",)}
+
+
+def _gib(size: float) -> str:
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return str(Decimal(size / memory.GB).quantize(Decimal("0.1"), ROUND_HALF_UP))
+
+
+def _total(name: str) -> list[str]:
+    return [_gib(sum(_components()[c] for c in RECIPES[name]))]
+
+
+def _sum(name: str) -> list[str]:
+    """The terms as printed, then their total (of the unrounded terms)."""
+    return [_gib(_components()[c]) for c in RECIPES[name]] + _total(name)
+
+
+def _figures(doc: str, row: str) -> list[str]:
+    """In order: every decimal figure (not a model size: 0.6B) in the last cell of README.md's table row that
+    starts with `row`, or every "N.N GiB" of infra/README.md's."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    line = next(t for t in text.splitlines() if t.startswith(f"| {row}"))
+    if doc == "README.md":
+        return re.findall(r"\d+\.\d+(?![\dB])", line.rsplit("|", 2)[1])
+    return re.findall(r"(\d+\.\d+) GiB", line)
+
+
+@pytest.mark.parametrize("doc,row,expected", [
+    ("README.md", "GPU, 16 GB or more", lambda: _sum("16 GB+")),
+    ("README.md", "GPU, 12 GB", lambda: _sum("12 GB int8") + _sum("12 GB 0.6B")),
+    ("README.md", "GPU, 8 GB", lambda: _sum("8 GB") + _sum("8 GB without the LM")),
+    ("README.md", "GPU, 4-6 GB", lambda: _total("4-6 GB stage int8") + _total("4-6 GB stage bf16")),
+    ("infra/README.md", "g5.xlarge", lambda: _total("16 GB+")),
+    ("infra/README.md", "g4dn.xlarge",
+     lambda: _total("12 GB 0.6B") + _total("12 GB int8") + _total("16 GB+") + [_gib(_components()["decode"])]),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_the_machine_tables_gpu_figures_are_the_measured_sums(doc, row, expected):
+    """Each figure is its components from bench/memory_measured.json and the fit check, summed unrounded and
+    rounded half up to one decimal as printed (a term is its component rounded the same way)."""
+    assert _figures(doc, row) == expected(), (doc, row)
