@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -95,11 +96,16 @@ def check_fits(needed: int, free: Optional[int], device: str, what: str, workspa
     if needed + workspace > free:
         cpu = str(device).startswith("cpu")
         cache = (f" and {lm_cache / GB:.2f} GB for the 5 Hz LM's KV cache ({lm_cache_terms})" if lm_cache else "")
+        where, more = "", "Use a machine with more RAM"
+        if isinstance(free, ContainerRoom):  # the container's limit, not the host's memory, is what to raise
+            where = (f" within the container's memory limit of {free.limit / GB:.1f} GB ({free.in_use / GB:.1f} GB "
+                     f"of it in use, file cache aside)")
+            more = "Raise the container's memory limit (ECS task memory, docker --memory)"
         raise DoesNotFit(
             f"{what} needs about {(needed - lm_cache) / GB:.1f} GB for weights{cache} plus {workspace / GB:.1f} GB "
             f"to generate, "
-            f"but {device} has {free / GB:.1f} GB {'available' if cpu else 'free'}. "
-            + ("Use a machine with more RAM, serve fewer models (ACESTEP_CONFIG_PATH2/3), load in bf16 "
+            f"but {device} has {free / GB:.1f} GB {'available' if cpu else 'free'}{where}. "
+            + (f"{more}, serve fewer models (ACESTEP_CONFIG_PATH2/3), load in bf16 "
                "(ACESTEP_DTYPE=bfloat16: half of float32), quantise (ACESTEP_QUANTIZE=int8), or a smaller model "
                "(2B instead of XL)." if cpu else
                "Use a GPU with more memory, serve fewer models (ACESTEP_CONFIG_PATH2/3), quantise "
@@ -121,16 +127,39 @@ def decoder_channels(model_dir: Path) -> int:
         return 128
 
 
+class ContainerRoom(int):
+    """A CPU figure set by the container's memory limit rather than the host's memory: what the limit leaves,
+    carrying the limit and the use it was read with, so a refusal names the limit an operator raises (ECS task
+    memory, docker --memory). Arithmetic on it gives plain ints."""
+
+    limit: int
+    in_use: int
+
+    def __new__(cls, room: int, limit: int, in_use: int) -> "ContainerRoom":
+        figure = super().__new__(cls, room)
+        figure.limit, figure.in_use = limit, in_use
+        return figure
+
+
 def free_bytes(device) -> Optional[int]:
     """Memory the models may take: a CUDA device's free memory; on CPU the system's available memory
-    (Linux's MemAvailable, before this worker loads anything); None where unknown."""
+    (Linux's MemAvailable, before this worker loads anything), and no more than the container's limit less its
+    non-reclaimable use (a ContainerRoom when that is smaller); None where unknown."""
     if getattr(device, "type", str(device)) == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     if str(getattr(device, "type", device)) == "cpu":
-        return _meminfo("MemAvailable")
+        host = _meminfo("MemAvailable")
+        cgroup = cgroup_memory()
+        if cgroup is None:
+            return host
+        # Nothing is loaded yet: the container's inactive file cache is mostly the weights just downloaded,
+        # which the kernel drops before it OOM-kills, so it is not counted as used (a refusal here is final).
+        in_use = max(0, cgroup.usage - cgroup.inactive_file)
+        room = max(0, cgroup.limit - in_use)
+        return ContainerRoom(room, cgroup.limit, in_use) if host is None or room < host else host
     return None
 
 
@@ -140,8 +169,20 @@ PROCESS_STATUS = "/proc/self/status"
 # cgroup: v2's unified files, else v1's memory controller.
 CGROUP_V2_MAX = "/sys/fs/cgroup/memory.max"
 CGROUP_V2_CURRENT = "/sys/fs/cgroup/memory.current"
+CGROUP_V2_STAT = "/sys/fs/cgroup/memory.stat"
 CGROUP_V1_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
 CGROUP_V1_USAGE = "/sys/fs/cgroup/memory/memory.usage_in_bytes"
+CGROUP_V1_STAT = "/sys/fs/cgroup/memory/memory.stat"
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The container's memory limit, its use (page cache included) and the inactive file cache within that use
+    (clean pages the kernel reclaims first), in bytes."""
+
+    limit: int
+    usage: int
+    inactive_file: int
 
 
 def _read_text(path: str) -> Optional[str]:
@@ -152,17 +193,39 @@ def _read_text(path: str) -> Optional[str]:
         return None
 
 
-def cgroup_room() -> Optional[int]:
-    """What this process's cgroup may still take before the kernel OOM-kills it: limit - use (v2's memory.max
-    when the file is there, "max" meaning no limit; else v1's); None without a limit or a readable one.
-    MemAvailable is the host's and ignores the limit. Page cache counts as used here (the kernel reclaims some
-    of it first): a conservative figure, so a decode is grouped or tiled rather than killed."""
+def _stat_field(text: Optional[str], key: str) -> int:
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def cgroup_memory() -> Optional[CgroupMemory]:
+    """This process's cgroup limit and use: v2's memory.max ("max" meaning no limit), memory.current and
+    memory.stat's inactive_file when memory.max is there; else v1's limit_in_bytes, usage_in_bytes and
+    memory.stat's total_inactive_file (the hierarchy's). None without a limit or a readable one. MemAvailable
+    is the host's and ignores the limit."""
     v2 = _read_text(CGROUP_V2_MAX)
-    limit, usage = (v2, _read_text(CGROUP_V2_CURRENT)) if v2 is not None else (
-        _read_text(CGROUP_V1_LIMIT), _read_text(CGROUP_V1_USAGE))
+    if v2 is not None:
+        limit, usage, stat, inactive_key = v2, _read_text(CGROUP_V2_CURRENT), CGROUP_V2_STAT, "inactive_file"
+    else:
+        limit, usage = _read_text(CGROUP_V1_LIMIT), _read_text(CGROUP_V1_USAGE)
+        stat, inactive_key = CGROUP_V1_STAT, "total_inactive_file"
     if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
         return None
-    return max(0, int(limit) - int(usage))  # v1 without a limit reads a huge number: min() ignores it
+    # v1 without a limit reads a huge number (about 2**63): min() with the host's figure ignores it
+    return CgroupMemory(int(limit), int(usage), min(int(usage), _stat_field(_read_text(stat), inactive_key)))
+
+
+def cgroup_room() -> Optional[int]:
+    """What the cgroup may still take before the kernel OOM-kills this process, for a decode now: limit - use.
+    Page cache counts as used here, unlike at start-up (free_bytes): once loaded, part of the inactive file
+    cache may be this worker's own mmapped weights, which reclaim would only page back in (the host figure
+    drops the process's RssFile for the same reason), and a figure too small costs a grouped or tiled decode,
+    one too large an OOM kill."""
+    cgroup = cgroup_memory()
+    return None if cgroup is None else max(0, cgroup.limit - cgroup.usage)
 
 
 def _within_cgroup(available: Optional[int]) -> Optional[int]:

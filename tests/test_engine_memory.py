@@ -56,8 +56,7 @@ def test_cpu_memory_is_read_from_meminfo_less_the_engines_own_mapped_weights_wit
     status.write_text("Name:\tpython\nRssAnon:\t 900000 kB\nRssFile:\t 6000000 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     monkeypatch.setattr(memory, "PROCESS_STATUS", str(status))
-    for name in ("CGROUP_V2_MAX", "CGROUP_V2_CURRENT", "CGROUP_V1_LIMIT", "CGROUP_V1_USAGE"):
-        monkeypatch.setattr(memory, name, str(tmp_path / name))  # no cgroup files: the host's figure
+    _no_cgroup_files(tmp_path, monkeypatch)  # the host's figure
     assert free_bytes(torch.device("cpu")) == 12000000 * 1024
     host = (12000000 - 6000000) * 1024
     assert memory.available_bytes(torch.device("cpu")) == host
@@ -80,6 +79,42 @@ def test_cpu_memory_is_read_from_meminfo_less_the_engines_own_mapped_weights_wit
     assert memory.available_bytes(torch.device("cpu")) == host
 
 
+def _no_cgroup_files(tmp_path, monkeypatch):
+    for name in ("CGROUP_V2_MAX", "CGROUP_V2_CURRENT", "CGROUP_V2_STAT", "CGROUP_V1_LIMIT", "CGROUP_V1_USAGE",
+                 "CGROUP_V1_STAT"):
+        monkeypatch.setattr(memory, name, str(tmp_path / name))
+
+
+def test_the_start_up_figure_is_the_containers_limit_less_its_use_but_inactive_file_cache(tmp_path, monkeypatch):
+    """At start nothing is loaded: the container's inactive file cache (weights just downloaded) is reclaimable,
+    so it is not counted as used; the decode-time figure (available_bytes) still counts it (conservative)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   12000000 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "no-status"))
+    _no_cgroup_files(tmp_path, monkeypatch)
+    cpu, host = torch.device("cpu"), 12000000 * 1024
+    (tmp_path / "CGROUP_V2_MAX").write_text(f"{8 * GB}\n")
+    (tmp_path / "CGROUP_V2_CURRENT").write_text(f"{7 * GB}\n")
+    (tmp_path / "CGROUP_V2_STAT").write_text(f"anon {GB}\nfile {6 * GB}\nactive_file {GB}\ninactive_file {5 * GB}\n"
+                                             f"inactive_anon 0\n")
+    room = free_bytes(cpu)
+    assert room == 8 * GB - (7 * GB - 5 * GB) and isinstance(room, memory.ContainerRoom)
+    assert (room.limit, room.in_use) == (8 * GB, 2 * GB)
+    assert memory.available_bytes(cpu) == GB  # page cache counted as used once the weights are loaded
+    (tmp_path / "CGROUP_V2_MAX").write_text("max\n")  # no limit: the host's figure, a plain int
+    assert free_bytes(cpu) == host and type(free_bytes(cpu)) is int
+    (tmp_path / "CGROUP_V2_MAX").write_text(f"{64 * GB}\n")  # a limit above the host's figure
+    assert free_bytes(cpu) == host and type(free_bytes(cpu)) is int
+    (tmp_path / "CGROUP_V2_MAX").unlink()  # v1: total_inactive_file (the hierarchy's), not inactive_file
+    (tmp_path / "CGROUP_V1_LIMIT").write_text(f"{4 * GB}\n")
+    (tmp_path / "CGROUP_V1_USAGE").write_text(f"{3 * GB}\n")
+    (tmp_path / "CGROUP_V1_STAT").write_text(f"inactive_file {GB // 2}\ntotal_inactive_file {2 * GB}\n")
+    assert free_bytes(cpu) == 3 * GB and memory.available_bytes(cpu) == GB
+    (tmp_path / "CGROUP_V1_STAT").unlink()  # no memory.stat: all of the use counts
+    assert free_bytes(cpu) == GB
+
+
 def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch):
     """The device's free memory is the boundary: pretend a small machine, and loading stops before any weights."""
     from engine.weights.checkpoints import build_tiny_checkpoint
@@ -92,6 +127,20 @@ def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch
                           device="cpu", dtype="float32")
     with pytest.raises(GenerationError, match=r"acestep-v15-turbo needs about 0.0 GB for weights plus 0.6 GB to "
                                               r"generate, but cpu has 0.2 GB available"):
+        Engine.load(config)
+    # in a container (docker --memory, ECS task memory) whose limit is below the host's memory: the limit is named
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   12000000 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    _no_cgroup_files(cgroup, monkeypatch)
+    cgroup.mkdir()
+    (cgroup / "CGROUP_V2_MAX").write_text(f"{GB // 2}\n")
+    (cgroup / "CGROUP_V2_CURRENT").write_text(f"{GB // 4}\n")
+    (cgroup / "CGROUP_V2_STAT").write_text(f"inactive_file {GB // 8}\n")
+    monkeypatch.setattr(memory, "free_bytes", free_bytes)
+    with pytest.raises(memory.DoesNotFit, match=r"but cpu has 0.4 GB available within the container's memory limit "
+                                                r"of 0.5 GB \(0.1 GB of it in use, file cache aside\)\. Raise the "
+                                                r"container's memory limit \(ECS task memory, docker --memory\)"):
         Engine.load(config)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * GB)
     assert [m.name for m in Engine.load(config).models()] == ["acestep-v15-turbo"]
