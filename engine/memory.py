@@ -100,7 +100,7 @@ def check_fits(needed: int, free: Optional[int], device: str, what: str, workspa
         if isinstance(free, ContainerRoom):  # the container's limit, not the host's memory, is what to raise
             where = (f" within the container's memory limit of {free.limit / GB:.1f} GB ({free.in_use / GB:.1f} GB "
                      f"of it in use, file cache aside)")
-            more = "Raise the container's memory limit (ECS task memory, docker --memory)"
+            more = "Raise the container's hard memory limit (ECS container `memory`, docker --memory)"
         raise DoesNotFit(
             f"{what} needs about {(needed - lm_cache) / GB:.1f} GB for weights{cache} plus {workspace / GB:.1f} GB "
             f"to generate, "
@@ -129,8 +129,8 @@ def decoder_channels(model_dir: Path) -> int:
 
 class ContainerRoom(int):
     """A CPU figure set by the container's memory limit rather than the host's memory: what the limit leaves,
-    carrying the limit and the use it was read with, so a refusal names the limit an operator raises (ECS task
-    memory, docker --memory). Arithmetic on it gives plain ints."""
+    carrying the limit and the use it was read with, so a refusal names the limit an operator raises (the
+    container's hard memory limit: ECS container `memory`, docker --memory). Arithmetic on it gives plain ints."""
 
     limit: int
     in_use: int
@@ -139,6 +139,9 @@ class ContainerRoom(int):
         figure = super().__new__(cls, room)
         figure.limit, figure.in_use = limit, in_use
         return figure
+
+    def __getnewargs__(self) -> tuple[int, int, int]:  # pickle and copy rebuild it through __new__
+        return int(self), self.limit, self.in_use
 
 
 def free_bytes(device) -> Optional[int]:
@@ -165,30 +168,29 @@ def free_bytes(device) -> Optional[int]:
 
 MEMINFO = "/proc/meminfo"
 PROCESS_STATUS = "/proc/self/status"
-# The container's memory limit and use (docker --memory, an ECS task's memory), as the container sees its own
-# cgroup: v2's unified files, else v1's memory controller.
-CGROUP_V2_MAX = "/sys/fs/cgroup/memory.max"
-CGROUP_V2_CURRENT = "/sys/fs/cgroup/memory.current"
-CGROUP_V2_STAT = "/sys/fs/cgroup/memory.stat"
-CGROUP_V1_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
-CGROUP_V1_USAGE = "/sys/fs/cgroup/memory/memory.usage_in_bytes"
-CGROUP_V1_STAT = "/sys/fs/cgroup/memory/memory.stat"
+# The container's memory limit and use (docker --memory, an ECS container's `memory`): this process's own cgroup,
+# named in /proc/self/cgroup, under v2's unified mount, else v1's memory controller's. Without a private cgroup
+# namespace the mount's root is the whole host's, not the container's.
+PROCESS_CGROUP = "/proc/self/cgroup"
+CGROUP_V2_ROOT = "/sys/fs/cgroup"
+CGROUP_V1_ROOT = "/sys/fs/cgroup/memory"
 
 
 @dataclass(frozen=True)
 class CgroupMemory:
-    """The container's memory limit, its use (page cache included) and the inactive file cache within that use
-    (clean pages the kernel reclaims first), in bytes."""
+    """One cgroup's memory limit, its use (page cache included) and, within that use, the inactive file cache
+    (clean pages the kernel reclaims first), all file cache and the shared memory (tmpfs, shm) in it, in bytes."""
 
     limit: int
     usage: int
     inactive_file: int
+    file: int = 0
+    shmem: int = 0
 
 
-def _read_text(path: str) -> Optional[str]:
+def _read_text(path: Path) -> Optional[str]:
     try:
-        with open(path) as f:
-            return f.read().strip()
+        return path.read_text().strip()
     except OSError:
         return None
 
@@ -201,31 +203,65 @@ def _stat_field(text: Optional[str], key: str) -> int:
     return 0
 
 
-def cgroup_memory() -> Optional[CgroupMemory]:
-    """This process's cgroup limit and use: v2's memory.max ("max" meaning no limit), memory.current and
-    memory.stat's inactive_file when memory.max is there; else v1's limit_in_bytes, usage_in_bytes and
-    memory.stat's total_inactive_file (the hierarchy's). None without a limit or a readable one. MemAvailable
-    is the host's and ignores the limit."""
-    v2 = _read_text(CGROUP_V2_MAX)
-    if v2 is not None:
-        limit, usage, stat, inactive_key = v2, _read_text(CGROUP_V2_CURRENT), CGROUP_V2_STAT, "inactive_file"
+def _own_cgroup() -> tuple[Path, bool]:
+    """This process's cgroup folder and whether it is v2's: /proc/self/cgroup's line of v1's memory controller,
+    else v2's "0::/path"; the mount's root where unreadable or where the path is not there (a private cgroup
+    namespace shows "/", or a path outside what is mounted)."""
+    v1, v2 = None, None
+    for line in (_read_text(Path(PROCESS_CGROUP)) or "").splitlines():
+        _hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif controllers == "" and path:
+            v2 = path
+    if v1 is None and (v2 is not None or (Path(CGROUP_V2_ROOT) / "memory.max").exists()):
+        root, path, is_v2 = Path(CGROUP_V2_ROOT), v2 or "/", True
     else:
-        limit, usage = _read_text(CGROUP_V1_LIMIT), _read_text(CGROUP_V1_USAGE)
-        stat, inactive_key = CGROUP_V1_STAT, "total_inactive_file"
-    if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
-        return None
-    # v1 without a limit reads a huge number (about 2**63): min() with the host's figure ignores it
-    return CgroupMemory(int(limit), int(usage), min(int(usage), _stat_field(_read_text(stat), inactive_key)))
+        root, path, is_v2 = Path(CGROUP_V1_ROOT), v1 or "/", False
+    own = root / path.lstrip("/")
+    return (own if own.is_dir() else root), is_v2
+
+
+def cgroup_levels() -> list[CgroupMemory]:
+    """The limits over this process: its own cgroup's and every ancestor's up to the mount's root (a parent's
+    limit holds its children too: an ECS task's memory over its containers'), each with that cgroup's use and
+    memory.stat (both hierarchical). v2: memory.max ("max" = no limit), memory.current, stat's inactive_file,
+    file, shmem; v1: limit_in_bytes, usage_in_bytes, stat's total_inactive_file, total_cache, total_shmem (v1
+    without a limit reads about 2**63, which the host's figure undercuts). Empty where none is set or readable."""
+    folder, is_v2 = _own_cgroup()
+    root = Path(CGROUP_V2_ROOT if is_v2 else CGROUP_V1_ROOT)
+    names = (("memory.max", "memory.current", "inactive_file", "file", "shmem") if is_v2 else
+             ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", "total_cache", "total_shmem"))
+    levels = []
+    while True:
+        limit, usage = _read_text(folder / names[0]), _read_text(folder / names[1])
+        if limit is not None and usage is not None and limit.isdigit() and usage.isdigit():
+            stat = _read_text(folder / "memory.stat")
+            use = int(usage)
+            levels.append(CgroupMemory(int(limit), use, *(min(use, _stat_field(stat, key)) for key in names[2:])))
+        if folder == root or folder.parent == folder:
+            return levels
+        folder = folder.parent
+
+
+def cgroup_memory() -> Optional[CgroupMemory]:
+    """The cgroup whose limit leaves this process least, counting its inactive file cache as free (the start-up
+    reading, free_bytes); None without a limit. MemAvailable is the host's and ignores the limit."""
+    levels = cgroup_levels()
+    return min(levels, key=lambda c: c.limit - (c.usage - c.inactive_file)) if levels else None
 
 
 def cgroup_room() -> Optional[int]:
-    """What the cgroup may still take before the kernel OOM-kills this process, for a decode now: limit - use.
-    Page cache counts as used here, unlike at start-up (free_bytes): once loaded, part of the inactive file
-    cache may be this worker's own mmapped weights, which reclaim would only page back in (the host figure
-    drops the process's RssFile for the same reason), and a figure too small costs a grouped or tiled decode,
-    one too large an OOM kill."""
-    cgroup = cgroup_memory()
-    return None if cgroup is None else max(0, cgroup.limit - cgroup.usage)
+    """What the cgroups over this process may still take before the kernel OOM-kills it, for a decode now: the
+    host's reckoning (MemAvailable less this process's RssFile) within each limit. The kernel reclaims page cache
+    only at the limit, so a running container's use sits near it: all file cache but shared memory (tmpfs, shm,
+    which cannot be dropped) counts as free, less this process's own resident file pages (its mmapped weights,
+    which reclaim would only page back in). The smallest over the levels; None without a limit."""
+    levels = cgroup_levels()
+    if not levels:
+        return None
+    own_file = _own_file_backed_bytes()
+    return min(max(0, c.limit - (c.usage - c.file + c.shmem) - own_file) for c in levels)
 
 
 def _within_cgroup(available: Optional[int]) -> Optional[int]:

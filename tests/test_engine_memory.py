@@ -2,7 +2,10 @@
 VAE decode's working set as measured at full size."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,33 +59,43 @@ def test_cpu_memory_is_read_from_meminfo_less_the_engines_own_mapped_weights_wit
     status.write_text("Name:\tpython\nRssAnon:\t 900000 kB\nRssFile:\t 6000000 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     monkeypatch.setattr(memory, "PROCESS_STATUS", str(status))
-    _no_cgroup_files(tmp_path, monkeypatch)  # the host's figure
+    files = _no_cgroup_files(tmp_path, monkeypatch)  # the host's figure
     assert free_bytes(torch.device("cpu")) == 12000000 * 1024
     host = (12000000 - 6000000) * 1024
     assert memory.available_bytes(torch.device("cpu")) == host
     assert free_bytes(torch.device("meta")) is None
 
-    # in a container (docker --memory, ECS task memory) the cgroup's limit less its use wins when smaller
-    (tmp_path / "CGROUP_V1_LIMIT").write_text(f"{8 * GB}\n")
-    (tmp_path / "CGROUP_V1_USAGE").write_text(f"{6 * GB}\n")
+    # in a container (docker --memory, ECS container memory) the cgroup's limit less its use wins when smaller;
+    # its file cache is this process's RssFile alone, which stays counted as used
+    files["CGROUP_V1_LIMIT"].write_text(f"{8 * GB}\n")
+    files["CGROUP_V1_USAGE"].write_text(f"{6 * GB}\n")
+    files["CGROUP_V1_STAT"].write_text(f"total_cache {6000000 * 1024}\n")
     assert memory.available_bytes(torch.device("cpu")) == 2 * GB
-    (tmp_path / "CGROUP_V1_LIMIT").write_text("9223372036854771712\n")  # v1 without a limit
+    files["CGROUP_V1_LIMIT"].write_text("9223372036854771712\n")  # v1 without a limit
     assert memory.available_bytes(torch.device("cpu")) == host
-    (tmp_path / "CGROUP_V2_MAX").write_text(f"{7 * GB}\n")  # v2 is read first
-    (tmp_path / "CGROUP_V2_CURRENT").write_text(f"{6 * GB}\n")
+    files["CGROUP_V2_MAX"].write_text(f"{7 * GB}\n")  # v2 is read first
+    files["CGROUP_V2_CURRENT"].write_text(f"{6 * GB}\n")
+    files["CGROUP_V2_STAT"].write_text(f"file {6000000 * 1024}\n")
     assert memory.available_bytes(torch.device("cpu")) == GB
-    (tmp_path / "CGROUP_V2_CURRENT").write_text(f"{8 * GB}\n")  # over the limit (reclaim pending): nothing
+    files["CGROUP_V2_CURRENT"].write_text(f"{8 * GB}\n")  # over the limit (reclaim pending): nothing
     assert memory.available_bytes(torch.device("cpu")) == 0
-    (tmp_path / "CGROUP_V2_MAX").write_text("max\n")  # v2 without a limit
+    files["CGROUP_V2_MAX"].write_text("max\n")  # v2 without a limit
     assert memory.available_bytes(torch.device("cpu")) == host
-    (tmp_path / "CGROUP_V2_MAX").write_text(f"{64 * GB}\n")  # a limit above the host's figure
+    files["CGROUP_V2_MAX"].write_text(f"{64 * GB}\n")  # a limit above the host's figure
     assert memory.available_bytes(torch.device("cpu")) == host
 
 
 def _no_cgroup_files(tmp_path, monkeypatch):
-    for name in ("CGROUP_V2_MAX", "CGROUP_V2_CURRENT", "CGROUP_V2_STAT", "CGROUP_V1_LIMIT", "CGROUP_V1_USAGE",
-                 "CGROUP_V1_STAT"):
-        monkeypatch.setattr(memory, name, str(tmp_path / name))
+    """Empty cgroup mounts under tmp_path (v2's, v1's memory controller's) and no /proc/self/cgroup: the roots
+    are read. Returns the roots' files by the name of what they hold."""
+    monkeypatch.setattr(memory, "PROCESS_CGROUP", str(tmp_path / "proc-self-cgroup"))
+    for name in ("v2", "v1"):
+        (tmp_path / name).mkdir(parents=True)
+        monkeypatch.setattr(memory, f"CGROUP_{name.upper()}_ROOT", str(tmp_path / name))
+    return {"CGROUP_V2_MAX": tmp_path / "v2" / "memory.max", "CGROUP_V2_CURRENT": tmp_path / "v2" / "memory.current",
+            "CGROUP_V2_STAT": tmp_path / "v2" / "memory.stat", "CGROUP_V1_STAT": tmp_path / "v1" / "memory.stat",
+            "CGROUP_V1_LIMIT": tmp_path / "v1" / "memory.limit_in_bytes",
+            "CGROUP_V1_USAGE": tmp_path / "v1" / "memory.usage_in_bytes"}
 
 
 def test_the_start_up_figure_is_the_containers_limit_less_its_use_but_inactive_file_cache(tmp_path, monkeypatch):
@@ -92,27 +105,74 @@ def test_the_start_up_figure_is_the_containers_limit_less_its_use_but_inactive_f
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   12000000 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "no-status"))
-    _no_cgroup_files(tmp_path, monkeypatch)
+    files = _no_cgroup_files(tmp_path, monkeypatch)
     cpu, host = torch.device("cpu"), 12000000 * 1024
-    (tmp_path / "CGROUP_V2_MAX").write_text(f"{8 * GB}\n")
-    (tmp_path / "CGROUP_V2_CURRENT").write_text(f"{7 * GB}\n")
-    (tmp_path / "CGROUP_V2_STAT").write_text(f"anon {GB}\nfile {6 * GB}\nactive_file {GB}\ninactive_file {5 * GB}\n"
+    files["CGROUP_V2_MAX"].write_text(f"{8 * GB}\n")
+    files["CGROUP_V2_CURRENT"].write_text(f"{7 * GB}\n")
+    files["CGROUP_V2_STAT"].write_text(f"anon {GB}\nfile {6 * GB}\nactive_file {GB}\ninactive_file {5 * GB}\n"
                                              f"inactive_anon 0\n")
     room = free_bytes(cpu)
     assert room == 8 * GB - (7 * GB - 5 * GB) and isinstance(room, memory.ContainerRoom)
     assert (room.limit, room.in_use) == (8 * GB, 2 * GB)
-    assert memory.available_bytes(cpu) == GB  # page cache counted as used once the weights are loaded
-    (tmp_path / "CGROUP_V2_MAX").write_text("max\n")  # no limit: the host's figure, a plain int
+    # the decode-time figure: all page cache but shared memory is reclaimable, less this process's RssFile (its
+    # mmapped weights); a running container's cache fills it up to its limit, which leaves anon + RssFile used
+    monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "status"))
+    (tmp_path / "status").write_text(f"RssFile:\t {2 * GB // 1024} kB\n")
+    files["CGROUP_V2_CURRENT"].write_text(f"{8 * GB}\n")
+    files["CGROUP_V2_STAT"].write_text(f"anon {GB}\nfile {7 * GB}\ninactive_file {5 * GB}\nshmem {GB // 2}\n")
+    assert memory.available_bytes(cpu) == 8 * GB - (GB + GB // 2) - 2 * GB
+    monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "no-status"))
+    files["CGROUP_V2_MAX"].write_text("max\n")  # no limit: the host's figure, a plain int
     assert free_bytes(cpu) == host and type(free_bytes(cpu)) is int
-    (tmp_path / "CGROUP_V2_MAX").write_text(f"{64 * GB}\n")  # a limit above the host's figure
+    files["CGROUP_V2_MAX"].write_text(f"{64 * GB}\n")  # a limit above the host's figure
     assert free_bytes(cpu) == host and type(free_bytes(cpu)) is int
-    (tmp_path / "CGROUP_V2_MAX").unlink()  # v1: total_inactive_file (the hierarchy's), not inactive_file
-    (tmp_path / "CGROUP_V1_LIMIT").write_text(f"{4 * GB}\n")
-    (tmp_path / "CGROUP_V1_USAGE").write_text(f"{3 * GB}\n")
-    (tmp_path / "CGROUP_V1_STAT").write_text(f"inactive_file {GB // 2}\ntotal_inactive_file {2 * GB}\n")
-    assert free_bytes(cpu) == 3 * GB and memory.available_bytes(cpu) == GB
-    (tmp_path / "CGROUP_V1_STAT").unlink()  # no memory.stat: all of the use counts
+    files["CGROUP_V2_MAX"].unlink()  # v1: total_inactive_file (the hierarchy's), not inactive_file
+    files["CGROUP_V1_LIMIT"].write_text(f"{4 * GB}\n")
+    files["CGROUP_V1_USAGE"].write_text(f"{3 * GB}\n")
+    files["CGROUP_V1_STAT"].write_text(f"inactive_file {GB // 2}\ntotal_inactive_file {2 * GB}\n"
+                                       f"cache {GB}\ntotal_cache {2 * GB + GB // 2}\ntotal_shmem {GB // 2}\n")
+    assert free_bytes(cpu) == 3 * GB and memory.available_bytes(cpu) == 4 * GB - (3 * GB - 2 * GB)
+    files["CGROUP_V1_STAT"].unlink()  # no memory.stat: all of the use counts
     assert free_bytes(cpu) == GB
+    assert copy.deepcopy(room) == room and pickle.loads(pickle.dumps(room)).limit == 8 * GB  # a task may carry it
+
+
+def test_the_limit_is_read_in_this_processs_own_cgroup_and_its_ancestors(tmp_path, monkeypatch):
+    """Without a private cgroup namespace the mount's root is the host's: /proc/self/cgroup names this
+    process's cgroup, and a parent's limit (an ECS task's over its container's) holds it too."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   12000000 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "no-status"))
+    files = _no_cgroup_files(tmp_path, monkeypatch)
+    cpu, host, unlimited = torch.device("cpu"), 12000000 * 1024, "9223372036854771712\n"
+    files["CGROUP_V1_LIMIT"].write_text(unlimited)  # v1's root: the host's use, no limit
+    files["CGROUP_V1_USAGE"].write_text(f"{20 * GB}\n")
+    task = tmp_path / "v1" / "ecs" / "task"
+    (task / "container").mkdir(parents=True)
+    for folder, limit, usage in ((task, f"{6 * GB}\n", 5 * GB), (task / "container", unlimited, 3 * GB)):
+        (folder / "memory.limit_in_bytes").write_text(limit)
+        (folder / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    Path(memory.PROCESS_CGROUP).write_text("5:memory:/ecs/task/container\n1:cpu:/\n0::/\n")  # a v1 host's
+    room = free_bytes(cpu)
+    assert room == GB and (room.limit, room.in_use) == (6 * GB, 5 * GB) and memory.available_bytes(cpu) == GB
+    (task / "memory.limit_in_bytes").write_text(unlimited)  # no limit anywhere: the host's figures
+    assert free_bytes(cpu) == host and memory.available_bytes(cpu) == host
+    # v2 (--cgroupns=host): the unified mount's root has no memory.max; "max" is no limit
+    scope = tmp_path / "v2" / "system.slice" / "docker-1.scope"
+    scope.mkdir(parents=True)
+    for folder, limit in ((scope.parent, f"{4 * GB}\n"), (scope, "max\n")):
+        (folder / "memory.max").write_text(limit)
+        (folder / "memory.current").write_text(f"{3 * GB}\n")
+    Path(memory.PROCESS_CGROUP).write_text("0::/system.slice/docker-1.scope\n")
+    assert free_bytes(cpu) == GB and memory.available_bytes(cpu) == GB
+    (scope.parent / "memory.max").write_text("max\n")
+    assert free_bytes(cpu) == host and memory.available_bytes(cpu) == host
+    # in a private namespace the path shown ("/" or one not mounted here) is the mount's root
+    files["CGROUP_V2_MAX"].write_text(f"{5 * GB}\n")
+    files["CGROUP_V2_CURRENT"].write_text(f"{3 * GB}\n")
+    Path(memory.PROCESS_CGROUP).write_text("0::/elsewhere\n")
+    assert free_bytes(cpu) == 2 * GB and memory.available_bytes(cpu) == 2 * GB
 
 
 def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch):
@@ -128,19 +188,18 @@ def test_engine_refuses_at_load_when_the_models_do_not_fit(tmp_path, monkeypatch
     with pytest.raises(GenerationError, match=r"acestep-v15-turbo needs about 0.0 GB for weights plus 0.6 GB to "
                                               r"generate, but cpu has 0.2 GB available"):
         Engine.load(config)
-    # in a container (docker --memory, ECS task memory) whose limit is below the host's memory: the limit is named
+    # in a container (docker --memory, ECS container memory) whose limit is below the host's memory: the limit is named
     meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   12000000 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
-    _no_cgroup_files(cgroup, monkeypatch)
-    cgroup.mkdir()
-    (cgroup / "CGROUP_V2_MAX").write_text(f"{GB // 2}\n")
-    (cgroup / "CGROUP_V2_CURRENT").write_text(f"{GB // 4}\n")
-    (cgroup / "CGROUP_V2_STAT").write_text(f"inactive_file {GB // 8}\n")
+    files = _no_cgroup_files(cgroup, monkeypatch)
+    files["CGROUP_V2_MAX"].write_text(f"{GB // 2}\n")
+    files["CGROUP_V2_CURRENT"].write_text(f"{GB // 4}\n")
+    files["CGROUP_V2_STAT"].write_text(f"inactive_file {GB // 8}\n")
     monkeypatch.setattr(memory, "free_bytes", free_bytes)
     with pytest.raises(memory.DoesNotFit, match=r"but cpu has 0.4 GB available within the container's memory limit "
                                                 r"of 0.5 GB \(0.1 GB of it in use, file cache aside\)\. Raise the "
-                                                r"container's memory limit \(ECS task memory, docker --memory\)"):
+                                                r"container's hard memory limit \(ECS container `memory`, docker --memory\)"):
         Engine.load(config)
     monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * GB)
     assert [m.name for m in Engine.load(config).models()] == ["acestep-v15-turbo"]

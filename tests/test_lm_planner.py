@@ -542,9 +542,11 @@ def test_a_batch_is_decoded_in_groups_that_fit_the_memory_available(lm, lm_dir, 
     padded to the batch's width: a group decodes as that song alone would (same shapes, same seed). Its tokens
     are not asserted equal to the whole batch's: a smaller batch shape can round the logits differently (bf16:
     the tokens differ), as any change of batch composition can. The plan says so in its notes. Below one song's
-    cache (a transient dip: the start-up fit check admitted one), it still decodes a song at a time, noted."""
+    cache's headroom (a transient dip: the start-up fit check admitted one), it still decodes a song at a time,
+    noted; below one song's cache itself it refuses with the numbers (a decode would be OOM-killed)."""
     from engine import memory
     from engine.lm import kv_budget
+    from engine.types import GenerationError
 
     cond = lm.encode(prompts.codes_prompt(CAPTION, LYRICS, "<think>\nbpm: 90\n</think>"))
     uncond = lm.encode(prompts.codes_unconditional_prompt(CAPTION, LYRICS, None))
@@ -572,6 +574,8 @@ def test_a_batch_is_decoded_in_groups_that_fit_the_memory_available(lm, lm_dir, 
     status.write_text("RssFile:\t0 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     monkeypatch.setattr(memory, "PROCESS_STATUS", str(status))
+    for name in ("PROCESS_CGROUP", "CGROUP_V2_ROOT", "CGROUP_V1_ROOT"):  # the host's figure, whatever cgroup runs this
+        monkeypatch.setattr(memory, name, str(tmp_path / "no-cgroup"))
     available_kb = -(-int(song * 1.5 / memory.DECODE_HEADROOM) // 1024)  # one song's cache and a half, usable
     meminfo.write_text(f"MemAvailable:   {available_kb} kB\n")
     grouped = decode()
@@ -609,3 +613,9 @@ def test_a_batch_is_decoded_in_groups_that_fit_the_memory_available(lm, lm_dir, 
                              f"{int(available_kb * 1024 * memory.DECODE_HEADROOM) / 2**30:.3g} GB usable at 80%; the "
                              "start-up fit check counted one song's)"]
     assert low.tokens == alone[0].tokens
+    available_kb = song // 1024 - 1  # not even one song's cache: refused with the numbers, not OOM-killed
+    meminfo.write_text(f"MemAvailable:   {available_kb} kB\n")
+    with pytest.raises(GenerationError, match=rf"the 5 Hz LM's KV cache takes {gb} a song \(2 rows of {tokens} "
+                                              rf"tokens with CFG\), but cpu has {available_kb * 1024 / 2**30:.3g} GB "
+                                              r"available \(.* usable at 80%\): retry when"):
+        decode([cond], [7])

@@ -29,6 +29,7 @@ from engine.quantize import quantize_module, tied_output_head
 from engine.lm.types import DecodeResult, SamplingParams, StepCallback, checked_decode_args
 from engine.lm.vocab import LMVocab, TokenizerText
 from engine.memory import GB
+from engine.types import GenerationError
 
 log = logging.getLogger("engine.lm")
 
@@ -229,7 +230,9 @@ class TransformersLM(TokenizerText):
         """How many of `n` songs one decode may take now, and the note that says why when fewer than n (or
         when even one song's cache is over what is usable): as many as their KV caches (engine/lm/kv_budget.py,
         at `tokens` per row) fit in DECODE_HEADROOM of the memory available on the LM's device (engine/memory.py;
-        unknown: all); at least one, since the start-up fit check counted one song's cache beside the models."""
+        unknown: all); one when a song's cache fits what is available but not its headroom (the start-up fit
+        check counted one song's cache beside the models); GenerationError with the numbers when it does not fit
+        at all."""
         rows = cache_rows(1, cfg)
         # the cache holds the model's compute dtype (its first parameter: the embedding, never quantised)
         song = kv_cache_bytes(self.model.config.to_dict(), next(self.model.parameters()).element_size(),
@@ -240,8 +243,14 @@ class TransformersLM(TokenizerText):
         usable = int(available * memory.DECODE_HEADROOM)
         what = (f"the 5 Hz LM's KV cache takes {_gb(song)} a song ({rows} rows of {tokens} tokens"
                 f"{' with CFG' if cfg else ''})")
+        if song > available:  # a song at a time would be OOM-killed (CPU) or hit a CUDA out-of-memory error
+            raise GenerationError(
+                f"{what}, but {self.device} has {_gb(available)} available ({_gb(usable)} usable at "
+                f"{memory.DECODE_HEADROOM:.0%}): retry when the machine is less loaded, ask for a shorter song, or "
+                "serve a smaller or quantised LM (ACESTEP_QUANTIZE=int8)")
         if song > usable:
-            # a transient dip (the start-up fit check admitted one song): go on a song at a time, and say so
+            # within the headroom only (a transient dip; the start-up fit check admitted one song): go on a song at
+            # a time, and say so
             note = (f"lm decoded {n} song{'s' if n > 1 else ''} one at a time with less memory than one song's "
                     f"cache (memory: {what}; {_gb(available)} available on {self.device}, {_gb(usable)} usable at "
                     f"{memory.DECODE_HEADROOM:.0%}; the start-up fit check counted one song's)")
