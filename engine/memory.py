@@ -251,24 +251,16 @@ def cgroup_memory() -> Optional[CgroupMemory]:
     return min(levels, key=lambda c: c.limit - (c.usage - c.inactive_file)) if levels else None
 
 
-def cgroup_room() -> Optional[int]:
+def cgroup_room(own_file: int) -> Optional[int]:
     """What the cgroups over this process may still take before the kernel OOM-kills it, for a decode now: the
     host's reckoning (MemAvailable less this process's RssFile) within each limit. The kernel reclaims page cache
     only at the limit, so a running container's use sits near it: all file cache but shared memory (tmpfs, shm,
     which cannot be dropped) counts as free, less this process's own resident file pages (its mmapped weights,
-    which reclaim would only page back in). The smallest over the levels; None without a limit."""
+    which reclaim would only page back in: `own_file`). The smallest over the levels; None without a limit."""
     levels = cgroup_levels()
     if not levels:
         return None
-    own_file = _own_file_backed_bytes()
     return min(max(0, c.limit - (c.usage - c.file + c.shmem) - own_file) for c in levels)
-
-
-def _within_cgroup(available: Optional[int]) -> Optional[int]:
-    room = cgroup_room()
-    if room is None:
-        return available
-    return room if available is None else min(available, room)
 
 
 def _meminfo(key: str) -> Optional[int]:
@@ -335,6 +327,7 @@ def available_bytes(device) -> Optional[int]:
 
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    available = _meminfo("MemAvailable")
-    host = None if available is None else max(0, available - _own_file_backed_bytes())
-    return _within_cgroup(host)
+    available, own_file = _meminfo("MemAvailable"), _own_file_backed_bytes()  # /proc/self/status read once
+    known = [f for f in (None if available is None else max(0, available - own_file), cgroup_room(own_file))
+             if f is not None]
+    return min(known) if known else None

@@ -82,6 +82,20 @@ async def _call(app, scope: dict[str, Any], receive: Callable[[], Awaitable[dict
     return {"status": answer["status"], "json": json.loads(answer["body"])}
 
 
+def _slow(first: bytes, go: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A slow client: `first`, then the rest of its body never comes until the test sets `go`."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": first, "more_body": True}
+        await go.wait()
+        return {"type": "http.request", "body": b"", "more_body": False}
+    return receive
+
+
 def _whole(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -102,19 +116,8 @@ def test_one_client_holding_its_share_cannot_refuse_another_clients_body(setting
     async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]], int]:
         go = asyncio.Event()
 
-        def slow() -> Callable[[], Awaitable[dict[str, Any]]]:
-            sent = False
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": piece, "more_body": True}
-                await go.wait()  # a slow client: the rest never comes until the test lets it end
-                return {"type": "http.request", "body": b"", "more_body": False}
-            return receive
-
-        hogs = [asyncio.create_task(_call(app, _scope("/release_task", "10.0.0.1", []), slow())) for _ in range(5)]
+        hogs = [asyncio.create_task(_call(app, _scope("/release_task", "10.0.0.1", []), _slow(piece, go)))
+                for _ in range(5)]
         for _ in range(200):  # until its first pieces are counted or refused
             await asyncio.sleep(0.01)
             if sum(t.done() for t in hogs) == 2:
@@ -171,19 +174,8 @@ def test_one_key_is_a_share_per_address_apart_from_the_anonymous_bodies_there(se
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         go = asyncio.Event()
 
-        def slow() -> Callable[[], Awaitable[dict[str, Any]]]:
-            sent = False
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": piece, "more_body": True}
-                await go.wait()
-                return {"type": "http.request", "body": b"", "more_body": False}
-            return receive
-
-        hogs = [asyncio.create_task(_call(app, _scope("/release_task", "10.0.0.1", keyed), slow())) for _ in range(3)]
+        hogs = [asyncio.create_task(_call(app, _scope("/release_task", "10.0.0.1", keyed), _slow(piece, go)))
+                for _ in range(3)]
         for _ in range(200):  # until the key's holder at 10.0.0.1 holds its share (3 x 1.5 MB)
             await asyncio.sleep(0.01)
             if budget.held >= 3 * len(piece):
