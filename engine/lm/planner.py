@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 from engine.lm import prompts
 from engine.lm.constraints import CodesConstraint, MetadataConstraint, TokenConstraint
+from engine.lm.kv_budget import new_tokens_room
 from engine.lm.metadata import metadata_problems, parse_lm_output
 from engine.lm.types import DecodeResult, LMBackend, LMPlan, PhaseStats, SamplingParams
 from engine.lm.vocab import CODES_PER_SECOND, DURATION_RANGE, FIELDS
@@ -147,7 +148,7 @@ class Planner:
         context = self.backend.max_context
         room = context - prompt_tokens
         if room >= max(1, required or 0):
-            return min(max_new_tokens, room)
+            return new_tokens_room(prompt_tokens, max_new_tokens, context)
         what = f"the 5 Hz LM's context is {context} tokens and this step's prompt takes {prompt_tokens}"
         if room < 1:
             raise GenerationError(f"{PHASE_LABELS.get(phase, phase)}: {what}, leaving no room to write: "
