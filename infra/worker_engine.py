@@ -48,7 +48,7 @@ def _checked_together(env: dict[str, str]) -> dict[str, str]:
     except ConfigError as exc:
         raise EngineOptionError(f"CDK context keys {given}: the workers would refuse them at start; {exc}") from None
     # vLLM is chosen by lm_backend=vllm here; `auto` picks it only in an image that has it (WITH_VLLM), unknown at synth
-    refusal = quantize_refusal(settings.lm_backend, settings.quantize_lm or settings.quantize)
+    refusal = quantize_refusal(settings.lm_backend, settings.lm_quantization)
     if refusal:
         raise EngineOptionError(f"CDK context keys {given}: every worker would refuse to start: {refusal}. As "
                                 "context keys: -c quantize_lm=none or -c lm_backend=pt")

@@ -254,6 +254,16 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     @property
+    def dit_quantization(self) -> str:
+        """The DiTs' weight-only quantisation: ACESTEP_QUANTIZE_DIT, else ACESTEP_QUANTIZE."""
+        return self.quantize_dit or self.quantize
+
+    @property
+    def lm_quantization(self) -> str:
+        """The 5 Hz LM's: ACESTEP_QUANTIZE_LM, else ACESTEP_QUANTIZE (the worker's load and the synth check read it)."""
+        return self.quantize_lm or self.quantize
+
+    @property
     def model_names(self) -> list[str]:
         paths = [self.config_path, self.config_path2, self.config_path3]
         names: list[str] = []
