@@ -98,14 +98,21 @@ def _no_cgroup_files(tmp_path, monkeypatch):
             "CGROUP_V1_USAGE": tmp_path / "v1" / "memory.usage_in_bytes"}
 
 
-def test_the_start_up_figure_is_the_containers_limit_less_its_use_but_inactive_file_cache(tmp_path, monkeypatch):
-    """At start nothing is loaded: the container's inactive file cache (weights just downloaded) is reclaimable,
-    so it is not counted as used; the decode-time figure (available_bytes) still counts it (conservative)."""
+def _host_without_cgroup(tmp_path, monkeypatch):
+    """A host with 12,000,000 kB available, no RssFile of this process, and empty cgroup mounts
+    (_no_cgroup_files, whose files it returns)."""
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   12000000 kB\n")
     monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
     monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "no-status"))
-    files = _no_cgroup_files(tmp_path, monkeypatch)
+    return _no_cgroup_files(tmp_path, monkeypatch)
+
+
+def test_the_start_up_figure_is_the_containers_limit_less_its_use_but_inactive_file_cache(tmp_path, monkeypatch):
+    """At start nothing is loaded: the container's inactive file cache (weights just downloaded) is reclaimable,
+    so it is not counted as used. The decode-time figure (available_bytes) counts all page cache but shared
+    memory as reclaimable, less this process's own mapped weights (RssFile), as the host's figure does."""
+    files = _host_without_cgroup(tmp_path, monkeypatch)
     cpu, host = torch.device("cpu"), 12000000 * 1024
     files["CGROUP_V2_MAX"].write_text(f"{8 * GB}\n")
     files["CGROUP_V2_CURRENT"].write_text(f"{7 * GB}\n")
@@ -140,11 +147,7 @@ def test_the_start_up_figure_is_the_containers_limit_less_its_use_but_inactive_f
 def test_the_limit_is_read_in_this_processs_own_cgroup_and_its_ancestors(tmp_path, monkeypatch):
     """Without a private cgroup namespace the mount's root is the host's: /proc/self/cgroup names this
     process's cgroup, and a parent's limit (an ECS task's over its container's) holds it too."""
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemAvailable:   12000000 kB\n")
-    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
-    monkeypatch.setattr(memory, "PROCESS_STATUS", str(tmp_path / "no-status"))
-    files = _no_cgroup_files(tmp_path, monkeypatch)
+    files = _host_without_cgroup(tmp_path, monkeypatch)
     cpu, host, unlimited = torch.device("cpu"), 12000000 * 1024, "9223372036854771712\n"
     files["CGROUP_V1_LIMIT"].write_text(unlimited)  # v1's root: the host's use, no limit
     files["CGROUP_V1_USAGE"].write_text(f"{20 * GB}\n")
